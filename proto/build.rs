@@ -1,0 +1,30 @@
+//! Generates the agent protocol's Rust code from `agent.proto` (pure Rust, no protoc needed).
+use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
+
+fn main() {
+    let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
+    Codegen::new()
+        .out_dir(&out)
+        .inputs(["agent.proto"])
+        .include(".")
+        .rust_protobuf()
+        .customize(Customize {
+            async_all: true,
+            ..Default::default()
+        })
+        .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
+        .run()
+        .expect("generate agent protocol code");
+    // The generated files carry inner attributes (`#![...]`, `//!`), which
+    // `include!` rejects; lib.rs sets the same allowances on the wrapping modules.
+    for name in ["agent.rs", "agent_ttrpc.rs"] {
+        let path = std::path::Path::new(&out).join(name);
+        let text = std::fs::read_to_string(&path).expect("read generated code");
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+            .collect();
+        std::fs::write(&path, kept.join("\n")).expect("write generated code");
+    }
+    println!("cargo:rerun-if-changed=agent.proto");
+}
