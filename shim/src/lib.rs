@@ -1,1 +1,8 @@
+//! Spry's host side: the microVM layer, the agent client, rootfs sharing and the CLI.
 
+pub mod agent_client;
+pub mod assets;
+pub mod cli;
+pub mod rootfs;
+pub mod sys;
+pub mod vm;

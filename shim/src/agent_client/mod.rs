@@ -1,0 +1,1 @@
+//! Host-side client of the in-guest agent, behind a transport trait.

@@ -1,0 +1,1 @@
+//! Guest assets: the pinned kernel and the agent initramfs.

@@ -1,0 +1,1 @@
+//! The `spry` command line.

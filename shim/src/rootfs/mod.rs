@@ -1,0 +1,1 @@
+//! Getting a container rootfs into the VM.

@@ -1,0 +1,1 @@
+//! Raw syscalls and unsafe code, kept small and explained.

@@ -1,0 +1,1 @@
+//! The hypervisor layer: a `Hypervisor` trait and its QEMU implementation.
