@@ -3,6 +3,7 @@
 pub mod agent_client;
 pub mod assets;
 pub mod cli;
+pub mod config;
 pub mod rootfs;
 pub mod sys;
 pub mod vm;

@@ -1,0 +1,233 @@
+//! Spry's configuration file (`/etc/spry/config.toml`), validated when loaded.
+//!
+//! Every key is optional; unknown keys are errors so that a typo fails at start instead of
+//! being silently ignored. The README documents each key.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the config is read from when no path is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
+/// Where `spry install` puts the guest kernel and initramfs.
+pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/spry/guest";
+
+/// A config file that could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("config file {path}: {key} = {value} is out of range ({allowed})")]
+    OutOfRange {
+        path: PathBuf,
+        key: &'static str,
+        value: u64,
+        allowed: &'static str,
+    },
+    #[error("config file {path}: {key} must be an absolute path, got {value}")]
+    RelativePath {
+        path: PathBuf,
+        key: &'static str,
+        value: PathBuf,
+    },
+}
+
+/// Which accelerator runs the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AcceleratorSetting {
+    /// Probe KVM by booting a guest with it; fall back to TCG with a warning.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `tracing` filter for Spry's own logs, e.g. "info" or "spry_shim=debug".
+    pub log_level: String,
+    /// Runtime state (per-VM dirs, sockets, probe cache). Must be on a local filesystem.
+    pub state_dir: PathBuf,
+    pub vm: VmSettings,
+}
+
+/// How pod VMs are built.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmSettings {
+    /// Uncompressed guest kernel (ELF vmlinux with a PVH note).
+    pub kernel: PathBuf,
+    /// Guest initramfs holding the agent as /init.
+    pub initramfs: PathBuf,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    pub accelerator: AcceleratorSetting,
+    /// Default vCPUs of a pod VM.
+    pub cpus: u32,
+    /// Default memory of a pod VM, MiB.
+    pub memory_mib: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            log_level: "info".into(),
+            state_dir: PathBuf::from("/run/spry"),
+            vm: VmSettings::default(),
+        }
+    }
+}
+
+impl Default for VmSettings {
+    fn default() -> Self {
+        let guest = Path::new(DEFAULT_GUEST_DIR);
+        Self {
+            kernel: guest.join("vmlinux"),
+            initramfs: guest.join("initramfs.img"),
+            qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            accelerator: AcceleratorSetting::Auto,
+            cpus: 1,
+            memory_mib: 256,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path`, or the defaults when `path` is the default location and absent.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG_PATH) => {
+                return Ok(Self::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` only names the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let range = |key, value: u32, lo: u32, hi: u32, allowed| {
+            if value < lo || value > hi {
+                return Err(ConfigError::OutOfRange {
+                    path: path.to_path_buf(),
+                    key,
+                    value: value.into(),
+                    allowed,
+                });
+            }
+            Ok(())
+        };
+        range("vm.cpus", self.vm.cpus, 1, 64, "1..=64")?;
+        range("vm.memory_mib", self.vm.memory_mib, 64, 65536, "64..=65536")?;
+        for (key, value) in [
+            ("state_dir", &self.state_dir),
+            ("vm.kernel", &self.vm.kernel),
+            ("vm.initramfs", &self.vm.initramfs),
+            ("vm.qemu", &self.vm.qemu),
+        ] {
+            if !value.is_absolute() {
+                return Err(ConfigError::RelativePath {
+                    path: path.to_path_buf(),
+                    key,
+                    value: value.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("/etc/spry/config.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = parse(
+            r#"
+            log_level = "debug"
+            state_dir = "/var/run/spry"
+            [vm]
+            kernel = "/opt/k"
+            initramfs = "/opt/i"
+            qemu = "/usr/local/bin/qemu-system-x86_64"
+            accelerator = "tcg"
+            cpus = 2
+            memory_mib = 512
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.vm.accelerator, AcceleratorSetting::Tcg);
+        assert_eq!(c.vm.cpus, 2);
+        assert_eq!(c.state_dir, PathBuf::from("/var/run/spry"));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_that_names_it() {
+        let err = parse("[vm]\nmemory_mb = 512\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }));
+        let chain = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(chain.contains("memory_mb"), "{chain}");
+    }
+
+    #[test]
+    fn bad_accelerator_is_rejected() {
+        assert!(parse("[vm]\naccelerator = \"hvf\"\n").is_err());
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err();
+        assert!(matches!(err, ConfigError::OutOfRange { key: "vm.memory_mib", .. }));
+        assert!(parse("[vm]\ncpus = 0\n").is_err());
+    }
+
+    #[test]
+    fn relative_paths_are_rejected() {
+        let err = parse("[vm]\nkernel = \"vmlinux\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::RelativePath { key: "vm.kernel", .. }));
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Path::new("/nonexistent/spry.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+}
