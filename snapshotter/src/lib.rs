@@ -1,1 +1,8 @@
+//! Spry's lazy-pulling snapshotter: a containerd proxy snapshotter that
+//! mounts eStargz layers over FUSE and fetches their contents on demand.
 
+pub mod cache;
+pub mod convert;
+pub mod estargz;
+pub mod layer;
+pub mod registry;

@@ -1,0 +1,247 @@
+//! On-disk chunk cache keyed by chunk digest, with coalescing of concurrent
+//! fills: when several readers miss the same chunk, one fetches it and the
+//! others wait for it.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Errors of the chunk cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("failed to create the cache directory {path}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("the chunk cache at {path} is out of disk space")]
+    DiskFull { path: PathBuf },
+    #[error("failed to write cache entry {path}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("failed to read cache entry {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("digest {digest:?} is not a sha256 digest")]
+    BadDigest { digest: String },
+}
+
+/// Outcome of [`ChunkCache::get_or_fill`] when the fill itself failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FillError<E: std::error::Error + 'static> {
+    #[error("failed to fetch the chunk")]
+    Fill { source: E },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+#[derive(Default)]
+struct InFlight {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// A directory of verified chunks, `sha256/<hex>`.
+pub struct ChunkCache {
+    dir: PathBuf,
+    in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
+}
+
+impl ChunkCache {
+    /// Opens (creating if needed) the cache under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        let sha = dir.join("sha256");
+        fs::create_dir_all(&sha).map_err(|source| CacheError::CreateDir {
+            path: sha.clone(),
+            source,
+        })?;
+        Ok(ChunkCache {
+            dir: dir.to_path_buf(),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Directory of the cache.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path_of(&self, digest: &str) -> Result<PathBuf, CacheError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| CacheError::BadDigest {
+                digest: digest.to_string(),
+            })?;
+        Ok(self.dir.join("sha256").join(hex))
+    }
+
+    /// Whether the chunk is cached.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.path_of(digest).map(|p| p.exists()).unwrap_or(false)
+    }
+
+    /// Stores a verified chunk. Atomic: readers never see partial entries.
+    pub fn insert(&self, digest: &str, data: &[u8]) -> Result<(), CacheError> {
+        let path = self.path_of(digest)?;
+        if path.exists() {
+            return Ok(());
+        }
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let result = (|| {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(data)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        })();
+        result.map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                CacheError::DiskFull {
+                    path: self.dir.clone(),
+                }
+            } else {
+                CacheError::Write { path, source }
+            }
+        })
+    }
+
+    /// Reads `len` bytes at `offset` of a cached chunk; `None` if not cached.
+    pub fn read(&self, digest: &str, offset: u64, len: usize) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.path_of(digest)?;
+        let file = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CacheError::Read { path, source }),
+        };
+        let mut buf = vec![0u8; len];
+        let mut filled = 0;
+        while filled < len {
+            let n = file
+                .read_at(&mut buf[filled..], offset + filled as u64)
+                .map_err(|source| CacheError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        buf.truncate(filled);
+        Ok(Some(buf))
+    }
+
+    /// Makes sure the chunk is cached, calling `fill` to produce its verified
+    /// bytes unless another thread is already doing so for the same digest.
+    pub fn get_or_fill<E, F>(&self, digest: &str, fill: F) -> Result<(), FillError<E>>
+    where
+        E: std::error::Error + 'static,
+        F: FnOnce() -> Result<Vec<u8>, E>,
+    {
+        // Wait at most once for another filler: if it failed, fill ourselves
+        // instead of queueing behind a possibly failing leader forever.
+        let mut waited = false;
+        loop {
+            if self.contains(digest) {
+                return Ok(());
+            }
+            let leader = {
+                let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                match map.get(digest) {
+                    Some(existing) if !waited => Err(existing.clone()),
+                    _ => {
+                        let mine = Arc::new(InFlight::default());
+                        map.insert(digest.to_string(), mine.clone());
+                        Ok(mine)
+                    }
+                }
+            };
+            match leader {
+                Err(other) => {
+                    let mut done = other.done.lock().unwrap_or_else(|p| p.into_inner());
+                    while !*done {
+                        done = other.cv.wait(done).unwrap_or_else(|p| p.into_inner());
+                    }
+                    waited = true;
+                }
+                Ok(mine) => {
+                    let result = fill()
+                        .map_err(|source| FillError::Fill { source })
+                        .and_then(|data| self.insert(digest, &data).map_err(FillError::from));
+                    self.in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(digest);
+                    *mine.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                    mine.cv.notify_all();
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// Total bytes of cached chunks.
+    pub fn size(&self) -> u64 {
+        fs::read_dir(self.dir.join("sha256"))
+            .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const D: &str = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("boom")]
+    struct Boom;
+
+    #[test]
+    fn insert_and_read_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        assert_eq!(cache.read(D, 0, 5).unwrap(), None);
+        cache.insert(D, b"hello").unwrap();
+        assert_eq!(cache.read(D, 1, 3).unwrap().unwrap(), b"ell");
+        assert_eq!(cache.read(D, 3, 10).unwrap().unwrap(), b"lo");
+        assert!(matches!(cache.insert("md5:x", b"x"), Err(CacheError::BadDigest { .. })));
+    }
+
+    #[test]
+    fn concurrent_misses_fetch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(dir.path()).unwrap());
+        let fills = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let cache = cache.clone();
+                let fills = fills.clone();
+                std::thread::spawn(move || {
+                    cache
+                        .get_or_fill::<Boom, _>(D, || {
+                            fills.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(200));
+                            Ok(b"hello".to_vec())
+                        })
+                        .unwrap();
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(fills.load(Ordering::SeqCst), 1);
+        assert_eq!(cache.read(D, 0, 5).unwrap().unwrap(), b"hello");
+    }
+
+    #[test]
+    fn failed_fill_is_reported_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        let err = cache.get_or_fill(D, || Err(Boom)).unwrap_err();
+        assert!(matches!(err, FillError::Fill { .. }));
+        assert!(!cache.contains(D));
+    }
+}

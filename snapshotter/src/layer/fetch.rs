@@ -1,0 +1,20 @@
+//! Where a remote layer's compressed bytes come from.
+
+/// Errors of a blob fetcher.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("registry request failed")]
+    Registry { source: crate::registry::RegistryError },
+    #[error("fetcher returned {got} bytes, expected {expected}")]
+    ShortRead { expected: u64, got: u64 },
+    #[error("failed to read the local blob")]
+    Io { source: std::io::Error },
+}
+
+/// Random access to a compressed layer blob.
+pub trait BlobFetcher: Send + Sync {
+    /// Size of the blob in bytes.
+    fn size(&self) -> Result<u64, FetchError>;
+    /// Exactly `len` bytes at `offset`.
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, FetchError>;
+}

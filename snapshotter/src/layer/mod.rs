@@ -1,0 +1,300 @@
+//! A remote eStargz layer: its verified index, the blob it is read from and
+//! the chunk cache. Serves file ranges, prefetches and fetches everything in
+//! the background. All reads verify chunk digests before anything is cached.
+
+mod fetch;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use fetch::{BlobFetcher, FetchError};
+
+use crate::cache::{CacheError, ChunkCache, FillError};
+use crate::estargz::{self, footer, ChunkRef, EstargzError, LayerIndex, Prefetch};
+
+/// Errors of a remote layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerError {
+    #[error("blob is {size} bytes, too small for an eStargz footer")]
+    TooSmall { size: u64 },
+    #[error("failed to fetch bytes {offset}..{end} of the blob after {attempts} attempts")]
+    Fetch {
+        offset: u64,
+        end: u64,
+        attempts: u32,
+        source: FetchError,
+    },
+    #[error("blob is not a valid eStargz layer")]
+    Format { source: EstargzError },
+    #[error("chunk {digest} failed verification")]
+    Verify { digest: String, source: EstargzError },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("file entry {index} does not exist in the layer")]
+    NoSuchEntry { index: usize },
+}
+
+/// How hard to try a range request before giving up.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 3,
+            backoff: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Counters for tests, `warm` progress and the benchmark.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    pub bytes_fetched: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// An opened eStargz layer.
+pub struct RemoteLayer {
+    index: LayerIndex,
+    fetcher: Arc<dyn BlobFetcher>,
+    cache: Arc<ChunkCache>,
+    retry: RetryPolicy,
+    stats: LayerStats,
+}
+
+// Batches for background fetching: large enough to amortize a request,
+// small enough to bound memory.
+const BATCH_BYTES: u64 = 16 << 20;
+
+impl RemoteLayer {
+    /// Fetches the footer and TOC, verifies the TOC against `toc_digest` and
+    /// builds the index.
+    pub fn open(
+        fetcher: Arc<dyn BlobFetcher>,
+        cache: Arc<ChunkCache>,
+        toc_digest: &str,
+        retry: RetryPolicy,
+    ) -> Result<Self, LayerError> {
+        let layer = RemoteLayer {
+            index: LayerIndex::default(),
+            fetcher,
+            cache,
+            retry,
+            stats: LayerStats::default(),
+        };
+        layer.load_index(toc_digest)
+    }
+
+    fn load_index(mut self, toc_digest: &str) -> Result<Self, LayerError> {
+        let layer = &mut self;
+        let size = layer.fetcher.size().map_err(|source| LayerError::Fetch {
+            offset: 0,
+            end: 0,
+            attempts: 1,
+            source,
+        })?;
+        if size < footer::FOOTER_SIZE {
+            return Err(LayerError::TooSmall { size });
+        }
+        let footer_start = size - footer::FOOTER_SIZE;
+        let footer_bytes = layer.fetch_range(footer_start, size)?;
+        let toc_offset =
+            footer::decode(&footer_bytes).map_err(|source| LayerError::Format { source })?;
+        if toc_offset >= footer_start {
+            return Err(LayerError::Format {
+                source: EstargzError::TocOffset {
+                    toc_offset,
+                    blob_size: size,
+                },
+            });
+        }
+        let member = layer.fetch_range(toc_offset, footer_start)?;
+        let (toc, digest) = estargz::decode_toc_member(&member, Some(toc_digest))
+            .map_err(|source| LayerError::Format { source })?;
+        layer.index =
+            LayerIndex::new(toc, toc_offset, digest).map_err(|source| LayerError::Format { source })?;
+        Ok(self)
+    }
+
+    /// The verified index.
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    /// Fetch counters.
+    pub fn stats(&self) -> &LayerStats {
+        &self.stats
+    }
+
+    /// Reads up to `len` bytes at `offset` of the regular file at `entry`.
+    pub fn read_file(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, LayerError> {
+        let file = self
+            .index
+            .entries
+            .get(entry)
+            .ok_or(LayerError::NoSuchEntry { index: entry })?;
+        let size = file.size.max(0) as u64;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = (offset + len as u64).min(size);
+        let Some(chunks) = self.index.chunks.get(&entry) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        // Chunks are sorted by file offset; find the first overlapping one.
+        let first = chunks.partition_point(|c| c.file_offset + c.size <= offset);
+        for chunk in &chunks[first..] {
+            if chunk.file_offset >= end {
+                break;
+            }
+            self.ensure_cached(chunk)?;
+            let from = offset.max(chunk.file_offset) - chunk.file_offset;
+            let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
+            let bytes = self
+                .cache
+                .read(&chunk.digest, from, (to - from) as usize)?
+                .ok_or_else(|| LayerError::Cache(CacheError::Read {
+                    path: self.cache.dir().to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "chunk vanished from the cache"),
+                }))?;
+            out.extend_from_slice(&bytes);
+        }
+        Ok(out)
+    }
+
+    /// Fetches the prioritized files (before `.prefetch.landmark`) in one
+    /// range request. Returns the number of compressed bytes fetched.
+    pub fn prefetch(&self) -> Result<u64, LayerError> {
+        let Prefetch::UpTo { end } = self.index.prefetch else {
+            return Ok(0);
+        };
+        let chunks: Vec<ChunkRef> = self
+            .index
+            .all_chunks()
+            .into_iter()
+            .filter(|c| c.compressed_offset < end && !self.cache.contains(&c.digest))
+            .collect();
+        self.fetch_batch(&chunks)
+    }
+
+    /// Fetches every chunk not yet cached, in batched range requests.
+    /// `progress(done, total)` is called with uncompressed byte counts.
+    pub fn fetch_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, LayerError> {
+        let all = self.index.all_chunks();
+        let total: u64 = all.iter().map(|c| c.size).sum();
+        let mut done = 0;
+        let mut fetched = 0;
+        let mut batch: Vec<ChunkRef> = Vec::new();
+        for chunk in all {
+            if self.cache.contains(&chunk.digest) {
+                done += chunk.size;
+                continue;
+            }
+            let contiguous = batch
+                .last()
+                .is_none_or(|last| last.compressed_end == chunk.compressed_offset);
+            let batch_start = batch.first().map(|c| c.compressed_offset).unwrap_or(chunk.compressed_offset);
+            if !contiguous || chunk.compressed_end - batch_start > BATCH_BYTES {
+                fetched += self.fetch_batch(&batch)?;
+                done += batch.iter().map(|c| c.size).sum::<u64>();
+                progress(done, total);
+                batch.clear();
+            }
+            batch.push(chunk);
+        }
+        fetched += self.fetch_batch(&batch)?;
+        done += batch.iter().map(|c| c.size).sum::<u64>();
+        progress(done, total);
+        Ok(fetched)
+    }
+
+    /// Whether every chunk of the layer is cached.
+    pub fn fully_cached(&self) -> bool {
+        self.index.all_chunks().iter().all(|c| self.cache.contains(&c.digest))
+    }
+
+    fn fetch_batch(&self, chunks: &[ChunkRef]) -> Result<u64, LayerError> {
+        let (Some(first), Some(last)) = (chunks.first(), chunks.iter().map(|c| c.compressed_end).max())
+        else {
+            return Ok(0);
+        };
+        let start = first.compressed_offset;
+        let bytes = self.fetch_range(start, last)?;
+        for chunk in chunks {
+            let from = (chunk.compressed_offset - start) as usize;
+            let to = (chunk.compressed_end - start) as usize;
+            self.cache
+                .get_or_fill(&chunk.digest, || {
+                    estargz::decode_chunk(&bytes[from..to], chunk.compressed_offset, chunk.size, &chunk.digest)
+                })
+                .map_err(|e| self.fill_error(chunk, e))?;
+        }
+        Ok(last - start)
+    }
+
+    fn ensure_cached(&self, chunk: &ChunkRef) -> Result<(), LayerError> {
+        self.cache
+            .get_or_fill(&chunk.digest, || -> Result<Vec<u8>, LayerError> {
+                let compressed = self.fetch_range(chunk.compressed_offset, chunk.compressed_end)?;
+                estargz::decode_chunk(&compressed, chunk.compressed_offset, chunk.size, &chunk.digest)
+                    .map_err(|source| LayerError::Verify {
+                        digest: chunk.digest.clone(),
+                        source,
+                    })
+            })
+            .map_err(|e| match e {
+                FillError::Fill { source } => source,
+                FillError::Cache(c) => LayerError::Cache(c),
+            })
+    }
+
+    fn fill_error(&self, chunk: &ChunkRef, e: FillError<EstargzError>) -> LayerError {
+        match e {
+            FillError::Fill { source } => LayerError::Verify {
+                digest: chunk.digest.clone(),
+                source,
+            },
+            FillError::Cache(c) => LayerError::Cache(c),
+        }
+    }
+
+    /// One range request with bounded retries.
+    fn fetch_range(&self, offset: u64, end: u64) -> Result<Vec<u8>, LayerError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            match self.fetcher.fetch(offset, end - offset) {
+                Ok(bytes) if bytes.len() as u64 == end - offset => {
+                    self.stats.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    return Ok(bytes);
+                }
+                Ok(bytes) => {
+                    let source = FetchError::ShortRead {
+                        expected: end - offset,
+                        got: bytes.len() as u64,
+                    };
+                    if attempt >= self.retry.attempts {
+                        return Err(LayerError::Fetch { offset, end, attempts: attempt, source });
+                    }
+                }
+                Err(source) => {
+                    if attempt >= self.retry.attempts {
+                        return Err(LayerError::Fetch { offset, end, attempts: attempt, source });
+                    }
+                    tracing::warn!(offset, end, attempt, error = %source, "range request failed, retrying");
+                }
+            }
+            std::thread::sleep(self.retry.backoff * attempt);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,236 @@
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::convert::{convert_tar, LayerConvertOptions};
+use crate::estargz::EntryType;
+
+/// An in-memory blob that can be told to fail or to corrupt bytes.
+struct MemBlob {
+    data: Vec<u8>,
+    down: AtomicBool,
+    calls: AtomicUsize,
+}
+
+impl MemBlob {
+    fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(MemBlob {
+            data,
+            down: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl BlobFetcher for MemBlob {
+    fn size(&self) -> Result<u64, FetchError> {
+        Ok(self.data.len() as u64)
+    }
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, FetchError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(FetchError::Io {
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "registry down"),
+            });
+        }
+        Ok(self.data[offset as usize..(offset + len) as usize].to_vec())
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+}
+
+/// A layer tar with the kinds of entries images have.
+fn sample_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, p, std::io::empty()).unwrap();
+    };
+    dir(&mut b, "usr/");
+    dir(&mut b, "usr/bin/");
+    dir(&mut b, "etc/");
+    let mut add = |b: &mut tar::Builder<Vec<u8>>, p: &str, data: Vec<u8>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, p, &data[..]).unwrap();
+        files.push((p.to_string(), data));
+    };
+    add(&mut b, "etc/hostname", b"spry\n".to_vec());
+    add(&mut b, "usr/bin/big", pattern(10_000, 3));
+    add(&mut b, "usr/bin/app", pattern(2_500, 9));
+    add(&mut b, "etc/empty", Vec::new());
+    let long = format!("usr/{}/file", "d".repeat(120));
+    add(&mut b, &long, pattern(700, 1));
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "usr/bin/sh", "app").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "usr/bin/app2", "usr/bin/app").unwrap();
+    (b.into_inner().unwrap(), files)
+}
+
+fn build(prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput, Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let (tar, files) = sample_tar();
+    let opts = LayerConvertOptions {
+        chunk_size: 1000,
+        prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
+    };
+    let (out, blob) = convert_tar(&tar[..], Vec::new(), &opts).unwrap();
+    (blob, out, tar, files)
+}
+
+fn open(blob: Arc<MemBlob>, toc: &str) -> (RemoteLayer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path()).unwrap());
+    let retry = RetryPolicy {
+        attempts: 3,
+        backoff: Duration::from_millis(1),
+    };
+    (RemoteLayer::open(blob, cache, toc, retry).unwrap(), dir)
+}
+
+fn entry_index(layer: &RemoteLayer, name: &str) -> usize {
+    layer.index().entries.iter().position(|e| e.name == name).unwrap()
+}
+
+#[test]
+fn converted_layer_is_a_plain_gzip_tar_with_the_same_files() {
+    let (blob, out, _, files) = build(&["usr/bin/app"]);
+    let mut plain = Vec::new();
+    flate2::read::MultiGzDecoder::new(&blob[..]).read_to_end(&mut plain).unwrap();
+    assert_eq!(crate::estargz::sha256_digest(&plain), out.diff_id);
+    assert_eq!(plain.len() as u64, out.uncompressed_size);
+    assert_eq!(crate::estargz::sha256_digest(&blob), out.blob_digest);
+    let mut archive = tar::Archive::new(&plain[..]);
+    let mut seen = Vec::new();
+    for e in archive.entries().unwrap() {
+        let mut e = e.unwrap();
+        let path = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        e.read_to_end(&mut data).unwrap();
+        seen.push((path, data));
+    }
+    for (path, data) in &files {
+        let found = seen.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("{path} missing"));
+        assert_eq!(&found.1, data, "{path}");
+    }
+    // Prioritized file comes first (after its parents), then the landmark.
+    let names: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(&names[..4], &["usr/", "usr/bin/", "usr/bin/app", ".prefetch.landmark"]);
+}
+
+#[test]
+fn reads_every_file_through_verified_chunks() {
+    let (blob, out, _, files) = build(&[]);
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem.clone(), &out.toc_digest);
+    assert_eq!(layer.index().prefetch, Prefetch::Nothing);
+    for (path, data) in &files {
+        let idx = entry_index(&layer, path);
+        assert_eq!(&layer.read_file(idx, 0, data.len() + 10).unwrap(), data, "{path}");
+        // Unaligned reads across chunk boundaries.
+        if data.len() > 1500 {
+            assert_eq!(layer.read_file(idx, 990, 1020).unwrap(), data[990..2010].to_vec());
+        }
+    }
+    let big = entry_index(&layer, "usr/bin/big");
+    assert_eq!(layer.index().chunks[&big].len(), 10);
+    let link = &layer.index().entries[entry_index(&layer, "usr/bin/app2")];
+    assert_eq!((link.kind, link.link_name.as_str()), (EntryType::Hardlink, "usr/bin/app"));
+    // Re-reading is served from the cache.
+    let before = mem.calls.load(Ordering::SeqCst);
+    layer.read_file(big, 0, 10_000).unwrap();
+    assert_eq!(mem.calls.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn prefetch_fetches_prioritized_files_in_one_request() {
+    let (blob, out, _, files) = build(&["usr/bin/app"]);
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem.clone(), &out.toc_digest);
+    assert!(matches!(layer.index().prefetch, Prefetch::UpTo { .. }));
+    let before = mem.calls.load(Ordering::SeqCst);
+    assert!(layer.prefetch().unwrap() > 0);
+    assert_eq!(mem.calls.load(Ordering::SeqCst), before + 1);
+    let app = entry_index(&layer, "usr/bin/app");
+    let data = &files.iter().find(|(p, _)| p == "usr/bin/app").unwrap().1;
+    assert_eq!(&layer.read_file(app, 0, 4096).unwrap(), data);
+    assert_eq!(mem.calls.load(Ordering::SeqCst), before + 1, "prefetched file needed a fetch");
+}
+
+#[test]
+fn fetch_all_caches_everything() {
+    let (blob, out, _, files) = build(&[]);
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem.clone(), &out.toc_digest);
+    let mut last = (0, 0);
+    layer.fetch_all(&mut |d, t| last = (d, t)).unwrap();
+    assert_eq!(last.0, last.1);
+    assert!(layer.fully_cached());
+    mem.down.store(true, Ordering::SeqCst);
+    for (path, data) in &files {
+        assert_eq!(&layer.read_file(entry_index(&layer, path), 0, data.len()).unwrap(), data);
+    }
+}
+
+#[test]
+fn wrong_toc_digest_is_rejected() {
+    let (blob, _, _, _) = build(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(dir.path()).unwrap());
+    let wrong = crate::estargz::sha256_digest(b"not the toc");
+    let err = RemoteLayer::open(MemBlob::new(blob), cache, &wrong, RetryPolicy::default()).err().unwrap();
+    assert!(matches!(err, LayerError::Format { source: EstargzError::TocDigestMismatch { .. } }));
+}
+
+#[test]
+fn corrupted_chunk_is_never_served() {
+    let (mut blob, out, _, _) = build(&[]);
+    let mem = MemBlob::new(blob.clone());
+    let (layer, _dir) = open(mem, &out.toc_digest);
+    let big = entry_index(&layer, "usr/bin/big");
+    let chunk = layer.index().chunks[&big][3].clone();
+    // Replace the chunk's member with a valid gzip member of other bytes.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &vec![0u8; chunk.size as usize]).unwrap();
+    let fake = enc.finish().unwrap();
+    let span = (chunk.compressed_end - chunk.compressed_offset) as usize;
+    assert!(fake.len() <= span);
+    blob[chunk.compressed_offset as usize..chunk.compressed_offset as usize + fake.len()].copy_from_slice(&fake);
+    let (layer, _dir2) = open(MemBlob::new(blob), &out.toc_digest);
+    let err = layer.read_file(big, 3000, 100).unwrap_err();
+    assert!(matches!(err, LayerError::Verify { .. }), "{err:?}");
+    assert!(!layer.cache.contains(&chunk.digest));
+    // Other chunks still read fine.
+    assert_eq!(layer.read_file(big, 0, 100).unwrap(), pattern(10_000, 3)[..100].to_vec());
+}
+
+#[test]
+fn unreachable_registry_fails_after_bounded_retries_then_recovers() {
+    let (blob, out, _, files) = build(&[]);
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem.clone(), &out.toc_digest);
+    mem.down.store(true, Ordering::SeqCst);
+    let before = mem.calls.load(Ordering::SeqCst);
+    let app = entry_index(&layer, "usr/bin/app");
+    let err = layer.read_file(app, 0, 100).unwrap_err();
+    assert!(matches!(err, LayerError::Fetch { attempts: 3, .. }), "{err:?}");
+    assert_eq!(mem.calls.load(Ordering::SeqCst), before + 3);
+    mem.down.store(false, Ordering::SeqCst);
+    let data = &files.iter().find(|(p, _)| p == "usr/bin/app").unwrap().1;
+    assert_eq!(&layer.read_file(app, 0, 5000).unwrap(), data);
+}

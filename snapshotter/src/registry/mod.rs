@@ -1,0 +1,107 @@
+//! Registry HTTP API v2 client: manifests, blob range reads, pushes, with
+//! token and basic auth, redirects, and plain HTTP for insecure hosts.
+
+mod auth;
+mod blob;
+mod client;
+mod reference;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use blob::RegistryBlob;
+pub use client::{Manifest, RegistryClient};
+pub use reference::Reference;
+
+/// Errors of registry requests.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("invalid image reference {reference:?}")]
+    InvalidReference { reference: String },
+    #[error("{url} needs TLS, which this build does not support; mark the host insecure or serve it over plain HTTP")]
+    TlsUnsupported { url: String },
+    #[error("invalid URL {url:?}")]
+    InvalidUrl { url: String },
+    #[error("request to {url} failed")]
+    Request { url: String, source: hyper::Error },
+    #[error("request to {url} timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{url} answered HTTP {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} sent an authentication challenge we cannot answer")]
+    Unauthorized { url: String },
+    #[error("token endpoint {realm} answered HTTP {status}")]
+    Token { realm: String, status: u16 },
+    #[error("token endpoint {realm} sent a malformed response")]
+    TokenJson { realm: String, source: serde_json::Error },
+    #[error("{url} redirected more than {max} times")]
+    TooManyRedirects { url: String, max: usize },
+    #[error("{url} sent a redirect without a usable Location")]
+    BadRedirect { url: String },
+    #[error("failed to read the response body from {url}")]
+    Body { url: String, source: hyper::Error },
+    #[error("{url} answered without Content-Length")]
+    NoLength { url: String },
+    #[error("failed to build a request for {url}")]
+    Build { url: String, source: hyper::http::Error },
+    #[error("blob from {url} has digest {actual}, expected {expected}")]
+    Digest { url: String, expected: String, actual: String },
+    #[error("failed to write the downloaded blob")]
+    Write { source: std::io::Error },
+}
+
+/// Per-host settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Speak plain HTTP to this host.
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+/// Registry client settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Settings by `host[:port]`.
+    #[serde(default)]
+    pub hosts: HashMap<String, HostConfig>,
+    /// Bound on one request, including reading its body.
+    #[serde(default = "default_timeout_ms")]
+    pub request_timeout_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            hosts: HashMap::new(),
+            request_timeout_ms: default_timeout_ms(),
+        }
+    }
+}
+
+impl RegistryConfig {
+    fn host(&self, host: &str) -> HostConfig {
+        self.hosts.get(host).cloned().unwrap_or_default()
+    }
+
+    /// Plain HTTP for configured hosts and, as Docker does, for loopback.
+    fn scheme(&self, host: &str) -> &'static str {
+        let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+        if self.host(host).insecure || name == "localhost" || name == "127.0.0.1" || name == "[::1]" {
+            "http"
+        } else {
+            "https"
+        }
+    }
+}
