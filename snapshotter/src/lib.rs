@@ -6,3 +6,7 @@ pub mod convert;
 pub mod estargz;
 pub mod layer;
 pub mod registry;
+pub mod fs;
+#[cfg(test)]
+mod testutil;
+mod sys;

@@ -1,0 +1,102 @@
+//! Test helpers: sample layers and an in-memory blob with fault injection.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::convert::{convert_tar, LayerConvertOptions};
+use crate::layer::{BlobFetcher, FetchError};
+
+/// An in-memory blob that can be told to fail or to corrupt bytes.
+pub struct MemBlob {
+    pub data: Vec<u8>,
+    pub down: AtomicBool,
+    pub calls: AtomicUsize,
+}
+
+impl MemBlob {
+    pub fn new(data: Vec<u8>) -> Arc<Self> {
+        Arc::new(MemBlob {
+            data,
+            down: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        })
+    }
+}
+
+impl BlobFetcher for MemBlob {
+    fn size(&self) -> Result<u64, FetchError> {
+        Ok(self.data.len() as u64)
+    }
+    fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, FetchError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(FetchError::Io {
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "registry down"),
+            });
+        }
+        Ok(self.data[offset as usize..(offset + len) as usize].to_vec())
+    }
+}
+
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+}
+
+/// A layer tar with the kinds of entries images have.
+pub fn sample_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut files = Vec::new();
+    let dir = |b: &mut tar::Builder<Vec<u8>>, p: &str| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, p, std::io::empty()).unwrap();
+    };
+    dir(&mut b, "usr/");
+    dir(&mut b, "usr/bin/");
+    dir(&mut b, "etc/");
+    let mut add = |b: &mut tar::Builder<Vec<u8>>, p: &str, data: Vec<u8>| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_mode(0o644);
+        h.set_mtime(1_700_000_000);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, p, &data[..]).unwrap();
+        files.push((p.to_string(), data));
+    };
+    add(&mut b, "etc/hostname", b"spry\n".to_vec());
+    add(&mut b, "usr/bin/big", pattern(10_000, 3));
+    add(&mut b, "usr/bin/app", pattern(2_500, 9));
+    add(&mut b, "etc/empty", Vec::new());
+    let long = format!("usr/{}/file", "d".repeat(120));
+    add(&mut b, &long, pattern(700, 1));
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "usr/bin/sh", "app").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "usr/bin/app2", "usr/bin/app").unwrap();
+    // Whiteouts, as a layer that deletes things carries them.
+    dir(&mut b, "opq/");
+    for p in ["etc/.wh.removed", "opq/.wh..wh..opq"] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(0);
+        b.append_data(&mut h, p, std::io::empty()).unwrap();
+    }
+    (b.into_inner().unwrap(), files)
+}
+
+pub fn build(prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput, Vec<u8>, Vec<(String, Vec<u8>)>) {
+    let (tar, files) = sample_tar();
+    let opts = LayerConvertOptions {
+        chunk_size: 1000,
+        prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
+    };
+    let (out, blob) = convert_tar(&tar[..], Vec::new(), &opts).unwrap();
+    (blob, out, tar, files)
+}
+
