@@ -5,5 +5,6 @@ pub mod assets;
 pub mod cli;
 pub mod config;
 pub mod rootfs;
+pub mod sandbox;
 pub mod sys;
 pub mod vm;

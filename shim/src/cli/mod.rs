@@ -1,1 +1,99 @@
-//! The `spry` command line.
+//! The `spry` command line. `bin/spry.rs` only parses arguments and sets up logging.
+
+mod spec;
+mod stdio;
+mod vm_run;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use spec::{container_spec, ProcessOptions};
+pub use vm_run::{run_vm, VmRunError};
+
+use crate::config::DEFAULT_CONFIG_PATH;
+use crate::vm::AccelChoice;
+
+/// Spry: sandboxed, fast-start pods for containerd.
+#[derive(Debug, Parser)]
+#[command(name = "spry", version)]
+pub struct Cli {
+    /// Config file.
+    #[arg(long, global = true, env = "SPRY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with microVMs directly (debugging).
+    #[command(subcommand)]
+    Vm(VmCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot a VM, run CMD in a container on ROOTFS, stream its stdio, exit with its code.
+    Run(VmRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    /// Directory holding the container's root filesystem.
+    #[arg(long)]
+    pub rootfs: PathBuf,
+    /// VM memory in MiB (default from the config file).
+    #[arg(long)]
+    pub memory: Option<u32>,
+    /// VM vCPUs (default from the config file).
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Give the process a terminal (implies --interactive).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Keep stdin open and pass it to the process.
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Extra environment variable, KEY=VALUE (repeatable).
+    #[arg(short, long = "env")]
+    pub env: Vec<String>,
+    /// Working directory of the process.
+    #[arg(long)]
+    pub cwd: Option<PathBuf>,
+    /// Hostname of the container.
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Memory limit of the container's cgroup, MiB.
+    #[arg(long)]
+    pub container_memory: Option<u32>,
+    /// Override the configured accelerator.
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelArg>,
+    /// Override the configured guest kernel.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Override the configured guest initramfs.
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Command and arguments to run.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        }
+    }
+}

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::vm::AccelChoice;
+
 /// Where the config is read from when no path is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
 /// Where `spry install` puts the guest kernel and initramfs.
@@ -42,17 +44,6 @@ pub enum ConfigError {
     },
 }
 
-/// Which accelerator runs the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AcceleratorSetting {
-    /// Probe KVM by booting a guest with it; fall back to TCG with a warning.
-    #[default]
-    Auto,
-    Kvm,
-    Tcg,
-}
-
 /// The whole config file.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -74,7 +65,7 @@ pub struct VmSettings {
     pub initramfs: PathBuf,
     /// QEMU binary.
     pub qemu: PathBuf,
-    pub accelerator: AcceleratorSetting,
+    pub accelerator: AccelChoice,
     /// Default vCPUs of a pod VM.
     pub cpus: u32,
     /// Default memory of a pod VM, MiB.
@@ -98,7 +89,7 @@ impl Default for VmSettings {
             kernel: guest.join("vmlinux"),
             initramfs: guest.join("initramfs.img"),
             qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
-            accelerator: AcceleratorSetting::Auto,
+            accelerator: AccelChoice::Auto,
             cpus: 1,
             memory_mib: 256,
         }
@@ -194,7 +185,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(c.vm.accelerator, AcceleratorSetting::Tcg);
+        assert_eq!(c.vm.accelerator, AccelChoice::Tcg);
         assert_eq!(c.vm.cpus, 2);
         assert_eq!(c.state_dir, PathBuf::from("/var/run/spry"));
     }

@@ -1,0 +1,149 @@
+//! `spry vm run`: boot a VM, run one container in it, stream its stdio, return its exit code.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use spry_proto::agent as pb;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::warn;
+
+use super::spec::{container_spec, ProcessOptions};
+use super::stdio::{copy_output, copy_stdin, terminal_size, RawTerminal};
+use super::VmRunArgs;
+use crate::agent_client::{AgentError, OutputStream, ProcessId};
+use crate::config::{Config, ConfigError};
+use crate::rootfs::{ErofsBlockShare, RootfsSource};
+use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use crate::vm::{AgentChannelKind, QemuHypervisor, VmConfig, VmExit};
+
+const CONTAINER_ID: &str = "main";
+
+/// Why `spry vm run` could not report an exit code of the user's command.
+#[derive(Debug, thiserror::Error)]
+pub enum VmRunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("rootfs {path} does not exist or is not a directory")]
+    Rootfs { path: PathBuf },
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("lost the container's process")]
+    Process(#[source] AgentError),
+    #[error("the VM died while the container ran ({exit}); console tail:\n{console_tail}")]
+    VmDied { exit: String, console_tail: String },
+}
+
+/// Runs the command and returns the container's exit code.
+pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i32, VmRunError> {
+    let config = Config::load(config_path)?;
+    // Checked here, before a VM is booted for nothing.
+    if !args.rootfs.is_dir() {
+        return Err(VmRunError::Rootfs { path: args.rootfs });
+    }
+    let id = format!("vm-run-{}", std::process::id());
+    let state_dir = config.state_dir.join("vms").join(&id);
+    let vm_config = VmConfig {
+        id: id.clone(),
+        state_dir: state_dir.clone(),
+        kernel: args.kernel.clone().unwrap_or(config.vm.kernel.clone()),
+        initramfs: args.initramfs.clone().unwrap_or(config.vm.initramfs.clone()),
+        cpus: args.cpus.unwrap_or(config.vm.cpus),
+        memory_mib: args.memory.unwrap_or(config.vm.memory_mib),
+        accel: args.accel.map(Into::into).unwrap_or(config.vm.accelerator),
+        qemu: config.vm.qemu.clone(),
+        agent_channel: AgentChannelKind::VirtioSerial,
+        extra_cmdline: Vec::new(),
+        netns: None,
+    };
+    let hypervisor = QemuHypervisor::new(config.state_dir.clone());
+    let share = ErofsBlockShare::new(config.state_dir.join("rootfs").join(&id));
+    let identity = SandboxIdentity {
+        hostname: args.hostname.clone().unwrap_or_else(|| "spry".into()),
+        ..Default::default()
+    };
+    let sandbox = Sandbox::start(&hypervisor, vm_config, identity, Box::new(share), DEFAULT_BOOT_TIMEOUT).await?;
+    let result = run_container(&sandbox, &args).await;
+    if let Err(e) = sandbox.remove_container(CONTAINER_ID).await {
+        if sandbox.is_running() {
+            warn!(error = %e, "cannot remove the container");
+        }
+    }
+    if let Err(e) = sandbox.shutdown(Duration::from_secs(10)).await {
+        warn!(error = %e, "VM did not shut down cleanly");
+    }
+    result
+}
+
+async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRunError> {
+    let interactive = args.interactive || args.tty;
+    let opts = ProcessOptions {
+        args: args.command.clone(),
+        env: args.env.clone(),
+        cwd: args.cwd.clone(),
+        hostname: args.hostname.clone(),
+        terminal: args.tty,
+        memory_limit: args.container_memory.map(|mib| i64::from(mib) << 20),
+    };
+    let (rows, cols) = terminal_size().unwrap_or((24, 80));
+    let stdio = pb::StdioConfig {
+        terminal: args.tty,
+        stdin: interactive,
+        rows,
+        cols,
+        ..Default::default()
+    };
+    sandbox
+        .create_container(CONTAINER_ID, &container_spec(&opts), &RootfsSource::Directory(args.rootfs.clone()), stdio)
+        .await?;
+    let agent = sandbox.agent().clone();
+    let process = ProcessId::init(CONTAINER_ID);
+    let stdout = tokio::spawn(copy_output(agent.clone(), process.clone(), OutputStream::Stdout, tokio::io::stdout()));
+    let stderr = (!args.tty)
+        .then(|| tokio::spawn(copy_output(agent.clone(), process.clone(), OutputStream::Stderr, tokio::io::stderr())));
+    sandbox.start_container(CONTAINER_ID).await?;
+    let _raw = args.tty.then(RawTerminal::enter).flatten();
+    let stdin = interactive.then(|| tokio::spawn(copy_stdin(agent.clone(), process.clone())));
+
+    let mut vm_exit = sandbox.exit_watch();
+    let mut sigint = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let mut sigterm = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut sigwinch = signal(SignalKind::window_change()).expect("install SIGWINCH handler");
+    let wait = agent.wait_process(&process);
+    tokio::pin!(wait);
+    let status = loop {
+        tokio::select! {
+            status = &mut wait => break status.map_err(VmRunError::Process)?,
+            exit = vm_exit.wait_for(|e| e.is_some()) => {
+                let exit = exit.ok().and_then(|e| e.clone()).unwrap_or(VmExit { code: None, signal: None, console_tail: String::new() });
+                return Err(VmRunError::VmDied { exit: exit.to_string(), console_tail: exit.console_tail.clone() });
+            }
+            _ = sigint.recv() => forward(&agent, &process, libc::SIGINT).await,
+            _ = sigterm.recv() => forward(&agent, &process, libc::SIGTERM).await,
+            _ = sigwinch.recv() => {
+                if let Some((rows, cols)) = terminal_size() {
+                    let _ = agent.resize_tty(&process, rows, cols).await;
+                }
+            }
+        }
+    };
+    // Output written just before exit is still in flight: drain it before returning.
+    let drain = async {
+        let _ = stdout.await;
+        if let Some(stderr) = stderr {
+            let _ = stderr.await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        warn!("output did not reach end of stream within 5 s after exit");
+    }
+    if let Some(stdin) = stdin {
+        stdin.abort();
+    }
+    Ok(status.exit_code as i32)
+}
+
+async fn forward(agent: &crate::agent_client::AgentClient, process: &ProcessId, sig: i32) {
+    if let Err(e) = agent.signal_process(process, sig as u32, false).await {
+        warn!(signal = sig, error = %e, "cannot forward signal to the container");
+    }
+}

@@ -1,0 +1,300 @@
+//! A pod sandbox: one VM, its agent, and the containers' rootfs disks.
+//!
+//! This is the layer the shim's task service and `spry vm run` stand on. It owns the
+//! order of operations that keeps the host clean: a rootfs is attached before the agent
+//! creates the container and detached after the agent removed it, and a sandbox that
+//! fails half-way through starting stops its VM before returning the error.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spry_proto::agent as pb;
+use tokio::sync::{watch, Mutex};
+use tracing::{info, info_span, warn, Instrument};
+
+use crate::agent_client::{AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport};
+use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
+use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
+
+/// How long to wait for a booted VM's agent to answer. Generous: under TCG on a loaded
+/// 2-core host a boot that normally takes 2 s can take many times that.
+pub const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Failure of a sandbox operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot start the VM of sandbox {id}")]
+    StartVm {
+        id: String,
+        #[source]
+        source: VmError,
+    },
+    #[error("the VM of sandbox {id} exited before its agent answered ({exit}); console tail:\n{console_tail}")]
+    DiedDuringBoot {
+        id: String,
+        exit: String,
+        console_tail: String,
+    },
+    #[error("the agent of sandbox {id} did not come up")]
+    Agent {
+        id: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("container {container_id}")]
+    Container {
+        container_id: String,
+        #[source]
+        source: AgentError,
+    },
+    #[error("container {container_id} already exists in sandbox {id}")]
+    ContainerExists { id: String, container_id: String },
+    #[error(transparent)]
+    Rootfs(#[from] RootfsError),
+    #[error("cannot stop the VM of sandbox {id}")]
+    StopVm {
+        id: String,
+        #[source]
+        source: VmError,
+    },
+}
+
+/// Pod identity given to the guest after boot (never baked into the VM image, so VMs
+/// restored from a shared template each get their own).
+#[derive(Debug, Clone, Default)]
+pub struct SandboxIdentity {
+    pub hostname: String,
+    pub dns_nameservers: Vec<String>,
+    pub dns_searches: Vec<String>,
+    pub dns_options: Vec<String>,
+}
+
+/// A running pod VM with a connected agent.
+pub struct Sandbox {
+    id: String,
+    vm: Box<dyn Vm>,
+    agent: AgentClient,
+    rootfs_share: Box<dyn RootfsShare>,
+    attached: Mutex<HashMap<String, AttachedRootfs>>,
+}
+
+impl Sandbox {
+    /// Boots the VM, waits for its agent and hands it the pod identity. On any failure
+    /// the VM is stopped and its state removed before the error is returned.
+    pub async fn start(
+        hypervisor: &dyn Hypervisor,
+        vm_config: VmConfig,
+        identity: SandboxIdentity,
+        rootfs_share: Box<dyn RootfsShare>,
+        boot_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        let id = vm_config.id.clone();
+        let span = info_span!("sandbox", sandbox_id = %id);
+        async move {
+            let vm = hypervisor
+                .start(vm_config)
+                .await
+                .map_err(|source| SandboxError::StartVm { id: id.clone(), source })?;
+            let agent = match connect_agent(vm.as_ref(), boot_timeout).await {
+                Ok(agent) => agent,
+                Err(err) => {
+                    stop_quietly(vm.as_ref()).await;
+                    return Err(err);
+                }
+            };
+            let sandbox = Sandbox {
+                id: id.clone(),
+                vm,
+                agent,
+                rootfs_share,
+                attached: Mutex::new(HashMap::new()),
+            };
+            if let Err(source) = sandbox.agent.create_sandbox(identity_request(&id, identity)).await {
+                stop_quietly(sandbox.vm.as_ref()).await;
+                return Err(SandboxError::Agent { id, source });
+            }
+            info!(
+                accel = ?sandbox.vm.accel(),
+                kernel = %sandbox.agent.info.kernel_release,
+                "sandbox ready"
+            );
+            Ok(sandbox)
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn vm(&self) -> &dyn Vm {
+        self.vm.as_ref()
+    }
+
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Fires when the VM exits, for whatever reason.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.vm.exit_watch()
+    }
+
+    /// Shares the rootfs into the VM and creates the container (not yet started).
+    pub async fn create_container(
+        &self,
+        container_id: &str,
+        spec: &oci_spec::runtime::Spec,
+        rootfs: &RootfsSource,
+        stdio: pb::StdioConfig,
+    ) -> Result<(), SandboxError> {
+        let mut attached = self.attached.lock().await;
+        if attached.contains_key(container_id) {
+            return Err(SandboxError::ContainerExists {
+                id: self.id.clone(),
+                container_id: container_id.to_string(),
+            });
+        }
+        let disk = self.rootfs_share.attach(self.vm.as_ref(), container_id, rootfs).await?;
+        let spec_json = serde_json::to_vec(spec).expect("an OCI spec always serializes");
+        let req = pb::CreateContainerRequest {
+            container_id: container_id.to_string(),
+            oci_spec_json: spec_json,
+            rootfs: Some(disk.rootfs.clone()).into(),
+            stdio: Some(stdio).into(),
+            ..Default::default()
+        };
+        if let Err(source) = self.agent.create_container(req).await {
+            if let Err(e) = self.rootfs_share.detach(self.vm.as_ref(), disk).await {
+                warn!(container_id, error = %e, "cannot detach rootfs after a failed create");
+            }
+            return Err(SandboxError::Container {
+                container_id: container_id.to_string(),
+                source,
+            });
+        }
+        attached.insert(container_id.to_string(), disk);
+        Ok(())
+    }
+
+    pub async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        self.agent
+            .start_container(container_id)
+            .await
+            .map_err(|source| SandboxError::Container {
+                container_id: container_id.to_string(),
+                source,
+            })
+    }
+
+    /// Removes a stopped container from the guest and detaches its rootfs.
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        let removed = self.agent.remove_container(container_id).await;
+        let gone = matches!(&removed, Err(e) if e.code() == Some(ttrpc::Code::NOT_FOUND));
+        if let Err(source) = removed {
+            if !gone && self.is_running() {
+                return Err(SandboxError::Container {
+                    container_id: container_id.to_string(),
+                    source,
+                });
+            }
+        }
+        if let Some(disk) = self.attached.lock().await.remove(container_id) {
+            self.rootfs_share.detach(self.vm.as_ref(), disk).await?;
+        }
+        Ok(())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.vm.exit_watch().borrow().is_none()
+    }
+
+    /// Asks the guest to power off, waits up to `timeout`, then forces the VM down.
+    /// Every host resource of the sandbox is gone when this returns, error or not.
+    pub async fn shutdown(self, timeout: Duration) -> Result<VmExit, SandboxError> {
+        let span = info_span!("sandbox", sandbox_id = %self.id);
+        async move {
+            if self.is_running() {
+                // The reply may never come (the guest powers off first); the VM's exit
+                // is what we wait for.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.agent.shutdown()).await;
+            }
+            let exit = self.vm.stop(timeout).await;
+            for (_, disk) in self.attached.lock().await.drain() {
+                if let Err(e) = self.rootfs_share.detach(self.vm.as_ref(), disk).await {
+                    warn!(error = %e, "cannot detach rootfs during shutdown");
+                }
+            }
+            exit.map_err(|source| SandboxError::StopVm { id: self.id.clone(), source })
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn transport_for(endpoint: AgentEndpoint) -> Box<dyn AgentTransport> {
+    match endpoint {
+        AgentEndpoint::VirtioSerial { socket } => Box::new(VirtioSerialTransport { socket }),
+        AgentEndpoint::Vsock { cid, port } => Box::new(VsockTransport { cid, port }),
+    }
+}
+
+/// Connects to the agent, giving up early if the VM dies while we wait.
+async fn connect_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient, SandboxError> {
+    let id = vm.id().to_string();
+    let transport = transport_for(vm.agent_endpoint());
+    let mut exit = vm.exit_watch();
+    tokio::select! {
+        result = AgentClient::connect(transport.as_ref(), timeout) => {
+            result.map_err(|source| SandboxError::Agent { id, source })
+        }
+        exit = exit.wait_for(|e| e.is_some()) => {
+            let exit = exit.ok().and_then(|e| e.clone()).unwrap_or(VmExit { code: None, signal: None, console_tail: String::new() });
+            Err(SandboxError::DiedDuringBoot {
+                id,
+                exit: exit.to_string(),
+                console_tail: exit.console_tail.clone(),
+            })
+        }
+    }
+}
+
+async fn stop_quietly(vm: &dyn Vm) {
+    if let Err(e) = vm.stop(Duration::from_secs(1)).await {
+        warn!(error = %e, "cannot stop VM after a failed start");
+    }
+}
+
+fn identity_request(id: &str, identity: SandboxIdentity) -> pb::CreateSandboxRequest {
+    let entropy = host_entropy();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default();
+    pb::CreateSandboxRequest {
+        sandbox_id: id.to_string(),
+        hostname: identity.hostname,
+        dns_nameservers: identity.dns_nameservers,
+        dns_searches: identity.dns_searches,
+        dns_options: identity.dns_options,
+        entropy,
+        clock_unix_nanos: now,
+        ..Default::default()
+    }
+}
+
+/// 64 bytes from the host's CSPRNG for the guest to mix in. Without it, VMs cloned from
+/// one template would produce the same "random" numbers.
+fn host_entropy() -> Vec<u8> {
+    use std::io::Read;
+    let mut entropy = vec![0u8; 64];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut entropy)) {
+        Ok(()) => entropy,
+        Err(e) => {
+            // The guest still seeds itself from virtio-rng; this only weakens clones.
+            warn!(error = %e, "cannot read host entropy for the guest");
+            Vec::new()
+        }
+    }
+}
