@@ -1,1 +1,101 @@
 //! Raw syscalls and unsafe code, kept small and explained.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Reads the CPU's time-stamp counter.
+#[cfg(target_arch = "x86_64")]
+pub fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no memory effects; every x86-64 CPU implements it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// Opens a pidfd for a child we have not reaped yet, so that later signals
+/// can never hit a recycled PID.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1;
+    // no memory is shared with the kernel.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to the process behind `pidfd`. ESRCH (already exited) is
+/// reported as an error like any other; callers decide if it matters.
+pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: the fd is a valid pidfd we own; info is NULL (the kernel fills
+    // in a default siginfo) and flags are 0.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0)
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes a spawned child die with us (SIGKILL when our thread exits) and,
+/// when `netns` is given, enter that network namespace before exec.
+///
+/// Parent-death is tied to the *thread* that forked: spawn from a long-lived
+/// runtime worker, never from a short-lived blocking-pool thread.
+pub fn configure_child(command: &mut tokio::process::Command, netns: Option<RawFd>) {
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe syscalls (prctl, getppid, setns); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if let Some(fd) = netns {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The (rows, cols) of the terminal behind `fd`, or None when it is not a
+/// terminal.
+pub fn terminal_size(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ writes one winsize into the valid, exclusively
+    // borrowed struct; the fd is borrowed for the duration of the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
+    (rc == 0 && size.ws_row > 0 && size.ws_col > 0).then(|| (u32::from(size.ws_row), u32::from(size.ws_col)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tsc_moves_forward() {
+        let a = rdtsc();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        assert!(rdtsc() > a);
+    }
+
+    #[test]
+    fn a_pipe_has_no_terminal_size() {
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        assert_eq!(terminal_size(std::os::fd::AsFd::as_fd(&read)), None);
+    }
+
+    #[test]
+    fn pidfd_signals_a_child() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep must exist");
+        let pidfd = pidfd_open(child.id()).unwrap();
+        pidfd_send_signal(&pidfd, libc::SIGKILL).unwrap();
+        let status = child.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+    }
+}

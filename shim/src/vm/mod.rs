@@ -1,1 +1,188 @@
 //! The hypervisor layer: a `Hypervisor` trait and its QEMU implementation.
+//!
+//! A VM is QEMU's `microvm` machine booting the PVH kernel straight from its
+//! ELF, with the agent's initramfs. Devices are all virtio-mmio: an RNG, a
+//! virtio-scsi controller whose disks are always hot-plugged over QMP (a new
+//! container's rootfs appears without a reboot), and the agent channel
+//! (virtio-serial port `spry.agent`, or vhost-vsock on KVM hosts).
+
+mod accel;
+pub mod cmdline;
+mod console;
+mod error;
+pub mod qemu;
+pub mod qmp;
+mod tsc;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use accel::KVM_UNUSABLE_WARNING;
+pub use error::VmError;
+pub use qemu::QemuHypervisor;
+pub use tsc::host_tsc_khz;
+
+/// The virtio-serial port name the agent listens on (`/sys/class/virtio-ports/*/name`).
+pub const AGENT_PORT_NAME: &str = "spry.agent";
+/// The vsock port the agent listens on.
+pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// The kernel command-line parameter telling the agent which channel to
+/// serve: `virtio-serial:<port name>` or `vsock:<port>`.
+pub const AGENT_CHANNEL_PARAM: &str = "spry.agent_channel";
+
+/// Which accelerator to ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Use KVM when a probe guest boots fine with it, else TCG.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The accelerator a VM runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    /// Software emulation: works everywhere, roughly 10x slower.
+    Tcg,
+}
+
+impl std::fmt::Display for Accel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        })
+    }
+}
+
+/// How the host reaches the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChannelKind {
+    /// A virtio-serial port backed by a unix socket in the state dir.
+    VirtioSerial,
+    /// vhost-vsock with this guest CID (needs /dev/vhost-vsock).
+    Vsock { cid: u32 },
+}
+
+/// Where to connect to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A unix socket: one connection at a time, bytes go to the guest port.
+    VirtioSerial { socket: PathBuf },
+    Vsock { cid: u32, port: u32 },
+}
+
+/// Everything needed to start a VM. `Default` gives a 1-CPU, 512 MiB VM
+/// with the Debian QEMU path; id, state dir, kernel and initramfs must be set.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Names the VM in logs; letters, digits, `-`, `_` and `.` only.
+    pub id: String,
+    /// Per-VM directory (sockets, console log). Created by `start`, which
+    /// refuses an existing one; removed on every path (stop, drop, errors).
+    pub state_dir: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub accel: AccelChoice,
+    /// The `qemu-system-x86_64` binary.
+    pub qemu: PathBuf,
+    pub agent_channel: AgentChannelKind,
+    /// Appended to the kernel command line (later parameters win).
+    pub extra_cmdline: Vec<String>,
+    /// Run QEMU inside this network namespace (a bind-mounted netns file).
+    pub netns: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            id: String::new(),
+            state_dir: PathBuf::new(),
+            kernel: PathBuf::new(),
+            initramfs: PathBuf::new(),
+            cpus: 1,
+            memory_mib: 512,
+            accel: AccelChoice::Auto,
+            qemu: PathBuf::from(DEFAULT_QEMU),
+            agent_channel: AgentChannelKind::VirtioSerial,
+            extra_cmdline: Vec::new(),
+            netns: None,
+        }
+    }
+}
+
+/// Where Debian installs QEMU.
+pub const DEFAULT_QEMU: &str = "/usr/bin/qemu-system-x86_64";
+
+/// A SCSI address on the VM's controller (bus 0): the guest finds the disk
+/// at `/sys/bus/scsi/devices/<host>:0:<target>:<lun>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ScsiAddr {
+    pub target: u32,
+    pub lun: u32,
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmExit {
+    /// QEMU's exit code, when it exited.
+    pub code: Option<i32>,
+    /// The signal that killed QEMU, when it was killed.
+    pub signal: Option<i32>,
+    /// The last lines of the guest console (newline-separated, oldest first).
+    pub console_tail: String,
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "QEMU exited with status {code}")?,
+            (None, Some(signal)) => write!(f, "QEMU was killed by signal {signal}")?,
+            (None, None) => write!(f, "QEMU ended")?,
+        }
+        match self.console_tail.lines().last() {
+            Some(line) => write!(f, "; last console line: {line}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Starts VMs.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    async fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError>;
+}
+
+/// A running VM. Dropping the handle kills the VM and removes its state dir.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn id(&self) -> &str;
+    /// QEMU's PID.
+    fn pid(&self) -> u32;
+    fn accel(&self) -> Accel;
+    /// The guest serial console log (inside the state dir).
+    fn console_log(&self) -> &Path;
+    fn agent_endpoint(&self) -> AgentEndpoint;
+    /// Hot-plugs a disk image on the virtio-scsi controller.
+    async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError>;
+    /// Removes a hot-plugged disk (the guest must have stopped using it).
+    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError>;
+    /// Becomes `Some` within a second of QEMU exiting, for any reason.
+    fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<VmExit>>;
+    /// False once QEMU has exited.
+    fn is_running(&self) -> bool {
+        self.exit_watch().borrow().is_none()
+    }
+    /// Waits up to `timeout` for the VM to exit on its own (after the agent's
+    /// Shutdown), then asks QEMU to quit, then kills it. Removes the state dir.
+    async fn stop(&self, timeout: Duration) -> Result<VmExit, VmError>;
+}

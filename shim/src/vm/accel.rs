@@ -1,0 +1,248 @@
+//! Choosing the accelerator. `Auto` boots a probe guest under KVM with a
+//! short deadline: on some hosts /dev/kvm exists but guests crash or crawl,
+//! and only booting one tells. The verdict is cached per host boot.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::cmdline::escape;
+use super::{Accel, AccelChoice, VmConfig};
+
+/// The warning logged (once per process) when Auto falls back to TCG.
+pub const KVM_UNUSABLE_WARNING: &str = "using TCG software emulation: expect ~10x slower VMs";
+
+/// The kernel prints this just before running /init: reaching it within the
+/// deadline proves KVM runs a guest at full speed.
+const PROBE_MARKER: &str = "Run /init as init process";
+const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+const PROBE_CACHE_FILE: &str = "accel-probe.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeRecord {
+    key: String,
+    accel: Accel,
+    /// Why KVM was rejected.
+    reason: Option<String>,
+}
+
+/// Picks the accelerator for `config`; probes (or reads the probe cache in
+/// `state_root`) when the choice is Auto.
+pub async fn resolve(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Accel {
+    match config.accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => {
+            let key = probe_key(config).await;
+            let cache = state_root.join(PROBE_CACHE_FILE);
+            let record = match read_cache(&cache, &key) {
+                Some(record) => record,
+                None => {
+                    let record = probe(config, state_root, tsc_khz, key).await;
+                    write_cache(&cache, &record);
+                    record
+                }
+            };
+            if let Some(reason) = &record.reason {
+                static WARN_ONCE: Once = Once::new();
+                WARN_ONCE.call_once(|| tracing::warn!("KVM unusable ({reason}), {KVM_UNUSABLE_WARNING}"));
+            }
+            record.accel
+        }
+    }
+}
+
+/// What the verdict depends on: this boot of the host, this QEMU and this
+/// kernel (by path, size and mtime: hashing 50 MB on every start would cost
+/// more than it protects).
+async fn probe_key(config: &VmConfig) -> String {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let qemu_version = tokio::process::Command::new(&config.qemu)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default();
+    let kernel_identity = std::fs::metadata(&config.kernel)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            format!("{} {} {}", m.len(), m.mtime(), m.mtime_nsec())
+        })
+        .unwrap_or_default();
+    let mut hasher = Sha256::new();
+    for part in [
+        boot_id.trim(),
+        &config.qemu.to_string_lossy(),
+        qemu_version.trim(),
+        &config.kernel.to_string_lossy(),
+        &kernel_identity,
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(hasher.finalize())
+}
+
+fn read_cache(path: &Path, key: &str) -> Option<ProbeRecord> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let record: ProbeRecord = serde_json::from_str(&text).ok()?;
+    (record.key == key).then_some(record)
+}
+
+fn write_cache(path: &Path, record: &ProbeRecord) {
+    let Ok(json) = serde_json::to_string(record) else { return };
+    let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
+    let written = std::fs::write(&temporary, json).and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(error) = written {
+        let _ = std::fs::remove_file(&temporary);
+        tracing::warn!(path = %path.display(), %error, "cannot cache the KVM probe result");
+    }
+}
+
+async fn probe(config: &VmConfig, state_root: &Path, tsc_khz: u64, key: String) -> ProbeRecord {
+    let started = Instant::now();
+    let reason = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Err(error) => Some(format!("cannot open /dev/kvm: {error}")),
+        Ok(_) => boot_probe_guest(config, state_root, tsc_khz).await.err(),
+    };
+    let accel = if reason.is_none() { Accel::Kvm } else { Accel::Tcg };
+    tracing::info!(%accel, elapsed_ms = started.elapsed().as_millis() as u64, "KVM probe done");
+    ProbeRecord { key, accel, reason }
+}
+
+/// Boots the VM's kernel and initramfs under KVM without devices and waits
+/// for the kernel to reach /init. Err carries why KVM is unusable.
+async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Result<(), String> {
+    let dir = ProbeDir::create(state_root).map_err(|error| format!("cannot create the probe dir: {error}"))?;
+    let console = dir.0.join("console.log");
+    let mut child = tokio::process::Command::new(&config.qemu)
+        .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on", "-bios", "qboot.rom"])
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256M"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&config.kernel)
+        .arg("-initrd")
+        .arg(&config.initramfs)
+        .arg("-append")
+        .arg(format!("console=ttyS0 8250.nr_uarts=1 tsc_early_khz={tsc_khz} panic=-1"))
+        .arg("-chardev")
+        .arg(format!("file,id=console,path={}", escape(&console.to_string_lossy())))
+        .args(["-serial", "chardev:console"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|error| format!("cannot spawn {}: {error}", config.qemu.display()))?;
+    let deadline = Instant::now() + PROBE_DEADLINE;
+    let verdict = loop {
+        if std::fs::read_to_string(&console).is_ok_and(|text| text.contains(PROBE_MARKER)) {
+            break Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                use tokio::io::AsyncReadExt;
+                let _ = pipe.read_to_string(&mut stderr).await;
+            }
+            let first_line = stderr.lines().next().unwrap_or("no error output").to_owned();
+            break Err(format!("a probe guest made QEMU exit with {status}: {first_line}"));
+        }
+        if Instant::now() >= deadline {
+            break Err(format!("a probe guest did not reach /init within {} s", PROBE_DEADLINE.as_secs()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    verdict
+}
+
+/// A scratch dir for the probe guest, removed on every path.
+struct ProbeDir(PathBuf);
+
+impl ProbeDir {
+    fn create(state_root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(state_root)?;
+        let dir = tempfile::Builder::new().prefix("kvm-probe-").tempdir_in(state_root)?;
+        Ok(Self(dir.keep()))
+    }
+}
+
+impl Drop for ProbeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_hits_only_on_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PROBE_CACHE_FILE);
+        let record = ProbeRecord { key: "k1".into(), accel: Accel::Tcg, reason: Some("crashed".into()) };
+        write_cache(&path, &record);
+        assert_eq!(read_cache(&path, "k1"), Some(record));
+        assert_eq!(read_cache(&path, "k2"), None);
+        std::fs::write(&path, "{garbage").unwrap();
+        assert_eq!(read_cache(&path, "k1"), None);
+    }
+
+    #[tokio::test]
+    async fn the_key_follows_qemu_and_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("vmlinux");
+        std::fs::write(&kernel, b"one").unwrap();
+        let config = VmConfig {
+            id: "probe".into(),
+            state_dir: dir.path().join("vm"),
+            kernel: kernel.clone(),
+            initramfs: dir.path().join("initramfs.img"),
+            cpus: 1,
+            memory_mib: 128,
+            accel: AccelChoice::Auto,
+            qemu: "/bin/true".into(),
+            agent_channel: super::super::AgentChannelKind::VirtioSerial,
+            extra_cmdline: vec![],
+            netns: None,
+        };
+        let first = probe_key(&config).await;
+        assert_eq!(first, probe_key(&config).await);
+        std::fs::write(&kernel, b"a different kernel").unwrap();
+        let second = probe_key(&config).await;
+        assert_ne!(first, second);
+        let other_qemu = VmConfig { qemu: "/bin/false".into(), ..config };
+        assert_ne!(second, probe_key(&other_qemu).await);
+    }
+
+    #[tokio::test]
+    async fn explicit_choices_skip_the_probe() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = VmConfig {
+            id: "x".into(),
+            state_dir: dir.path().join("vm"),
+            kernel: "/nonexistent".into(),
+            initramfs: "/nonexistent".into(),
+            cpus: 1,
+            memory_mib: 128,
+            accel: AccelChoice::Tcg,
+            qemu: "/nonexistent".into(),
+            agent_channel: super::super::AgentChannelKind::VirtioSerial,
+            extra_cmdline: vec![],
+            netns: None,
+        };
+        assert_eq!(resolve(&config, dir.path(), 1).await, Accel::Tcg);
+        config.accel = AccelChoice::Kvm;
+        assert_eq!(resolve(&config, dir.path(), 1).await, Accel::Kvm);
+        assert!(!dir.path().join(PROBE_CACHE_FILE).exists());
+    }
+}

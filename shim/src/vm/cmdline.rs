@@ -1,0 +1,210 @@
+//! Building QEMU's command line and the guest kernel's, as pure functions.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::{Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
+
+/// The ids QEMU knows devices by (QMP talks about them).
+pub const SCSI_CONTROLLER_ID: &str = "scsi0";
+pub const SCSI_BUS: &str = "scsi0.0";
+
+/// Files QEMU creates in a VM's state dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatePaths {
+    pub qmp_socket: PathBuf,
+    pub agent_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub qemu_stderr: PathBuf,
+}
+
+impl StatePaths {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            qmp_socket: state_dir.join("qmp.sock"),
+            agent_socket: state_dir.join("agent.sock"),
+            console_log: state_dir.join("console.log"),
+            qemu_stderr: state_dir.join("qemu.stderr"),
+        }
+    }
+}
+
+/// The guest kernel command line.
+///
+/// `tsc_early_khz` matters: microvm has no device the kernel could calibrate
+/// the TSC against, and without it early boot hangs. `panic=-1` plus QEMU's
+/// `-no-reboot` turns a guest panic into a QEMU exit we can see.
+pub fn kernel_cmdline(config: &VmConfig, tsc_khz: u64) -> String {
+    let channel = match config.agent_channel {
+        AgentChannelKind::VirtioSerial => format!("virtio-serial:{AGENT_PORT_NAME}"),
+        AgentChannelKind::Vsock { .. } => format!("vsock:{AGENT_VSOCK_PORT}"),
+    };
+    let mut params = vec![
+        "console=ttyS0".to_owned(),
+        // Only the one serial port exists; probing three more costs time.
+        "8250.nr_uarts=1".to_owned(),
+        format!("tsc_early_khz={tsc_khz}"),
+        "panic=-1".to_owned(),
+        "quiet".to_owned(),
+        format!("{AGENT_CHANNEL_PARAM}={channel}"),
+    ];
+    params.extend(config.extra_cmdline.iter().cloned());
+    params.join(" ")
+}
+
+/// QEMU's arguments (without the binary).
+pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64, paths: &StatePaths) -> Vec<OsString> {
+    let mut args = ArgList::default();
+    args.push("-name").push(format!("spry-{},debug-threads=on", escape(config.id.as_str())));
+    // ACPI stays on: this kernel finds virtio-mmio devices only through ACPI
+    // (it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    args.push("-M").push("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on");
+    // QEMU looks bare file names up in its firmware directory.
+    args.push("-bios").push("qboot.rom");
+    match accel {
+        Accel::Kvm => args.push("-accel").push("kvm").push("-cpu").push("host"),
+        Accel::Tcg => args.push("-accel").push("tcg").push("-cpu").push("max"),
+    };
+    args.push("-smp").push(config.cpus.to_string());
+    args.push("-m").push(format!("{}M", config.memory_mib));
+    args.push("-nodefaults").push("-no-user-config").push("-nographic").push("-no-reboot");
+    args.push("-kernel").push(&config.kernel);
+    args.push("-initrd").push(&config.initramfs);
+    args.push("-append").push(kernel_cmdline(config, tsc_khz));
+
+    args.push("-chardev").push(format!("file,id=console,path={}", escape_path(&paths.console_log)));
+    args.push("-serial").push("chardev:console");
+    args.push("-chardev").push(format!("socket,id=qmp,path={},server=on,wait=off", escape_path(&paths.qmp_socket)));
+    args.push("-mon").push("chardev=qmp,mode=control");
+
+    args.push("-device").push("virtio-rng-device");
+    args.push("-device").push(format!("virtio-scsi-device,id={SCSI_CONTROLLER_ID}"));
+    match config.agent_channel {
+        AgentChannelKind::VirtioSerial => {
+            args.push("-chardev").push(format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                escape_path(&paths.agent_socket)
+            ));
+            args.push("-device").push("virtio-serial-device,id=vser0");
+            args.push("-device").push(format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"));
+        }
+        AgentChannelKind::Vsock { cid } => {
+            args.push("-device").push(format!("vhost-vsock-device,guest-cid={cid}"));
+        }
+    }
+    args.0
+}
+
+/// QEMU option values separate keys with commas; a literal comma is doubled.
+pub fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn escape_path(path: &Path) -> String {
+    escape(&path.to_string_lossy())
+}
+
+#[derive(Default)]
+struct ArgList(Vec<OsString>);
+
+impl ArgList {
+    fn push(&mut self, arg: impl AsRef<std::ffi::OsStr>) -> &mut Self {
+        self.0.push(arg.as_ref().to_owned());
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::AccelChoice;
+
+    fn config() -> VmConfig {
+        VmConfig {
+            id: "pod-1".into(),
+            state_dir: "/run/spry/pod-1".into(),
+            kernel: "/g/vmlinux".into(),
+            initramfs: "/g/initramfs.img".into(),
+            cpus: 2,
+            memory_mib: 512,
+            accel: AccelChoice::Auto,
+            qemu: "/usr/bin/qemu-system-x86_64".into(),
+            agent_channel: AgentChannelKind::VirtioSerial,
+            extra_cmdline: vec!["loglevel=7".into()],
+            netns: None,
+        }
+    }
+
+    fn args_of(config: &VmConfig, accel: Accel) -> Vec<String> {
+        let paths = StatePaths::new(&config.state_dir);
+        qemu_args(config, accel, 2_445_404, &paths).into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
+    fn value_after(args: &[String], flag: &str) -> Vec<String> {
+        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+    }
+
+    #[test]
+    fn kernel_cmdline_has_console_tsc_panic_channel_then_extras() {
+        let line = kernel_cmdline(&config(), 2_445_404);
+        assert_eq!(
+            line,
+            "console=ttyS0 8250.nr_uarts=1 tsc_early_khz=2445404 panic=-1 quiet \
+             spry.agent_channel=virtio-serial:spry.agent loglevel=7"
+        );
+        let vsock = VmConfig { agent_channel: AgentChannelKind::Vsock { cid: 7 }, ..config() };
+        assert!(kernel_cmdline(&vsock, 1).contains("spry.agent_channel=vsock:1024"));
+    }
+
+    #[test]
+    fn tcg_and_kvm_pick_accel_and_cpu() {
+        let tcg = args_of(&config(), Accel::Tcg);
+        assert_eq!(value_after(&tcg, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&tcg, "-cpu"), ["max"]);
+        let kvm = args_of(&config(), Accel::Kvm);
+        assert_eq!(value_after(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&kvm, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn machine_devices_and_sockets() {
+        let args = args_of(&config(), Accel::Tcg);
+        assert_eq!(value_after(&args, "-M"), ["microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on"]);
+        assert_eq!(value_after(&args, "-bios"), ["qboot.rom"]);
+        assert_eq!(value_after(&args, "-smp"), ["2"]);
+        assert_eq!(value_after(&args, "-m"), ["512M"]);
+        assert_eq!(value_after(&args, "-kernel"), ["/g/vmlinux"]);
+        for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag}");
+        }
+        assert_eq!(
+            value_after(&args, "-device"),
+            [
+                "virtio-rng-device",
+                "virtio-scsi-device,id=scsi0",
+                "virtio-serial-device,id=vser0",
+                "virtserialport,chardev=agent,name=spry.agent"
+            ]
+        );
+        let chardevs = value_after(&args, "-chardev");
+        assert!(chardevs.contains(&"file,id=console,path=/run/spry/pod-1/console.log".to_owned()));
+        assert!(chardevs.contains(&"socket,id=qmp,path=/run/spry/pod-1/qmp.sock,server=on,wait=off".to_owned()));
+        assert!(chardevs.contains(&"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()));
+    }
+
+    #[test]
+    fn vsock_replaces_the_serial_port() {
+        let vsock = VmConfig { agent_channel: AgentChannelKind::Vsock { cid: 42 }, ..config() };
+        let args = args_of(&vsock, Accel::Kvm);
+        let devices = value_after(&args, "-device");
+        assert!(devices.contains(&"vhost-vsock-device,guest-cid=42".to_owned()));
+        assert!(!devices.iter().any(|d| d.starts_with("virtserialport")));
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let odd = VmConfig { state_dir: "/run/a,b".into(), ..config() };
+        let args = args_of(&odd, Accel::Tcg);
+        assert!(value_after(&args, "-chardev").contains(&"file,id=console,path=/run/a,,b/console.log".to_owned()));
+    }
+}

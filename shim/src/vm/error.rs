@@ -1,0 +1,86 @@
+//! The hypervisor layer's error type.
+
+use std::io;
+use std::path::PathBuf;
+
+use super::qmp::QmpError;
+use super::{ScsiAddr, VmExit};
+
+/// Errors starting, driving or stopping a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{what} {path} does not exist")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("VM id {id:?} must be 1-64 letters, digits, '-', '_' or '.'")]
+    InvalidId { id: String },
+    #[error("VM {id} needs at least one CPU")]
+    NoCpus { id: String },
+    #[error("VM {id} needs at least {minimum} MiB of memory, got {memory_mib}")]
+    TooLittleMemory { id: String, memory_mib: u32, minimum: u32 },
+    #[error("socket path {path} is longer than a unix socket allows ({max} bytes): use a shorter state dir")]
+    SocketPathTooLong { path: PathBuf, max: usize },
+    #[error("state dir {path} already exists (another VM, or a leftover of a crashed one)")]
+    StateDirExists { path: PathBuf },
+    #[error("failed to create or remove state dir {path}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vsock needs /dev/vhost-vsock, which this host lacks (use the virtio-serial agent channel)")]
+    NoVhostVsock,
+    #[error("KVM was requested but /dev/kvm cannot be opened")]
+    KvmUnavailable {
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to open network namespace {path}")]
+    NetNs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot measure the host TSC frequency")]
+    TscFrequency {
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to spawn {qemu}")]
+    Spawn {
+        qemu: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU for VM {id} exited during startup ({exit}); its stderr: {stderr}")]
+    StartupExit { id: String, exit: VmExit, stderr: String },
+    #[error("QEMU for VM {id} did not open its QMP socket within {seconds} s")]
+    QmpSocketTimeout { id: String, seconds: u64 },
+    #[error("QMP of VM {id} failed")]
+    Qmp {
+        id: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("disk image {path} cannot be used")]
+    DiskImage {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("VM {id} has no free SCSI target left")]
+    NoFreeScsiTarget { id: String },
+    #[error("VM {id} has no hot-plugged disk at target {} lun {}", addr.target, addr.lun)]
+    UnknownDisk { id: String, addr: ScsiAddr },
+    #[error("QEMU did not confirm removing disk at target {} lun {} of VM {id}", addr.target, addr.lun)]
+    UnplugTimeout { id: String, addr: ScsiAddr },
+    #[error("failed to signal QEMU (pid {pid})")]
+    Signal {
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU for VM {id} did not exit even after SIGKILL")]
+    StopTimeout { id: String },
+    #[error("VM {id} has already exited ({exit})")]
+    Exited { id: String, exit: VmExit },
+}

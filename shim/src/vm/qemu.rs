@@ -1,0 +1,474 @@
+//! The QEMU microvm implementation of [`Hypervisor`] and [`Vm`].
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
+use super::console::{self, TAIL_LINES};
+use super::qmp::{QmpClient, QmpError};
+use super::{
+    accel, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm, VmConfig, VmError, VmExit,
+    AGENT_VSOCK_PORT,
+};
+use crate::sys;
+
+/// Linux `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+const MIN_MEMORY_MIB: u32 = 64;
+/// virtio-scsi targets 0..=255 on bus 0; each disk gets its own target, LUN 0.
+const MAX_SCSI_TARGET: u32 = 255;
+/// QEMU opens its QMP socket before the guest runs; a loaded host is slow.
+const QMP_SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Starts QEMU microvm guests. `state_root` holds shared state (the KVM probe
+/// cache and probe guests); each VM's own dir is `VmConfig::state_dir`.
+#[derive(Debug, Clone)]
+pub struct QemuHypervisor {
+    state_root: PathBuf,
+}
+
+impl QemuHypervisor {
+    pub fn new(state_root: impl Into<PathBuf>) -> Self {
+        Self { state_root: state_root.into() }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuHypervisor {
+    async fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {
+        let span = tracing::info_span!("vm", vm_id = %config.id);
+        Ok(Box::new(QemuVm::start(config, &self.state_root).instrument(span).await?))
+    }
+}
+
+/// A running QEMU. Dropping it kills QEMU and removes the state dir.
+pub struct QemuVm {
+    id: String,
+    pid: u32,
+    accel: Accel,
+    paths: StatePaths,
+    agent_endpoint: AgentEndpoint,
+    cleanup: Cleanup,
+    qmp: QmpClient,
+    exit: watch::Receiver<Option<VmExit>>,
+    scsi_targets: Mutex<BTreeSet<u32>>,
+}
+
+impl std::fmt::Debug for QemuVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuVm").field("id", &self.id).field("pid", &self.pid).field("accel", &self.accel).finish()
+    }
+}
+
+/// Everything a VM leaves on the host, released in `Drop` on every path:
+/// QEMU (SIGKILL through a pidfd, so a recycled PID is never hit) and the
+/// state dir.
+struct Cleanup {
+    state_dir: PathBuf,
+    qemu: Option<(OwnedFd, watch::Receiver<Option<VmExit>>)>,
+}
+
+impl Cleanup {
+    fn run(&mut self) {
+        if let Some((pidfd, exit)) = self.qemu.take() {
+            if exit.borrow().is_none() {
+                // ESRCH means it already died: nothing to do.
+                let _ = sys::pidfd_send_signal(&pidfd, libc::SIGKILL);
+            }
+        }
+        match fs::remove_dir_all(&self.state_dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::warn!(path = %self.state_dir.display(), %error, "cannot remove VM state dir"),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.run();
+    }
+}
+
+impl QemuVm {
+    async fn start(config: VmConfig, state_root: &Path) -> Result<Self, VmError> {
+        let started = Instant::now();
+        validate(&config)?;
+        let paths = StatePaths::new(&config.state_dir);
+        let tsc_khz = tokio::task::spawn_blocking(tsc::host_tsc_khz)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("TSC measurement panicked")))
+            .map_err(|source| VmError::TscFrequency { source })?;
+        let accel = accel::resolve(&config, state_root, tsc_khz).await;
+        if accel == Accel::Kvm {
+            fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .map_err(|source| VmError::KvmUnavailable { source })?;
+        }
+        let netns = match &config.netns {
+            Some(path) => {
+                Some(fs::File::open(path).map_err(|source| VmError::NetNs { path: path.clone(), source })?)
+            }
+            None => None,
+        };
+
+        match fs::create_dir(&config.state_dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(VmError::StateDirExists { path: config.state_dir.clone() });
+            }
+            Err(source) => return Err(VmError::StateDir { path: config.state_dir.clone(), source }),
+        }
+        let mut cleanup = Cleanup { state_dir: config.state_dir.clone(), qemu: None };
+
+        let stderr = fs::File::create(&paths.qemu_stderr)
+            .map_err(|source| VmError::StateDir { path: paths.qemu_stderr.clone(), source })?;
+        let mut command = tokio::process::Command::new(&config.qemu);
+        command
+            .args(qemu_args(&config, accel, tsc_khz, &paths))
+            .current_dir(&config.state_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .kill_on_drop(true);
+        sys::configure_child(&mut command, netns.as_ref().map(AsRawFd::as_raw_fd));
+        let mut child = command.spawn().map_err(|source| VmError::Spawn { qemu: config.qemu.clone(), source })?;
+        drop(netns);
+        let pid = child.id().unwrap_or_default();
+        // Until the child is reaped its PID cannot be reused, so this pidfd
+        // is QEMU's.
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(source) => {
+                let _ = child.start_kill();
+                return Err(VmError::Signal { pid, source });
+            }
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        cleanup.qemu = Some((pidfd, exit_rx.clone()));
+        let console_log = paths.console_log.clone();
+        tokio::spawn(
+            async move {
+                let status = child.wait().await;
+                let exit = exit_from(status.ok(), &console_log);
+                tracing::info!(%exit, "QEMU exited");
+                let _ = exit_tx.send(Some(exit));
+            }
+            .in_current_span(),
+        );
+
+        let qmp = match connect_qmp(&config.id, &paths, exit_rx.clone()).await {
+            Ok(qmp) => qmp,
+            Err(error) => {
+                cleanup.run();
+                return Err(error);
+            }
+        };
+        let agent_endpoint = match config.agent_channel {
+            AgentChannelKind::VirtioSerial => AgentEndpoint::VirtioSerial { socket: paths.agent_socket.clone() },
+            AgentChannelKind::Vsock { cid } => AgentEndpoint::Vsock { cid, port: AGENT_VSOCK_PORT },
+        };
+        tracing::info!(
+            pid,
+            %accel,
+            cpus = config.cpus,
+            memory_mib = config.memory_mib,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "VM started"
+        );
+        Ok(Self {
+            id: config.id,
+            pid,
+            accel,
+            paths,
+            agent_endpoint,
+            cleanup,
+            qmp,
+            exit: exit_rx,
+            scsi_targets: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    fn qmp_error(&self, source: QmpError) -> VmError {
+        VmError::Qmp { id: self.id.clone(), source }
+    }
+
+    fn targets(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
+        self.scsi_targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn exited(&self) -> Option<VmError> {
+        let exit = self.exit.borrow().clone()?;
+        Some(VmError::Exited { id: self.id.clone(), exit })
+    }
+}
+
+/// Checks the config before anything is spawned or created.
+fn validate(config: &VmConfig) -> Result<(), VmError> {
+    let id_ok = !config.id.is_empty()
+        && config.id.len() <= 64
+        && config.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !id_ok {
+        return Err(VmError::InvalidId { id: config.id.clone() });
+    }
+    if config.cpus == 0 {
+        return Err(VmError::NoCpus { id: config.id.clone() });
+    }
+    if config.memory_mib < MIN_MEMORY_MIB {
+        return Err(VmError::TooLittleMemory {
+            id: config.id.clone(),
+            memory_mib: config.memory_mib,
+            minimum: MIN_MEMORY_MIB,
+        });
+    }
+    for (what, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs), ("QEMU binary", &config.qemu)]
+    {
+        if !path.is_file() {
+            return Err(VmError::MissingFile { what, path: path.clone() });
+        }
+    }
+    if let AgentChannelKind::Vsock { .. } = config.agent_channel {
+        if !Path::new("/dev/vhost-vsock").exists() {
+            return Err(VmError::NoVhostVsock);
+        }
+    }
+    let paths = StatePaths::new(&config.state_dir);
+    for socket in [&paths.qmp_socket, &paths.agent_socket] {
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(VmError::SocketPathTooLong { path: socket.clone(), max: MAX_SOCKET_PATH });
+        }
+    }
+    Ok(())
+}
+
+fn exit_from(status: Option<std::process::ExitStatus>, console_log: &Path) -> VmExit {
+    use std::os::unix::process::ExitStatusExt;
+    VmExit {
+        code: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+        console_tail: console::tail(console_log, TAIL_LINES),
+    }
+}
+
+/// Waits for QEMU's QMP socket and negotiates, failing fast (with QEMU's
+/// stderr) if QEMU dies first.
+async fn connect_qmp(
+    id: &str,
+    paths: &StatePaths,
+    mut exit: watch::Receiver<Option<VmExit>>,
+) -> Result<QmpClient, VmError> {
+    let deadline = Instant::now() + QMP_SOCKET_TIMEOUT;
+    loop {
+        if let Some(exit) = exit.borrow().clone() {
+            let stderr = fs::read_to_string(&paths.qemu_stderr).unwrap_or_default().trim().to_owned();
+            return Err(VmError::StartupExit { id: id.to_owned(), exit, stderr });
+        }
+        if paths.qmp_socket.exists() {
+            match QmpClient::connect(&paths.qmp_socket).await {
+                Ok(client) => return Ok(client),
+                // QEMU may have bound but not yet listened; retry until the deadline.
+                Err(QmpError::Connect { .. }) => {}
+                Err(source) => {
+                    // The socket hung up during the handshake: QEMU likely died.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), exit.changed()).await;
+                    if exit.borrow().is_some() {
+                        continue;
+                    }
+                    return Err(VmError::Qmp { id: id.to_owned(), source });
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(VmError::QmpSocketTimeout { id: id.to_owned(), seconds: QMP_SOCKET_TIMEOUT.as_secs() });
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(10), exit.changed()).await;
+    }
+}
+
+fn node_name(addr: ScsiAddr) -> String {
+    format!("spry-disk-{}-{}", addr.target, addr.lun)
+}
+
+fn device_id(addr: ScsiAddr) -> String {
+    format!("spry-scsi-{}-{}", addr.target, addr.lun)
+}
+
+/// Waits until the watch holds an exit, up to `timeout`.
+async fn wait_exit(exit: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
+    let waited = match tokio::time::timeout(timeout, exit.wait_for(Option::is_some)).await {
+        Ok(Ok(published)) => published.clone(),
+        // The sender is gone only after it published the exit.
+        Ok(Err(_)) | Err(_) => None,
+    };
+    waited.or_else(|| exit.borrow().clone())
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.paths.console_log
+    }
+
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        self.agent_endpoint.clone()
+    }
+
+    async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError> {
+        if let Some(error) = self.exited() {
+            return Err(error);
+        }
+        // QEMU runs in the state dir: hand it an absolute path, and fail here
+        // with the file's name rather than in QMP.
+        let image = fs::canonicalize(image).map_err(|source| VmError::DiskImage { path: image.to_owned(), source })?;
+        if !image.is_file() {
+            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(VmError::DiskImage { path: image, source });
+        }
+        let addr = {
+            let mut targets = self.targets();
+            let target = (0..=MAX_SCSI_TARGET)
+                .find(|t| !targets.contains(t))
+                .ok_or_else(|| VmError::NoFreeScsiTarget { id: self.id.clone() })?;
+            targets.insert(target);
+            ScsiAddr { target, lun: 0 }
+        };
+        let started = Instant::now();
+        let node = node_name(addr);
+        let added = self
+            .qmp
+            .execute(
+                "blockdev-add",
+                Some(json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": read_only,
+                    "file": { "driver": "file", "filename": image, "read-only": read_only },
+                })),
+            )
+            .await;
+        if let Err(source) = added {
+            self.targets().remove(&addr.target);
+            return Err(self.qmp_error(source));
+        }
+        let device = self
+            .qmp
+            .execute(
+                "device_add",
+                Some(json!({
+                    "driver": "scsi-hd",
+                    "id": device_id(addr),
+                    "bus": SCSI_BUS,
+                    "drive": node,
+                    "scsi-id": addr.target,
+                    "lun": addr.lun,
+                })),
+            )
+            .await;
+        if let Err(source) = device {
+            let _ = self.qmp.execute("blockdev-del", Some(json!({ "node-name": node }))).await;
+            self.targets().remove(&addr.target);
+            return Err(self.qmp_error(source));
+        }
+        tracing::info!(
+            image = %image.display(),
+            target = addr.target,
+            lun = addr.lun,
+            read_only,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "disk hot-plugged"
+        );
+        Ok(addr)
+    }
+
+    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
+        if addr.lun != 0 || !self.targets().contains(&addr.target) {
+            return Err(VmError::UnknownDisk { id: self.id.clone(), addr });
+        }
+        if let Some(error) = self.exited() {
+            return Err(error);
+        }
+        let id = device_id(addr);
+        // Subscribe before asking, so the event cannot slip past.
+        let mut events = self.qmp.subscribe();
+        self.qmp.execute("device_del", Some(json!({ "id": id }))).await.map_err(|e| self.qmp_error(e))?;
+        let deleted = tokio::time::timeout(UNPLUG_TIMEOUT, async {
+            loop {
+                match events.recv().await {
+                    Ok(event) if event.event == "DEVICE_DELETED" && event.data["device"] == id.as_str() => {
+                        return true;
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        })
+        .await;
+        if deleted != Ok(true) {
+            return Err(VmError::UnplugTimeout { id: self.id.clone(), addr });
+        }
+        self.qmp
+            .execute("blockdev-del", Some(json!({ "node-name": node_name(addr) })))
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        self.targets().remove(&addr.target);
+        tracing::info!(target = addr.target, lun = addr.lun, "disk unplugged");
+        Ok(())
+    }
+
+    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        self.exit.clone()
+    }
+
+    async fn stop(&self, timeout: Duration) -> Result<VmExit, VmError> {
+        let mut exit = self.exit.clone();
+        let mut result = wait_exit(&mut exit, timeout).await;
+        if result.is_none() {
+            tracing::info!("VM did not exit on its own; asking QEMU to quit");
+            // The reply may never come: QEMU exits while answering.
+            let _ = tokio::time::timeout(QUIT_GRACE, self.qmp.execute("quit", None)).await;
+            result = wait_exit(&mut exit, QUIT_GRACE).await;
+        }
+        if result.is_none() {
+            tracing::warn!("QEMU ignored quit; killing it");
+            if let Some((pidfd, _)) = &self.cleanup.qemu {
+                sys::pidfd_send_signal(pidfd, libc::SIGKILL)
+                    .map_err(|source| VmError::Signal { pid: self.pid, source })?;
+            }
+            result = wait_exit(&mut exit, KILL_GRACE).await;
+        }
+        let exit = result.ok_or_else(|| VmError::StopTimeout { id: self.id.clone() })?;
+        match fs::remove_dir_all(&self.cleanup.state_dir) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(VmError::StateDir { path: self.cleanup.state_dir.clone(), source }),
+        }
+        Ok(exit)
+    }
+}
