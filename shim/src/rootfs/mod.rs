@@ -166,6 +166,8 @@ impl RootfsShare for ErofsBlockShare {
         for file in &attached.files {
             remove_file_quietly(file);
         }
+        // The work dir is per sandbox; it goes with its last image.
+        let _ = std::fs::remove_dir(&self.work_dir);
         result
     }
 }
