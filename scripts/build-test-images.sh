@@ -1,0 +1,175 @@
+#!/usr/bin/env bash
+# Builds Spry's OCI test images offline and pushes them to a local registry.
+#
+#   scripts/build-test-images.sh [--registry HOST:PORT] [--only NAME]... [--rebuild]
+#
+# Images (OCI layouts under build/images/<name>, tag "1"):
+#   busybox  busybox-static with a `busybox --install -s` style layout, plus /etc/passwd, /etc/group and
+#            /spry/hello.txt ("hello from spry busybox image"); 1 layer, ~1 MiB.
+#   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
+#            stdlib, /app/hello.py); a few hundred MiB. The debootstrap rootfs is cached in build/cache.
+#
+# Pushing: with --registry, pushes to that (plain-HTTP) registry as HOST:PORT/<name>:1. Without it, starts
+# a private docker-registry whose storage is build/registry-data and pushes there; the integration harness
+# serves that same directory, so tests never rebuild images.
+#
+# Sourcing scripts/lib/oci.sh gives other builders the same helpers (oci_write_image, oci_push, registry_start).
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+source "$SPRY_ROOT/scripts/lib/oci.sh"
+enable_error_trap
+
+BUILD_DIR=${SPRY_BUILD_DIR:-$SPRY_ROOT/build}
+IMAGES_DIR="$BUILD_DIR/images"
+CACHE_DIR="$BUILD_DIR/cache"
+REGISTRY_DATA="$BUILD_DIR/registry-data"
+DEBIAN_MIRROR=${SPRY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+IMAGE_TAG=1
+ALL_IMAGES=(busybox python)
+
+usage() {
+    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    exit "${1:-0}"
+}
+
+WORK=
+cleanup() {
+    registry_stop
+    [ -n "$WORK" ] && rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# An image is rebuilt only when its stamp (the recipe version) changes or --rebuild is given.
+BUSYBOX_RECIPE="busybox v1 $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo unknown)"
+PYTHON_RECIPE="python v2 bookworm minbase+python3,python3-pip,python3-numpy"
+
+image_is_current() {
+    local name=$1 recipe=$2
+    [ "$REBUILD" = 0 ] && [ -f "$IMAGES_DIR/$name/index.json" ] &&
+        [ "$(cat "$IMAGES_DIR/$name.stamp" 2>/dev/null)" = "$recipe" ]
+}
+
+build_busybox() {
+    if image_is_current busybox "$BUSYBOX_RECIPE"; then
+        log "busybox image is current"
+        return
+    fi
+    require_cmd busybox
+    local rootfs="$WORK/busybox-rootfs" applet
+    mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,root,proc,sys,dev,spry}
+    chmod 1777 "$rootfs/tmp"
+    cp "$(command -v busybox)" "$rootfs/bin/busybox"
+    # The layout `busybox --install -s` makes: one symlink per applet, at its canonical path.
+    for applet in $(busybox --list-full); do
+        [ "$applet" = bin/busybox ] && continue
+        mkdir -p "$rootfs/$(dirname "$applet")"
+        ln -sf /bin/busybox "$rootfs/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+    echo 'hello from spry busybox image' >"$rootfs/spry/hello.txt"
+    oci_tar_dir "$rootfs" "$WORK/busybox-layer.tar"
+    oci_write_image "$IMAGES_DIR/busybox" "$IMAGE_TAG" \
+        '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]}' \
+        "$WORK/busybox-layer.tar"
+    echo "$BUSYBOX_RECIPE" >"$IMAGES_DIR/busybox.stamp"
+}
+
+# The debootstrap rootfs tarball is the expensive part (network + ~2 min); made once per machine.
+debootstrap_tarball() {
+    local tarball="$CACHE_DIR/debootstrap-bookworm-minbase-python3-numpy-pip.tar"
+    if [ -f "$tarball" ]; then
+        echo "$tarball"
+        return
+    fi
+    require_cmd debootstrap
+    local target="$WORK/debootstrap"
+    log "debootstrap bookworm (minbase + python3, pip, numpy) from $DEBIAN_MIRROR"
+    debootstrap --variant=minbase --include=python3,python3-pip,python3-numpy bookworm "$target" "$DEBIAN_MIRROR" >"$WORK/debootstrap.log" 2>&1 ||
+        die "debootstrap failed; log: $(tail -20 "$WORK/debootstrap.log")"
+    # Package caches and device nodes don't belong in an image.
+    rm -rf "$target"/var/cache/apt/archives/*.deb "$target"/var/lib/apt/lists/* "$target"/dev/* \
+        "$target"/var/log/*.log "$target"/var/cache/debconf/*-old
+    mkdir -p "$CACHE_DIR"
+    oci_tar_dir "$target" "$tarball.tmp"
+    mv "$tarball.tmp" "$tarball"
+    rm -rf "$target"
+    echo "$tarball"
+}
+
+build_python() {
+    if image_is_current python "$PYTHON_RECIPE"; then
+        log "python image is current"
+        return
+    fi
+    local tarball rootfs="$WORK/python-rootfs"
+    tarball=$(debootstrap_tarball)
+    mkdir -p "$rootfs"
+    tar -C "$rootfs" --numeric-owner -xpf "$tarball"
+    local pystdlib
+    pystdlib=$(cd "$rootfs" && ls -d usr/lib/python3.* | head -1)
+    [ -n "$pystdlib" ] || die "no python stdlib found in the debootstrap rootfs ($tarball)"
+    # Three layers like a real application image: base OS, a big language runtime, then the app.
+    oci_tar_dir "$rootfs" "$WORK/python-1-base.tar" --exclude="./$pystdlib" .
+    oci_tar_dir "$rootfs" "$WORK/python-2-stdlib.tar" "./$pystdlib"
+    local app="$WORK/python-app"
+    mkdir -p "$app/app"
+    cat >"$app/app/hello.py" <<'EOF'
+import platform, sys
+print(f"hello from spry python image: python {platform.python_version()}")
+sys.exit(0)
+EOF
+    oci_tar_dir "$app" "$WORK/python-3-app.tar"
+    oci_write_image "$IMAGES_DIR/python" "$IMAGE_TAG" \
+        '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin","LANG=C.UTF-8"],"Cmd":["python3","/app/hello.py"],"WorkingDir":"/app"}' \
+        "$WORK/python-1-base.tar" "$WORK/python-2-stdlib.tar" "$WORK/python-3-app.tar"
+    rm -rf "$rootfs" "$app"
+    echo "$PYTHON_RECIPE" >"$IMAGES_DIR/python.stamp"
+}
+
+push_all() {
+    local registry=$1 name
+    for name in "${SELECTED[@]}"; do
+        oci_push "$IMAGES_DIR/$name" "$IMAGE_TAG" "$registry" "$name"
+    done
+}
+
+main() {
+    REBUILD=0
+    SELECTED=()
+    local registry=
+    while [ $# -gt 0 ]; do
+        case $1 in
+        --registry) registry=${2:?--registry needs HOST:PORT}; shift 2 ;;
+        --only) SELECTED+=("${2:?--only needs an image name}"); shift 2 ;;
+        --rebuild) REBUILD=1; shift ;;
+        -h | --help) usage 0 ;;
+        *) printf 'unknown argument: %s\n\n' "$1" >&2; usage 2 ;;
+        esac
+    done
+    [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL_IMAGES[@]}")
+    local name
+    for name in "${SELECTED[@]}"; do
+        case " ${ALL_IMAGES[*]} " in *" $name "*) ;; *) die "unknown image '$name' (known: ${ALL_IMAGES[*]})" ;; esac
+    done
+    require_root
+    require_cmd jq skopeo tar gzip sha256sum ss curl
+    mkdir -p "$IMAGES_DIR" "$CACHE_DIR"
+    WORK=$(mktemp -d "$BUILD_DIR/tmp.XXXXXX")
+    for name in "${SELECTED[@]}"; do
+        timed "image $name" "build_$name"
+    done
+    if [ -n "$registry" ]; then
+        timed "push to $registry" push_all "$registry"
+    else
+        registry_start "$REGISTRY_DATA"
+        timed "push to $SPRY_REGISTRY ($REGISTRY_DATA)" push_all "$SPRY_REGISTRY"
+        registry_stop
+    fi
+    for name in "${SELECTED[@]}"; do
+        printf '  %-10s %s  %s\n' "$name" "$(du -sh "$IMAGES_DIR/$name" | cut -f1)" "$IMAGES_DIR/$name" >&2
+    done
+    print_timings
+}
+
+main "$@"
