@@ -4,6 +4,7 @@
 #   scripts/build-test-images.sh [--registry HOST:PORT] [--only NAME]... [--rebuild]
 #
 # Images (OCI layouts under build/images/<name>, tag "1"):
+#   pause    the pod sandbox image (static /pause from scripts/lib/pause.c); containerd's sandbox image.
 #   busybox  busybox-static with a `busybox --install -s` style layout, plus /etc/passwd, /etc/group and
 #            /spry/hello.txt ("hello from spry busybox image"); 1 layer, ~1 MiB.
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
@@ -25,7 +26,7 @@ CACHE_DIR="$BUILD_DIR/cache"
 REGISTRY_DATA="$BUILD_DIR/registry-data"
 DEBIAN_MIRROR=${SPRY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_TAG=1
-ALL_IMAGES=(busybox python)
+ALL_IMAGES=(pause busybox python)
 
 usage() {
     sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
@@ -47,6 +48,23 @@ image_is_current() {
     local name=$1 recipe=$2
     [ "$REBUILD" = 0 ] && [ -f "$IMAGES_DIR/$name/index.json" ] &&
         [ "$(cat "$IMAGES_DIR/$name.stamp" 2>/dev/null)" = "$recipe" ]
+}
+
+PAUSE_RECIPE="pause v1 $(sha256sum "$SPRY_ROOT/scripts/lib/pause.c" | cut -c1-16)"
+
+build_pause() {
+    if image_is_current pause "$PAUSE_RECIPE"; then
+        log "pause image is current"
+        return
+    fi
+    require_cmd gcc
+    local rootfs="$WORK/pause-rootfs"
+    mkdir -p "$rootfs"
+    gcc -static -Os -s -o "$rootfs/pause" "$SPRY_ROOT/scripts/lib/pause.c"
+    oci_tar_dir "$rootfs" "$WORK/pause-layer.tar"
+    oci_write_image "$IMAGES_DIR/pause" "$IMAGE_TAG" '{"Entrypoint":["/pause"],"User":"65535:65535"}' \
+        "$WORK/pause-layer.tar"
+    echo "$PAUSE_RECIPE" >"$IMAGES_DIR/pause.stamp"
 }
 
 build_busybox() {

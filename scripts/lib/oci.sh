@@ -121,6 +121,7 @@ http:
   addr: 127.0.0.1:$port
 EOF
     logfile=$(mktemp --suffix=-registry.log)
+    SPRY_REGISTRY_FILES=("$conf" "$logfile")
     docker-registry serve "$conf" >"$logfile" 2>&1 &
     SPRY_REGISTRY_PID=$!
     SPRY_REGISTRY="127.0.0.1:$port"
@@ -142,5 +143,9 @@ registry_stop() {
         kill "$SPRY_REGISTRY_PID" 2>/dev/null || true
         wait "$SPRY_REGISTRY_PID" 2>/dev/null || true
         SPRY_REGISTRY_PID=
+    fi
+    if [ -n "${SPRY_REGISTRY_FILES+x}" ]; then
+        rm -f "${SPRY_REGISTRY_FILES[@]}"
+        unset SPRY_REGISTRY_FILES
     fi
 }
