@@ -1,0 +1,389 @@
+//! Runs libcontainer operations in a short-lived helper process (`spry-agent` re-executed).
+//!
+//! Why a separate process: libcontainer clones its intermediate and init processes from the
+//! calling process with raw `clone`, which does not run glibc's fork handlers. Doing that from
+//! the multi-threaded agent could leave a lock (malloc arena, stderr, tracing) held forever in
+//! the child. libcontainer also `waitpid`s its intermediate process and runs hooks with
+//! `std::process`, which would race with the agent's reaper. The helper is single-threaded, owns
+//! those children, and stays alive until the agent has registered the container process's pid
+//! with the reaper, so the process is reparented to the agent only afterwards.
+//!
+//! Protocol over a `SOCK_SEQPACKET` pair that is the helper's stdin: the agent sends one JSON
+//! [`HelperRequest`] with the stdio descriptors attached (`SCM_RIGHTS`), the helper answers with
+//! one JSON [`HelperReply`], then waits for the agent to close its end and exits.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::error::LibcontainerError;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
+    ControlMessageOwned, MsgFlags, SockFlag, SockType,
+};
+use nix::sys::time::TimeVal;
+use serde::{Deserialize, Serialize};
+
+use crate::reaper::{ExitWatch, Reaper};
+use crate::sys;
+
+/// The hidden subcommand that turns `spry-agent` into the helper.
+pub const HELPER_SUBCOMMAND: &str = "container-helper";
+/// How long a single libcontainer operation may take before the helper is killed.
+const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
+const MAX_MESSAGE: usize = 64 * 1024;
+
+/// One libcontainer operation.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HelperRequest {
+    /// OCI create from `bundle/config.json`; the stdio descriptors are attached unless a
+    /// console socket is given.
+    Create {
+        id: String,
+        state_root: PathBuf,
+        bundle: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
+    /// Starts another process (OCI Process JSON at `process_json`) in a running container.
+    Exec {
+        id: String,
+        state_root: PathBuf,
+        process_json: PathBuf,
+        console_socket: Option<PathBuf>,
+    },
+    /// OCI start.
+    Start { id: String, state_root: PathBuf },
+    /// OCI delete (forced): removes the cgroup and the state directory.
+    Delete { id: String, state_root: PathBuf },
+}
+
+/// What went wrong in the helper, as far as the caller needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The spec or process was rejected.
+    InvalidSpec,
+    /// The container is not in a state that allows the operation.
+    WrongState,
+    /// libcontainer has no state for the container.
+    NotFound,
+    /// Anything else.
+    Internal,
+}
+
+/// The helper's answer.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum HelperReply {
+    Done { pid: Option<i32> },
+    Failed { kind: FailureKind, message: String },
+}
+
+/// Errors of running the helper.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("failed to start the container helper")]
+    Spawn { source: std::io::Error },
+    #[error("failed to talk to the container helper")]
+    Channel { source: nix::Error },
+    #[error("the container helper sent an unreadable reply")]
+    BadReply { source: serde_json::Error },
+    #[error("the container helper exited without replying")]
+    NoReply,
+    #[error("{message}")]
+    Failed { kind: FailureKind, message: String },
+    #[error("the container helper task failed")]
+    Join { source: tokio::task::JoinError },
+}
+
+/// A successful helper run.
+pub struct HelperDone {
+    /// The new process (create/exec) and its exit watch, registered before the helper exited.
+    pub process: Option<(i32, ExitWatch)>,
+}
+
+/// Runs `request` in a helper process, handing it `fds` (stdin, stdout, stderr when given).
+pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDone, HelperError> {
+    let payload = serde_json::to_vec(request).expect("helper requests always serialize");
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|source| HelperError::Channel { source })?;
+    setsockopt(&ours, sockopt::ReceiveTimeout, &TimeVal::from(libc::timeval {
+        tv_sec: HELPER_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    }))
+    .map_err(|source| HelperError::Channel { source })?;
+    let exe = std::env::current_exe().map_err(|source| HelperError::Spawn { source })?;
+    let mut command = Command::new(exe);
+    command
+        .arg(HELPER_SUBCOMMAND)
+        .stdin(Stdio::from(theirs))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let (helper, mut helper_exit) = Reaper::global()
+        .spawn(&mut command)
+        .map_err(|source| HelperError::Spawn { source })?;
+    // `command` holds a copy of the helper's end; close it so a dying helper reads as EOF.
+    drop(command);
+    let helper_pid = helper.id() as i32;
+
+    let exchange = tokio::task::spawn_blocking(move || -> Result<_, HelperError> {
+        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+        let cmsgs = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+        sendmsg::<()>(ours.as_raw_fd(), &[IoSlice::new(&payload)], cmsgs, MsgFlags::empty(), None)
+            .map_err(|source| HelperError::Channel { source })?;
+        drop(fds);
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let received = {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            recvmsg::<()>(ours.as_raw_fd(), &mut iov, None, MsgFlags::empty())
+                .map_err(|source| HelperError::Channel { source })?
+                .bytes
+        };
+        if received == 0 {
+            return Err(HelperError::NoReply);
+        }
+        let reply: HelperReply = serde_json::from_slice(&buf[..received])
+            .map_err(|source| HelperError::BadReply { source })?;
+        let outcome = match reply {
+            HelperReply::Done { pid } => Ok(HelperDone {
+                // Register before releasing the helper: the process is reparented to us only
+                // when the helper exits.
+                process: pid.map(|pid| (pid, Reaper::global().watch(pid))),
+            }),
+            HelperReply::Failed { kind, message } => Err(HelperError::Failed { kind, message }),
+        };
+        drop(ours);
+        outcome
+    })
+    .await
+    .map_err(|source| HelperError::Join { source })?;
+
+    if let Err(HelperError::Channel { source }) = &exchange {
+        if *source == nix::errno::Errno::EAGAIN {
+            tracing::error!(helper_pid, "container helper timed out; killing it");
+        }
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(helper_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let exit = helper_exit.wait().await;
+    if exit.code != Some(0) {
+        tracing::warn!(helper_pid, code = ?exit.code, signal = ?exit.signal, "container helper ended abnormally");
+    }
+    exchange
+}
+
+/// The helper process's main: serves one request on stdin and exits.
+pub fn helper_main() -> i32 {
+    let control = std::io::stdin().as_fd().try_clone_to_owned();
+    let Ok(control) = control else {
+        return 2;
+    };
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut cmsg = nix::cmsg_space!([RawFd; 3]);
+    let (len, fds) = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = match recvmsg::<()>(
+            control.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => msg,
+            Err(err) => {
+                tracing::error!(error = %err, "container helper: no request");
+                return 2;
+            }
+        };
+        let mut fds = Vec::new();
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for cmsg in cmsgs {
+                if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                    fds.extend(sys::adopt_received_fds(&raw));
+                }
+            }
+        }
+        (msg.bytes, fds)
+    };
+    let reply = match serde_json::from_slice::<HelperRequest>(&buf[..len]) {
+        Ok(request) => execute(request, fds),
+        Err(err) => HelperReply::Failed {
+            kind: FailureKind::Internal,
+            message: format!("unreadable helper request: {err}"),
+        },
+    };
+    let payload = serde_json::to_vec(&reply).expect("helper replies always serialize");
+    if let Err(err) = sendmsg::<()>(
+        control.as_raw_fd(),
+        &[IoSlice::new(&payload)],
+        &[],
+        MsgFlags::empty(),
+        None,
+    ) {
+        tracing::error!(error = %err, "container helper: cannot reply");
+        return 2;
+    }
+    // Stay the parent of the new process until the agent has registered it.
+    let mut byte = [0u8; 1];
+    let mut iov = [IoSliceMut::new(&mut byte)];
+    let _ = recvmsg::<()>(control.as_raw_fd(), &mut iov, None, MsgFlags::empty());
+    0
+}
+
+fn execute(request: HelperRequest, fds: Vec<OwnedFd>) -> HelperReply {
+    let result = match request {
+        HelperRequest::Create {
+            id,
+            state_root,
+            bundle,
+            console_socket,
+        } => create(id, state_root, bundle, console_socket, fds).map(Some),
+        HelperRequest::Exec {
+            id,
+            state_root,
+            process_json,
+            console_socket,
+        } => exec(id, state_root, process_json, console_socket, fds).map(Some),
+        HelperRequest::Start { id, state_root } => Container::load(state_root.join(&id))
+            .and_then(|mut container| container.start())
+            .map(|()| None),
+        HelperRequest::Delete { id, state_root } => {
+            let dir = state_root.join(&id);
+            if dir.exists() {
+                Container::load(dir)
+                    .and_then(|mut container| container.delete(true))
+                    .map(|()| None)
+            } else {
+                Ok(None)
+            }
+        }
+    };
+    match result {
+        Ok(pid) => HelperReply::Done { pid },
+        Err(err) => HelperReply::Failed {
+            kind: classify(&err),
+            message: error_chain(&err),
+        },
+    }
+}
+
+fn with_stdio(mut builder: ContainerBuilder, fds: Vec<OwnedFd>) -> ContainerBuilder {
+    let mut fds = fds.into_iter();
+    if let (Some(stdin), Some(stdout), Some(stderr)) = (fds.next(), fds.next(), fds.next()) {
+        builder = builder
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr);
+    }
+    builder
+}
+
+fn create(
+    id: String,
+    state_root: PathBuf,
+    bundle: PathBuf,
+    console_socket: Option<PathBuf>,
+    fds: Vec<OwnedFd>,
+) -> Result<i32, LibcontainerError> {
+    let builder = ContainerBuilder::new(id, SyscallType::default())
+        .with_root_path(state_root)?
+        .with_console_socket(console_socket);
+    let container = with_stdio(builder, fds)
+        .as_init(bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()?;
+    container
+        .pid()
+        .map(|pid| pid.as_raw())
+        .ok_or(LibcontainerError::NoDirectory)
+}
+
+fn exec(
+    id: String,
+    state_root: PathBuf,
+    process_json: PathBuf,
+    console_socket: Option<PathBuf>,
+    fds: Vec<OwnedFd>,
+) -> Result<i32, LibcontainerError> {
+    let builder = ContainerBuilder::new(id, SyscallType::default())
+        .with_root_path(state_root)?
+        .with_console_socket(console_socket);
+    let pid = with_stdio(builder, fds)
+        .as_tenant()
+        .with_process(Some(process_json))
+        .with_detach(true)
+        .build()?;
+    Ok(pid.as_raw())
+}
+
+/// Decides the failure kind from libcontainer's typed error variants.
+fn classify(err: &LibcontainerError) -> FailureKind {
+    match err {
+        LibcontainerError::InvalidID(_)
+        | LibcontainerError::MissingSpec(_)
+        | LibcontainerError::InvalidSpec(_)
+        | LibcontainerError::InvalidInput(_)
+        | LibcontainerError::Spec(_) => FailureKind::InvalidSpec,
+        LibcontainerError::IncorrectStatus(_) => FailureKind::WrongState,
+        LibcontainerError::NoDirectory => FailureKind::NotFound,
+        _ => FailureKind::Internal,
+    }
+}
+
+/// The error and its sources, one sentence for a person.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_reject_unknown_fields() {
+        let request = HelperRequest::Start {
+            id: "c1".into(),
+            state_root: "/run/x".into(),
+        };
+        let json = serde_json::to_string(&request).unwrap();
+        assert!(matches!(
+            serde_json::from_str::<HelperRequest>(&json).unwrap(),
+            HelperRequest::Start { id, .. } if id == "c1"
+        ));
+        let bad = r#"{"Start":{"id":"c1","state_root":"/x","extra":1}}"#;
+        assert!(serde_json::from_str::<HelperRequest>(bad).is_err());
+    }
+
+    #[test]
+    fn libcontainer_errors_are_classified_by_variant() {
+        assert_eq!(
+            classify(&LibcontainerError::InvalidInput("x".into())),
+            FailureKind::InvalidSpec
+        );
+        assert_eq!(classify(&LibcontainerError::NoDirectory), FailureKind::NotFound);
+        assert_eq!(classify(&LibcontainerError::Exist), FailureKind::Internal);
+    }
+}

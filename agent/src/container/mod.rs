@@ -1,0 +1,577 @@
+//! The pod's containers: lifecycle through libcontainer (in a helper process), stdio, cgroups.
+
+mod cgroup;
+pub mod helper;
+mod process;
+pub mod spec;
+mod stdio;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use oci_spec::runtime::LinuxResources;
+use spry_proto::agent::{Rootfs, StdioConfig};
+use tokio::sync::{mpsc, Mutex};
+use tokio::task::AbortHandle;
+use tracing::Instrument;
+
+pub use cgroup::{CgroupError, CgroupStats};
+use cgroup::Cgroup;
+use helper::{FailureKind, HelperError, HelperRequest};
+pub use process::{ExitInfo, Process};
+use spec::{GuestSettings, SpecError};
+pub use stdio::StdioError;
+use stdio::ProcessIo;
+
+use crate::storage::{MountedRootfs, StorageError, StorageManager};
+
+/// How often each container's memory.events is checked for new OOM kills.
+const OOM_POLL: Duration = Duration::from_millis(100);
+/// How long teardown waits for killed processes to go away.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Exited execs kept per container for late WaitProcess/Read calls (the protocol has no
+/// "delete exec"); older ones are forgotten.
+const EXITED_EXECS_KEPT: usize = 128;
+const PTY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of container operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error("container {id} does not exist")]
+    NotFound { id: String },
+    #[error("process {exec_id} does not exist in container {id}")]
+    ExecNotFound { id: String, exec_id: String },
+    #[error("container {id} already exists")]
+    AlreadyExists { id: String },
+    #[error("process {exec_id} already exists in container {id}")]
+    ExecAlreadyExists { id: String, exec_id: String },
+    #[error("cannot {action} container {id}: it is {state}")]
+    WrongState {
+        id: String,
+        action: &'static str,
+        state: &'static str,
+    },
+    #[error("process {pid} has already exited")]
+    ProcessExited { pid: i32 },
+    #[error("invalid spec for container {id}")]
+    Spec { id: String, source: SpecError },
+    #[error("invalid resources for container {id}")]
+    Resources { id: String, source: serde_json::Error },
+    #[error("storage of container {id} failed")]
+    Storage { id: String, source: StorageError },
+    #[error("libcontainer failed for container {id}")]
+    Runtime { id: String, source: HelperError },
+    #[error("stdio of container {id} failed")]
+    Stdio { id: String, source: StdioError },
+    #[error("cgroup of container {id} failed")]
+    Cgroup { id: String, source: CgroupError },
+    #[error("failed to signal process {pid}")]
+    Signal { pid: i32, source: nix::Error },
+    #[error("I/O on {path} failed")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("timed out waiting for the pty of container {id}")]
+    PtyTimeout { id: String },
+    #[error("processes of container {id} survived SIGKILL")]
+    Unkillable { id: String },
+}
+
+impl ContainerError {
+    /// The libcontainer failure kind, when this is a helper failure.
+    pub fn runtime_kind(&self) -> Option<FailureKind> {
+        match self {
+            ContainerError::Runtime {
+                source: HelperError::Failed { kind, .. },
+                ..
+            } => Some(*kind),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+}
+
+/// One container.
+pub struct Container {
+    id: String,
+    dir: PathBuf,
+    cgroup: Cgroup,
+    rootfs: StdMutex<MountedRootfs>,
+    /// Mount destinations of the spec (their contents are unknown before they are mounted).
+    mount_destinations: Vec<PathBuf>,
+    init: Arc<Process>,
+    phase: StdMutex<Phase>,
+    execs: StdMutex<HashMap<String, Arc<Process>>>,
+    exited_execs: StdMutex<VecDeque<String>>,
+    oom_watch: AbortHandle,
+}
+
+impl Container {
+    fn state_name(&self) -> &'static str {
+        if self.init.exited().is_some() {
+            "stopped"
+        } else if *self.phase.lock().unwrap_or_else(|p| p.into_inner()) == Phase::Created {
+            "created"
+        } else {
+            "running"
+        }
+    }
+}
+
+/// Paths and roots the manager works with.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// `/run/spry` in the VM.
+    pub run_dir: PathBuf,
+    /// Root of the cgroup v2 hierarchy libcontainer uses (always /sys/fs/cgroup).
+    pub cgroup_root: PathBuf,
+}
+
+/// All containers of the pod.
+pub struct ContainerManager {
+    config: ManagerConfig,
+    storage: Arc<StorageManager>,
+    containers: Mutex<HashMap<String, Arc<Container>>>,
+    creating: StdMutex<HashSet<String>>,
+    oom_sender: mpsc::Sender<String>,
+    oom_receiver: Mutex<mpsc::Receiver<String>>,
+}
+
+impl ContainerManager {
+    pub fn new(config: ManagerConfig, storage: Arc<StorageManager>) -> Self {
+        let (oom_sender, oom_receiver) = mpsc::channel(256);
+        Self {
+            config,
+            storage,
+            containers: Mutex::default(),
+            creating: StdMutex::default(),
+            oom_sender,
+            oom_receiver: Mutex::new(oom_receiver),
+        }
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.config.run_dir.join("libcontainer")
+    }
+
+    fn cgroups_path(id: &str) -> PathBuf {
+        Path::new("/spry").join(id)
+    }
+
+    pub fn storage(&self) -> &StorageManager {
+        &self.storage
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Arc<Container>, ContainerError> {
+        self.containers
+            .lock()
+            .await
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ContainerError::NotFound { id: id.to_string() })
+    }
+
+    /// The init (empty `exec_id`) or an exec of a container.
+    pub async fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, ContainerError> {
+        let container = self.get(id).await?;
+        if exec_id.is_empty() {
+            return Ok(container.init.clone());
+        }
+        let execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
+        execs.get(exec_id).cloned().ok_or_else(|| ContainerError::ExecNotFound {
+            id: id.to_string(),
+            exec_id: exec_id.to_string(),
+        })
+    }
+
+    /// OCI create: mounts the rootfs and creates the init process, stopped before exec.
+    pub async fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &Rootfs,
+        stdio: &StdioConfig,
+        resolv_conf: Option<&Path>,
+    ) -> Result<(), ContainerError> {
+        spec::validate_id(id).map_err(|source| ContainerError::Spec { id: id.to_string(), source })?;
+        {
+            let containers = self.containers.lock().await;
+            let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
+            if containers.contains_key(id) || !creating.insert(id.to_string()) {
+                return Err(ContainerError::AlreadyExists { id: id.to_string() });
+            }
+        }
+        let span = tracing::info_span!("create", container = id);
+        let result = self.create_inner(id, spec_json, rootfs, stdio, resolv_conf).instrument(span).await;
+        self.creating.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let container = result?;
+        self.containers.lock().await.insert(id.to_string(), container);
+        Ok(())
+    }
+
+    async fn create_inner(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        rootfs: &Rootfs,
+        stdio: &StdioConfig,
+        resolv_conf: Option<&Path>,
+    ) -> Result<Arc<Container>, ContainerError> {
+        let dir = self.config.run_dir.join("containers").join(id);
+        std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io { path: dir.clone(), source })?;
+        let mut mounted = match self.storage.mount(id, rootfs).await {
+            Ok(mounted) => mounted,
+            Err(source) => {
+                remove_container_dir(&dir);
+                return Err(ContainerError::Storage { id: id.to_string(), source });
+            }
+        };
+        match self.create_process(id, &dir, &mounted, spec_json, stdio, resolv_conf).await {
+            Ok((init, mount_destinations)) => {
+                let cgroup = Cgroup::new(&self.config.cgroup_root, &Self::cgroups_path(id));
+                let oom_watch = tokio::spawn(watch_oom(id.to_string(), cgroup.clone(), self.oom_sender.clone()));
+                Ok(Arc::new(Container {
+                    id: id.to_string(),
+                    dir,
+                    cgroup,
+                    rootfs: StdMutex::new(mounted),
+                    mount_destinations,
+                    init,
+                    phase: StdMutex::new(Phase::Created),
+                    execs: StdMutex::default(),
+                    exited_execs: StdMutex::default(),
+                    oom_watch: oom_watch.abort_handle(),
+                }))
+            }
+            Err(err) => {
+                let _ = helper::run(&HelperRequest::Delete { id: id.to_string(), state_root: self.state_root() }, Vec::new()).await;
+                if let Err(unmount) = self.storage.unmount(&mut mounted) {
+                    tracing::error!(error = %unmount, "unmounting after a failed create");
+                }
+                remove_container_dir(&dir);
+                Err(err)
+            }
+        }
+    }
+
+    async fn create_process(
+        &self,
+        id: &str,
+        dir: &Path,
+        mounted: &MountedRootfs,
+        spec_json: &[u8],
+        stdio: &StdioConfig,
+        resolv_conf: Option<&Path>,
+    ) -> Result<(Arc<Process>, Vec<PathBuf>), ContainerError> {
+        let spec_err = |source| ContainerError::Spec { id: id.to_string(), source };
+        let cgroups_path = Self::cgroups_path(id);
+        let spec = spec::prepare_container_spec(
+            spec_json,
+            &GuestSettings {
+                rootfs: &mounted.rootfs,
+                readonly_rootfs: mounted.readonly,
+                terminal: stdio.terminal,
+                cgroups_path: &cgroups_path,
+                resolv_conf,
+            },
+        )
+        .map_err(spec_err)?;
+        let mount_destinations: Vec<PathBuf> = spec
+            .mounts()
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(|m| m.destination().clone())
+            .collect();
+        let process = spec.process().as_ref().ok_or(SpecError::NoProcess).map_err(spec_err)?;
+        spec::check_process(&mounted.rootfs, process, &mount_destinations).map_err(spec_err)?;
+        let bundle = dir.join("bundle");
+        std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Io { path: bundle.clone(), source })?;
+        let config_path = bundle.join("config.json");
+        let config = serde_json::to_vec(&spec).expect("a parsed spec serializes");
+        std::fs::write(&config_path, config).map_err(|source| ContainerError::Io { path: config_path, source })?;
+
+        let cgroup = Cgroup::new(&self.config.cgroup_root, &cgroups_path);
+        let init = self
+            .spawn_with_stdio(id, dir, "init", stdio, cgroup, |console_socket| HelperRequest::Create {
+                id: id.to_string(),
+                state_root: self.state_root(),
+                bundle: bundle.clone(),
+                console_socket,
+            })
+            .await?;
+        Ok((init, mount_destinations))
+    }
+
+    /// Prepares stdio, runs the helper request built by `request` (given the console socket
+    /// path for terminals) and tracks the resulting process.
+    async fn spawn_with_stdio(
+        &self,
+        id: &str,
+        dir: &Path,
+        name: &str,
+        stdio: &StdioConfig,
+        cgroup: Cgroup,
+        request: impl FnOnce(Option<PathBuf>) -> HelperRequest,
+    ) -> Result<Arc<Process>, ContainerError> {
+        let stdio_err = |source| ContainerError::Stdio { id: id.to_string(), source };
+        let runtime_err = |source| ContainerError::Runtime { id: id.to_string(), source };
+        if stdio.terminal {
+            let socket_path = dir.join(format!("{name}.console.sock"));
+            let listener = stdio::bind_console_socket(&socket_path).map_err(stdio_err)?;
+            let pty = tokio::spawn(stdio::receive_pty_master(listener));
+            let outcome = helper::run(&request(Some(socket_path.clone())), Vec::new()).await;
+            let _ = std::fs::remove_file(&socket_path);
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(err) => {
+                    pty.abort();
+                    return Err(runtime_err(err));
+                }
+            };
+            let (pid, exit) = outcome.process.expect("create and exec report a pid");
+            let master = match tokio::time::timeout(PTY_TIMEOUT, pty).await {
+                Ok(Ok(Ok(master))) => master,
+                Ok(Ok(Err(err))) => return Err(stdio_err(err)),
+                _ => return Err(ContainerError::PtyTimeout { id: id.to_string() }),
+            };
+            let rows = u16::try_from(stdio.rows).unwrap_or(u16::MAX);
+            let cols = u16::try_from(stdio.cols).unwrap_or(u16::MAX);
+            let io = ProcessIo::from_terminal(master, rows, cols, stdio.stdin).map_err(stdio_err)?;
+            Ok(Process::track(pid, io, exit, cgroup))
+        } else {
+            let (pending, child_fds) = stdio::pipes(stdio.stdin).map_err(stdio_err)?;
+            let outcome = helper::run(&request(None), child_fds).await.map_err(runtime_err)?;
+            let (pid, exit) = outcome.process.expect("create and exec report a pid");
+            let io = ProcessIo::from_pipes(pending).map_err(stdio_err)?;
+            Ok(Process::track(pid, io, exit, cgroup))
+        }
+    }
+
+    /// OCI start.
+    pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        if container.state_name() != "created" {
+            return Err(ContainerError::WrongState { id: id.to_string(), action: "start", state: container.state_name() });
+        }
+        helper::run(&HelperRequest::Start { id: id.to_string(), state_root: self.state_root() }, Vec::new())
+            .await
+            .map_err(|source| ContainerError::Runtime { id: id.to_string(), source })?;
+        *container.phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Running;
+        Ok(())
+    }
+
+    /// OCI exec: starts another process in a running container.
+    pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioConfig) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        let spec_err = |source| ContainerError::Spec { id: id.to_string(), source };
+        spec::validate_id(exec_id).map_err(spec_err)?;
+        if container.state_name() != "running" {
+            return Err(ContainerError::WrongState { id: id.to_string(), action: "exec in", state: container.state_name() });
+        }
+        let process = spec::prepare_exec_process(process_json, stdio.terminal).map_err(spec_err)?;
+        let container_root = PathBuf::from(format!("/proc/{}/root", container.init.pid));
+        spec::check_process(&container_root, &process, &container.mount_destinations).map_err(spec_err)?;
+        {
+            let execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if execs.contains_key(exec_id) {
+                return Err(ContainerError::ExecAlreadyExists { id: id.to_string(), exec_id: exec_id.to_string() });
+            }
+        }
+        let process_path = container.dir.join(format!("exec-{exec_id}.json"));
+        let json = serde_json::to_vec(&process).expect("a parsed process serializes");
+        std::fs::write(&process_path, json).map_err(|source| ContainerError::Io { path: process_path.clone(), source })?;
+        let name = format!("exec-{exec_id}");
+        let result = self
+            .spawn_with_stdio(id, &container.dir, &name, stdio, container.cgroup.clone(), |console_socket| HelperRequest::Exec {
+                id: id.to_string(),
+                state_root: self.state_root(),
+                process_json: process_path.clone(),
+                console_socket,
+            })
+            .await;
+        let _ = std::fs::remove_file(&process_path);
+        let process = result?;
+        let mut execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
+        if execs.contains_key(exec_id) {
+            // A concurrent exec with the same id won; ours still runs and is tracked by the reaper.
+            return Err(ContainerError::ExecAlreadyExists { id: id.to_string(), exec_id: exec_id.to_string() });
+        }
+        execs.insert(exec_id.to_string(), process.clone());
+        drop(execs);
+        tokio::spawn(forget_exec_later(container.clone(), exec_id.to_string(), process));
+        Ok(())
+    }
+
+    /// Signals one process, or every process of the container with `all`.
+    pub async fn signal(&self, id: &str, exec_id: &str, signal: Signal, all: bool) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        let process = self.process(id, exec_id).await?;
+        if all {
+            container.cgroup.signal_all(signal).map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })?;
+            let _ = process.signal(signal);
+            return Ok(());
+        }
+        match process.signal(signal) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ContainerError::ProcessExited { pid: process.pid }),
+            Err(source) => Err(ContainerError::Signal { pid: process.pid, source }),
+        }
+    }
+
+    pub async fn stats(&self, id: &str) -> Result<CgroupStats, ContainerError> {
+        let container = self.get(id).await?;
+        container.cgroup.stats().map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+    }
+
+    pub async fn pids(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
+        let container = self.get(id).await?;
+        container.cgroup.pids().map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+    }
+
+    /// Applies OCI LinuxResources JSON to the container's cgroup.
+    pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        let resources: LinuxResources = serde_json::from_slice(resources_json)
+            .map_err(|source| ContainerError::Resources { id: id.to_string(), source })?;
+        container.cgroup.apply(&resources).map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+    }
+
+    /// Removes a stopped container: its cgroup, libcontainer state, storage and directory.
+    pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
+        let container = self.get(id).await?;
+        if container.init.exited().is_none() {
+            return Err(ContainerError::WrongState { id: id.to_string(), action: "remove", state: container.state_name() });
+        }
+        let container = {
+            let mut containers = self.containers.lock().await;
+            match containers.remove(id) {
+                Some(container) => container,
+                None => return Err(ContainerError::NotFound { id: id.to_string() }),
+            }
+        };
+        let result = self.teardown(&container).await;
+        if result.is_err() {
+            // Keep it visible so the host can retry the removal.
+            self.containers.lock().await.insert(id.to_string(), container);
+        }
+        result
+    }
+
+    async fn teardown(&self, container: &Container) -> Result<(), ContainerError> {
+        let id = &container.id;
+        // Without a pid namespace, processes can outlive the init: kill whatever is left.
+        kill_and_wait(container).await?;
+        helper::run(&HelperRequest::Delete { id: id.clone(), state_root: self.state_root() }, Vec::new())
+            .await
+            .map_err(|source| ContainerError::Runtime { id: id.clone(), source })?;
+        container.oom_watch.abort();
+        {
+            let mut rootfs = container.rootfs.lock().unwrap_or_else(|p| p.into_inner());
+            self.storage
+                .unmount(&mut rootfs)
+                .map_err(|source| ContainerError::Storage { id: id.clone(), source })?;
+        }
+        remove_container_dir(&container.dir);
+        Ok(())
+    }
+
+    /// Kills every container and removes it (DestroySandbox, Shutdown). Reports the first
+    /// failure after trying all.
+    pub async fn destroy_all(&self) -> Result<(), ContainerError> {
+        let containers: Vec<Arc<Container>> = self.containers.lock().await.drain().map(|(_, c)| c).collect();
+        let mut first_error = None;
+        for container in containers {
+            let _ = container.init.signal(Signal::SIGKILL);
+            if let Err(err) = self.teardown(&container).await {
+                tracing::error!(container = %container.id, error = %err, "destroying container");
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The next OOM kill in any container (long poll).
+    pub async fn next_oom_event(&self) -> Option<String> {
+        self.oom_receiver.lock().await.recv().await
+    }
+}
+
+/// SIGKILLs everything in the container's cgroup and waits for the init and the cgroup to
+/// empty.
+async fn kill_and_wait(container: &Container) -> Result<(), ContainerError> {
+    let id = &container.id;
+    let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+    loop {
+        let _ = container.init.signal(Signal::SIGKILL);
+        let pids = container.cgroup.pids().map_err(|source| ContainerError::Cgroup { id: id.clone(), source })?;
+        if pids.is_empty() && container.init.exited().is_some() {
+            return Ok(());
+        }
+        container
+            .cgroup
+            .signal_all(Signal::SIGKILL)
+            .map_err(|source| ContainerError::Cgroup { id: id.clone(), source })?;
+        if tokio::time::Instant::now() > deadline {
+            return Err(ContainerError::Unkillable { id: id.clone() });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Once an exec has exited, remembers it among the last [`EXITED_EXECS_KEPT`] and forgets
+/// older ones.
+async fn forget_exec_later(container: Arc<Container>, exec_id: String, process: Arc<Process>) {
+    process.wait().await;
+    let mut exited = container.exited_execs.lock().unwrap_or_else(|p| p.into_inner());
+    exited.push_back(exec_id);
+    while exited.len() > EXITED_EXECS_KEPT {
+        if let Some(old) = exited.pop_front() {
+            container.execs.lock().unwrap_or_else(|p| p.into_inner()).remove(&old);
+        }
+    }
+}
+
+/// Reports each new OOM kill in the container's memory cgroup.
+async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
+    let mut seen = cgroup.oom_kills().unwrap_or(0);
+    loop {
+        tokio::time::sleep(OOM_POLL).await;
+        let Ok(now) = cgroup.oom_kills() else { continue };
+        if now > seen {
+            tracing::info!(container = %id, oom_kills = now, "container hit its memory limit");
+            for _ in seen..now {
+                if events.try_send(id.clone()).is_err() {
+                    tracing::warn!(container = %id, "OOM event queue full; dropping an event");
+                }
+            }
+            seen = now;
+        }
+    }
+}
+
+/// Removes the agent's files in a container directory, then the directory (never recursively:
+/// a mount that failed to come off must not lose its contents).
+fn remove_container_dir(dir: &Path) {
+    let bundle = dir.join("bundle");
+    let _ = std::fs::remove_file(bundle.join("config.json"));
+    let _ = std::fs::remove_dir(&bundle);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if let Err(err) = std::fs::remove_dir(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %err, "container directory left behind");
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Spry's in-guest agent: PID 1 of the pod VM. It serves the `spry.agent.v1.Agent` ttrpc API
+//! (see `proto/agent.proto`) and runs the pod's containers with youki's libcontainer.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod channel;
+pub mod container;
+pub mod init;
+pub mod reaper;
+pub mod sandbox;
+pub mod server;
+pub mod service;
+pub mod storage;
+mod sys;
+
+/// An error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}

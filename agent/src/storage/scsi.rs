@@ -1,0 +1,154 @@
+//! Finding a hot-plugged virtio-scsi disk by its SCSI address.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::StorageError;
+
+/// How long to wait for a hot-plugged disk to show up.
+const DISK_TIMEOUT: Duration = Duration::from_secs(5);
+/// When to ask the SCSI hosts to rescan if the disk has not appeared.
+const RESCAN_AFTER: Duration = Duration::from_millis(500);
+const POLL: Duration = Duration::from_millis(20);
+
+/// Where the kernel publishes SCSI devices and hosts (overridable for tests).
+#[derive(Debug, Clone)]
+pub struct SysfsPaths {
+    pub scsi_devices: PathBuf,
+    pub scsi_hosts: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl Default for SysfsPaths {
+    fn default() -> Self {
+        Self {
+            scsi_devices: "/sys/bus/scsi/devices".into(),
+            scsi_hosts: "/sys/class/scsi_host".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+/// The block device name (`sdX`) of the disk at `<host>:0:<target>:<lun>`, if present.
+pub fn find_block_device(paths: &SysfsPaths, target: u32, lun: u32) -> Option<String> {
+    let suffix = format!(":0:{target}:{lun}");
+    let entries = std::fs::read_dir(&paths.scsi_devices).ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Some(host) = name.strip_suffix(&suffix) else {
+            continue;
+        };
+        if host.is_empty() || !host.chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        if let Some(block) = std::fs::read_dir(entry.path().join("block"))
+            .ok()
+            .and_then(|mut blocks| blocks.next())
+            .and_then(|b| b.ok())
+        {
+            return Some(block.file_name().to_string_lossy().into_owned());
+        }
+    }
+    None
+}
+
+fn rescan(paths: &SysfsPaths) {
+    let Ok(hosts) = std::fs::read_dir(&paths.scsi_hosts) else {
+        return;
+    };
+    for host in hosts.flatten() {
+        let scan = host.path().join("scan");
+        if let Err(err) = std::fs::write(&scan, "- - -") {
+            tracing::debug!(path = %scan.display(), error = %err, "SCSI rescan failed");
+        }
+    }
+}
+
+/// Waits for the disk at `target:lun` and returns its device node, creating it when devtmpfs
+/// has not.
+pub async fn wait_for_disk(paths: &SysfsPaths, target: u32, lun: u32) -> Result<PathBuf, StorageError> {
+    let started = Instant::now();
+    let mut rescanned = false;
+    let name = loop {
+        if let Some(name) = find_block_device(paths, target, lun) {
+            break name;
+        }
+        if started.elapsed() > DISK_TIMEOUT {
+            return Err(StorageError::DiskNotFound {
+                target,
+                lun,
+                waited: DISK_TIMEOUT,
+            });
+        }
+        if !rescanned && started.elapsed() > RESCAN_AFTER {
+            rescan(paths);
+            rescanned = true;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    let node = paths.dev.join(&name);
+    while !node.exists() && started.elapsed() < DISK_TIMEOUT {
+        tokio::time::sleep(POLL).await;
+    }
+    if !node.exists() {
+        make_node(&name, &node)?;
+    }
+    Ok(node)
+}
+
+fn make_node(name: &str, node: &Path) -> Result<(), StorageError> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let dev_file = Path::new("/sys/class/block").join(name).join("dev");
+    let text = std::fs::read_to_string(&dev_file).map_err(|source| StorageError::Io {
+        path: dev_file.clone(),
+        source,
+    })?;
+    let (major, minor) = text
+        .trim()
+        .split_once(':')
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+        .ok_or_else(|| StorageError::BadDeviceNumber {
+            path: dev_file.clone(),
+            value: text.trim().to_string(),
+        })?;
+    mknod(node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(major, minor)).map_err(
+        |source| StorageError::Mknod {
+            path: node.to_path_buf(),
+            source,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_disk_by_target_and_lun_on_any_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SysfsPaths {
+            scsi_devices: dir.path().join("devices"),
+            scsi_hosts: dir.path().join("hosts"),
+            dev: dir.path().join("dev"),
+        };
+        std::fs::create_dir_all(paths.scsi_devices.join("0:0:1:0/block/sda")).unwrap();
+        std::fs::create_dir_all(paths.scsi_devices.join("2:0:3:1/block/sdc")).unwrap();
+        std::fs::create_dir_all(paths.scsi_devices.join("host2")).unwrap();
+        assert_eq!(find_block_device(&paths, 3, 1).as_deref(), Some("sdc"));
+        assert_eq!(find_block_device(&paths, 1, 0).as_deref(), Some("sda"));
+        assert_eq!(find_block_device(&paths, 13, 1), None);
+    }
+
+    #[tokio::test]
+    async fn a_missing_disk_times_out_with_its_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SysfsPaths {
+            scsi_devices: dir.path().join("devices"),
+            scsi_hosts: dir.path().join("hosts"),
+            dev: dir.path().join("dev"),
+        };
+        let err = wait_for_disk(&paths, 4, 2).await.unwrap_err();
+        assert!(matches!(err, StorageError::DiskNotFound { target: 4, lun: 2, .. }));
+    }
+}

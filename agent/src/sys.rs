@@ -1,0 +1,65 @@
+//! The agent's only home for `unsafe`: raw ioctls and adopting received file descriptors.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])` from `<linux/random.h>`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+/// Mixes `data` into the kernel RNG behind `random` (an open `/dev/random`) and credits
+/// `8 * data.len()` bits of entropy (requires CAP_SYS_ADMIN).
+pub fn add_entropy(random: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
+    let Ok(len) = libc::c_int::try_from(data.len()) else {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    };
+    let bits = len.saturating_mul(8);
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut request = Vec::with_capacity(8 + data.len() + 4);
+    request.extend_from_slice(&bits.to_ne_bytes());
+    request.extend_from_slice(&len.to_ne_bytes());
+    request.extend_from_slice(data);
+    // `buf` is declared as __u32[]: pad so the kernel never reads past our allocation.
+    request.resize(request.len().next_multiple_of(4), 0);
+    // SAFETY: `request` is a live, correctly laid out `rand_pool_info` whose `buf_size` matches
+    // the bytes that follow the header; the kernel only reads from it during the call.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, request.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the window size of the terminal behind `tty` (a pty master or slave).
+pub fn set_window_size(tty: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which points at a live local.
+    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size as *const libc::winsize) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Takes ownership of descriptors the kernel just installed in this process through an
+/// `SCM_RIGHTS` message.
+pub fn adopt_received_fds(fds: &[RawFd]) -> Vec<OwnedFd> {
+    fds.iter()
+        .map(|&fd| {
+            // SAFETY: the kernel created each descriptor for this process while receiving the
+            // message; nothing else owns them, so each is adopted exactly once here.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
+}
+
+/// Registers an owned descriptor with the tokio reactor.
+pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: `OwnedFd` owns a valid open descriptor, and the `AsyncFd` takes ownership of it:
+    // nothing can close or replace the descriptor while it stays registered.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
+}
