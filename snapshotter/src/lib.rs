@@ -10,3 +10,6 @@ pub mod fs;
 #[cfg(test)]
 mod testutil;
 mod sys;
+pub mod config;
+pub mod service;
+pub mod warm;

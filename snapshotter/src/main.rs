@@ -1,1 +1,150 @@
-fn main() {}
+//! `spry-snapshotter`: serve the snapshots API, convert images, warm caches.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spry_snapshotter::{
+    cache::ChunkCache,
+    config::Config,
+    convert::{convert_image, ImageSource, LayerConvertOptions},
+    estargz::DEFAULT_CHUNK_SIZE,
+    registry::{Reference, RegistryClient},
+    service::SprySnapshotter,
+    warm::{warm_image, WarmScope},
+};
+
+#[derive(Parser)]
+#[command(version, about = "Spry's lazy-pulling containerd snapshotter")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the containerd snapshots API on the configured socket.
+    Serve {
+        #[arg(long)]
+        root: Option<PathBuf>,
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+    /// Convert an image to eStargz and push it.
+    Convert {
+        /// Source: a registry reference, or `oci:DIR[:TAG]` for an OCI layout.
+        source: String,
+        /// Target registry reference.
+        target: String,
+        /// File listing paths to prioritize (prefetch), one per line.
+        #[arg(long)]
+        prioritized_files: Option<PathBuf>,
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        chunk_size: u64,
+    },
+    /// Fetch an image's prioritized files (or all) into the chunk cache.
+    Warm {
+        image: String,
+        /// Fetch every file, not only the prioritized ones.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SPRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(cli.command, config))
+}
+
+async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve { root, socket } => {
+            config.root = root.unwrap_or(config.root);
+            config.socket = socket.unwrap_or(config.socket);
+            serve(config).await
+        }
+        Command::Convert { source, target, prioritized_files, chunk_size } => {
+            let client = RegistryClient::new(config.registry.clone());
+            let source = match source.strip_prefix("oci:") {
+                Some(rest) => {
+                    let (dir, tag) = match rest.rsplit_once(':') {
+                        Some((d, t)) if !t.contains('/') => (d, Some(t.to_string())),
+                        _ => (rest, None),
+                    };
+                    ImageSource::Layout { dir: PathBuf::from(dir), tag }
+                }
+                None => ImageSource::Registry(Reference::parse(&source)?),
+            };
+            let prioritized = match prioritized_files {
+                Some(path) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(String::from)
+                    .collect(),
+                None => Vec::new(),
+            };
+            let opts = LayerConvertOptions { chunk_size, prioritized };
+            let target = Reference::parse(&target)?;
+            let converted = convert_image(&client, &source, &target, &opts, &mut |line| eprintln!("{line}")).await?;
+            println!("{}", serde_json::to_string_pretty(&converted)?);
+            Ok(())
+        }
+        Command::Warm { image, all } => {
+            let client = Arc::new(RegistryClient::new(config.registry.clone()));
+            let cache = Arc::new(ChunkCache::open(&config.root.join("cache"))?);
+            let scope = if all { WarmScope::All } else { WarmScope::Prioritized };
+            let image = Reference::parse(&image)?;
+            let report = warm_image(client, cache, &image, scope, Arc::new(|line| eprintln!("{line}"))).await?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(())
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let snapshotter = SprySnapshotter::open(&config).await?;
+    if let Some(dir) = config.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::remove_file(&config.socket) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing stale socket {}", config.socket.display()))
+        }
+        _ => {}
+    }
+    let listener = tokio::net::UnixListener::bind(&config.socket)
+        .with_context(|| format!("binding {}", config.socket.display()))?;
+    tracing::info!(socket = %config.socket.display(), root = %config.root.display(), "serving snapshots API");
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    let result = tonic::transport::Server::builder()
+        .add_service(containerd_snapshots::server(snapshotter.clone()))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    let snap = snapshotter.clone();
+    tokio::task::spawn_blocking(move || snap.shutdown()).await?;
+    result.context("gRPC server failed")
+}

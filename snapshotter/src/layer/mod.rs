@@ -4,7 +4,7 @@
 
 mod fetch;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ pub enum LayerError {
     Verify { digest: String, source: EstargzError },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("background fetch was cancelled")]
+    Cancelled,
     #[error("file entry {index} does not exist in the layer")]
     NoSuchEntry { index: usize },
 }
@@ -65,6 +67,7 @@ pub struct RemoteLayer {
     cache: Arc<ChunkCache>,
     retry: RetryPolicy,
     stats: LayerStats,
+    cancelled: AtomicBool,
 }
 
 // Batches for background fetching: large enough to amortize a request,
@@ -86,6 +89,7 @@ impl RemoteLayer {
             cache,
             retry,
             stats: LayerStats::default(),
+            cancelled: AtomicBool::new(false),
         };
         layer.load_index(toc_digest)
     }
@@ -192,6 +196,9 @@ impl RemoteLayer {
         let mut fetched = 0;
         let mut batch: Vec<ChunkRef> = Vec::new();
         for chunk in all {
+            if self.cancelled.load(Ordering::Relaxed) {
+                return Err(LayerError::Cancelled);
+            }
             if self.cache.contains(&chunk.digest) {
                 done += chunk.size;
                 continue;
@@ -212,6 +219,11 @@ impl RemoteLayer {
         done += batch.iter().map(|c| c.size).sum::<u64>();
         progress(done, total);
         Ok(fetched)
+    }
+
+    /// Stops a running [`Self::fetch_all`] at the next chunk.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
     }
 
     /// Whether every chunk of the layer is cached.

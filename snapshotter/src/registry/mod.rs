@@ -105,3 +105,6 @@ impl RegistryConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -100,3 +100,5 @@ pub fn build(prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput, Ve
     (blob, out, tar, files)
 }
 
+
+pub mod registry;

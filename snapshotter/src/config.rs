@@ -1,0 +1,145 @@
+//! `spry-snapshotter` configuration (TOML), validated at load.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::registry::RegistryConfig;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read config {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is invalid")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("config {path}: {field} must be {requirement}")]
+    Invalid { path: PathBuf, field: &'static str, requirement: &'static str },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// State directory: metadata, snapshots, chunk cache.
+    #[serde(default = "default_root")]
+    pub root: PathBuf,
+    /// gRPC socket containerd's `proxy_plugins` points at.
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub lazy: LazyConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// Lazy-pulling behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LazyConfig {
+    /// Mount eStargz layers lazily at all (false: every layer is pulled normally).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Fetch the files before `.prefetch.landmark` right after mounting.
+    #[serde(default = "yes")]
+    pub prefetch: bool,
+    /// Fetch the rest of each layer in the background.
+    #[serde(default = "yes")]
+    pub background_fetch: bool,
+    /// Attempts per range request before a read fails with EIO.
+    #[serde(default = "default_attempts")]
+    pub fetch_attempts: u32,
+    /// Backoff between attempts (multiplied by the attempt number).
+    #[serde(default = "default_backoff_ms")]
+    pub fetch_backoff_ms: u64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_root() -> PathBuf {
+    PathBuf::from("/var/lib/spry-snapshotter")
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from("/run/spry-snapshotter/snapshotter.sock")
+}
+
+impl Default for LazyConfig {
+    fn default() -> Self {
+        LazyConfig {
+            enabled: true,
+            prefetch: true,
+            background_fetch: true,
+            fetch_attempts: default_attempts(),
+            fetch_backoff_ms: default_backoff_ms(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            root: default_root(),
+            socket: default_socket(),
+            lazy: LazyConfig::default(),
+            registry: RegistryConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, requirement| ConfigError::Invalid { path: path.to_path_buf(), field, requirement };
+        if !self.root.is_absolute() {
+            return Err(invalid("root", "an absolute path"));
+        }
+        if !self.socket.is_absolute() {
+            return Err(invalid("socket", "an absolute path"));
+        }
+        if self.lazy.fetch_attempts == 0 || self.lazy.fetch_attempts > 20 {
+            return Err(invalid("lazy.fetch_attempts", "between 1 and 20"));
+        }
+        if self.registry.request_timeout_ms == 0 {
+            return Err(invalid("registry.request_timeout_ms", "positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn loads_and_validates() {
+        let c = load(
+            "root = \"/tmp/x\"\n[lazy]\nprefetch = false\n[registry.hosts.\"127.0.0.1:5000\"]\ninsecure = true\n",
+        )
+        .unwrap();
+        assert!(!c.lazy.prefetch);
+        assert!(c.registry.hosts["127.0.0.1:5000"].insecure);
+        assert!(matches!(load("rooot = \"/x\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(load("root = \"rel\""), Err(ConfigError::Invalid { field: "root", .. })));
+    }
+}

@@ -1,0 +1,415 @@
+//! The containerd snapshots service: overlayfs semantics for ordinary
+//! layers, remote (lazily fetched) snapshots for eStargz layers.
+
+mod error;
+mod filter;
+mod mounts;
+pub mod remote;
+pub mod store;
+mod usage;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use containerd_snapshots::{api::types::Mount, Info, Kind, Snapshotter, Usage};
+use tokio::sync::Mutex;
+
+pub use error::ServiceError;
+use filter::Filters;
+use remote::{remote_request, RemoteLayers};
+use store::{system_time, timestamp, Record, SnapshotKind, Store};
+
+use crate::cache::ChunkCache;
+use crate::config::Config;
+use crate::fs::error_chain;
+use crate::registry::RegistryClient;
+
+/// Errors starting the service.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("failed to create state directory {path}")]
+    Root { path: PathBuf, source: std::io::Error },
+    #[error("failed to load snapshot metadata")]
+    Store(#[from] store::StoreError),
+    #[error("failed to open the chunk cache")]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+/// Spry's snapshotter.
+pub struct SprySnapshotter {
+    root: PathBuf,
+    store: Mutex<Store>,
+    remote: Arc<RemoteLayers>,
+    lazy: bool,
+}
+
+impl SprySnapshotter {
+    /// Opens the state under `config.root` and remounts remote layers.
+    pub async fn open(config: &Config) -> Result<Arc<Self>, StartError> {
+        let root = config.root.clone();
+        for dir in [root.clone(), root.join("snapshots")] {
+            std::fs::create_dir_all(&dir).map_err(|source| StartError::Root { path: dir.clone(), source })?;
+        }
+        let store = Store::load(&root.join("metadata.json"))?;
+        let cache = Arc::new(ChunkCache::open(&root.join("cache"))?);
+        let client = Arc::new(RegistryClient::new(config.registry.clone()));
+        let remote = Arc::new(RemoteLayers::new(
+            client,
+            cache,
+            config.lazy.clone(),
+            tokio::runtime::Handle::current(),
+        ));
+        let this = Arc::new(SprySnapshotter { root, store: Mutex::new(store), remote, lazy: config.lazy.enabled });
+        this.restore_remote_mounts().await;
+        Ok(this)
+    }
+
+    /// The remote layers (for stats and tests).
+    pub fn remote_layers(&self) -> &Arc<RemoteLayers> {
+        &self.remote
+    }
+
+    /// Id of a snapshot, for tests and tools.
+    pub async fn id_of(&self, key: &str) -> Option<u64> {
+        self.store.lock().await.get(key).map(|r| r.id)
+    }
+
+    /// Unmounts all remote layers (shutdown).
+    pub fn shutdown(&self) {
+        self.remote.unmount_all();
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    async fn restore_remote_mounts(&self) {
+        let remote: Vec<(String, Record)> = {
+            let store = self.store.lock().await;
+            store.iter().filter(|(_, r)| r.remote.is_some()).map(|(k, r)| (k.clone(), r.clone())).collect()
+        };
+        for (key, record) in remote {
+            let Some(source) = &record.remote else { continue };
+            let path = self.dir(record.id).join("fs");
+            if let Err(err) = self.remote.mount(record.id, source, &path).await {
+                tracing::error!(snapshot = %key, error = %error_chain(&err), "failed to restore remote layer mount");
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        kind: SnapshotKind,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, ServiceError> {
+        if kind == SnapshotKind::Active && self.lazy {
+            if let Some(request) = remote_request(&labels) {
+                if let Some(result) = self.try_remote(&request, &parent, &labels).await {
+                    return Err(result);
+                }
+            }
+        }
+        let mut store = self.store.lock().await;
+        if store.get(&key).is_some() {
+            return Err(ServiceError::AlreadyExists { key });
+        }
+        if !parent.is_empty() {
+            match store.get(&parent) {
+                None => return Err(ServiceError::NotFound { key: parent }),
+                Some(p) if p.kind != SnapshotKind::Committed => {
+                    return Err(ServiceError::ParentNotCommitted { parent })
+                }
+                Some(_) => {}
+            }
+        }
+        let id = store.allocate_id();
+        let dir = self.dir(id);
+        let make = |p: PathBuf| std::fs::create_dir_all(&p).map_err(|source| ServiceError::CreateDir { path: p, source });
+        let created = make(dir.join("fs")).and_then(|_| make(dir.join("work")));
+        if let Err(err) = created {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err);
+        }
+        let now = timestamp(SystemTime::now());
+        let record = Record { id, kind, parent, labels, created: now, updated: now, usage: None, remote: None };
+        store.insert(key.clone(), record);
+        if let Err(err) = store.save() {
+            store.remove(&key);
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(err.into());
+        }
+        Ok(mounts::for_snapshot(&self.root, &store, &key))
+    }
+
+    /// Mounts a remote layer and commits it as the target. Returns the error
+    /// to answer containerd with (AlreadyExists on success), or `None` to fall
+    /// back to a normal snapshot that containerd fills by downloading.
+    async fn try_remote(
+        &self,
+        request: &remote::RemoteRequest,
+        parent: &str,
+        labels: &HashMap<String, String>,
+    ) -> Option<ServiceError> {
+        let target = &request.target;
+        let id = {
+            let mut store = self.store.lock().await;
+            if store.get(target).is_some() {
+                return Some(ServiceError::AlreadyExists { key: target.clone() });
+            }
+            if !parent.is_empty() && store.get(parent).map(|p| p.kind) != Some(SnapshotKind::Committed) {
+                return None;
+            }
+            store.allocate_id()
+        };
+        let fs_dir = self.dir(id).join("fs");
+        if let Err(err) = std::fs::create_dir_all(&fs_dir) {
+            tracing::warn!(target = %target, error = %err, "cannot create remote snapshot dir; pulling normally");
+            return None;
+        }
+        let started = std::time::Instant::now();
+        if let Err(err) = self.remote.mount(id, &request.source, &fs_dir).await {
+            tracing::warn!(target = %target, error = %error_chain(&err), "remote layer unavailable; pulling normally");
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return None;
+        }
+        let mut store = self.store.lock().await;
+        if store.get(target).is_some() {
+            // Lost a race with another Prepare of the same layer.
+            self.remote.unmount(id);
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return Some(ServiceError::AlreadyExists { key: target.clone() });
+        }
+        let now = timestamp(SystemTime::now());
+        let record = Record {
+            id,
+            kind: SnapshotKind::Committed,
+            parent: parent.to_string(),
+            labels: labels.clone(),
+            created: now,
+            updated: now,
+            usage: None,
+            remote: Some(request.source.clone()),
+        };
+        store.insert(target.clone(), record);
+        if let Err(err) = store.save() {
+            store.remove(target);
+            drop(store);
+            self.remote.unmount(id);
+            let _ = std::fs::remove_dir_all(self.dir(id));
+            return Some(err.into());
+        }
+        tracing::info!(target = %target, elapsed_ms = started.elapsed().as_millis() as u64, "committed remote snapshot");
+        Some(ServiceError::AlreadyExists { key: target.clone() })
+    }
+
+    fn info(key: &str, r: &Record) -> Info {
+        Info {
+            kind: match r.kind {
+                SnapshotKind::View => Kind::View,
+                SnapshotKind::Active => Kind::Active,
+                SnapshotKind::Committed => Kind::Committed,
+            },
+            name: key.to_string(),
+            parent: r.parent.clone(),
+            labels: r.labels.clone(),
+            created_at: system_time(r.created),
+            updated_at: system_time(r.updated),
+        }
+    }
+
+    async fn measure(path: PathBuf) -> Result<(i64, i64), ServiceError> {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || usage::disk_usage(&p))
+            .await
+            .map_err(|source| ServiceError::Join { source })?
+            .map_err(|source| ServiceError::Usage { path, source })
+    }
+
+    fn remove_dir(&self, id: u64) {
+        let dir = self.dir(id);
+        if let Err(err) = std::fs::remove_dir_all(&dir) {
+            if err.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %err, "failed to remove snapshot directory; Cleanup will retry");
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Snapshotter for SprySnapshotter {
+    type Error = ServiceError;
+
+    async fn stat(&self, key: String) -> Result<Info, Self::Error> {
+        let store = self.store.lock().await;
+        let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        Ok(Self::info(&key, r))
+    }
+
+    async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Self::Error> {
+        let mut store = self.store.lock().await;
+        let key = info.name.clone();
+        let r = store.get_mut(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        let paths = fieldpaths.unwrap_or_default();
+        let mut labels = r.labels.clone();
+        if paths.is_empty() {
+            labels = info.labels.clone();
+        }
+        for path in &paths {
+            if path == "labels" {
+                labels = info.labels.clone();
+            } else if let Some(label) = path.strip_prefix("labels.") {
+                match info.labels.get(label) {
+                    Some(v) => labels.insert(label.to_string(), v.clone()),
+                    None => labels.remove(label),
+                };
+            } else {
+                return Err(ServiceError::UpdateField { field: path.clone() });
+            }
+        }
+        let before = r.clone();
+        r.labels = labels;
+        r.updated = timestamp(SystemTime::now());
+        let out = Self::info(&key, r);
+        if let Err(err) = store.save() {
+            store.insert(key, before);
+            return Err(err.into());
+        }
+        Ok(out)
+    }
+
+    async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
+        let (id, kind, stored, remote) = {
+            let store = self.store.lock().await;
+            let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+            (r.id, r.kind, r.usage, r.remote.is_some())
+        };
+        if remote {
+            if let Some(layer) = self.remote.layer(id) {
+                let index = layer.index();
+                return Ok(Usage { size: index.content_size() as i64, inodes: index.entries.len() as i64 });
+            }
+        }
+        if let (SnapshotKind::Committed, Some((size, inodes))) = (kind, stored) {
+            return Ok(Usage { size, inodes });
+        }
+        let (size, inodes) = Self::measure(self.dir(id).join("fs")).await?;
+        Ok(Usage { size, inodes })
+    }
+
+    async fn mounts(&self, key: String) -> Result<Vec<Mount>, Self::Error> {
+        let store = self.store.lock().await;
+        if store.get(&key).is_none() {
+            return Err(ServiceError::NotFound { key });
+        }
+        Ok(mounts::for_snapshot(&self.root, &store, &key))
+    }
+
+    async fn prepare(&self, key: String, parent: String, labels: HashMap<String, String>) -> Result<Vec<Mount>, Self::Error> {
+        self.create(SnapshotKind::Active, key, parent, labels).await
+    }
+
+    async fn view(&self, key: String, parent: String, labels: HashMap<String, String>) -> Result<Vec<Mount>, Self::Error> {
+        self.create(SnapshotKind::View, key, parent, labels).await
+    }
+
+    async fn commit(&self, name: String, key: String, labels: HashMap<String, String>) -> Result<(), Self::Error> {
+        let id = {
+            let store = self.store.lock().await;
+            let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+            if r.kind != SnapshotKind::Active {
+                return Err(ServiceError::NotActive { key });
+            }
+            r.id
+        };
+        // Measure outside the lock: big layers take a while to walk.
+        let usage = Self::measure(self.dir(id).join("fs")).await?;
+        let mut store = self.store.lock().await;
+        if store.get(&name).is_some() {
+            return Err(ServiceError::AlreadyExists { key: name });
+        }
+        let mut r = store.remove(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        let before = r.clone();
+        r.kind = SnapshotKind::Committed;
+        r.labels = labels;
+        r.usage = Some(usage);
+        r.updated = timestamp(SystemTime::now());
+        store.insert(name.clone(), r);
+        if let Err(err) = store.save() {
+            store.remove(&name);
+            store.insert(key, before);
+            return Err(err.into());
+        }
+        // The work dir is only needed while active.
+        let _ = std::fs::remove_dir_all(self.dir(id).join("work"));
+        Ok(())
+    }
+
+    async fn remove(&self, key: String) -> Result<(), Self::Error> {
+        let mut store = self.store.lock().await;
+        if store.get(&key).is_none() {
+            return Err(ServiceError::NotFound { key });
+        }
+        if store.has_children(&key) {
+            return Err(ServiceError::HasChildren { key });
+        }
+        let Some(r) = store.remove(&key) else {
+            return Err(ServiceError::NotFound { key });
+        };
+        if let Err(err) = store.save() {
+            store.insert(key, r);
+            return Err(err.into());
+        }
+        drop(store);
+        if r.remote.is_some() {
+            let remote = self.remote.clone();
+            let id = r.id;
+            let _ = tokio::task::spawn_blocking(move || remote.unmount(id)).await;
+        }
+        self.remove_dir(r.id);
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<(), Self::Error> {
+        let known: std::collections::HashSet<String> =
+            self.store.lock().await.iter().map(|(_, r)| r.id.to_string()).collect();
+        let snapshots = self.root.join("snapshots");
+        let entries = std::fs::read_dir(&snapshots).map_err(|source| ServiceError::Usage { path: snapshots.clone(), source })?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            let path = entry.path();
+            let _ = crate::fs::detach(&path.join("fs"));
+            if let Err(err) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %err, "cleanup could not remove an orphaned snapshot");
+            }
+        }
+        Ok(())
+    }
+
+    type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, ServiceError>>>;
+
+    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<Self::InfoStream, Self::Error> {
+        let filters = Filters::parse(&filters)?;
+        let store = self.store.lock().await;
+        let infos: Vec<Result<Info, ServiceError>> = store
+            .iter()
+            .filter(|(k, r)| filters.matches(k, &r.parent, r.kind, &r.labels))
+            .map(|(k, r)| Ok(Self::info(k, r)))
+            .collect();
+        Ok(futures::stream::iter(infos))
+    }
+}
+
+/// Root of the snapshot directories, for tools.
+pub fn snapshots_dir(root: &Path) -> PathBuf {
+    root.join("snapshots")
+}
+
+#[cfg(test)]
+mod tests;
