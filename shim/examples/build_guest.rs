@@ -21,7 +21,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter("info").with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let output = args.output.unwrap_or_else(|| default_output_dir(&repo));

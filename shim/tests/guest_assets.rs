@@ -7,7 +7,9 @@ mod guest_support;
 use std::path::Path;
 
 use spry_shim::assets::vmlinux::pvh_entry;
-use spry_shim::assets::{build_guest_assets, load_current, GuestAssetsConfig, KernelSource, CURRENT_LINK};
+use spry_shim::assets::{
+    build_guest_assets, load_current, GuestAssetsConfig, KernelSource, CURRENT_LINK,
+};
 
 fn config(output: &Path, agent: &Path) -> GuestAssetsConfig {
     let mut config = GuestAssetsConfig::new(output, agent);
@@ -38,18 +40,42 @@ fn builds_are_byte_identical_reused_and_repaired() {
     assert_eq!(manifest.kernel_package, "linux-image-6.1.0-56-cloud-amd64");
     assert_eq!(manifest.kernel_version, "6.1.192-2");
     assert_eq!(manifest.kernel_release, "6.1.0-56-cloud-amd64");
-    assert_eq!(manifest.kernel_deb_sha256, guest_support::kernel_deb().sha256);
+    assert_eq!(
+        manifest.kernel_deb_sha256,
+        guest_support::kernel_deb().sha256
+    );
     assert_eq!(manifest.files.len(), 2);
 
     // The kernel is the PVH ELF, the initramfs has /init and the modules.
     let vmlinux = std::fs::read(&first.vmlinux).unwrap();
     assert!(pvh_entry(&vmlinux).unwrap() > 0);
     let listing = cpio_listing(&first.initramfs);
-    for expected in ["init", "dev/console", "lib/modules/spry-modules.list", "tmp", "proc", "sys", "run", "etc"] {
-        assert!(listing.lines().any(|l| l == expected), "{expected} missing:\n{listing}");
+    for expected in [
+        "init",
+        "dev/console",
+        "lib/modules/spry-modules.list",
+        "tmp",
+        "proc",
+        "sys",
+        "run",
+        "etc",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == expected),
+            "{expected} missing:\n{listing}"
+        );
     }
-    assert!(!listing.lines().any(|l| l.starts_with("bin")), "no shell in the guest:\n{listing}");
-    let position = |name: &str| manifest.modules.iter().position(|m| m.ends_with(name)).unwrap();
+    assert!(
+        !listing.lines().any(|l| l.starts_with("bin")),
+        "no shell in the guest:\n{listing}"
+    );
+    let position = |name: &str| {
+        manifest
+            .modules
+            .iter()
+            .position(|m| m.ends_with(name))
+            .unwrap()
+    };
     assert!(position("/virtio_ring.ko") < position("/virtio.ko"));
     assert!(position("/virtio.ko") < position("/virtio_scsi.ko"));
     assert!(position("/scsi_mod.ko") < position("/sd_mod.ko"));
@@ -80,7 +106,10 @@ fn builds_are_byte_identical_reused_and_repaired() {
     assert!(load_current(one.path()).is_err());
     let repaired = build_guest_assets(&config(one.path(), &agent)).unwrap();
     assert!(!repaired.reused);
-    assert_eq!(std::fs::read(&repaired.initramfs).unwrap(), std::fs::read(&second.initramfs).unwrap());
+    assert_eq!(
+        std::fs::read(&repaired.initramfs).unwrap(),
+        std::fs::read(&second.initramfs).unwrap()
+    );
 
     // Another agent: another key, and `current` follows.
     let other_agent = one.path().join("other-agent");

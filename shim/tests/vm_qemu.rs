@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use spry_shim::vm::{
-    AccelChoice, AgentChannelKind, AgentEndpoint, Hypervisor, QemuHypervisor, ScsiAddr, Vm, VmConfig, VmError,
-    DEFAULT_QEMU,
+    AccelChoice, AgentChannelKind, AgentEndpoint, Hypervisor, QemuHypervisor, ScsiAddr, Vm,
+    VmConfig, VmError, DEFAULT_QEMU,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -27,18 +27,31 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        assert!(nix::unistd::geteuid().is_root(), "the real-VM tests need root");
-        assert!(Path::new(DEFAULT_QEMU).exists(), "the real-VM tests need {DEFAULT_QEMU}");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the real-VM tests need root"
+        );
+        assert!(
+            Path::new(DEFAULT_QEMU).exists(),
+            "the real-VM tests need {DEFAULT_QEMU}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let initramfs = guest_support::test_initramfs(dir.path());
         let images = dir.path().to_owned();
-        Fixture { _dir: dir, initramfs, images }
+        Fixture {
+            _dir: dir,
+            initramfs,
+            images,
+        }
     })
 }
 
 /// A short state root: unix socket paths must stay under 108 bytes.
 fn state_root() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("spry-vmt-").tempdir_in("/tmp").unwrap()
+    tempfile::Builder::new()
+        .prefix("spry-vmt-")
+        .tempdir_in("/tmp")
+        .unwrap()
 }
 
 fn config(root: &Path, id: &str) -> VmConfig {
@@ -63,8 +76,15 @@ async fn wait_console(vm: &dyn Vm, needle: &str, timeout: Duration) -> String {
         if let Some(line) = text.lines().find(|l| l.contains(needle)) {
             return line.trim_end().to_owned();
         }
-        assert!(vm.is_running(), "the VM died waiting for {needle:?}: {:?}", *vm.exit_watch().borrow());
-        assert!(Instant::now() < deadline, "no {needle:?} on the console within {timeout:?}:\n{text}");
+        assert!(
+            vm.is_running(),
+            "the VM died waiting for {needle:?}: {:?}",
+            *vm.exit_watch().borrow()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} on the console within {timeout:?}:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -87,17 +107,25 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
     let root = state_root();
     let hypervisor = QemuHypervisor::new(root.path());
     let started = Instant::now();
-    let vm = hypervisor.start(config(root.path(), "vm-full")).await.unwrap();
+    let vm = hypervisor
+        .start(config(root.path(), "vm-full"))
+        .await
+        .unwrap();
     let state_dir = root.path().join("vm-full");
     assert!(state_dir.join("qmp.sock").exists());
     wait_console(vm.as_ref(), "SPRY-TEST-INIT", BOOT_TIMEOUT).await;
     let to_init = started.elapsed();
     wait_console(vm.as_ref(), "SPRY-MODULES-LOADED", BOOT_TIMEOUT).await;
     let text = std::fs::read_to_string(vm.console_log()).unwrap();
-    assert!(!text.contains("SPRY-INSMOD-FAILED"), "a module failed to load:\n{text}");
+    assert!(
+        !text.contains("SPRY-INSMOD-FAILED"),
+        "a module failed to load:\n{text}"
+    );
 
     // The agent channel: a unix socket on the host, a virtio port in the guest.
-    let AgentEndpoint::VirtioSerial { socket } = vm.agent_endpoint() else { panic!("expected virtio-serial") };
+    let AgentEndpoint::VirtioSerial { socket } = vm.agent_endpoint() else {
+        panic!("expected virtio-serial")
+    };
     let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
     let (read_half, mut write_half) = stream.into_split();
     let mut lines = BufReader::new(read_half).lines();
@@ -105,7 +133,9 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
         // The guest may open its port after we connect: repeat until answered.
         loop {
             write_half.write_all(b"ping 42\n").await.unwrap();
-            if let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+            if let Ok(Ok(Some(line))) =
+                tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await
+            {
                 return line;
             }
         }
@@ -131,13 +161,26 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
     assert!(line.ends_with("hello-second"), "{line}");
 
     vm.unplug_disk(addr).await.unwrap();
-    wait_console(vm.as_ref(), "SPRY-DISK-GONE 0:0:0:0", Duration::from_secs(30)).await;
-    assert!(matches!(vm.unplug_disk(addr).await, Err(VmError::UnknownDisk { .. })));
+    wait_console(
+        vm.as_ref(),
+        "SPRY-DISK-GONE 0:0:0:0",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(matches!(
+        vm.unplug_disk(addr).await,
+        Err(VmError::UnknownDisk { .. })
+    ));
     // The freed target is reused.
     let again = vm.hotplug_disk(&first, true).await.unwrap();
     assert_eq!(again, addr);
-    let missing = vm.hotplug_disk(Path::new("/nonexistent/disk.img"), true).await;
-    assert!(matches!(missing, Err(VmError::DiskImage { .. })), "{missing:?}");
+    let missing = vm
+        .hotplug_disk(Path::new("/nonexistent/disk.img"), true)
+        .await;
+    assert!(
+        matches!(missing, Err(VmError::DiskImage { .. })),
+        "{missing:?}"
+    );
 
     eprintln!(
         "MEASURE boot_to_init_ms={} boot_to_port_answer_ms={} hotplug_qmp_ms={} hotplug_guest_visible_ms={}",
@@ -162,13 +205,20 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
 async fn sigkill_is_reported_within_a_second_and_drop_cleans_up() {
     let root = state_root();
     let hypervisor = QemuHypervisor::new(root.path());
-    let vm = hypervisor.start(config(root.path(), "vm-kill")).await.unwrap();
+    let vm = hypervisor
+        .start(config(root.path(), "vm-kill"))
+        .await
+        .unwrap();
     wait_console(vm.as_ref(), "SPRY-TEST-INIT", BOOT_TIMEOUT).await;
     let mut watch = vm.exit_watch();
     assert!(watch.borrow().is_none());
     let pid = vm.pid();
     let killed = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     tokio::time::timeout(Duration::from_secs(1), watch.wait_for(Option::is_some))
         .await
         .expect("the exit was not reported within 1 s")
@@ -176,23 +226,40 @@ async fn sigkill_is_reported_within_a_second_and_drop_cleans_up() {
     let latency = killed.elapsed();
     let exit = watch.borrow().clone().unwrap();
     assert_eq!(exit.signal, Some(libc::SIGKILL));
-    assert!(exit.console_tail.contains("SPRY-TEST-INIT"), "console tail: {}", exit.console_tail);
+    assert!(
+        exit.console_tail.contains("SPRY-TEST-INIT"),
+        "console tail: {}",
+        exit.console_tail
+    );
     assert!(!vm.is_running());
     assert!(matches!(
-        vm.hotplug_disk(&guest_support::erofs_image(&fixture().images, "late", "x"), true).await,
+        vm.hotplug_disk(
+            &guest_support::erofs_image(&fixture().images, "late", "x"),
+            true
+        )
+        .await,
         Err(VmError::Exited { .. })
     ));
-    eprintln!("MEASURE sigkill_to_exit_report_ms={:.1}", latency.as_secs_f64() * 1000.0);
+    eprintln!(
+        "MEASURE sigkill_to_exit_report_ms={:.1}",
+        latency.as_secs_f64() * 1000.0
+    );
     drop(vm);
     wait_gone(pid).await;
-    assert!(!root.path().join("vm-kill").exists(), "drop must remove the state dir");
+    assert!(
+        !root.path().join("vm-kill").exists(),
+        "drop must remove the state dir"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_a_running_vm_kills_qemu() {
     let root = state_root();
     let hypervisor = QemuHypervisor::new(root.path());
-    let vm = hypervisor.start(config(root.path(), "vm-drop")).await.unwrap();
+    let vm = hypervisor
+        .start(config(root.path(), "vm-drop"))
+        .await
+        .unwrap();
     let pid = vm.pid();
     assert!(process_exists(pid));
     drop(vm);
@@ -205,17 +272,41 @@ async fn bad_configs_fail_before_spawning_and_leave_nothing() {
     let root = state_root();
     let hypervisor = QemuHypervisor::new(root.path());
 
-    let missing_kernel = VmConfig { kernel: "/nonexistent/vmlinux".into(), ..config(root.path(), "bad-1") };
+    let missing_kernel = VmConfig {
+        kernel: "/nonexistent/vmlinux".into(),
+        ..config(root.path(), "bad-1")
+    };
     match hypervisor.start(missing_kernel).await {
-        Err(VmError::MissingFile { what: "kernel", path }) => assert_eq!(path, Path::new("/nonexistent/vmlinux")),
+        Err(VmError::MissingFile {
+            what: "kernel",
+            path,
+        }) => assert_eq!(path, Path::new("/nonexistent/vmlinux")),
         other => panic!("unexpected {:?}", other.map(|vm| vm.pid())),
     }
-    let missing_qemu = VmConfig { qemu: "/nonexistent/qemu".into(), ..config(root.path(), "bad-2") };
-    assert!(matches!(hypervisor.start(missing_qemu).await, Err(VmError::MissingFile { what: "QEMU binary", .. })));
+    let missing_qemu = VmConfig {
+        qemu: "/nonexistent/qemu".into(),
+        ..config(root.path(), "bad-2")
+    };
+    assert!(matches!(
+        hypervisor.start(missing_qemu).await,
+        Err(VmError::MissingFile {
+            what: "QEMU binary",
+            ..
+        })
+    ));
     let bad_id = config(root.path(), "has space");
-    assert!(matches!(hypervisor.start(bad_id).await, Err(VmError::InvalidId { .. })));
-    let long = VmConfig { state_dir: root.path().join("x".repeat(120)), ..config(root.path(), "bad-3") };
-    assert!(matches!(hypervisor.start(long).await, Err(VmError::SocketPathTooLong { .. })));
+    assert!(matches!(
+        hypervisor.start(bad_id).await,
+        Err(VmError::InvalidId { .. })
+    ));
+    let long = VmConfig {
+        state_dir: root.path().join("x".repeat(120)),
+        ..config(root.path(), "bad-3")
+    };
+    assert!(matches!(
+        hypervisor.start(long).await,
+        Err(VmError::SocketPathTooLong { .. })
+    ));
 
     std::fs::create_dir(root.path().join("taken")).unwrap();
     assert!(matches!(
@@ -225,7 +316,10 @@ async fn bad_configs_fail_before_spawning_and_leave_nothing() {
     std::fs::remove_dir(root.path().join("taken")).unwrap();
 
     // QEMU itself refuses this one: its stderr must come back.
-    let too_many_cpus = VmConfig { cpus: 10_000, ..config(root.path(), "bad-4") };
+    let too_many_cpus = VmConfig {
+        cpus: 10_000,
+        ..config(root.path(), "bad-4")
+    };
     match hypervisor.start(too_many_cpus).await {
         Err(VmError::StartupExit { stderr, exit, .. }) => {
             assert!(stderr.to_lowercase().contains("cpu"), "stderr: {stderr}");
@@ -233,7 +327,10 @@ async fn bad_configs_fail_before_spawning_and_leave_nothing() {
         }
         other => panic!("unexpected {:?}", other.map(|vm| vm.pid())),
     }
-    let left: Vec<_> = std::fs::read_dir(root.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(root.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -241,12 +338,16 @@ async fn bad_configs_fail_before_spawning_and_leave_nothing() {
 async fn auto_accel_probes_once_and_caches_the_verdict() {
     let root = state_root();
     let hypervisor = QemuHypervisor::new(root.path());
-    let auto = |id: &str| VmConfig { accel: AccelChoice::Auto, ..config(root.path(), id) };
+    let auto = |id: &str| VmConfig {
+        accel: AccelChoice::Auto,
+        ..config(root.path(), id)
+    };
     let probe_started = Instant::now();
     let vm = hypervisor.start(auto("auto-1")).await.unwrap();
     let first = probe_started.elapsed();
     let accel = vm.accel();
-    let cache = std::fs::read_to_string(root.path().join("accel-probe.json")).expect("the probe verdict is cached");
+    let cache = std::fs::read_to_string(root.path().join("accel-probe.json"))
+        .expect("the probe verdict is cached");
     assert!(cache.contains(&format!("\"accel\":\"{accel}\"")), "{cache}");
     // Whatever the verdict, the VM must actually boot with it.
     wait_console(vm.as_ref(), "SPRY-TEST-INIT", BOOT_TIMEOUT).await;
@@ -256,7 +357,11 @@ async fn auto_accel_probes_once_and_caches_the_verdict() {
     let vm = hypervisor.start(auto("auto-2")).await.unwrap();
     let second = second_started.elapsed();
     assert_eq!(vm.accel(), accel, "the cached verdict is reused");
-    eprintln!("MEASURE accel={accel} first_start_with_probe_ms={} cached_start_ms={}", first.as_millis(), second.as_millis());
+    eprintln!(
+        "MEASURE accel={accel} first_start_with_probe_ms={} cached_start_ms={}",
+        first.as_millis(),
+        second.as_millis()
+    );
     drop(vm);
     let left: Vec<_> = std::fs::read_dir(root.path())
         .unwrap()

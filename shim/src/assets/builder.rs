@@ -58,7 +58,10 @@ pub enum AssetsError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> AssetsError + '_ {
-    move |source| AssetsError::Io { path: path.to_owned(), source }
+    move |source| AssetsError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Where the kernel comes from.
@@ -113,8 +116,10 @@ pub fn default_output_dir(repo_root: &Path) -> PathBuf {
 /// Builds the guest, or reuses an intact build with the same cache key, and
 /// points `<output_dir>/current` at it.
 pub fn build_guest_assets(config: &GuestAssetsConfig) -> Result<GuestAssets, AssetsError> {
-    let agent_sha256 =
-        sha256_file(&config.agent).map_err(|source| AssetsError::Agent { path: config.agent.clone(), source })?;
+    let agent_sha256 = sha256_file(&config.agent).map_err(|source| AssetsError::Agent {
+        path: config.agent.clone(),
+        source,
+    })?;
     let cache_dir = config.output_dir.join("cache");
     let deb = match &config.kernel {
         KernelSource::Pinned => kernel::fetch_kernel_deb(&cache_dir),
@@ -159,7 +164,8 @@ fn build_into(
     dir: &Path,
 ) -> Result<(), AssetsError> {
     let cache_dir = config.output_dir.join("cache");
-    let prepared = kernel::prepare_kernel(deb, &cache_dir).map_err(|source| AssetsError::Kernel { source })?;
+    let prepared =
+        kernel::prepare_kernel(deb, &cache_dir).map_err(|source| AssetsError::Kernel { source })?;
     let dep_path = prepared.modules_dir.join("modules.dep");
     let dep_text = fs::read_to_string(&dep_path).map_err(io_err(&dep_path))?;
     let names: Vec<&str> = config.modules.iter().map(String::as_str).collect();
@@ -187,7 +193,11 @@ fn build_into(
 
     let mut files = BTreeMap::new();
     for path in [&vmlinux, &initramfs] {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         files.insert(name, sha256_file(path).map_err(io_err(path))?);
     }
     let manifest = Manifest {
@@ -202,8 +212,11 @@ fn build_into(
         files,
     };
     let manifest_path = scratch.path().join(MANIFEST_NAME);
-    let mut json = serde_json::to_string_pretty(&manifest)
-        .map_err(|source| AssetsError::Manifest { path: manifest_path.clone(), source })?;
+    let mut json =
+        serde_json::to_string_pretty(&manifest).map_err(|source| AssetsError::Manifest {
+            path: manifest_path.clone(),
+            source,
+        })?;
     json.push('\n');
     fs::write(&manifest_path, json).map_err(io_err(&manifest_path))?;
 
@@ -214,7 +227,10 @@ fn build_into(
     let scratch_path = scratch.keep();
     fs::rename(&scratch_path, dir).map_err(|source| {
         let _ = fs::remove_dir_all(&scratch_path);
-        AssetsError::Io { path: dir.to_owned(), source }
+        AssetsError::Io {
+            path: dir.to_owned(),
+            source,
+        }
     })?;
     tracing::info!(dir = %dir.display(), release = %manifest.kernel_release, "built guest assets");
     Ok(())
@@ -233,7 +249,10 @@ fn load_dir(dir: &Path) -> Result<GuestAssets, AssetsError> {
     let manifest_path = dir.join(MANIFEST_NAME);
     let text = fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
     let manifest: Manifest =
-        serde_json::from_str(&text).map_err(|source| AssetsError::Manifest { path: manifest_path, source })?;
+        serde_json::from_str(&text).map_err(|source| AssetsError::Manifest {
+            path: manifest_path,
+            source,
+        })?;
     for (name, expected) in &manifest.files {
         let path = dir.join(name);
         if &sha256_file(&path).map_err(io_err(&path))? != expected {

@@ -62,16 +62,38 @@ impl CpioArchive {
     }
 
     /// Adds a regular file.
-    pub fn add_file(&mut self, path: &str, permissions: u32, data: Vec<u8>) -> Result<(), CpioError> {
+    pub fn add_file(
+        &mut self,
+        path: &str,
+        permissions: u32,
+        data: Vec<u8>,
+    ) -> Result<(), CpioError> {
         if u32::try_from(data.len()).is_err() {
-            return Err(CpioError::TooLarge { path: path.to_owned(), len: data.len() });
+            return Err(CpioError::TooLarge {
+                path: path.to_owned(),
+                len: data.len(),
+            });
         }
-        self.insert(path, S_IFREG | (permissions & 0o7777), EntryKind::File(data))
+        self.insert(
+            path,
+            S_IFREG | (permissions & 0o7777),
+            EntryKind::File(data),
+        )
     }
 
     /// Adds a character device node (the kernel creates it while unpacking).
-    pub fn add_char_device(&mut self, path: &str, permissions: u32, major: u32, minor: u32) -> Result<(), CpioError> {
-        self.insert(path, S_IFCHR | (permissions & 0o7777), EntryKind::CharDevice { major, minor })
+    pub fn add_char_device(
+        &mut self,
+        path: &str,
+        permissions: u32,
+        major: u32,
+        minor: u32,
+    ) -> Result<(), CpioError> {
+        self.insert(
+            path,
+            S_IFCHR | (permissions & 0o7777),
+            EntryKind::CharDevice { major, minor },
+        )
     }
 
     /// Adds every missing parent directory of `path` with mode 0755.
@@ -93,7 +115,9 @@ impl CpioArchive {
     fn insert(&mut self, path: &str, mode: u32, kind: EntryKind) -> Result<(), CpioError> {
         validate_path(path)?;
         if self.entries.contains_key(path) {
-            return Err(CpioError::Duplicate { path: path.to_owned() });
+            return Err(CpioError::Duplicate {
+                path: path.to_owned(),
+            });
         }
         self.entries.insert(path.to_owned(), Entry { mode, kind });
         Ok(())
@@ -137,11 +161,15 @@ fn validate_path(path: &str) -> Result<(), CpioError> {
         && !path.starts_with('/')
         && !path.ends_with('/')
         && !path.contains('\0')
-        && path.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+        && path
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..");
     if clean {
         Ok(())
     } else {
-        Err(CpioError::BadPath { path: path.to_owned() })
+        Err(CpioError::BadPath {
+            path: path.to_owned(),
+        })
     }
 }
 
@@ -161,8 +189,10 @@ impl<W: Write> NewcWriter<'_, W> {
         data: &[u8],
     ) -> Result<(), CpioError> {
         let name_size = path.len() + 1;
-        let file_size = u32::try_from(data.len())
-            .map_err(|_| CpioError::TooLarge { path: path.to_owned(), len: data.len() })?;
+        let file_size = u32::try_from(data.len()).map_err(|_| CpioError::TooLarge {
+            path: path.to_owned(),
+            len: data.len(),
+        })?;
         // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor,
         // devminor, rdevmajor, rdevminor, namesize, check: all 8-digit hex.
         let header = format!(
@@ -179,7 +209,9 @@ impl<W: Write> NewcWriter<'_, W> {
     }
 
     fn put(&mut self, bytes: &[u8]) -> Result<(), CpioError> {
-        self.out.write_all(bytes).map_err(|source| CpioError::Write { source })?;
+        self.out
+            .write_all(bytes)
+            .map_err(|source| CpioError::Write { source })?;
         self.offset += bytes.len();
         Ok(())
     }
@@ -198,9 +230,13 @@ mod tests {
     fn sample() -> CpioArchive {
         let mut archive = CpioArchive::new();
         archive.add_dir("dev", 0o755).unwrap();
-        archive.add_file("init", 0o755, b"#!hello".to_vec()).unwrap();
+        archive
+            .add_file("init", 0o755, b"#!hello".to_vec())
+            .unwrap();
         archive.add_parents("lib/modules/x.ko").unwrap();
-        archive.add_file("lib/modules/x.ko", 0o644, vec![1, 2, 3]).unwrap();
+        archive
+            .add_file("lib/modules/x.ko", 0o644, vec![1, 2, 3])
+            .unwrap();
         archive
     }
 
@@ -220,8 +256,12 @@ mod tests {
         let mut reversed = CpioArchive::new();
         reversed.add_dir("lib", 0o755).unwrap();
         reversed.add_dir("lib/modules", 0o755).unwrap();
-        reversed.add_file("lib/modules/x.ko", 0o644, vec![1, 2, 3]).unwrap();
-        reversed.add_file("init", 0o755, b"#!hello".to_vec()).unwrap();
+        reversed
+            .add_file("lib/modules/x.ko", 0o644, vec![1, 2, 3])
+            .unwrap();
+        reversed
+            .add_file("init", 0o755, b"#!hello".to_vec())
+            .unwrap();
         reversed.add_dir("dev", 0o755).unwrap();
         assert_eq!(sample().to_bytes().unwrap(), reversed.to_bytes().unwrap());
     }
@@ -229,7 +269,11 @@ mod tests {
     #[test]
     fn header_fields_are_zeroed_owner_and_time() {
         let bytes = sample().to_bytes().unwrap();
-        let field = |i: usize| std::str::from_utf8(&bytes[6 + i * 8..14 + i * 8]).unwrap().to_owned();
+        let field = |i: usize| {
+            std::str::from_utf8(&bytes[6 + i * 8..14 + i * 8])
+                .unwrap()
+                .to_owned()
+        };
         assert_eq!(field(0), "00000001"); // ino
         assert_eq!(field(1), format!("{:08x}", S_IFDIR | 0o755));
         assert_eq!(field(2), "00000000"); // uid
@@ -241,12 +285,21 @@ mod tests {
     fn rejects_bad_paths_duplicates_and_orphans() {
         let mut archive = CpioArchive::new();
         for bad in ["", "/abs", "a/../b", "a//b", "dir/"] {
-            assert!(matches!(archive.add_dir(bad, 0o755), Err(CpioError::BadPath { .. })), "{bad}");
+            assert!(
+                matches!(archive.add_dir(bad, 0o755), Err(CpioError::BadPath { .. })),
+                "{bad}"
+            );
         }
         archive.add_dir("a", 0o755).unwrap();
-        assert!(matches!(archive.add_dir("a", 0o755), Err(CpioError::Duplicate { .. })));
+        assert!(matches!(
+            archive.add_dir("a", 0o755),
+            Err(CpioError::Duplicate { .. })
+        ));
         archive.add_file("b/c", 0o644, vec![]).unwrap();
-        assert!(matches!(archive.to_bytes(), Err(CpioError::MissingParent { .. })));
+        assert!(matches!(
+            archive.to_bytes(),
+            Err(CpioError::MissingParent { .. })
+        ));
     }
 
     #[test]
@@ -261,6 +314,9 @@ mod tests {
             .expect("the cpio tool is required for this test (apt-get install cpio)");
         assert!(listing.status.success(), "{listing:?}");
         let names = String::from_utf8(listing.stdout).unwrap();
-        assert_eq!(names.lines().collect::<Vec<_>>(), ["dev", "init", "lib", "lib/modules", "lib/modules/x.ko"]);
+        assert_eq!(
+            names.lines().collect::<Vec<_>>(),
+            ["dev", "init", "lib", "lib/modules", "lib/modules/x.ko"]
+        );
     }
 }

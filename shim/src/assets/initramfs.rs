@@ -52,7 +52,9 @@ pub struct InitramfsSpec<'a> {
 /// add a shell; production images never do).
 pub fn initramfs_archive(spec: &InitramfsSpec<'_>) -> Result<CpioArchive, InitramfsError> {
     if spec.release.is_empty() || spec.release.contains('/') || spec.release.starts_with('.') {
-        return Err(InitramfsError::BadRelease { release: spec.release.to_owned() });
+        return Err(InitramfsError::BadRelease {
+            release: spec.release.to_owned(),
+        });
     }
     let mut archive = CpioArchive::new();
     for dir in ["dev", "proc", "sys", "run", "etc", "lib", "lib/modules"] {
@@ -72,12 +74,19 @@ pub fn initramfs_archive(spec: &InitramfsSpec<'_>) -> Result<CpioArchive, Initra
     }
     let mut list = spec.modules.join("\n");
     list.push('\n');
-    archive.add_file(&format!("lib/modules/{MODULE_LIST_NAME}"), 0o644, list.into_bytes())?;
+    archive.add_file(
+        &format!("lib/modules/{MODULE_LIST_NAME}"),
+        0o644,
+        list.into_bytes(),
+    )?;
     Ok(archive)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, InitramfsError> {
-    fs::read(path).map_err(|source| InitramfsError::Read { path: path.to_owned(), source })
+    fs::read(path).map_err(|source| InitramfsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -94,7 +103,12 @@ mod tests {
         fs::write(modules.join("kernel/fs/b.ko"), b"b").unwrap();
         let list = vec!["kernel/fs/b.ko".to_owned(), "kernel/fs/a.ko".to_owned()];
         let agent = dir.path().join("agent");
-        let spec = InitramfsSpec { init: &agent, release: "6.1.0-test", modules_dir: &modules, modules: &list };
+        let spec = InitramfsSpec {
+            init: &agent,
+            release: "6.1.0-test",
+            modules_dir: &modules,
+            modules: &list,
+        };
         let bytes = initramfs_archive(&spec).unwrap().to_bytes().unwrap();
         let image = dir.path().join("initramfs.img");
         fs::write(&image, &bytes).unwrap();
@@ -105,13 +119,33 @@ mod tests {
             .output()
             .expect("the cpio tool is required for this test (apt-get install cpio)");
         let text = String::from_utf8(listing.stdout).unwrap();
-        assert!(text.contains("lib/modules/6.1.0-test/kernel/fs/a.ko"), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("crw------") && l.ends_with("dev/console")), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")), "{text}");
-        assert!(text.lines().any(|l| l.starts_with("drwxrwxrwt") && l.ends_with(" tmp")), "{text}");
+        assert!(
+            text.contains("lib/modules/6.1.0-test/kernel/fs/a.ko"),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("crw------") && l.ends_with("dev/console")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("-rwxr-xr-x") && l.ends_with(" init")),
+            "{text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("drwxrwxrwt") && l.ends_with(" tmp")),
+            "{text}"
+        );
         assert!(!text.contains("bin/"), "no shell in the guest: {text}");
         // The list keeps load order, not alphabetical order.
-        let position = |needle: &[u8]| bytes.windows(needle.len()).position(|w| w == needle).unwrap();
+        let position = |needle: &[u8]| {
+            bytes
+                .windows(needle.len())
+                .position(|w| w == needle)
+                .unwrap()
+        };
         assert!(position(b"kernel/fs/b.ko\nkernel/fs/a.ko\n") > 0);
     }
 
@@ -119,14 +153,27 @@ mod tests {
     fn missing_inputs_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("no-agent");
-        let spec = InitramfsSpec { init: &missing, release: "r", modules_dir: dir.path(), modules: &[] };
+        let spec = InitramfsSpec {
+            init: &missing,
+            release: "r",
+            modules_dir: dir.path(),
+            modules: &[],
+        };
         match initramfs_archive(&spec) {
             Err(InitramfsError::Read { path, .. }) => assert_eq!(path, missing),
             other => panic!("unexpected {other:?}"),
         }
         let agent = dir.path().join("agent");
         fs::write(&agent, b"x").unwrap();
-        let spec = InitramfsSpec { init: &agent, release: "../r", modules_dir: dir.path(), modules: &[] };
-        assert!(matches!(initramfs_archive(&spec), Err(InitramfsError::BadRelease { .. })));
+        let spec = InitramfsSpec {
+            init: &agent,
+            release: "../r",
+            modules_dir: dir.path(),
+            modules: &[],
+        };
+        assert!(matches!(
+            initramfs_archive(&spec),
+            Err(InitramfsError::BadRelease { .. })
+        ));
     }
 }

@@ -28,7 +28,11 @@ pub enum KernelError {
         source: io::Error,
     },
     #[error("{tool} failed ({status}): {stderr}")]
-    ToolFailed { tool: &'static str, status: std::process::ExitStatus, stderr: String },
+    ToolFailed {
+        tool: &'static str,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
     #[error("apt-cache shows no kernel dependency for {package}")]
     NoKernelDependency { package: &'static str },
     #[error("apt-get download left no .deb in {dir}")]
@@ -50,7 +54,10 @@ pub enum KernelError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> KernelError + '_ {
-    move |source| KernelError::Io { path: path.to_owned(), source }
+    move |source| KernelError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// A kernel package on disk.
@@ -80,7 +87,12 @@ pub struct PreparedKernel {
 pub fn fetch_kernel_deb(cache_dir: &Path) -> Result<KernelDeb, KernelError> {
     match fetch_exact(cache_dir, PINNED_KERNEL_PACKAGE, PINNED_KERNEL_VERSION) {
         Ok(deb) => Ok(deb),
-        Err(pinned_error @ KernelError::ToolFailed { tool: "apt-get download", .. }) => {
+        Err(
+            pinned_error @ KernelError::ToolFailed {
+                tool: "apt-get download",
+                ..
+            },
+        ) => {
             let (package, version) = current_kernel_dependency()?;
             tracing::warn!(
                 pinned = %format!("{PINNED_KERNEL_PACKAGE}={PINNED_KERNEL_VERSION}"),
@@ -108,7 +120,10 @@ fn fetch_exact(cache_dir: &Path, package: &str, version: &str) -> Result<KernelD
             .tempdir_in(&debs)
             .map_err(io_err(&debs))?;
         run(
-            Command::new("apt-get").arg("download").arg(format!("{package}={version}")).current_dir(scratch.path()),
+            Command::new("apt-get")
+                .arg("download")
+                .arg(format!("{package}={version}"))
+                .current_dir(scratch.path()),
             "apt-get download",
             "apt",
         )?;
@@ -117,17 +132,27 @@ fn fetch_exact(cache_dir: &Path, package: &str, version: &str) -> Result<KernelD
             .filter_map(Result::ok)
             .map(|entry| entry.path())
             .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
-            .ok_or_else(|| KernelError::NoDebDownloaded { dir: scratch.path().to_owned() })?;
+            .ok_or_else(|| KernelError::NoDebDownloaded {
+                dir: scratch.path().to_owned(),
+            })?;
         fs::rename(&downloaded, &cached).map_err(io_err(&cached))?;
     }
     let sha256 = sha256_file(&cached).map_err(io_err(&cached))?;
-    Ok(KernelDeb { path: cached, package: package.to_owned(), version: version.to_owned(), sha256 })
+    Ok(KernelDeb {
+        path: cached,
+        package: package.to_owned(),
+        version: version.to_owned(),
+        sha256,
+    })
 }
 
 /// Describes a kernel package given as a file (offline builds).
 pub fn kernel_deb_from_file(path: &Path) -> Result<KernelDeb, KernelError> {
     let fields = run(
-        Command::new("dpkg-deb").arg("--field").arg(path).args(["Package", "Version"]),
+        Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(path)
+            .args(["Package", "Version"]),
         "dpkg-deb",
         "dpkg",
     )?;
@@ -139,7 +164,12 @@ pub fn kernel_deb_from_file(path: &Path) -> Result<KernelDeb, KernelError> {
             .unwrap_or_default()
     };
     let sha256 = sha256_file(path).map_err(io_err(path))?;
-    Ok(KernelDeb { path: path.to_owned(), package: field("Package"), version: field("Version"), sha256 })
+    Ok(KernelDeb {
+        path: path.to_owned(),
+        package: field("Package"),
+        version: field("Version"),
+        sha256,
+    })
 }
 
 /// Reads `Depends: linux-image-X (= V)` of the meta package.
@@ -149,17 +179,23 @@ fn current_kernel_dependency() -> Result<(String, String), KernelError> {
         "apt-cache show",
         "apt",
     )?;
-    parse_kernel_dependency(&String::from_utf8_lossy(&output.stdout))
-        .ok_or(KernelError::NoKernelDependency { package: KERNEL_META_PACKAGE })
+    parse_kernel_dependency(&String::from_utf8_lossy(&output.stdout)).ok_or(
+        KernelError::NoKernelDependency {
+            package: KERNEL_META_PACKAGE,
+        },
+    )
 }
 
 fn parse_kernel_dependency(show: &str) -> Option<(String, String)> {
-    let depends = show.lines().find_map(|line| line.strip_prefix("Depends:"))?;
+    let depends = show
+        .lines()
+        .find_map(|line| line.strip_prefix("Depends:"))?;
     depends.split(',').find_map(|dep| {
         let dep = dep.trim();
         let (name, rest) = dep.split_once(' ')?;
         let version = rest.trim().strip_prefix("(=")?.strip_suffix(')')?.trim();
-        name.starts_with("linux-image-").then(|| (name.to_owned(), version.to_owned()))
+        name.starts_with("linux-image-")
+            .then(|| (name.to_owned(), version.to_owned()))
     })
 }
 
@@ -169,7 +205,10 @@ pub fn prepare_kernel(deb: &KernelDeb, cache_dir: &Path) -> Result<PreparedKerne
     let final_dir = cache_dir.join(format!("kernel-{}", &deb.sha256[..16]));
     if !final_dir.join(".complete").exists() {
         fs::create_dir_all(cache_dir).map_err(io_err(cache_dir))?;
-        let scratch = tempfile::Builder::new().prefix(".kernel-").tempdir_in(cache_dir).map_err(io_err(cache_dir))?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".kernel-")
+            .tempdir_in(cache_dir)
+            .map_err(io_err(cache_dir))?;
         unpack_kernel(deb, scratch.path())?;
         fs::write(scratch.path().join(".complete"), b"").map_err(io_err(scratch.path()))?;
         if final_dir.exists() {
@@ -180,7 +219,10 @@ pub fn prepare_kernel(deb: &KernelDeb, cache_dir: &Path) -> Result<PreparedKerne
         if let Err(source) = fs::rename(&scratch, &final_dir) {
             let _ = fs::remove_dir_all(&scratch);
             if !final_dir.join(".complete").exists() {
-                return Err(KernelError::Io { path: final_dir, source });
+                return Err(KernelError::Io {
+                    path: final_dir,
+                    source,
+                });
             }
             // Else another build won the race with identical content.
         }
@@ -196,29 +238,47 @@ pub fn prepare_kernel(deb: &KernelDeb, cache_dir: &Path) -> Result<PreparedKerne
 
 fn unpack_kernel(deb: &KernelDeb, dir: &Path) -> Result<(), KernelError> {
     let root = dir.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb.path).arg(&root), "dpkg-deb", "dpkg")?;
+    run(
+        Command::new("dpkg-deb").arg("-x").arg(&deb.path).arg(&root),
+        "dpkg-deb",
+        "dpkg",
+    )?;
     let release = modules_release(&root, &deb.path)?;
     let vmlinuz = root.join("boot").join(format!("vmlinuz-{release}"));
     let bzimage = fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
-    let elf = vmlinux::extract_vmlinux(&bzimage).map_err(|source| KernelError::Vmlinux { path: vmlinuz, source })?;
+    let elf = vmlinux::extract_vmlinux(&bzimage).map_err(|source| KernelError::Vmlinux {
+        path: vmlinuz,
+        source,
+    })?;
     let vmlinux_path = dir.join("vmlinux");
     fs::write(&vmlinux_path, elf).map_err(io_err(&vmlinux_path))?;
     // Debian ships no modules.dep; depmod writes it (and its friends).
-    run(Command::new(depmod_path()).arg("-b").arg(&root).arg(&release), "depmod", "kmod")?;
+    run(
+        Command::new(depmod_path())
+            .arg("-b")
+            .arg(&root)
+            .arg(&release),
+        "depmod",
+        "kmod",
+    )?;
     Ok(())
 }
 
 fn modules_release(root: &Path, deb: &Path) -> Result<String, KernelError> {
     let modules = root.join("lib/modules");
     let entries: Vec<String> = fs::read_dir(&modules)
-        .map_err(|_| KernelError::NoModulesDir { path: deb.to_owned() })?
+        .map_err(|_| KernelError::NoModulesDir {
+            path: deb.to_owned(),
+        })?
         .filter_map(Result::ok)
         .filter(|entry| entry.path().is_dir())
         .filter_map(|entry| entry.file_name().into_string().ok())
         .collect();
     match entries.as_slice() {
         [release] => Ok(release.clone()),
-        _ => Err(KernelError::NoModulesDir { path: deb.to_owned() }),
+        _ => Err(KernelError::NoModulesDir {
+            path: deb.to_owned(),
+        }),
     }
 }
 
@@ -231,8 +291,18 @@ fn depmod_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("depmod"))
 }
 
-fn run(command: &mut Command, tool: &'static str, package: &'static str) -> Result<Output, KernelError> {
-    let output = command.output().map_err(|source| KernelError::ToolMissing { tool, package, source })?;
+fn run(
+    command: &mut Command,
+    tool: &'static str,
+    package: &'static str,
+) -> Result<Output, KernelError> {
+    let output = command
+        .output()
+        .map_err(|source| KernelError::ToolMissing {
+            tool,
+            package,
+            source,
+        })?;
     if !output.status.success() {
         return Err(KernelError::ToolFailed {
             tool,
@@ -260,7 +330,10 @@ mod tests {
                     Depends: linux-image-6.1.0-60-cloud-amd64 (= 6.1.200-1)\nDescription: x\n";
         assert_eq!(
             parse_kernel_dependency(show),
-            Some(("linux-image-6.1.0-60-cloud-amd64".to_owned(), "6.1.200-1".to_owned()))
+            Some((
+                "linux-image-6.1.0-60-cloud-amd64".to_owned(),
+                "6.1.200-1".to_owned()
+            ))
         );
         assert_eq!(parse_kernel_dependency("Package: x\n"), None);
         assert_eq!(parse_kernel_dependency("Depends: libc6 (>= 2)\n"), None);

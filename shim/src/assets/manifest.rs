@@ -72,14 +72,44 @@ mod tests {
         let key = cache_key(&base);
         assert_eq!(key, cache_key(&base.clone()), "the key is a pure function");
         assert_eq!(key.len(), 64);
-        assert_ne!(key, cache_key(&CacheKeyInputs { kernel_deb_sha256: "ab", ..base.clone() }));
-        assert_ne!(key, cache_key(&CacheKeyInputs { agent_sha256: "bc", ..base.clone() }));
-        assert_ne!(key, cache_key(&CacheKeyInputs { builder_version: BUILDER_VERSION + 1, ..base.clone() }));
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyInputs {
+                kernel_deb_sha256: "ab",
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyInputs {
+                agent_sha256: "bc",
+                ..base.clone()
+            })
+        );
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyInputs {
+                builder_version: BUILDER_VERSION + 1,
+                ..base.clone()
+            })
+        );
         let reordered = vec!["overlay".to_owned(), "erofs".to_owned()];
-        assert_ne!(key, cache_key(&CacheKeyInputs { modules: &reordered, ..base.clone() }));
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyInputs {
+                modules: &reordered,
+                ..base.clone()
+            })
+        );
         // Field boundaries cannot be shifted to collide.
         let merged = vec!["erofsoverlay".to_owned()];
-        assert_ne!(key, cache_key(&CacheKeyInputs { modules: &merged, ..base }));
+        assert_ne!(
+            key,
+            cache_key(&CacheKeyInputs {
+                modules: &merged,
+                ..base
+            })
+        );
     }
 
     #[test]
@@ -96,7 +126,10 @@ mod tests {
             files: BTreeMap::new(),
         };
         let mut json: serde_json::Value = serde_json::to_value(&manifest).unwrap();
-        assert_eq!(serde_json::from_value::<Manifest>(json.clone()).unwrap(), manifest);
+        assert_eq!(
+            serde_json::from_value::<Manifest>(json.clone()).unwrap(),
+            manifest
+        );
         json["surprise"] = serde_json::Value::Bool(true);
         assert!(serde_json::from_value::<Manifest>(json).is_err());
     }

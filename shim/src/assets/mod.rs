@@ -15,8 +15,8 @@ pub mod modules;
 pub mod vmlinux;
 
 pub use builder::{
-    build_guest_assets, default_output_dir, load_current, AssetsError, GuestAssets, GuestAssetsConfig, KernelSource,
-    CURRENT_LINK, INITRAMFS_NAME, MANIFEST_NAME, VMLINUX_NAME,
+    build_guest_assets, default_output_dir, load_current, AssetsError, GuestAssets,
+    GuestAssetsConfig, KernelSource, CURRENT_LINK, INITRAMFS_NAME, MANIFEST_NAME, VMLINUX_NAME,
 };
 pub use manifest::{Manifest, BUILDER_VERSION};
 pub use modules::GUEST_MODULES;

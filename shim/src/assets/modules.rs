@@ -46,11 +46,16 @@ impl ModuleDeps {
             if line.trim().is_empty() {
                 continue;
             }
-            let (module, rest) = line.split_once(':').ok_or(ModulesError::Malformed { line: index + 1 })?;
+            let (module, rest) = line
+                .split_once(':')
+                .ok_or(ModulesError::Malformed { line: index + 1 })?;
             if module.is_empty() {
                 return Err(ModulesError::Malformed { line: index + 1 });
             }
-            deps.insert(module.to_owned(), rest.split_whitespace().map(str::to_owned).collect());
+            deps.insert(
+                module.to_owned(),
+                rest.split_whitespace().map(str::to_owned).collect(),
+            );
         }
         Ok(Self { deps })
     }
@@ -63,7 +68,9 @@ impl ModuleDeps {
             .keys()
             .find(|path| module_name(path).is_some_and(|n| normalize(n) == wanted))
             .map(String::as_str)
-            .ok_or_else(|| ModulesError::Unknown { name: name.to_owned() })
+            .ok_or_else(|| ModulesError::Unknown {
+                name: name.to_owned(),
+            })
     }
 
     /// Module paths in load order: every module after all of its
@@ -90,12 +97,16 @@ impl ModuleDeps {
             return Ok(());
         }
         if !visiting.insert(path.to_owned()) {
-            return Err(ModulesError::Cycle { path: path.to_owned() });
+            return Err(ModulesError::Cycle {
+                path: path.to_owned(),
+            });
         }
         let deps = self
             .deps
             .get(path)
-            .ok_or_else(|| ModulesError::DanglingDependency { path: path.to_owned() })?;
+            .ok_or_else(|| ModulesError::DanglingDependency {
+                path: path.to_owned(),
+            })?;
         // modprobe loads the list right to left; do the same so that ties
         // resolve exactly as they would on a normal system.
         for dep in deps.iter().rev() {
@@ -137,28 +148,54 @@ kernel/fs/fuse/fuse.ko:
     #[test]
     fn dependencies_come_first_without_duplicates() {
         let deps = ModuleDeps::parse(SAMPLE).unwrap();
-        let order = deps.resolve_load_order(&["virtio_mmio", "virtio_scsi", "virtiofs"]).unwrap();
+        let order = deps
+            .resolve_load_order(&["virtio_mmio", "virtio_scsi", "virtiofs"])
+            .unwrap();
         let names: Vec<_> = order.iter().map(|p| module_name(p).unwrap()).collect();
         assert_eq!(
             names,
-            ["virtio_ring", "virtio", "virtio_mmio", "scsi_common", "scsi_mod", "virtio_scsi", "fuse", "virtiofs"]
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "scsi_common",
+                "scsi_mod",
+                "virtio_scsi",
+                "fuse",
+                "virtiofs"
+            ]
         );
     }
 
     #[test]
     fn names_match_across_dash_and_underscore() {
         let deps = ModuleDeps::parse(SAMPLE).unwrap();
-        assert_eq!(deps.path_of("virtio-scsi").unwrap(), "kernel/drivers/scsi/virtio_scsi.ko");
+        assert_eq!(
+            deps.path_of("virtio-scsi").unwrap(),
+            "kernel/drivers/scsi/virtio_scsi.ko"
+        );
     }
 
     #[test]
     fn unknown_dangling_and_cyclic_modules_are_errors() {
         let deps = ModuleDeps::parse(SAMPLE).unwrap();
-        assert!(matches!(deps.resolve_load_order(&["nope"]), Err(ModulesError::Unknown { .. })));
+        assert!(matches!(
+            deps.resolve_load_order(&["nope"]),
+            Err(ModulesError::Unknown { .. })
+        ));
         let dangling = ModuleDeps::parse("a.ko: b.ko\n").unwrap();
-        assert!(matches!(dangling.resolve_load_order(&["a"]), Err(ModulesError::DanglingDependency { .. })));
+        assert!(matches!(
+            dangling.resolve_load_order(&["a"]),
+            Err(ModulesError::DanglingDependency { .. })
+        ));
         let cycle = ModuleDeps::parse("a.ko: b.ko\nb.ko: a.ko\n").unwrap();
-        assert!(matches!(cycle.resolve_load_order(&["a"]), Err(ModulesError::Cycle { .. })));
-        assert!(matches!(ModuleDeps::parse("no colon here\n"), Err(ModulesError::Malformed { line: 1 })));
+        assert!(matches!(
+            cycle.resolve_load_order(&["a"]),
+            Err(ModulesError::Cycle { .. })
+        ));
+        assert!(matches!(
+            ModuleDeps::parse("no colon here\n"),
+            Err(ModulesError::Malformed { line: 1 })
+        ));
     }
 }

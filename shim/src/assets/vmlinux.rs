@@ -12,7 +12,11 @@ pub enum VmlinuxError {
     #[error("the bzImage boot protocol {version:#06x} is too old to locate its payload")]
     OldBootProtocol { version: u16 },
     #[error("the bzImage payload (offset {offset}, length {length}) lies outside the {file_len}-byte file")]
-    PayloadOutOfBounds { offset: usize, length: usize, file_len: usize },
+    PayloadOutOfBounds {
+        offset: usize,
+        length: usize,
+        file_len: usize,
+    },
     #[error("the bzImage payload is not LZ4 legacy-frame compressed (magic {found:02x?})")]
     NotLz4 { found: Vec<u8> },
     #[error("LZ4 block at payload offset {offset} is corrupt")]
@@ -22,14 +26,20 @@ pub enum VmlinuxError {
         source: lz4_flex::block::DecompressError,
     },
     #[error("LZ4 block at payload offset {offset} claims {size} bytes but only {left} remain")]
-    Lz4Truncated { offset: usize, size: usize, left: usize },
+    Lz4Truncated {
+        offset: usize,
+        size: usize,
+        left: usize,
+    },
     #[error("decompressed kernel is {actual} bytes but the bzImage records {expected}")]
     SizeMismatch { expected: usize, actual: usize },
     #[error("the decompressed kernel is not a 64-bit little-endian x86-64 ELF executable")]
     NotElf,
     #[error("the kernel ELF is truncated: {what} lies outside the file")]
     ElfTruncated { what: &'static str },
-    #[error("the kernel ELF has no PVH entry note (Xen note type 18): QEMU cannot boot it directly")]
+    #[error(
+        "the kernel ELF has no PVH entry note (Xen note type 18): QEMU cannot boot it directly"
+    )]
     NoPvhNote,
 }
 
@@ -66,11 +76,13 @@ fn bzimage_payload(image: &[u8]) -> Result<&[u8], VmlinuxError> {
     let payload_offset = read_u32(image, 0x248).ok_or(VmlinuxError::NotBzImage)? as usize;
     let length = read_u32(image, 0x24c).ok_or(VmlinuxError::NotBzImage)? as usize;
     let offset = protected_mode_start + payload_offset;
-    image.get(offset..offset + length).ok_or(VmlinuxError::PayloadOutOfBounds {
-        offset,
-        length,
-        file_len: image.len(),
-    })
+    image
+        .get(offset..offset + length)
+        .ok_or(VmlinuxError::PayloadOutOfBounds {
+            offset,
+            length,
+            file_len: image.len(),
+        })
 }
 
 /// Decodes an LZ4 legacy frame: the magic, then blocks each prefixed by its
@@ -78,7 +90,9 @@ fn bzimage_payload(image: &[u8]) -> Result<&[u8], VmlinuxError> {
 /// after the last block; when present it is checked.
 fn decompress_lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
     if payload.get(..4) != Some(&LZ4_LEGACY_MAGIC) {
-        return Err(VmlinuxError::NotLz4 { found: payload.iter().take(4).copied().collect() });
+        return Err(VmlinuxError::NotLz4 {
+            found: payload.iter().take(4).copied().collect(),
+        });
     }
     let mut out = Vec::new();
     let mut pos = 4;
@@ -92,18 +106,30 @@ fn decompress_lz4_legacy(payload: &[u8]) -> Result<Vec<u8>, VmlinuxError> {
         if left == 0 {
             // The trailing uncompressed size.
             if word != out.len() {
-                return Err(VmlinuxError::SizeMismatch { expected: word, actual: out.len() });
+                return Err(VmlinuxError::SizeMismatch {
+                    expected: word,
+                    actual: out.len(),
+                });
             }
             break;
         }
         if word > left {
-            return Err(VmlinuxError::Lz4Truncated { offset: pos, size: word, left });
+            return Err(VmlinuxError::Lz4Truncated {
+                offset: pos,
+                size: word,
+                left,
+            });
         }
         let block = &payload[pos + 4..pos + 4 + word];
         let start = out.len();
         out.resize(start + LZ4_LEGACY_BLOCK, 0);
-        let written = lz4_flex::block::decompress_into(block, &mut out[start..])
-            .map_err(|source| VmlinuxError::Lz4Block { offset: pos, source })?;
+        let written =
+            lz4_flex::block::decompress_into(block, &mut out[start..]).map_err(|source| {
+                VmlinuxError::Lz4Block {
+                    offset: pos,
+                    source,
+                }
+            })?;
         out.truncate(start + written);
         pos += 4 + word;
     }
@@ -132,7 +158,9 @@ pub fn pvh_entry(elf: &[u8]) -> Result<u32, VmlinuxError> {
         }
         let offset = read_u64(elf, ph + 0x08).ok_or(truncated("a program header"))? as usize;
         let size = read_u64(elf, ph + 0x20).ok_or(truncated("a program header"))? as usize;
-        let notes = elf.get(offset..offset + size).ok_or(truncated("a note segment"))?;
+        let notes = elf
+            .get(offset..offset + size)
+            .ok_or(truncated("a note segment"))?;
         if let Some(entry) = find_pvh_note(notes) {
             return Ok(entry);
         }
@@ -195,7 +223,10 @@ mod tests {
         assert_eq!(out, [a.clone(), b.clone()].concat());
         let wrong = decompress_lz4_legacy(&legacy_frame(&[&a, &b], Some(total + 1)));
         assert!(matches!(wrong, Err(VmlinuxError::SizeMismatch { .. })));
-        assert!(matches!(decompress_lz4_legacy(b"\x04\x22\x4d\x18xxxx"), Err(VmlinuxError::NotLz4 { .. })));
+        assert!(matches!(
+            decompress_lz4_legacy(b"\x04\x22\x4d\x18xxxx"),
+            Err(VmlinuxError::NotLz4 { .. })
+        ));
     }
 
     #[test]
@@ -230,11 +261,17 @@ mod tests {
 
         elf[120 + 8] = 5; // another note type: no PVH entry any more
         assert!(matches!(pvh_entry(&elf), Err(VmlinuxError::NoPvhNote)));
-        assert!(matches!(pvh_entry(b"not an elf at all"), Err(VmlinuxError::NotElf)));
+        assert!(matches!(
+            pvh_entry(b"not an elf at all"),
+            Err(VmlinuxError::NotElf)
+        ));
     }
 
     #[test]
     fn rejects_non_bzimages() {
-        assert!(matches!(extract_vmlinux(&[0u8; 4096]), Err(VmlinuxError::NotBzImage)));
+        assert!(matches!(
+            extract_vmlinux(&[0u8; 4096]),
+            Err(VmlinuxError::NotBzImage)
+        ));
     }
 }

@@ -31,7 +31,13 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()>
     // SAFETY: the fd is a valid pidfd we own; info is NULL (the kernel fills
     // in a default siginfo) and flags are 0.
     let rc = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<libc::siginfo_t>(), 0)
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
     };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -65,11 +71,17 @@ pub fn configure_child(command: &mut tokio::process::Command, netns: Option<RawF
 /// The (rows, cols) of the terminal behind `fd`, or None when it is not a
 /// terminal.
 pub fn terminal_size(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
-    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    let mut size = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
     // SAFETY: TIOCGWINSZ writes one winsize into the valid, exclusively
     // borrowed struct; the fd is borrowed for the duration of the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
-    (rc == 0 && size.ws_row > 0 && size.ws_col > 0).then(|| (u32::from(size.ws_row), u32::from(size.ws_col)))
+    (rc == 0 && size.ws_row > 0 && size.ws_col > 0)
+        .then(|| (u32::from(size.ws_row), u32::from(size.ws_col)))
 }
 
 #[cfg(test)]
@@ -91,7 +103,10 @@ mod tests {
 
     #[test]
     fn pidfd_signals_a_child() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep must exist");
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep must exist");
         let pidfd = pidfd_open(child.id()).unwrap();
         pidfd_send_signal(&pidfd, libc::SIGKILL).unwrap();
         let status = child.wait().unwrap();

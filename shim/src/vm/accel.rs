@@ -50,7 +50,9 @@ pub async fn resolve(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Acce
             };
             if let Some(reason) = &record.reason {
                 static WARN_ONCE: Once = Once::new();
-                WARN_ONCE.call_once(|| tracing::warn!("KVM unusable ({reason}), {KVM_UNUSABLE_WARNING}"));
+                WARN_ONCE.call_once(|| {
+                    tracing::warn!("KVM unusable ({reason}), {KVM_UNUSABLE_WARNING}")
+                });
             }
             record.accel
         }
@@ -96,7 +98,9 @@ fn read_cache(path: &Path, key: &str) -> Option<ProbeRecord> {
 }
 
 fn write_cache(path: &Path, record: &ProbeRecord) {
-    let Ok(json) = serde_json::to_string(record) else { return };
+    let Ok(json) = serde_json::to_string(record) else {
+        return;
+    };
     let temporary = path.with_extension(format!("tmp.{}", std::process::id()));
     let written = std::fs::write(&temporary, json).and_then(|()| std::fs::rename(&temporary, path));
     if let Err(error) = written {
@@ -107,22 +111,40 @@ fn write_cache(path: &Path, record: &ProbeRecord) {
 
 async fn probe(config: &VmConfig, state_root: &Path, tsc_khz: u64, key: String) -> ProbeRecord {
     let started = Instant::now();
-    let reason = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    let reason = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Err(error) => Some(format!("cannot open /dev/kvm: {error}")),
         Ok(_) => boot_probe_guest(config, state_root, tsc_khz).await.err(),
     };
-    let accel = if reason.is_none() { Accel::Kvm } else { Accel::Tcg };
+    let accel = if reason.is_none() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
     tracing::info!(%accel, elapsed_ms = started.elapsed().as_millis() as u64, "KVM probe done");
     ProbeRecord { key, accel, reason }
 }
 
 /// Boots the VM's kernel and initramfs under KVM without devices and waits
 /// for the kernel to reach /init. Err carries why KVM is unusable.
-async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Result<(), String> {
-    let dir = ProbeDir::create(state_root).map_err(|error| format!("cannot create the probe dir: {error}"))?;
+async fn boot_probe_guest(
+    config: &VmConfig,
+    state_root: &Path,
+    tsc_khz: u64,
+) -> Result<(), String> {
+    let dir = ProbeDir::create(state_root)
+        .map_err(|error| format!("cannot create the probe dir: {error}"))?;
     let console = dir.0.join("console.log");
     let mut child = tokio::process::Command::new(&config.qemu)
-        .args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on", "-bios", "qboot.rom"])
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on",
+            "-bios",
+            "qboot.rom",
+        ])
         .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256M"])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .arg("-kernel")
@@ -130,9 +152,14 @@ async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) ->
         .arg("-initrd")
         .arg(&config.initramfs)
         .arg("-append")
-        .arg(format!("console=ttyS0 8250.nr_uarts=1 tsc_early_khz={tsc_khz} panic=-1"))
+        .arg(format!(
+            "console=ttyS0 8250.nr_uarts=1 tsc_early_khz={tsc_khz} panic=-1"
+        ))
         .arg("-chardev")
-        .arg(format!("file,id=console,path={}", escape(&console.to_string_lossy())))
+        .arg(format!(
+            "file,id=console,path={}",
+            escape(&console.to_string_lossy())
+        ))
         .args(["-serial", "chardev:console"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -151,11 +178,20 @@ async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) ->
                 use tokio::io::AsyncReadExt;
                 let _ = pipe.read_to_string(&mut stderr).await;
             }
-            let first_line = stderr.lines().next().unwrap_or("no error output").to_owned();
-            break Err(format!("a probe guest made QEMU exit with {status}: {first_line}"));
+            let first_line = stderr
+                .lines()
+                .next()
+                .unwrap_or("no error output")
+                .to_owned();
+            break Err(format!(
+                "a probe guest made QEMU exit with {status}: {first_line}"
+            ));
         }
         if Instant::now() >= deadline {
-            break Err(format!("a probe guest did not reach /init within {} s", PROBE_DEADLINE.as_secs()));
+            break Err(format!(
+                "a probe guest did not reach /init within {} s",
+                PROBE_DEADLINE.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -170,7 +206,9 @@ struct ProbeDir(PathBuf);
 impl ProbeDir {
     fn create(state_root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(state_root)?;
-        let dir = tempfile::Builder::new().prefix("kvm-probe-").tempdir_in(state_root)?;
+        let dir = tempfile::Builder::new()
+            .prefix("kvm-probe-")
+            .tempdir_in(state_root)?;
         Ok(Self(dir.keep()))
     }
 }
@@ -189,7 +227,11 @@ mod tests {
     fn cache_hits_only_on_the_same_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(PROBE_CACHE_FILE);
-        let record = ProbeRecord { key: "k1".into(), accel: Accel::Tcg, reason: Some("crashed".into()) };
+        let record = ProbeRecord {
+            key: "k1".into(),
+            accel: Accel::Tcg,
+            reason: Some("crashed".into()),
+        };
         write_cache(&path, &record);
         assert_eq!(read_cache(&path, "k1"), Some(record));
         assert_eq!(read_cache(&path, "k2"), None);
@@ -220,7 +262,10 @@ mod tests {
         std::fs::write(&kernel, b"a different kernel").unwrap();
         let second = probe_key(&config).await;
         assert_ne!(first, second);
-        let other_qemu = VmConfig { qemu: "/bin/false".into(), ..config };
+        let other_qemu = VmConfig {
+            qemu: "/bin/false".into(),
+            ..config
+        };
         assert_ne!(second, probe_key(&other_qemu).await);
     }
 

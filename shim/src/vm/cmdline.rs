@@ -3,7 +3,9 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME, AGENT_VSOCK_PORT};
+use super::{
+    Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME, AGENT_VSOCK_PORT,
+};
 
 /// The ids QEMU knows devices by (QMP talks about them).
 pub const SCSI_CONTROLLER_ID: &str = "scsi0";
@@ -53,12 +55,21 @@ pub fn kernel_cmdline(config: &VmConfig, tsc_khz: u64) -> String {
 }
 
 /// QEMU's arguments (without the binary).
-pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64, paths: &StatePaths) -> Vec<OsString> {
+pub fn qemu_args(
+    config: &VmConfig,
+    accel: Accel,
+    tsc_khz: u64,
+    paths: &StatePaths,
+) -> Vec<OsString> {
     let mut args = ArgList::default();
-    args.push("-name").push(format!("spry-{},debug-threads=on", escape(config.id.as_str())));
+    args.push("-name").push(format!(
+        "spry-{},debug-threads=on",
+        escape(config.id.as_str())
+    ));
     // ACPI stays on: this kernel finds virtio-mmio devices only through ACPI
     // (it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
-    args.push("-M").push("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on");
+    args.push("-M")
+        .push("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on");
     // QEMU looks bare file names up in its firmware directory.
     args.push("-bios").push("qboot.rom");
     match accel {
@@ -67,18 +78,28 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64, paths: &StatePat
     };
     args.push("-smp").push(config.cpus.to_string());
     args.push("-m").push(format!("{}M", config.memory_mib));
-    args.push("-nodefaults").push("-no-user-config").push("-nographic").push("-no-reboot");
+    args.push("-nodefaults")
+        .push("-no-user-config")
+        .push("-nographic")
+        .push("-no-reboot");
     args.push("-kernel").push(&config.kernel);
     args.push("-initrd").push(&config.initramfs);
     args.push("-append").push(kernel_cmdline(config, tsc_khz));
 
-    args.push("-chardev").push(format!("file,id=console,path={}", escape_path(&paths.console_log)));
+    args.push("-chardev").push(format!(
+        "file,id=console,path={}",
+        escape_path(&paths.console_log)
+    ));
     args.push("-serial").push("chardev:console");
-    args.push("-chardev").push(format!("socket,id=qmp,path={},server=on,wait=off", escape_path(&paths.qmp_socket)));
+    args.push("-chardev").push(format!(
+        "socket,id=qmp,path={},server=on,wait=off",
+        escape_path(&paths.qmp_socket)
+    ));
     args.push("-mon").push("chardev=qmp,mode=control");
 
     args.push("-device").push("virtio-rng-device");
-    args.push("-device").push(format!("virtio-scsi-device,id={SCSI_CONTROLLER_ID}"));
+    args.push("-device")
+        .push(format!("virtio-scsi-device,id={SCSI_CONTROLLER_ID}"));
     match config.agent_channel {
         AgentChannelKind::VirtioSerial => {
             args.push("-chardev").push(format!(
@@ -86,10 +107,13 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64, paths: &StatePat
                 escape_path(&paths.agent_socket)
             ));
             args.push("-device").push("virtio-serial-device,id=vser0");
-            args.push("-device").push(format!("virtserialport,chardev=agent,name={AGENT_PORT_NAME}"));
+            args.push("-device").push(format!(
+                "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
+            ));
         }
         AgentChannelKind::Vsock { cid } => {
-            args.push("-device").push(format!("vhost-vsock-device,guest-cid={cid}"));
+            args.push("-device")
+                .push(format!("vhost-vsock-device,guest-cid={cid}"));
         }
     }
     args.0
@@ -137,11 +161,17 @@ mod tests {
 
     fn args_of(config: &VmConfig, accel: Accel) -> Vec<String> {
         let paths = StatePaths::new(&config.state_dir);
-        qemu_args(config, accel, 2_445_404, &paths).into_iter().map(|a| a.into_string().unwrap()).collect()
+        qemu_args(config, accel, 2_445_404, &paths)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
     }
 
     fn value_after(args: &[String], flag: &str) -> Vec<String> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].clone())
+            .collect()
     }
 
     #[test]
@@ -152,7 +182,10 @@ mod tests {
             "console=ttyS0 8250.nr_uarts=1 tsc_early_khz=2445404 panic=-1 quiet \
              spry.agent_channel=virtio-serial:spry.agent loglevel=7"
         );
-        let vsock = VmConfig { agent_channel: AgentChannelKind::Vsock { cid: 7 }, ..config() };
+        let vsock = VmConfig {
+            agent_channel: AgentChannelKind::Vsock { cid: 7 },
+            ..config()
+        };
         assert!(kernel_cmdline(&vsock, 1).contains("spry.agent_channel=vsock:1024"));
     }
 
@@ -169,7 +202,10 @@ mod tests {
     #[test]
     fn machine_devices_and_sockets() {
         let args = args_of(&config(), Accel::Tcg);
-        assert_eq!(value_after(&args, "-M"), ["microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on"]);
+        assert_eq!(
+            value_after(&args, "-M"),
+            ["microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on"]
+        );
         assert_eq!(value_after(&args, "-bios"), ["qboot.rom"]);
         assert_eq!(value_after(&args, "-smp"), ["2"]);
         assert_eq!(value_after(&args, "-m"), ["512M"]);
@@ -188,13 +224,20 @@ mod tests {
         );
         let chardevs = value_after(&args, "-chardev");
         assert!(chardevs.contains(&"file,id=console,path=/run/spry/pod-1/console.log".to_owned()));
-        assert!(chardevs.contains(&"socket,id=qmp,path=/run/spry/pod-1/qmp.sock,server=on,wait=off".to_owned()));
-        assert!(chardevs.contains(&"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()));
+        assert!(chardevs.contains(
+            &"socket,id=qmp,path=/run/spry/pod-1/qmp.sock,server=on,wait=off".to_owned()
+        ));
+        assert!(chardevs.contains(
+            &"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()
+        ));
     }
 
     #[test]
     fn vsock_replaces_the_serial_port() {
-        let vsock = VmConfig { agent_channel: AgentChannelKind::Vsock { cid: 42 }, ..config() };
+        let vsock = VmConfig {
+            agent_channel: AgentChannelKind::Vsock { cid: 42 },
+            ..config()
+        };
         let args = args_of(&vsock, Accel::Kvm);
         let devices = value_after(&args, "-device");
         assert!(devices.contains(&"vhost-vsock-device,guest-cid=42".to_owned()));
@@ -203,8 +246,12 @@ mod tests {
 
     #[test]
     fn commas_in_paths_are_escaped() {
-        let odd = VmConfig { state_dir: "/run/a,b".into(), ..config() };
+        let odd = VmConfig {
+            state_dir: "/run/a,b".into(),
+            ..config()
+        };
         let args = args_of(&odd, Accel::Tcg);
-        assert!(value_after(&args, "-chardev").contains(&"file,id=console,path=/run/a,,b/console.log".to_owned()));
+        assert!(value_after(&args, "-chardev")
+            .contains(&"file,id=console,path=/run/a,,b/console.log".to_owned()));
     }
 }

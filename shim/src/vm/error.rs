@@ -16,7 +16,11 @@ pub enum VmError {
     #[error("VM {id} needs at least one CPU")]
     NoCpus { id: String },
     #[error("VM {id} needs at least {minimum} MiB of memory, got {memory_mib}")]
-    TooLittleMemory { id: String, memory_mib: u32, minimum: u32 },
+    TooLittleMemory {
+        id: String,
+        memory_mib: u32,
+        minimum: u32,
+    },
     #[error("socket path {path} is longer than a unix socket allows ({max} bytes): use a shorter state dir")]
     SocketPathTooLong { path: PathBuf, max: usize },
     #[error("state dir {path} already exists (another VM, or a leftover of a crashed one)")]
@@ -27,7 +31,9 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
-    #[error("vsock needs /dev/vhost-vsock, which this host lacks (use the virtio-serial agent channel)")]
+    #[error(
+        "vsock needs /dev/vhost-vsock, which this host lacks (use the virtio-serial agent channel)"
+    )]
     NoVhostVsock,
     #[error("KVM was requested but /dev/kvm cannot be opened")]
     KvmUnavailable {
@@ -52,7 +58,11 @@ pub enum VmError {
         source: io::Error,
     },
     #[error("QEMU for VM {id} exited during startup ({exit}); its stderr: {stderr}")]
-    StartupExit { id: String, exit: VmExit, stderr: String },
+    StartupExit {
+        id: String,
+        exit: VmExit,
+        stderr: String,
+    },
     #[error("QEMU for VM {id} did not open its QMP socket within {seconds} s")]
     QmpSocketTimeout { id: String, seconds: u64 },
     #[error("QMP of VM {id} failed")]

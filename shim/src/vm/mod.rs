@@ -75,8 +75,13 @@ pub enum AgentChannelKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentEndpoint {
     /// A unix socket: one connection at a time, bytes go to the guest port.
-    VirtioSerial { socket: PathBuf },
-    Vsock { cid: u32, port: u32 },
+    VirtioSerial {
+        socket: PathBuf,
+    },
+    Vsock {
+        cid: u32,
+        port: u32,
+    },
 }
 
 /// Everything needed to start a VM. `Default` gives a 1-CPU, 512 MiB VM

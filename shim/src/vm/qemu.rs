@@ -17,8 +17,8 @@ use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
 use super::console::{self, TAIL_LINES};
 use super::qmp::{QmpClient, QmpError};
 use super::{
-    accel, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm, VmConfig, VmError, VmExit,
-    AGENT_VSOCK_PORT,
+    accel, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm, VmConfig,
+    VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
@@ -42,7 +42,9 @@ pub struct QemuHypervisor {
 
 impl QemuHypervisor {
     pub fn new(state_root: impl Into<PathBuf>) -> Self {
-        Self { state_root: state_root.into() }
+        Self {
+            state_root: state_root.into(),
+        }
     }
 }
 
@@ -50,7 +52,11 @@ impl QemuHypervisor {
 impl Hypervisor for QemuHypervisor {
     async fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError> {
         let span = tracing::info_span!("vm", vm_id = %config.id);
-        Ok(Box::new(QemuVm::start(config, &self.state_root).instrument(span).await?))
+        Ok(Box::new(
+            QemuVm::start(config, &self.state_root)
+                .instrument(span)
+                .await?,
+        ))
     }
 }
 
@@ -69,7 +75,11 @@ pub struct QemuVm {
 
 impl std::fmt::Debug for QemuVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QemuVm").field("id", &self.id).field("pid", &self.pid).field("accel", &self.accel).finish()
+        f.debug_struct("QemuVm")
+            .field("id", &self.id)
+            .field("pid", &self.pid)
+            .field("accel", &self.accel)
+            .finish()
     }
 }
 
@@ -92,7 +102,9 @@ impl Cleanup {
         match fs::remove_dir_all(&self.state_dir) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => tracing::warn!(path = %self.state_dir.display(), %error, "cannot remove VM state dir"),
+            Err(error) => {
+                tracing::warn!(path = %self.state_dir.display(), %error, "cannot remove VM state dir")
+            }
         }
     }
 }
@@ -121,23 +133,36 @@ impl QemuVm {
                 .map_err(|source| VmError::KvmUnavailable { source })?;
         }
         let netns = match &config.netns {
-            Some(path) => {
-                Some(fs::File::open(path).map_err(|source| VmError::NetNs { path: path.clone(), source })?)
-            }
+            Some(path) => Some(fs::File::open(path).map_err(|source| VmError::NetNs {
+                path: path.clone(),
+                source,
+            })?),
             None => None,
         };
 
         match fs::create_dir(&config.state_dir) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VmError::StateDirExists { path: config.state_dir.clone() });
+                return Err(VmError::StateDirExists {
+                    path: config.state_dir.clone(),
+                });
             }
-            Err(source) => return Err(VmError::StateDir { path: config.state_dir.clone(), source }),
+            Err(source) => {
+                return Err(VmError::StateDir {
+                    path: config.state_dir.clone(),
+                    source,
+                })
+            }
         }
-        let mut cleanup = Cleanup { state_dir: config.state_dir.clone(), qemu: None };
+        let mut cleanup = Cleanup {
+            state_dir: config.state_dir.clone(),
+            qemu: None,
+        };
 
-        let stderr = fs::File::create(&paths.qemu_stderr)
-            .map_err(|source| VmError::StateDir { path: paths.qemu_stderr.clone(), source })?;
+        let stderr = fs::File::create(&paths.qemu_stderr).map_err(|source| VmError::StateDir {
+            path: paths.qemu_stderr.clone(),
+            source,
+        })?;
         let mut command = tokio::process::Command::new(&config.qemu);
         command
             .args(qemu_args(&config, accel, tsc_khz, &paths))
@@ -147,7 +172,10 @@ impl QemuVm {
             .stderr(stderr)
             .kill_on_drop(true);
         sys::configure_child(&mut command, netns.as_ref().map(AsRawFd::as_raw_fd));
-        let mut child = command.spawn().map_err(|source| VmError::Spawn { qemu: config.qemu.clone(), source })?;
+        let mut child = command.spawn().map_err(|source| VmError::Spawn {
+            qemu: config.qemu.clone(),
+            source,
+        })?;
         drop(netns);
         let pid = child.id().unwrap_or_default();
         // Until the child is reaped its PID cannot be reused, so this pidfd
@@ -180,8 +208,13 @@ impl QemuVm {
             }
         };
         let agent_endpoint = match config.agent_channel {
-            AgentChannelKind::VirtioSerial => AgentEndpoint::VirtioSerial { socket: paths.agent_socket.clone() },
-            AgentChannelKind::Vsock { cid } => AgentEndpoint::Vsock { cid, port: AGENT_VSOCK_PORT },
+            AgentChannelKind::VirtioSerial => AgentEndpoint::VirtioSerial {
+                socket: paths.agent_socket.clone(),
+            },
+            AgentChannelKind::Vsock { cid } => AgentEndpoint::Vsock {
+                cid,
+                port: AGENT_VSOCK_PORT,
+            },
         };
         tracing::info!(
             pid,
@@ -205,16 +238,24 @@ impl QemuVm {
     }
 
     fn qmp_error(&self, source: QmpError) -> VmError {
-        VmError::Qmp { id: self.id.clone(), source }
+        VmError::Qmp {
+            id: self.id.clone(),
+            source,
+        }
     }
 
     fn targets(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
-        self.scsi_targets.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.scsi_targets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn exited(&self) -> Option<VmError> {
         let exit = self.exit.borrow().clone()?;
-        Some(VmError::Exited { id: self.id.clone(), exit })
+        Some(VmError::Exited {
+            id: self.id.clone(),
+            exit,
+        })
     }
 }
 
@@ -222,12 +263,19 @@ impl QemuVm {
 fn validate(config: &VmConfig) -> Result<(), VmError> {
     let id_ok = !config.id.is_empty()
         && config.id.len() <= 64
-        && config.id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && config
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if !id_ok {
-        return Err(VmError::InvalidId { id: config.id.clone() });
+        return Err(VmError::InvalidId {
+            id: config.id.clone(),
+        });
     }
     if config.cpus == 0 {
-        return Err(VmError::NoCpus { id: config.id.clone() });
+        return Err(VmError::NoCpus {
+            id: config.id.clone(),
+        });
     }
     if config.memory_mib < MIN_MEMORY_MIB {
         return Err(VmError::TooLittleMemory {
@@ -236,10 +284,16 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
             minimum: MIN_MEMORY_MIB,
         });
     }
-    for (what, path) in [("kernel", &config.kernel), ("initramfs", &config.initramfs), ("QEMU binary", &config.qemu)]
-    {
+    for (what, path) in [
+        ("kernel", &config.kernel),
+        ("initramfs", &config.initramfs),
+        ("QEMU binary", &config.qemu),
+    ] {
         if !path.is_file() {
-            return Err(VmError::MissingFile { what, path: path.clone() });
+            return Err(VmError::MissingFile {
+                what,
+                path: path.clone(),
+            });
         }
     }
     if let AgentChannelKind::Vsock { .. } = config.agent_channel {
@@ -250,7 +304,10 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
     let paths = StatePaths::new(&config.state_dir);
     for socket in [&paths.qmp_socket, &paths.agent_socket] {
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(VmError::SocketPathTooLong { path: socket.clone(), max: MAX_SOCKET_PATH });
+            return Err(VmError::SocketPathTooLong {
+                path: socket.clone(),
+                max: MAX_SOCKET_PATH,
+            });
         }
     }
     Ok(())
@@ -275,8 +332,15 @@ async fn connect_qmp(
     let deadline = Instant::now() + QMP_SOCKET_TIMEOUT;
     loop {
         if let Some(exit) = exit.borrow().clone() {
-            let stderr = fs::read_to_string(&paths.qemu_stderr).unwrap_or_default().trim().to_owned();
-            return Err(VmError::StartupExit { id: id.to_owned(), exit, stderr });
+            let stderr = fs::read_to_string(&paths.qemu_stderr)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            return Err(VmError::StartupExit {
+                id: id.to_owned(),
+                exit,
+                stderr,
+            });
         }
         if paths.qmp_socket.exists() {
             match QmpClient::connect(&paths.qmp_socket).await {
@@ -289,12 +353,18 @@ async fn connect_qmp(
                     if exit.borrow().is_some() {
                         continue;
                     }
-                    return Err(VmError::Qmp { id: id.to_owned(), source });
+                    return Err(VmError::Qmp {
+                        id: id.to_owned(),
+                        source,
+                    });
                 }
             }
         }
         if Instant::now() >= deadline {
-            return Err(VmError::QmpSocketTimeout { id: id.to_owned(), seconds: QMP_SOCKET_TIMEOUT.as_secs() });
+            return Err(VmError::QmpSocketTimeout {
+                id: id.to_owned(),
+                seconds: QMP_SOCKET_TIMEOUT.as_secs(),
+            });
         }
         let _ = tokio::time::timeout(Duration::from_millis(10), exit.changed()).await;
     }
@@ -309,7 +379,10 @@ fn device_id(addr: ScsiAddr) -> String {
 }
 
 /// Waits until the watch holds an exit, up to `timeout`.
-async fn wait_exit(exit: &mut watch::Receiver<Option<VmExit>>, timeout: Duration) -> Option<VmExit> {
+async fn wait_exit(
+    exit: &mut watch::Receiver<Option<VmExit>>,
+    timeout: Duration,
+) -> Option<VmExit> {
     let waited = match tokio::time::timeout(timeout, exit.wait_for(Option::is_some)).await {
         Ok(Ok(published)) => published.clone(),
         // The sender is gone only after it published the exit.
@@ -346,16 +419,25 @@ impl Vm for QemuVm {
         }
         // QEMU runs in the state dir: hand it an absolute path, and fail here
         // with the file's name rather than in QMP.
-        let image = fs::canonicalize(image).map_err(|source| VmError::DiskImage { path: image.to_owned(), source })?;
+        let image = fs::canonicalize(image).map_err(|source| VmError::DiskImage {
+            path: image.to_owned(),
+            source,
+        })?;
         if !image.is_file() {
-            let source = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-            return Err(VmError::DiskImage { path: image, source });
+            let source =
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(VmError::DiskImage {
+                path: image,
+                source,
+            });
         }
         let addr = {
             let mut targets = self.targets();
             let target = (0..=MAX_SCSI_TARGET)
                 .find(|t| !targets.contains(t))
-                .ok_or_else(|| VmError::NoFreeScsiTarget { id: self.id.clone() })?;
+                .ok_or_else(|| VmError::NoFreeScsiTarget {
+                    id: self.id.clone(),
+                })?;
             targets.insert(target);
             ScsiAddr { target, lun: 0 }
         };
@@ -392,7 +474,10 @@ impl Vm for QemuVm {
             )
             .await;
         if let Err(source) = device {
-            let _ = self.qmp.execute("blockdev-del", Some(json!({ "node-name": node }))).await;
+            let _ = self
+                .qmp
+                .execute("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
             self.targets().remove(&addr.target);
             return Err(self.qmp_error(source));
         }
@@ -409,7 +494,10 @@ impl Vm for QemuVm {
 
     async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
         if addr.lun != 0 || !self.targets().contains(&addr.target) {
-            return Err(VmError::UnknownDisk { id: self.id.clone(), addr });
+            return Err(VmError::UnknownDisk {
+                id: self.id.clone(),
+                addr,
+            });
         }
         if let Some(error) = self.exited() {
             return Err(error);
@@ -417,11 +505,17 @@ impl Vm for QemuVm {
         let id = device_id(addr);
         // Subscribe before asking, so the event cannot slip past.
         let mut events = self.qmp.subscribe();
-        self.qmp.execute("device_del", Some(json!({ "id": id }))).await.map_err(|e| self.qmp_error(e))?;
+        self.qmp
+            .execute("device_del", Some(json!({ "id": id })))
+            .await
+            .map_err(|e| self.qmp_error(e))?;
         let deleted = tokio::time::timeout(UNPLUG_TIMEOUT, async {
             loop {
                 match events.recv().await {
-                    Ok(event) if event.event == "DEVICE_DELETED" && event.data["device"] == id.as_str() => {
+                    Ok(event)
+                        if event.event == "DEVICE_DELETED"
+                            && event.data["device"] == id.as_str() =>
+                    {
                         return true;
                     }
                     Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
@@ -431,10 +525,16 @@ impl Vm for QemuVm {
         })
         .await;
         if deleted != Ok(true) {
-            return Err(VmError::UnplugTimeout { id: self.id.clone(), addr });
+            return Err(VmError::UnplugTimeout {
+                id: self.id.clone(),
+                addr,
+            });
         }
         self.qmp
-            .execute("blockdev-del", Some(json!({ "node-name": node_name(addr) })))
+            .execute(
+                "blockdev-del",
+                Some(json!({ "node-name": node_name(addr) })),
+            )
             .await
             .map_err(|e| self.qmp_error(e))?;
         self.targets().remove(&addr.target);
@@ -458,16 +558,25 @@ impl Vm for QemuVm {
         if result.is_none() {
             tracing::warn!("QEMU ignored quit; killing it");
             if let Some((pidfd, _)) = &self.cleanup.qemu {
-                sys::pidfd_send_signal(pidfd, libc::SIGKILL)
-                    .map_err(|source| VmError::Signal { pid: self.pid, source })?;
+                sys::pidfd_send_signal(pidfd, libc::SIGKILL).map_err(|source| VmError::Signal {
+                    pid: self.pid,
+                    source,
+                })?;
             }
             result = wait_exit(&mut exit, KILL_GRACE).await;
         }
-        let exit = result.ok_or_else(|| VmError::StopTimeout { id: self.id.clone() })?;
+        let exit = result.ok_or_else(|| VmError::StopTimeout {
+            id: self.id.clone(),
+        })?;
         match fs::remove_dir_all(&self.cleanup.state_dir) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(VmError::StateDir { path: self.cleanup.state_dir.clone(), source }),
+            Err(source) => {
+                return Err(VmError::StateDir {
+                    path: self.cleanup.state_dir.clone(),
+                    source,
+                })
+            }
         }
         Ok(exit)
     }

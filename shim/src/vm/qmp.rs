@@ -43,7 +43,11 @@ pub enum QmpError {
     #[error("QMP did not greet with a {{\"QMP\": ...}} banner")]
     NoGreeting,
     #[error("QMP command {command} failed: {class}: {desc}")]
-    Command { command: String, class: String, desc: String },
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
     #[error("QMP command {command} got no reply within {seconds} s")]
     Timeout { command: String, seconds: u64 },
     #[error("QMP connection closed before command {command} was answered")]
@@ -61,28 +65,55 @@ pub struct QmpEvent {
 #[derive(Debug, Clone, PartialEq)]
 pub enum QmpMessage {
     Greeting,
-    Return { id: Option<u64>, value: Value },
-    Error { id: Option<u64>, class: String, desc: String },
+    Return {
+        id: Option<u64>,
+        value: Value,
+    },
+    Error {
+        id: Option<u64>,
+        class: String,
+        desc: String,
+    },
     Event(QmpEvent),
 }
 
 /// Classifies one line of QMP.
 pub fn parse_message(line: &str) -> Result<QmpMessage, QmpError> {
-    let value: Value =
-        serde_json::from_str(line).map_err(|source| QmpError::Parse { line: line.to_owned(), source })?;
+    let value: Value = serde_json::from_str(line).map_err(|source| QmpError::Parse {
+        line: line.to_owned(),
+        source,
+    })?;
     let id = value.get("id").and_then(Value::as_u64);
     if value.get("QMP").is_some() {
         Ok(QmpMessage::Greeting)
     } else if let Some(result) = value.get("return") {
-        Ok(QmpMessage::Return { id, value: result.clone() })
+        Ok(QmpMessage::Return {
+            id,
+            value: result.clone(),
+        })
     } else if let Some(error) = value.get("error") {
-        let text = |key: &str| error.get(key).and_then(Value::as_str).unwrap_or_default().to_owned();
-        Ok(QmpMessage::Error { id, class: text("class"), desc: text("desc") })
+        let text = |key: &str| {
+            error
+                .get(key)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        Ok(QmpMessage::Error {
+            id,
+            class: text("class"),
+            desc: text("desc"),
+        })
     } else if let Some(event) = value.get("event").and_then(Value::as_str) {
         let data = value.get("data").cloned().unwrap_or(Value::Null);
-        Ok(QmpMessage::Event(QmpEvent { event: event.to_owned(), data }))
+        Ok(QmpMessage::Event(QmpEvent {
+            event: event.to_owned(),
+            data,
+        }))
     } else {
-        Err(QmpError::UnknownMessage { line: line.to_owned() })
+        Err(QmpError::UnknownMessage {
+            line: line.to_owned(),
+        })
     }
 }
 
@@ -91,8 +122,12 @@ type Reply = Result<Value, (String, String)>;
 /// late commands fail at once instead of waiting for their timeout.
 type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<Reply>>>>>;
 
-fn lock(pending: &Pending) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Reply>>>> {
-    pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(
+    pending: &Pending,
+) -> std::sync::MutexGuard<'_, Option<HashMap<u64, oneshot::Sender<Reply>>>> {
+    pending
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A negotiated QMP connection.
@@ -112,8 +147,12 @@ impl std::fmt::Debug for QmpClient {
 
 impl QmpClient {
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
-        let stream =
-            UnixStream::connect(path).await.map_err(|source| QmpError::Connect { path: path.to_owned(), source })?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| QmpError::Connect {
+                path: path.to_owned(),
+                source,
+            })?;
         Self::handshake(stream).await
     }
 
@@ -121,7 +160,10 @@ impl QmpClient {
     pub async fn handshake(stream: UnixStream) -> Result<Self, QmpError> {
         let (read_half, writer) = stream.into_split();
         let mut lines = BufReader::new(read_half).lines();
-        let greeting = lines.next_line().await.map_err(|source| QmpError::Io { source })?;
+        let greeting = lines
+            .next_line()
+            .await
+            .map_err(|source| QmpError::Io { source })?;
         match greeting.as_deref().map(parse_message) {
             Some(Ok(QmpMessage::Greeting)) => {}
             _ => return Err(QmpError::NoGreeting),
@@ -146,7 +188,11 @@ impl QmpClient {
     }
 
     /// Runs a command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut request = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
@@ -155,7 +201,11 @@ impl QmpClient {
         let (reply_tx, reply_rx) = oneshot::channel();
         match lock(&self.pending).as_mut() {
             Some(waiters) => waiters.insert(id, reply_tx),
-            None => return Err(QmpError::Closed { command: command.to_owned() }),
+            None => {
+                return Err(QmpError::Closed {
+                    command: command.to_owned(),
+                })
+            }
         };
         let mut line = request.to_string();
         line.push('\n');
@@ -167,10 +217,19 @@ impl QmpClient {
         let reply = tokio::time::timeout(COMMAND_TIMEOUT, reply_rx).await;
         Self::forget(&self.pending, id);
         match reply {
-            Err(_) => Err(QmpError::Timeout { command: command.to_owned(), seconds: COMMAND_TIMEOUT.as_secs() }),
-            Ok(Err(_)) => Err(QmpError::Closed { command: command.to_owned() }),
+            Err(_) => Err(QmpError::Timeout {
+                command: command.to_owned(),
+                seconds: COMMAND_TIMEOUT.as_secs(),
+            }),
+            Ok(Err(_)) => Err(QmpError::Closed {
+                command: command.to_owned(),
+            }),
             Ok(Ok(Ok(value))) => Ok(value),
-            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command { command: command.to_owned(), class, desc }),
+            Ok(Ok(Err((class, desc)))) => Err(QmpError::Command {
+                command: command.to_owned(),
+                class,
+                desc,
+            }),
         }
     }
 }
@@ -241,26 +300,45 @@ mod tests {
         );
         assert_eq!(
             parse_message(r#"{"return": {}, "id": 4}"#).unwrap(),
-            QmpMessage::Return { id: Some(4), value: json!({}) }
+            QmpMessage::Return {
+                id: Some(4),
+                value: json!({})
+            }
         );
         assert_eq!(
-            parse_message(r#"{"id": 5, "error": {"class": "GenericError", "desc": "Duplicate node name"}}"#).unwrap(),
-            QmpMessage::Error { id: Some(5), class: "GenericError".into(), desc: "Duplicate node name".into() }
+            parse_message(
+                r#"{"id": 5, "error": {"class": "GenericError", "desc": "Duplicate node name"}}"#
+            )
+            .unwrap(),
+            QmpMessage::Error {
+                id: Some(5),
+                class: "GenericError".into(),
+                desc: "Duplicate node name".into()
+            }
         );
         assert_eq!(
             parse_message(r#"{"timestamp": {"seconds": 1}, "event": "DEVICE_DELETED", "data": {"device": "d0"}}"#)
                 .unwrap(),
             QmpMessage::Event(QmpEvent { event: "DEVICE_DELETED".into(), data: json!({"device": "d0"}) })
         );
-        assert!(matches!(parse_message("not json"), Err(QmpError::Parse { .. })));
-        assert!(matches!(parse_message(r#"{"what": 1}"#), Err(QmpError::UnknownMessage { .. })));
+        assert!(matches!(
+            parse_message("not json"),
+            Err(QmpError::Parse { .. })
+        ));
+        assert!(matches!(
+            parse_message(r#"{"what": 1}"#),
+            Err(QmpError::UnknownMessage { .. })
+        ));
     }
 
     /// A scripted QEMU on the other end of a socket pair.
     async fn fake_qemu(stream: UnixStream) {
         let (read_half, mut write_half) = stream.into_split();
         let mut lines = BufReader::new(read_half).lines();
-        write_half.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+        write_half
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .unwrap();
         while let Ok(Some(line)) = lines.next_line().await {
             let request: Value = serde_json::from_str(&line).unwrap();
             let id = request["id"].clone();
@@ -269,12 +347,18 @@ mod tests {
                 "query-status" => {
                     // An event first: the client must route it, not take it as the reply.
                     let event = json!({"event": "RESUME", "data": {}, "timestamp": {}});
-                    write_half.write_all(format!("{event}\n").as_bytes()).await.unwrap();
+                    write_half
+                        .write_all(format!("{event}\n").as_bytes())
+                        .await
+                        .unwrap();
                     json!({"return": {"status": "running"}, "id": id})
                 }
                 _ => json!({"error": {"class": "CommandNotFound", "desc": "nope"}, "id": id}),
             };
-            write_half.write_all(format!("{reply}\n").as_bytes()).await.unwrap();
+            write_half
+                .write_all(format!("{reply}\n").as_bytes())
+                .await
+                .unwrap();
         }
     }
 
@@ -302,7 +386,10 @@ mod tests {
             write_half.write_all(b"{\"QMP\": {}}\n").await.unwrap();
             let line = lines.next_line().await.unwrap().unwrap();
             let id = serde_json::from_str::<Value>(&line).unwrap()["id"].clone();
-            write_half.write_all(format!("{}\n", json!({"return": {}, "id": id})).as_bytes()).await.unwrap();
+            write_half
+                .write_all(format!("{}\n", json!({"return": {}, "id": id})).as_bytes())
+                .await
+                .unwrap();
             // Read the next command, then hang up without answering.
             let _ = lines.next_line().await;
         });
@@ -316,6 +403,9 @@ mod tests {
     async fn a_missing_greeting_is_an_error() {
         let (client_end, qemu_end) = UnixStream::pair().unwrap();
         drop(qemu_end);
-        assert!(matches!(QmpClient::handshake(client_end).await, Err(QmpError::NoGreeting)));
+        assert!(matches!(
+            QmpClient::handshake(client_end).await,
+            Err(QmpError::NoGreeting)
+        ));
     }
 }

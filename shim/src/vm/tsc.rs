@@ -21,14 +21,19 @@ pub fn host_tsc_khz() -> Result<u64, io::Error> {
         return Ok(*khz);
     }
     let khz = match std::fs::read_to_string(SYSFS_TSC_KHZ) {
-        Ok(text) => text
-            .trim()
-            .parse()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{SYSFS_TSC_KHZ} is not a number")))?,
+        Ok(text) => text.trim().parse().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{SYSFS_TSC_KHZ} is not a number"),
+            )
+        })?,
         Err(_) => calibrate(),
     };
     if khz == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "the TSC does not advance"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the TSC does not advance",
+        ));
     }
     Ok(*KHZ.get_or_init(|| khz))
 }

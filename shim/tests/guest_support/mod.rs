@@ -21,7 +21,9 @@ pub fn cache_dir() -> PathBuf {
 /// The pinned kernel package, fetched once per test binary.
 pub fn kernel_deb() -> &'static KernelDeb {
     static DEB: OnceLock<KernelDeb> = OnceLock::new();
-    DEB.get_or_init(|| fetch_kernel_deb(&cache_dir()).expect("fetching the pinned kernel (needs apt access)"))
+    DEB.get_or_init(|| {
+        fetch_kernel_deb(&cache_dir()).expect("fetching the pinned kernel (needs apt access)")
+    })
 }
 
 pub fn kernel() -> &'static PreparedKernel {
@@ -32,10 +34,16 @@ pub fn kernel() -> &'static PreparedKernel {
 pub fn busybox() -> PathBuf {
     let path = PathBuf::from("/bin/busybox");
     let output = std::process::Command::new("file").arg(&path).output();
-    assert!(path.exists(), "the tests need busybox-static (apt-get install busybox-static)");
+    assert!(
+        path.exists(),
+        "the tests need busybox-static (apt-get install busybox-static)"
+    );
     if let Ok(output) = output {
         let text = String::from_utf8_lossy(&output.stdout);
-        assert!(!text.contains("dynamically linked"), "/bin/busybox must be busybox-static: {text}");
+        assert!(
+            !text.contains("dynamically linked"),
+            "/bin/busybox must be busybox-static: {text}"
+        );
     }
     path
 }
@@ -99,16 +107,25 @@ done
 /// into `dir` and returns its path.
 pub fn test_initramfs(dir: &Path) -> PathBuf {
     let kernel = kernel();
-    let deps = ModuleDeps::parse(&std::fs::read_to_string(kernel.modules_dir.join("modules.dep")).unwrap()).unwrap();
+    let deps = ModuleDeps::parse(
+        &std::fs::read_to_string(kernel.modules_dir.join("modules.dep")).unwrap(),
+    )
+    .unwrap();
     let modules = deps.resolve_load_order(GUEST_MODULES).unwrap();
     let init = dir.join("test-init");
     std::fs::write(&init, TEST_INIT).unwrap();
-    let spec =
-        InitramfsSpec { init: &init, release: &kernel.release, modules_dir: &kernel.modules_dir, modules: &modules };
+    let spec = InitramfsSpec {
+        init: &init,
+        release: &kernel.release,
+        modules_dir: &kernel.modules_dir,
+        modules: &modules,
+    };
     let mut archive = initramfs_archive(&spec).unwrap();
     archive.add_dir("bin", 0o755).unwrap();
     archive.add_dir("mnt", 0o755).unwrap();
-    archive.add_file("bin/busybox", 0o755, std::fs::read(busybox()).unwrap()).unwrap();
+    archive
+        .add_file("bin/busybox", 0o755, std::fs::read(busybox()).unwrap())
+        .unwrap();
     let image = dir.join("test-initramfs.img");
     std::fs::write(&image, archive.to_bytes().unwrap()).unwrap();
     image
