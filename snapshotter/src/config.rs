@@ -10,11 +10,21 @@ use crate::registry::RegistryConfig;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("failed to read config {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path} is invalid")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("config {path}: {field} must be {requirement}")]
-    Invalid { path: PathBuf, field: &'static str, requirement: &'static str },
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        requirement: &'static str,
+    },
 }
 
 /// The whole configuration.
@@ -96,14 +106,24 @@ impl Default for Config {
 impl Config {
     /// Reads and validates a TOML file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
         config.validate(path)?;
         Ok(config)
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field, requirement| ConfigError::Invalid { path: path.to_path_buf(), field, requirement };
+        let invalid = |field, requirement| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            requirement,
+        };
         if !self.root.is_absolute() {
             return Err(invalid("root", "an absolute path"));
         }
@@ -139,7 +159,13 @@ mod tests {
         .unwrap();
         assert!(!c.lazy.prefetch);
         assert!(c.registry.hosts["127.0.0.1:5000"].insecure);
-        assert!(matches!(load("rooot = \"/x\""), Err(ConfigError::Parse { .. })));
-        assert!(matches!(load("root = \"rel\""), Err(ConfigError::Invalid { field: "root", .. })));
+        assert!(matches!(
+            load("rooot = \"/x\""),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            load("root = \"rel\""),
+            Err(ConfigError::Invalid { field: "root", .. })
+        ));
     }
 }

@@ -2,14 +2,14 @@
 //! mounts eStargz layers over FUSE and fetches their contents on demand.
 
 pub mod cache;
+pub mod config;
 pub mod convert;
 pub mod estargz;
+pub mod fs;
 pub mod layer;
 pub mod registry;
-pub mod fs;
+pub mod service;
+mod sys;
 #[cfg(test)]
 mod testutil;
-mod sys;
-pub mod config;
-pub mod service;
 pub mod warm;

@@ -57,7 +57,10 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SPRY_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SPRY_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -65,7 +68,9 @@ fn main() -> anyhow::Result<()> {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run(cli.command, config))
 }
 
@@ -76,7 +81,12 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             config.socket = socket.unwrap_or(config.socket);
             serve(config).await
         }
-        Command::Convert { source, target, prioritized_files, chunk_size } => {
+        Command::Convert {
+            source,
+            target,
+            prioritized_files,
+            chunk_size,
+        } => {
             let client = RegistryClient::new(config.registry.clone());
             let source = match source.strip_prefix("oci:") {
                 Some(rest) => {
@@ -84,7 +94,10 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                         Some((d, t)) if !t.contains('/') => (d, Some(t.to_string())),
                         _ => (rest, None),
                     };
-                    ImageSource::Layout { dir: PathBuf::from(dir), tag }
+                    ImageSource::Layout {
+                        dir: PathBuf::from(dir),
+                        tag,
+                    }
                 }
                 None => ImageSource::Registry(Reference::parse(&source)?),
             };
@@ -98,18 +111,35 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
                     .collect(),
                 None => Vec::new(),
             };
-            let opts = LayerConvertOptions { chunk_size, prioritized };
+            let opts = LayerConvertOptions {
+                chunk_size,
+                prioritized,
+            };
             let target = Reference::parse(&target)?;
-            let converted = convert_image(&client, &source, &target, &opts, &mut |line| eprintln!("{line}")).await?;
+            let converted = convert_image(&client, &source, &target, &opts, &mut |line| {
+                eprintln!("{line}")
+            })
+            .await?;
             println!("{}", serde_json::to_string_pretty(&converted)?);
             Ok(())
         }
         Command::Warm { image, all } => {
             let client = Arc::new(RegistryClient::new(config.registry.clone()));
             let cache = Arc::new(ChunkCache::open(&config.root.join("cache"))?);
-            let scope = if all { WarmScope::All } else { WarmScope::Prioritized };
+            let scope = if all {
+                WarmScope::All
+            } else {
+                WarmScope::Prioritized
+            };
             let image = Reference::parse(&image)?;
-            let report = warm_image(client, cache, &image, scope, Arc::new(|line| eprintln!("{line}"))).await?;
+            let report = warm_image(
+                client,
+                cache,
+                &image,
+                scope,
+                Arc::new(|line| eprintln!("{line}")),
+            )
+            .await?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())
         }
@@ -123,7 +153,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     match std::fs::remove_file(&config.socket) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing stale socket {}", config.socket.display()))
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", config.socket.display()))
         }
         _ => {}
     }

@@ -48,16 +48,32 @@ pub async fn warm_image(
     let total = layers.len();
     for (n, (digest, toc)) in layers.into_iter().enumerate() {
         let Some(toc) = toc else {
-            progress(format!("layer {}/{total} {digest}: not eStargz, skipped", n + 1));
+            progress(format!(
+                "layer {}/{total} {digest}: not eStargz, skipped",
+                n + 1
+            ));
             report.skipped_non_estargz += 1;
             continue;
         };
-        let blob = RegistryBlob::new(client.clone(), image.clone(), digest.clone(), tokio::runtime::Handle::current());
+        let blob = RegistryBlob::new(
+            client.clone(),
+            image.clone(),
+            digest.clone(),
+            tokio::runtime::Handle::current(),
+        );
         let cache = cache.clone();
         let progress = progress.clone();
         let label = format!("layer {}/{total} {digest}", n + 1);
         let fetched = tokio::task::spawn_blocking(move || -> Result<u64, LayerError> {
-            let layer = RemoteLayer::open(Arc::new(blob), cache, &toc, RetryPolicy { attempts: 3, backoff: Duration::from_millis(200) })?;
+            let layer = RemoteLayer::open(
+                Arc::new(blob),
+                cache,
+                &toc,
+                RetryPolicy {
+                    attempts: 3,
+                    backoff: Duration::from_millis(200),
+                },
+            )?;
             let fetched = match scope {
                 WarmScope::Prioritized => {
                     let bytes = layer.prefetch()?;
@@ -65,14 +81,25 @@ pub async fn warm_image(
                     bytes
                 }
                 WarmScope::All => layer.fetch_all(&mut |done, all| {
-                    progress(format!("{label}: {done}/{all} bytes ({}%)", if all == 0 { 100 } else { done * 100 / all }))
+                    progress(format!(
+                        "{label}: {done}/{all} bytes ({}%)",
+                        (done * 100).checked_div(all).unwrap_or(100)
+                    ))
                 })?,
             };
-            Ok(fetched + layer.stats().bytes_fetched.load(std::sync::atomic::Ordering::Relaxed) - fetched)
+            tracing::debug!(layer = %label, fetched, "warmed");
+            // Count everything fetched, TOC and footer included.
+            Ok(layer
+                .stats()
+                .bytes_fetched
+                .load(std::sync::atomic::Ordering::Relaxed))
         })
         .await
         .map_err(|source| WarmError::Join { source })?
-        .map_err(|source| WarmError::Layer { digest: digest.clone(), source })?;
+        .map_err(|source| WarmError::Layer {
+            digest: digest.clone(),
+            source,
+        })?;
         report.layers += 1;
         report.bytes_fetched += fetched;
     }

@@ -105,7 +105,12 @@ impl ChunkCache {
     }
 
     /// Reads `len` bytes at `offset` of a cached chunk; `None` if not cached.
-    pub fn read(&self, digest: &str, offset: u64, len: usize) -> Result<Option<Vec<u8>>, CacheError> {
+    pub fn read(
+        &self,
+        digest: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.path_of(digest)?;
         let file = match fs::File::open(&path) {
             Ok(f) => f,
@@ -182,7 +187,12 @@ impl ChunkCache {
     /// Total bytes of cached chunks.
     pub fn size(&self) -> u64 {
         fs::read_dir(self.dir.join("sha256"))
-            .map(|rd| rd.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
             .unwrap_or(0)
     }
 }
@@ -206,7 +216,10 @@ mod tests {
         cache.insert(D, b"hello").unwrap();
         assert_eq!(cache.read(D, 1, 3).unwrap().unwrap(), b"ell");
         assert_eq!(cache.read(D, 3, 10).unwrap().unwrap(), b"lo");
-        assert!(matches!(cache.insert("md5:x", b"x"), Err(CacheError::BadDigest { .. })));
+        assert!(matches!(
+            cache.insert("md5:x", b"x"),
+            Err(CacheError::BadDigest { .. })
+        ));
     }
 
     #[test]

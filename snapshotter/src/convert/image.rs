@@ -28,15 +28,24 @@ pub enum ImageConvertError {
     #[error("registry request failed")]
     Registry(#[from] RegistryError),
     #[error("failed to read OCI layout file {path}")]
-    Layout { path: PathBuf, source: std::io::Error },
+    Layout {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{what} JSON is malformed")]
-    Json { what: &'static str, source: serde_json::Error },
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
     #[error("image index has no linux/amd64 manifest")]
     NoPlatform,
     #[error("layer media type {media_type:?} is not a (gzip) tar layer")]
     LayerType { media_type: String },
     #[error("failed to convert layer {digest}")]
-    Layer { digest: String, source: LayerConvertError },
+    Layer {
+        digest: String,
+        source: LayerConvertError,
+    },
     #[error("failed to use a temporary file")]
     Temp { source: std::io::Error },
 }
@@ -46,7 +55,10 @@ pub enum ImageConvertError {
 pub enum ImageSource {
     Registry(Reference),
     /// An OCI image layout directory and optionally the tag to pick.
-    Layout { dir: PathBuf, tag: Option<String> },
+    Layout {
+        dir: PathBuf,
+        tag: Option<String>,
+    },
 }
 
 /// What was pushed.
@@ -106,8 +118,13 @@ impl Source<'_> {
             }
             ImageSource::Layout { dir, .. } => {
                 let path = dir.join("blobs").join(digest.replace(':', "/"));
-                let mut f = std::fs::File::open(&path).map_err(|source| ImageConvertError::Layout { path: path.clone(), source })?;
-                std::io::copy(&mut f, out).map_err(|source| ImageConvertError::Layout { path, source })?;
+                let mut f =
+                    std::fs::File::open(&path).map_err(|source| ImageConvertError::Layout {
+                        path: path.clone(),
+                        source,
+                    })?;
+                std::io::copy(&mut f, out)
+                    .map_err(|source| ImageConvertError::Layout { path, source })?;
             }
         }
         Ok(())
@@ -128,7 +145,8 @@ impl Source<'_> {
             }
             ImageSource::Layout { dir, .. } => {
                 let path = dir.join("index.json");
-                let bytes = std::fs::read(&path).map_err(|source| ImageConvertError::Layout { path, source })?;
+                let bytes = std::fs::read(&path)
+                    .map_err(|source| ImageConvertError::Layout { path, source })?;
                 (INDEX_TYPES[0].to_string(), bytes)
             }
         };
@@ -136,12 +154,24 @@ impl Source<'_> {
         let mut bytes = bytes;
         // Indexes may nest (layout index -> image index -> manifest).
         for _ in 0..3 {
-            let value: Value = serde_json::from_slice(&bytes).map_err(|source| ImageConvertError::Json { what: "manifest", source })?;
-            let is_index = INDEX_TYPES.contains(&media_type.as_str()) || value.get("manifests").is_some();
+            let value: Value =
+                serde_json::from_slice(&bytes).map_err(|source| ImageConvertError::Json {
+                    what: "manifest",
+                    source,
+                })?;
+            let is_index =
+                INDEX_TYPES.contains(&media_type.as_str()) || value.get("manifests").is_some();
             if !is_index {
-                return serde_json::from_value(value).map_err(|source| ImageConvertError::Json { what: "manifest", source });
+                return serde_json::from_value(value).map_err(|source| ImageConvertError::Json {
+                    what: "manifest",
+                    source,
+                });
             }
-            let index: Index = serde_json::from_value(value).map_err(|source| ImageConvertError::Json { what: "index", source })?;
+            let index: Index =
+                serde_json::from_value(value).map_err(|source| ImageConvertError::Json {
+                    what: "index",
+                    source,
+                })?;
             let want_tag = match self.kind {
                 ImageSource::Layout { tag: Some(t), .. } => Some(t.as_str()),
                 _ => None,
@@ -150,7 +180,12 @@ impl Source<'_> {
                 .manifests
                 .iter()
                 .find(|d| {
-                    want_tag.is_some_and(|t| d.annotations.get("org.opencontainers.image.ref.name").map(String::as_str) == Some(t))
+                    want_tag.is_some_and(|t| {
+                        d.annotations
+                            .get("org.opencontainers.image.ref.name")
+                            .map(String::as_str)
+                            == Some(t)
+                    })
                 })
                 .or_else(|| {
                     index.manifests.iter().find(|d| {
@@ -164,7 +199,11 @@ impl Source<'_> {
             media_type = pick.media_type.clone();
             bytes = match self.kind {
                 ImageSource::Registry(r) => {
-                    let by_digest = Reference { digest: Some(pick.digest.clone()), tag: None, ..r.clone() };
+                    let by_digest = Reference {
+                        digest: Some(pick.digest.clone()),
+                        tag: None,
+                        ..r.clone()
+                    };
                     self.client.manifest(&by_digest).await?.bytes.to_vec()
                 }
                 ImageSource::Layout { .. } => self.blob_bytes(&pick.digest).await?,
@@ -176,7 +215,9 @@ impl Source<'_> {
 
 fn read_all(f: &mut std::fs::File) -> Result<Vec<u8>, ImageConvertError> {
     let mut out = Vec::new();
-    f.seek(SeekFrom::Start(0)).and_then(|_| f.read_to_end(&mut out)).map_err(|source| ImageConvertError::Temp { source })?;
+    f.seek(SeekFrom::Start(0))
+        .and_then(|_| f.read_to_end(&mut out))
+        .map_err(|source| ImageConvertError::Temp { source })?;
     Ok(out)
 }
 
@@ -188,43 +229,74 @@ pub async fn convert_image(
     opts: &LayerConvertOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ConvertedImage, ImageConvertError> {
-    let src = Source { client, kind: source };
+    let src = Source {
+        client,
+        kind: source,
+    };
     let manifest = src.manifest().await?;
     let config_bytes = src.blob_bytes(&manifest.config.digest).await?;
-    let mut config: Value = serde_json::from_slice(&config_bytes).map_err(|source| ImageConvertError::Json { what: "config", source })?;
+    let mut config: Value =
+        serde_json::from_slice(&config_bytes).map_err(|source| ImageConvertError::Json {
+            what: "config",
+            source,
+        })?;
 
     let mut layers = Vec::new();
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     for (n, layer) in manifest.layers.iter().enumerate() {
-        progress(&format!("layer {}/{} {}: converting", n + 1, manifest.layers.len(), layer.digest));
+        progress(&format!(
+            "layer {}/{} {}: converting",
+            n + 1,
+            manifest.layers.len(),
+            layer.digest
+        ));
         let gzip = layer.media_type.contains("gzip");
         if !(layer.media_type.contains("tar") || layer.media_type.contains("rootfs.diff")) {
-            return Err(ImageConvertError::LayerType { media_type: layer.media_type.clone() });
+            return Err(ImageConvertError::LayerType {
+                media_type: layer.media_type.clone(),
+            });
         }
-        let mut compressed = tempfile::tempfile().map_err(|source| ImageConvertError::Temp { source })?;
+        let mut compressed =
+            tempfile::tempfile().map_err(|source| ImageConvertError::Temp { source })?;
         src.blob(&layer.digest, &mut compressed).await?;
-        compressed.seek(SeekFrom::Start(0)).map_err(|source| ImageConvertError::Temp { source })?;
+        compressed
+            .seek(SeekFrom::Start(0))
+            .map_err(|source| ImageConvertError::Temp { source })?;
         let out = tempfile::tempfile().map_err(|source| ImageConvertError::Temp { source })?;
         let digest = layer.digest.clone();
         let opts = opts.clone();
         let (written, mut out) = tokio::task::spawn_blocking(move || {
             let input: Box<dyn Read> = if gzip {
-                Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(compressed)))
+                Box::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+                    compressed,
+                )))
             } else {
                 Box::new(std::io::BufReader::new(compressed))
             };
             convert_tar(input, out, &opts)
         })
         .await
-        .map_err(|e| ImageConvertError::Temp { source: std::io::Error::other(e) })?
+        .map_err(|e| ImageConvertError::Temp {
+            source: std::io::Error::other(e),
+        })?
         .map_err(|source| ImageConvertError::Layer { digest, source })?;
         let bytes = read_all(&mut out)?;
-        progress(&format!("layer {}/{}: pushing {} bytes", n + 1, manifest.layers.len(), bytes.len()));
-        client.push_blob(target, &written.blob_digest, Bytes::from(bytes)).await?;
+        progress(&format!(
+            "layer {}/{}: pushing {} bytes",
+            n + 1,
+            manifest.layers.len(),
+            bytes.len()
+        ));
+        client
+            .push_blob(target, &written.blob_digest, Bytes::from(bytes))
+            .await?;
         let mut annotations = layer.annotations.clone();
         annotations.insert(TOC_DIGEST_ANNOTATION.into(), written.toc_digest.clone());
-        annotations.insert(UNCOMPRESSED_SIZE_ANNOTATION.into(), written.uncompressed_size.to_string());
+        annotations.insert(
+            UNCOMPRESSED_SIZE_ANNOTATION.into(),
+            written.uncompressed_size.to_string(),
+        );
         descriptors.push(Descriptor {
             media_type: OCI_LAYER_GZIP.into(),
             digest: written.blob_digest.clone(),
@@ -246,9 +318,14 @@ pub async fn convert_image(
     }
     // The history no longer matches the reordered layers' creation; keep it,
     // it is informational only.
-    let config_bytes = serde_json::to_vec(&config).map_err(|source| ImageConvertError::Json { what: "config", source })?;
+    let config_bytes = serde_json::to_vec(&config).map_err(|source| ImageConvertError::Json {
+        what: "config",
+        source,
+    })?;
     let config_digest = crate::estargz::sha256_digest(&config_bytes);
-    client.push_blob(target, &config_digest, Bytes::from(config_bytes.clone())).await?;
+    client
+        .push_blob(target, &config_digest, Bytes::from(config_bytes.clone()))
+        .await?;
     let new_manifest = ImageManifest {
         schema_version: 2,
         media_type: OCI_MANIFEST.into(),
@@ -261,16 +338,32 @@ pub async fn convert_image(
         },
         layers: descriptors,
     };
-    let manifest_bytes = serde_json::to_vec(&new_manifest).map_err(|source| ImageConvertError::Json { what: "manifest", source })?;
+    let manifest_bytes =
+        serde_json::to_vec(&new_manifest).map_err(|source| ImageConvertError::Json {
+            what: "manifest",
+            source,
+        })?;
     let manifest_digest = crate::estargz::sha256_digest(&manifest_bytes);
-    client.push_manifest(target, OCI_MANIFEST, Bytes::from(manifest_bytes)).await?;
-    Ok(ConvertedImage { reference: target.to_string(), manifest_digest, layers })
+    client
+        .push_manifest(target, OCI_MANIFEST, Bytes::from(manifest_bytes))
+        .await?;
+    Ok(ConvertedImage {
+        reference: target.to_string(),
+        manifest_digest,
+        layers,
+    })
 }
 
 /// Layer descriptors (digest, TOC digest) of an eStargz image, for `warm`.
-pub async fn estargz_layers(client: &RegistryClient, image: &Reference) -> Result<Vec<(String, Option<String>)>, ImageConvertError> {
+pub async fn estargz_layers(
+    client: &RegistryClient,
+    image: &Reference,
+) -> Result<Vec<(String, Option<String>)>, ImageConvertError> {
     let kind = ImageSource::Registry(image.clone());
-    let src = Source { client, kind: &kind };
+    let src = Source {
+        client,
+        kind: &kind,
+    };
     let manifest = src.manifest().await?;
     Ok(manifest
         .layers

@@ -55,11 +55,18 @@ pub fn convert_tar<R: Read, W: Write>(
     let mut writer = EstargzWriter::new(out, opts.chunk_size);
     let write_err = |source| LayerConvertError::Write { source };
     if order.prioritized_count == 0 {
-        writer.append(&landmark(NO_PREFETCH_LANDMARK), &mut &[LANDMARK_CONTENTS][..]).map_err(write_err)?;
+        writer
+            .append(
+                &landmark(NO_PREFETCH_LANDMARK),
+                &mut &[LANDMARK_CONTENTS][..],
+            )
+            .map_err(write_err)?;
     }
     for (n, idx) in order.indices.iter().enumerate() {
         if order.prioritized_count > 0 && n == order.prioritized_count {
-            writer.append(&landmark(PREFETCH_LANDMARK), &mut &[LANDMARK_CONTENTS][..]).map_err(write_err)?;
+            writer
+                .append(&landmark(PREFETCH_LANDMARK), &mut &[LANDMARK_CONTENTS][..])
+                .map_err(write_err)?;
         }
         let e = &entries[*idx];
         spool
@@ -69,7 +76,9 @@ pub fn convert_tar<R: Read, W: Write>(
         writer.append(&e.entry, &mut data).map_err(write_err)?;
     }
     if order.prioritized_count > 0 && order.prioritized_count == order.indices.len() {
-        writer.append(&landmark(PREFETCH_LANDMARK), &mut &[LANDMARK_CONTENTS][..]).map_err(write_err)?;
+        writer
+            .append(&landmark(PREFETCH_LANDMARK), &mut &[LANDMARK_CONTENTS][..])
+            .map_err(write_err)?;
     }
     writer.finish().map_err(write_err)
 }
@@ -85,7 +94,10 @@ fn index_tar(spool: &mut File) -> Result<Vec<Spooled>, LayerConvertError> {
             for ext in exts {
                 let ext = ext.map_err(read_err)?;
                 let key = ext.key().map_err(|_| {
-                    read_err(io::Error::new(io::ErrorKind::InvalidData, "PAX key is not UTF-8"))
+                    read_err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "PAX key is not UTF-8",
+                    ))
                 })?;
                 pax.push((key.to_string(), ext.value_bytes().to_vec()));
             }
@@ -132,7 +144,11 @@ fn emit_order(entries: &[Spooled], prioritized: &[String]) -> Order {
             parents.push(parent.to_string());
             cur = parent;
         }
-        let mut wanted: Vec<usize> = parents.iter().rev().filter_map(|p| by_name.get(p).copied()).collect();
+        let mut wanted: Vec<usize> = parents
+            .iter()
+            .rev()
+            .filter_map(|p| by_name.get(p).copied())
+            .collect();
         if entries[idx].entry.header.entry_type() == tar::EntryType::Link {
             if let Some(target) = &entries[idx].entry.link {
                 if let Some(&t) = by_name.get(&clean_name(&String::from_utf8_lossy(target))) {

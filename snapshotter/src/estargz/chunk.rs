@@ -63,10 +63,7 @@ pub fn decode_toc_member(
         .map_err(|source| EstargzError::TocDecompress { source })?;
     for entry in entries {
         let mut entry = entry.map_err(|source| EstargzError::TocDecompress { source })?;
-        let is_toc = entry
-            .path_bytes()
-            .as_ref()
-            .eq(TOC_TAR_NAME.as_bytes());
+        let is_toc = entry.path_bytes().as_ref().eq(TOC_TAR_NAME.as_bytes());
         if !is_toc {
             continue;
         }
@@ -83,7 +80,8 @@ pub fn decode_toc_member(
                 });
             }
         }
-        let toc = serde_json::from_slice(&json).map_err(|source| EstargzError::TocJson { source })?;
+        let toc =
+            serde_json::from_slice(&json).map_err(|source| EstargzError::TocJson { source })?;
         return Ok((toc, actual));
     }
     Err(EstargzError::TocMissing)
@@ -124,8 +122,8 @@ mod tests {
         let data = b"hello chunk".repeat(1000);
         let member = gzip(&data);
         let digest = sha256_digest(&data);
-        let err = decode_chunk(&member[..member.len() / 2], 0, data.len() as u64, &digest)
-            .unwrap_err();
+        let err =
+            decode_chunk(&member[..member.len() / 2], 0, data.len() as u64, &digest).unwrap_err();
         assert!(matches!(err, EstargzError::ChunkDecompress { .. }));
     }
 }

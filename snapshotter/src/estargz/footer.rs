@@ -41,7 +41,10 @@ pub fn decode(footer: &[u8]) -> Result<u64, EstargzError> {
     }
     let xlen = u16::from_le_bytes([footer[10], footer[11]]);
     let sublen = u16::from_le_bytes([footer[14], footer[15]]);
-    if xlen != XLEN || &footer[12..14] != b"SG" || sublen != SUBFIELD_LEN || &footer[32..38] != MAGIC
+    if xlen != XLEN
+        || &footer[12..14] != b"SG"
+        || sublen != SUBFIELD_LEN
+        || &footer[32..38] != MAGIC
     {
         return Err(EstargzError::FooterMagic);
     }
@@ -73,8 +76,14 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(matches!(decode(&[0u8; 51]), Err(EstargzError::FooterNotGzip)));
-        assert!(matches!(decode(&[0u8; 3]), Err(EstargzError::FooterSize { len: 3 })));
+        assert!(matches!(
+            decode(&[0u8; 51]),
+            Err(EstargzError::FooterNotGzip)
+        ));
+        assert!(matches!(
+            decode(&[0u8; 3]),
+            Err(EstargzError::FooterSize { len: 3 })
+        ));
         let mut footer = encode(7);
         footer[33] = b'X';
         assert!(matches!(decode(&footer), Err(EstargzError::FooterMagic)));

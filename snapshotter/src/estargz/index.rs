@@ -73,7 +73,9 @@ impl LayerIndex {
                 e.link_name = clean_name(&e.link_name);
             }
             if e.kind == EntryType::Chunk {
-                let idx = *by_name.get(&e.name).ok_or_else(|| invalid(&e, "chunk before its file"))?;
+                let idx = *by_name
+                    .get(&e.name)
+                    .ok_or_else(|| invalid(&e, "chunk before its file"))?;
                 let size = entries[idx].size;
                 let list = chunks.entry(idx).or_default();
                 list.push(chunk_of(&e, size, &boundaries)?);
@@ -81,7 +83,11 @@ impl LayerIndex {
             }
             if e.kind == EntryType::Reg {
                 match e.name.as_str() {
-                    PREFETCH_LANDMARK => prefetch = Prefetch::UpTo { end: offset_of(&e)? },
+                    PREFETCH_LANDMARK => {
+                        prefetch = Prefetch::UpTo {
+                            end: offset_of(&e)?,
+                        }
+                    }
                     NO_PREFETCH_LANDMARK => prefetch = Prefetch::Nothing,
                     _ => {}
                 }
@@ -144,7 +150,11 @@ fn offset_of(e: &TocEntry) -> Result<u64, EstargzError> {
     u64::try_from(e.offset).map_err(|_| invalid(e, "negative offset"))
 }
 
-fn chunk_of(e: &TocEntry, file_size: i64, boundaries: &BTreeSet<u64>) -> Result<ChunkRef, EstargzError> {
+fn chunk_of(
+    e: &TocEntry,
+    file_size: i64,
+    boundaries: &BTreeSet<u64>,
+) -> Result<ChunkRef, EstargzError> {
     if e.chunk_digest.is_empty() {
         return Err(invalid(e, "chunk has no chunkDigest"));
     }

@@ -50,7 +50,11 @@ pub struct TocEntry {
     pub gid: i64,
     #[serde(default, rename = "userName", skip_serializing_if = "String::is_empty")]
     pub user_name: String,
-    #[serde(default, rename = "groupName", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "groupName",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub group_name: String,
     #[serde(default, rename = "devMajor", skip_serializing_if = "is_zero")]
     pub dev_major: i64,
@@ -70,7 +74,11 @@ pub struct TocEntry {
     /// Size of this chunk; 0 means "to the end of the file".
     #[serde(default, rename = "chunkSize", skip_serializing_if = "is_zero")]
     pub chunk_size: i64,
-    #[serde(default, rename = "chunkDigest", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        rename = "chunkDigest",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub chunk_digest: String,
     #[serde(default, rename = "innerOffset", skip_serializing_if = "is_zero")]
     pub inner_offset: i64,
@@ -180,7 +188,15 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 #[cfg(test)]

@@ -79,7 +79,10 @@ impl<W: Write> EstargzWriter<W> {
         let header_bytes = encode_header(entry).map_err(|source| EstargzError::Write { source })?;
         self.write_uncompressed(&header_bytes)?;
 
-        let size = entry.header.size().map_err(|source| EstargzError::ReadTar { source })?;
+        let size = entry
+            .header
+            .size()
+            .map_err(|source| EstargzError::ReadTar { source })?;
         let mut toc_entry = toc_entry_for(entry, kind, self.written);
         if kind != EntryType::Reg || size == 0 {
             self.toc.entries.push(toc_entry);
@@ -97,7 +100,11 @@ impl<W: Write> EstargzWriter<W> {
             toc_entry.offset = self.written as i64;
             toc_entry.chunk_offset = done as i64;
             // The last chunk leaves chunkSize at 0 ("to the end"), as the Go writer does.
-            toc_entry.chunk_size = if this == self.chunk_size { this as i64 } else { 0 };
+            toc_entry.chunk_size = if this == self.chunk_size {
+                this as i64
+            } else {
+                0
+            };
             let mut chunk_hash = Sha256::new();
             let mut left = this;
             while left > 0 {
@@ -114,7 +121,10 @@ impl<W: Write> EstargzWriter<W> {
                 reg_index = Some(self.toc.entries.len());
             }
             self.toc.entries.push(toc_entry);
-            toc_entry = TocEntry::new(clean_name(&String::from_utf8_lossy(&entry.path)), EntryType::Chunk);
+            toc_entry = TocEntry::new(
+                clean_name(&String::from_utf8_lossy(&entry.path)),
+                EntryType::Chunk,
+            );
             done += this;
         }
         if let Some(idx) = reg_index {
@@ -129,7 +139,8 @@ impl<W: Write> EstargzWriter<W> {
     pub fn finish(mut self) -> Result<(WriterOutput, W), EstargzError> {
         self.close_member()?;
         let toc_offset = self.written;
-        let json = serde_json::to_vec(&self.toc).map_err(|source| EstargzError::TocJson { source })?;
+        let json =
+            serde_json::to_vec(&self.toc).map_err(|source| EstargzError::TocJson { source })?;
         let toc_digest = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
         let mut header = tar::Header::new_ustar();
         header.set_entry_type(tar::EntryType::Regular);
@@ -141,7 +152,8 @@ impl<W: Write> EstargzWriter<W> {
             link: None,
             pax: Vec::new(),
         };
-        let header_bytes = encode_header(&entry).map_err(|source| EstargzError::Write { source })?;
+        let header_bytes =
+            encode_header(&entry).map_err(|source| EstargzError::Write { source })?;
         self.write_uncompressed(&header_bytes)?;
         self.write_uncompressed(&json)?;
         let pad = (512 - json.len() % 512) % 512;
@@ -150,7 +162,9 @@ impl<W: Write> EstargzWriter<W> {
         self.close_member()?;
         let footer = footer::encode(toc_offset);
         self.write_compressed(&footer)?;
-        self.out.flush().map_err(|source| EstargzError::Write { source })?;
+        self.out
+            .flush()
+            .map_err(|source| EstargzError::Write { source })?;
         let output = WriterOutput {
             toc_digest,
             diff_id: format!("sha256:{}", hex::encode(self.diff_hash.finalize())),
@@ -168,7 +182,9 @@ impl<W: Write> EstargzWriter<W> {
         let member = self.member.get_or_insert_with(|| {
             flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default())
         });
-        member.write_all(data).map_err(|source| EstargzError::Write { source })?;
+        member
+            .write_all(data)
+            .map_err(|source| EstargzError::Write { source })?;
         self.diff_hash.update(data);
         self.uncompressed += data.len() as u64;
         Ok(())
@@ -176,14 +192,18 @@ impl<W: Write> EstargzWriter<W> {
 
     fn close_member(&mut self) -> Result<(), EstargzError> {
         if let Some(member) = self.member.take() {
-            let bytes = member.finish().map_err(|source| EstargzError::Write { source })?;
+            let bytes = member
+                .finish()
+                .map_err(|source| EstargzError::Write { source })?;
             self.write_compressed(&bytes)?;
         }
         Ok(())
     }
 
     fn write_compressed(&mut self, data: &[u8]) -> Result<(), EstargzError> {
-        self.out.write_all(data).map_err(|source| EstargzError::Write { source })?;
+        self.out
+            .write_all(data)
+            .map_err(|source| EstargzError::Write { source })?;
         self.blob_hash.update(data);
         self.written += data.len() as u64;
         Ok(())
@@ -214,9 +234,11 @@ fn encode_header(entry: &SourceEntry) -> io::Result<Vec<u8>> {
     let mut header = entry.header.clone();
     let path = Path::new(std::ffi::OsStr::from_bytes(&entry.path));
     match &entry.link {
-        Some(link) => {
-            builder.append_link(&mut header, path, Path::new(std::ffi::OsStr::from_bytes(link)))?
-        }
+        Some(link) => builder.append_link(
+            &mut header,
+            path,
+            Path::new(std::ffi::OsStr::from_bytes(link)),
+        )?,
         None => builder.append_data(&mut header, path, io::empty())?,
     }
     let bytes = std::mem::take(builder.get_mut());
@@ -235,7 +257,11 @@ fn toc_entry_for(entry: &SourceEntry, kind: EntryType, offset: u64) -> TocEntry 
     e.modtime = format_modtime(h.mtime().unwrap_or(0) as i64);
     if let Some(link) = &entry.link {
         let link = String::from_utf8_lossy(link).into_owned();
-        e.link_name = if kind == EntryType::Hardlink { clean_name(&link) } else { link };
+        e.link_name = if kind == EntryType::Hardlink {
+            clean_name(&link)
+        } else {
+            link
+        };
     }
     if matches!(kind, EntryType::Char | EntryType::Block) {
         e.dev_major = h.device_major().ok().flatten().unwrap_or(0) as i64;

@@ -27,7 +27,10 @@ const FUSE_THREADS: usize = 4;
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
     #[error("failed to mount the layer filesystem at {path}")]
-    Mount { path: PathBuf, source: std::io::Error },
+    Mount {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to unmount {path}")]
     Unmount { path: PathBuf, source: nix::Error },
 }
@@ -113,14 +116,30 @@ impl Filesystem for LayerFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let Some(node) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
         let dots = [(ino.0, ".".to_string()), (node.parent, "..".to_string())];
         let children = node.children.iter().map(|(name, ino)| (*ino, name.clone()));
-        for (i, (child, name)) in dots.into_iter().chain(children).enumerate().skip(offset as usize) {
-            let kind = self.tree.get(child).map(|n| n.attr.kind).unwrap_or(fuser::FileType::Directory);
+        for (i, (child, name)) in dots
+            .into_iter()
+            .chain(children)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let kind = self
+                .tree
+                .get(child)
+                .map(|n| n.attr.kind)
+                .unwrap_or(fuser::FileType::Directory);
             if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
                 break;
             }
@@ -191,8 +210,14 @@ impl LayerMount {
         config.n_threads = Some(FUSE_THREADS);
         let session = fuser::Session::new(LayerFs::new(layer), path, &config)
             .and_then(|s| s.spawn())
-            .map_err(|source| FsError::Mount { path: path.to_path_buf(), source })?;
-        Ok(LayerMount { session: Some(session), path: path.to_path_buf() })
+            .map_err(|source| FsError::Mount {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(LayerMount {
+            session: Some(session),
+            path: path.to_path_buf(),
+        })
     }
 
     /// Where the layer is mounted.
@@ -207,9 +232,10 @@ impl LayerMount {
 
     fn stop(&mut self) -> Result<(), FsError> {
         if let Some(session) = self.session.take() {
-            session
-                .umount_and_join()
-                .map_err(|source| FsError::Mount { path: self.path.clone(), source })?;
+            session.umount_and_join().map_err(|source| FsError::Mount {
+                path: self.path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -225,8 +251,10 @@ impl Drop for LayerMount {
 
 /// Lazily detaches whatever is mounted at `path`.
 pub fn detach(path: &Path) -> Result<(), FsError> {
-    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
-        .map_err(|source| FsError::Unmount { path: path.to_path_buf(), source })
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(|source| FsError::Unmount {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// `error: cause: cause` for logs.

@@ -29,12 +29,20 @@ fn mounted() -> Mounted {
     let mem = MemBlob::new(blob);
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-    let retry = RetryPolicy { attempts: 2, backoff: Duration::from_millis(1) };
+    let retry = RetryPolicy {
+        attempts: 2,
+        backoff: Duration::from_millis(1),
+    };
     let layer = Arc::new(RemoteLayer::open(mem.clone(), cache, &out.toc_digest, retry).unwrap());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mount = LayerMount::mount(layer, &mnt, "test").unwrap();
-    Mounted { mount: Some(mount), mem, files, dir }
+    Mounted {
+        mount: Some(mount),
+        mem,
+        files,
+        dir,
+    }
 }
 
 impl Mounted {
@@ -58,7 +66,10 @@ fn files_links_and_metadata_read_back() {
     for (path, data) in &m.files {
         assert_eq!(&std::fs::read(root.join(path)).unwrap(), data, "{path}");
     }
-    assert_eq!(std::fs::read_link(root.join("usr/bin/sh")).unwrap(), Path::new("app"));
+    assert_eq!(
+        std::fs::read_link(root.join("usr/bin/sh")).unwrap(),
+        Path::new("app")
+    );
     let app = std::fs::metadata(root.join("usr/bin/app")).unwrap();
     let app2 = std::fs::metadata(root.join("usr/bin/app2")).unwrap();
     assert_eq!(app.ino(), app2.ino());
@@ -71,7 +82,10 @@ fn files_links_and_metadata_read_back() {
         .collect();
     names.sort();
     assert_eq!(names, ["app", "app2", "big", "sh"]);
-    assert!(std::fs::write(root.join("etc/hostname"), b"x").is_err(), "layer must be read-only");
+    assert!(
+        std::fs::write(root.join("etc/hostname"), b"x").is_err(),
+        "layer must be read-only"
+    );
 }
 
 #[test]
@@ -98,8 +112,14 @@ fn overlay_on_top_hides_whited_out_lower_files() {
     let merged = m.dir.path().join("merged");
     std::fs::create_dir(&merged).unwrap();
     let opts = format!("lowerdir={}:{}", m.mnt().display(), base.display());
-    nix::mount::mount(Some("overlay"), &merged, Some("overlay"), nix::mount::MsFlags::MS_RDONLY, Some(opts.as_str()))
-        .unwrap();
+    nix::mount::mount(
+        Some("overlay"),
+        &merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .unwrap();
     let check = || -> Result<(), String> {
         if merged.join("etc/removed").exists() || merged.join("opq/hidden").exists() {
             return Err("whiteout did not hide a lower file".into());
@@ -124,7 +144,11 @@ fn unreachable_registry_gives_eio_then_recovers() {
     let started = std::time::Instant::now();
     let err = std::fs::read(m.mnt().join("usr/bin/big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    assert!(started.elapsed() < Duration::from_secs(5), "read hung for {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "read hung for {:?}",
+        started.elapsed()
+    );
     m.mem.down.store(false, Ordering::SeqCst);
     let data = &m.files.iter().find(|(p, _)| p == "usr/bin/big").unwrap().1;
     assert_eq!(&std::fs::read(m.mnt().join("usr/bin/big")).unwrap(), data);

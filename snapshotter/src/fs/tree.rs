@@ -52,11 +52,17 @@ impl Tree {
             let (parent_path, base) = e.name.rsplit_once('/').unwrap_or(("", e.name.as_str()));
             let parent = tree.ensure_dir(&mut by_path, parent_path);
             if base == OPAQUE_WHITEOUT {
-                tree.node_mut(parent).xattrs.insert(OPAQUE_XATTR.to_string(), b"y".to_vec());
+                tree.node_mut(parent)
+                    .xattrs
+                    .insert(OPAQUE_XATTR.to_string(), b"y".to_vec());
                 continue;
             }
             if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
-                let ino = tree.push(parent, hidden, whiteout_node(tree.nodes.len() as u64 + 1, parent));
+                let ino = tree.push(
+                    parent,
+                    hidden,
+                    whiteout_node(tree.nodes.len() as u64 + 1, parent),
+                );
                 by_path.insert(join(parent_path, hidden), ino);
                 continue;
             }
@@ -87,7 +93,9 @@ impl Tree {
             };
             let (parent_path, base) = e.name.rsplit_once('/').unwrap_or(("", e.name.as_str()));
             let parent = tree.ensure_dir(&mut by_path, parent_path);
-            tree.node_mut(parent).children.insert(base.to_string(), target);
+            tree.node_mut(parent)
+                .children
+                .insert(base.to_string(), target);
             tree.node_mut(target).attr.nlink += 1;
         }
         let dir_links: Vec<(u64, u32)> = tree
@@ -138,7 +146,13 @@ impl Tree {
 
     fn push(&mut self, parent: u64, name: &str, node: Node) -> u64 {
         let ino = self.nodes.len() as u64 + 1;
-        self.nodes.push(Node { attr: FileAttr { ino: INodeNo(ino), ..node.attr }, ..node });
+        self.nodes.push(Node {
+            attr: FileAttr {
+                ino: INodeNo(ino),
+                ..node.attr
+            },
+            ..node
+        });
         self.node_mut(parent).children.insert(name.to_string(), ino);
         ino
     }

@@ -4,7 +4,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("registry request failed")]
-    Registry { source: crate::registry::RegistryError },
+    Registry {
+        source: crate::registry::RegistryError,
+    },
     #[error("fetcher returned {got} bytes, expected {expected}")]
     ShortRead { expected: u64, got: u64 },
     #[error("failed to read the local blob")]

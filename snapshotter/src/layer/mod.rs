@@ -28,7 +28,10 @@ pub enum LayerError {
     #[error("blob is not a valid eStargz layer")]
     Format { source: EstargzError },
     #[error("chunk {digest} failed verification")]
-    Verify { digest: String, source: EstargzError },
+    Verify {
+        digest: String,
+        source: EstargzError,
+    },
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error("background fetch was cancelled")]
@@ -120,8 +123,8 @@ impl RemoteLayer {
         let member = layer.fetch_range(toc_offset, footer_start)?;
         let (toc, digest) = estargz::decode_toc_member(&member, Some(toc_digest))
             .map_err(|source| LayerError::Format { source })?;
-        layer.index =
-            LayerIndex::new(toc, toc_offset, digest).map_err(|source| LayerError::Format { source })?;
+        layer.index = LayerIndex::new(toc, toc_offset, digest)
+            .map_err(|source| LayerError::Format { source })?;
         Ok(self)
     }
 
@@ -163,10 +166,15 @@ impl RemoteLayer {
             let bytes = self
                 .cache
                 .read(&chunk.digest, from, (to - from) as usize)?
-                .ok_or_else(|| LayerError::Cache(CacheError::Read {
-                    path: self.cache.dir().to_path_buf(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "chunk vanished from the cache"),
-                }))?;
+                .ok_or_else(|| {
+                    LayerError::Cache(CacheError::Read {
+                        path: self.cache.dir().to_path_buf(),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            "chunk vanished from the cache",
+                        ),
+                    })
+                })?;
             out.extend_from_slice(&bytes);
         }
         Ok(out)
@@ -206,7 +214,10 @@ impl RemoteLayer {
             let contiguous = batch
                 .last()
                 .is_none_or(|last| last.compressed_end == chunk.compressed_offset);
-            let batch_start = batch.first().map(|c| c.compressed_offset).unwrap_or(chunk.compressed_offset);
+            let batch_start = batch
+                .first()
+                .map(|c| c.compressed_offset)
+                .unwrap_or(chunk.compressed_offset);
             if !contiguous || chunk.compressed_end - batch_start > BATCH_BYTES {
                 fetched += self.fetch_batch(&batch)?;
                 done += batch.iter().map(|c| c.size).sum::<u64>();
@@ -228,12 +239,17 @@ impl RemoteLayer {
 
     /// Whether every chunk of the layer is cached.
     pub fn fully_cached(&self) -> bool {
-        self.index.all_chunks().iter().all(|c| self.cache.contains(&c.digest))
+        self.index
+            .all_chunks()
+            .iter()
+            .all(|c| self.cache.contains(&c.digest))
     }
 
     fn fetch_batch(&self, chunks: &[ChunkRef]) -> Result<u64, LayerError> {
-        let (Some(first), Some(last)) = (chunks.first(), chunks.iter().map(|c| c.compressed_end).max())
-        else {
+        let (Some(first), Some(last)) = (
+            chunks.first(),
+            chunks.iter().map(|c| c.compressed_end).max(),
+        ) else {
             return Ok(0);
         };
         let start = first.compressed_offset;
@@ -243,7 +259,12 @@ impl RemoteLayer {
             let to = (chunk.compressed_end - start) as usize;
             self.cache
                 .get_or_fill(&chunk.digest, || {
-                    estargz::decode_chunk(&bytes[from..to], chunk.compressed_offset, chunk.size, &chunk.digest)
+                    estargz::decode_chunk(
+                        &bytes[from..to],
+                        chunk.compressed_offset,
+                        chunk.size,
+                        &chunk.digest,
+                    )
                 })
                 .map_err(|e| self.fill_error(chunk, e))?;
         }
@@ -254,11 +275,16 @@ impl RemoteLayer {
         self.cache
             .get_or_fill(&chunk.digest, || -> Result<Vec<u8>, LayerError> {
                 let compressed = self.fetch_range(chunk.compressed_offset, chunk.compressed_end)?;
-                estargz::decode_chunk(&compressed, chunk.compressed_offset, chunk.size, &chunk.digest)
-                    .map_err(|source| LayerError::Verify {
-                        digest: chunk.digest.clone(),
-                        source,
-                    })
+                estargz::decode_chunk(
+                    &compressed,
+                    chunk.compressed_offset,
+                    chunk.size,
+                    &chunk.digest,
+                )
+                .map_err(|source| LayerError::Verify {
+                    digest: chunk.digest.clone(),
+                    source,
+                })
             })
             .map_err(|e| match e {
                 FillError::Fill { source } => source,
@@ -284,7 +310,9 @@ impl RemoteLayer {
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             match self.fetcher.fetch(offset, end - offset) {
                 Ok(bytes) if bytes.len() as u64 == end - offset => {
-                    self.stats.bytes_fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .bytes_fetched
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     return Ok(bytes);
                 }
                 Ok(bytes) => {
@@ -293,12 +321,22 @@ impl RemoteLayer {
                         got: bytes.len() as u64,
                     };
                     if attempt >= self.retry.attempts {
-                        return Err(LayerError::Fetch { offset, end, attempts: attempt, source });
+                        return Err(LayerError::Fetch {
+                            offset,
+                            end,
+                            attempts: attempt,
+                            source,
+                        });
                     }
                 }
                 Err(source) => {
                     if attempt >= self.retry.attempts {
-                        return Err(LayerError::Fetch { offset, end, attempts: attempt, source });
+                        return Err(LayerError::Fetch {
+                            offset,
+                            end,
+                            attempts: attempt,
+                            source,
+                        });
                     }
                     tracing::warn!(offset, end, attempt, error = %source, "range request failed, retrying");
                 }

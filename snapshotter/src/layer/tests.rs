@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
-use crate::testutil::{build, pattern, MemBlob};
 use crate::estargz::EntryType;
+use crate::testutil::{build, pattern, MemBlob};
 
 fn open(blob: Arc<MemBlob>, toc: &str) -> (RemoteLayer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -18,14 +18,21 @@ fn open(blob: Arc<MemBlob>, toc: &str) -> (RemoteLayer, tempfile::TempDir) {
 }
 
 fn entry_index(layer: &RemoteLayer, name: &str) -> usize {
-    layer.index().entries.iter().position(|e| e.name == name).unwrap()
+    layer
+        .index()
+        .entries
+        .iter()
+        .position(|e| e.name == name)
+        .unwrap()
 }
 
 #[test]
 fn converted_layer_is_a_plain_gzip_tar_with_the_same_files() {
     let (blob, out, _, files) = build(&["usr/bin/app"]);
     let mut plain = Vec::new();
-    flate2::read::MultiGzDecoder::new(&blob[..]).read_to_end(&mut plain).unwrap();
+    flate2::read::MultiGzDecoder::new(&blob[..])
+        .read_to_end(&mut plain)
+        .unwrap();
     assert_eq!(crate::estargz::sha256_digest(&plain), out.diff_id);
     assert_eq!(plain.len() as u64, out.uncompressed_size);
     assert_eq!(crate::estargz::sha256_digest(&blob), out.blob_digest);
@@ -39,12 +46,18 @@ fn converted_layer_is_a_plain_gzip_tar_with_the_same_files() {
         seen.push((path, data));
     }
     for (path, data) in &files {
-        let found = seen.iter().find(|(p, _)| p == path).unwrap_or_else(|| panic!("{path} missing"));
+        let found = seen
+            .iter()
+            .find(|(p, _)| p == path)
+            .unwrap_or_else(|| panic!("{path} missing"));
         assert_eq!(&found.1, data, "{path}");
     }
     // Prioritized file comes first (after its parents), then the landmark.
     let names: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
-    assert_eq!(&names[..4], &["usr/", "usr/bin/", "usr/bin/app", ".prefetch.landmark"]);
+    assert_eq!(
+        &names[..4],
+        &["usr/", "usr/bin/", "usr/bin/app", ".prefetch.landmark"]
+    );
 }
 
 #[test]
@@ -55,16 +68,26 @@ fn reads_every_file_through_verified_chunks() {
     assert_eq!(layer.index().prefetch, Prefetch::Nothing);
     for (path, data) in &files {
         let idx = entry_index(&layer, path);
-        assert_eq!(&layer.read_file(idx, 0, data.len() + 10).unwrap(), data, "{path}");
+        assert_eq!(
+            &layer.read_file(idx, 0, data.len() + 10).unwrap(),
+            data,
+            "{path}"
+        );
         // Unaligned reads across chunk boundaries.
         if data.len() > 1500 {
-            assert_eq!(layer.read_file(idx, 990, 1020).unwrap(), data[990..2010].to_vec());
+            assert_eq!(
+                layer.read_file(idx, 990, 1020).unwrap(),
+                data[990..2010].to_vec()
+            );
         }
     }
     let big = entry_index(&layer, "usr/bin/big");
     assert_eq!(layer.index().chunks[&big].len(), 10);
     let link = &layer.index().entries[entry_index(&layer, "usr/bin/app2")];
-    assert_eq!((link.kind, link.link_name.as_str()), (EntryType::Hardlink, "usr/bin/app"));
+    assert_eq!(
+        (link.kind, link.link_name.as_str()),
+        (EntryType::Hardlink, "usr/bin/app")
+    );
     // Re-reading is served from the cache.
     let before = mem.calls.load(Ordering::SeqCst);
     layer.read_file(big, 0, 10_000).unwrap();
@@ -83,7 +106,11 @@ fn prefetch_fetches_prioritized_files_in_one_request() {
     let app = entry_index(&layer, "usr/bin/app");
     let data = &files.iter().find(|(p, _)| p == "usr/bin/app").unwrap().1;
     assert_eq!(&layer.read_file(app, 0, 4096).unwrap(), data);
-    assert_eq!(mem.calls.load(Ordering::SeqCst), before + 1, "prefetched file needed a fetch");
+    assert_eq!(
+        mem.calls.load(Ordering::SeqCst),
+        before + 1,
+        "prefetched file needed a fetch"
+    );
 }
 
 #[test]
@@ -97,7 +124,12 @@ fn fetch_all_caches_everything() {
     assert!(layer.fully_cached());
     mem.down.store(true, Ordering::SeqCst);
     for (path, data) in &files {
-        assert_eq!(&layer.read_file(entry_index(&layer, path), 0, data.len()).unwrap(), data);
+        assert_eq!(
+            &layer
+                .read_file(entry_index(&layer, path), 0, data.len())
+                .unwrap(),
+            data
+        );
     }
 }
 
@@ -107,8 +139,15 @@ fn wrong_toc_digest_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(ChunkCache::open(dir.path()).unwrap());
     let wrong = crate::estargz::sha256_digest(b"not the toc");
-    let err = RemoteLayer::open(MemBlob::new(blob), cache, &wrong, RetryPolicy::default()).err().unwrap();
-    assert!(matches!(err, LayerError::Format { source: EstargzError::TocDigestMismatch { .. } }));
+    let err = RemoteLayer::open(MemBlob::new(blob), cache, &wrong, RetryPolicy::default())
+        .err()
+        .unwrap();
+    assert!(matches!(
+        err,
+        LayerError::Format {
+            source: EstargzError::TocDigestMismatch { .. }
+        }
+    ));
 }
 
 #[test]
@@ -124,13 +163,17 @@ fn corrupted_chunk_is_never_served() {
     let fake = enc.finish().unwrap();
     let span = (chunk.compressed_end - chunk.compressed_offset) as usize;
     assert!(fake.len() <= span);
-    blob[chunk.compressed_offset as usize..chunk.compressed_offset as usize + fake.len()].copy_from_slice(&fake);
+    blob[chunk.compressed_offset as usize..chunk.compressed_offset as usize + fake.len()]
+        .copy_from_slice(&fake);
     let (layer, _dir2) = open(MemBlob::new(blob), &out.toc_digest);
     let err = layer.read_file(big, 3000, 100).unwrap_err();
     assert!(matches!(err, LayerError::Verify { .. }), "{err:?}");
     assert!(!layer.cache.contains(&chunk.digest));
     // Other chunks still read fine.
-    assert_eq!(layer.read_file(big, 0, 100).unwrap(), pattern(10_000, 3)[..100].to_vec());
+    assert_eq!(
+        layer.read_file(big, 0, 100).unwrap(),
+        pattern(10_000, 3)[..100].to_vec()
+    );
 }
 
 #[test]
@@ -142,7 +185,10 @@ fn unreachable_registry_fails_after_bounded_retries_then_recovers() {
     let before = mem.calls.load(Ordering::SeqCst);
     let app = entry_index(&layer, "usr/bin/app");
     let err = layer.read_file(app, 0, 100).unwrap_err();
-    assert!(matches!(err, LayerError::Fetch { attempts: 3, .. }), "{err:?}");
+    assert!(
+        matches!(err, LayerError::Fetch { attempts: 3, .. }),
+        "{err:?}"
+    );
     assert_eq!(mem.calls.load(Ordering::SeqCst), before + 3);
     mem.down.store(false, Ordering::SeqCst);
     let data = &files.iter().find(|(p, _)| p == "usr/bin/app").unwrap().1;

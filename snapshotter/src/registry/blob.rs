@@ -18,7 +18,12 @@ pub struct RegistryBlob {
 
 impl RegistryBlob {
     /// `runtime` runs the async requests; callers must not be on it.
-    pub fn new(client: Arc<RegistryClient>, reference: Reference, digest: String, runtime: Handle) -> Self {
+    pub fn new(
+        client: Arc<RegistryClient>,
+        reference: Reference,
+        digest: String,
+        runtime: Handle,
+    ) -> Self {
         RegistryBlob {
             client,
             reference,
@@ -43,7 +48,10 @@ impl BlobFetcher for RegistryBlob {
 
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, FetchError> {
         self.runtime
-            .block_on(self.client.blob_range(&self.reference, &self.digest, offset, len))
+            .block_on(
+                self.client
+                    .blob_range(&self.reference, &self.digest, offset, len),
+            )
             .map_err(|source| FetchError::Registry { source })
     }
 }

@@ -61,13 +61,20 @@ impl RegistryClient {
     }
 
     fn base(&self, r: &Reference) -> String {
-        format!("{}://{}/v2/{}", self.config.scheme(&r.host), r.host, r.repository)
+        format!(
+            "{}://{}/v2/{}",
+            self.config.scheme(&r.host),
+            r.host,
+            r.repository
+        )
     }
 
     /// Size of a blob (HEAD).
     pub async fn blob_size(&self, r: &Reference, digest: &str) -> Result<u64, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(r));
-        let resp = self.execute(self.call(Method::HEAD, url.clone(), r, "pull")).await?;
+        let resp = self
+            .execute(self.call(Method::HEAD, url.clone(), r, "pull"))
+            .await?;
         let resp = expect(resp, &url, &[StatusCode::OK])?;
         resp.headers()
             .get(header::CONTENT_LENGTH)
@@ -86,7 +93,10 @@ impl RegistryClient {
     ) -> Result<Vec<u8>, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(r));
         let mut call = self.call(Method::GET, url.clone(), r, "pull");
-        call.headers.push((header::RANGE, format!("bytes={}-{}", offset, offset + len - 1)));
+        call.headers.push((
+            header::RANGE,
+            format!("bytes={}-{}", offset, offset + len - 1),
+        ));
         let resp = self.execute(call).await?;
         let resp = expect(resp, &url, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK])?;
         let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
@@ -101,9 +111,16 @@ impl RegistryClient {
     }
 
     /// Streams a whole blob into `out`, verifying its digest.
-    pub async fn blob_to(&self, r: &Reference, digest: &str, out: &mut dyn Write) -> Result<u64, RegistryError> {
+    pub async fn blob_to(
+        &self,
+        r: &Reference,
+        digest: &str,
+        out: &mut dyn Write,
+    ) -> Result<u64, RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(r));
-        let resp = self.execute(self.call(Method::GET, url.clone(), r, "pull")).await?;
+        let resp = self
+            .execute(self.call(Method::GET, url.clone(), r, "pull"))
+            .await?;
         let resp = expect(resp, &url, &[StatusCode::OK])?;
         let mut body = resp.into_body();
         let mut hash = Sha256::new();
@@ -115,14 +132,22 @@ impl RegistryClient {
                 timeout: self.timeout(),
             })?;
             let Some(chunk) = next else { break };
-            let chunk = chunk.map_err(|source| RegistryError::Body { url: url.clone(), source })?;
+            let chunk = chunk.map_err(|source| RegistryError::Body {
+                url: url.clone(),
+                source,
+            })?;
             hash.update(&chunk);
             total += chunk.len() as u64;
-            out.write_all(&chunk).map_err(|source| RegistryError::Write { source })?;
+            out.write_all(&chunk)
+                .map_err(|source| RegistryError::Write { source })?;
         }
         let actual = format!("sha256:{}", hex::encode(hash.finalize()));
         if actual != digest {
-            return Err(RegistryError::Digest { url, expected: digest.to_string(), actual });
+            return Err(RegistryError::Digest {
+                url,
+                expected: digest.to_string(),
+                actual,
+            });
         }
         Ok(total)
     }
@@ -131,7 +156,8 @@ impl RegistryClient {
     pub async fn manifest(&self, r: &Reference) -> Result<Manifest, RegistryError> {
         let url = format!("{}/manifests/{}", self.base(r), r.object());
         let mut call = self.call(Method::GET, url.clone(), r, "pull");
-        call.headers.push((header::ACCEPT, MANIFEST_ACCEPT.to_string()));
+        call.headers
+            .push((header::ACCEPT, MANIFEST_ACCEPT.to_string()));
         let resp = self.execute(call).await?;
         let resp = expect(resp, &url, &[StatusCode::OK])?;
         let media_type = resp
@@ -142,24 +168,38 @@ impl RegistryClient {
             .to_string();
         let bytes = self.read_body(resp, &url).await?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-        Ok(Manifest { media_type, digest, bytes })
+        Ok(Manifest {
+            media_type,
+            digest,
+            bytes,
+        })
     }
 
     /// Uploads a blob unless the registry already has it.
-    pub async fn push_blob(&self, r: &Reference, digest: &str, data: Bytes) -> Result<(), RegistryError> {
+    pub async fn push_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        data: Bytes,
+    ) -> Result<(), RegistryError> {
         let url = format!("{}/blobs/{digest}", self.base(r));
-        let head = self.execute(self.call(Method::HEAD, url, r, "pull,push")).await?;
+        let head = self
+            .execute(self.call(Method::HEAD, url, r, "pull,push"))
+            .await?;
         if head.status() == StatusCode::OK {
             return Ok(());
         }
         let url = format!("{}/blobs/uploads/", self.base(r));
-        let resp = self.execute(self.call(Method::POST, url.clone(), r, "pull,push")).await?;
+        let resp = self
+            .execute(self.call(Method::POST, url.clone(), r, "pull,push"))
+            .await?;
         let resp = expect(resp, &url, &[StatusCode::ACCEPTED])?;
         let location = location(&resp, &url)?;
         let sep = if location.contains('?') { '&' } else { '?' };
         let put_url = format!("{location}{sep}digest={}", percent_encode(digest));
         let mut call = self.call(Method::PUT, put_url.clone(), r, "pull,push");
-        call.headers.push((header::CONTENT_TYPE, "application/octet-stream".into()));
+        call.headers
+            .push((header::CONTENT_TYPE, "application/octet-stream".into()));
         call.body = data;
         let resp = self.execute(call).await?;
         expect(resp, &put_url, &[StatusCode::CREATED])?;
@@ -167,17 +207,29 @@ impl RegistryClient {
     }
 
     /// Uploads a manifest under `r`'s tag.
-    pub async fn push_manifest(&self, r: &Reference, media_type: &str, data: Bytes) -> Result<(), RegistryError> {
+    pub async fn push_manifest(
+        &self,
+        r: &Reference,
+        media_type: &str,
+        data: Bytes,
+    ) -> Result<(), RegistryError> {
         let url = format!("{}/manifests/{}", self.base(r), r.object());
         let mut call = self.call(Method::PUT, url.clone(), r, "pull,push");
-        call.headers.push((header::CONTENT_TYPE, media_type.to_string()));
+        call.headers
+            .push((header::CONTENT_TYPE, media_type.to_string()));
         call.body = data;
         let resp = self.execute(call).await?;
         expect(resp, &url, &[StatusCode::CREATED])?;
         Ok(())
     }
 
-    fn call<'a>(&self, method: Method, url: String, reference: &'a Reference, scope: &'a str) -> Call<'a> {
+    fn call<'a>(
+        &self,
+        method: Method,
+        url: String,
+        reference: &'a Reference,
+        scope: &'a str,
+    ) -> Call<'a> {
         Call {
             method,
             url,
@@ -191,14 +243,21 @@ impl RegistryClient {
     /// Sends `call`, answering one auth challenge and following redirects.
     async fn execute(&self, call: Call<'_>) -> Result<Response<Body>, RegistryError> {
         let host = &call.reference.host;
-        let key = format!("{host} repository:{}:{}", call.reference.repository, call.scope);
+        let key = format!(
+            "{host} repository:{}:{}",
+            call.reference.repository, call.scope
+        );
         let mut url = call.url.clone();
         let mut challenged = false;
         let mut redirects = 0;
         loop {
             let on_registry = url_host(&url) == Some(host.as_str());
             let auth = if on_registry {
-                self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()
+                self.tokens
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&key)
+                    .cloned()
             } else {
                 None
             };
@@ -212,8 +271,13 @@ impl RegistryClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_challenge)
                     .ok_or_else(|| RegistryError::Unauthorized { url: url.clone() })?;
-                let value = self.answer(host, call.reference, call.scope, challenge, &url).await?;
-                self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(key.clone(), value);
+                let value = self
+                    .answer(host, call.reference, call.scope, challenge, &url)
+                    .await?;
+                self.tokens
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key.clone(), value);
                 continue;
             }
             if status == StatusCode::UNAUTHORIZED {
@@ -222,7 +286,10 @@ impl RegistryClient {
             if status.is_redirection() && status != StatusCode::NOT_MODIFIED {
                 redirects += 1;
                 if redirects > MAX_REDIRECTS {
-                    return Err(RegistryError::TooManyRedirects { url, max: MAX_REDIRECTS });
+                    return Err(RegistryError::TooManyRedirects {
+                        url,
+                        max: MAX_REDIRECTS,
+                    });
                 }
                 url = location(&resp, &url)?;
                 continue;
@@ -231,9 +298,16 @@ impl RegistryClient {
         }
     }
 
-    async fn send_once(&self, call: &Call<'_>, url: &str, auth: Option<String>) -> Result<Response<Body>, RegistryError> {
+    async fn send_once(
+        &self,
+        call: &Call<'_>,
+        url: &str,
+        auth: Option<String>,
+    ) -> Result<Response<Body>, RegistryError> {
         if url.starts_with("https://") {
-            return Err(RegistryError::TlsUnsupported { url: url.to_string() });
+            return Err(RegistryError::TlsUnsupported {
+                url: url.to_string(),
+            });
         }
         let mut builder = Request::builder().method(call.method.clone()).uri(url);
         for (name, value) in &call.headers {
@@ -247,10 +321,19 @@ impl RegistryClient {
         }
         let request = builder
             .body(Body::from(call.body.clone()))
-            .map_err(|source| RegistryError::Build { url: url.to_string(), source })?;
+            .map_err(|source| RegistryError::Build {
+                url: url.to_string(),
+                source,
+            })?;
         match tokio::time::timeout(self.timeout(), self.http.request(request)).await {
-            Err(_) => Err(RegistryError::Timeout { url: url.to_string(), timeout: self.timeout() }),
-            Ok(Err(source)) => Err(RegistryError::Request { url: url.to_string(), source }),
+            Err(_) => Err(RegistryError::Timeout {
+                url: url.to_string(),
+                timeout: self.timeout(),
+            }),
+            Ok(Err(source)) => Err(RegistryError::Request {
+                url: url.to_string(),
+                source,
+            }),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
@@ -273,10 +356,19 @@ impl RegistryClient {
             _ => None,
         };
         let (realm, service, challenge_scope) = match challenge {
-            Challenge::Basic => return basic.ok_or_else(|| RegistryError::Unauthorized { url: url.to_string() }),
-            Challenge::Bearer { realm, service, scope } => (realm, service, scope),
+            Challenge::Basic => {
+                return basic.ok_or_else(|| RegistryError::Unauthorized {
+                    url: url.to_string(),
+                })
+            }
+            Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            } => (realm, service, scope),
         };
-        let scope = challenge_scope.unwrap_or_else(|| format!("repository:{}:{scope}", reference.repository));
+        let scope = challenge_scope
+            .unwrap_or_else(|| format!("repository:{}:{scope}", reference.repository));
         let mut token_url = format!("{realm}?scope={}", percent_encode(&scope));
         if let Some(service) = service {
             token_url.push_str(&format!("&service={}", percent_encode(&service)));
@@ -290,13 +382,25 @@ impl RegistryClient {
         }
         let request = builder
             .body(Body::empty())
-            .map_err(|source| RegistryError::Build { url: token_url.clone(), source })?;
+            .map_err(|source| RegistryError::Build {
+                url: token_url.clone(),
+                source,
+            })?;
         let resp = tokio::time::timeout(self.timeout(), self.http.request(request))
             .await
-            .map_err(|_| RegistryError::Timeout { url: token_url.clone(), timeout: self.timeout() })?
-            .map_err(|source| RegistryError::Request { url: token_url.clone(), source })?;
+            .map_err(|_| RegistryError::Timeout {
+                url: token_url.clone(),
+                timeout: self.timeout(),
+            })?
+            .map_err(|source| RegistryError::Request {
+                url: token_url.clone(),
+                source,
+            })?;
         if resp.status() != StatusCode::OK {
-            return Err(RegistryError::Token { realm, status: resp.status().as_u16() });
+            return Err(RegistryError::Token {
+                realm,
+                status: resp.status().as_u16(),
+            });
         }
         let body = self.read_body(resp, &token_url).await?;
         #[derive(serde::Deserialize)]
@@ -305,40 +409,71 @@ impl RegistryClient {
             access_token: Option<String>,
         }
         let parsed: TokenResponse =
-            serde_json::from_slice(&body).map_err(|source| RegistryError::TokenJson { realm: realm.clone(), source })?;
-        let token = parsed.token.or(parsed.access_token).ok_or(RegistryError::Token { realm, status: 200 })?;
+            serde_json::from_slice(&body).map_err(|source| RegistryError::TokenJson {
+                realm: realm.clone(),
+                source,
+            })?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .ok_or(RegistryError::Token { realm, status: 200 })?;
         Ok(format!("Bearer {token}"))
     }
 
     async fn read_body(&self, resp: Response<Body>, url: &str) -> Result<Bytes, RegistryError> {
         tokio::time::timeout(self.timeout(), hyper::body::to_bytes(resp.into_body()))
             .await
-            .map_err(|_| RegistryError::Timeout { url: url.to_string(), timeout: self.timeout() })?
-            .map_err(|source| RegistryError::Body { url: url.to_string(), source })
+            .map_err(|_| RegistryError::Timeout {
+                url: url.to_string(),
+                timeout: self.timeout(),
+            })?
+            .map_err(|source| RegistryError::Body {
+                url: url.to_string(),
+                source,
+            })
     }
 }
 
-fn expect(resp: Response<Body>, url: &str, ok: &[StatusCode]) -> Result<Response<Body>, RegistryError> {
+fn expect(
+    resp: Response<Body>,
+    url: &str,
+    ok: &[StatusCode],
+) -> Result<Response<Body>, RegistryError> {
     if ok.contains(&resp.status()) {
         Ok(resp)
     } else {
-        Err(RegistryError::Status { url: url.to_string(), status: resp.status().as_u16() })
+        Err(RegistryError::Status {
+            url: url.to_string(),
+            status: resp.status().as_u16(),
+        })
     }
 }
 
 /// The absolute URL of a response's Location header.
 fn location(resp: &Response<Body>, base: &str) -> Result<String, RegistryError> {
-    let bad = || RegistryError::BadRedirect { url: base.to_string() };
-    let loc = resp.headers().get(header::LOCATION).and_then(|v: &HeaderValue| v.to_str().ok()).ok_or_else(bad)?;
+    let bad = || RegistryError::BadRedirect {
+        url: base.to_string(),
+    };
+    let loc = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .ok_or_else(bad)?;
     if loc.starts_with("http://") || loc.starts_with("https://") {
         return Ok(loc.to_string());
     }
     let scheme_end = base.find("://").ok_or_else(bad)? + 3;
-    let host_end = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
     if loc.starts_with('/') {
         Ok(format!("{}{loc}", &base[..host_end]))
     } else {
-        let dir_end = base.rfind('/').filter(|i| *i >= host_end).unwrap_or(host_end);
+        let dir_end = base
+            .rfind('/')
+            .filter(|i| *i >= host_end)
+            .unwrap_or(host_end);
         Ok(format!("{}/{loc}", &base[..dir_end]))
     }
 }
@@ -366,9 +501,21 @@ mod tests {
 
     #[test]
     fn encodes_and_resolves() {
-        assert_eq!(percent_encode("repository:a/b:pull,push"), "repository%3Aa%2Fb%3Apull%2Cpush");
-        assert_eq!(url_host("http://127.0.0.1:5000/v2/x"), Some("127.0.0.1:5000"));
-        let resp = Response::builder().header("location", "/v2/x/blobs/uploads/123?s=1").body(Body::empty()).unwrap();
-        assert_eq!(location(&resp, "http://h:1/v2/x/blobs/uploads/").unwrap(), "http://h:1/v2/x/blobs/uploads/123?s=1");
+        assert_eq!(
+            percent_encode("repository:a/b:pull,push"),
+            "repository%3Aa%2Fb%3Apull%2Cpush"
+        );
+        assert_eq!(
+            url_host("http://127.0.0.1:5000/v2/x"),
+            Some("127.0.0.1:5000")
+        );
+        let resp = Response::builder()
+            .header("location", "/v2/x/blobs/uploads/123?s=1")
+            .body(Body::empty())
+            .unwrap();
+        assert_eq!(
+            location(&resp, "http://h:1/v2/x/blobs/uploads/").unwrap(),
+            "http://h:1/v2/x/blobs/uploads/123?s=1"
+        );
     }
 }

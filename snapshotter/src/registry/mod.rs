@@ -35,7 +35,10 @@ pub enum RegistryError {
     #[error("token endpoint {realm} answered HTTP {status}")]
     Token { realm: String, status: u16 },
     #[error("token endpoint {realm} sent a malformed response")]
-    TokenJson { realm: String, source: serde_json::Error },
+    TokenJson {
+        realm: String,
+        source: serde_json::Error,
+    },
     #[error("{url} redirected more than {max} times")]
     TooManyRedirects { url: String, max: usize },
     #[error("{url} sent a redirect without a usable Location")]
@@ -45,9 +48,16 @@ pub enum RegistryError {
     #[error("{url} answered without Content-Length")]
     NoLength { url: String },
     #[error("failed to build a request for {url}")]
-    Build { url: String, source: hyper::http::Error },
+    Build {
+        url: String,
+        source: hyper::http::Error,
+    },
     #[error("blob from {url} has digest {actual}, expected {expected}")]
-    Digest { url: String, expected: String, actual: String },
+    Digest {
+        url: String,
+        expected: String,
+        actual: String,
+    },
     #[error("failed to write the downloaded blob")]
     Write { source: std::io::Error },
 }
@@ -98,7 +108,8 @@ impl RegistryConfig {
     /// Plain HTTP for configured hosts and, as Docker does, for loopback.
     fn scheme(&self, host: &str) -> &'static str {
         let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-        if self.host(host).insecure || name == "localhost" || name == "127.0.0.1" || name == "[::1]" {
+        if self.host(host).insecure || name == "localhost" || name == "127.0.0.1" || name == "[::1]"
+        {
             "http"
         } else {
             "https"

@@ -27,7 +27,10 @@ impl Reference {
         // A tag is a ':' after the last '/'.
         let last_slash = rest.rfind('/').map(|i| i + 1).unwrap_or(0);
         let (name, tag) = match rest[last_slash..].rfind(':') {
-            Some(i) => (&rest[..last_slash + i], Some(rest[last_slash + i + 1..].to_string())),
+            Some(i) => (
+                &rest[..last_slash + i],
+                Some(rest[last_slash + i + 1..].to_string()),
+            ),
             None => (rest, None),
         };
         let (host, repository) = match name.split_once('/') {
@@ -41,7 +44,11 @@ impl Reference {
         if repository.is_empty() || !repository.chars().all(valid) || tag.as_deref() == Some("") {
             return Err(bad());
         }
-        let tag = if tag.is_none() && digest.is_none() { Some("latest".to_string()) } else { tag };
+        let tag = if tag.is_none() && digest.is_none() {
+            Some("latest".to_string())
+        } else {
+            tag
+        };
         Ok(Reference {
             host,
             repository,
@@ -52,7 +59,10 @@ impl Reference {
 
     /// The tag or digest to ask the registry for.
     pub fn object(&self) -> &str {
-        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+        self.digest
+            .as_deref()
+            .or(self.tag.as_deref())
+            .unwrap_or("latest")
     }
 
     /// The same repository with another tag.
@@ -90,7 +100,10 @@ mod tests {
         assert_eq!(r.repository, "spry/busybox");
         assert_eq!(r.tag.as_deref(), Some("estargz"));
         let r = Reference::parse("busybox").unwrap();
-        assert_eq!((r.host.as_str(), r.repository.as_str()), (DOCKER_HUB, "library/busybox"));
+        assert_eq!(
+            (r.host.as_str(), r.repository.as_str()),
+            (DOCKER_HUB, "library/busybox")
+        );
         assert_eq!(r.object(), "latest");
         let d = format!("sha256:{}", "a".repeat(64));
         let r = Reference::parse(&format!("localhost:5000/x@{d}")).unwrap();

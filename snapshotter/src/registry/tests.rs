@@ -9,7 +9,11 @@ fn client(host: &str, user: &str, pass: &str) -> RegistryClient {
     let mut config = RegistryConfig::default();
     config.hosts.insert(
         host.to_string(),
-        HostConfig { insecure: true, username: Some(user.into()), password: Some(pass.into()) },
+        HostConfig {
+            insecure: true,
+            username: Some(user.into()),
+            password: Some(pass.into()),
+        },
     );
     config.request_timeout_ms = 5_000;
     RegistryClient::new(config)
@@ -21,13 +25,23 @@ fn blob() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_auth_and_redirect_to_storage() {
-    let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::Bearer { user: "u".into(), pass: "p".into() }, true);
+    let reg = MockRegistry::start(
+        &tokio::runtime::Handle::current(),
+        Auth::Bearer {
+            user: "u".into(),
+            pass: "p".into(),
+        },
+        true,
+    );
     let data = blob();
     let digest = reg.put_blob(data.clone());
     let c = client(&reg.host(), "u", "p");
     let r = Reference::parse(&format!("{}/team/app:1", reg.host())).unwrap();
     assert_eq!(c.blob_size(&r, &digest).await.unwrap(), data.len() as u64);
-    assert_eq!(c.blob_range(&r, &digest, 1000, 5000).await.unwrap(), data[1000..6000].to_vec());
+    assert_eq!(
+        c.blob_range(&r, &digest, 1000, 5000).await.unwrap(),
+        data[1000..6000].to_vec()
+    );
     assert_eq!(reg.state.range_requests.load(Ordering::SeqCst), 1);
     let mut out = Vec::new();
     c.blob_to(&r, &digest, &mut out).await.unwrap();
@@ -36,7 +50,14 @@ async fn bearer_token_auth_and_redirect_to_storage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn basic_auth_push_and_pull_manifest() {
-    let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::Basic { user: "u".into(), pass: "p".into() }, false);
+    let reg = MockRegistry::start(
+        &tokio::runtime::Handle::current(),
+        Auth::Basic {
+            user: "u".into(),
+            pass: "p".into(),
+        },
+        false,
+    );
     let c = client(&reg.host(), "u", "p");
     let r = Reference::parse(&format!("{}/app:v1", reg.host())).unwrap();
     let data = Bytes::from(blob());
@@ -44,7 +65,13 @@ async fn basic_auth_push_and_pull_manifest() {
     c.push_blob(&r, &digest, data.clone()).await.unwrap();
     assert_eq!(reg.state.blobs.lock().unwrap()[&digest], data.to_vec());
     let manifest = br#"{"schemaVersion":2}"#.to_vec();
-    c.push_manifest(&r, "application/vnd.oci.image.manifest.v1+json", Bytes::from(manifest.clone())).await.unwrap();
+    c.push_manifest(
+        &r,
+        "application/vnd.oci.image.manifest.v1+json",
+        Bytes::from(manifest.clone()),
+    )
+    .await
+    .unwrap();
     let got = c.manifest(&r).await.unwrap();
     assert_eq!(got.bytes.to_vec(), manifest);
     assert_eq!(got.media_type, "application/vnd.oci.image.manifest.v1+json");
@@ -52,13 +79,30 @@ async fn basic_auth_push_and_pull_manifest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_reported() {
-    let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::Bearer { user: "u".into(), pass: "p".into() }, false);
+    let reg = MockRegistry::start(
+        &tokio::runtime::Handle::current(),
+        Auth::Bearer {
+            user: "u".into(),
+            pass: "p".into(),
+        },
+        false,
+    );
     let digest = reg.put_blob(blob());
     let c = client(&reg.host(), "u", "wrong");
     let r = Reference::parse(&format!("{}/app:v1", reg.host())).unwrap();
     let err = c.blob_range(&r, &digest, 0, 10).await.unwrap_err();
-    assert!(matches!(err, RegistryError::Token { status: 401, .. }), "{err:?}");
-    let reg2 = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::Basic { user: "u".into(), pass: "p".into() }, false);
+    assert!(
+        matches!(err, RegistryError::Token { status: 401, .. }),
+        "{err:?}"
+    );
+    let reg2 = MockRegistry::start(
+        &tokio::runtime::Handle::current(),
+        Auth::Basic {
+            user: "u".into(),
+            pass: "p".into(),
+        },
+        false,
+    );
     let c = client(&reg2.host(), "u", "wrong");
     let r = Reference::parse(&format!("{}/app:v1", reg2.host())).unwrap();
     let err = c.blob_size(&r, &digest).await.unwrap_err();
@@ -77,12 +121,18 @@ async fn unreachable_registry_fails_fast_and_recovers() {
     assert!(matches!(err, RegistryError::Request { .. }), "{err:?}");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
     reg.come_back();
-    assert_eq!(c.blob_range(&r, &digest, 0, 10).await.unwrap(), blob()[..10].to_vec());
+    assert_eq!(
+        c.blob_range(&r, &digest, 0, 10).await.unwrap(),
+        blob()[..10].to_vec()
+    );
 }
 
 #[test]
 fn remote_hosts_need_tls() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let c = RegistryClient::new(RegistryConfig::default());
     let r = Reference::parse("registry.example.com/app:1").unwrap();
     let err = rt.block_on(c.blob_size(&r, "sha256:00")).unwrap_err();

@@ -25,9 +25,15 @@ pub enum ServiceError {
     #[error("failed to persist snapshot metadata")]
     Store(#[from] StoreError),
     #[error("failed to create {path}")]
-    CreateDir { path: PathBuf, source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to measure usage of {path}")]
-    Usage { path: PathBuf, source: std::io::Error },
+    Usage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("a blocking task failed")]
     Join { source: tokio::task::JoinError },
 }
@@ -41,7 +47,9 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::ParentNotCommitted { .. }
             | ServiceError::NotActive { .. }
             | ServiceError::HasChildren { .. } => tonic::Status::failed_precondition(message),
-            ServiceError::UpdateField { .. } | ServiceError::Filter(_) => tonic::Status::invalid_argument(message),
+            ServiceError::UpdateField { .. } | ServiceError::Filter(_) => {
+                tonic::Status::invalid_argument(message)
+            }
             ServiceError::Store(_)
             | ServiceError::CreateDir { .. }
             | ServiceError::Usage { .. }
@@ -58,11 +66,28 @@ mod tests {
     #[test]
     fn maps_to_containerd_error_codes() {
         let code = |e: ServiceError| tonic::Status::from(e).code();
-        assert_eq!(code(ServiceError::NotFound { key: "k".into() }), Code::NotFound);
-        assert_eq!(code(ServiceError::AlreadyExists { key: "k".into() }), Code::AlreadyExists);
-        assert_eq!(code(ServiceError::HasChildren { key: "k".into() }), Code::FailedPrecondition);
-        assert_eq!(code(ServiceError::NotActive { key: "k".into() }), Code::FailedPrecondition);
-        assert_eq!(code(ServiceError::UpdateField { field: "kind".into() }), Code::InvalidArgument);
+        assert_eq!(
+            code(ServiceError::NotFound { key: "k".into() }),
+            Code::NotFound
+        );
+        assert_eq!(
+            code(ServiceError::AlreadyExists { key: "k".into() }),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            code(ServiceError::HasChildren { key: "k".into() }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ServiceError::NotActive { key: "k".into() }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ServiceError::UpdateField {
+                field: "kind".into()
+            }),
+            Code::InvalidArgument
+        );
         let status = tonic::Status::from(ServiceError::NotFound { key: "abc".into() });
         assert!(status.message().contains("\"abc\""));
     }

@@ -54,7 +54,13 @@ impl Filters {
     }
 
     /// Whether a snapshot matches.
-    pub fn matches(&self, name: &str, parent: &str, kind: SnapshotKind, labels: &HashMap<String, String>) -> bool {
+    pub fn matches(
+        &self,
+        name: &str,
+        parent: &str,
+        kind: SnapshotKind,
+        labels: &HashMap<String, String>,
+    ) -> bool {
         if self.any_of.is_empty() {
             return true;
         }
@@ -92,7 +98,10 @@ fn split_unquoted(s: &str, sep: char) -> Vec<&str> {
 
 fn unquote(s: &str) -> String {
     let s = s.trim();
-    s.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(s).to_string()
+    s.strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(s)
+        .to_string()
 }
 
 fn parse_clause(clause: &str) -> Result<Clause, FilterError> {
@@ -101,7 +110,9 @@ fn parse_clause(clause: &str) -> Result<Clause, FilterError> {
     } else if let Some((f, v)) = clause.split_once("==") {
         (f, true, v)
     } else {
-        return Err(FilterError::Syntax { clause: clause.to_string() });
+        return Err(FilterError::Syntax {
+            clause: clause.to_string(),
+        });
     };
     let field = field.trim();
     let field = match field {
@@ -111,10 +122,18 @@ fn parse_clause(clause: &str) -> Result<Clause, FilterError> {
         "target" => Field::Label(SNAPSHOT_REF_LABEL.to_string()),
         f => match f.strip_prefix("labels.") {
             Some(label) => Field::Label(unquote(label)),
-            None => return Err(FilterError::Field { field: f.to_string() }),
+            None => {
+                return Err(FilterError::Field {
+                    field: f.to_string(),
+                })
+            }
         },
     };
-    Ok(Clause { field, equal, value: unquote(value) })
+    Ok(Clause {
+        field,
+        equal,
+        value: unquote(value),
+    })
 }
 
 #[cfg(test)]
@@ -128,13 +147,22 @@ mod tests {
         let f = Filters::parse(&["target==sha256:abc,parent==p".to_string()]).unwrap();
         assert!(f.matches("n", "p", SnapshotKind::Committed, &labels));
         assert!(!f.matches("n", "q", SnapshotKind::Committed, &labels));
-        let f = Filters::parse(&[r#"labels."containerd.io/snapshot.ref"==sha256:abc"#.to_string()]).unwrap();
+        let f = Filters::parse(&[r#"labels."containerd.io/snapshot.ref"==sha256:abc"#.to_string()])
+            .unwrap();
         assert!(f.matches("n", "", SnapshotKind::Active, &labels));
         let f = Filters::parse(&["kind==active".to_string(), "name==x".to_string()]).unwrap();
         assert!(f.matches("x", "", SnapshotKind::Committed, &labels));
         assert!(!f.matches("y", "", SnapshotKind::Committed, &labels));
-        assert!(Filters::parse(&[]).unwrap().matches("y", "", SnapshotKind::View, &labels));
-        assert!(matches!(Filters::parse(&["size>3".to_string()]), Err(FilterError::Syntax { .. })));
-        assert!(matches!(Filters::parse(&["size==3".to_string()]), Err(FilterError::Field { .. })));
+        assert!(Filters::parse(&[])
+            .unwrap()
+            .matches("y", "", SnapshotKind::View, &labels));
+        assert!(matches!(
+            Filters::parse(&["size>3".to_string()]),
+            Err(FilterError::Syntax { .. })
+        ));
+        assert!(matches!(
+            Filters::parse(&["size==3".to_string()]),
+            Err(FilterError::Field { .. })
+        ));
     }
 }

@@ -30,7 +30,10 @@ use crate::registry::RegistryClient;
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("failed to create state directory {path}")]
-    Root { path: PathBuf, source: std::io::Error },
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to load snapshot metadata")]
     Store(#[from] store::StoreError),
     #[error("failed to open the chunk cache")]
@@ -50,7 +53,10 @@ impl SprySnapshotter {
     pub async fn open(config: &Config) -> Result<Arc<Self>, StartError> {
         let root = config.root.clone();
         for dir in [root.clone(), root.join("snapshots")] {
-            std::fs::create_dir_all(&dir).map_err(|source| StartError::Root { path: dir.clone(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| StartError::Root {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let store = Store::load(&root.join("metadata.json"))?;
         let cache = Arc::new(ChunkCache::open(&root.join("cache"))?);
@@ -61,7 +67,12 @@ impl SprySnapshotter {
             config.lazy.clone(),
             tokio::runtime::Handle::current(),
         ));
-        let this = Arc::new(SprySnapshotter { root, store: Mutex::new(store), remote, lazy: config.lazy.enabled });
+        let this = Arc::new(SprySnapshotter {
+            root,
+            store: Mutex::new(store),
+            remote,
+            lazy: config.lazy.enabled,
+        });
         this.restore_remote_mounts().await;
         Ok(this)
     }
@@ -88,10 +99,16 @@ impl SprySnapshotter {
     async fn restore_remote_mounts(&self) {
         let remote: Vec<(String, Record)> = {
             let store = self.store.lock().await;
-            store.iter().filter(|(_, r)| r.remote.is_some()).map(|(k, r)| (k.clone(), r.clone())).collect()
+            store
+                .iter()
+                .filter(|(_, r)| r.remote.is_some())
+                .map(|(k, r)| (k.clone(), r.clone()))
+                .collect()
         };
         for (key, record) in remote {
-            let Some(source) = &record.remote else { continue };
+            let Some(source) = &record.remote else {
+                continue;
+            };
             let path = self.dir(record.id).join("fs");
             if let Err(err) = self.remote.mount(record.id, source, &path).await {
                 tracing::error!(snapshot = %key, error = %error_chain(&err), "failed to restore remote layer mount");
@@ -128,14 +145,26 @@ impl SprySnapshotter {
         }
         let id = store.allocate_id();
         let dir = self.dir(id);
-        let make = |p: PathBuf| std::fs::create_dir_all(&p).map_err(|source| ServiceError::CreateDir { path: p, source });
+        let make = |p: PathBuf| {
+            std::fs::create_dir_all(&p)
+                .map_err(|source| ServiceError::CreateDir { path: p, source })
+        };
         let created = make(dir.join("fs")).and_then(|_| make(dir.join("work")));
         if let Err(err) = created {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(err);
         }
         let now = timestamp(SystemTime::now());
-        let record = Record { id, kind, parent, labels, created: now, updated: now, usage: None, remote: None };
+        let record = Record {
+            id,
+            kind,
+            parent,
+            labels,
+            created: now,
+            updated: now,
+            usage: None,
+            remote: None,
+        };
         store.insert(key.clone(), record);
         if let Err(err) = store.save() {
             store.remove(&key);
@@ -158,9 +187,13 @@ impl SprySnapshotter {
         let id = {
             let mut store = self.store.lock().await;
             if store.get(target).is_some() {
-                return Some(ServiceError::AlreadyExists { key: target.clone() });
+                return Some(ServiceError::AlreadyExists {
+                    key: target.clone(),
+                });
             }
-            if !parent.is_empty() && store.get(parent).map(|p| p.kind) != Some(SnapshotKind::Committed) {
+            if !parent.is_empty()
+                && store.get(parent).map(|p| p.kind) != Some(SnapshotKind::Committed)
+            {
                 return None;
             }
             store.allocate_id()
@@ -181,7 +214,9 @@ impl SprySnapshotter {
             // Lost a race with another Prepare of the same layer.
             self.remote.unmount(id);
             let _ = std::fs::remove_dir_all(self.dir(id));
-            return Some(ServiceError::AlreadyExists { key: target.clone() });
+            return Some(ServiceError::AlreadyExists {
+                key: target.clone(),
+            });
         }
         let now = timestamp(SystemTime::now());
         let record = Record {
@@ -203,7 +238,9 @@ impl SprySnapshotter {
             return Some(err.into());
         }
         tracing::info!(target = %target, elapsed_ms = started.elapsed().as_millis() as u64, "committed remote snapshot");
-        Some(ServiceError::AlreadyExists { key: target.clone() })
+        Some(ServiceError::AlreadyExists {
+            key: target.clone(),
+        })
     }
 
     fn info(key: &str, r: &Record) -> Info {
@@ -245,14 +282,22 @@ impl Snapshotter for SprySnapshotter {
 
     async fn stat(&self, key: String) -> Result<Info, Self::Error> {
         let store = self.store.lock().await;
-        let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        let r = store
+            .get(&key)
+            .ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
         Ok(Self::info(&key, r))
     }
 
-    async fn update(&self, info: Info, fieldpaths: Option<Vec<String>>) -> Result<Info, Self::Error> {
+    async fn update(
+        &self,
+        info: Info,
+        fieldpaths: Option<Vec<String>>,
+    ) -> Result<Info, Self::Error> {
         let mut store = self.store.lock().await;
         let key = info.name.clone();
-        let r = store.get_mut(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        let r = store
+            .get_mut(&key)
+            .ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
         let paths = fieldpaths.unwrap_or_default();
         let mut labels = r.labels.clone();
         if paths.is_empty() {
@@ -267,7 +312,9 @@ impl Snapshotter for SprySnapshotter {
                     None => labels.remove(label),
                 };
             } else {
-                return Err(ServiceError::UpdateField { field: path.clone() });
+                return Err(ServiceError::UpdateField {
+                    field: path.clone(),
+                });
             }
         }
         let before = r.clone();
@@ -284,13 +331,18 @@ impl Snapshotter for SprySnapshotter {
     async fn usage(&self, key: String) -> Result<Usage, Self::Error> {
         let (id, kind, stored, remote) = {
             let store = self.store.lock().await;
-            let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+            let r = store
+                .get(&key)
+                .ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
             (r.id, r.kind, r.usage, r.remote.is_some())
         };
         if remote {
             if let Some(layer) = self.remote.layer(id) {
                 let index = layer.index();
-                return Ok(Usage { size: index.content_size() as i64, inodes: index.entries.len() as i64 });
+                return Ok(Usage {
+                    size: index.content_size() as i64,
+                    inodes: index.entries.len() as i64,
+                });
             }
         }
         if let (SnapshotKind::Committed, Some((size, inodes))) = (kind, stored) {
@@ -308,18 +360,35 @@ impl Snapshotter for SprySnapshotter {
         Ok(mounts::for_snapshot(&self.root, &store, &key))
     }
 
-    async fn prepare(&self, key: String, parent: String, labels: HashMap<String, String>) -> Result<Vec<Mount>, Self::Error> {
+    async fn prepare(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
         self.create(SnapshotKind::Active, key, parent, labels).await
     }
 
-    async fn view(&self, key: String, parent: String, labels: HashMap<String, String>) -> Result<Vec<Mount>, Self::Error> {
+    async fn view(
+        &self,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>, Self::Error> {
         self.create(SnapshotKind::View, key, parent, labels).await
     }
 
-    async fn commit(&self, name: String, key: String, labels: HashMap<String, String>) -> Result<(), Self::Error> {
+    async fn commit(
+        &self,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<(), Self::Error> {
         let id = {
             let store = self.store.lock().await;
-            let r = store.get(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+            let r = store
+                .get(&key)
+                .ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
             if r.kind != SnapshotKind::Active {
                 return Err(ServiceError::NotActive { key });
             }
@@ -331,7 +400,9 @@ impl Snapshotter for SprySnapshotter {
         if store.get(&name).is_some() {
             return Err(ServiceError::AlreadyExists { key: name });
         }
-        let mut r = store.remove(&key).ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
+        let mut r = store
+            .remove(&key)
+            .ok_or_else(|| ServiceError::NotFound { key: key.clone() })?;
         let before = r.clone();
         r.kind = SnapshotKind::Committed;
         r.labels = labels;
@@ -374,10 +445,18 @@ impl Snapshotter for SprySnapshotter {
     }
 
     async fn clear(&self) -> Result<(), Self::Error> {
-        let known: std::collections::HashSet<String> =
-            self.store.lock().await.iter().map(|(_, r)| r.id.to_string()).collect();
+        let known: std::collections::HashSet<String> = self
+            .store
+            .lock()
+            .await
+            .iter()
+            .map(|(_, r)| r.id.to_string())
+            .collect();
         let snapshots = self.root.join("snapshots");
-        let entries = std::fs::read_dir(&snapshots).map_err(|source| ServiceError::Usage { path: snapshots.clone(), source })?;
+        let entries = std::fs::read_dir(&snapshots).map_err(|source| ServiceError::Usage {
+            path: snapshots.clone(),
+            source,
+        })?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if known.contains(&name) {
@@ -394,7 +473,11 @@ impl Snapshotter for SprySnapshotter {
 
     type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, ServiceError>>>;
 
-    async fn list(&self, _snapshotter: String, filters: Vec<String>) -> Result<Self::InfoStream, Self::Error> {
+    async fn list(
+        &self,
+        _snapshotter: String,
+        filters: Vec<String>,
+    ) -> Result<Self::InfoStream, Self::Error> {
         let filters = Filters::parse(&filters)?;
         let store = self.store.lock().await;
         let infos: Vec<Result<Info, ServiceError>> = store

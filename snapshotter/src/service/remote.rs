@@ -70,14 +70,31 @@ pub struct RemoteLayers {
 }
 
 impl RemoteLayers {
-    pub fn new(client: Arc<RegistryClient>, cache: Arc<ChunkCache>, config: LazyConfig, runtime: Handle) -> Self {
-        RemoteLayers { client, cache, config, runtime, mounted: Mutex::new(HashMap::new()) }
+    pub fn new(
+        client: Arc<RegistryClient>,
+        cache: Arc<ChunkCache>,
+        config: LazyConfig,
+        runtime: Handle,
+    ) -> Self {
+        RemoteLayers {
+            client,
+            cache,
+            config,
+            runtime,
+            mounted: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Opens (verifying the TOC) and mounts the layer of `source` at `path`,
     /// then starts prefetch and background fetching.
-    pub async fn mount(self: &Arc<Self>, id: u64, source: &RemoteSource, path: &Path) -> Result<(), RemoteError> {
-        let reference = Reference::parse(&source.image_ref).map_err(|source| RemoteError::Reference { source })?;
+    pub async fn mount(
+        self: &Arc<Self>,
+        id: u64,
+        source: &RemoteSource,
+        path: &Path,
+    ) -> Result<(), RemoteError> {
+        let reference = Reference::parse(&source.image_ref)
+            .map_err(|source| RemoteError::Reference { source })?;
         let this = self.clone();
         let source = source.clone();
         let path = path.to_path_buf();
@@ -86,21 +103,48 @@ impl RemoteLayers {
             .map_err(|source| RemoteError::Join { source })?
     }
 
-    fn mount_blocking(&self, id: u64, reference: Reference, source: RemoteSource, path: PathBuf) -> Result<(), RemoteError> {
+    fn mount_blocking(
+        &self,
+        id: u64,
+        reference: Reference,
+        source: RemoteSource,
+        path: PathBuf,
+    ) -> Result<(), RemoteError> {
         let digest = source.layer_digest.clone();
-        let blob = RegistryBlob::new(self.client.clone(), reference, digest.clone(), self.runtime.clone());
+        let blob = RegistryBlob::new(
+            self.client.clone(),
+            reference,
+            digest.clone(),
+            self.runtime.clone(),
+        );
         let retry = RetryPolicy {
             attempts: self.config.fetch_attempts,
             backoff: Duration::from_millis(self.config.fetch_backoff_ms),
         };
-        let layer = RemoteLayer::open(Arc::new(blob), self.cache.clone(), &source.toc_digest, retry)
-            .map_err(|source| RemoteError::Open { digest: digest.clone(), source })?;
+        let layer = RemoteLayer::open(
+            Arc::new(blob),
+            self.cache.clone(),
+            &source.toc_digest,
+            retry,
+        )
+        .map_err(|source| RemoteError::Open {
+            digest: digest.clone(),
+            source,
+        })?;
         let layer = Arc::new(layer);
-        let mount = LayerMount::mount(layer.clone(), &path, &digest)
-            .map_err(|source| RemoteError::Mount { digest: digest.clone(), source })?;
+        let mount = LayerMount::mount(layer.clone(), &path, &digest).map_err(|source| {
+            RemoteError::Mount {
+                digest: digest.clone(),
+                source,
+            }
+        })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
         self.start_fetching(layer.clone(), digest);
-        let old = self.mounted.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Mounted { layer, mount });
+        let old = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Mounted { layer, mount });
         drop(old);
         Ok(())
     }
@@ -133,7 +177,11 @@ impl RemoteLayers {
 
     /// Unmounts the layer of snapshot `id`, if mounted here.
     pub fn unmount(&self, id: u64) {
-        let mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let mounted = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if let Some(m) = mounted {
             m.layer.cancel();
             if let Err(err) = m.mount.unmount() {
@@ -144,12 +192,22 @@ impl RemoteLayers {
 
     /// The layer of snapshot `id`.
     pub fn layer(&self, id: u64) -> Option<Arc<RemoteLayer>> {
-        self.mounted.lock().unwrap_or_else(|p| p.into_inner()).get(&id).map(|m| m.layer.clone())
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .map(|m| m.layer.clone())
     }
 
     /// Unmounts everything (shutdown).
     pub fn unmount_all(&self) {
-        let all: Vec<u64> = self.mounted.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect();
+        let all: Vec<u64> = self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
         for id in all {
             self.unmount(id);
         }

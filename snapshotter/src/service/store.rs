@@ -13,11 +13,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("failed to read metadata {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("metadata {path} is corrupt")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("failed to write metadata {path}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Snapshot kinds, as containerd defines them.
@@ -102,23 +111,40 @@ impl Store {
                 path: path.to_path_buf(),
                 source,
             })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State { next_id: 1, ..State::default() },
-            Err(source) => return Err(StoreError::Read { path: path.to_path_buf(), source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State {
+                next_id: 1,
+                ..State::default()
+            },
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
-        Ok(Store { path: path.to_path_buf(), state })
+        Ok(Store {
+            path: path.to_path_buf(),
+            state,
+        })
     }
 
     /// Writes the current state durably.
     pub fn save(&self) -> Result<(), StoreError> {
-        let err = |source| StoreError::Write { path: self.path.clone(), source };
+        let err = |source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
         let tmp = self.path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(|e| err(std::io::Error::other(e)))?;
+        let bytes =
+            serde_json::to_vec_pretty(&self.state).map_err(|e| err(std::io::Error::other(e)))?;
         let mut f = fs::File::create(&tmp).map_err(err)?;
         f.write_all(&bytes).map_err(err)?;
         f.sync_all().map_err(err)?;
         fs::rename(&tmp, &self.path).map_err(err)?;
         if let Some(dir) = self.path.parent() {
-            fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
         }
         Ok(())
     }

@@ -39,7 +39,9 @@ impl BlobFetcher for MemBlob {
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect()
 }
 
 /// A layer tar with the kinds of entries images have.
@@ -78,7 +80,8 @@ pub fn sample_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Link);
     h.set_size(0);
-    b.append_link(&mut h, "usr/bin/app2", "usr/bin/app").unwrap();
+    b.append_link(&mut h, "usr/bin/app2", "usr/bin/app")
+        .unwrap();
     // Whiteouts, as a layer that deletes things carries them.
     dir(&mut b, "opq/");
     for p in ["etc/.wh.removed", "opq/.wh..wh..opq"] {
@@ -90,7 +93,15 @@ pub fn sample_tar() -> (Vec<u8>, Vec<(String, Vec<u8>)>) {
     (b.into_inner().unwrap(), files)
 }
 
-pub fn build(prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput, Vec<u8>, Vec<(String, Vec<u8>)>) {
+/// A converted sample layer: blob, writer output, source tar, regular files.
+pub type Built = (
+    Vec<u8>,
+    crate::estargz::WriterOutput,
+    Vec<u8>,
+    Vec<(String, Vec<u8>)>,
+);
+
+pub fn build(prioritized: &[&str]) -> Built {
     let (tar, files) = sample_tar();
     let opts = LayerConvertOptions {
         chunk_size: 1000,
@@ -99,6 +110,5 @@ pub fn build(prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput, Ve
     let (out, blob) = convert_tar(&tar[..], Vec::new(), &opts).unwrap();
     (blob, out, tar, files)
 }
-
 
 pub mod registry;

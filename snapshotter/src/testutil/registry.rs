@@ -15,9 +15,15 @@ use hyper::{Body, Method, Request, Response, StatusCode};
 #[derive(Clone, Debug)]
 pub enum Auth {
     None,
-    Basic { user: String, pass: String },
+    Basic {
+        user: String,
+        pass: String,
+    },
     /// Token service that itself wants basic credentials.
-    Bearer { user: String, pass: String },
+    Bearer {
+        user: String,
+        pass: String,
+    },
 }
 
 pub struct State {
@@ -56,7 +62,12 @@ impl MockRegistry {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         *state.addr.lock().unwrap() = Some(addr);
-        let reg = Arc::new(MockRegistry { state, addr, stop: Mutex::new(None), runtime: runtime.clone() });
+        let reg = Arc::new(MockRegistry {
+            state,
+            addr,
+            stop: Mutex::new(None),
+            runtime: runtime.clone(),
+        });
         reg.serve(listener);
         reg
     }
@@ -76,7 +87,11 @@ impl MockRegistry {
             async move { Ok::<_, Infallible>(service_fn(move |req| handle(state.clone(), req))) }
         }));
         self.runtime.spawn(async move {
-            let _ = server.with_graceful_shutdown(async { let _ = rx.await; }).await;
+            let _ = server
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
         });
     }
 
@@ -103,7 +118,11 @@ impl MockRegistry {
 
     pub fn put_blob(&self, data: Vec<u8>) -> String {
         let digest = crate::estargz::sha256_digest(&data);
-        self.state.blobs.lock().unwrap().insert(digest.clone(), data);
+        self.state
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), data);
         digest
     }
 }
@@ -117,15 +136,26 @@ impl Drop for MockRegistry {
 }
 
 fn status(code: StatusCode) -> Response<Body> {
-    Response::builder().status(code).body(Body::empty()).unwrap()
+    Response::builder()
+        .status(code)
+        .body(Body::empty())
+        .unwrap()
 }
 
 fn authorized(state: &State, req: &Request<Body>) -> bool {
-    let header = req.headers().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let header = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     match &state.auth {
         Auth::None => true,
         Auth::Basic { user, pass } => {
-            header == format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+            header
+                == format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+                )
         }
         Auth::Bearer { .. } => header == format!("Bearer {TOKEN}"),
     }
@@ -135,14 +165,25 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
     let path = req.uri().path().to_string();
     let addr = state.addr.lock().unwrap().unwrap();
     if path == "/token" {
-        let Auth::Bearer { user, pass } = &state.auth else { return Ok(status(StatusCode::NOT_FOUND)) };
-        let want = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")));
-        let ok = req.headers().get("authorization").and_then(|v| v.to_str().ok()) == Some(want.as_str());
+        let Auth::Bearer { user, pass } = &state.auth else {
+            return Ok(status(StatusCode::NOT_FOUND));
+        };
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        );
+        let ok = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some(want.as_str());
         let scoped = req.uri().query().unwrap_or("").contains("scope=repository");
         if !ok || !scoped {
             return Ok(status(StatusCode::UNAUTHORIZED));
         }
-        return Ok(Response::new(Body::from(format!("{{\"token\":\"{TOKEN}\"}}"))));
+        return Ok(Response::new(Body::from(format!(
+            "{{\"token\":\"{TOKEN}\"}}"
+        ))));
     }
     if let Some(digest) = path.strip_prefix("/storage/") {
         return Ok(serve_blob(&state, &req, digest));
@@ -153,26 +194,42 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
         }
         let query = req.uri().query().unwrap_or("").to_string();
         let known = state.uploads.lock().unwrap().remove(id).is_some();
-        let body = hyper::body::to_bytes(req.into_body()).await.unwrap().to_vec();
-        let digest = query.strip_prefix("digest=").unwrap_or("").replace("%3A", ":");
+        let body = hyper::body::to_bytes(req.into_body())
+            .await
+            .unwrap()
+            .to_vec();
+        let digest = query
+            .strip_prefix("digest=")
+            .unwrap_or("")
+            .replace("%3A", ":");
         if !known || crate::estargz::sha256_digest(&body) != digest {
             return Ok(status(StatusCode::BAD_REQUEST));
         }
         state.blobs.lock().unwrap().insert(digest, body);
         return Ok(status(StatusCode::CREATED));
     }
-    let Some(rest) = path.strip_prefix("/v2/") else { return Ok(status(StatusCode::NOT_FOUND)) };
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return Ok(status(StatusCode::NOT_FOUND));
+    };
     if !authorized(&state, &req) {
         let challenge = match &state.auth {
             Auth::Bearer { .. } => format!("Bearer realm=\"http://{addr}/token\",service=\"mock\""),
             _ => "Basic realm=\"mock\"".to_string(),
         };
-        return Ok(Response::builder().status(StatusCode::UNAUTHORIZED).header("www-authenticate", challenge).body(Body::empty()).unwrap());
+        return Ok(Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header("www-authenticate", challenge)
+            .body(Body::empty())
+            .unwrap());
     }
     if rest.ends_with("/blobs/uploads/") && req.method() == Method::POST {
         let id = format!("u{}", state.uploads.lock().unwrap().len() + rand_id());
         state.uploads.lock().unwrap().insert(id.clone(), ());
-        return Ok(Response::builder().status(StatusCode::ACCEPTED).header("location", format!("/upload/{id}")).body(Body::empty()).unwrap());
+        return Ok(Response::builder()
+            .status(StatusCode::ACCEPTED)
+            .header("location", format!("/upload/{id}"))
+            .body(Body::empty())
+            .unwrap());
     }
     if let Some((_, digest)) = rest.split_once("/blobs/") {
         if state.redirect && req.method() == Method::GET {
@@ -186,8 +243,16 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
     }
     if let Some((_, reference)) = rest.split_once("/manifests/") {
         if req.method() == Method::PUT {
-            let media = req.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let body = hyper::body::to_bytes(req.into_body()).await.unwrap().to_vec();
+            let media = req
+                .headers()
+                .get("content-type")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = hyper::body::to_bytes(req.into_body())
+                .await
+                .unwrap()
+                .to_vec();
             let digest = crate::estargz::sha256_digest(&body);
             let mut m = state.manifests.lock().unwrap();
             m.insert(digest, (media.clone(), body.clone()));
@@ -196,7 +261,10 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
         }
         let found = state.manifests.lock().unwrap().get(reference).cloned();
         return Ok(match found {
-            Some((media, body)) => Response::builder().header("content-type", media).body(Body::from(body)).unwrap(),
+            Some((media, body)) => Response::builder()
+                .header("content-type", media)
+                .body(Body::from(body))
+                .unwrap(),
             None => status(StatusCode::NOT_FOUND),
         });
     }
@@ -204,7 +272,10 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
 }
 
 fn rand_id() -> usize {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize
 }
 
 fn serve_blob(state: &State, req: &Request<Body>, digest: &str) -> Response<Body> {
@@ -212,12 +283,19 @@ fn serve_blob(state: &State, req: &Request<Body>, digest: &str) -> Response<Body
         return status(StatusCode::NOT_FOUND);
     };
     if req.method() == Method::HEAD {
-        return Response::builder().header("content-length", blob.len()).body(Body::empty()).unwrap();
+        return Response::builder()
+            .header("content-length", blob.len())
+            .body(Body::empty())
+            .unwrap();
     }
-    let range = req.headers().get("range").and_then(|v| v.to_str().ok()).and_then(|r| {
-        let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
-        Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
-    });
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|r| {
+            let (a, b) = r.strip_prefix("bytes=")?.split_once('-')?;
+            Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?))
+        });
     let (body, code) = match range {
         Some((a, b)) if a <= b && b < blob.len() => {
             state.range_requests.fetch_add(1, Ordering::SeqCst);
@@ -226,6 +304,11 @@ fn serve_blob(state: &State, req: &Request<Body>, digest: &str) -> Response<Body
         Some(_) => return status(StatusCode::RANGE_NOT_SATISFIABLE),
         None => (blob, StatusCode::OK),
     };
-    state.blob_bytes_served.fetch_add(body.len() as u64, Ordering::SeqCst);
-    Response::builder().status(code).body(Body::from(body)).unwrap()
+    state
+        .blob_bytes_served
+        .fetch_add(body.len() as u64, Ordering::SeqCst);
+    Response::builder()
+        .status(code)
+        .body(Body::from(body))
+        .unwrap()
 }
