@@ -45,6 +45,22 @@ fn log_to_stderr(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+}
+
+/// Logs to a close-on-exec duplicate of stderr. In the helper, libcontainer logs from the
+/// container's init process after it has put the container's stdio on fds 0-2: writing to fd 2
+/// would put libcontainer's logs into the container's stderr.
+fn log_to_private_stderr(filter: &str) {
+    use std::os::fd::AsFd;
+    let Ok(log) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return;
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::sync::Mutex::new(std::fs::File::from(log)))
+        .with_ansi(false)
         .init();
 }
 
@@ -58,7 +74,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(HELPER_SUBCOMMAND) {
-        log_to_stderr(&std::env::var("SPRY_LOG").unwrap_or_else(|_| "info".into()));
+        log_to_private_stderr(&std::env::var("SPRY_LOG").unwrap_or_else(|_| "info".into()));
         return ExitCode::from(helper_main() as u8);
     }
     if nix::unistd::getpid().as_raw() == 1 {

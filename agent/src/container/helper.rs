@@ -126,6 +126,7 @@ pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDon
     let mut command = Command::new(exe);
     command
         .arg(HELPER_SUBCOMMAND)
+        .current_dir("/")
         .stdin(Stdio::from(theirs))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

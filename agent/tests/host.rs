@@ -1,0 +1,216 @@
+//! The real agent on the host, as root: containers on a busybox rootfs through the ttrpc API.
+//! Run: `cargo test -p spry-agent --test host` (as root).
+
+mod harness;
+
+use harness::*;
+use spry_proto::agent::*;
+use ttrpc::Code;
+
+fn code(result: ttrpc::Result<Empty>) -> (Code, String) {
+    match result {
+        Err(ttrpc::Error::RpcStatus(status)) => (status.code(), status.message().to_string()),
+        other => panic!("expected an error status, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_a_container_and_reports_output_and_exit_code() {
+    let agent = Agent::start().await;
+    // Containers need the sandbox identity first.
+    let (c, _) = code(agent.create("early", spec(&["true"]), stdio(false, false)).await);
+    assert_eq!(c, Code::UNAVAILABLE);
+    agent.create_sandbox().await;
+
+    agent
+        .create("c1", spec(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]), stdio(false, false))
+        .await
+        .unwrap();
+    agent.start_container("c1").await;
+    assert_eq!(agent.read_all("c1", "", false).await, "hi\n");
+    assert_eq!(agent.read_all("c1", "", true).await, "oops\n");
+    let status = agent.wait("c1", "").await;
+    assert_eq!((status.exit_code, status.signal, status.oom_killed), (3, 0, false));
+    assert!(status.exited_at_unix_nanos > 0);
+    // A second wait returns the same status.
+    assert_eq!(agent.wait("c1", "").await.exit_code, 3);
+    agent.remove("c1").await.unwrap();
+    let (c, _) = code(agent.remove("c1").await);
+    assert_eq!(c, Code::NOT_FOUND);
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_sees_its_namespaces_hostname_env_cwd_and_dns() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    let mut spec = spec(&["sh", "-c", "echo pid=$$; hostname; echo foo=$FOO; pwd; cat /etc/resolv.conf; id -u; cat /proc/self/status | grep NoNewPrivs"]);
+    spec["process"]["env"] = serde_json::json!(["PATH=/bin", "FOO=bar baz"]);
+    spec["process"]["cwd"] = serde_json::json!("/work");
+    agent.create("c2", spec, stdio(false, false)).await.unwrap();
+    agent.start_container("c2").await;
+    let out = agent.read_all("c2", "", false).await;
+    assert_eq!(
+        out,
+        "pid=1\nspec-host\nfoo=bar baz\n/work\nnameserver 10.0.0.10\nsearch default.svc.cluster.local\n0\nNoNewPrivs:\t1\n"
+    );
+    assert_eq!(agent.wait("c2", "").await.exit_code, 0);
+    agent.remove("c2").await.unwrap();
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_exec_signals_and_states() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    agent
+        .create("c3", spec(&["sh", "-c", "read line; echo got:$line; exec sleep 1000"]), stdio(false, true))
+        .await
+        .unwrap();
+    // Created but not started: it cannot be removed.
+    let (c, _) = code(agent.remove("c3").await);
+    assert_eq!(c, Code::FAILED_PRECONDITION);
+    agent.start_container("c3").await;
+    agent.write_stdin("c3", "", b"hello world\n").await;
+    let mut close = ProcessRef::new();
+    close.container_id = "c3".into();
+    agent.client.close_stdin(ctx(), &close).await.unwrap();
+    agent.read_until("c3", "", "got:hello world\n").await;
+
+    // An exec: its own stdio and exit code.
+    let exec = |args: &[&str]| {
+        let mut req = ExecProcessRequest::new();
+        req.oci_process_json = serde_json::to_vec(&process_json(args)).unwrap();
+        req.stdio = Some(stdio(false, false)).into();
+        req
+    };
+    let mut req = exec(&["sh", "-c", "echo exec-out; echo sleep-pid=$(pidof sleep); exit 5"]);
+    req.process = Some(process_ref("c3", "e1")).into();
+    agent.client.exec_process(ctx(), &req).await.unwrap();
+    assert_eq!(agent.read_all("c3", "e1", false).await, "exec-out\nsleep-pid=1\n");
+    assert_eq!(agent.wait("c3", "e1").await.exit_code, 5);
+    let (c, _) = code(agent.client.exec_process(ctx(), &req).await);
+    assert_eq!(c, Code::ALREADY_EXISTS);
+
+    // SIGTERM to a process without a handler (not the namespace's init): 128 + 15.
+    let mut req = exec(&["sleep", "1000"]);
+    req.process = Some(process_ref("c3", "sleeper")).into();
+    agent.client.exec_process(ctx(), &req).await.unwrap();
+    let pids = agent.client.list_processes(ctx(), &container_req("c3")).await.unwrap().pids;
+    assert_eq!(pids.len(), 2, "init and the sleeper: {pids:?}");
+    agent.signal("c3", "sleeper", libc::SIGTERM, false).await.unwrap();
+    let status = agent.wait("c3", "sleeper").await;
+    assert_eq!((status.exit_code, status.signal), (143, 15));
+    let (c, _) = code(agent.signal("c3", "sleeper", libc::SIGTERM, false).await);
+    assert_eq!(c, Code::NOT_FOUND, "signalling an exited process");
+
+    // A missing binary or cwd is refused up front, naming the problem.
+    let mut req = exec(&["no-such-binary"]);
+    req.process = Some(process_ref("c3", "bad")).into();
+    let (c, message) = code(agent.client.exec_process(ctx(), &req).await);
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(message.contains("no-such-binary"), "{message}");
+
+    let stats = agent.client.stats_container(ctx(), &container_req("c3")).await.unwrap();
+    assert!(stats.timestamp_nanos > 0);
+
+    // Running: cannot be removed. SIGKILL to all, then it can.
+    let (c, _) = code(agent.remove("c3").await);
+    assert_eq!(c, Code::FAILED_PRECONDITION);
+    agent.signal("c3", "", libc::SIGKILL, true).await.unwrap();
+    let status = agent.wait("c3", "").await;
+    assert_eq!((status.exit_code, status.signal), (137, 9));
+    agent.remove("c3").await.unwrap();
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_has_a_size_that_can_change() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    agent
+        .create("tty", spec(&["sh", "-c", "tty; stty size; read x; stty size"]), stdio(true, true))
+        .await
+        .unwrap();
+    agent.start_container("tty").await;
+    let out = agent.read_until("tty", "", "40 100").await;
+    assert!(out.contains("/dev/pts/0"), "{out:?}");
+    let mut resize = ResizeTtyRequest::new();
+    resize.process = Some(process_ref("tty", "")).into();
+    resize.rows = 50;
+    resize.cols = 120;
+    agent.client.resize_tty(ctx(), &resize).await.unwrap();
+    agent.write_stdin("tty", "", b"\n").await;
+    let out = agent.read_all("tty", "", false).await;
+    assert!(out.contains("50 120"), "{out:?}");
+    assert_eq!(agent.wait("tty", "").await.exit_code, 0);
+    // A terminal has no separate stderr.
+    assert_eq!(agent.read_all("tty", "", true).await, "");
+    agent.remove("tty").await.unwrap();
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    let mut bad_ns = spec(&["true"]);
+    bad_ns["linux"]["namespaces"] = serde_json::json!([{"type": "bogus"}]);
+    let (c, message) = code(agent.create("b1", bad_ns, stdio(false, false)).await);
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(message.contains("bogus"), "{message}");
+
+    let (c, message) = code(agent.create("b2", spec(&["/bin/nope"]), stdio(false, false)).await);
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(message.contains("/bin/nope"), "{message}");
+
+    let mut bad_cwd = spec(&["true"]);
+    bad_cwd["process"]["cwd"] = serde_json::json!("/does/not/exist");
+    let (c, message) = code(agent.create("b3", bad_cwd, stdio(false, false)).await);
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+    assert!(message.contains("/does/not/exist"), "{message}");
+
+    let (c, _) = code(agent.create("../evil", spec(&["true"]), stdio(false, false)).await);
+    assert_eq!(c, Code::INVALID_ARGUMENT);
+
+    agent.create("dup", spec(&["true"]), stdio(false, false)).await.unwrap();
+    let (c, _) = code(agent.create("dup", spec(&["true"]), stdio(false, false)).await);
+    assert_eq!(c, Code::ALREADY_EXISTS);
+    let (c, _) = code(agent.client.start_container(ctx(), &container_req("nope")).await);
+    assert_eq!(c, Code::NOT_FOUND);
+
+    // DestroySandbox kills and removes whatever is left.
+    agent.client.destroy_sandbox(ctx(), &Empty::new()).await.unwrap();
+    let (c, _) = code(agent.remove("dup").await);
+    assert_eq!(c, Code::NOT_FOUND);
+    agent.finish().await;
+}
+
+/// Needs the cgroup v2 memory controller. The guest VM has it; a host whose memory
+/// controller is bound to cgroup v1 does not, so this is opt-in: `--ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the cgroup v2 memory controller (run in the guest or on a cgroup v2 host)"]
+async fn a_memory_limit_is_enforced_and_the_oom_kill_reported() {
+    let agent = Agent::start().await;
+    assert!(
+        available_controllers(&agent.cgroup_dir).contains("memory"),
+        "the cgroup v2 memory controller is not available here"
+    );
+    agent.create_sandbox().await;
+    let mut spec = spec(&["sh", "-c", "echo start; x=a; while true; do x=$x$x; done"]);
+    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024, "swap": 16 * 1024 * 1024}});
+    agent.create("oom", spec, stdio(false, false)).await.unwrap();
+    let oom = tokio::spawn({
+        let client = agent.client.clone();
+        async move { client.get_oom_event(ctx(), &Empty::new()).await }
+    });
+    agent.start_container("oom").await;
+    let status = agent.wait("oom", "").await;
+    assert_eq!((status.exit_code, status.oom_killed), (137, true));
+    assert_eq!(oom.await.unwrap().unwrap().container_id, "oom");
+    let stats = agent.client.stats_container(ctx(), &container_req("oom")).await.unwrap();
+    assert_eq!(stats.memory_limit_bytes, 16 * 1024 * 1024);
+    assert!(stats.oom_kills >= 1);
+    agent.remove("oom").await.unwrap();
+    agent.finish().await;
+}
