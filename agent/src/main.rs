@@ -91,7 +91,13 @@ fn main() -> ExitCode {
 }
 
 fn run_serve(command: Command) -> anyhow::Result<()> {
-    let Command::Serve { listen, shared_dir, run_dir, set_clock, log } = command;
+    let Command::Serve {
+        listen,
+        shared_dir,
+        run_dir,
+        set_clock,
+        log,
+    } = command;
     log_to_stderr(&log);
     std::env::set_var("SPRY_LOG", &log);
     // Orphaned container processes must come back to us, as they would to PID 1.
@@ -99,7 +105,9 @@ fn run_serve(command: Command) -> anyhow::Result<()> {
     let channel = channel::from_name(&listen)?;
     let shared = match shared_dir {
         Some(dir) => SharedFs::HostDir(dir),
-        None => SharedFs::VirtioFs { tag: SHARED_FS_TAG.into() },
+        None => SharedFs::VirtioFs {
+            tag: SHARED_FS_TAG.into(),
+        },
     };
     let config = AgentConfig {
         run_dir,
@@ -135,7 +143,9 @@ fn run_as_pid1() -> ! {
         .and_then(|channel| {
             let config = AgentConfig {
                 run_dir: "/run/spry".into(),
-                shared: SharedFs::VirtioFs { tag: SHARED_FS_TAG.into() },
+                shared: SharedFs::VirtioFs {
+                    tag: SHARED_FS_TAG.into(),
+                },
                 sandbox: SandboxOptions { set_clock: true },
                 power_off_on_shutdown: true,
             };

@@ -56,7 +56,10 @@ impl ExitWatch {
         match waited {
             Ok(exit) => exit.expect("wait_for guarantees Some"),
             // The reaper drops the sender only after publishing the exit.
-            Err(_) => self.0.borrow().expect("exit published before the sender is dropped"),
+            Err(_) => self
+                .0
+                .borrow()
+                .expect("exit published before the sender is dropped"),
         }
     }
 

@@ -23,7 +23,10 @@ pub enum ServeError {
     #[error("failed to start the child reaper")]
     Reaper { source: std::io::Error },
     #[error("failed to create {path}")]
-    RunDir { path: PathBuf, source: std::io::Error },
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to set up the host channel")]
     Channel {
         #[from]
@@ -45,9 +48,17 @@ pub struct AgentConfig {
 
 /// Serves the agent API on `channel` until Shutdown (host mode) or forever (PID 1).
 pub async fn serve(channel: Box<dyn AgentChannel>, config: AgentConfig) -> Result<(), ServeError> {
-    Reaper::global().start().map_err(|source| ServeError::Reaper { source })?;
-    for dir in [config.run_dir.join("containers"), config.run_dir.join("libcontainer")] {
-        std::fs::create_dir_all(&dir).map_err(|source| ServeError::RunDir { path: dir.clone(), source })?;
+    Reaper::global()
+        .start()
+        .map_err(|source| ServeError::Reaper { source })?;
+    for dir in [
+        config.run_dir.join("containers"),
+        config.run_dir.join("libcontainer"),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(|source| ServeError::RunDir {
+            path: dir.clone(),
+            source,
+        })?;
     }
     let storage = Arc::new(StorageManager::new(&config.run_dir, config.shared.clone()));
     let containers = Arc::new(ContainerManager::new(
@@ -68,10 +79,16 @@ pub async fn serve(channel: Box<dyn AgentChannel>, config: AgentConfig) -> Resul
     let mut server = Server::new()
         .add_listener(listener)
         .register_service(create_agent(Arc::new(service)));
-    server.start().await.map_err(|source| ServeError::Server { source })?;
+    server
+        .start()
+        .await
+        .map_err(|source| ServeError::Server { source })?;
     tracing::info!("agent ready");
     stop.notified().await;
     tracing::info!("shutting down");
-    server.shutdown().await.map_err(|source| ServeError::Server { source })?;
+    server
+        .shutdown()
+        .await
+        .map_err(|source| ServeError::Server { source })?;
     Ok(())
 }

@@ -38,7 +38,13 @@ pub fn set_window_size(tty: BorrowedFd<'_>, rows: u16, cols: u16) -> io::Result<
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which points at a live local.
-    let rc = unsafe { libc::ioctl(tty.as_raw_fd(), libc::TIOCSWINSZ, &size as *const libc::winsize) };
+    let rc = unsafe {
+        libc::ioctl(
+            tty.as_raw_fd(),
+            libc::TIOCSWINSZ,
+            &size as *const libc::winsize,
+        )
+    };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -18,19 +18,30 @@ fn code(result: ttrpc::Result<Empty>) -> (Code, String) {
 async fn runs_a_container_and_reports_output_and_exit_code() {
     let agent = Agent::start().await;
     // Containers need the sandbox identity first.
-    let (c, _) = code(agent.create("early", spec(&["true"]), stdio(false, false)).await);
+    let (c, _) = code(
+        agent
+            .create("early", spec(&["true"]), stdio(false, false))
+            .await,
+    );
     assert_eq!(c, Code::UNAVAILABLE);
     agent.create_sandbox().await;
 
     agent
-        .create("c1", spec(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]), stdio(false, false))
+        .create(
+            "c1",
+            spec(&["sh", "-c", "echo hi; echo oops >&2; exit 3"]),
+            stdio(false, false),
+        )
         .await
         .unwrap();
     agent.start_container("c1").await;
     assert_eq!(agent.read_all("c1", "", false).await, "hi\n");
     assert_eq!(agent.read_all("c1", "", true).await, "oops\n");
     let status = agent.wait("c1", "").await;
-    assert_eq!((status.exit_code, status.signal, status.oom_killed), (3, 0, false));
+    assert_eq!(
+        (status.exit_code, status.signal, status.oom_killed),
+        (3, 0, false)
+    );
     assert!(status.exited_at_unix_nanos > 0);
     // A second wait returns the same status.
     assert_eq!(agent.wait("c1", "").await.exit_code, 3);
@@ -64,7 +75,11 @@ async fn stdin_exec_signals_and_states() {
     let agent = Agent::start().await;
     agent.create_sandbox().await;
     agent
-        .create("c3", spec(&["sh", "-c", "read line; echo got:$line; exec sleep 1000"]), stdio(false, true))
+        .create(
+            "c3",
+            spec(&["sh", "-c", "read line; echo got:$line; exec sleep 1000"]),
+            stdio(false, true),
+        )
         .await
         .unwrap();
     // Created but not started: it cannot be removed.
@@ -84,10 +99,17 @@ async fn stdin_exec_signals_and_states() {
         req.stdio = Some(stdio(false, false)).into();
         req
     };
-    let mut req = exec(&["sh", "-c", "echo exec-out; echo sleep-pid=$(pidof sleep); exit 5"]);
+    let mut req = exec(&[
+        "sh",
+        "-c",
+        "echo exec-out; echo sleep-pid=$(pidof sleep); exit 5",
+    ]);
     req.process = Some(process_ref("c3", "e1")).into();
     agent.client.exec_process(ctx(), &req).await.unwrap();
-    assert_eq!(agent.read_all("c3", "e1", false).await, "exec-out\nsleep-pid=1\n");
+    assert_eq!(
+        agent.read_all("c3", "e1", false).await,
+        "exec-out\nsleep-pid=1\n"
+    );
     assert_eq!(agent.wait("c3", "e1").await.exit_code, 5);
     let (c, _) = code(agent.client.exec_process(ctx(), &req).await);
     assert_eq!(c, Code::ALREADY_EXISTS);
@@ -96,9 +118,17 @@ async fn stdin_exec_signals_and_states() {
     let mut req = exec(&["sleep", "1000"]);
     req.process = Some(process_ref("c3", "sleeper")).into();
     agent.client.exec_process(ctx(), &req).await.unwrap();
-    let pids = agent.client.list_processes(ctx(), &container_req("c3")).await.unwrap().pids;
+    let pids = agent
+        .client
+        .list_processes(ctx(), &container_req("c3"))
+        .await
+        .unwrap()
+        .pids;
     assert_eq!(pids.len(), 2, "init and the sleeper: {pids:?}");
-    agent.signal("c3", "sleeper", libc::SIGTERM, false).await.unwrap();
+    agent
+        .signal("c3", "sleeper", libc::SIGTERM, false)
+        .await
+        .unwrap();
     let status = agent.wait("c3", "sleeper").await;
     assert_eq!((status.exit_code, status.signal), (143, 15));
     let (c, _) = code(agent.signal("c3", "sleeper", libc::SIGTERM, false).await);
@@ -111,7 +141,11 @@ async fn stdin_exec_signals_and_states() {
     assert_eq!(c, Code::INVALID_ARGUMENT);
     assert!(message.contains("no-such-binary"), "{message}");
 
-    let stats = agent.client.stats_container(ctx(), &container_req("c3")).await.unwrap();
+    let stats = agent
+        .client
+        .stats_container(ctx(), &container_req("c3"))
+        .await
+        .unwrap();
     assert!(stats.timestamp_nanos > 0);
 
     // Running: cannot be removed. SIGKILL to all, then it can.
@@ -129,7 +163,11 @@ async fn a_terminal_has_a_size_that_can_change() {
     let agent = Agent::start().await;
     agent.create_sandbox().await;
     agent
-        .create("tty", spec(&["sh", "-c", "tty; stty size; read x; stty size"]), stdio(true, true))
+        .create(
+            "tty",
+            spec(&["sh", "-c", "tty; stty size; read x; stty size"]),
+            stdio(true, true),
+        )
         .await
         .unwrap();
     agent.start_container("tty").await;
@@ -160,7 +198,11 @@ async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     assert_eq!(c, Code::INVALID_ARGUMENT);
     assert!(message.contains("bogus"), "{message}");
 
-    let (c, message) = code(agent.create("b2", spec(&["/bin/nope"]), stdio(false, false)).await);
+    let (c, message) = code(
+        agent
+            .create("b2", spec(&["/bin/nope"]), stdio(false, false))
+            .await,
+    );
     assert_eq!(c, Code::INVALID_ARGUMENT);
     assert!(message.contains("/bin/nope"), "{message}");
 
@@ -170,17 +212,37 @@ async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     assert_eq!(c, Code::INVALID_ARGUMENT);
     assert!(message.contains("/does/not/exist"), "{message}");
 
-    let (c, _) = code(agent.create("../evil", spec(&["true"]), stdio(false, false)).await);
+    let (c, _) = code(
+        agent
+            .create("../evil", spec(&["true"]), stdio(false, false))
+            .await,
+    );
     assert_eq!(c, Code::INVALID_ARGUMENT);
 
-    agent.create("dup", spec(&["true"]), stdio(false, false)).await.unwrap();
-    let (c, _) = code(agent.create("dup", spec(&["true"]), stdio(false, false)).await);
+    agent
+        .create("dup", spec(&["true"]), stdio(false, false))
+        .await
+        .unwrap();
+    let (c, _) = code(
+        agent
+            .create("dup", spec(&["true"]), stdio(false, false))
+            .await,
+    );
     assert_eq!(c, Code::ALREADY_EXISTS);
-    let (c, _) = code(agent.client.start_container(ctx(), &container_req("nope")).await);
+    let (c, _) = code(
+        agent
+            .client
+            .start_container(ctx(), &container_req("nope"))
+            .await,
+    );
     assert_eq!(c, Code::NOT_FOUND);
 
     // DestroySandbox kills and removes whatever is left.
-    agent.client.destroy_sandbox(ctx(), &Empty::new()).await.unwrap();
+    agent
+        .client
+        .destroy_sandbox(ctx(), &Empty::new())
+        .await
+        .unwrap();
     let (c, _) = code(agent.remove("dup").await);
     assert_eq!(c, Code::NOT_FOUND);
     agent.finish().await;
@@ -198,8 +260,12 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_reported() {
     );
     agent.create_sandbox().await;
     let mut spec = spec(&["sh", "-c", "echo start; x=a; while true; do x=$x$x; done"]);
-    spec["linux"]["resources"] = serde_json::json!({"memory": {"limit": 16 * 1024 * 1024, "swap": 16 * 1024 * 1024}});
-    agent.create("oom", spec, stdio(false, false)).await.unwrap();
+    spec["linux"]["resources"] =
+        serde_json::json!({"memory": {"limit": 16 * 1024 * 1024, "swap": 16 * 1024 * 1024}});
+    agent
+        .create("oom", spec, stdio(false, false))
+        .await
+        .unwrap();
     let oom = tokio::spawn({
         let client = agent.client.clone();
         async move { client.get_oom_event(ctx(), &Empty::new()).await }
@@ -208,7 +274,11 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_reported() {
     let status = agent.wait("oom", "").await;
     assert_eq!((status.exit_code, status.oom_killed), (137, true));
     assert_eq!(oom.await.unwrap().unwrap().container_id, "oom");
-    let stats = agent.client.stats_container(ctx(), &container_req("oom")).await.unwrap();
+    let stats = agent
+        .client
+        .stats_container(ctx(), &container_req("oom"))
+        .await
+        .unwrap();
     assert_eq!(stats.memory_limit_bytes, 16 * 1024 * 1024);
     assert!(stats.oom_kills >= 1);
     agent.remove("oom").await.unwrap();

@@ -14,9 +14,15 @@ pub enum ChannelError {
     #[error("no virtio-serial port named {name} appeared under {dir}")]
     PortNotFound { name: String, dir: PathBuf },
     #[error("failed to open {path}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to listen on {address}")]
-    Listen { address: String, source: std::io::Error },
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
     #[error("channel {value:?} is not one of virtio-serial, vsock, unix://PATH")]
     Unknown { value: String },
 }
@@ -61,7 +67,9 @@ pub fn from_name(value: &str) -> Result<Box<dyn AgentChannel>, ChannelError> {
         "vsock" => Ok(Box::new(Vsock { port: VSOCK_PORT })),
         other => match other.strip_prefix("unix://") {
             Some(path) if !path.is_empty() => Ok(Box::new(Unix { path: path.into() })),
-            _ => Err(ChannelError::Unknown { value: value.to_string() }),
+            _ => Err(ChannelError::Unknown {
+                value: value.to_string(),
+            }),
         },
     }
 }
@@ -75,8 +83,14 @@ mod tests {
         assert!(from_name("virtio-serial").is_ok());
         assert!(from_name("vsock").is_ok());
         assert!(from_name("unix:///tmp/a.sock").is_ok());
-        assert!(matches!(from_name("unix://"), Err(ChannelError::Unknown { .. })));
-        assert!(matches!(from_name("tcp://x"), Err(ChannelError::Unknown { .. })));
+        assert!(matches!(
+            from_name("unix://"),
+            Err(ChannelError::Unknown { .. })
+        ));
+        assert!(matches!(
+            from_name("tcp://x"),
+            Err(ChannelError::Unknown { .. })
+        ));
     }
 
     #[tokio::test]

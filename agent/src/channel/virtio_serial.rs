@@ -48,10 +48,13 @@ impl Default for VirtioSerial {
 
 /// Finds the `vportNpM` whose `name` file says `name`.
 pub fn find_port(ports_dir: &Path, name: &str) -> Option<String> {
-    std::fs::read_dir(ports_dir).ok()?.flatten().find_map(|entry| {
-        let port_name = std::fs::read_to_string(entry.path().join("name")).ok()?;
-        (port_name.trim() == name).then(|| entry.file_name().to_string_lossy().into_owned())
-    })
+    std::fs::read_dir(ports_dir)
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let port_name = std::fs::read_to_string(entry.path().join("name")).ok()?;
+            (port_name.trim() == name).then(|| entry.file_name().to_string_lossy().into_owned())
+        })
 }
 
 impl AgentChannel for VirtioSerial {
@@ -62,12 +65,18 @@ impl AgentChannel for VirtioSerial {
                 break port;
             }
             if started.elapsed() > PORT_WAIT {
-                return Err(ChannelError::PortNotFound { name: self.name, dir: self.ports_dir });
+                return Err(ChannelError::PortNotFound {
+                    name: self.name,
+                    dir: self.ports_dir,
+                });
             }
             std::thread::sleep(RECONNECT_POLL);
         };
         let path = self.dev_dir.join(&port);
-        let open_err = |source| ChannelError::Open { path: path.clone(), source };
+        let open_err = |source| ChannelError::Open {
+            path: path.clone(),
+            source,
+        };
         let fd = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -76,16 +85,22 @@ impl AgentChannel for VirtioSerial {
             .map_err(open_err)?;
         let port = Arc::new(crate::sys::register_async_fd(OwnedFd::from(fd)).map_err(open_err)?);
         tracing::info!(path = %path.display(), "listening on virtio-serial");
-        let connections = stream::unfold((port, None::<oneshot::Receiver<()>>), |(port, previous)| async move {
-            if let Some(previous) = previous {
-                // Wait until ttrpc is done with the last connection.
-                let _ = previous.await;
-            }
-            wait_for_host(&port).await;
-            let (done, done_rx) = oneshot::channel();
-            let connection = PortConnection { port: port.clone(), _done: done };
-            Some((Ok::<_, io::Error>(connection), (port, Some(done_rx))))
-        });
+        let connections = stream::unfold(
+            (port, None::<oneshot::Receiver<()>>),
+            |(port, previous)| async move {
+                if let Some(previous) = previous {
+                    // Wait until ttrpc is done with the last connection.
+                    let _ = previous.await;
+                }
+                wait_for_host(&port).await;
+                let (done, done_rx) = oneshot::channel();
+                let connection = PortConnection {
+                    port: port.clone(),
+                    _done: done,
+                };
+                Some((Ok::<_, io::Error>(connection), (port, Some(done_rx))))
+            },
+        );
         Ok(Listener::new(connections))
     }
 }
@@ -96,7 +111,9 @@ use std::os::unix::fs::OpenOptionsExt;
 fn host_connected(port: &AsyncFd<OwnedFd>) -> bool {
     let mut fds = [PollFd::new(port.get_ref().as_fd(), PollFlags::POLLIN)];
     match poll(&mut fds, PollTimeout::ZERO) {
-        Ok(_) => !fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLHUP)),
+        Ok(_) => !fds[0]
+            .revents()
+            .is_some_and(|r| r.contains(PollFlags::POLLHUP)),
         Err(_) => false,
     }
 }
@@ -120,7 +137,11 @@ struct PortConnection {
 }
 
 impl AsyncRead for PortConnection {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.port.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -137,7 +158,11 @@ impl AsyncRead for PortConnection {
 }
 
 impl AsyncWrite for PortConnection {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.port.poll_write_ready(cx))?;
             match guard.try_io(|fd| Ok(nix::unistd::write(fd.get_ref(), data)?)) {
@@ -163,11 +188,17 @@ mod tests {
     #[test]
     fn finds_the_port_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        for (port, name) in [("vport0p0", "org.qemu.guest_agent.0"), ("vport1p1", "spry.agent")] {
+        for (port, name) in [
+            ("vport0p0", "org.qemu.guest_agent.0"),
+            ("vport1p1", "spry.agent"),
+        ] {
             std::fs::create_dir_all(dir.path().join(port)).unwrap();
             std::fs::write(dir.path().join(port).join("name"), format!("{name}\n")).unwrap();
         }
-        assert_eq!(find_port(dir.path(), "spry.agent").as_deref(), Some("vport1p1"));
+        assert_eq!(
+            find_port(dir.path(), "spry.agent").as_deref(),
+            Some("vport1p1")
+        );
         assert_eq!(find_port(dir.path(), "other"), None);
     }
 
@@ -194,7 +225,10 @@ mod tests {
         first.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"ping");
         let second = tokio::time::timeout(Duration::from_millis(200), listener.next()).await;
-        assert!(second.is_err(), "no second connection while the first is alive");
+        assert!(
+            second.is_err(),
+            "no second connection while the first is alive"
+        );
         drop(first);
         let second = tokio::time::timeout(Duration::from_secs(2), listener.next()).await;
         assert!(matches!(second, Ok(Some(Ok(_)))));

@@ -155,9 +155,17 @@ fn collect_pids(dir: &Path, pids: &mut Vec<i32>) -> Result<(), CgroupError> {
     let text = match std::fs::read_to_string(&procs) {
         Ok(text) => text,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => return Err(CgroupError::Read { path: procs, source }),
+        Err(source) => {
+            return Err(CgroupError::Read {
+                path: procs,
+                source,
+            })
+        }
     };
-    pids.extend(text.lines().filter_map(|line| line.trim().parse::<i32>().ok()));
+    pids.extend(
+        text.lines()
+            .filter_map(|line| line.trim().parse::<i32>().ok()),
+    );
     let entries = std::fs::read_dir(dir).map_err(|source| CgroupError::Read {
         path: dir.to_path_buf(),
         source,
@@ -217,7 +225,10 @@ mod tests {
         write("cpu.stat", "usage_usec 7\nuser_usec 5\nsystem_usec 2\n");
         write("memory.current", "10000\n");
         write("memory.max", "max\n");
-        write("memory.stat", "anon 100\ninactive_file 2500\nactive_file 3\n");
+        write(
+            "memory.stat",
+            "anon 100\ninactive_file 2500\nactive_file 3\n",
+        );
         write("pids.current", "3\n");
         write("pids.max", "64\n");
         write("memory.events", "oom 1\noom_kill 1\n");
@@ -246,7 +257,11 @@ mod tests {
         let dir = root.path().join("c");
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("memory.current"), "lots\n").unwrap();
-        let err = Cgroup::new(root.path(), Path::new("c")).stats().unwrap_err();
-        assert!(matches!(err, CgroupError::Parse { ref path, .. } if path.ends_with("memory.current")));
+        let err = Cgroup::new(root.path(), Path::new("c"))
+            .stats()
+            .unwrap_err();
+        assert!(
+            matches!(err, CgroupError::Parse { ref path, .. } if path.ends_with("memory.current"))
+        );
     }
 }

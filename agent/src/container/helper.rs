@@ -117,10 +117,14 @@ pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDon
         SockFlag::SOCK_CLOEXEC,
     )
     .map_err(|source| HelperError::Channel { source })?;
-    setsockopt(&ours, sockopt::ReceiveTimeout, &TimeVal::from(libc::timeval {
-        tv_sec: HELPER_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    }))
+    setsockopt(
+        &ours,
+        sockopt::ReceiveTimeout,
+        &TimeVal::from(libc::timeval {
+            tv_sec: HELPER_TIMEOUT.as_secs() as libc::time_t,
+            tv_usec: 0,
+        }),
+    )
     .map_err(|source| HelperError::Channel { source })?;
     let exe = std::env::current_exe().map_err(|source| HelperError::Spawn { source })?;
     let mut command = Command::new(exe);
@@ -141,8 +145,14 @@ pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDon
         let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
         let cmsgs = [ControlMessage::ScmRights(&raw)];
         let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
-        sendmsg::<()>(ours.as_raw_fd(), &[IoSlice::new(&payload)], cmsgs, MsgFlags::empty(), None)
-            .map_err(|source| HelperError::Channel { source })?;
+        sendmsg::<()>(
+            ours.as_raw_fd(),
+            &[IoSlice::new(&payload)],
+            cmsgs,
+            MsgFlags::empty(),
+            None,
+        )
+        .map_err(|source| HelperError::Channel { source })?;
         drop(fds);
         let mut buf = vec![0u8; MAX_MESSAGE];
         let received = {
@@ -384,7 +394,10 @@ mod tests {
             classify(&LibcontainerError::InvalidInput("x".into())),
             FailureKind::InvalidSpec
         );
-        assert_eq!(classify(&LibcontainerError::NoDirectory), FailureKind::NotFound);
+        assert_eq!(
+            classify(&LibcontainerError::NoDirectory),
+            FailureKind::NotFound
+        );
         assert_eq!(classify(&LibcontainerError::Exist), FailureKind::Internal);
     }
 }

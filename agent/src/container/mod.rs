@@ -18,13 +18,13 @@ use tokio::sync::{mpsc, Mutex};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 
-pub use cgroup::{CgroupError, CgroupStats};
 use cgroup::Cgroup;
+pub use cgroup::{CgroupError, CgroupStats};
 use helper::{FailureKind, HelperError, HelperRequest};
 pub use process::{ExitInfo, Process};
 use spec::{GuestSettings, SpecError};
-pub use stdio::StdioError;
 use stdio::ProcessIo;
+pub use stdio::StdioError;
 
 use crate::storage::{MountedRootfs, StorageError, StorageManager};
 
@@ -59,7 +59,10 @@ pub enum ContainerError {
     #[error("invalid spec for container {id}")]
     Spec { id: String, source: SpecError },
     #[error("invalid resources for container {id}")]
-    Resources { id: String, source: serde_json::Error },
+    Resources {
+        id: String,
+        source: serde_json::Error,
+    },
     #[error("storage of container {id} failed")]
     Storage { id: String, source: StorageError },
     #[error("libcontainer failed for container {id}")]
@@ -71,7 +74,10 @@ pub enum ContainerError {
     #[error("failed to signal process {pid}")]
     Signal { pid: i32, source: nix::Error },
     #[error("I/O on {path} failed")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("timed out waiting for the pty of container {id}")]
     PtyTimeout { id: String },
     #[error("processes of container {id} survived SIGKILL")]
@@ -184,10 +190,13 @@ impl ContainerManager {
             return Ok(container.init.clone());
         }
         let execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
-        execs.get(exec_id).cloned().ok_or_else(|| ContainerError::ExecNotFound {
-            id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        })
+        execs
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| ContainerError::ExecNotFound {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            })
     }
 
     /// OCI create: mounts the rootfs and creates the init process, stopped before exec.
@@ -199,7 +208,10 @@ impl ContainerManager {
         stdio: &StdioConfig,
         resolv_conf: Option<&Path>,
     ) -> Result<(), ContainerError> {
-        spec::validate_id(id).map_err(|source| ContainerError::Spec { id: id.to_string(), source })?;
+        spec::validate_id(id).map_err(|source| ContainerError::Spec {
+            id: id.to_string(),
+            source,
+        })?;
         {
             let containers = self.containers.lock().await;
             let mut creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
@@ -208,10 +220,19 @@ impl ContainerManager {
             }
         }
         let span = tracing::info_span!("create", container = id);
-        let result = self.create_inner(id, spec_json, rootfs, stdio, resolv_conf).instrument(span).await;
-        self.creating.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        let result = self
+            .create_inner(id, spec_json, rootfs, stdio, resolv_conf)
+            .instrument(span)
+            .await;
+        self.creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
         let container = result?;
-        self.containers.lock().await.insert(id.to_string(), container);
+        self.containers
+            .lock()
+            .await
+            .insert(id.to_string(), container);
         Ok(())
     }
 
@@ -224,18 +245,31 @@ impl ContainerManager {
         resolv_conf: Option<&Path>,
     ) -> Result<Arc<Container>, ContainerError> {
         let dir = self.config.run_dir.join("containers").join(id);
-        std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let mut mounted = match self.storage.mount(id, rootfs).await {
             Ok(mounted) => mounted,
             Err(source) => {
                 remove_container_dir(&dir);
-                return Err(ContainerError::Storage { id: id.to_string(), source });
+                return Err(ContainerError::Storage {
+                    id: id.to_string(),
+                    source,
+                });
             }
         };
-        match self.create_process(id, &dir, &mounted, spec_json, stdio, resolv_conf).await {
+        match self
+            .create_process(id, &dir, &mounted, spec_json, stdio, resolv_conf)
+            .await
+        {
             Ok((init, mount_destinations)) => {
                 let cgroup = Cgroup::new(&self.config.cgroup_root, &Self::cgroups_path(id));
-                let oom_watch = tokio::spawn(watch_oom(id.to_string(), cgroup.clone(), self.oom_sender.clone()));
+                let oom_watch = tokio::spawn(watch_oom(
+                    id.to_string(),
+                    cgroup.clone(),
+                    self.oom_sender.clone(),
+                ));
                 Ok(Arc::new(Container {
                     id: id.to_string(),
                     dir,
@@ -250,7 +284,14 @@ impl ContainerManager {
                 }))
             }
             Err(err) => {
-                let _ = helper::run(&HelperRequest::Delete { id: id.to_string(), state_root: self.state_root() }, Vec::new()).await;
+                let _ = helper::run(
+                    &HelperRequest::Delete {
+                        id: id.to_string(),
+                        state_root: self.state_root(),
+                    },
+                    Vec::new(),
+                )
+                .await;
                 if let Err(unmount) = self.storage.unmount(&mut mounted) {
                     tracing::error!(error = %unmount, "unmounting after a failed create");
                 }
@@ -269,7 +310,10 @@ impl ContainerManager {
         stdio: &StdioConfig,
         resolv_conf: Option<&Path>,
     ) -> Result<(Arc<Process>, Vec<PathBuf>), ContainerError> {
-        let spec_err = |source| ContainerError::Spec { id: id.to_string(), source };
+        let spec_err = |source| ContainerError::Spec {
+            id: id.to_string(),
+            source,
+        };
         let cgroups_path = Self::cgroups_path(id);
         let spec = spec::prepare_container_spec(
             spec_json,
@@ -289,21 +333,33 @@ impl ContainerManager {
             .iter()
             .map(|m| m.destination().clone())
             .collect();
-        let process = spec.process().as_ref().ok_or(SpecError::NoProcess).map_err(spec_err)?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or(SpecError::NoProcess)
+            .map_err(spec_err)?;
         spec::check_process(&mounted.rootfs, process, &mount_destinations).map_err(spec_err)?;
         let bundle = dir.join("bundle");
-        std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Io { path: bundle.clone(), source })?;
+        std::fs::create_dir_all(&bundle).map_err(|source| ContainerError::Io {
+            path: bundle.clone(),
+            source,
+        })?;
         let config_path = bundle.join("config.json");
         let config = serde_json::to_vec(&spec).expect("a parsed spec serializes");
-        std::fs::write(&config_path, config).map_err(|source| ContainerError::Io { path: config_path, source })?;
+        std::fs::write(&config_path, config).map_err(|source| ContainerError::Io {
+            path: config_path,
+            source,
+        })?;
 
         let cgroup = Cgroup::new(&self.config.cgroup_root, &cgroups_path);
         let init = self
-            .spawn_with_stdio(id, dir, "init", stdio, cgroup, |console_socket| HelperRequest::Create {
-                id: id.to_string(),
-                state_root: self.state_root(),
-                bundle: bundle.clone(),
-                console_socket,
+            .spawn_with_stdio(id, dir, "init", stdio, cgroup, |console_socket| {
+                HelperRequest::Create {
+                    id: id.to_string(),
+                    state_root: self.state_root(),
+                    bundle: bundle.clone(),
+                    console_socket,
+                }
             })
             .await?;
         Ok((init, mount_destinations))
@@ -320,8 +376,14 @@ impl ContainerManager {
         cgroup: Cgroup,
         request: impl FnOnce(Option<PathBuf>) -> HelperRequest,
     ) -> Result<Arc<Process>, ContainerError> {
-        let stdio_err = |source| ContainerError::Stdio { id: id.to_string(), source };
-        let runtime_err = |source| ContainerError::Runtime { id: id.to_string(), source };
+        let stdio_err = |source| ContainerError::Stdio {
+            id: id.to_string(),
+            source,
+        };
+        let runtime_err = |source| ContainerError::Runtime {
+            id: id.to_string(),
+            source,
+        };
         if stdio.terminal {
             let socket_path = dir.join(format!("{name}.console.sock"));
             let listener = stdio::bind_console_socket(&socket_path).map_err(stdio_err)?;
@@ -343,11 +405,14 @@ impl ContainerManager {
             };
             let rows = u16::try_from(stdio.rows).unwrap_or(u16::MAX);
             let cols = u16::try_from(stdio.cols).unwrap_or(u16::MAX);
-            let io = ProcessIo::from_terminal(master, rows, cols, stdio.stdin).map_err(stdio_err)?;
+            let io =
+                ProcessIo::from_terminal(master, rows, cols, stdio.stdin).map_err(stdio_err)?;
             Ok(Process::track(pid, io, exit, cgroup))
         } else {
             let (pending, child_fds) = stdio::pipes(stdio.stdin).map_err(stdio_err)?;
-            let outcome = helper::run(&request(None), child_fds).await.map_err(runtime_err)?;
+            let outcome = helper::run(&request(None), child_fds)
+                .await
+                .map_err(runtime_err)?;
             let (pid, exit) = outcome.process.expect("create and exec report a pid");
             let io = ProcessIo::from_pipes(pending).map_err(stdio_err)?;
             Ok(Process::track(pid, io, exit, cgroup))
@@ -358,96 +423,183 @@ impl ContainerManager {
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         if container.state_name() != "created" {
-            return Err(ContainerError::WrongState { id: id.to_string(), action: "start", state: container.state_name() });
+            return Err(ContainerError::WrongState {
+                id: id.to_string(),
+                action: "start",
+                state: container.state_name(),
+            });
         }
-        helper::run(&HelperRequest::Start { id: id.to_string(), state_root: self.state_root() }, Vec::new())
-            .await
-            .map_err(|source| ContainerError::Runtime { id: id.to_string(), source })?;
+        helper::run(
+            &HelperRequest::Start {
+                id: id.to_string(),
+                state_root: self.state_root(),
+            },
+            Vec::new(),
+        )
+        .await
+        .map_err(|source| ContainerError::Runtime {
+            id: id.to_string(),
+            source,
+        })?;
         *container.phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Running;
         Ok(())
     }
 
     /// OCI exec: starts another process in a running container.
-    pub async fn exec(&self, id: &str, exec_id: &str, process_json: &[u8], stdio: &StdioConfig) -> Result<(), ContainerError> {
+    pub async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: &StdioConfig,
+    ) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
-        let spec_err = |source| ContainerError::Spec { id: id.to_string(), source };
+        let spec_err = |source| ContainerError::Spec {
+            id: id.to_string(),
+            source,
+        };
         spec::validate_id(exec_id).map_err(spec_err)?;
         if container.state_name() != "running" {
-            return Err(ContainerError::WrongState { id: id.to_string(), action: "exec in", state: container.state_name() });
+            return Err(ContainerError::WrongState {
+                id: id.to_string(),
+                action: "exec in",
+                state: container.state_name(),
+            });
         }
         let process = spec::prepare_exec_process(process_json, stdio.terminal).map_err(spec_err)?;
         let container_root = PathBuf::from(format!("/proc/{}/root", container.init.pid));
-        spec::check_process(&container_root, &process, &container.mount_destinations).map_err(spec_err)?;
+        spec::check_process(&container_root, &process, &container.mount_destinations)
+            .map_err(spec_err)?;
         {
             let execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
             if execs.contains_key(exec_id) {
-                return Err(ContainerError::ExecAlreadyExists { id: id.to_string(), exec_id: exec_id.to_string() });
+                return Err(ContainerError::ExecAlreadyExists {
+                    id: id.to_string(),
+                    exec_id: exec_id.to_string(),
+                });
             }
         }
         let process_path = container.dir.join(format!("exec-{exec_id}.json"));
         let json = serde_json::to_vec(&process).expect("a parsed process serializes");
-        std::fs::write(&process_path, json).map_err(|source| ContainerError::Io { path: process_path.clone(), source })?;
+        std::fs::write(&process_path, json).map_err(|source| ContainerError::Io {
+            path: process_path.clone(),
+            source,
+        })?;
         let name = format!("exec-{exec_id}");
         let result = self
-            .spawn_with_stdio(id, &container.dir, &name, stdio, container.cgroup.clone(), |console_socket| HelperRequest::Exec {
-                id: id.to_string(),
-                state_root: self.state_root(),
-                process_json: process_path.clone(),
-                console_socket,
-            })
+            .spawn_with_stdio(
+                id,
+                &container.dir,
+                &name,
+                stdio,
+                container.cgroup.clone(),
+                |console_socket| HelperRequest::Exec {
+                    id: id.to_string(),
+                    state_root: self.state_root(),
+                    process_json: process_path.clone(),
+                    console_socket,
+                },
+            )
             .await;
         let _ = std::fs::remove_file(&process_path);
         let process = result?;
         let mut execs = container.execs.lock().unwrap_or_else(|p| p.into_inner());
         if execs.contains_key(exec_id) {
             // A concurrent exec with the same id won; ours still runs and is tracked by the reaper.
-            return Err(ContainerError::ExecAlreadyExists { id: id.to_string(), exec_id: exec_id.to_string() });
+            return Err(ContainerError::ExecAlreadyExists {
+                id: id.to_string(),
+                exec_id: exec_id.to_string(),
+            });
         }
         execs.insert(exec_id.to_string(), process.clone());
         drop(execs);
-        tokio::spawn(forget_exec_later(container.clone(), exec_id.to_string(), process));
+        tokio::spawn(forget_exec_later(
+            container.clone(),
+            exec_id.to_string(),
+            process,
+        ));
         Ok(())
     }
 
     /// Signals one process, or every process of the container with `all`.
-    pub async fn signal(&self, id: &str, exec_id: &str, signal: Signal, all: bool) -> Result<(), ContainerError> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: Signal,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         let process = self.process(id, exec_id).await?;
         if all {
-            container.cgroup.signal_all(signal).map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })?;
+            container
+                .cgroup
+                .signal_all(signal)
+                .map_err(|source| ContainerError::Cgroup {
+                    id: id.to_string(),
+                    source,
+                })?;
             let _ = process.signal(signal);
             return Ok(());
         }
         match process.signal(signal) {
             Ok(true) => Ok(()),
             Ok(false) => Err(ContainerError::ProcessExited { pid: process.pid }),
-            Err(source) => Err(ContainerError::Signal { pid: process.pid, source }),
+            Err(source) => Err(ContainerError::Signal {
+                pid: process.pid,
+                source,
+            }),
         }
     }
 
     pub async fn stats(&self, id: &str) -> Result<CgroupStats, ContainerError> {
         let container = self.get(id).await?;
-        container.cgroup.stats().map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+        container
+            .cgroup
+            .stats()
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.to_string(),
+                source,
+            })
     }
 
     pub async fn pids(&self, id: &str) -> Result<Vec<i32>, ContainerError> {
         let container = self.get(id).await?;
-        container.cgroup.pids().map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+        container
+            .cgroup
+            .pids()
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Applies OCI LinuxResources JSON to the container's cgroup.
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
-        let resources: LinuxResources = serde_json::from_slice(resources_json)
-            .map_err(|source| ContainerError::Resources { id: id.to_string(), source })?;
-        container.cgroup.apply(&resources).map_err(|source| ContainerError::Cgroup { id: id.to_string(), source })
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|source| ContainerError::Resources {
+                id: id.to_string(),
+                source,
+            })?;
+        container
+            .cgroup
+            .apply(&resources)
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.to_string(),
+                source,
+            })
     }
 
     /// Removes a stopped container: its cgroup, libcontainer state, storage and directory.
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         if container.init.exited().is_none() {
-            return Err(ContainerError::WrongState { id: id.to_string(), action: "remove", state: container.state_name() });
+            return Err(ContainerError::WrongState {
+                id: id.to_string(),
+                action: "remove",
+                state: container.state_name(),
+            });
         }
         let container = {
             let mut containers = self.containers.lock().await;
@@ -459,7 +611,10 @@ impl ContainerManager {
         let result = self.teardown(&container).await;
         if result.is_err() {
             // Keep it visible so the host can retry the removal.
-            self.containers.lock().await.insert(id.to_string(), container);
+            self.containers
+                .lock()
+                .await
+                .insert(id.to_string(), container);
         }
         result
     }
@@ -468,15 +623,27 @@ impl ContainerManager {
         let id = &container.id;
         // Without a pid namespace, processes can outlive the init: kill whatever is left.
         kill_and_wait(container).await?;
-        helper::run(&HelperRequest::Delete { id: id.clone(), state_root: self.state_root() }, Vec::new())
-            .await
-            .map_err(|source| ContainerError::Runtime { id: id.clone(), source })?;
+        helper::run(
+            &HelperRequest::Delete {
+                id: id.clone(),
+                state_root: self.state_root(),
+            },
+            Vec::new(),
+        )
+        .await
+        .map_err(|source| ContainerError::Runtime {
+            id: id.clone(),
+            source,
+        })?;
         container.oom_watch.abort();
         {
             let mut rootfs = container.rootfs.lock().unwrap_or_else(|p| p.into_inner());
             self.storage
                 .unmount(&mut rootfs)
-                .map_err(|source| ContainerError::Storage { id: id.clone(), source })?;
+                .map_err(|source| ContainerError::Storage {
+                    id: id.clone(),
+                    source,
+                })?;
         }
         remove_container_dir(&container.dir);
         Ok(())
@@ -485,7 +652,13 @@ impl ContainerManager {
     /// Kills every container and removes it (DestroySandbox, Shutdown). Reports the first
     /// failure after trying all.
     pub async fn destroy_all(&self) -> Result<(), ContainerError> {
-        let containers: Vec<Arc<Container>> = self.containers.lock().await.drain().map(|(_, c)| c).collect();
+        let containers: Vec<Arc<Container>> = self
+            .containers
+            .lock()
+            .await
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
         let mut first_error = None;
         for container in containers {
             let _ = container.init.signal(Signal::SIGKILL);
@@ -510,14 +683,23 @@ async fn kill_and_wait(container: &Container) -> Result<(), ContainerError> {
     let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
     loop {
         let _ = container.init.signal(Signal::SIGKILL);
-        let pids = container.cgroup.pids().map_err(|source| ContainerError::Cgroup { id: id.clone(), source })?;
+        let pids = container
+            .cgroup
+            .pids()
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.clone(),
+                source,
+            })?;
         if pids.is_empty() && container.init.exited().is_some() {
             return Ok(());
         }
         container
             .cgroup
             .signal_all(Signal::SIGKILL)
-            .map_err(|source| ContainerError::Cgroup { id: id.clone(), source })?;
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.clone(),
+                source,
+            })?;
         if tokio::time::Instant::now() > deadline {
             return Err(ContainerError::Unkillable { id: id.clone() });
         }
@@ -529,11 +711,18 @@ async fn kill_and_wait(container: &Container) -> Result<(), ContainerError> {
 /// older ones.
 async fn forget_exec_later(container: Arc<Container>, exec_id: String, process: Arc<Process>) {
     process.wait().await;
-    let mut exited = container.exited_execs.lock().unwrap_or_else(|p| p.into_inner());
+    let mut exited = container
+        .exited_execs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     exited.push_back(exec_id);
     while exited.len() > EXITED_EXECS_KEPT {
         if let Some(old) = exited.pop_front() {
-            container.execs.lock().unwrap_or_else(|p| p.into_inner()).remove(&old);
+            container
+                .execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&old);
         }
     }
 }
@@ -543,7 +732,9 @@ async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
     let mut seen = cgroup.oom_kills().unwrap_or(0);
     loop {
         tokio::time::sleep(OOM_POLL).await;
-        let Ok(now) = cgroup.oom_kills() else { continue };
+        let Ok(now) = cgroup.oom_kills() else {
+            continue;
+        };
         if now > seen {
             tracing::info!(container = %id, oom_kills = now, "container hit its memory limit");
             for _ in seen..now {

@@ -54,7 +54,9 @@ impl Process {
         let waited = exit.wait_for(Option::is_some).await.map(|info| *info);
         match waited {
             Ok(info) => info.expect("wait_for guarantees Some"),
-            Err(_) => exit.borrow().expect("the exit is published before the sender is dropped"),
+            Err(_) => exit
+                .borrow()
+                .expect("the exit is published before the sender is dropped"),
         }
     }
 

@@ -70,8 +70,12 @@ pub struct GuestSettings<'a> {
 ///   (the pause container's) are the VM's own. IPC with a path is shared through the VM's
 ///   namespace; uts/pid/mount/cgroup with a path get a fresh namespace, since the host's
 ///   namespace files do not exist in the guest. Joining a user namespace is refused.
-pub fn prepare_container_spec(json: &[u8], settings: &GuestSettings<'_>) -> Result<Spec, SpecError> {
-    let mut spec: Spec = serde_json::from_slice(json).map_err(|source| SpecError::Parse { source })?;
+pub fn prepare_container_spec(
+    json: &[u8],
+    settings: &GuestSettings<'_>,
+) -> Result<Spec, SpecError> {
+    let mut spec: Spec =
+        serde_json::from_slice(json).map_err(|source| SpecError::Parse { source })?;
     let root = RootBuilder::default()
         .path(settings.rootfs)
         .readonly(settings.readonly_rootfs)
@@ -131,7 +135,12 @@ fn add_resolv_conf(spec: &mut Spec, resolv: &Path) -> Result<(), SpecError> {
         .destination(target)
         .typ("bind")
         .source(resolv)
-        .options(vec!["rbind".to_string(), "rprivate".to_string(), "nosuid".to_string(), "nodev".to_string()])
+        .options(vec![
+            "rbind".to_string(),
+            "rprivate".to_string(),
+            "nosuid".to_string(),
+            "nodev".to_string(),
+        ])
         .build()
         .map_err(|source| SpecError::Build { source })?;
     mounts.push(mount);
@@ -157,7 +166,11 @@ pub fn check_process(root: &Path, process: &Process, mounted: &[PathBuf]) -> Res
     if !cwd.is_absolute() {
         return Err(SpecError::CwdRelative { cwd: cwd.clone() });
     }
-    let under_mount = |path: &Path| mounted.iter().any(|m| m != Path::new("/") && path.starts_with(m));
+    let under_mount = |path: &Path| {
+        mounted
+            .iter()
+            .any(|m| m != Path::new("/") && path.starts_with(m))
+    };
     if !under_mount(cwd) && !resolve_in_root(root, cwd).is_some_and(|p| p.is_dir()) {
         return Err(SpecError::CwdMissing { cwd: cwd.clone() });
     }
@@ -236,16 +249,11 @@ pub fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
             if target.is_absolute() {
                 resolved.clear();
             }
-            pending.extend(
-                target
-                    .components()
-                    .rev()
-                    .filter_map(|c| match c {
-                        Component::Normal(name) => Some(name.to_os_string()),
-                        Component::ParentDir => Some("..".into()),
-                        _ => None,
-                    }),
-            );
+            pending.extend(target.components().rev().filter_map(|c| match c {
+                Component::Normal(name) => Some(name.to_os_string()),
+                Component::ParentDir => Some("..".into()),
+                _ => None,
+            }));
         } else {
             resolved.push(name);
         }
@@ -281,16 +289,25 @@ mod tests {
     fn ids_must_be_single_safe_path_components() {
         assert!(validate_id("abc-1.2_x").is_ok());
         for bad in ["", "../x", "a/b", ".hidden", "-x", &"a".repeat(129)] {
-            assert!(matches!(validate_id(bad), Err(SpecError::InvalidId { .. })), "{bad}");
+            assert!(
+                matches!(validate_id(bad), Err(SpecError::InvalidId { .. })),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn unknown_namespace_types_are_rejected_with_the_name() {
-        let err = prepare_container_spec(&spec_json(r#"[{"type":"bogus"}]"#), &settings(Path::new("/r")))
-            .unwrap_err();
+        let err = prepare_container_spec(
+            &spec_json(r#"[{"type":"bogus"}]"#),
+            &settings(Path::new("/r")),
+        )
+        .unwrap_err();
         assert!(matches!(err, SpecError::Parse { .. }));
-        assert!(std::error::Error::source(&err).unwrap().to_string().contains("bogus"));
+        assert!(std::error::Error::source(&err)
+            .unwrap()
+            .to_string()
+            .contains("bogus"));
     }
 
     #[test]
@@ -301,7 +318,13 @@ mod tests {
         );
         let spec = prepare_container_spec(&json, &settings(Path::new("/r"))).unwrap();
         let linux = spec.linux().as_ref().unwrap();
-        let types: Vec<_> = linux.namespaces().as_ref().unwrap().iter().map(|n| (n.typ(), n.path().clone())).collect();
+        let types: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| (n.typ(), n.path().clone()))
+            .collect();
         assert_eq!(
             types,
             vec![
@@ -313,8 +336,16 @@ mod tests {
         assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/spry/c1")));
         assert_eq!(spec.root().as_ref().unwrap().path(), Path::new("/r"));
         assert_eq!(spec.process().as_ref().unwrap().terminal(), Some(true));
-        let resolv = spec.mounts().as_ref().unwrap().iter().find(|m| m.destination() == Path::new("/etc/resolv.conf"));
-        assert_eq!(resolv.unwrap().source().as_deref(), Some(Path::new("/run/spry/sandbox/resolv.conf")));
+        let resolv = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.destination() == Path::new("/etc/resolv.conf"));
+        assert_eq!(
+            resolv.unwrap().source().as_deref(),
+            Some(Path::new("/run/spry/sandbox/resolv.conf"))
+        );
     }
 
     #[test]
@@ -334,7 +365,11 @@ mod tests {
         std::fs::create_dir_all(r.join("bin")).unwrap();
         std::fs::create_dir_all(r.join("work")).unwrap();
         std::fs::write(r.join("bin/busybox"), b"").unwrap();
-        std::fs::set_permissions(r.join("bin/busybox"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(
+            r.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         // Absolute link: must resolve inside the root, not on the host.
         symlink("/bin/busybox", r.join("bin/sh")).unwrap();
         std::fs::write(r.join("bin/data"), b"").unwrap();
@@ -357,6 +392,9 @@ mod tests {
         ));
         // A cwd under a volume mount cannot be checked before the mount exists.
         assert!(check_process(r, &process(&["sh"], "/data/x"), &[PathBuf::from("/data")]).is_ok());
-        assert_eq!(resolve_in_root(r, Path::new("/bin/../bin/sh")), Some(r.join("bin/busybox")));
+        assert_eq!(
+            resolve_in_root(r, Path::new("/bin/../bin/sh")),
+            Some(r.join("bin/busybox"))
+        );
     }
 }

@@ -208,7 +208,8 @@ pub fn pipes(stdin: bool) -> Result<(PendingIo, Vec<OwnedFd>), StdioError> {
         let (r, w) = pipe()?;
         (r, Some(w))
     } else {
-        let null = std::fs::File::open("/dev/null").map_err(|source| StdioError::DevNull { source })?;
+        let null =
+            std::fs::File::open("/dev/null").map_err(|source| StdioError::DevNull { source })?;
         (OwnedFd::from(null), None)
     };
     let (stdout_reader, stdout_child) = pipe()?;
@@ -249,16 +250,28 @@ impl ProcessIo {
     }
 
     /// Wraps a pty master: output through stdout, stderr is empty.
-    pub fn from_terminal(master: OwnedFd, rows: u16, cols: u16, stdin: bool) -> Result<Self, StdioError> {
+    pub fn from_terminal(
+        master: OwnedFd,
+        rows: u16,
+        cols: u16,
+        stdin: bool,
+    ) -> Result<Self, StdioError> {
         if rows > 0 && cols > 0 {
             sys::set_window_size(master.as_fd(), rows, cols)
                 .map_err(|source| StdioError::Resize { source })?;
         }
-        let dup = |fd: &OwnedFd| fd.try_clone().map_err(|source| StdioError::Register { source });
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|source| StdioError::Register { source })
+        };
         let register = |fd| AsyncFdIo::new(fd).map_err(|source| StdioError::Register { source });
         let stdout = Arc::new(OutputBuffer::new(OUTPUT_BUFFER_BYTES));
         tokio::spawn(drain(register(dup(&master)?)?, stdout.clone()));
-        let stdin = if stdin { Some(register(dup(&master)?)?) } else { None };
+        let stdin = if stdin {
+            Some(register(dup(&master)?)?)
+        } else {
+            None
+        };
         Ok(Self {
             stdout,
             stderr: Arc::new(OutputBuffer::finished()),
@@ -297,7 +310,8 @@ impl ProcessIo {
 
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), StdioError> {
         let master = self.terminal.as_ref().ok_or(StdioError::NoTerminal)?;
-        sys::set_window_size(master.as_fd(), rows, cols).map_err(|source| StdioError::Resize { source })
+        sys::set_window_size(master.as_fd(), rows, cols)
+            .map_err(|source| StdioError::Resize { source })
     }
 
     pub fn is_terminal(&self) -> bool {
@@ -327,9 +341,13 @@ pub async fn receive_pty_master(listener: tokio::net::UnixListener) -> Result<Ow
             Some(&mut cmsg),
             MsgFlags::MSG_CMSG_CLOEXEC,
         )
-        .map_err(|errno| StdioError::ReceivePty { source: errno.into() })?;
+        .map_err(|errno| StdioError::ReceivePty {
+            source: errno.into(),
+        })?;
         let mut fds = Vec::new();
-        for cmsg in msg.cmsgs().map_err(|errno| StdioError::ReceivePty { source: errno.into() })? {
+        for cmsg in msg.cmsgs().map_err(|errno| StdioError::ReceivePty {
+            source: errno.into(),
+        })? {
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 fds.extend(sys::adopt_received_fds(&raw));
             }

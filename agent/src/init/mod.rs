@@ -26,7 +26,10 @@ pub enum InitError {
     #[error("failed to open the console")]
     Console { source: std::io::Error },
     #[error("failed to read {path}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 struct EarlyMount {
@@ -42,19 +45,54 @@ const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
 
 /// The filesystems every guest needs, in mount order.
 const EARLY_MOUNTS: &[EarlyMount] = &[
-    EarlyMount { fstype: "proc", target: "/proc", flags: NOSUID_NODEV_NOEXEC, data: None },
-    EarlyMount { fstype: "sysfs", target: "/sys", flags: NOSUID_NODEV_NOEXEC, data: None },
-    EarlyMount { fstype: "devtmpfs", target: "/dev", flags: MsFlags::MS_NOSUID, data: Some("mode=0755") },
+    EarlyMount {
+        fstype: "proc",
+        target: "/proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    EarlyMount {
+        fstype: "sysfs",
+        target: "/sys",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    EarlyMount {
+        fstype: "devtmpfs",
+        target: "/dev",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
     EarlyMount {
         fstype: "devpts",
         target: "/dev/pts",
         flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
         data: Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
     },
-    EarlyMount { fstype: "tmpfs", target: "/dev/shm", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
-    EarlyMount { fstype: "tmpfs", target: "/run", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=0755") },
-    EarlyMount { fstype: "tmpfs", target: "/tmp", flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV), data: Some("mode=1777") },
-    EarlyMount { fstype: "cgroup2", target: "/sys/fs/cgroup", flags: NOSUID_NODEV_NOEXEC, data: Some("nsdelegate") },
+    EarlyMount {
+        fstype: "tmpfs",
+        target: "/dev/shm",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    EarlyMount {
+        fstype: "tmpfs",
+        target: "/run",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    EarlyMount {
+        fstype: "tmpfs",
+        target: "/tmp",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    EarlyMount {
+        fstype: "cgroup2",
+        target: "/sys/fs/cgroup",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("nsdelegate"),
+    },
 ];
 
 /// Controllers enabled for the containers' cgroups.
@@ -66,12 +104,27 @@ pub fn mount_early_filesystems() -> Result<(), InitError> {
         let target = Path::new(early.target);
         match nix::unistd::mkdir(target, Mode::from_bits_truncate(0o755)) {
             Ok(()) | Err(Errno::EEXIST) => {}
-            Err(source) => return Err(InitError::Mkdir { path: target.to_path_buf(), source }),
+            Err(source) => {
+                return Err(InitError::Mkdir {
+                    path: target.to_path_buf(),
+                    source,
+                })
+            }
         }
-        match mount(Some(early.fstype), target, Some(early.fstype), early.flags, early.data) {
+        match mount(
+            Some(early.fstype),
+            target,
+            Some(early.fstype),
+            early.flags,
+            early.data,
+        ) {
             Ok(()) | Err(Errno::EBUSY) => {}
             Err(source) => {
-                return Err(InitError::Mount { fstype: early.fstype.to_string(), target: target.to_path_buf(), source })
+                return Err(InitError::Mount {
+                    fstype: early.fstype.to_string(),
+                    target: target.to_path_buf(),
+                    source,
+                })
             }
         }
     }
@@ -101,7 +154,8 @@ pub fn attach_console() -> Result<(), InitError> {
         .map_err(|source| InitError::Console { source })?;
     for target in 0..=2 {
         if console.as_raw_fd() != target {
-            nix::unistd::dup2(console.as_raw_fd(), target).map_err(|e| InitError::Console { source: e.into() })?;
+            nix::unistd::dup2(console.as_raw_fd(), target)
+                .map_err(|e| InitError::Console { source: e.into() })?;
         }
     }
     Ok(())

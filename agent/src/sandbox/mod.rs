@@ -25,9 +25,15 @@ pub enum SandboxError {
     #[error("failed to set the hostname")]
     Hostname { source: nix::Error },
     #[error("failed to write {path}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to add entropy through {path}")]
-    Entropy { path: PathBuf, source: std::io::Error },
+    Entropy {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("failed to set the clock")]
     Clock { source: nix::Error },
     #[error("the clock value {nanos} is negative")]
@@ -74,20 +80,28 @@ pub fn apply(
         let random = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
-            .map_err(|source| SandboxError::Entropy { path: path.clone(), source })?;
+            .map_err(|source| SandboxError::Entropy {
+                path: path.clone(),
+                source,
+            })?;
         sys::add_entropy(random.as_fd(), &request.entropy)
             .map_err(|source| SandboxError::Entropy { path, source })?;
     }
     if options.set_clock && request.clock_unix_nanos != 0 {
-        let nanos = u64::try_from(request.clock_unix_nanos).map_err(|_| SandboxError::BadClock {
-            nanos: request.clock_unix_nanos,
-        })?;
-        clock_settime(ClockId::CLOCK_REALTIME, TimeSpec::from_duration(Duration::from_nanos(nanos)))
-            .map_err(|source| SandboxError::Clock { source })?;
+        let nanos =
+            u64::try_from(request.clock_unix_nanos).map_err(|_| SandboxError::BadClock {
+                nanos: request.clock_unix_nanos,
+            })?;
+        clock_settime(
+            ClockId::CLOCK_REALTIME,
+            TimeSpec::from_duration(Duration::from_nanos(nanos)),
+        )
+        .map_err(|source| SandboxError::Clock { source })?;
     }
     if !request.hostname.is_empty() {
         validate_hostname(&request.hostname)?;
-        nix::unistd::sethostname(&request.hostname).map_err(|source| SandboxError::Hostname { source })?;
+        nix::unistd::sethostname(&request.hostname)
+            .map_err(|source| SandboxError::Hostname { source })?;
     }
     let resolv_conf = if request.dns_nameservers.is_empty()
         && request.dns_searches.is_empty()
@@ -100,7 +114,10 @@ pub fn apply(
         let text = resolv_conf_text(request)?;
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(&path, text))
-            .map_err(|source| SandboxError::Write { path: path.clone(), source })?;
+            .map_err(|source| SandboxError::Write {
+                path: path.clone(),
+                source,
+            })?;
         Some(path)
     };
     Ok(Sandbox {
@@ -118,7 +135,9 @@ fn validate_hostname(hostname: &str) -> Result<(), SandboxError> {
     if ok {
         Ok(())
     } else {
-        Err(SandboxError::BadHostname { hostname: hostname.to_string() })
+        Err(SandboxError::BadHostname {
+            hostname: hostname.to_string(),
+        })
     }
 }
 
@@ -131,7 +150,9 @@ pub fn resolv_conf_text(request: &CreateSandboxRequest) -> Result<String, Sandbo
         .chain(&request.dns_options);
     for entry in all {
         if entry.contains(['\n', '\r']) {
-            return Err(SandboxError::BadDnsEntry { entry: entry.clone() });
+            return Err(SandboxError::BadDnsEntry {
+                entry: entry.clone(),
+            });
         }
     }
     let mut text = String::new();
@@ -162,7 +183,10 @@ mod tests {
             "nameserver 10.0.0.10\nnameserver 1.1.1.1\nsearch ns.svc.cluster.local svc.cluster.local\noptions ndots:5\n"
         );
         request.dns_options = vec!["x\nnameserver 6.6.6.6".into()];
-        assert!(matches!(resolv_conf_text(&request), Err(SandboxError::BadDnsEntry { .. })));
+        assert!(matches!(
+            resolv_conf_text(&request),
+            Err(SandboxError::BadDnsEntry { .. })
+        ));
     }
 
     #[test]

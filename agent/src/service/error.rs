@@ -22,10 +22,15 @@ pub enum AgentError {
         source: SandboxError,
     },
     #[error("container operation failed")]
-    Container {
-        #[from]
-        source: ContainerError,
-    },
+    Container { source: Box<ContainerError> },
+}
+
+impl From<ContainerError> for AgentError {
+    fn from(source: ContainerError) -> Self {
+        AgentError::Container {
+            source: Box::new(source),
+        }
+    }
 }
 
 impl AgentError {
@@ -132,40 +137,83 @@ mod tests {
     }
 
     fn container(source: ContainerError) -> AgentError {
-        AgentError::Container { source }
+        AgentError::from(source)
     }
 
     #[test]
     fn errors_map_to_the_documented_codes() {
         let id = || "c1".to_string();
         let cases = [
-            (container(ContainerError::NotFound { id: id() }), Code::NOT_FOUND),
-            (container(ContainerError::ProcessExited { pid: 5 }), Code::NOT_FOUND),
-            (container(ContainerError::AlreadyExists { id: id() }), Code::ALREADY_EXISTS),
             (
-                container(ContainerError::WrongState { id: id(), action: "remove", state: "running" }),
+                container(ContainerError::NotFound { id: id() }),
+                Code::NOT_FOUND,
+            ),
+            (
+                container(ContainerError::ProcessExited { pid: 5 }),
+                Code::NOT_FOUND,
+            ),
+            (
+                container(ContainerError::AlreadyExists { id: id() }),
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                container(ContainerError::WrongState {
+                    id: id(),
+                    action: "remove",
+                    state: "running",
+                }),
                 Code::FAILED_PRECONDITION,
             ),
-            (container(ContainerError::Spec { id: id(), source: SpecError::NoArgs }), Code::INVALID_ARGUMENT),
             (
-                container(ContainerError::Runtime {
+                container(ContainerError::Spec {
                     id: id(),
-                    source: HelperError::Failed { kind: FailureKind::InvalidSpec, message: "bad".into() },
+                    source: SpecError::NoArgs,
                 }),
                 Code::INVALID_ARGUMENT,
             ),
-            (container(ContainerError::Runtime { id: id(), source: HelperError::NoReply }), Code::INTERNAL),
             (
-                container(ContainerError::Stdio { id: id(), source: StdioError::StdinClosed }),
+                container(ContainerError::Runtime {
+                    id: id(),
+                    source: HelperError::Failed {
+                        kind: FailureKind::InvalidSpec,
+                        message: "bad".into(),
+                    },
+                }),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                container(ContainerError::Runtime {
+                    id: id(),
+                    source: HelperError::NoReply,
+                }),
+                Code::INTERNAL,
+            ),
+            (
+                container(ContainerError::Stdio {
+                    id: id(),
+                    source: StdioError::StdinClosed,
+                }),
                 Code::FAILED_PRECONDITION,
             ),
             (AgentError::NoSandbox, Code::UNAVAILABLE),
-            (AgentError::BadSignal { signal: 999 }, Code::INVALID_ARGUMENT),
             (
-                AgentError::from(SandboxError::AlreadyExists { existing: "a".into(), requested: "b".into() }),
+                AgentError::BadSignal { signal: 999 },
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                AgentError::from(SandboxError::AlreadyExists {
+                    existing: "a".into(),
+                    requested: "b".into(),
+                }),
                 Code::ALREADY_EXISTS,
             ),
-            (AgentError::ProtocolVersion { requested: 2, supported: 1 }, Code::FAILED_PRECONDITION),
+            (
+                AgentError::ProtocolVersion {
+                    requested: 2,
+                    supported: 1,
+                },
+                Code::FAILED_PRECONDITION,
+            ),
         ];
         for (err, code) in cases {
             let text = err.to_string();
@@ -177,7 +225,10 @@ mod tests {
     fn the_message_carries_the_cause_once() {
         let err = container(ContainerError::Spec {
             id: "c1".into(),
-            source: SpecError::ExecutableNotFound { name: "nope".into(), search_path: "/bin".into() },
+            source: SpecError::ExecutableNotFound {
+                name: "nope".into(),
+                search_path: "/bin".into(),
+            },
         });
         let (_, message) = status(err);
         assert_eq!(

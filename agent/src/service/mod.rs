@@ -42,7 +42,12 @@ pub struct AgentService {
 type Reply<T> = ttrpc::Result<T>;
 
 impl AgentService {
-    pub fn new(run_dir: PathBuf, options: SandboxOptions, power: PowerAction, containers: Arc<ContainerManager>) -> Self {
+    pub fn new(
+        run_dir: PathBuf,
+        options: SandboxOptions,
+        power: PowerAction,
+        containers: Arc<ContainerManager>,
+    ) -> Self {
         Self {
             run_dir,
             options,
@@ -87,7 +92,11 @@ impl Agent for AgentService {
     async fn check(&self, _ctx: &TtrpcContext, req: CheckRequest) -> Reply<CheckResponse> {
         let supported = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
         if req.protocol_version != supported {
-            return Err(AgentError::ProtocolVersion { requested: req.protocol_version, supported }.into());
+            return Err(AgentError::ProtocolVersion {
+                requested: req.protocol_version,
+                supported,
+            }
+            .into());
         }
         let mut response = CheckResponse::new();
         response.protocol_version = supported;
@@ -100,7 +109,8 @@ impl Agent for AgentService {
 
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
         let mut current = self.sandbox.lock().await;
-        let applied = sandbox::apply(&req, current.as_ref(), &self.run_dir, self.options).map_err(AgentError::from)?;
+        let applied = sandbox::apply(&req, current.as_ref(), &self.run_dir, self.options)
+            .map_err(AgentError::from)?;
         tracing::info!(sandbox = %applied.id, hostname = %applied.hostname, "sandbox created");
         *current = Some(applied);
         Ok(Empty::new())
@@ -129,28 +139,48 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn create_container(&self, _ctx: &TtrpcContext, req: CreateContainerRequest) -> Reply<Empty> {
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> Reply<Empty> {
         let resolv_conf = self.resolv_conf().await?;
         let stdio = req.stdio.clone().unwrap_or_default();
         let rootfs = req.rootfs.clone().unwrap_or_default();
         self.containers
-            .create(&req.container_id, &req.oci_spec_json, &rootfs, &stdio, resolv_conf.as_deref())
+            .create(
+                &req.container_id,
+                &req.oci_spec_json,
+                &rootfs,
+                &stdio,
+                resolv_conf.as_deref(),
+            )
             .await
             .map_err(AgentError::from)?;
         Ok(Empty::new())
     }
 
     async fn start_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
-        self.containers.start(&req.container_id).await.map_err(AgentError::from)?;
+        self.containers
+            .start(&req.container_id)
+            .await
+            .map_err(AgentError::from)?;
         Ok(Empty::new())
     }
 
     async fn remove_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<Empty> {
-        self.containers.remove(&req.container_id).await.map_err(AgentError::from)?;
+        self.containers
+            .remove(&req.container_id)
+            .await
+            .map_err(AgentError::from)?;
         Ok(Empty::new())
     }
 
-    async fn update_container(&self, _ctx: &TtrpcContext, req: UpdateContainerRequest) -> Reply<Empty> {
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> Reply<Empty> {
         self.containers
             .update(&req.container_id, &req.resources_json)
             .await
@@ -158,8 +188,16 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
-    async fn stats_container(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<ContainerStats> {
-        let stats = self.containers.stats(&req.container_id).await.map_err(AgentError::from)?;
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> Reply<ContainerStats> {
+        let stats = self
+            .containers
+            .stats(&req.container_id)
+            .await
+            .map_err(AgentError::from)?;
         let mut reply = ContainerStats::new();
         reply.cpu_usage_nanos = stats.cpu_usage_nanos;
         reply.cpu_user_nanos = stats.cpu_user_nanos;
@@ -176,8 +214,16 @@ impl Agent for AgentService {
         Ok(reply)
     }
 
-    async fn list_processes(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> Reply<ListProcessesResponse> {
-        let pids = self.containers.pids(&req.container_id).await.map_err(AgentError::from)?;
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> Reply<ListProcessesResponse> {
+        let pids = self
+            .containers
+            .pids(&req.container_id)
+            .await
+            .map_err(AgentError::from)?;
         let mut reply = ListProcessesResponse::new();
         reply.pids = pids.into_iter().map(|p| p as u32).collect();
         Ok(reply)
@@ -187,7 +233,12 @@ impl Agent for AgentService {
         let process = req.process.clone().unwrap_or_default();
         let stdio = req.stdio.clone().unwrap_or_default();
         self.containers
-            .exec(&process.container_id, &process.exec_id, &req.oci_process_json, &stdio)
+            .exec(
+                &process.container_id,
+                &process.exec_id,
+                &req.oci_process_json,
+                &stdio,
+            )
             .await
             .map_err(AgentError::from)?;
         Ok(Empty::new())
@@ -204,15 +255,30 @@ impl Agent for AgentService {
     }
 
     async fn wait_process(&self, _ctx: &TtrpcContext, req: ProcessRef) -> Reply<ExitStatus> {
-        let process = self.containers.process(&req.container_id, &req.exec_id).await.map_err(AgentError::from)?;
+        let process = self
+            .containers
+            .process(&req.container_id, &req.exec_id)
+            .await
+            .map_err(AgentError::from)?;
         Ok(exit_status(process.wait().await))
     }
 
-    async fn write_stdin(&self, _ctx: &TtrpcContext, req: WriteStdinRequest) -> Reply<WriteStdinResponse> {
+    async fn write_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WriteStdinRequest,
+    ) -> Reply<WriteStdinResponse> {
         let target = req.process.clone().unwrap_or_default();
-        let process = self.containers.process(&target.container_id, &target.exec_id).await.map_err(AgentError::from)?;
+        let process = self
+            .containers
+            .process(&target.container_id, &target.exec_id)
+            .await
+            .map_err(AgentError::from)?;
         let written = process.io.write_stdin(&req.data).await.map_err(|source| {
-            AgentError::from(crate::container::ContainerError::Stdio { id: target.container_id.clone(), source })
+            AgentError::from(crate::container::ContainerError::Stdio {
+                id: target.container_id.clone(),
+                source,
+            })
         })?;
         let mut reply = WriteStdinResponse::new();
         reply.written = written as u32;
@@ -220,32 +286,69 @@ impl Agent for AgentService {
     }
 
     async fn close_stdin(&self, _ctx: &TtrpcContext, req: ProcessRef) -> Reply<Empty> {
-        let process = self.containers.process(&req.container_id, &req.exec_id).await.map_err(AgentError::from)?;
+        let process = self
+            .containers
+            .process(&req.container_id, &req.exec_id)
+            .await
+            .map_err(AgentError::from)?;
         process.io.close_stdin().await.map_err(|source| {
-            AgentError::from(crate::container::ContainerError::Stdio { id: req.container_id.clone(), source })
+            AgentError::from(crate::container::ContainerError::Stdio {
+                id: req.container_id.clone(),
+                source,
+            })
         })?;
         Ok(Empty::new())
     }
 
-    async fn read_stdout(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> Reply<ReadStreamResponse> {
+    async fn read_stdout(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> Reply<ReadStreamResponse> {
         let target = req.process.clone().unwrap_or_default();
-        let process = self.containers.process(&target.container_id, &target.exec_id).await.map_err(AgentError::from)?;
-        Ok(stream_reply(process.io.stdout.read(read_size(req.max_bytes)).await))
+        let process = self
+            .containers
+            .process(&target.container_id, &target.exec_id)
+            .await
+            .map_err(AgentError::from)?;
+        Ok(stream_reply(
+            process.io.stdout.read(read_size(req.max_bytes)).await,
+        ))
     }
 
-    async fn read_stderr(&self, _ctx: &TtrpcContext, req: ReadStreamRequest) -> Reply<ReadStreamResponse> {
+    async fn read_stderr(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> Reply<ReadStreamResponse> {
         let target = req.process.clone().unwrap_or_default();
-        let process = self.containers.process(&target.container_id, &target.exec_id).await.map_err(AgentError::from)?;
-        Ok(stream_reply(process.io.stderr.read(read_size(req.max_bytes)).await))
+        let process = self
+            .containers
+            .process(&target.container_id, &target.exec_id)
+            .await
+            .map_err(AgentError::from)?;
+        Ok(stream_reply(
+            process.io.stderr.read(read_size(req.max_bytes)).await,
+        ))
     }
 
     async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> Reply<Empty> {
         let target = req.process.clone().unwrap_or_default();
-        let process = self.containers.process(&target.container_id, &target.exec_id).await.map_err(AgentError::from)?;
+        let process = self
+            .containers
+            .process(&target.container_id, &target.exec_id)
+            .await
+            .map_err(AgentError::from)?;
         let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
-        process.io.resize(clamp(req.rows), clamp(req.cols)).map_err(|source| {
-            AgentError::from(crate::container::ContainerError::Stdio { id: target.container_id.clone(), source })
-        })?;
+        process
+            .io
+            .resize(clamp(req.rows), clamp(req.cols))
+            .map_err(|source| {
+                AgentError::from(crate::container::ContainerError::Stdio {
+                    id: target.container_id.clone(),
+                    source,
+                })
+            })?;
         Ok(Empty::new())
     }
 

@@ -30,7 +30,11 @@ pub enum StorageError {
     #[error("shared path {path} does not exist")]
     SharedPathMissing { path: PathBuf },
     #[error("no SCSI disk appeared at target {target} lun {lun} within {waited:?}")]
-    DiskNotFound { target: u32, lun: u32, waited: Duration },
+    DiskNotFound {
+        target: u32,
+        lun: u32,
+        waited: Duration,
+    },
     #[error("{path} holds an unexpected device number {value:?}")]
     BadDeviceNumber { path: PathBuf, value: String },
     #[error("failed to create device node {path}")]
@@ -44,7 +48,10 @@ pub enum StorageError {
     #[error("failed to unmount {target}")]
     Unmount { target: PathBuf, source: nix::Error },
     #[error("I/O on {path} failed")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Where shared (virtio-fs) directories come from.
@@ -100,12 +107,18 @@ impl StorageManager {
         let mut mounted = self.shared_mounted.lock().await;
         if !*mounted {
             create_dir(&root)?;
-            mount(Some(tag.as_str()), &root, Some("virtiofs"), MsFlags::empty(), None::<&str>)
-                .map_err(|source| StorageError::Mount {
-                    what: format!("virtio-fs {tag}"),
-                    target: root.clone(),
-                    source,
-                })?;
+            mount(
+                Some(tag.as_str()),
+                &root,
+                Some("virtiofs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|source| StorageError::Mount {
+                what: format!("virtio-fs {tag}"),
+                target: root.clone(),
+                source,
+            })?;
             *mounted = true;
         }
         Ok(root)
@@ -125,7 +138,12 @@ impl StorageManager {
         }
     }
 
-    async fn mount_inner(&self, id: &str, rootfs: &Rootfs, out: &mut MountedRootfs) -> Result<(), StorageError> {
+    async fn mount_inner(
+        &self,
+        id: &str,
+        rootfs: &Rootfs,
+        out: &mut MountedRootfs,
+    ) -> Result<(), StorageError> {
         if rootfs.layers.is_empty() {
             return Err(StorageError::NoLayers);
         }
@@ -146,13 +164,31 @@ impl StorageManager {
         if rootfs.writable {
             let rw = base.join("rw");
             tracked_dir(&rw, out)?;
-            tracked_mount(Some("tmpfs"), &rw, Some("tmpfs"), MsFlags::MS_NODEV, Some("mode=0755"), out)?;
+            tracked_mount(
+                Some("tmpfs"),
+                &rw,
+                Some("tmpfs"),
+                MsFlags::MS_NODEV,
+                Some("mode=0755"),
+                out,
+            )?;
             let (upper, work) = (rw.join("upper"), rw.join("work"));
             create_dir(&upper)?;
             create_dir(&work)?;
-            data.push_str(&format!(",upperdir={},workdir={}", upper.display(), work.display()));
+            data.push_str(&format!(
+                ",upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            ));
         }
-        tracked_mount(Some("overlay"), &target, Some("overlay"), MsFlags::empty(), Some(&data), out)?;
+        tracked_mount(
+            Some("overlay"),
+            &target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(&data),
+            out,
+        )?;
         out.rootfs = target;
         Ok(())
     }
@@ -179,7 +215,11 @@ impl StorageManager {
                 let target = layers_dir.join(index.to_string());
                 tracked_dir(&target, out)?;
                 let (flags, data) = mount_options(&layer.options);
-                let fstype = if layer.fstype.is_empty() { "erofs" } else { layer.fstype.as_str() };
+                let fstype = if layer.fstype.is_empty() {
+                    "erofs"
+                } else {
+                    layer.fstype.as_str()
+                };
                 tracked_mount(
                     Some(device.to_string_lossy().as_ref()),
                     &target,
@@ -320,13 +360,20 @@ mod tests {
     fn shared_paths_cannot_escape_the_share() {
         assert!(checked_relative("snapshots/12/fs").is_ok());
         for bad in ["", "/abs", "../x", "a/../../b", "a:b", "a,b"] {
-            assert!(matches!(checked_relative(bad), Err(StorageError::BadSharedPath { .. })), "{bad}");
+            assert!(
+                matches!(
+                    checked_relative(bad),
+                    Err(StorageError::BadSharedPath { .. })
+                ),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn options_split_into_flags_and_data() {
-        let (flags, data) = mount_options(&["ro".into(), "nodev".into(), "cache=none".into(), "x".into()]);
+        let (flags, data) =
+            mount_options(&["ro".into(), "nodev".into(), "cache=none".into(), "x".into()]);
         assert_eq!(flags, MsFlags::MS_RDONLY | MsFlags::MS_NODEV);
         assert_eq!(data, "cache=none,x");
         assert_eq!(join_lowers(&["/a".into(), "/b".into()]), "/a:/b");
@@ -337,7 +384,8 @@ mod tests {
         let share = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(share.path().join("img/fs")).unwrap();
         let run = tempfile::tempdir().unwrap();
-        let manager = StorageManager::new(run.path(), SharedFs::HostDir(share.path().to_path_buf()));
+        let manager =
+            StorageManager::new(run.path(), SharedFs::HostDir(share.path().to_path_buf()));
         let mut rootfs = Rootfs::new();
         let mut layer = Storage::new();
         layer.set_shared_path("img/fs".into());
@@ -346,7 +394,10 @@ mod tests {
         assert_eq!(mounted.rootfs, share.path().join("img/fs"));
         assert!(mounted.readonly);
         manager.unmount(&mut mounted).unwrap();
-        assert!(share.path().join("img/fs").is_dir(), "teardown must never touch the share");
+        assert!(
+            share.path().join("img/fs").is_dir(),
+            "teardown must never touch the share"
+        );
 
         rootfs.layers[0].set_shared_path("missing".into());
         assert!(matches!(

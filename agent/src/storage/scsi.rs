@@ -67,7 +67,11 @@ fn rescan(paths: &SysfsPaths) {
 
 /// Waits for the disk at `target:lun` and returns its device node, creating it when devtmpfs
 /// has not.
-pub async fn wait_for_disk(paths: &SysfsPaths, target: u32, lun: u32) -> Result<PathBuf, StorageError> {
+pub async fn wait_for_disk(
+    paths: &SysfsPaths,
+    target: u32,
+    lun: u32,
+) -> Result<PathBuf, StorageError> {
     let started = Instant::now();
     let mut rescanned = false;
     let name = loop {
@@ -112,12 +116,16 @@ fn make_node(name: &str, node: &Path) -> Result<(), StorageError> {
             path: dev_file.clone(),
             value: text.trim().to_string(),
         })?;
-    mknod(node, SFlag::S_IFBLK, Mode::from_bits_truncate(0o600), makedev(major, minor)).map_err(
-        |source| StorageError::Mknod {
-            path: node.to_path_buf(),
-            source,
-        },
+    mknod(
+        node,
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o600),
+        makedev(major, minor),
     )
+    .map_err(|source| StorageError::Mknod {
+        path: node.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -149,6 +157,13 @@ mod tests {
             dev: dir.path().join("dev"),
         };
         let err = wait_for_disk(&paths, 4, 2).await.unwrap_err();
-        assert!(matches!(err, StorageError::DiskNotFound { target: 4, lun: 2, .. }));
+        assert!(matches!(
+            err,
+            StorageError::DiskNotFound {
+                target: 4,
+                lun: 2,
+                ..
+            }
+        ));
     }
 }

@@ -26,7 +26,10 @@ pub fn require_root() {
         "these tests run containers and need root (run them as root, e.g. `sudo -E cargo test -p spry-agent --test host`)"
     );
     for tool in ["/bin/busybox", "/usr/bin/unshare"] {
-        assert!(Path::new(tool).exists(), "{tool} is required (apt-get install busybox-static util-linux)");
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} is required (apt-get install busybox-static util-linux)"
+        );
     }
 }
 
@@ -57,14 +60,21 @@ fn make_busybox_rootfs(root: &Path) {
             std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
         }
     }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n").unwrap();
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
+    )
+    .unwrap();
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
 }
 
 impl Agent {
     pub async fn start() -> Agent {
         require_root();
-        let dir = tempfile::Builder::new().prefix("spry-agent-test").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("spry-agent-test")
+            .tempdir()
+            .unwrap();
         let share = dir.path().join("share");
         make_busybox_rootfs(&share.join("busybox"));
         let run_dir = dir.path().join("run");
@@ -87,22 +97,42 @@ impl Agent {
         );
         let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
         let child = Command::new("/usr/bin/unshare")
-            .args(["--mount", "--uts", "--propagation", "private", "/bin/sh", "-c", &script])
+            .args([
+                "--mount",
+                "--uts",
+                "--propagation",
+                "private",
+                "/bin/sh",
+                "-c",
+                &script,
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap();
         let started = Instant::now();
         while !socket.exists() {
-            assert!(started.elapsed() < Duration::from_secs(10), "agent did not start; log:\n{}", read_log(dir.path()));
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "agent did not start; log:\n{}",
+                read_log(dir.path())
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display())).await.unwrap();
+        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
+            .await
+            .unwrap();
         let client = AgentClient::new(client);
         let mut check = CheckRequest::new();
         check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
         client.check(ctx(), &check).await.unwrap();
-        Agent { client, dir, run_dir, cgroup_dir, child }
+        Agent {
+            client,
+            dir,
+            run_dir,
+            cgroup_dir,
+            child,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -119,7 +149,12 @@ impl Agent {
         self.client.create_sandbox(ctx(), &req).await.unwrap();
     }
 
-    pub async fn create(&self, id: &str, spec: serde_json::Value, stdio: StdioConfig) -> ttrpc::Result<Empty> {
+    pub async fn create(
+        &self,
+        id: &str,
+        spec: serde_json::Value,
+        stdio: StdioConfig,
+    ) -> ttrpc::Result<Empty> {
         let mut req = CreateContainerRequest::new();
         req.container_id = id.into();
         req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
@@ -134,7 +169,10 @@ impl Agent {
     }
 
     pub async fn start_container(&self, id: &str) {
-        self.client.start_container(ctx(), &container_req(id)).await.unwrap();
+        self.client
+            .start_container(ctx(), &container_req(id))
+            .await
+            .unwrap();
     }
 
     pub async fn read_all(&self, id: &str, exec_id: &str, stderr: bool) -> String {
@@ -174,10 +212,19 @@ impl Agent {
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> ExitStatus {
-        self.client.wait_process(ctx(), &process_ref(id, exec_id)).await.unwrap()
+        self.client
+            .wait_process(ctx(), &process_ref(id, exec_id))
+            .await
+            .unwrap()
     }
 
-    pub async fn signal(&self, id: &str, exec_id: &str, signal: i32, all: bool) -> ttrpc::Result<Empty> {
+    pub async fn signal(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> ttrpc::Result<Empty> {
         let mut req = SignalProcessRequest::new();
         req.process = Some(process_ref(id, exec_id)).into();
         req.signal = signal as u32;
@@ -186,7 +233,9 @@ impl Agent {
     }
 
     pub async fn remove(&self, id: &str) -> ttrpc::Result<Empty> {
-        self.client.remove_container(ctx(), &container_req(id)).await
+        self.client
+            .remove_container(ctx(), &container_req(id))
+            .await
     }
 
     pub async fn write_stdin(&self, id: &str, exec_id: &str, data: &[u8]) {
@@ -202,31 +251,66 @@ impl Agent {
 
     /// Mounts the agent made that are still in place (seen from its mount namespace).
     pub fn agent_mounts(&self) -> Vec<String> {
-        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.child.id())).unwrap_or_default();
+        let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", self.child.id()))
+            .unwrap_or_default();
         let run = self.run_dir.display().to_string();
-        mountinfo.lines().filter(|l| l.contains(&run)).map(str::to_string).collect()
+        mountinfo
+            .lines()
+            .filter(|l| l.contains(&run))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Asserts that nothing of the containers is left, shuts the agent down and removes the
     /// test cgroup.
     pub async fn finish(mut self) {
-        assert_eq!(self.agent_mounts(), Vec::<String>::new(), "mounts left behind");
-        let leftovers: Vec<_> = std::fs::read_dir(self.run_dir.join("containers")).unwrap().flatten().map(|e| e.path()).collect();
-        assert!(leftovers.is_empty(), "container dirs left behind: {leftovers:?}");
-        let state: Vec<_> = std::fs::read_dir(self.run_dir.join("libcontainer")).unwrap().flatten().map(|e| e.path()).collect();
-        assert!(state.is_empty(), "libcontainer state left behind: {state:?}");
+        assert_eq!(
+            self.agent_mounts(),
+            Vec::<String>::new(),
+            "mounts left behind"
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(self.run_dir.join("containers"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "container dirs left behind: {leftovers:?}"
+        );
+        let state: Vec<_> = std::fs::read_dir(self.run_dir.join("libcontainer"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(
+            state.is_empty(),
+            "libcontainer state left behind: {state:?}"
+        );
         let cgroups: Vec<_> = std::fs::read_dir(self.cgroup_dir.join("spry"))
-            .map(|d| d.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.path())
+                    .collect()
+            })
             .unwrap_or_default();
         assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
         let _ = self.client.shutdown(ctx(), &Empty::new()).await;
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "agent exited with {status}; log:\n{}", self.log());
+                assert!(
+                    status.success(),
+                    "agent exited with {status}; log:\n{}",
+                    self.log()
+                );
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(10), "agent did not exit after Shutdown");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "agent did not exit after Shutdown"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         remove_cgroup_tree(&self.cgroup_dir);
@@ -238,7 +322,10 @@ impl Drop for Agent {
         // On a failed test: stop the agent and its containers, and drop the test cgroup.
         if self.child.try_wait().ok().flatten().is_none() {
             for pid in cgroup_pids(&self.cgroup_dir) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             let _ = self.child.kill();
             let _ = self.child.wait();
@@ -323,9 +410,20 @@ pub fn process_json(args: &[&str]) -> serde_json::Value {
 
 fn caps() -> Vec<&'static str> {
     vec![
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-        "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-        "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FSETID",
+        "CAP_FOWNER",
+        "CAP_MKNOD",
+        "CAP_NET_RAW",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETFCAP",
+        "CAP_SETPCAP",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT",
+        "CAP_KILL",
+        "CAP_AUDIT_WRITE",
     ]
 }
 
