@@ -1,1 +1,38 @@
+//! Harness for Spry's end-to-end tests: real registry, real containerd 2.x, real crictl.
+//!
+//! Typical test:
+//! ```no_run
+//! use spry_integration::{require_root, Containerd, ContainerdOptions, Registry, PodConfig, ContainerConfig};
+//! # fn main() -> anyhow::Result<()> {
+//! require_root()?;
+//! let registry = Registry::start()?;
+//! let containerd = Containerd::start(ContainerdOptions::new("my-test").registry(&registry))?;
+//! let leaks = containerd.leak_check()?;
+//! let crictl = containerd.crictl();
+//! crictl.pull(&registry.image("busybox:1"))?;
+//! let pod_cfg = PodConfig::new("pod").write_to(containerd.dir())?;
+//! let pod = crictl.runp(&pod_cfg, None)?;
+//! // ... create / start / logs / stopp / rmp ...
+//! leaks.assert_clean()?;
+//! # Ok(()) }
+//! ```
+//!
+//! Tools come from `/opt/spry/deps/bin` (see [`paths`] for the env overrides); tests that lack root or a
+//! tool fail with a message saying what to install, they never skip.
 
+pub mod containerd;
+pub mod containerd_config;
+pub mod cri_config;
+pub mod crictl;
+pub mod leak;
+pub mod paths;
+pub mod registry;
+pub mod require;
+pub mod system;
+
+pub use containerd::{Containerd, ContainerdOptions};
+pub use cri_config::{ContainerConfig, PodConfig};
+pub use crictl::{Crictl, ExecOutput};
+pub use leak::{LeakCheck, LeakScope};
+pub use registry::Registry;
+pub use require::{require_root, require_tool};

@@ -1,0 +1,496 @@
+//! A private containerd 2.x: own root, state, socket, config, CNI network and registry hosts, its log in a
+//! file. Dropping it removes every pod, stops containerd, kills leftover shims of this instance, unmounts
+//! everything under its directories, deletes its bridge and removes the directories.
+
+use crate::containerd_config::{self, ConfigInputs};
+use crate::crictl::Crictl;
+use crate::leak::{LeakCheck, LeakScope};
+use crate::registry::Registry;
+use crate::{paths, require, system};
+use anyhow::{bail, Context, Result};
+use std::env;
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+/// The env var (set on containerd, inherited by its shims) that marks this instance's processes.
+pub const INSTANCE_ENV: &str = "SPRY_IT_INSTANCE";
+
+#[derive(Debug, Clone)]
+pub struct ContainerdOptions {
+    name: String,
+    binary: Option<PathBuf>,
+    sandbox_image: Option<String>,
+    /// (image host as in references, address to connect to)
+    registries: Vec<(String, String)>,
+    snapshotter: String,
+    extra_toml: Vec<String>,
+    path_prepend: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+    log_level: String,
+    start_timeout: Duration,
+}
+
+impl ContainerdOptions {
+    /// `name` (a short test name) appears in directory names and the bridge name.
+    pub fn new(name: &str) -> Self {
+        ContainerdOptions {
+            name: name
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .take(24)
+                .collect(),
+            binary: None,
+            sandbox_image: None,
+            registries: Vec::new(),
+            snapshotter: "overlayfs".to_string(),
+            extra_toml: Vec::new(),
+            path_prepend: Vec::new(),
+            env: Vec::new(),
+            log_level: "info".to_string(),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Pull from `registry` over plain HTTP, and use its `pause:1` as the sandbox image.
+    pub fn registry(mut self, registry: &Registry) -> Self {
+        self.registries.push((registry.host(), registry.addr()));
+        self.sandbox_image
+            .get_or_insert_with(|| registry.image("pause:1"));
+        self
+    }
+
+    pub fn sandbox_image(mut self, image: &str) -> Self {
+        self.sandbox_image = Some(image.to_string());
+        self
+    }
+
+    /// Default CRI snapshotter (default `overlayfs`).
+    pub fn snapshotter(mut self, snapshotter: &str) -> Self {
+        self.snapshotter = snapshotter.to_string();
+        self
+    }
+
+    /// TOML deep-merged into the generated config (see `containerd_config::runtime_handler_toml`,
+    /// `containerd_config::proxy_snapshotter_toml`).
+    pub fn extra_toml(mut self, toml: &str) -> Self {
+        self.extra_toml.push(toml.to_string());
+        self
+    }
+
+    /// Adds a CRI runtime handler, e.g. `runtime_handler("spry", "io.containerd.spry.v1", Some(shim_path))`.
+    pub fn runtime_handler(
+        self,
+        handler: &str,
+        runtime_type: &str,
+        runtime_path: Option<&Path>,
+    ) -> Self {
+        self.extra_toml(&containerd_config::runtime_handler_toml(
+            handler,
+            runtime_type,
+            runtime_path,
+        ))
+    }
+
+    /// Directory searched first for shim binaries (containerd finds `containerd-shim-*` via PATH).
+    pub fn path_prepend(mut self, dir: &Path) -> Self {
+        self.path_prepend.push(dir.to_path_buf());
+        self
+    }
+
+    /// Extra environment for containerd (and so its shims).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn binary(mut self, path: &Path) -> Self {
+        self.binary = Some(path.to_path_buf());
+        self
+    }
+
+    pub fn log_level(mut self, level: &str) -> Self {
+        self.log_level = level.to_string();
+        self
+    }
+
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+}
+
+pub struct Containerd {
+    opts: ContainerdOptions,
+    binary: PathBuf,
+    crictl_bin: PathBuf,
+    /// On disk: root (images, snapshots), config, CNI, certs.d, logs, test scratch files.
+    dir: TempDir,
+    /// tmpfs, short path: socket and state.
+    run_dir: TempDir,
+    marker: String,
+    bridge: String,
+    child: Option<Child>,
+    cleaned: bool,
+}
+
+impl Containerd {
+    pub fn start(opts: ContainerdOptions) -> Result<Self> {
+        require::require_root()?;
+        let binary =
+            require::require_tool(&opts.binary.clone().unwrap_or_else(paths::containerd_bin))?;
+        let crictl_bin = require::require_tool(&paths::crictl_bin())?;
+        let cni_bin_dir = paths::cni_bin_dir();
+        for plugin in ["bridge", "host-local", "loopback"] {
+            require::require_tool(&cni_bin_dir.join(plugin))?;
+        }
+        let Some(sandbox_image) = opts.sandbox_image.clone() else {
+            bail!("ContainerdOptions needs a sandbox image: call .registry(&registry) or .sandbox_image(..)");
+        };
+        let dir = make_temp_dir(&paths::harness_dir(), &opts.name)?;
+        let run_dir = make_temp_dir(&paths::harness_run_dir(), &opts.name)?;
+        // Unique per instance: bridge names max 15 chars; the subnet from the same random bits.
+        let tag = random_u32();
+        let bridge = format!("spryit{:08x}", tag)
+            .chars()
+            .take(15)
+            .collect::<String>();
+        let subnet = format!("10.{}.{}.0/24", 200 + (tag >> 8) % 50, tag & 0xff);
+        let mut containerd = Containerd {
+            marker: format!(
+                "{INSTANCE_ENV}={}-{}-{:08x}",
+                opts.name,
+                std::process::id(),
+                tag
+            ),
+            opts,
+            binary,
+            crictl_bin,
+            dir,
+            run_dir,
+            bridge,
+            child: None,
+            cleaned: false,
+        };
+        containerd.write_files(&sandbox_image, &cni_bin_dir, &subnet)?;
+        containerd.spawn()?;
+        Ok(containerd)
+    }
+
+    fn write_files(&self, sandbox_image: &str, cni_bin_dir: &Path, subnet: &str) -> Result<()> {
+        for d in [
+            self.root_dir(),
+            self.state_dir(),
+            self.cni_conf_dir(),
+            self.certs_dir(),
+            self.scratch_dir(),
+        ] {
+            fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let conflist = containerd_config::cni_conflist(
+            &format!("spry-it-{}", self.bridge),
+            &self.bridge,
+            subnet,
+            &self.dir.path().join("cni-ipam"),
+        );
+        write(
+            &self.cni_conf_dir().join("10-spry-it.conflist"),
+            &serde_json::to_string_pretty(&conflist)?,
+        )?;
+        for (host, addr) in &self.opts.registries {
+            let host_dir = self.certs_dir().join(host);
+            fs::create_dir_all(&host_dir)
+                .with_context(|| format!("creating {}", host_dir.display()))?;
+            write(
+                &host_dir.join("hosts.toml"),
+                &containerd_config::registry_hosts_toml(addr),
+            )?;
+        }
+        let inputs = ConfigInputs {
+            root: self.root_dir(),
+            state: self.state_dir(),
+            socket: self.socket(),
+            cni_conf_dir: self.cni_conf_dir(),
+            cni_bin_dir: cni_bin_dir.to_path_buf(),
+            certs_dir: self.certs_dir(),
+            sandbox_image: sandbox_image.to_string(),
+            snapshotter: self.opts.snapshotter.clone(),
+            log_level: self.opts.log_level.clone(),
+        };
+        write(
+            &self.config_path(),
+            &containerd_config::render_config(&inputs, &self.opts.extra_toml)?,
+        )?;
+        // crictl reads /etc/crictl.yaml unless given a config: an empty one keeps host settings out.
+        write(&self.crictl_config_path(), "")?;
+        Ok(())
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .with_context(|| format!("opening {}", self.log_path().display()))?;
+        let mut path = self.opts.path_prepend.clone();
+        path.push(paths::deps_bin_dir());
+        path.extend(env::split_paths(&env::var_os("PATH").unwrap_or_default()));
+        let (marker_key, marker_value) = self.marker.split_once('=').expect("marker is KEY=VALUE");
+        let child = Command::new(&self.binary)
+            .arg("--config")
+            .arg(self.config_path())
+            .env(
+                "PATH",
+                env::join_paths(path).context("building PATH for containerd")?,
+            )
+            .env(marker_key, marker_value)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("duplicating log file handle")?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Ready when CRI answers `crictl version` (containerd logs "containerd successfully booted" earlier).
+    fn wait_ready(&mut self) -> Result<()> {
+        let started = Instant::now();
+        let crictl = self.crictl().with_timeout(Duration::from_secs(5));
+        let mut last_err = None;
+        while started.elapsed() < self.opts.start_timeout {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().context("checking containerd")? {
+                    bail!(
+                        "containerd exited ({status}) during start-up; log:\n{}",
+                        self.log_tail(40)
+                    );
+                }
+            }
+            if self.socket().exists() {
+                match crictl.version() {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last_err = Some(e),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "containerd did not answer CRI within {:?} (last error: {}); log:\n{}",
+            self.opts.start_timeout,
+            last_err
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_else(|| "socket never appeared".into()),
+            self.log_tail(40)
+        )
+    }
+
+    /// Stops the containerd process (SIGTERM, then SIGKILL after 10 s). Shims and pods keep running.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            system::terminate_child(&mut child, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Restarts containerd with the same root, state, socket and config ("containerd restart" tests).
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn crictl(&self) -> Crictl {
+        Crictl::new(&self.crictl_bin, &self.socket(), &self.crictl_config_path())
+    }
+
+    /// Runs the Go-built `ctr` against this instance in the `k8s.io` namespace; returns stdout.
+    pub fn ctr<S: AsRef<str>>(&self, args: &[S]) -> Result<String> {
+        let ctr = require::require_tool(&self.binary.with_file_name("ctr"))?;
+        system::run_checked(
+            Command::new(ctr)
+                .arg("--address")
+                .arg(self.socket())
+                .args(["--namespace", "k8s.io"])
+                .args(args.iter().map(|a| a.as_ref())),
+        )
+    }
+
+    /// A leak check scoped to this instance (its marker env var and directories).
+    pub fn leak_check(&self) -> Result<LeakCheck> {
+        LeakCheck::capture(self.leak_scope())
+    }
+
+    pub fn leak_scope(&self) -> LeakScope {
+        LeakScope::host_wide()
+            .marker(&self.marker)
+            .path(self.dir.path())
+            .path(self.run_dir.path())
+    }
+
+    /// `SPRY_IT_INSTANCE=...`: set on containerd and inherited by its shims.
+    pub fn marker(&self) -> &str {
+        &self.marker
+    }
+
+    /// Scratch space for the test's own files (pod/container JSON, logs); removed with the instance.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().join("scratch")
+    }
+
+    fn scratch_dir(&self) -> PathBuf {
+        self.dir()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.path().join("containerd.sock")
+    }
+
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.run_dir.path().join("state")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni/net.d")
+    }
+
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs.d")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("containerd.log")
+    }
+
+    fn crictl_config_path(&self) -> PathBuf {
+        self.dir.path().join("crictl.yaml")
+    }
+
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Full teardown (what Drop does), reporting every step that failed.
+    pub fn cleanup(&mut self) -> Result<()> {
+        if self.cleaned {
+            return Ok(());
+        }
+        self.cleaned = true;
+        let mut problems = Vec::new();
+        if self.is_running() {
+            // Pods first, so their shims exit on their own and release mounts/netns/VMs.
+            if let Err(e) = self.crictl().rmp_all_force() {
+                problems.push(format!("removing pods: {e:#}"));
+            }
+        }
+        if let Err(e) = self.stop() {
+            problems.push(format!("stopping containerd: {e:#}"));
+        }
+        match self.kill_leftover_shims() {
+            Ok(killed) if !killed.is_empty() => {
+                problems.push(format!("had to kill leftover shims: {killed:?}"))
+            }
+            Ok(_) => {}
+            Err(e) => problems.push(format!("finding leftover shims: {e:#}")),
+        }
+        for dir in [
+            self.run_dir.path().to_path_buf(),
+            self.dir.path().to_path_buf(),
+        ] {
+            if let Err(e) = system::unmount_under(&dir) {
+                problems.push(format!("unmounting under {}: {e:#}", dir.display()));
+            }
+        }
+        if Path::new("/sys/class/net").join(&self.bridge).exists() {
+            if let Err(e) =
+                system::run_checked(Command::new("ip").args(["link", "del", &self.bridge]))
+            {
+                problems.push(format!("deleting bridge {}: {e:#}", self.bridge));
+            }
+        }
+        for dir in [self.run_dir.path(), self.dir.path()] {
+            if let Err(e) = fs::remove_dir_all(dir) {
+                problems.push(format!("removing {}: {e}", dir.display()));
+            }
+        }
+        if !problems.is_empty() {
+            bail!("containerd teardown: {}", problems.join("; "));
+        }
+        Ok(())
+    }
+
+    /// Shims of this instance still alive after containerd stopped: SIGTERM, then SIGKILL.
+    fn kill_leftover_shims(&self) -> Result<Vec<String>> {
+        let socket = self.socket().to_string_lossy().into_owned();
+        let mut killed = Vec::new();
+        for p in system::processes()? {
+            let ours = p.environ_contains(&self.marker) || p.cmdline_contains(&socket);
+            if ours && p.name().starts_with("containerd-shim") {
+                system::terminate_pid(p.pid, Duration::from_secs(5));
+                killed.push(p.describe());
+            }
+        }
+        Ok(killed)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            eprintln!(
+                "spry-integration: {e:#}\ncontainerd log tail:\n{}",
+                self.log_tail(20)
+            );
+        }
+    }
+}
+
+fn make_temp_dir(parent: &Path, name: &str) -> Result<TempDir> {
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temp dir in {}", parent.display()))
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Random bits without a rand dependency: the kernel's boot-id-style UUID generator.
+fn random_u32() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .ok()
+        .and_then(|u| u32::from_str_radix(&u.replace('-', "")[..8], 16).ok())
+        .unwrap_or_else(|| std::process::id() ^ Instant::now().elapsed().subsec_nanos())
+}

@@ -1,0 +1,155 @@
+//! Proves the harness and the Go-built tools: a local registry, containerd 2.x with runc, crictl pulling
+//! busybox from the registry, a pod with a container that echoes, its logs, exec, stats, teardown through
+//! CRI, a containerd restart, and no leaks. Needs root, `scripts/install-deps.sh` and
+//! `scripts/build-test-images.sh`; fails (never skips) without them.
+
+use anyhow::{ensure, Context, Result};
+use spry_integration::{
+    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+};
+use std::time::{Duration, Instant};
+
+#[test]
+fn runc_pod_lifecycle_through_crictl() -> Result<()> {
+    require_root()?;
+    let t0 = Instant::now();
+    let registry = Registry::start()?;
+    let mut containerd = Containerd::start(ContainerdOptions::new("smoke").registry(&registry))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl();
+    eprintln!("registry + containerd up in {:?}", t0.elapsed());
+
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    ensure!(
+        crictl
+            .images()?
+            .iter()
+            .any(|i| i["repoTags"].to_string().contains(&image)),
+        "pulled image {image} not listed by crictl images"
+    );
+
+    let pod_cfg = PodConfig::new("smoke").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let pod_info = crictl.inspectp(&pod)?;
+    ensure!(
+        pod_info["status"]["state"] == "SANDBOX_READY",
+        "pod not ready: {}",
+        pod_info["status"]
+    );
+    let pod_ip = pod_info["status"]["network"]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        pod_ip.starts_with("10."),
+        "pod has no IP from our CNI network: {}",
+        pod_info["status"]["network"]
+    );
+
+    // A container that prints and exits, then one that stays up for exec and stats.
+    let echo_cfg = ContainerConfig::new("echo", &image)
+        .command(&[
+            "sh",
+            "-c",
+            "echo hello from $GREETING; cat /spry/hello.txt; echo oops >&2",
+        ])
+        .env("GREETING", "spry-smoke")
+        .write_to(&containerd.dir())?;
+    let echo = crictl.create(&pod, &echo_cfg, &pod_cfg)?;
+    crictl.start(&echo)?;
+    let exited = crictl.wait_container_state(&echo, "CONTAINER_EXITED", Duration::from_secs(30))?;
+    ensure!(
+        exited["status"]["exitCode"] == 0,
+        "echo container failed: {}",
+        exited["status"]
+    );
+    let logs = crictl.logs(&echo)?;
+    for expected in [
+        "hello from spry-smoke",
+        "hello from spry busybox image",
+        "oops",
+    ] {
+        ensure!(logs.contains(expected), "logs lack {expected:?}: {logs:?}");
+    }
+
+    let sleeper_cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let sleeper = crictl.create(&pod, &sleeper_cfg, &pod_cfg)?;
+    crictl.start(&sleeper)?;
+    crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(30))?;
+    let out = crictl.exec(&sleeper, &["sh", "-c", "hostname; exit 3"])?;
+    ensure!(
+        out.code == 3 && out.stdout.trim() == "smoke",
+        "exec: {out:?}"
+    );
+    let out = crictl.exec_sync(&sleeper, &["cat", "/etc/passwd"], Duration::from_secs(10))?;
+    ensure!(
+        out.code == 0 && out.stdout.starts_with("root:x:0:0"),
+        "exec --sync: {out:?}"
+    );
+    let stats = crictl.stats(&sleeper)?;
+    ensure!(
+        stats["attributes"]["id"] == sleeper.as_str(),
+        "stats for the wrong container: {stats}"
+    );
+    ensure!(
+        crictl.ps(false)?.len() == 1,
+        "expected exactly the sleeper running"
+    );
+
+    // containerd restart: the running container survives and is still managed.
+    let shim_pids_before = shim_pids(&containerd)?;
+    containerd.restart()?;
+    ensure!(
+        crictl.container_state(&sleeper)? == "CONTAINER_RUNNING",
+        "sleeper lost across restart"
+    );
+    ensure!(
+        shim_pids(&containerd)? == shim_pids_before,
+        "shims changed across containerd restart"
+    );
+
+    crictl.stop(&sleeper, 2)?;
+    crictl.rm(&sleeper)?;
+    crictl.rm(&echo)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    ensure!(crictl.pods()?.is_empty(), "pods left after rmp");
+    leaks
+        .assert_clean()
+        .context("after removing the pod through CRI")?;
+
+    // Full teardown leaves nothing either: no containerd dirs, mounts, shims or bridge.
+    let host_wide = spry_integration::LeakCheck::capture(containerd.leak_scope())?;
+    let (dir, bridge) = (containerd.dir(), containerd.bridge().to_string());
+    containerd.cleanup()?;
+    ensure!(!dir.exists(), "{} survived cleanup", dir.display());
+    ensure!(
+        !std::path::Path::new("/sys/class/net")
+            .join(&bridge)
+            .exists(),
+        "bridge {bridge} survived cleanup"
+    );
+    host_wide.assert_clean()?;
+    eprintln!("smoke test done in {:?}", t0.elapsed());
+    Ok(())
+}
+
+fn shim_pids(containerd: &Containerd) -> Result<Vec<i32>> {
+    let mut pids: Vec<i32> = spry_integration::system::processes()?
+        .into_iter()
+        .filter(|p| {
+            p.name().starts_with("containerd-shim") && p.environ_contains(containerd.marker())
+        })
+        .map(|p| p.pid)
+        .collect();
+    pids.sort();
+    ensure!(
+        !pids.is_empty(),
+        "no shim of this containerd found (marker {})",
+        containerd.marker()
+    );
+    Ok(pids)
+}
