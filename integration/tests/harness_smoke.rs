@@ -153,3 +153,83 @@ fn shim_pids(containerd: &Containerd) -> Result<Vec<i32>> {
     );
     Ok(pids)
 }
+
+/// The leak check is not vacuous: a pod left running shows up (its shim and its mounts), and disappears
+/// once the pod is removed.
+#[test]
+fn leak_check_reports_a_pod_left_running() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let containerd = Containerd::start(ContainerdOptions::new("leaky").registry(&registry))?;
+    let leaks = containerd.leak_check()?.settle(Duration::from_secs(2));
+    let crictl = containerd.crictl();
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("leaky").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let ctr_cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+
+    let found = leaks.leaks()?;
+    ensure!(
+        found
+            .iter()
+            .any(|l| l.starts_with("process") && l.contains("containerd-shim-runc-v2")),
+        "running pod's shim not reported: {found:#?}"
+    );
+    ensure!(
+        found
+            .iter()
+            .any(|l| l.starts_with("mount") && l.contains("type overlay")),
+        "running container's rootfs mount not reported: {found:#?}"
+    );
+    let err = leaks
+        .assert_clean()
+        .expect_err("assert_clean passed with a pod running");
+    ensure!(err.to_string().contains("leaked after the test"), "{err}");
+
+    crictl.rmp_all_force()?;
+    leaks.settle(Duration::from_secs(15)).assert_clean()
+}
+
+/// The big debootstrap-based image pulls, unpacks (3 layers) and runs python.
+#[test]
+fn python_image_runs() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let containerd = Containerd::start(ContainerdOptions::new("python").registry(&registry))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl();
+    let image = registry.image("python:1");
+    let t0 = Instant::now();
+    crictl.pull(&image)?;
+    eprintln!("pulled {image} in {:?}", t0.elapsed());
+    let layers = crictl.inspecti(&image)?["info"]["imageSpec"]["rootfs"]["diff_ids"]
+        .as_array()
+        .map_or(0, Vec::len);
+    ensure!(
+        layers == 3,
+        "python image should have 3 layers, has {layers}"
+    );
+    let pod_cfg = PodConfig::new("python").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let ctr_cfg = ContainerConfig::new("hello", &image).write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    let status = crictl.wait_container_state(&ctr, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    let logs = crictl.logs(&ctr)?;
+    ensure!(
+        status["status"]["exitCode"] == 0,
+        "python failed: {}\n{logs}",
+        status["status"]
+    );
+    ensure!(
+        logs.contains("hello from spry python image: python 3."),
+        "logs: {logs:?}"
+    );
+    crictl.rmp_all_force()?;
+    leaks.assert_clean()
+}
