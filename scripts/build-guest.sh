@@ -33,5 +33,5 @@ if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
 fi
 
 log "building guest assets with /init = $agent"
+# The manifest goes to stdout (discarded); the output paths are logged on stderr.
 cargo run --quiet -p spry-shim --example build_guest -- --agent "$agent" "${args[@]}" >/dev/null
-log "guest assets: $SPRY_ROOT/build/guest/current -> $(readlink build/guest/current 2>/dev/null || echo '?')"

@@ -370,3 +370,64 @@ async fn auto_accel_probes_once_and_caches_the_verdict() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// A named network namespace, deleted on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn create(name: &str) -> Self {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .expect("the test needs ip (apt-get install iproute2)");
+        assert!(status.success(), "ip netns add {name} failed");
+        Self(name.to_owned())
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_runs_inside_the_given_netns() {
+    use std::os::unix::fs::MetadataExt;
+    let root = state_root();
+    let hypervisor = QemuHypervisor::new(root.path());
+    let netns = NetNs::create(&format!("spry-vmt-{}", std::process::id()));
+    let in_netns = VmConfig {
+        netns: Some(netns.path()),
+        ..config(root.path(), "vm-netns")
+    };
+    let vm = hypervisor.start(in_netns).await.unwrap();
+    let qemu_ns = std::fs::metadata(format!("/proc/{}/ns/net", vm.pid()))
+        .unwrap()
+        .ino();
+    assert_eq!(qemu_ns, std::fs::metadata(netns.path()).unwrap().ino());
+    assert_ne!(
+        qemu_ns,
+        std::fs::metadata("/proc/self/ns/net").unwrap().ino(),
+        "the test itself must not move"
+    );
+    let pid = vm.pid();
+    drop(vm);
+    wait_gone(pid).await;
+
+    let missing = VmConfig {
+        netns: Some("/run/netns/spry-no-such-ns".into()),
+        ..config(root.path(), "vm-nons")
+    };
+    assert!(matches!(
+        hypervisor.start(missing).await,
+        Err(VmError::NetNs { .. })
+    ));
+    assert!(!root.path().join("vm-nons").exists());
+}

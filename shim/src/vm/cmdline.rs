@@ -3,9 +3,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{
-    Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME, AGENT_VSOCK_PORT,
-};
+use super::{Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME};
 
 /// The ids QEMU knows devices by (QMP talks about them).
 pub const SCSI_CONTROLLER_ID: &str = "scsi0";
@@ -37,9 +35,10 @@ impl StatePaths {
 /// the TSC against, and without it early boot hangs. `panic=-1` plus QEMU's
 /// `-no-reboot` turns a guest panic into a QEMU exit we can see.
 pub fn kernel_cmdline(config: &VmConfig, tsc_khz: u64) -> String {
+    // The agent knows the port name and vsock port (same constants).
     let channel = match config.agent_channel {
-        AgentChannelKind::VirtioSerial => format!("virtio-serial:{AGENT_PORT_NAME}"),
-        AgentChannelKind::Vsock { .. } => format!("vsock:{AGENT_VSOCK_PORT}"),
+        AgentChannelKind::VirtioSerial => "virtio-serial",
+        AgentChannelKind::Vsock { .. } => "vsock",
     };
     let mut params = vec![
         "console=ttyS0".to_owned(),
@@ -180,13 +179,13 @@ mod tests {
         assert_eq!(
             line,
             "console=ttyS0 8250.nr_uarts=1 tsc_early_khz=2445404 panic=-1 quiet \
-             spry.agent_channel=virtio-serial:spry.agent loglevel=7"
+             spry.agent_channel=virtio-serial loglevel=7"
         );
         let vsock = VmConfig {
             agent_channel: AgentChannelKind::Vsock { cid: 7 },
             ..config()
         };
-        assert!(kernel_cmdline(&vsock, 1).contains("spry.agent_channel=vsock:1024"));
+        assert!(kernel_cmdline(&vsock, 1).contains("spry.agent_channel=vsock "));
     }
 
     #[test]

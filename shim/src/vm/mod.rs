@@ -30,7 +30,8 @@ pub const AGENT_PORT_NAME: &str = "spry.agent";
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The kernel command-line parameter telling the agent which channel to
-/// serve: `virtio-serial:<port name>` or `vsock:<port>`.
+/// serve: `virtio-serial` (port [`AGENT_PORT_NAME`]) or `vsock` (port
+/// [`AGENT_VSOCK_PORT`]).
 pub const AGENT_CHANNEL_PARAM: &str = "spry.agent_channel";
 
 /// Which accelerator to ask for.
