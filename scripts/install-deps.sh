@@ -29,7 +29,7 @@ APT_PACKAGES=(
     runc containernetworking-plugins docker-registry skopeo socat jq iproute2 debootstrap
     containerd             # optional 1.6 compatibility target only; its service is kept stopped/disabled
     gcc libc6-dev          # cgo for containerd
-    ca-certificates curl git util-linux procps psmisc iptables
+    ca-certificates curl file util-linux procps
 )
 
 export DEBIAN_FRONTEND=noninteractive
