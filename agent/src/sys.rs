@@ -69,3 +69,14 @@ pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Own
     // nothing can close or replace the descriptor while it stays registered.
     Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
 }
+
+/// Restores the default SIGPIPE disposition. The Rust runtime ignores SIGPIPE, and ignored
+/// signals survive exec: without this, container processes started from the helper would
+/// never die of SIGPIPE (`yes | head -1` would spin on EPIPE).
+pub fn restore_default_sigpipe() -> io::Result<()> {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installing SIG_DFL runs no code in signal context, so it cannot break any
+    // invariant of this process.
+    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map_err(io::Error::from)?;
+    Ok(())
+}

@@ -198,6 +198,10 @@ pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDon
 
 /// The helper process's main: serves one request on stdin and exits.
 pub fn helper_main() -> i32 {
+    if let Err(err) = sys::restore_default_sigpipe() {
+        tracing::error!(error = %err, "container helper: cannot restore SIGPIPE");
+        return 2;
+    }
     let control = std::io::stdin().as_fd().try_clone_to_owned();
     let Ok(control) = control else {
         return 2;
@@ -240,7 +244,7 @@ pub fn helper_main() -> i32 {
         control.as_raw_fd(),
         &[IoSlice::new(&payload)],
         &[],
-        MsgFlags::empty(),
+        MsgFlags::MSG_NOSIGNAL,
         None,
     ) {
         tracing::error!(error = %err, "container helper: cannot reply");

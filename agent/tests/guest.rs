@@ -1,0 +1,325 @@
+//! The agent as PID 1 of a real VM (QEMU; TCG works): init, module loading, the virtio-serial
+//! channel, SCSI disk rootfs (erofs + overlay), cgroup v2 limits and OOM reporting, Shutdown.
+//!
+//! Opt-in (boots a VM, ~1 min under TCG):
+//!   scripts/build-guest.sh   # kernel + initramfs with the static agent as /init
+//!   SPRY_GUEST_KERNEL=build/guest/current/vmlinux SPRY_GUEST_INITRAMFS=build/guest/current/initramfs.cpio.zst \
+//!     cargo test -p spry-agent --test guest -- --ignored
+//! Needs root, qemu-system-x86_64 and mkfs.erofs; fails loudly without them.
+
+mod harness;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{container_req, ctx, process_ref, spec, stdio};
+use spry_proto::agent::*;
+use spry_proto::agent_ttrpc::AgentClient;
+
+fn env_path(name: &str) -> PathBuf {
+    let value = std::env::var(name)
+        .unwrap_or_else(|_| panic!("set {name} (see the header of agent/tests/guest.rs)"));
+    let path = PathBuf::from(value);
+    assert!(path.exists(), "{name}={} does not exist", path.display());
+    path
+}
+
+fn tsc_khz() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu MHz").and_then(|r| r.split(':').nth(1)))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("cpu MHz in /proc/cpuinfo");
+    format!("{}", (mhz * 1000.0) as u64)
+}
+
+struct Guest {
+    qemu: Child,
+    dir: tempfile::TempDir,
+    client: AgentClient,
+}
+
+impl Guest {
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    async fn boot(rootfs_image: &Path) -> Guest {
+        harness::require_root();
+        let kernel = env_path("SPRY_GUEST_KERNEL");
+        let initramfs = env_path("SPRY_GUEST_INITRAMFS");
+        let dir = tempfile::Builder::new()
+            .prefix("spry-guest-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let agent_socket = dir.path().join("agent.sock");
+        let append = format!(
+            "console=ttyS0 8250.nr_uarts=1 tsc_early_khz={} panic=-1 spry.agent_channel=virtio-serial spry.log=info",
+            tsc_khz()
+        );
+        let qemu = Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on",
+                "-bios",
+                "qboot.rom",
+            ])
+            .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M"])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args(["-append", &append])
+            .arg("-chardev")
+            .arg(format!(
+                "file,id=console,path={}",
+                dir.path().join("console.log").display()
+            ))
+            .args(["-serial", "chardev:console"])
+            .args([
+                "-device",
+                "virtio-rng-device",
+                "-device",
+                "virtio-scsi-device,id=scsi0",
+            ])
+            .arg("-drive")
+            .arg(format!(
+                "file={},format=raw,if=none,id=layer0,readonly=on",
+                rootfs_image.display()
+            ))
+            .args([
+                "-device",
+                "scsi-hd,bus=scsi0.0,drive=layer0,scsi-id=1,lun=0",
+            ])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                agent_socket.display()
+            ))
+            .args([
+                "-device",
+                "virtio-serial-device,id=vser0",
+                "-device",
+                "virtserialport,chardev=agent,name=spry.agent",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 is required");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let client = loop {
+            assert!(Instant::now() < deadline, "no agent socket");
+            if agent_socket.exists() {
+                if let Ok(client) =
+                    ttrpc::r#async::Client::connect(&format!("unix://{}", agent_socket.display()))
+                        .await
+                {
+                    break AgentClient::new(client);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let guest = Guest { qemu, dir, client };
+        let mut check = CheckRequest::new();
+        check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
+        // The agent answers once it is up; the first calls may time out while the VM boots.
+        loop {
+            let timed = ttrpc::context::with_timeout(Duration::from_secs(5).as_nanos() as i64);
+            match guest.client.check(timed, &check).await {
+                Ok(reply) => {
+                    assert!(!reply.kernel_release.is_empty());
+                    break;
+                }
+                Err(err) => assert!(
+                    Instant::now() < deadline,
+                    "agent did not answer: {err:?}\n{}",
+                    guest.console()
+                ),
+            }
+        }
+        guest
+    }
+
+    async fn create(&self, id: &str, spec: serde_json::Value) {
+        let mut req = CreateContainerRequest::new();
+        req.container_id = id.into();
+        req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
+        let mut disk = ScsiDisk::new();
+        disk.target = 1;
+        disk.lun = 0;
+        let mut layer = Storage::new();
+        layer.set_scsi(disk);
+        layer.fstype = "erofs".into();
+        let mut rootfs = Rootfs::new();
+        rootfs.layers.push(layer);
+        rootfs.writable = true;
+        req.rootfs = Some(rootfs).into();
+        req.stdio = Some(stdio(false, false)).into();
+        if let Err(err) = self.client.create_container(ctx(), &req).await {
+            panic!("create {id}: {err:?}\n{}", self.console());
+        }
+    }
+
+    async fn stdout(&self, id: &str) -> String {
+        let mut out = Vec::new();
+        loop {
+            let mut req = ReadStreamRequest::new();
+            req.process = Some(process_ref(id, "")).into();
+            let reply = self.client.read_stdout(ctx(), &req).await.unwrap();
+            if reply.eof {
+                return String::from_utf8(out).unwrap();
+            }
+            out.extend(reply.data);
+        }
+    }
+}
+
+fn busybox_erofs(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for sub in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "hostname", "sleep", "head", "true"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    let image = dir.join("rootfs.erofs");
+    let status = Command::new("mkfs.erofs")
+        .arg(&image)
+        .arg(&root)
+        .stdout(Stdio::null())
+        .status()
+        .expect("mkfs.erofs is required (apt-get install erofs-utils)");
+    assert!(status.success());
+    image
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "boots a VM: set SPRY_GUEST_KERNEL and SPRY_GUEST_INITRAMFS and pass --ignored"]
+async fn the_agent_runs_containers_as_pid1_of_a_vm() {
+    let images = tempfile::tempdir().unwrap();
+    let image = busybox_erofs(images.path());
+    let mut guest = Guest::boot(&image).await;
+    let console = guest.console();
+    assert!(!console.contains("module not loaded"), "{console}");
+
+    let mut sandbox = CreateSandboxRequest::new();
+    sandbox.sandbox_id = "pod-vm".into();
+    sandbox.hostname = "vm-pod".into();
+    sandbox.entropy = vec![42u8; 32];
+    sandbox.clock_unix_nanos = harness_now();
+    sandbox.dns_nameservers = vec!["10.96.0.10".into()];
+    guest.client.create_sandbox(ctx(), &sandbox).await.unwrap();
+
+    let mut spec1 = spec(&[
+        "sh",
+        "-c",
+        "echo pid=$$ $(hostname); cat /etc/resolv.conf; echo x > /written; cat /written; exit 7",
+    ]);
+    spec1["process"]["cwd"] = serde_json::json!("/");
+    guest.create("c1", spec1).await;
+    guest
+        .client
+        .start_container(ctx(), &container_req("c1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        guest.stdout("c1").await,
+        "pid=1 spec-host\nnameserver 10.96.0.10\nx\n"
+    );
+    let status = guest
+        .client
+        .wait_process(ctx(), &process_ref("c1", ""))
+        .await
+        .unwrap();
+    assert_eq!(status.exit_code, 7);
+    guest
+        .client
+        .remove_container(ctx(), &container_req("c1"))
+        .await
+        .unwrap();
+
+    // A memory limit is enforced and the OOM kill is reported both ways.
+    let mut spec2 = spec(&[
+        "sh",
+        "-c",
+        "echo start; x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done",
+    ]);
+    spec2["linux"]["resources"] =
+        serde_json::json!({"memory": {"limit": 32 * 1024 * 1024, "swap": 32 * 1024 * 1024}});
+    guest.create("oom", spec2).await;
+    let oom_event = tokio::spawn({
+        let client = guest.client.clone();
+        async move { client.get_oom_event(ctx(), &Empty::new()).await }
+    });
+    guest
+        .client
+        .start_container(ctx(), &container_req("oom"))
+        .await
+        .unwrap();
+    let status = guest
+        .client
+        .wait_process(ctx(), &process_ref("oom", ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.exit_code, status.oom_killed),
+        (137, true),
+        "{}",
+        guest.console()
+    );
+    let event = tokio::time::timeout(Duration::from_secs(5), oom_event)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.container_id, "oom");
+    let stats = guest
+        .client
+        .stats_container(ctx(), &container_req("oom"))
+        .await
+        .unwrap();
+    assert_eq!(stats.memory_limit_bytes, 32 * 1024 * 1024);
+    assert!(stats.oom_kills >= 1);
+    guest
+        .client
+        .remove_container(ctx(), &container_req("oom"))
+        .await
+        .unwrap();
+
+    // Shutdown powers the VM off: QEMU exits.
+    let _ = guest.client.shutdown(ctx(), &Empty::new()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = guest.qemu.try_wait().unwrap() {
+            assert!(status.success(), "QEMU exited with {status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not power off:\n{}",
+            guest.console()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn harness_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if self.qemu.try_wait().ok().flatten().is_none() {
+            let _ = self.qemu.kill();
+            let _ = self.qemu.wait();
+            eprintln!("guest console:\n{}", self.console());
+        }
+    }
+}
