@@ -6,5 +6,6 @@ pub mod cli;
 pub mod config;
 pub mod rootfs;
 pub mod sandbox;
+pub mod service;
 pub mod sys;
 pub mod vm;

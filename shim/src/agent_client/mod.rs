@@ -201,7 +201,10 @@ impl AgentClient {
             .map_err(|e| AgentError::from_ttrpc("Shutdown", e))
     }
 
-    pub async fn create_container(&self, req: pb::CreateContainerRequest) -> Result<(), AgentError> {
+    pub async fn create_container(
+        &self,
+        req: pb::CreateContainerRequest,
+    ) -> Result<(), AgentError> {
         self.inner
             .create_container(control(), &req)
             .await
@@ -355,7 +358,12 @@ impl AgentClient {
         Ok(Some(reply.data))
     }
 
-    pub async fn resize_tty(&self, process: &ProcessId, rows: u32, cols: u32) -> Result<(), AgentError> {
+    pub async fn resize_tty(
+        &self,
+        process: &ProcessId,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), AgentError> {
         let req = pb::ResizeTtyRequest {
             process: Some(process.to_pb()).into(),
             rows,
@@ -400,13 +408,22 @@ mod tests {
             )),
         );
         assert_eq!(err.code(), Some(ttrpc::Code::INVALID_ARGUMENT));
-        assert_eq!(err.to_string(), "agent CreateContainer: unknown namespace type \"foo\"");
+        assert_eq!(
+            err.to_string(),
+            "agent CreateContainer: unknown namespace type \"foo\""
+        );
     }
 
     #[test]
     fn broken_connection_has_no_code() {
         let err = AgentError::from_ttrpc("WaitProcess", ttrpc::Error::Socket("closed".into()));
         assert_eq!(err.code(), None);
-        assert!(matches!(err, AgentError::Connection { method: "WaitProcess", .. }));
+        assert!(matches!(
+            err,
+            AgentError::Connection {
+                method: "WaitProcess",
+                ..
+            }
+        ));
     }
 }

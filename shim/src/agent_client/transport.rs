@@ -98,6 +98,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let _listener = tokio::net::UnixListener::bind(&path).unwrap();
-        VirtioSerialTransport { socket: path }.connect().await.unwrap();
+        VirtioSerialTransport { socket: path }
+            .connect()
+            .await
+            .unwrap();
     }
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use oci_spec::runtime::{LinuxNamespaceType, LinuxResourcesBuilder, LinuxMemoryBuilder, Spec};
+use oci_spec::runtime::{LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Spec};
 
 /// What the user asked for on the command line.
 #[derive(Debug, Clone, Default)]
@@ -23,7 +23,8 @@ pub fn container_spec(opts: &ProcessOptions) -> Spec {
     if let Some(process) = spec.process_mut() {
         process.set_args(Some(opts.args.clone()));
         process.set_terminal(Some(opts.terminal));
-        let mut env = vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
+        let mut env =
+            vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string()];
         if opts.terminal {
             env.push("TERM=xterm".into());
         }
@@ -73,15 +74,29 @@ mod tests {
         });
         let process = spec.process().as_ref().unwrap();
         assert_eq!(process.args().as_ref().unwrap()[0], "sh");
-        assert!(process.env().as_ref().unwrap().contains(&"FOO=bar".to_string()));
+        assert!(process
+            .env()
+            .as_ref()
+            .unwrap()
+            .contains(&"FOO=bar".to_string()));
         assert_eq!(process.cwd(), &PathBuf::from("/tmp"));
         assert_eq!(process.terminal(), Some(true));
         assert_eq!(spec.hostname().as_deref(), Some("box"));
         let linux = spec.linux().as_ref().unwrap();
         let namespaces = linux.namespaces().as_ref().unwrap();
-        assert!(namespaces.iter().all(|ns| ns.typ() != LinuxNamespaceType::Network));
-        assert!(namespaces.iter().any(|ns| ns.typ() == LinuxNamespaceType::Pid));
-        let memory = linux.resources().as_ref().unwrap().memory().as_ref().unwrap();
+        assert!(namespaces
+            .iter()
+            .all(|ns| ns.typ() != LinuxNamespaceType::Network));
+        assert!(namespaces
+            .iter()
+            .any(|ns| ns.typ() == LinuxNamespaceType::Pid));
+        let memory = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .memory()
+            .as_ref()
+            .unwrap();
         assert_eq!(memory.limit(), Some(32 << 20));
     }
 }

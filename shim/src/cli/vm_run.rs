@@ -46,7 +46,10 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         id: id.clone(),
         state_dir: state_dir.clone(),
         kernel: args.kernel.clone().unwrap_or(config.vm.kernel.clone()),
-        initramfs: args.initramfs.clone().unwrap_or(config.vm.initramfs.clone()),
+        initramfs: args
+            .initramfs
+            .clone()
+            .unwrap_or(config.vm.initramfs.clone()),
         cpus: args.cpus.unwrap_or(config.vm.cpus),
         memory_mib: args.memory.unwrap_or(config.vm.memory_mib),
         accel: args.accel.map(Into::into).unwrap_or(config.vm.accelerator),
@@ -61,7 +64,14 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         hostname: args.hostname.clone().unwrap_or_else(|| "spry".into()),
         ..Default::default()
     };
-    let sandbox = Sandbox::start(&hypervisor, vm_config, identity, Box::new(share), DEFAULT_BOOT_TIMEOUT).await?;
+    let sandbox = Sandbox::start(
+        &hypervisor,
+        vm_config,
+        identity,
+        Box::new(share),
+        DEFAULT_BOOT_TIMEOUT,
+    )
+    .await?;
     let result = run_container(&sandbox, &args).await;
     if let Err(e) = sandbox.remove_container(CONTAINER_ID).await {
         if sandbox.is_running() {
@@ -93,13 +103,29 @@ async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRun
         ..Default::default()
     };
     sandbox
-        .create_container(CONTAINER_ID, &container_spec(&opts), &RootfsSource::Directory(args.rootfs.clone()), stdio)
+        .create_container(
+            CONTAINER_ID,
+            &container_spec(&opts),
+            &RootfsSource::Directory(args.rootfs.clone()),
+            stdio,
+        )
         .await?;
     let agent = sandbox.agent().clone();
     let process = ProcessId::init(CONTAINER_ID);
-    let stdout = tokio::spawn(copy_output(agent.clone(), process.clone(), OutputStream::Stdout, tokio::io::stdout()));
-    let stderr = (!args.tty)
-        .then(|| tokio::spawn(copy_output(agent.clone(), process.clone(), OutputStream::Stderr, tokio::io::stderr())));
+    let stdout = tokio::spawn(copy_output(
+        agent.clone(),
+        process.clone(),
+        OutputStream::Stdout,
+        tokio::io::stdout(),
+    ));
+    let stderr = (!args.tty).then(|| {
+        tokio::spawn(copy_output(
+            agent.clone(),
+            process.clone(),
+            OutputStream::Stderr,
+            tokio::io::stderr(),
+        ))
+    });
     sandbox.start_container(CONTAINER_ID).await?;
     let _raw = args.tty.then(RawTerminal::enter).flatten();
     let stdin = interactive.then(|| tokio::spawn(copy_stdin(agent.clone(), process.clone())));
@@ -133,7 +159,10 @@ async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRun
             let _ = stderr.await;
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
         warn!("output did not reach end of stream within 5 s after exit");
     }
     if let Some(stdin) = stdin {

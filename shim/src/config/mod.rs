@@ -101,7 +101,10 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path == Path::new(DEFAULT_CONFIG_PATH) => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path == Path::new(DEFAULT_CONFIG_PATH) =>
+            {
                 return Ok(Self::default());
             }
             Err(source) => {
@@ -206,14 +209,26 @@ mod tests {
     #[test]
     fn out_of_range_values_are_rejected() {
         let err = parse("[vm]\nmemory_mib = 16\n").unwrap_err();
-        assert!(matches!(err, ConfigError::OutOfRange { key: "vm.memory_mib", .. }));
+        assert!(matches!(
+            err,
+            ConfigError::OutOfRange {
+                key: "vm.memory_mib",
+                ..
+            }
+        ));
         assert!(parse("[vm]\ncpus = 0\n").is_err());
     }
 
     #[test]
     fn relative_paths_are_rejected() {
         let err = parse("[vm]\nkernel = \"vmlinux\"\n").unwrap_err();
-        assert!(matches!(err, ConfigError::RelativePath { key: "vm.kernel", .. }));
+        assert!(matches!(
+            err,
+            ConfigError::RelativePath {
+                key: "vm.kernel",
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -12,7 +12,9 @@ use spry_proto::agent as pb;
 use tokio::sync::{watch, Mutex};
 use tracing::{info, info_span, warn, Instrument};
 
-use crate::agent_client::{AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport};
+use crate::agent_client::{
+    AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport,
+};
 use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
 
@@ -94,7 +96,10 @@ impl Sandbox {
             let vm = hypervisor
                 .start(vm_config)
                 .await
-                .map_err(|source| SandboxError::StartVm { id: id.clone(), source })?;
+                .map_err(|source| SandboxError::StartVm {
+                    id: id.clone(),
+                    source,
+                })?;
             let agent = match connect_agent(vm.as_ref(), boot_timeout).await {
                 Ok(agent) => agent,
                 Err(err) => {
@@ -109,7 +114,11 @@ impl Sandbox {
                 rootfs_share,
                 attached: Mutex::new(HashMap::new()),
             };
-            if let Err(source) = sandbox.agent.create_sandbox(identity_request(&id, identity)).await {
+            if let Err(source) = sandbox
+                .agent
+                .create_sandbox(identity_request(&id, identity))
+                .await
+            {
                 stop_quietly(sandbox.vm.as_ref()).await;
                 return Err(SandboxError::Agent { id, source });
             }
@@ -156,7 +165,10 @@ impl Sandbox {
                 container_id: container_id.to_string(),
             });
         }
-        let disk = self.rootfs_share.attach(self.vm.as_ref(), container_id, rootfs).await?;
+        let disk = self
+            .rootfs_share
+            .attach(self.vm.as_ref(), container_id, rootfs)
+            .await?;
         let spec_json = serde_json::to_vec(spec).expect("an OCI spec always serializes");
         let req = pb::CreateContainerRequest {
             container_id: container_id.to_string(),
@@ -226,7 +238,10 @@ impl Sandbox {
                     warn!(error = %e, "cannot detach rootfs during shutdown");
                 }
             }
-            exit.map_err(|source| SandboxError::StopVm { id: self.id.clone(), source })
+            exit.map_err(|source| SandboxError::StopVm {
+                id: self.id.clone(),
+                source,
+            })
         }
         .instrument(span)
         .await

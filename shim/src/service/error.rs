@@ -1,0 +1,219 @@
+//! The shim's errors and their one mapping to ttrpc status codes (which containerd turns
+//! into its errdefs: NotFound, AlreadyExists, FailedPrecondition...).
+
+use std::path::PathBuf;
+
+use crate::agent_client::AgentError;
+use crate::config::ConfigError;
+use crate::sandbox::SandboxError;
+
+/// Failure of a task API call.
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("container {id} not found")]
+    ContainerNotFound { id: String },
+    #[error("process {exec_id} of container {id} not found")]
+    ProcessNotFound { id: String, exec_id: String },
+    #[error("container {id} already exists")]
+    ContainerExists { id: String },
+    #[error("process {exec_id} already exists in container {id}")]
+    ProcessExists { id: String, exec_id: String },
+    #[error("container {id} cannot be created before its pod sandbox is running")]
+    NoSandbox { id: String },
+    #[error("process {exec_id:?} of container {id} is {state}, not {wanted}")]
+    WrongState {
+        id: String,
+        exec_id: String,
+        state: &'static str,
+        wanted: &'static str,
+    },
+    #[error("cannot read the OCI spec {path}")]
+    ReadSpec {
+        path: PathBuf,
+        #[source]
+        source: Box<oci_spec::OciSpecError>,
+    },
+    #[error("the exec spec of {exec_id} in container {id} is not a valid OCI process")]
+    ExecSpec {
+        id: String,
+        exec_id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the resources given to container {id} are not valid OCI LinuxResources")]
+    Resources {
+        id: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    // Boxed: these carry whole error chains and would bloat every Result.
+    #[error(transparent)]
+    Sandbox(Box<SandboxError>),
+    #[error(transparent)]
+    Agent(Box<AgentError>),
+    #[error("cannot mount the rootfs of container {id} at {target}")]
+    MountRootfs {
+        id: String,
+        target: PathBuf,
+        #[source]
+        source: containerd_shim::Error,
+    },
+    #[error("cannot open the stdio FIFO {path}")]
+    Fifo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is not supported by Spry")]
+    Unsupported { what: &'static str },
+}
+
+impl ShimError {
+    /// The status code containerd sees.
+    pub fn code(&self) -> ttrpc::Code {
+        use ttrpc::Code;
+        match self {
+            ShimError::ContainerNotFound { .. } | ShimError::ProcessNotFound { .. } => {
+                Code::NOT_FOUND
+            }
+            ShimError::ContainerExists { .. } | ShimError::ProcessExists { .. } => {
+                Code::ALREADY_EXISTS
+            }
+            ShimError::NoSandbox { .. } | ShimError::WrongState { .. } => Code::FAILED_PRECONDITION,
+            ShimError::ReadSpec { .. }
+            | ShimError::ExecSpec { .. }
+            | ShimError::Resources { .. }
+            | ShimError::Config(_) => Code::INVALID_ARGUMENT,
+            ShimError::Unsupported { .. } => Code::UNIMPLEMENTED,
+            ShimError::Agent(e) => agent_code(e),
+            ShimError::Sandbox(e) => match e.as_ref() {
+                SandboxError::Container { source, .. } => agent_code(source),
+                SandboxError::ContainerExists { .. } => Code::ALREADY_EXISTS,
+                SandboxError::StartVm { .. } => Code::FAILED_PRECONDITION,
+                _ => Code::INTERNAL,
+            },
+            ShimError::MountRootfs { .. } | ShimError::Fifo { .. } => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<SandboxError> for ShimError {
+    fn from(e: SandboxError) -> Self {
+        ShimError::Sandbox(Box::new(e))
+    }
+}
+
+impl From<AgentError> for ShimError {
+    fn from(e: AgentError) -> Self {
+        ShimError::Agent(Box::new(e))
+    }
+}
+
+/// The agent's own status passes through; a broken connection means the VM is gone.
+fn agent_code(err: &AgentError) -> ttrpc::Code {
+    err.code().unwrap_or(ttrpc::Code::UNAVAILABLE)
+}
+
+/// The whole error chain in one line: containerd shows only the message.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(err: ShimError) -> Self {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(err.code(), chain(&err)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ttrpc::Code;
+
+    fn status(err: ShimError) -> (Code, String) {
+        match ttrpc::Error::from(err) {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message().to_string()),
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn codes_map_one_to_one() {
+        let cases = [
+            (
+                ShimError::ContainerNotFound { id: "c".into() },
+                Code::NOT_FOUND,
+            ),
+            (
+                ShimError::ProcessNotFound {
+                    id: "c".into(),
+                    exec_id: "e".into(),
+                },
+                Code::NOT_FOUND,
+            ),
+            (
+                ShimError::ContainerExists { id: "c".into() },
+                Code::ALREADY_EXISTS,
+            ),
+            (
+                ShimError::NoSandbox { id: "c".into() },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ShimError::WrongState {
+                    id: "c".into(),
+                    exec_id: String::new(),
+                    state: "created",
+                    wanted: "running",
+                },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                ShimError::Unsupported { what: "checkpoint" },
+                Code::UNIMPLEMENTED,
+            ),
+        ];
+        for (err, code) in cases {
+            assert_eq!(status(err).0, code);
+        }
+    }
+
+    #[test]
+    fn agent_status_passes_through_and_broken_link_is_unavailable() {
+        let answered = AgentError::Status {
+            method: "StartContainer",
+            code: Code::INVALID_ARGUMENT,
+            message: "executable file /x not found".into(),
+        };
+        let (code, message) = status(answered.into());
+        assert_eq!(code, Code::INVALID_ARGUMENT);
+        assert!(message.contains("/x not found"), "{message}");
+        let broken = AgentError::Connection {
+            method: "WaitProcess",
+            source: ttrpc::Error::Socket("closed".into()),
+        };
+        assert_eq!(status(broken.into()).0, Code::UNAVAILABLE);
+    }
+
+    #[test]
+    fn message_carries_the_whole_chain() {
+        let err = ShimError::Fifo {
+            path: "/run/x/stdout".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        let (_, message) = status(err);
+        assert!(
+            message.contains("/run/x/stdout") && message.contains("No such file"),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! Pumps between containerd's stdio FIFOs and a guest process's streams.
+//!
+//! Output FIFOs are opened read-write so the open never blocks and never fails for want
+//! of a reader; containerd sees end of file when the pump drops its descriptor at the
+//! guest's end of stream. The stdin FIFO is opened read-only in blocking mode on a
+//! blocking thread: that waits for containerd's writer, so an early read can't mistake
+//! "no writer yet" for end of input.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::error::ShimError;
+use crate::agent_client::{AgentClient, OutputStream, ProcessId};
+
+const CHUNK: u32 = 32 * 1024;
+
+/// The FIFO paths containerd gave for one process; empty means "not wanted".
+#[derive(Debug, Clone, Default)]
+pub struct StdioPaths {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// Running pumps of one process.
+pub struct IoPumps {
+    outputs: Vec<JoinHandle<()>>,
+    stdin: Option<(JoinHandle<()>, PathBuf)>,
+}
+
+impl IoPumps {
+    /// Opens the output FIFOs (errors surface now, at create/start) and starts pumping.
+    pub fn start(
+        agent: &AgentClient,
+        process: &ProcessId,
+        paths: &StdioPaths,
+    ) -> Result<Self, ShimError> {
+        let mut outputs = Vec::new();
+        let streams = [
+            (OutputStream::Stdout, &paths.stdout),
+            (OutputStream::Stderr, &paths.stderr),
+        ];
+        for (stream, path) in streams {
+            // With a terminal, stderr is merged into the tty stream.
+            if path.is_empty() || (paths.terminal && stream == OutputStream::Stderr) {
+                continue;
+            }
+            let fifo = open_output(Path::new(path))?;
+            outputs.push(tokio::spawn(pump_output(
+                agent.clone(),
+                process.clone(),
+                stream,
+                fifo,
+            )));
+        }
+        let stdin = (!paths.stdin.is_empty()).then(|| {
+            let path = PathBuf::from(&paths.stdin);
+            (
+                tokio::spawn(pump_stdin(agent.clone(), process.clone(), path.clone())),
+                path,
+            )
+        });
+        Ok(Self { outputs, stdin })
+    }
+
+    /// Waits until the guest's output streams reached their end and were flushed into
+    /// the FIFOs: an exit event must not overtake the last lines of output.
+    pub async fn drain_outputs(&mut self) {
+        for handle in self.outputs.drain(..) {
+            let _ = handle.await;
+        }
+    }
+
+    /// Stops the stdin pump (the process is gone).
+    pub fn stop_stdin(&mut self) {
+        if let Some((handle, path)) = self.stdin.take() {
+            handle.abort();
+            // A pump still blocked in open() waits for a writer: be that writer once.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path);
+        }
+    }
+}
+
+impl Drop for IoPumps {
+    fn drop(&mut self) {
+        for handle in &self.outputs {
+            handle.abort();
+        }
+        self.stop_stdin();
+    }
+}
+
+fn open_output(path: &Path) -> Result<pipe::Sender, ShimError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| ShimError::Fifo {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    pipe::Sender::from_file(file).map_err(|source| ShimError::Fifo {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+async fn pump_output(
+    agent: AgentClient,
+    process: ProcessId,
+    stream: OutputStream,
+    mut fifo: pipe::Sender,
+) {
+    loop {
+        match agent.read_output(&process, stream, CHUNK).await {
+            Ok(Some(data)) => {
+                if let Err(e) = fifo.write_all(&data).await {
+                    // Nobody reads any more (containerd went away); keep draining the
+                    // guest so the process never blocks on a full pipe.
+                    debug!(?stream, error = %e, "stdio FIFO write failed");
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                debug!(?stream, error = %e, "output stream ended with an error");
+                break;
+            }
+        }
+    }
+}
+
+async fn pump_stdin(agent: AgentClient, process: ProcessId, path: PathBuf) {
+    let opened = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || std::fs::File::open(path)
+    })
+    .await;
+    let Ok(Ok(file)) = opened else {
+        debug!(path = %path.display(), "cannot open stdin FIFO");
+        return;
+    };
+    let Ok(mut fifo) = set_nonblocking(file).and_then(pipe::Receiver::from_file) else {
+        return;
+    };
+    let mut buf = vec![0u8; CHUNK as usize];
+    loop {
+        let n = match fifo.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let mut data = &buf[..n];
+        while !data.is_empty() {
+            match agent.write_stdin(&process, data.to_vec()).await {
+                Ok(written) => data = &data[(written as usize).min(data.len())..],
+                Err(_) => return,
+            }
+        }
+    }
+    let _ = agent.close_stdin(&process).await;
+}
+
+fn set_nonblocking(file: std::fs::File) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(file)
+}

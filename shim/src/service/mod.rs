@@ -1,0 +1,155 @@
+//! `containerd-shim-spry-v2`: the containerd shim (task API v3, containerd 2.x).
+//!
+//! One shim process serves a whole pod: `start` groups containers by CRI's sandbox-id
+//! annotation, so every container of a pod reaches the shim that owns the pod's VM.
+//! The sandbox ("pause") task is the VM itself; app containers and execs are agent calls.
+
+mod error;
+mod events;
+mod io;
+mod pod;
+mod spec;
+mod stats;
+mod task;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::{Config as ShimConfig, Error as ShimCrateError, Flags, StartOpts};
+use tracing::{info, warn};
+
+pub use error::ShimError;
+pub use task::TaskService;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+
+/// containerd's runtime type for Spry.
+pub const RUNTIME_ID: &str = "io.containerd.spry.v2";
+
+/// Where the shim reads its config: `SPRY_CONFIG`, else /etc/spry/config.toml.
+pub fn config_path() -> PathBuf {
+    std::env::var_os("SPRY_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+/// The shim's process-level side: start, delete, serve.
+pub struct SpryShim {
+    id: String,
+    namespace: String,
+    bundle: PathBuf,
+    exit: Arc<ExitSignal>,
+    pod: std::sync::OnceLock<Arc<pod::Pod>>,
+}
+
+#[async_trait]
+impl Shim for SpryShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // QEMU is our child and tokio waits for it; the crate's SIGCHLD reaper would steal
+        // its exit status. Logging is set up by the binary (tracing to the log FIFO).
+        config.no_reaper = true;
+        config.no_setup_logger = true;
+        let bundle = if args.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&args.bundle)
+        };
+        Self {
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle,
+            exit: Arc::default(),
+            pod: std::sync::OnceLock::new(),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, ShimCrateError> {
+        // A bad config fails here, so RunPodSandbox reports it before anything starts.
+        Config::load(&config_path())
+            .map_err(|e| ShimCrateError::InvalidArgument(error_chain(&e)))?;
+        let spec = spec::load(&self.bundle)
+            .map_err(|e| ShimCrateError::InvalidArgument(error_chain(&e)))?;
+        let grouping = spec::sandbox_id(&spec).unwrap_or_else(|| opts.id.clone());
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        std::fs::write(self.bundle.join("address"), &address).map_err(|err| {
+            ShimCrateError::IoError {
+                context: "write address file".into(),
+                err,
+            }
+        })?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimCrateError> {
+        // The serving shim is gone (crashed or killed): clean what it may have left.
+        let config = Config::load(&config_path()).unwrap_or_default();
+        cleanup_leftovers(&config, &self.id, &self.bundle);
+        Ok(DeleteResponse {
+            exit_status: 137,
+            exited_at: Some(events::timestamp(SystemTime::now())).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+        if let Some(pod) = self.pod.get() {
+            pod.shutdown().await;
+        }
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
+        let config = match Config::load(&config_path()) {
+            Ok(config) => config,
+            Err(e) => {
+                // `start` validated it; it changed since. Defaults are safer than dying
+                // with containerd waiting on us, and the error is logged.
+                warn!(error = %error_chain(&e), "config became invalid after start; using defaults");
+                Config::default()
+            }
+        };
+        info!(id = %self.id, namespace = %self.namespace, "shim serving");
+        let pod = pod::Pod::new(
+            config,
+            events::EventSink::new(publisher, self.namespace.clone()),
+        );
+        // `wait` needs the pod for last-resort cleanup; `new` ran before it existed.
+        let _ = self.pod.set(Arc::clone(&pod));
+        TaskService::new(pod, Arc::clone(&self.exit))
+    }
+}
+
+/// Removes what a dead shim of container `id` may have left: its rootfs mount, VM
+/// state dir and rootfs images. QEMU itself dies with its shim (PR_SET_PDEATHSIG).
+pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
+    let rootfs = bundle.join("rootfs");
+    let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    for dir in [
+        config.state_dir.join("vms").join(id),
+        config.state_dir.join("rootfs").join(id),
+    ] {
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                warn!(path = %dir.display(), error = %e, "cannot remove leftover state");
+            }
+        }
+    }
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

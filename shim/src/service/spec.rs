@@ -1,0 +1,175 @@
+//! Reading a bundle's OCI spec and adapting it for the guest.
+//!
+//! containerd writes the spec for a host runtime. Inside the VM some of it cannot hold:
+//! namespace *paths* point into the host's /proc, host bind mounts have no source in the
+//! guest, and host LSM profiles don't exist there. The pod VM itself is the pod's
+//! network, IPC and UTS boundary, so a namespace joined by path becomes "share the VM's".
+
+use std::path::Path;
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use tracing::warn;
+
+use super::error::ShimError;
+
+/// CRI's annotation that says whether a container is the pod sandbox or an app container.
+pub const CONTAINER_TYPE_ANNOTATION: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation with the pod sandbox id (the shim groups a pod's containers by it).
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+/// What a task is, from CRI's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    /// The pod sandbox ("pause") container: its task is the pod VM itself.
+    Sandbox,
+    /// An application container, run inside the pod VM.
+    App,
+}
+
+pub fn load(bundle: &Path) -> Result<Spec, ShimError> {
+    let path = bundle.join("config.json");
+    Spec::load(&path).map_err(|source| ShimError::ReadSpec {
+        path,
+        source: Box::new(source),
+    })
+}
+
+/// Sandbox tasks are marked by CRI; a task without CRI annotations (e.g. `ctr run`) is
+/// treated as its own sandbox holding itself, so it still gets a VM.
+pub fn task_kind(spec: &Spec) -> TaskKind {
+    match spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(CONTAINER_TYPE_ANNOTATION))
+    {
+        Some(kind) if kind == "sandbox" => TaskKind::Sandbox,
+        _ => TaskKind::App,
+    }
+}
+
+pub fn sandbox_id(spec: &Spec) -> Option<String> {
+    spec.annotations()
+        .as_ref()?
+        .get(SANDBOX_ID_ANNOTATION)
+        .cloned()
+}
+
+/// The network namespace the pod's VM must run in, if the sandbox spec names one.
+pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
+        .iter()
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+}
+
+/// Rewrites an app container's spec for the guest (see the module docs).
+pub fn for_guest(mut spec: Spec, container_id: &str) -> Spec {
+    if let Some(linux) = spec.linux_mut() {
+        if let Some(namespaces) = linux.namespaces_mut() {
+            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network && ns.path().is_none());
+        }
+        // The guest has its own cgroup tree; a systemd-style host path means nothing there.
+        linux.set_cgroups_path(Some(format!("/spry/{container_id}").into()));
+        linux.set_mount_label(None);
+    }
+    if let Some(process) = spec.process_mut() {
+        process.set_apparmor_profile(None);
+        process.set_selinux_label(None);
+    }
+    if let Some(mounts) = spec.mounts_mut() {
+        mounts.retain(|m| {
+            let is_bind = m.typ().as_deref() == Some("bind")
+                || m.options()
+                    .as_ref()
+                    .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
+            if is_bind {
+                // Host paths are not visible in the VM yet (volumes need virtio-fs).
+                warn!(
+                    container_id,
+                    destination = %m.destination().display(),
+                    source = ?m.source(),
+                    "host bind mount is not shared into the VM; skipped"
+                );
+            }
+            !is_bind
+        });
+    }
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oci_spec::runtime::{LinuxNamespaceBuilder, MountBuilder};
+    use std::collections::HashMap;
+
+    fn cri_spec(kind: &str) -> Spec {
+        let mut spec = Spec::default();
+        spec.set_annotations(Some(HashMap::from([
+            (CONTAINER_TYPE_ANNOTATION.to_string(), kind.to_string()),
+            (SANDBOX_ID_ANNOTATION.to_string(), "sb1".to_string()),
+        ])));
+        spec
+    }
+
+    #[test]
+    fn kinds_and_sandbox_id_come_from_cri_annotations() {
+        assert_eq!(task_kind(&cri_spec("sandbox")), TaskKind::Sandbox);
+        assert_eq!(task_kind(&cri_spec("container")), TaskKind::App);
+        assert_eq!(task_kind(&Spec::default()), TaskKind::App);
+        assert_eq!(sandbox_id(&cri_spec("container")).as_deref(), Some("sb1"));
+    }
+
+    #[test]
+    fn joined_namespaces_and_host_mounts_are_dropped_for_the_guest() {
+        let mut spec = cri_spec("container");
+        let linux = spec.linux_mut().as_mut().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Ipc);
+        namespaces.push(
+            LinuxNamespaceBuilder::default()
+                .typ(LinuxNamespaceType::Ipc)
+                .path("/proc/42/ns/ipc")
+                .build()
+                .unwrap(),
+        );
+        linux.set_namespaces(Some(namespaces));
+        let mut mounts = spec.mounts().clone().unwrap();
+        mounts.push(
+            MountBuilder::default()
+                .destination("/etc/hosts")
+                .typ("bind")
+                .source("/var/lib/containerd/hosts")
+                .options(vec!["rbind".to_string(), "ro".to_string()])
+                .build()
+                .unwrap(),
+        );
+        spec.set_mounts(Some(mounts));
+
+        let guest = for_guest(spec, "c1");
+        let linux = guest.linux().as_ref().unwrap();
+        let types: Vec<_> = linux
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|n| n.typ())
+            .collect();
+        assert!(!types.contains(&LinuxNamespaceType::Network));
+        assert!(
+            !types.contains(&LinuxNamespaceType::Ipc),
+            "joined ipc ns kept: {types:?}"
+        );
+        assert!(types.contains(&LinuxNamespaceType::Pid));
+        assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/spry/c1")));
+        let mounts = guest.mounts().as_ref().unwrap();
+        assert!(mounts
+            .iter()
+            .all(|m| m.destination() != Path::new("/etc/hosts")));
+        assert!(mounts.iter().any(|m| m.destination() == Path::new("/proc")));
+    }
+}

@@ -1,0 +1,237 @@
+//! containerd's task API (v3) over [`Pod`]: request/response translation only.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::protos::api;
+use containerd_shim::protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim::protos::shim_async::Task;
+use containerd_shim::protos::types::task::Status;
+use containerd_shim::ExitSignal;
+use ttrpc::r#async::TtrpcContext;
+
+use super::events::timestamp;
+use super::io::StdioPaths;
+use super::pod::{Pod, ProcessStatus};
+use super::stats;
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+/// The task service containerd talks to.
+pub struct TaskService {
+    pod: Arc<Pod>,
+    exit: Arc<ExitSignal>,
+}
+
+impl TaskService {
+    pub fn new(pod: Arc<Pod>, exit: Arc<ExitSignal>) -> Self {
+        Self { pod, exit }
+    }
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let stdio = StdioPaths {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        let pid = self
+            .pod
+            .create(&req.id, Path::new(&req.bundle), &req.rootfs, stdio)
+            .await?;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        let pid = self.pod.start(&req.id, &req.exec_id).await?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    async fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let state = self.pod.state(&req.id, &req.exec_id).await?;
+        let mut resp = api::StateResponse {
+            id: req.id,
+            exec_id: req.exec_id,
+            bundle: state.bundle.to_string_lossy().to_string(),
+            pid: state.pid,
+            stdin: state.stdio.stdin,
+            stdout: state.stdio.stdout,
+            stderr: state.stdio.stderr,
+            terminal: state.stdio.terminal,
+            ..Default::default()
+        };
+        let status = match state.status {
+            ProcessStatus::Created => Status::CREATED,
+            ProcessStatus::Running => Status::RUNNING,
+            ProcessStatus::Stopped {
+                exit_code,
+                exited_at,
+            } => {
+                resp.exit_status = exit_code;
+                resp.exited_at = Some(timestamp(exited_at)).into();
+                Status::STOPPED
+            }
+        };
+        resp.status = status.into();
+        Ok(resp)
+    }
+
+    async fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let (pid, exit_status, exited_at) = self.pod.delete(&req.id, &req.exec_id).await?;
+        Ok(api::DeleteResponse {
+            pid,
+            exit_status,
+            exited_at: Some(timestamp(exited_at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn pids(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::PidsRequest,
+    ) -> TtrpcResult<api::PidsResponse> {
+        let processes = self
+            .pod
+            .pids(&req.id)
+            .await?
+            .into_iter()
+            .map(|pid| api::ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
+        self.pod
+            .kill(&req.id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<Empty> {
+        let stdio = StdioPaths {
+            stdin: req.stdin,
+            stdout: req.stdout,
+            stderr: req.stderr,
+            terminal: req.terminal,
+        };
+        let spec = req
+            .spec
+            .into_option()
+            .map(|any| any.value)
+            .unwrap_or_default();
+        self.pod.exec(&req.id, &req.exec_id, stdio, spec).await?;
+        Ok(Empty::new())
+    }
+
+    async fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<Empty> {
+        self.pod
+            .resize_pty(&req.id, &req.exec_id, req.height, req.width)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
+        if req.stdin {
+            self.pod.close_stdin(&req.id, &req.exec_id).await?;
+        }
+        Ok(Empty::new())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, req: api::UpdateTaskRequest) -> TtrpcResult<Empty> {
+        let resources = req
+            .resources
+            .into_option()
+            .map(|any| any.value)
+            .unwrap_or_default();
+        self.pod.update(&req.id, resources).await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::WaitRequest,
+    ) -> TtrpcResult<api::WaitResponse> {
+        let (exit_status, exited_at) = self.pod.wait(&req.id, &req.exec_id).await?;
+        Ok(api::WaitResponse {
+            exit_status,
+            exited_at: Some(timestamp(exited_at)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let s = self.pod.stats(&req.id).await?;
+        Ok(api::StatsResponse {
+            stats: Some(stats::to_any(&s)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: self.pod.vm_pid().await,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    async fn shutdown(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ShutdownRequest,
+    ) -> TtrpcResult<Empty> {
+        // containerd asks after each delete; the shim lives while the pod has tasks.
+        if self.pod.is_empty().await {
+            self.pod.shutdown().await;
+            self.exit.signal();
+        }
+        Ok(Empty::new())
+    }
+}
