@@ -70,13 +70,22 @@ pub fn register_async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<Own
     Ok(unsafe { tokio::io::unix::AsyncFd::register(fd) }?)
 }
 
-/// Restores the default SIGPIPE disposition. The Rust runtime ignores SIGPIPE, and ignored
-/// signals survive exec: without this, container processes started from the helper would
-/// never die of SIGPIPE (`yes | head -1` would spin on EPIPE).
-pub fn restore_default_sigpipe() -> io::Result<()> {
-    use nix::sys::signal::{signal, SigHandler, Signal};
-    // SAFETY: installing SIG_DFL runs no code in signal context, so it cannot break any
-    // invariant of this process.
-    unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) }.map_err(io::Error::from)?;
-    Ok(())
+/// Restores the default disposition of every signal this process may have inherited as
+/// ignored. Ignored signals survive exec: the Rust runtime ignores SIGPIPE, and whoever
+/// started the agent may ignore others (a shell ignores SIGQUIT for background jobs). Without
+/// this, container processes started from the helper would inherit them (`yes | head -1`
+/// would spin on EPIPE instead of dying of SIGPIPE).
+pub fn restore_default_signals() {
+    let realtime = libc::SIGRTMIN()..=libc::SIGRTMAX();
+    for signal in (1..32).chain(realtime) {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL runs no code in signal context and this single-threaded
+        // helper has no handler that anything relies on. Failures (signals glibc reserves)
+        // leave the disposition as it was.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+        }
+    }
 }

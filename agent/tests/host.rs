@@ -55,7 +55,7 @@ async fn runs_a_container_and_reports_output_and_exit_code() {
 async fn the_process_sees_its_namespaces_hostname_env_cwd_and_dns() {
     let agent = Agent::start().await;
     agent.create_sandbox().await;
-    let mut spec = spec(&["sh", "-c", "echo pid=$$; hostname; echo foo=$FOO; pwd; cat /etc/resolv.conf; id -u; grep -E 'NoNewPrivs|SigIgn' /proc/self/status"]);
+    let mut spec = spec(&["sh", "-c", "echo pid=$$; hostname; echo foo=$FOO; pwd; cat /etc/resolv.conf; id -u; grep NoNewPrivs /proc/self/status; ignored=$(grep SigIgn /proc/self/status | cut -f2); echo ignored-standard-signals=$(( 0x$ignored & 0x7fffffff ))"]);
     spec["process"]["env"] = serde_json::json!(["PATH=/bin", "FOO=bar baz"]);
     spec["process"]["cwd"] = serde_json::json!("/work");
     agent.create("c2", spec, stdio(false, false)).await.unwrap();
@@ -63,7 +63,7 @@ async fn the_process_sees_its_namespaces_hostname_env_cwd_and_dns() {
     let out = agent.read_all("c2", "", false).await;
     assert_eq!(
         out,
-        "pid=1\nspec-host\nfoo=bar baz\n/work\nnameserver 10.0.0.10\nsearch default.svc.cluster.local\n0\nSigIgn:\t0000000000000000\nNoNewPrivs:\t1\n"
+        "pid=1\nspec-host\nfoo=bar baz\n/work\nnameserver 10.0.0.10\nsearch default.svc.cluster.local\n0\nNoNewPrivs:\t1\nignored-standard-signals=0\n"
     );
     assert_eq!(agent.wait("c2", "").await.exit_code, 0);
     agent.remove("c2").await.unwrap();

@@ -198,10 +198,7 @@ pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDon
 
 /// The helper process's main: serves one request on stdin and exits.
 pub fn helper_main() -> i32 {
-    if let Err(err) = sys::restore_default_sigpipe() {
-        tracing::error!(error = %err, "container helper: cannot restore SIGPIPE");
-        return 2;
-    }
+    sys::restore_default_signals();
     let control = std::io::stdin().as_fd().try_clone_to_owned();
     let Ok(control) = control else {
         return 2;
