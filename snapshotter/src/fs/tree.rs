@@ -8,7 +8,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use fuser::{FileAttr, FileType, INodeNo};
 
-use crate::estargz::{toc::parse_modtime, EntryType, LayerIndex, TocEntry};
+use crate::estargz::{
+    toc::parse_modtime, EntryType, LayerIndex, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+    TOC_TAR_NAME,
+};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
@@ -44,6 +47,13 @@ impl Tree {
         let mut hardlinks: Vec<(usize, &TocEntry)> = Vec::new();
 
         for (idx, e) in index.entries.iter().enumerate() {
+            // Landmarks and the TOC are format artifacts, not image content.
+            if matches!(
+                e.name.as_str(),
+                PREFETCH_LANDMARK | NO_PREFETCH_LANDMARK | TOC_TAR_NAME
+            ) {
+                continue;
+            }
             if e.name.is_empty() {
                 // The root itself: take its attributes.
                 apply_meta(&mut tree.nodes[0].attr, e);
@@ -204,6 +214,9 @@ fn base_attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
 
 fn dir_node(ino: u64, parent: u64, e: Option<&TocEntry>) -> Node {
     let mut attr = base_attr(ino, FileType::Directory, 0o755);
+    // What ext4 and overlayfs report; tools compare it.
+    attr.size = 4096;
+    attr.blocks = 8;
     if let Some(e) = e {
         apply_meta(&mut attr, e);
     }

@@ -64,7 +64,7 @@ impl RegistryClient {
         format!(
             "{}://{}/v2/{}",
             self.config.scheme(&r.host),
-            r.host,
+            self.config.endpoint(&r.host),
             r.repository
         )
     }
@@ -251,7 +251,8 @@ impl RegistryClient {
         let mut challenged = false;
         let mut redirects = 0;
         loop {
-            let on_registry = url_host(&url) == Some(host.as_str());
+            let endpoint = self.config.endpoint(host);
+            let on_registry = url_host(&url) == Some(endpoint.as_str());
             let auth = if on_registry {
                 self.tokens
                     .lock()

@@ -73,6 +73,10 @@ pub struct HostConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// Connect here (`host:port`) instead of the host in image references,
+    /// like a containerd `hosts.toml` mirror.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// Registry client settings.
@@ -101,6 +105,14 @@ impl Default for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// Where to connect for `host`.
+    fn endpoint(&self, host: &str) -> String {
+        self.hosts
+            .get(host)
+            .and_then(|h| h.endpoint.clone())
+            .unwrap_or_else(|| host.to_string())
+    }
+
     fn host(&self, host: &str) -> HostConfig {
         self.hosts.get(host).cloned().unwrap_or_default()
     }

@@ -13,6 +13,7 @@ fn client(host: &str, user: &str, pass: &str) -> RegistryClient {
             insecure: true,
             username: Some(user.into()),
             password: Some(pass.into()),
+            endpoint: None,
         },
     );
     config.request_timeout_ms = 5_000;
@@ -137,4 +138,25 @@ fn remote_hosts_need_tls() {
     let r = Reference::parse("registry.example.com/app:1").unwrap();
     let err = rt.block_on(c.blob_size(&r, "sha256:00")).unwrap_err();
     assert!(matches!(err, RegistryError::TlsUnsupported { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoint_override_redirects_connections() {
+    let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::None, false);
+    let digest = reg.put_blob(blob());
+    let mut config = RegistryConfig::default();
+    config.hosts.insert(
+        "mirror.test:5000".into(),
+        HostConfig {
+            insecure: true,
+            endpoint: Some(reg.host()),
+            ..HostConfig::default()
+        },
+    );
+    let c = RegistryClient::new(config);
+    let r = Reference::parse("mirror.test:5000/app:v1").unwrap();
+    assert_eq!(
+        c.blob_range(&r, &digest, 5, 5).await.unwrap(),
+        blob()[5..10].to_vec()
+    );
 }
