@@ -6,6 +6,7 @@ use crate::containerd_config::{self, ConfigInputs};
 use crate::crictl::Crictl;
 use crate::leak::{LeakCheck, LeakScope};
 use crate::registry::Registry;
+use crate::stale::{self, InstanceId};
 use crate::{paths, require, system};
 use anyhow::{bail, Context, Result};
 use std::env;
@@ -149,28 +150,27 @@ impl Containerd {
         let Some(sandbox_image) = opts.sandbox_image.clone() else {
             bail!("ContainerdOptions needs a sandbox image: call .registry(&registry) or .sandbox_image(..)");
         };
-        let dir = make_temp_dir(&paths::harness_dir(), &opts.name)?;
-        let run_dir = make_temp_dir(&paths::harness_run_dir(), &opts.name)?;
-        // Unique per instance: bridge names max 15 chars; the subnet from the same random bits.
+        match stale::clean_stale_instances() {
+            Ok(cleaned) if !cleaned.is_empty() => {
+                eprintln!("spry-integration: removed stale instances {cleaned:?}")
+            }
+            Ok(_) => {}
+            Err(e) => eprintln!("spry-integration: cleaning stale instances: {e:#}"),
+        }
+        // Unique per instance: directory names, marker, bridge name and subnet all derive from it.
         let tag = random_u32();
-        let bridge = format!("spryit{:08x}", tag)
-            .chars()
-            .take(15)
-            .collect::<String>();
+        let id = InstanceId::new(&opts.name, tag);
+        let dir = make_temp_dir(&paths::harness_dir(), &id)?;
+        let run_dir = make_temp_dir(&paths::harness_run_dir(), &id)?;
         let subnet = format!("10.{}.{}.0/24", 200 + (tag >> 8) % 50, tag & 0xff);
         let mut containerd = Containerd {
-            marker: format!(
-                "{INSTANCE_ENV}={}-{}-{:08x}",
-                opts.name,
-                std::process::id(),
-                tag
-            ),
+            marker: id.marker(),
+            bridge: id.bridge(),
             opts,
             binary,
             crictl_bin,
             dir,
             run_dir,
-            bridge,
             child: None,
             cleaned: false,
         };
@@ -475,10 +475,10 @@ impl Drop for Containerd {
     }
 }
 
-fn make_temp_dir(parent: &Path, name: &str) -> Result<TempDir> {
+fn make_temp_dir(parent: &Path, id: &InstanceId) -> Result<TempDir> {
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     tempfile::Builder::new()
-        .prefix(&format!("{name}-"))
+        .prefix(&format!("{}-", id.id()))
         .tempdir_in(parent)
         .with_context(|| format!("creating a temp dir in {}", parent.display()))
 }

@@ -28,6 +28,7 @@ pub mod leak;
 pub mod paths;
 pub mod registry;
 pub mod require;
+pub mod stale;
 pub mod system;
 
 pub use containerd::{Containerd, ContainerdOptions};
