@@ -26,7 +26,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let output = args.output.unwrap_or_else(|| default_output_dir(&repo));
     let mut config = GuestAssetsConfig::new(output, args.agent);
     if let Some(deb) = args.kernel_deb {

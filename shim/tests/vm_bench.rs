@@ -219,7 +219,7 @@ async fn measure_boot_to_agent_check() {
         .tempdir_in("/tmp")
         .unwrap();
     let hypervisor = QemuHypervisor::new(root.path());
-    let mut to_check = vec![];
+    let (mut to_check, mut to_poweroff): (Vec<f64>, Vec<f64>) = (vec![], vec![]);
     for run in 0..RUNS {
         let config = VmConfig {
             kernel: assets.vmlinux.clone(),
@@ -244,6 +244,18 @@ async fn measure_boot_to_agent_check() {
                 "MEASURE idle VM with the agent (256 MiB, TCG): Rss {rss:.0} KiB, Pss {pss:.0} KiB"
             );
         }
+        // The agent powers the VM off by itself: QEMU must exit without a quit.
+        let shutdown_started = Instant::now();
+        let _ = client.shutdown().await;
+        let mut exit = vm.exit_watch();
+        tokio::time::timeout(TIMEOUT, exit.wait_for(Option::is_some))
+            .await
+            .expect("the VM did not power off after Shutdown")
+            .unwrap();
+        to_poweroff.push(shutdown_started.elapsed().as_secs_f64() * 1000.0);
+        let exit = vm.stop(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(exit.code, Some(0), "{exit:?}");
     }
     summary("cold boot to agent Check answered", to_check, "ms");
+    summary("agent Shutdown until QEMU exited", to_poweroff, "ms");
 }

@@ -140,7 +140,12 @@ impl QemuVm {
             None => None,
         };
 
-        match fs::create_dir(&config.state_dir) {
+        // The parent (e.g. <state_root>/vms) is shared by all VMs; the VM's own dir must be new.
+        let created = match config.state_dir.parent() {
+            Some(parent) => fs::create_dir_all(parent).and_then(|()| fs::create_dir(&config.state_dir)),
+            None => fs::create_dir(&config.state_dir),
+        };
+        match created {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
                 return Err(VmError::StateDirExists {
