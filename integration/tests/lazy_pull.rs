@@ -114,9 +114,33 @@ impl Snapshotter {
     }
 }
 
+impl Snapshotter {
+    fn daemon_logs(&self) -> String {
+        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else { return String::new() };
+        dirs.flatten().filter_map(|d| std::fs::read_to_string(d.path().join("fuse.log")).ok()).collect()
+    }
+
+    /// Pids of the layer daemons this snapshotter started.
+    fn layer_daemons(&self) -> Vec<i32> {
+        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else { return Vec::new() };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("fuse.pid")).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .collect()
+    }
+}
+
 impl Drop for Snapshotter {
     fn drop(&mut self) {
         let _ = self.stop();
+        for pid in self.layer_daemons() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let started = Instant::now();
+        while !self.layer_daemons().is_empty() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         for line in self.mounts_left() {
             if let Some(mp) = line.split_whitespace().nth(4) {
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
@@ -161,6 +185,10 @@ struct CountingProxy {
     addr: String,
     served: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// While set, connections are closed at once: the registry is unreachable.
+    down: Arc<AtomicBool>,
+    /// Open client connections, to cut when going down.
+    open: Arc<std::sync::Mutex<Vec<TcpStream>>>,
 }
 
 impl CountingProxy {
@@ -170,14 +198,23 @@ impl CountingProxy {
         listener.set_nonblocking(true)?;
         let served = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (served2, stop2) = (served.clone(), stop.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (served2, stop2, down2, open2) = (served.clone(), stop.clone(), down.clone(), open.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::SeqCst) {
                 let Ok((client, _)) = listener.accept() else {
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 };
+                if down2.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let _ = client.set_nonblocking(false);
+                if let Ok(clone) = client.try_clone() {
+                    open2.lock().unwrap().push(clone);
+                }
                 let Ok(server) = TcpStream::connect(&upstream) else { continue };
                 let (mut c_read, mut c_write) = (client.try_clone().unwrap(), client);
                 let (mut s_read, mut s_write) = (server.try_clone().unwrap(), server);
@@ -198,7 +235,16 @@ impl CountingProxy {
                 });
             }
         });
-        Ok(CountingProxy { addr, served, stop })
+        Ok(CountingProxy { addr, served, stop, down, open })
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+        if down {
+            for conn in self.open.lock().unwrap().drain(..) {
+                let _ = conn.shutdown(std::net::Shutdown::Both);
+            }
+        }
     }
 
     fn served(&self) -> u64 {
@@ -222,11 +268,12 @@ const TREE_SCRIPT: &str = "cat /spry/hello.txt; \
     find / -xdev -type f $X -exec sha256sum {} + | sort; \
     find / -xdev -type l -exec readlink {} + | sort | uniq -c";
 
+// Fields drop in this order: pods and containerd first, the registry last.
 struct Cluster {
-    registry: Registry,
-    proxy: CountingProxy,
-    snapshotter: Snapshotter,
     containerd: Containerd,
+    snapshotter: Snapshotter,
+    proxy: CountingProxy,
+    registry: Registry,
     _storage: tempfile::TempDir,
 }
 
@@ -248,7 +295,7 @@ fn cluster(name: &str, snapshotter_config: &str) -> Result<Cluster> {
             .snapshotter("spry")
             .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket())),
     )?;
-    Ok(Cluster { registry, proxy, snapshotter, containerd, _storage: storage })
+    Ok(Cluster { containerd, snapshotter, proxy, registry, _storage: storage })
 }
 
 /// Runs TREE_SCRIPT in a container of `image` inside `pod`; returns its log.
@@ -312,6 +359,67 @@ fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
             .collect();
         bail!("lazy tree differs from the normal pull:\n{}", diff.join("\n"));
     }
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
+#[test]
+fn running_pods_survive_a_snapshotter_restart_and_registry_outages_give_eio() -> Result<()> {
+    let mut c = cluster("lazy-restart", "[lazy]\nbackground_fetch = false\nprefetch = false\nfetch_attempts = 2\nfetch_backoff_ms = 100\n[registry]\nrequest_timeout_ms = 3000\n")?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &[])?;
+    let crictl = c.containerd.crictl();
+    let image = c.registry.image("busybox:estargz");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("restart").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let cfg = ContainerConfig::new("sleeper", &image).command(&["sleep", "3600"]).write_to(&c.containerd.dir())?;
+    let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&sleeper)?;
+    crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    ensure!(!c.snapshotter.layer_daemons().is_empty(), "no layer daemon; log:\n{}", c.snapshotter.log());
+
+    // Registry unreachable: a read of a file not fetched yet fails with EIO, boundedly.
+    c.proxy.set_down(true);
+    let started = Instant::now();
+    let out = crictl.exec_sync(&sleeper, &["cat", "/spry/hello.txt"], Duration::from_secs(60))?;
+    let took = started.elapsed();
+    c.proxy.set_down(false);
+    ensure!(
+        out.code != 0 && out.stderr.contains("Input/output error") && out.stderr.contains("cat: read error"),
+        "read during the outage: {out:?}; layer daemon log:\n{}",
+        c.snapshotter.daemon_logs()
+    );
+    ensure!(took < Duration::from_secs(30), "read during the outage took {took:?}");
+    let out = crictl.exec_sync(&sleeper, &["cat", "/spry/hello.txt"], Duration::from_secs(30))?;
+    ensure!(out.code == 0 && out.stdout.contains("hello from spry"), "read after the outage: {out:?}");
+
+    // Snapshotter down: with the kernel's caches dropped, reads go to the
+    // layer daemon, which keeps serving the running container.
+    c.snapshotter.stop()?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+    let out = crictl.exec_sync(&sleeper, &["sh", "-c", "cat /spry/hello.txt && ls /bin | wc -l"], Duration::from_secs(30))?;
+    ensure!(out.code == 0 && out.stdout.contains("hello from spry"), "read with the snapshotter down failed: {out:?}");
+    c.snapshotter.spawn()?;
+    let cfg = ContainerConfig::new("after-restart", &image).command(&["cat", "/etc/group"]).write_to(&c.containerd.dir())?;
+    // containerd reconnects to the proxy plugin with gRPC backoff; retry like kubelet does.
+    let started = Instant::now();
+    let after = loop {
+        match crictl.create(&pod, &cfg, &pod_cfg) {
+            Ok(id) => break id,
+            Err(e) if started.elapsed() < Duration::from_secs(60) && format!("{e:#}").contains("Unavailable") => {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    crictl.start(&after)?;
+    crictl.wait_container_state(&after, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    ensure!(crictl.logs(&after)?.contains("root"), "container after restart printed: {}", crictl.logs(&after)?);
+    let logs = c.snapshotter.daemon_logs();
+    ensure!(logs.contains("read failed"), "the EIO was not logged:\n{logs}");
+
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
     Ok(())

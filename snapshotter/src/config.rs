@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::registry::RegistryConfig;
 
@@ -44,7 +44,7 @@ pub struct Config {
 }
 
 /// Lazy-pulling behaviour.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LazyConfig {
     /// Mount eStargz layers lazily at all (false: every layer is pulled normally).
@@ -62,6 +62,10 @@ pub struct LazyConfig {
     /// Backoff between attempts (multiplied by the attempt number).
     #[serde(default = "default_backoff_ms")]
     pub fetch_backoff_ms: u64,
+    /// Serve each layer's FUSE filesystem from its own `mount-layer` process,
+    /// so that mounts (and the pods using them) outlive snapshotter restarts.
+    #[serde(default = "yes")]
+    pub fuse_daemon: bool,
 }
 
 fn yes() -> bool {
@@ -88,6 +92,7 @@ impl Default for LazyConfig {
             background_fetch: true,
             fetch_attempts: default_attempts(),
             fetch_backoff_ms: default_backoff_ms(),
+            fuse_daemon: true,
         }
     }
 }

@@ -46,6 +46,11 @@ enum Command {
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u64,
     },
+    /// Serve one remote layer over FUSE (started by `serve`, not by hand).
+    MountLayer {
+        /// The job file `serve` wrote.
+        job: PathBuf,
+    },
     /// Fetch an image's prioritized files (or all) into the chunk cache.
     Warm {
         image: String,
@@ -123,6 +128,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&converted)?);
             Ok(())
         }
+        Command::MountLayer { job } => Ok(spry_snapshotter::service::run_layer_daemon(&job).await?),
         Command::Warm { image, all } => {
             let client = Arc::new(RegistryClient::new(config.registry.clone()));
             let cache = Arc::new(ChunkCache::open(&config.root.join("cache"))?);

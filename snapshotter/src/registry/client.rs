@@ -56,6 +56,11 @@ impl RegistryClient {
         }
     }
 
+    /// The settings this client was made with.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
     fn timeout(&self) -> Duration {
         Duration::from_millis(self.config.request_timeout_ms)
     }

@@ -9,7 +9,7 @@ mod reference;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use blob::RegistryBlob;
 pub use client::{Manifest, RegistryClient};
@@ -63,7 +63,7 @@ pub enum RegistryError {
 }
 
 /// Per-host settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HostConfig {
     /// Speak plain HTTP to this host.
@@ -80,7 +80,7 @@ pub struct HostConfig {
 }
 
 /// Registry client settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryConfig {
     /// Settings by `host[:port]`.

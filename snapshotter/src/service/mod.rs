@@ -1,6 +1,7 @@
 //! The containerd snapshots service: overlayfs semantics for ordinary
 //! layers, remote (lazily fetched) snapshots for eStargz layers.
 
+mod daemon;
 mod error;
 mod filter;
 mod mounts;
@@ -16,6 +17,7 @@ use std::time::SystemTime;
 use containerd_snapshots::{api::types::Mount, Info, Kind, Snapshotter, Usage};
 use tokio::sync::Mutex;
 
+pub use daemon::{run as run_layer_daemon, DaemonError};
 pub use error::ServiceError;
 use filter::Filters;
 use remote::{remote_request, RemoteLayers};
@@ -109,8 +111,11 @@ impl SprySnapshotter {
             let Some(source) = &record.remote else {
                 continue;
             };
-            let path = self.dir(record.id).join("fs");
-            if let Err(err) = self.remote.mount(record.id, source, &path).await {
+            if let Err(err) = self
+                .remote
+                .restore(record.id, source, &self.dir(record.id))
+                .await
+            {
                 tracing::error!(snapshot = %key, error = %error_chain(&err), "failed to restore remote layer mount");
             }
         }
@@ -204,7 +209,7 @@ impl SprySnapshotter {
             return None;
         }
         let started = std::time::Instant::now();
-        if let Err(err) = self.remote.mount(id, &request.source, &fs_dir).await {
+        if let Err(err) = self.remote.mount(id, &request.source, &self.dir(id)).await {
             tracing::warn!(target = %target, error = %error_chain(&err), "remote layer unavailable; pulling normally");
             let _ = std::fs::remove_dir_all(self.dir(id));
             return None;

@@ -34,6 +34,10 @@ pub enum RemoteError {
     Mount { digest: String, source: FsError },
     #[error("a blocking task failed")]
     Join { source: tokio::task::JoinError },
+    #[error("failed to run the layer daemon")]
+    Daemon {
+        source: Box<super::daemon::DaemonError>,
+    },
 }
 
 /// A Prepare that asks for a remote snapshot.
@@ -55,9 +59,14 @@ pub fn remote_request(labels: &HashMap<String, String>) -> Option<RemoteRequest>
     })
 }
 
-struct Mounted {
-    layer: Arc<RemoteLayer>,
-    mount: LayerMount,
+enum Mounted {
+    InProcess {
+        layer: Arc<RemoteLayer>,
+        mount: LayerMount,
+    },
+    Daemon {
+        dir: PathBuf,
+    },
 }
 
 /// All mounted remote layers of this process.
@@ -85,9 +94,70 @@ impl RemoteLayers {
         }
     }
 
-    /// Opens (verifying the TOC) and mounts the layer of `source` at `path`,
-    /// then starts prefetch and background fetching.
+    /// Mounts the layer of `source` at `<snapshot_dir>/fs`: in a layer daemon
+    /// when so configured, else in this process.
     pub async fn mount(
+        self: &Arc<Self>,
+        id: u64,
+        source: &RemoteSource,
+        snapshot_dir: &Path,
+    ) -> Result<(), RemoteError> {
+        if !self.config.fuse_daemon {
+            return self.mount_here(id, source, &snapshot_dir.join("fs")).await;
+        }
+        let job = super::daemon::LayerJob {
+            source: source.clone(),
+            mountpoint: snapshot_dir.join("fs"),
+            cache_dir: self.cache.dir().to_path_buf(),
+            registry: self.client.config().clone(),
+            lazy: self.config.clone(),
+        };
+        let dir = snapshot_dir.to_path_buf();
+        let exe = std::env::current_exe().map_err(|source| RemoteError::Daemon {
+            source: Box::new(super::daemon::DaemonError::Spawn {
+                exe: PathBuf::from("/proc/self/exe"),
+                source,
+            }),
+        })?;
+        let d = dir.clone();
+        let pid = tokio::task::spawn_blocking(move || super::daemon::spawn(&exe, &d, &job))
+            .await
+            .map_err(|source| RemoteError::Join { source })?
+            .map_err(|source| RemoteError::Daemon {
+                source: Box::new(source),
+            })?;
+        tracing::info!(id, pid, layer = %source.layer_digest, "layer daemon serving");
+        self.mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Mounted::Daemon { dir });
+        Ok(())
+    }
+
+    /// After a restart: adopts a live layer daemon, or mounts again.
+    pub async fn restore(
+        self: &Arc<Self>,
+        id: u64,
+        source: &RemoteSource,
+        snapshot_dir: &Path,
+    ) -> Result<(), RemoteError> {
+        if self.config.fuse_daemon {
+            if let Some(pid) = super::daemon::alive(snapshot_dir) {
+                tracing::info!(id, pid, "adopted running layer daemon");
+                let dir = snapshot_dir.to_path_buf();
+                self.mounted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, Mounted::Daemon { dir });
+                return Ok(());
+            }
+        }
+        self.mount(id, source, snapshot_dir).await
+    }
+
+    /// Opens (verifying the TOC) and mounts the layer of `source` at `path`
+    /// in this process, then starts prefetch and background fetching.
+    pub async fn mount_here(
         self: &Arc<Self>,
         id: u64,
         source: &RemoteSource,
@@ -144,7 +214,7 @@ impl RemoteLayers {
             .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Mounted { layer, mount });
+            .insert(id, Mounted::InProcess { layer, mount });
         drop(old);
         Ok(())
     }
@@ -175,38 +245,48 @@ impl RemoteLayers {
             .unwrap_or_else(|err| tracing::warn!(error = %err, "failed to start the background fetcher"));
     }
 
-    /// Unmounts the layer of snapshot `id`, if mounted here.
+    /// Unmounts the layer of snapshot `id` (stopping its daemon).
     pub fn unmount(&self, id: u64) {
         let mounted = self
             .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        if let Some(m) = mounted {
-            m.layer.cancel();
-            if let Err(err) = m.mount.unmount() {
-                tracing::warn!(id, error = %error_chain(&err), "failed to unmount remote layer");
+        match mounted {
+            Some(Mounted::InProcess { layer, mount }) => {
+                layer.cancel();
+                if let Err(err) = mount.unmount() {
+                    tracing::warn!(id, error = %error_chain(&err), "failed to unmount remote layer");
+                }
             }
+            Some(Mounted::Daemon { dir }) => super::daemon::stop(&dir),
+            None => {}
         }
     }
 
-    /// The layer of snapshot `id`.
+    /// The layer of snapshot `id`, when served by this process.
     pub fn layer(&self, id: u64) -> Option<Arc<RemoteLayer>> {
-        self.mounted
+        match self
+            .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
-            .map(|m| m.layer.clone())
+        {
+            Some(Mounted::InProcess { layer, .. }) => Some(layer.clone()),
+            _ => None,
+        }
     }
 
-    /// Unmounts everything (shutdown).
+    /// Shutdown: unmounts layers served by this process. Layer daemons keep
+    /// running, and with them the containers that use their layers.
     pub fn unmount_all(&self) {
         let all: Vec<u64> = self
             .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .copied()
+            .iter()
+            .filter(|(_, m)| matches!(m, Mounted::InProcess { .. }))
+            .map(|(id, _)| *id)
             .collect();
         for id in all {
             self.unmount(id);

@@ -33,6 +33,8 @@ fn config(root: &Path) -> Config {
         ..Config::default()
     };
     c.lazy.background_fetch = false;
+    // The test binary cannot be a layer daemon; the e2e tests cover those.
+    c.lazy.fuse_daemon = false;
     c.lazy.fetch_attempts = 2;
     c.lazy.fetch_backoff_ms = 10;
     c.registry.request_timeout_ms = 2_000;

@@ -1,0 +1,197 @@
+//! Per-layer FUSE daemons: `spry-snapshotter mount-layer JOB` processes that
+//! serve one remote layer each. They run in their own process group, so a
+//! snapshotter restart leaves the mounts (and running pods) intact; the
+//! restarted snapshotter adopts them by pid file (stargz-snapshotter#151).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+
+use super::remote::RemoteLayers;
+use super::store::RemoteSource;
+use crate::cache::ChunkCache;
+use crate::config::LazyConfig;
+use crate::registry::{RegistryClient, RegistryConfig};
+
+const JOB_FILE: &str = "layer.json";
+const PID_FILE: &str = "fuse.pid";
+const LOG_FILE: &str = "fuse.log";
+const READY: &str = "ready";
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of layer daemons.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("failed to write {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("failed to read {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("layer job {path} is malformed")]
+    Job {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("failed to start {exe}")]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("layer daemon exited before mounting; its log says:\n{log}")]
+    Failed { log: String },
+    #[error("failed to open the chunk cache")]
+    Cache(#[from] crate::cache::CacheError),
+    #[error("failed to mount the layer")]
+    Mount(#[from] super::remote::RemoteError),
+    #[error("failed to wait for signals")]
+    Signal { source: std::io::Error },
+}
+
+/// Everything a daemon needs to serve one layer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerJob {
+    pub source: RemoteSource,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub registry: RegistryConfig,
+    pub lazy: LazyConfig,
+}
+
+/// Starts a daemon for `job` in snapshot directory `dir`; returns once the
+/// layer is mounted. Blocking.
+pub fn spawn(exe: &Path, dir: &Path, job: &LayerJob) -> Result<i32, DaemonError> {
+    let job_path = dir.join(JOB_FILE);
+    let json = serde_json::to_vec_pretty(job).map_err(|source| DaemonError::Job {
+        path: job_path.clone(),
+        source,
+    })?;
+    std::fs::write(&job_path, json).map_err(|source| DaemonError::Write {
+        path: job_path.clone(),
+        source,
+    })?;
+    let log_path = dir.join(LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|source| DaemonError::Write {
+            path: log_path.clone(),
+            source,
+        })?;
+    let mut child = Command::new(exe)
+        .arg("mount-layer")
+        .arg(&job_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Own process group: a signal to the snapshotter's group spares it.
+        .process_group(0)
+        .spawn()
+        .map_err(|source| DaemonError::Spawn {
+            exe: exe.to_path_buf(),
+            source,
+        })?;
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    if line.trim() != READY {
+        let _ = child.kill();
+        let _ = child.wait();
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        return Err(DaemonError::Failed {
+            log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        });
+    }
+    let pid = child.id() as i32;
+    let pid_path = dir.join(PID_FILE);
+    std::fs::write(&pid_path, pid.to_string()).map_err(|source| DaemonError::Write {
+        path: pid_path,
+        source,
+    })?;
+    // Reap it when it exits, whenever that is, so it never lingers as a zombie.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(pid)
+}
+
+/// The pid of the daemon serving `dir`, if it is alive.
+pub fn alive(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    let job = dir.join(JOB_FILE);
+    (cmdline.contains("mount-layer") && cmdline.contains(&*job.to_string_lossy())).then_some(pid)
+}
+
+/// Stops the daemon of `dir` (SIGTERM, then SIGKILL) and removes its mount.
+pub fn stop(dir: &Path) {
+    if let Some(pid) = alive(dir) {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let started = Instant::now();
+        while alive(dir).is_some() && started.elapsed() < STOP_TIMEOUT {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive(dir).is_some() {
+            tracing::warn!(pid, dir = %dir.display(), "layer daemon ignored SIGTERM; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    let _ = crate::fs::detach(&dir.join("fs"));
+    let _ = std::fs::remove_file(dir.join(PID_FILE));
+}
+
+/// Daemon side: mounts the layer of `job_path`, says "ready" on stdout,
+/// serves until SIGTERM or SIGINT, then unmounts.
+pub async fn run(job_path: &Path) -> Result<(), DaemonError> {
+    let bytes = std::fs::read(job_path).map_err(|source| DaemonError::Read {
+        path: job_path.to_path_buf(),
+        source,
+    })?;
+    let job: LayerJob = serde_json::from_slice(&bytes).map_err(|source| DaemonError::Job {
+        path: job_path.to_path_buf(),
+        source,
+    })?;
+    let mut lazy = job.lazy.clone();
+    lazy.fuse_daemon = false;
+    let remote = Arc::new(RemoteLayers::new(
+        Arc::new(RegistryClient::new(job.registry.clone())),
+        Arc::new(ChunkCache::open(&job.cache_dir)?),
+        lazy,
+        tokio::runtime::Handle::current(),
+    ));
+    let _ = crate::fs::detach(&job.mountpoint);
+    remote.mount_here(0, &job.source, &job.mountpoint).await?;
+    println!("{READY}");
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!(layer = %job.source.layer_digest, "stopping layer daemon");
+    let _ = tokio::task::spawn_blocking(move || remote.unmount_all()).await;
+    Ok(())
+}
