@@ -157,3 +157,61 @@ fn unreachable_registry_gives_eio_then_recovers() {
 fn xattr_get(path: &Path, name: &str) -> Option<Vec<u8>> {
     crate::sys::getxattr(path, name).ok()
 }
+
+#[test]
+fn corrupted_chunk_gives_eio_never_wrong_bytes() {
+    require_root_and_fuse();
+    let (mut blob, out, _, _) = build(&[]);
+    // Find usr/bin/big's 4th chunk and replace its member with valid gzip of zeros.
+    let probe = MemBlob::new(blob.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("probe")).unwrap());
+    let layer = RemoteLayer::open(probe, cache, &out.toc_digest, RetryPolicy::default()).unwrap();
+    let big = layer.index().entries.iter().position(|e| e.name == "usr/bin/big").unwrap();
+    let chunk = layer.index().chunks[&big][3].clone();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &vec![0u8; chunk.size as usize]).unwrap();
+    let fake = enc.finish().unwrap();
+    let at = chunk.compressed_offset as usize;
+    blob[at..at + fake.len()].copy_from_slice(&fake);
+
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
+    let retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(1) };
+    let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = LayerMount::mount(layer, &mnt, "corrupt").unwrap();
+    let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // Intact files of the same layer still read.
+    assert_eq!(std::fs::read(mnt.join("etc/hostname")).unwrap(), b"spry\n");
+    mount.unmount().unwrap();
+}
+
+#[test]
+fn full_cache_disk_gives_enospc() {
+    require_root_and_fuse();
+    let (blob, out, _, _) = build(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let cache_dir = dir.path().join("cache");
+    std::fs::create_dir(&cache_dir).unwrap();
+    // A 16 KiB tmpfs: the 10 KB file's chunks do not all fit.
+    nix::mount::mount(Some("tmpfs"), &cache_dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=16k"))
+        .unwrap();
+    let result = std::panic::catch_unwind(|| {
+        let cache = Arc::new(ChunkCache::open(&cache_dir).unwrap());
+        let filler = vec![1u8; 12 * 1024];
+        cache.insert(&crate::estargz::sha256_digest(&filler), &filler).unwrap();
+        let retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(1) };
+        let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mount = LayerMount::mount(layer, &mnt, "full").unwrap();
+        let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
+        mount.unmount().unwrap();
+        err
+    });
+    nix::mount::umount2(&cache_dir, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    let err = result.unwrap();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+}

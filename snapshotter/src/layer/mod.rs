@@ -237,6 +237,11 @@ impl RemoteLayer {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the chunk with `digest` is cached.
+    pub fn is_cached(&self, digest: &str) -> bool {
+        self.cache.contains(digest)
+    }
+
     /// Whether every chunk of the layer is cached.
     pub fn fully_cached(&self) -> bool {
         self.index

@@ -366,13 +366,17 @@ async fn prefetch_fetches_prioritized_files_before_they_are_read() {
         .unwrap_err();
     let id = sn.id_of("sha256:chain1").await.unwrap();
     let layer = sn.remote_layers().layer(id).unwrap();
-    // Wait for the prefetch thread.
-    for _ in 0..100 {
-        if fx.reg.state.range_requests.load(Ordering::SeqCst) >= 3 {
+    // Wait for the prefetch thread to cache the prioritized file.
+    let index = layer.index();
+    let app_idx = index.entries.iter().position(|e| e.name == "usr/bin/app").unwrap();
+    let digest = index.chunks[&app_idx][0].digest.clone();
+    for _ in 0..250 {
+        if layer.is_cached(&digest) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    assert!(layer.is_cached(&digest), "prefetch did not cache the prioritized file");
     let requests = fx.reg.state.range_requests.load(Ordering::SeqCst);
     let app = dir.path().join(format!("snapshots/{id}/fs/usr/bin/app"));
     let data = in_blocking(move || std::fs::read(app)).await.unwrap();
