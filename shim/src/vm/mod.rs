@@ -5,6 +5,16 @@
 //! virtio-scsi controller whose disks are always hot-plugged over QMP (a new
 //! container's rootfs appears without a reboot), and the agent channel
 //! (virtio-serial port `spry.agent`, or vhost-vsock on KVM hosts).
+//!
+//! Using it: `QemuHypervisor::new(state_root).start(VmConfig { .. })` returns
+//! once QEMU is up and QMP is negotiated (the guest is still booting). Connect
+//! to [`Vm::agent_endpoint`] and retry/wait for the agent; watch
+//! [`Vm::exit_watch`] to notice a dead VM (it fires within milliseconds of
+//! QEMU exiting, with the console tail). Shut down with the agent's Shutdown
+//! followed by [`Vm::stop`], which falls back to QMP `quit` and then SIGKILL.
+//! Dropping the handle always kills QEMU and removes the state dir; QEMU also
+//! dies with the spawning thread (PR_SET_PDEATHSIG), so a crashed shim leaves
+//! no VM behind (only its state dir).
 
 mod accel;
 pub mod cmdline;

@@ -142,7 +142,9 @@ impl QemuVm {
 
         // The parent (e.g. <state_root>/vms) is shared by all VMs; the VM's own dir must be new.
         let created = match config.state_dir.parent() {
-            Some(parent) => fs::create_dir_all(parent).and_then(|()| fs::create_dir(&config.state_dir)),
+            Some(parent) => {
+                fs::create_dir_all(parent).and_then(|()| fs::create_dir(&config.state_dir))
+            }
             None => fs::create_dir(&config.state_dir),
         };
         match created {
