@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashSet};
 
 /// The modules the guest needs: virtio transports and devices, SCSI disks,
 /// the filesystems container layers use, and vsock. Their dependencies are
-/// added by [`resolve_load_order`].
+/// added by [`ModuleDeps::resolve_load_order`].
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
     "virtio_pci",
