@@ -15,7 +15,10 @@ work=$(mktemp -d /tmp/spry-quickstart.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/rootfs/bin" "$work/rootfs/proc" "$work/rootfs/sys" "$work/rootfs/dev" "$work/rootfs/tmp"
 cp /bin/busybox "$work/rootfs/bin/busybox"
-"$work/rootfs/bin/busybox" --install -s "$work/rootfs/bin"
+# Relative links: `busybox --install` would point them at this host path.
+for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$work/rootfs/bin/$applet"
+done
 cat >"$work/config.toml" <<TOML
 state_dir = "/run/spry"
 [vm]

@@ -16,6 +16,9 @@ use tokio::sync::Mutex;
 
 pub use scsi::SysfsPaths;
 
+/// How long a just-attached disk may answer ENXIO before we give up on it.
+const DISK_ATTACH_GRACE: Duration = Duration::from_secs(3);
+
 /// Errors of mounting or unmounting container storage.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -220,14 +223,28 @@ impl StorageManager {
                 } else {
                     layer.fstype.as_str()
                 };
-                tracked_mount(
-                    Some(device.to_string_lossy().as_ref()),
-                    &target,
-                    Some(fstype),
-                    flags | MsFlags::MS_RDONLY,
-                    (!data.is_empty()).then_some(data.as_str()),
-                    out,
-                )?;
+                // A freshly hot-plugged disk can refuse opens (ENXIO) for a moment after
+                // its node appears, while the SCSI disk driver finishes attaching it.
+                let started = std::time::Instant::now();
+                loop {
+                    let mounted = tracked_mount(
+                        Some(device.to_string_lossy().as_ref()),
+                        &target,
+                        Some(fstype),
+                        flags | MsFlags::MS_RDONLY,
+                        (!data.is_empty()).then_some(data.as_str()),
+                        out,
+                    );
+                    match mounted {
+                        Err(StorageError::Mount {
+                            source: nix::errno::Errno::ENXIO,
+                            ..
+                        }) if started.elapsed() < DISK_ATTACH_GRACE => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        other => break other?,
+                    }
+                }
                 Ok(target)
             }
             Some(_) => Err(StorageError::UnknownSource { index }),

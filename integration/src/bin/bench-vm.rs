@@ -146,13 +146,13 @@ fn busybox_rootfs() -> Result<tempfile::TempDir> {
         std::fs::create_dir_all(dir.path().join(sub))?;
     }
     std::fs::copy("/bin/busybox", dir.path().join("bin/busybox")).context("/bin/busybox (busybox-static)")?;
-    let ok = std::process::Command::new(dir.path().join("bin/busybox"))
-        .args(["--install", "-s"])
-        .arg(dir.path().join("bin"))
-        .status()?
-        .success();
-    if !ok {
-        bail!("busybox --install failed");
+    // Relative links: `busybox --install` would point them at this host path.
+    let applets = std::process::Command::new("/bin/busybox").arg("--list").output()?;
+    if !applets.status.success() {
+        bail!("busybox --list failed");
+    }
+    for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| *a != "busybox") {
+        std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(applet))?;
     }
     Ok(dir)
 }
