@@ -121,7 +121,7 @@ fn run_serve(command: Command) -> anyhow::Result<()> {
 
 /// PID 1: set the VM up, serve forever; on a fatal error, power off (PID 1 must not exit).
 fn run_as_pid1() -> ! {
-    let early = init::mount_early_filesystems();
+    let early = init::make_root_pivotable().and_then(|()| init::mount_early_filesystems());
     let console = init::attach_console();
     let params = init::kernel_params().unwrap_or_default();
     log_to_stderr(&params.log);

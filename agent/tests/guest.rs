@@ -202,7 +202,9 @@ fn busybox_erofs(dir: &Path) -> PathBuf {
 async fn the_agent_runs_containers_as_pid1_of_a_vm() {
     let images = tempfile::tempdir().unwrap();
     let image = busybox_erofs(images.path());
+    let started = Instant::now();
     let mut guest = Guest::boot(&image).await;
+    eprintln!("boot to first Check: {:?}", started.elapsed());
     let console = guest.console();
     assert!(!console.contains("module not loaded"), "{console}");
 
@@ -220,6 +222,7 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
         "echo pid=$$ $(hostname); cat /etc/resolv.conf; echo x > /written; cat /written; exit 7",
     ]);
     spec1["process"]["cwd"] = serde_json::json!("/");
+    let started = Instant::now();
     guest.create("c1", spec1).await;
     guest
         .client
@@ -236,6 +239,10 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
         .await
         .unwrap();
     assert_eq!(status.exit_code, 7);
+    eprintln!(
+        "create + start + output + exit (SCSI erofs + overlay): {:?}",
+        started.elapsed()
+    );
     guest
         .client
         .remove_container(ctx(), &container_req("c1"))
@@ -289,6 +296,27 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
         .remove_container(ctx(), &container_req("oom"))
         .await
         .unwrap();
+
+    // The host side can go away and come back (a restarted shim): the agent takes the new
+    // connection on the same port.
+    let address = format!("unix://{}", guest.dir.path().join("agent.sock").display());
+    let mut check = CheckRequest::new();
+    check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
+    let reconnect = Instant::now();
+    loop {
+        // Dropping the old client closes its connection to QEMU's chardev.
+        guest.client = AgentClient::new(ttrpc::r#async::Client::connect(&address).await.unwrap());
+        let timed = ttrpc::context::with_timeout(Duration::from_secs(2).as_nanos() as i64);
+        match guest.client.check(timed, &check).await {
+            Ok(_) => break,
+            Err(err) => assert!(
+                reconnect.elapsed() < Duration::from_secs(30),
+                "no answer after reconnecting: {err:?}\n{}",
+                guest.console()
+            ),
+        }
+    }
+    eprintln!("reconnected in {:?}", reconnect.elapsed());
 
     // Shutdown powers the VM off: QEMU exits.
     let _ = guest.client.shutdown(ctx(), &Empty::new()).await;

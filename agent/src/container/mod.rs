@@ -244,6 +244,12 @@ impl ContainerManager {
         stdio: &StdioConfig,
         resolv_conf: Option<&Path>,
     ) -> Result<Arc<Container>, ContainerError> {
+        // A spec that does not even parse (e.g. an unknown namespace type) is refused
+        // before any storage is mounted for it.
+        serde_json::from_slice::<oci_spec::runtime::Spec>(spec_json).map_err(|source| ContainerError::Spec {
+            id: id.to_string(),
+            source: SpecError::Parse { source },
+        })?;
         let dir = self.config.run_dir.join("containers").join(id);
         std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io {
             path: dir.clone(),

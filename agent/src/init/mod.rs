@@ -98,6 +98,45 @@ const EARLY_MOUNTS: &[EarlyMount] = &[
 /// Controllers enabled for the containers' cgroups.
 pub const CGROUP_CONTROLLERS: &[&str] = &["cpu", "memory", "pids", "io"];
 
+/// Where the initramfs root is bind-mounted before it becomes `/`.
+const PIVOTABLE_ROOT: &str = "/.spry-root";
+
+/// Makes `/` a mount that has a parent. The initramfs root (rootfs) has none, and the kernel
+/// refuses `pivot_root` in any mount namespace whose root is such a mount (EINVAL), which is
+/// what libcontainer does for every container. Binding the initramfs onto a directory of
+/// itself and moving that bind over `/` (switch_root's trick, without copying anything) gives
+/// a root with a parent. Call first, before anything else is mounted.
+pub fn make_root_pivotable() -> Result<(), InitError> {
+    let target = Path::new(PIVOTABLE_ROOT);
+    match nix::unistd::mkdir(target, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(source) => {
+            return Err(InitError::Mkdir {
+                path: target.to_path_buf(),
+                source,
+            })
+        }
+    }
+    let mount_err = |source| InitError::Mount {
+        fstype: "bind".into(),
+        target: target.to_path_buf(),
+        source,
+    };
+    mount(
+        Some("/"),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(mount_err)?;
+    nix::unistd::chdir(target).map_err(mount_err)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(mount_err)?;
+    nix::unistd::chroot(".").map_err(mount_err)?;
+    nix::unistd::chdir("/").map_err(mount_err)?;
+    Ok(())
+}
+
 /// Mounts the early filesystems. A target that is already mounted is fine.
 pub fn mount_early_filesystems() -> Result<(), InitError> {
     for early in EARLY_MOUNTS {
