@@ -1,7 +1,9 @@
 //! The pod's containers: lifecycle through libcontainer (in a helper process), stdio, cgroups.
 
 mod cgroup;
+mod error;
 pub mod helper;
+mod housekeeping;
 mod process;
 pub mod spec;
 mod stdio;
@@ -20,82 +22,24 @@ use tracing::Instrument;
 
 use cgroup::Cgroup;
 pub use cgroup::{CgroupError, CgroupStats};
-use helper::{FailureKind, HelperError, HelperRequest};
+pub use error::ContainerError;
+use helper::HelperRequest;
+use housekeeping::{forget_exec_later, kill_and_wait, remove_container_dir, watch_oom};
 pub use process::{ExitInfo, Process};
 use spec::{GuestSettings, SpecError};
 use stdio::ProcessIo;
 pub use stdio::StdioError;
 
-use crate::storage::{MountedRootfs, StorageError, StorageManager};
+use crate::storage::{MountedRootfs, StorageManager};
 
 /// How often each container's memory.events is checked for new OOM kills.
-const OOM_POLL: Duration = Duration::from_millis(100);
+pub(crate) const OOM_POLL: Duration = Duration::from_millis(100);
 /// How long teardown waits for killed processes to go away.
-const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exited execs kept per container for late WaitProcess/Read calls (the protocol has no
 /// "delete exec"); older ones are forgotten.
-const EXITED_EXECS_KEPT: usize = 128;
+pub(crate) const EXITED_EXECS_KEPT: usize = 128;
 const PTY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Errors of container operations.
-#[derive(Debug, thiserror::Error)]
-pub enum ContainerError {
-    #[error("container {id} does not exist")]
-    NotFound { id: String },
-    #[error("process {exec_id} does not exist in container {id}")]
-    ExecNotFound { id: String, exec_id: String },
-    #[error("container {id} already exists")]
-    AlreadyExists { id: String },
-    #[error("process {exec_id} already exists in container {id}")]
-    ExecAlreadyExists { id: String, exec_id: String },
-    #[error("cannot {action} container {id}: it is {state}")]
-    WrongState {
-        id: String,
-        action: &'static str,
-        state: &'static str,
-    },
-    #[error("process {pid} has already exited")]
-    ProcessExited { pid: i32 },
-    #[error("invalid spec for container {id}")]
-    Spec { id: String, source: SpecError },
-    #[error("invalid resources for container {id}")]
-    Resources {
-        id: String,
-        source: serde_json::Error,
-    },
-    #[error("storage of container {id} failed")]
-    Storage { id: String, source: StorageError },
-    #[error("libcontainer failed for container {id}")]
-    Runtime { id: String, source: HelperError },
-    #[error("stdio of container {id} failed")]
-    Stdio { id: String, source: StdioError },
-    #[error("cgroup of container {id} failed")]
-    Cgroup { id: String, source: CgroupError },
-    #[error("failed to signal process {pid}")]
-    Signal { pid: i32, source: nix::Error },
-    #[error("I/O on {path} failed")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("timed out waiting for the pty of container {id}")]
-    PtyTimeout { id: String },
-    #[error("processes of container {id} survived SIGKILL")]
-    Unkillable { id: String },
-}
-
-impl ContainerError {
-    /// The libcontainer failure kind, when this is a helper failure.
-    pub fn runtime_kind(&self) -> Option<FailureKind> {
-        match self {
-            ContainerError::Runtime {
-                source: HelperError::Failed { kind, .. },
-                ..
-            } => Some(*kind),
-            _ => None,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -246,9 +190,11 @@ impl ContainerManager {
     ) -> Result<Arc<Container>, ContainerError> {
         // A spec that does not even parse (e.g. an unknown namespace type) is refused
         // before any storage is mounted for it.
-        serde_json::from_slice::<oci_spec::runtime::Spec>(spec_json).map_err(|source| ContainerError::Spec {
-            id: id.to_string(),
-            source: SpecError::Parse { source },
+        serde_json::from_slice::<oci_spec::runtime::Spec>(spec_json).map_err(|source| {
+            ContainerError::Spec {
+                id: id.to_string(),
+                source: SpecError::Parse { source },
+            }
         })?;
         let dir = self.config.run_dir.join("containers").join(id);
         std::fs::create_dir_all(&dir).map_err(|source| ContainerError::Io {
@@ -679,96 +625,5 @@ impl ContainerManager {
     /// The next OOM kill in any container (long poll).
     pub async fn next_oom_event(&self) -> Option<String> {
         self.oom_receiver.lock().await.recv().await
-    }
-}
-
-/// SIGKILLs everything in the container's cgroup and waits for the init and the cgroup to
-/// empty.
-async fn kill_and_wait(container: &Container) -> Result<(), ContainerError> {
-    let id = &container.id;
-    let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
-    loop {
-        let _ = container.init.signal(Signal::SIGKILL);
-        let pids = container
-            .cgroup
-            .pids()
-            .map_err(|source| ContainerError::Cgroup {
-                id: id.clone(),
-                source,
-            })?;
-        if pids.is_empty() && container.init.exited().is_some() {
-            return Ok(());
-        }
-        container
-            .cgroup
-            .signal_all(Signal::SIGKILL)
-            .map_err(|source| ContainerError::Cgroup {
-                id: id.clone(),
-                source,
-            })?;
-        if tokio::time::Instant::now() > deadline {
-            return Err(ContainerError::Unkillable { id: id.clone() });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Once an exec has exited, remembers it among the last [`EXITED_EXECS_KEPT`] and forgets
-/// older ones.
-async fn forget_exec_later(container: Arc<Container>, exec_id: String, process: Arc<Process>) {
-    process.wait().await;
-    let mut exited = container
-        .exited_execs
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    exited.push_back(exec_id);
-    while exited.len() > EXITED_EXECS_KEPT {
-        if let Some(old) = exited.pop_front() {
-            container
-                .execs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&old);
-        }
-    }
-}
-
-/// Reports each new OOM kill in the container's memory cgroup.
-async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
-    let mut seen = cgroup.oom_kills().unwrap_or(0);
-    loop {
-        tokio::time::sleep(OOM_POLL).await;
-        let Ok(now) = cgroup.oom_kills() else {
-            continue;
-        };
-        if now > seen {
-            tracing::info!(container = %id, oom_kills = now, "container hit its memory limit");
-            for _ in seen..now {
-                if events.try_send(id.clone()).is_err() {
-                    tracing::warn!(container = %id, "OOM event queue full; dropping an event");
-                }
-            }
-            seen = now;
-        }
-    }
-}
-
-/// Removes the agent's files in a container directory, then the directory (never recursively:
-/// a mount that failed to come off must not lose its contents).
-fn remove_container_dir(dir: &Path) {
-    let bundle = dir.join("bundle");
-    let _ = std::fs::remove_file(bundle.join("config.json"));
-    let _ = std::fs::remove_dir(&bundle);
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
-    }
-    if let Err(err) = std::fs::remove_dir(dir) {
-        if err.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %dir.display(), error = %err, "container directory left behind");
-        }
     }
 }
