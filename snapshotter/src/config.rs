@@ -66,6 +66,10 @@ pub struct LazyConfig {
     /// so that mounts (and the pods using them) outlive snapshotter restarts.
     #[serde(default = "yes")]
     pub fuse_daemon: bool,
+    /// Write the files each layer serves to `<snapshot>/accessed.txt` in
+    /// first-open order (for `convert --prioritized-files`).
+    #[serde(default)]
+    pub record_accesses: bool,
 }
 
 fn yes() -> bool {
@@ -93,6 +97,7 @@ impl Default for LazyConfig {
             fetch_attempts: default_attempts(),
             fetch_backoff_ms: default_backoff_ms(),
             fuse_daemon: true,
+            record_accesses: false,
         }
     }
 }

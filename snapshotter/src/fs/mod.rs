@@ -39,13 +39,36 @@ pub enum FsError {
 pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     tree: Arc<Tree>,
+    recorder: Option<AccessRecorder>,
 }
 
 impl LayerFs {
     /// A filesystem serving `layer`.
-    pub fn new(layer: Arc<RemoteLayer>) -> Self {
+    pub fn new(layer: Arc<RemoteLayer>, recorder: Option<AccessRecorder>) -> Self {
         let tree = Arc::new(Tree::build(layer.index()));
-        LayerFs { layer, tree }
+        LayerFs { layer, tree, recorder }
+    }
+}
+
+/// Appends the path of every regular file opened for the first time to a
+/// file: the list `convert --prioritized-files` takes (`--record`).
+pub struct AccessRecorder {
+    out: std::sync::Mutex<(std::fs::File, std::collections::HashSet<usize>)>,
+}
+
+impl AccessRecorder {
+    /// Records into `path` (appending).
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(AccessRecorder { out: std::sync::Mutex::new((file, Default::default())) })
+    }
+
+    fn record(&self, entry: usize, name: &str) {
+        let mut guard = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.1.insert(entry) {
+            use std::io::Write;
+            let _ = writeln!(guard.0, "{name}");
+        }
     }
 }
 
@@ -87,7 +110,12 @@ impl Filesystem for LayerFs {
         }
         match self.tree.get(ino.0) {
             // Contents never change: let the page cache keep them.
-            Some(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Some(node) => {
+                if let (Some(recorder), Some(entry)) = (&self.recorder, node.entry) {
+                    recorder.record(entry, &self.layer.index().entries[entry].name);
+                }
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -217,7 +245,12 @@ pub struct LayerMount {
 
 impl LayerMount {
     /// Mounts `layer` read-only at `path` (which must exist).
-    pub fn mount(layer: Arc<RemoteLayer>, path: &Path, name: &str) -> Result<Self, FsError> {
+    pub fn mount(
+        layer: Arc<RemoteLayer>,
+        path: &Path,
+        name: &str,
+        recorder: Option<AccessRecorder>,
+    ) -> Result<Self, FsError> {
         // A previous process may have left a dead mount here (ENOTCONN).
         let _ = detach(path);
         let mut config = fuser::Config::default();
@@ -233,7 +266,7 @@ impl LayerMount {
         // Containers run as any uid; the kernel checks modes (DefaultPermissions).
         config.acl = SessionACL::All;
         config.n_threads = Some(FUSE_THREADS);
-        let session = fuser::Session::new(LayerFs::new(layer), path, &config)
+        let session = fuser::Session::new(LayerFs::new(layer, recorder), path, &config)
             .and_then(|s| s.spawn())
             .map_err(|source| FsError::Mount {
                 path: path.to_path_buf(),

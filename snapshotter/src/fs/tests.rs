@@ -36,7 +36,7 @@ fn mounted() -> Mounted {
     let layer = Arc::new(RemoteLayer::open(mem.clone(), cache, &out.toc_digest, retry).unwrap());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mount = LayerMount::mount(layer, &mnt, "test").unwrap();
+    let mount = LayerMount::mount(layer, &mnt, "test", None).unwrap();
     Mounted {
         mount: Some(mount),
         mem,
@@ -180,7 +180,7 @@ fn corrupted_chunk_gives_eio_never_wrong_bytes() {
     let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let mount = LayerMount::mount(layer, &mnt, "corrupt").unwrap();
+    let mount = LayerMount::mount(layer, &mnt, "corrupt", None).unwrap();
     let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     // Intact files of the same layer still read.
@@ -206,7 +206,7 @@ fn full_cache_disk_gives_enospc() {
         let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let mount = LayerMount::mount(layer, &mnt, "full").unwrap();
+        let mount = LayerMount::mount(layer, &mnt, "full", None).unwrap();
         let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
         mount.unmount().unwrap();
         err

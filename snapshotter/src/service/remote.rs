@@ -12,7 +12,7 @@ use super::store::RemoteSource;
 use crate::cache::ChunkCache;
 use crate::config::LazyConfig;
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::fs::{error_chain, FsError, LayerMount};
+use crate::fs::{error_chain, AccessRecorder, FsError, LayerMount};
 use crate::layer::{LayerError, RemoteLayer, RetryPolicy};
 use crate::registry::{Reference, RegistryBlob, RegistryClient, RegistryError};
 
@@ -202,7 +202,20 @@ impl RemoteLayers {
             source,
         })?;
         let layer = Arc::new(layer);
-        let mount = LayerMount::mount(layer.clone(), &path, &digest).map_err(|source| {
+        let recorder = if self.config.record_accesses {
+            // Next to the mountpoint: <snapshot dir>/accessed.txt.
+            let file = path.with_file_name("accessed.txt");
+            match AccessRecorder::create(&file) {
+                Ok(r) => Some(r),
+                Err(err) => {
+                    tracing::warn!(path = %file.display(), error = %err, "cannot record file accesses");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mount = LayerMount::mount(layer.clone(), &path, &digest, recorder).map_err(|source| {
             RemoteError::Mount {
                 digest: digest.clone(),
                 source,

@@ -1,0 +1,420 @@
+//! The lazy-pulling benchmark (stargz hello-bench style), run by
+//! `scripts/bench-lazypull.sh`; `#[ignore]`d in normal test runs.
+//!
+//! For each image, link (100 Mbit/s through a netns + veth + tc, or
+//! unlimited) and mode (overlayfs full pull, lazy, lazy with recorded
+//! prefetch), it times pull, create and run-until-ready from a cold start:
+//! a fresh containerd (empty content store) and a fresh snapshotter (empty
+//! chunk cache) every run. Writes target/bench/lazypull.{json,md}.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use spry_integration::containerd_config::proxy_snapshotter_toml;
+use spry_integration::{paths, require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry};
+
+mod lazy_pull_support;
+use lazy_pull_support::{convert, push_layout, snapshotter_bin, CountingProxy, Snapshotter};
+
+const NS_ADDR: &str = "10.213.0.2";
+const HOST_ADDR: &str = "10.213.0.1";
+const NS_PORT: u16 = 5000;
+
+struct Workload {
+    image: &'static str,
+    argv: &'static [&'static str],
+    ready: &'static str,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        image: "python",
+        argv: &["python3", "-c", "import json, numpy; print('ready', numpy.__version__)"],
+        ready: "ready",
+    },
+    Workload { image: "busybox", argv: &["sh", "-c", "cat /spry/hello.txt && echo ready"], ready: "ready" },
+];
+
+fn sh(cmd: &str) -> Result<()> {
+    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
+    ensure!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// A network namespace with a second docker-registry serving the same
+/// storage, reached over a veth pair whose rate tc can limit.
+struct SlowLink {
+    ns: String,
+    veth: String,
+    registry: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SlowLink {
+    fn start(storage: &Path) -> Result<Self> {
+        let id = std::process::id() % 100_000;
+        let (ns, veth) = (format!("spry-bench-{id}"), format!("sbh{id}"));
+        let peer = format!("sbn{id}");
+        sh(&format!("ip netns add {ns}"))?;
+        let mut link = SlowLink { ns: ns.clone(), veth: veth.clone(), registry: None, _dir: tempfile::tempdir()? };
+        sh(&format!("ip link add {veth} type veth peer name {peer} && ip link set {peer} netns {ns}"))?;
+        sh(&format!("ip addr add {HOST_ADDR}/30 dev {veth} && ip link set {veth} up"))?;
+        sh(&format!(
+            "ip netns exec {ns} sh -c 'ip addr add {NS_ADDR}/30 dev {peer} && ip link set {peer} up && ip link set lo up'"
+        ))?;
+        let config = link._dir.path().join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {NS_ADDR}:{NS_PORT}\n",
+                storage.display()
+            ),
+        )?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns, "docker-registry", "serve"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        link.registry = Some(child);
+        let started = Instant::now();
+        while spry_integration::registry::http_status(&link.addr(), "/v2/").ok() != Some(200) {
+            ensure!(started.elapsed() < Duration::from_secs(15), "netns registry did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(link)
+    }
+
+    fn addr(&self) -> String {
+        format!("{NS_ADDR}:{NS_PORT}")
+    }
+
+    /// Limits both directions to `rate` (e.g. "100mbit"), or lifts the limit.
+    fn set_rate(&self, rate: Option<&str>) -> Result<()> {
+        let (ns, veth, peer) = (&self.ns, &self.veth, self.veth.replace("sbh", "sbn"));
+        let _ = sh(&format!("tc qdisc del dev {veth} root 2>/dev/null; ip netns exec {ns} tc qdisc del dev {peer} root 2>/dev/null"));
+        if let Some(rate) = rate {
+            let qdisc = format!("root tbf rate {rate} burst 256kb latency 50ms");
+            sh(&format!("tc qdisc add dev {veth} {qdisc}"))?;
+            sh(&format!("ip netns exec {ns} tc qdisc add dev {peer} {qdisc}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.registry.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = sh(&format!("ip link del {} 2>/dev/null; ip netns del {}", self.veth, self.ns));
+    }
+}
+
+struct Run {
+    pull_s: f64,
+    create_s: f64,
+    run_s: f64,
+    bytes_before_ready: u64,
+}
+
+/// One cold run: fresh containerd and snapshotter, pull, create, start, wait for the ready line.
+fn cold_run(registry: &Registry, link: &SlowLink, w: &Workload, mode: &str, image_bytes: u64) -> Result<Run> {
+    let image = match mode {
+        "overlayfs" => format!("{}/{}:1", link.addr(), w.image),
+        "lazy" => format!("{}/{}:estargz", link.addr(), w.image),
+        _ => format!("{}/{}:prefetch", link.addr(), w.image),
+    };
+    let proxy = CountingProxy::start(link.addr())?;
+    let lazy_cfg = format!(
+        // Background fetching is off so that "bytes before ready" is what the
+        // workload needed (and timings are on-demand fetching alone).
+        "[lazy]\nprefetch = {}\nbackground_fetch = false\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        mode == "lazy-prefetch",
+        link.addr(),
+        proxy.addr
+    );
+    let snapshotter = if mode == "overlayfs" { None } else { Some(Snapshotter::start(&lazy_cfg)?) };
+    let mut opts = ContainerdOptions::new(&format!("bench-{mode}")).registry(registry);
+    if let Some(s) = &snapshotter {
+        opts = opts.snapshotter("spry").extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
+    }
+    let containerd = Containerd::start(opts)?;
+    // Plain HTTP to the netns registry.
+    let hosts_dir = containerd.certs_dir().join(link.addr());
+    std::fs::create_dir_all(&hosts_dir)?;
+    std::fs::write(
+        hosts_dir.join("hosts.toml"),
+        format!("server = \"http://{0}\"\n[host.\"http://{0}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", link.addr()),
+    )?;
+    let crictl = containerd.crictl();
+    let pod_cfg = PodConfig::new("bench").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let log_file = containerd.dir().join("logs/bench/app.log");
+
+    let t0 = Instant::now();
+    crictl.pull(&image)?;
+    let t1 = Instant::now();
+    let cfg = ContainerConfig::new("app", &image).command(w.argv).log_path("app.log").write_to(&containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    let t2 = Instant::now();
+    crictl.start(&id)?;
+    loop {
+        let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+        if log.lines().any(|l| l.contains(w.ready)) {
+            break;
+        }
+        if t2.elapsed() > Duration::from_secs(300) {
+            bail!("no ready line after 300 s; log: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let t3 = Instant::now();
+    let bytes = if mode == "overlayfs" { image_bytes } else { proxy.served() };
+    let _ = crictl.stopp(&pod);
+    let _ = crictl.rmp(&pod);
+    drop(containerd);
+    drop(snapshotter);
+    Ok(Run {
+        pull_s: (t1 - t0).as_secs_f64(),
+        create_s: (t2 - t1).as_secs_f64(),
+        run_s: (t3 - t2).as_secs_f64(),
+        bytes_before_ready: bytes,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+/// Records the files the workload opens (lazy run with access recording) and
+/// converts the image again with them prioritized, as `<image>:prefetch`.
+fn record_and_convert(registry: &Registry, w: &Workload) -> Result<usize> {
+    let proxy = CountingProxy::start(registry.addr())?;
+    let cfg = format!(
+        "[lazy]\nrecord_accesses = true\nprefetch = false\nbackground_fetch = false\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        registry.host(),
+        proxy.addr
+    );
+    let snapshotter = Snapshotter::start(&cfg)?;
+    let containerd = Containerd::start(
+        ContainerdOptions::new("bench-record")
+            .registry(registry)
+            .snapshotter("spry")
+            .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket())),
+    )?;
+    let crictl = containerd.crictl();
+    let image = registry.image(&format!("{}:estargz", w.image));
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("record").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let cfg = ContainerConfig::new("rec", &image).command(w.argv).write_to(&containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(300))?;
+    let mut files = Vec::new();
+    for dir in std::fs::read_dir(snapshotter.dir.path().join("root/snapshots"))?.flatten() {
+        if let Ok(list) = std::fs::read_to_string(dir.path().join("accessed.txt")) {
+            files.extend(list.lines().map(String::from));
+        }
+    }
+    let _ = crictl.stopp(&pod);
+    let _ = crictl.rmp(&pod);
+    drop(containerd);
+    drop(snapshotter);
+    ensure!(!files.is_empty(), "recording saw no file accesses");
+    let refs: Vec<&str> = files.iter().map(String::as_str).collect();
+    convert_as(registry, w.image, "prefetch", &refs)?;
+    Ok(files.len())
+}
+
+fn convert_as(registry: &Registry, name: &str, tag: &str, prioritized: &[&str]) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let list = dir.path().join("prioritized.txt");
+    std::fs::write(&list, prioritized.join("\n"))?;
+    let layout = paths::repo_root().join("build/images").join(name);
+    let out = Command::new(snapshotter_bin()?)
+        .arg("convert")
+        .arg(format!("oci:{}:1", layout.display()))
+        .arg(registry.image(&format!("{name}:{tag}")))
+        .arg("--prioritized-files")
+        .arg(&list)
+        .output()?;
+    ensure!(out.status.success(), "convert {name}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// Sequential read throughput of every file under `dir` in a container of `image`.
+fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> Result<f64> {
+    let proxy = CountingProxy::start(registry.addr())?;
+    let cfg = format!(
+        "[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        registry.host(),
+        proxy.addr
+    );
+    let snapshotter = if lazy { Some(Snapshotter::start(&cfg)?) } else { None };
+    let mut opts = ContainerdOptions::new("bench-read").registry(registry);
+    if let Some(s) = &snapshotter {
+        // Fill the cache completely first: the measurement is of the FS, not the network.
+        let out = Command::new(snapshotter_bin()?)
+            .arg("--config")
+            .arg(s.dir.path().join("config.toml"))
+            .args(["warm", "--all", &registry.image(image)])
+            .output()?;
+        ensure!(out.status.success(), "warm: {}", String::from_utf8_lossy(&out.stderr));
+        opts = opts.snapshotter("spry").extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
+    }
+    let containerd = Containerd::start(opts)?;
+    let crictl = containerd.crictl();
+    let image = registry.image(image);
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("read").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let script = format!(
+        "import os, time\nt=time.time(); n=0\nfor r, ds, fs in os.walk('{dir}'):\n  for f in fs:\n    p=os.path.join(r, f)\n    if os.path.islink(p) or not os.path.isfile(p): continue\n    with open(p, 'rb') as h:\n      while True:\n        b=h.read(1<<20)\n        if not b: break\n        n+=len(b)\nprint('MIBS', n/(1<<20)/(time.time()-t), n)\n"
+    );
+    let cfg = ContainerConfig::new("reader", &image).command(&["sleep", "600"]).write_to(&containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+    let out = crictl.exec_sync(&id, &["python3", "-c", &script], Duration::from_secs(300))?;
+    let _ = crictl.stopp(&pod);
+    let _ = crictl.rmp(&pod);
+    drop(containerd);
+    drop(snapshotter);
+    let line = out.stdout.lines().find(|l| l.starts_with("MIBS")).with_context(|| format!("reader printed: {out:?}"))?;
+    Ok(line.split_whitespace().nth(1).context("no MiB/s")?.parse()?)
+}
+
+#[test]
+#[ignore = "benchmark: run scripts/bench-lazypull.sh"]
+fn lazy_pull_benchmark() -> Result<()> {
+    require_root()?;
+    let runs: usize = std::env::var("SPRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let out_dir = PathBuf::from(std::env::var("SPRY_BENCH_OUT").unwrap_or_else(|_| paths::repo_root().join("target/bench").display().to_string()));
+    std::fs::create_dir_all(&out_dir)?;
+    let storage = tempfile::Builder::new().prefix("spry-bench-reg-").tempdir_in("/var/tmp")?;
+    let registry = Registry::start_with_storage(storage.path())?;
+    push_layout(&registry, "pause")?;
+    let mut image_bytes = BTreeMap::new();
+    let mut recorded = BTreeMap::new();
+    let selected: Vec<&Workload> = match std::env::var("SPRY_BENCH_IMAGES") {
+        Ok(list) => WORKLOADS.iter().filter(|w| list.split(',').any(|i| i == w.image)).collect(),
+        Err(_) => WORKLOADS.iter().collect(),
+    };
+    let links: Vec<(&str, Option<&str>)> = match std::env::var("SPRY_BENCH_LINKS").as_deref() {
+        Ok("unlimited") => vec![("unlimited", None)],
+        Ok("100mbit") => vec![("100mbit", Some("100mbit"))],
+        _ => vec![("100mbit", Some("100mbit")), ("unlimited", None)],
+    };
+    for w in &selected {
+        push_layout(&registry, w.image)?;
+        convert(&registry, w.image, &[])?;
+        image_bytes.insert(w.image, oci_image_bytes(w.image)?);
+        recorded.insert(w.image, record_and_convert(&registry, w)?);
+        eprintln!("{}: {} bytes, {} files recorded", w.image, image_bytes[w.image], recorded[w.image]);
+    }
+    let link = SlowLink::start(storage.path())?;
+    let mut results = Vec::new();
+    for (link_name, rate) in links {
+        link.set_rate(rate)?;
+        for w in &selected {
+            for mode in ["overlayfs", "lazy", "lazy-prefetch"] {
+                let mut samples = Vec::new();
+                for i in 0..runs {
+                    let r = cold_run(&registry, &link, w, mode, image_bytes[w.image])?;
+                    eprintln!(
+                        "{} {link_name} {mode} #{i}: pull {:.2}s create {:.2}s run {:.2}s, {} bytes before ready",
+                        w.image, r.pull_s, r.create_s, r.run_s, r.bytes_before_ready
+                    );
+                    samples.push(r);
+                }
+                let m = |f: fn(&Run) -> f64| median(samples.iter().map(f).collect());
+                results.push(json!({
+                    "image": w.image,
+                    "image_bytes": image_bytes[w.image],
+                    "link": link_name,
+                    "mode": mode,
+                    "pull_s": m(|r| r.pull_s),
+                    "create_s": m(|r| r.create_s),
+                    "run_s": m(|r| r.run_s),
+                    "total_s": m(|r| r.pull_s + r.create_s + r.run_s),
+                    "bytes_fetched_before_ready": m(|r| r.bytes_before_ready as f64) as u64,
+                }));
+            }
+        }
+    }
+    link.set_rate(None)?;
+    drop(link);
+    let (overlay_read, lazy_read) = if selected.iter().any(|w| w.image == "python") {
+        (
+            read_throughput(&registry, false, "python:1", "/usr/lib")?,
+            read_throughput(&registry, true, "python:estargz", "/usr/lib")?,
+        )
+    } else {
+        (f64::NAN, f64::NAN)
+    };
+    let report = json!({
+        "runs": results,
+        "runs_per_median": runs,
+        "read_throughput_mib_s": { "overlayfs": overlay_read, "lazy": lazy_read },
+        "recorded_files": recorded,
+    });
+    std::fs::write(out_dir.join("lazypull.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(out_dir.join("lazypull.md"), markdown(&report))?;
+    eprintln!("{}", markdown(&report));
+    Ok(())
+}
+
+/// Compressed size of the normal image's layers, from its OCI layout.
+fn oci_image_bytes(name: &str) -> Result<u64> {
+    let layout = paths::repo_root().join("build/images").join(name);
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(layout.join("index.json"))?)?;
+    let digest = index["manifests"][0]["digest"].as_str().context("no manifest")?;
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(layout.join("blobs").join(digest.replace(':', "/")))?)?;
+    Ok(manifest["layers"].as_array().context("no layers")?.iter().filter_map(|l| l["size"].as_u64()).sum())
+}
+
+fn markdown(report: &Value) -> String {
+    let mut md = String::from("# Lazy pull benchmark\n\nMedians of cold runs (fresh containerd content store and chunk cache each run).\n\n");
+    md.push_str("| image | link | mode | pull s | create s | run s | total s | vs overlayfs | MB fetched before ready |\n|---|---|---|---|---|---|---|---|---|\n");
+    let runs = report["runs"].as_array().cloned().unwrap_or_default();
+    for r in &runs {
+        let base = runs
+            .iter()
+            .find(|b| b["image"] == r["image"] && b["link"] == r["link"] && b["mode"] == "overlayfs")
+            .and_then(|b| b["total_s"].as_f64())
+            .unwrap_or(f64::NAN);
+        let total = r["total_s"].as_f64().unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.1} of {:.1} |\n",
+            r["image"].as_str().unwrap_or(""),
+            r["link"].as_str().unwrap_or(""),
+            r["mode"].as_str().unwrap_or(""),
+            r["pull_s"].as_f64().unwrap_or(0.0),
+            r["create_s"].as_f64().unwrap_or(0.0),
+            r["run_s"].as_f64().unwrap_or(0.0),
+            total,
+            base / total,
+            r["bytes_fetched_before_ready"].as_f64().unwrap_or(0.0) / 1e6,
+            r["image_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        ));
+    }
+    let t = &report["read_throughput_mib_s"];
+    md.push_str(&format!(
+        "\nSequential read of /usr/lib of the python image, fully cached, page cache dropped: overlayfs {:.0} MiB/s, lazy FUSE {:.0} MiB/s.\n",
+        t["overlayfs"].as_f64().unwrap_or(0.0),
+        t["lazy"].as_f64().unwrap_or(0.0)
+    ));
+    md
+}

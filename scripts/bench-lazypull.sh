@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Lazy-pull benchmark (stargz hello-bench style): python and busybox workloads, each pulled cold as
+# (a) overlayfs full pull, (b) Spry lazy without prefetch, (c) Spry lazy with recorded prefetch, over a
+# 100 Mbit/s netns+veth+tc link and unthrottled. Times pull, create and run-until-ready separately;
+# reports medians, ratios, bytes fetched before ready, and sequential read throughput of the lazy FS
+# (fully fetched) against overlayfs.
+#
+#   sudo scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
+#
+# Needs: scripts/install-deps.sh, scripts/build-test-images.sh, root. Writes target/bench/lazypull.json
+# and target/bench/lazypull.md.
+
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+enable_error_trap
+
+RUNS=3
+IMAGES=python,busybox
+LINKS=both
+while [ $# -gt 0 ]; do
+    case $1 in
+        --runs) RUNS=$2; shift 2 ;;
+        --images) IMAGES=$2; shift 2 ;;
+        --links) LINKS=$2; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) die "unknown argument: $1" ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || die "the benchmark mounts filesystems and creates network namespaces: run it as root"
+for tool in tc ip docker-registry skopeo; do
+    command -v "$tool" >/dev/null || die "$tool is missing: run scripts/install-deps.sh"
+done
+
+cd "$SPRY_ROOT"
+# The snapshotter is what is measured: release. The harness driving it can stay a debug build.
+log "building spry-snapshotter (release)"
+cargo build --release -p spry-snapshotter
+log "running the benchmark: $RUNS run(s) per cell, images $IMAGES, links $LINKS"
+SPRY_SNAPSHOTTER_BIN="$SPRY_ROOT/target/release/spry-snapshotter" \
+SPRY_BENCH_RUNS=$RUNS SPRY_BENCH_IMAGES=$IMAGES SPRY_BENCH_LINKS=$LINKS \
+SPRY_BENCH_OUT="$SPRY_ROOT/target/bench" \
+    cargo test -p spry-integration --test lazy_pull_bench -- --ignored --nocapture --test-threads 1
+log "report: target/bench/lazypull.md and target/bench/lazypull.json"
