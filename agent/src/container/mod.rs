@@ -33,12 +33,12 @@ pub use stdio::StdioError;
 use crate::storage::{MountedRootfs, StorageManager};
 
 /// How often each container's memory.events is checked for new OOM kills.
-pub(crate) const OOM_POLL: Duration = Duration::from_millis(100);
+const OOM_POLL: Duration = Duration::from_millis(100);
 /// How long teardown waits for killed processes to go away.
-pub(crate) const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Exited execs kept per container for late WaitProcess/Read calls (the protocol has no
 /// "delete exec"); older ones are forgotten.
-pub(crate) const EXITED_EXECS_KEPT: usize = 128;
+const EXITED_EXECS_KEPT: usize = 128;
 const PTY_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

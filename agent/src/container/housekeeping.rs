@@ -1,0 +1,106 @@
+//! Background duties and teardown steps of a container.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::sync::mpsc;
+
+use super::cgroup::Cgroup;
+use super::{Container, ContainerError, Process, EXITED_EXECS_KEPT, KILL_TIMEOUT, OOM_POLL};
+
+/// SIGKILLs everything in the container's cgroup and waits for the init and the cgroup to
+/// empty.
+pub(super) async fn kill_and_wait(container: &Container) -> Result<(), ContainerError> {
+    let id = &container.id;
+    let deadline = tokio::time::Instant::now() + KILL_TIMEOUT;
+    loop {
+        let _ = container.init.signal(Signal::SIGKILL);
+        let pids = container
+            .cgroup
+            .pids()
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.clone(),
+                source,
+            })?;
+        if pids.is_empty() && container.init.exited().is_some() {
+            return Ok(());
+        }
+        container
+            .cgroup
+            .signal_all(Signal::SIGKILL)
+            .map_err(|source| ContainerError::Cgroup {
+                id: id.clone(),
+                source,
+            })?;
+        if tokio::time::Instant::now() > deadline {
+            return Err(ContainerError::Unkillable { id: id.clone() });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Once an exec has exited, remembers it among the last [`EXITED_EXECS_KEPT`] and forgets
+/// older ones.
+pub(super) async fn forget_exec_later(
+    container: Arc<Container>,
+    exec_id: String,
+    process: Arc<Process>,
+) {
+    process.wait().await;
+    let mut exited = container
+        .exited_execs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    exited.push_back(exec_id);
+    while exited.len() > EXITED_EXECS_KEPT {
+        if let Some(old) = exited.pop_front() {
+            container
+                .execs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&old);
+        }
+    }
+}
+
+/// Reports each new OOM kill in the container's memory cgroup.
+pub(super) async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
+    let mut seen = cgroup.oom_kills().unwrap_or(0);
+    loop {
+        tokio::time::sleep(OOM_POLL).await;
+        let Ok(now) = cgroup.oom_kills() else {
+            continue;
+        };
+        if now > seen {
+            tracing::info!(container = %id, oom_kills = now, "container hit its memory limit");
+            for _ in seen..now {
+                if events.try_send(id.clone()).is_err() {
+                    tracing::warn!(container = %id, "OOM event queue full; dropping an event");
+                }
+            }
+            seen = now;
+        }
+    }
+}
+
+/// Removes the agent's files in a container directory, then the directory (never recursively:
+/// a mount that failed to come off must not lose its contents).
+pub(super) fn remove_container_dir(dir: &Path) {
+    let bundle = dir.join("bundle");
+    let _ = std::fs::remove_file(bundle.join("config.json"));
+    let _ = std::fs::remove_dir(&bundle);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    if let Err(err) = std::fs::remove_dir(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %err, "container directory left behind");
+        }
+    }
+}
