@@ -48,8 +48,8 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()>
 /// Makes a spawned child die with us (SIGKILL when our thread exits) and,
 /// when `netns` is given, enter that network namespace before exec.
 ///
-/// Parent-death is tied to the *thread* that forked: spawn from a long-lived
-/// runtime worker, never from a short-lived blocking-pool thread.
+/// Parent-death is tied to the *thread* that forks: spawn from a thread that
+/// lives as long as the process (the VM layer has one for this).
 pub fn configure_child(command: &mut tokio::process::Command, netns: Option<RawFd>) {
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe syscalls (prctl, getppid, setns); it allocates nothing.

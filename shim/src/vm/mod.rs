@@ -13,8 +13,9 @@
 //! QEMU exiting, with the console tail). Shut down with the agent's Shutdown
 //! followed by [`Vm::stop`], which falls back to QMP `quit` and then SIGKILL.
 //! Dropping the handle always kills QEMU and removes the state dir; QEMU also
-//! dies with the spawning thread (PR_SET_PDEATHSIG), so a crashed shim leaves
-//! no VM behind (only its state dir).
+//! dies with the shim (PR_SET_PDEATHSIG), so a crashed shim leaves
+//! no VM behind (only its state dir); QEMU is forked by a dedicated thread
+//! that lives as long as the process, so that signal never fires early.
 
 mod accel;
 pub mod cmdline;
@@ -22,6 +23,7 @@ mod console;
 mod error;
 pub mod qemu;
 pub mod qmp;
+mod spawner;
 mod tsc;
 
 use std::path::{Path, PathBuf};

@@ -17,8 +17,8 @@ use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
 use super::console::{self, TAIL_LINES};
 use super::qmp::{QmpClient, QmpError};
 use super::{
-    accel, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm, VmConfig,
-    VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm,
+    VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
@@ -179,10 +179,12 @@ impl QemuVm {
             .stderr(stderr)
             .kill_on_drop(true);
         sys::configure_child(&mut command, netns.as_ref().map(AsRawFd::as_raw_fd));
-        let mut child = command.spawn().map_err(|source| VmError::Spawn {
-            qemu: config.qemu.clone(),
-            source,
-        })?;
+        let mut child = spawner::spawn(command)
+            .await
+            .map_err(|source| VmError::Spawn {
+                qemu: config.qemu.clone(),
+                source,
+            })?;
         drop(netns);
         let pid = child.id().unwrap_or_default();
         // Until the child is reaped its PID cannot be reused, so this pidfd
