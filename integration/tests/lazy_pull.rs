@@ -11,7 +11,9 @@ use lazy_pull_support::{convert, push_layout, CountingProxy, Snapshotter};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
-use spry_integration::{require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry};
+use spry_integration::{
+    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+};
 
 /// Lists every file of the root filesystem with its metadata and checksum.
 /// Lists every file of the root filesystem with its metadata and checksum.
@@ -34,7 +36,9 @@ struct Cluster {
 
 fn cluster(name: &str, snapshotter_config: &str) -> Result<Cluster> {
     require_root()?;
-    let storage = tempfile::Builder::new().prefix("spry-lazy-reg-").tempdir_in("/var/tmp")?;
+    let storage = tempfile::Builder::new()
+        .prefix("spry-lazy-reg-")
+        .tempdir_in("/var/tmp")?;
     let registry = Registry::start_with_storage(storage.path())?;
     push_layout(&registry, "pause")?;
     let proxy = CountingProxy::start(registry.addr())?;
@@ -50,13 +54,21 @@ fn cluster(name: &str, snapshotter_config: &str) -> Result<Cluster> {
             .snapshotter("spry")
             .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket())),
     )?;
-    Ok(Cluster { containerd, snapshotter, proxy, registry, _storage: storage })
+    Ok(Cluster {
+        containerd,
+        snapshotter,
+        proxy,
+        registry,
+        _storage: storage,
+    })
 }
 
 /// Runs TREE_SCRIPT in a container of `image` inside `pod`; returns its log.
 fn run_tree(c: &Cluster, pod: &str, pod_cfg: &Path, name: &str, image: &str) -> Result<String> {
     let crictl = c.containerd.crictl();
-    let cfg = ContainerConfig::new(name, image).command(&["sh", "-c", TREE_SCRIPT]).write_to(&c.containerd.dir())?;
+    let cfg = ContainerConfig::new(name, image)
+        .command(&["sh", "-c", TREE_SCRIPT])
+        .write_to(&c.containerd.dir())?;
     let id = crictl.create(pod, &cfg, pod_cfg)?;
     crictl.start(&id)?;
     crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(120))?;
@@ -67,21 +79,35 @@ fn run_tree(c: &Cluster, pod: &str, pod_cfg: &Path, name: &str, image: &str) -> 
 
 #[test]
 fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
-    let c = cluster("lazy-busybox", "[lazy]\nbackground_fetch = false\nprefetch = false\n")?;
+    let c = cluster(
+        "lazy-busybox",
+        "[lazy]\nbackground_fetch = false\nprefetch = false\n",
+    )?;
     push_layout(&c.registry, "busybox")?;
     let converted = convert(&c.registry, "busybox", &[])?;
-    let layer_size = converted["layers"][0]["size"].as_u64().context("no layer size")?;
+    let layer_size = converted["layers"][0]["size"]
+        .as_u64()
+        .context("no layer size")?;
 
     let crictl = c.containerd.crictl();
     let lazy_image = c.registry.image("busybox:estargz");
     crictl.pull(&lazy_image)?;
     let pod_cfg = PodConfig::new("lazy").write_to(&c.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;
-    let cfg = ContainerConfig::new("hello", &lazy_image).command(&["cat", "/spry/hello.txt"]).write_to(&c.containerd.dir())?;
+    let cfg = ContainerConfig::new("hello", &lazy_image)
+        .command(&["cat", "/spry/hello.txt"])
+        .write_to(&c.containerd.dir())?;
     let hello = crictl.create(&pod, &cfg, &pod_cfg)?;
     let before_start = c.proxy.served();
-    eprintln!("{before_start} bytes fetched by the snapshotter before start; layer is {layer_size} bytes");
-    let fuse_mounts = c.snapshotter.mounts_left().iter().filter(|l| l.contains(" - fuse spry:")).count();
+    eprintln!(
+        "{before_start} bytes fetched by the snapshotter before start; layer is {layer_size} bytes"
+    );
+    let fuse_mounts = c
+        .snapshotter
+        .mounts_left()
+        .iter()
+        .filter(|l| l.contains(" - fuse spry:"))
+        .count();
     ensure!(
         fuse_mounts == 1 && before_start > 0,
         "the layer was not mounted lazily ({fuse_mounts} FUSE mounts, {before_start} bytes fetched); snapshotter log:\n{}",
@@ -95,7 +121,10 @@ fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
     crictl.start(&hello)?;
     crictl.wait_container_state(&hello, "CONTAINER_EXITED", Duration::from_secs(60))?;
     let out = crictl.logs(&hello)?;
-    ensure!(out.contains("hello from spry busybox image"), "unexpected output: {out}");
+    ensure!(
+        out.contains("hello from spry busybox image"),
+        "unexpected output: {out}"
+    );
     crictl.rm(&hello)?;
 
     // The whole tree, lazily vs. through the normal-layers (overlayfs) path.
@@ -103,7 +132,10 @@ fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
     let normal_image = c.registry.image("busybox:1");
     crictl.pull(&normal_image)?;
     let normal_tree = run_tree(&c, &pod, &pod_cfg, "tree-normal", &normal_image)?;
-    ensure!(lazy_tree.lines().count() > 100, "tree listing too short:\n{lazy_tree}");
+    ensure!(
+        lazy_tree.lines().count() > 100,
+        "tree listing too short:\n{lazy_tree}"
+    );
     if lazy_tree != normal_tree {
         let diff: Vec<String> = lazy_tree
             .lines()
@@ -112,7 +144,10 @@ fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
             .take(20)
             .map(|(a, b)| format!("lazy:   {a}\nnormal: {b}"))
             .collect();
-        bail!("lazy tree differs from the normal pull:\n{}", diff.join("\n"));
+        bail!(
+            "lazy tree differs from the normal pull:\n{}",
+            diff.join("\n")
+        );
     }
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
@@ -129,41 +164,75 @@ fn running_pods_survive_a_snapshotter_restart_and_registry_outages_give_eio() ->
     crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("restart").write_to(&c.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;
-    let cfg = ContainerConfig::new("sleeper", &image).command(&["sleep", "3600"]).write_to(&c.containerd.dir())?;
+    let cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&c.containerd.dir())?;
     let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
     crictl.start(&sleeper)?;
     crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(60))?;
-    ensure!(!c.snapshotter.layer_daemons().is_empty(), "no layer daemon; log:\n{}", c.snapshotter.log());
+    ensure!(
+        !c.snapshotter.layer_daemons().is_empty(),
+        "no layer daemon; log:\n{}",
+        c.snapshotter.log()
+    );
 
     // Registry unreachable: a read of a file not fetched yet fails with EIO, boundedly.
     c.proxy.set_down(true);
     let started = Instant::now();
-    let out = crictl.exec_sync(&sleeper, &["cat", "/spry/hello.txt"], Duration::from_secs(60))?;
+    let out = crictl.exec_sync(
+        &sleeper,
+        &["cat", "/spry/hello.txt"],
+        Duration::from_secs(60),
+    )?;
     let took = started.elapsed();
     c.proxy.set_down(false);
     ensure!(
-        out.code != 0 && out.stderr.contains("Input/output error") && out.stderr.contains("cat: read error"),
+        out.code != 0
+            && out.stderr.contains("Input/output error")
+            && out.stderr.contains("cat: read error"),
         "read during the outage: {out:?}; layer daemon log:\n{}",
         c.snapshotter.daemon_logs()
     );
-    ensure!(took < Duration::from_secs(30), "read during the outage took {took:?}");
-    let out = crictl.exec_sync(&sleeper, &["cat", "/spry/hello.txt"], Duration::from_secs(30))?;
-    ensure!(out.code == 0 && out.stdout.contains("hello from spry"), "read after the outage: {out:?}");
+    ensure!(
+        took < Duration::from_secs(30),
+        "read during the outage took {took:?}"
+    );
+    let out = crictl.exec_sync(
+        &sleeper,
+        &["cat", "/spry/hello.txt"],
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout.contains("hello from spry"),
+        "read after the outage: {out:?}"
+    );
 
     // Snapshotter down: with the kernel's caches dropped, reads go to the
     // layer daemon, which keeps serving the running container.
     c.snapshotter.stop()?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
-    let out = crictl.exec_sync(&sleeper, &["sh", "-c", "cat /spry/hello.txt && ls /bin | wc -l"], Duration::from_secs(30))?;
-    ensure!(out.code == 0 && out.stdout.contains("hello from spry"), "read with the snapshotter down failed: {out:?}");
+    let out = crictl.exec_sync(
+        &sleeper,
+        &["sh", "-c", "cat /spry/hello.txt && ls /bin | wc -l"],
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout.contains("hello from spry"),
+        "read with the snapshotter down failed: {out:?}"
+    );
     c.snapshotter.spawn()?;
-    let cfg = ContainerConfig::new("after-restart", &image).command(&["cat", "/etc/group"]).write_to(&c.containerd.dir())?;
+    let cfg = ContainerConfig::new("after-restart", &image)
+        .command(&["cat", "/etc/group"])
+        .write_to(&c.containerd.dir())?;
     // containerd reconnects to the proxy plugin with gRPC backoff; retry like kubelet does.
     let started = Instant::now();
     let after = loop {
         match crictl.create(&pod, &cfg, &pod_cfg) {
             Ok(id) => break id,
-            Err(e) if started.elapsed() < Duration::from_secs(60) && format!("{e:#}").contains("Unavailable") => {
+            Err(e)
+                if started.elapsed() < Duration::from_secs(60)
+                    && format!("{e:#}").contains("Unavailable") =>
+            {
                 std::thread::sleep(Duration::from_millis(500));
             }
             Err(e) => return Err(e),
@@ -171,10 +240,76 @@ fn running_pods_survive_a_snapshotter_restart_and_registry_outages_give_eio() ->
     };
     crictl.start(&after)?;
     crictl.wait_container_state(&after, "CONTAINER_EXITED", Duration::from_secs(60))?;
-    ensure!(crictl.logs(&after)?.contains("root"), "container after restart printed: {}", crictl.logs(&after)?);
+    ensure!(
+        crictl.logs(&after)?.contains("root"),
+        "container after restart printed: {}",
+        crictl.logs(&after)?
+    );
     let logs = c.snapshotter.daemon_logs();
-    ensure!(logs.contains("read failed"), "the EIO was not logged:\n{logs}");
+    ensure!(
+        logs.contains("read failed"),
+        "the EIO was not logged:\n{logs}"
+    );
 
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
+#[test]
+fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
+    let c = cluster(
+        "lazy-warm",
+        "[lazy]\nbackground_fetch = false\nprefetch = false\n",
+    )?;
+    push_layout(&c.registry, "busybox")?;
+    let converted = convert(&c.registry, "busybox", &["spry/hello.txt"])?;
+    let layer_size = converted["layers"][0]["size"]
+        .as_u64()
+        .context("no layer size")?;
+    let image = c.registry.image("busybox:estargz");
+    let warm = std::process::Command::new(lazy_pull_support::snapshotter_bin()?)
+        .arg("--config")
+        .arg(c.snapshotter.dir.path().join("config.toml"))
+        .args(["warm", "--all", &image])
+        .output()?;
+    ensure!(
+        warm.status.success(),
+        "warm failed: {}",
+        String::from_utf8_lossy(&warm.stderr)
+    );
+    let progress = String::from_utf8_lossy(&warm.stderr);
+    ensure!(
+        progress.contains("(100%)"),
+        "no progress output: {progress}"
+    );
+    let warmed = c.proxy.served();
+    ensure!(
+        warmed >= layer_size,
+        "warm fetched {warmed} bytes of a {layer_size}-byte layer"
+    );
+
+    let crictl = c.containerd.crictl();
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("warm").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let cfg = ContainerConfig::new("hello", &image)
+        .command(&["cat", "/spry/hello.txt"])
+        .write_to(&c.containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    ensure!(
+        crictl.logs(&id)?.contains("hello from spry"),
+        "unexpected output: {}",
+        crictl.logs(&id)?
+    );
+    // Only the footer and the TOC (metadata, not cached) went over the wire again.
+    let after = c.proxy.served() - warmed;
+    ensure!(
+        after < 16 * 1024,
+        "the warmed image still fetched {after} bytes"
+    );
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
     Ok(())

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
-use spry_integration::{paths, require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry};
+use spry_integration::{
+    paths, require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+};
 
 mod lazy_pull_support;
 use lazy_pull_support::{convert, push_layout, snapshotter_bin, CountingProxy, Snapshotter};
@@ -33,15 +35,27 @@ struct Workload {
 const WORKLOADS: &[Workload] = &[
     Workload {
         image: "python",
-        argv: &["python3", "-c", "import json, numpy; print('ready', numpy.__version__)"],
+        argv: &[
+            "python3",
+            "-c",
+            "import json, numpy; print('ready', numpy.__version__)",
+        ],
         ready: "ready",
     },
-    Workload { image: "busybox", argv: &["sh", "-c", "cat /spry/hello.txt && echo ready"], ready: "ready" },
+    Workload {
+        image: "busybox",
+        argv: &["sh", "-c", "cat /spry/hello.txt && echo ready"],
+        ready: "ready",
+    },
 ];
 
 fn sh(cmd: &str) -> Result<()> {
     let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    ensure!(out.status.success(), "`{cmd}` failed: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -60,9 +74,18 @@ impl SlowLink {
         let (ns, veth) = (format!("spry-bench-{id}"), format!("sbh{id}"));
         let peer = format!("sbn{id}");
         sh(&format!("ip netns add {ns}"))?;
-        let mut link = SlowLink { ns: ns.clone(), veth: veth.clone(), registry: None, _dir: tempfile::tempdir()? };
-        sh(&format!("ip link add {veth} type veth peer name {peer} && ip link set {peer} netns {ns}"))?;
-        sh(&format!("ip addr add {HOST_ADDR}/30 dev {veth} && ip link set {veth} up"))?;
+        let mut link = SlowLink {
+            ns: ns.clone(),
+            veth: veth.clone(),
+            registry: None,
+            _dir: tempfile::tempdir()?,
+        };
+        sh(&format!(
+            "ip link add {veth} type veth peer name {peer} && ip link set {peer} netns {ns}"
+        ))?;
+        sh(&format!(
+            "ip addr add {HOST_ADDR}/30 dev {veth} && ip link set {veth} up"
+        ))?;
         sh(&format!(
             "ip netns exec {ns} sh -c 'ip addr add {NS_ADDR}/30 dev {peer} && ip link set {peer} up && ip link set lo up'"
         ))?;
@@ -83,7 +106,10 @@ impl SlowLink {
         link.registry = Some(child);
         let started = Instant::now();
         while spry_integration::registry::http_status(&link.addr(), "/v2/").ok() != Some(200) {
-            ensure!(started.elapsed() < Duration::from_secs(15), "netns registry did not start");
+            ensure!(
+                started.elapsed() < Duration::from_secs(15),
+                "netns registry did not start"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Ok(link)
@@ -100,7 +126,9 @@ impl SlowLink {
         if let Some(rate) = rate {
             let qdisc = format!("root tbf rate {rate} burst 256kb latency 50ms");
             sh(&format!("tc qdisc add dev {veth} {qdisc}"))?;
-            sh(&format!("ip netns exec {ns} tc qdisc add dev {peer} {qdisc}"))?;
+            sh(&format!(
+                "ip netns exec {ns} tc qdisc add dev {peer} {qdisc}"
+            ))?;
         }
         Ok(())
     }
@@ -112,7 +140,10 @@ impl Drop for SlowLink {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = sh(&format!("ip link del {} 2>/dev/null; ip netns del {}", self.veth, self.ns));
+        let _ = sh(&format!(
+            "ip link del {} 2>/dev/null; ip netns del {}",
+            self.veth, self.ns
+        ));
     }
 }
 
@@ -124,7 +155,13 @@ struct Run {
 }
 
 /// One cold run: fresh containerd and snapshotter, pull, create, start, wait for the ready line.
-fn cold_run(registry: &Registry, link: &SlowLink, w: &Workload, mode: &str, image_bytes: u64) -> Result<Run> {
+fn cold_run(
+    registry: &Registry,
+    link: &SlowLink,
+    w: &Workload,
+    mode: &str,
+    image_bytes: u64,
+) -> Result<Run> {
     let image = match mode {
         "overlayfs" => format!("{}/{}:1", link.addr(), w.image),
         "lazy" => format!("{}/{}:estargz", link.addr(), w.image),
@@ -139,10 +176,16 @@ fn cold_run(registry: &Registry, link: &SlowLink, w: &Workload, mode: &str, imag
         link.addr(),
         proxy.addr
     );
-    let snapshotter = if mode == "overlayfs" { None } else { Some(Snapshotter::start(&lazy_cfg)?) };
+    let snapshotter = if mode == "overlayfs" {
+        None
+    } else {
+        Some(Snapshotter::start(&lazy_cfg)?)
+    };
     let mut opts = ContainerdOptions::new(&format!("bench-{mode}")).registry(registry);
     if let Some(s) = &snapshotter {
-        opts = opts.snapshotter("spry").extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
+        opts = opts
+            .snapshotter("spry")
+            .extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
     }
     let containerd = Containerd::start(opts)?;
     // Plain HTTP to the netns registry.
@@ -160,7 +203,10 @@ fn cold_run(registry: &Registry, link: &SlowLink, w: &Workload, mode: &str, imag
     let t0 = Instant::now();
     crictl.pull(&image)?;
     let t1 = Instant::now();
-    let cfg = ContainerConfig::new("app", &image).command(w.argv).log_path("app.log").write_to(&containerd.dir())?;
+    let cfg = ContainerConfig::new("app", &image)
+        .command(w.argv)
+        .log_path("app.log")
+        .write_to(&containerd.dir())?;
     let id = crictl.create(&pod, &cfg, &pod_cfg)?;
     let t2 = Instant::now();
     crictl.start(&id)?;
@@ -175,7 +221,11 @@ fn cold_run(registry: &Registry, link: &SlowLink, w: &Workload, mode: &str, imag
         std::thread::sleep(Duration::from_millis(10));
     }
     let t3 = Instant::now();
-    let bytes = if mode == "overlayfs" { image_bytes } else { proxy.served() };
+    let bytes = if mode == "overlayfs" {
+        image_bytes
+    } else {
+        proxy.served()
+    };
     let _ = crictl.stopp(&pod);
     let _ = crictl.rmp(&pod);
     drop(containerd);
@@ -194,7 +244,11 @@ fn median(mut v: Vec<f64>) -> f64 {
         return 0.0;
     }
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
 }
 
 /// Records the files the workload opens (lazy run with access recording) and
@@ -218,7 +272,9 @@ fn record_and_convert(registry: &Registry, w: &Workload) -> Result<usize> {
     crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("record").write_to(&containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;
-    let cfg = ContainerConfig::new("rec", &image).command(w.argv).write_to(&containerd.dir())?;
+    let cfg = ContainerConfig::new("rec", &image)
+        .command(w.argv)
+        .write_to(&containerd.dir())?;
     let id = crictl.create(&pod, &cfg, &pod_cfg)?;
     crictl.start(&id)?;
     crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(300))?;
@@ -250,7 +306,11 @@ fn convert_as(registry: &Registry, name: &str, tag: &str, prioritized: &[&str]) 
         .arg("--prioritized-files")
         .arg(&list)
         .output()?;
-    ensure!(out.status.success(), "convert {name}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "convert {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -262,7 +322,11 @@ fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> R
         registry.host(),
         proxy.addr
     );
-    let snapshotter = if lazy { Some(Snapshotter::start(&cfg)?) } else { None };
+    let snapshotter = if lazy {
+        Some(Snapshotter::start(&cfg)?)
+    } else {
+        None
+    };
     let mut opts = ContainerdOptions::new("bench-read").registry(registry);
     if let Some(s) = &snapshotter {
         // Fill the cache completely first: the measurement is of the FS, not the network.
@@ -271,8 +335,14 @@ fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> R
             .arg(s.dir.path().join("config.toml"))
             .args(["warm", "--all", &registry.image(image)])
             .output()?;
-        ensure!(out.status.success(), "warm: {}", String::from_utf8_lossy(&out.stderr));
-        opts = opts.snapshotter("spry").extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
+        ensure!(
+            out.status.success(),
+            "warm: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        opts = opts
+            .snapshotter("spry")
+            .extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
     }
     let containerd = Containerd::start(opts)?;
     let crictl = containerd.crictl();
@@ -283,7 +353,9 @@ fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> R
     let script = format!(
         "import os, time\nt=time.time(); n=0\nfor r, ds, fs in os.walk('{dir}'):\n  for f in fs:\n    p=os.path.join(r, f)\n    if os.path.islink(p) or not os.path.isfile(p): continue\n    with open(p, 'rb') as h:\n      while True:\n        b=h.read(1<<20)\n        if not b: break\n        n+=len(b)\nprint('MIBS', n/(1<<20)/(time.time()-t), n)\n"
     );
-    let cfg = ContainerConfig::new("reader", &image).command(&["sleep", "600"]).write_to(&containerd.dir())?;
+    let cfg = ContainerConfig::new("reader", &image)
+        .command(&["sleep", "600"])
+        .write_to(&containerd.dir())?;
     let id = crictl.create(&pod, &cfg, &pod_cfg)?;
     crictl.start(&id)?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
@@ -292,24 +364,45 @@ fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> R
     let _ = crictl.rmp(&pod);
     drop(containerd);
     drop(snapshotter);
-    let line = out.stdout.lines().find(|l| l.starts_with("MIBS")).with_context(|| format!("reader printed: {out:?}"))?;
-    Ok(line.split_whitespace().nth(1).context("no MiB/s")?.parse()?)
+    let line = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("MIBS"))
+        .with_context(|| format!("reader printed: {out:?}"))?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("no MiB/s")?
+        .parse()?)
 }
 
 #[test]
 #[ignore = "benchmark: run scripts/bench-lazypull.sh"]
 fn lazy_pull_benchmark() -> Result<()> {
     require_root()?;
-    let runs: usize = std::env::var("SPRY_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let out_dir = PathBuf::from(std::env::var("SPRY_BENCH_OUT").unwrap_or_else(|_| paths::repo_root().join("target/bench").display().to_string()));
+    let runs: usize = std::env::var("SPRY_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let out_dir = PathBuf::from(std::env::var("SPRY_BENCH_OUT").unwrap_or_else(|_| {
+        paths::repo_root()
+            .join("target/bench")
+            .display()
+            .to_string()
+    }));
     std::fs::create_dir_all(&out_dir)?;
-    let storage = tempfile::Builder::new().prefix("spry-bench-reg-").tempdir_in("/var/tmp")?;
+    let storage = tempfile::Builder::new()
+        .prefix("spry-bench-reg-")
+        .tempdir_in("/var/tmp")?;
     let registry = Registry::start_with_storage(storage.path())?;
     push_layout(&registry, "pause")?;
     let mut image_bytes = BTreeMap::new();
     let mut recorded = BTreeMap::new();
     let selected: Vec<&Workload> = match std::env::var("SPRY_BENCH_IMAGES") {
-        Ok(list) => WORKLOADS.iter().filter(|w| list.split(',').any(|i| i == w.image)).collect(),
+        Ok(list) => WORKLOADS
+            .iter()
+            .filter(|w| list.split(',').any(|i| i == w.image))
+            .collect(),
         Err(_) => WORKLOADS.iter().collect(),
     };
     let links: Vec<(&str, Option<&str>)> = match std::env::var("SPRY_BENCH_LINKS").as_deref() {
@@ -322,7 +415,10 @@ fn lazy_pull_benchmark() -> Result<()> {
         convert(&registry, w.image, &[])?;
         image_bytes.insert(w.image, oci_image_bytes(w.image)?);
         recorded.insert(w.image, record_and_convert(&registry, w)?);
-        eprintln!("{}: {} bytes, {} files recorded", w.image, image_bytes[w.image], recorded[w.image]);
+        eprintln!(
+            "{}: {} bytes, {} files recorded",
+            w.image, image_bytes[w.image], recorded[w.image]
+        );
     }
     let link = SlowLink::start(storage.path())?;
     let mut results = Vec::new();
@@ -370,7 +466,10 @@ fn lazy_pull_benchmark() -> Result<()> {
         "read_throughput_mib_s": { "overlayfs": overlay_read, "lazy": lazy_read },
         "recorded_files": recorded,
     });
-    std::fs::write(out_dir.join("lazypull.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        out_dir.join("lazypull.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(out_dir.join("lazypull.md"), markdown(&report))?;
     eprintln!("{}", markdown(&report));
     Ok(())
@@ -380,9 +479,18 @@ fn lazy_pull_benchmark() -> Result<()> {
 fn oci_image_bytes(name: &str) -> Result<u64> {
     let layout = paths::repo_root().join("build/images").join(name);
     let index: Value = serde_json::from_str(&std::fs::read_to_string(layout.join("index.json"))?)?;
-    let digest = index["manifests"][0]["digest"].as_str().context("no manifest")?;
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(layout.join("blobs").join(digest.replace(':', "/")))?)?;
-    Ok(manifest["layers"].as_array().context("no layers")?.iter().filter_map(|l| l["size"].as_u64()).sum())
+    let digest = index["manifests"][0]["digest"]
+        .as_str()
+        .context("no manifest")?;
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(
+        layout.join("blobs").join(digest.replace(':', "/")),
+    )?)?;
+    Ok(manifest["layers"]
+        .as_array()
+        .context("no layers")?
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .sum())
 }
 
 fn markdown(report: &Value) -> String {
@@ -392,7 +500,9 @@ fn markdown(report: &Value) -> String {
     for r in &runs {
         let base = runs
             .iter()
-            .find(|b| b["image"] == r["image"] && b["link"] == r["link"] && b["mode"] == "overlayfs")
+            .find(|b| {
+                b["image"] == r["image"] && b["link"] == r["link"] && b["mode"] == "overlayfs"
+            })
             .and_then(|b| b["total_s"].as_f64())
             .unwrap_or(f64::NAN);
         let total = r["total_s"].as_f64().unwrap_or(f64::NAN);

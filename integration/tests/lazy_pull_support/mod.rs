@@ -19,7 +19,11 @@ pub fn snapshotter_bin() -> Result<PathBuf> {
     let path = std::env::var_os("SPRY_SNAPSHOTTER_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| paths::repo_root().join("target/debug/spry-snapshotter"));
-    ensure!(path.exists(), "{} is missing: run `cargo build -p spry-snapshotter` first", path.display());
+    ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build -p spry-snapshotter` first",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -32,7 +36,9 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     pub fn start(extra_config: &str) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("spry-snap-it-").tempdir_in("/var/tmp")?;
+        let dir = tempfile::Builder::new()
+            .prefix("spry-snap-it-")
+            .tempdir_in("/var/tmp")?;
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -42,13 +48,20 @@ impl Snapshotter {
                 dir.path().join("snapshotter.sock")
             ),
         )?;
-        let mut s = Snapshotter { child: None, dir, config };
+        let mut s = Snapshotter {
+            child: None,
+            dir,
+            config,
+        };
         s.spawn()?;
         Ok(s)
     }
 
     pub fn spawn(&mut self) -> Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new(snapshotter_bin()?)
             .arg("--config")
             .arg(&self.config)
@@ -63,7 +76,10 @@ impl Snapshotter {
         let started = Instant::now();
         while !self.socket().exists() {
             if started.elapsed() > Duration::from_secs(20) {
-                bail!("spry-snapshotter did not create its socket; log:\n{}", self.log());
+                bail!(
+                    "spry-snapshotter did not create its socket; log:\n{}",
+                    self.log()
+                );
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
                 bail!("spry-snapshotter exited ({status}); log:\n{}", self.log());
@@ -75,7 +91,10 @@ impl Snapshotter {
 
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM)?;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
             let started = Instant::now();
             while child.try_wait()?.is_none() {
                 if started.elapsed() > Duration::from_secs(20) {
@@ -115,13 +134,19 @@ impl Snapshotter {
 
 impl Snapshotter {
     pub fn daemon_logs(&self) -> String {
-        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else { return String::new() };
-        dirs.flatten().filter_map(|d| std::fs::read_to_string(d.path().join("fuse.log")).ok()).collect()
+        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else {
+            return String::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("fuse.log")).ok())
+            .collect()
     }
 
     /// Pids of the layer daemons this snapshotter started.
     pub fn layer_daemons(&self) -> Vec<i32> {
-        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else { return Vec::new() };
+        let Ok(dirs) = std::fs::read_dir(self.dir.path().join("root/snapshots")) else {
+            return Vec::new();
+        };
         dirs.flatten()
             .filter_map(|d| std::fs::read_to_string(d.path().join("fuse.pid")).ok())
             .filter_map(|p| p.trim().parse().ok())
@@ -134,7 +159,10 @@ impl Drop for Snapshotter {
     fn drop(&mut self) {
         let _ = self.stop();
         for pid in self.layer_daemons() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         let started = Instant::now();
         while !self.layer_daemons().is_empty() && started.elapsed() < Duration::from_secs(10) {
@@ -152,13 +180,21 @@ impl Drop for Snapshotter {
 pub fn push_layout(registry: &Registry, name: &str) -> Result<()> {
     let skopeo = require_tool(Path::new("skopeo"))?;
     let layout = paths::repo_root().join("build/images").join(name);
-    ensure!(layout.join("index.json").exists(), "{} is missing: run scripts/build-test-images.sh", layout.display());
+    ensure!(
+        layout.join("index.json").exists(),
+        "{} is missing: run scripts/build-test-images.sh",
+        layout.display()
+    );
     let out = Command::new(skopeo)
         .args(["copy", "--dest-tls-verify=false", "--insecure-policy"])
         .arg(format!("oci:{}:1", layout.display()))
         .arg(format!("docker://{}", registry.image(&format!("{name}:1"))))
         .output()?;
-    ensure!(out.status.success(), "skopeo copy {name}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "skopeo copy {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -169,12 +205,18 @@ pub fn convert(registry: &Registry, name: &str, prioritized: &[&str]) -> Result<
     std::fs::write(&list, prioritized.join("\n"))?;
     let layout = paths::repo_root().join("build/images").join(name);
     let mut cmd = Command::new(snapshotter_bin()?);
-    cmd.arg("convert").arg(format!("oci:{}:1", layout.display())).arg(registry.image(&format!("{name}:estargz")));
+    cmd.arg("convert")
+        .arg(format!("oci:{}:1", layout.display()))
+        .arg(registry.image(&format!("{name}:estargz")));
     if !prioritized.is_empty() {
         cmd.arg("--prioritized-files").arg(&list);
     }
     let out = cmd.output()?;
-    ensure!(out.status.success(), "convert {name}: {}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "convert {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
@@ -199,7 +241,8 @@ impl CountingProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let down = Arc::new(AtomicBool::new(false));
         let open = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (served2, stop2, down2, open2) = (served.clone(), stop.clone(), down.clone(), open.clone());
+        let (served2, stop2, down2, open2) =
+            (served.clone(), stop.clone(), down.clone(), open.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::SeqCst) {
                 let Ok((client, _)) = listener.accept() else {
@@ -214,7 +257,9 @@ impl CountingProxy {
                 if let Ok(clone) = client.try_clone() {
                     open2.lock().unwrap().push(clone);
                 }
-                let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
                 let (mut c_read, mut c_write) = (client.try_clone().unwrap(), client);
                 let (mut s_read, mut s_write) = (server.try_clone().unwrap(), server);
                 std::thread::spawn(move || {
@@ -234,7 +279,13 @@ impl CountingProxy {
                 });
             }
         });
-        Ok(CountingProxy { addr, served, stop, down, open })
+        Ok(CountingProxy {
+            addr,
+            served,
+            stop,
+            down,
+            open,
+        })
     }
 
     pub fn set_down(&self, down: bool) {
@@ -256,4 +307,3 @@ impl Drop for CountingProxy {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
-

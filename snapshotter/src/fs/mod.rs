@@ -46,7 +46,11 @@ impl LayerFs {
     /// A filesystem serving `layer`.
     pub fn new(layer: Arc<RemoteLayer>, recorder: Option<AccessRecorder>) -> Self {
         let tree = Arc::new(Tree::build(layer.index()));
-        LayerFs { layer, tree, recorder }
+        LayerFs {
+            layer,
+            tree,
+            recorder,
+        }
     }
 }
 
@@ -59,8 +63,13 @@ pub struct AccessRecorder {
 impl AccessRecorder {
     /// Records into `path` (appending).
     pub fn create(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(AccessRecorder { out: std::sync::Mutex::new((file, Default::default())) })
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        Ok(AccessRecorder {
+            out: std::sync::Mutex::new((file, Default::default())),
+        })
     }
 
     fn record(&self, entry: usize, name: &str) {

@@ -167,7 +167,12 @@ fn corrupted_chunk_gives_eio_never_wrong_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(ChunkCache::open(&dir.path().join("probe")).unwrap());
     let layer = RemoteLayer::open(probe, cache, &out.toc_digest, RetryPolicy::default()).unwrap();
-    let big = layer.index().entries.iter().position(|e| e.name == "usr/bin/big").unwrap();
+    let big = layer
+        .index()
+        .entries
+        .iter()
+        .position(|e| e.name == "usr/bin/big")
+        .unwrap();
     let chunk = layer.index().chunks[&big][3].clone();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     std::io::Write::write_all(&mut enc, &vec![0u8; chunk.size as usize]).unwrap();
@@ -176,8 +181,12 @@ fn corrupted_chunk_gives_eio_never_wrong_bytes() {
     blob[at..at + fake.len()].copy_from_slice(&fake);
 
     let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-    let retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(1) };
-    let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+    let retry = RetryPolicy {
+        attempts: 1,
+        backoff: Duration::from_millis(1),
+    };
+    let layer =
+        Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mount = LayerMount::mount(layer, &mnt, "corrupt", None).unwrap();
@@ -196,14 +205,26 @@ fn full_cache_disk_gives_enospc() {
     let cache_dir = dir.path().join("cache");
     std::fs::create_dir(&cache_dir).unwrap();
     // A 16 KiB tmpfs: the 10 KB file's chunks do not all fit.
-    nix::mount::mount(Some("tmpfs"), &cache_dir, Some("tmpfs"), nix::mount::MsFlags::empty(), Some("size=16k"))
-        .unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &cache_dir,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=16k"),
+    )
+    .unwrap();
     let result = std::panic::catch_unwind(|| {
         let cache = Arc::new(ChunkCache::open(&cache_dir).unwrap());
         let filler = vec![1u8; 12 * 1024];
-        cache.insert(&crate::estargz::sha256_digest(&filler), &filler).unwrap();
-        let retry = RetryPolicy { attempts: 1, backoff: Duration::from_millis(1) };
-        let layer = Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+        cache
+            .insert(&crate::estargz::sha256_digest(&filler), &filler)
+            .unwrap();
+        let retry = RetryPolicy {
+            attempts: 1,
+            backoff: Duration::from_millis(1),
+        };
+        let layer =
+            Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let mount = LayerMount::mount(layer, &mnt, "full", None).unwrap();

@@ -53,6 +53,7 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::Store(_)
             | ServiceError::CreateDir { .. }
             | ServiceError::Usage { .. }
+            | ServiceError::ReadDir { .. }
             | ServiceError::Join { .. } => tonic::Status::internal(message),
         }
     }

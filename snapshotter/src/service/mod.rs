@@ -458,7 +458,7 @@ impl Snapshotter for SprySnapshotter {
             .map(|(_, r)| r.id.to_string())
             .collect();
         let snapshots = self.root.join("snapshots");
-        let entries = std::fs::read_dir(&snapshots).map_err(|source| ServiceError::Usage {
+        let entries = std::fs::read_dir(&snapshots).map_err(|source| ServiceError::ReadDir {
             path: snapshots.clone(),
             source,
         })?;

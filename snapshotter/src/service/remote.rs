@@ -215,12 +215,13 @@ impl RemoteLayers {
         } else {
             None
         };
-        let mount = LayerMount::mount(layer.clone(), &path, &digest, recorder).map_err(|source| {
-            RemoteError::Mount {
-                digest: digest.clone(),
-                source,
-            }
-        })?;
+        let mount =
+            LayerMount::mount(layer.clone(), &path, &digest, recorder).map_err(|source| {
+                RemoteError::Mount {
+                    digest: digest.clone(),
+                    source,
+                }
+            })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
         self.start_fetching(layer.clone(), digest);
         let old = self

@@ -368,7 +368,11 @@ async fn prefetch_fetches_prioritized_files_before_they_are_read() {
     let layer = sn.remote_layers().layer(id).unwrap();
     // Wait for the prefetch thread to cache the prioritized file.
     let index = layer.index();
-    let app_idx = index.entries.iter().position(|e| e.name == "usr/bin/app").unwrap();
+    let app_idx = index
+        .entries
+        .iter()
+        .position(|e| e.name == "usr/bin/app")
+        .unwrap();
     let digest = index.chunks[&app_idx][0].digest.clone();
     for _ in 0..250 {
         if layer.is_cached(&digest) {
@@ -376,7 +380,10 @@ async fn prefetch_fetches_prioritized_files_before_they_are_read() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(layer.is_cached(&digest), "prefetch did not cache the prioritized file");
+    assert!(
+        layer.is_cached(&digest),
+        "prefetch did not cache the prioritized file"
+    );
     let requests = fx.reg.state.range_requests.load(Ordering::SeqCst);
     let app = dir.path().join(format!("snapshots/{id}/fs/usr/bin/app"));
     let data = in_blocking(move || std::fs::read(app)).await.unwrap();
