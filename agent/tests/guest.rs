@@ -297,6 +297,87 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
         .await
         .unwrap();
 
+    // Limits can change while it runs; exec and signals work in the VM too.
+    guest.create("upd", spec(&["sleep", "1000"])).await;
+    guest
+        .client
+        .start_container(ctx(), &container_req("upd"))
+        .await
+        .unwrap();
+    let mut update = UpdateContainerRequest::new();
+    update.container_id = "upd".into();
+    update.resources_json = serde_json::to_vec(&serde_json::json!({
+        "memory": {"limit": 64 * 1024 * 1024}, "pids": {"limit": 50}
+    }))
+    .unwrap();
+    guest.client.update_container(ctx(), &update).await.unwrap();
+    let stats = guest
+        .client
+        .stats_container(ctx(), &container_req("upd"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (stats.memory_limit_bytes, stats.pids_limit),
+        (64 * 1024 * 1024, 50)
+    );
+    assert!(
+        stats.pids_current >= 1 && stats.memory_usage_bytes > 0,
+        "{stats:?}"
+    );
+    let pids = guest
+        .client
+        .list_processes(ctx(), &container_req("upd"))
+        .await
+        .unwrap()
+        .pids;
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let mut exec = ExecProcessRequest::new();
+    exec.process = Some(process_ref("upd", "e1")).into();
+    exec.oci_process_json = serde_json::to_vec(&harness::process_json(&[
+        "sh",
+        "-c",
+        "echo in-vm $(cat /proc/1/cmdline | head -c 5)",
+    ]))
+    .unwrap();
+    exec.stdio = Some(stdio(false, false)).into();
+    guest.client.exec_process(ctx(), &exec).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let mut req = ReadStreamRequest::new();
+        req.process = Some(process_ref("upd", "e1")).into();
+        let reply = guest.client.read_stdout(ctx(), &req).await.unwrap();
+        if reply.eof {
+            break;
+        }
+        out.extend(reply.data);
+    }
+    assert_eq!(String::from_utf8(out).unwrap(), "in-vm sleep\n");
+    assert_eq!(
+        guest
+            .client
+            .wait_process(ctx(), &process_ref("upd", "e1"))
+            .await
+            .unwrap()
+            .exit_code,
+        0
+    );
+    let mut kill = SignalProcessRequest::new();
+    kill.process = Some(process_ref("upd", "")).into();
+    kill.signal = 9;
+    kill.all = true;
+    guest.client.signal_process(ctx(), &kill).await.unwrap();
+    let status = guest
+        .client
+        .wait_process(ctx(), &process_ref("upd", ""))
+        .await
+        .unwrap();
+    assert_eq!((status.exit_code, status.oom_killed), (137, false));
+    guest
+        .client
+        .remove_container(ctx(), &container_req("upd"))
+        .await
+        .unwrap();
+
     // The host side can go away and come back (a restarted shim): the agent takes the new
     // connection on the same port.
     let address = format!("unix://{}", guest.dir.path().join("agent.sock").display());

@@ -372,6 +372,7 @@ impl ContainerManager {
     }
 
     /// OCI start.
+    #[tracing::instrument(skip_all, fields(container = %id))]
     pub async fn start(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         if container.state_name() != "created" {
@@ -398,6 +399,7 @@ impl ContainerManager {
     }
 
     /// OCI exec: starts another process in a running container.
+    #[tracing::instrument(skip_all, fields(container = %id, exec = %exec_id))]
     pub async fn exec(
         &self,
         id: &str,
@@ -474,6 +476,7 @@ impl ContainerManager {
     }
 
     /// Signals one process, or every process of the container with `all`.
+    #[tracing::instrument(skip_all, fields(container = %id, exec = %exec_id, ?signal))]
     pub async fn signal(
         &self,
         id: &str,
@@ -527,6 +530,7 @@ impl ContainerManager {
     }
 
     /// Applies OCI LinuxResources JSON to the container's cgroup.
+    #[tracing::instrument(skip_all, fields(container = %id))]
     pub async fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         let resources: LinuxResources =
@@ -544,6 +548,7 @@ impl ContainerManager {
     }
 
     /// Removes a stopped container: its cgroup, libcontainer state, storage and directory.
+    #[tracing::instrument(skip_all, fields(container = %id))]
     pub async fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let container = self.get(id).await?;
         if container.init.exited().is_none() {
