@@ -34,6 +34,11 @@ pub enum ServiceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("failed to list {path}")]
+    ReadDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("a blocking task failed")]
     Join { source: tokio::task::JoinError },
 }
