@@ -373,17 +373,18 @@ async fn prefetch_fetches_prioritized_files_before_they_are_read() {
         .iter()
         .position(|e| e.name == "usr/bin/app")
         .unwrap();
-    let digest = index.chunks[&app_idx][0].digest.clone();
+    let digests: Vec<String> = index.chunks[&app_idx]
+        .iter()
+        .map(|c| c.digest.clone())
+        .collect();
+    let all_cached = || digests.iter().all(|d| layer.is_cached(d));
     for _ in 0..250 {
-        if layer.is_cached(&digest) {
+        if all_cached() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(
-        layer.is_cached(&digest),
-        "prefetch did not cache the prioritized file"
-    );
+    assert!(all_cached(), "prefetch did not cache the prioritized file");
     let requests = fx.reg.state.range_requests.load(Ordering::SeqCst);
     let app = dir.path().join(format!("snapshots/{id}/fs/usr/bin/app"));
     let data = in_blocking(move || std::fs::read(app)).await.unwrap();
