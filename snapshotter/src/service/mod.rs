@@ -462,18 +462,22 @@ impl Snapshotter for SprySnapshotter {
             path: snapshots.clone(),
             source,
         })?;
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if known.contains(&name) {
-                continue;
+        let orphans: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| !known.contains(&*e.file_name().to_string_lossy()))
+            .map(|e| e.path())
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            for path in orphans {
+                // Stops an orphaned layer daemon (if any) and detaches its mount.
+                daemon::stop(&path);
+                if let Err(err) = std::fs::remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), error = %err, "cleanup could not remove an orphaned snapshot");
+                }
             }
-            let path = entry.path();
-            let _ = crate::fs::detach(&path.join("fs"));
-            if let Err(err) = std::fs::remove_dir_all(&path) {
-                tracing::warn!(path = %path.display(), error = %err, "cleanup could not remove an orphaned snapshot");
-            }
-        }
-        Ok(())
+        })
+        .await
+        .map_err(|source| ServiceError::Join { source })
     }
 
     type InfoStream = futures::stream::Iter<std::vec::IntoIter<Result<Info, ServiceError>>>;
