@@ -1,13 +1,14 @@
 //! `containerd-shim-spry-v2`: the containerd shim binary (runtime type io.containerd.spry.v2).
 use std::io::Write;
 
-use spry_shim::service::{SpryShim, RUNTIME_ID};
+use spry_shim::service::{shim_config, SpryShim, RUNTIME_ID};
 
 fn main() {
     init_logging();
     let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
     runtime.block_on(containerd_shim::asynchronous::run::<SpryShim>(
-        RUNTIME_ID, None,
+        RUNTIME_ID,
+        Some(shim_config()),
     ));
 }
 

@@ -38,6 +38,19 @@ pub fn config_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
+/// How the containerd-shim crate must run us. It must be passed to `run`: the crate
+/// installs its signal handlers before `Shim::new` sees the config.
+pub fn shim_config() -> ShimConfig {
+    ShimConfig {
+        // QEMU, mkfs.erofs and friends are children that tokio waits for; the crate's
+        // SIGCHLD reaper (waitpid(-1)) would steal their exit statuses.
+        no_reaper: true,
+        // Logging is tracing, set up by the binary to write into the log FIFO.
+        no_setup_logger: true,
+        ..Default::default()
+    }
+}
+
 /// The shim's process-level side: start, delete, serve.
 pub struct SpryShim {
     id: String,
@@ -51,11 +64,7 @@ pub struct SpryShim {
 impl Shim for SpryShim {
     type T = TaskService;
 
-    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
-        // QEMU is our child and tokio waits for it; the crate's SIGCHLD reaper would steal
-        // its exit status. Logging is set up by the binary (tracing to the log FIFO).
-        config.no_reaper = true;
-        config.no_setup_logger = true;
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
         let bundle = if args.bundle.is_empty() {
             std::env::current_dir().unwrap_or_default()
         } else {

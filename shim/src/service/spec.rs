@@ -1,9 +1,8 @@
-//! Reading a bundle's OCI spec and adapting it for the guest.
+//! Reading a bundle's OCI spec and removing what only the host can make sense of.
 //!
-//! containerd writes the spec for a host runtime. Inside the VM some of it cannot hold:
-//! namespace *paths* point into the host's /proc, host bind mounts have no source in the
-//! guest, and host LSM profiles don't exist there. The pod VM itself is the pod's
-//! network, IPC and UTS boundary, so a namespace joined by path becomes "share the VM's".
+//! Host bind mounts have no source in the guest and host LSM profiles don't exist there;
+//! both are host knowledge, so the shim drops them. Namespaces joined by host path and
+//! cgroup paths are guest matters: the agent rewrites those (agent/src/container/spec.rs).
 
 use std::path::Path;
 
@@ -69,11 +68,6 @@ pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
 /// Rewrites an app container's spec for the guest (see the module docs).
 pub fn for_guest(mut spec: Spec, container_id: &str) -> Spec {
     if let Some(linux) = spec.linux_mut() {
-        if let Some(namespaces) = linux.namespaces_mut() {
-            namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network && ns.path().is_none());
-        }
-        // The guest has its own cgroup tree; a systemd-style host path means nothing there.
-        linux.set_cgroups_path(Some(format!("/spry/{container_id}").into()));
         linux.set_mount_label(None);
     }
     if let Some(process) = spec.process_mut() {
@@ -104,7 +98,7 @@ pub fn for_guest(mut spec: Spec, container_id: &str) -> Spec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::{LinuxNamespaceBuilder, MountBuilder};
+    use oci_spec::runtime::MountBuilder;
     use std::collections::HashMap;
 
     fn cri_spec(kind: &str) -> Spec {
@@ -125,19 +119,8 @@ mod tests {
     }
 
     #[test]
-    fn joined_namespaces_and_host_mounts_are_dropped_for_the_guest() {
+    fn host_mounts_and_labels_are_dropped_for_the_guest() {
         let mut spec = cri_spec("container");
-        let linux = spec.linux_mut().as_mut().unwrap();
-        let mut namespaces = linux.namespaces().clone().unwrap();
-        namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Ipc);
-        namespaces.push(
-            LinuxNamespaceBuilder::default()
-                .typ(LinuxNamespaceType::Ipc)
-                .path("/proc/42/ns/ipc")
-                .build()
-                .unwrap(),
-        );
-        linux.set_namespaces(Some(namespaces));
         let mut mounts = spec.mounts().clone().unwrap();
         mounts.push(
             MountBuilder::default()
@@ -149,27 +132,22 @@ mod tests {
                 .unwrap(),
         );
         spec.set_mounts(Some(mounts));
+        spec.process_mut()
+            .as_mut()
+            .unwrap()
+            .set_apparmor_profile(Some("cri-containerd.apparmor.d".into()));
 
         let guest = for_guest(spec, "c1");
-        let linux = guest.linux().as_ref().unwrap();
-        let types: Vec<_> = linux
-            .namespaces()
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|n| n.typ())
-            .collect();
-        assert!(!types.contains(&LinuxNamespaceType::Network));
-        assert!(
-            !types.contains(&LinuxNamespaceType::Ipc),
-            "joined ipc ns kept: {types:?}"
-        );
-        assert!(types.contains(&LinuxNamespaceType::Pid));
-        assert_eq!(linux.cgroups_path().as_deref(), Some(Path::new("/spry/c1")));
         let mounts = guest.mounts().as_ref().unwrap();
         assert!(mounts
             .iter()
             .all(|m| m.destination() != Path::new("/etc/hosts")));
         assert!(mounts.iter().any(|m| m.destination() == Path::new("/proc")));
+        assert!(guest
+            .process()
+            .as_ref()
+            .unwrap()
+            .apparmor_profile()
+            .is_none());
     }
 }

@@ -1,0 +1,124 @@
+//! The Spry shim through stock containerd 2.x and crictl: a pod is a real microVM, its
+//! containers run in it. Needs root, scripts/install-deps.sh, scripts/build-guest.sh and
+//! scripts/build-test-images.sh; fails (never skips) without them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use spry_integration::{require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry};
+
+fn guest_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("SPRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| spry_integration::paths::repo_root().join("build/guest/current"));
+    ensure!(dir.join("vmlinux").is_file(), "guest assets missing in {}: run scripts/build-guest.sh", dir.display());
+    Ok(dir)
+}
+
+fn shim_bin() -> Result<PathBuf> {
+    let dir = std::env::var_os("SPRY_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| spry_integration::paths::repo_root().join("target/debug"));
+    let bin = dir.join("containerd-shim-spry-v2");
+    ensure!(bin.is_file(), "{} missing: run cargo build -p spry-shim", bin.display());
+    Ok(bin)
+}
+
+/// Starts containerd with the `spry` runtime handler; Spry's state lives in `state`.
+fn containerd_with_spry(name: &str, registry: &Registry, state: &std::path::Path, kernel: Option<&str>) -> Result<Containerd> {
+    let guest = guest_dir()?;
+    let config = state.join("config.toml");
+    std::fs::create_dir_all(state)?;
+    let kernel = kernel.map(str::to_string).unwrap_or_else(|| guest.join("vmlinux").display().to_string());
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[vm]\nkernel = \"{kernel}\"\ninitramfs = \"{}\"\n",
+            state.join("run").display(),
+            guest.join("initramfs.img").display()
+        ),
+    )?;
+    Containerd::start(
+        ContainerdOptions::new(name)
+            .registry(registry)
+            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim_bin()?))
+            .env("SPRY_CONFIG", &config.display().to_string())
+            .env("SPRY_LOG", "debug"),
+    )
+}
+
+#[test]
+fn spry_pod_lifecycle_through_crictl() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new().prefix("spry-cri-").tempdir_in("/run")?;
+    let containerd = containerd_with_spry("spry-cri", &registry, state.path(), None)?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+
+    let pod_cfg = PodConfig::new("spry-pod").hostname("spry-pod").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry")).with_context(|| containerd.log_tail(40))?;
+    let info = crictl.inspectp(&pod)?;
+    ensure!(info["status"]["state"] == "SANDBOX_READY", "pod not ready: {}", info["status"]);
+
+    // A container that prints and exits: its logs show the guest kernel, not the host's.
+    let echo_cfg = ContainerConfig::new("echo", &image)
+        .command(&["sh", "-c", "echo hello from $GREETING; uname -r; hostname; echo oops >&2; exit 4"])
+        .env("GREETING", "spry")
+        .write_to(&containerd.dir())?;
+    let echo = crictl.create(&pod, &echo_cfg, &pod_cfg).with_context(|| containerd.log_tail(40))?;
+    crictl.start(&echo)?;
+    let exited = crictl.wait_container_state(&echo, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    ensure!(exited["status"]["exitCode"] == 4, "exit code: {}", exited["status"]);
+    let logs = crictl.logs(&echo)?;
+    let host_release = nix::sys::utsname::uname()?.release().to_string_lossy().to_string();
+    ensure!(logs.contains("hello from spry") && logs.contains("oops"), "logs: {logs:?}");
+    ensure!(logs.contains("6.1.0-56-cloud-amd64") && !logs.contains(&host_release), "not the guest kernel: {logs:?}");
+    ensure!(logs.contains("spry-pod"), "hostname not the pod's: {logs:?}");
+
+    // A long-running container: exec, stats, stop with a grace period.
+    let sleeper_cfg = ContainerConfig::new("sleeper", &image)
+        // Ignores SIGTERM (SIG_IGN survives exec), so stop must escalate to SIGKILL.
+        .command(&["sh", "-c", "trap '' TERM; exec sleep 3600"]).write_to(&containerd.dir())?;
+    let sleeper = crictl.create(&pod, &sleeper_cfg, &pod_cfg)?;
+    crictl.start(&sleeper)?;
+    crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let out = crictl.exec(&sleeper, &["sh", "-c", "echo in-exec; exit 3"])?;
+    ensure!(out.code == 3 && out.stdout.trim() == "in-exec", "exec: {out:?}");
+    let stats = crictl.stats(&sleeper)?;
+    ensure!(stats["attributes"]["id"] == sleeper.as_str(), "stats: {stats}");
+    let started = std::time::Instant::now();
+    crictl.stop(&sleeper, 2)?;
+    ensure!(started.elapsed() >= Duration::from_secs(2), "stop did not wait for the grace period");
+    let stopped = crictl.inspect(&sleeper)?;
+    ensure!(stopped["status"]["exitCode"] == 137, "stop: {}", stopped["status"]);
+    crictl.rm(&sleeper)?;
+    crictl.rm(&echo)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    ensure!(crictl.pods()?.is_empty(), "pods left after rmp");
+    leaks.assert_clean().context("after removing the pod")?;
+    ensure!(
+        std::fs::read_dir(state.path().join("run/vms")).map(|d| d.count()).unwrap_or(0) == 0,
+        "VM state left behind"
+    );
+    Ok(())
+}
+
+#[test]
+fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new().prefix("spry-cri-bad-").tempdir_in("/run")?;
+    let containerd = containerd_with_spry("spry-nokernel", &registry, state.path(), Some("/nonexistent/spry/vmlinux"))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
+    let pod_cfg = PodConfig::new("nokernel").write_to(&containerd.dir())?;
+    let err = crictl.runp(&pod_cfg, Some("spry")).expect_err("a pod started without a kernel");
+    ensure!(format!("{err:#}").contains("/nonexistent/spry/vmlinux"), "error does not name the kernel: {err:#}");
+    leaks.assert_clean().context("after the failed runp")?;
+    Ok(())
+}
