@@ -18,6 +18,9 @@ scripts/install-deps.sh
 step "build guest assets (kernel, agent initramfs)"
 scripts/build-guest.sh
 
+step "build test images (busybox, python) into the local registry store"
+scripts/build-test-images.sh
+
 step "build"
 cargo build --workspace --bins
 
