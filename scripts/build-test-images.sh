@@ -10,6 +10,9 @@
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
 #            stdlib, /app/hello.py); a few hundred MiB. The debootstrap rootfs is cached in build/cache.
 #
+# Aliases: busybox is also pushed as e2e-test-images/busybox:1.29-2 (critest's default test image, for
+# `critest --registry-prefix=HOST:PORT`).
+#
 # Pushing: with --registry, pushes to that (plain-HTTP) registry as HOST:PORT/<name>:1. Without it, starts
 # a private docker-registry whose storage is build/registry-data and pushes there; the integration harness
 # serves that same directory, so tests never rebuild images.
@@ -29,14 +32,14 @@ IMAGE_TAG=1
 ALL_IMAGES=(pause busybox python)
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
 WORK=
 cleanup() {
     registry_stop
-    [ -n "$WORK" ] && rm -rf "$WORK"
+    if [ -n "$WORK" ]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -145,10 +148,20 @@ EOF
     echo "$PYTHON_RECIPE" >"$IMAGES_DIR/python.stamp"
 }
 
+# Extra names for our images, so critest finds its default test image offline when run with
+# `--registry-prefix=<registry>` (it then pulls <registry>/e2e-test-images/busybox:1.29-2).
+ALIASES=("busybox e2e-test-images/busybox 1.29-2")
+
 push_all() {
-    local registry=$1 name
+    local registry=$1 name alias image alias_name alias_tag
     for name in "${SELECTED[@]}"; do
         oci_push "$IMAGES_DIR/$name" "$IMAGE_TAG" "$registry" "$name"
+        for alias in "${ALIASES[@]}"; do
+            read -r image alias_name alias_tag <<<"$alias"
+            if [ "$image" = "$name" ]; then
+                oci_push "$IMAGES_DIR/$name" "$IMAGE_TAG" "$registry" "$alias_name" "$alias_tag"
+            fi
+        done
     done
 }
 

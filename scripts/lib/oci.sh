@@ -79,12 +79,13 @@ oci_write_image() {
                       annotations:{"org.opencontainers.image.ref.name":$ref}}]}' >"$dir/index.json"
 }
 
-# oci_push LAYOUT_DIR TAG REGISTRY NAME: pushes oci:LAYOUT_DIR:TAG to plain-HTTP REGISTRY as NAME:TAG.
+# oci_push LAYOUT_DIR TAG REGISTRY NAME [DEST_TAG]: pushes oci:LAYOUT_DIR:TAG to plain-HTTP REGISTRY as
+# NAME:DEST_TAG (DEST_TAG defaults to TAG).
 oci_push() {
-    local layout=$1 tag=$2 registry=$3 name=$4
-    log "pushing $layout -> $registry/$name:$tag"
+    local layout=$1 tag=$2 registry=$3 name=$4 dest_tag=${5:-$2}
+    log "pushing $layout -> $registry/$name:$dest_tag"
     skopeo --policy "$(spry_skopeo_policy)" copy --quiet --dest-tls-verify=false \
-        "oci:$layout:$tag" "docker://$registry/$name:$tag"
+        "oci:$layout:$tag" "docker://$registry/$name:$dest_tag"
 }
 
 # free_tcp_port: an unused 127.0.0.1 TCP port (best effort: nothing reserves it).
