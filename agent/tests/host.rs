@@ -284,3 +284,38 @@ async fn a_memory_limit_is_enforced_and_the_oom_kill_reported() {
     agent.remove("oom").await.unwrap();
     agent.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_rlimits_and_capabilities_come_from_the_spec() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    let mut spec = spec(&[
+        "sh",
+        "-c",
+        "ulimit -n; mkdir /blocked 2>&1; grep CapBnd /proc/self/status; echo end",
+    ]);
+    spec["linux"]["seccomp"] = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    });
+    spec["process"]["rlimits"] =
+        serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 321, "soft": 123}]);
+    spec["process"]["capabilities"] = serde_json::json!({
+        "bounding": ["CAP_KILL"], "effective": ["CAP_KILL"], "permitted": ["CAP_KILL"]
+    });
+    agent
+        .create("sec", spec, stdio(false, false))
+        .await
+        .unwrap();
+    agent.start_container("sec").await;
+    let out = agent.read_all("sec", "", false).await;
+    // CAP_KILL is capability 5: bit 0x20.
+    assert_eq!(
+        out,
+        "123\nmkdir: can't create directory '/blocked': Operation not permitted\nCapBnd:\t0000000000000020\nend\n"
+    );
+    assert_eq!(agent.wait("sec", "").await.exit_code, 0);
+    agent.remove("sec").await.unwrap();
+    agent.finish().await;
+}
