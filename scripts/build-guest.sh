@@ -12,11 +12,13 @@ require_cmd cargo dpkg-deb apt-get
 [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || die "depmod not found (apt-get install kmod)"
 
 agent=""
+output="$SPRY_ROOT/build/guest"
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --agent) agent=$2; shift 2 ;;
-        --output | --kernel-deb) args+=("$1" "$2"); shift 2 ;;
+        --output) output=$2; shift 2 ;;
+        --kernel-deb) args+=("$1" "$2"); shift 2 ;;
         *) die "unknown argument '$1' (see the header of $0)" ;;
     esac
 done
@@ -33,5 +35,4 @@ if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
 fi
 
 log "building guest assets with /init = $agent"
-# The manifest goes to stdout (discarded); the output paths are logged on stderr.
-cargo run --quiet -p spry-shim --example build_guest -- --agent "$agent" "${args[@]}" >/dev/null
+cargo run --quiet -p spry-shim --bin spry -- assets build --agent "$agent" --output "$output" "${args[@]}"

@@ -4,6 +4,7 @@ pub mod agent_client;
 pub mod assets;
 pub mod cli;
 pub mod config;
+pub mod install;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;

@@ -1,6 +1,8 @@
 //! `spry`: Spry's command line.
 use clap::Parser;
-use spry_shim::cli::{run_vm, Cli, Command, VmCommand};
+use spry_shim::cli::{
+    run_assets_build, run_install, run_uninstall, run_vm, AssetsCommand, Cli, Command, VmCommand,
+};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -11,19 +13,28 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
-    let result = runtime.block_on(async {
-        match cli.command {
-            Command::Vm(VmCommand::Run(args)) => run_vm(&cli.config, args).await,
+    let result = match cli.command {
+        Command::Vm(VmCommand::Run(args)) => {
+            let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+            let result = runtime.block_on(run_vm(&cli.config, args));
+            // stdin is read on a blocking thread that may never return; don't wait for it.
+            runtime.shutdown_background();
+            match result {
+                Ok(code) => return std::process::ExitCode::from(code.clamp(0, 255) as u8),
+                Err(err) => Err(error_chain(&err)),
+            }
         }
-    });
-    // stdin is read on a blocking thread that may never return; don't wait for it.
-    runtime.shutdown_background();
+        Command::Install(args) => run_install(&args).map_err(|e| error_chain(&e)),
+        Command::Uninstall(args) => run_uninstall(&args).map_err(|e| error_chain(&e)),
+        Command::Assets(AssetsCommand::Build(args)) => {
+            run_assets_build(&args).map_err(|e| error_chain(&e))
+        }
+    };
     match result {
-        Ok(code) => std::process::ExitCode::from(code.clamp(0, 255) as u8),
-        Err(err) => {
-            eprintln!("spry: {}", error_chain(&err));
-            // 125: the runtime failed, not the user's command (docker's convention).
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("spry: {message}");
+            // 125: Spry itself failed, not a user's command (docker's convention).
             std::process::ExitCode::from(125)
         }
     }

@@ -1,5 +1,6 @@
 //! The `spry` command line. `bin/spry.rs` only parses arguments and sets up logging.
 
+mod install;
 mod spec;
 mod stdio;
 mod vm_run;
@@ -8,6 +9,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+pub use install::{
+    run_assets_build, run_install, run_uninstall, AssetsBuildArgs, InstallArgs, InstallCommandError,
+};
 pub use spec::{container_spec, ProcessOptions};
 pub use vm_run::{run_vm, VmRunError};
 
@@ -30,6 +34,20 @@ pub enum Command {
     /// Work with microVMs directly (debugging).
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Install Spry on this node: binaries, guest assets, containerd's runtime handler;
+    /// prints the RuntimeClass manifest.
+    Install(InstallArgs),
+    /// Remove what `spry install` added (Spry's own config file is kept).
+    Uninstall(InstallArgs),
+    /// Build guest assets.
+    #[command(subcommand)]
+    Assets(AssetsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AssetsCommand {
+    /// Build the guest kernel and initramfs (content-addressed, reproducible).
+    Build(AssetsBuildArgs),
 }
 
 #[derive(Debug, Subcommand)]

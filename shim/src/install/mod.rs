@@ -1,0 +1,355 @@
+//! `spry install` / `spry uninstall`: put the binaries and guest assets in place, patch
+//! containerd's config, and print the RuntimeClass. Non-interactive and idempotent, so
+//! kubeadm-style node installers can run it as is.
+
+mod containerd_config;
+
+use std::path::{Path, PathBuf};
+
+pub use containerd_config::{
+    add_handler, remove_handler, ContainerdConfigError, HandlerSettings, HANDLER, RUNTIME_TYPE,
+};
+
+use crate::config::Config;
+
+/// Binaries `spry install` copies (from the directory of the running `spry`).
+pub const BINARIES: [&str; 2] = ["spry", "containerd-shim-spry-v2"];
+/// Guest asset files copied from the guest dir.
+pub const GUEST_FILES: [&str; 3] = ["vmlinux", "initramfs.img", "manifest.json"];
+
+/// Failure of install or uninstall.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("{path} is missing: {hint}")]
+    Missing { path: PathBuf, hint: &'static str },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    ContainerdConfig(#[from] ContainerdConfigError),
+}
+
+/// Where things go.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Where the built binaries are (the CLI passes the running `spry`'s directory).
+    pub binaries_from: PathBuf,
+    pub containerd_config: PathBuf,
+    /// Binaries go to `<prefix>/bin`, guest assets to `<prefix>/share/spry/guest`.
+    pub prefix: PathBuf,
+    /// Guest assets to install (kernel, initramfs, manifest).
+    pub guest_dir: PathBuf,
+    /// Spry's own config; written (commented defaults) only when absent.
+    pub spry_config: PathBuf,
+    pub dry_run: bool,
+}
+
+/// What install or uninstall did (or would do, with `dry_run`).
+#[derive(Debug, Default)]
+pub struct Report {
+    pub actions: Vec<String>,
+    /// Whether containerd's config changed (containerd must be restarted to see it).
+    pub containerd_config_changed: bool,
+}
+
+impl InstallOptions {
+    fn bin_dir(&self) -> PathBuf {
+        self.prefix.join("bin")
+    }
+
+    fn guest_target(&self) -> PathBuf {
+        self.prefix.join("share/spry/guest")
+    }
+}
+
+pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
+    let mut report = Report::default();
+    let exe_dir = opts.binaries_from.as_path();
+    // Check every source first: a half-done install is worse than none.
+    for bin in BINARIES {
+        require(
+            &exe_dir.join(bin),
+            "build Spry first (cargo build --release)",
+        )?;
+    }
+    for file in GUEST_FILES {
+        require(
+            &opts.guest_dir.join(file),
+            "build the guest first (scripts/build-guest.sh) or pass --guest-dir",
+        )?;
+    }
+    for bin in BINARIES {
+        copy(
+            &exe_dir.join(bin),
+            &opts.bin_dir().join(bin),
+            0o755,
+            opts.dry_run,
+            &mut report,
+        )?;
+    }
+    for file in GUEST_FILES {
+        copy(
+            &opts.guest_dir.join(file),
+            &opts.guest_target().join(file),
+            0o644,
+            opts.dry_run,
+            &mut report,
+        )?;
+    }
+    if !opts.spry_config.exists() {
+        let text = default_spry_config(&opts.guest_target());
+        write(&opts.spry_config, &text, opts.dry_run, &mut report)?;
+    }
+    let current = read_or_empty(&opts.containerd_config)?;
+    let settings = HandlerSettings {
+        shim_path: opts.bin_dir().join("containerd-shim-spry-v2"),
+        spry_config: opts.spry_config.clone(),
+    };
+    let patched = add_handler(&current, &opts.containerd_config, &settings)?;
+    if patched != current {
+        backup(&opts.containerd_config, &current, opts.dry_run, &mut report)?;
+        write(&opts.containerd_config, &patched, opts.dry_run, &mut report)?;
+        report.containerd_config_changed = true;
+    } else {
+        report.actions.push(format!(
+            "{}: the spry handler is already configured",
+            opts.containerd_config.display()
+        ));
+    }
+    Ok(report)
+}
+
+pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
+    let mut report = Report::default();
+    let current = read_or_empty(&opts.containerd_config)?;
+    let patched = remove_handler(&current, &opts.containerd_config)?;
+    if patched != current {
+        backup(&opts.containerd_config, &current, opts.dry_run, &mut report)?;
+        write(&opts.containerd_config, &patched, opts.dry_run, &mut report)?;
+        report.containerd_config_changed = true;
+    }
+    let files = BINARIES
+        .iter()
+        .map(|b| opts.bin_dir().join(b))
+        .chain(GUEST_FILES.iter().map(|f| opts.guest_target().join(f)));
+    for path in files.filter(|p| p.exists()) {
+        report.actions.push(format!("remove {}", path.display()));
+        if !opts.dry_run {
+            std::fs::remove_file(&path).map_err(|source| InstallError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    if !opts.dry_run {
+        let _ = std::fs::remove_dir(opts.guest_target());
+    }
+    // Spry's own config is the admin's: kept, as packages keep conffiles on remove.
+    Ok(report)
+}
+
+/// The RuntimeClass for Kubernetes. The overhead is the VM: its memory plus QEMU's own
+/// (~64 MiB measured idle, TCG code cache included), and a quarter CPU for QEMU threads.
+pub fn runtime_class(config: &Config) -> String {
+    let memory_mib = config.vm.memory_mib + 64;
+    format!(
+        "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: {HANDLER}\nhandler: {HANDLER}\n\
+         overhead:\n  podFixed:\n    memory: \"{memory_mib}Mi\"\n    cpu: \"250m\"\n"
+    )
+}
+
+fn default_spry_config(guest: &Path) -> String {
+    format!(
+        "# Spry configuration (see README). Every key is optional; unknown keys are errors.\n\
+         # log_level = \"info\"\n# state_dir = \"/run/spry\"\n\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n\
+         # qemu = \"/usr/bin/qemu-system-x86_64\"\n# accelerator = \"auto\"\n# cpus = 1\n# memory_mib = 256\n",
+        guest.join("vmlinux").display(),
+        guest.join("initramfs.img").display()
+    )
+}
+
+fn require(path: &Path, hint: &'static str) -> Result<(), InstallError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(InstallError::Missing {
+            path: path.to_path_buf(),
+            hint,
+        })
+    }
+}
+
+fn read_or_empty(path: &Path) -> Result<String, InstallError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(source) => Err(InstallError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Writes through a temporary file and a rename, so a reader (or a running binary) never
+/// sees a half-written file.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source| InstallError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    let tmp = path.with_extension("spry-tmp");
+    std::fs::write(&tmp, bytes).map_err(err)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+fn copy(
+    from: &Path,
+    to: &Path,
+    mode: u32,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), InstallError> {
+    let bytes = std::fs::read(from).map_err(|source| InstallError::Read {
+        path: from.to_path_buf(),
+        source,
+    })?;
+    if std::fs::read(to).ok().as_deref() == Some(bytes.as_slice()) {
+        return Ok(());
+    }
+    report
+        .actions
+        .push(format!("install {} -> {}", from.display(), to.display()));
+    if dry_run {
+        return Ok(());
+    }
+    write_atomically(to, &bytes, mode)
+}
+
+fn write(path: &Path, text: &str, dry_run: bool, report: &mut Report) -> Result<(), InstallError> {
+    report.actions.push(format!("write {}", path.display()));
+    if dry_run {
+        return Ok(());
+    }
+    write_atomically(path, text.as_bytes(), 0o644)
+}
+
+fn backup(
+    path: &Path,
+    current: &str,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), InstallError> {
+    if current.is_empty() {
+        return Ok(());
+    }
+    let backup = PathBuf::from(format!("{}.spry-backup", path.display()));
+    report.actions.push(format!(
+        "back up {} -> {}",
+        path.display(),
+        backup.display()
+    ));
+    if dry_run {
+        return Ok(());
+    }
+    write_atomically(&backup, current.as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_is_idempotent_keeps_a_backup_and_uninstall_reverts() {
+        let dir = tempfile::tempdir().unwrap();
+        let guest = dir.path().join("guest");
+        std::fs::create_dir(&guest).unwrap();
+        for f in GUEST_FILES {
+            std::fs::write(guest.join(f), f).unwrap();
+        }
+        let built = dir.path().join("built");
+        std::fs::create_dir(&built).unwrap();
+        for bin in BINARIES {
+            std::fs::write(built.join(bin), bin).unwrap();
+        }
+        let containerd_config = dir.path().join("containerd.toml");
+        std::fs::write(&containerd_config, "version = 3\n# keep me\n").unwrap();
+        let opts = InstallOptions {
+            binaries_from: built,
+            containerd_config: containerd_config.clone(),
+            prefix: dir.path().join("prefix"),
+            guest_dir: guest,
+            spry_config: dir.path().join("spry/config.toml"),
+            dry_run: false,
+        };
+        let dry = install(&InstallOptions {
+            dry_run: true,
+            ..opts.clone()
+        })
+        .unwrap();
+        assert!(dry.containerd_config_changed);
+        assert_eq!(
+            std::fs::read_to_string(&containerd_config).unwrap(),
+            "version = 3\n# keep me\n"
+        );
+        assert!(!opts.prefix.exists(), "dry run wrote files");
+
+        let first = install(&opts).unwrap();
+        assert!(first.containerd_config_changed);
+        let patched = std::fs::read_to_string(&containerd_config).unwrap();
+        assert!(patched.contains("# keep me") && patched.contains(RUNTIME_TYPE));
+        assert!(dir.path().join("containerd.toml.spry-backup").exists());
+        assert!(opts.prefix.join("share/spry/guest/vmlinux").exists());
+        Config::load(&opts.spry_config).expect("the written spry config is valid");
+
+        let second = install(&opts).unwrap();
+        assert!(!second.containerd_config_changed);
+        assert_eq!(
+            std::fs::read_to_string(&containerd_config).unwrap(),
+            patched
+        );
+
+        uninstall(&opts).unwrap();
+        let reverted = std::fs::read_to_string(&containerd_config).unwrap();
+        assert!(!reverted.contains(RUNTIME_TYPE) && reverted.contains("# keep me"));
+        assert!(!opts.prefix.join("bin/spry").exists());
+    }
+
+    #[test]
+    fn missing_guest_assets_fail_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InstallOptions {
+            binaries_from: dir.path().join("no-binaries"),
+            containerd_config: dir.path().join("containerd.toml"),
+            prefix: dir.path().join("prefix"),
+            guest_dir: dir.path().join("no-guest"),
+            spry_config: dir.path().join("spry.toml"),
+            dry_run: false,
+        };
+        let err = install(&opts).unwrap_err();
+        assert!(err.to_string().contains("no-binaries/spry"), "{err}");
+        assert!(!opts.prefix.exists() && !opts.containerd_config.exists());
+    }
+
+    #[test]
+    fn runtime_class_names_the_handler_and_overhead() {
+        let rc = runtime_class(&Config::default());
+        assert!(
+            rc.contains("handler: spry") && rc.contains("memory: \"320Mi\""),
+            "{rc}"
+        );
+    }
+}
