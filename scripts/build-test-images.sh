@@ -10,8 +10,8 @@
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
 #            stdlib, /app/hello.py); a few hundred MiB. The debootstrap rootfs is cached in build/cache.
 #
-# Aliases: busybox is also pushed as e2e-test-images/busybox:1.29-2 (critest's default test image, for
-# `critest --registry-prefix=HOST:PORT`).
+# Aliases: busybox is also pushed as e2e-test-images/busybox:1.29-2 (critest's default test image, served
+# offline when containerd mirrors registry.k8s.io to this registry).
 #
 # Pushing: with --registry, pushes to that (plain-HTTP) registry as HOST:PORT/<name>:1. Without it, starts
 # a private docker-registry whose storage is build/registry-data and pushes there; the integration harness
@@ -148,8 +148,8 @@ EOF
     echo "$PYTHON_RECIPE" >"$IMAGES_DIR/python.stamp"
 }
 
-# Extra names for our images, so critest finds its default test image offline when run with
-# `--registry-prefix=<registry>` (it then pulls <registry>/e2e-test-images/busybox:1.29-2).
+# Extra names for our images, so critest finds its default test image offline when containerd mirrors
+# registry.k8s.io to our registry (the harness's `ContainerdOptions::mirror`).
 ALIASES=("busybox e2e-test-images/busybox 1.29-2")
 
 push_all() {

@@ -63,6 +63,14 @@ impl ContainerdOptions {
         self
     }
 
+    /// Serve pulls of `upstream` (e.g. `registry.k8s.io`) from `registry`: images keep their upstream
+    /// names, so clients with hard-coded references (critest) work offline.
+    pub fn mirror(mut self, upstream: &str, registry: &Registry) -> Self {
+        self.registries
+            .push((upstream.to_string(), registry.addr()));
+        self
+    }
+
     pub fn sandbox_image(mut self, image: &str) -> Self {
         self.sandbox_image = Some(image.to_string());
         self

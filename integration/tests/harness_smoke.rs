@@ -233,3 +233,29 @@ fn python_image_runs() -> Result<()> {
     crictl.rmp_all_force()?;
     leaks.assert_clean()
 }
+
+/// cri-tools' conformance suite runs offline against the harness (runc): the baseline for other handlers.
+#[test]
+fn critest_offline_subset_with_runc() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let containerd = Containerd::start(
+        ContainerdOptions::new("critest")
+            .registry(&registry)
+            .mirror("registry.k8s.io", &registry),
+    )?;
+    let leaks = containerd.leak_check()?;
+    let t0 = Instant::now();
+    let out = spry_integration::Critest::new(spry_integration::critest::OFFLINE_FOCUS)
+        .run(&containerd)?;
+    let summary = out
+        .lines()
+        .filter(|l| l.starts_with("Ran ") || l.contains("Passed"))
+        .collect::<Vec<_>>();
+    eprintln!("critest in {:?}: {summary:?}", t0.elapsed());
+    ensure!(
+        out.contains("FAIL!") == false,
+        "critest reported failures:\n{out}"
+    );
+    leaks.assert_clean()
+}

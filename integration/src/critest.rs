@@ -1,0 +1,92 @@
+//! Runs the Go-built `critest` (cri-tools' CRI conformance suite) against a harness containerd, offline.
+//! Start containerd with `.mirror("registry.k8s.io", &registry)`: critest's default test image
+//! `registry.k8s.io/e2e-test-images/busybox:1.29-2` is then served by the local registry, where
+//! `scripts/build-test-images.sh` pushed our busybox under that name. (critest's own `--registry-prefix`
+//! is not used: v1.34 pulls the prefixed name without its tag but creates containers from the unprefixed
+//! one.) Specs needing other upstream images (nginx, the user/tag/digest test images) cannot run
+//! offline: leave them out with `focus`.
+
+use crate::containerd::Containerd;
+use crate::{paths, require};
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The specs known to pass offline with runc; a baseline other runtime handlers can be held to.
+pub const OFFLINE_FOCUS: &str =
+    "runtime should support (creating|starting|stopping) container \\[|\
+removing (created|running|stopped) container|execSync \\[|(running|stopping|removing) PodSandbox|\
+exec with tty=false|starting container with log";
+
+#[derive(Debug, Clone)]
+pub struct Critest {
+    pub focus: String,
+    pub skip: Option<String>,
+    /// CRI runtime handler (`--runtime-handler`), e.g. `spry`; None = containerd's default.
+    pub runtime_handler: Option<String>,
+}
+
+impl Critest {
+    pub fn new(focus: &str) -> Self {
+        Critest {
+            focus: focus.to_string(),
+            skip: None,
+            runtime_handler: None,
+        }
+    }
+
+    pub fn skip(mut self, skip: &str) -> Self {
+        self.skip = Some(skip.to_string());
+        self
+    }
+
+    pub fn runtime_handler(mut self, handler: &str) -> Self {
+        self.runtime_handler = Some(handler.to_string());
+        self
+    }
+
+    /// Runs the suite; fails with critest's output unless every focused spec passed. Returns the output.
+    pub fn run(&self, containerd: &Containerd) -> Result<String> {
+        let bin = require::require_tool(&critest_bin())?;
+        let endpoint = format!("unix://{}", containerd.socket().display());
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("--runtime-endpoint={endpoint}"))
+            .arg(format!("--image-endpoint={endpoint}"))
+            .arg(format!("--ginkgo.focus={}", self.focus))
+            .arg("--ginkgo.no-color");
+        if let Some(skip) = &self.skip {
+            cmd.arg(format!("--ginkgo.skip={skip}"));
+        }
+        if let Some(handler) = &self.runtime_handler {
+            cmd.arg(format!("--runtime-handler={handler}"));
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("critest failed ({}):\n{}", out.status, tail(&text, 120));
+        }
+        if !text.contains("Ran ") || text.contains("Ran 0 of") {
+            bail!(
+                "critest ran no spec for focus {:?}:\n{}",
+                self.focus,
+                tail(&text, 40)
+            );
+        }
+        Ok(text)
+    }
+}
+
+pub fn critest_bin() -> PathBuf {
+    paths::deps_bin_dir().join("critest")
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
