@@ -10,9 +10,17 @@
 //! let leaks = containerd.leak_check()?;
 //! let crictl = containerd.crictl();
 //! crictl.pull(&registry.image("busybox:1"))?;
-//! let pod_cfg = PodConfig::new("pod").write_to(containerd.dir())?;
-//! let pod = crictl.runp(&pod_cfg, None)?;
-//! // ... create / start / logs / stopp / rmp ...
+//! let pod_cfg = PodConfig::new("pod").write_to(&containerd.dir())?;
+//! let pod = crictl.runp(&pod_cfg, None)?; // or Some("spry") with .runtime_handler("spry", ...)
+//! let ctr_cfg = ContainerConfig::new("hello", &registry.image("busybox:1"))
+//!     .command(&["echo", "hi"])
+//!     .write_to(&containerd.dir())?;
+//! let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+//! crictl.start(&ctr)?;
+//! crictl.wait_container_state(&ctr, "CONTAINER_EXITED", std::time::Duration::from_secs(60))?;
+//! assert!(crictl.logs(&ctr)?.contains("hi"));
+//! crictl.stopp(&pod)?;
+//! crictl.rmp(&pod)?;
 //! leaks.assert_clean()?;
 //! # Ok(()) }
 //! ```
