@@ -439,6 +439,9 @@ impl Containerd {
                 problems.push(format!("unmounting under {}: {e:#}", dir.display()));
             }
         }
+        if let Err(e) = self.archive_log() {
+            problems.push(format!("archiving the containerd log: {e:#}"));
+        }
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
             if let Err(e) =
                 system::run_checked(Command::new("ip").args(["link", "del", &self.bridge]))
@@ -455,6 +458,22 @@ impl Containerd {
             bail!("containerd teardown: {}", problems.join("; "));
         }
         Ok(())
+    }
+
+    /// Copies containerd's log to `paths::log_archive_dir()/<instance dir name>.log` before the dirs go.
+    fn archive_log(&self) -> Result<PathBuf> {
+        let archive = paths::log_archive_dir();
+        fs::create_dir_all(&archive).with_context(|| format!("creating {}", archive.display()))?;
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy();
+        let dest = archive.join(format!("{name}.log"));
+        fs::copy(self.log_path(), &dest)
+            .with_context(|| format!("copying the log to {}", dest.display()))?;
+        Ok(dest)
     }
 
     /// Shims of this instance still alive after containerd stopped: SIGTERM, then SIGKILL.
@@ -474,11 +493,16 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        if let Err(e) = self.cleanup() {
+        if std::thread::panicking() {
             eprintln!(
-                "spry-integration: {e:#}\ncontainerd log tail:\n{}",
-                self.log_tail(20)
+                "spry-integration: test panicked; containerd log tail:\n{}",
+                self.log_tail(30)
             );
+        }
+        // Read before cleanup removes the file.
+        let log_tail = self.log_tail(20);
+        if let Err(e) = self.cleanup() {
+            eprintln!("spry-integration: {e:#}\ncontainerd log tail:\n{log_tail}");
         }
     }
 }

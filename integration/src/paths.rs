@@ -10,6 +10,7 @@
 //! | `SPRY_CNI_BIN_DIR`   | `/usr/lib/cni`                            | CNI plugins                           |
 //! | `SPRY_IT_DIR`        | `/var/lib/spry-it`                        | per-test containerd roots (on disk)   |
 //! | `SPRY_IT_RUN_DIR`    | `/run/spry-it`                            | per-test sockets and state (short)    |
+//! | `SPRY_IT_LOG_DIR`    | `<repo>/target/spry-it-logs`              | containerd logs kept after teardown   |
 
 use std::env;
 use std::path::PathBuf;
@@ -65,4 +66,9 @@ pub fn harness_dir() -> PathBuf {
 /// Per-test sockets and state: short paths, because unix socket paths are limited to 108 bytes.
 pub fn harness_run_dir() -> PathBuf {
     env_path("SPRY_IT_RUN_DIR").unwrap_or_else(|| PathBuf::from("/run/spry-it"))
+}
+
+/// Where each instance's containerd log is copied at teardown (CI keeps it as an artifact).
+pub fn log_archive_dir() -> PathBuf {
+    env_path("SPRY_IT_LOG_DIR").unwrap_or_else(|| repo_root().join("target/spry-it-logs"))
 }
