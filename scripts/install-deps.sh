@@ -132,9 +132,13 @@ write_stamp() { mkdir -p "$STAMP_DIR" && printf '%s' "$2" >"$STAMP_DIR/$1"; }
 
 # Source directory of a module version in the module cache (downloads it if needed).
 module_dir() {
-    local module=$1 version=$2 dir
-    dir=$(cd /tmp && "$GO" mod download -json "$module@$version" | jq -r '.Dir // empty')
-    [ -n "$dir" ] && [ -d "$dir" ] || die "could not download Go module $module@$version"
+    local module=$1 version=$2 json dir
+    # `go mod download -json` exits 1 on failure but still prints JSON whose .Error says why.
+    json=$(cd /tmp && "$GO" mod download -json "$module@$version") || true
+    dir=$(jq -r '.Dir // empty' <<<"$json" 2>/dev/null || true)
+    if [ -z "$dir" ] || [ ! -d "$dir" ]; then
+        die "could not download Go module $module@$version: $(jq -r '.Error // empty' <<<"$json" 2>/dev/null || echo "$json")"
+    fi
     echo "$dir"
 }
 
