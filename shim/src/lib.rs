@@ -10,3 +10,16 @@ pub mod sandbox;
 pub mod service;
 pub mod sys;
 pub mod vm;
+
+/// An error and all its sources on one line ("a: b: c"): what a person needs when only
+/// the top message would be shown (containerd, the CLI's stderr).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

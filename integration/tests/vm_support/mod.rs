@@ -11,8 +11,13 @@ use spry_shim::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use spry_shim::vm::{AccelChoice, AgentChannelKind, QemuHypervisor, VmConfig};
 use tempfile::TempDir;
 
+pub use spry_shim::error_chain as chain;
+
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// These tests boot VMs and mount filesystems: without root they must fail, not skip.
@@ -41,15 +46,25 @@ pub fn spry_bin() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/debug"));
     let bin = dir.join("spry");
-    assert!(bin.is_file(), "{} missing: run cargo build -p spry-shim", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} missing: run cargo build -p spry-shim",
+        bin.display()
+    );
     bin
 }
 
 /// A minimal busybox root filesystem (from Debian's busybox-static).
 pub fn busybox_rootfs() -> TempDir {
     let busybox = Path::new("/bin/busybox");
-    assert!(busybox.is_file(), "/bin/busybox missing: apt-get install busybox-static");
-    let dir = tempfile::Builder::new().prefix("spry-rootfs-").tempdir().unwrap();
+    assert!(
+        busybox.is_file(),
+        "/bin/busybox missing: apt-get install busybox-static"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("spry-rootfs-")
+        .tempdir()
+        .unwrap();
     for sub in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
         std::fs::create_dir_all(dir.path().join(sub)).unwrap();
     }
@@ -57,11 +72,22 @@ pub fn busybox_rootfs() -> TempDir {
     // Relative links: `busybox --install` would point them at this host path.
     let applets = Command::new(busybox).arg("--list").output().unwrap();
     assert!(applets.status.success(), "busybox --list failed");
-    for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| *a != "busybox") {
+    for applet in String::from_utf8_lossy(&applets.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+    {
         std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(applet)).unwrap();
     }
-    std::fs::write(dir.path().join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n").unwrap();
-    std::fs::write(dir.path().join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(
+        dir.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("etc/group"),
+        "root:x:0:\nnogroup:x:65534:\n",
+    )
+    .unwrap();
     dir
 }
 
@@ -80,7 +106,10 @@ impl TestArea {
     pub fn new() -> Self {
         require_root();
         Self {
-            dir: tempfile::Builder::new().prefix("spry-test-").tempdir_in("/run").unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("spry-test-")
+                .tempdir_in("/run")
+                .unwrap(),
         }
     }
 
@@ -113,15 +142,24 @@ impl TestArea {
             hostname: format!("host-{id}"),
             ..Default::default()
         };
-        Sandbox::start(&hypervisor, config, identity, Box::new(share), DEFAULT_BOOT_TIMEOUT)
-            .await
-            .unwrap_or_else(|e| panic!("sandbox {id} did not start: {}", chain(&e)))
+        Sandbox::start(
+            &hypervisor,
+            config,
+            identity,
+            Box::new(share),
+            DEFAULT_BOOT_TIMEOUT,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("sandbox {id} did not start: {}", chain(&e)))
     }
 
     /// Fails if anything of this test is left: QEMU processes, VM state dirs, rootfs
     /// images, or mounts under the test area.
     pub fn assert_no_leaks(&self) {
-        assert_no_leaks_matching(&self.dir.path().to_string_lossy(), &[self.dir.path().join("vms"), self.dir.path().join("rootfs")]);
+        assert_no_leaks_matching(
+            &self.dir.path().to_string_lossy(),
+            &[self.dir.path().join("vms"), self.dir.path().join("rootfs")],
+        );
     }
 }
 
@@ -132,7 +170,11 @@ pub fn assert_no_leaks_matching(needle: &str, dirs: &[PathBuf]) {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         if cmdline.contains("qemu-system") && cmdline.contains(needle) {
-            leaks.push(format!("QEMU process {}: {:.160}", entry.file_name().to_string_lossy(), cmdline));
+            leaks.push(format!(
+                "QEMU process {}: {:.160}",
+                entry.file_name().to_string_lossy(),
+                cmdline
+            ));
         }
     }
     for dir in dirs {
@@ -147,18 +189,6 @@ pub fn assert_no_leaks_matching(needle: &str, dirs: &[PathBuf]) {
         leaks.push(format!("mount: {line}"));
     }
     assert!(leaks.is_empty(), "leaks:\n{}", leaks.join("\n"));
-}
-
-/// The whole error chain, for test failure messages.
-pub fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// Writes a config file for the CLI that points at the shared state root (so the

@@ -320,6 +320,19 @@ impl AgentClient {
             .map_err(|e| AgentError::from_ttrpc("WriteStdin", e))
     }
 
+    /// Writes all of `data`, looping over the agent's partial writes.
+    pub async fn write_stdin_all(
+        &self,
+        process: &ProcessId,
+        mut data: &[u8],
+    ) -> Result<(), AgentError> {
+        while !data.is_empty() {
+            let written = self.write_stdin(process, data.to_vec()).await? as usize;
+            data = &data[written.min(data.len())..];
+        }
+        Ok(())
+    }
+
     pub async fn close_stdin(&self, process: &ProcessId) -> Result<(), AgentError> {
         self.inner
             .close_stdin(control(), &process.to_pb())

@@ -3,6 +3,7 @@ use clap::Parser;
 use spry_shim::cli::{
     run_assets_build, run_install, run_uninstall, run_vm, AssetsCommand, Cli, Command, VmCommand,
 };
+use spry_shim::error_chain;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -38,15 +39,4 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::from(125)
         }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }

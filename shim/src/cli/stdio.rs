@@ -34,11 +34,7 @@ pub async fn copy_stdin(agent: AgentClient, process: ProcessId) -> Result<(), Ag
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            let written = agent.write_stdin(&process, data.to_vec()).await? as usize;
-            data = &data[written.min(data.len())..];
-        }
+        agent.write_stdin_all(&process, &buf[..n]).await?;
     }
     agent.close_stdin(&process).await
 }

@@ -116,21 +116,9 @@ fn agent_code(err: &AgentError) -> ttrpc::Code {
     err.code().unwrap_or(ttrpc::Code::UNAVAILABLE)
 }
 
-/// The whole error chain in one line: containerd shows only the message.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
 impl From<ShimError> for ttrpc::Error {
     fn from(err: ShimError) -> Self {
-        ttrpc::Error::RpcStatus(ttrpc::get_status(err.code(), chain(&err)))
+        ttrpc::Error::RpcStatus(ttrpc::get_status(err.code(), crate::error_chain(&err)))
     }
 }
 

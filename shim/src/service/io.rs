@@ -158,12 +158,8 @@ async fn pump_stdin(agent: AgentClient, process: ProcessId, path: PathBuf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut data = &buf[..n];
-        while !data.is_empty() {
-            match agent.write_stdin(&process, data.to_vec()).await {
-                Ok(written) => data = &data[(written as usize).min(data.len())..],
-                Err(_) => return,
-            }
+        if agent.write_stdin_all(&process, &buf[..n]).await.is_err() {
+            return;
         }
     }
     let _ = agent.close_stdin(&process).await;

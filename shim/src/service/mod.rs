@@ -27,6 +27,7 @@ pub use error::ShimError;
 pub use task::TaskService;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::error_chain;
 
 /// containerd's runtime type for Spry.
 pub const RUNTIME_ID: &str = "io.containerd.spry.v2";
@@ -150,15 +151,4 @@ pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
             }
         }
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
