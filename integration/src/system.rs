@@ -134,6 +134,8 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+const MAX_STACKED_MOUNTS: usize = 32;
+
 /// Lazily unmounts every mount at or below `prefix`, deepest first. Returns what it unmounted.
 pub fn unmount_under(prefix: &Path) -> Result<Vec<PathBuf>> {
     let mut targets: Vec<PathBuf> = mounts()?
@@ -145,8 +147,17 @@ pub fn unmount_under(prefix: &Path) -> Result<Vec<PathBuf>> {
     targets.dedup();
     let mut done = Vec::new();
     for target in targets {
-        // Stacked mounts on one point need one umount each; stop when it is no longer a mount.
+        // Stacked mounts on one point need one umount each; stop when it is no longer a mount. Bounded,
+        // so a mount that keeps coming back (propagation) is an error rather than a hang.
+        let mut attempts = 0;
         while mounts()?.iter().any(|m| m.mount_point == target) {
+            attempts += 1;
+            if attempts > MAX_STACKED_MOUNTS {
+                anyhow::bail!(
+                    "{} is still mounted after {MAX_STACKED_MOUNTS} unmounts",
+                    target.display()
+                );
+            }
             umount2(&target, MntFlags::MNT_DETACH)
                 .with_context(|| format!("unmounting {}", target.display()))?;
         }
@@ -284,6 +295,35 @@ mod tests {
             .iter()
             .any(|m| m.mount_point == Path::new("/")));
         assert!(process_alive(me));
+    }
+
+    #[test]
+    fn unmounts_nested_and_stacked_mounts_under_prefix() {
+        crate::require_root().unwrap();
+        use nix::mount::{mount, MsFlags};
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("a");
+        fs::create_dir(&top).unwrap();
+        let tmpfs = |target: &Path| {
+            mount(
+                Some("tmpfs"),
+                target,
+                Some("tmpfs"),
+                MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap()
+        };
+        tmpfs(&top);
+        tmpfs(&top); // stacked on the same point
+        fs::create_dir(top.join("b")).unwrap();
+        tmpfs(&top.join("b")); // nested
+        let done = unmount_under(dir.path()).unwrap();
+        assert_eq!(done, vec![top.join("b"), top.clone()]);
+        assert!(!mounts()
+            .unwrap()
+            .iter()
+            .any(|m| m.mount_point.starts_with(dir.path())));
     }
 
     #[test]
