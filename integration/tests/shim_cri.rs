@@ -6,13 +6,19 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use spry_integration::{require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry};
+use spry_integration::{
+    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+};
 
 fn guest_dir() -> Result<PathBuf> {
     let dir = std::env::var_os("SPRY_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| spry_integration::paths::repo_root().join("build/guest/current"));
-    ensure!(dir.join("vmlinux").is_file(), "guest assets missing in {}: run scripts/build-guest.sh", dir.display());
+    ensure!(
+        dir.join("vmlinux").is_file(),
+        "guest assets missing in {}: run scripts/build-guest.sh",
+        dir.display()
+    );
     Ok(dir)
 }
 
@@ -21,16 +27,27 @@ fn shim_bin() -> Result<PathBuf> {
         .map(PathBuf::from)
         .unwrap_or_else(|| spry_integration::paths::repo_root().join("target/debug"));
     let bin = dir.join("containerd-shim-spry-v2");
-    ensure!(bin.is_file(), "{} missing: run cargo build -p spry-shim", bin.display());
+    ensure!(
+        bin.is_file(),
+        "{} missing: run cargo build -p spry-shim",
+        bin.display()
+    );
     Ok(bin)
 }
 
 /// Starts containerd with the `spry` runtime handler; Spry's state lives in `state`.
-fn containerd_with_spry(name: &str, registry: &Registry, state: &std::path::Path, kernel: Option<&str>) -> Result<Containerd> {
+fn containerd_with_spry(
+    name: &str,
+    registry: &Registry,
+    state: &std::path::Path,
+    kernel: Option<&str>,
+) -> Result<Containerd> {
     let guest = guest_dir()?;
     let config = state.join("config.toml");
     std::fs::create_dir_all(state)?;
-    let kernel = kernel.map(str::to_string).unwrap_or_else(|| guest.join("vmlinux").display().to_string());
+    let kernel = kernel
+        .map(str::to_string)
+        .unwrap_or_else(|| guest.join("vmlinux").display().to_string());
     std::fs::write(
         &config,
         format!(
@@ -52,49 +69,95 @@ fn containerd_with_spry(name: &str, registry: &Registry, state: &std::path::Path
 fn spry_pod_lifecycle_through_crictl() -> Result<()> {
     require_root()?;
     let registry = Registry::start()?;
-    let state = tempfile::Builder::new().prefix("spry-cri-").tempdir_in("/run")?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-cri-")
+        .tempdir_in("/run")?;
     let containerd = containerd_with_spry("spry-cri", &registry, state.path(), None)?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
 
-    let pod_cfg = PodConfig::new("spry-pod").hostname("spry-pod").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry")).with_context(|| containerd.log_tail(40))?;
+    let pod_cfg = PodConfig::new("spry-pod")
+        .hostname("spry-pod")
+        .write_to(&containerd.dir())?;
+    let pod = crictl
+        .runp(&pod_cfg, Some("spry"))
+        .with_context(|| containerd.log_tail(40))?;
     let info = crictl.inspectp(&pod)?;
-    ensure!(info["status"]["state"] == "SANDBOX_READY", "pod not ready: {}", info["status"]);
+    ensure!(
+        info["status"]["state"] == "SANDBOX_READY",
+        "pod not ready: {}",
+        info["status"]
+    );
 
     // A container that prints and exits: its logs show the guest kernel, not the host's.
     let echo_cfg = ContainerConfig::new("echo", &image)
-        .command(&["sh", "-c", "echo hello from $GREETING; uname -r; hostname; echo oops >&2; exit 4"])
+        .command(&[
+            "sh",
+            "-c",
+            "echo hello from $GREETING; uname -r; hostname; echo oops >&2; exit 4",
+        ])
         .env("GREETING", "spry")
         .write_to(&containerd.dir())?;
-    let echo = crictl.create(&pod, &echo_cfg, &pod_cfg).with_context(|| containerd.log_tail(40))?;
+    let echo = crictl
+        .create(&pod, &echo_cfg, &pod_cfg)
+        .with_context(|| containerd.log_tail(40))?;
     crictl.start(&echo)?;
     let exited = crictl.wait_container_state(&echo, "CONTAINER_EXITED", Duration::from_secs(60))?;
-    ensure!(exited["status"]["exitCode"] == 4, "exit code: {}", exited["status"]);
+    ensure!(
+        exited["status"]["exitCode"] == 4,
+        "exit code: {}",
+        exited["status"]
+    );
     let logs = crictl.logs(&echo)?;
-    let host_release = nix::sys::utsname::uname()?.release().to_string_lossy().to_string();
-    ensure!(logs.contains("hello from spry") && logs.contains("oops"), "logs: {logs:?}");
-    ensure!(logs.contains("6.1.0-56-cloud-amd64") && !logs.contains(&host_release), "not the guest kernel: {logs:?}");
-    ensure!(logs.contains("spry-pod"), "hostname not the pod's: {logs:?}");
+    let host_release = nix::sys::utsname::uname()?
+        .release()
+        .to_string_lossy()
+        .to_string();
+    ensure!(
+        logs.contains("hello from spry") && logs.contains("oops"),
+        "logs: {logs:?}"
+    );
+    ensure!(
+        logs.contains("6.1.0-56-cloud-amd64") && !logs.contains(&host_release),
+        "not the guest kernel: {logs:?}"
+    );
+    ensure!(
+        logs.contains("spry-pod"),
+        "hostname not the pod's: {logs:?}"
+    );
 
     // A long-running container: exec, stats, stop with a grace period.
     let sleeper_cfg = ContainerConfig::new("sleeper", &image)
         // Ignores SIGTERM (SIG_IGN survives exec), so stop must escalate to SIGKILL.
-        .command(&["sh", "-c", "trap '' TERM; exec sleep 3600"]).write_to(&containerd.dir())?;
+        .command(&["sh", "-c", "trap '' TERM; exec sleep 3600"])
+        .write_to(&containerd.dir())?;
     let sleeper = crictl.create(&pod, &sleeper_cfg, &pod_cfg)?;
     crictl.start(&sleeper)?;
     crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(60))?;
     let out = crictl.exec(&sleeper, &["sh", "-c", "echo in-exec; exit 3"])?;
-    ensure!(out.code == 3 && out.stdout.trim() == "in-exec", "exec: {out:?}");
+    ensure!(
+        out.code == 3 && out.stdout.trim() == "in-exec",
+        "exec: {out:?}"
+    );
     let stats = crictl.stats(&sleeper)?;
-    ensure!(stats["attributes"]["id"] == sleeper.as_str(), "stats: {stats}");
+    ensure!(
+        stats["attributes"]["id"] == sleeper.as_str(),
+        "stats: {stats}"
+    );
     let started = std::time::Instant::now();
     crictl.stop(&sleeper, 2)?;
-    ensure!(started.elapsed() >= Duration::from_secs(2), "stop did not wait for the grace period");
+    ensure!(
+        started.elapsed() >= Duration::from_secs(2),
+        "stop did not wait for the grace period"
+    );
     let stopped = crictl.inspect(&sleeper)?;
-    ensure!(stopped["status"]["exitCode"] == 137, "stop: {}", stopped["status"]);
+    ensure!(
+        stopped["status"]["exitCode"] == 137,
+        "stop: {}",
+        stopped["status"]
+    );
     crictl.rm(&sleeper)?;
     crictl.rm(&echo)?;
     crictl.stopp(&pod)?;
@@ -102,7 +165,10 @@ fn spry_pod_lifecycle_through_crictl() -> Result<()> {
     ensure!(crictl.pods()?.is_empty(), "pods left after rmp");
     leaks.assert_clean().context("after removing the pod")?;
     ensure!(
-        std::fs::read_dir(state.path().join("run/vms")).map(|d| d.count()).unwrap_or(0) == 0,
+        std::fs::read_dir(state.path().join("run/vms"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            == 0,
         "VM state left behind"
     );
     Ok(())
@@ -112,13 +178,25 @@ fn spry_pod_lifecycle_through_crictl() -> Result<()> {
 fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
     require_root()?;
     let registry = Registry::start()?;
-    let state = tempfile::Builder::new().prefix("spry-cri-bad-").tempdir_in("/run")?;
-    let containerd = containerd_with_spry("spry-nokernel", &registry, state.path(), Some("/nonexistent/spry/vmlinux"))?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-cri-bad-")
+        .tempdir_in("/run")?;
+    let containerd = containerd_with_spry(
+        "spry-nokernel",
+        &registry,
+        state.path(),
+        Some("/nonexistent/spry/vmlinux"),
+    )?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
     let pod_cfg = PodConfig::new("nokernel").write_to(&containerd.dir())?;
-    let err = crictl.runp(&pod_cfg, Some("spry")).expect_err("a pod started without a kernel");
-    ensure!(format!("{err:#}").contains("/nonexistent/spry/vmlinux"), "error does not name the kernel: {err:#}");
+    let err = crictl
+        .runp(&pod_cfg, Some("spry"))
+        .expect_err("a pod started without a kernel");
+    ensure!(
+        format!("{err:#}").contains("/nonexistent/spry/vmlinux"),
+        "error does not name the kernel: {err:#}"
+    );
     leaks.assert_clean().context("after the failed runp")?;
     Ok(())
 }

@@ -7,7 +7,12 @@ use std::process::{Command, Output, Stdio};
 
 use vm_support::*;
 
-fn spry_vm_run(rootfs: &std::path::Path, extra: &[&str], cmd: &[&str], stdin: Option<&[u8]>) -> (Output, u32) {
+fn spry_vm_run(
+    rootfs: &std::path::Path,
+    extra: &[&str],
+    cmd: &[&str],
+    stdin: Option<&[u8]>,
+) -> (Output, u32) {
     require_root();
     let area = TestArea::new();
     let mut command = Command::new(spry_bin());
@@ -19,7 +24,11 @@ fn spry_vm_run(rootfs: &std::path::Path, extra: &[&str], cmd: &[&str], stdin: Op
         .args(extra)
         .arg("--")
         .args(cmd)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = command.spawn().unwrap();
@@ -31,8 +40,14 @@ fn spry_vm_run(rootfs: &std::path::Path, extra: &[&str], cmd: &[&str], stdin: Op
     let id = format!("vm-run-{pid}");
     let root = shared_state_root();
     assert_no_leaks_matching(&id, &[]);
-    assert!(!root.join("vms").join(&id).exists(), "VM state dir left behind");
-    assert!(!root.join("rootfs").join(&id).exists(), "rootfs work dir left behind");
+    assert!(
+        !root.join("vms").join(&id).exists(),
+        "VM state dir left behind"
+    );
+    assert!(
+        !root.join("rootfs").join(&id).exists(),
+        "rootfs work dir left behind"
+    );
     (output, pid)
 }
 
@@ -43,10 +58,19 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn echo_and_exit_code() {
     let rootfs = busybox_rootfs();
-    let (out, _) = spry_vm_run(rootfs.path(), &[], &["sh", "-c", "echo hi; echo oops >&2; exit 3"], None);
+    let (out, _) = spry_vm_run(
+        rootfs.path(),
+        &[],
+        &["sh", "-c", "echo hi; echo oops >&2; exit 3"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(3), "stderr: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hi\n");
-    assert!(text(&out.stderr).contains("oops"), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("oops"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
 }
 
 #[test]
@@ -64,20 +88,41 @@ fn stdin_is_piped_through_and_vm_size_applies() {
     assert_eq!(lines[0], "hello from stdin");
     assert_eq!(lines[1], "2");
     let kib: u64 = lines[2].split_whitespace().nth(1).unwrap().parse().unwrap();
-    assert!((250_000..=330_000).contains(&kib), "guest memory {kib} KiB for --memory 320");
+    assert!(
+        (250_000..=330_000).contains(&kib),
+        "guest memory {kib} KiB for --memory 320"
+    );
 }
 
 #[test]
 fn tty_mode() {
     let rootfs = busybox_rootfs();
-    let (out, _) = spry_vm_run(rootfs.path(), &["--tty"], &["sh", "-c", "test -t 1 && echo tty-ok; exit 7"], None);
+    let (out, _) = spry_vm_run(
+        rootfs.path(),
+        &["--tty"],
+        &["sh", "-c", "test -t 1 && echo tty-ok; exit 7"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(7), "stderr: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("tty-ok"), "stdout: {}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("tty-ok"),
+        "stdout: {}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
 fn missing_rootfs_is_a_clear_error() {
-    let (out, _) = spry_vm_run(std::path::Path::new("/no/such/rootfs"), &[], &["true"], None);
+    let (out, _) = spry_vm_run(
+        std::path::Path::new("/no/such/rootfs"),
+        &[],
+        &["true"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("/no/such/rootfs"), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/no/such/rootfs"),
+        "stderr: {}",
+        text(&out.stderr)
+    );
 }

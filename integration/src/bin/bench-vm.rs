@@ -41,7 +41,9 @@ fn main() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("bench-vm needs root (it boots VMs)");
     }
-    let guest = std::env::var_os("SPRY_GUEST_DIR").map(PathBuf::from).unwrap_or_else(|| "build/guest/current".into());
+    let guest = std::env::var_os("SPRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "build/guest/current".into());
     let rootfs = busybox_rootfs()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut samples = Vec::new();
@@ -72,7 +74,10 @@ fn main() -> Result<()> {
         "idle_vm_pss_mib_p50": round(pss),
     });
     std::fs::create_dir_all(&out_dir)?;
-    std::fs::write(out_dir.join("vm.json"), serde_json::to_string_pretty(&json)? + "\n")?;
+    std::fs::write(
+        out_dir.join("vm.json"),
+        serde_json::to_string_pretty(&json)? + "\n",
+    )?;
     let md = format!(
         "# VM benchmark ({runs} runs, {accel}, medians)\n\n| metric | p50 |\n|---|---|\n\
          | VM start → agent ready | {ready:.0} ms |\n| container start (create+start → first output) | {start:.0} ms |\n\
@@ -84,7 +89,9 @@ fn main() -> Result<()> {
 }
 
 async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, String)> {
-    let area = tempfile::Builder::new().prefix("spry-bench-").tempdir_in("/run")?;
+    let area = tempfile::Builder::new()
+        .prefix("spry-bench-")
+        .tempdir_in("/run")?;
     let id = format!("bench-{i}");
     let config = VmConfig {
         id: id.clone(),
@@ -102,17 +109,39 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
     let hypervisor = QemuHypervisor::new("/run/spry-bench");
     let share = ErofsBlockShare::new(area.path().join("rootfs"));
     let t0 = Instant::now();
-    let sandbox = Sandbox::start(&hypervisor, config, SandboxIdentity::default(), Box::new(share), DEFAULT_BOOT_TIMEOUT).await?;
+    let sandbox = Sandbox::start(
+        &hypervisor,
+        config,
+        SandboxIdentity::default(),
+        Box::new(share),
+        DEFAULT_BOOT_TIMEOUT,
+    )
+    .await?;
     let agent_ready = t0.elapsed();
     let accel = sandbox.vm().accel().to_string();
 
-    let opts = ProcessOptions { args: vec!["sh".into(), "-c".into(), "echo ready; exec sleep 1000".into()], ..Default::default() };
+    let opts = ProcessOptions {
+        args: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo ready; exec sleep 1000".into(),
+        ],
+        ..Default::default()
+    };
     let t1 = Instant::now();
     sandbox
-        .create_container("idle", &container_spec(&opts), &RootfsSource::Directory(rootfs.to_path_buf()), pb::StdioConfig::default())
+        .create_container(
+            "idle",
+            &container_spec(&opts),
+            &RootfsSource::Directory(rootfs.to_path_buf()),
+            pb::StdioConfig::default(),
+        )
         .await?;
     sandbox.start_container("idle").await?;
-    let first = sandbox.agent().read_output(&ProcessId::init("idle"), OutputStream::Stdout, 4096).await?;
+    let first = sandbox
+        .agent()
+        .read_output(&ProcessId::init("idle"), OutputStream::Stdout, 4096)
+        .await?;
     let container_start = t1.elapsed();
     if first.as_deref() != Some(b"ready\n".as_slice()) {
         bail!("unexpected first output {first:?}");
@@ -120,11 +149,25 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
     // Let the guest settle, as an idle pod would.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (rss_kib, pss_kib) = smaps_rollup(sandbox.vm().pid())?;
-    sandbox.agent().signal_process(&ProcessId::init("idle"), libc::SIGKILL as u32, true).await?;
-    sandbox.agent().wait_process(&ProcessId::init("idle")).await?;
+    sandbox
+        .agent()
+        .signal_process(&ProcessId::init("idle"), libc::SIGKILL as u32, true)
+        .await?;
+    sandbox
+        .agent()
+        .wait_process(&ProcessId::init("idle"))
+        .await?;
     sandbox.remove_container("idle").await?;
     sandbox.shutdown(Duration::from_secs(10)).await?;
-    Ok((Sample { agent_ready, container_start, rss_kib, pss_kib }, accel))
+    Ok((
+        Sample {
+            agent_ready,
+            container_start,
+            rss_kib,
+            pss_kib,
+        },
+        accel,
+    ))
 }
 
 fn smaps_rollup(pid: u32) -> Result<(u64, u64)> {
@@ -140,18 +183,26 @@ fn smaps_rollup(pid: u32) -> Result<(u64, u64)> {
 }
 
 fn busybox_rootfs() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new().prefix("spry-bench-rootfs-").tempdir()?;
+    let dir = tempfile::Builder::new()
+        .prefix("spry-bench-rootfs-")
+        .tempdir()?;
     std::fs::create_dir_all(dir.path().join("bin"))?;
     for sub in ["proc", "sys", "dev", "tmp", "etc"] {
         std::fs::create_dir_all(dir.path().join(sub))?;
     }
-    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox")).context("/bin/busybox (busybox-static)")?;
+    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox"))
+        .context("/bin/busybox (busybox-static)")?;
     // Relative links: `busybox --install` would point them at this host path.
-    let applets = std::process::Command::new("/bin/busybox").arg("--list").output()?;
+    let applets = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()?;
     if !applets.status.success() {
         bail!("busybox --list failed");
     }
-    for applet in String::from_utf8_lossy(&applets.stdout).lines().filter(|a| *a != "busybox") {
+    for applet in String::from_utf8_lossy(&applets.stdout)
+        .lines()
+        .filter(|a| *a != "busybox")
+    {
         std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(applet))?;
     }
     Ok(dir)
