@@ -52,8 +52,8 @@ impl Critest {
         self
     }
 
-    /// Runs the suite; fails with critest's output unless every focused spec passed. Returns the output.
-    pub fn run(&self, containerd: &Containerd) -> Result<String> {
+    /// Runs the suite and returns whether critest succeeded, with its whole output.
+    pub fn output(&self, containerd: &Containerd) -> Result<(bool, String)> {
         let bin = require::require_tool(&critest_bin())?;
         let endpoint = format!("unix://{}", containerd.socket().display());
         let mut cmd = Command::new(&bin);
@@ -75,9 +75,6 @@ impl Critest {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        if !out.status.success() {
-            bail!("critest failed ({}):\n{}", out.status, tail(&text, 120));
-        }
         if !text.contains("Ran ") || text.contains("Ran 0 of") {
             bail!(
                 "critest ran no spec for focus {:?}:\n{}",
@@ -85,7 +82,53 @@ impl Critest {
                 tail(&text, 40)
             );
         }
+        Ok((out.status.success(), text))
+    }
+
+    /// Runs the suite; fails with critest's output unless every focused spec passed. Returns the output.
+    pub fn run(&self, containerd: &Containerd) -> Result<String> {
+        let (ok, text) = self.output(containerd)?;
+        if !ok {
+            bail!("critest failed:\n{}", tail(&text, 120));
+        }
         Ok(text)
+    }
+}
+
+/// Pass/fail counts and failing spec names from critest's (ginkgo's) output.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CritestSummary {
+    pub passed: u32,
+    pub failed: u32,
+    pub failures: Vec<String>,
+}
+
+impl CritestSummary {
+    /// Reads ginkgo's `N Passed | M Failed` line and its `[FAIL]` lines.
+    pub fn parse(output: &str) -> Self {
+        let count = |line: &str, word: &str| -> Option<u32> {
+            let before = line.split(word).next()?;
+            before
+                .split(|c: char| !c.is_ascii_digit())
+                .rfind(|s| !s.is_empty())?
+                .parse()
+                .ok()
+        };
+        let mut summary = CritestSummary::default();
+        if let Some(line) = output.lines().rev().find(|l| l.contains(" Passed |")) {
+            summary.passed = count(line, " Passed").unwrap_or(0);
+            summary.failed = count(line, " Failed").unwrap_or(0);
+        }
+        let mut failures: Vec<String> = output
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("[FAIL]"))
+            .map(|l| l.trim_start_matches("[FAIL]").trim().to_string())
+            .collect();
+        failures.sort();
+        failures.dedup();
+        summary.failures = failures;
+        summary
     }
 }
 
@@ -96,4 +139,19 @@ pub fn critest_bin() -> PathBuf {
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ginkgo_summaries() {
+        let out = "Summarizing 2 Failures:\n  [FAIL] [sig-node] Container runtime should support attach [Conformance]\n  [FAIL] [sig-node] Streaming exec\n\nRan 26 of 80 Specs in 40.1 seconds\nFAIL! -- 24 Passed | 2 Failed | 0 Pending | 54 Skipped\n";
+        let s = CritestSummary::parse(out);
+        assert_eq!((s.passed, s.failed), (24, 2));
+        assert_eq!(s.failures.len(), 2);
+        let ok = CritestSummary::parse("SUCCESS! -- 26 Passed | 0 Failed | 0 Pending | 54 Skipped");
+        assert_eq!((ok.passed, ok.failed), (26, 0));
+    }
 }

@@ -1,0 +1,81 @@
+//! Runs cri-tools' conformance suite (the specs that can run offline) against one
+//! containerd with runc and with Spry, and prints both pass/fail counts and the failing
+//! specs. Writes target/bench/critest.json. Run by scripts/critest.sh (root).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use spry_integration::{
+    require_root, Containerd, ContainerdOptions, Critest, CritestSummary, Registry,
+};
+
+fn main() -> Result<()> {
+    require_root()?;
+    let root = spry_integration::paths::repo_root();
+    let guest = std::env::var_os("SPRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("build/guest/current"));
+    let shim = std::env::var_os("SPRY_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release"))
+        .join("containerd-shim-spry-v2");
+    ensure!(
+        shim.is_file(),
+        "{} missing: cargo build --release -p spry-shim",
+        shim.display()
+    );
+    let state = tempfile::Builder::new()
+        .prefix("spry-critest-")
+        .tempdir_in("/run")?;
+    let config = state.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            state.path().join("run").display(),
+            guest.join("vmlinux").display(),
+            guest.join("initramfs.img").display()
+        ),
+    )?;
+    let registry = Registry::start()?;
+    let containerd = Containerd::start(
+        ContainerdOptions::new("critest")
+            .registry(&registry)
+            .mirror("registry.k8s.io", &registry)
+            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim))
+            .env("SPRY_CONFIG", &config.display().to_string()),
+    )?;
+    let mut report = serde_json::Map::new();
+    for handler in ["runc", "spry"] {
+        let mut critest = Critest::offline_conformance();
+        if handler == "spry" {
+            critest = critest.runtime_handler("spry");
+        }
+        let t0 = Instant::now();
+        let (_, output) = critest
+            .output(&containerd)
+            .with_context(|| format!("critest with {handler}"))?;
+        let summary = CritestSummary::parse(&output);
+        println!(
+            "{handler}: {} passed, {} failed ({:.0} s)",
+            summary.passed,
+            summary.failed,
+            t0.elapsed().as_secs_f64()
+        );
+        for name in &summary.failures {
+            println!("  FAIL {name}");
+        }
+        report.insert(
+            handler.to_string(),
+            serde_json::json!({ "passed": summary.passed, "failed": summary.failed, "failures": summary.failures }),
+        );
+    }
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(
+        out.join("critest.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    Ok(())
+}
