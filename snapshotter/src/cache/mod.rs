@@ -39,10 +39,15 @@ struct InFlight {
     cv: Condvar,
 }
 
+// Open chunk files kept around: FUSE reads come in 128 KiB pieces, and
+// reopening the chunk file for each one costs more than the read itself.
+const OPEN_FILES: usize = 256;
+
 /// A directory of verified chunks, `sha256/<hex>`.
 pub struct ChunkCache {
     dir: PathBuf,
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
+    open_files: Mutex<HashMap<String, Arc<fs::File>>>,
 }
 
 impl ChunkCache {
@@ -56,6 +61,7 @@ impl ChunkCache {
         Ok(ChunkCache {
             dir: dir.to_path_buf(),
             in_flight: Mutex::new(HashMap::new()),
+            open_files: Mutex::new(HashMap::new()),
         })
     }
 
@@ -76,7 +82,39 @@ impl ChunkCache {
 
     /// Whether the chunk is cached.
     pub fn contains(&self, digest: &str) -> bool {
+        if self
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(digest)
+        {
+            return true;
+        }
         self.path_of(digest).map(|p| p.exists()).unwrap_or(false)
+    }
+
+    /// An open handle of a cached chunk, `None` if not cached.
+    fn open_chunk(&self, digest: &str) -> Result<Option<Arc<fs::File>>, CacheError> {
+        if let Some(f) = self
+            .open_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            return Ok(Some(f.clone()));
+        }
+        let path = self.path_of(digest)?;
+        let file = match fs::File::open(&path) {
+            Ok(f) => Arc::new(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CacheError::Read { path, source }),
+        };
+        let mut open = self.open_files.lock().unwrap_or_else(|p| p.into_inner());
+        if open.len() >= OPEN_FILES {
+            open.clear();
+        }
+        open.insert(digest.to_string(), file.clone());
+        Ok(Some(file))
     }
 
     /// Stores a verified chunk. Atomic: readers never see partial entries.
@@ -111,12 +149,10 @@ impl ChunkCache {
         offset: u64,
         len: usize,
     ) -> Result<Option<Vec<u8>>, CacheError> {
-        let path = self.path_of(digest)?;
-        let file = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(CacheError::Read { path, source }),
+        let Some(file) = self.open_chunk(digest)? else {
+            return Ok(None);
         };
+        let path = self.path_of(digest)?;
         let mut buf = vec![0u8; len];
         let mut filled = 0;
         while filled < len {
