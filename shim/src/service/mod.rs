@@ -136,19 +136,47 @@ impl Shim for SpryShim {
     }
 }
 
+/// The name of a pod's per-VM state dirs. containerd's ids are 64 hex characters, which
+/// would push the VM's unix socket paths past the 107 bytes the kernel allows; long ids are
+/// shortened to a prefix plus a hash of the whole id.
+pub fn state_name(id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if id.len() <= 24 {
+        return id.to_string();
+    }
+    let hash = hex::encode(Sha256::digest(id.as_bytes()));
+    let prefix: String = id.chars().take(12).collect();
+    format!("{prefix}-{}", &hash[..12])
+}
+
 /// Removes what a dead shim of container `id` may have left: its rootfs mount, VM
 /// state dir and rootfs images. QEMU itself dies with its shim (PR_SET_PDEATHSIG).
 pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    let name = state_name(id);
     for dir in [
-        config.state_dir.join("vms").join(id),
-        config.state_dir.join("rootfs").join(id),
+        config.state_dir.join("vms").join(&name),
+        config.state_dir.join("rootfs").join(&name),
     ] {
         if dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 warn!(path = %dir.display(), error = %e, "cannot remove leftover state");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_stay_short_and_distinct() {
+        assert_eq!(state_name("vm-a"), "vm-a");
+        let a = state_name(&"a".repeat(64));
+        let b = state_name(&format!("{}b", "a".repeat(63)));
+        assert_eq!(a.len(), 25);
+        assert_ne!(a, b);
     }
 }

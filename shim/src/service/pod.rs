@@ -170,9 +170,10 @@ impl Pod {
             return Err(ShimError::ContainerExists { id: id.to_string() });
         }
         let state_dir = &self.config.state_dir;
+        let name = super::state_name(id);
         let vm_config = VmConfig {
-            id: id.to_string(),
-            state_dir: state_dir.join("vms").join(id),
+            id: name.clone(),
+            state_dir: state_dir.join("vms").join(&name),
             kernel: self.config.vm.kernel.clone(),
             initramfs: self.config.vm.initramfs.clone(),
             cpus: self.config.vm.cpus,
@@ -190,7 +191,7 @@ impl Pod {
                 .unwrap_or_else(|| id.chars().take(12).collect()),
             ..Default::default()
         };
-        let share = ErofsBlockShare::new(state_dir.join("rootfs").join(id));
+        let share = ErofsBlockShare::new(state_dir.join("rootfs").join(&name));
         let hypervisor = QemuHypervisor::new(state_dir.clone());
         let sandbox = Arc::new(
             Sandbox::start(

@@ -1,0 +1,298 @@
+//! Pod start benchmark through crictl, runc and Spry in the same run, on one containerd:
+//! - runp → create → start → first log line, p50/p95 of N pods one after another and of
+//!   N pods started at once;
+//! - host memory per idle pod: PSS of every process under the pod's shim (shim, QEMU,
+//!   container processes).
+//!
+//! Writes target/bench/podstart.json and .md. Run by scripts/bench-podstart.sh (root).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use spry_integration::{
+    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
+};
+
+struct Run {
+    serial_ms: Vec<f64>,
+    parallel_ms: Vec<f64>,
+    idle_pod_pss_mib: f64,
+}
+
+fn main() -> Result<()> {
+    require_root()?;
+    let mut pods = 10usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--pods" => pods = args.next().context("--pods needs a number")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    ensure!(
+        pods >= 5,
+        "--pods must be at least 5 for a p95 to mean anything"
+    );
+    let root = spry_integration::paths::repo_root();
+    let guest = std::env::var_os("SPRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("build/guest/current"));
+    let bin_dir = std::env::var_os("SPRY_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/release"));
+    let shim = bin_dir.join("containerd-shim-spry-v2");
+    ensure!(
+        shim.is_file(),
+        "{} missing: cargo build --release -p spry-shim",
+        shim.display()
+    );
+    let state = tempfile::Builder::new()
+        .prefix("spry-bench-")
+        .tempdir_in("/run")?;
+    let config = state.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            state.path().join("run").display(),
+            guest.join("vmlinux").display(),
+            guest.join("initramfs.img").display()
+        ),
+    )?;
+    let registry = Registry::start()?;
+    let containerd = Containerd::start(
+        ContainerdOptions::new("bench")
+            .registry(&registry)
+            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim))
+            .env("SPRY_CONFIG", &config.display().to_string()),
+    )?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+
+    let mut results = serde_json::Map::new();
+    let mut accel = "n/a".to_string();
+    for runtime in ["runc", "spry"] {
+        let run = measure(&containerd, &crictl, &image, runtime, pods)?;
+        if runtime == "spry" {
+            accel = spry_accelerator(&state.path().join("run"));
+        }
+        results.insert(
+            runtime.to_string(),
+            json!({
+                "serial_p50_ms": round(percentile(&run.serial_ms, 50.0)),
+                "serial_p95_ms": round(percentile(&run.serial_ms, 95.0)),
+                "parallel_p50_ms": round(percentile(&run.parallel_ms, 50.0)),
+                "parallel_p95_ms": round(percentile(&run.parallel_ms, 95.0)),
+                "idle_pod_pss_mib": round(run.idle_pod_pss_mib),
+            }),
+        );
+    }
+    results.insert(
+        "machine".into(),
+        json!({ "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "accelerator": accel, "pods": pods }),
+    );
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let report = serde_json::Value::Object(results);
+    std::fs::write(
+        out.join("podstart.json"),
+        serde_json::to_string_pretty(&report)? + "\n",
+    )?;
+    let md = markdown(&report);
+    std::fs::write(out.join("podstart.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+/// Serial pods (kept running for the memory sample), then parallel pods.
+fn measure(
+    containerd: &Containerd,
+    crictl: &Crictl,
+    image: &str,
+    runtime: &str,
+    pods: usize,
+) -> Result<Run> {
+    let mut serial_ms = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..pods {
+        let (ms, pod) = start_pod(
+            containerd,
+            crictl,
+            image,
+            runtime,
+            &format!("{runtime}-s{i}"),
+        )?;
+        eprintln!("{runtime} serial pod {i}: {ms:.0} ms");
+        serial_ms.push(ms);
+        ids.push(pod);
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_pod_pss_mib = pss_of_pods(containerd)? / pods as f64;
+    remove_pods(crictl, &ids)?;
+
+    let results: Vec<Result<(f64, String)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..pods)
+            .map(|i| {
+                let name = format!("{runtime}-p{i}");
+                scope.spawn(move || start_pod(containerd, crictl, image, runtime, &name))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("pod thread panicked"))
+            .collect()
+    });
+    let mut parallel_ms = Vec::new();
+    let mut ids = Vec::new();
+    for r in results {
+        let (ms, pod) = r?;
+        parallel_ms.push(ms);
+        ids.push(pod);
+    }
+    eprintln!("{runtime} parallel: {parallel_ms:?}");
+    remove_pods(crictl, &ids)?;
+    Ok(Run {
+        serial_ms,
+        parallel_ms,
+        idle_pod_pss_mib,
+    })
+}
+
+/// runp → create → start → first log line. Returns (milliseconds, pod id).
+fn start_pod(
+    containerd: &Containerd,
+    crictl: &Crictl,
+    image: &str,
+    runtime: &str,
+    name: &str,
+) -> Result<(f64, String)> {
+    let dir = containerd.dir().join(name);
+    std::fs::create_dir_all(&dir)?;
+    let pod_cfg = PodConfig::new(name).write_to(&dir)?;
+    let ctr_cfg = ContainerConfig::new("app", image)
+        .command(&["sh", "-c", "echo ready; exec sleep 3600"])
+        .write_to(&dir)?;
+    let t0 = Instant::now();
+    let handler = (runtime != "runc").then_some(runtime);
+    let pod = crictl.runp(&pod_cfg, handler)?;
+    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    loop {
+        if crictl
+            .logs(&ctr)
+            .map(|l| l.contains("ready"))
+            .unwrap_or(false)
+        {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(240),
+            "pod {name} printed nothing in 240 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((t0.elapsed().as_secs_f64() * 1000.0, pod))
+}
+
+fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
+    for pod in pods {
+        crictl.stopp(pod)?;
+        crictl.rmp(pod)?;
+    }
+    Ok(())
+}
+
+/// PSS (MiB) of this containerd's shims and all their descendants.
+fn pss_of_pods(containerd: &Containerd) -> Result<f64> {
+    let marker = containerd.marker().to_string();
+    let shims: Vec<i32> = spry_integration::system::processes()?
+        .into_iter()
+        .filter(|p| p.name().starts_with("containerd-shim") && p.environ_contains(&marker))
+        .map(|p| p.pid)
+        .collect();
+    let mut total_kib = 0u64;
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = shims;
+    while let Some(pid) = stack.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        total_kib += pss_kib(pid);
+        stack.extend(children(pid));
+    }
+    Ok(total_kib as f64 / 1024.0)
+}
+
+fn pss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// The accelerator the shim's VMs used, from the probe cache in Spry's state dir.
+fn spry_accelerator(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.join("accel-probe.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("accel").and_then(|a| a.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn markdown(report: &serde_json::Value) -> String {
+    let row = |k: &str| {
+        let r = &report["runc"][k];
+        let s = &report["spry"][k];
+        let ratio = s.as_f64().unwrap_or(0.0) / r.as_f64().unwrap_or(1.0).max(0.001);
+        format!("| {k} | {r} | {s} | {ratio:.1}x |\n")
+    };
+    let m = &report["machine"];
+    let mut md = format!(
+        "# Pod start through crictl ({} pods, {} CPUs, Spry on {})\n\n| metric | runc | spry | spry/runc |\n|---|---|---|---|\n",
+        m["pods"], m["cpus"], m["accelerator"]
+    );
+    for k in [
+        "serial_p50_ms",
+        "serial_p95_ms",
+        "parallel_p50_ms",
+        "parallel_p95_ms",
+        "idle_pod_pss_mib",
+    ] {
+        md.push_str(&row(k));
+    }
+    md
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Pod start through crictl, runc vs Spry in the same run: p50/p95 of N serial and N
+# parallel pods (runp → create → start → first log line) and idle-pod PSS.
+# Writes target/bench/podstart.{json,md}.
+#   sudo scripts/bench-podstart.sh [--pods N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench-podstart.sh: run as root" >&2; exit 1; }
+scripts/install-deps.sh
+scripts/build-guest.sh
+scripts/build-test-images.sh --only pause --only busybox
+cargo build --release -p spry-shim --bins -p spry-integration --bin bench-podstart
+target/release/bench-podstart "$@"
