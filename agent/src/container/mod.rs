@@ -305,13 +305,11 @@ impl ContainerManager {
 
         let cgroup = Cgroup::new(&self.config.cgroup_root, &cgroups_path);
         let init = self
-            .spawn_with_stdio(id, dir, "init", stdio, cgroup, |console_socket| {
-                HelperRequest::Create {
-                    id: id.to_string(),
-                    state_root: self.state_root(),
-                    bundle: bundle.clone(),
-                    console_socket,
-                }
+            .spawn_with_stdio(id, stdio, cgroup, |console_socket| HelperRequest::Create {
+                id: id.to_string(),
+                state_root: self.state_root(),
+                bundle: bundle.clone(),
+                console_socket,
             })
             .await?;
         Ok((init, mount_destinations))
@@ -322,8 +320,6 @@ impl ContainerManager {
     async fn spawn_with_stdio(
         &self,
         id: &str,
-        dir: &Path,
-        name: &str,
         stdio: &StdioConfig,
         cgroup: Cgroup,
         request: impl FnOnce(Option<PathBuf>) -> HelperRequest,
@@ -337,7 +333,16 @@ impl ContainerManager {
             source,
         };
         if stdio.terminal {
-            let socket_path = dir.join(format!("{name}.console.sock"));
+            // Not under `dir`: container and exec ids are up to 64 characters each, which
+            // would overflow a unix socket path (108 bytes).
+            static CONSOLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let seq = CONSOLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let consoles = self.config.run_dir.join("consoles");
+            std::fs::create_dir_all(&consoles).map_err(|source| ContainerError::Io {
+                path: consoles.clone(),
+                source,
+            })?;
+            let socket_path = consoles.join(format!("{seq}.sock"));
             let listener = stdio::bind_console_socket(&socket_path).map_err(stdio_err)?;
             let pty = tokio::spawn(stdio::receive_pty_master(listener));
             let outcome = helper::run(&request(Some(socket_path.clone())), Vec::new()).await;
@@ -439,21 +444,15 @@ impl ContainerManager {
             path: process_path.clone(),
             source,
         })?;
-        let name = format!("exec-{exec_id}");
         let result = self
-            .spawn_with_stdio(
-                id,
-                &container.dir,
-                &name,
-                stdio,
-                container.cgroup.clone(),
-                |console_socket| HelperRequest::Exec {
+            .spawn_with_stdio(id, stdio, container.cgroup.clone(), |console_socket| {
+                HelperRequest::Exec {
                     id: id.to_string(),
                     state_root: self.state_root(),
                     process_json: process_path.clone(),
                     console_socket,
-                },
-            )
+                }
+            })
             .await;
         let _ = std::fs::remove_file(&process_path);
         let process = result?;

@@ -66,10 +66,10 @@ pub struct GuestSettings<'a> {
 /// - root.path is the rootfs the agent mounted;
 /// - process.terminal follows the requested stdio;
 /// - cgroupsPath is the agent's (host cgroup paths mean nothing in the guest);
-/// - the VM is the pod: the network namespace and namespaces the host asks to join by path
-///   (the pause container's) are the VM's own. IPC with a path is shared through the VM's
-///   namespace; uts/pid/mount/cgroup with a path get a fresh namespace, since the host's
-///   namespace files do not exist in the guest. Joining a user namespace is refused.
+/// - the VM is the pod: the network namespace and the IPC, UTS and PID namespaces the host
+///   asks to join by path (the pause container's) are the VM's own; mount/cgroup with a
+///   path get a fresh namespace, since the host's namespace files do not exist in the
+///   guest. Joining a user namespace is refused.
 pub fn prepare_container_spec(
     json: &[u8],
     settings: &GuestSettings<'_>,
@@ -102,7 +102,14 @@ fn guest_namespaces(requested: &[LinuxNamespace]) -> Result<Vec<LinuxNamespace>,
     for namespace in requested {
         let typ = namespace.typ();
         match (typ, namespace.path()) {
-            (LinuxNamespaceType::Network, _) | (LinuxNamespaceType::Ipc, Some(_)) => continue,
+            // The VM is the pod: joining the pod's network, IPC, UTS or PID namespace
+            // (CRI passes the pause container's by path) means sharing the VM's. For PID,
+            // the agent then plays pause's part as init, so the container's process is not
+            // a namespace init and SIGTERM works on it as it does under runc.
+            (LinuxNamespaceType::Network, _)
+            | (LinuxNamespaceType::Ipc, Some(_))
+            | (LinuxNamespaceType::Uts, Some(_))
+            | (LinuxNamespaceType::Pid, Some(_)) => continue,
             (LinuxNamespaceType::User, Some(path)) => {
                 return Err(SpecError::UserNamespacePath { path: path.clone() })
             }
@@ -314,7 +321,8 @@ mod tests {
     fn the_vm_is_the_pod_namespace() {
         let json = spec_json(
             r#"[{"type":"pid"},{"type":"network","path":"/var/run/netns/cni-1"},
-                {"type":"ipc","path":"/proc/9/ns/ipc"},{"type":"uts","path":"/proc/9/ns/uts"}]"#,
+                {"type":"ipc","path":"/proc/9/ns/ipc"},{"type":"uts","path":"/proc/9/ns/uts"},
+                {"type":"cgroup","path":"/proc/9/ns/cgroup"}]"#,
         );
         let spec = prepare_container_spec(&json, &settings(Path::new("/r"))).unwrap();
         let linux = spec.linux().as_ref().unwrap();
@@ -329,7 +337,7 @@ mod tests {
             types,
             vec![
                 (LinuxNamespaceType::Pid, None),
-                (LinuxNamespaceType::Uts, None),
+                (LinuxNamespaceType::Cgroup, None),
                 (LinuxNamespaceType::Mount, None)
             ]
         );

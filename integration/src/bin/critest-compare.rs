@@ -12,6 +12,9 @@ use spry_integration::{
 
 fn main() -> Result<()> {
     require_root()?;
+    // Optional: `--focus REGEX` narrows the specs (e.g. to debug one failure).
+    let args: Vec<String> = std::env::args().collect();
+    let focus = args.iter().position(|a| a == "--focus").and_then(|i| args.get(i + 1)).cloned();
     let root = spry_integration::paths::repo_root();
     let guest = std::env::var_os("SPRY_GUEST_DIR")
         .map(PathBuf::from)
@@ -49,6 +52,9 @@ fn main() -> Result<()> {
     let mut report = serde_json::Map::new();
     for handler in ["runc", "spry"] {
         let mut critest = Critest::offline_conformance();
+        if let Some(focus) = &focus {
+            critest.focus = focus.clone();
+        }
         if handler == "spry" {
             critest = critest.runtime_handler("spry");
         }
@@ -57,6 +63,9 @@ fn main() -> Result<()> {
             .output(&containerd)
             .with_context(|| format!("critest with {handler}"))?;
         let summary = CritestSummary::parse(&output);
+        let log = root.join(format!("target/bench/critest-{handler}.log"));
+        std::fs::create_dir_all(log.parent().expect("has a parent"))?;
+        std::fs::write(&log, &output)?;
         println!(
             "{handler}: {} passed, {} failed ({:.0} s)",
             summary.passed,
