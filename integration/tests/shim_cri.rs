@@ -60,6 +60,9 @@ fn containerd_with_spry(
         ContainerdOptions::new(name)
             .registry(registry)
             .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim_bin()?))
+            // After a restart containerd reloads running tasks by looking the shim up in
+            // PATH (runtime_path is not persisted); `spry install` puts it in /usr/local/bin.
+            .path_prepend(shim_bin()?.parent().expect("shim has a dir"))
             .env("SPRY_CONFIG", &config.display().to_string())
             .env("SPRY_LOG", "debug"),
     )
@@ -198,5 +201,105 @@ fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
         "error does not name the kernel: {err:#}"
     );
     leaks.assert_clean().context("after the failed runp")?;
+    Ok(())
+}
+
+/// Two pods with two containers each, a container restarted within its pod (kubelet's
+/// attempt+1 in the same sandbox), and a containerd restart while the pods run.
+#[test]
+fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-cri2-")
+        .tempdir_in("/run")?;
+    let mut containerd = containerd_with_spry("spry-cri2", &registry, state.path(), None)?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+
+    let mut pods = Vec::new();
+    for p in 0..2 {
+        let name = format!("pod{p}");
+        let pod_cfg = PodConfig::new(&name)
+            .hostname(&name)
+            .write_to(&containerd.dir())?;
+        let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+        let mut containers = Vec::new();
+        for c in 0..2 {
+            let cfg = ContainerConfig::new(&format!("c{c}"), &image)
+                .command(&["sh", "-c", &format!("echo {name}-c{c}; exec sleep 3600")])
+                .write_to(&containerd.dir().join(&name))?;
+            let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+            crictl.start(&id)?;
+            containers.push(id);
+        }
+        pods.push((pod, pod_cfg, containers));
+    }
+    for (p, (_, _, containers)) in pods.iter().enumerate() {
+        for (c, id) in containers.iter().enumerate() {
+            crictl.wait_container_state(id, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+            let out = crictl.exec(id, &["hostname"])?;
+            ensure!(
+                out.stdout.trim() == format!("pod{p}"),
+                "container {c} of pod {p}: {out:?}"
+            );
+            ensure!(
+                crictl.logs(id)?.contains(&format!("pod{p}-c{c}")),
+                "logs of pod{p}-c{c}"
+            );
+        }
+    }
+    // Two pods are two VMs.
+    let qemus = spry_integration::system::processes()?
+        .into_iter()
+        .filter(|p| {
+            p.name().starts_with("qemu-system")
+                && p.cmdline_contains(&state.path().display().to_string())
+        })
+        .count();
+    ensure!(qemus == 2, "expected 2 VMs, found {qemus}");
+
+    // containerd restarts; the pods stay listed and controllable.
+    containerd.restart()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    ensure!(
+        crictl.pods()?.len() == 2,
+        "pods lost across the containerd restart"
+    );
+    let (pod, pod_cfg, containers) = &pods[0];
+    let out = crictl.exec(&containers[0], &["echo", "still-here"])?;
+    ensure!(
+        out.stdout.trim() == "still-here",
+        "exec after restart: {out:?}"
+    );
+
+    // Restart a container within its pod: stop, remove, create attempt 1, start.
+    crictl.stop(&containers[1], 2)?;
+    crictl.rm(&containers[1])?;
+    let cfg = ContainerConfig::new("c1", &image)
+        .command(&["sh", "-c", "echo restarted; exec sleep 3600"])
+        .patch(serde_json::json!({"metadata": {"name": "c1", "attempt": 1}}))
+        .write_to(&containerd.dir().join("pod0-retry"))?;
+    let again = crictl.create(pod, &cfg, pod_cfg)?;
+    crictl.start(&again)?;
+    crictl.wait_container_state(&again, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut logs = crictl.logs(&again)?;
+    while !logs.contains("restarted") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        logs = crictl.logs(&again)?;
+    }
+    ensure!(
+        logs.contains("restarted"),
+        "restarted container's logs: {logs:?}"
+    );
+
+    for (pod, _, _) in &pods {
+        crictl.stopp(pod)?;
+        crictl.rmp(pod)?;
+    }
+    leaks.assert_clean().context("after removing both pods")?;
     Ok(())
 }
