@@ -144,6 +144,12 @@ fn spry_pod_lifecycle_through_crictl() -> Result<()> {
         out.code == 3 && out.stdout.trim() == "in-exec",
         "exec: {out:?}"
     );
+    // CRI's /etc/hostname and /etc/hosts are host files: copied into the guest.
+    let out = crictl.exec(&sleeper, &["cat", "/etc/hostname", "/etc/hosts"])?;
+    ensure!(
+        out.code == 0 && out.stdout.starts_with("spry-pod") && out.stdout.contains("localhost"),
+        "CRI's host files in the container: {out:?}"
+    );
     let stats = crictl.stats(&sleeper)?;
     ensure!(
         stats["attributes"]["id"] == sleeper.as_str(),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use oci_spec::runtime::LinuxResources;
-use spry_proto::agent::{Rootfs, StdioConfig};
+use spry_proto::agent::{GuestFile, Rootfs, StdioConfig};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
@@ -151,6 +151,7 @@ impl ContainerManager {
         rootfs: &Rootfs,
         stdio: &StdioConfig,
         resolv_conf: Option<&Path>,
+        files: &[GuestFile],
     ) -> Result<(), ContainerError> {
         spec::validate_id(id).map_err(|source| ContainerError::Spec {
             id: id.to_string(),
@@ -165,7 +166,7 @@ impl ContainerManager {
         }
         let span = tracing::info_span!("create", container = id);
         let result = self
-            .create_inner(id, spec_json, rootfs, stdio, resolv_conf)
+            .create_inner(id, spec_json, rootfs, stdio, resolv_conf, files)
             .instrument(span)
             .await;
         self.creating
@@ -187,6 +188,7 @@ impl ContainerManager {
         rootfs: &Rootfs,
         stdio: &StdioConfig,
         resolv_conf: Option<&Path>,
+        files: &[GuestFile],
     ) -> Result<Arc<Container>, ContainerError> {
         // A spec that does not even parse (e.g. an unknown namespace type) is refused
         // before any storage is mounted for it.
@@ -201,6 +203,16 @@ impl ContainerManager {
             path: dir.clone(),
             source,
         })?;
+        let file_mounts = match write_guest_files(&dir, files) {
+            Ok(mounts) => mounts,
+            Err(source) => {
+                remove_container_dir(&dir);
+                return Err(ContainerError::Io {
+                    path: dir.join("files"),
+                    source,
+                });
+            }
+        };
         let mut mounted = match self.storage.mount(id, rootfs).await {
             Ok(mounted) => mounted,
             Err(source) => {
@@ -212,7 +224,17 @@ impl ContainerManager {
             }
         };
         match self
-            .create_process(id, &dir, &mounted, spec_json, stdio, resolv_conf)
+            .create_process(
+                id,
+                &dir,
+                &mounted,
+                spec_json,
+                stdio,
+                ExtraMounts {
+                    resolv_conf,
+                    files: &file_mounts,
+                },
+            )
             .await
         {
             Ok((init, mount_destinations)) => {
@@ -260,7 +282,7 @@ impl ContainerManager {
         mounted: &MountedRootfs,
         spec_json: &[u8],
         stdio: &StdioConfig,
-        resolv_conf: Option<&Path>,
+        extra: ExtraMounts<'_>,
     ) -> Result<(Arc<Process>, Vec<PathBuf>), ContainerError> {
         let spec_err = |source| ContainerError::Spec {
             id: id.to_string(),
@@ -274,7 +296,8 @@ impl ContainerManager {
                 readonly_rootfs: mounted.readonly,
                 terminal: stdio.terminal,
                 cgroups_path: &cgroups_path,
-                resolv_conf,
+                resolv_conf: extra.resolv_conf,
+                files: extra.files,
             },
         )
         .map_err(spec_err)?;
@@ -630,4 +653,32 @@ impl ContainerManager {
     pub async fn next_oom_event(&self) -> Option<String> {
         self.oom_receiver.lock().await.recv().await
     }
+}
+
+/// Mounts the agent adds to a container's spec.
+struct ExtraMounts<'a> {
+    /// The pod's resolv.conf, when the spec mounts none.
+    resolv_conf: Option<&'a Path>,
+    /// Files copied from the host: (destination, file in the guest, read-only).
+    files: &'a [(PathBuf, PathBuf, bool)],
+}
+
+/// Writes the files copied from the host under `<dir>/files/`; returns their mounts as
+/// (destination, file, read-only).
+fn write_guest_files(
+    dir: &Path,
+    files: &[GuestFile],
+) -> std::io::Result<Vec<(PathBuf, PathBuf, bool)>> {
+    if files.is_empty() {
+        return Ok(Vec::new());
+    }
+    let files_dir = dir.join("files");
+    std::fs::create_dir_all(&files_dir)?;
+    let mut mounts = Vec::new();
+    for (index, file) in files.iter().enumerate() {
+        let path = files_dir.join(index.to_string());
+        std::fs::write(&path, &file.content)?;
+        mounts.push((PathBuf::from(&file.destination), path, file.readonly));
+    }
+    Ok(mounts)
 }

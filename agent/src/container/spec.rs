@@ -60,6 +60,9 @@ pub struct GuestSettings<'a> {
     pub cgroups_path: &'a Path,
     /// The pod's resolv.conf, bind-mounted when the spec does not mount one.
     pub resolv_conf: Option<&'a Path>,
+    /// Files copied from the host, bind-mounted at their destination:
+    /// (destination in the container, file in the guest, read-only).
+    pub files: &'a [(PathBuf, PathBuf, bool)],
 }
 
 /// Parses config.json and adapts it to the guest:
@@ -91,6 +94,9 @@ pub fn prepare_container_spec(
     linux.set_cgroups_path(Some(settings.cgroups_path.to_path_buf()));
     let namespaces = guest_namespaces(linux.namespaces().as_deref().unwrap_or_default())?;
     linux.set_namespaces(Some(namespaces));
+    for (destination, source, readonly) in settings.files {
+        add_file_mount(&mut spec, destination, source, *readonly)?;
+    }
     if let Some(resolv) = settings.resolv_conf {
         add_resolv_conf(&mut spec, resolv)?;
     }
@@ -130,6 +136,30 @@ fn guest_namespaces(requested: &[LinuxNamespace]) -> Result<Vec<LinuxNamespace>,
         kept.push(mount);
     }
     Ok(kept)
+}
+
+/// Bind-mounts a file copied from the host, replacing whatever the spec mounted there.
+fn add_file_mount(
+    spec: &mut Spec,
+    destination: &Path,
+    source: &Path,
+    readonly: bool,
+) -> Result<(), SpecError> {
+    let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
+    mounts.retain(|m| m.destination() != destination);
+    let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+    if readonly {
+        options.push("ro".to_string());
+    }
+    let mount: Mount = MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(options)
+        .build()
+        .map_err(|source| SpecError::Build { source })?;
+    mounts.push(mount);
+    Ok(())
 }
 
 fn add_resolv_conf(spec: &mut Spec, resolv: &Path) -> Result<(), SpecError> {
@@ -289,6 +319,7 @@ mod tests {
             terminal: true,
             cgroups_path: Path::new("/spry/c1"),
             resolv_conf: Some(Path::new("/run/spry/sandbox/resolv.conf")),
+            files: &[],
         }
     }
 

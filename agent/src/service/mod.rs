@@ -154,6 +154,7 @@ impl Agent for AgentService {
                 &rootfs,
                 &stdio,
                 resolv_conf.as_deref(),
+                &req.files,
             )
             .await
             .map_err(AgentError::from)?;

@@ -158,6 +158,20 @@ impl Sandbox {
         rootfs: &RootfsSource,
         stdio: pb::StdioConfig,
     ) -> Result<(), SandboxError> {
+        self.create_container_with_files(container_id, spec, rootfs, stdio, Vec::new())
+            .await
+    }
+
+    /// Like [`Sandbox::create_container`], also copying small host files into the guest
+    /// (bind-mounted at their destination).
+    pub async fn create_container_with_files(
+        &self,
+        container_id: &str,
+        spec: &oci_spec::runtime::Spec,
+        rootfs: &RootfsSource,
+        stdio: pb::StdioConfig,
+        files: Vec<pb::GuestFile>,
+    ) -> Result<(), SandboxError> {
         let mut attached = self.attached.lock().await;
         if attached.contains_key(container_id) {
             return Err(SandboxError::ContainerExists {
@@ -175,6 +189,7 @@ impl Sandbox {
             oci_spec_json: spec_json,
             rootfs: Some(disk.rootfs.clone()).into(),
             stdio: Some(stdio).into(),
+            files,
             ..Default::default()
         };
         if let Err(source) = self.agent.create_container(req).await {

@@ -220,7 +220,7 @@ impl Pod {
         let rootfs_dir = task.bundle.join("rootfs");
         mount_rootfs(id, rootfs, &rootfs_dir).await?;
         task.rootfs_mounted = !rootfs.is_empty();
-        let guest_spec = spec::for_guest(spec.clone(), id);
+        let (guest_spec, files) = spec::for_guest(spec.clone(), id);
         let stdio = pb::StdioConfig {
             terminal: task.init.stdio.terminal,
             stdin: !task.init.stdio.stdin.is_empty(),
@@ -228,11 +228,12 @@ impl Pod {
         };
         let created = async {
             sandbox
-                .create_container(
+                .create_container_with_files(
                     id,
                     &guest_spec,
                     &RootfsSource::Directory(rootfs_dir.clone()),
                     stdio,
+                    files,
                 )
                 .await?;
             match IoPumps::start(sandbox.agent(), &ProcessId::init(id), &task.init.stdio) {

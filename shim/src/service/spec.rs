@@ -7,6 +7,7 @@
 use std::path::Path;
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use spry_proto::agent::GuestFile;
 use tracing::warn;
 
 use super::error::ShimError;
@@ -65,8 +66,14 @@ pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
         .clone()
 }
 
-/// Rewrites an app container's spec for the guest (see the module docs).
-pub fn for_guest(mut spec: Spec, container_id: &str) -> Spec {
+/// Host files larger than this are not copied into the guest (they need virtio-fs).
+const MAX_COPIED_FILE: u64 = 1 << 20;
+
+/// Rewrites an app container's spec for the guest (see the module docs). Bind mounts of
+/// small host files (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname,
+/// /dev/termination-log) come back as files to copy into the guest; other host bind
+/// mounts are dropped with a warning.
+pub fn for_guest(mut spec: Spec, container_id: &str) -> (Spec, Vec<GuestFile>) {
     if let Some(linux) = spec.linux_mut() {
         linux.set_mount_label(None);
     }
@@ -74,25 +81,43 @@ pub fn for_guest(mut spec: Spec, container_id: &str) -> Spec {
         process.set_apparmor_profile(None);
         process.set_selinux_label(None);
     }
+    let mut files = Vec::new();
     if let Some(mounts) = spec.mounts_mut() {
         mounts.retain(|m| {
+            let options = m.options().as_deref().unwrap_or_default();
             let is_bind = m.typ().as_deref() == Some("bind")
-                || m.options()
-                    .as_ref()
-                    .is_some_and(|o| o.iter().any(|o| o == "bind" || o == "rbind"));
-            if is_bind {
-                // Host paths are not visible in the VM yet (volumes need virtio-fs).
-                warn!(
+                || options.iter().any(|o| o == "bind" || o == "rbind");
+            if !is_bind {
+                return true;
+            }
+            match m.source().as_deref().map(small_file) {
+                Some(Ok(content)) => files.push(GuestFile {
+                    destination: m.destination().display().to_string(),
+                    content,
+                    readonly: options.iter().any(|o| o == "ro"),
+                    ..Default::default()
+                }),
+                // Directories and big files need virtio-fs, which is not built yet.
+                _ => warn!(
                     container_id,
                     destination = %m.destination().display(),
                     source = ?m.source(),
                     "host bind mount is not shared into the VM; skipped"
-                );
+                ),
             }
-            !is_bind
+            false
         });
     }
-    spec
+    (spec, files)
+}
+
+/// The content of a regular file of at most [`MAX_COPIED_FILE`] bytes.
+fn small_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_file() || meta.len() > MAX_COPIED_FILE {
+        return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+    }
+    std::fs::read(path)
 }
 
 #[cfg(test)]
@@ -119,15 +144,27 @@ mod tests {
     }
 
     #[test]
-    fn host_mounts_and_labels_are_dropped_for_the_guest() {
+    fn small_host_files_are_copied_and_other_host_mounts_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
         let mut spec = cri_spec("container");
         let mut mounts = spec.mounts().clone().unwrap();
         mounts.push(
             MountBuilder::default()
                 .destination("/etc/hosts")
                 .typ("bind")
-                .source("/var/lib/containerd/hosts")
+                .source(&hosts)
                 .options(vec!["rbind".to_string(), "ro".to_string()])
+                .build()
+                .unwrap(),
+        );
+        mounts.push(
+            MountBuilder::default()
+                .destination("/data")
+                .typ("bind")
+                .source(dir.path())
+                .options(vec!["rbind".to_string()])
                 .build()
                 .unwrap(),
         );
@@ -137,11 +174,16 @@ mod tests {
             .unwrap()
             .set_apparmor_profile(Some("cri-containerd.apparmor.d".into()));
 
-        let guest = for_guest(spec, "c1");
+        let (guest, files) = for_guest(spec, "c1");
         let mounts = guest.mounts().as_ref().unwrap();
         assert!(mounts
             .iter()
             .all(|m| m.destination() != Path::new("/etc/hosts")));
+        assert!(mounts.iter().all(|m| m.destination() != Path::new("/data")));
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].destination, "/etc/hosts");
+        assert_eq!(files[0].content, b"127.0.0.1 localhost\n");
+        assert!(files[0].readonly);
         assert!(mounts.iter().any(|m| m.destination() == Path::new("/proc")));
         assert!(guest
             .process()
