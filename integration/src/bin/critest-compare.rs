@@ -14,7 +14,11 @@ fn main() -> Result<()> {
     require_root()?;
     // Optional: `--focus REGEX` narrows the specs (e.g. to debug one failure).
     let args: Vec<String> = std::env::args().collect();
-    let focus = args.iter().position(|a| a == "--focus").and_then(|i| args.get(i + 1)).cloned();
+    let focus = args
+        .iter()
+        .position(|a| a == "--focus")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let root = spry_integration::paths::repo_root();
     let guest = std::env::var_os("SPRY_GUEST_DIR")
         .map(PathBuf::from)
