@@ -37,6 +37,7 @@ pub mod leak;
 pub mod paths;
 pub mod registry;
 pub mod require;
+pub mod spry;
 pub mod stale;
 pub mod system;
 
@@ -47,3 +48,4 @@ pub use critest::{Critest, CritestSummary};
 pub use leak::{LeakCheck, LeakScope};
 pub use registry::Registry;
 pub use require::{require_root, require_tool};
+pub use spry::SpryHandler;

@@ -2,38 +2,12 @@
 //! containers run in it. Needs root, scripts/install-deps.sh, scripts/build-guest.sh and
 //! scripts/build-test-images.sh; fails (never skips) without them.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use spry_integration::{
-    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry, SpryHandler,
 };
-
-fn guest_dir() -> Result<PathBuf> {
-    let dir = std::env::var_os("SPRY_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| spry_integration::paths::repo_root().join("build/guest/current"));
-    ensure!(
-        dir.join("vmlinux").is_file(),
-        "guest assets missing in {}: run scripts/build-guest.sh",
-        dir.display()
-    );
-    Ok(dir)
-}
-
-fn shim_bin() -> Result<PathBuf> {
-    let dir = std::env::var_os("SPRY_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| spry_integration::paths::repo_root().join("target/debug"));
-    let bin = dir.join("containerd-shim-spry-v2");
-    ensure!(
-        bin.is_file(),
-        "{} missing: run cargo build -p spry-shim",
-        bin.display()
-    );
-    Ok(bin)
-}
 
 /// Starts containerd with the `spry` runtime handler; Spry's state lives in `state`.
 fn containerd_with_spry(
@@ -42,28 +16,9 @@ fn containerd_with_spry(
     state: &std::path::Path,
     kernel: Option<&str>,
 ) -> Result<Containerd> {
-    let guest = guest_dir()?;
-    let config = state.join("config.toml");
-    std::fs::create_dir_all(state)?;
-    let kernel = kernel
-        .map(str::to_string)
-        .unwrap_or_else(|| guest.join("vmlinux").display().to_string());
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\n[vm]\nkernel = \"{kernel}\"\ninitramfs = \"{}\"\n",
-            state.join("run").display(),
-            guest.join("initramfs.img").display()
-        ),
-    )?;
+    let spry = SpryHandler::new(state, "debug", kernel.map(std::path::Path::new))?;
     Containerd::start(
-        ContainerdOptions::new(name)
-            .registry(registry)
-            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim_bin()?))
-            // After a restart containerd reloads running tasks by looking the shim up in
-            // PATH (runtime_path is not persisted); `spry install` puts it in /usr/local/bin.
-            .path_prepend(shim_bin()?.parent().expect("shim has a dir"))
-            .env("SPRY_CONFIG", &config.display().to_string())
+        spry.register(ContainerdOptions::new(name).registry(registry))
             .env("SPRY_LOG", "debug"),
     )
 }

@@ -6,13 +6,14 @@
 //!
 //! Writes target/bench/podstart.json and .md. Run by scripts/bench-podstart.sh (root).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
+    SpryHandler,
 };
 
 struct Run {
@@ -36,38 +37,13 @@ fn main() -> Result<()> {
         "--pods must be at least 5 for a p95 to mean anything"
     );
     let root = spry_integration::paths::repo_root();
-    let guest = std::env::var_os("SPRY_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("build/guest/current"));
-    let bin_dir = std::env::var_os("SPRY_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release"));
-    let shim = bin_dir.join("containerd-shim-spry-v2");
-    ensure!(
-        shim.is_file(),
-        "{} missing: cargo build --release -p spry-shim",
-        shim.display()
-    );
     let state = tempfile::Builder::new()
         .prefix("spry-bench-")
         .tempdir_in("/run")?;
-    let config = state.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-            state.path().join("run").display(),
-            guest.join("vmlinux").display(),
-            guest.join("initramfs.img").display()
-        ),
-    )?;
+    let spry = SpryHandler::new(state.path(), "release", None)?;
     let registry = Registry::start()?;
-    let containerd = Containerd::start(
-        ContainerdOptions::new("bench")
-            .registry(&registry)
-            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim))
-            .env("SPRY_CONFIG", &config.display().to_string()),
-    )?;
+    let containerd =
+        Containerd::start(spry.register(ContainerdOptions::new("bench").registry(&registry)))?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;

@@ -2,12 +2,11 @@
 //! containerd with runc and with Spry, and prints both pass/fail counts and the failing
 //! specs. Writes target/bench/critest.json. Run by scripts/critest.sh (root).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use spry_integration::{
-    require_root, Containerd, ContainerdOptions, Critest, CritestSummary, Registry,
+    require_root, Containerd, ContainerdOptions, Critest, CritestSummary, Registry, SpryHandler,
 };
 
 fn main() -> Result<()> {
@@ -20,38 +19,17 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let root = spry_integration::paths::repo_root();
-    let guest = std::env::var_os("SPRY_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("build/guest/current"));
-    let shim = std::env::var_os("SPRY_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/release"))
-        .join("containerd-shim-spry-v2");
-    ensure!(
-        shim.is_file(),
-        "{} missing: cargo build --release -p spry-shim",
-        shim.display()
-    );
     let state = tempfile::Builder::new()
-        .prefix("spry-critest-")
+        .prefix("spry-bench-")
         .tempdir_in("/run")?;
-    let config = state.path().join("config.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-            state.path().join("run").display(),
-            guest.join("vmlinux").display(),
-            guest.join("initramfs.img").display()
-        ),
-    )?;
+    let spry = SpryHandler::new(state.path(), "release", None)?;
     let registry = Registry::start()?;
     let containerd = Containerd::start(
-        ContainerdOptions::new("critest")
-            .registry(&registry)
-            .mirror("registry.k8s.io", &registry)
-            .runtime_handler("spry", "io.containerd.spry.v2", Some(&shim))
-            .env("SPRY_CONFIG", &config.display().to_string()),
+        spry.register(
+            ContainerdOptions::new("critest")
+                .registry(&registry)
+                .mirror("registry.k8s.io", &registry),
+        ),
     )?;
     let mut report = serde_json::Map::new();
     for handler in ["runc", "spry"] {

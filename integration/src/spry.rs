@@ -1,0 +1,70 @@
+//! Spry as a runtime handler of a harness containerd: the built guest assets, the shim
+//! binary and a Spry config whose state lives in a directory of the caller's.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{ensure, Context, Result};
+
+use crate::containerd::ContainerdOptions;
+use crate::paths;
+
+/// The guest kernel and initramfs from scripts/build-guest.sh (`SPRY_GUEST_DIR` overrides).
+pub fn guest_dir() -> Result<PathBuf> {
+    let dir = std::env::var_os("SPRY_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::repo_root().join("build/guest/current"));
+    ensure!(
+        dir.join("vmlinux").is_file() && dir.join("initramfs.img").is_file(),
+        "guest assets missing in {}: run scripts/build-guest.sh",
+        dir.display()
+    );
+    Ok(dir)
+}
+
+/// The `spry` runtime handler: shim binary and config.
+pub struct SpryHandler {
+    pub shim: PathBuf,
+    pub config: PathBuf,
+}
+
+impl SpryHandler {
+    /// Writes a config under `state` (Spry's runtime state goes to `state/run`). The shim is
+    /// taken from `SPRY_BIN_DIR`, else `target/<profile>`; `kernel` overrides the guest's.
+    pub fn new(state: &Path, profile: &str, kernel: Option<&Path>) -> Result<Self> {
+        let guest = guest_dir()?;
+        let shim = std::env::var_os("SPRY_BIN_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| paths::repo_root().join("target").join(profile))
+            .join("containerd-shim-spry-v2");
+        ensure!(
+            shim.is_file(),
+            "{} missing: cargo build -p spry-shim",
+            shim.display()
+        );
+        std::fs::create_dir_all(state).with_context(|| format!("creating {}", state.display()))?;
+        let config = state.join("config.toml");
+        let kernel = kernel
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| guest.join("vmlinux"));
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+                state.join("run").display(),
+                kernel.display(),
+                guest.join("initramfs.img").display()
+            ),
+        )
+        .with_context(|| format!("writing {}", config.display()))?;
+        Ok(Self { shim, config })
+    }
+
+    /// Adds the handler to a containerd's options.
+    pub fn register(&self, opts: ContainerdOptions) -> ContainerdOptions {
+        opts.runtime_handler("spry", "io.containerd.spry.v2", Some(&self.shim))
+            // After a restart containerd reloads running tasks by looking the shim up in
+            // PATH (runtime_path is not persisted); `spry install` puts it in /usr/local/bin.
+            .path_prepend(self.shim.parent().expect("the shim is in a directory"))
+            .env("SPRY_CONFIG", &self.config.display().to_string())
+    }
+}
