@@ -264,3 +264,53 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
     leaks.assert_clean().context("after removing both pods")?;
     Ok(())
 }
+
+/// An entrypoint that does not exist and a config with an unknown key both fail with an
+/// error that says why, and leave nothing behind.
+#[test]
+fn bad_entrypoint_and_bad_config_are_named() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-cri-bad2-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let containerd =
+        Containerd::start(spry.register(ContainerdOptions::new("spry-bad2").registry(&registry)))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+
+    let pod_cfg = PodConfig::new("badentry").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let cfg = ContainerConfig::new("nope", &image)
+        .command(&["/no/such/entrypoint"])
+        .write_to(&containerd.dir())?;
+    let failed = match crictl.create(&pod, &cfg, &pod_cfg) {
+        Err(e) => Err(e),
+        Ok(id) => crictl.start(&id),
+    };
+    let err = format!("{:#}", failed.expect_err("a missing entrypoint started"));
+    ensure!(
+        err.contains("/no/such/entrypoint"),
+        "error does not name the entrypoint: {err}"
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+
+    // An unknown key in Spry's config: RunPodSandbox fails naming it.
+    let mut text = std::fs::read_to_string(&spry.config)?;
+    text.push_str("memory_mb = 512\n");
+    std::fs::write(&spry.config, text)?;
+    let pod_cfg = PodConfig::new("badconfig").write_to(&containerd.dir())?;
+    let err = crictl
+        .runp(&pod_cfg, Some("spry"))
+        .expect_err("a bad config was accepted");
+    ensure!(
+        format!("{err:#}").contains("memory_mb"),
+        "error does not name the key: {err:#}"
+    );
+    leaks.assert_clean().context("after the failures")?;
+    Ok(())
+}
