@@ -5,6 +5,33 @@ use spry_shim::cli::{
 };
 use spry_shim::error_chain;
 
+/// Runs `spry-snapshotter SUBCOMMAND ARGS...` (next to this binary, else from PATH) and
+/// returns its exit status.
+fn snapshotter(subcommand: &str, args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("spry-snapshotter")));
+    let bin = sibling
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "spry-snapshotter".into());
+    match std::process::Command::new(&bin)
+        .arg(subcommand)
+        .args(args)
+        .status()
+    {
+        Ok(status) => {
+            std::process::ExitCode::from(status.code().unwrap_or(125).clamp(0, 255) as u8)
+        }
+        Err(e) => {
+            eprintln!(
+                "spry: cannot run {}: {e} (build it: cargo build -p spry-snapshotter)",
+                bin.display()
+            );
+            std::process::ExitCode::from(125)
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -30,6 +57,10 @@ fn main() -> std::process::ExitCode {
         Command::Assets(AssetsCommand::Build(args)) => {
             run_assets_build(&args).map_err(|e| error_chain(&e))
         }
+        // Image conversion and warm-up live in the snapshotter's binary; `spry` only
+        // forwards, so this binary does not link the snapshotter's registry/FUSE stack.
+        Command::Convert { args } => return snapshotter("convert", args),
+        Command::Warm { args } => return snapshotter("warm", args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

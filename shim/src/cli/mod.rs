@@ -42,6 +42,18 @@ pub enum Command {
     /// Build guest assets.
     #[command(subcommand)]
     Assets(AssetsCommand),
+    /// Convert an image to eStargz and push it (runs `spry-snapshotter convert`).
+    #[command(disable_help_flag = true)]
+    Convert {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Prefetch an image into the node's lazy-pull cache (runs `spry-snapshotter warm`).
+    #[command(disable_help_flag = true)]
+    Warm {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
