@@ -410,18 +410,11 @@ impl ContainerManager {
                 state: container.state_name(),
             });
         }
-        helper::run(
-            &HelperRequest::Start {
-                id: id.to_string(),
-                state_root: self.state_root(),
-            },
-            Vec::new(),
-        )
-        .await
-        .map_err(|source| ContainerError::Runtime {
+        self.lifecycle(HelperRequest::Start {
             id: id.to_string(),
-            source,
-        })?;
+            state_root: self.state_root(),
+        })
+        .await?;
         *container.phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Running;
         Ok(())
     }
@@ -598,22 +591,27 @@ impl ContainerManager {
         result
     }
 
+    /// Runs a start/delete request in the libcontainer helper, without stdio.
+    async fn lifecycle(&self, request: HelperRequest) -> Result<(), ContainerError> {
+        let id = match &request {
+            HelperRequest::Start { id, .. } | HelperRequest::Delete { id, .. } => id.clone(),
+            HelperRequest::Create { id, .. } | HelperRequest::Exec { id, .. } => id.clone(),
+        };
+        helper::run(&request, Vec::new())
+            .await
+            .map(drop)
+            .map_err(|source| ContainerError::Runtime { id, source })
+    }
+
     async fn teardown(&self, container: &Container) -> Result<(), ContainerError> {
         let id = &container.id;
         // Without a pid namespace, processes can outlive the init: kill whatever is left.
         kill_and_wait(container).await?;
-        helper::run(
-            &HelperRequest::Delete {
-                id: id.clone(),
-                state_root: self.state_root(),
-            },
-            Vec::new(),
-        )
-        .await
-        .map_err(|source| ContainerError::Runtime {
+        self.lifecycle(HelperRequest::Delete {
             id: id.clone(),
-            source,
-        })?;
+            state_root: self.state_root(),
+        })
+        .await?;
         container.oom_watch.abort();
         {
             let mut rootfs = container.rootfs.lock().unwrap_or_else(|p| p.into_inner());

@@ -108,15 +108,7 @@ const PIVOTABLE_ROOT: &str = "/.spry-root";
 /// a root with a parent. Call first, before anything else is mounted.
 pub fn make_root_pivotable() -> Result<(), InitError> {
     let target = Path::new(PIVOTABLE_ROOT);
-    match nix::unistd::mkdir(target, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(source) => {
-            return Err(InitError::Mkdir {
-                path: target.to_path_buf(),
-                source,
-            })
-        }
-    }
+    mkdir_if_missing(target)?;
     let mount_err = |source| InitError::Mount {
         fstype: "bind".into(),
         target: target.to_path_buf(),
@@ -137,19 +129,21 @@ pub fn make_root_pivotable() -> Result<(), InitError> {
     Ok(())
 }
 
+fn mkdir_if_missing(path: &Path) -> Result<(), InitError> {
+    match nix::unistd::mkdir(path, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(source) => Err(InitError::Mkdir {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Mounts the early filesystems. A target that is already mounted is fine.
 pub fn mount_early_filesystems() -> Result<(), InitError> {
     for early in EARLY_MOUNTS {
         let target = Path::new(early.target);
-        match nix::unistd::mkdir(target, Mode::from_bits_truncate(0o755)) {
-            Ok(()) | Err(Errno::EEXIST) => {}
-            Err(source) => {
-                return Err(InitError::Mkdir {
-                    path: target.to_path_buf(),
-                    source,
-                })
-            }
-        }
+        mkdir_if_missing(target)?;
         match mount(
             Some(early.fstype),
             target,

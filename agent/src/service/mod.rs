@@ -57,6 +57,25 @@ impl AgentService {
         }
     }
 
+    /// ReadStdout/ReadStderr: blocks until the stream has data or ends.
+    async fn read_stream(
+        &self,
+        req: ReadStreamRequest,
+        which: OutputStream,
+    ) -> Reply<ReadStreamResponse> {
+        let target = req.process.clone().unwrap_or_default();
+        let process = self
+            .containers
+            .process(&target.container_id, &target.exec_id)
+            .await
+            .map_err(AgentError::from)?;
+        let stream = match which {
+            OutputStream::Stdout => &process.io.stdout,
+            OutputStream::Stderr => &process.io.stderr,
+        };
+        Ok(stream_reply(stream.read(read_size(req.max_bytes)).await))
+    }
+
     async fn resolv_conf(&self) -> Result<Option<PathBuf>, AgentError> {
         let sandbox = self.sandbox.lock().await;
         let sandbox = sandbox.as_ref().ok_or(AgentError::NoSandbox)?;
@@ -306,15 +325,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> Reply<ReadStreamResponse> {
-        let target = req.process.clone().unwrap_or_default();
-        let process = self
-            .containers
-            .process(&target.container_id, &target.exec_id)
-            .await
-            .map_err(AgentError::from)?;
-        Ok(stream_reply(
-            process.io.stdout.read(read_size(req.max_bytes)).await,
-        ))
+        self.read_stream(req, OutputStream::Stdout).await
     }
 
     async fn read_stderr(
@@ -322,15 +333,7 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: ReadStreamRequest,
     ) -> Reply<ReadStreamResponse> {
-        let target = req.process.clone().unwrap_or_default();
-        let process = self
-            .containers
-            .process(&target.container_id, &target.exec_id)
-            .await
-            .map_err(AgentError::from)?;
-        Ok(stream_reply(
-            process.io.stderr.read(read_size(req.max_bytes)).await,
-        ))
+        self.read_stream(req, OutputStream::Stderr).await
     }
 
     async fn resize_tty(&self, _ctx: &TtrpcContext, req: ResizeTtyRequest) -> Reply<Empty> {
@@ -369,6 +372,13 @@ fn read_size(max_bytes: u32) -> usize {
         0 => MAX_READ,
         n => (n as usize).min(MAX_READ),
     }
+}
+
+/// Which output stream of a process a read is for.
+#[derive(Clone, Copy)]
+enum OutputStream {
+    Stdout,
+    Stderr,
 }
 
 fn stream_reply((data, eof): (Vec<u8>, bool)) -> ReadStreamResponse {
