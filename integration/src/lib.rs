@@ -37,6 +37,7 @@ pub mod leak;
 pub mod paths;
 pub mod registry;
 pub mod require;
+pub mod rootfs;
 pub mod spry;
 pub mod stale;
 pub mod system;

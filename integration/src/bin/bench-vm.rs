@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     let guest = std::env::var_os("SPRY_GUEST_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| "build/guest/current".into());
-    let rootfs = busybox_rootfs()?;
+    let rootfs = spry_integration::rootfs::busybox_rootfs()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let mut samples = Vec::new();
     let mut accel = String::new();
@@ -180,32 +180,6 @@ fn smaps_rollup(pid: u32) -> Result<(u64, u64)> {
             .unwrap_or(0)
     };
     Ok((field("Rss:"), field("Pss:")))
-}
-
-fn busybox_rootfs() -> Result<tempfile::TempDir> {
-    let dir = tempfile::Builder::new()
-        .prefix("spry-bench-rootfs-")
-        .tempdir()?;
-    std::fs::create_dir_all(dir.path().join("bin"))?;
-    for sub in ["proc", "sys", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(dir.path().join(sub))?;
-    }
-    std::fs::copy("/bin/busybox", dir.path().join("bin/busybox"))
-        .context("/bin/busybox (busybox-static)")?;
-    // Relative links: `busybox --install` would point them at this host path.
-    let applets = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()?;
-    if !applets.status.success() {
-        bail!("busybox --list failed");
-    }
-    for applet in String::from_utf8_lossy(&applets.stdout)
-        .lines()
-        .filter(|a| *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(applet))?;
-    }
-    Ok(dir)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

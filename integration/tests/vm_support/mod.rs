@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use spry_shim::rootfs::ErofsBlockShare;
@@ -55,40 +54,9 @@ pub fn spry_bin() -> PathBuf {
 }
 
 /// A minimal busybox root filesystem (from Debian's busybox-static).
+/// A minimal busybox root filesystem (from Debian's busybox-static).
 pub fn busybox_rootfs() -> TempDir {
-    let busybox = Path::new("/bin/busybox");
-    assert!(
-        busybox.is_file(),
-        "/bin/busybox missing: apt-get install busybox-static"
-    );
-    let dir = tempfile::Builder::new()
-        .prefix("spry-rootfs-")
-        .tempdir()
-        .unwrap();
-    for sub in ["bin", "etc", "proc", "sys", "dev", "tmp", "root"] {
-        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
-    }
-    std::fs::copy(busybox, dir.path().join("bin/busybox")).unwrap();
-    // Relative links: `busybox --install` would point them at this host path.
-    let applets = Command::new(busybox).arg("--list").output().unwrap();
-    assert!(applets.status.success(), "busybox --list failed");
-    for applet in String::from_utf8_lossy(&applets.stdout)
-        .lines()
-        .filter(|a| *a != "busybox")
-    {
-        std::os::unix::fs::symlink("busybox", dir.path().join("bin").join(applet)).unwrap();
-    }
-    std::fs::write(
-        dir.path().join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("etc/group"),
-        "root:x:0:\nnogroup:x:65534:\n",
-    )
-    .unwrap();
-    dir
+    spry_integration::rootfs::busybox_rootfs().expect("busybox rootfs")
 }
 
 /// Where the accelerator probe caches its result: shared by all tests so that the
