@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::RegistryConfig;
+use crate::registry::{HostConfigError, RegistryConfig};
 
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +18,11 @@ pub enum ConfigError {
     Parse {
         path: PathBuf,
         source: toml::de::Error,
+    },
+    #[error("config {path}: a registry host's settings are invalid")]
+    Host {
+        path: PathBuf,
+        source: HostConfigError,
     },
     #[error("config {path}: {field} must be {requirement}")]
     Invalid {
@@ -146,7 +151,12 @@ impl Config {
         if self.registry.request_timeout_ms == 0 {
             return Err(invalid("registry.request_timeout_ms", "positive"));
         }
-        Ok(())
+        self.registry
+            .validate()
+            .map_err(|source| ConfigError::Host {
+                path: path.to_path_buf(),
+                source,
+            })
     }
 }
 

@@ -92,7 +92,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             prioritized_files,
             chunk_size,
         } => {
-            let client = RegistryClient::new(config.registry.clone());
+            let client = RegistryClient::new(config.registry.clone())?;
             let source = match source.strip_prefix("oci:") {
                 Some(rest) => {
                     let (dir, tag) = match rest.rsplit_once(':') {
@@ -130,7 +130,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         }
         Command::MountLayer { job } => Ok(spry_snapshotter::service::run_layer_daemon(&job).await?),
         Command::Warm { image, all } => {
-            let client = Arc::new(RegistryClient::new(config.registry.clone()));
+            let client = Arc::new(RegistryClient::new(config.registry.clone())?);
             let cache = Arc::new(ChunkCache::open(&config.root.join("cache"))?);
             let scope = if all {
                 WarmScope::All

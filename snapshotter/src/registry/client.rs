@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hyper::body::{Bytes, HttpBody};
-use hyper::client::HttpConnector;
 use hyper::header::{self, HeaderValue};
-use hyper::{Body, Client, Method, Request, Response, StatusCode};
+use hyper::{Body, Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::auth::{parse_challenge, Challenge};
+use super::tls::{tls_failure, Clients, TlsConfigError, TlsFailure};
 use super::{Reference, RegistryConfig, RegistryError};
 
 const MAX_REDIRECTS: usize = 5;
@@ -31,7 +31,7 @@ pub struct Manifest {
 
 /// A registry client shared by all layers of a process.
 pub struct RegistryClient {
-    http: Client<HttpConnector>,
+    http: Clients,
     config: RegistryConfig,
     // Authorization header values by "host scope".
     tokens: Mutex<HashMap<String, String>>,
@@ -47,13 +47,14 @@ struct Call<'a> {
 }
 
 impl RegistryClient {
-    /// A client with the given host settings.
-    pub fn new(config: RegistryConfig) -> Self {
-        RegistryClient {
-            http: Client::new(),
+    /// A client with the given host settings; fails when a host's `ca`
+    /// file cannot be loaded.
+    pub fn new(config: RegistryConfig) -> Result<Self, TlsConfigError> {
+        Ok(RegistryClient {
+            http: Clients::new(&config)?,
             config,
             tokens: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The settings this client was made with.
@@ -310,11 +311,6 @@ impl RegistryClient {
         url: &str,
         auth: Option<String>,
     ) -> Result<Response<Body>, RegistryError> {
-        if url.starts_with("https://") {
-            return Err(RegistryError::TlsUnsupported {
-                url: url.to_string(),
-            });
-        }
         let mut builder = Request::builder().method(call.method.clone()).uri(url);
         for (name, value) in &call.headers {
             builder = builder.header(name, value);
@@ -331,15 +327,22 @@ impl RegistryClient {
                 url: url.to_string(),
                 source,
             })?;
-        match tokio::time::timeout(self.timeout(), self.http.request(request)).await {
+        self.send(request, url).await
+    }
+
+    /// One request with the timeout, through the client for its host.
+    async fn send(
+        &self,
+        request: Request<Body>,
+        url: &str,
+    ) -> Result<Response<Body>, RegistryError> {
+        let http = self.http.for_url(url);
+        match tokio::time::timeout(self.timeout(), http.request(request)).await {
             Err(_) => Err(RegistryError::Timeout {
                 url: url.to_string(),
                 timeout: self.timeout(),
             }),
-            Ok(Err(source)) => Err(RegistryError::Request {
-                url: url.to_string(),
-                source,
-            }),
+            Ok(Err(source)) => Err(request_error(url, source)),
             Ok(Ok(resp)) => Ok(resp),
         }
     }
@@ -379,9 +382,6 @@ impl RegistryClient {
         if let Some(service) = service {
             token_url.push_str(&format!("&service={}", percent_encode(&service)));
         }
-        if token_url.starts_with("https://") {
-            return Err(RegistryError::TlsUnsupported { url: token_url });
-        }
         let mut builder = Request::builder().method(Method::GET).uri(&token_url);
         if let Some(basic) = basic {
             builder = builder.header(header::AUTHORIZATION, basic);
@@ -392,16 +392,7 @@ impl RegistryClient {
                 url: token_url.clone(),
                 source,
             })?;
-        let resp = tokio::time::timeout(self.timeout(), self.http.request(request))
-            .await
-            .map_err(|_| RegistryError::Timeout {
-                url: token_url.clone(),
-                timeout: self.timeout(),
-            })?
-            .map_err(|source| RegistryError::Request {
-                url: token_url.clone(),
-                source,
-            })?;
+        let resp = self.send(request, &token_url).await?;
         if resp.status() != StatusCode::OK {
             return Err(RegistryError::Token {
                 realm,
@@ -484,7 +475,27 @@ fn location(resp: &Response<Body>, base: &str) -> Result<String, RegistryError> 
     }
 }
 
-fn url_host(url: &str) -> Option<&str> {
+/// A failed request as an error, naming an untrusted certificate as such.
+fn request_error(url: &str, source: hyper::Error) -> RegistryError {
+    let host = url_host(url).unwrap_or(url).to_string();
+    let url = url.to_string();
+    match tls_failure(&source) {
+        Some(TlsFailure::Untrusted(source)) => RegistryError::UntrustedCertificate {
+            host,
+            url,
+            source: Box::new(source),
+        },
+        Some(TlsFailure::Other(source)) => RegistryError::Tls {
+            host,
+            url,
+            source: Box::new(source),
+        },
+        None => RegistryError::Request { url, source },
+    }
+}
+
+/// The `host[:port]` of an absolute URL.
+pub(super) fn url_host(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     Some(rest.split('/').next().unwrap_or(rest))
 }

@@ -1,12 +1,15 @@
 //! Registry HTTP API v2 client: manifests, blob range reads, pushes, with
-//! token and basic auth, redirects, and plain HTTP for insecure hosts.
+//! token and basic auth, redirects, HTTPS (system and per-host CAs) and plain
+//! HTTP for insecure hosts.
 
 mod auth;
 mod blob;
 mod client;
 mod reference;
+mod tls;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -14,18 +17,29 @@ use serde::{Deserialize, Serialize};
 pub use blob::RegistryBlob;
 pub use client::{Manifest, RegistryClient};
 pub use reference::Reference;
+pub use tls::{read_ca_file, TlsConfigError, SYSTEM_CA_BUNDLE};
 
 /// Errors of registry requests.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("invalid image reference {reference:?}")]
     InvalidReference { reference: String },
-    #[error("{url} needs TLS, which this build does not support; mark the host insecure or serve it over plain HTTP")]
-    TlsUnsupported { url: String },
     #[error("invalid URL {url:?}")]
     InvalidUrl { url: String },
     #[error("request to {url} failed")]
     Request { url: String, source: hyper::Error },
+    #[error("the TLS certificate of {host} is not trusted (request to {url}); set `ca` for it under [registry.hosts]")]
+    UntrustedCertificate {
+        host: String,
+        url: String,
+        source: Box<rustls::Error>,
+    },
+    #[error("TLS handshake with {host} failed (request to {url})")]
+    Tls {
+        host: String,
+        url: String,
+        source: Box<rustls::Error>,
+    },
     #[error("request to {url} timed out after {timeout:?}")]
     Timeout { url: String, timeout: Duration },
     #[error("{url} answered HTTP {status}")]
@@ -69,6 +83,11 @@ pub struct HostConfig {
     /// Speak plain HTTP to this host.
     #[serde(default)]
     pub insecure: bool,
+    /// A PEM file of CA certificates trusted for this host (its `endpoint`
+    /// when one is set) on top of the system's, like `ca` in containerd's
+    /// `hosts.toml`. Setting it also makes a loopback host use HTTPS.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
@@ -117,17 +136,50 @@ impl RegistryConfig {
         self.hosts.get(host).cloned().unwrap_or_default()
     }
 
-    /// Plain HTTP for configured hosts and, as Docker does, for loopback.
+    /// Plain HTTP for hosts marked `insecure` and, as Docker does, for
+    /// loopback hosts without a `ca`; HTTPS for everything else.
     fn scheme(&self, host: &str) -> &'static str {
+        let settings = self.host(host);
         let name = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-        if self.host(host).insecure || name == "localhost" || name == "127.0.0.1" || name == "[::1]"
-        {
+        let loopback = name == "localhost" || name == "127.0.0.1" || name == "[::1]";
+        if settings.insecure || (loopback && settings.ca.is_none()) {
             "http"
         } else {
             "https"
         }
     }
+
+    /// Checks what loading can check: every `ca` file is readable and holds
+    /// usable certificates, and no host is both `insecure` and given a `ca`.
+    pub fn validate(&self) -> Result<(), HostConfigError> {
+        for (host, settings) in &self.hosts {
+            if let Some(ca) = &settings.ca {
+                if settings.insecure {
+                    return Err(HostConfigError::InsecureWithCa { host: host.clone() });
+                }
+                read_ca_file(ca).map_err(|source| HostConfigError::Ca {
+                    host: host.clone(),
+                    source,
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A per-host setting that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum HostConfigError {
+    #[error("registry host {host:?} is `insecure` (plain HTTP) and has a `ca`; pick one")]
+    InsecureWithCa { host: String },
+    #[error("registry host {host:?}: unusable `ca`")]
+    Ca {
+        host: String,
+        source: TlsConfigError,
+    },
 }
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_tests;

@@ -13,11 +13,11 @@ fn client(host: &str, user: &str, pass: &str) -> RegistryClient {
             insecure: true,
             username: Some(user.into()),
             password: Some(pass.into()),
-            endpoint: None,
+            ..HostConfig::default()
         },
     );
     config.request_timeout_ms = 5_000;
-    RegistryClient::new(config)
+    RegistryClient::new(config).unwrap()
 }
 
 fn blob() -> Vec<u8> {
@@ -129,15 +129,27 @@ async fn unreachable_registry_fails_fast_and_recovers() {
 }
 
 #[test]
-fn remote_hosts_need_tls() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let c = RegistryClient::new(RegistryConfig::default());
-    let r = Reference::parse("registry.example.com/app:1").unwrap();
-    let err = rt.block_on(c.blob_size(&r, "sha256:00")).unwrap_err();
-    assert!(matches!(err, RegistryError::TlsUnsupported { .. }));
+fn schemes_follow_host_settings() {
+    let mut config = RegistryConfig::default();
+    config.hosts.insert(
+        "plain.example:5000".into(),
+        HostConfig {
+            insecure: true,
+            ..HostConfig::default()
+        },
+    );
+    config.hosts.insert(
+        "localhost:5443".into(),
+        HostConfig {
+            ca: Some("/etc/ssl/certs/ca-certificates.crt".into()),
+            ..HostConfig::default()
+        },
+    );
+    assert_eq!(config.scheme("registry.example.com"), "https");
+    assert_eq!(config.scheme("plain.example:5000"), "http");
+    assert_eq!(config.scheme("localhost:5000"), "http");
+    assert_eq!(config.scheme("127.0.0.1:5000"), "http");
+    assert_eq!(config.scheme("localhost:5443"), "https");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +165,7 @@ async fn endpoint_override_redirects_connections() {
             ..HostConfig::default()
         },
     );
-    let c = RegistryClient::new(config);
+    let c = RegistryClient::new(config).unwrap();
     let r = Reference::parse("mirror.test:5000/app:v1").unwrap();
     assert_eq!(
         c.blob_range(&r, &digest, 5, 5).await.unwrap(),

@@ -51,6 +51,8 @@ pub enum DaemonError {
     },
     #[error("layer daemon exited before mounting; its log says:\n{log}")]
     Failed { log: String },
+    #[error("failed to set up the registry client's TLS")]
+    Tls(#[from] crate::registry::TlsConfigError),
     #[error("failed to open the chunk cache")]
     Cache(#[from] crate::cache::CacheError),
     #[error("failed to mount the layer")]
@@ -174,7 +176,7 @@ pub async fn run(job_path: &Path) -> Result<(), DaemonError> {
     let mut lazy = job.lazy.clone();
     lazy.fuse_daemon = false;
     let remote = Arc::new(RemoteLayers::new(
-        Arc::new(RegistryClient::new(job.registry.clone())),
+        Arc::new(RegistryClient::new(job.registry.clone())?),
         Arc::new(ChunkCache::open(&job.cache_dir)?),
         lazy,
         tokio::runtime::Handle::current(),

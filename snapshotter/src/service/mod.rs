@@ -40,6 +40,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error("failed to open the chunk cache")]
     Cache(#[from] crate::cache::CacheError),
+    #[error("failed to set up the registry client's TLS")]
+    Tls(#[from] crate::registry::TlsConfigError),
 }
 
 /// Spry's snapshotter.
@@ -62,7 +64,7 @@ impl SprySnapshotter {
         }
         let store = Store::load(&root.join("metadata.json"))?;
         let cache = Arc::new(ChunkCache::open(&root.join("cache"))?);
-        let client = Arc::new(RegistryClient::new(config.registry.clone()));
+        let client = Arc::new(RegistryClient::new(config.registry.clone())?);
         let remote = Arc::new(RemoteLayers::new(
             client,
             cache,

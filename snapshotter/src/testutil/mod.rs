@@ -112,3 +112,4 @@ pub fn build(prioritized: &[&str]) -> Built {
 }
 
 pub mod registry;
+pub mod tls;

@@ -1,6 +1,7 @@
 //! A small in-process registry (HTTP API v2 subset) for tests: ranges,
-//! uploads, basic or bearer auth, redirects to "blob storage", and a switch
-//! that makes it unreachable (connection refused) and back.
+//! uploads, basic or bearer auth, redirects to "blob storage" (its own or
+//! another server's), plain HTTP or TLS, and a switch that makes it
+//! unreachable (connection refused) and back.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,6 +33,9 @@ pub struct State {
     uploads: Mutex<HashMap<String, ()>>,
     pub auth: Auth,
     pub redirect: bool,
+    /// Where blob redirects point (`scheme://host:port`); this server if unset.
+    pub storage: Option<String>,
+    scheme: &'static str,
     pub blob_bytes_served: AtomicU64,
     pub range_requests: AtomicU64,
     addr: Mutex<Option<SocketAddr>>,
@@ -42,6 +46,19 @@ pub struct MockRegistry {
     pub addr: SocketAddr,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     runtime: tokio::runtime::Handle,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// How to start a [`MockRegistry`].
+#[derive(Clone)]
+pub struct MockOptions {
+    pub auth: Auth,
+    /// Answer blob GETs with a redirect to blob storage.
+    pub redirect: bool,
+    /// Blob storage to redirect to (`scheme://host:port`); this server if unset.
+    pub storage: Option<String>,
+    /// Serve HTTPS with this configuration instead of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 const TOKEN: &str = "t0k3n";
@@ -49,12 +66,33 @@ const TOKEN: &str = "t0k3n";
 impl MockRegistry {
     /// Starts on 127.0.0.1 on a free port, on `runtime`.
     pub fn start(runtime: &tokio::runtime::Handle, auth: Auth, redirect: bool) -> Arc<Self> {
+        Self::start_with(
+            runtime,
+            MockOptions {
+                auth,
+                redirect,
+                storage: None,
+                tls: None,
+            },
+        )
+    }
+
+    /// Starts with every option.
+    pub fn start_with(runtime: &tokio::runtime::Handle, opts: MockOptions) -> Arc<Self> {
+        let MockOptions {
+            auth,
+            redirect,
+            storage,
+            tls,
+        } = opts;
         let state = Arc::new(State {
             blobs: Mutex::new(HashMap::new()),
             manifests: Mutex::new(HashMap::new()),
             uploads: Mutex::new(HashMap::new()),
             auth,
             redirect,
+            storage,
+            scheme: if tls.is_some() { "https" } else { "http" },
             blob_bytes_served: AtomicU64::new(0),
             range_requests: AtomicU64::new(0),
             addr: Mutex::new(None),
@@ -67,6 +105,7 @@ impl MockRegistry {
             addr,
             stop: Mutex::new(None),
             runtime: runtime.clone(),
+            tls,
         });
         reg.serve(listener);
         reg
@@ -76,12 +115,22 @@ impl MockRegistry {
         self.addr.to_string()
     }
 
+    /// `scheme://host:port` of this server (`localhost` when it speaks TLS).
+    pub fn base_url(&self) -> String {
+        own_url(self.state.scheme, self.addr)
+    }
+
     fn serve(&self, listener: std::net::TcpListener) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         *self.stop.lock().unwrap() = Some(tx);
         let state = self.state.clone();
         let _guard = self.runtime.enter();
         listener.set_nonblocking(true).unwrap();
+        if let Some(tls) = &self.tls {
+            self.runtime
+                .spawn(serve_tls(listener, tls.clone(), state, rx));
+            return;
+        }
         let server = hyper::Server::from_tcp(listener).unwrap().serve(make_service_fn(move |_| {
             let state = state.clone();
             async move { Ok::<_, Infallible>(service_fn(move |req| handle(state.clone(), req))) }
@@ -135,6 +184,48 @@ impl Drop for MockRegistry {
     }
 }
 
+/// Accepts TLS connections until `stop` fires; failed handshakes (a client
+/// that does not trust the certificate) just end their connection.
+async fn serve_tls(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    state: Arc<State>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let tcp = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(_) => continue,
+            },
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::Http::new()
+                .serve_connection(stream, service)
+                .await;
+        });
+    }
+}
+
+/// The server's own URL: TLS servers go by `localhost`, the name their
+/// test certificates carry.
+fn own_url(scheme: &str, addr: SocketAddr) -> String {
+    if scheme == "https" {
+        format!("https://localhost:{}", addr.port())
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 fn status(code: StatusCode) -> Response<Body> {
     Response::builder()
         .status(code)
@@ -164,6 +255,7 @@ fn authorized(state: &State, req: &Request<Body>) -> bool {
 async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
     let addr = state.addr.lock().unwrap().unwrap();
+    let own = own_url(state.scheme, addr);
     if path == "/token" {
         let Auth::Bearer { user, pass } = &state.auth else {
             return Ok(status(StatusCode::NOT_FOUND));
@@ -213,7 +305,7 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
     };
     if !authorized(&state, &req) {
         let challenge = match &state.auth {
-            Auth::Bearer { .. } => format!("Bearer realm=\"http://{addr}/token\",service=\"mock\""),
+            Auth::Bearer { .. } => format!("Bearer realm=\"{own}/token\",service=\"mock\""),
             _ => "Basic realm=\"mock\"".to_string(),
         };
         return Ok(Response::builder()
@@ -235,7 +327,13 @@ async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>,
         if state.redirect && req.method() == Method::GET {
             return Ok(Response::builder()
                 .status(StatusCode::TEMPORARY_REDIRECT)
-                .header("location", format!("http://{addr}/storage/{digest}"))
+                .header(
+                    "location",
+                    format!(
+                        "{}/storage/{digest}",
+                        state.storage.as_deref().unwrap_or(&own)
+                    ),
+                )
                 .body(Body::empty())
                 .unwrap());
         }
