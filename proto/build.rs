@@ -1,11 +1,11 @@
-//! Generates the agent protocol's Rust code from `agent.proto` (pure Rust, no protoc needed).
+//! Generates Rust code from `agent.proto` and containerd's `runtimeoptions.proto` (pure Rust, no protoc needed).
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 fn main() {
     let out = std::env::var("OUT_DIR").expect("cargo sets OUT_DIR");
     Codegen::new()
         .out_dir(&out)
-        .inputs(["agent.proto"])
+        .inputs(["agent.proto", "runtimeoptions.proto"])
         .include(".")
         .rust_protobuf()
         .customize(Customize {
@@ -17,7 +17,7 @@ fn main() {
         .expect("generate agent protocol code");
     // The generated files carry inner attributes (`#![...]`, `//!`), which
     // `include!` rejects; lib.rs sets the same allowances on the wrapping modules.
-    for name in ["agent.rs", "agent_ttrpc.rs"] {
+    for name in ["agent.rs", "agent_ttrpc.rs", "runtimeoptions.rs"] {
         let path = std::path::Path::new(&out).join(name);
         let text = std::fs::read_to_string(&path).expect("read generated code");
         let kept: Vec<&str> = text
@@ -27,4 +27,5 @@ fn main() {
         std::fs::write(&path, kept.join("\n")).expect("write generated code");
     }
     println!("cargo:rerun-if-changed=agent.proto");
+    println!("cargo:rerun-if-changed=runtimeoptions.proto");
 }

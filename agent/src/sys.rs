@@ -5,6 +5,20 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])` from `<linux/random.h>`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)` from `<linux/random.h>`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Makes the kernel's CRNG reseed from its input pool now (requires CAP_SYS_ADMIN). After
+/// [`add_entropy`], this is what makes a VM restored from a shared template stop producing
+/// the template's random stream: without it the CRNG would only reseed on its own schedule.
+pub fn reseed_crng(random: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: RNDRESEEDCRNG takes no argument; the fd is a live /dev/random.
+    let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Mixes `data` into the kernel RNG behind `random` (an open `/dev/random`) and credits
 /// `8 * data.len()` bits of entropy (requires CAP_SYS_ADMIN).

@@ -25,6 +25,7 @@ pub fn guest_dir() -> Result<PathBuf> {
 pub struct SpryHandler {
     pub shim: PathBuf,
     pub config: PathBuf,
+    config_text: String,
 }
 
 impl SpryHandler {
@@ -46,17 +47,46 @@ impl SpryHandler {
         let kernel = kernel
             .map(Path::to_path_buf)
             .unwrap_or_else(|| guest.join("vmlinux"));
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-                state.join("run").display(),
-                kernel.display(),
-                guest.join("initramfs.img").display()
-            ),
-        )
-        .with_context(|| format!("writing {}", config.display()))?;
-        Ok(Self { shim, config })
+        let config_text = format!(
+            "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            state.join("run").display(),
+            kernel.display(),
+            guest.join("initramfs.img").display()
+        );
+        std::fs::write(&config, &config_text)
+            .with_context(|| format!("writing {}", config.display()))?;
+        Ok(Self {
+            shim,
+            config,
+            config_text,
+        })
+    }
+
+    /// Writes another config next to this one, with `top_level` TOML lines added (e.g.
+    /// `template = "off"`), for a second handler; returns its path.
+    pub fn variant(&self, name: &str, top_level: &str) -> Result<PathBuf> {
+        let path = self.config.with_file_name(format!("config-{name}.toml"));
+        std::fs::write(&path, format!("{top_level}\n{}", self.config_text))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// Adds handler `handler` running Spry with the config at `config`, passed the way
+    /// cluster admins would: containerd's `ConfigPath` runtime option.
+    pub fn register_variant(
+        &self,
+        opts: ContainerdOptions,
+        handler: &str,
+        config: &Path,
+    ) -> ContainerdOptions {
+        opts.extra_toml(&format!(
+            "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}]\n\
+                 runtime_type = \"io.containerd.spry.v2\"\nruntime_path = \"{}\"\n\
+                 [plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}.options]\n\
+                 ConfigPath = \"{}\"\n",
+            self.shim.display(),
+            config.display()
+        ))
     }
 
     /// Adds the handler to a containerd's options.

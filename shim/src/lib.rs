@@ -9,6 +9,7 @@ pub mod rootfs;
 pub mod sandbox;
 pub mod service;
 pub mod sys;
+pub mod template;
 pub mod vm;
 
 /// An error and all its sources on one line ("a: b: c"): what a person needs when only

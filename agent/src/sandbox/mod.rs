@@ -85,6 +85,7 @@ pub fn apply(
                 source,
             })?;
         sys::add_entropy(random.as_fd(), &request.entropy)
+            .and_then(|()| sys::reseed_crng(random.as_fd()))
             .map_err(|source| SandboxError::Entropy { path, source })?;
     }
     if options.set_clock && request.clock_unix_nanos != 0 {

@@ -105,6 +105,7 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
         agent_channel: AgentChannelKind::VirtioSerial,
         extra_cmdline: Vec::new(),
         netns: None,
+        ..Default::default()
     };
     let hypervisor = QemuHypervisor::new("/run/spry-bench");
     let share = ErofsBlockShare::new(area.path().join("rootfs"));

@@ -95,6 +95,7 @@ impl TestArea {
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: Vec::new(),
             netns: None,
+            ..Default::default()
         }
     }
 

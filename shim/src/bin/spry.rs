@@ -1,7 +1,8 @@
 //! `spry`: Spry's command line.
 use clap::Parser;
 use spry_shim::cli::{
-    run_assets_build, run_install, run_uninstall, run_vm, AssetsCommand, Cli, Command, VmCommand,
+    run_assets_build, run_install, run_template, run_uninstall, run_vm, AssetsCommand, Cli,
+    Command, VmCommand,
 };
 use spry_shim::error_chain;
 
@@ -51,6 +52,12 @@ fn main() -> std::process::ExitCode {
                 Ok(code) => return std::process::ExitCode::from(code.clamp(0, 255) as u8),
                 Err(err) => Err(error_chain(&err)),
             }
+        }
+        Command::Template(command) => {
+            let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+            runtime
+                .block_on(run_template(&cli.config, command))
+                .map_err(|e| error_chain(&e))
         }
         Command::Install(args) => run_install(&args).map_err(|e| error_chain(&e)),
         Command::Uninstall(args) => run_uninstall(&args).map_err(|e| error_chain(&e)),

@@ -3,6 +3,7 @@
 mod install;
 mod spec;
 mod stdio;
+mod template;
 mod vm_run;
 
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ pub use install::{
     run_assets_build, run_install, run_uninstall, AssetsBuildArgs, InstallArgs, InstallCommandError,
 };
 pub use spec::{container_spec, ProcessOptions};
+pub use template::{run_template, TemplateCommand, TemplateCommandError};
 pub use vm_run::{run_vm, VmRunError};
 
 use crate::config::DEFAULT_CONFIG_PATH;
@@ -42,6 +44,9 @@ pub enum Command {
     /// Build guest assets.
     #[command(subcommand)]
     Assets(AssetsCommand),
+    /// Manage the VM templates pods are restored from.
+    #[command(subcommand)]
+    Template(TemplateCommand),
     /// Convert an image to eStargz and push it (runs `spry-snapshotter convert`).
     #[command(disable_help_flag = true)]
     Convert {

@@ -14,7 +14,7 @@ use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError};
 use crate::rootfs::{ErofsBlockShare, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
-use crate::vm::{AgentChannelKind, QemuHypervisor, VmConfig, VmExit};
+use crate::vm::{QemuHypervisor, VmConfig, VmExit};
 
 const CONTAINER_ID: &str = "main";
 
@@ -41,22 +41,14 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         return Err(VmRunError::Rootfs { path: args.rootfs });
     }
     let id = format!("vm-run-{}", std::process::id());
-    let state_dir = config.state_dir.join("vms").join(&id);
+    let base = config.vm_config(&id);
     let vm_config = VmConfig {
-        id: id.clone(),
-        state_dir: state_dir.clone(),
-        kernel: args.kernel.clone().unwrap_or(config.vm.kernel.clone()),
-        initramfs: args
-            .initramfs
-            .clone()
-            .unwrap_or(config.vm.initramfs.clone()),
-        cpus: args.cpus.unwrap_or(config.vm.cpus),
-        memory_mib: args.memory.unwrap_or(config.vm.memory_mib),
-        accel: args.accel.map(Into::into).unwrap_or(config.vm.accelerator),
-        qemu: config.vm.qemu.clone(),
-        agent_channel: AgentChannelKind::VirtioSerial,
-        extra_cmdline: Vec::new(),
-        netns: None,
+        kernel: args.kernel.clone().unwrap_or(base.kernel.clone()),
+        initramfs: args.initramfs.clone().unwrap_or(base.initramfs.clone()),
+        cpus: args.cpus.unwrap_or(base.cpus),
+        memory_mib: args.memory.unwrap_or(base.memory_mib),
+        accel: args.accel.map(Into::into).unwrap_or(base.accel),
+        ..base
     };
     let hypervisor = QemuHypervisor::new(config.state_dir.clone());
     let share = ErofsBlockShare::new(config.state_dir.join("rootfs").join(&id));

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::vm::AccelChoice;
+use crate::template::TemplatePolicy;
+use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
 
 /// Where the config is read from when no path is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
@@ -36,6 +37,12 @@ pub enum ConfigError {
         value: u64,
         allowed: &'static str,
     },
+    #[error("containerd's runtime options ({type_url}) cannot be decoded")]
+    RuntimeOptions {
+        type_url: String,
+        #[source]
+        source: protobuf::Error,
+    },
     #[error("config file {path}: {key} must be an absolute path, got {value}")]
     RelativePath {
         path: PathBuf,
@@ -52,6 +59,8 @@ pub struct Config {
     pub log_level: String,
     /// Runtime state (per-VM dirs, sockets, probe cache). Must be on a local filesystem.
     pub state_dir: PathBuf,
+    /// Start pods from VM templates ("auto") or always boot cold ("off").
+    pub template: TemplatePolicy,
     pub vm: VmSettings,
 }
 
@@ -77,6 +86,7 @@ impl Default for Config {
         Self {
             log_level: "info".into(),
             state_dir: PathBuf::from("/run/spry"),
+            template: TemplatePolicy::Auto,
             vm: VmSettings::default(),
         }
     }
@@ -114,6 +124,36 @@ impl Config {
                 })
             }
         };
+        Self::parse(&text, path)
+    }
+
+    /// The VM this config describes, named `id`, with its state dir under `state_dir/vms`.
+    pub fn vm_config(&self, id: &str) -> VmConfig {
+        VmConfig {
+            id: id.to_owned(),
+            state_dir: self.state_dir.join("vms").join(id),
+            kernel: self.vm.kernel.clone(),
+            initramfs: self.vm.initramfs.clone(),
+            cpus: self.vm.cpus,
+            memory_mib: self.vm.memory_mib,
+            accel: self.vm.accelerator,
+            qemu: self.vm.qemu.clone(),
+            agent_channel: AgentChannelKind::VirtioSerial,
+            ..Default::default()
+        }
+    }
+
+    /// Where this config's VM templates live.
+    pub fn template_dir(&self) -> PathBuf {
+        self.state_dir.join("templates")
+    }
+
+    /// Loads `path`, which must exist (a handler's `ConfigPath`).
+    pub fn load_required(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
@@ -178,6 +218,7 @@ mod tests {
             r#"
             log_level = "debug"
             state_dir = "/var/run/spry"
+            template = "off"
             [vm]
             kernel = "/opt/k"
             initramfs = "/opt/i"
@@ -189,6 +230,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.vm.accelerator, AccelChoice::Tcg);
+        assert_eq!(c.template, TemplatePolicy::Off);
         assert_eq!(c.vm.cpus, 2);
         assert_eq!(c.state_dir, PathBuf::from("/var/run/spry"));
     }
@@ -202,8 +244,10 @@ mod tests {
     }
 
     #[test]
-    fn bad_accelerator_is_rejected() {
+    fn bad_accelerator_or_template_policy_is_rejected() {
         assert!(parse("[vm]\naccelerator = \"hvf\"\n").is_err());
+        assert!(parse("template = \"always\"\n").is_err());
+        assert_eq!(parse("").unwrap().template, TemplatePolicy::Auto);
     }
 
     #[test]

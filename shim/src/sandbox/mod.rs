@@ -271,7 +271,7 @@ fn transport_for(endpoint: AgentEndpoint) -> Box<dyn AgentTransport> {
 }
 
 /// Connects to the agent, giving up early if the VM dies while we wait.
-async fn connect_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient, SandboxError> {
+pub async fn connect_agent(vm: &dyn Vm, timeout: Duration) -> Result<AgentClient, SandboxError> {
     let id = vm.id().to_string();
     let transport = transport_for(vm.agent_endpoint());
     let mut exit = vm.exit_watch();

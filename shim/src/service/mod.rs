@@ -7,6 +7,7 @@
 mod error;
 mod events;
 mod io;
+mod options;
 mod pod;
 mod spec;
 mod stats;

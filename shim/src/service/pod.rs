@@ -20,9 +20,12 @@ use super::io::{IoPumps, StdioPaths};
 use super::spec::{self, TaskKind};
 use crate::agent_client::ProcessId;
 use crate::config::Config;
+use crate::rootfs::RootfsShare;
 use crate::rootfs::{ErofsBlockShare, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
-use crate::vm::{AgentChannelKind, QemuHypervisor, VmConfig};
+use crate::template::{self, LaunchRequest, TemplateStore};
+use crate::vm::{QemuHypervisor, VmConfig};
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 
 /// Exit status reported for processes whose VM went away under them.
 const VM_GONE_EXIT: u32 = 255;
@@ -95,6 +98,8 @@ pub struct Pod {
     events: Arc<EventSink>,
     sandbox: RwLock<Option<Arc<Sandbox>>>,
     tasks: Mutex<HashMap<String, Task>>,
+    /// A template rebuild this pod started after its template proved bad.
+    template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Pod {
@@ -104,6 +109,7 @@ impl Pod {
             events: Arc::new(events),
             sandbox: RwLock::new(None),
             tasks: Mutex::new(HashMap::new()),
+            template_rebuild: std::sync::Mutex::new(None),
         })
     }
 
@@ -131,6 +137,7 @@ impl Pod {
         bundle: &Path,
         rootfs: &[containerd_shim::protos::api::Mount],
         stdio: StdioPaths,
+        options: Option<&Any>,
     ) -> Result<u32, ShimError> {
         if self.tasks.lock().await.contains_key(id) {
             return Err(ShimError::ContainerExists { id: id.to_string() });
@@ -141,7 +148,7 @@ impl Pod {
         let own_vm = kind == TaskKind::Sandbox
             || (spec::sandbox_id(&spec).is_none() && self.sandbox.read().await.is_none());
         if own_vm {
-            self.boot_sandbox(id, &spec).await?;
+            self.boot_sandbox(id, &spec, options).await?;
         }
         let mut task = Task {
             kind,
@@ -164,25 +171,26 @@ impl Pod {
         Ok(pid)
     }
 
-    async fn boot_sandbox(self: &Arc<Self>, id: &str, spec: &Spec) -> Result<(), ShimError> {
+    async fn boot_sandbox(
+        self: &Arc<Self>,
+        id: &str,
+        spec: &Spec,
+        options: Option<&Any>,
+    ) -> Result<(), ShimError> {
         let mut slot = self.sandbox.write().await;
         if slot.is_some() {
             return Err(ShimError::ContainerExists { id: id.to_string() });
         }
-        let state_dir = &self.config.state_dir;
+        // The runtime handler's own config, when containerd's options name one.
+        let config = match super::options::config_from_options(options)? {
+            Some(config) => config,
+            None => self.config.clone(),
+        };
+        let state_dir = config.state_dir.clone();
         let name = super::state_name(id);
         let vm_config = VmConfig {
-            id: name.clone(),
-            state_dir: state_dir.join("vms").join(&name),
-            kernel: self.config.vm.kernel.clone(),
-            initramfs: self.config.vm.initramfs.clone(),
-            cpus: self.config.vm.cpus,
-            memory_mib: self.config.vm.memory_mib,
-            accel: self.config.vm.accelerator,
-            qemu: self.config.vm.qemu.clone(),
-            agent_channel: AgentChannelKind::VirtioSerial,
-            extra_cmdline: Vec::new(),
             netns: spec::network_namespace(spec),
+            ..config.vm_config(&name)
         };
         let identity = SandboxIdentity {
             hostname: spec
@@ -191,18 +199,25 @@ impl Pod {
                 .unwrap_or_else(|| id.chars().take(12).collect()),
             ..Default::default()
         };
-        let share = ErofsBlockShare::new(state_dir.join("rootfs").join(&name));
-        let hypervisor = QemuHypervisor::new(state_dir.clone());
-        let sandbox = Arc::new(
-            Sandbox::start(
-                &hypervisor,
-                vm_config,
-                identity,
-                Box::new(share),
-                DEFAULT_BOOT_TIMEOUT,
-            )
-            .await?,
-        );
+        let rootfs_dir = state_dir.join("rootfs").join(&name);
+        let make_share =
+            move || Box::new(ErofsBlockShare::new(rootfs_dir.clone())) as Box<dyn RootfsShare>;
+        let request = LaunchRequest {
+            hypervisor: Arc::new(QemuHypervisor::new(state_dir.clone())),
+            store: TemplateStore::new(config.template_dir()),
+            policy: config.template,
+            vm_config,
+            identity,
+            boot_timeout: DEFAULT_BOOT_TIMEOUT,
+        };
+        let launch = template::start_sandbox(request, &make_share).await?;
+        if let Some(rebuild) = launch.rebuild {
+            *self
+                .template_rebuild
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(rebuild);
+        }
+        let sandbox = Arc::new(launch.sandbox);
         self.watch_vm(&sandbox);
         self.watch_oom(&sandbox);
         *slot = Some(sandbox);
@@ -667,6 +682,17 @@ impl Pod {
 
     /// Last-resort cleanup when the shim exits: the VM must not outlive it.
     pub async fn shutdown(&self) {
+        let rebuild = self
+            .template_rebuild
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rebuild) = rebuild {
+            // Dropping the build kills its VM and removes its files; the next pod that
+            // needs the template builds it again.
+            rebuild.abort();
+            let _ = rebuild.await;
+        }
         self.stop_sandbox().await;
         let tasks: Vec<Task> = self.tasks.lock().await.drain().map(|(_, t)| t).collect();
         for task in tasks {

@@ -45,7 +45,13 @@ impl Task for TaskService {
         };
         let pid = self
             .pod
-            .create(&req.id, Path::new(&req.bundle), &req.rootfs, stdio)
+            .create(
+                &req.id,
+                Path::new(&req.bundle),
+                &req.rootfs,
+                stdio,
+                req.options.as_ref(),
+            )
             .await?;
         Ok(api::CreateTaskResponse {
             pid,

@@ -256,6 +256,7 @@ mod tests {
             agent_channel: super::super::AgentChannelKind::VirtioSerial,
             extra_cmdline: vec![],
             netns: None,
+            ..Default::default()
         };
         let first = probe_key(&config).await;
         assert_eq!(first, probe_key(&config).await);
@@ -284,6 +285,7 @@ mod tests {
             agent_channel: super::super::AgentChannelKind::VirtioSerial,
             extra_cmdline: vec![],
             netns: None,
+            ..Default::default()
         };
         assert_eq!(resolve(&config, dir.path(), 1).await, Accel::Tcg);
         config.accel = AccelChoice::Kvm;

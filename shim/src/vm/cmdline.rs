@@ -3,7 +3,11 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{Accel, AgentChannelKind, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME};
+use super::{Accel, AgentChannelKind, GuestMemory, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME};
+
+/// The id of the memory backend that holds guest RAM when it is file-backed. Snapshots
+/// name RAM blocks by it, so a template and its clones must agree on it.
+const RAM_BACKEND_ID: &str = "ram0";
 
 /// The ids QEMU knows devices by (QMP talks about them).
 pub const SCSI_CONTROLLER_ID: &str = "scsi0";
@@ -67,8 +71,29 @@ pub fn qemu_args(
     ));
     // ACPI stays on: this kernel finds virtio-mmio devices only through ACPI
     // (it lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
-    args.push("-M")
-        .push("microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on");
+    let mut machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on".to_owned();
+    let backend = match &config.memory {
+        GuestMemory::Anonymous => None,
+        // A template's RAM must outlive QEMU: shared, so every guest write lands in the file.
+        GuestMemory::SharedFile { path } => {
+            Some(format!("mem-path={},share=on", escape_path(path)))
+        }
+        // A clone opens the template read-only and maps it private: guest writes copy the
+        // page, and nothing can ever write back into the template (`rom=off` keeps the guest
+        // side writable).
+        GuestMemory::PrivateFile { path } => Some(format!(
+            "mem-path={},share=off,readonly=on,rom=off",
+            escape_path(path)
+        )),
+    };
+    if let Some(backend) = backend {
+        args.push("-object").push(format!(
+            "memory-backend-file,id={RAM_BACKEND_ID},size={}M,{backend}",
+            config.memory_mib
+        ));
+        machine.push_str(&format!(",memory-backend={RAM_BACKEND_ID}"));
+    }
+    args.push("-M").push(machine);
     // QEMU looks bare file names up in its firmware directory.
     args.push("-bios").push("qboot.rom");
     match accel {
@@ -81,9 +106,16 @@ pub fn qemu_args(
         .push("-no-user-config")
         .push("-nographic")
         .push("-no-reboot");
-    args.push("-kernel").push(&config.kernel);
-    args.push("-initrd").push(&config.initramfs);
-    args.push("-append").push(kernel_cmdline(config, tsc_khz));
+    if config.restore.is_some() {
+        // The restored RAM already holds the running kernel. Loading it again would only
+        // cost a private heap copy of the image (rom blobs are not written into RAM while a
+        // migration is incoming). Paused (-S) until the state is in and `cont` is sent.
+        args.push("-incoming").push("defer").push("-S");
+    } else {
+        args.push("-kernel").push(&config.kernel);
+        args.push("-initrd").push(&config.initramfs);
+        args.push("-append").push(kernel_cmdline(config, tsc_khz));
+    }
 
     args.push("-chardev").push(format!(
         "file,id=console,path={}",
@@ -155,6 +187,8 @@ mod tests {
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: vec!["loglevel=7".into()],
             netns: None,
+            memory: GuestMemory::Anonymous,
+            restore: None,
         }
     }
 
@@ -229,6 +263,41 @@ mod tests {
         assert!(chardevs.contains(
             &"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()
         ));
+    }
+
+    #[test]
+    fn templates_share_their_ram_file_and_clones_map_it_private_without_a_kernel() {
+        let template = VmConfig {
+            memory: GuestMemory::SharedFile {
+                path: "/t/memory".into(),
+            },
+            ..config()
+        };
+        let args = args_of(&template, Accel::Tcg);
+        assert_eq!(
+            value_after(&args, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/t/memory,share=on"]
+        );
+        assert!(value_after(&args, "-M")[0].ends_with(",acpi=on,memory-backend=ram0"));
+        assert_eq!(value_after(&args, "-kernel"), ["/g/vmlinux"]);
+
+        let clone = VmConfig {
+            memory: GuestMemory::PrivateFile {
+                path: "/t/memory".into(),
+            },
+            restore: Some("/t/state".into()),
+            ..config()
+        };
+        let args = args_of(&clone, Accel::Tcg);
+        assert_eq!(
+            value_after(&args, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/t/memory,share=off,readonly=on,rom=off"]
+        );
+        assert_eq!(value_after(&args, "-incoming"), ["defer"]);
+        assert!(args.iter().any(|a| a == "-S"));
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(value_after(&args, flag).is_empty(), "{flag}");
+        }
     }
 
     #[test]

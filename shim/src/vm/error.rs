@@ -93,4 +93,31 @@ pub enum VmError {
     StopTimeout { id: String },
     #[error("VM {id} has already exited ({exit})")]
     Exited { id: String, exit: VmExit },
+    #[error("VM {id} restores a snapshot, so its RAM must be the snapshot's memory file")]
+    RestoreWithoutMemoryFile { id: String },
+    #[error("cannot read the identity of {what} {path}")]
+    FileIdentity {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QEMU could not restore VM {id} from {state}: {detail}")]
+    Restore {
+        id: String,
+        state: PathBuf,
+        detail: String,
+    },
+    #[error("QEMU could not save VM {id} to {state}: {detail}")]
+    Snapshot {
+        id: String,
+        state: PathBuf,
+        detail: String,
+    },
+    #[error("moving the state of VM {id} through {state} did not finish within {seconds} s")]
+    MigrationTimeout {
+        id: String,
+        state: PathBuf,
+        seconds: u64,
+    },
 }

@@ -23,6 +23,7 @@ mod console;
 mod error;
 pub mod qemu;
 pub mod qmp;
+mod snapshot;
 mod spawner;
 mod tsc;
 
@@ -118,6 +119,26 @@ pub struct VmConfig {
     pub extra_cmdline: Vec<String>,
     /// Run QEMU inside this network namespace (a bind-mounted netns file).
     pub netns: Option<PathBuf>,
+    /// What backs guest RAM.
+    pub memory: GuestMemory,
+    /// Resume from this migration stream (saved by [`Vm::save_snapshot`]) instead of
+    /// booting: RAM must come from the snapshot's memory file ([`GuestMemory::PrivateFile`]).
+    /// Kernel and initramfs are then not loaded: the guest's memory already holds them.
+    pub restore: Option<PathBuf>,
+}
+
+/// What backs a VM's guest RAM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum GuestMemory {
+    /// Ordinary private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A file QEMU creates and maps shared: everything the guest writes lands in it. A VM
+    /// that becomes a template runs like this, so its RAM outlives QEMU.
+    SharedFile { path: PathBuf },
+    /// An existing file mapped privately and opened read-only: reads share the file's page
+    /// cache with every other VM mapping it, writes copy the page. Clones of a template.
+    PrivateFile { path: PathBuf },
 }
 
 impl Default for VmConfig {
@@ -134,6 +155,8 @@ impl Default for VmConfig {
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: Vec::new(),
             netns: None,
+            memory: GuestMemory::Anonymous,
+            restore: None,
         }
     }
 }
@@ -178,6 +201,12 @@ impl std::fmt::Display for VmExit {
 #[async_trait]
 pub trait Hypervisor: Send + Sync {
     async fn start(&self, config: VmConfig) -> Result<Box<dyn Vm>, VmError>;
+    /// A digest of everything a snapshot of a VM started with `config` depends on: the
+    /// hypervisor binary, kernel and initramfs (by file identity), the accelerator it would
+    /// get, and the machine it would build. Snapshots restore only into a VM whose config
+    /// has the same fingerprint; per-VM details (id, state dir, network namespace, what backs
+    /// RAM) do not count.
+    async fn snapshot_fingerprint(&self, config: &VmConfig) -> Result<String, VmError>;
 }
 
 /// A running VM. Dropping the handle kills the VM and removes its state dir.
@@ -200,6 +229,10 @@ pub trait Vm: Send + Sync {
     fn is_running(&self) -> bool {
         self.exit_watch().borrow().is_none()
     }
+    /// Pauses the guest and saves its device state to `state` (a QEMU migration stream).
+    /// RAM in a [`GuestMemory::SharedFile`] is not copied (it already lives in that file), so
+    /// the file plus `state` restore the VM. The guest stays paused: stop the VM afterwards.
+    async fn save_snapshot(&self, state: &Path) -> Result<(), VmError>;
     /// Waits up to `timeout` for the VM to exit on its own (after the agent's
     /// Shutdown), then asks QEMU to quit, then kills it. Removes the state dir.
     async fn stop(&self, timeout: Duration) -> Result<VmExit, VmError>;

@@ -17,8 +17,8 @@ use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
 use super::console::{self, TAIL_LINES};
 use super::qmp::{QmpClient, QmpError};
 use super::{
-    accel, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm,
-    VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, GuestMemory, Hypervisor,
+    ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
@@ -57,6 +57,15 @@ impl Hypervisor for QemuHypervisor {
                 .instrument(span)
                 .await?,
         ))
+    }
+
+    async fn snapshot_fingerprint(&self, config: &VmConfig) -> Result<String, VmError> {
+        let tsc_khz = tokio::task::spawn_blocking(tsc::host_tsc_khz)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::other("TSC measurement panicked")))
+            .map_err(|source| VmError::TscFrequency { source })?;
+        let accel = accel::resolve(config, &self.state_root, tsc_khz).await;
+        snapshot::fingerprint(config, accel)
     }
 }
 
@@ -216,6 +225,12 @@ impl QemuVm {
                 return Err(error);
             }
         };
+        if let Some(state) = &config.restore {
+            if let Err(error) = snapshot::restore(&qmp, &config.id, state, &exit_rx).await {
+                cleanup.run();
+                return Err(error);
+            }
+        }
         let agent_endpoint = match config.agent_channel {
             AgentChannelKind::VirtioSerial => AgentEndpoint::VirtioSerial {
                 socket: paths.agent_socket.clone(),
@@ -230,6 +245,7 @@ impl QemuVm {
             %accel,
             cpus = config.cpus,
             memory_mib = config.memory_mib,
+            restored = config.restore.is_some(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "VM started"
         );
@@ -285,6 +301,19 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
         return Err(VmError::NoCpus {
             id: config.id.clone(),
         });
+    }
+    if config.restore.is_some() && !matches!(config.memory, GuestMemory::PrivateFile { .. }) {
+        return Err(VmError::RestoreWithoutMemoryFile {
+            id: config.id.clone(),
+        });
+    }
+    if let GuestMemory::PrivateFile { path } = &config.memory {
+        if !path.is_file() {
+            return Err(VmError::MissingFile {
+                what: "memory file",
+                path: path.clone(),
+            });
+        }
     }
     if config.memory_mib < MIN_MEMORY_MIB {
         return Err(VmError::TooLittleMemory {
@@ -553,6 +582,20 @@ impl Vm for QemuVm {
 
     fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
         self.exit.clone()
+    }
+
+    async fn save_snapshot(&self, state: &Path) -> Result<(), VmError> {
+        if let Some(error) = self.exited() {
+            return Err(error);
+        }
+        let started = Instant::now();
+        snapshot::save(&self.qmp, &self.id, state).await?;
+        tracing::info!(
+            state = %state.display(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "VM saved"
+        );
+        Ok(())
     }
 
     async fn stop(&self, timeout: Duration) -> Result<VmExit, VmError> {
