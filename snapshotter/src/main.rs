@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -10,6 +11,7 @@ use spry_snapshotter::{
     config::Config,
     convert::{convert_image, ImageSource, LayerConvertOptions},
     estargz::DEFAULT_CHUNK_SIZE,
+    record::{prioritized_list, record_image, RecordOptions, StopReason},
     registry::{Reference, RegistryClient},
     service::SprySnapshotter,
     warm::{warm_image, WarmScope},
@@ -35,17 +37,7 @@ enum Command {
         socket: Option<PathBuf>,
     },
     /// Convert an image to eStargz and push it.
-    Convert {
-        /// Source: a registry reference, or `oci:DIR[:TAG]` for an OCI layout.
-        source: String,
-        /// Target registry reference.
-        target: String,
-        /// File listing paths to prioritize (prefetch), one per line.
-        #[arg(long)]
-        prioritized_files: Option<PathBuf>,
-        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
-        chunk_size: u64,
-    },
+    Convert(ConvertArgs),
     /// Serve one remote layer over FUSE (started by `serve`, not by hand).
     MountLayer {
         /// The job file `serve` wrote.
@@ -58,6 +50,36 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ConvertArgs {
+    /// Source: a registry reference, or `oci:DIR[:TAG]` for an OCI layout.
+    source: String,
+    /// Target registry reference.
+    target: String,
+    /// File listing paths to prioritize (prefetch), one per line.
+    #[arg(long)]
+    prioritized_files: Option<PathBuf>,
+    #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+    chunk_size: u64,
+    /// Run the image once (root: namespaces + fanotify, no VM) and prioritize
+    /// the files it opens, after any --prioritized-files entries.
+    #[arg(long)]
+    record: bool,
+    /// Stop recording when the workload prints a stdout line matching REGEX.
+    #[arg(long, value_name = "REGEX", requires = "record")]
+    record_until_line: Option<String>,
+    /// Stop recording after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60, requires = "record")]
+    record_timeout: u64,
+    /// Also write the recorded paths here, one per line.
+    #[arg(long, value_name = "FILE", requires = "record")]
+    record_output: Option<PathBuf>,
+    /// Record this command instead of the image's entrypoint + cmd; takes
+    /// every argument after it, so it must come last.
+    #[arg(long, value_name = "ARG", num_args = 1.., allow_hyphen_values = true, requires = "record")]
+    record_cmd: Option<Vec<String>>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,48 +108,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             config.socket = socket.unwrap_or(config.socket);
             serve(config).await
         }
-        Command::Convert {
-            source,
-            target,
-            prioritized_files,
-            chunk_size,
-        } => {
-            let client = RegistryClient::new(config.registry.clone())?;
-            let source = match source.strip_prefix("oci:") {
-                Some(rest) => {
-                    let (dir, tag) = match rest.rsplit_once(':') {
-                        Some((d, t)) if !t.contains('/') => (d, Some(t.to_string())),
-                        _ => (rest, None),
-                    };
-                    ImageSource::Layout {
-                        dir: PathBuf::from(dir),
-                        tag,
-                    }
-                }
-                None => ImageSource::Registry(Reference::parse(&source)?),
-            };
-            let prioritized = match prioritized_files {
-                Some(path) => std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?
-                    .lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(String::from)
-                    .collect(),
-                None => Vec::new(),
-            };
-            let opts = LayerConvertOptions {
-                chunk_size,
-                prioritized,
-            };
-            let target = Reference::parse(&target)?;
-            let converted = convert_image(&client, &source, &target, &opts, &mut |line| {
-                eprintln!("{line}")
-            })
-            .await?;
-            println!("{}", serde_json::to_string_pretty(&converted)?);
-            Ok(())
-        }
+        Command::Convert(args) => convert(args, &config).await,
         Command::MountLayer { job } => Ok(spry_snapshotter::service::run_layer_daemon(&job).await?),
         Command::Warm { image, all } => {
             let client = Arc::new(RegistryClient::new(config.registry.clone())?);
@@ -150,6 +131,72 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
+    let client = RegistryClient::new(config.registry.clone())?;
+    let source = match args.source.strip_prefix("oci:") {
+        Some(rest) => {
+            let (dir, tag) = match rest.rsplit_once(':') {
+                Some((d, t)) if !t.contains('/') => (d, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            ImageSource::Layout {
+                dir: PathBuf::from(dir),
+                tag,
+            }
+        }
+        None => ImageSource::Registry(Reference::parse(&args.source)?),
+    };
+    let target = Reference::parse(&args.target)?;
+    let mut prioritized: Vec<String> = match &args.prioritized_files {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(String::from)
+            .collect(),
+        None => Vec::new(),
+    };
+    let progress = &mut |line: &str| eprintln!("{line}");
+    if args.record {
+        let until_line = match &args.record_until_line {
+            Some(re) => Some(
+                regex::Regex::new(re)
+                    .with_context(|| format!("--record-until-line {re:?} is not a regex"))?,
+            ),
+            None => None,
+        };
+        let opts = RecordOptions {
+            command: args.record_cmd.clone(),
+            until_line,
+            timeout: Duration::from_secs(args.record_timeout),
+        };
+        let recording = record_image(&client, &source, &opts, progress).await?;
+        let why = match &recording.stop {
+            StopReason::Line(line) => format!("it printed {line:?}"),
+            StopReason::Timeout => format!("{} s passed", args.record_timeout),
+            StopReason::Exited(status) => format!("it exited ({status})"),
+        };
+        eprintln!(
+            "recorded {} files; stopped because {why}",
+            recording.files.len()
+        );
+        if let Some(path) = &args.record_output {
+            let mut text = recording.files.join("\n");
+            text.push('\n');
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        prioritized = prioritized_list(&prioritized, &recording.files);
+    }
+    let opts = LayerConvertOptions {
+        chunk_size: args.chunk_size,
+        prioritized,
+    };
+    let converted = convert_image(&client, &source, &target, &opts, progress).await?;
+    println!("{}", serde_json::to_string_pretty(&converted)?);
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -2,15 +2,16 @@
 //! a manifest whose layers carry the TOC digest and uncompressed size.
 //! The result is a normal OCI gzip image to runtimes that ignore eStargz.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Seek, SeekFrom};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::layer::{convert_tar, LayerConvertError, LayerConvertOptions};
+use super::unpack::{unpack_layer, UnpackError};
 use crate::estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
 use crate::registry::{Reference, RegistryClient, RegistryError};
 
@@ -46,8 +47,42 @@ pub enum ImageConvertError {
         digest: String,
         source: LayerConvertError,
     },
+    #[error("failed to unpack layer {digest}")]
+    Unpack { digest: String, source: UnpackError },
     #[error("failed to use a temporary file")]
     Temp { source: std::io::Error },
+}
+
+/// What the image runs (the `config` object of its configuration).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RunConfig {
+    #[serde(rename = "Entrypoint", default)]
+    pub entrypoint: Option<Vec<String>>,
+    #[serde(rename = "Cmd", default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(rename = "Env", default)]
+    pub env: Option<Vec<String>>,
+    #[serde(rename = "WorkingDir", default)]
+    pub working_dir: Option<String>,
+    #[serde(rename = "User", default)]
+    pub user: Option<String>,
+}
+
+impl RunConfig {
+    /// Entrypoint followed by cmd, as a container runtime runs them.
+    pub fn argv(&self) -> Vec<String> {
+        let mut argv = self.entrypoint.clone().unwrap_or_default();
+        argv.extend(self.cmd.clone().unwrap_or_default());
+        argv
+    }
+}
+
+/// An image's layers applied to a directory.
+#[derive(Debug, Clone)]
+pub struct UnpackedImage {
+    pub run: RunConfig,
+    /// Regular files of the image (cleaned paths relative to the root).
+    pub files: HashSet<String>,
 }
 
 /// Where the source image comes from.
@@ -351,6 +386,72 @@ pub async fn convert_image(
         reference: target.to_string(),
         manifest_digest,
         layers,
+    })
+}
+
+/// Applies every layer of `source` to `root` (which must exist), for a
+/// recording run of the image.
+pub async fn unpack_image(
+    client: &RegistryClient,
+    source: &ImageSource,
+    root: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<UnpackedImage, ImageConvertError> {
+    let src = Source {
+        client,
+        kind: source,
+    };
+    let manifest = src.manifest().await?;
+    let config_bytes = src.blob_bytes(&manifest.config.digest).await?;
+    #[derive(Deserialize)]
+    struct ImageConfig {
+        #[serde(default)]
+        config: Option<RunConfig>,
+    }
+    let config: ImageConfig =
+        serde_json::from_slice(&config_bytes).map_err(|source| ImageConvertError::Json {
+            what: "config",
+            source,
+        })?;
+    let temp = |source| ImageConvertError::Temp { source };
+    let mut files = HashSet::new();
+    for (n, layer) in manifest.layers.iter().enumerate() {
+        progress(&format!(
+            "layer {}/{} {}: unpacking",
+            n + 1,
+            manifest.layers.len(),
+            layer.digest
+        ));
+        let mut compressed = tempfile::tempfile().map_err(temp)?;
+        src.blob(&layer.digest, &mut compressed).await?;
+        let gzip = layer.media_type.contains("gzip");
+        let digest = layer.digest.clone();
+        let root = root.to_path_buf();
+        files = tokio::task::spawn_blocking(move || {
+            compressed.seek(SeekFrom::Start(0)).map_err(temp)?;
+            // Unpacking reads the tar twice: give it an uncompressed, seekable copy.
+            let mut tar = if gzip {
+                let mut plain = tempfile::tempfile().map_err(temp)?;
+                let mut decoder =
+                    flate2::read::MultiGzDecoder::new(std::io::BufReader::new(compressed));
+                std::io::copy(&mut decoder, &mut plain).map_err(temp)?;
+                plain.seek(SeekFrom::Start(0)).map_err(temp)?;
+                plain
+            } else {
+                compressed
+            };
+            unpack_layer(&mut tar, &root, &mut files)
+                .map_err(|source| ImageConvertError::Unpack { digest, source })?;
+            Ok::<_, ImageConvertError>(files)
+        })
+        .await
+        .map_err(|e| ImageConvertError::Temp {
+            source: std::io::Error::other(e),
+        })??;
+    }
+    Ok(UnpackedImage {
+        run: config.config.unwrap_or_default(),
+        files,
     })
 }
 

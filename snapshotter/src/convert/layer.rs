@@ -176,6 +176,10 @@ fn landmark(name: &str) -> SourceEntry {
     header.set_entry_type(tar::EntryType::Regular);
     header.set_mode(0o644);
     header.set_size(1);
+    // Explicit zeros: a NUL-filled numeric field is invalid to strict readers.
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
     SourceEntry {
         header,
         path: name.as_bytes().to_vec(),

@@ -146,6 +146,10 @@ impl<W: Write> EstargzWriter<W> {
         header.set_entry_type(tar::EntryType::Regular);
         header.set_mode(0o444);
         header.set_size(json.len() as u64);
+        // Explicit zeros: a NUL-filled numeric field is invalid to strict readers.
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
         let entry = SourceEntry {
             header,
             path: TOC_TAR_NAME.as_bytes().to_vec(),
