@@ -99,6 +99,8 @@ pub enum RecordError {
     },
     #[error("failed to read the workload's output")]
     Output { source: std::io::Error },
+    #[error("failed to start the recording thread")]
+    ThreadSpawn { source: std::io::Error },
     #[error("the recording thread panicked")]
     Thread,
 }

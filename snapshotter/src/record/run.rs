@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
@@ -51,10 +51,7 @@ pub fn record_rootfs(
     std::thread::Builder::new()
         .name("spry-record".into())
         .spawn(move || record_on_this_thread(&root, &workload, &opts, image_files))
-        .map_err(|source| RecordError::Dir {
-            path: PathBuf::from("/proc/self/task"),
-            source,
-        })?
+        .map_err(|source| RecordError::ThreadSpawn { source })?
         .join()
         .map_err(|_| RecordError::Thread)?
 }
