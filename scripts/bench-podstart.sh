@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Pod start through crictl, runc vs Spry in the same run: p50/p95 of N serial and N
+# Pod start through crictl, runc vs Spry cold vs Spry from a VM template, in the same run: p50/p95 of N serial and N
 # parallel pods (runp → create → start → first log line) and idle-pod PSS.
 # Writes target/bench/podstart.{json,md}.
 #   sudo scripts/bench-podstart.sh [--pods N]

@@ -1,4 +1,5 @@
-//! Pod start benchmark through crictl, runc and Spry in the same run, on one containerd:
+//! Pod start benchmark through crictl: runc, Spry booting cold ("spry") and Spry restoring
+//! from a VM template ("spry_template"), in the same run, on one containerd:
 //! - runp → create → start → first log line, p50/p95 of N pods one after another and of
 //!   N pods started at once;
 //! - host memory per idle pod: PSS of every process under the pod's shim (shim, QEMU,
@@ -41,17 +42,34 @@ fn main() -> Result<()> {
         .prefix("spry-bench-")
         .tempdir_in("/run")?;
     let spry = SpryHandler::new(state.path(), "release", None)?;
+    // Two handlers, each with its own config through containerd's ConfigPath option.
+    let cold_config = spry.variant("cold", "template = \"off\"")?;
+    let template_config = spry.variant("template", "template = \"auto\"")?;
     let registry = Registry::start()?;
-    let containerd =
-        Containerd::start(spry.register(ContainerdOptions::new("bench").registry(&registry)))?;
+    let opts = ContainerdOptions::new("bench").registry(&registry);
+    let opts = spry.register_variant(opts, "spry-cold", &cold_config);
+    let opts = spry.register_variant(opts, "spry-template", &template_config);
+    let containerd = Containerd::start(spry.register(opts))?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
 
     let mut results = serde_json::Map::new();
     let mut accel = "n/a".to_string();
-    for runtime in ["runc", "spry"] {
-        let run = measure(&containerd, &crictl, &image, runtime, pods)?;
+    let mut template = json!(null);
+    for (runtime, handler) in [
+        ("runc", None),
+        ("spry", Some("spry-cold")),
+        ("spry_template", Some("spry-template")),
+    ] {
+        if runtime == "spry_template" {
+            // Template built on first use, outside the measured pods.
+            let started = Instant::now();
+            let (_, pod) = start_pod(&containerd, &crictl, &image, handler, "tpl-warmup")?;
+            remove_pods(&crictl, &[pod])?;
+            template = template_facts(&state.path().join("run/templates"), started.elapsed())?;
+        }
+        let run = measure(&containerd, &crictl, &image, runtime, handler, pods)?;
         if runtime == "spry" {
             accel = spry_accelerator(&state.path().join("run"));
         }
@@ -66,6 +84,8 @@ fn main() -> Result<()> {
             }),
         );
     }
+    results.insert("template".into(), template);
+    results.insert("goals".into(), goals(&results));
     results.insert(
         "machine".into(),
         json!({ "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "accelerator": accel, "pods": pods }),
@@ -89,6 +109,7 @@ fn measure(
     crictl: &Crictl,
     image: &str,
     runtime: &str,
+    handler: Option<&str>,
     pods: usize,
 ) -> Result<Run> {
     let mut serial_ms = Vec::new();
@@ -98,8 +119,8 @@ fn measure(
             containerd,
             crictl,
             image,
-            runtime,
-            &format!("{runtime}-s{i}"),
+            handler,
+            &format!("{}-s{i}", runtime.replace('_', "-")),
         )?;
         eprintln!("{runtime} serial pod {i}: {ms:.0} ms");
         serial_ms.push(ms);
@@ -112,8 +133,8 @@ fn measure(
     let results: Vec<Result<(f64, String)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..pods)
             .map(|i| {
-                let name = format!("{runtime}-p{i}");
-                scope.spawn(move || start_pod(containerd, crictl, image, runtime, &name))
+                let name = format!("{}-p{i}", runtime.replace('_', "-"));
+                scope.spawn(move || start_pod(containerd, crictl, image, handler, &name))
             })
             .collect();
         handles
@@ -142,7 +163,7 @@ fn start_pod(
     containerd: &Containerd,
     crictl: &Crictl,
     image: &str,
-    runtime: &str,
+    handler: Option<&str>,
     name: &str,
 ) -> Result<(f64, String)> {
     let dir = containerd.dir().join(name);
@@ -152,7 +173,6 @@ fn start_pod(
         .command(&["sh", "-c", "echo ready; exec sleep 3600"])
         .write_to(&dir)?;
     let t0 = Instant::now();
-    let handler = (runtime != "runc").then_some(runtime);
     let pod = crictl.runp(&pod_cfg, handler)?;
     let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
     crictl.start(&ctr)?;
@@ -176,7 +196,13 @@ fn start_pod(
 fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
     for pod in pods {
         crictl.stopp(pod)?;
-        crictl.rmp(pod)?;
+        if let Err(e) = crictl.rmp(pod) {
+            // Seen once after 10 parallel cold pods: CRI still had the sandbox as ready
+            // right after StopPodSandbox returned. Stop again and say so.
+            eprintln!("warning: rmp right after stopp failed ({e}); stopping {pod} again");
+            crictl.stopp(pod)?;
+            crictl.rmp(pod)?;
+        }
     }
     Ok(())
 }
@@ -249,16 +275,66 @@ fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
+/// The template the warm-up pod built: its size on disk and build time.
+fn template_facts(dir: &Path, first_pod: Duration) -> Result<serde_json::Value> {
+    let templates: Vec<_> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    ensure!(
+        templates.len() == 1,
+        "expected one template in {}",
+        dir.display()
+    );
+    let tdir = templates[0].path();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tdir.join("manifest.json"))?)?;
+    use std::os::unix::fs::MetadataExt;
+    let memory = std::fs::metadata(tdir.join("memory"))?;
+    Ok(json!({
+        "build_ms": manifest["build_ms"],
+        "first_pod_with_build_ms": round(first_pod.as_secs_f64() * 1000.0),
+        // Resident size of the RAM file all clones map (tmpfs: host memory, counted once).
+        "memory_file_mib": round(memory.blocks() as f64 * 512.0 / 1048576.0),
+        "guest_memory_mib": manifest["memory_mib"],
+    }))
+}
+
+/// The issue's goals for templates, checked against this run's numbers.
+fn goals(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let get = |runtime: &str, key: &str| results[runtime][key].as_f64().unwrap_or(f64::NAN);
+    let serial_ratio = get("spry_template", "serial_p50_ms") / get("runc", "serial_p50_ms");
+    let parallel_ratio =
+        get("spry_template", "parallel_p95_ms") / get("spry_template", "serial_p50_ms");
+    let pss = get("spry_template", "idle_pod_pss_mib");
+    json!({
+        "template_serial_p50_over_runc": round(serial_ratio * 100.0) / 100.0,
+        "template_serial_p50_over_runc_goal": 1.5,
+        "template_parallel_p95_over_serial_p50": round(parallel_ratio * 100.0) / 100.0,
+        "template_parallel_p95_over_serial_p50_goal": 3.0,
+        "template_idle_pod_pss_mib": pss,
+        "template_idle_pod_pss_mib_goal": 64.0,
+        "met": serial_ratio <= 1.5 && parallel_ratio <= 3.0 && pss <= 64.0,
+    })
+}
+
 fn markdown(report: &serde_json::Value) -> String {
     let row = |k: &str| {
         let r = &report["runc"][k];
         let s = &report["spry"][k];
-        let ratio = s.as_f64().unwrap_or(0.0) / r.as_f64().unwrap_or(1.0).max(0.001);
-        format!("| {k} | {r} | {s} | {ratio:.1}x |\n")
+        let t = &report["spry_template"][k];
+        let base = r.as_f64().unwrap_or(1.0).max(0.001);
+        format!(
+            "| {k} | {r} | {s} | {t} | {:.1}x | {:.2}x |\n",
+            s.as_f64().unwrap_or(0.0) / base,
+            t.as_f64().unwrap_or(0.0) / base
+        )
     };
     let m = &report["machine"];
     let mut md = format!(
-        "# Pod start through crictl ({} pods, {} CPUs, Spry on {})\n\n| metric | runc | spry | spry/runc |\n|---|---|---|---|\n",
+        "# Pod start through crictl ({} pods, {} CPUs, Spry on {})\n\n\
+         | metric | runc | spry (cold) | spry_template | cold/runc | template/runc |\n\
+         |---|---|---|---|---|---|\n",
         m["pods"], m["cpus"], m["accelerator"]
     );
     for k in [
@@ -270,5 +346,9 @@ fn markdown(report: &serde_json::Value) -> String {
     ] {
         md.push_str(&row(k));
     }
+    md.push_str(&format!(
+        "\nTemplate: {}\n\nGoals: {}\n",
+        report["template"], report["goals"]
+    ));
     md
 }
