@@ -21,6 +21,8 @@ struct Run {
     serial_ms: Vec<f64>,
     parallel_ms: Vec<f64>,
     idle_pod_pss_mib: f64,
+    /// Per pod, by process name (shim, QEMU, container processes).
+    pss_by_process_mib: std::collections::BTreeMap<String, f64>,
 }
 
 fn main() -> Result<()> {
@@ -81,6 +83,7 @@ fn main() -> Result<()> {
                 "parallel_p50_ms": round(percentile(&run.parallel_ms, 50.0)),
                 "parallel_p95_ms": round(percentile(&run.parallel_ms, 95.0)),
                 "idle_pod_pss_mib": round(run.idle_pod_pss_mib),
+                "idle_pod_pss_by_process_mib": run.pss_by_process_mib,
             }),
         );
     }
@@ -127,7 +130,12 @@ fn measure(
         ids.push(pod);
     }
     std::thread::sleep(Duration::from_secs(3));
-    let idle_pod_pss_mib = pss_of_pods(containerd)? / pods as f64;
+    let by_process = pss_of_pods(containerd)?;
+    let idle_pod_pss_mib = by_process.values().sum::<f64>() / pods as f64;
+    let pss_by_process_mib = by_process
+        .into_iter()
+        .map(|(name, mib)| (name, round(mib / pods as f64)))
+        .collect();
     remove_pods(crictl, &ids)?;
 
     let results: Vec<Result<(f64, String)>> = std::thread::scope(|scope| {
@@ -155,6 +163,7 @@ fn measure(
         serial_ms,
         parallel_ms,
         idle_pod_pss_mib,
+        pss_by_process_mib,
     })
 }
 
@@ -207,25 +216,28 @@ fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// PSS (MiB) of this containerd's shims and all their descendants.
-fn pss_of_pods(containerd: &Containerd) -> Result<f64> {
+/// PSS (MiB) of this containerd's shims and all their descendants, by process name.
+fn pss_of_pods(containerd: &Containerd) -> Result<std::collections::BTreeMap<String, f64>> {
     let marker = containerd.marker().to_string();
     let shims: Vec<i32> = spry_integration::system::processes()?
         .into_iter()
         .filter(|p| p.name().starts_with("containerd-shim") && p.environ_contains(&marker))
         .map(|p| p.pid)
         .collect();
-    let mut total_kib = 0u64;
+    let mut by_name = std::collections::BTreeMap::new();
     let mut seen = std::collections::HashSet::new();
     let mut stack = shims;
     while let Some(pid) = stack.pop() {
         if !seen.insert(pid) {
             continue;
         }
-        total_kib += pss_kib(pid);
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|n| n.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        *by_name.entry(name).or_insert(0.0) += pss_kib(pid) as f64 / 1024.0;
         stack.extend(children(pid));
     }
-    Ok(total_kib as f64 / 1024.0)
+    Ok(by_name)
 }
 
 fn pss_kib(pid: i32) -> u64 {

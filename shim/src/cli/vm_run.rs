@@ -12,8 +12,9 @@ use super::stdio::{copy_output, copy_stdin, terminal_size, RawTerminal};
 use super::VmRunArgs;
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError};
-use crate::rootfs::{ErofsBlockShare, RootfsSource};
+use crate::rootfs::{ErofsBlockShare, RootfsShare, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use crate::template::{start_sandbox, LaunchRequest, TemplateStore};
 use crate::vm::{QemuHypervisor, VmConfig, VmExit};
 
 const CONTAINER_ID: &str = "main";
@@ -51,19 +52,24 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         ..base
     };
     let hypervisor = QemuHypervisor::new(config.state_dir.clone());
-    let share = ErofsBlockShare::new(config.state_dir.join("rootfs").join(&id));
     let identity = SandboxIdentity {
         hostname: args.hostname.clone().unwrap_or_else(|| "spry".into()),
         ..Default::default()
     };
-    let sandbox = Sandbox::start(
-        &hypervisor,
+    // Same start path as pods: from the template unless the config says `template = "off"`.
+    let rootfs_dir = config.state_dir.join("rootfs").join(&id);
+    let make_share =
+        move || Box::new(ErofsBlockShare::new(rootfs_dir.clone())) as Box<dyn RootfsShare>;
+    let request = LaunchRequest {
+        hypervisor: std::sync::Arc::new(hypervisor),
+        store: TemplateStore::new(config.template_dir()),
+        policy: config.template,
         vm_config,
         identity,
-        Box::new(share),
-        DEFAULT_BOOT_TIMEOUT,
-    )
-    .await?;
+        boot_timeout: DEFAULT_BOOT_TIMEOUT,
+    };
+    let launch = start_sandbox(request, &make_share).await?;
+    let sandbox = launch.sandbox;
     let result = run_container(&sandbox, &args).await;
     if let Err(e) = sandbox.remove_container(CONTAINER_ID).await {
         if sandbox.is_running() {

@@ -12,6 +12,8 @@ use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
 
 /// Where the config is read from when no path is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
+/// Translated-code cache of a TCG VM; see `VmSettings::tcg_cache_mib` and the README.
+pub const DEFAULT_TCG_CACHE_MIB: u32 = 0;
 /// Where `spry install` puts the guest kernel and initramfs.
 pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/spry/guest";
 
@@ -79,6 +81,9 @@ pub struct VmSettings {
     pub cpus: u32,
     /// Default memory of a pod VM, MiB.
     pub memory_mib: u32,
+    /// Under TCG only: the translated-code cache per VM, MiB (0: QEMU's default, up to
+    /// 1 GiB). The biggest private cost of an idle software-emulated VM.
+    pub tcg_cache_mib: u32,
 }
 
 impl Default for Config {
@@ -102,6 +107,7 @@ impl Default for VmSettings {
             accelerator: AccelChoice::Auto,
             cpus: 1,
             memory_mib: 256,
+            tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
         }
     }
 }
@@ -139,6 +145,7 @@ impl Config {
             accel: self.vm.accelerator,
             qemu: self.vm.qemu.clone(),
             agent_channel: AgentChannelKind::VirtioSerial,
+            tcg_cache_mib: self.vm.tcg_cache_mib,
             ..Default::default()
         }
     }
@@ -181,6 +188,15 @@ impl Config {
         };
         range("vm.cpus", self.vm.cpus, 1, 64, "1..=64")?;
         range("vm.memory_mib", self.vm.memory_mib, 64, 65536, "64..=65536")?;
+        if self.vm.tcg_cache_mib != 0 {
+            range(
+                "vm.tcg_cache_mib",
+                self.vm.tcg_cache_mib,
+                8,
+                4096,
+                "0 or 8..=4096",
+            )?;
+        }
         for (key, value) in [
             ("state_dir", &self.state_dir),
             ("vm.kernel", &self.vm.kernel),

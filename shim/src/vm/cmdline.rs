@@ -98,7 +98,13 @@ pub fn qemu_args(
     args.push("-bios").push("qboot.rom");
     match accel {
         Accel::Kvm => args.push("-accel").push("kvm").push("-cpu").push("host"),
-        Accel::Tcg => args.push("-accel").push("tcg").push("-cpu").push("max"),
+        Accel::Tcg => {
+            let accel = match config.tcg_cache_mib {
+                0 => "tcg".to_owned(),
+                mib => format!("tcg,tb-size={mib}"),
+            };
+            args.push("-accel").push(accel).push("-cpu").push("max")
+        }
     };
     args.push("-smp").push(config.cpus.to_string());
     args.push("-m").push(format!("{}M", config.memory_mib));
@@ -187,6 +193,7 @@ mod tests {
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: vec!["loglevel=7".into()],
             netns: None,
+            tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,
         }
@@ -227,6 +234,14 @@ mod tests {
         let tcg = args_of(&config(), Accel::Tcg);
         assert_eq!(value_after(&tcg, "-accel"), ["tcg"]);
         assert_eq!(value_after(&tcg, "-cpu"), ["max"]);
+        let small_cache = VmConfig {
+            tcg_cache_mib: 24,
+            ..config()
+        };
+        assert_eq!(
+            value_after(&args_of(&small_cache, Accel::Tcg), "-accel"),
+            ["tcg,tb-size=24"]
+        );
         let kvm = args_of(&config(), Accel::Kvm);
         assert_eq!(value_after(&kvm, "-accel"), ["kvm"]);
         assert_eq!(value_after(&kvm, "-cpu"), ["host"]);

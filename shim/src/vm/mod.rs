@@ -119,6 +119,10 @@ pub struct VmConfig {
     pub extra_cmdline: Vec<String>,
     /// Run QEMU inside this network namespace (a bind-mounted netns file).
     pub netns: Option<PathBuf>,
+    /// Under TCG, the most host memory QEMU may fill with translated guest code, MiB
+    /// (QEMU's `tb-size`; 0 keeps QEMU's default of up to 1 GiB). Translated code is the
+    /// largest private cost of an idle TCG VM; a full cache is flushed and refilled.
+    pub tcg_cache_mib: u32,
     /// What backs guest RAM.
     pub memory: GuestMemory,
     /// Resume from this migration stream (saved by [`Vm::save_snapshot`]) instead of
@@ -155,6 +159,7 @@ impl Default for VmConfig {
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: Vec::new(),
             netns: None,
+            tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,
         }

@@ -56,6 +56,8 @@ async fn progress(qmp: &QmpClient) -> Result<Progress, super::qmp::QmpError> {
 }
 
 /// Loads `state` into a QEMU started with `-incoming defer -S`, then resumes the guest.
+/// Any failure while loading is a [`VmError::Restore`] naming the file: QEMU usually exits
+/// on a stream it cannot parse, and then says why only on its stderr.
 pub async fn restore(
     qmp: &QmpClient,
     id: &str,
@@ -67,43 +69,77 @@ pub async fn restore(
         state: state.to_path_buf(),
         detail,
     };
-    let qmp_error = |source| VmError::Qmp {
-        id: id.to_owned(),
-        source,
-    };
     if !state.is_file() {
         return Err(failed("the state file does not exist".into()));
     }
-    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
-        .await
-        .map_err(qmp_error)?;
-    qmp.execute("migrate-incoming", Some(json!({ "uri": uri(state) })))
-        .await
-        .map_err(qmp_error)?;
-    let deadline = Instant::now() + RESTORE_TIMEOUT;
-    loop {
-        if let Some(exit) = exit.borrow().clone() {
-            return Err(failed(format!("QEMU exited while loading it ({exit})")));
-        }
-        match progress(qmp).await {
-            Ok(Progress::Completed) => break,
-            Ok(Progress::Failed(detail)) => return Err(failed(detail)),
-            Ok(Progress::Running) => {}
-            // A stream QEMU cannot parse makes it exit; the exit watch says so next round.
-            Err(_) if exit.borrow().is_some() => continue,
-            Err(source) => return Err(qmp_error(source)),
-        }
-        if Instant::now() >= deadline {
+    match load(qmp, state, exit).await {
+        Ok(()) => {}
+        Err(Loading::Failed(detail)) => return Err(failed(detail)),
+        Err(Loading::TimedOut) => {
             return Err(VmError::MigrationTimeout {
                 id: id.to_owned(),
                 state: state.to_path_buf(),
                 seconds: RESTORE_TIMEOUT.as_secs(),
-            });
+            })
+        }
+        Err(Loading::Qmp(source)) => {
+            // QMP hung up: most likely QEMU is exiting; give the exit watch a moment.
+            let mut exit = exit.clone();
+            let exited =
+                tokio::time::timeout(Duration::from_secs(2), exit.wait_for(Option::is_some))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok().map(|e| e.clone()))
+                    .flatten();
+            return Err(failed(match exited {
+                Some(exit) => format!("QEMU exited while loading it ({exit})"),
+                None => format!("QMP failed while loading it: {source}"),
+            }));
+        }
+    }
+    qmp.execute("cont", None)
+        .await
+        .map_err(|source| VmError::Qmp {
+            id: id.to_owned(),
+            source,
+        })?;
+    Ok(())
+}
+
+enum Loading {
+    Failed(String),
+    TimedOut,
+    Qmp(super::qmp::QmpError),
+}
+
+async fn load(
+    qmp: &QmpClient,
+    state: &Path,
+    exit: &watch::Receiver<Option<VmExit>>,
+) -> Result<(), Loading> {
+    qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
+        .await
+        .map_err(Loading::Qmp)?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri(state) })))
+        .await
+        .map_err(Loading::Qmp)?;
+    let deadline = Instant::now() + RESTORE_TIMEOUT;
+    loop {
+        if let Some(exit) = exit.borrow().clone() {
+            return Err(Loading::Failed(format!(
+                "QEMU exited while loading it ({exit})"
+            )));
+        }
+        match progress(qmp).await.map_err(Loading::Qmp)? {
+            Progress::Completed => return Ok(()),
+            Progress::Failed(detail) => return Err(Loading::Failed(detail)),
+            Progress::Running => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(Loading::TimedOut);
         }
         tokio::time::sleep(RESTORE_POLL).await;
     }
-    qmp.execute("cont", None).await.map_err(qmp_error)?;
-    Ok(())
 }
 
 /// Pauses the guest and writes its device state to `state`.
