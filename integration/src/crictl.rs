@@ -58,6 +58,50 @@ impl Crictl {
         cmd
     }
 
+    /// Runs crictl with `input` on its stdin (e.g. `attach -i`), whatever the exit status.
+    pub fn output_with_stdin<S: AsRef<str>>(&self, args: &[S], input: &[u8]) -> Result<Output> {
+        use std::io::Write;
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(input)?;
+        drop(stdin);
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs crictl on a pseudo-terminal (through util-linux `script`), as a person typing
+    /// `crictl exec -it` would; `input` is typed into it. Returns the terminal's output.
+    pub fn output_in_terminal<S: AsRef<str>>(&self, args: &[S], input: &[u8]) -> Result<Output> {
+        use std::io::Write;
+        let cmd = self.command(args);
+        let quote =
+            |s: &std::ffi::OsStr| format!("'{}'", s.to_string_lossy().replace('\'', "'\\''"));
+        let line = std::iter::once(quote(cmd.get_program()))
+            .chain(cmd.get_args().map(quote))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut child = Command::new("script")
+            .args(["-q", "-e", "-c", &line, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning script (util-linux)")?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        stdin.write_all(input)?;
+        // Keep the terminal open until the command is done with it.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(30));
+            drop(stdin);
+        });
+        Ok(child.wait_with_output()?)
+    }
+
     /// Runs crictl with `args` and returns the raw output, whatever the exit status.
     pub fn output<S: AsRef<str>>(&self, args: &[S]) -> Result<Output> {
         self.command(args)
