@@ -35,7 +35,7 @@ struct Cluster {
 }
 
 fn cluster(name: &str, snapshotter_config: &str) -> Result<Cluster> {
-    cluster_with(name, snapshotter_config, |opts| Ok(opts))
+    cluster_with(name, snapshotter_config, Ok)
 }
 
 fn cluster_with(
