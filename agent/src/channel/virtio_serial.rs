@@ -31,7 +31,9 @@ use super::{AgentChannel, ChannelError};
 /// The port name the host gives the agent's channel.
 pub const PORT_NAME: &str = "spry.agent";
 const PORT_WAIT: Duration = Duration::from_secs(10);
-const RECONNECT_POLL: Duration = Duration::from_millis(50);
+/// How often the agent checks for a host while none is connected: a VM restored from a
+/// template waits here for its shim, so this is start latency.
+const RECONNECT_POLL: Duration = Duration::from_millis(10);
 /// How often the reader checks whether ttrpc gave up the connection.
 const READER_STOP_POLL_MS: u16 = 100;
 const PUMP_BUFFER: usize = 64 * 1024;

@@ -33,7 +33,7 @@ struct ProbeRecord {
 
 /// Picks the accelerator for `config`; probes (or reads the probe cache in
 /// `state_root`) when the choice is Auto.
-pub async fn resolve(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Accel {
+pub async fn resolve(config: &VmConfig, state_root: &Path) -> Accel {
     match config.accel {
         AccelChoice::Kvm => Accel::Kvm,
         AccelChoice::Tcg => Accel::Tcg,
@@ -43,7 +43,7 @@ pub async fn resolve(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Acce
             let record = match read_cache(&cache, &key) {
                 Some(record) => record,
                 None => {
-                    let record = probe(config, state_root, tsc_khz, key).await;
+                    let record = probe(config, state_root, key).await;
                     write_cache(&cache, &record);
                     record
                 }
@@ -60,30 +60,25 @@ pub async fn resolve(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Acce
 }
 
 /// What the verdict depends on: this boot of the host, this QEMU and this
-/// kernel (by path, size and mtime: hashing 50 MB on every start would cost
-/// more than it protects).
+/// kernel (by path, size and mtime: hashing 50 MB, or running `qemu --version`,
+/// on every pod start would cost more than it protects).
 async fn probe_key(config: &VmConfig) -> String {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let qemu_version = tokio::process::Command::new(&config.qemu)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default();
-    let kernel_identity = std::fs::metadata(&config.kernel)
-        .map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            format!("{} {} {}", m.len(), m.mtime(), m.mtime_nsec())
-        })
-        .unwrap_or_default();
+    let identity = |path: &Path| {
+        std::fs::metadata(path)
+            .map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                format!("{} {} {} {}", m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+            })
+            .unwrap_or_default()
+    };
     let mut hasher = Sha256::new();
     for part in [
         boot_id.trim(),
         &config.qemu.to_string_lossy(),
-        qemu_version.trim(),
+        &identity(&config.qemu),
         &config.kernel.to_string_lossy(),
-        &kernel_identity,
+        &identity(&config.kernel),
     ] {
         hasher.update(part.as_bytes());
         hasher.update(b"\n");
@@ -109,7 +104,7 @@ fn write_cache(path: &Path, record: &ProbeRecord) {
     }
 }
 
-async fn probe(config: &VmConfig, state_root: &Path, tsc_khz: u64, key: String) -> ProbeRecord {
+async fn probe(config: &VmConfig, state_root: &Path, key: String) -> ProbeRecord {
     let started = Instant::now();
     let reason = match std::fs::OpenOptions::new()
         .read(true)
@@ -117,7 +112,11 @@ async fn probe(config: &VmConfig, state_root: &Path, tsc_khz: u64, key: String) 
         .open("/dev/kvm")
     {
         Err(error) => Some(format!("cannot open /dev/kvm: {error}")),
-        Ok(_) => boot_probe_guest(config, state_root, tsc_khz).await.err(),
+        Ok(_) => match tokio::task::spawn_blocking(super::tsc::host_tsc_khz).await {
+            Ok(Ok(tsc_khz)) => boot_probe_guest(config, state_root, tsc_khz).await.err(),
+            Ok(Err(error)) => Some(format!("cannot measure the TSC: {error}")),
+            Err(error) => Some(format!("cannot measure the TSC: {error}")),
+        },
     };
     let accel = if reason.is_none() {
         Accel::Kvm
@@ -287,9 +286,9 @@ mod tests {
             netns: None,
             ..Default::default()
         };
-        assert_eq!(resolve(&config, dir.path(), 1).await, Accel::Tcg);
+        assert_eq!(resolve(&config, dir.path()).await, Accel::Tcg);
         config.accel = AccelChoice::Kvm;
-        assert_eq!(resolve(&config, dir.path(), 1).await, Accel::Kvm);
+        assert_eq!(resolve(&config, dir.path()).await, Accel::Kvm);
         assert!(!dir.path().join(PROBE_CACHE_FILE).exists());
     }
 }

@@ -60,11 +60,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn snapshot_fingerprint(&self, config: &VmConfig) -> Result<String, VmError> {
-        let tsc_khz = tokio::task::spawn_blocking(tsc::host_tsc_khz)
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("TSC measurement panicked")))
-            .map_err(|source| VmError::TscFrequency { source })?;
-        let accel = accel::resolve(config, &self.state_root, tsc_khz).await;
+        let accel = accel::resolve(config, &self.state_root).await;
         snapshot::fingerprint(config, accel)
     }
 }
@@ -129,11 +125,17 @@ impl QemuVm {
         let started = Instant::now();
         validate(&config)?;
         let paths = StatePaths::new(&config.state_dir);
-        let tsc_khz = tokio::task::spawn_blocking(tsc::host_tsc_khz)
-            .await
-            .unwrap_or_else(|_| Err(std::io::Error::other("TSC measurement panicked")))
-            .map_err(|source| VmError::TscFrequency { source })?;
-        let accel = accel::resolve(&config, state_root, tsc_khz).await;
+        // Only a booting kernel needs the TSC rate (a restored one keeps its own), and
+        // measuring it costs 50 ms where the kernel does not export it.
+        let tsc_khz = if config.restore.is_some() {
+            0
+        } else {
+            tokio::task::spawn_blocking(tsc::host_tsc_khz)
+                .await
+                .unwrap_or_else(|_| Err(std::io::Error::other("TSC measurement panicked")))
+                .map_err(|source| VmError::TscFrequency { source })?
+        };
+        let accel = accel::resolve(&config, state_root).await;
         if accel == Accel::Kvm {
             fs::OpenOptions::new()
                 .read(true)
