@@ -14,6 +14,10 @@ use crate::config::Config;
 
 /// Binaries `spry install` copies (from the directory of the running `spry`).
 pub const BINARIES: [&str; 2] = ["spry", "containerd-shim-spry-v2"];
+/// Installed when built next to the others (`cargo build --release -p spry-snapshotter`);
+/// `spry convert` / `spry warm` run it. Registering it with containerd stays the admin's call
+/// (see snapshotter/README.md): it changes how every image on the node is pulled.
+pub const OPTIONAL_BINARIES: [&str; 1] = ["spry-snapshotter"];
 /// Guest asset files copied from the guest dir.
 pub const GUEST_FILES: [&str; 3] = ["vmlinux", "initramfs.img", "manifest.json"];
 
@@ -96,6 +100,18 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
             &mut report,
         )?;
     }
+    for bin in OPTIONAL_BINARIES {
+        let source = exe_dir.join(bin);
+        if source.is_file() {
+            copy(
+                &source,
+                &opts.bin_dir().join(bin),
+                0o755,
+                opts.dry_run,
+                &mut report,
+            )?;
+        }
+    }
     for file in GUEST_FILES {
         copy(
             &opts.guest_dir.join(file),
@@ -139,6 +155,7 @@ pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
     }
     let files = BINARIES
         .iter()
+        .chain(OPTIONAL_BINARIES.iter())
         .map(|b| opts.bin_dir().join(b))
         .chain(GUEST_FILES.iter().map(|f| opts.guest_target().join(f)));
     for path in files.filter(|p| p.exists()) {
@@ -282,7 +299,7 @@ mod tests {
         }
         let built = dir.path().join("built");
         std::fs::create_dir(&built).unwrap();
-        for bin in BINARIES {
+        for bin in BINARIES.iter().chain(&OPTIONAL_BINARIES) {
             std::fs::write(built.join(bin), bin).unwrap();
         }
         let containerd_config = dir.path().join("containerd.toml");
@@ -313,6 +330,7 @@ mod tests {
         assert!(patched.contains("# keep me") && patched.contains(RUNTIME_TYPE));
         assert!(dir.path().join("containerd.toml.spry-backup").exists());
         assert!(opts.prefix.join("share/spry/guest/vmlinux").exists());
+        assert!(opts.prefix.join("bin/spry-snapshotter").exists());
         Config::load(&opts.spry_config).expect("the written spry config is valid");
 
         let second = install(&opts).unwrap();
@@ -326,6 +344,7 @@ mod tests {
         let reverted = std::fs::read_to_string(&containerd_config).unwrap();
         assert!(!reverted.contains(RUNTIME_TYPE) && reverted.contains("# keep me"));
         assert!(!opts.prefix.join("bin/spry").exists());
+        assert!(!opts.prefix.join("bin/spry-snapshotter").exists());
     }
 
     #[test]
