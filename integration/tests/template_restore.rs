@@ -130,3 +130,39 @@ async fn restoring_a_broken_stream_fails_cleanly() {
     );
     area.assert_no_leaks();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_initramfs_gets_a_new_template_and_the_old_one_goes() {
+    let area = TestArea::new();
+    let store = TemplateStore::new(area.dir.path().join("templates"));
+    // A private copy of the initramfs, so replacing it touches no other test.
+    let initramfs = area.dir.path().join("initramfs.img");
+    std::fs::copy(guest_dir().join("initramfs.img"), &initramfs).unwrap();
+    let rootfs = area.dir.path().join("rootfs");
+    let make_share =
+        move || Box::new(ErofsBlockShare::new(rootfs.join("stale-test"))) as Box<dyn RootfsShare>;
+    let launch = |id: &str| {
+        let mut request = request(&area, id, &store);
+        request.vm_config.initramfs = initramfs.clone();
+        request
+    };
+
+    let first = start_sandbox(launch("tpl-old"), &make_share).await.unwrap();
+    assert!(first.restored);
+    first.sandbox.shutdown(SHORT).await.unwrap();
+    let old: Vec<_> = store.list().unwrap().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(old.len(), 1);
+
+    // An upgrade replaces the file (new inode, same content is enough to count as new).
+    let staged = area.dir.path().join("initramfs.new");
+    std::fs::copy(&initramfs, &staged).unwrap();
+    std::fs::rename(&staged, &initramfs).unwrap();
+
+    let second = start_sandbox(launch("tpl-new"), &make_share).await.unwrap();
+    assert!(second.restored, "not restored from the new template");
+    second.sandbox.shutdown(SHORT).await.unwrap();
+    let now: Vec<_> = store.list().unwrap().into_iter().map(|(d, _)| d).collect();
+    assert_eq!(now.len(), 1, "superseded template kept: {now:?}");
+    assert_ne!(now, old, "the stale template was reused");
+    area.assert_no_leaks();
+}
