@@ -179,7 +179,7 @@ impl TemplateStore {
     /// not match its manifest.
     pub fn get(&self, key: &str) -> Result<Option<Template>, TemplateError> {
         let dir = self.root.join(key);
-        if !dir.join(MANIFEST).exists() && !dir.exists() {
+        if !dir.exists() {
             return Ok(None);
         }
         check(&dir)

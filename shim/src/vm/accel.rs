@@ -64,21 +64,13 @@ pub async fn resolve(config: &VmConfig, state_root: &Path) -> Accel {
 /// on every pod start would cost more than it protects).
 async fn probe_key(config: &VmConfig) -> String {
     let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    let identity = |path: &Path| {
-        std::fs::metadata(path)
-            .map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                format!("{} {} {} {}", m.ino(), m.len(), m.mtime(), m.mtime_nsec())
-            })
-            .unwrap_or_default()
-    };
+    // A missing file gives an empty identity: the probe then fails and says why.
+    let identity = |what, path| super::snapshot::file_identity(what, path).unwrap_or_default();
     let mut hasher = Sha256::new();
     for part in [
         boot_id.trim(),
-        &config.qemu.to_string_lossy(),
-        &identity(&config.qemu),
-        &config.kernel.to_string_lossy(),
-        &identity(&config.kernel),
+        &identity("qemu", &config.qemu),
+        &identity("kernel", &config.kernel),
     ] {
         hasher.update(part.as_bytes());
         hasher.update(b"\n");

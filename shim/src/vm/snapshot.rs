@@ -182,7 +182,7 @@ pub async fn save(qmp: &QmpClient, id: &str, state: &Path) -> Result<(), VmError
 
 /// Identifies a file's content cheaply: a replaced or rewritten file gets a new inode or
 /// mtime. Hashing a 50 MiB kernel on every pod start would cost more than the restore.
-fn file_identity(what: &'static str, path: &Path) -> Result<String, VmError> {
+pub(super) fn file_identity(what: &'static str, path: &Path) -> Result<String, VmError> {
     let meta = std::fs::metadata(path).map_err(|source| VmError::FileIdentity {
         what,
         path: path.to_path_buf(),
