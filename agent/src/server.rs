@@ -60,6 +60,10 @@ pub async fn serve(channel: Box<dyn AgentChannel>, config: AgentConfig) -> Resul
             source,
         })?;
     }
+    // Before the channel is up, so a VM template is saved with spare helpers ready.
+    if let Err(err) = tokio::task::spawn_blocking(crate::container::prepare_spare_helpers).await {
+        tracing::warn!(error = %err, "starting the spare container helpers failed");
+    }
     let storage = Arc::new(StorageManager::new(&config.run_dir, config.shared.clone()));
     let containers = Arc::new(ContainerManager::new(
         ManagerConfig {

@@ -1,4 +1,5 @@
-//! The agent's only home for `unsafe`: raw ioctls and adopting received file descriptors.
+//! The agent's only home for `unsafe`: raw ioctls, priorities and adopting received file
+//! descriptors.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -37,6 +38,17 @@ pub fn add_entropy(random: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
     // SAFETY: `request` is a live, correctly laid out `rand_pool_info` whose `buf_size` matches
     // the bytes that follow the header; the kernel only reads from it during the call.
     let rc = unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, request.as_ptr()) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the nice value of the calling thread (on Linux, `PRIO_PROCESS` with id 0 means the
+/// calling thread, and the threads and processes it starts inherit the value).
+pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -319,3 +319,95 @@ async fn seccomp_rlimits_and_capabilities_come_from_the_spec() {
     agent.remove("sec").await.unwrap();
     agent.finish().await;
 }
+
+/// Idle container helpers the agent keeps ready: (pid, nice value).
+fn spare_helpers(agent_pid: i32) -> Vec<(i32, i64)> {
+    // Children are listed per thread that started them.
+    let mut children = String::new();
+    for task in std::fs::read_dir(format!("/proc/{agent_pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        children += &std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        children.push(' ');
+    }
+    let mut helpers = Vec::new();
+    for pid in children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains("container-helper") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the parenthesised name; nice is field 19 of the whole line.
+        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+        if let Some(nice) = after_name
+            .split_whitespace()
+            .nth(16)
+            .and_then(|n| n.parse().ok())
+        {
+            helpers.push((pid, nice));
+        }
+    }
+    helpers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spare_helpers_are_refilled_at_idle_priority_and_containers_do_not_inherit_it() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    assert_eq!(
+        spare_helpers(agent.pid()).len(),
+        2,
+        "two spare helpers after start-up"
+    );
+    let nice_of_container = "cut -d' ' -f19 /proc/self/stat";
+    for round in 0..3 {
+        let id = format!("n{round}");
+        agent
+            .create(
+                &id,
+                spec(&["sh", "-c", nice_of_container]),
+                stdio(false, false),
+            )
+            .await
+            .unwrap();
+        agent.start_container(&id).await;
+        assert_eq!(agent.read_all(&id, "", false).await, "0\n", "round {round}");
+        assert_eq!(agent.wait(&id, "").await.exit_code, 0);
+        agent.remove(&id).await.unwrap();
+        // Refills run at nice 19 and are quick on the host.
+        let started = std::time::Instant::now();
+        let spares = loop {
+            let spares = spare_helpers(agent.pid());
+            if spares.len() == 2 || started.elapsed() > std::time::Duration::from_secs(10) {
+                break spares;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert_eq!(spares.len(), 2, "spares refilled after round {round}");
+        // (A spare started at boot, at normal priority, may still be among them.)
+        assert!(
+            spares.iter().any(|(_, nice)| *nice == 19),
+            "refilled spares run at idle priority: {spares:?}"
+        );
+    }
+    // Spares that died are replaced by a fresh helper, not reported as a failure.
+    for (pid, _) in spare_helpers(agent.pid()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    agent
+        .create("after-kill", spec(&["true"]), stdio(false, false))
+        .await
+        .unwrap();
+    agent.start_container("after-kill").await;
+    assert_eq!(agent.wait("after-kill", "").await.exit_code, 0);
+    agent.remove("after-kill").await.unwrap();
+    agent.finish().await;
+}

@@ -8,34 +8,29 @@
 //! those children, and stays alive until the agent has registered the container process's pid
 //! with the reaper, so the process is reparented to the agent only afterwards.
 //!
-//! Protocol over a `SOCK_SEQPACKET` pair that is the helper's stdin: the agent sends one JSON
-//! [`HelperRequest`] with the stdio descriptors attached (`SCM_RIGHTS`), the helper answers with
-//! one JSON [`HelperReply`], then waits for the agent to close its end and exits.
+//! Protocol over a `SOCK_SEQPACKET` pair that is the helper's stdin: the helper says it is
+//! ready, the agent sends one JSON [`HelperRequest`] with the stdio descriptors attached
+//! (`SCM_RIGHTS`), the helper answers with one JSON [`HelperReply`], then waits for the agent
+//! to close its end and exits. A helper whose agent end closes before any request (a spare
+//! no longer needed) exits quietly.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
-use nix::sys::socket::{
-    recvmsg, sendmsg, setsockopt, socketpair, sockopt, AddressFamily, ControlMessage,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType,
-};
-use nix::sys::time::TimeVal;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 use serde::{Deserialize, Serialize};
 
+use super::helper_process::{kill, take_spare, HelperProcess, READY};
 use crate::reaper::{ExitWatch, Reaper};
 use crate::sys;
 
 /// The hidden subcommand that turns `spry-agent` into the helper.
 pub const HELPER_SUBCOMMAND: &str = "container-helper";
-/// How long a single libcontainer operation may take before the helper is killed.
-const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// One libcontainer operation.
@@ -107,93 +102,96 @@ pub struct HelperDone {
     pub process: Option<(i32, ExitWatch)>,
 }
 
-/// Runs `request` in a helper process, handing it `fds` (stdin, stdout, stderr when given).
+/// Runs `request` in a helper process (the spare one when ready), handing it `fds` (stdin,
+/// stdout, stderr when given).
 pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDone, HelperError> {
     let payload = serde_json::to_vec(request).expect("helper requests always serialize");
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|source| HelperError::Channel { source })?;
-    setsockopt(
-        &ours,
-        sockopt::ReceiveTimeout,
-        &TimeVal::from(libc::timeval {
-            tv_sec: HELPER_TIMEOUT.as_secs() as libc::time_t,
-            tv_usec: 0,
-        }),
-    )
-    .map_err(|source| HelperError::Channel { source })?;
-    let exe = std::env::current_exe().map_err(|source| HelperError::Spawn { source })?;
-    let mut command = Command::new(exe);
-    command
-        .arg(HELPER_SUBCOMMAND)
-        .current_dir("/")
-        .stdin(Stdio::from(theirs))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let (helper, mut helper_exit) = Reaper::global()
-        .spawn(&mut command)
-        .map_err(|source| HelperError::Spawn { source })?;
-    // `command` holds a copy of the helper's end; close it so a dying helper reads as EOF.
-    drop(command);
-    let helper_pid = helper.id() as i32;
+    let spare = take_spare();
+    let exchange = tokio::task::spawn_blocking(move || exchange(spare, &payload, fds))
+        .await
+        .map_err(|source| HelperError::Join { source })?;
+    let Exchange {
+        outcome,
+        pid,
+        mut exit,
+    } = exchange?;
+    if let Err(HelperError::Channel { source }) = &outcome {
+        if *source == nix::errno::Errno::EAGAIN {
+            tracing::error!(helper_pid = pid, "container helper timed out; killing it");
+        }
+        kill(pid);
+    }
+    // The helper exits once released; nothing needs it gone before we answer (the new
+    // process is already registered with the reaper and is reparented to us when the
+    // helper exits), and under TCG its exit costs ~100 ms of a container's start.
+    tokio::spawn(async move {
+        let exit = exit.wait().await;
+        if exit.code != Some(0) {
+            tracing::warn!(helper_pid = pid, code = ?exit.code, signal = ?exit.signal, "container helper ended abnormally");
+        }
+    });
+    outcome
+}
 
-    let exchange = tokio::task::spawn_blocking(move || -> Result<_, HelperError> {
-        let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-        let cmsgs = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+/// A finished exchange with a helper that has been released (told to exit).
+struct Exchange {
+    outcome: Result<HelperDone, HelperError>,
+    pid: i32,
+    exit: ExitWatch,
+}
+
+/// Sends the request to `spare`, or to a new helper when there is none or it has died.
+fn exchange(
+    spare: Option<HelperProcess>,
+    payload: &[u8],
+    fds: Vec<OwnedFd>,
+) -> Result<Exchange, HelperError> {
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
+    let send = |helper: &HelperProcess| {
         sendmsg::<()>(
-            ours.as_raw_fd(),
-            &[IoSlice::new(&payload)],
+            helper.control.as_raw_fd(),
+            &[IoSlice::new(payload)],
             cmsgs,
-            MsgFlags::empty(),
+            MsgFlags::MSG_NOSIGNAL,
             None,
         )
-        .map_err(|source| HelperError::Channel { source })?;
-        drop(fds);
-        let mut buf = vec![0u8; MAX_MESSAGE];
-        let received = {
-            let mut iov = [IoSliceMut::new(&mut buf)];
-            recvmsg::<()>(ours.as_raw_fd(), &mut iov, None, MsgFlags::empty())
-                .map_err(|source| HelperError::Channel { source })?
-                .bytes
-        };
-        if received == 0 {
-            return Err(HelperError::NoReply);
+    };
+    let spare = spare.and_then(|spare| match send(&spare) {
+        Ok(_) => Some(spare),
+        Err(err) => {
+            tracing::debug!(helper_pid = spare.pid, error = %err, "spare container helper is gone");
+            None
         }
-        let reply: HelperReply = serde_json::from_slice(&buf[..received])
-            .map_err(|source| HelperError::BadReply { source })?;
-        let outcome = match reply {
-            HelperReply::Done { pid } => Ok(HelperDone {
+    });
+    let helper = match spare {
+        Some(helper) => helper,
+        None => {
+            let fresh = HelperProcess::start()?;
+            send(&fresh).map_err(|source| HelperError::Channel { source })?;
+            fresh
+        }
+    };
+    drop(fds);
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let outcome = match helper.receive(&mut buf) {
+        Err(source) => Err(HelperError::Channel { source }),
+        Ok(0) => Err(HelperError::NoReply),
+        Ok(len) => match serde_json::from_slice(&buf[..len]) {
+            Err(source) => Err(HelperError::BadReply { source }),
+            Ok(HelperReply::Done { pid }) => Ok(HelperDone {
                 // Register before releasing the helper: the process is reparented to us only
                 // when the helper exits.
                 process: pid.map(|pid| (pid, Reaper::global().watch(pid))),
             }),
-            HelperReply::Failed { kind, message } => Err(HelperError::Failed { kind, message }),
-        };
-        drop(ours);
-        outcome
-    })
-    .await
-    .map_err(|source| HelperError::Join { source })?;
-
-    if let Err(HelperError::Channel { source }) = &exchange {
-        if *source == nix::errno::Errno::EAGAIN {
-            tracing::error!(helper_pid, "container helper timed out; killing it");
-        }
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(helper_pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let exit = helper_exit.wait().await;
-    if exit.code != Some(0) {
-        tracing::warn!(helper_pid, code = ?exit.code, signal = ?exit.signal, "container helper ended abnormally");
-    }
-    exchange
+            Ok(HelperReply::Failed { kind, message }) => Err(HelperError::Failed { kind, message }),
+        },
+    };
+    // Closing our end releases the helper.
+    let HelperProcess { pid, exit, control } = helper;
+    drop(control);
+    Ok(Exchange { outcome, pid, exit })
 }
 
 /// The helper process's main: serves one request on stdin and exits.
@@ -203,6 +201,16 @@ pub fn helper_main() -> i32 {
     let Ok(control) = control else {
         return 2;
     };
+    if let Err(err) = sendmsg::<()>(
+        control.as_raw_fd(),
+        &[IoSlice::new(READY)],
+        &[],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) {
+        tracing::error!(error = %err, "container helper: cannot say it is ready");
+        return 2;
+    }
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut cmsg = nix::cmsg_space!([RawFd; 3]);
     let (len, fds) = {
@@ -229,6 +237,14 @@ pub fn helper_main() -> i32 {
         }
         (msg.bytes, fds)
     };
+    if len == 0 {
+        // A spare whose agent end was closed: nothing to do.
+        return 0;
+    }
+    // A spare may have been started at idle priority; the container must not inherit it.
+    if let Err(err) = sys::set_thread_nice(0) {
+        tracing::warn!(error = %err, "container helper: cannot reset its priority");
+    }
     let reply = match serde_json::from_slice::<HelperRequest>(&buf[..len]) {
         Ok(request) => execute(request, fds),
         Err(err) => HelperReply::Failed {

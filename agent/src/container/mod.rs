@@ -3,10 +3,13 @@
 mod cgroup;
 mod error;
 pub mod helper;
+mod helper_process;
 mod housekeeping;
 mod process;
 pub mod spec;
 mod stdio;
+
+pub use helper_process::prepare_spares as prepare_spare_helpers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -213,8 +216,15 @@ impl ContainerManager {
                 });
             }
         };
+        let started = std::time::Instant::now();
         let mut mounted = match self.storage.mount(id, rootfs).await {
-            Ok(mounted) => mounted,
+            Ok(mounted) => {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "rootfs mounted"
+                );
+                mounted
+            }
             Err(source) => {
                 remove_container_dir(&dir);
                 return Err(ContainerError::Storage {
@@ -238,6 +248,10 @@ impl ContainerManager {
             .await
         {
             Ok((init, mount_destinations)) => {
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "container created"
+                );
                 let cgroup = Cgroup::new(&self.config.cgroup_root, &Self::cgroups_path(id));
                 let oom_watch = tokio::spawn(watch_oom(
                     id.to_string(),
@@ -410,11 +424,16 @@ impl ContainerManager {
                 state: container.state_name(),
             });
         }
+        let started = std::time::Instant::now();
         self.lifecycle(HelperRequest::Start {
             id: id.to_string(),
             state_root: self.state_root(),
         })
         .await?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "container started"
+        );
         *container.phase.lock().unwrap_or_else(|p| p.into_inner()) = Phase::Running;
         Ok(())
     }

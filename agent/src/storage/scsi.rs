@@ -86,11 +86,22 @@ pub async fn wait_for_disk(
             });
         }
         if !rescanned && started.elapsed() > RESCAN_AFTER {
+            tracing::info!(
+                target,
+                lun,
+                "hot-plugged disk not seen yet; rescanning the SCSI hosts"
+            );
             rescan(paths);
             rescanned = true;
         }
         tokio::time::sleep(POLL).await;
     };
+    tracing::debug!(
+        target,
+        lun,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "disk found"
+    );
     let node = paths.dev.join(&name);
     while !node.exists() && started.elapsed() < DISK_TIMEOUT {
         tokio::time::sleep(POLL).await;

@@ -139,6 +139,11 @@ impl Agent {
         read_log(self.dir.path())
     }
 
+    /// The agent's pid (unshare and sh exec into it).
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
     pub async fn create_sandbox(&self) {
         let mut req = CreateSandboxRequest::new();
         req.sandbox_id = "pod-1".into();

@@ -19,6 +19,10 @@ use spry_integration::{
 
 struct Run {
     serial_ms: Vec<f64>,
+    /// Per serial pod: how its start time splits up.
+    phases: Vec<Phases>,
+    /// A second container in each (already running) serial pod: create → first log line.
+    second_container_ms: Vec<f64>,
     parallel_ms: Vec<f64>,
     idle_pod_pss_mib: f64,
     /// Per pod, by process name (shim, QEMU, container processes).
@@ -28,10 +32,21 @@ struct Run {
 fn main() -> Result<()> {
     require_root()?;
     let mut pods = 10usize;
+    let mut only: Option<Vec<String>> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pods" => pods = args.next().context("--pods needs a number")?.parse()?,
+            // For profiling one runtime; the report then lacks the others' columns.
+            "--only" => {
+                only = Some(
+                    args.next()
+                        .context("--only needs runc,spry,spry_template")?
+                        .split(',')
+                        .map(str::to_string)
+                        .collect(),
+                )
+            }
             other => bail!("unknown argument {other}"),
         }
     }
@@ -64,10 +79,16 @@ fn main() -> Result<()> {
         ("spry", Some("spry-cold")),
         ("spry_template", Some("spry-template")),
     ] {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.iter().any(|r| r == runtime))
+        {
+            continue;
+        }
         if runtime == "spry_template" {
             // Template built on first use, outside the measured pods.
             let started = Instant::now();
-            let (_, pod) = start_pod(&containerd, &crictl, &image, handler, "tpl-warmup")?;
+            let (_, pod, _) = start_pod(&containerd, &crictl, &image, handler, "tpl-warmup")?;
             remove_pods(&crictl, &[pod])?;
             template = template_facts(&state.path().join("run/templates"), started.elapsed())?;
         }
@@ -83,6 +104,15 @@ fn main() -> Result<()> {
                 "parallel_p50_ms": round(percentile(&run.parallel_ms, 50.0)),
                 "parallel_p95_ms": round(percentile(&run.parallel_ms, 95.0)),
                 "idle_pod_pss_mib": round(run.idle_pod_pss_mib),
+                "serial_phases_p50_ms": {
+                    "runp": round(percentile(&run.phases.iter().map(|p| p.runp_ms).collect::<Vec<_>>(), 50.0)),
+                    "create": round(percentile(&run.phases.iter().map(|p| p.create_ms).collect::<Vec<_>>(), 50.0)),
+                    "start": round(percentile(&run.phases.iter().map(|p| p.start_ms).collect::<Vec<_>>(), 50.0)),
+                    "first_log": round(percentile(&run.phases.iter().map(|p| p.first_log_ms).collect::<Vec<_>>(), 50.0)),
+                },
+                // The same container started again in a pod that is already up: on TCG
+                // this shows what a cold translation cache costs the first container.
+                "second_container_p50_ms": round(percentile(&run.second_container_ms, 50.0)),
                 "idle_pod_pss_by_process_mib": run.pss_by_process_mib,
             }),
         );
@@ -106,6 +136,15 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where one pod's start time went, each step timed by the crictl call that makes it.
+#[derive(Clone, Copy, Default)]
+struct Phases {
+    runp_ms: f64,
+    create_ms: f64,
+    start_ms: f64,
+    first_log_ms: f64,
+}
+
 /// Serial pods (kept running for the memory sample), then parallel pods.
 fn measure(
     containerd: &Containerd,
@@ -116,18 +155,30 @@ fn measure(
     pods: usize,
 ) -> Result<Run> {
     let mut serial_ms = Vec::new();
+    let mut phases = Vec::new();
     let mut ids = Vec::new();
     for i in 0..pods {
-        let (ms, pod) = start_pod(
+        let (ms, pod, phase) = start_pod(
             containerd,
             crictl,
             image,
             handler,
             &format!("{}-s{i}", runtime.replace('_', "-")),
         )?;
-        eprintln!("{runtime} serial pod {i}: {ms:.0} ms");
+        eprintln!(
+            "{runtime} serial pod {i}: {ms:.0} ms (runp {:.0}, create {:.0}, start {:.0}, first log {:.0})",
+            phase.runp_ms, phase.create_ms, phase.start_ms, phase.first_log_ms
+        );
         serial_ms.push(ms);
+        phases.push(phase);
         ids.push(pod);
+    }
+    let mut second_container_ms = Vec::new();
+    for (i, pod) in ids.iter().enumerate() {
+        let name = format!("{}-s{i}", runtime.replace('_', "-"));
+        let ms = start_container(containerd, crictl, image, pod, &name, "second")?.0;
+        eprintln!("{runtime} second container in pod {i}: {ms:.0} ms");
+        second_container_ms.push(ms);
     }
     std::thread::sleep(Duration::from_secs(3));
     let by_process = pss_of_pods(containerd)?;
@@ -142,7 +193,10 @@ fn measure(
         let handles: Vec<_> = (0..pods)
             .map(|i| {
                 let name = format!("{}-p{i}", runtime.replace('_', "-"));
-                scope.spawn(move || start_pod(containerd, crictl, image, handler, &name))
+                scope.spawn(move || {
+                    start_pod(containerd, crictl, image, handler, &name)
+                        .map(|(ms, pod, _)| (ms, pod))
+                })
             })
             .collect();
         handles
@@ -161,30 +215,56 @@ fn measure(
     remove_pods(crictl, &ids)?;
     Ok(Run {
         serial_ms,
+        phases,
+        second_container_ms,
         parallel_ms,
         idle_pod_pss_mib,
         pss_by_process_mib,
     })
 }
 
-/// runp → create → start → first log line. Returns (milliseconds, pod id).
+/// runp → create → start → first log line. Returns (milliseconds, pod id, phases).
 fn start_pod(
     containerd: &Containerd,
     crictl: &Crictl,
     image: &str,
     handler: Option<&str>,
     name: &str,
-) -> Result<(f64, String)> {
+) -> Result<(f64, String, Phases)> {
     let dir = containerd.dir().join(name);
     std::fs::create_dir_all(&dir)?;
     let pod_cfg = PodConfig::new(name).write_to(&dir)?;
-    let ctr_cfg = ContainerConfig::new("app", image)
+    let t0 = Instant::now();
+    let pod = crictl.runp(&pod_cfg, handler)?;
+    let runp_ms = ms_since(t0);
+    let (_, phases) = start_container(containerd, crictl, image, &pod, name, "app")?;
+    let total = ms_since(t0);
+    Ok((total, pod, Phases { runp_ms, ..phases }))
+}
+
+/// create → start → first log line of container `app_name` in `pod` (whose config was
+/// written for `pod_name`). Returns (milliseconds, phases without runp).
+fn start_container(
+    containerd: &Containerd,
+    crictl: &Crictl,
+    image: &str,
+    pod: &str,
+    pod_name: &str,
+    app_name: &str,
+) -> Result<(f64, Phases)> {
+    let dir = containerd.dir().join(pod_name);
+    let pod_cfg = dir.join(format!("pod-{pod_name}.json"));
+    ensure!(pod_cfg.exists(), "no pod config at {}", pod_cfg.display());
+    let ctr_cfg = ContainerConfig::new(app_name, image)
         .command(&["sh", "-c", "echo ready; exec sleep 3600"])
         .write_to(&dir)?;
     let t0 = Instant::now();
-    let pod = crictl.runp(&pod_cfg, handler)?;
-    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    let ctr = crictl.create(pod, &ctr_cfg, &pod_cfg)?;
+    let create_ms = ms_since(t0);
+    let t1 = Instant::now();
     crictl.start(&ctr)?;
+    let start_ms = ms_since(t1);
+    let t2 = Instant::now();
     loop {
         if crictl
             .logs(&ctr)
@@ -195,11 +275,21 @@ fn start_pod(
         }
         ensure!(
             t0.elapsed() < Duration::from_secs(240),
-            "pod {name} printed nothing in 240 s"
+            "container {app_name} in pod {pod_name} printed nothing in 240 s"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok((t0.elapsed().as_secs_f64() * 1000.0, pod))
+    let phases = Phases {
+        runp_ms: 0.0,
+        create_ms,
+        start_ms,
+        first_log_ms: ms_since(t2),
+    };
+    Ok((ms_since(t0), phases))
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
 }
 
 fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
@@ -314,7 +404,12 @@ fn template_facts(dir: &Path, first_pod: Duration) -> Result<serde_json::Value> 
 
 /// The goals for templates, checked against this run's numbers.
 fn goals(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
-    let get = |runtime: &str, key: &str| results[runtime][key].as_f64().unwrap_or(f64::NAN);
+    let get = |runtime: &str, key: &str| {
+        results
+            .get(runtime)
+            .and_then(|r| r[key].as_f64())
+            .unwrap_or(f64::NAN)
+    };
     let serial_ratio = get("spry_template", "serial_p50_ms") / get("runc", "serial_p50_ms");
     let parallel_ratio =
         get("spry_template", "parallel_p95_ms") / get("spry_template", "serial_p50_ms");
@@ -355,8 +450,19 @@ fn markdown(report: &serde_json::Value) -> String {
         "parallel_p50_ms",
         "parallel_p95_ms",
         "idle_pod_pss_mib",
+        "second_container_p50_ms",
     ] {
         md.push_str(&row(k));
+    }
+    md.push_str("\nSerial pod start by step, p50 ms (runp / create / start / first log line):\n\n");
+    for runtime in ["runc", "spry", "spry_template"] {
+        let p = &report[runtime]["serial_phases_p50_ms"];
+        if !p.is_null() {
+            md.push_str(&format!(
+                "- {runtime}: {} / {} / {} / {}\n",
+                p["runp"], p["create"], p["start"], p["first_log"]
+            ));
+        }
     }
     md.push_str(&format!(
         "\nTemplate: {}\n\nGoals: {}\n",
