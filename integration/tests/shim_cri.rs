@@ -221,6 +221,18 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         })
         .count();
     ensure!(qemus == 2, "expected 2 VMs, found {qemus}");
+    // All four containers run on one erofs image of busybox's layers, built once.
+    let layer_images = std::fs::read_dir(state.path().join("run/layer-images"))
+        .context("the shared layer image dir")?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "erofs"))
+        .count();
+    ensure!(
+        layer_images == 1,
+        "expected 1 shared layer image, found {layer_images}"
+    );
+    let built = containerd.log().matches("layer image built").count();
+    ensure!(built == 1, "layer image built {built} times for one image");
 
     // containerd restarts; the pods stay listed and controllable.
     containerd.restart()?;
@@ -262,6 +274,10 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         crictl.rmp(pod)?;
     }
     leaks.assert_clean().context("after removing both pods")?;
+    ensure!(
+        !state.path().join("run/layer-images").exists(),
+        "the shared layer image outlived its last container"
+    );
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use super::stdio::{copy_output, copy_stdin, terminal_size, RawTerminal};
 use super::VmRunArgs;
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError};
-use crate::rootfs::{ErofsBlockShare, RootfsShare, RootfsSource};
+use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsShare, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use crate::template::{start_sandbox, LaunchRequest, TemplateStore};
 use crate::vm::{QemuHypervisor, VmConfig, VmExit};
@@ -58,8 +58,11 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
     };
     // Same start path as pods: from the template unless the config says `template = "off"`.
     let rootfs_dir = config.state_dir.join("rootfs").join(&id);
-    let make_share =
-        move || Box::new(ErofsBlockShare::new(rootfs_dir.clone())) as Box<dyn RootfsShare>;
+    let layer_cache = LayerCache::new(config.layer_cache_dir());
+    let make_share = move || {
+        Box::new(ErofsBlockShare::new(rootfs_dir.clone()).with_layer_cache(layer_cache.clone()))
+            as Box<dyn RootfsShare>
+    };
     let request = LaunchRequest {
         hypervisor: std::sync::Arc::new(hypervisor),
         store: TemplateStore::new(config.template_dir()),

@@ -155,6 +155,11 @@ impl Config {
         self.state_dir.join("templates")
     }
 
+    /// Where erofs images of image layers are shared between pods (see `rootfs/cache.rs`).
+    pub fn layer_cache_dir(&self) -> PathBuf {
+        self.state_dir.join("layer-images")
+    }
+
     /// Loads `path`, which must exist (a handler's `ConfigPath`).
     pub fn load_required(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -8,6 +8,7 @@
 //! with virtiofsd) cannot. Disks are always hot-plugged, so a new container's rootfs can
 //! appear in a running VM (in-place image replacement, templates) without a reboot.
 
+mod cache;
 mod erofs;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ use tracing::debug;
 
 use crate::vm::{ScsiAddr, Vm, VmError};
 
+pub use cache::{CacheError, LayerCache};
 pub use erofs::ErofsError;
 
 /// Failure to share a rootfs with the VM.
@@ -33,6 +35,8 @@ pub enum RootfsError {
     },
     #[error(transparent)]
     Image(#[from] ErofsError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("cannot hot-plug the rootfs image of container {container_id} into the VM")]
     Hotplug {
         container_id: String,
@@ -52,6 +56,52 @@ pub enum RootfsError {
 pub enum RootfsSource {
     /// A plain directory tree (e.g. `spry vm run --rootfs DIR`, or a mounted bundle rootfs).
     Directory(PathBuf),
+    /// An image's read-only layers (overlay lowerdirs, top first) whose merged view with
+    /// an empty writable layer is mounted at `merged`: its erofs image is built once per
+    /// layer chain and shared (see `cache.rs`).
+    Layers {
+        merged: PathBuf,
+        lowers: Vec<PathBuf>,
+    },
+}
+
+impl RootfsSource {
+    /// The source for a container whose rootfs containerd gave as `mounts` (type and
+    /// options each) and the shim mounted at `merged`: the shared layer image when it is
+    /// one overlay whose writable layer is still empty (the usual new container), else
+    /// the merged directory itself.
+    pub fn for_mounts(mounts: &[(&str, &[String])], merged: &Path) -> Self {
+        let directory = Self::Directory(merged.to_path_buf());
+        let [(kind, options)] = mounts else {
+            return directory;
+        };
+        if *kind != "overlay" {
+            return directory;
+        }
+        let option = |name: &str| {
+            options
+                .iter()
+                .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+        };
+        let (Some(lowerdir), Some(upperdir)) = (option("lowerdir"), option("upperdir")) else {
+            return directory;
+        };
+        // Escaped separators would need overlayfs's own parsing; not worth it.
+        if lowerdir.contains('\\') {
+            return directory;
+        }
+        let lowers: Vec<PathBuf> = lowerdir.split(':').map(PathBuf::from).collect();
+        let upper_empty = std::fs::read_dir(upperdir)
+            .map(|mut entries| entries.next().is_none())
+            .unwrap_or(false);
+        if !upper_empty || lowers.iter().any(|l| !l.is_absolute()) {
+            return directory;
+        }
+        Self::Layers {
+            merged: merged.to_path_buf(),
+            lowers,
+        }
+    }
 }
 
 /// A rootfs made visible in the VM; hand it back to [`RootfsShare::detach`].
@@ -62,6 +112,7 @@ pub struct AttachedRootfs {
     pub rootfs: pb::Rootfs,
     disks: Vec<ScsiAddr>,
     files: Vec<PathBuf>,
+    cached: Vec<cache::CachedImage>,
 }
 
 /// One way of making a host rootfs visible inside a running VM.
@@ -82,14 +133,71 @@ pub trait RootfsShare: Send + Sync {
 /// Rootfs as an erofs image on a hot-plugged virtio-scsi disk (see the module docs).
 #[derive(Debug, Clone)]
 pub struct ErofsBlockShare {
-    /// Where images are written; one file per container, removed on detach.
+    /// Where per-container images are written; one file per container, removed on detach.
     work_dir: PathBuf,
+    /// Shared images of layer chains; without it, layers are packed per container.
+    cache: Option<LayerCache>,
 }
 
 impl ErofsBlockShare {
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
         Self {
             work_dir: work_dir.into(),
+            cache: None,
+        }
+    }
+
+    /// Shares the images of layer chains through `cache`.
+    pub fn with_layer_cache(self, cache: LayerCache) -> Self {
+        Self {
+            cache: Some(cache),
+            ..self
+        }
+    }
+
+    /// The image to hot-plug for `source`: (path, per-container file to delete, cached
+    /// image to release).
+    async fn image_for(
+        &self,
+        container_id: &str,
+        source: &RootfsSource,
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<cache::CachedImage>), RootfsError> {
+        let layers = match (source, &self.cache) {
+            (RootfsSource::Layers { merged, lowers }, Some(cache)) => Some((merged, lowers, cache)),
+            _ => None,
+        };
+        match layers {
+            None => {
+                let (RootfsSource::Directory(dir) | RootfsSource::Layers { merged: dir, .. }) =
+                    source;
+                if !dir.is_dir() {
+                    return Err(RootfsError::NotADirectory { path: dir.clone() });
+                }
+                std::fs::create_dir_all(&self.work_dir).map_err(|source| RootfsError::WorkDir {
+                    path: self.work_dir.clone(),
+                    source,
+                })?;
+                let image = self.image_path(container_id);
+                erofs::build_image(dir, &image).await?;
+                Ok((image.clone(), Some(image), None))
+            }
+            Some((merged, lowers, cache)) => {
+                if !merged.is_dir() {
+                    return Err(RootfsError::NotADirectory {
+                        path: merged.clone(),
+                    });
+                }
+                let key = LayerCache::key(lowers)?;
+                let started = std::time::Instant::now();
+                let (cached, built) = cache.get_or_build(&key, merged).await?;
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                if built {
+                    tracing::info!(container_id, image = %cached.path.display(), elapsed_ms, "layer image built");
+                } else {
+                    debug!(container_id, image = %cached.path.display(), "layer image reused");
+                }
+                Ok((cached.path.clone(), None, Some(cached)))
+            }
         }
     }
 
@@ -106,20 +214,14 @@ impl RootfsShare for ErofsBlockShare {
         container_id: &str,
         source: &RootfsSource,
     ) -> Result<AttachedRootfs, RootfsError> {
-        let RootfsSource::Directory(dir) = source;
-        if !dir.is_dir() {
-            return Err(RootfsError::NotADirectory { path: dir.clone() });
-        }
-        std::fs::create_dir_all(&self.work_dir).map_err(|source| RootfsError::WorkDir {
-            path: self.work_dir.clone(),
-            source,
-        })?;
-        let image = self.image_path(container_id);
-        erofs::build_image(dir, &image).await?;
+        let (image, own_file, cached) = self.image_for(container_id, source).await?;
         let addr = match vm.hotplug_disk(&image, true).await {
             Ok(addr) => addr,
             Err(source) => {
-                remove_file_quietly(&image);
+                if let Some(file) = &own_file {
+                    remove_file_quietly(file);
+                }
+                release_all(self.cache.as_ref(), cached);
                 return Err(RootfsError::Hotplug {
                     container_id: container_id.to_string(),
                     source,
@@ -145,7 +247,8 @@ impl RootfsShare for ErofsBlockShare {
                 ..Default::default()
             },
             disks: vec![addr],
-            files: vec![image],
+            files: own_file.into_iter().collect(),
+            cached: cached.into_iter().collect(),
         })
     }
 
@@ -166,9 +269,18 @@ impl RootfsShare for ErofsBlockShare {
         for file in &attached.files {
             remove_file_quietly(file);
         }
+        release_all(self.cache.as_ref(), attached.cached);
         // The work dir is per sandbox; it goes with its last image.
         let _ = std::fs::remove_dir(&self.work_dir);
         result
+    }
+}
+
+fn release_all(cache: Option<&LayerCache>, images: impl IntoIterator<Item = cache::CachedImage>) {
+    if let Some(cache) = cache {
+        for image in images {
+            cache.release(image);
+        }
     }
 }
 
@@ -176,6 +288,63 @@ fn remove_file_quietly(path: &Path) {
     if let Err(e) = std::fs::remove_file(path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %path.display(), error = %e, "cannot remove rootfs image");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_overlay_with_an_empty_upper_uses_the_shared_layer_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        let merged = dir.path().join("rootfs");
+        let options = opts(&[
+            "index=off",
+            "workdir=/s/3/work",
+            &format!("upperdir={}", upper.display()),
+            "lowerdir=/s/2/fs:/s/1/fs",
+        ]);
+        match RootfsSource::for_mounts(&[("overlay", &options)], &merged) {
+            RootfsSource::Layers { merged: m, lowers } => {
+                assert_eq!(m, merged);
+                assert_eq!(
+                    lowers,
+                    vec![PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
+                );
+            }
+            other => panic!("expected layers, got {other:?}"),
+        }
+        // Something in the writable layer: the container's own view must be packed.
+        std::fs::write(upper.join("f"), "x").unwrap();
+        assert!(matches!(
+            RootfsSource::for_mounts(&[("overlay", &options)], &merged),
+            RootfsSource::Directory(_)
+        ));
+    }
+
+    #[test]
+    fn anything_else_is_packed_from_the_merged_directory() {
+        let merged = Path::new("/b/rootfs");
+        let bind = opts(&["rbind", "ro"]);
+        let relative = opts(&["lowerdir=fs:/s/1/fs", "upperdir=/nonexistent"]);
+        for mounts in [
+            vec![],
+            vec![("bind", bind.as_slice())],
+            vec![("overlay", relative.as_slice())],
+            vec![("overlay", bind.as_slice()), ("bind", bind.as_slice())],
+        ] {
+            assert!(matches!(
+                RootfsSource::for_mounts(&mounts, merged),
+                RootfsSource::Directory(_)
+            ));
         }
     }
 }

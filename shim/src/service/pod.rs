@@ -21,7 +21,7 @@ use super::spec::{self, TaskKind};
 use crate::agent_client::ProcessId;
 use crate::config::Config;
 use crate::rootfs::RootfsShare;
-use crate::rootfs::{ErofsBlockShare, RootfsSource};
+use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use crate::template::{self, LaunchRequest, TemplateStore};
 use crate::vm::{QemuHypervisor, VmConfig};
@@ -200,8 +200,11 @@ impl Pod {
             ..Default::default()
         };
         let rootfs_dir = state_dir.join("rootfs").join(&name);
-        let make_share =
-            move || Box::new(ErofsBlockShare::new(rootfs_dir.clone())) as Box<dyn RootfsShare>;
+        let layer_cache = LayerCache::new(config.layer_cache_dir());
+        let make_share = move || {
+            Box::new(ErofsBlockShare::new(rootfs_dir.clone()).with_layer_cache(layer_cache.clone()))
+                as Box<dyn RootfsShare>
+        };
         let request = LaunchRequest {
             hypervisor: Arc::new(QemuHypervisor::new(state_dir.clone())),
             store: TemplateStore::new(config.template_dir()),
@@ -236,6 +239,11 @@ impl Pod {
         mount_rootfs(id, rootfs, &rootfs_dir).await?;
         task.rootfs_mounted = !rootfs.is_empty();
         let (guest_spec, files) = spec::for_guest(spec.clone(), id);
+        let mounts: Vec<(&str, &[String])> = rootfs
+            .iter()
+            .map(|m| (m.type_.as_str(), m.options.as_slice()))
+            .collect();
+        let source = RootfsSource::for_mounts(&mounts, &rootfs_dir);
         let stdio = pb::StdioConfig {
             terminal: task.init.stdio.terminal,
             stdin: !task.init.stdio.stdin.is_empty(),
@@ -243,13 +251,7 @@ impl Pod {
         };
         let created = async {
             sandbox
-                .create_container_with_files(
-                    id,
-                    &guest_spec,
-                    &RootfsSource::Directory(rootfs_dir.clone()),
-                    stdio,
-                    files,
-                )
+                .create_container_with_files(id, &guest_spec, &source, stdio, files)
                 .await?;
             match IoPumps::start(sandbox.agent(), &ProcessId::init(id), &task.init.stdio) {
                 Ok(pumps) => Ok(pumps),
