@@ -33,10 +33,13 @@ fn main() -> Result<()> {
     require_root()?;
     let mut pods = 10usize;
     let mut only: Option<Vec<String>> = None;
+    let mut image_name = "busybox:1".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--pods" => pods = args.next().context("--pods needs a number")?.parse()?,
+            // Any test image with sh and sleep, e.g. python:1 (the 256 MB Debian one).
+            "--image" => image_name = args.next().context("--image needs a name")?,
             // For profiling one runtime; the report then lacks the others' columns.
             "--only" => {
                 only = Some(
@@ -68,7 +71,7 @@ fn main() -> Result<()> {
     let opts = spry.register_variant(opts, "spry-template", &template_config);
     let containerd = Containerd::start(spry.register(opts))?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
-    let image = registry.image("busybox:1");
+    let image = registry.image(&image_name);
     crictl.pull(&image)?;
 
     let mut results = serde_json::Map::new();
@@ -121,7 +124,7 @@ fn main() -> Result<()> {
     results.insert("goals".into(), goals(&results));
     results.insert(
         "machine".into(),
-        json!({ "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "accelerator": accel, "pods": pods }),
+        json!({ "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "accelerator": accel, "pods": pods, "image": image_name }),
     );
     let out = root.join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -439,10 +442,10 @@ fn markdown(report: &serde_json::Value) -> String {
     };
     let m = &report["machine"];
     let mut md = format!(
-        "# Pod start through crictl ({} pods, {} CPUs, Spry on {})\n\n\
+        "# Pod start through crictl ({} pods of {}, {} CPUs, Spry on {})\n\n\
          | metric | runc | spry (cold) | spry_template | cold/runc | template/runc |\n\
          |---|---|---|---|---|---|\n",
-        m["pods"], m["cpus"], m["accelerator"]
+        m["pods"], m["image"], m["cpus"], m["accelerator"]
     );
     for k in [
         "serial_p50_ms",
