@@ -10,8 +10,9 @@
 //! and identities (device, inode, mtime), so a snapshot directory that is deleted and
 //! recreated under the same path gets a new key. Every user holds a shared `flock` on the
 //! file; whoever releases it last (an exclusive non-blocking lock succeeds) deletes it.
-//! Builds go to a temporary name and are renamed into place, so a reader never sees a
-//! half-written image; two containers building the same image at once both succeed.
+//! Builds are serialized per key by a lock file and go to a temporary name renamed into
+//! place, so a reader never sees a half-written image and pods of one image starting
+//! together build it once.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
@@ -107,6 +108,50 @@ impl LayerCache {
             path: self.dir.clone(),
             source,
         })?;
+        // Pods of one image often start together: one builds, the others wait for it.
+        let build_lock = self.build_lock(key).await?;
+        if let Some(image) = lock_shared(&path)? {
+            return Ok((image, false));
+        }
+        let built = self.build(key, &path, source_dir).await;
+        // Waiters hold the unlinked file and find the image; a newcomer in between
+        // builds once more, which wastes time but is still correct (rename is atomic).
+        let _ = std::fs::remove_file(self.build_lock_path(key));
+        drop(build_lock);
+        built?;
+        match lock_shared(&path)? {
+            Some(image) => Ok((image, true)),
+            // Released and deleted by its last user between our rename and our lock:
+            // only possible if someone else used it in that instant. Build again.
+            None => Box::pin(self.get_or_build(key, source_dir)).await,
+        }
+    }
+
+    fn build_lock_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!(".{key}.lock"))
+    }
+
+    async fn build_lock(&self, key: &str) -> Result<Flock<File>, CacheError> {
+        let path = self.build_lock_path(key);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| CacheError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        tokio::task::spawn_blocking(move || {
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, source)| CacheError::Lock { path, source })
+        })
+        .await
+        .expect("the lock task does not panic")
+    }
+
+    /// Builds the image for `key` at `path` (through a temporary name).
+    async fn build(&self, key: &str, path: &Path, source_dir: &Path) -> Result<(), CacheError> {
         // Unique per process and call: two containers of one pod may build the same image.
         static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -114,19 +159,13 @@ impl LayerCache {
             .dir
             .join(format!(".{key}.{}-{n}.tmp", std::process::id()));
         erofs::build_image(source_dir, &tmp).await?;
-        std::fs::rename(&tmp, &path).map_err(|source| {
+        std::fs::rename(&tmp, path).map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
             CacheError::Io {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 source,
             }
-        })?;
-        match lock_shared(&path)? {
-            Some(image) => Ok((image, true)),
-            // Released and deleted by its last user between our rename and our lock:
-            // only possible if someone else built and used it in that instant. Build again.
-            None => Box::pin(self.get_or_build(key, source_dir)).await,
-        }
+        })
     }
 
     /// Drops our use of `image`; the last user deletes the file.
@@ -231,5 +270,31 @@ mod tests {
             !root.path().join("cache").exists(),
             "and the empty cache dir"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn containers_starting_together_build_the_image_once() {
+        let root = tempfile::tempdir().unwrap();
+        let lower = layer(root.path(), "lower", "hello");
+        let cache = LayerCache::new(root.path().join("cache"));
+        let key = LayerCache::key(std::slice::from_ref(&lower)).unwrap();
+        let users: Vec<_> = (0..4)
+            .map(|_| {
+                let (cache, key, lower) = (cache.clone(), key.clone(), lower.clone());
+                tokio::spawn(async move { cache.get_or_build(&key, &lower).await.unwrap() })
+            })
+            .collect();
+        let mut built = 0;
+        let mut images = Vec::new();
+        for user in users {
+            let (image, was_built) = user.await.unwrap();
+            built += usize::from(was_built);
+            images.push(image);
+        }
+        assert_eq!(built, 1, "one build for four users");
+        for image in images {
+            cache.release(image);
+        }
+        assert!(!root.path().join("cache").exists(), "nothing left behind");
     }
 }
