@@ -55,7 +55,7 @@ pub struct LayerCache {
 }
 
 /// A cached image in use: the shared lock lives as long as this value. Give it back
-/// with [`LayerCache::release`].
+/// with [`CachedImage::release`].
 #[derive(Debug)]
 pub struct CachedImage {
     pub path: PathBuf,
@@ -167,10 +167,13 @@ impl LayerCache {
             }
         })
     }
+}
 
-    /// Drops our use of `image`; the last user deletes the file.
-    pub fn release(&self, image: CachedImage) {
-        let CachedImage { path, lock } = image;
+impl CachedImage {
+    /// Drops our use of the image; the last user deletes the file (and the cache dir,
+    /// once empty).
+    pub fn release(self) {
+        let CachedImage { path, lock } = self;
         drop(lock);
         let Ok(file) = File::open(&path) else {
             return;
@@ -183,8 +186,10 @@ impl LayerCache {
                 }
             }
         }
-        // The cache dir goes with its last image (a concurrent builder recreates it).
-        let _ = std::fs::remove_dir(&self.dir);
+        // A concurrent builder recreates the dir.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -262,9 +267,9 @@ mod tests {
         assert!(!built, "the second user reuses the image");
         assert_eq!(first.path, second.path);
         let path = first.path.clone();
-        cache.release(first);
+        first.release();
         assert!(path.exists(), "still in use by the second user");
-        cache.release(second);
+        second.release();
         assert!(!path.exists(), "the last user deletes it");
         assert!(
             !root.path().join("cache").exists(),
@@ -293,7 +298,7 @@ mod tests {
         }
         assert_eq!(built, 1, "one build for four users");
         for image in images {
-            cache.release(image);
+            image.release();
         }
         assert!(!root.path().join("cache").exists(), "nothing left behind");
     }

@@ -111,8 +111,33 @@ pub struct AttachedRootfs {
     /// What the agent needs to mount it.
     pub rootfs: pb::Rootfs,
     disks: Vec<ScsiAddr>,
-    files: Vec<PathBuf>,
-    cached: Vec<cache::CachedImage>,
+    images: Vec<DiskImage>,
+}
+
+/// What a container's disk is backed by.
+#[derive(Debug)]
+enum DiskImage {
+    /// Packed for this container alone; deleted on detach.
+    Own(PathBuf),
+    /// A layer chain's image, shared through the cache; released on detach.
+    Shared(cache::CachedImage),
+}
+
+impl DiskImage {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Own(path) => path,
+            Self::Shared(image) => &image.path,
+        }
+    }
+
+    /// Deletes a container's own image, or gives back its use of a shared one.
+    fn discard(self) {
+        match self {
+            Self::Own(path) => remove_file_quietly(&path),
+            Self::Shared(image) => image.release(),
+        }
+    }
 }
 
 /// One way of making a host rootfs visible inside a running VM.
@@ -155,13 +180,12 @@ impl ErofsBlockShare {
         }
     }
 
-    /// The image to hot-plug for `source`: (path, per-container file to delete, cached
-    /// image to release).
+    /// The image to hot-plug for `source`.
     async fn image_for(
         &self,
         container_id: &str,
         source: &RootfsSource,
-    ) -> Result<(PathBuf, Option<PathBuf>, Option<cache::CachedImage>), RootfsError> {
+    ) -> Result<DiskImage, RootfsError> {
         let layers = match (source, &self.cache) {
             (RootfsSource::Layers { merged, lowers }, Some(cache)) => Some((merged, lowers, cache)),
             _ => None,
@@ -179,7 +203,7 @@ impl ErofsBlockShare {
                 })?;
                 let image = self.image_path(container_id);
                 erofs::build_image(dir, &image).await?;
-                Ok((image.clone(), Some(image), None))
+                Ok(DiskImage::Own(image))
             }
             Some((merged, lowers, cache)) => {
                 if !merged.is_dir() {
@@ -196,7 +220,7 @@ impl ErofsBlockShare {
                 } else {
                     debug!(container_id, image = %cached.path.display(), "layer image reused");
                 }
-                Ok((cached.path.clone(), None, Some(cached)))
+                Ok(DiskImage::Shared(cached))
             }
         }
     }
@@ -214,21 +238,18 @@ impl RootfsShare for ErofsBlockShare {
         container_id: &str,
         source: &RootfsSource,
     ) -> Result<AttachedRootfs, RootfsError> {
-        let (image, own_file, cached) = self.image_for(container_id, source).await?;
-        let addr = match vm.hotplug_disk(&image, true).await {
+        let image = self.image_for(container_id, source).await?;
+        let addr = match vm.hotplug_disk(image.path(), true).await {
             Ok(addr) => addr,
             Err(source) => {
-                if let Some(file) = &own_file {
-                    remove_file_quietly(file);
-                }
-                release_all(self.cache.as_ref(), cached);
+                image.discard();
                 return Err(RootfsError::Hotplug {
                     container_id: container_id.to_string(),
                     source,
                 });
             }
         };
-        debug!(container_id, image = %image.display(), ?addr, "rootfs disk attached");
+        debug!(container_id, image = %image.path().display(), ?addr, "rootfs disk attached");
         let layer = pb::Storage {
             source: Some(pb::storage::Source::Scsi(pb::ScsiDisk {
                 target: addr.target,
@@ -247,8 +268,7 @@ impl RootfsShare for ErofsBlockShare {
                 ..Default::default()
             },
             disks: vec![addr],
-            files: own_file.into_iter().collect(),
-            cached: cached.into_iter().collect(),
+            images: vec![image],
         })
     }
 
@@ -266,21 +286,12 @@ impl RootfsShare for ErofsBlockShare {
         }
         // Host files go even when unplugging failed: the VM holds its own file
         // descriptor, so nothing in the guest breaks, and nothing leaks on the host.
-        for file in &attached.files {
-            remove_file_quietly(file);
+        for image in attached.images {
+            image.discard();
         }
-        release_all(self.cache.as_ref(), attached.cached);
         // The work dir is per sandbox; it goes with its last image.
         let _ = std::fs::remove_dir(&self.work_dir);
         result
-    }
-}
-
-fn release_all(cache: Option<&LayerCache>, images: impl IntoIterator<Item = cache::CachedImage>) {
-    if let Some(cache) = cache {
-        for image in images {
-            cache.release(image);
-        }
     }
 }
 
