@@ -1,12 +1,12 @@
-//! Starting container helper processes, and keeping one spare helper ready.
+//! Starting container helper processes, and keeping two spare helpers ready.
 //!
-//! Why a spare: in a VM restored from a template, everything the guest does runs through a
+//! Why spares: in a VM restored from a template, everything the guest does runs through a
 //! cold TCG translation cache, and fork + exec + start-up of the helper cost ~200 ms of a
 //! container's creation there (~20 ms once warm). The agent starts spare helpers at boot,
 //! so the template holds helpers already blocked on their control sockets, and starts
-//! replacements in the background, at idle priority, whenever a spare is taken. A helper carries no pod identity: it
-//! reads everything from its request, and its only randomness (std's hash seeds) never
-//! leaves the process.
+//! replacements in the background, at idle priority, whenever a spare is taken. A helper
+//! carries no pod identity: it reads everything from its request, and its only randomness
+//! (std's hash seeds) never leaves the process.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -120,11 +120,11 @@ const SPARES: usize = 2;
 /// container operation that just took a spare, only use the idle time after it.
 const REFILL_NICE: i32 = 19;
 
-static SPARE: Mutex<Vec<HelperProcess>> = Mutex::new(Vec::new());
+static READY_SPARES: Mutex<Vec<HelperProcess>> = Mutex::new(Vec::new());
 static REFILLING: AtomicBool = AtomicBool::new(false);
 
 fn spares() -> std::sync::MutexGuard<'static, Vec<HelperProcess>> {
-    SPARE.lock().unwrap_or_else(|p| p.into_inner())
+    READY_SPARES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Starts spare helpers until there are enough (blocking). Failure only costs speed: a
