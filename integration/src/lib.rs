@@ -35,6 +35,7 @@ pub mod crictl;
 pub mod critest;
 pub mod leak;
 pub mod paths;
+pub mod pod_usage;
 pub mod registry;
 pub mod require;
 pub mod rootfs;

@@ -17,12 +17,12 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 use ttrpc::r#async::transport::{Listener, Socket};
 
@@ -34,8 +34,6 @@ const PORT_WAIT: Duration = Duration::from_secs(10);
 /// How often the agent checks for a host while none is connected: a VM restored from a
 /// template waits here for its shim, so this is start latency.
 const RECONNECT_POLL: Duration = Duration::from_millis(10);
-/// How often the reader checks whether ttrpc gave up the connection.
-const READER_STOP_POLL_MS: u16 = 100;
 const PUMP_BUFFER: usize = 64 * 1024;
 
 /// The virtio-serial channel.
@@ -149,7 +147,10 @@ impl Pumps {
         let (ours, theirs) = UnixStream::pair()?;
         theirs.set_nonblocking(true)?;
         let to_ttrpc = ours.try_clone()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        // The writer tells the reader to stop through an eventfd rather than a flag the
+        // reader polls for: an idle pod's guest then has no periodic wake-up here (each one
+        // costs host CPU under emulation).
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?);
         let (reader_tx, reader_done) = oneshot::channel();
         let (writer_tx, writer_done) = oneshot::channel();
         {
@@ -168,7 +169,7 @@ impl Pumps {
                 pump_to_port(ours, &port);
                 // ttrpc is done with this connection: the reader must stop taking bytes
                 // that belong to the next one.
-                stop.store(true, Ordering::Relaxed);
+                let _ = stop.write(1);
                 let _ = writer_tx.send(());
             })?;
         Ok((
@@ -186,16 +187,23 @@ impl Pumps {
     }
 }
 
-/// Host → ttrpc, until the host hangs up, ttrpc goes away or `stop` is set.
-fn pump_from_port(port: &OwnedFd, mut to_ttrpc: UnixStream, stop: &AtomicBool) {
+/// Host → ttrpc, until the host hangs up, ttrpc goes away or `stop` becomes readable.
+fn pump_from_port(port: &OwnedFd, mut to_ttrpc: UnixStream, stop: &EventFd) {
     let mut buf = vec![0u8; PUMP_BUFFER];
-    while !stop.load(Ordering::Relaxed) {
-        let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
-        match poll(&mut fds, PollTimeout::from(READER_STOP_POLL_MS)) {
+    loop {
+        let mut fds = [
+            PollFd::new(port.as_fd(), PollFlags::POLLIN),
+            PollFd::new(stop.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
             Ok(0) => continue,
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(_) => break,
+        }
+        // Stop first: bytes still waiting in the port belong to the host's next connection.
+        if fds[1].revents().is_some_and(|r| !r.is_empty()) {
+            break;
         }
         let revents = fds[0].revents().unwrap_or(PollFlags::empty());
         if revents.contains(PollFlags::POLLHUP) && !revents.contains(PollFlags::POLLIN) {

@@ -1,13 +1,16 @@
 //! A container's cgroup v2 directory: statistics, limits, member processes and OOM kills.
 
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{CgroupManager, ControllerOpt};
 use libcgroups::v2::manager::Manager;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
+use tokio::io::unix::AsyncFd;
 
 /// Errors of reading or changing a cgroup.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +26,8 @@ pub enum CgroupError {
     },
     #[error("failed to signal process {pid}")]
     Signal { pid: i32, source: nix::Error },
+    #[error("failed to watch {path} for changes")]
+    Watch { path: PathBuf, source: io::Error },
 }
 
 /// Resource usage of a cgroup; values of controllers that are not enabled read as 0.
@@ -107,6 +112,12 @@ impl Cgroup {
     /// The OOM kill counter of `memory.events`.
     pub fn oom_kills(&self) -> Result<u64, CgroupError> {
         self.keyed_value("memory.events", "oom_kill")
+    }
+
+    /// Wakes on each change of `memory.events` (the kernel notifies inotify watchers of
+    /// it), so OOM kills are seen without polling.
+    pub fn watch_memory_events(&self) -> Result<FileChanges, CgroupError> {
+        FileChanges::watch(&self.path().join("memory.events"))
     }
 
     /// Every pid in the cgroup and its descendants.
@@ -194,9 +205,56 @@ pub fn flat_keyed(text: &str, key: &str) -> Option<u64> {
     })
 }
 
+/// Modifications of one file, from inotify, for tokio.
+pub struct FileChanges {
+    inotify: AsyncFd<OwnedFd>,
+    path: PathBuf,
+}
+
+impl FileChanges {
+    fn watch(path: &Path) -> Result<Self, CgroupError> {
+        let watch_err = |source: io::Error| CgroupError::Watch {
+            path: path.to_path_buf(),
+            source,
+        };
+        let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+            .map_err(|e| watch_err(e.into()))?;
+        inotify
+            .add_watch(path, AddWatchFlags::IN_MODIFY)
+            .map_err(|e| watch_err(e.into()))?;
+        // The duplicate keeps the inotify instance (and its watch) alive once `inotify` drops.
+        let fd = inotify.as_fd().try_clone_to_owned().map_err(watch_err)?;
+        Ok(Self {
+            inotify: crate::sys::register_async_fd(fd).map_err(watch_err)?,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Returns after the file changed at least once since the last call.
+    pub async fn changed(&self) -> Result<(), CgroupError> {
+        let watch_err = |source: io::Error| CgroupError::Watch {
+            path: self.path.clone(),
+            source,
+        };
+        // Room for many events; their contents do not matter, only that some arrived.
+        let mut events = [0u8; 4096];
+        loop {
+            let mut ready = self.inotify.readable().await.map_err(watch_err)?;
+            match ready.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), &mut events).map_err(io::Error::from)
+            }) {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(err)) => return Err(watch_err(err)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn parses_flat_keyed_files() {
@@ -263,5 +321,24 @@ mod tests {
         assert!(
             matches!(err, CgroupError::Parse { ref path, .. } if path.ends_with("memory.current"))
         );
+    }
+
+    #[tokio::test]
+    async fn file_changes_wake_on_each_modification() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory.events");
+        std::fs::write(&path, "oom_kill 0\n").unwrap();
+        let changes = FileChanges::watch(&path).unwrap();
+        let quiet = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+        assert!(quiet.is_err(), "woke without a change");
+        for round in 1..=2 {
+            std::fs::write(&path, format!("oom_kill {round}\n")).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), changes.changed())
+                .await
+                .expect("no wake-up after a change")
+                .unwrap();
+        }
+        let missing = FileChanges::watch(&dir.path().join("absent"));
+        assert!(matches!(missing, Err(CgroupError::Watch { .. })));
     }
 }

@@ -65,11 +65,28 @@ pub(super) async fn forget_exec_later(
     }
 }
 
-/// Reports each new OOM kill in the container's memory cgroup.
+/// Reports each new OOM kill in the container's memory cgroup. Woken by inotify on
+/// `memory.events`; polls only where that cannot be watched (an idle pod should not wake
+/// its guest: under emulation each wake-up costs host CPU).
 pub(super) async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
+    let changes = match cgroup.watch_memory_events() {
+        Ok(changes) => Some(changes),
+        Err(err) => {
+            tracing::warn!(container = %id, error = %err, "cannot watch memory.events; polling it for OOM kills");
+            None
+        }
+    };
     let mut seen = cgroup.oom_kills().unwrap_or(0);
     loop {
-        tokio::time::sleep(OOM_POLL).await;
+        match &changes {
+            Some(changes) => {
+                if let Err(err) = changes.changed().await {
+                    tracing::warn!(container = %id, error = %err, "lost the watch on memory.events; no more OOM events for this container");
+                    return;
+                }
+            }
+            None => tokio::time::sleep(OOM_POLL).await,
+        }
         let Ok(now) = cgroup.oom_kills() else {
             continue;
         };

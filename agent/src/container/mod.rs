@@ -35,7 +35,7 @@ pub use stdio::StdioError;
 
 use crate::storage::{MountedRootfs, StorageManager};
 
-/// How often each container's memory.events is checked for new OOM kills.
+/// How often memory.events is read for new OOM kills where it cannot be watched.
 const OOM_POLL: Duration = Duration::from_millis(100);
 /// How long teardown waits for killed processes to go away.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);

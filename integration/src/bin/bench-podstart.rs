@@ -3,7 +3,8 @@
 //! - runp → create → start → first log line, p50/p95 of N pods one after another and of
 //!   N pods started at once;
 //! - host memory per idle pod: PSS of every process under the pod's shim (shim, QEMU,
-//!   container processes).
+//!   container processes), and how much of it is QEMU's translated code under TCG;
+//! - host CPU per idle pod (all those processes, over 10 s).
 //!
 //! Writes target/bench/podstart.json and .md. Run by scripts/bench-podstart.sh (root).
 
@@ -13,9 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use spry_integration::{
-    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
-    SpryHandler,
+    pod_usage::PodProcesses, require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl,
+    PodConfig, Registry, SpryHandler,
 };
+
+/// How long idle pods are watched for the CPU they use.
+const IDLE_CPU_WINDOW: Duration = Duration::from_secs(10);
 
 struct Run {
     serial_ms: Vec<f64>,
@@ -25,6 +29,10 @@ struct Run {
     second_container_ms: Vec<f64>,
     parallel_ms: Vec<f64>,
     idle_pod_pss_mib: f64,
+    /// Per idle pod: the part of QEMU's PSS that is translated guest code (TCG only).
+    idle_pod_tcg_code_mib: f64,
+    /// Per idle pod: CPU of all its processes, % of one core.
+    idle_pod_cpu_percent: f64,
     /// Per pod, by process name (shim, QEMU, container processes).
     pss_by_process_mib: std::collections::BTreeMap<String, f64>,
 }
@@ -117,6 +125,8 @@ fn main() -> Result<()> {
                 // this shows what a cold translation cache costs the first container.
                 "second_container_p50_ms": round(percentile(&run.second_container_ms, 50.0)),
                 "idle_pod_pss_by_process_mib": run.pss_by_process_mib,
+                "idle_pod_tcg_code_cache_mib": round(run.idle_pod_tcg_code_mib),
+                "idle_pod_cpu_percent": round(run.idle_pod_cpu_percent),
             }),
         );
     }
@@ -184,8 +194,11 @@ fn measure(
         second_container_ms.push(ms);
     }
     std::thread::sleep(Duration::from_secs(3));
-    let by_process = pss_of_pods(containerd)?;
+    let usage = PodProcesses::of(containerd)?;
+    let by_process = usage.pss_mib_by_name();
     let idle_pod_pss_mib = by_process.values().sum::<f64>() / pods as f64;
+    let idle_pod_tcg_code_mib = usage.tcg_code_cache_mib() / pods as f64;
+    let idle_pod_cpu_percent = usage.cpu_percent_over(IDLE_CPU_WINDOW) / pods as f64;
     let pss_by_process_mib = by_process
         .into_iter()
         .map(|(name, mib)| (name, round(mib / pods as f64)))
@@ -222,6 +235,8 @@ fn measure(
         second_container_ms,
         parallel_ms,
         idle_pod_pss_mib,
+        idle_pod_tcg_code_mib,
+        idle_pod_cpu_percent,
         pss_by_process_mib,
     })
 }
@@ -309,57 +324,6 @@ fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// PSS (MiB) of this containerd's shims and all their descendants, by process name.
-fn pss_of_pods(containerd: &Containerd) -> Result<std::collections::BTreeMap<String, f64>> {
-    let marker = containerd.marker().to_string();
-    let shims: Vec<i32> = spry_integration::system::processes()?
-        .into_iter()
-        .filter(|p| p.name().starts_with("containerd-shim") && p.environ_contains(&marker))
-        .map(|p| p.pid)
-        .collect();
-    let mut by_name = std::collections::BTreeMap::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = shims;
-    while let Some(pid) = stack.pop() {
-        if !seen.insert(pid) {
-            continue;
-        }
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .map(|n| n.trim().to_string())
-            .unwrap_or_else(|_| "?".into());
-        *by_name.entry(name).or_insert(0.0) += pss_kib(pid) as f64 / 1024.0;
-        stack.extend(children(pid));
-    }
-    Ok(by_name)
-}
-
-fn pss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Pss:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn children(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for task in tasks.flatten() {
-        if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
-                text.split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok()),
-            );
-        }
-    }
-    out
-}
-
 /// The accelerator the shim's VMs used, from the probe cache in Spry's state dir.
 fn spry_accelerator(state_dir: &Path) -> String {
     std::fs::read_to_string(state_dir.join("accel-probe.json"))
@@ -377,7 +341,8 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 }
 
 fn round(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
+    // `+ 0.0` turns the -0.0 of an empty float sum into 0.
+    (x * 10.0).round() / 10.0 + 0.0
 }
 
 /// The template the warm-up pod built: its size on disk and build time.
@@ -433,12 +398,11 @@ fn markdown(report: &serde_json::Value) -> String {
         let r = &report["runc"][k];
         let s = &report["spry"][k];
         let t = &report["spry_template"][k];
-        let base = r.as_f64().unwrap_or(1.0).max(0.001);
-        format!(
-            "| {k} | {r} | {s} | {t} | {:.1}x | {:.2}x |\n",
-            s.as_f64().unwrap_or(0.0) / base,
-            t.as_f64().unwrap_or(0.0) / base
-        )
+        let ratio = |x: &serde_json::Value| match (x.as_f64(), r.as_f64()) {
+            (Some(x), Some(base)) if base > 0.0 => format!("{:.2}x", x / base),
+            _ => "-".to_string(),
+        };
+        format!("| {k} | {r} | {s} | {t} | {} | {} |\n", ratio(s), ratio(t))
     };
     let m = &report["machine"];
     let mut md = format!(
@@ -453,6 +417,8 @@ fn markdown(report: &serde_json::Value) -> String {
         "parallel_p50_ms",
         "parallel_p95_ms",
         "idle_pod_pss_mib",
+        "idle_pod_tcg_code_cache_mib",
+        "idle_pod_cpu_percent",
         "second_container_p50_ms",
     ] {
         md.push_str(&row(k));
