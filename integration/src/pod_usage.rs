@@ -1,5 +1,6 @@
-//! What a containerd's pods cost the host while they sit idle: memory (PSS), CPU, and under
-//! TCG how much of QEMU's memory is translated guest code.
+//! What a containerd's pods cost the host: while they sit idle, memory (PSS), CPU, and under
+//! TCG how much of QEMU's memory is translated guest code; while they start, the whole
+//! machine's CPU time.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -64,6 +65,40 @@ impl PodProcesses {
         let ticks = after.saturating_sub(before) as f64;
         ticks / clock_ticks_per_second() / window.as_secs_f64() * 100.0
     }
+}
+
+/// The machine's busy CPU time (all cores, from `/proc/stat`) at one moment. A benchmark
+/// that runs alone on the machine reads what its pods cost from the difference.
+#[derive(Clone, Copy)]
+pub struct HostCpu {
+    busy_ticks: u64,
+}
+
+impl HostCpu {
+    pub fn now() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let busy_ticks = busy_ticks(&stat)
+            .ok_or_else(|| anyhow::anyhow!("/proc/stat has no readable \"cpu\" line"))?;
+        Ok(Self { busy_ticks })
+    }
+
+    /// CPU seconds (all cores together) spent since `earlier`.
+    pub fn seconds_since(&self, earlier: &HostCpu) -> f64 {
+        self.busy_ticks.saturating_sub(earlier.busy_ticks) as f64 / clock_ticks_per_second()
+    }
+}
+
+/// user + nice + system + irq + softirq of the `cpu` line: not idle, not iowait, and not
+/// steal (time the hypervisor gave to other guests is no work of ours).
+fn busy_ticks(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    Some(at(0) + at(1) + at(2) + at(5) + at(6))
 }
 
 fn pss_kib(pid: i32) -> u64 {
@@ -170,6 +205,15 @@ Rss:                5000 kB
 Rss:                   4 kB
 ";
         assert_eq!(rwx_anonymous_rss_in(smaps), 40960);
+    }
+
+    #[test]
+    fn busy_time_leaves_out_idle_iowait_and_steal() {
+        let stat = "cpu  100 20 30 4000 50 6 7 800 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(busy_ticks(stat), Some(100 + 20 + 30 + 6 + 7));
+        assert_eq!(busy_ticks("intr 1 2 3\n"), None);
+        let before = HostCpu::now().unwrap();
+        assert!(HostCpu::now().unwrap().seconds_since(&before) >= 0.0);
     }
 
     #[test]
