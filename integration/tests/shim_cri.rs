@@ -398,3 +398,84 @@ fn exec_it_and_attach_through_crictl() -> Result<()> {
     leaks.assert_clean()?;
     Ok(())
 }
+
+/// A shim killed with its pod running (a handler with its own state dir, through
+/// `ConfigPath`): QEMU dies with it, containerd's `shim delete` cleans the pod's state
+/// and the shared layer image it was the last user of, and the pod can be removed.
+#[test]
+fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-kill-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    // Not the default config's state dir: only the handler's config names it.
+    let own_run = state.path().join("own-run");
+    let default_config = std::fs::read_to_string(state.path().join("config.toml"))?;
+    let own_config = state.path().join("config-own.toml");
+    std::fs::write(
+        &own_config,
+        default_config.replace(
+            &format!("\"{}\"", state.path().join("run").display()),
+            &format!("\"{}\"", own_run.display()),
+        ),
+    )?;
+    let opts = ContainerdOptions::new("spry-kill")
+        .registry(&registry)
+        .env("SPRY_LOG", "debug");
+    let opts = spry.register_variant(opts, "spry-own", &own_config);
+    let containerd = Containerd::start(spry.register(opts))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+
+    let pod_cfg = PodConfig::new("victim").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry-own"))?;
+    let cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let entries =
+        |dir: &std::path::Path| -> usize { std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) };
+    ensure!(entries(&own_run.join("vms")) == 1, "the pod's VM dir");
+    ensure!(
+        entries(&own_run.join("layer-images")) >= 1,
+        "the container's layer image"
+    );
+    ensure!(
+        !state.path().join("run/vms").exists() || entries(&state.path().join("run/vms")) == 0,
+        "the default state dir is not this handler's"
+    );
+
+    let shim = spry_integration::system::processes()?
+        .into_iter()
+        .find(|p| {
+            p.name().starts_with("containerd-shim-spry") && p.environ_contains(containerd.marker())
+        })
+        .context("the pod's shim")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    // containerd sees the shim go, runs `shim delete` and reports the tasks gone.
+    crictl.wait_container_state(&ctr, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks
+        .assert_clean()
+        .context("after the killed shim's pod")?;
+    ensure!(
+        entries(&own_run.join("vms")) == 0,
+        "VM state left in {}",
+        own_run.join("vms").display()
+    );
+    ensure!(
+        !own_run.join("layer-images").exists(),
+        "the layer image its dead shim held outlived it"
+    );
+    Ok(())
+}

@@ -175,21 +175,42 @@ impl CachedImage {
     pub fn release(self) {
         let CachedImage { path, lock } = self;
         drop(lock);
-        let Ok(file) = File::open(&path) else {
+        delete_if_unused(&path);
+    }
+}
+
+impl LayerCache {
+    /// Deletes every image nobody holds. For a shim that died holding the last use of an
+    /// image: the kernel dropped its lock, but nobody deleted the file.
+    pub fn remove_unused(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
-        // Only a file that is still the one at `path` may be deleted by us.
-        if let Ok(exclusive) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            if same_file(&exclusive, &path) {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused layer image");
-                }
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "erofs") {
+                delete_if_unused(&path);
             }
         }
-        // A concurrent builder recreates the dir.
-        if let Some(dir) = path.parent() {
-            let _ = std::fs::remove_dir(dir);
+    }
+}
+
+/// Deletes the image at `path` if no user holds it, then the cache dir if it is empty.
+fn delete_if_unused(path: &Path) {
+    let Ok(file) = File::open(path) else {
+        return;
+    };
+    // Only a file that is still the one at `path` may be deleted by us.
+    if let Ok(exclusive) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        if same_file(&exclusive, path) {
+            if let Err(e) = std::fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused layer image");
+            }
         }
+    }
+    // A concurrent builder recreates the dir.
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
     }
 }
 
@@ -301,5 +322,32 @@ mod tests {
             image.release();
         }
         assert!(!root.path().join("cache").exists(), "nothing left behind");
+    }
+
+    #[tokio::test]
+    async fn images_left_by_a_dead_user_are_swept_and_images_in_use_kept() {
+        let root = tempfile::tempdir().unwrap();
+        let cache = LayerCache::new(root.path().join("cache"));
+        let in_use_layer = layer(root.path(), "a", "a");
+        let orphan_layer = layer(root.path(), "b", "b");
+        let in_use_key = LayerCache::key(std::slice::from_ref(&in_use_layer)).unwrap();
+        let orphan_key = LayerCache::key(std::slice::from_ref(&orphan_layer)).unwrap();
+        let (in_use, _) = cache
+            .get_or_build(&in_use_key, &in_use_layer)
+            .await
+            .unwrap();
+        let (orphan, _) = cache
+            .get_or_build(&orphan_key, &orphan_layer)
+            .await
+            .unwrap();
+        let orphan_path = orphan.path.clone();
+        // A shim killed while using it: its lock goes with it, the file stays.
+        drop(orphan);
+        assert!(orphan_path.exists());
+        cache.remove_unused();
+        assert!(!orphan_path.exists(), "nobody holds it: swept");
+        assert!(in_use.path.exists(), "held: kept");
+        in_use.release();
+        assert!(!root.path().join("cache").exists());
     }
 }

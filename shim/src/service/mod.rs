@@ -29,6 +29,7 @@ pub use task::TaskService;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::error_chain;
+use crate::rootfs::LayerCache;
 
 /// containerd's runtime type for Spry.
 pub const RUNTIME_ID: &str = "io.containerd.spry.v2";
@@ -100,7 +101,11 @@ impl Shim for SpryShim {
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimCrateError> {
         // The serving shim is gone (crashed or killed): clean what it may have left.
-        let config = Config::load(&config_path()).unwrap_or_default();
+        let mut config = Config::load(&config_path()).unwrap_or_default();
+        // A handler with its own config (ConfigPath) may keep its state elsewhere.
+        if let Some(state_dir) = recorded_state_dir(&self.bundle) {
+            config.state_dir = state_dir;
+        }
         cleanup_leftovers(&config, &self.id, &self.bundle);
         Ok(DeleteResponse {
             exit_status: 137,
@@ -150,8 +155,27 @@ pub fn state_name(id: &str) -> String {
     format!("{prefix}-{}", &hash[..12])
 }
 
+/// The file in a task's bundle that names the state dir its pod uses, for `delete` after
+/// the serving shim died: that runs without the handler's options.
+const STATE_DIR_MARKER: &str = "spry-state-dir";
+
+/// Notes in `bundle` which state dir the task's pod uses.
+fn record_state_dir(bundle: &Path, state_dir: &Path) {
+    let marker = bundle.join(STATE_DIR_MARKER);
+    if let Err(e) = std::fs::write(&marker, state_dir.as_os_str().as_encoded_bytes()) {
+        warn!(path = %marker.display(), error = %e, "cannot note the state dir; a crash of this shim may leave state behind");
+    }
+}
+
+fn recorded_state_dir(bundle: &Path) -> Option<PathBuf> {
+    let text = std::fs::read_to_string(bundle.join(STATE_DIR_MARKER)).ok()?;
+    let dir = PathBuf::from(text);
+    dir.is_absolute().then_some(dir)
+}
+
 /// Removes what a dead shim of container `id` may have left: its rootfs mount, VM
-/// state dir and rootfs images. QEMU itself dies with its shim (PR_SET_PDEATHSIG).
+/// state dir and rootfs images, and shared layer images it was the last user of.
+/// QEMU itself dies with its shim (PR_SET_PDEATHSIG).
 pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
@@ -166,11 +190,25 @@ pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
             }
         }
     }
+    LayerCache::new(config.layer_cache_dir()).remove_unused();
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recorded_state_dir_is_read_back() {
+        let bundle = tempfile::tempdir().unwrap();
+        assert_eq!(recorded_state_dir(bundle.path()), None);
+        record_state_dir(bundle.path(), Path::new("/run/spry-other"));
+        assert_eq!(
+            recorded_state_dir(bundle.path()),
+            Some(PathBuf::from("/run/spry-other"))
+        );
+        std::fs::write(bundle.path().join(STATE_DIR_MARKER), "relative").unwrap();
+        assert_eq!(recorded_state_dir(bundle.path()), None);
+    }
 
     #[test]
     fn state_names_stay_short_and_distinct() {

@@ -100,6 +100,8 @@ pub struct Pod {
     tasks: Mutex<HashMap<String, Task>>,
     /// A template rebuild this pod started after its template proved bad.
     template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The state dir of the pod's VM (its handler's config may name its own).
+    state_dir: std::sync::OnceLock<PathBuf>,
 }
 
 impl Pod {
@@ -110,6 +112,7 @@ impl Pod {
             sandbox: RwLock::new(None),
             tasks: Mutex::new(HashMap::new()),
             template_rebuild: std::sync::Mutex::new(None),
+            state_dir: std::sync::OnceLock::new(),
         })
     }
 
@@ -166,6 +169,9 @@ impl Pod {
             }
         }
         self.tasks.lock().await.insert(id.to_string(), task);
+        if let Some(state_dir) = self.state_dir.get() {
+            super::record_state_dir(bundle, state_dir);
+        }
         let pid = self.vm_pid().await;
         self.events.create(id, &bundle.to_string_lossy(), pid).await;
         Ok(pid)
@@ -187,6 +193,7 @@ impl Pod {
             None => self.config.clone(),
         };
         let state_dir = config.state_dir.clone();
+        let _ = self.state_dir.set(state_dir.clone());
         let name = super::state_name(id);
         let vm_config = VmConfig {
             netns: spec::network_namespace(spec),
