@@ -399,9 +399,9 @@ fn exec_it_and_attach_through_crictl() -> Result<()> {
     Ok(())
 }
 
-/// A shim killed with its pod running (a handler with its own state dir, through
-/// `ConfigPath`): QEMU dies with it, containerd's `shim delete` cleans the pod's state
-/// and the shared layer image it was the last user of, and the pod can be removed.
+/// A shim killed with its pod running (a handler with its own state dir and log level,
+/// through `ConfigPath`): QEMU dies with it, containerd's `shim delete` cleans the pod's
+/// state and the shared layer image it was the last user of, and the pod can be removed.
 #[test]
 fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     require_root()?;
@@ -416,14 +416,16 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     let own_config = state.path().join("config-own.toml");
     std::fs::write(
         &own_config,
-        default_config.replace(
-            &format!("\"{}\"", state.path().join("run").display()),
-            &format!("\"{}\"", own_run.display()),
+        format!(
+            "log_level = \"spry_shim=debug,info\"\n{}",
+            default_config.replace(
+                &format!("\"{}\"", state.path().join("run").display()),
+                &format!("\"{}\"", own_run.display()),
+            )
         ),
     )?;
-    let opts = ContainerdOptions::new("spry-kill")
-        .registry(&registry)
-        .env("SPRY_LOG", "debug");
+    // No SPRY_LOG: the shim's log level comes from the handler's config.
+    let opts = ContainerdOptions::new("spry-kill").registry(&registry);
     let opts = spry.register_variant(opts, "spry-own", &own_config);
     let containerd = Containerd::start(spry.register(opts))?;
     let leaks = containerd.leak_check()?;
@@ -442,6 +444,10 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     let entries =
         |dir: &std::path::Path| -> usize { std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) };
     ensure!(entries(&own_run.join("vms")) == 1, "the pod's VM dir");
+    ensure!(
+        containerd.log().contains("rootfs disk attached"),
+        "no debug line from the shim although the handler's config asks for them"
+    );
     ensure!(
         entries(&own_run.join("layer-images")) >= 1,
         "the container's layer image"

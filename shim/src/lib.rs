@@ -5,6 +5,7 @@ pub mod assets;
 pub mod cli;
 pub mod config;
 pub mod install;
+pub mod log_filter;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;

@@ -45,6 +45,13 @@ pub enum ConfigError {
         #[source]
         source: protobuf::Error,
     },
+    #[error("config file {path}: log_level = {value:?} is not a tracing filter (e.g. \"info\" or \"spry_shim=debug,info\")")]
+    LogFilter {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
     #[error("config file {path}: {key} must be an absolute path, got {value}")]
     RelativePath {
         path: PathBuf,
@@ -57,7 +64,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// `tracing` filter for Spry's own logs, e.g. "info" or "spry_shim=debug".
+    /// The shim's `tracing` filter, e.g. "info" or "spry_shim=debug,info" (`SPRY_LOG`
+    /// in the shim's environment overrides it).
     pub log_level: String,
     /// Runtime state (per-VM dirs, sockets, probe cache). Must be on a local filesystem.
     pub state_dir: PathBuf,
@@ -191,6 +199,13 @@ impl Config {
             }
             Ok(())
         };
+        if let Err(source) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return Err(ConfigError::LogFilter {
+                path: path.to_path_buf(),
+                value: self.log_level.clone(),
+                source,
+            });
+        }
         range("vm.cpus", self.vm.cpus, 1, 64, "1..=64")?;
         range("vm.memory_mib", self.vm.memory_mib, 64, 65536, "64..=65536")?;
         if self.vm.tcg_cache_mib != 0 {
@@ -282,6 +297,18 @@ mod tests {
             }
         ));
         assert!(parse("[vm]\ncpus = 0\n").is_err());
+    }
+
+    #[test]
+    fn a_log_level_that_is_no_filter_is_rejected() {
+        let err = parse("log_level = \"spry_shim=loud\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::LogFilter { .. }), "{err:?}");
+        assert_eq!(
+            parse("log_level = \"spry_shim=debug,info\"\n")
+                .unwrap()
+                .log_level,
+            "spry_shim=debug,info"
+        );
     }
 
     #[test]

@@ -131,6 +131,7 @@ impl Shim for SpryShim {
                 Config::default()
             }
         };
+        crate::log_filter::apply_config_level(&config.log_level);
         info!(id = %self.id, namespace = %self.namespace, "shim serving");
         let pod = pod::Pod::new(
             config,

@@ -192,6 +192,7 @@ impl Pod {
             Some(config) => config,
             None => self.config.clone(),
         };
+        crate::log_filter::apply_config_level(&config.log_level);
         let state_dir = config.state_dir.clone();
         let _ = self.state_dir.set(state_dir.clone());
         let name = super::state_name(id);
