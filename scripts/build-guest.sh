@@ -24,10 +24,11 @@ while [ $# -gt 0 ]; do
 done
 
 if [ -z "$agent" ]; then
-    log "building spry-agent (static)"
+    # Profile "guest" (Cargo.toml): size-optimized, fat LTO, stripped.
+    log "building spry-agent (static, profile guest)"
     RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --release -p spry-agent --target x86_64-unknown-linux-gnu
-    agent="$SPRY_ROOT/target/x86_64-unknown-linux-gnu/release/spry-agent"
+        cargo build --profile guest -p spry-agent --target x86_64-unknown-linux-gnu
+    agent="$SPRY_ROOT/target/x86_64-unknown-linux-gnu/guest/spry-agent"
 fi
 # The guest has no dynamic loader: a dynamic /init fails with a bare ENOENT.
 if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
