@@ -210,9 +210,11 @@ impl QemuVm {
         let (exit_tx, exit_rx) = watch::channel(None);
         cleanup.qemu = Some((pidfd, exit_rx.clone()));
         let console_log = paths.console_log.clone();
+        let console_trimmer = tokio::spawn(console::keep_bounded(console_log.clone()));
         tokio::spawn(
             async move {
                 let status = child.wait().await;
+                console_trimmer.abort();
                 let exit = exit_from(status.ok(), &console_log);
                 tracing::info!(%exit, "QEMU exited");
                 let _ = exit_tx.send(Some(exit));
