@@ -348,6 +348,14 @@ impl Containerd {
             .path(self.run_dir.path())
     }
 
+    /// The live shims of this instance (they inherit its marker).
+    pub fn shims(&self) -> Result<Vec<system::ProcessInfo>> {
+        Ok(system::processes()?
+            .into_iter()
+            .filter(|p| p.name().starts_with("containerd-shim") && p.environ_contains(&self.marker))
+            .collect())
+    }
+
     /// `SPRY_IT_INSTANCE=...`: set on containerd and inherited by its shims.
     pub fn marker(&self) -> &str {
         &self.marker

@@ -17,12 +17,7 @@ pub struct PodProcesses {
 
 impl PodProcesses {
     pub fn of(containerd: &Containerd) -> Result<Self> {
-        let marker = containerd.marker().to_string();
-        let mut stack: Vec<i32> = crate::system::processes()?
-            .into_iter()
-            .filter(|p| p.name().starts_with("containerd-shim") && p.environ_contains(&marker))
-            .map(|p| p.pid)
-            .collect();
+        let mut stack: Vec<i32> = containerd.shims()?.into_iter().map(|p| p.pid).collect();
         let mut seen = HashSet::new();
         let mut processes = Vec::new();
         while let Some(pid) = stack.pop() {

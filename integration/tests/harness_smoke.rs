@@ -138,13 +138,7 @@ fn runc_pod_lifecycle_through_crictl() -> Result<()> {
 }
 
 fn shim_pids(containerd: &Containerd) -> Result<Vec<i32>> {
-    let mut pids: Vec<i32> = spry_integration::system::processes()?
-        .into_iter()
-        .filter(|p| {
-            p.name().starts_with("containerd-shim") && p.environ_contains(containerd.marker())
-        })
-        .map(|p| p.pid)
-        .collect();
+    let mut pids: Vec<i32> = containerd.shims()?.into_iter().map(|p| p.pid).collect();
     pids.sort();
     ensure!(
         !pids.is_empty(),

@@ -457,11 +457,10 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
         "the default state dir is not this handler's"
     );
 
-    let shim = spry_integration::system::processes()?
+    let shim = containerd
+        .shims()?
         .into_iter()
-        .find(|p| {
-            p.name().starts_with("containerd-shim-spry") && p.environ_contains(containerd.marker())
-        })
+        .next()
         .context("the pod's shim")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim.pid),
