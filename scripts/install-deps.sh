@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything Spry's build and end-to-end tests need on a fresh Debian bookworm machine.
-# Idempotent and non-interactive; run as root:   sudo scripts/install-deps.sh
+# Idempotent and non-interactive; run as root:   scripts/install-deps.sh [--no-critest]
+#
+#   --no-critest   skip cri-tools' conformance suite critest: the quickstart needs only crictl,
+#                  and critest (a `go test -c` binary) is the slowest build here
 #
 #   - apt packages: QEMU 10 from bookworm-backports (7.2 lacks `migrate file:`), the rest from bookworm;
 #   - Go-built upstream tools, pinned, under /opt/spry/deps/bin (never on the system PATH, so they can't
@@ -165,23 +168,20 @@ build_containerd() {
     write_stamp containerd "$stamp"
 }
 
-build_cri_tools() {
-    local stamp="$CRI_TOOLS_VERSION"
-    if stamp_ok cri-tools "$stamp" crictl critest; then
-        log "cri-tools $CRI_TOOLS_VERSION already installed"
+# build_cri_tool NAME GO-SUBCOMMAND...: one cri-tools binary, with its own stamp.
+build_cri_tool() {
+    local name=$1
+    shift
+    if stamp_ok "$name" "$CRI_TOOLS_VERSION" "$name"; then
+        log "$name $CRI_TOOLS_VERSION already installed"
         return
     fi
     local src pkg=sigs.k8s.io/cri-tools ldflags
     src=$(module_dir $pkg "$CRI_TOOLS_VERSION")
     ldflags="-X $pkg/pkg/version.Version=${CRI_TOOLS_VERSION#v}"
     mkdir -p "$DEPS_BIN"
-    (
-        cd "$src"
-        CGO_ENABLED=0 nice -n 10 "$GO" build -trimpath -ldflags "$ldflags" -o "$DEPS_BIN/crictl" ./cmd/crictl
-        # critest is a Ginkgo test binary: upstream builds it with `go test -c`.
-        CGO_ENABLED=0 nice -n 10 "$GO" test -c -trimpath -ldflags "$ldflags" -o "$DEPS_BIN/critest" ./cmd/critest
-    )
-    write_stamp cri-tools "$stamp"
+    (cd "$src" && CGO_ENABLED=0 nice -n 10 "$GO" "$@" -trimpath -ldflags "$ldflags" -o "$DEPS_BIN/$name" "./cmd/$name")
+    write_stamp "$name" "$CRI_TOOLS_VERSION"
 }
 
 print_summary() {
@@ -191,7 +191,9 @@ print_summary() {
     printf '  %-22s %s\n' ctr "$("$DEPS_BIN/ctr" --version)"
     printf '  %-22s %s\n' containerd-shim-runc-v2 "$("$DEPS_BIN/containerd-shim-runc-v2" -v | tr '\n' ' ')"
     printf '  %-22s %s\n' crictl "$("$DEPS_BIN/crictl" --version)"
-    printf '  %-22s %s\n' critest "$CRI_TOOLS_VERSION ($DEPS_BIN/critest)"
+    if [ -x "$DEPS_BIN/critest" ]; then
+        printf '  %-22s %s\n' critest "$CRI_TOOLS_VERSION ($DEPS_BIN/critest)"
+    fi
     printf '  %-22s %s\n' runc "$(runc --version | head -1)"
     printf '  %-22s %s\n' docker-registry "$(docker-registry --version 2>&1 | head -1)"
     printf '  %-22s %s\n' skopeo "$(skopeo --version)"
@@ -200,6 +202,12 @@ print_summary() {
 }
 
 main() {
+    local with_critest=1
+    case "${1:-}" in
+        "") ;;
+        --no-critest) with_critest=0 ;;
+        *) die "unknown argument '$1' (usage: scripts/install-deps.sh [--no-critest])" ;;
+    esac
     require_root
     local start=$SECONDS
     if [ "${SPRY_SKIP_APT:-0}" != 1 ]; then
@@ -208,7 +216,11 @@ main() {
     require_cmd jq
     timed "Go toolchain" ensure_go
     timed "containerd $CONTAINERD_VERSION" build_containerd
-    timed "cri-tools $CRI_TOOLS_VERSION" build_cri_tools
+    timed "crictl $CRI_TOOLS_VERSION" build_cri_tool crictl build
+    if [ "$with_critest" = 1 ]; then
+        # critest is a Ginkgo test binary: upstream builds it with `go test -c`.
+        timed "critest $CRI_TOOLS_VERSION" build_cri_tool critest test -c
+    fi
     print_summary
     print_timings
     log "install-deps done in $((SECONDS - start))s; tools in $DEPS_BIN"

@@ -33,6 +33,7 @@ pub mod containerd_config;
 pub mod cri_config;
 pub mod crictl;
 pub mod critest;
+pub mod instance_dirs;
 pub mod leak;
 pub mod paths;
 pub mod pod_usage;

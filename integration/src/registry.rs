@@ -24,10 +24,16 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Serves [`paths::registry_data`]; fails if the test images have not been built.
+    /// Serves [`paths::registry_data`]; fails if any of the test images has not been built.
     pub fn start() -> Result<Self> {
+        Self::start_with_images(TEST_IMAGES)
+    }
+
+    /// Serves [`paths::registry_data`]; fails if one of `images` (the caller's needs, e.g.
+    /// the quickstart's `pause:1` and `busybox:1`) has not been built.
+    pub fn start_with_images(images: &[&str]) -> Result<Self> {
         let storage = paths::registry_data();
-        require::require_test_images(&storage, TEST_IMAGES)?;
+        require::require_test_images(&storage, images)?;
         Self::start_with_storage(&storage)
     }
 

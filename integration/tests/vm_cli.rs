@@ -3,6 +3,7 @@
 mod vm_support;
 
 use std::io::Write;
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use vm_support::*;
@@ -13,12 +14,24 @@ fn spry_vm_run(
     cmd: &[&str],
     stdin: Option<&[u8]>,
 ) -> (Output, u32) {
-    require_root();
     let area = TestArea::new();
+    spry_vm_run_with(&cli_config(&area), rootfs, extra, cmd, stdin)
+}
+
+/// Runs `spry --config CONFIG vm run ...` (logging at info) and checks it left nothing.
+fn spry_vm_run_with(
+    config: &Path,
+    rootfs: &Path,
+    extra: &[&str],
+    cmd: &[&str],
+    stdin: Option<&[u8]>,
+) -> (Output, u32) {
+    require_root();
     let mut command = Command::new(spry_bin());
     command
+        .env("SPRY_LOG", "info")
         .arg("--config")
-        .arg(cli_config(&area))
+        .arg(config)
         .args(["vm", "run", "--rootfs"])
         .arg(rootfs)
         .args(extra)
@@ -125,4 +138,61 @@ fn missing_rootfs_is_a_clear_error() {
         "stderr: {}",
         text(&out.stderr)
     );
+}
+
+/// Run from a built checkout with a config that names no guest (and none installed),
+/// `spry vm run` boots the checkout's `build/guest/current`.
+#[test]
+fn boots_the_checkouts_guest_when_none_is_installed() {
+    let installed = Path::new("/usr/local/share/spry/guest/vmlinux");
+    assert!(
+        !installed.exists(),
+        "{} is installed: it hides the checkout fallback this test checks",
+        installed.display()
+    );
+    assert!(
+        spry_bin().starts_with(workspace_root()),
+        "{} is not built in this checkout",
+        spry_bin().display()
+    );
+    let area = TestArea::new();
+    let config = area.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = \"{}\"\n", shared_state_root().display()),
+    )
+    .unwrap();
+    let rootfs = busybox_rootfs();
+    let (out, _) = spry_vm_run_with(&config, rootfs.path(), &[], &["echo", "hi"], None);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert!(stderr.contains("using the checkout's"), "stderr: {stderr}");
+}
+
+/// A missing kernel is named, with the command that builds it, and nothing blames the
+/// accelerator for it.
+#[test]
+fn a_missing_kernel_is_named_not_blamed_on_the_accelerator() {
+    let area = TestArea::new();
+    let config = area.dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[vm]\nkernel = \"/no/such/vmlinux\"\ninitramfs = \"{}\"\n",
+            shared_state_root().display(),
+            guest_dir().join("initramfs.img").display()
+        ),
+    )
+    .unwrap();
+    let rootfs = busybox_rootfs();
+    let (out, _) = spry_vm_run_with(&config, rootfs.path(), &[], &["true"], None);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "stderr: {stderr}");
+    assert!(
+        stderr.contains("guest kernel /no/such/vmlinux does not exist")
+            && stderr.contains("scripts/build-guest.sh"),
+        "stderr: {stderr}"
+    );
+    assert!(!stderr.contains("KVM"), "stderr: {stderr}");
 }

@@ -33,12 +33,16 @@ name=${{2%%=*}}; version=${{2#*=}}
 echo "fake deb of $2" > "${{name}}_${{version}}_amd64.deb""#
         ),
     );
+    // apt-cache: the lists no longer know the pinned build; the meta package names another.
     script(
         fake.path(),
         "apt-cache",
-        r#"echo "Package: linux-image-cloud-amd64"
+        &format!(
+            r#"if [ "$2" = "{pinned}" ]; then echo "E: No packages found" >&2; exit 100; fi
+echo "Package: linux-image-cloud-amd64"
 echo "Depends: linux-image-6.1.0-99-cloud-amd64 (= 6.1.300-1)"
-echo "Description: Linux for cloud platforms (meta-package)""#,
+echo "Description: Linux for cloud platforms (meta-package)""#
+        ),
     );
     let path = format!(
         "{}:{}",
@@ -76,12 +80,41 @@ fn fallback_with_fake_apt() {
     script(
         &fake,
         "apt-cache",
-        "echo 'Package: linux-image-cloud-amd64'",
+        r#"case "$*" in *linux-image-cloud-amd64*) echo 'Package: linux-image-cloud-amd64' ;; *) exit 100 ;; esac"#,
     );
     let empty_cache = tempfile::tempdir().unwrap();
     let error = fetch_kernel_deb(empty_cache.path()).unwrap_err();
     assert!(
         error.to_string().contains("no kernel dependency"),
         "{error}"
+    );
+
+    // The lists know the pinned build but the download fails (offline, DNS): that is an
+    // error naming the cause, never a silent switch to another kernel.
+    script(
+        &fake,
+        "apt-cache",
+        "echo 'Package: linux-image-6.1.0-56-cloud-amd64'",
+    );
+    script(
+        &fake,
+        "apt-get",
+        "echo 'E: Failed to fetch http://deb.debian.org/...  Temporary failure resolving' >&2; exit 100",
+    );
+    let offline_cache = tempfile::tempdir().unwrap();
+    let error = fetch_kernel_deb(offline_cache.path()).unwrap_err();
+    let chain = spry_shim::error_chain(&error);
+    assert!(
+        chain.contains("could not be downloaded") && chain.contains("Temporary failure resolving"),
+        "{chain}"
+    );
+    assert!(
+        !offline_cache
+            .path()
+            .join("debs")
+            .read_dir()
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".deb")),
+        "a kernel was downloaded after all"
     );
 }

@@ -90,6 +90,8 @@ pub enum HelperError {
     BadReply { source: serde_json::Error },
     #[error("the container helper exited without replying")]
     NoReply,
+    #[error("the container helper reported success without the new process's pid")]
+    NoPid,
     #[error("{message}")]
     Failed { kind: FailureKind, message: String },
     #[error("the container helper task failed")]

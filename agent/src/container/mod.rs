@@ -26,7 +26,7 @@ use tracing::Instrument;
 use cgroup::Cgroup;
 pub use cgroup::{CgroupError, CgroupStats};
 pub use error::ContainerError;
-use helper::HelperRequest;
+use helper::{HelperError, HelperRequest};
 use housekeeping::{forget_exec_later, kill_and_wait, remove_container_dir, watch_oom};
 pub use process::{ExitInfo, Process};
 use spec::{GuestSettings, SpecError};
@@ -384,14 +384,13 @@ impl ContainerManager {
             let pty = tokio::spawn(stdio::receive_pty_master(listener));
             let outcome = helper::run(&request(Some(socket_path.clone())), Vec::new()).await;
             let _ = std::fs::remove_file(&socket_path);
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
+            let (pid, exit) = match outcome.and_then(|o| o.process.ok_or(HelperError::NoPid)) {
+                Ok(process) => process,
                 Err(err) => {
                     pty.abort();
                     return Err(runtime_err(err));
                 }
             };
-            let (pid, exit) = outcome.process.expect("create and exec report a pid");
             let master = match tokio::time::timeout(PTY_TIMEOUT, pty).await {
                 Ok(Ok(Ok(master))) => master,
                 Ok(Ok(Err(err))) => return Err(stdio_err(err)),
@@ -404,10 +403,10 @@ impl ContainerManager {
             Ok(Process::track(pid, io, exit, cgroup))
         } else {
             let (pending, child_fds) = stdio::pipes(stdio.stdin).map_err(stdio_err)?;
-            let outcome = helper::run(&request(None), child_fds)
+            let (pid, exit) = helper::run(&request(None), child_fds)
                 .await
+                .and_then(|o| o.process.ok_or(HelperError::NoPid))
                 .map_err(runtime_err)?;
-            let (pid, exit) = outcome.process.expect("create and exec report a pid");
             let io = ProcessIo::from_pipes(pending).map_err(stdio_err)?;
             Ok(Process::track(pid, io, exit, cgroup))
         }

@@ -33,6 +33,17 @@ pub enum KernelError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error(
+        "the pinned guest kernel {package}={version} is in apt's package lists but could not \
+         be downloaded (network, proxy or mirror trouble?); fix that and rerun, or build with \
+         --kernel-deb FILE"
+    )]
+    PinnedDownload {
+        package: &'static str,
+        version: &'static str,
+        #[source]
+        source: Box<KernelError>,
+    },
     #[error("apt-cache shows no kernel dependency for {package}")]
     NoKernelDependency { package: &'static str },
     #[error("apt-get download left no .deb in {dir}")]
@@ -82,8 +93,9 @@ pub struct PreparedKernel {
 
 /// Returns the pinned kernel package from `cache_dir`, downloading it with
 /// `apt-get download` when it is not there. When the mirror no longer has
-/// the pinned version, falls back to the kernel that [`KERNEL_META_PACKAGE`]
-/// depends on now, with a loud warning.
+/// the pinned version (apt's package lists do not know it), falls back to the
+/// kernel that [`KERNEL_META_PACKAGE`] depends on now, with a loud warning; a
+/// download that fails for any other reason is an error.
 pub fn fetch_kernel_deb(cache_dir: &Path) -> Result<KernelDeb, KernelError> {
     match fetch_exact(cache_dir, PINNED_KERNEL_PACKAGE, PINNED_KERNEL_VERSION) {
         Ok(deb) => Ok(deb),
@@ -93,6 +105,13 @@ pub fn fetch_kernel_deb(cache_dir: &Path) -> Result<KernelDeb, KernelError> {
                 ..
             },
         ) => {
+            if apt_knows(PINNED_KERNEL_PACKAGE, PINNED_KERNEL_VERSION)? {
+                return Err(KernelError::PinnedDownload {
+                    package: PINNED_KERNEL_PACKAGE,
+                    version: PINNED_KERNEL_VERSION,
+                    source: Box::new(pinned_error),
+                });
+            }
             let (package, version) = current_kernel_dependency()?;
             tracing::warn!(
                 pinned = %format!("{PINNED_KERNEL_PACKAGE}={PINNED_KERNEL_VERSION}"),
@@ -170,6 +189,19 @@ pub fn kernel_deb_from_file(path: &Path) -> Result<KernelDeb, KernelError> {
         version: field("Version"),
         sha256,
     })
+}
+
+/// Whether apt's package lists have `package` at `version` (`apt-cache show` fails when not).
+fn apt_knows(package: &str, version: &str) -> Result<bool, KernelError> {
+    match run(
+        Command::new("apt-cache").args(["show", &format!("{package}={version}")]),
+        "apt-cache show",
+        "apt",
+    ) {
+        Ok(_) => Ok(true),
+        Err(KernelError::ToolFailed { .. }) => Ok(false),
+        Err(other) => Err(other),
+    }
 }
 
 /// Reads `Depends: linux-image-X (= V)` of the meta package.

@@ -22,6 +22,13 @@ pub struct InstallArgs {
     /// Spry's config file (written with defaults only when absent).
     #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
     pub spry_config: PathBuf,
+    /// The containerd binary that reads --containerd-config (default: the running daemon
+    /// reading it, else `containerd` on PATH); its version is checked (2.x needed).
+    #[arg(long)]
+    pub containerd_bin: Option<PathBuf>,
+    /// Install even if containerd is older than 2.0 (its pods would fail).
+    #[arg(long)]
+    pub force: bool,
     /// Print what would change; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -61,11 +68,16 @@ fn options(args: &InstallArgs) -> Result<InstallOptions, InstallCommandError> {
         prefix: args.prefix.clone(),
         guest_dir: args.guest_dir.clone(),
         spry_config: args.spry_config.clone(),
+        containerd_bin: args.containerd_bin.clone(),
+        force: args.force,
         dry_run: args.dry_run,
     })
 }
 
 fn print_report(report: &Report, dry_run: bool) {
+    for note in &report.notes {
+        eprintln!("spry: {note}");
+    }
     let verb = if dry_run { "would" } else { "did" };
     for action in &report.actions {
         eprintln!("spry: {verb} {action}");

@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use spry_proto::agent as pb;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::spec::{container_spec, ProcessOptions};
 use super::stdio::{copy_output, copy_stdin, terminal_size, RawTerminal};
 use super::VmRunArgs;
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, VmSettings};
 use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsShare, RootfsSource};
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use crate::template::{start_sandbox, LaunchRequest, TemplateStore};
@@ -27,11 +27,25 @@ pub enum VmRunError {
     #[error("rootfs {path} does not exist or is not a directory")]
     Rootfs { path: PathBuf },
     #[error(transparent)]
+    GuestAsset(#[from] MissingGuestAsset),
+    #[error(transparent)]
     Sandbox(#[from] SandboxError),
     #[error("lost the container's process")]
     Process(#[source] AgentError),
     #[error("the VM died while the container ran ({exit}); console tail:\n{console_tail}")]
     VmDied { exit: String, console_tail: String },
+}
+
+/// A guest kernel or initramfs that is not there.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "guest {what} {path} does not exist: build the guest with `scripts/build-guest.sh` and \
+     install it with `spry install`, run the `spry` of that checkout (it finds \
+     build/guest/current), or pass --kernel and --initramfs"
+)]
+pub struct MissingGuestAsset {
+    what: &'static str,
+    path: PathBuf,
 }
 
 /// Runs the command and returns the container's exit code.
@@ -43,9 +57,10 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
     }
     let id = format!("vm-run-{}", std::process::id());
     let base = config.vm_config(&id);
+    let (kernel, initramfs) = guest_assets(&args, &base)?;
     let vm_config = VmConfig {
-        kernel: args.kernel.clone().unwrap_or(base.kernel.clone()),
-        initramfs: args.initramfs.clone().unwrap_or(base.initramfs.clone()),
+        kernel,
+        initramfs,
         cpus: args.cpus.unwrap_or(base.cpus),
         memory_mib: args.memory.unwrap_or(base.memory_mib),
         accel: args.accel.map(Into::into).unwrap_or(base.accel),
@@ -83,6 +98,44 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         warn!(error = %e, "VM did not shut down cleanly");
     }
     result
+}
+
+/// The kernel and initramfs to boot: the flags', else the config's; when those are the
+/// installed defaults and absent, the guest built in the checkout this `spry` was built in
+/// (`<repo>/target/<profile>/spry` → `<repo>/build/guest/current`).
+fn guest_assets(
+    args: &VmRunArgs,
+    base: &VmConfig,
+) -> Result<(PathBuf, PathBuf), MissingGuestAsset> {
+    let defaults = VmSettings::default();
+    let mut kernel = args.kernel.clone().unwrap_or(base.kernel.clone());
+    let mut initramfs = args.initramfs.clone().unwrap_or(base.initramfs.clone());
+    let installed_defaults = kernel == defaults.kernel && initramfs == defaults.initramfs;
+    if installed_defaults && !kernel.is_file() {
+        if let Some(dir) = checkout_guest_dir() {
+            info!(dir = %dir.display(), "no installed guest; using the checkout's");
+            kernel = dir.join("vmlinux");
+            initramfs = dir.join("initramfs.img");
+        }
+    }
+    for (what, path) in [("kernel", &kernel), ("initramfs", &initramfs)] {
+        if !path.is_file() {
+            return Err(MissingGuestAsset {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok((kernel, initramfs))
+}
+
+fn checkout_guest_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/spry or target/<triple>/<profile>/spry
+    exe.ancestors().skip(2).take(3).find_map(|repo| {
+        let dir = repo.join("build/guest/current");
+        (dir.join("vmlinux").is_file() && dir.join("initramfs.img").is_file()).then_some(dir)
+    })
 }
 
 async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRunError> {

@@ -113,8 +113,8 @@ impl Default for VmSettings {
             initramfs: guest.join("initramfs.img"),
             qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             accelerator: AccelChoice::Auto,
-            cpus: 1,
-            memory_mib: 256,
+            cpus: crate::vm::DEFAULT_CPUS,
+            memory_mib: crate::vm::DEFAULT_MEMORY_MIB,
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
         }
     }

@@ -52,6 +52,14 @@ fn runtimes_path(version: i64) -> [&'static str; 4] {
     }
 }
 
+/// The config's `version` key, if the text parses and has one.
+pub fn schema_version(text: &str) -> Option<i64> {
+    text.parse::<DocumentMut>()
+        .ok()?
+        .get("version")
+        .and_then(Item::as_integer)
+}
+
 /// Parses `text` (empty for a missing file, which becomes a version 3 config).
 fn parse(text: &str, path: &Path) -> Result<(DocumentMut, i64), ContainerdConfigError> {
     let mut doc: DocumentMut = text

@@ -3,11 +3,15 @@
 //! kubeadm-style node installers can run it as is.
 
 mod containerd_config;
+mod containerd_version;
 
 use std::path::{Path, PathBuf};
 
 pub use containerd_config::{
     add_handler, remove_handler, ContainerdConfigError, HandlerSettings, HANDLER, RUNTIME_TYPE,
+};
+pub use containerd_version::{
+    ContainerdSource, ContainerdVersion, ContainerdVersionError, FoundContainerd,
 };
 
 use crate::config::Config;
@@ -40,6 +44,8 @@ pub enum InstallError {
     },
     #[error(transparent)]
     ContainerdConfig(#[from] ContainerdConfigError),
+    #[error(transparent)]
+    ContainerdVersion(#[from] ContainerdVersionError),
 }
 
 /// Where things go.
@@ -54,12 +60,19 @@ pub struct InstallOptions {
     pub guest_dir: PathBuf,
     /// Spry's own config; written (commented defaults) only when absent.
     pub spry_config: PathBuf,
+    /// The containerd binary that reads `containerd_config`; found when None (see
+    /// `containerd_version`).
+    pub containerd_bin: Option<PathBuf>,
+    /// Install even for a containerd that cannot drive the shim (1.x).
+    pub force: bool,
     pub dry_run: bool,
 }
 
 /// What install or uninstall did (or would do, with `dry_run`).
 #[derive(Debug, Default)]
 pub struct Report {
+    /// What was found on the way (the containerd in use, warnings).
+    pub notes: Vec<String>,
     pub actions: Vec<String>,
     /// Whether containerd's config changed (containerd must be restarted to see it).
     pub containerd_config_changed: bool,
@@ -79,6 +92,7 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
     let mut report = Report::default();
     let exe_dir = opts.binaries_from.as_path();
     // Check every source first: a half-done install is worse than none.
+    check_containerd(opts, &mut report)?;
     for bin in BINARIES {
         require(
             &exe_dir.join(bin),
@@ -142,6 +156,37 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
         ));
     }
     Ok(report)
+}
+
+/// Refuses a containerd that cannot drive the shim (unless forced); notes which one it is.
+fn check_containerd(opts: &InstallOptions, report: &mut Report) -> Result<(), InstallError> {
+    let found = containerd_version::find(opts.containerd_bin.as_deref(), &opts.containerd_config)?;
+    let Some(found) = found else {
+        let schema = read_or_empty(&opts.containerd_config)
+            .ok()
+            .and_then(|text| containerd_config::schema_version(&text));
+        let hint = match schema {
+            Some(3) => " (its config has `version = 3`, written for containerd 2.x)".to_string(),
+            Some(v) => format!(" (its config has `version = {v}`; make sure it is containerd 2.x)"),
+            None => " (make sure it is containerd 2.x)".to_string(),
+        };
+        report.notes.push(format!(
+            "warning: no containerd found (no --containerd-bin, no running daemon reading {}, \
+             none on PATH); Spry needs containerd 2.0 or newer{hint}",
+            opts.containerd_config.display()
+        ));
+        return Ok(());
+    };
+    match containerd_version::check(&found) {
+        Ok(()) => report
+            .notes
+            .push(format!("containerd {} ({})", found.version, found.source)),
+        Err(err) if opts.force => report
+            .notes
+            .push(format!("warning: installing anyway (--force): {err}")),
+        Err(err) => return Err(err.into()),
+    }
+    Ok(())
 }
 
 pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
@@ -289,35 +334,51 @@ fn backup(
 mod tests {
     use super::*;
 
-    #[test]
-    fn install_is_idempotent_keeps_a_backup_and_uninstall_reverts() {
-        let dir = tempfile::tempdir().unwrap();
-        let guest = dir.path().join("guest");
+    /// Built binaries and guest assets (stand-ins) in `dir`, and install options into `dir`
+    /// with a stand-in containerd printing `containerd_version`.
+    fn fixture(dir: &Path, containerd_version: &str) -> InstallOptions {
+        let guest = dir.join("guest");
+        let built = dir.join("built");
         std::fs::create_dir(&guest).unwrap();
+        std::fs::create_dir(&built).unwrap();
         for f in GUEST_FILES {
             std::fs::write(guest.join(f), f).unwrap();
         }
-        let built = dir.path().join("built");
-        std::fs::create_dir(&built).unwrap();
         for bin in BINARIES.iter().chain(&OPTIONAL_BINARIES) {
             std::fs::write(built.join(bin), bin).unwrap();
         }
-        let containerd_config = dir.path().join("containerd.toml");
-        std::fs::write(&containerd_config, "version = 3\n# keep me\n").unwrap();
-        let opts = InstallOptions {
+        InstallOptions {
             binaries_from: built,
-            containerd_config: containerd_config.clone(),
-            prefix: dir.path().join("prefix"),
+            containerd_config: dir.join("containerd.toml"),
+            prefix: dir.join("prefix"),
             guest_dir: guest,
-            spry_config: dir.path().join("spry/config.toml"),
+            spry_config: dir.join("spry/config.toml"),
+            containerd_bin: Some(containerd_version::fake_containerd(dir, containerd_version)),
+            force: false,
             dry_run: false,
-        };
+        }
+    }
+
+    #[test]
+    fn install_is_idempotent_keeps_a_backup_and_uninstall_reverts() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = fixture(
+            dir.path(),
+            "containerd github.com/containerd/containerd/v2 v2.2.9 x",
+        );
+        let containerd_config = opts.containerd_config.clone();
+        std::fs::write(&containerd_config, "version = 3\n# keep me\n").unwrap();
         let dry = install(&InstallOptions {
             dry_run: true,
             ..opts.clone()
         })
         .unwrap();
         assert!(dry.containerd_config_changed);
+        assert!(
+            dry.notes[0].starts_with("containerd 2.2.9 (binary "),
+            "{:?}",
+            dry.notes
+        );
         assert_eq!(
             std::fs::read_to_string(&containerd_config).unwrap(),
             "version = 3\n# keep me\n"
@@ -356,11 +417,39 @@ mod tests {
             prefix: dir.path().join("prefix"),
             guest_dir: dir.path().join("no-guest"),
             spry_config: dir.path().join("spry.toml"),
+            containerd_bin: None,
+            force: true,
             dry_run: false,
         };
         let err = install(&opts).unwrap_err();
         assert!(err.to_string().contains("no-binaries/spry"), "{err}");
         assert!(!opts.prefix.exists() && !opts.containerd_config.exists());
+    }
+
+    #[test]
+    fn a_1x_containerd_is_refused_before_anything_is_written_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = fixture(
+            dir.path(),
+            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1",
+        );
+        let err = install(&opts).unwrap_err();
+        assert!(
+            matches!(err, InstallError::ContainerdVersion(_)) && err.to_string().contains("1.6.20"),
+            "{err}"
+        );
+        assert!(!opts.prefix.exists() && !opts.containerd_config.exists());
+        let forced = install(&InstallOptions {
+            force: true,
+            ..opts.clone()
+        })
+        .unwrap();
+        assert!(
+            forced.notes[0].starts_with("warning: installing anyway (--force)"),
+            "{:?}",
+            forced.notes
+        );
+        assert!(opts.containerd_config.exists());
     }
 
     #[test]

@@ -98,8 +98,13 @@ pub enum AgentEndpoint {
     },
 }
 
-/// Everything needed to start a VM. `Default` gives a 1-CPU, 512 MiB VM
-/// with the Debian QEMU path; id, state dir, kernel and initramfs must be set.
+/// The VM size when nothing says otherwise (`VmConfig::default`, the config file's `[vm]`).
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+
+/// Everything needed to start a VM. `Default` gives a [`DEFAULT_CPUS`]-CPU,
+/// [`DEFAULT_MEMORY_MIB`] MiB VM with the Debian QEMU path; id, state dir, kernel and
+/// initramfs must be set.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     /// Names the VM in logs; letters, digits, `-`, `_` and `.` only.
@@ -152,8 +157,8 @@ impl Default for VmConfig {
             state_dir: PathBuf::new(),
             kernel: PathBuf::new(),
             initramfs: PathBuf::new(),
-            cpus: 1,
-            memory_mib: 512,
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
             accel: AccelChoice::Auto,
             qemu: PathBuf::from(DEFAULT_QEMU),
             agent_channel: AgentChannelKind::VirtioSerial,

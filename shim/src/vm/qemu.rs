@@ -60,6 +60,7 @@ impl Hypervisor for QemuHypervisor {
     }
 
     async fn snapshot_fingerprint(&self, config: &VmConfig) -> Result<String, VmError> {
+        require_boot_files(config)?;
         let accel = accel::resolve(config, &self.state_root).await;
         snapshot::fingerprint(config, accel)
     }
@@ -289,6 +290,24 @@ impl QemuVm {
 }
 
 /// Checks the config before anything is spawned or created.
+/// The files a VM needs, checked before anything (the KVM probe included) uses them, so a
+/// missing kernel is reported as such and not as an unusable accelerator.
+fn require_boot_files(config: &VmConfig) -> Result<(), VmError> {
+    for (what, path) in [
+        ("kernel", &config.kernel),
+        ("initramfs", &config.initramfs),
+        ("QEMU binary", &config.qemu),
+    ] {
+        if !path.is_file() {
+            return Err(VmError::MissingFile {
+                what,
+                path: path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn validate(config: &VmConfig) -> Result<(), VmError> {
     let id_ok = !config.id.is_empty()
         && config.id.len() <= 64
@@ -326,18 +345,7 @@ fn validate(config: &VmConfig) -> Result<(), VmError> {
             minimum: MIN_MEMORY_MIB,
         });
     }
-    for (what, path) in [
-        ("kernel", &config.kernel),
-        ("initramfs", &config.initramfs),
-        ("QEMU binary", &config.qemu),
-    ] {
-        if !path.is_file() {
-            return Err(VmError::MissingFile {
-                what,
-                path: path.clone(),
-            });
-        }
-    }
+    require_boot_files(config)?;
     if let AgentChannelKind::Vsock { .. } = config.agent_channel {
         if !Path::new("/dev/vhost-vsock").exists() {
             return Err(VmError::NoVhostVsock);

@@ -4,8 +4,8 @@
 
 use crate::containerd_config::{self, ConfigInputs};
 use crate::crictl::Crictl;
+use crate::instance_dirs::{InstanceDirs, KeptRecord};
 use crate::leak::{LeakCheck, LeakScope};
-use crate::registry::Registry;
 use crate::stale::{self, InstanceId};
 use crate::{paths, require, system};
 use anyhow::{bail, Context, Result};
@@ -14,135 +14,32 @@ use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
+
+mod kept;
+mod options;
+
+pub use options::ContainerdOptions;
 
 /// The env var (set on containerd, inherited by its shims) that marks this instance's processes.
 pub const INSTANCE_ENV: &str = "SPRY_IT_INSTANCE";
-
-#[derive(Debug, Clone)]
-pub struct ContainerdOptions {
-    name: String,
-    binary: Option<PathBuf>,
-    sandbox_image: Option<String>,
-    /// (image host as in references, address to connect to)
-    registries: Vec<(String, String)>,
-    snapshotter: String,
-    extra_toml: Vec<String>,
-    path_prepend: Vec<PathBuf>,
-    env: Vec<(String, String)>,
-    log_level: String,
-    start_timeout: Duration,
-}
-
-impl ContainerdOptions {
-    /// `name` (a short test name) appears in directory names and the bridge name.
-    pub fn new(name: &str) -> Self {
-        ContainerdOptions {
-            name: name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-                .take(24)
-                .collect(),
-            binary: None,
-            sandbox_image: None,
-            registries: Vec::new(),
-            snapshotter: "overlayfs".to_string(),
-            extra_toml: Vec::new(),
-            path_prepend: Vec::new(),
-            env: Vec::new(),
-            log_level: "info".to_string(),
-            start_timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// Pull from `registry` over plain HTTP, and use its `pause:1` as the sandbox image.
-    pub fn registry(mut self, registry: &Registry) -> Self {
-        self.registries.push((registry.host(), registry.addr()));
-        self.sandbox_image
-            .get_or_insert_with(|| registry.image("pause:1"));
-        self
-    }
-
-    /// Serve pulls of `upstream` (e.g. `registry.k8s.io`) from `registry`: images keep their upstream
-    /// names, so clients with hard-coded references (critest) work offline.
-    pub fn mirror(mut self, upstream: &str, registry: &Registry) -> Self {
-        self.registries
-            .push((upstream.to_string(), registry.addr()));
-        self
-    }
-
-    pub fn sandbox_image(mut self, image: &str) -> Self {
-        self.sandbox_image = Some(image.to_string());
-        self
-    }
-
-    /// Default CRI snapshotter (default `overlayfs`).
-    pub fn snapshotter(mut self, snapshotter: &str) -> Self {
-        self.snapshotter = snapshotter.to_string();
-        self
-    }
-
-    /// TOML deep-merged into the generated config (see `containerd_config::runtime_handler_toml`,
-    /// `containerd_config::proxy_snapshotter_toml`).
-    pub fn extra_toml(mut self, toml: &str) -> Self {
-        self.extra_toml.push(toml.to_string());
-        self
-    }
-
-    /// Adds a CRI runtime handler, e.g. `runtime_handler("spry", "io.containerd.spry.v1", Some(shim_path))`.
-    pub fn runtime_handler(
-        self,
-        handler: &str,
-        runtime_type: &str,
-        runtime_path: Option<&Path>,
-    ) -> Self {
-        self.extra_toml(&containerd_config::runtime_handler_toml(
-            handler,
-            runtime_type,
-            runtime_path,
-        ))
-    }
-
-    /// Directory searched first for shim binaries (containerd finds `containerd-shim-*` via PATH).
-    pub fn path_prepend(mut self, dir: &Path) -> Self {
-        self.path_prepend.push(dir.to_path_buf());
-        self
-    }
-
-    /// Extra environment for containerd (and so its shims).
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.to_string(), value.to_string()));
-        self
-    }
-
-    pub fn binary(mut self, path: &Path) -> Self {
-        self.binary = Some(path.to_path_buf());
-        self
-    }
-
-    pub fn log_level(mut self, level: &str) -> Self {
-        self.log_level = level.to_string();
-        self
-    }
-
-    pub fn start_timeout(mut self, timeout: Duration) -> Self {
-        self.start_timeout = timeout;
-        self
-    }
-}
 
 pub struct Containerd {
     opts: ContainerdOptions,
     binary: PathBuf,
     crictl_bin: PathBuf,
     /// On disk: root (images, snapshots), config, CNI, certs.d, logs, test scratch files.
-    dir: TempDir,
     /// tmpfs, short path: socket and state.
-    run_dir: TempDir,
+    dirs: InstanceDirs,
     marker: String,
     bridge: String,
-    child: Option<Child>,
+    daemon: Option<Daemon>,
     cleaned: bool,
+}
+
+/// The containerd process: ours, or one an earlier process left running and we adopted.
+enum Daemon {
+    Child(Child),
+    Adopted(i32),
 }
 
 impl Containerd {
@@ -168,8 +65,22 @@ impl Containerd {
         // Unique per instance: directory names, marker, bridge name and subnet all derive from it.
         let tag = random_u32();
         let id = InstanceId::new(&opts.name, tag);
-        let dir = make_temp_dir(&paths::harness_dir(), &id)?;
-        let run_dir = make_temp_dir(&paths::harness_run_dir(), &id)?;
+        let dirs = match &opts.fixed_dirs {
+            Some((dir, run)) => {
+                if let Some(record) = KeptRecord::read(run)? {
+                    bail!(
+                        "{} holds a running instance (containerd pid {}): stop it first",
+                        run.display(),
+                        record.pid
+                    );
+                }
+                InstanceDirs::fixed(dir, run)?
+            }
+            None => InstanceDirs::Temp {
+                dir: make_temp_dir(&paths::harness_dir(), &id)?,
+                run: make_temp_dir(&paths::harness_run_dir(), &id)?,
+            },
+        };
         let subnet = format!("10.{}.{}.0/24", 200 + (tag >> 8) % 50, tag & 0xff);
         let mut containerd = Containerd {
             marker: id.marker(),
@@ -177,9 +88,8 @@ impl Containerd {
             opts,
             binary,
             crictl_bin,
-            dir,
-            run_dir,
-            child: None,
+            dirs,
+            daemon: None,
             cleaned: false,
         };
         containerd.write_files(&sandbox_image, &cni_bin_dir, &subnet)?;
@@ -201,7 +111,7 @@ impl Containerd {
             &format!("spry-it-{}", self.bridge),
             &self.bridge,
             subnet,
-            &self.dir.path().join("cni-ipam"),
+            &self.dirs.dir().join("cni-ipam"),
         );
         write(
             &self.cni_conf_dir().join("10-spry-it.conflist"),
@@ -260,7 +170,7 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
-        self.child = Some(child);
+        self.daemon = Some(Daemon::Child(child));
         self.wait_ready()
     }
 
@@ -270,7 +180,7 @@ impl Containerd {
         let crictl = self.crictl().with_timeout(Duration::from_secs(5));
         let mut last_err = None;
         while started.elapsed() < self.opts.start_timeout {
-            if let Some(child) = self.child.as_mut() {
+            if let Some(Daemon::Child(child)) = self.daemon.as_mut() {
                 if let Some(status) = child.try_wait().context("checking containerd")? {
                     bail!(
                         "containerd exited ({status}) during start-up; log:\n{}",
@@ -298,8 +208,12 @@ impl Containerd {
 
     /// Stops the containerd process (SIGTERM, then SIGKILL after 10 s). Shims and pods keep running.
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            system::terminate_child(&mut child, Duration::from_secs(10))?;
+        match self.daemon.take() {
+            Some(Daemon::Child(mut child)) => {
+                system::terminate_child(&mut child, Duration::from_secs(10))?
+            }
+            Some(Daemon::Adopted(pid)) => system::terminate_pid(pid, Duration::from_secs(10)),
+            None => {}
         }
         Ok(())
     }
@@ -311,13 +225,18 @@ impl Containerd {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        match self.daemon.as_mut() {
+            Some(Daemon::Child(c)) => matches!(c.try_wait(), Ok(None)),
+            Some(Daemon::Adopted(pid)) => system::process_alive(*pid),
+            None => false,
+        }
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        match self.daemon.as_ref()? {
+            Daemon::Child(c) => Some(c.id()),
+            Daemon::Adopted(pid) => u32::try_from(*pid).ok(),
+        }
     }
 
     pub fn crictl(&self) -> Crictl {
@@ -344,8 +263,8 @@ impl Containerd {
     pub fn leak_scope(&self) -> LeakScope {
         LeakScope::host_wide()
             .marker(&self.marker)
-            .path(self.dir.path())
-            .path(self.run_dir.path())
+            .path(self.dirs.dir())
+            .path(self.dirs.run())
     }
 
     /// The live shims of this instance (they inherit its marker).
@@ -363,7 +282,7 @@ impl Containerd {
 
     /// Scratch space for the test's own files (pod/container JSON, logs); removed with the instance.
     pub fn dir(&self) -> PathBuf {
-        self.dir.path().join("scratch")
+        self.dirs.dir().join("scratch")
     }
 
     fn scratch_dir(&self) -> PathBuf {
@@ -371,35 +290,35 @@ impl Containerd {
     }
 
     pub fn socket(&self) -> PathBuf {
-        self.run_dir.path().join("containerd.sock")
+        self.dirs.run().join("containerd.sock")
     }
 
     pub fn root_dir(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.dirs.dir().join("root")
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.run_dir.path().join("state")
+        self.dirs.run().join("state")
     }
 
     pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("config.toml")
+        self.dirs.dir().join("config.toml")
     }
 
     pub fn cni_conf_dir(&self) -> PathBuf {
-        self.dir.path().join("cni/net.d")
+        self.dirs.dir().join("cni/net.d")
     }
 
     pub fn certs_dir(&self) -> PathBuf {
-        self.dir.path().join("certs.d")
+        self.dirs.dir().join("certs.d")
     }
 
     pub fn log_path(&self) -> PathBuf {
-        self.dir.path().join("containerd.log")
+        self.dirs.dir().join("containerd.log")
     }
 
     fn crictl_config_path(&self) -> PathBuf {
-        self.dir.path().join("crictl.yaml")
+        self.dirs.dir().join("crictl.yaml")
     }
 
     pub fn bridge(&self) -> &str {
@@ -439,10 +358,7 @@ impl Containerd {
             Ok(_) => {}
             Err(e) => problems.push(format!("finding leftover shims: {e:#}")),
         }
-        for dir in [
-            self.run_dir.path().to_path_buf(),
-            self.dir.path().to_path_buf(),
-        ] {
+        for dir in [self.dirs.run().to_path_buf(), self.dirs.dir().to_path_buf()] {
             if let Err(e) = system::unmount_under(&dir) {
                 problems.push(format!("unmounting under {}: {e:#}", dir.display()));
             }
@@ -457,7 +373,7 @@ impl Containerd {
                 problems.push(format!("deleting bridge {}: {e:#}", self.bridge));
             }
         }
-        for dir in [self.run_dir.path(), self.dir.path()] {
+        for dir in [self.dirs.run(), self.dirs.dir()] {
             if let Err(e) = fs::remove_dir_all(dir) {
                 problems.push(format!("removing {}: {e}", dir.display()));
             }
@@ -468,16 +384,15 @@ impl Containerd {
         Ok(())
     }
 
-    /// Copies containerd's log to `paths::log_archive_dir()/<instance dir name>.log` before the dirs go.
+    /// Copies containerd's log to `paths::log_archive_dir()/<instance id>.log` before the dirs go.
     fn archive_log(&self) -> Result<PathBuf> {
         let archive = paths::log_archive_dir();
         fs::create_dir_all(&archive).with_context(|| format!("creating {}", archive.display()))?;
+        // The instance id: unique per instance, also for fixed dirs.
         let name = self
-            .dir
-            .path()
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy();
+            .marker
+            .split_once('=')
+            .map_or("containerd", |(_, id)| id);
         let dest = archive.join(format!("{name}.log"));
         fs::copy(self.log_path(), &dest)
             .with_context(|| format!("copying the log to {}", dest.display()))?;
@@ -515,7 +430,7 @@ impl Drop for Containerd {
     }
 }
 
-fn make_temp_dir(parent: &Path, id: &InstanceId) -> Result<TempDir> {
+fn make_temp_dir(parent: &Path, id: &InstanceId) -> Result<tempfile::TempDir> {
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     tempfile::Builder::new()
         .prefix(&format!("{}-", id.id()))
