@@ -5,13 +5,13 @@
 # reports medians, ratios, bytes fetched before ready, and sequential read throughput of the lazy FS
 # (fully fetched) against overlayfs.
 #
-#   sudo scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
+#   scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
 #
 # Needs: scripts/install-deps.sh, scripts/build-test-images.sh, root. Writes target/bench/lazypull.json
 # and target/bench/lazypull.md.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-enable_error_trap
+entry_script
 
 RUNS=3
 IMAGES=python,busybox
@@ -25,12 +25,10 @@ while [ $# -gt 0 ]; do
         *) die "unknown argument: $1" ;;
     esac
 done
-[ "$(id -u)" = 0 ] || die "the benchmark mounts filesystems and creates network namespaces: run it as root"
 for tool in tc ip docker-registry skopeo; do
     command -v "$tool" >/dev/null || die "$tool is missing: run scripts/install-deps.sh"
 done
 
-cd "$SPRY_ROOT"
 # The snapshotter is what is measured: release. The harness driving it can stay a debug build.
 log "building spry-snapshotter (release)"
 cargo build --release -p spry-snapshotter

@@ -2,10 +2,9 @@
 # Pod start through crictl, runc vs Spry cold vs Spry from a VM template, in the same run: p50/p95 of N serial and N
 # parallel pods (runp → create → start → first log line) and idle-pod PSS.
 # Writes target/bench/podstart.{json,md}.
-#   sudo scripts/bench-podstart.sh [--pods N] [--only runc,spry,spry_template] [--image python:1]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "bench-podstart.sh: run as root" >&2; exit 1; }
+#   scripts/bench-podstart.sh [--pods N] [--only runc,spry,spry_template] [--image python:1]   (as root)
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+entry_script
 scripts/install-deps.sh
 scripts/build-guest.sh
 case " $* " in

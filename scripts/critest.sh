@@ -2,10 +2,9 @@
 # CRI conformance (cri-tools' critest, the specs that can run offline) with runc and with
 # Spry in the same run; prints both pass/fail counts and the failing specs, and writes
 # target/bench/critest.json. Too slow for CI under TCG (every Spry spec boots a VM).
-#   sudo scripts/critest.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] || { echo "critest.sh: run as root" >&2; exit 1; }
+#   scripts/critest.sh   (as root)
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+entry_script
 scripts/install-deps.sh
 scripts/build-guest.sh
 scripts/build-test-images.sh

@@ -12,9 +12,7 @@
 # It builds only what the pod needs: the test images pause and busybox, the release
 # binaries, the guest. Later runs reuse every build and take well under a minute.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
-enable_error_trap
-cd "$SPRY_ROOT"
-require_root
+entry_script
 
 QS=/var/lib/spry-quickstart
 QS_RUN=/run/spry-quickstart

@@ -12,13 +12,17 @@ pub mod service;
 pub mod storage;
 mod sys;
 
-/// An error and its causes on one line.
+/// An error and its causes on one line ("a: b: c"), each said once.
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
     let mut source = err.source();
     while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
+        let text = cause.to_string();
+        // A cause some message already quotes (`{source}` in its format) is said once.
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
         source = cause.source();
     }
     message

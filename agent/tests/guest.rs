@@ -1,10 +1,10 @@
 //! The agent as PID 1 of a real VM (QEMU; TCG works): init, module loading, the virtio-serial
 //! channel, SCSI disk rootfs (erofs + overlay), cgroup v2 limits and OOM reporting, Shutdown.
 //!
-//! Opt-in (boots a VM, ~1 min under TCG):
-//!   scripts/build-guest.sh   # kernel + initramfs with the static agent as /init
-//!   SPRY_GUEST_KERNEL=build/guest/current/vmlinux SPRY_GUEST_INITRAMFS=build/guest/current/initramfs.cpio.zst \
-//!     cargo test -p spry-agent --test guest -- --ignored
+//! Part of the test command (boots a VM, ~1 min under TCG). It boots the guest that
+//! `scripts/build-guest.sh` built (kernel + initramfs with the static agent as /init):
+//! `SPRY_GUEST_KERNEL` / `SPRY_GUEST_INITRAMFS` name the files, else `SPRY_GUEST_DIR`
+//! (set by scripts/test.sh), else `build/guest/current` of this checkout.
 //! Needs root, qemu-system-x86_64 and mkfs.erofs; fails loudly without them.
 
 mod harness;
@@ -17,11 +17,23 @@ use harness::{container_req, ctx, process_ref, spec, stdio};
 use spry_proto::agent::*;
 use spry_proto::agent_ttrpc::AgentClient;
 
-fn env_path(name: &str) -> PathBuf {
-    let value = std::env::var(name)
-        .unwrap_or_else(|_| panic!("set {name} (see the header of agent/tests/guest.rs)"));
-    let path = PathBuf::from(value);
-    assert!(path.exists(), "{name}={} does not exist", path.display());
+/// `name` from the environment, else `file` of the built guest (see the header).
+fn guest_file(name: &str, file: &str) -> PathBuf {
+    let path = std::env::var_os(name)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("SPRY_GUEST_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/guest/current")
+                })
+                .join(file)
+        });
+    assert!(
+        path.exists(),
+        "{} does not exist: run scripts/build-guest.sh (or set {name})",
+        path.display()
+    );
     path
 }
 
@@ -48,8 +60,8 @@ impl Guest {
 
     async fn boot(rootfs_image: &Path) -> Guest {
         harness::require_root();
-        let kernel = env_path("SPRY_GUEST_KERNEL");
-        let initramfs = env_path("SPRY_GUEST_INITRAMFS");
+        let kernel = guest_file("SPRY_GUEST_KERNEL", "vmlinux");
+        let initramfs = guest_file("SPRY_GUEST_INITRAMFS", "initramfs.img");
         let dir = tempfile::Builder::new()
             .prefix("spry-guest-")
             .tempdir_in("/tmp")
@@ -198,7 +210,6 @@ fn busybox_erofs(dir: &Path) -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "boots a VM: set SPRY_GUEST_KERNEL and SPRY_GUEST_INITRAMFS and pass --ignored"]
 async fn the_agent_runs_containers_as_pid1_of_a_vm() {
     let images = tempfile::tempdir().unwrap();
     let image = busybox_erofs(images.path());

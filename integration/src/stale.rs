@@ -2,13 +2,15 @@
 //! timeout). Every instance's directories are named `<name>-<pid>-<tag>-<random>`; when `<pid>` is gone,
 //! its containerd, shims, mounts, bridge and directories are removed before a new instance starts.
 
-use crate::containerd::INSTANCE_ENV;
 use crate::{paths, system};
 use anyhow::{Context, Result};
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
+
+/// The env var (set on containerd, inherited by its shims) that marks this instance's processes.
+pub const INSTANCE_ENV: &str = "SPRY_IT_INSTANCE";
 
 /// Identity of one harness instance: in its directory names, marker env var and bridge name.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,15 @@ enable_error_trap() {
     trap 'on_error "$LINENO" "$BASH_COMMAND"' ERR
 }
 
+# The start every entry script shares: stop at the first failing command (naming it), run
+# from the repository root, as root (they install packages, mount, boot VMs).
+#   source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"; entry_script
+entry_script() {
+    enable_error_trap
+    cd "$SPRY_ROOT"
+    require_root
+}
+
 require_root() {
     [ "$(id -u)" -eq 0 ] || die "$(basename "$0") must run as root (it installs packages / mounts / runs registries)"
 }

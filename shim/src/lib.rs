@@ -4,24 +4,31 @@ pub mod agent_client;
 pub mod assets;
 pub mod cli;
 pub mod config;
+pub mod host;
 pub mod install;
 pub mod log_filter;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;
+pub mod state_dir;
 pub mod sys;
 pub mod template;
 pub mod vm;
 
 /// An error and all its sources on one line ("a: b: c"): what a person needs when only
 /// the top message would be shown (containerd, the CLI's stderr).
+/// Each cause is said once (the same behaviour as the agent's and the snapshotter's).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
+    let mut message = err.to_string();
     let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // A cause some message already quotes (`{source}` in its format) is said once.
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
     }
-    text
+    message
 }

@@ -3,13 +3,12 @@
 mod cgroup;
 mod error;
 pub mod helper;
-mod helper_process;
 mod housekeeping;
 mod process;
 pub mod spec;
 mod stdio;
 
-pub use helper_process::prepare_spares as prepare_spare_helpers;
+pub use helper::prepare_spares as prepare_spare_helpers;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};

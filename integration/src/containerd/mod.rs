@@ -20,9 +20,6 @@ mod options;
 
 pub use options::ContainerdOptions;
 
-/// The env var (set on containerd, inherited by its shims) that marks this instance's processes.
-pub const INSTANCE_ENV: &str = "SPRY_IT_INSTANCE";
-
 pub struct Containerd {
     opts: ContainerdOptions,
     binary: PathBuf,

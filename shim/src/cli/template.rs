@@ -1,13 +1,12 @@
 //! `spry template build|ls|rm`: manage the VM templates pods start from.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use clap::{Args, Subcommand};
 
 use crate::config::{Config, ConfigError};
-use crate::template::{build_template, TemplateError, TemplateStore};
-use crate::vm::{Hypervisor, QemuHypervisor};
+use crate::host::Host;
+use crate::template::{build_template, TemplateError};
 
 #[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
@@ -55,20 +54,19 @@ pub async fn run_template(
     config_path: &Path,
     command: TemplateCommand,
 ) -> Result<(), TemplateCommandError> {
-    let config = Config::load(config_path)?;
-    let store = TemplateStore::new(config.template_dir());
+    let host = Host::new(Config::load(config_path)?);
+    let store = host.templates();
     match command {
         TemplateCommand::Build(args) => {
-            let mut base = config.vm_config("template-cli");
+            let mut base = host.vm_config("template-cli");
             base.cpus = args.cpus.unwrap_or(base.cpus);
             base.memory_mib = args.memory.unwrap_or(base.memory_mib);
-            let hypervisor: Arc<dyn Hypervisor> =
-                Arc::new(QemuHypervisor::new(config.state_dir.clone()));
+            let hypervisor = host.hypervisor();
             let key = hypervisor
                 .snapshot_fingerprint(&base)
                 .await
                 .map_err(TemplateCommandError::Fingerprint)?;
-            let template = build_template(hypervisor.as_ref(), &store, &base, &key).await?;
+            let template = build_template(hypervisor.as_ref(), store, &base, &key).await?;
             println!("{}", template.dir.display());
             Ok(())
         }

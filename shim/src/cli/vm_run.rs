@@ -12,10 +12,11 @@ use super::stdio::{copy_output, copy_stdin, terminal_size, RawTerminal};
 use super::VmRunArgs;
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError, VmSettings};
-use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsShare, RootfsSource};
+use crate::host::Host;
+use crate::rootfs::RootfsSource;
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
-use crate::template::{start_sandbox, LaunchRequest, TemplateStore};
-use crate::vm::{QemuHypervisor, VmConfig, VmExit};
+use crate::template::start_sandbox;
+use crate::vm::{VmConfig, VmExit};
 
 const CONTAINER_ID: &str = "main";
 
@@ -56,7 +57,8 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         return Err(VmRunError::Rootfs { path: args.rootfs });
     }
     let id = format!("vm-run-{}", std::process::id());
-    let base = config.vm_config(&id);
+    let host = Host::new(config);
+    let base = host.vm_config(&id);
     let (kernel, initramfs) = guest_assets(&args, &base)?;
     let vm_config = VmConfig {
         kernel,
@@ -66,26 +68,13 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
         accel: args.accel.map(Into::into).unwrap_or(base.accel),
         ..base
     };
-    let hypervisor = QemuHypervisor::new(config.state_dir.clone());
     let identity = SandboxIdentity {
         hostname: args.hostname.clone().unwrap_or_else(|| "spry".into()),
         ..Default::default()
     };
     // Same start path as pods: from the template unless the config says `template = "off"`.
-    let rootfs_dir = config.state_dir.join("rootfs").join(&id);
-    let layer_cache = LayerCache::new(config.layer_cache_dir());
-    let make_share = move || {
-        Box::new(ErofsBlockShare::new(rootfs_dir.clone()).with_layer_cache(layer_cache.clone()))
-            as Box<dyn RootfsShare>
-    };
-    let request = LaunchRequest {
-        hypervisor: std::sync::Arc::new(hypervisor),
-        store: TemplateStore::new(config.template_dir()),
-        policy: config.template,
-        vm_config,
-        identity,
-        boot_timeout: DEFAULT_BOOT_TIMEOUT,
-    };
+    let make_share = host.rootfs_share_factory(&id);
+    let request = host.launch_request(vm_config, identity, DEFAULT_BOOT_TIMEOUT);
     let launch = start_sandbox(request, &make_share).await?;
     let sandbox = launch.sandbox;
     let result = run_container(&sandbox, &args).await;

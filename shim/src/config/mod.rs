@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::state_dir::StateDir;
 use crate::template::TemplatePolicy;
 use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
 
@@ -145,7 +146,7 @@ impl Config {
     pub fn vm_config(&self, id: &str) -> VmConfig {
         VmConfig {
             id: id.to_owned(),
-            state_dir: self.state_dir.join("vms").join(id),
+            state_dir: StateDir::new(self.state_dir.clone()).vm(id),
             kernel: self.vm.kernel.clone(),
             initramfs: self.vm.initramfs.clone(),
             cpus: self.vm.cpus,
@@ -156,16 +157,6 @@ impl Config {
             tcg_cache_mib: self.vm.tcg_cache_mib,
             ..Default::default()
         }
-    }
-
-    /// Where this config's VM templates live.
-    pub fn template_dir(&self) -> PathBuf {
-        self.state_dir.join("templates")
-    }
-
-    /// Where erofs images of image layers are shared between pods (see `rootfs/cache.rs`).
-    pub fn layer_cache_dir(&self) -> PathBuf {
-        self.state_dir.join("layer-images")
     }
 
     /// Loads `path`, which must exist (a handler's `ConfigPath`).

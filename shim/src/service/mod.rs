@@ -29,7 +29,7 @@ pub use task::TaskService;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::error_chain;
-use crate::rootfs::LayerCache;
+use crate::host::Host;
 
 /// containerd's runtime type for Spry.
 pub const RUNTIME_ID: &str = "io.containerd.spry.v2";
@@ -180,18 +180,7 @@ fn recorded_state_dir(bundle: &Path) -> Option<PathBuf> {
 pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
-    let name = state_name(id);
-    for dir in [
-        config.state_dir.join("vms").join(&name),
-        config.state_dir.join("rootfs").join(&name),
-    ] {
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                warn!(path = %dir.display(), error = %e, "cannot remove leftover state");
-            }
-        }
-    }
-    LayerCache::new(config.layer_cache_dir()).remove_unused();
+    Host::new(config.clone()).remove_leftovers(&state_name(id));
 }
 
 #[cfg(test)]

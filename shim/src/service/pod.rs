@@ -20,11 +20,11 @@ use super::io::{IoPumps, StdioPaths};
 use super::spec::{self, TaskKind};
 use crate::agent_client::ProcessId;
 use crate::config::Config;
-use crate::rootfs::RootfsShare;
-use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsSource};
+use crate::host::Host;
+use crate::rootfs::RootfsSource;
 use crate::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
-use crate::template::{self, LaunchRequest, TemplateStore};
-use crate::vm::{QemuHypervisor, VmConfig};
+use crate::template;
+use crate::vm::VmConfig;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 
 /// Exit status reported for processes whose VM went away under them.
@@ -193,12 +193,12 @@ impl Pod {
             None => self.config.clone(),
         };
         crate::log_filter::apply_config_level(&config.log_level);
-        let state_dir = config.state_dir.clone();
-        let _ = self.state_dir.set(state_dir.clone());
+        let _ = self.state_dir.set(config.state_dir.clone());
         let name = super::state_name(id);
+        let host = Host::new(config);
         let vm_config = VmConfig {
             netns: spec::network_namespace(spec),
-            ..config.vm_config(&name)
+            ..host.vm_config(&name)
         };
         let identity = SandboxIdentity {
             hostname: spec
@@ -207,20 +207,8 @@ impl Pod {
                 .unwrap_or_else(|| id.chars().take(12).collect()),
             ..Default::default()
         };
-        let rootfs_dir = state_dir.join("rootfs").join(&name);
-        let layer_cache = LayerCache::new(config.layer_cache_dir());
-        let make_share = move || {
-            Box::new(ErofsBlockShare::new(rootfs_dir.clone()).with_layer_cache(layer_cache.clone()))
-                as Box<dyn RootfsShare>
-        };
-        let request = LaunchRequest {
-            hypervisor: Arc::new(QemuHypervisor::new(state_dir.clone())),
-            store: TemplateStore::new(config.template_dir()),
-            policy: config.template,
-            vm_config,
-            identity,
-            boot_timeout: DEFAULT_BOOT_TIMEOUT,
-        };
+        let make_share = host.rootfs_share_factory(&name);
+        let request = host.launch_request(vm_config, identity, DEFAULT_BOOT_TIMEOUT);
         let launch = template::start_sandbox(request, &make_share).await?;
         if let Some(rebuild) = launch.rebuild {
             *self

@@ -324,16 +324,20 @@ pub fn detach(path: &Path) -> Result<(), FsError> {
     })
 }
 
-/// `error: cause: cause` for logs.
+/// `error: cause: cause` for logs, each cause said once (as the shim's and the agent's).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        cur = e.source();
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // A cause some message already quotes (`{source}` in its format) is said once.
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
     }
-    out
+    message
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use hyper::{Body, Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::auth::{parse_challenge, Challenge};
+use super::reference::url_host;
 use super::tls::{tls_failure, Clients, TlsConfigError, TlsFailure};
 use super::{Reference, RegistryConfig, RegistryError};
 
@@ -492,12 +493,6 @@ fn request_error(url: &str, source: hyper::Error) -> RegistryError {
         },
         None => RegistryError::Request { url, source },
     }
-}
-
-/// The `host[:port]` of an absolute URL.
-pub(super) fn url_host(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    Some(rest.split('/').next().unwrap_or(rest))
 }
 
 fn percent_encode(s: &str) -> String {

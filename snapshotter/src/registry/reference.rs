@@ -89,6 +89,12 @@ impl std::fmt::Display for Reference {
     }
 }
 
+/// The `host[:port]` of an absolute URL.
+pub(super) fn url_host(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,7 +132,7 @@ impl Clients {
 
     /// The client for a URL (by its `host[:port]`).
     pub(super) fn for_url(&self, url: &str) -> &HttpClient {
-        super::client::url_host(url)
+        super::reference::url_host(url)
             .and_then(|authority| self.by_authority.get(authority))
             .unwrap_or(&self.default)
     }

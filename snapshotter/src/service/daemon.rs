@@ -2,31 +2,31 @@
 //! serve one remote layer each. They run in their own process group, so a
 //! snapshotter restart leaves the mounts (and running pods) intact; the
 //! restarted snapshotter adopts them by pid file (stargz-snapshotter#151).
+//!
+//! This file is the snapshotter's side (start, adopt, stop); the daemon's own main is
+//! `layer_daemon.rs`.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::remote::RemoteLayers;
 use super::store::RemoteSource;
-use crate::cache::ChunkCache;
 use crate::config::LazyConfig;
-use crate::registry::{RegistryClient, RegistryConfig};
+use crate::registry::RegistryConfig;
 
 const JOB_FILE: &str = "layer.json";
 const PID_FILE: &str = "fuse.pid";
 const LOG_FILE: &str = "fuse.log";
-const READY: &str = "ready";
+pub(super) const READY: &str = "ready";
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Errors of layer daemons.
+/// Errors starting or adopting a layer daemon (the snapshotter's side).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("failed to write {path}")]
@@ -51,14 +51,6 @@ pub enum DaemonError {
     },
     #[error("layer daemon exited before mounting; its log says:\n{log}")]
     Failed { log: String },
-    #[error("failed to set up the registry client's TLS")]
-    Tls(#[from] crate::registry::TlsConfigError),
-    #[error("failed to open the chunk cache")]
-    Cache(#[from] crate::cache::CacheError),
-    #[error("failed to mount the layer")]
-    Mount(#[from] super::remote::RemoteError),
-    #[error("failed to wait for signals")]
-    Signal { source: std::io::Error },
 }
 
 /// Everything a daemon needs to serve one layer.
@@ -160,40 +152,4 @@ pub fn stop(dir: &Path) {
     }
     let _ = crate::fs::detach(&dir.join("fs"));
     let _ = std::fs::remove_file(dir.join(PID_FILE));
-}
-
-/// Daemon side: mounts the layer of `job_path`, says "ready" on stdout,
-/// serves until SIGTERM or SIGINT, then unmounts.
-pub async fn run(job_path: &Path) -> Result<(), DaemonError> {
-    let bytes = std::fs::read(job_path).map_err(|source| DaemonError::Read {
-        path: job_path.to_path_buf(),
-        source,
-    })?;
-    let job: LayerJob = serde_json::from_slice(&bytes).map_err(|source| DaemonError::Job {
-        path: job_path.to_path_buf(),
-        source,
-    })?;
-    let mut lazy = job.lazy.clone();
-    lazy.fuse_daemon = false;
-    let remote = Arc::new(RemoteLayers::new(
-        Arc::new(RegistryClient::new(job.registry.clone())?),
-        Arc::new(ChunkCache::open(&job.cache_dir)?),
-        lazy,
-        tokio::runtime::Handle::current(),
-    ));
-    let _ = crate::fs::detach(&job.mountpoint);
-    remote.mount_here(0, &job.source, &job.mountpoint).await?;
-    println!("{READY}");
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!(layer = %job.source.layer_digest, "stopping layer daemon");
-    let _ = tokio::task::spawn_blocking(move || remote.unmount_all()).await;
-    Ok(())
 }

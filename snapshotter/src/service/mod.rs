@@ -4,6 +4,7 @@
 mod daemon;
 mod error;
 mod filter;
+mod layer_daemon;
 mod mounts;
 pub mod remote;
 pub mod store;
@@ -17,9 +18,10 @@ use std::time::SystemTime;
 use containerd_snapshots::{api::types::Mount, Info, Kind, Snapshotter, Usage};
 use tokio::sync::Mutex;
 
-pub use daemon::{run as run_layer_daemon, DaemonError};
+pub use daemon::DaemonError;
 pub use error::ServiceError;
 use filter::Filters;
+pub use layer_daemon::{run as run_layer_daemon, LayerDaemonError};
 use remote::{remote_request, RemoteLayers};
 use store::{system_time, timestamp, Record, SnapshotKind, Store};
 

@@ -13,20 +13,14 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use nix::sys::socket::{
     recvmsg, setsockopt, socketpair, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
 };
 use nix::sys::time::TimeVal;
 
-use super::helper::{HelperError, HELPER_SUBCOMMAND};
+use super::protocol::{HelperError, HELPER_SUBCOMMAND, HELPER_TIMEOUT, READY};
 use crate::reaper::{ExitWatch, Reaper};
-
-/// The first message every helper sends: it is ready for its request.
-pub(super) const READY: &[u8] = b"ready";
-/// How long a single helper exchange (start-up, or one operation) may take.
-pub(super) const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A helper process blocked on its control socket, waiting for one request.
 pub(super) struct HelperProcess {

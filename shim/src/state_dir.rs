@@ -1,0 +1,69 @@
+//! The layout of Spry's state dir (`state_dir` in the config, `/run/spry` by default): every
+//! path under it is named here and nowhere else.
+//!
+//! ```text
+//! <state_dir>/
+//!   vms/<vm>/            one running VM: QMP and agent sockets, console log (`vm/`)
+//!   rootfs/<vm>/         per-container rootfs images of that VM's pod (`rootfs/`)
+//!   layer-images/        erofs images of image layer chains, shared by pods (`rootfs/cache.rs`)
+//!   templates/<key>/     VM templates (`template/store.rs`)
+//!   accel-probe.json     the KVM probe's verdict for this host boot (`vm/accel.rs`)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// One state dir.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The state dir of VM `name` (created by the VM layer, which requires it to be new).
+    pub fn vm(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(name)
+    }
+
+    /// The per-container rootfs images of VM `name`'s pod.
+    pub fn rootfs(&self, name: &str) -> PathBuf {
+        self.root.join("rootfs").join(name)
+    }
+
+    /// Shared erofs images of image layer chains.
+    pub fn layer_images(&self) -> PathBuf {
+        self.root.join("layer-images")
+    }
+
+    /// VM templates.
+    pub fn templates(&self) -> PathBuf {
+        self.root.join("templates")
+    }
+
+    /// What VM `name` leaves behind if its shim dies: its own dirs (shared ones excluded).
+    pub fn per_vm_dirs(&self, name: &str) -> [PathBuf; 2] {
+        [self.vm(name), self.rootfs(name)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_is_under_the_root_and_per_vm_paths_differ_by_name() {
+        let state = StateDir::new("/run/spry");
+        assert_eq!(state.vm("a"), Path::new("/run/spry/vms/a"));
+        assert_eq!(state.rootfs("a"), Path::new("/run/spry/rootfs/a"));
+        assert_eq!(state.layer_images(), Path::new("/run/spry/layer-images"));
+        assert_eq!(state.templates(), Path::new("/run/spry/templates"));
+        assert_eq!(state.per_vm_dirs("b"), [state.vm("b"), state.rootfs("b")]);
+    }
+}
