@@ -34,11 +34,6 @@ pub enum DaemonError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("failed to read {path}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("layer job {path} is malformed")]
     Job {
         path: PathBuf,
