@@ -31,7 +31,7 @@ pub fn require_tool(tool: &Path) -> Result<PathBuf> {
     };
     found.with_context(|| {
         format!(
-            "required tool {} is missing or not executable; run `sudo scripts/install-deps.sh` \
+            "required tool {} is missing or not executable; run `scripts/install-deps.sh` as root \
              (or point the matching SPRY_* env var at it, see spry_integration::paths)",
             tool.display()
         )
@@ -46,7 +46,7 @@ pub fn require_test_images(registry_data: &Path, names: &[&str]) -> Result<()> {
         let tag_dir = repos.join(name).join("_manifests/tags").join(tag);
         if !tag_dir.is_dir() {
             bail!(
-                "test image {name}:{tag} is not in the registry storage {}; run `sudo scripts/build-test-images.sh`",
+                "test image {name}:{tag} is not in the registry storage {}; run `scripts/build-test-images.sh` as root",
                 registry_data.display()
             );
         }
