@@ -5,7 +5,6 @@ use super::{Containerd, ContainerdOptions, Daemon};
 use crate::instance_dirs::{InstanceDirs, KeptRecord};
 use crate::{paths, system};
 use anyhow::{bail, Context, Result};
-use std::fs;
 
 impl Containerd {
     /// Leaves containerd running after this process exits (fixed dirs only): records it in
@@ -28,7 +27,8 @@ impl Containerd {
     }
 
     /// The instance [`Containerd::keep_running`] left in `opts`' fixed dirs, if any, to
-    /// clean up (`cleanup` or drop) like one of ours.
+    /// clean up (`cleanup` or drop) like one of ours. Its record goes with the run dir at
+    /// the end of that cleanup, so a cleanup that fails part-way can be retried.
     pub fn adopt(opts: ContainerdOptions) -> Result<Option<Self>> {
         let Some((dir, run)) = opts.fixed_dirs.clone() else {
             bail!("adopting needs ContainerdOptions::fixed_dirs");
@@ -42,7 +42,6 @@ impl Containerd {
         let alive = system::processes()?
             .iter()
             .any(|p| p.pid == pid && p.environ_contains(&record.marker));
-        fs::remove_file(KeptRecord::path(&run)).context("removing the instance record")?;
         Ok(Some(Containerd {
             crictl_bin: paths::crictl_bin(),
             binary,
