@@ -56,7 +56,7 @@ impl Host {
 
     /// The configured VM, named `name`, with its state dir in place.
     pub fn vm_config(&self, name: &str) -> VmConfig {
-        self.config.vm_config(name)
+        self.config.vm_config(name, self.state.vm(name))
     }
 
     /// Makes the rootfs share of VM `name` (a fresh one per start attempt: a failed

@@ -24,8 +24,8 @@ pub struct Containerd {
     opts: ContainerdOptions,
     binary: PathBuf,
     crictl_bin: PathBuf,
-    /// On disk: root (images, snapshots), config, CNI, certs.d, logs, test scratch files.
-    /// tmpfs, short path: socket and state.
+    /// On disk: root (images, snapshots), config, CNI, certs.d, logs, test scratch files;
+    /// and on tmpfs, a short path: socket and state.
     dirs: InstanceDirs,
     marker: String,
     bridge: String,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::state_dir::StateDir;
 use crate::template::TemplatePolicy;
 use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
 
@@ -142,11 +141,12 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// The VM this config describes, named `id`, with its state dir under `state_dir/vms`.
-    pub fn vm_config(&self, id: &str) -> VmConfig {
+    /// The VM this config describes, named `id`, with `vm_dir` as its own state dir (the
+    /// composition root names it, see `host.rs`).
+    pub fn vm_config(&self, id: &str, vm_dir: PathBuf) -> VmConfig {
         VmConfig {
             id: id.to_owned(),
-            state_dir: StateDir::new(self.state_dir.clone()).vm(id),
+            state_dir: vm_dir,
             kernel: self.vm.kernel.clone(),
             initramfs: self.vm.initramfs.clone(),
             cpus: self.vm.cpus,

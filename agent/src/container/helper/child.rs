@@ -139,6 +139,19 @@ fn with_stdio(mut builder: ContainerBuilder, fds: Vec<OwnedFd>) -> ContainerBuil
     builder
 }
 
+/// What create and exec share: the container, its state root, its terminal or stdio.
+fn builder(
+    id: String,
+    state_root: PathBuf,
+    console_socket: Option<PathBuf>,
+    fds: Vec<OwnedFd>,
+) -> Result<ContainerBuilder, LibcontainerError> {
+    let builder = ContainerBuilder::new(id, SyscallType::default())
+        .with_root_path(state_root)?
+        .with_console_socket(console_socket);
+    Ok(with_stdio(builder, fds))
+}
+
 fn create(
     id: String,
     state_root: PathBuf,
@@ -146,10 +159,7 @@ fn create(
     console_socket: Option<PathBuf>,
     fds: Vec<OwnedFd>,
 ) -> Result<i32, LibcontainerError> {
-    let builder = ContainerBuilder::new(id, SyscallType::default())
-        .with_root_path(state_root)?
-        .with_console_socket(console_socket);
-    let container = with_stdio(builder, fds)
+    let container = builder(id, state_root, console_socket, fds)?
         .as_init(bundle)
         .with_systemd(false)
         .with_detach(true)
@@ -167,10 +177,7 @@ fn exec(
     console_socket: Option<PathBuf>,
     fds: Vec<OwnedFd>,
 ) -> Result<i32, LibcontainerError> {
-    let builder = ContainerBuilder::new(id, SyscallType::default())
-        .with_root_path(state_root)?
-        .with_console_socket(console_socket);
-    let pid = with_stdio(builder, fds)
+    let pid = builder(id, state_root, console_socket, fds)?
         .as_tenant()
         .with_process(Some(process_json))
         .with_detach(true)
