@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use harness::{container_req, ctx, process_ref, spec, stdio};
 use spry_proto::agent::*;
 use spry_proto::agent_ttrpc::AgentClient;
+use spry_shim::vm::cmdline::{qemu_args, StatePaths, SCSI_BUS};
+use spry_shim::vm::{host_tsc_khz, Accel, VmConfig};
 
 /// `name` from the environment, else `file` of the built guest (see the header).
 fn guest_file(name: &str, file: &str) -> PathBuf {
@@ -37,16 +39,6 @@ fn guest_file(name: &str, file: &str) -> PathBuf {
     path
 }
 
-fn tsc_khz() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("cpu MHz").and_then(|r| r.split(':').nth(1)))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("cpu MHz in /proc/cpuinfo");
-    format!("{}", (mhz * 1000.0) as u64)
-}
-
 struct Guest {
     qemu: Child,
     dir: tempfile::TempDir,
@@ -66,37 +58,22 @@ impl Guest {
             .prefix("spry-guest-")
             .tempdir_in("/tmp")
             .unwrap();
-        let agent_socket = dir.path().join("agent.sock");
-        let append = format!(
-            "console=ttyS0 8250.nr_uarts=1 tsc_early_khz={} panic=-1 spry.agent_channel=virtio-serial spry.log=info",
-            tsc_khz()
-        );
-        let qemu = Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on",
-                "-bios",
-                "qboot.rom",
-            ])
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", "1", "-m", "512M"])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initramfs)
-            .args(["-append", &append])
-            .arg("-chardev")
-            .arg(format!(
-                "file,id=console,path={}",
-                dir.path().join("console.log").display()
-            ))
-            .args(["-serial", "chardev:console"])
-            .args([
-                "-device",
-                "virtio-rng-device",
-                "-device",
-                "virtio-scsi-device,id=scsi0",
-            ])
+        // The shim's own command-line builder: the guest boots on the machine pods get.
+        let config = VmConfig {
+            id: "agent-guest-test".into(),
+            state_dir: dir.path().to_path_buf(),
+            kernel,
+            initramfs,
+            memory_mib: 512,
+            extra_cmdline: vec!["spry.log=info".into()],
+            ..Default::default()
+        };
+        let paths = StatePaths::new(dir.path());
+        let tsc_khz = host_tsc_khz().expect("the host's TSC frequency");
+        let agent_socket = paths.agent_socket.clone();
+        let qemu = Command::new(&config.qemu)
+            .args(qemu_args(&config, Accel::Tcg, tsc_khz, &paths))
+            // The rootfs disk is there from boot (pods hot-plug theirs).
             .arg("-drive")
             .arg(format!(
                 "file={},format=raw,if=none,id=layer0,readonly=on",
@@ -104,18 +81,7 @@ impl Guest {
             ))
             .args([
                 "-device",
-                "scsi-hd,bus=scsi0.0,drive=layer0,scsi-id=1,lun=0",
-            ])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                agent_socket.display()
-            ))
-            .args([
-                "-device",
-                "virtio-serial-device,id=vser0",
-                "-device",
-                "virtserialport,chardev=agent,name=spry.agent",
+                &format!("scsi-hd,bus={SCSI_BUS},drive=layer0,scsi-id=1,lun=0"),
             ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -48,14 +48,15 @@ impl Registry {
             .context("creating registry temp dir")?;
         let port = free_port()?;
         let config = dir.path().join("config.yml");
-        fs::write(&config, registry_config(storage, port))
-            .with_context(|| format!("writing {}", config.display()))?;
         let log_path = dir.path().join("registry.log");
         let log =
             File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&bin)
-            .arg("serve")
+        // The one registry starter, shared with scripts/lib/oci.sh; it execs the registry.
+        let child = Command::new(paths::repo_root().join("scripts/lib/registry-serve.sh"))
+            .arg(storage)
+            .arg(port.to_string())
             .arg(&config)
+            .env("SPRY_REGISTRY_BIN", &bin)
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("duplicating log file handle")?)
             .stderr(log)
@@ -124,14 +125,6 @@ impl Drop for Registry {
             eprintln!("spry-integration: stopping docker-registry: {e:#}");
         }
     }
-}
-
-fn registry_config(storage: &Path, port: u16) -> String {
-    format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-         http:\n  addr: 127.0.0.1:{port}\n",
-        storage.display()
-    )
 }
 
 /// A port that was free a moment ago (the registry binds it itself; the race is harmless in practice).

@@ -9,7 +9,7 @@ use spry_proto::agent as pb;
 use spry_shim::agent_client::{AgentClient, OutputStream, ProcessId};
 use spry_shim::cli::{container_spec, ProcessOptions};
 use spry_shim::rootfs::RootfsSource;
-use spry_shim::sandbox::{Sandbox, SandboxError};
+use spry_shim::sandbox::{PodVm, Sandbox, SandboxError};
 use vm_support::*;
 
 fn opts(args: &[&str]) -> ProcessOptions {
@@ -51,6 +51,7 @@ async fn start(
             &container_spec(opts),
             &RootfsSource::Directory(rootfs.to_path_buf()),
             stdio,
+            Vec::new(),
         )
         .await
         .unwrap_or_else(|e| panic!("create {id}: {}", chain(&e)));
@@ -316,7 +317,7 @@ async fn bad_specs_get_clear_errors() {
     // A binary that does not exist: the error names it, at create or at start.
     let spec = container_spec(&opts(&["/no/such/binary"]));
     let err = match sandbox
-        .create_container("nobin", &spec, &source, Default::default())
+        .create_container("nobin", &spec, &source, Default::default(), Vec::new())
         .await
     {
         Err(e) => chain(&e),
@@ -359,7 +360,7 @@ async fn bad_specs_get_clear_errors() {
     // A rootfs directory that does not exist: refused before anything reaches the VM.
     let missing = RootfsSource::Directory("/no/such/rootfs".into());
     let err = sandbox
-        .create_container("norootfs", &spec, &missing, Default::default())
+        .create_container("norootfs", &spec, &missing, Default::default(), Vec::new())
         .await
         .unwrap_err();
     assert!(chain(&err).contains("/no/such/rootfs"), "{}", chain(&err));

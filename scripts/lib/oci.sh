@@ -109,21 +109,9 @@ registry_start() {
     mkdir -p "$storage"
     port=$(free_tcp_port)
     conf=$(mktemp --suffix=.yml)
-    cat >"$conf" <<EOF
-version: 0.1
-log:
-  level: warn
-storage:
-  filesystem:
-    rootdirectory: $storage
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:$port
-EOF
     logfile=$(mktemp --suffix=-registry.log)
     SPRY_REGISTRY_FILES=("$conf" "$logfile")
-    docker-registry serve "$conf" >"$logfile" 2>&1 &
+    "$SPRY_ROOT/scripts/lib/registry-serve.sh" "$storage" "$port" "$conf" >"$logfile" 2>&1 &
     SPRY_REGISTRY_PID=$!
     SPRY_REGISTRY="127.0.0.1:$port"
     local i

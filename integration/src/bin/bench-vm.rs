@@ -14,7 +14,7 @@ use spry_proto::agent as pb;
 use spry_shim::agent_client::{OutputStream, ProcessId};
 use spry_shim::cli::{container_spec, ProcessOptions};
 use spry_shim::rootfs::{ErofsBlockShare, RootfsSource};
-use spry_shim::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use spry_shim::sandbox::{PodVm, Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use spry_shim::vm::{AccelChoice, AgentChannelKind, QemuHypervisor, VmConfig};
 
 struct Sample {
@@ -136,6 +136,7 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
             &container_spec(&opts),
             &RootfsSource::Directory(rootfs.to_path_buf()),
             pb::StdioConfig::default(),
+            Vec::new(),
         )
         .await?;
     sandbox.start_container("idle").await?;

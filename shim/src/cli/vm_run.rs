@@ -14,7 +14,7 @@ use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError, VmSettings};
 use crate::host::Host;
 use crate::rootfs::RootfsSource;
-use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use crate::sandbox::{PodVm, Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use crate::template::start_sandbox;
 use crate::vm::{VmConfig, VmExit};
 
@@ -151,6 +151,7 @@ async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRun
             &container_spec(&opts),
             &RootfsSource::Directory(args.rootfs.clone()),
             stdio,
+            Vec::new(),
         )
         .await?;
     let agent = sandbox.agent().clone();

@@ -1,22 +1,30 @@
-//! A pod sandbox: one VM, its agent, and the containers' rootfs disks.
+//! A pod sandbox: one VM, its agent, and the pod's resources (see `resources.rs`).
 //!
-//! This is the layer the shim's task service and `spry vm run` stand on. It owns the
-//! order of operations that keeps the host clean: a rootfs is attached before the agent
-//! creates the container and detached after the agent removed it, and a sandbox that
-//! fails half-way through starting stops its VM before returning the error.
+//! This is the layer the shim's task service and `spry vm run` stand on; the task service
+//! sees it only through the [`PodVm`] trait (`pod_vm.rs`). It owns the order of operations
+//! that keeps the host clean: a rootfs is attached before the agent creates the container
+//! and detached after the agent removed it, a sandbox that fails half-way through starting
+//! stops its VM before returning the error, and shutdown (in one place, any number of
+//! calls) stops the VM and then tears the resources down.
 
-use std::collections::HashMap;
+mod pod_vm;
+mod resources;
+
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use spry_proto::agent as pb;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::agent_client::{
     AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport,
 };
-use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
+use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
+
+pub use pod_vm::PodVm;
+pub use resources::{AttachError, PodResource, PodResources, ResourceError, RootfsDisks};
 
 /// How long to wait for a booted VM's agent to answer. Generous: under TCG on a loaded
 /// 2-core host a boot that normally takes 2 s can take many times that.
@@ -53,6 +61,8 @@ pub enum SandboxError {
     ContainerExists { id: String, container_id: String },
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
     #[error("cannot stop the VM of sandbox {id}")]
     StopVm {
         id: String,
@@ -76,8 +86,8 @@ pub struct Sandbox {
     id: String,
     vm: Box<dyn Vm>,
     agent: AgentClient,
-    rootfs_share: Box<dyn RootfsShare>,
-    attached: Mutex<HashMap<String, AttachedRootfs>>,
+    rootfs: Arc<RootfsDisks>,
+    resources: PodResources,
 }
 
 impl Sandbox {
@@ -107,19 +117,26 @@ impl Sandbox {
                     return Err(err);
                 }
             };
+            let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
+            // The pod's network, volumes and cgroup join this list, in their setup order.
+            let resources = PodResources::new(vec![rootfs.clone() as Arc<dyn PodResource>]);
             let sandbox = Sandbox {
                 id: id.clone(),
                 vm,
                 agent,
-                rootfs_share,
-                attached: Mutex::new(HashMap::new()),
+                rootfs,
+                resources,
             };
+            if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
+                stop_quietly(sandbox.vm.as_ref()).await;
+                return Err(e.into());
+            }
             if let Err(source) = sandbox
                 .agent
                 .create_sandbox(identity_request(&id, identity))
                 .await
             {
-                stop_quietly(sandbox.vm.as_ref()).await;
+                let _ = sandbox.shutdown(Duration::from_secs(1)).await;
                 return Err(SandboxError::Agent { id, source });
             }
             info!(
@@ -150,96 +167,14 @@ impl Sandbox {
         self.vm.exit_watch()
     }
 
-    /// Shares the rootfs into the VM and creates the container (not yet started).
-    pub async fn create_container(
-        &self,
-        container_id: &str,
-        spec: &oci_spec::runtime::Spec,
-        rootfs: &RootfsSource,
-        stdio: pb::StdioConfig,
-    ) -> Result<(), SandboxError> {
-        self.create_container_with_files(container_id, spec, rootfs, stdio, Vec::new())
-            .await
-    }
-
-    /// Like [`Sandbox::create_container`], also copying small host files into the guest
-    /// (bind-mounted at their destination).
-    pub async fn create_container_with_files(
-        &self,
-        container_id: &str,
-        spec: &oci_spec::runtime::Spec,
-        rootfs: &RootfsSource,
-        stdio: pb::StdioConfig,
-        files: Vec<pb::GuestFile>,
-    ) -> Result<(), SandboxError> {
-        let mut attached = self.attached.lock().await;
-        if attached.contains_key(container_id) {
-            return Err(SandboxError::ContainerExists {
-                id: self.id.clone(),
-                container_id: container_id.to_string(),
-            });
-        }
-        let disk = self
-            .rootfs_share
-            .attach(self.vm.as_ref(), container_id, rootfs)
-            .await?;
-        let spec_json = serde_json::to_vec(spec).expect("an OCI spec always serializes");
-        let req = pb::CreateContainerRequest {
-            container_id: container_id.to_string(),
-            oci_spec_json: spec_json,
-            rootfs: Some(disk.rootfs.clone()).into(),
-            stdio: Some(stdio).into(),
-            files,
-            ..Default::default()
-        };
-        if let Err(source) = self.agent.create_container(req).await {
-            if let Err(e) = self.rootfs_share.detach(self.vm.as_ref(), disk).await {
-                warn!(container_id, error = %e, "cannot detach rootfs after a failed create");
-            }
-            return Err(SandboxError::Container {
-                container_id: container_id.to_string(),
-                source,
-            });
-        }
-        attached.insert(container_id.to_string(), disk);
-        Ok(())
-    }
-
-    pub async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
-        self.agent
-            .start_container(container_id)
-            .await
-            .map_err(|source| SandboxError::Container {
-                container_id: container_id.to_string(),
-                source,
-            })
-    }
-
-    /// Removes a stopped container from the guest and detaches its rootfs.
-    pub async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
-        let removed = self.agent.remove_container(container_id).await;
-        let gone = matches!(&removed, Err(e) if e.code() == Some(ttrpc::Code::NOT_FOUND));
-        if let Err(source) = removed {
-            if !gone && self.is_running() {
-                return Err(SandboxError::Container {
-                    container_id: container_id.to_string(),
-                    source,
-                });
-            }
-        }
-        if let Some(disk) = self.attached.lock().await.remove(container_id) {
-            self.rootfs_share.detach(self.vm.as_ref(), disk).await?;
-        }
-        Ok(())
-    }
-
     pub fn is_running(&self) -> bool {
         self.vm.exit_watch().borrow().is_none()
     }
 
-    /// Asks the guest to power off, waits up to `timeout`, then forces the VM down.
-    /// Every host resource of the sandbox is gone when this returns, error or not.
-    pub async fn shutdown(self, timeout: Duration) -> Result<VmExit, SandboxError> {
+    /// Asks the guest to power off, waits up to `timeout`, then forces the VM down and
+    /// tears the pod's resources down. Every host resource of the sandbox is gone when
+    /// this returns, error or not; later calls only report how the VM ended.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<VmExit, SandboxError> {
         let span = info_span!("sandbox", sandbox_id = %self.id);
         async move {
             if self.is_running() {
@@ -248,11 +183,7 @@ impl Sandbox {
                 let _ = tokio::time::timeout(Duration::from_secs(2), self.agent.shutdown()).await;
             }
             let exit = self.vm.stop(timeout).await;
-            for (_, disk) in self.attached.lock().await.drain() {
-                if let Err(e) = self.rootfs_share.detach(self.vm.as_ref(), disk).await {
-                    warn!(error = %e, "cannot detach rootfs during shutdown");
-                }
-            }
+            self.resources.teardown(self.vm.as_ref()).await;
             exit.map_err(|source| SandboxError::StopVm {
                 id: self.id.clone(),
                 source,

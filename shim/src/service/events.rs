@@ -2,6 +2,7 @@
 
 use std::time::SystemTime;
 
+use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
@@ -11,31 +12,30 @@ use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
 use tracing::warn;
 
-/// Where events go: containerd's event service, in the shim's namespace.
-pub struct EventSink {
+/// Where events go: containerd's event service, or a recorder in tests.
+#[async_trait]
+pub trait EventPublisher: Send + Sync {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
+}
+
+/// containerd's event service, in the shim's namespace.
+pub struct ContainerdEvents {
     publisher: RemotePublisher,
     namespace: String,
 }
 
-pub fn timestamp(at: SystemTime) -> Timestamp {
-    let d = at
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut ts = Timestamp::new();
-    ts.seconds = d.as_secs() as i64;
-    ts.nanos = d.subsec_nanos() as i32;
-    ts
-}
-
-impl EventSink {
+impl ContainerdEvents {
     pub fn new(publisher: RemotePublisher, namespace: String) -> Self {
         Self {
             publisher,
             namespace,
         }
     }
+}
 
-    async fn send(&self, topic: &str, event: Box<dyn MessageDyn>) {
+#[async_trait]
+impl EventPublisher for ContainerdEvents {
+    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         // Events are best effort: containerd also learns state through the task API.
         if let Err(e) = self
             .publisher
@@ -49,6 +49,31 @@ impl EventSink {
         {
             warn!(topic, error = %e, "cannot publish event");
         }
+    }
+}
+
+/// The pod's task events, typed.
+pub struct EventSink {
+    publisher: Box<dyn EventPublisher>,
+}
+
+pub fn timestamp(at: SystemTime) -> Timestamp {
+    let d = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = d.as_secs() as i64;
+    ts.nanos = d.subsec_nanos() as i32;
+    ts
+}
+
+impl EventSink {
+    pub fn new(publisher: Box<dyn EventPublisher>) -> Self {
+        Self { publisher }
+    }
+
+    async fn send(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        self.publisher.publish(topic, event).await;
     }
 
     pub async fn create(&self, container_id: &str, bundle: &str, pid: u32) {

@@ -8,6 +8,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -15,7 +16,8 @@ use tokio::task::JoinHandle;
 use tracing::debug;
 
 use super::error::ShimError;
-use crate::agent_client::{AgentClient, OutputStream, ProcessId};
+use crate::agent_client::{OutputStream, ProcessId};
+use crate::sandbox::PodVm;
 
 const CHUNK: u32 = 32 * 1024;
 
@@ -37,7 +39,7 @@ pub struct IoPumps {
 impl IoPumps {
     /// Opens the output FIFOs (errors surface now, at create/start) and starts pumping.
     pub fn start(
-        agent: &AgentClient,
+        vm: &Arc<dyn PodVm>,
         process: &ProcessId,
         paths: &StdioPaths,
     ) -> Result<Self, ShimError> {
@@ -53,7 +55,7 @@ impl IoPumps {
             }
             let fifo = open_output(Path::new(path))?;
             outputs.push(tokio::spawn(pump_output(
-                agent.clone(),
+                Arc::clone(vm),
                 process.clone(),
                 stream,
                 fifo,
@@ -62,7 +64,7 @@ impl IoPumps {
         let stdin = (!paths.stdin.is_empty()).then(|| {
             let path = PathBuf::from(&paths.stdin);
             (
-                tokio::spawn(pump_stdin(agent.clone(), process.clone(), path.clone())),
+                tokio::spawn(pump_stdin(Arc::clone(vm), process.clone(), path.clone())),
                 path,
             )
         });
@@ -116,13 +118,13 @@ fn open_output(path: &Path) -> Result<pipe::Sender, ShimError> {
 }
 
 async fn pump_output(
-    agent: AgentClient,
+    vm: Arc<dyn PodVm>,
     process: ProcessId,
     stream: OutputStream,
     mut fifo: pipe::Sender,
 ) {
     loop {
-        match agent.read_output(&process, stream, CHUNK).await {
+        match vm.read_output(&process, stream, CHUNK).await {
             Ok(Some(data)) => {
                 if let Err(e) = fifo.write_all(&data).await {
                     // Nobody reads any more (containerd went away); keep draining the
@@ -139,7 +141,7 @@ async fn pump_output(
     }
 }
 
-async fn pump_stdin(agent: AgentClient, process: ProcessId, path: PathBuf) {
+async fn pump_stdin(vm: Arc<dyn PodVm>, process: ProcessId, path: PathBuf) {
     let opened = tokio::task::spawn_blocking({
         let path = path.clone();
         move || std::fs::File::open(path)
@@ -158,11 +160,11 @@ async fn pump_stdin(agent: AgentClient, process: ProcessId, path: PathBuf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if agent.write_stdin_all(&process, &buf[..n]).await.is_err() {
+        if vm.write_stdin_all(&process, &buf[..n]).await.is_err() {
             return;
         }
     }
-    let _ = agent.close_stdin(&process).await;
+    let _ = vm.close_stdin(&process).await;
 }
 
 fn set_nonblocking(file: std::fs::File) -> std::io::Result<std::fs::File> {

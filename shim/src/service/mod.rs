@@ -4,14 +4,18 @@
 //! annotation, so every container of a pod reaches the shim that owns the pod's VM.
 //! The sandbox ("pause") task is the VM itself; app containers and execs are agent calls.
 
+mod bundle_rootfs;
 mod error;
 mod events;
 mod io;
+mod launcher;
 mod options;
 mod pod;
 mod spec;
 mod stats;
 mod task;
+mod tasks;
+mod watchers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -133,9 +137,10 @@ impl Shim for SpryShim {
         };
         crate::log_filter::apply_config_level(&config.log_level);
         info!(id = %self.id, namespace = %self.namespace, "shim serving");
+        let events = events::ContainerdEvents::new(publisher, self.namespace.clone());
         let pod = pod::Pod::new(
-            config,
-            events::EventSink::new(publisher, self.namespace.clone()),
+            Box::new(launcher::HostLauncher::new(config)),
+            events::EventSink::new(Box::new(events)),
         );
         // `wait` needs the pod for last-resort cleanup; `new` ran before it existed.
         let _ = self.pod.set(Arc::clone(&pod));

@@ -1,116 +1,69 @@
-//! One pod's tasks inside one shim: the sandbox task (the VM itself) and the app
-//! containers and execs that run in it.
-//!
-//! Process state lives in a `watch` channel per process, so `Wait` is a subscription and
-//! the exit is recorded exactly once, by the task that watched the guest process.
+//! One pod's lifecycle inside one shim: the sandbox task (the VM itself) and the app
+//! containers and execs that run in it, over the [`PodVm`] trait. The task table is in
+//! `tasks.rs`, the background watchers in `watchers.rs`, the VM's start in `launcher.rs`.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use async_trait::async_trait;
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use oci_spec::runtime::Spec;
 use spry_proto::agent as pb;
-use tokio::sync::{watch, Mutex, RwLock};
-use tracing::{info, info_span, warn, Instrument};
+use tokio::sync::{Mutex, RwLock};
+use tracing::{info, warn};
 
+use super::bundle_rootfs;
 use super::error::ShimError;
 use super::events::EventSink;
 use super::io::{IoPumps, StdioPaths};
+use super::launcher::SandboxLauncher;
 use super::spec::{self, TaskKind};
+use super::tasks::{Deleted, Process, ProcessStatus, Task, TaskTable};
+use super::watchers::{self, ExitRecorder};
 use crate::agent_client::ProcessId;
-use crate::config::Config;
-use crate::host::Host;
 use crate::rootfs::RootfsSource;
-use crate::sandbox::{Sandbox, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
-use crate::template;
-use crate::vm::VmConfig;
-use containerd_shim::protos::protobuf::well_known_types::any::Any;
+use crate::sandbox::PodVm;
 
-/// Exit status reported for processes whose VM went away under them.
-const VM_GONE_EXIT: u32 = 255;
-/// Exit status of the sandbox task when we stopped its VM (as runc's pause gets SIGKILL).
-const SANDBOX_KILLED_EXIT: u32 = 137;
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an exit event waits for the process's last output to reach the FIFOs.
 const OUTPUT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProcessStatus {
-    Created,
-    Running,
-    Stopped {
-        exit_code: u32,
-        exited_at: SystemTime,
-    },
-}
-
-impl ProcessStatus {
-    pub fn name(&self) -> &'static str {
-        match self {
-            ProcessStatus::Created => "created",
-            ProcessStatus::Running => "running",
-            ProcessStatus::Stopped { .. } => "stopped",
-        }
-    }
-}
-
-/// A process as containerd sees it.
-struct Process {
-    stdio: StdioPaths,
-    status: watch::Sender<ProcessStatus>,
-    /// OCI Process JSON of an exec, kept from Exec until Start.
-    exec_spec: Vec<u8>,
-    pumps: Option<IoPumps>,
-}
-
-impl Process {
-    fn new(stdio: StdioPaths) -> Self {
-        Self {
-            stdio,
-            status: watch::channel(ProcessStatus::Created).0,
-            exec_spec: Vec::new(),
-            pumps: None,
-        }
-    }
-}
-
-struct Task {
-    kind: TaskKind,
-    bundle: PathBuf,
-    /// We mounted containerd's rootfs mounts at `<bundle>/rootfs` and must unmount them.
-    rootfs_mounted: bool,
-    init: Process,
-    execs: HashMap<String, Process>,
-}
-
 /// A snapshot of one process for the State call.
 pub struct ProcessState {
-    pub bundle: PathBuf,
+    pub bundle: std::path::PathBuf,
     pub pid: u32,
     pub status: ProcessStatus,
     pub stdio: StdioPaths,
 }
 
+/// What Delete reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeletedProcess {
+    pub pid: u32,
+    pub exit_code: u32,
+    pub exited_at: SystemTime,
+}
+
 /// Everything one shim manages.
 pub struct Pod {
-    config: Config,
-    events: Arc<EventSink>,
-    sandbox: RwLock<Option<Arc<Sandbox>>>,
-    tasks: Mutex<HashMap<String, Task>>,
+    launcher: Box<dyn SandboxLauncher>,
+    events: EventSink,
+    vm: RwLock<Option<Arc<dyn PodVm>>>,
+    tasks: Mutex<TaskTable>,
     /// A template rebuild this pod started after its template proved bad.
     template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The state dir of the pod's VM (its handler's config may name its own).
-    state_dir: std::sync::OnceLock<PathBuf>,
+    state_dir: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 impl Pod {
-    pub fn new(config: Config, events: EventSink) -> Arc<Self> {
+    pub fn new(launcher: Box<dyn SandboxLauncher>, events: EventSink) -> Arc<Self> {
         Arc::new(Self {
-            config,
-            events: Arc::new(events),
-            sandbox: RwLock::new(None),
-            tasks: Mutex::new(HashMap::new()),
+            launcher,
+            events,
+            vm: RwLock::new(None),
+            tasks: Mutex::new(TaskTable::default()),
             template_rebuild: std::sync::Mutex::new(None),
             state_dir: std::sync::OnceLock::new(),
         })
@@ -118,16 +71,16 @@ impl Pod {
 
     /// QEMU's PID: every task of the pod runs inside it.
     pub async fn vm_pid(&self) -> u32 {
-        self.sandbox
+        self.vm
             .read()
             .await
             .as_ref()
-            .map(|s| s.vm().pid())
+            .map(|vm| vm.pid())
             .unwrap_or(0)
     }
 
-    async fn running_sandbox(&self, id: &str) -> Result<Arc<Sandbox>, ShimError> {
-        self.sandbox
+    async fn running_vm(&self, id: &str) -> Result<Arc<dyn PodVm>, ShimError> {
+        self.vm
             .read()
             .await
             .clone()
@@ -142,33 +95,33 @@ impl Pod {
         stdio: StdioPaths,
         options: Option<&Any>,
     ) -> Result<u32, ShimError> {
-        if self.tasks.lock().await.contains_key(id) {
+        if self.tasks.lock().await.contains(id) {
             return Err(ShimError::ContainerExists { id: id.to_string() });
         }
         let spec = spec::load(bundle)?;
         let kind = spec::task_kind(&spec);
         // A task without CRI annotations (e.g. `ctr run`) is a pod of its own.
         let own_vm = kind == TaskKind::Sandbox
-            || (spec::sandbox_id(&spec).is_none() && self.sandbox.read().await.is_none());
+            || (spec::sandbox_id(&spec).is_none() && self.vm.read().await.is_none());
         if own_vm {
-            self.boot_sandbox(id, &spec, options).await?;
+            self.boot_vm(id, &spec, options).await?;
         }
-        let mut task = Task {
-            kind,
-            bundle: bundle.to_path_buf(),
-            rootfs_mounted: false,
-            init: Process::new(stdio),
-            execs: HashMap::new(),
+        let mut task = Task::new(kind, bundle.to_path_buf(), stdio);
+        let created = match kind {
+            TaskKind::App => self.create_app(id, &spec, rootfs, &mut task).await,
+            TaskKind::Sandbox => Ok(()),
         };
-        if kind == TaskKind::App {
-            if let Err(e) = self.create_app(id, &spec, rootfs, &mut task).await {
-                if own_vm {
-                    self.stop_sandbox().await;
-                }
-                return Err(e);
+        let inserted = match created {
+            // containerd serializes calls per id; the check above stands.
+            Ok(()) => self.tasks.lock().await.insert(id, task),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = inserted {
+            if own_vm {
+                self.stop_vm().await;
             }
+            return Err(e);
         }
-        self.tasks.lock().await.insert(id.to_string(), task);
         if let Some(state_dir) = self.state_dir.get() {
             super::record_state_dir(bundle, state_dir);
         }
@@ -177,50 +130,32 @@ impl Pod {
         Ok(pid)
     }
 
-    async fn boot_sandbox(
+    async fn boot_vm(
         self: &Arc<Self>,
         id: &str,
         spec: &Spec,
         options: Option<&Any>,
     ) -> Result<(), ShimError> {
-        let mut slot = self.sandbox.write().await;
+        let mut slot = self.vm.write().await;
         if slot.is_some() {
             return Err(ShimError::ContainerExists { id: id.to_string() });
         }
-        // The runtime handler's own config, when containerd's options name one.
-        let config = match super::options::config_from_options(options)? {
-            Some(config) => config,
-            None => self.config.clone(),
-        };
-        crate::log_filter::apply_config_level(&config.log_level);
-        let _ = self.state_dir.set(config.state_dir.clone());
-        let name = super::state_name(id);
-        let host = Host::new(config);
-        let vm_config = VmConfig {
-            netns: spec::network_namespace(spec),
-            ..host.vm_config(&name)
-        };
-        let identity = SandboxIdentity {
-            hostname: spec
-                .hostname()
-                .clone()
-                .unwrap_or_else(|| id.chars().take(12).collect()),
-            ..Default::default()
-        };
-        let make_share = host.rootfs_share_factory(&name);
-        let request = host.launch_request(vm_config, identity, DEFAULT_BOOT_TIMEOUT);
-        let launch = template::start_sandbox(request, &make_share).await?;
-        if let Some(rebuild) = launch.rebuild {
+        let launched = self.launcher.launch(id, spec, options).await?;
+        let _ = self.state_dir.set(launched.state_dir);
+        if let Some(rebuild) = launched.rebuild {
             *self
                 .template_rebuild
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(rebuild);
         }
-        let sandbox = Arc::new(launch.sandbox);
-        self.watch_vm(&sandbox);
-        self.watch_oom(&sandbox);
-        *slot = Some(sandbox);
+        watchers::watch_vm(self.recorder(), &launched.vm);
+        watchers::watch_oom(self.recorder(), Arc::clone(&launched.vm));
+        *slot = Some(launched.vm);
         Ok(())
+    }
+
+    fn recorder(self: &Arc<Self>) -> Arc<dyn ExitRecorder> {
+        Arc::clone(self) as Arc<dyn ExitRecorder>
     }
 
     async fn create_app(
@@ -230,32 +165,22 @@ impl Pod {
         rootfs: &[containerd_shim::protos::api::Mount],
         task: &mut Task,
     ) -> Result<(), ShimError> {
-        let sandbox = self.running_sandbox(id).await?;
-        let rootfs_dir = task.bundle.join("rootfs");
-        mount_rootfs(id, rootfs, &rootfs_dir).await?;
+        let vm = self.running_vm(id).await?;
+        let rootfs_dir = task.rootfs_dir();
+        bundle_rootfs::mount(id, rootfs, &rootfs_dir).await?;
         task.rootfs_mounted = !rootfs.is_empty();
-        let (guest_spec, files) = spec::for_guest(spec.clone(), id);
-        let mounts: Vec<(&str, &[String])> = rootfs
-            .iter()
-            .map(|m| (m.type_.as_str(), m.options.as_slice()))
-            .collect();
-        let source = RootfsSource::for_mounts(&mounts, &rootfs_dir);
-        let stdio = pb::StdioConfig {
-            terminal: task.init.stdio.terminal,
-            stdin: !task.init.stdio.stdin.is_empty(),
-            ..Default::default()
-        };
         let created = async {
-            sandbox
-                .create_container_with_files(id, &guest_spec, &source, stdio, files)
+            let (guest_spec, files) = spec::for_guest(spec.clone(), id);
+            let source = RootfsSource::for_mounts(&bundle_rootfs::kinds(rootfs), &rootfs_dir);
+            let stdio = guest_stdio(&task.init.stdio);
+            vm.create_container(id, &guest_spec, &source, stdio, files)
                 .await?;
-            match IoPumps::start(sandbox.agent(), &ProcessId::init(id), &task.init.stdio) {
-                Ok(pumps) => Ok(pumps),
-                Err(e) => {
-                    let _ = sandbox.remove_container(id).await;
-                    Err(e)
-                }
-            }
+            IoPumps::start(&vm, &ProcessId::init(id), &task.init.stdio).inspect_err(|_| {
+                // Not awaited inline: the error is what matters; the removal is best effort.
+                let vm = Arc::clone(&vm);
+                let id = id.to_string();
+                tokio::spawn(async move { vm.remove_container(&id).await });
+            })
         }
         .await;
         match created {
@@ -265,7 +190,7 @@ impl Pod {
             }
             Err(e) => {
                 if task.rootfs_mounted {
-                    unmount_rootfs(&rootfs_dir);
+                    bundle_rootfs::unmount(&rootfs_dir);
                 }
                 Err(e)
             }
@@ -275,39 +200,21 @@ impl Pod {
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, ShimError> {
         let pid = self.vm_pid().await;
         let mut tasks = self.tasks.lock().await;
-        let task = tasks
-            .get_mut(id)
-            .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-        let kind = task.kind;
-        let process = lookup_mut(task, id, exec_id)?;
-        let status = *process.status.borrow();
-        if status != ProcessStatus::Created {
-            return Err(wrong_state(id, exec_id, status, "created"));
-        }
-        match (kind, exec_id.is_empty()) {
-            (TaskKind::Sandbox, true) => {}
-            (_, true) => {
-                let sandbox = self.running_sandbox(id).await?;
-                sandbox.start_container(id).await?;
-                self.watch_exit(&sandbox, id, exec_id);
-            }
-            (_, false) => {
-                let sandbox = self.running_sandbox(id).await?;
-                let agent = sandbox.agent();
-                let process_id = ProcessId::exec(id, exec_id);
-                let stdio = pb::StdioConfig {
-                    terminal: process.stdio.terminal,
-                    stdin: !process.stdio.stdin.is_empty(),
-                    ..Default::default()
-                };
-                agent
-                    .exec_process(&process_id, process.exec_spec.clone(), stdio)
+        let (kind, process) = tasks.startable(id, exec_id)?;
+        if (kind, exec_id.is_empty()) != (TaskKind::Sandbox, true) {
+            let vm = self.running_vm(id).await?;
+            let process_id = ProcessId::exec(id, exec_id);
+            if exec_id.is_empty() {
+                vm.start_container(id).await?;
+            } else {
+                let spec = std::mem::take(&mut process.exec_spec);
+                vm.exec_process(&process_id, spec, guest_stdio(&process.stdio))
                     .await?;
-                process.pumps = Some(IoPumps::start(agent, &process_id, &process.stdio)?);
-                self.watch_exit(&sandbox, id, exec_id);
+                process.pumps = Some(IoPumps::start(&vm, &process_id, &process.stdio)?);
             }
+            watchers::watch_exit(self.recorder(), vm, process_id);
         }
-        process.status.send_replace(ProcessStatus::Running);
+        process.set_running();
         drop(tasks);
         if exec_id.is_empty() {
             self.events.start(id, pid).await;
@@ -315,117 +222,6 @@ impl Pod {
             self.events.exec_started(id, exec_id, pid).await;
         }
         Ok(pid)
-    }
-
-    /// Records the exit of a guest process once it happens (or once its VM is gone).
-    fn watch_exit(self: &Arc<Self>, sandbox: &Arc<Sandbox>, id: &str, exec_id: &str) {
-        let pod = Arc::clone(self);
-        let sandbox = Arc::clone(sandbox);
-        let (id, exec_id) = (id.to_string(), exec_id.to_string());
-        let span = info_span!("process", container_id = %id, exec_id = %exec_id);
-        tokio::spawn(
-            async move {
-                let process_id = ProcessId {
-                    container_id: id.clone(),
-                    exec_id: exec_id.clone(),
-                };
-                let exit_code = match sandbox.agent().wait_process(&process_id).await {
-                    Ok(status) => status.exit_code,
-                    Err(e) => {
-                        warn!(error = %e, "lost the process: its VM is gone");
-                        VM_GONE_EXIT
-                    }
-                };
-                pod.record_exit(&id, &exec_id, exit_code).await;
-            }
-            .instrument(span),
-        );
-    }
-
-    async fn record_exit(&self, id: &str, exec_id: &str, exit_code: u32) {
-        let mut pumps = {
-            let mut tasks = self.tasks.lock().await;
-            let Some(process) = tasks
-                .get_mut(id)
-                .and_then(|t| lookup_mut(t, id, exec_id).ok())
-            else {
-                return;
-            };
-            if matches!(*process.status.borrow(), ProcessStatus::Stopped { .. }) {
-                return;
-            }
-            process.pumps.take()
-        };
-        if let Some(pumps) = pumps.as_mut() {
-            pumps.stop_stdin();
-            if tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, pumps.drain_outputs())
-                .await
-                .is_err()
-            {
-                warn!(
-                    container_id = id,
-                    exec_id, "output not drained before the exit event"
-                );
-            }
-        }
-        let exited_at = SystemTime::now();
-        {
-            let tasks = self.tasks.lock().await;
-            let Some(process) = tasks.get(id).and_then(|t| lookup(t, id, exec_id).ok()) else {
-                return;
-            };
-            process.status.send_replace(ProcessStatus::Stopped {
-                exit_code,
-                exited_at,
-            });
-        }
-        info!(container_id = id, exec_id, exit_code, "process exited");
-        let event_id = if exec_id.is_empty() { id } else { exec_id };
-        self.events
-            .exit(id, event_id, self.vm_pid().await, exit_code, exited_at)
-            .await;
-    }
-
-    /// When the VM goes, every process in it is gone too.
-    fn watch_vm(self: &Arc<Self>, sandbox: &Arc<Sandbox>) {
-        let pod = Arc::clone(self);
-        let mut exit = sandbox.exit_watch();
-        tokio::spawn(async move {
-            let _ = exit.wait_for(|e| e.is_some()).await;
-            let reason = exit.borrow().clone();
-            let mut stopped = Vec::new();
-            for (id, task) in pod.tasks.lock().await.iter() {
-                let sandbox_code = if task.kind == TaskKind::Sandbox {
-                    SANDBOX_KILLED_EXIT
-                } else {
-                    VM_GONE_EXIT
-                };
-                if !matches!(*task.init.status.borrow(), ProcessStatus::Stopped { .. }) {
-                    stopped.push((id.clone(), String::new(), sandbox_code));
-                }
-                for (exec_id, p) in &task.execs {
-                    if matches!(*p.status.borrow(), ProcessStatus::Running) {
-                        stopped.push((id.clone(), exec_id.clone(), VM_GONE_EXIT));
-                    }
-                }
-            }
-            if let Some(reason) = reason {
-                info!(%reason, "pod VM exited");
-            }
-            for (id, exec_id, code) in stopped {
-                pod.record_exit(&id, &exec_id, code).await;
-            }
-        });
-    }
-
-    fn watch_oom(self: &Arc<Self>, sandbox: &Arc<Sandbox>) {
-        let events = Arc::clone(&self.events);
-        let agent = sandbox.agent().clone();
-        tokio::spawn(async move {
-            while let Ok(container_id) = agent.next_oom_event().await {
-                events.oom(&container_id).await;
-            }
-        });
     }
 
     pub async fn exec(
@@ -442,89 +238,45 @@ impl Pod {
                 source,
             }
         })?;
-        {
-            let mut tasks = self.tasks.lock().await;
-            let task = tasks
-                .get_mut(id)
-                .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-            if task.execs.contains_key(exec_id) {
-                return Err(ShimError::ProcessExists {
-                    id: id.to_string(),
-                    exec_id: exec_id.to_string(),
-                });
-            }
-            let status = *task.init.status.borrow();
-            if status != ProcessStatus::Running {
-                return Err(wrong_state(id, "", status, "running"));
-            }
-            let mut process = Process::new(stdio);
-            process.exec_spec = spec_json;
-            task.execs.insert(exec_id.to_string(), process);
-        }
+        let mut process = Process::new(stdio);
+        process.exec_spec = spec_json;
+        self.tasks.lock().await.add_exec(id, exec_id, process)?;
         self.events.exec_added(id, exec_id).await;
         Ok(())
     }
 
     pub async fn kill(
-        self: &Arc<Self>,
+        &self,
         id: &str,
         exec_id: &str,
         signal: u32,
         all: bool,
     ) -> Result<(), ShimError> {
-        let kind = {
-            let tasks = self.tasks.lock().await;
-            let task = tasks
-                .get(id)
-                .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-            let status = *lookup(task, id, exec_id)?.status.borrow();
-            if let ProcessStatus::Stopped { .. } = status {
-                // containerd treats NotFound as "already finished".
-                return Err(ShimError::ProcessNotFound {
-                    id: id.to_string(),
-                    exec_id: exec_id.to_string(),
-                });
-            }
-            task.kind
-        };
+        let kind = self.tasks.lock().await.killable(id, exec_id)?;
         if kind == TaskKind::Sandbox && exec_id.is_empty() {
             // The sandbox task is the VM: any kill stops it (CRI sends SIGKILL).
-            self.stop_sandbox().await;
+            self.stop_vm().await;
             return Ok(());
         }
-        let sandbox = self.running_sandbox(id).await?;
-        let process = ProcessId {
-            container_id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        };
-        sandbox
-            .agent()
-            .signal_process(&process, signal, all)
+        let vm = self.running_vm(id).await?;
+        vm.signal_process(&ProcessId::exec(id, exec_id), signal, all)
             .await?;
         Ok(())
     }
 
-    async fn stop_sandbox(&self) {
-        let sandbox = self.sandbox.read().await.clone();
-        if let Some(sandbox) = sandbox {
-            if sandbox.is_running() {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), sandbox.agent().shutdown()).await;
-                if let Err(e) = sandbox.vm().stop(SHUTDOWN_TIMEOUT).await {
-                    warn!(error = %e, "VM did not stop cleanly");
-                }
+    /// Stops the pod's VM and releases its resources; the watchers then record every
+    /// process as exited.
+    async fn stop_vm(&self) {
+        let vm = self.vm.read().await.clone();
+        if let Some(vm) = vm {
+            if let Err(e) = vm.shutdown(SHUTDOWN_TIMEOUT).await {
+                warn!(error = %crate::error_chain(&e), "the pod VM did not stop cleanly");
             }
         }
     }
 
     pub async fn wait(&self, id: &str, exec_id: &str) -> Result<(u32, SystemTime), ShimError> {
-        let mut status = {
-            let tasks = self.tasks.lock().await;
-            let task = tasks
-                .get(id)
-                .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-            lookup(task, id, exec_id)?.status.subscribe()
-        };
+        let mut status = self.tasks.lock().await.process(id, exec_id)?.subscribe();
         let stopped = status
             .wait_for(|s| matches!(s, ProcessStatus::Stopped { .. }))
             .await
@@ -545,84 +297,63 @@ impl Pod {
     pub async fn state(&self, id: &str, exec_id: &str) -> Result<ProcessState, ShimError> {
         let pid = self.vm_pid().await;
         let tasks = self.tasks.lock().await;
-        let task = tasks
-            .get(id)
-            .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-        let process = lookup(task, id, exec_id)?;
-        let status = *process.status.borrow();
+        let process = tasks.process(id, exec_id)?;
         Ok(ProcessState {
-            bundle: task.bundle.clone(),
+            bundle: tasks.task(id)?.bundle.clone(),
             pid,
-            status,
+            status: process.status(),
             stdio: process.stdio.clone(),
         })
     }
 
     /// Deletes an exec, or a whole container (its init must not be running).
-    pub async fn delete(
-        &self,
-        id: &str,
-        exec_id: &str,
-    ) -> Result<(u32, u32, SystemTime), ShimError> {
+    pub async fn delete(&self, id: &str, exec_id: &str) -> Result<DeletedProcess, ShimError> {
         let pid = self.vm_pid().await;
-        let mut tasks = self.tasks.lock().await;
-        let task = tasks
-            .get_mut(id)
-            .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
-        let status = *lookup(task, id, exec_id)?.status.borrow();
-        if status == ProcessStatus::Running {
-            return Err(wrong_state(id, exec_id, status, "stopped"));
-        }
-        let (exit_code, exited_at) = match status {
-            ProcessStatus::Stopped {
-                exit_code,
-                exited_at,
-            } => (exit_code, exited_at),
-            _ => (0, SystemTime::now()),
+        let Deleted {
+            exit_code,
+            exited_at,
+            task,
+        } = self.tasks.lock().await.delete(id, exec_id)?;
+        let deleted = DeletedProcess {
+            pid,
+            exit_code,
+            exited_at,
         };
-        if !exec_id.is_empty() {
-            task.execs.remove(exec_id);
-            return Ok((pid, exit_code, exited_at));
-        }
-        let task = tasks.remove(id).expect("looked up above");
-        drop(tasks);
+        let Some(task) = task else {
+            return Ok(deleted);
+        };
         match task.kind {
             TaskKind::Sandbox => {
-                self.stop_sandbox().await;
-                if let Some(sandbox) = self.sandbox.write().await.take() {
-                    if let Ok(sandbox) = Arc::try_unwrap(sandbox) {
-                        let _ = sandbox.shutdown(SHUTDOWN_TIMEOUT).await;
-                    }
-                }
+                self.stop_vm().await;
+                self.vm.write().await.take();
             }
             TaskKind::App => {
-                if let Some(sandbox) = self.sandbox.read().await.clone() {
-                    if let Err(e) = sandbox.remove_container(id).await {
-                        warn!(container_id = id, error = %e, "cannot remove the container from the VM");
+                if let Some(vm) = self.vm.read().await.clone() {
+                    if let Err(e) = vm.remove_container(id).await {
+                        warn!(container_id = id, error = %crate::error_chain(&e), "cannot remove the container from the VM");
                     }
                 }
                 if task.rootfs_mounted {
-                    unmount_rootfs(&task.bundle.join("rootfs"));
+                    bundle_rootfs::unmount(&task.rootfs_dir());
                 }
             }
         }
         self.events.delete(id, pid, exit_code, exited_at).await;
-        Ok((pid, exit_code, exited_at))
+        Ok(deleted)
     }
 
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, ShimError> {
         let kind = self.kind_of(id).await?;
-        let sandbox = self.running_sandbox(id).await?;
+        let vm = self.running_vm(id).await?;
         if kind == TaskKind::Sandbox {
-            return Ok(vec![sandbox.vm().pid()]);
+            return Ok(vec![vm.pid()]);
         }
-        Ok(sandbox.agent().list_processes(id).await?)
+        Ok(vm.list_processes(id).await?)
     }
 
     pub async fn stats(&self, id: &str) -> Result<pb::ContainerStats, ShimError> {
         self.kind_of(id).await?;
-        let sandbox = self.running_sandbox(id).await?;
-        Ok(sandbox.agent().stats(id).await?)
+        Ok(self.running_vm(id).await?.stats(id).await?)
     }
 
     pub async fn update(&self, id: &str, resources_json: Vec<u8>) -> Result<(), ShimError> {
@@ -636,8 +367,8 @@ impl Pod {
             // Pod-level resources are the VM's size; nothing runs in the sandbox task.
             return Ok(());
         }
-        let sandbox = self.running_sandbox(id).await?;
-        Ok(sandbox.agent().update_container(id, resources_json).await?)
+        let vm = self.running_vm(id).await?;
+        Ok(vm.update_container(id, resources_json).await?)
     }
 
     pub async fn resize_pty(
@@ -647,31 +378,21 @@ impl Pod {
         rows: u32,
         cols: u32,
     ) -> Result<(), ShimError> {
-        self.kind_of(id).await?;
-        let sandbox = self.running_sandbox(id).await?;
-        let process = ProcessId {
-            container_id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        };
-        Ok(sandbox.agent().resize_tty(&process, rows, cols).await?)
+        self.tasks.lock().await.process(id, exec_id)?;
+        let vm = self.running_vm(id).await?;
+        Ok(vm
+            .resize_tty(&ProcessId::exec(id, exec_id), rows, cols)
+            .await?)
     }
 
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
-        self.kind_of(id).await?;
-        let sandbox = self.running_sandbox(id).await?;
-        let process = ProcessId {
-            container_id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        };
-        Ok(sandbox.agent().close_stdin(&process).await?)
+        self.tasks.lock().await.process(id, exec_id)?;
+        let vm = self.running_vm(id).await?;
+        Ok(vm.close_stdin(&ProcessId::exec(id, exec_id)).await?)
     }
 
     async fn kind_of(&self, id: &str) -> Result<TaskKind, ShimError> {
-        let tasks = self.tasks.lock().await;
-        Ok(tasks
-            .get(id)
-            .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?
-            .kind)
+        Ok(self.tasks.lock().await.task(id)?.kind)
     }
 
     pub async fn is_empty(&self) -> bool {
@@ -691,78 +412,68 @@ impl Pod {
             rebuild.abort();
             let _ = rebuild.await;
         }
-        self.stop_sandbox().await;
-        let tasks: Vec<Task> = self.tasks.lock().await.drain().map(|(_, t)| t).collect();
+        self.stop_vm().await;
+        let tasks = self.tasks.lock().await.drain();
         for task in tasks {
             if task.rootfs_mounted {
-                unmount_rootfs(&task.bundle.join("rootfs"));
+                bundle_rootfs::unmount(&task.rootfs_dir());
             }
         }
-        if let Some(sandbox) = self.sandbox.write().await.take() {
-            if let Ok(sandbox) = Arc::try_unwrap(sandbox) {
-                let _ = sandbox.shutdown(SHUTDOWN_TIMEOUT).await;
+        self.vm.write().await.take();
+    }
+}
+
+#[async_trait]
+impl ExitRecorder for Pod {
+    async fn record_exit(&self, id: &str, exec_id: &str, exit_code: u32) {
+        let Some(mut pumps) = self.tasks.lock().await.claim_exit(id, exec_id) else {
+            return;
+        };
+        if let Some(pumps) = pumps.as_mut() {
+            pumps.stop_stdin();
+            if tokio::time::timeout(OUTPUT_DRAIN_TIMEOUT, pumps.drain_outputs())
+                .await
+                .is_err()
+            {
+                warn!(
+                    container_id = id,
+                    exec_id, "output not drained before the exit event"
+                );
             }
         }
-    }
-}
-
-fn lookup<'a>(task: &'a Task, id: &str, exec_id: &str) -> Result<&'a Process, ShimError> {
-    if exec_id.is_empty() {
-        return Ok(&task.init);
-    }
-    task.execs
-        .get(exec_id)
-        .ok_or_else(|| ShimError::ProcessNotFound {
-            id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        })
-}
-
-fn lookup_mut<'a>(
-    task: &'a mut Task,
-    id: &str,
-    exec_id: &str,
-) -> Result<&'a mut Process, ShimError> {
-    if exec_id.is_empty() {
-        return Ok(&mut task.init);
-    }
-    task.execs
-        .get_mut(exec_id)
-        .ok_or_else(|| ShimError::ProcessNotFound {
-            id: id.to_string(),
-            exec_id: exec_id.to_string(),
-        })
-}
-
-fn wrong_state(id: &str, exec_id: &str, status: ProcessStatus, wanted: &'static str) -> ShimError {
-    ShimError::WrongState {
-        id: id.to_string(),
-        exec_id: exec_id.to_string(),
-        state: status.name(),
-        wanted,
-    }
-}
-
-/// Mounts containerd's rootfs mounts (usually one overlay) at `target`.
-async fn mount_rootfs(
-    id: &str,
-    mounts: &[containerd_shim::protos::api::Mount],
-    target: &Path,
-) -> Result<(), ShimError> {
-    for m in mounts {
-        containerd_shim::asynchronous::util::mount_rootfs(m, target)
+        let exited_at = SystemTime::now();
+        if !self
+            .tasks
+            .lock()
             .await
-            .map_err(|source| ShimError::MountRootfs {
-                id: id.to_string(),
-                target: target.to_path_buf(),
-                source,
-            })?;
+            .record_exit(id, exec_id, exit_code, exited_at)
+        {
+            return;
+        }
+        info!(container_id = id, exec_id, exit_code, "process exited");
+        let event_id = if exec_id.is_empty() { id } else { exec_id };
+        self.events
+            .exit(id, event_id, self.vm_pid().await, exit_code, exited_at)
+            .await;
     }
-    Ok(())
+
+    async fn lost_with_vm(&self, sandbox_code: u32, app_code: u32) -> Vec<(String, String, u32)> {
+        self.tasks.lock().await.lost_with_vm(sandbox_code, app_code)
+    }
+
+    async fn oom(&self, container_id: &str) {
+        self.events.oom(container_id).await;
+    }
 }
 
-fn unmount_rootfs(target: &Path) {
-    if let Err(e) = nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
-        warn!(target = %target.display(), error = %e, "cannot unmount container rootfs");
+fn guest_stdio(stdio: &StdioPaths) -> pb::StdioConfig {
+    pb::StdioConfig {
+        terminal: stdio.terminal,
+        stdin: !stdio.stdin.is_empty(),
+        ..Default::default()
     }
 }
+
+#[cfg(test)]
+#[path = "pod_tests/mod.rs"]
+mod tests;

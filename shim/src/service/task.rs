@@ -13,8 +13,9 @@ use ttrpc::r#async::TtrpcContext;
 
 use super::events::timestamp;
 use super::io::StdioPaths;
-use super::pod::{Pod, ProcessStatus};
+use super::pod::Pod;
 use super::stats;
+use super::tasks::ProcessStatus;
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
@@ -109,11 +110,11 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let (pid, exit_status, exited_at) = self.pod.delete(&req.id, &req.exec_id).await?;
+        let deleted = self.pod.delete(&req.id, &req.exec_id).await?;
         Ok(api::DeleteResponse {
-            pid,
-            exit_status,
-            exited_at: Some(timestamp(exited_at)).into(),
+            pid: deleted.pid,
+            exit_status: deleted.exit_code,
+            exited_at: Some(timestamp(deleted.exited_at)).into(),
             ..Default::default()
         })
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::cmdline::escape;
-use super::{Accel, AccelChoice, VmConfig};
+use super::cmdline::{qemu_args, StatePaths};
+use super::{Accel, AccelChoice, AgentChannelKind, GuestMemory, VmConfig};
 
 /// The warning logged (once per process) when Auto falls back to TCG.
 pub const KVM_UNUSABLE_WARNING: &str = "using TCG software emulation: expect ~10x slower VMs";
@@ -128,30 +128,15 @@ async fn boot_probe_guest(
 ) -> Result<(), String> {
     let dir = ProbeDir::create(state_root)
         .map_err(|error| format!("cannot create the probe dir: {error}"))?;
-    let console = dir.0.join("console.log");
+    let paths = StatePaths::new(&dir.0);
+    let console = paths.console_log.clone();
     let mut child = tokio::process::Command::new(&config.qemu)
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=on,acpi=on",
-            "-bios",
-            "qboot.rom",
-        ])
-        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1", "-m", "256M"])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .arg("-kernel")
-        .arg(&config.kernel)
-        .arg("-initrd")
-        .arg(&config.initramfs)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 8250.nr_uarts=1 tsc_early_khz={tsc_khz} panic=-1"
+        .args(qemu_args(
+            &probe_config(config, &dir.0),
+            Accel::Kvm,
+            tsc_khz,
+            &paths,
         ))
-        .arg("-chardev")
-        .arg(format!(
-            "file,id=console,path={}",
-            escape(&console.to_string_lossy())
-        ))
-        .args(["-serial", "chardev:console"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -191,6 +176,28 @@ async fn boot_probe_guest(
     verdict
 }
 
+/// The probe guest: the VM's own machine (same command-line builder), one CPU, booted
+/// fresh, with the kernel's informational messages on so the marker reaches the console.
+fn probe_config(config: &VmConfig, dir: &Path) -> VmConfig {
+    let mut extra_cmdline = config.extra_cmdline.clone();
+    // After `quiet` on the command line, so it wins.
+    extra_cmdline.push("loglevel=7".to_owned());
+    VmConfig {
+        id: "kvm-probe".to_owned(),
+        state_dir: dir.to_path_buf(),
+        cpus: 1,
+        memory_mib: super::DEFAULT_MEMORY_MIB,
+        extra_cmdline,
+        netns: None,
+        // A vsock CID could collide with a running VM's.
+        agent_channel: AgentChannelKind::VirtioSerial,
+        tcg_cache_mib: 0,
+        memory: GuestMemory::Anonymous,
+        restore: None,
+        ..config.clone()
+    }
+}
+
 /// A scratch dir for the probe guest, removed on every path.
 struct ProbeDir(PathBuf);
 
@@ -213,6 +220,48 @@ impl Drop for ProbeDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_boots_the_vms_machine_fresh_and_loud() {
+        let config = VmConfig {
+            id: "pod-vm".into(),
+            state_dir: "/run/spry/vms/pod-vm".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.img".into(),
+            cpus: 4,
+            agent_channel: AgentChannelKind::Vsock { cid: 7 },
+            restore: Some("/t/state".into()),
+            memory: GuestMemory::PrivateFile {
+                path: "/t/mem".into(),
+            },
+            ..Default::default()
+        };
+        let dir = Path::new("/run/spry/kvm-probe-x");
+        let args: Vec<String> = qemu_args(
+            &probe_config(&config, dir),
+            Accel::Kvm,
+            2_000_000,
+            &StatePaths::new(dir),
+        )
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+        let after = |flag: &str| {
+            let at = args.iter().position(|a| a == flag).unwrap();
+            args[at + 1].clone()
+        };
+        assert_eq!(after("-accel"), "kvm");
+        assert_eq!(after("-smp"), "1");
+        assert_eq!(after("-kernel"), "/k/vmlinux");
+        assert!(after("-append").ends_with("quiet spry.agent_channel=virtio-serial loglevel=7"));
+        assert!(!args
+            .iter()
+            .any(|a| a == "-incoming" || a.contains("vhost-vsock")));
+        assert!(!args.iter().any(|a| a.contains("memory-backend")));
+        assert!(args
+            .iter()
+            .any(|a| a.contains("/run/spry/kvm-probe-x/console.log")));
+    }
 
     #[test]
     fn cache_hits_only_on_the_same_key() {

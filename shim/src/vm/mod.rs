@@ -25,7 +25,9 @@ pub mod qemu;
 pub mod qmp;
 mod snapshot;
 mod spawner;
+mod startup;
 mod tsc;
+mod validate;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -14,21 +14,18 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
-use super::console::{self, TAIL_LINES};
+use super::console;
 use super::qmp::{QmpClient, QmpError};
+use super::startup::{connect_qmp, exit_from, wait_exit};
+use super::validate::{require_boot_files, validate};
 use super::{
-    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, GuestMemory, Hypervisor,
-    ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr,
+    Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
-/// Linux `sun_path` holds 108 bytes including the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
-const MIN_MEMORY_MIB: u32 = 64;
 /// virtio-scsi targets 0..=255 on bus 0; each disk gets its own target, LUN 0.
 const MAX_SCSI_TARGET: u32 = 255;
-/// QEMU opens its QMP socket before the guest runs; a loaded host is slow.
-const QMP_SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -289,156 +286,12 @@ impl QemuVm {
     }
 }
 
-/// Checks the config before anything is spawned or created.
-/// The files a VM needs, checked before anything (the KVM probe included) uses them, so a
-/// missing kernel is reported as such and not as an unusable accelerator.
-fn require_boot_files(config: &VmConfig) -> Result<(), VmError> {
-    for (what, path) in [
-        ("kernel", &config.kernel),
-        ("initramfs", &config.initramfs),
-        ("QEMU binary", &config.qemu),
-    ] {
-        if !path.is_file() {
-            return Err(VmError::MissingFile {
-                what,
-                path: path.clone(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn validate(config: &VmConfig) -> Result<(), VmError> {
-    let id_ok = !config.id.is_empty()
-        && config.id.len() <= 64
-        && config
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if !id_ok {
-        return Err(VmError::InvalidId {
-            id: config.id.clone(),
-        });
-    }
-    if config.cpus == 0 {
-        return Err(VmError::NoCpus {
-            id: config.id.clone(),
-        });
-    }
-    if config.restore.is_some() && !matches!(config.memory, GuestMemory::PrivateFile { .. }) {
-        return Err(VmError::RestoreWithoutMemoryFile {
-            id: config.id.clone(),
-        });
-    }
-    if let GuestMemory::PrivateFile { path } = &config.memory {
-        if !path.is_file() {
-            return Err(VmError::MissingFile {
-                what: "memory file",
-                path: path.clone(),
-            });
-        }
-    }
-    if config.memory_mib < MIN_MEMORY_MIB {
-        return Err(VmError::TooLittleMemory {
-            id: config.id.clone(),
-            memory_mib: config.memory_mib,
-            minimum: MIN_MEMORY_MIB,
-        });
-    }
-    require_boot_files(config)?;
-    if let AgentChannelKind::Vsock { .. } = config.agent_channel {
-        if !Path::new("/dev/vhost-vsock").exists() {
-            return Err(VmError::NoVhostVsock);
-        }
-    }
-    let paths = StatePaths::new(&config.state_dir);
-    for socket in [&paths.qmp_socket, &paths.agent_socket] {
-        if socket.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(VmError::SocketPathTooLong {
-                path: socket.clone(),
-                max: MAX_SOCKET_PATH,
-            });
-        }
-    }
-    Ok(())
-}
-
-fn exit_from(status: Option<std::process::ExitStatus>, console_log: &Path) -> VmExit {
-    use std::os::unix::process::ExitStatusExt;
-    VmExit {
-        code: status.and_then(|s| s.code()),
-        signal: status.and_then(|s| s.signal()),
-        console_tail: console::tail(console_log, TAIL_LINES),
-    }
-}
-
-/// Waits for QEMU's QMP socket and negotiates, failing fast (with QEMU's
-/// stderr) if QEMU dies first.
-async fn connect_qmp(
-    id: &str,
-    paths: &StatePaths,
-    mut exit: watch::Receiver<Option<VmExit>>,
-) -> Result<QmpClient, VmError> {
-    let deadline = Instant::now() + QMP_SOCKET_TIMEOUT;
-    loop {
-        if let Some(exit) = exit.borrow().clone() {
-            let stderr = fs::read_to_string(&paths.qemu_stderr)
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            return Err(VmError::StartupExit {
-                id: id.to_owned(),
-                exit,
-                stderr,
-            });
-        }
-        if paths.qmp_socket.exists() {
-            match QmpClient::connect(&paths.qmp_socket).await {
-                Ok(client) => return Ok(client),
-                // QEMU may have bound but not yet listened; retry until the deadline.
-                Err(QmpError::Connect { .. }) => {}
-                Err(source) => {
-                    // The socket hung up during the handshake: QEMU likely died.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), exit.changed()).await;
-                    if exit.borrow().is_some() {
-                        continue;
-                    }
-                    return Err(VmError::Qmp {
-                        id: id.to_owned(),
-                        source,
-                    });
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(VmError::QmpSocketTimeout {
-                id: id.to_owned(),
-                seconds: QMP_SOCKET_TIMEOUT.as_secs(),
-            });
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(10), exit.changed()).await;
-    }
-}
-
 fn node_name(addr: ScsiAddr) -> String {
     format!("spry-disk-{}-{}", addr.target, addr.lun)
 }
 
 fn device_id(addr: ScsiAddr) -> String {
     format!("spry-scsi-{}-{}", addr.target, addr.lun)
-}
-
-/// Waits until the watch holds an exit, up to `timeout`.
-async fn wait_exit(
-    exit: &mut watch::Receiver<Option<VmExit>>,
-    timeout: Duration,
-) -> Option<VmExit> {
-    let waited = match tokio::time::timeout(timeout, exit.wait_for(Option::is_some)).await {
-        Ok(Ok(published)) => published.clone(),
-        // The sender is gone only after it published the exit.
-        Ok(Err(_)) | Err(_) => None,
-    };
-    waited.or_else(|| exit.borrow().clone())
 }
 
 #[async_trait]
