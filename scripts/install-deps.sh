@@ -15,13 +15,11 @@
 #   SPRY_GO            Go binary to use (default: newest of PATH, /usr/local/go, /usr/lib/go-1.2x)
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib/go.sh"
 enable_error_trap
 
 CONTAINERD_VERSION=v2.2.9 # latest 2.2 patch on the Go proxy at pin time
 CRI_TOOLS_VERSION=v1.34.0 # CRI v1; matches containerd 2.2 / Kubernetes 1.34
-SPRY_DEPS_DIR=${SPRY_DEPS_DIR:-/opt/spry/deps}
-DEPS_BIN="$SPRY_DEPS_DIR/bin"
-STAMP_DIR="$SPRY_DEPS_DIR/stamps"
 
 CONTAINERD_TAGS="urfave_cli_no_docs no_btrfs" # no btrfs headers needed; we never use the btrfs snapshotter
 SHIM_TAGS="urfave_cli_no_docs no_btrfs no_grpc"
@@ -91,26 +89,6 @@ disable_debian_services() {
     fi
 }
 
-# Go toolchain: containerd 2.2 needs go >= 1.25. Prefer an installed Go; otherwise install golang-1.23 from
-# backports and let GOTOOLCHAIN=auto fetch the exact toolchain from the Go module proxy (a Go module).
-find_go() {
-    if [ -n "${SPRY_GO:-}" ]; then
-        echo "$SPRY_GO"
-        return
-    fi
-    local candidate minor
-    for candidate in "$(command -v go || true)" /usr/local/go/bin/go /usr/lib/go-1.2[0-9]/bin/go; do
-        [ -n "$candidate" ] && [ -x "$candidate" ] || continue
-        # Toolchain switching (GOTOOLCHAIN=auto) needs go >= 1.21; Debian bookworm's own golang is 1.19.
-        minor=$("$candidate" env GOVERSION | sed -nE 's/^go1\.([0-9]+).*/\1/p')
-        if [ -n "$minor" ] && [ "$minor" -ge 21 ]; then
-            echo "$candidate"
-            return
-        fi
-    done
-    return 1
-}
-
 ensure_go() {
     if ! GO=$(find_go); then
         log "no Go toolchain found; installing golang-1.23-go from bookworm-backports"
@@ -119,30 +97,7 @@ ensure_go() {
         allow_service_starts
         GO=/usr/lib/go-1.23/bin/go
     fi
-    export GOTOOLCHAIN=auto GOFLAGS="-modcacherw" GO111MODULE=on
-    log "using Go: $GO ($("$GO" version))"
-}
-
-# stamp_ok NAME CONTENT BIN...: true when NAME's stamp matches CONTENT and every BIN exists.
-stamp_ok() {
-    local name=$1 content=$2
-    shift 2
-    [ "$(cat "$STAMP_DIR/$name" 2>/dev/null)" = "$content" ] || return 1
-    local b
-    for b in "$@"; do [ -x "$DEPS_BIN/$b" ] || return 1; done
-}
-write_stamp() { mkdir -p "$STAMP_DIR" && printf '%s' "$2" >"$STAMP_DIR/$1"; }
-
-# Source directory of a module version in the module cache (downloads it if needed).
-module_dir() {
-    local module=$1 version=$2 json dir
-    # `go mod download -json` exits 1 on failure but still prints JSON whose .Error says why.
-    json=$(cd /tmp && "$GO" mod download -json "$module@$version") || true
-    dir=$(jq -r '.Dir // empty' <<<"$json" 2>/dev/null || true)
-    if [ -z "$dir" ] || [ ! -d "$dir" ]; then
-        die "could not download Go module $module@$version: $(jq -r '.Error // empty' <<<"$json" 2>/dev/null || echo "$json")"
-    fi
-    echo "$dir"
+    go_env
 }
 
 build_containerd() {

@@ -18,6 +18,7 @@ run_tests() {
 }
 
 timed "install dependencies" scripts/install-deps.sh
+timed "build the Kubernetes node (kubelet, apiserver, etcd...)" scripts/build-k8s.sh
 timed "build guest assets (kernel, agent initramfs)" scripts/build-guest.sh
 timed "build test images (pause, busybox, python)" scripts/build-test-images.sh
 timed "build" cargo build --workspace --bins

@@ -34,6 +34,7 @@ pub mod cri_config;
 pub mod crictl;
 pub mod critest;
 pub mod instance_dirs;
+pub mod kube;
 pub mod leak;
 pub mod paths;
 pub mod pod_usage;

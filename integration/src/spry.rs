@@ -21,6 +21,13 @@ pub fn guest_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Spry's built binaries: `SPRY_BIN_DIR`, else `target/<profile>` of this checkout.
+pub fn bin_dir(profile: &str) -> PathBuf {
+    std::env::var_os("SPRY_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::repo_root().join("target").join(profile))
+}
+
 /// The `spry` runtime handler: shim binary and config.
 pub struct SpryHandler {
     pub shim: PathBuf,
@@ -33,10 +40,7 @@ impl SpryHandler {
     /// taken from `SPRY_BIN_DIR`, else `target/<profile>`; `kernel` overrides the guest's.
     pub fn new(state: &Path, profile: &str, kernel: Option<&Path>) -> Result<Self> {
         let guest = guest_dir()?;
-        let shim = std::env::var_os("SPRY_BIN_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| paths::repo_root().join("target").join(profile))
-            .join("containerd-shim-spry-v2");
+        let shim = bin_dir(profile).join("containerd-shim-spry-v2");
         ensure!(
             shim.is_file(),
             "{} missing: cargo build -p spry-shim",

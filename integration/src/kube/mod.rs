@@ -1,0 +1,482 @@
+//! A one-node Kubernetes cluster for end-to-end tests: etcd, kube-apiserver,
+//! kube-controller-manager (Deployments, ReplicaSets, service-account tokens), kube-scheduler
+//! and a kubelet, all built by `scripts/build-k8s.sh`, on a private containerd whose Spry
+//! handler `spry install` wrote, with the RuntimeClass `spry install` printed applied as is.
+//!
+//! Certificates come from openssl; the apiserver authorizes everything (`AlwaysAllow`); every
+//! port is a free one. Every host change the kubelet makes is recorded first and undone at
+//! teardown, even when a test failed (`host.rs`); one cluster per machine at a time.
+
+mod component;
+mod host;
+mod kubelet;
+mod pki;
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::containerd::{Containerd, ContainerdOptions};
+use crate::registry::{free_port, http_status, Registry};
+use crate::{paths, require, spry, system};
+use component::Component;
+use host::HostChanges;
+use kubelet::KubeletSettings;
+use pki::Pki;
+
+/// The test node's name (`--hostname-override`).
+pub const NODE_NAME: &str = "spry-test-node";
+/// Where the kubelet puts pod cgroups, in every hierarchy.
+const CGROUP_ROOT: &str = "/spry-test-kubelet";
+const SERVICE_CIDR: &str = "10.96.0.0/16";
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub struct Cluster {
+    dir: PathBuf,
+    containerd: Option<Containerd>,
+    /// In start order; stopped in reverse.
+    components: Vec<Component>,
+    host: HostChanges,
+    kubeconfig: PathBuf,
+    kubectl: PathBuf,
+    runtime_class: String,
+    spry_state: PathBuf,
+    torn_down: bool,
+}
+
+impl Cluster {
+    /// Starts the whole cluster; on any failure, what was started is torn down again.
+    pub fn start(name: &str, registry: &Registry) -> Result<Self> {
+        require::require_root()?;
+        let bin = paths::deps_bin_dir();
+        for tool in [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kubelet",
+            "kubectl",
+        ] {
+            require::require_tool(&bin.join(tool))
+                .with_context(|| format!("{tool} missing: run scripts/build-k8s.sh as root"))?;
+        }
+        let node_ip = node_ip()?;
+        std::fs::create_dir_all(paths::harness_dir())?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("kube-{name}-"))
+            .tempdir_in(paths::harness_dir())
+            .context("creating the cluster dir")?
+            .keep();
+        let host = match HostChanges::record(&dir.join("kubelet"), CGROUP_ROOT) {
+            Ok(host) => host,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let mut cluster = Cluster {
+            kubeconfig: dir.join("admin.kubeconfig"),
+            kubectl: bin.join("kubectl"),
+            spry_state: dir.join("spry-state"),
+            dir,
+            containerd: None,
+            components: Vec::new(),
+            host,
+            runtime_class: String::new(),
+            torn_down: false,
+        };
+        // From here on, Drop undoes whatever the boot got to.
+        if let Err(e) = cluster.boot(name, registry, node_ip) {
+            let logs = cluster.log_tails(15);
+            return Err(e.context(format!("starting the test cluster\n{logs}")));
+        }
+        Ok(cluster)
+    }
+
+    fn boot(&mut self, name: &str, registry: &Registry, node_ip: Ipv4Addr) -> Result<()> {
+        let started = Instant::now();
+        let bin = paths::deps_bin_dir();
+        let pki = Pki::create(&self.dir.join("pki"), NODE_NAME, node_ip)?;
+        let handler_toml = self.install_spry()?;
+        let containerd = Containerd::start(
+            ContainerdOptions::new(name)
+                .registry(registry)
+                .extra_toml(&handler_toml)
+                .env("SPRY_CONFIG", &self.dir.join("spry.toml").to_string_lossy()),
+        )?;
+        let runtime_socket = containerd.socket();
+        self.containerd = Some(containerd);
+
+        let (etcd_port, peer_port) = (free_port()?, free_port()?);
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        self.spawn(
+            "etcd",
+            &bin.join("etcd"),
+            &[
+                "--name=default".into(),
+                format!("--data-dir={}", self.dir.join("etcd").display()),
+                format!("--listen-client-urls={etcd_url}"),
+                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-peer-urls={peer_url}"),
+                format!("--initial-advertise-peer-urls={peer_url}"),
+                format!("--initial-cluster=default={peer_url}"),
+                "--unsafe-no-fsync".into(),
+                "--log-level=warn".into(),
+            ],
+        )?;
+        self.wait_until("etcd healthy", |_| {
+            Ok(http_status(&format!("127.0.0.1:{etcd_port}"), "/health").ok() == Some(200))
+        })?;
+
+        let api_port = free_port()?;
+        let server = format!("https://{node_ip}:{api_port}");
+        let cert = |name: &str| pki.cert(name).to_string_lossy().into_owned();
+        let key = |name: &str| pki.key(name).to_string_lossy().into_owned();
+        let ca = pki.ca_cert().to_string_lossy().into_owned();
+        self.spawn(
+            "kube-apiserver",
+            &bin.join("kube-apiserver"),
+            &[
+                format!("--etcd-servers={etcd_url}"),
+                format!("--bind-address={node_ip}"),
+                format!("--advertise-address={node_ip}"),
+                format!("--secure-port={api_port}"),
+                format!("--tls-cert-file={}", cert("apiserver")),
+                format!("--tls-private-key-file={}", key("apiserver")),
+                format!("--client-ca-file={ca}"),
+                format!("--kubelet-client-certificate={}", cert("admin")),
+                format!("--kubelet-client-key={}", key("admin")),
+                "--kubelet-preferred-address-types=InternalIP".into(),
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+                format!("--service-account-key-file={}", pki.sa_pub().display()),
+                format!(
+                    "--service-account-signing-key-file={}",
+                    pki.sa_key().display()
+                ),
+                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+                "--authorization-mode=AlwaysAllow".into(),
+                "--allow-privileged=true".into(),
+                format!("--cert-dir={}", self.dir.join("apiserver-certs").display()),
+                "--profiling=false".into(),
+            ],
+        )?;
+        std::fs::write(&self.kubeconfig, pki.admin_kubeconfig(&server))?;
+        self.wait_until("kube-apiserver ready", |c| {
+            Ok(c.kubectl(&["get", "--raw", "/readyz"]).is_ok())
+        })?;
+
+        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
+        self.spawn(
+            "kube-controller-manager",
+            &bin.join("kube-controller-manager"),
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                format!(
+                    "--service-account-private-key-file={}",
+                    pki.sa_key().display()
+                ),
+                format!("--root-ca-file={ca}"),
+                format!("--cluster-signing-cert-file={ca}"),
+                format!("--cluster-signing-key-file={}", pki.ca_key().display()),
+                "--leader-elect=false".into(),
+                "--use-service-account-credentials=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--secure-port=0".into(),
+            ],
+        )?;
+        self.spawn(
+            "kube-scheduler",
+            &bin.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={kubeconfig}"),
+                "--leader-elect=false".into(),
+                "--bind-address=127.0.0.1".into(),
+                "--secure-port=0".into(),
+            ],
+        )?;
+
+        let kubelet_dir = self.dir.join("kubelet");
+        let kubelet_config = self.dir.join("kubelet-config.yaml");
+        let pod_logs = self.dir.join("pod-logs");
+        std::fs::create_dir_all(&pod_logs)?;
+        std::fs::write(
+            &kubelet_config,
+            kubelet::config_yaml(&KubeletSettings {
+                node_ip,
+                port: free_port()?,
+                runtime_socket: &runtime_socket,
+                cgroup_root: CGROUP_ROOT,
+                pod_logs: &pod_logs,
+                ca_cert: &pki.ca_cert(),
+                tls_cert: &pki.cert("kubelet"),
+                tls_key: &pki.key("kubelet"),
+            }),
+        )?;
+        let kubelet_kubeconfig = self.dir.join("kubelet.kubeconfig");
+        std::fs::write(
+            &kubelet_kubeconfig,
+            pki.admin_kubeconfig(&server)
+                .replace(&cert("admin"), &cert("kubelet"))
+                .replace(&key("admin"), &key("kubelet")),
+        )?;
+        self.spawn(
+            "kubelet",
+            &bin.join("kubelet"),
+            &[
+                format!("--config={}", kubelet_config.display()),
+                format!("--kubeconfig={}", kubelet_kubeconfig.display()),
+                format!("--root-dir={}", kubelet_dir.display()),
+                format!("--hostname-override={NODE_NAME}"),
+                format!("--node-ip={node_ip}"),
+            ],
+        )?;
+        self.wait_until("the node Ready", |c| {
+            let ready = c.kubectl(&[
+                "get",
+                "node",
+                NODE_NAME,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+            ]);
+            Ok(ready.is_ok_and(|s| s.trim() == "True"))
+        })?;
+        self.wait_until("the default service account", |c| {
+            Ok(c.kubectl(&["get", "serviceaccount", "default"]).is_ok())
+        })?;
+        self.apply(&self.runtime_class.clone())
+            .context("applying the RuntimeClass `spry install` printed")?;
+        eprintln!(
+            "spry-integration: cluster ready in {:.1} s (apiserver {server}, node {NODE_NAME})",
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// Runs `spry install` into the cluster dir, the way a cluster installer would; keeps the
+    /// RuntimeClass it prints and returns the containerd handler fragment it wrote.
+    fn install_spry(&mut self) -> Result<String> {
+        let guest = spry::guest_dir()?;
+        let spry_bin = spry::bin_dir("debug").join("spry");
+        let prefix = self.dir.join("spry");
+        let config = self.dir.join("spry.toml");
+        // Spry's runtime state stays in the cluster dir (so the leak checks can see it).
+        let installed_guest = prefix.join("share/spry/guest");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+                self.spry_state.display(),
+                installed_guest.join("vmlinux").display(),
+                installed_guest.join("initramfs.img").display()
+            ),
+        )?;
+        let handler = self.dir.join("containerd-handler.toml");
+        self.runtime_class = system::run_checked(
+            Command::new(&spry_bin)
+                .arg("install")
+                .arg("--prefix")
+                .arg(&prefix)
+                .arg("--guest-dir")
+                .arg(&guest)
+                .arg("--spry-config")
+                .arg(&config)
+                .arg("--containerd-config")
+                .arg(&handler)
+                .arg("--containerd-bin")
+                .arg(paths::containerd_bin()),
+        )?;
+        std::fs::read_to_string(&handler).with_context(|| format!("reading {}", handler.display()))
+    }
+
+    fn spawn(&mut self, name: &'static str, binary: &Path, args: &[String]) -> Result<()> {
+        let log_dir = self.dir.join("logs");
+        std::fs::create_dir_all(&log_dir)?;
+        self.components
+            .push(Component::start(name, binary, args, &log_dir)?);
+        Ok(())
+    }
+
+    /// Polls `ready` until it holds; fails early when a component died.
+    fn wait_until(&mut self, what: &str, ready: impl Fn(&Self) -> Result<bool>) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ready(self)? {
+                return Ok(());
+            }
+            for component in &mut self.components {
+                component.check_alive()?;
+            }
+            if Instant::now() > deadline {
+                bail!("{what}: not within {} s", START_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `kubectl ARGS` against the cluster; its stdout, or its stderr as the error.
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        system::run_checked(
+            Command::new(&self.kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .args(args),
+        )
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<()> {
+        let mut child = Command::new(&self.kubectl)
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(yaml.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply failed: {}\n{yaml}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// One field of an object, by JSONPath (`{.status.phase}`).
+    pub fn get(&self, object: &str, jsonpath: &str) -> Result<String> {
+        Ok(self
+            .kubectl(&["get", object, "-o", &format!("jsonpath={jsonpath}")])?
+            .trim()
+            .to_string())
+    }
+
+    /// Waits until `kubectl wait --for=CONDITION OBJECT` succeeds.
+    pub fn wait_for(&self, object: &str, condition: &str, timeout: Duration) -> Result<()> {
+        self.kubectl(&[
+            "wait",
+            &format!("--for={condition}"),
+            object,
+            &format!("--timeout={}s", timeout.as_secs()),
+        ])
+        .map(drop)
+        .with_context(|| {
+            let describe = self.kubectl(&["describe", object]).unwrap_or_default();
+            format!("{object} did not reach {condition}\n{describe}")
+        })
+    }
+
+    /// The RuntimeClass `spry install` printed.
+    pub fn runtime_class(&self) -> &str {
+        &self.runtime_class
+    }
+
+    pub fn containerd(&self) -> &Containerd {
+        self.containerd
+            .as_ref()
+            .expect("containerd runs while the cluster does")
+    }
+
+    /// Where Spry keeps its VMs' state in this cluster.
+    pub fn spry_state(&self) -> &Path {
+        &self.spry_state
+    }
+
+    /// PIDs of the QEMU processes of this cluster's Spry pods.
+    pub fn vm_pids(&self) -> Result<Vec<i32>> {
+        let state = self.spry_state.to_string_lossy();
+        Ok(system::processes()?
+            .into_iter()
+            .filter(|p| p.name().starts_with("qemu-system") && p.cmdline_contains(&state))
+            .map(|p| p.pid)
+            .collect())
+    }
+
+    /// The last `lines` of every component's log.
+    pub fn log_tails(&self, lines: usize) -> String {
+        self.components
+            .iter()
+            .map(|c| format!("--- {} ---\n{}", c.name, c.log_tail(lines)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Deletes every workload, stops the components (kubelet first), containerd and its
+    /// pods, and undoes the kubelet's host changes. Runs every step; reports all failures.
+    pub fn teardown(&mut self) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut problems = Vec::new();
+        let running = |name: &str| self.components.iter().any(|c| c.name == name);
+        if running("kube-apiserver") && running("kubelet") {
+            // Through the API first, so the kubelet stops pods the way it always does.
+            let deleted = self.kubectl(&[
+                "delete",
+                "deployments,pods",
+                "--all",
+                "--grace-period=1",
+                "--wait=true",
+                "--timeout=60s",
+            ]);
+            if let Err(e) = deleted {
+                problems.push(format!("deleting workloads: {e:#}"));
+            }
+        }
+        while let Some(mut component) = self.components.pop() {
+            if let Err(e) = component.stop() {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        if let Some(mut containerd) = self.containerd.take() {
+            if let Err(e) = containerd.cleanup() {
+                problems.push(format!("{e:#}"));
+            }
+        }
+        problems.extend(self.host.restore());
+        if let Err(e) = system::unmount_under(&self.dir) {
+            problems.push(format!("unmounting under {}: {e:#}", self.dir.display()));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            problems.push(format!("removing {}: {e}", self.dir.display()));
+        }
+        if !problems.is_empty() {
+            bail!("test cluster teardown: {}", problems.join("; "));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("spry-integration: {e:#}");
+        }
+    }
+}
+
+/// The machine's first global IPv4 address: the kubelet refuses a loopback node IP.
+fn node_ip() -> Result<Ipv4Addr> {
+    let out = system::run_checked(
+        Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]),
+    )?;
+    out.lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            words.next()?.split('/').next()?.parse().ok()
+        })
+        .context("this machine has no global IPv4 address for the kubelet's node IP (it refuses loopback)")
+}

@@ -1,0 +1,297 @@
+//! Spry under a real kubelet: one single-node cluster (etcd, kube-apiserver,
+//! kube-controller-manager, kube-scheduler, kubelet; `scripts/build-k8s.sh`) on a private
+//! containerd with the handler and RuntimeClass `spry install` produced, driven with kubectl.
+//!
+//! A plain main, not libtest: the cases share the one cluster, which is torn down after the
+//! last of them whatever happened. `cargo test --test kube -- NAME` runs the cases whose
+//! name contains NAME. Needs root, the guest (`scripts/build-guest.sh`), the test images and
+//! the Kubernetes binaries; fails loudly without them.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use spry_integration::kube::Cluster;
+use spry_integration::{require_root, system, Registry};
+
+/// A cold TCG pod takes seconds; the first one also builds the VM template.
+const POD_READY: Duration = Duration::from_secs(180);
+
+type Case = fn(&Cluster, &Registry) -> Result<()>;
+
+const CASES: &[(&str, Case)] = &[
+    (
+        "a_spry_pod_runs_with_logs_exec_and_its_overhead",
+        spry_pod_basics,
+    ),
+    (
+        "set_image_swaps_the_container_inside_the_same_vm",
+        set_image_in_place,
+    ),
+    (
+        "a_failing_liveness_probe_restarts_the_container_in_the_same_vm",
+        liveness_restart,
+    ),
+    (
+        "a_deployment_of_three_becomes_available_and_scaling_to_zero_leaves_no_vm",
+        deployment_scale,
+    ),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in CASES {
+            println!("{name}: test");
+        }
+        return ExitCode::SUCCESS;
+    }
+    // libtest's flags (--test-threads=2 from the test command...) mean nothing here.
+    let filter = args.iter().find(|a| !a.starts_with('-'));
+    let cases: Vec<&(&str, Case)> = CASES
+        .iter()
+        .filter(|(name, _)| filter.is_none_or(|f| name.contains(f.as_str())))
+        .collect();
+    println!("\nrunning {} tests", cases.len());
+    if cases.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    match run(&cases) {
+        Ok(0) => {
+            println!("\ntest result: ok. {} passed; 0 failed", cases.len());
+            ExitCode::SUCCESS
+        }
+        Ok(failed) => {
+            println!(
+                "\ntest result: FAILED. {} passed; {failed} failed",
+                cases.len() - failed
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("\ntest result: FAILED. the cluster: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every case on one cluster; the number that failed.
+fn run(cases: &[&(&str, Case)]) -> Result<usize> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let mut cluster = Cluster::start("kube", &registry)?;
+    let mut failed = 0;
+    for (name, case) in cases {
+        let started = Instant::now();
+        let result = case(&cluster, &registry);
+        // Each case leaves an empty namespace for the next, pass or fail.
+        let cleaned = clean_workloads(&cluster);
+        match result.and(cleaned) {
+            Ok(()) => println!(
+                "test {name} ... ok ({:.1} s)",
+                started.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED\n{e:#}\n{}", cluster.log_tails(10));
+            }
+        }
+    }
+    cluster.teardown()?;
+    Ok(failed)
+}
+
+fn clean_workloads(cluster: &Cluster) -> Result<()> {
+    cluster.kubectl(&[
+        "delete",
+        "deployments,pods",
+        "--all",
+        "--grace-period=1",
+        "--wait=true",
+        "--timeout=120s",
+    ])?;
+    wait(Duration::from_secs(60), "the pods' VMs to stop", || {
+        Ok(cluster.vm_pids()?.is_empty())
+    })
+}
+
+fn wait(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let ready = system::wait_for(timeout, || Ok(done()?.then_some(())))?;
+    ready.with_context(|| format!("waited {} s for {what}", timeout.as_secs()))
+}
+
+/// A bare pod of `image` running `script` under `runtimeClassName: spry`; `extra` is more
+/// YAML for the container (probes).
+fn spry_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: spry\n  \
+         terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    \
+         command: [\"sh\", \"-c\", {script:?}]\n{extra}"
+    )
+}
+
+fn the_only_vm(cluster: &Cluster) -> Result<i32> {
+    let pids = cluster.vm_pids()?;
+    ensure!(
+        pids.len() == 1,
+        "expected one pod VM, found QEMU pids {pids:?}"
+    );
+    Ok(pids[0])
+}
+
+fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let script = "echo hello from a Spry VM; uname -r; sleep 3600";
+    cluster.apply(&spry_pod("hello", &registry.image("busybox:1"), script, ""))?;
+    cluster.wait_for("pod/hello", "condition=Ready", POD_READY)?;
+    let vm = the_only_vm(cluster)?;
+    let logs = cluster.kubectl(&["logs", "hello"])?;
+    ensure!(logs.contains("hello from a Spry VM"), "logs: {logs:?}");
+    let guest_kernel = cluster.kubectl(&["exec", "hello", "--", "uname", "-r"])?;
+    let host_kernel = system::run_checked(std::process::Command::new("uname").arg("-r"))?;
+    ensure!(
+        logs.contains(guest_kernel.trim()) && guest_kernel.trim() != host_kernel.trim(),
+        "exec ran in the guest kernel ({guest_kernel:?}), not the host's ({host_kernel:?}); logs {logs:?}"
+    );
+    // The RuntimeClass's overhead (the VM) is charged to the pod by admission.
+    let overhead = cluster.get("pod/hello", "{.spec.overhead.memory}")?;
+    ensure!(
+        cluster
+            .runtime_class()
+            .contains(&format!("memory: \"{overhead}\"")),
+        "pod overhead {overhead:?} is not the RuntimeClass's:\n{}",
+        cluster.runtime_class()
+    );
+    let uid = cluster.get("pod/hello", "{.metadata.uid}")?;
+    ensure!(
+        std::fs::read_to_string(format!("/proc/{vm}/cmdline")).is_ok(),
+        "the VM of pod {uid} is gone"
+    );
+    Ok(())
+}
+
+fn set_image_in_place(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let script = "echo started; test -x /usr/bin/python3 && echo has python; sleep 3600";
+    cluster.apply(&spry_pod("swap", &registry.image("busybox:1"), script, ""))?;
+    cluster.wait_for("pod/swap", "condition=Ready", POD_READY)?;
+    let uid = cluster.get("pod/swap", "{.metadata.uid}")?;
+    let vm = the_only_vm(cluster)?;
+    let image_id = cluster.get("pod/swap", "{.status.containerStatuses[0].imageID}")?;
+    let python = registry.image("python:1");
+    cluster.kubectl(&["set", "image", "pod/swap", &format!("main={python}")])?;
+    // OpenKruise's completion check: the status reports the new image's digest.
+    wait(POD_READY, "the new image's container to run", || {
+        let restarts = cluster.get("pod/swap", "{.status.containerStatuses[0].restartCount}")?;
+        let ready = cluster.get("pod/swap", "{.status.containerStatuses[0].ready}")?;
+        let now = cluster.get("pod/swap", "{.status.containerStatuses[0].imageID}")?;
+        Ok(restarts == "1" && ready == "true" && now != image_id)
+    })?;
+    ensure!(
+        cluster.get("pod/swap", "{.metadata.uid}")? == uid,
+        "the pod was recreated"
+    );
+    ensure!(the_only_vm(cluster)? == vm, "the pod's VM was replaced");
+    let current = cluster.kubectl(&["logs", "swap"])?;
+    ensure!(
+        current.contains("has python"),
+        "new container's log: {current:?}"
+    );
+    let previous = cluster.kubectl(&["logs", "swap", "--previous"])?;
+    ensure!(
+        previous.contains("started") && !previous.contains("has python"),
+        "attempt 0's log: {previous:?}"
+    );
+    Ok(())
+}
+
+fn liveness_restart(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    // Healthy for ~10 s, then not. Exec probes under TCG take a while: generous timeouts.
+    let script = "touch /tmp/healthy; sleep 10; rm /tmp/healthy; sleep 3600";
+    let probes = "    readinessProbe:\n      exec: {command: [cat, /tmp/healthy]}\n      \
+                  periodSeconds: 2\n      timeoutSeconds: 20\n    livenessProbe:\n      \
+                  exec: {command: [cat, /tmp/healthy]}\n      periodSeconds: 2\n      \
+                  timeoutSeconds: 20\n      failureThreshold: 1\n";
+    cluster.apply(&spry_pod(
+        "probed",
+        &registry.image("busybox:1"),
+        script,
+        probes,
+    ))?;
+    cluster.wait_for("pod/probed", "condition=Ready", POD_READY)?;
+    let vm = the_only_vm(cluster)?;
+    let uid = cluster.get("pod/probed", "{.metadata.uid}")?;
+    wait(
+        POD_READY,
+        "the liveness probe to restart the container",
+        || {
+            let restarts =
+                cluster.get("pod/probed", "{.status.containerStatuses[0].restartCount}")?;
+            Ok(restarts.parse::<u32>().unwrap_or(0) >= 1)
+        },
+    )?;
+    ensure!(
+        cluster.get("pod/probed", "{.metadata.uid}")? == uid,
+        "the pod was recreated"
+    );
+    ensure!(
+        the_only_vm(cluster)? == vm,
+        "the restart replaced the pod's VM"
+    );
+    let events = cluster.kubectl(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=probed",
+    ])?;
+    ensure!(
+        events.contains("Liveness probe failed"),
+        "events:\n{events}"
+    );
+    Ok(())
+}
+
+fn deployment_scale(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: trio\nspec:\n  replicas: 3\n  \
+         selector:\n    matchLabels: {{app: trio}}\n  template:\n    metadata:\n      labels: \
+         {{app: trio}}\n    spec:\n      runtimeClassName: spry\n      terminationGracePeriodSeconds: 1\n      \
+         containers:\n      - name: main\n        image: {}\n        command: [sleep, \"3600\"]\n",
+        registry.image("busybox:1")
+    );
+    cluster.apply(&deployment)?;
+    cluster.wait_for("deployment/trio", "condition=Available", POD_READY)?;
+    let ready = cluster.get("deployment/trio", "{.status.readyReplicas}")?;
+    ensure!(ready == "3", "ready replicas: {ready}");
+    let vms = cluster.vm_pids()?;
+    ensure!(
+        vms.len() == 3,
+        "one VM per replica expected, QEMU pids {vms:?}"
+    );
+    cluster.kubectl(&["scale", "deployment/trio", "--replicas=0"])?;
+    wait(Duration::from_secs(120), "the replicas to go", || {
+        Ok(cluster
+            .kubectl(&["get", "pods", "-l", "app=trio", "-o", "name"])?
+            .trim()
+            .is_empty())
+    })?;
+    wait(Duration::from_secs(60), "the VMs to stop", || {
+        Ok(cluster.vm_pids()?.is_empty())
+    })?;
+    // No VM state, rootfs image or mount of the three pods is left.
+    let state = cluster.spry_state();
+    for sub in ["vms", "rootfs"] {
+        let left = system::list_dir(&state.join(sub));
+        if !left.is_empty() {
+            bail!("{sub} left in Spry's state dir after scaling to 0: {left:?}");
+        }
+    }
+    let mounts: Vec<_> = system::mounts()?
+        .into_iter()
+        .filter(|m| m.mount_point.starts_with(state))
+        .collect();
+    ensure!(
+        mounts.is_empty(),
+        "mounts left under {}: {mounts:?}",
+        state.display()
+    );
+    Ok(())
+}
