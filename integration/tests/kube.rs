@@ -25,6 +25,10 @@ const CASES: &[(&str, Case)] = &[
         spry_pod_basics,
     ),
     (
+        "attach_gives_the_container_stdin_and_streams_its_output",
+        attach,
+    ),
+    (
         "set_image_swaps_the_container_inside_the_same_vm",
         set_image_in_place,
     ),
@@ -166,6 +170,38 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
         std::fs::read_to_string(format!("/proc/{vm}/cmdline")).is_ok(),
         "the VM of pod {uid} is gone"
     );
+    Ok(())
+}
+
+fn attach(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let script = "echo ready; while read line; do echo got:$line; done; echo stdin closed";
+    let stdin = "    stdin: true\n    stdinOnce: true\n";
+    cluster.apply(&spry_pod(
+        "attached",
+        &registry.image("busybox:1"),
+        script,
+        stdin,
+    ))?;
+    cluster.wait_for("pod/attached", "condition=Ready", POD_READY)?;
+    let out = cluster.kubectl_with_stdin(
+        &["attach", "-i", "attached", "-c", "main"],
+        b"ping\npong\n",
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.contains("got:ping") && out.contains("got:pong"),
+        "attach output: {out:?}"
+    );
+    // stdinOnce: the end of the attached stdin is the container's end of input.
+    wait(
+        Duration::from_secs(60),
+        "the container to see the end of stdin",
+        || {
+            Ok(cluster
+                .kubectl(&["logs", "attached"])?
+                .contains("stdin closed"))
+        },
+    )?;
     Ok(())
 }
 

@@ -2,11 +2,16 @@
 //! and undone at teardown (even after a failed test): the sysctls it always sets, the fixed
 //! paths it writes, the cgroups of its cgroup root, and mounts under its root dir. Also the
 //! machine-wide lock: one kubelet per machine at a time.
+//!
+//! The record is also written into the cluster's dir, so a cluster whose test process was
+//! killed is cleaned up by the next one ([`clean_stale_clusters`]): its processes killed,
+//! its mounts and cgroups removed, the sysctls it found put back.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
 
 use anyhow::{bail, Context, Result};
 
@@ -27,9 +32,27 @@ const KUBELET_FIXED_PATHS: &[&str] = &[
 ];
 const LOCK_PATH: &str = "/run/spry-test-kubelet.lock";
 
+/// The machine-wide kubelet lock, held while a cluster exists.
+pub struct KubeletLock {
+    _flock: Flock<File>,
+}
+
+impl KubeletLock {
+    pub fn take() -> Result<Self> {
+        let lock = File::create(LOCK_PATH).with_context(|| format!("creating {LOCK_PATH}"))?;
+        match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => Ok(Self { _flock: flock }),
+            Err(_) => bail!("another test cluster's kubelet runs on this machine ({LOCK_PATH} is locked); one kubelet per machine at a time"),
+        }
+    }
+}
+
+/// The file in a cluster's dir that holds its [`HostChanges`].
+const RECORD_FILE: &str = "host-changes.json";
+
 /// The host as it was before the cluster, and how to put it back.
+#[derive(Serialize, Deserialize)]
 pub struct HostChanges {
-    _lock: Flock<File>,
     sysctls: Vec<(PathBuf, String)>,
     /// Fixed paths that did not exist before (removed at teardown).
     created: Vec<PathBuf>,
@@ -40,12 +63,9 @@ pub struct HostChanges {
 }
 
 impl HostChanges {
-    /// Takes the machine-wide kubelet lock and records the host's state.
-    pub fn record(kubelet_root: &Path, cgroup_root: &str) -> Result<Self> {
-        let lock = File::create(LOCK_PATH).with_context(|| format!("creating {LOCK_PATH}"))?;
-        let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
-            bail!("another test cluster's kubelet runs on this machine ({LOCK_PATH} is locked); one kubelet per machine at a time");
-        };
+    /// Records the host's state (under the lock) into `cluster_dir`, and makes the
+    /// kubelet's cgroup root.
+    pub fn record(_lock: &KubeletLock, cluster_dir: &Path, cgroup_root: &str) -> Result<Self> {
         let mut sysctls = Vec::new();
         for path in KUBELET_SYSCTLS {
             let value = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
@@ -56,14 +76,23 @@ impl HostChanges {
             .map(PathBuf::from)
             .filter(|p| !p.exists())
             .collect();
-        let cgroup_roots = make_cgroup_roots(cgroup_root)?;
-        Ok(Self {
-            _lock: lock,
+        let mut changes = Self {
             sysctls,
             created,
-            cgroup_roots,
-            kubelet_root: kubelet_root.to_path_buf(),
-        })
+            cgroup_roots: Vec::new(),
+            kubelet_root: cluster_dir.join("kubelet"),
+        };
+        // Written before the first change, and again once the cgroups exist.
+        changes.save(cluster_dir)?;
+        changes.cgroup_roots = make_cgroup_roots(cgroup_root)?;
+        changes.save(cluster_dir)?;
+        Ok(changes)
+    }
+
+    fn save(&self, cluster_dir: &Path) -> Result<()> {
+        let path = cluster_dir.join(RECORD_FILE);
+        std::fs::write(&path, serde_json::to_vec(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Puts everything back; each step runs even when an earlier one failed.
@@ -90,6 +119,47 @@ impl HostChanges {
         }
         problems
     }
+}
+
+/// Cleans up after clusters whose test process died: every dir under `parent` holding a
+/// host-changes record is one (the caller holds the lock, so no live cluster exists). Their processes are killed,
+/// their host changes undone, their dirs removed; returns what was cleaned.
+pub fn clean_stale_clusters(_lock: &KubeletLock, parent: &Path) -> Result<Vec<PathBuf>> {
+    let mut cleaned = Vec::new();
+    for dir in system::list_dir(parent) {
+        if !dir.join(RECORD_FILE).is_file() {
+            continue;
+        }
+        let needle = dir.to_string_lossy().into_owned();
+        for p in system::processes()? {
+            // The components name the dir in their flags; containerd and its shims too.
+            if p.cmdline_contains(&needle) && p.pid != std::process::id() as i32 {
+                system::terminate_pid(p.pid, std::time::Duration::from_secs(5));
+            }
+        }
+        let record = std::fs::read(dir.join(RECORD_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<HostChanges>(&bytes).ok());
+        let mut problems = match record {
+            Some(mut changes) => changes.restore(),
+            None => Vec::new(),
+        };
+        if let Err(e) = system::unmount_under(&dir) {
+            problems.push(format!("{e:#}"));
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            problems.push(format!("removing {}: {e}", dir.display()));
+        }
+        if !problems.is_empty() {
+            bail!(
+                "cleaning the stale test cluster {}: {}",
+                dir.display(),
+                problems.join("; ")
+            );
+        }
+        cleaned.push(dir);
+    }
+    Ok(cleaned)
 }
 
 /// The kubelet insists its cgroup root exists in every hierarchy (cgroup v1) or in the

@@ -24,7 +24,7 @@ use crate::containerd::{Containerd, ContainerdOptions};
 use crate::registry::{free_port, http_status, Registry};
 use crate::{paths, require, spry, system};
 use component::Component;
-use host::HostChanges;
+use host::{HostChanges, KubeletLock};
 use kubelet::KubeletSettings;
 use pki::Pki;
 
@@ -34,8 +34,11 @@ pub const NODE_NAME: &str = "spry-test-node";
 const CGROUP_ROOT: &str = "/spry-test-kubelet";
 const SERVICE_CIDR: &str = "10.96.0.0/16";
 const START_TIMEOUT: Duration = Duration::from_secs(90);
+const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Cluster {
+    /// Held until Drop's teardown has run: the cluster is gone before another may start.
+    _lock: KubeletLock,
     dir: PathBuf,
     containerd: Option<Containerd>,
     /// In start order; stopped in reverse.
@@ -65,13 +68,18 @@ impl Cluster {
                 .with_context(|| format!("{tool} missing: run scripts/build-k8s.sh as root"))?;
         }
         let node_ip = node_ip()?;
+        let lock = KubeletLock::take()?;
         std::fs::create_dir_all(paths::harness_dir())?;
+        let stale = host::clean_stale_clusters(&lock, &paths::harness_dir())?;
+        if !stale.is_empty() {
+            eprintln!("spry-integration: cleaned up after dead test clusters {stale:?}");
+        }
         let dir = tempfile::Builder::new()
-            .prefix(&format!("kube-{name}-"))
+            .prefix(&format!("k8s-cluster-{name}-"))
             .tempdir_in(paths::harness_dir())
             .context("creating the cluster dir")?
             .keep();
-        let host = match HostChanges::record(&dir.join("kubelet"), CGROUP_ROOT) {
+        let host = match HostChanges::record(&lock, &dir, CGROUP_ROOT) {
             Ok(host) => host,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -79,6 +87,7 @@ impl Cluster {
             }
         };
         let mut cluster = Cluster {
+            _lock: lock,
             kubeconfig: dir.join("admin.kubeconfig"),
             kubectl: bin.join("kubectl"),
             spry_state: dir.join("spry-state"),
@@ -330,28 +339,48 @@ impl Cluster {
 
     /// `kubectl apply -f -` of `yaml`.
     pub fn apply(&self, yaml: &str) -> Result<()> {
+        self.kubectl_with_stdin(&["apply", "-f", "-"], yaml.as_bytes(), KUBECTL_TIMEOUT)
+            .map(drop)
+            .with_context(|| format!("applying:\n{yaml}"))
+    }
+
+    /// `kubectl ARGS` with `input` on its stdin (closed after it), killed after `timeout`.
+    pub fn kubectl_with_stdin(
+        &self,
+        args: &[&str],
+        input: &[u8],
+        timeout: Duration,
+    ) -> Result<String> {
         let mut child = Command::new(&self.kubectl)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(["apply", "-f", "-"])
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .context("starting kubectl")?;
-        child
-            .stdin
-            .take()
-            .context("kubectl stdin")?
-            .write_all(yaml.as_bytes())?;
+        let mut stdin = child.stdin.take().context("kubectl stdin")?;
+        stdin.write_all(input)?;
+        drop(stdin);
+        let finished = system::wait_for(timeout, || Ok(child.try_wait()?))?;
+        if finished.is_none() {
+            let _ = child.kill();
+        }
         let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if !out.status.success() {
             bail!(
-                "kubectl apply failed: {}\n{yaml}",
+                "kubectl {args:?} failed ({}): {}; stdout: {stdout}",
+                if finished.is_none() {
+                    "timed out".to_string()
+                } else {
+                    out.status.to_string()
+                },
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(())
+        Ok(stdout)
     }
 
     /// One field of an object, by JSONPath (`{.status.phase}`).
