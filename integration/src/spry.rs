@@ -21,6 +21,19 @@ pub fn guest_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// containerd's CRI config for runtime handler `handler`: Spry's shim at `shim`, reading the
+/// Spry config at `config` (containerd's `ConfigPath` option, as cluster admins pass it).
+pub fn handler_with_config_toml(handler: &str, shim: &Path, config: &Path) -> String {
+    format!(
+        "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}]\n\
+         runtime_type = \"io.containerd.spry.v2\"\nruntime_path = \"{}\"\n\
+         [plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}.options]\n\
+         ConfigPath = \"{}\"\n",
+        shim.display(),
+        config.display()
+    )
+}
+
 /// Spry's built binaries: `SPRY_BIN_DIR`, else `target/<profile>` of this checkout.
 pub fn bin_dir(profile: &str) -> PathBuf {
     std::env::var_os("SPRY_BIN_DIR")
@@ -83,14 +96,7 @@ impl SpryHandler {
         handler: &str,
         config: &Path,
     ) -> ContainerdOptions {
-        opts.extra_toml(&format!(
-            "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}]\n\
-                 runtime_type = \"io.containerd.spry.v2\"\nruntime_path = \"{}\"\n\
-                 [plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}.options]\n\
-                 ConfigPath = \"{}\"\n",
-            self.shim.display(),
-            config.display()
-        ))
+        opts.extra_toml(&handler_with_config_toml(handler, &self.shim, config))
     }
 
     /// Adds the handler to a containerd's options.

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use spry_integration::kube::Cluster;
+use spry_integration::kube::{manifests, Cluster};
 use spry_integration::{require_root, system, Registry};
 
 /// A cold TCG pod takes seconds; the first one also builds the VM template.
@@ -89,7 +89,7 @@ fn run(cases: &[&(&str, Case)]) -> Result<usize> {
         let started = Instant::now();
         let result = case(&cluster, &registry);
         // Each case leaves an empty namespace for the next, pass or fail.
-        let cleaned = clean_workloads(&cluster);
+        let cleaned = cluster.delete_workloads();
         match result.and(cleaned) {
             Ok(()) => println!(
                 "test {name} ... ok ({:.1} s)",
@@ -105,33 +105,14 @@ fn run(cases: &[&(&str, Case)]) -> Result<usize> {
     Ok(failed)
 }
 
-fn clean_workloads(cluster: &Cluster) -> Result<()> {
-    cluster.kubectl(&[
-        "delete",
-        "deployments,pods",
-        "--all",
-        "--grace-period=1",
-        "--wait=true",
-        "--timeout=120s",
-    ])?;
-    wait(Duration::from_secs(60), "the pods' VMs to stop", || {
-        Ok(cluster.vm_pids()?.is_empty())
-    })
-}
-
 fn wait(timeout: Duration, what: &str, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
     let ready = system::wait_for(timeout, || Ok(done()?.then_some(())))?;
     ready.with_context(|| format!("waited {} s for {what}", timeout.as_secs()))
 }
 
-/// A bare pod of `image` running `script` under `runtimeClassName: spry`; `extra` is more
-/// YAML for the container (probes).
+/// A bare pod of `image` running `script` under `runtimeClassName: spry`.
 fn spry_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  runtimeClassName: spry\n  \
-         terminationGracePeriodSeconds: 1\n  containers:\n  - name: main\n    image: {image}\n    \
-         command: [\"sh\", \"-c\", {script:?}]\n{extra}"
-    )
+    manifests::pod(name, Some("spry"), image, script, extra)
 }
 
 fn the_only_vm(cluster: &Cluster) -> Result<i32> {
@@ -286,13 +267,7 @@ fn liveness_restart(cluster: &Cluster, registry: &Registry) -> Result<()> {
 }
 
 fn deployment_scale(cluster: &Cluster, registry: &Registry) -> Result<()> {
-    let deployment = format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: trio\nspec:\n  replicas: 3\n  \
-         selector:\n    matchLabels: {{app: trio}}\n  template:\n    metadata:\n      labels: \
-         {{app: trio}}\n    spec:\n      runtimeClassName: spry\n      terminationGracePeriodSeconds: 1\n      \
-         containers:\n      - name: main\n        image: {}\n        command: [sleep, \"3600\"]\n",
-        registry.image("busybox:1")
-    );
+    let deployment = manifests::deployment("trio", Some("spry"), &registry.image("busybox:1"), 3);
     cluster.apply(&deployment)?;
     cluster.wait_for("deployment/trio", "condition=Available", POD_READY)?;
     let ready = cluster.get("deployment/trio", "{.status.readyReplicas}")?;

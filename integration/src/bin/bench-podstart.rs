@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
+use spry_integration::bench::{percentile, round, round2, spry_accelerator, write_report};
 use spry_integration::{
     pod_usage::{HostCpu, PodProcesses},
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
@@ -146,17 +147,9 @@ fn main() -> Result<()> {
         "machine".into(),
         json!({ "cpus": cpus, "accelerator": accel, "pods": pods, "image": image_name }),
     );
-    let out = root.join("target/bench");
-    std::fs::create_dir_all(&out)?;
     let report = serde_json::Value::Object(results);
-    std::fs::write(
-        out.join("podstart.json"),
-        serde_json::to_string_pretty(&report)? + "\n",
-    )?;
     let md = markdown(&report);
-    std::fs::write(out.join("podstart.md"), &md)?;
-    print!("{md}");
-    Ok(())
+    write_report(&root.join("target/bench"), "podstart", &report, &md)
 }
 
 /// Where one pod's start time went, each step timed by the crictl call that makes it.
@@ -338,31 +331,6 @@ fn remove_pods(crictl: &Crictl, pods: &[String]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The accelerator the shim's VMs used, from the probe cache in Spry's state dir.
-fn spry_accelerator(state_dir: &Path) -> String {
-    std::fs::read_to_string(state_dir.join("accel-probe.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("accel").and_then(|a| a.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
-    v[rank.min(v.len() - 1)]
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0 + 0.0
-}
-
-fn round(x: f64) -> f64 {
-    // `+ 0.0` turns the -0.0 of an empty float sum into 0.
-    (x * 10.0).round() / 10.0 + 0.0
 }
 
 /// The template the warm-up pod built: its size on disk and build time.

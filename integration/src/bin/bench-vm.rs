@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use spry_integration::bench::round;
 use spry_proto::agent as pb;
 use spry_shim::agent_client::{OutputStream, ProcessId};
 use spry_shim::cli::{container_spec, ProcessOptions};
@@ -192,8 +193,4 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-}
-
-fn round(x: f64) -> f64 {
-    (x * 10.0).round() / 10.0
 }

@@ -8,8 +8,10 @@
 //! teardown, even when a test failed (`host.rs`); one cluster per machine at a time.
 
 mod component;
+mod flags;
 mod host;
 mod kubelet;
+pub mod manifests;
 mod pki;
 
 use std::io::Write;
@@ -18,21 +20,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 
 use crate::containerd::{Containerd, ContainerdOptions};
 use crate::registry::{free_port, http_status, Registry};
 use crate::{paths, require, spry, system};
 use component::Component;
+use flags::{Flags, NODE_NAME};
 use host::{HostChanges, KubeletLock};
 use kubelet::KubeletSettings;
 use pki::Pki;
 
-/// The test node's name (`--hostname-override`).
-pub const NODE_NAME: &str = "spry-test-node";
 /// Where the kubelet puts pod cgroups, in every hierarchy.
 const CGROUP_ROOT: &str = "/spry-test-kubelet";
-const SERVICE_CIDR: &str = "10.96.0.0/16";
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -54,6 +54,17 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the whole cluster; on any failure, what was started is torn down again.
     pub fn start(name: &str, registry: &Registry) -> Result<Self> {
+        Self::start_with_variants(name, registry, &[])
+    }
+
+    /// Like [`Cluster::start`], with more Spry handlers beside `spry`: each `(handler,
+    /// config lines)` gets the installed shim with those top-level lines added to its config
+    /// (e.g. `template = "off"`), and a RuntimeClass like the installed one under its name.
+    pub fn start_with_variants(
+        name: &str,
+        registry: &Registry,
+        variants: &[(&str, &str)],
+    ) -> Result<Self> {
         require::require_root()?;
         let bin = paths::deps_bin_dir();
         for tool in [
@@ -99,18 +110,31 @@ impl Cluster {
             torn_down: false,
         };
         // From here on, Drop undoes whatever the boot got to.
-        if let Err(e) = cluster.boot(name, registry, node_ip) {
+        if let Err(e) = cluster.boot(name, registry, node_ip, variants) {
             let logs = cluster.log_tails(15);
             return Err(e.context(format!("starting the test cluster\n{logs}")));
         }
         Ok(cluster)
     }
 
-    fn boot(&mut self, name: &str, registry: &Registry, node_ip: Ipv4Addr) -> Result<()> {
+    fn boot(
+        &mut self,
+        name: &str,
+        registry: &Registry,
+        node_ip: Ipv4Addr,
+        variants: &[(&str, &str)],
+    ) -> Result<()> {
         let started = Instant::now();
         let bin = paths::deps_bin_dir();
         let pki = Pki::create(&self.dir.join("pki"), NODE_NAME, node_ip)?;
-        let handler_toml = self.install_spry()?;
+        let dir = self.dir.clone();
+        let flags = Flags {
+            dir: &dir,
+            pki: &pki,
+            node_ip,
+        };
+        let mut handler_toml = self.install_spry()?;
+        handler_toml.push_str(&self.add_variants(variants)?);
         let containerd = Containerd::start(
             ContainerdOptions::new(name)
                 .registry(registry)
@@ -123,93 +147,34 @@ impl Cluster {
         let (etcd_port, peer_port) = (free_port()?, free_port()?);
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        self.spawn(
-            "etcd",
-            &bin.join("etcd"),
-            &[
-                "--name=default".into(),
-                format!("--data-dir={}", self.dir.join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
-                format!("--listen-peer-urls={peer_url}"),
-                format!("--initial-advertise-peer-urls={peer_url}"),
-                format!("--initial-cluster=default={peer_url}"),
-                "--unsafe-no-fsync".into(),
-                "--log-level=warn".into(),
-            ],
-        )?;
+        self.spawn("etcd", &bin.join("etcd"), &flags.etcd(&etcd_url, &peer_url))?;
         self.wait_until("etcd healthy", |_| {
             Ok(http_status(&format!("127.0.0.1:{etcd_port}"), "/health").ok() == Some(200))
         })?;
 
         let api_port = free_port()?;
         let server = format!("https://{node_ip}:{api_port}");
-        let cert = |name: &str| pki.cert(name).to_string_lossy().into_owned();
-        let key = |name: &str| pki.key(name).to_string_lossy().into_owned();
-        let ca = pki.ca_cert().to_string_lossy().into_owned();
         self.spawn(
             "kube-apiserver",
             &bin.join("kube-apiserver"),
-            &[
-                format!("--etcd-servers={etcd_url}"),
-                format!("--bind-address={node_ip}"),
-                format!("--advertise-address={node_ip}"),
-                format!("--secure-port={api_port}"),
-                format!("--tls-cert-file={}", cert("apiserver")),
-                format!("--tls-private-key-file={}", key("apiserver")),
-                format!("--client-ca-file={ca}"),
-                format!("--kubelet-client-certificate={}", cert("admin")),
-                format!("--kubelet-client-key={}", key("admin")),
-                "--kubelet-preferred-address-types=InternalIP".into(),
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
-                format!("--service-account-key-file={}", pki.sa_pub().display()),
-                format!(
-                    "--service-account-signing-key-file={}",
-                    pki.sa_key().display()
-                ),
-                format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                "--authorization-mode=AlwaysAllow".into(),
-                "--allow-privileged=true".into(),
-                format!("--cert-dir={}", self.dir.join("apiserver-certs").display()),
-                "--profiling=false".into(),
-            ],
+            &flags.apiserver(&etcd_url, api_port),
         )?;
-        std::fs::write(&self.kubeconfig, pki.admin_kubeconfig(&server))?;
+        std::fs::write(&self.kubeconfig, pki.kubeconfig(&server, "admin"))?;
         self.wait_until("kube-apiserver ready", |c| {
             Ok(c.kubectl(&["get", "--raw", "/readyz"]).is_ok())
         })?;
 
-        let kubeconfig = self.kubeconfig.to_string_lossy().into_owned();
         self.spawn(
             "kube-controller-manager",
             &bin.join("kube-controller-manager"),
-            &[
-                format!("--kubeconfig={kubeconfig}"),
-                format!(
-                    "--service-account-private-key-file={}",
-                    pki.sa_key().display()
-                ),
-                format!("--root-ca-file={ca}"),
-                format!("--cluster-signing-cert-file={ca}"),
-                format!("--cluster-signing-key-file={}", pki.ca_key().display()),
-                "--leader-elect=false".into(),
-                "--use-service-account-credentials=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--secure-port=0".into(),
-            ],
+            &flags.controller_manager(&self.kubeconfig),
         )?;
         self.spawn(
             "kube-scheduler",
             &bin.join("kube-scheduler"),
-            &[
-                format!("--kubeconfig={kubeconfig}"),
-                "--leader-elect=false".into(),
-                "--bind-address=127.0.0.1".into(),
-                "--secure-port=0".into(),
-            ],
+            &flags.scheduler(&self.kubeconfig),
         )?;
 
-        let kubelet_dir = self.dir.join("kubelet");
         let kubelet_config = self.dir.join("kubelet-config.yaml");
         let pod_logs = self.dir.join("pod-logs");
         std::fs::create_dir_all(&pod_logs)?;
@@ -227,22 +192,11 @@ impl Cluster {
             }),
         )?;
         let kubelet_kubeconfig = self.dir.join("kubelet.kubeconfig");
-        std::fs::write(
-            &kubelet_kubeconfig,
-            pki.admin_kubeconfig(&server)
-                .replace(&cert("admin"), &cert("kubelet"))
-                .replace(&key("admin"), &key("kubelet")),
-        )?;
+        std::fs::write(&kubelet_kubeconfig, pki.kubeconfig(&server, "kubelet"))?;
         self.spawn(
             "kubelet",
             &bin.join("kubelet"),
-            &[
-                format!("--config={}", kubelet_config.display()),
-                format!("--kubeconfig={}", kubelet_kubeconfig.display()),
-                format!("--root-dir={}", kubelet_dir.display()),
-                format!("--hostname-override={NODE_NAME}"),
-                format!("--node-ip={node_ip}"),
-            ],
+            &flags.kubelet(&kubelet_config, &kubelet_kubeconfig),
         )?;
         self.wait_until("the node Ready", |c| {
             let ready = c.kubectl(&[
@@ -300,6 +254,29 @@ impl Cluster {
                 .arg(paths::containerd_bin()),
         )?;
         std::fs::read_to_string(&handler).with_context(|| format!("reading {}", handler.display()))
+    }
+
+    /// Configs, containerd handlers and RuntimeClasses of the Spry variants; returns the
+    /// handlers' containerd TOML.
+    fn add_variants(&mut self, variants: &[(&str, &str)]) -> Result<String> {
+        let base_config = std::fs::read_to_string(self.dir.join("spry.toml"))?;
+        let installed = self.runtime_class.clone();
+        let shim = self.dir.join("spry/bin/containerd-shim-spry-v2");
+        let mut toml = String::new();
+        for (handler, lines) in variants {
+            let config = self.dir.join(format!("spry-{handler}.toml"));
+            std::fs::write(&config, format!("{lines}\n{base_config}"))?;
+            toml.push_str(&spry::handler_with_config_toml(handler, &shim, &config));
+            let class = installed
+                .replace("name: spry\n", &format!("name: {handler}\n"))
+                .replace("handler: spry\n", &format!("handler: {handler}\n"));
+            ensure!(
+                class != installed,
+                "the installed RuntimeClass does not name `spry`:\n{installed}"
+            );
+            self.runtime_class.push_str(&format!("---\n{class}"));
+        }
+        Ok(toml)
     }
 
     fn spawn(&mut self, name: &'static str, binary: &Path, args: &[String]) -> Result<()> {
@@ -406,7 +383,7 @@ impl Cluster {
         })
     }
 
-    /// The RuntimeClass `spry install` printed.
+    /// The RuntimeClass `spry install` printed (and the variants', after `---` lines).
     pub fn runtime_class(&self) -> &str {
         &self.runtime_class
     }
@@ -420,6 +397,23 @@ impl Cluster {
     /// Where Spry keeps its VMs' state in this cluster.
     pub fn spry_state(&self) -> &Path {
         &self.spry_state
+    }
+
+    /// Deletes every Deployment and pod of the default namespace and waits until their
+    /// VMs are gone.
+    pub fn delete_workloads(&self) -> Result<()> {
+        self.kubectl(&[
+            "delete",
+            "deployments,pods",
+            "--all",
+            "--grace-period=1",
+            "--wait=true",
+            "--timeout=120s",
+        ])?;
+        let gone = system::wait_for(Duration::from_secs(60), || {
+            Ok(self.vm_pids()?.is_empty().then_some(()))
+        })?;
+        gone.context("the pods' VMs did not stop within 60 s of their pods' deletion")
     }
 
     /// PIDs of the QEMU processes of this cluster's Spry pods.

@@ -127,16 +127,17 @@ impl Pki {
         Ok(())
     }
 
-    /// A kubeconfig for the admin identity against `server`.
-    pub fn admin_kubeconfig(&self, server: &str) -> String {
+    /// A kubeconfig for `identity` (`admin`, `kubelet`: a certificate made by `create`)
+    /// against `server`.
+    pub fn kubeconfig(&self, server: &str, identity: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: spry-test\n  cluster:\n    \
-             server: {server}\n    certificate-authority: {ca}\nusers:\n- name: admin\n  user:\n    \
+             server: {server}\n    certificate-authority: {ca}\nusers:\n- name: {identity}\n  user:\n    \
              client-certificate: {cert}\n    client-key: {key}\ncontexts:\n- name: spry-test\n  \
-             context:\n    cluster: spry-test\n    user: admin\ncurrent-context: spry-test\n",
+             context:\n    cluster: spry-test\n    user: {identity}\ncurrent-context: spry-test\n",
             ca = path(&self.ca_cert()),
-            cert = path(&self.cert("admin")),
-            key = path(&self.key("admin")),
+            cert = path(&self.cert(identity)),
+            key = path(&self.key(identity)),
         )
     }
 }

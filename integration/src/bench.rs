@@ -1,0 +1,63 @@
+//! What the benchmark binaries share: statistics, rounding, where reports go, and the
+//! accelerator Spry's VMs ran with.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// The `p`th percentile (nearest rank) of `values`; NaN for none.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (v.len() as f64 - 1.0)).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+/// One decimal (`+ 0.0` turns the -0.0 of an empty float sum into 0).
+pub fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0 + 0.0
+}
+
+/// Two decimals, for ratios.
+pub fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0 + 0.0
+}
+
+/// Writes `<dir>/<name>.json` (pretty) and `<dir>/<name>.md`, and prints the markdown.
+pub fn write_report(dir: &Path, name: &str, report: &serde_json::Value, md: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(
+        dir.join(format!("{name}.json")),
+        serde_json::to_string_pretty(report)? + "\n",
+    )?;
+    std::fs::write(dir.join(format!("{name}.md")), md)?;
+    print!("{md}");
+    Ok(())
+}
+
+/// The accelerator the shim's VMs used, from the probe cache in Spry's state dir.
+pub fn spry_accelerator(state_dir: &Path) -> String {
+    std::fs::read_to_string(state_dir.join("accel-probe.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("accel").and_then(|a| a.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v = [5.0, 1.0, 3.0, 2.0, 4.0];
+        assert_eq!(percentile(&v, 50.0), 3.0);
+        assert_eq!(percentile(&v, 95.0), 5.0);
+        assert!(percentile(&[], 50.0).is_nan());
+        assert_eq!(round(-0.04), 0.0);
+        assert_eq!(round2(1.234), 1.23);
+    }
+}
