@@ -383,6 +383,16 @@ impl Cluster {
         })
     }
 
+    /// The admin kubeconfig (`KUBECONFIG=` it to use the cluster's own kubectl).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// The cluster's directory (certificates, configs, logs).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The RuntimeClass `spry install` printed (and the variants', after `---` lines).
     pub fn runtime_class(&self) -> &str {
         &self.runtime_class

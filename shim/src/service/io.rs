@@ -4,7 +4,9 @@
 //! of a reader; containerd sees end of file when the pump drops its descriptor at the
 //! guest's end of stream. The stdin FIFO is opened read-only in blocking mode on a
 //! blocking thread: that waits for containerd's writer, so an early read can't mistake
-//! "no writer yet" for end of input.
+//! "no writer yet" for end of input. containerd's CloseIO goes through the stdin pump
+//! ([`IoPumps::close_stdin`]): what containerd wrote before it is forwarded first (a
+//! `kubectl attach` with `stdinOnce` writes its input and closes at once).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +14,7 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -33,7 +36,14 @@ pub struct StdioPaths {
 /// Running pumps of one process.
 pub struct IoPumps {
     outputs: Vec<JoinHandle<()>>,
-    stdin: Option<(JoinHandle<()>, PathBuf)>,
+    stdin: Option<StdinPump>,
+}
+
+struct StdinPump {
+    handle: JoinHandle<()>,
+    path: PathBuf,
+    /// Asks the pump to forward what the FIFO holds, then close the guest's stdin.
+    close: Option<oneshot::Sender<()>>,
 }
 
 impl IoPumps {
@@ -63,10 +73,13 @@ impl IoPumps {
         }
         let stdin = (!paths.stdin.is_empty()).then(|| {
             let path = PathBuf::from(&paths.stdin);
-            (
-                tokio::spawn(pump_stdin(Arc::clone(vm), process.clone(), path.clone())),
+            let (close, closed) = oneshot::channel();
+            let pump = pump_stdin(Arc::clone(vm), process.clone(), path.clone(), closed);
+            StdinPump {
+                handle: tokio::spawn(pump),
                 path,
-            )
+                close: Some(close),
+            }
         });
         Ok(Self { outputs, stdin })
     }
@@ -79,15 +92,25 @@ impl IoPumps {
         }
     }
 
+    /// containerd's CloseIO: the pump forwards what containerd already wrote, then closes
+    /// the guest's stdin. False when there is no stdin pump (the caller closes it).
+    pub fn close_stdin(&mut self) -> bool {
+        let Some(pump) = self.stdin.as_mut() else {
+            return false;
+        };
+        if let Some(close) = pump.close.take() {
+            let _ = close.send(());
+            // A pump still blocked in open() waits for a writer: be that writer once.
+            wake_opener(&pump.path);
+        }
+        true
+    }
+
     /// Stops the stdin pump (the process is gone).
     pub fn stop_stdin(&mut self) {
-        if let Some((handle, path)) = self.stdin.take() {
-            handle.abort();
-            // A pump still blocked in open() waits for a writer: be that writer once.
-            let _ = std::fs::OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_NONBLOCK)
-                .open(&path);
+        if let Some(pump) = self.stdin.take() {
+            pump.handle.abort();
+            wake_opener(&pump.path);
         }
     }
 }
@@ -99,6 +122,14 @@ impl Drop for IoPumps {
         }
         self.stop_stdin();
     }
+}
+
+/// Opens `path` for writing once, so a reader blocked in open() returns.
+fn wake_opener(path: &Path) {
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
 }
 
 fn open_output(path: &Path) -> Result<pipe::Sender, ShimError> {
@@ -141,7 +172,12 @@ async fn pump_output(
     }
 }
 
-async fn pump_stdin(vm: Arc<dyn PodVm>, process: ProcessId, path: PathBuf) {
+async fn pump_stdin(
+    vm: Arc<dyn PodVm>,
+    process: ProcessId,
+    path: PathBuf,
+    mut closed: oneshot::Receiver<()>,
+) {
     let opened = tokio::task::spawn_blocking({
         let path = path.clone();
         move || std::fs::File::open(path)
@@ -156,9 +192,25 @@ async fn pump_stdin(vm: Arc<dyn PodVm>, process: ProcessId, path: PathBuf) {
     };
     let mut buf = vec![0u8; CHUNK as usize];
     loop {
-        let n = match fifo.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+        // Reads are cancel-safe: a read that loses the race took nothing.
+        let n = tokio::select! {
+            biased;
+            read = fifo.read(&mut buf) => match read {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            },
+            _ = &mut closed => {
+                // CloseIO: forward what is already in the FIFO, then end. Plain read(2)s
+                // (the FIFO is non-blocking): tokio's try_read would trust its cached
+                // readiness, which may not have seen containerd's last write yet.
+                use std::os::fd::AsRawFd;
+                while let Ok(n) = nix::unistd::read(fifo.as_raw_fd(), &mut buf) {
+                    if n == 0 || vm.write_stdin_all(&process, &buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                break;
+            }
         };
         if vm.write_stdin_all(&process, &buf[..n]).await.is_err() {
             return;

@@ -385,8 +385,17 @@ impl Pod {
             .await?)
     }
 
+    /// containerd's CloseIO: through the stdin pump when there is one, so what containerd
+    /// wrote before is not overtaken.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), ShimError> {
-        self.tasks.lock().await.process(id, exec_id)?;
+        let pumped = {
+            let mut tasks = self.tasks.lock().await;
+            let process = tasks.process_mut(id, exec_id)?;
+            process.pumps.as_mut().is_some_and(|p| p.close_stdin())
+        };
+        if pumped {
+            return Ok(());
+        }
         let vm = self.running_vm(id).await?;
         Ok(vm.close_stdin(&ProcessId::exec(id, exec_id)).await?)
     }

@@ -300,7 +300,13 @@ impl PodVm for FakeVm {
         .await
     }
 
-    async fn write_stdin_all(&self, process: &ProcessId, _: &[u8]) -> Result<(), AgentError> {
+    async fn write_stdin_all(&self, process: &ProcessId, data: &[u8]) -> Result<(), AgentError> {
+        self.call(format!(
+            "stdin {}/{} {}",
+            process.container_id,
+            process.exec_id,
+            String::from_utf8_lossy(data).trim_end()
+        ));
         self.answer("WriteStdin", process)
     }
 

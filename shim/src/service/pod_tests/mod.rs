@@ -428,6 +428,42 @@ async fn the_last_output_reaches_the_fifo_before_the_exit_event() {
     assert_eq!(&buf[..n], b"last words\n");
 }
 
+#[tokio::test]
+async fn close_io_forwards_what_containerd_wrote_before_closing_stdin() {
+    let h = Harness::new();
+    h.create(SANDBOX, Some("sandbox")).await.unwrap();
+    let stdin = h.dir.path().join("stdin");
+    nix::unistd::mkfifo(&stdin, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let stdio = StdioPaths {
+        stdin: stdin.to_string_lossy().into(),
+        ..Default::default()
+    };
+    h.create_with(APP, Some("container"), stdio).await.unwrap();
+    h.pod.start(APP, "").await.unwrap();
+    // containerd (kubectl attach with stdinOnce): write the input, then CloseIO at once.
+    let mut writer = tokio::task::spawn_blocking(move || {
+        std::fs::OpenOptions::new().write(true).open(stdin).unwrap()
+    })
+    .await
+    .unwrap();
+    std::io::Write::write_all(&mut writer, b"ping\n").unwrap();
+    h.pod.close_stdin(APP, "").await.unwrap();
+    let vm = h.vm();
+    let closed = "close-stdin app/".to_string();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !vm.calls().contains(&closed) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let calls = vm.calls();
+    let data = calls.iter().position(|c| c == "stdin app/ ping");
+    let close = calls.iter().position(|c| *c == closed);
+    assert!(
+        data.is_some() && data < close,
+        "the input must reach the guest before its stdin closes: {calls:?}"
+    );
+    drop(writer);
+}
+
 fn open_fifo_reader(path: &Path) -> std::fs::File {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
