@@ -31,6 +31,7 @@ APT_PACKAGES=(
     containerd             # optional 1.6 compatibility target only; its service is kept stopped/disabled
     gcc libc6-dev          # cgo for containerd
     ca-certificates curl file util-linux procps
+    openssl                # the kubelet tests' cluster certificates
 )
 
 export DEBIAN_FRONTEND=noninteractive
