@@ -115,6 +115,16 @@ fn spry_pod(name: &str, image: &str, script: &str, extra: &str) -> String {
     manifests::pod(name, Some("spry"), image, script, extra)
 }
 
+/// The ids of the pod's ready sandboxes, as containerd's CRI lists them.
+fn ready_sandboxes(cluster: &Cluster, pod: &str) -> Result<Vec<String>> {
+    let pods = cluster.containerd().crictl().pods()?;
+    Ok(pods
+        .iter()
+        .filter(|p| p["metadata"]["name"] == pod && p["state"] == "SANDBOX_READY")
+        .filter_map(|p| p["id"].as_str().map(str::to_string))
+        .collect())
+}
+
 fn the_only_vm(cluster: &Cluster) -> Result<i32> {
     let pids = cluster.vm_pids()?;
     ensure!(
@@ -192,6 +202,11 @@ fn set_image_in_place(cluster: &Cluster, registry: &Registry) -> Result<()> {
     cluster.wait_for("pod/swap", "condition=Ready", POD_READY)?;
     let uid = cluster.get("pod/swap", "{.metadata.uid}")?;
     let vm = the_only_vm(cluster)?;
+    let sandboxes = ready_sandboxes(cluster, "swap")?;
+    ensure!(
+        sandboxes.len() == 1,
+        "one ready sandbox expected: {sandboxes:?}"
+    );
     let image_id = cluster.get("pod/swap", "{.status.containerStatuses[0].imageID}")?;
     let python = registry.image("python:1");
     cluster.kubectl(&["set", "image", "pod/swap", &format!("main={python}")])?;
