@@ -254,10 +254,9 @@ fn no_leaks(cluster: &Cluster) -> Result<bool> {
 fn markdown(report: &Value) -> String {
     let machine = &report["machine"];
     let mut md = format!(
-        "# Pods under a kubelet ({} {}, {} CPUs, Spry on {:?})\n\n\
+        "# Pods under a kubelet ({} single node, {} CPUs, Spry on {:?})\n\n\
          | metric | runc | spry (cold) | spry_template | cold/runc | template/runc |\n|---|---|---|---|---|---|\n",
         machine["kubernetes"].as_str().unwrap_or("kubernetes"),
-        "single node",
         machine["cpus"],
         machine["accelerator"].as_str().unwrap_or("?"),
     );

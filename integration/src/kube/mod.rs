@@ -456,15 +456,7 @@ impl Cluster {
         let running = |name: &str| self.components.iter().any(|c| c.name == name);
         if running("kube-apiserver") && running("kubelet") {
             // Through the API first, so the kubelet stops pods the way it always does.
-            let deleted = self.kubectl(&[
-                "delete",
-                "deployments,pods",
-                "--all",
-                "--grace-period=1",
-                "--wait=true",
-                "--timeout=60s",
-            ]);
-            if let Err(e) = deleted {
+            if let Err(e) = self.delete_workloads() {
                 problems.push(format!("deleting workloads: {e:#}"));
             }
         }
