@@ -5,6 +5,7 @@
 pub mod channel;
 pub mod container;
 pub mod init;
+pub mod network;
 pub mod reaper;
 pub mod sandbox;
 pub mod server;

@@ -112,7 +112,10 @@ fn run_serve(command: Command) -> anyhow::Result<()> {
     let config = AgentConfig {
         run_dir,
         shared,
-        sandbox: SandboxOptions { set_clock },
+        sandbox: SandboxOptions {
+            set_clock,
+            own_network: false,
+        },
         power_off_on_shutdown: false,
     };
     runtime()?.block_on(serve(channel, config))?;
@@ -146,7 +149,10 @@ fn run_as_pid1() -> ! {
                 shared: SharedFs::VirtioFs {
                     tag: SHARED_FS_TAG.into(),
                 },
-                sandbox: SandboxOptions { set_clock: true },
+                sandbox: SandboxOptions {
+                    set_clock: true,
+                    own_network: true,
+                },
                 power_off_on_shutdown: true,
             };
             runtime()?.block_on(serve(channel, config))?;

@@ -127,14 +127,27 @@ pub fn proxy_snapshotter_toml(name: &str, socket: &Path) -> String {
     )
 }
 
-/// A CNI network of its own per instance: bridge + host-local + loopback. The bridge name and subnet are
-/// unique so concurrent instances don't share a bridge or routes; pods only reach themselves and the host.
+/// The MTU of the test pod network: below 1500, as overlay networks (VXLAN: 1450) have it, so
+/// a runtime that ignores the veth's MTU shows.
+pub const POD_MTU: u32 = 1400;
+
+/// A CNI network of its own per instance: bridge + host-local + portmap + loopback, IPv4 and,
+/// when `subnet6` is given, IPv6 (dual stack). The bridge name and subnets are unique so
+/// concurrent instances don't share a bridge or routes; pods reach each other, the host
+/// (the bridge's address is their gateway) and hostPorts.
 pub fn cni_conflist(
     network: &str,
     bridge: &str,
     subnet: &str,
+    subnet6: Option<&str>,
     ipam_data_dir: &Path,
 ) -> serde_json::Value {
+    let mut ranges = vec![json!([{ "subnet": subnet }])];
+    let mut routes = vec![json!({ "dst": "0.0.0.0/0" })];
+    if let Some(subnet6) = subnet6 {
+        ranges.push(json!([{ "subnet": subnet6 }]));
+        routes.push(json!({ "dst": "::/0" }));
+    }
     json!({
         "cniVersion": "1.0.0",
         "name": network,
@@ -145,13 +158,15 @@ pub fn cni_conflist(
                 "isGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
+                "mtu": POD_MTU,
                 "ipam": {
                     "type": "host-local",
                     "dataDir": ipam_data_dir,
-                    "ranges": [[{ "subnet": subnet }]],
-                    "routes": [{ "dst": subnet }]
+                    "ranges": ranges,
+                    "routes": routes
                 }
             },
+            { "type": "portmap", "capabilities": { "portMappings": true } },
             { "type": "loopback" }
         ]
     })
@@ -271,12 +286,26 @@ mod tests {
 
     #[test]
     fn cni_and_hosts_files() {
-        let conf = cni_conflist("net", "br0", "10.200.1.0/24", Path::new("/d"));
+        let conf = cni_conflist("net", "br0", "10.200.1.0/24", None, Path::new("/d"));
         assert_eq!(conf["plugins"][0]["bridge"], "br0");
+        assert_eq!(conf["plugins"][0]["mtu"], POD_MTU);
         assert_eq!(
             conf["plugins"][0]["ipam"]["ranges"][0][0]["subnet"],
             "10.200.1.0/24"
         );
+        assert_eq!(conf["plugins"][1]["type"], "portmap");
+        let dual = cni_conflist(
+            "net",
+            "br0",
+            "10.200.1.0/24",
+            Some("fd10::/64"),
+            Path::new("/d"),
+        );
+        assert_eq!(
+            dual["plugins"][0]["ipam"]["ranges"][1][0]["subnet"],
+            "fd10::/64"
+        );
+        assert_eq!(dual["plugins"][0]["ipam"]["routes"][1]["dst"], "::/0");
         let hosts: Table = registry_hosts_toml("127.0.0.1:5000").parse().unwrap();
         assert_eq!(hosts["server"].as_str(), Some("http://127.0.0.1:5000"));
     }

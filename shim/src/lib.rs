@@ -7,6 +7,7 @@ pub mod config;
 pub mod host;
 pub mod install;
 pub mod log_filter;
+pub mod network;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use spry_shim::vm::{
-    AccelChoice, AgentChannelKind, AgentEndpoint, Hypervisor, QemuHypervisor, ScsiAddr, Vm,
-    VmConfig, VmError, DEFAULT_QEMU,
+    AccelChoice, AgentChannelKind, AgentEndpoint, Hypervisor, NetNamespace, QemuHypervisor,
+    ScsiAddr, Vm, VmConfig, VmError, DEFAULT_QEMU,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -404,7 +404,8 @@ async fn qemu_runs_inside_the_given_netns() {
     let hypervisor = QemuHypervisor::new(root.path());
     let netns = NetNs::create(&format!("spry-vmt-{}", std::process::id()));
     let in_netns = VmConfig {
-        netns: Some(netns.path()),
+        netns: NetNamespace::Join(netns.path()),
+        nics: vec![spry_shim::network::nic_for(0)],
         ..config(root.path(), "vm-netns")
     };
     let vm = hypervisor.start(in_netns).await.unwrap();
@@ -417,12 +418,34 @@ async fn qemu_runs_inside_the_given_netns() {
         std::fs::metadata("/proc/self/ns/net").unwrap().ino(),
         "the test itself must not move"
     );
+    // QEMU made the NIC's tap in the pod's namespace, not in ours.
+    let tap_in = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(args)
+            .args(["link", "show", "spry-tap0"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(tap_in(&["-n", &netns.0]), "no tap in the pod netns");
+    assert!(!tap_in(&[]), "a tap in the host netns");
     let pid = vm.pid();
     drop(vm);
     wait_gone(pid).await;
+    assert!(!tap_in(&["-n", &netns.0]), "the tap outlived QEMU");
+
+    let no_netns = VmConfig {
+        nics: vec![spry_shim::network::nic_for(0)],
+        ..config(root.path(), "vm-nicnons")
+    };
+    assert!(matches!(
+        hypervisor.start(no_netns).await,
+        Err(VmError::NicsWithoutNetns { .. })
+    ));
 
     let missing = VmConfig {
-        netns: Some("/run/netns/spry-no-such-ns".into()),
+        netns: NetNamespace::Join("/run/netns/spry-no-such-ns".into()),
         ..config(root.path(), "vm-nons")
     };
     assert!(matches!(

@@ -45,6 +45,8 @@ pub enum SandboxError {
 #[derive(Debug, Clone, Copy)]
 pub struct SandboxOptions {
     pub set_clock: bool,
+    /// The VM's network stack is the pod's: bring loopback up and configure the NICs.
+    pub own_network: bool,
 }
 
 /// The pod identity applied to this VM.
@@ -196,7 +198,10 @@ mod tests {
         let mut request = CreateSandboxRequest::new();
         request.sandbox_id = "pod-a".into();
         request.dns_nameservers = vec!["10.0.0.10".into()];
-        let options = SandboxOptions { set_clock: false };
+        let options = SandboxOptions {
+            set_clock: false,
+            own_network: false,
+        };
         let sandbox = apply(&request, None, dir.path(), options).unwrap();
         assert_eq!(
             std::fs::read_to_string(sandbox.resolv_conf.as_ref().unwrap()).unwrap(),

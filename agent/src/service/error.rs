@@ -4,6 +4,7 @@ use ttrpc::Code;
 
 use crate::container::helper::FailureKind;
 use crate::container::{ContainerError, StdioError};
+use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 use crate::storage::StorageError;
 
@@ -20,6 +21,11 @@ pub enum AgentError {
     Sandbox {
         #[from]
         source: SandboxError,
+    },
+    #[error("pod network setup failed")]
+    Network {
+        #[from]
+        source: NetworkError,
     },
     #[error("container operation failed")]
     Container { source: Box<ContainerError> },
@@ -50,6 +56,20 @@ impl AgentError {
                 | SandboxError::Write { .. }
                 | SandboxError::Entropy { .. }
                 | SandboxError::Clock { .. } => Code::INTERNAL,
+            },
+            AgentError::Network { source } => match source {
+                NetworkError::BadMac { .. }
+                | NetworkError::BadIp { .. }
+                | NetworkError::BadCidr { .. }
+                | NetworkError::BadName { .. }
+                | NetworkError::BadMtu { .. }
+                | NetworkError::BadRoute { .. }
+                | NetworkError::UnknownDevice { .. }
+                | NetworkError::DuplicateInterface { .. } => Code::INVALID_ARGUMENT,
+                NetworkError::NoSuchNic { .. } => Code::NOT_FOUND,
+                NetworkError::Connect { .. }
+                | NetworkError::Netlink { .. }
+                | NetworkError::Sysctl { .. } => Code::INTERNAL,
             },
             AgentError::Container { source } => container_code(source),
         }

@@ -16,6 +16,7 @@ use ttrpc::r#async::TtrpcContext;
 pub use error::AgentError;
 
 use crate::container::ContainerManager;
+use crate::network::{self, NetworkConfig};
 use crate::sandbox::{self, Sandbox, SandboxOptions};
 
 /// Largest chunk returned by one ReadStdout/ReadStderr.
@@ -128,8 +129,15 @@ impl Agent for AgentService {
 
     async fn create_sandbox(&self, _ctx: &TtrpcContext, req: CreateSandboxRequest) -> Reply<Empty> {
         let mut current = self.sandbox.lock().await;
+        // Checked before anything is applied, so a bad request changes nothing.
+        let network = NetworkConfig::from_request(&req).map_err(AgentError::from)?;
         let applied = sandbox::apply(&req, current.as_ref(), &self.run_dir, self.options)
             .map_err(AgentError::from)?;
+        if self.options.own_network {
+            network::apply(&network).await.map_err(AgentError::from)?;
+        } else if !network.interfaces.is_empty() {
+            tracing::warn!("not in a VM: the pod network is not applied");
+        }
         tracing::info!(sandbox = %applied.id, hostname = %applied.hostname, "sandbox created");
         *current = Some(applied);
         Ok(Empty::new())

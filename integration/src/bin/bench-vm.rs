@@ -105,7 +105,6 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
         qemu: "/usr/bin/qemu-system-x86_64".into(),
         agent_channel: AgentChannelKind::VirtioSerial,
         extra_cmdline: Vec::new(),
-        netns: None,
         ..Default::default()
     };
     let hypervisor = QemuHypervisor::new("/run/spry-bench");

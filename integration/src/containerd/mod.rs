@@ -46,7 +46,7 @@ impl Containerd {
             require::require_tool(&opts.binary.clone().unwrap_or_else(paths::containerd_bin))?;
         let crictl_bin = require::require_tool(&paths::crictl_bin())?;
         let cni_bin_dir = paths::cni_bin_dir();
-        for plugin in ["bridge", "host-local", "loopback"] {
+        for plugin in ["bridge", "host-local", "portmap", "loopback"] {
             require::require_tool(&cni_bin_dir.join(plugin))?;
         }
         let Some(sandbox_image) = opts.sandbox_image.clone() else {
@@ -79,6 +79,9 @@ impl Containerd {
             },
         };
         let subnet = format!("10.{}.{}.0/24", 200 + (tag >> 8) % 50, tag & 0xff);
+        let subnet6 = opts
+            .dual_stack
+            .then(|| format!("fd53:7072:{:x}::/64", tag & 0xffff));
         let mut containerd = Containerd {
             marker: id.marker(),
             bridge: id.bridge(),
@@ -89,12 +92,18 @@ impl Containerd {
             daemon: None,
             cleaned: false,
         };
-        containerd.write_files(&sandbox_image, &cni_bin_dir, &subnet)?;
+        containerd.write_files(&sandbox_image, &cni_bin_dir, &subnet, subnet6.as_deref())?;
         containerd.spawn()?;
         Ok(containerd)
     }
 
-    fn write_files(&self, sandbox_image: &str, cni_bin_dir: &Path, subnet: &str) -> Result<()> {
+    fn write_files(
+        &self,
+        sandbox_image: &str,
+        cni_bin_dir: &Path,
+        subnet: &str,
+        subnet6: Option<&str>,
+    ) -> Result<()> {
         for d in [
             self.root_dir(),
             self.state_dir(),
@@ -108,6 +117,7 @@ impl Containerd {
             &format!("spry-it-{}", self.bridge),
             &self.bridge,
             subnet,
+            subnet6,
             &self.dirs.dir().join("cni-ipam"),
         );
         write(
@@ -320,6 +330,25 @@ impl Containerd {
 
     pub fn bridge(&self) -> &str {
         &self.bridge
+    }
+
+    /// The host's IPv4 address on the pod network (the pods' default gateway), once a pod
+    /// has made CNI create the bridge.
+    pub fn pod_gateway(&self) -> Result<String> {
+        let out = system::run_checked(Command::new("ip").args([
+            "-j",
+            "-4",
+            "addr",
+            "show",
+            "dev",
+            &self.bridge,
+        ]))?;
+        let links: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("parsing `ip -j addr` output {out:?}"))?;
+        links[0]["addr_info"][0]["local"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("bridge {} has no IPv4 address: {out}", self.bridge))
     }
 
     pub fn log(&self) -> String {

@@ -20,6 +20,8 @@ pub struct ContainerdOptions {
     pub(super) start_timeout: Duration,
     /// (on-disk dir, run dir) instead of temp dirs (see `instance_dirs.rs`).
     pub(super) fixed_dirs: Option<(PathBuf, PathBuf)>,
+    /// Give pods an IPv6 address too.
+    pub(super) dual_stack: bool,
 }
 
 impl ContainerdOptions {
@@ -41,7 +43,14 @@ impl ContainerdOptions {
             log_level: "info".to_string(),
             start_timeout: Duration::from_secs(30),
             fixed_dirs: None,
+            dual_stack: false,
         }
+    }
+
+    /// Pods get an IPv6 address and default route besides their IPv4 ones.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
     }
 
     /// Keep the instance in these dirs (created if missing) instead of temp dirs under the

@@ -94,7 +94,6 @@ impl TestArea {
             qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: Vec::new(),
-            netns: None,
             ..Default::default()
         }
     }

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-/// The modules the guest needs: virtio transports and devices, SCSI disks,
+/// The modules the guest needs: virtio transports and devices (the NIC too), SCSI disks,
 /// the filesystems container layers use, and vsock. Their dependencies are
 /// added by [`ModuleDeps::resolve_load_order`].
 pub const GUEST_MODULES: &[&str] = &[
@@ -15,6 +15,7 @@ pub const GUEST_MODULES: &[&str] = &[
     "erofs",
     "overlay",
     "virtio_rng",
+    "virtio_net",
     "virtiofs",
     "vmw_vsock_virtio_transport",
 ];

@@ -7,6 +7,7 @@
 //! stops its VM before returning the error, and shutdown (in one place, any number of
 //! calls) stops the VM and then tears the resources down.
 
+mod network;
 mod pod_vm;
 mod resources;
 
@@ -20,9 +21,11 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::agent_client::{
     AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport,
 };
+use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
 
+pub use network::PodNetwork;
 pub use pod_vm::PodVm;
 pub use resources::{AttachError, PodResource, PodResources, ResourceError, RootfsDisks};
 
@@ -79,6 +82,9 @@ pub struct SandboxIdentity {
     pub dns_nameservers: Vec<String>,
     pub dns_searches: Vec<String>,
     pub dns_options: Vec<String>,
+    /// The pod's network namespace as CNI left it; the VM must have been given
+    /// [`NetworkPlan::nics`] in that namespace. None: a VM without NICs.
+    pub network: Option<NetworkPlan>,
 }
 
 /// A running pod VM with a connected agent.
@@ -118,8 +124,13 @@ impl Sandbox {
                 }
             };
             let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
-            // The pod's network, volumes and cgroup join this list, in their setup order.
-            let resources = PodResources::new(vec![rootfs.clone() as Arc<dyn PodResource>]);
+            // The pod's volumes and cgroup join this list, in their setup order.
+            let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
+            if let Some(plan) = &identity.network {
+                items.push(Arc::new(PodNetwork::new(plan.clone())));
+            }
+            items.push(rootfs.clone());
+            let resources = PodResources::new(items);
             let sandbox = Sandbox {
                 id: id.clone(),
                 vm,
@@ -229,6 +240,11 @@ async fn stop_quietly(vm: &dyn Vm) {
 
 fn identity_request(id: &str, identity: SandboxIdentity) -> pb::CreateSandboxRequest {
     let entropy = host_entropy();
+    let network = identity
+        .network
+        .as_ref()
+        .map(NetworkPlan::guest_request)
+        .unwrap_or_default();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as i64)
@@ -241,6 +257,9 @@ fn identity_request(id: &str, identity: SandboxIdentity) -> pb::CreateSandboxReq
         dns_options: identity.dns_options,
         entropy,
         clock_unix_nanos: now,
+        interfaces: network.interfaces,
+        routes: network.routes,
+        neighbours: network.neighbours,
         ..Default::default()
     }
 }

@@ -15,6 +15,7 @@ use spry_proto::agent as pb;
 use tokio::sync::Mutex;
 use tracing::warn;
 
+use crate::network::NetworkError;
 use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
 use crate::vm::Vm;
 
@@ -23,6 +24,8 @@ use crate::vm::Vm;
 pub enum ResourceError {
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
 }
 
 /// One unit of host-side state a pod owns.

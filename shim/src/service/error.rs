@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::agent_client::AgentError;
 use crate::config::ConfigError;
+use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 
 /// Failure of a task API call.
@@ -68,6 +69,17 @@ pub enum ShimError {
     },
     #[error("{what} is not supported by Spry")]
     Unsupported { what: &'static str },
+    #[error(
+        "pod {id} asks for the host's network (hostNetwork); a Spry pod is a VM with a kernel \
+         and network stack of its own, so it cannot share the node's: run this pod with runc"
+    )]
+    HostNetwork { id: String },
+    #[error("cannot read the network of pod {id}")]
+    Network {
+        id: String,
+        #[source]
+        source: Box<NetworkError>,
+    },
 }
 
 impl ShimError {
@@ -87,6 +99,19 @@ impl ShimError {
             | ShimError::Resources { .. }
             | ShimError::Config(_) => Code::INVALID_ARGUMENT,
             ShimError::Unsupported { .. } => Code::UNIMPLEMENTED,
+            ShimError::HostNetwork { .. } => Code::INVALID_ARGUMENT,
+            ShimError::Network { source, .. } => match source.as_ref() {
+                NetworkError::UnsupportedLink { .. } | NetworkError::TooManyInterfaces { .. } => {
+                    Code::INVALID_ARGUMENT
+                }
+                NetworkError::OpenNetns { .. } => Code::FAILED_PRECONDITION,
+                NetworkError::EnterNetns { .. }
+                | NetworkError::Thread { .. }
+                | NetworkError::ThreadDied { .. }
+                | NetworkError::Connect { .. }
+                | NetworkError::Netlink { .. }
+                | NetworkError::MissingTap { .. } => Code::INTERNAL,
+            },
             ShimError::Agent(e) => agent_code(e),
             ShimError::Sandbox(e) => match e.as_ref() {
                 SandboxError::Container { source, .. } => agent_code(source),

@@ -10,12 +10,13 @@ use oci_spec::runtime::Spec;
 use tokio::task::JoinHandle;
 
 use super::error::ShimError;
-use super::spec;
+use super::spec::{self, PodNetns, TaskKind};
 use crate::config::Config;
 use crate::host::Host;
+use crate::network;
 use crate::sandbox::{PodVm, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
 use crate::template;
-use crate::vm::VmConfig;
+use crate::vm::{NetNamespace, VmConfig};
 
 /// A started pod VM and what the pod must keep of its start.
 pub struct Launched {
@@ -65,9 +66,30 @@ impl SandboxLauncher for HostLauncher {
         crate::log_filter::apply_config_level(&config.log_level);
         let state_dir = config.state_dir.clone();
         let name = super::state_name(id);
+        let network = match spec::pod_netns(spec) {
+            PodNetns::Path(path) => {
+                Some(
+                    network::scan(&path)
+                        .await
+                        .map_err(|source| ShimError::Network {
+                            id: id.to_owned(),
+                            source: Box::new(source),
+                        })?,
+                )
+            }
+            PodNetns::Unnamed => None,
+            PodNetns::Host if spec::task_kind(spec) == TaskKind::Sandbox => {
+                return Err(ShimError::HostNetwork { id: id.to_owned() });
+            }
+            PodNetns::Host => None,
+        };
         let host = Host::new(config);
         let vm_config = VmConfig {
-            netns: spec::network_namespace(spec),
+            netns: network
+                .as_ref()
+                .map(|plan| NetNamespace::Join(plan.netns.clone()))
+                .unwrap_or_default(),
+            nics: network.as_ref().map(|plan| plan.nics()).unwrap_or_default(),
             ..host.vm_config(&name)
         };
         let identity = SandboxIdentity {
@@ -75,6 +97,7 @@ impl SandboxLauncher for HostLauncher {
                 .hostname()
                 .clone()
                 .unwrap_or_else(|| id.chars().take(12).collect()),
+            network,
             ..Default::default()
         };
         let make_share = host.rootfs_share_factory(&name);

@@ -110,7 +110,7 @@ impl Shim for SpryShim {
         if let Some(state_dir) = recorded_state_dir(&self.bundle) {
             config.state_dir = state_dir;
         }
-        cleanup_leftovers(&config, &self.id, &self.bundle);
+        cleanup_leftovers(&config, &self.id, &self.bundle).await;
         Ok(DeleteResponse {
             exit_status: 137,
             exited_at: Some(events::timestamp(SystemTime::now())).into(),
@@ -180,11 +180,19 @@ fn recorded_state_dir(bundle: &Path) -> Option<PathBuf> {
 }
 
 /// Removes what a dead shim of container `id` may have left: its rootfs mount, VM
-/// state dir and rootfs images, and shared layer images it was the last user of.
-/// QEMU itself dies with its shim (PR_SET_PDEATHSIG).
-pub fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
+/// state dir and rootfs images, shared layer images it was the last user of, and the tc
+/// joins in the pod's network namespace. QEMU itself dies with its shim
+/// (PR_SET_PDEATHSIG), and its taps with it.
+pub async fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    if let Ok(spec) = spec::load(bundle) {
+        if let spec::PodNetns::Path(netns) = spec::pod_netns(&spec) {
+            if let Err(e) = crate::network::unjoin_taps(&netns).await {
+                warn!(error = %error_chain(&e), "cannot clean the pod's network namespace");
+            }
+        }
+    }
     Host::new(config.clone()).remove_leftovers(&state_name(id));
 }
 

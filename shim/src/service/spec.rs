@@ -54,16 +54,34 @@ pub fn sandbox_id(spec: &Spec) -> Option<String> {
         .cloned()
 }
 
-/// The network namespace the pod's VM must run in, if the sandbox spec names one.
-pub fn network_namespace(spec: &Spec) -> Option<std::path::PathBuf> {
-    spec.linux()
-        .as_ref()?
-        .namespaces()
-        .as_ref()?
-        .iter()
-        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
-        .path()
-        .clone()
+/// The network namespace a sandbox spec asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodNetns {
+    /// One CNI set up (CRI pods): the VM's NICs mirror its interfaces.
+    Path(std::path::PathBuf),
+    /// A new, unnamed one nobody configured (`ctr run`): a VM without NICs.
+    Unnamed,
+    /// No network namespace entry: the host's (a CRI pod with hostNetwork).
+    Host,
+}
+
+pub fn pod_netns(spec: &Spec) -> PodNetns {
+    let entry = spec
+        .linux()
+        .as_ref()
+        .and_then(|linux| linux.namespaces().as_ref())
+        .and_then(|namespaces| {
+            namespaces
+                .iter()
+                .find(|ns| ns.typ() == LinuxNamespaceType::Network)
+        });
+    match entry {
+        None => PodNetns::Host,
+        Some(ns) => match ns.path() {
+            Some(path) => PodNetns::Path(path.clone()),
+            None => PodNetns::Unnamed,
+        },
+    }
 }
 
 /// Host files larger than this are not copied into the guest (they need virtio-fs).

@@ -46,14 +46,21 @@ pub fn watch_exit(recorder: Arc<dyn ExitRecorder>, vm: Arc<dyn PodVm>, process: 
     );
 }
 
-/// When the VM goes, every process in it is gone too.
+/// When the VM goes, every process in it is gone too, and so is what the pod held on the
+/// host for it (the network joins, the rootfs disks), without waiting for containerd to
+/// stop the sandbox.
 pub fn watch_vm(recorder: Arc<dyn ExitRecorder>, vm: &Arc<dyn PodVm>) {
     let mut exit = vm.exit_watch();
+    let vm = Arc::clone(vm);
     tokio::spawn(async move {
         let _ = exit.wait_for(|e| e.is_some()).await;
         let reason = exit.borrow().clone();
         if let Some(reason) = reason {
             info!(%reason, "pod VM exited");
+        }
+        // The VM is gone: nothing to wait for. Idempotent, so the later stop is a no-op.
+        if let Err(e) = vm.shutdown(std::time::Duration::ZERO).await {
+            warn!(error = %crate::error_chain(&e), "cleaning up after the VM failed");
         }
         let lost = recorder
             .lost_with_vm(SANDBOX_KILLED_EXIT, VM_GONE_EXIT)

@@ -8,7 +8,7 @@ use tracing::{info, info_span, warn, Instrument};
 use super::store::{state_digest, unix_now, FileStamp, Manifest, MANIFEST_FORMAT};
 use super::{Template, TemplateError, TemplateStore};
 use crate::sandbox::{connect_agent, DEFAULT_BOOT_TIMEOUT};
-use crate::vm::{GuestMemory, Hypervisor, VmConfig};
+use crate::vm::{GuestMemory, Hypervisor, NetNamespace, VmConfig};
 
 /// The agent notices a host hang-up within its 50 ms poll; give it ample time so the saved
 /// guest is an agent waiting for a connection, not one mid-way through the last.
@@ -79,7 +79,9 @@ async fn build_locked(
     let config = VmConfig {
         id: id.clone(),
         state_dir,
-        netns: None,
+        // The template's NICs need taps somewhere; they go nowhere and die with QEMU. A
+        // clone's taps are its own pod's.
+        netns: NetNamespace::New,
         memory: GuestMemory::SharedFile {
             path: memory.clone(),
         },

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::cmdline::{qemu_args, StatePaths};
-use super::{Accel, AccelChoice, AgentChannelKind, GuestMemory, VmConfig};
+use super::{Accel, AccelChoice, AgentChannelKind, GuestMemory, NetNamespace, VmConfig};
 
 /// The warning logged (once per process) when Auto falls back to TCG.
 pub const KVM_UNUSABLE_WARNING: &str = "using TCG software emulation: expect ~10x slower VMs";
@@ -188,7 +188,8 @@ fn probe_config(config: &VmConfig, dir: &Path) -> VmConfig {
         cpus: 1,
         memory_mib: super::DEFAULT_MEMORY_MIB,
         extra_cmdline,
-        netns: None,
+        netns: NetNamespace::Inherit,
+        nics: Vec::new(),
         // A vsock CID could collide with a running VM's.
         agent_channel: AgentChannelKind::VirtioSerial,
         tcg_cache_mib: 0,
@@ -295,7 +296,6 @@ mod tests {
             qemu: "/bin/true".into(),
             agent_channel: super::super::AgentChannelKind::VirtioSerial,
             extra_cmdline: vec![],
-            netns: None,
             ..Default::default()
         };
         let first = probe_key(&config).await;
@@ -324,7 +324,6 @@ mod tests {
             qemu: "/nonexistent".into(),
             agent_channel: super::super::AgentChannelKind::VirtioSerial,
             extra_cmdline: vec![],
-            netns: None,
             ..Default::default()
         };
         assert_eq!(resolve(&config, dir.path()).await, Accel::Tcg);

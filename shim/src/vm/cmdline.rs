@@ -153,7 +153,27 @@ pub fn qemu_args(
                 .push(format!("vhost-vsock-device,guest-cid={cid}"));
         }
     }
+    for (index, nic) in config.nics.iter().enumerate() {
+        // No vhost: there is no /dev/vhost-net everywhere, and QEMU's own virtio-net
+        // backend with the tap's vnet header keeps checksum and segmentation offloads.
+        args.push("-netdev").push(format!(
+            "tap,id=net{index},ifname={},script=no,downscript=no,vhost=off",
+            escape(&nic.tap)
+        ));
+        args.push("-device").push(format!(
+            "virtio-net-device,netdev=net{index},mac={}",
+            format_mac(&nic.mac)
+        ));
+    }
     args.0
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// QEMU option values separate keys with commas; a literal comma is doubled.
@@ -178,7 +198,7 @@ impl ArgList {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vm::AccelChoice;
+    use crate::vm::{AccelChoice, NetNamespace, Nic};
 
     fn config() -> VmConfig {
         VmConfig {
@@ -192,7 +212,8 @@ mod tests {
             qemu: "/usr/bin/qemu-system-x86_64".into(),
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: vec!["loglevel=7".into()],
-            netns: None,
+            netns: NetNamespace::Inherit,
+            nics: Vec::new(),
             tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,
@@ -325,6 +346,40 @@ mod tests {
         let devices = value_after(&args, "-device");
         assert!(devices.contains(&"vhost-vsock-device,guest-cid=42".to_owned()));
         assert!(!devices.iter().any(|d| d.starts_with("virtserialport")));
+    }
+
+    #[test]
+    fn each_nic_is_a_tap_backed_virtio_net_device_with_its_mac() {
+        let with_nics = VmConfig {
+            netns: NetNamespace::New,
+            nics: vec![
+                Nic {
+                    tap: "spry-tap0".into(),
+                    mac: [0x02, 0x53, 0x50, 0x52, 0x59, 0],
+                },
+                Nic {
+                    tap: "spry-tap1".into(),
+                    mac: [0x02, 0x53, 0x50, 0x52, 0x59, 1],
+                },
+            ],
+            ..config()
+        };
+        let args = args_of(&with_nics, Accel::Tcg);
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            [
+                "tap,id=net0,ifname=spry-tap0,script=no,downscript=no,vhost=off",
+                "tap,id=net1,ifname=spry-tap1,script=no,downscript=no,vhost=off"
+            ]
+        );
+        let devices = value_after(&args, "-device");
+        assert_eq!(
+            &devices[devices.len() - 2..],
+            [
+                "virtio-net-device,netdev=net0,mac=02:53:50:52:59:00",
+                "virtio-net-device,netdev=net1,mac=02:53:50:52:59:01"
+            ]
+        );
     }
 
     #[test]

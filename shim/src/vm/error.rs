@@ -46,6 +46,10 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
+    #[error("VM {id} has NICs but no network namespace of its own to create their taps in")]
+    NicsWithoutNetns { id: String },
+    #[error("VM {id}: {tap:?} is not a valid tap name (1 to 15 letters, digits, '-' or '_')")]
+    InvalidTapName { id: String, tap: String },
     #[error("cannot measure the host TSC frequency")]
     TscFrequency {
         #[source]

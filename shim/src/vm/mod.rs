@@ -124,8 +124,10 @@ pub struct VmConfig {
     pub agent_channel: AgentChannelKind,
     /// Appended to the kernel command line (later parameters win).
     pub extra_cmdline: Vec<String>,
-    /// Run QEMU inside this network namespace (a bind-mounted netns file).
-    pub netns: Option<PathBuf>,
+    /// The network namespace QEMU runs in; NICs' taps are created there.
+    pub netns: NetNamespace,
+    /// virtio-net NICs, each backed by a tap QEMU creates (and removes when it exits).
+    pub nics: Vec<Nic>,
     /// Under TCG, the most host memory QEMU may fill with translated guest code, MiB
     /// (QEMU's `tb-size`; 0 keeps QEMU's default of up to 1 GiB). Translated code is the
     /// largest private cost of an idle TCG VM; a full cache is flushed and refilled.
@@ -136,6 +138,28 @@ pub struct VmConfig {
     /// booting: RAM must come from the snapshot's memory file ([`GuestMemory::PrivateFile`]).
     /// Kernel and initramfs are then not loaded: the guest's memory already holds them.
     pub restore: Option<PathBuf>,
+}
+
+/// Which network namespace QEMU runs in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NetNamespace {
+    /// The caller's own (only for a VM without NICs).
+    #[default]
+    Inherit,
+    /// A pod's network namespace (a bind-mounted netns file).
+    Join(PathBuf),
+    /// A new, empty one that lives as long as QEMU: a template VM's NICs go nowhere.
+    New,
+}
+
+/// A guest NIC: a virtio-net device whose backend is the tap `tap` in QEMU's network
+/// namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// The tap's name (at most 15 bytes, as the kernel wants).
+    pub tap: String,
+    /// The MAC the guest sees at boot.
+    pub mac: [u8; 6],
 }
 
 /// What backs a VM's guest RAM.
@@ -165,7 +189,8 @@ impl Default for VmConfig {
             qemu: PathBuf::from(DEFAULT_QEMU),
             agent_channel: AgentChannelKind::VirtioSerial,
             extra_cmdline: Vec::new(),
-            netns: None,
+            netns: NetNamespace::Inherit,
+            nics: Vec::new(),
             tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,

@@ -19,8 +19,8 @@ use super::qmp::{QmpClient, QmpError};
 use super::startup::{connect_qmp, exit_from, wait_exit};
 use super::validate::{require_boot_files, validate};
 use super::{
-    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr,
-    Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor,
+    NetNamespace, ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
@@ -142,11 +142,13 @@ impl QemuVm {
                 .map_err(|source| VmError::KvmUnavailable { source })?;
         }
         let netns = match &config.netns {
-            Some(path) => Some(fs::File::open(path).map_err(|source| VmError::NetNs {
-                path: path.clone(),
-                source,
-            })?),
-            None => None,
+            NetNamespace::Join(path) => {
+                Some(fs::File::open(path).map_err(|source| VmError::NetNs {
+                    path: path.clone(),
+                    source,
+                })?)
+            }
+            NetNamespace::Inherit | NetNamespace::New => None,
         };
 
         // The parent (e.g. <state_root>/vms) is shared by all VMs; the VM's own dir must be new.
@@ -187,7 +189,12 @@ impl QemuVm {
             .stdout(Stdio::null())
             .stderr(stderr)
             .kill_on_drop(true);
-        sys::configure_child(&mut command, netns.as_ref().map(AsRawFd::as_raw_fd));
+        let child_netns = match (&netns, &config.netns) {
+            (Some(file), _) => sys::ChildNetns::Join(file.as_raw_fd()),
+            (None, NetNamespace::New) => sys::ChildNetns::New,
+            (None, _) => sys::ChildNetns::Inherit,
+        };
+        sys::configure_child(&mut command, child_netns);
         let mut child = spawner::spawn(command)
             .await
             .map_err(|source| VmError::Spawn {

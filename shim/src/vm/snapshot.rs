@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use super::cmdline::{qemu_args, StatePaths};
 use super::qmp::QmpClient;
-use super::{Accel, GuestMemory, VmConfig, VmError, VmExit};
+use super::{Accel, GuestMemory, NetNamespace, VmConfig, VmError, VmExit};
 
 /// Loading a few hundred KiB of device state takes milliseconds; a loaded TCG host is slow.
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,7 +205,7 @@ pub fn fingerprint(config: &VmConfig, accel: Accel) -> Result<String, VmError> {
     let canonical = VmConfig {
         id: "template".into(),
         state_dir: PathBuf::from("/template"),
-        netns: None,
+        netns: NetNamespace::Inherit,
         memory: GuestMemory::SharedFile {
             path: PathBuf::from("/template/memory"),
         },
@@ -257,7 +257,7 @@ mod tests {
         let other_vm = VmConfig {
             id: "pod-b".into(),
             state_dir: dir.path().join("vms/pod-b"),
-            netns: Some("/run/netns/x".into()),
+            netns: NetNamespace::Join("/run/netns/x".into()),
             memory: GuestMemory::PrivateFile {
                 path: "/t/memory".into(),
             },

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::cmdline::StatePaths;
-use super::{AgentChannelKind, GuestMemory, VmConfig, VmError};
+use super::{AgentChannelKind, GuestMemory, NetNamespace, VmConfig, VmError};
 
 /// Linux `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
@@ -64,6 +64,26 @@ pub fn validate(config: &VmConfig) -> Result<(), VmError> {
             memory_mib: config.memory_mib,
             minimum: MIN_MEMORY_MIB,
         });
+    }
+    if !config.nics.is_empty() && config.netns == NetNamespace::Inherit {
+        // The taps would land in the shim's own namespace, next to the host's interfaces.
+        return Err(VmError::NicsWithoutNetns {
+            id: config.id.clone(),
+        });
+    }
+    for nic in &config.nics {
+        let ok = !nic.tap.is_empty()
+            && nic.tap.len() < 16
+            && nic
+                .tap
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+        if !ok {
+            return Err(VmError::InvalidTapName {
+                id: config.id.clone(),
+                tap: nic.tap.clone(),
+            });
+        }
     }
     require_boot_files(config)?;
     if let AgentChannelKind::Vsock { .. } = config.agent_channel {

@@ -196,9 +196,10 @@ async fn a_pod_runs_through_the_whole_cri_lifecycle() {
     assert_eq!(h.wait(SANDBOX, "").await, 137);
     h.pod.delete(SANDBOX, "").await.unwrap();
     assert!(h.pod.is_empty().await);
-    assert_eq!(
-        h.vm().shutdowns(),
-        2,
+    // Kill and delete of the sandbox both stop it, and so may the VM watcher once the VM
+    // is gone; shutdown is idempotent.
+    assert!(
+        h.vm().shutdowns() >= 2,
         "kill and delete of the sandbox both stop it"
     );
     assert_eq!(
