@@ -43,7 +43,9 @@ impl Crictl {
         self
     }
 
-    fn command<S: AsRef<str>>(&self, args: &[S]) -> Command {
+    /// crictl with its connection flags and `args`, for a caller that runs it itself (a
+    /// long-running `port-forward`).
+    pub fn command<S: AsRef<str>>(&self, args: &[S]) -> Command {
         let mut cmd = Command::new(&self.bin);
         cmd.arg("--config")
             .arg(&self.config_file)

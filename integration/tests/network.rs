@@ -24,6 +24,8 @@ struct ServerPod {
     pod: String,
     container: String,
     ip: String,
+    /// The IPv6 address, on a dual-stack network.
+    ip6: Option<String>,
 }
 
 fn start_server_pod(
@@ -32,10 +34,15 @@ fn start_server_pod(
     image: &str,
     name: &str,
     runtime: Option<&str>,
+    host_port: Option<u16>,
 ) -> Result<ServerPod> {
-    let pod_cfg = PodConfig::new(name)
-        .hostname(name)
-        .write_to(&containerd.dir())?;
+    let mut pod_cfg = PodConfig::new(name).hostname(name);
+    if let Some(host_port) = host_port {
+        pod_cfg = pod_cfg.patch(serde_json::json!({
+            "port_mappings": [{ "protocol": 0, "container_port": 8080, "host_port": host_port }]
+        }));
+    }
+    let pod_cfg = pod_cfg.write_to(&containerd.dir())?;
     let pod = crictl
         .runp(&pod_cfg, runtime)
         .with_context(|| format!("runp {name}: {}", containerd.log_tail(30)))?;
@@ -52,11 +59,15 @@ fn start_server_pod(
         .filter(|ip| !ip.is_empty())
         .with_context(|| format!("pod {name} has no IP: {}", info["status"]))?
         .to_owned();
+    let ip6 = info["status"]["network"]["additionalIps"][0]["ip"]
+        .as_str()
+        .map(str::to_owned);
     Ok(ServerPod {
         name: name.to_owned(),
         pod,
         container,
         ip,
+        ip6,
     })
 }
 
@@ -131,6 +142,46 @@ fn pod_get(crictl: &Crictl, from: &ServerPod, ip: &str, port: u16) -> Result<Str
     Ok(out.stdout)
 }
 
+/// A TCP port nothing listens on now.
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A running `crictl port-forward POD LOCAL:REMOTE`, stopped on drop.
+struct PortForwarder {
+    child: std::process::Child,
+    local_port: u16,
+}
+
+impl PortForwarder {
+    fn start(crictl: &Crictl, pod: &str, remote: u16) -> Result<Self> {
+        let local_port = free_port()?;
+        let mut command = crictl.command(&["port-forward", pod, &format!("{local_port}:{remote}")]);
+        command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = command.spawn().context("spawning crictl port-forward")?;
+        let forwarder = Self { child, local_port };
+        // Listening once it accepts a connection.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", local_port)).is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "crictl port-forward never listened"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(forwarder)
+    }
+}
+
+impl Drop for PortForwarder {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A host HTTP server on the pods' gateway address answering "host".
 fn host_server(gateway: &str) -> Result<u16> {
     let listener = TcpListener::bind(format!("{gateway}:0"))?;
@@ -161,15 +212,24 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
     let spry = SpryHandler::new(state.path(), "debug", None)?;
     let cold = spry.variant("cold", "template = \"off\"")?;
     let opts = spry.register(ContainerdOptions::new("spry-net").registry(&registry));
-    let containerd = Containerd::start(spry.register_variant(opts, "spry-cold", &cold))?;
+    let containerd =
+        Containerd::start(spry.register_variant(opts.dual_stack(), "spry-cold", &cold))?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
 
-    let a = start_server_pod(&containerd, &crictl, &image, "net-cold", Some("spry-cold"))?;
-    let b = start_server_pod(&containerd, &crictl, &image, "net-tpl", Some("spry"))?;
-    let r = start_server_pod(&containerd, &crictl, &image, "net-runc", None)?;
+    let host_port = free_port()?;
+    let a = start_server_pod(
+        &containerd,
+        &crictl,
+        &image,
+        "net-cold",
+        Some("spry-cold"),
+        Some(host_port),
+    )?;
+    let b = start_server_pod(&containerd, &crictl, &image, "net-tpl", Some("spry"), None)?;
+    let r = start_server_pod(&containerd, &crictl, &image, "net-runc", None, None)?;
 
     for pod in [&a, &b] {
         // The guest took over the veth: its address, MAC and MTU.
@@ -204,7 +264,7 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
 
     // Host → each pod, and each pod → every other pod and the host.
     let gateway = containerd.pod_gateway()?;
-    let host_port = host_server(&gateway)?;
+    let host_server_port = host_server(&gateway)?;
     for target in [&a, &b, &r] {
         let reply = host_get(&target.ip, 8080)?;
         ensure!(
@@ -226,8 +286,46 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
                 to.name
             );
         }
-        let reply = pod_get(&crictl, from, &gateway, host_port)?;
+        let reply = pod_get(&crictl, from, &gateway, host_server_port)?;
         ensure!(reply.contains("host"), "{} → host: {reply:?}", from.name);
+    }
+
+    // IPv6 (dual stack), Spry pod to Spry pod and runc pod to Spry pod.
+    for (from, to) in [(&a, &b), (&b, &a), (&r, &a)] {
+        let ip6 = to
+            .ip6
+            .as_deref()
+            .context("no IPv6 address on a dual-stack network")?;
+        let reply = pod_get(&crictl, from, ip6, 8080)?;
+        ensure!(
+            reply.contains(&to.name),
+            "{} → {} over IPv6: {reply:?}",
+            from.name,
+            to.name
+        );
+    }
+
+    // hostPort (CNI portmap): the node's address and port reach the Spry pod.
+    let reply = host_get(&gateway, host_port)?;
+    ensure!(reply.contains(&a.name), "hostPort {host_port}: {reply:?}");
+
+    // CRI port-forward to each Spry pod: many connections, request in, page out.
+    for pod in [&a, &b] {
+        let forward = PortForwarder::start(&crictl, &pod.pod, 8080)?;
+        let clients: Vec<_> = (0..8)
+            .map(|_| {
+                let local = forward.local_port;
+                std::thread::spawn(move || host_get("127.0.0.1", local))
+            })
+            .collect();
+        for client in clients {
+            let reply = client.join().expect("client thread")?;
+            ensure!(
+                reply.contains(&pod.name),
+                "port-forward to {}: {reply:?}",
+                pod.name
+            );
+        }
     }
 
     // QEMU killed under a pod: its tap goes with it, and the shim takes the tc join down.

@@ -17,11 +17,14 @@
 //! of it, and the agent finds the NIC by that MAC before giving it the veth's. So a template
 //! only has to match a pod's NIC count, and no two pods ever end up with one MAC.
 //!
-//! `scan.rs` reads the netns, `tc.rs` joins veth and tap; the sandbox's `PodNetwork`
+//! `scan.rs` reads the netns, `tc.rs` joins veth and tap, `port_forward.rs` (with
+//! `sk_lookup.rs`) makes CRI port-forward reach the guest; the sandbox's `PodNetwork`
 //! resource calls them for a running VM.
 
 mod netns;
+mod port_forward;
 mod scan;
+mod sk_lookup;
 mod tc;
 
 use std::net::IpAddr;
@@ -33,6 +36,7 @@ use crate::vm::cmdline::format_mac;
 use crate::vm::Nic;
 
 pub use netns::in_netns;
+pub use port_forward::PortForward;
 pub use scan::scan;
 pub use tc::{join_taps, unjoin_taps};
 
@@ -95,6 +99,12 @@ pub enum NetworkError {
     },
     #[error("QEMU did not create tap {tap} in the pod's network namespace")]
     MissingTap { tap: String },
+    #[error("cannot set up port-forward in network namespace {path}")]
+    PortForward {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A veth of the pod netns, as CNI left it.
@@ -140,6 +150,17 @@ pub struct NetworkPlan {
 }
 
 impl NetworkPlan {
+    /// The pod's addresses, IPv4 first (what port-forward connects to).
+    pub fn pod_ips(&self) -> Vec<IpAddr> {
+        let mut ips: Vec<IpAddr> = self
+            .interfaces
+            .iter()
+            .flat_map(|i| i.addresses.iter().map(|(ip, _)| *ip))
+            .collect();
+        ips.sort_by_key(|ip| ip.is_ipv6());
+        ips
+    }
+
     /// The VM's NICs, one per interface, in order.
     pub fn nics(&self) -> Vec<Nic> {
         (0..self.interfaces.len()).map(nic_for).collect()

@@ -1,9 +1,9 @@
-//! Doing netlink work inside another network namespace.
+//! Doing work inside another network namespace.
 //!
-//! A netlink socket talks to the namespace it was created in, and `setns` moves only the
-//! calling thread. So the work runs on a short-lived thread of its own that enters the
-//! namespace, opens the socket there and drives the future on a one-thread runtime; the
-//! shim's other threads never change namespace.
+//! A socket belongs to the namespace it was created in, and `setns` moves only the calling
+//! thread. So the work runs on a short-lived thread of its own that enters the namespace,
+//! creates its sockets there and hands back what it made; the shim's other threads never
+//! change namespace.
 
 use std::future::Future;
 use std::path::Path;
@@ -13,12 +13,11 @@ use rtnetlink::Handle;
 
 use super::NetworkError;
 
-/// Runs `work` with a netlink handle inside the network namespace `netns` (a netns file,
-/// as `/var/run/netns/cni-…`).
-pub async fn in_netns<F, Fut, T>(netns: &Path, work: F) -> Result<T, NetworkError>
+/// Runs `work` on a thread inside the network namespace `netns` (a netns file, as
+/// `/var/run/netns/cni-…`). `work` also gets the namespace's file.
+pub async fn on_netns_thread<F, T>(netns: &Path, work: F) -> Result<T, NetworkError>
 where
-    F: FnOnce(Handle) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<T, NetworkError>>,
+    F: FnOnce(&std::fs::File) -> Result<T, NetworkError> + Send + 'static,
     T: Send + 'static,
 {
     let path = netns.to_path_buf();
@@ -31,8 +30,13 @@ where
     std::thread::Builder::new()
         .name("spry-netns".into())
         .spawn(move || {
-            let result = run_inside(&file, &thread_path, work);
-            let _ = sender.send(result);
+            let entered = nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                NetworkError::EnterNetns {
+                    path: thread_path,
+                    source,
+                }
+            });
+            let _ = sender.send(entered.and_then(|()| work(&file)));
         })
         .map_err(|source| NetworkError::Thread {
             path: path.clone(),
@@ -43,34 +47,35 @@ where
         .map_err(|_| NetworkError::ThreadDied { path })?
 }
 
-fn run_inside<F, Fut, T>(netns: &std::fs::File, path: &Path, work: F) -> Result<T, NetworkError>
+/// Runs `work` with a netlink handle inside the network namespace `netns`, driven by a
+/// one-thread runtime on the namespace's thread.
+pub async fn in_netns<F, Fut, T>(netns: &Path, work: F) -> Result<T, NetworkError>
 where
-    F: FnOnce(Handle) -> Fut,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
     Fut: Future<Output = Result<T, NetworkError>>,
+    T: Send + 'static,
 {
-    nix::sched::setns(netns, CloneFlags::CLONE_NEWNET).map_err(|source| {
-        NetworkError::EnterNetns {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map_err(|source| NetworkError::Thread {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    runtime.block_on(async {
-        let (connection, handle, _) =
-            rtnetlink::new_connection().map_err(|source| NetworkError::Connect {
-                path: path.to_path_buf(),
+    let path = netns.to_path_buf();
+    on_netns_thread(netns, move |_| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|source| NetworkError::Thread {
+                path: path.clone(),
                 source,
             })?;
-        let connection = tokio::spawn(connection);
-        let result = work(handle).await;
-        connection.abort();
-        result
+        runtime.block_on(async {
+            let (connection, handle, _) =
+                rtnetlink::new_connection().map_err(|source| NetworkError::Connect {
+                    path: path.clone(),
+                    source,
+                })?;
+            let connection = tokio::spawn(connection);
+            let result = work(handle).await;
+            connection.abort();
+            result
+        })
     })
+    .await
 }

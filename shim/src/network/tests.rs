@@ -222,3 +222,67 @@ async fn taps_are_joined_to_their_veth_both_ways_and_unjoined() {
     drop(pod);
     unjoin_taps(&plan.netns).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_forward_carries_many_connections_from_the_pod_netns_loopback() {
+    use std::io::{Read, Write};
+    let pod = TestNetns::new("pf");
+    pod.ip(&["link", "set", "lo", "up"]);
+    // The "pod": an echo server with a greeting, reached from the host's namespace the way
+    // the forwarder reaches a pod IP. Here the pod IP is the host's loopback.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in server.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut stream = stream;
+                let _ = stream.write_all(b"hello ");
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let forward = PortForward::start(&pod.path(), vec!["127.0.0.1".parse().unwrap()])
+        .await
+        .unwrap();
+
+    // What containerd does: dial localhost:PORT from inside the pod's namespace, here ten
+    // times at once, each sending 1 MiB through and reading it back.
+    let replies = netns::on_netns_thread(&pod.path(), move |_| {
+        let clients: Vec<_> = (0..10u8)
+            .map(|n| {
+                std::thread::spawn(move || {
+                    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    let payload = vec![n; 1 << 20];
+                    let mut writer = stream.try_clone().unwrap();
+                    let sent = payload.clone();
+                    let sender = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+                    let mut reply = vec![0u8; 6 + payload.len()];
+                    stream.read_exact(&mut reply).unwrap();
+                    sender.join().unwrap();
+                    reply[..6] == *b"hello " && reply[6..] == payload[..]
+                })
+            })
+            .collect();
+        Ok(clients
+            .into_iter()
+            .map(|c| c.join().unwrap())
+            .collect::<Vec<bool>>())
+    })
+    .await
+    .unwrap();
+    assert_eq!(replies, vec![true; 10]);
+
+    // Stopped: the namespace's loopback is its own again (nothing listens there).
+    drop(forward);
+    let refused = netns::on_netns_thread(&pod.path(), move |_| {
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_err())
+    })
+    .await
+    .unwrap();
+    assert!(refused, "the steering outlived the forwarder");
+}

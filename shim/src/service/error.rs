@@ -110,7 +110,8 @@ impl ShimError {
                 | NetworkError::ThreadDied { .. }
                 | NetworkError::Connect { .. }
                 | NetworkError::Netlink { .. }
-                | NetworkError::MissingTap { .. } => Code::INTERNAL,
+                | NetworkError::MissingTap { .. }
+                | NetworkError::PortForward { .. } => Code::INTERNAL,
             },
             ShimError::Agent(e) => agent_code(e),
             ShimError::Sandbox(e) => match e.as_ref() {
