@@ -142,6 +142,30 @@ fn pod_get(crictl: &Crictl, from: &ServerPod, ip: &str, port: u16) -> Result<Str
     Ok(out.stdout)
 }
 
+fn kill(pid: i32) -> Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    Ok(())
+}
+
+/// Waits until the pod netns holds no tap of ours and no tc join on its veth.
+fn wait_netns_clean(netns: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let links = in_netns("ip", netns, &["-o", "link"])?;
+        let qdiscs = in_netns("tc", netns, &["qdisc", "show", "dev", "eth0"])?;
+        if !links.contains("spry-tap") && !qdiscs.contains("ingress") {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the pod netns still has: {links}\n{qdiscs}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// A TCP port nothing listens on now.
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -329,27 +353,25 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
     }
 
     // QEMU killed under a pod: its tap goes with it, and the shim takes the tc join down.
-    let netns = netns_of(&crictl, &a.pod)?;
     let qemu = spry_integration::system::processes()?
         .into_iter()
         .find(|p| p.name().starts_with("qemu-system") && p.cmdline_contains(&a.pod[..12]))
         .context("no QEMU for the cold pod")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(qemu.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let links = in_netns("ip", &netns, &["-o", "link"])?;
-        let qdiscs = in_netns("tc", &netns, &["qdisc", "show", "dev", "eth0"])?;
-        if !links.contains("spry-tap") && !qdiscs.contains("ingress") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("after QEMU died the pod netns still has: {links}\n{qdiscs}");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    kill(qemu.pid)?;
+    wait_netns_clean(&netns_of(&crictl, &a.pod)?)?;
+    // The shim itself killed: QEMU dies with it, and `containerd-shim-spry-v2 delete`
+    // (which containerd runs for a dead shim) takes the join down. The app container goes
+    // first: containerd reports only the sandbox task of a dead grouped shim as exited, so
+    // an app container would stay "running" in CRI (a reliability matter of its own).
+    crictl.stop(&b.container, 10)?;
+    crictl.rm(&b.container)?;
+    let shim = containerd
+        .shims()?
+        .into_iter()
+        .find(|p| p.cmdline_contains(&b.pod))
+        .context("no shim for the template pod")?;
+    kill(shim.pid)?;
+    wait_netns_clean(&netns_of(&crictl, &b.pod)?)?;
 
     for pod in [&a, &b, &r] {
         crictl.stopp(&pod.pod)?;
@@ -381,6 +403,90 @@ fn host_network_pods_are_refused_with_the_reason() -> Result<()> {
     };
     ensure!(err.contains("hostNetwork") && err.contains("runc"), "{err}");
     crictl.rmp_all_force()?;
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+#[test]
+fn ten_template_pods_started_at_once_have_their_own_address_and_reach_each_other() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-net10-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let containerd =
+        Containerd::start(spry.register(ContainerdOptions::new("spry-net10").registry(&registry)))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    // The template first, so that all ten restore from it.
+    let first = start_server_pod(&containerd, &crictl, &image, "tpl-0", Some("spry"), None)?;
+    let pods: Vec<ServerPod> = std::thread::scope(|scope| {
+        let starts: Vec<_> = (1..10)
+            .map(|i| {
+                let (containerd, crictl, image) = (&containerd, &crictl, &image);
+                scope.spawn(move || {
+                    start_server_pod(
+                        containerd,
+                        crictl,
+                        image,
+                        &format!("tpl-{i}"),
+                        Some("spry"),
+                        None,
+                    )
+                })
+            })
+            .collect();
+        starts
+            .into_iter()
+            .map(|s| s.join().expect("start thread"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let pods: Vec<ServerPod> = std::iter::once(first).chain(pods).collect();
+
+    let mut ips = std::collections::BTreeSet::new();
+    let mut macs = std::collections::BTreeSet::new();
+    for pod in &pods {
+        ips.insert(pod.ip.clone());
+        macs.insert(guest(
+            &crictl,
+            pod,
+            &["cat", "/sys/class/net/eth0/address"],
+        )?);
+    }
+    ensure!(
+        ips.len() == 10 && macs.len() == 10,
+        "IPs {ips:?}, MACs {macs:?}"
+    );
+    ensure!(
+        !macs.iter().any(|m| m.starts_with("02:53:50:52:59")),
+        "a pod kept the template's boot MAC: {macs:?}"
+    );
+    // Each pod asks every other one for its page, in one exec.
+    for from in &pods {
+        let script: String = pods
+            .iter()
+            .filter(|to| to.name != from.name)
+            .map(|to| {
+                format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 {} 8080 | grep -q {} || echo {};",
+                    to.ip, to.name, to.name
+                )
+            })
+            .collect();
+        let unreachable = guest(&crictl, from, &["sh", "-c", &script])?;
+        ensure!(
+            unreachable.is_empty(),
+            "{} cannot reach: {unreachable}",
+            from.name
+        );
+    }
+    for pod in &pods {
+        crictl.stopp(&pod.pod)?;
+        crictl.rmp(&pod.pod)?;
+    }
     leaks.assert_clean()?;
     Ok(())
 }
