@@ -40,6 +40,10 @@ const CASES: &[(&str, Case)] = &[
         "a_deployment_of_three_becomes_available_and_scaling_to_zero_leaves_no_vm",
         deployment_scale,
     ),
+    (
+        "a_web_pod_is_ready_by_its_http_probe_reachable_and_port_forwarded",
+        web_pod_networking,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -320,4 +324,62 @@ fn deployment_scale(cluster: &Cluster, registry: &Registry) -> Result<()> {
         state.display()
     );
     Ok(())
+}
+
+fn web_pod_networking(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let script =
+        "mkdir -p /www && echo web in a VM > /www/index.html && exec httpd -f -p 8080 -h /www";
+    // kubelet's HTTP probe comes from the node's network namespace to the pod IP.
+    let extra = "    ports:\n    - containerPort: 8080\n    readinessProbe:\n      \
+                 httpGet: {path: /, port: 8080}\n      periodSeconds: 2\n      \
+                 timeoutSeconds: 10\n";
+    cluster.apply(&spry_pod(
+        "web",
+        &registry.image("busybox:1"),
+        script,
+        extra,
+    ))?;
+    cluster.wait_for("pod/web", "condition=Ready", POD_READY)?;
+    let pod_ip = cluster.get("pod/web", "{.status.podIP}")?;
+    let guest = cluster.kubectl(&[
+        "exec", "web", "--", "ip", "-o", "-4", "addr", "show", "eth0",
+    ])?;
+    ensure!(
+        guest.contains(&format!("inet {pod_ip}/")),
+        "the API says {pod_ip}, the guest's eth0 has {guest}"
+    );
+    // kubectl port-forward: apiserver → kubelet → containerd → the pod netns's loopback.
+    let local = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut forward = cluster
+        .kubectl_command(&["port-forward", "pod/web", &format!("{local}:8080")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting kubectl port-forward")?;
+    let result = (|| -> Result<()> {
+        for _ in 0..5 {
+            let mut page = String::new();
+            wait(
+                Duration::from_secs(30),
+                "kubectl port-forward to answer",
+                || {
+                    use std::io::{Read, Write};
+                    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", local)) else {
+                        return Ok(false);
+                    };
+                    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    page.clear();
+                    let _ = stream.read_to_string(&mut page);
+                    Ok(page.contains("web in a VM"))
+                },
+            )?;
+        }
+        Ok(())
+    })();
+    let _ = forward.kill();
+    let _ = forward.wait();
+    result
 }

@@ -306,12 +306,15 @@ impl Cluster {
 
     /// `kubectl ARGS` against the cluster; its stdout, or its stderr as the error.
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
-        system::run_checked(
-            Command::new(&self.kubectl)
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .args(args),
-        )
+        system::run_checked(&mut self.kubectl_command(args))
+    }
+
+    /// kubectl on this cluster with `args`, for a caller that runs it itself (a
+    /// long-running `port-forward`).
+    pub fn kubectl_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(&self.kubectl);
+        command.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        command
     }
 
     /// `kubectl apply -f -` of `yaml`.
