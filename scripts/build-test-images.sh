@@ -7,6 +7,8 @@
 #   pause    the pod sandbox image (static /pause from scripts/lib/pause.c); containerd's sandbox image.
 #   busybox  busybox-static with a `busybox --install -s` style layout, plus /etc/passwd, /etc/group and
 #            /spry/hello.txt ("hello from spry busybox image"); 1 layer, ~1 MiB.
+#   netprobe busybox plus /bin/netprobe (integration/src/bin/netprobe.rs, static): the network benchmark's
+#            probe. Not built by default: --only netprobe (scripts/bench-net.sh does).
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
 #            stdlib, /app/hello.py); a few hundred MiB. The debootstrap rootfs is cached in build/cache.
 #
@@ -30,6 +32,8 @@ REGISTRY_DATA="$BUILD_DIR/registry-data"
 DEBIAN_MIRROR=${SPRY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_TAG=1
 ALL_IMAGES=(pause busybox python)
+# Built only when asked for by name.
+EXTRA_IMAGES=(netprobe)
 
 usage() {
     sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
@@ -70,13 +74,10 @@ build_pause() {
     echo "$PAUSE_RECIPE" >"$IMAGES_DIR/pause.stamp"
 }
 
-build_busybox() {
-    if image_is_current busybox "$BUSYBOX_RECIPE"; then
-        log "busybox image is current"
-        return
-    fi
+# A busybox userland in directory $1: the layout `busybox --install -s` makes, users and groups.
+busybox_rootfs() {
+    local rootfs=$1 applet
     require_cmd busybox
-    local rootfs="$WORK/busybox-rootfs" applet
     mkdir -p "$rootfs"/{bin,sbin,usr/bin,usr/sbin,etc,tmp,root,proc,sys,dev,spry}
     chmod 1777 "$rootfs/tmp"
     cp "$(command -v busybox)" "$rootfs/bin/busybox"
@@ -88,12 +89,41 @@ build_busybox() {
     done
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$rootfs/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
+}
+
+build_busybox() {
+    if image_is_current busybox "$BUSYBOX_RECIPE"; then
+        log "busybox image is current"
+        return
+    fi
+    local rootfs="$WORK/busybox-rootfs"
+    busybox_rootfs "$rootfs"
     echo 'hello from spry busybox image' >"$rootfs/spry/hello.txt"
     oci_tar_dir "$rootfs" "$WORK/busybox-layer.tar"
     oci_write_image "$IMAGES_DIR/busybox" "$IMAGE_TAG" \
         '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]}' \
         "$WORK/busybox-layer.tar"
     echo "$BUSYBOX_RECIPE" >"$IMAGES_DIR/busybox.stamp"
+}
+
+NETPROBE_SOURCE="$SPRY_ROOT/integration/src/bin/netprobe.rs"
+NETPROBE_RECIPE="netprobe v1 $(sha256sum "$NETPROBE_SOURCE" | cut -c1-16) $BUSYBOX_RECIPE"
+
+build_netprobe() {
+    if image_is_current netprobe "$NETPROBE_RECIPE"; then
+        log "netprobe image is current"
+        return
+    fi
+    local rootfs="$WORK/netprobe-rootfs"
+    busybox_rootfs "$rootfs"
+    # Standard library only: rustc alone builds it, static, in seconds.
+    rustc --edition 2021 -C opt-level=2 -C target-feature=+crt-static \
+        --target x86_64-unknown-linux-gnu -o "$rootfs/bin/netprobe" "$NETPROBE_SOURCE"
+    oci_tar_dir "$rootfs" "$WORK/netprobe-layer.tar"
+    oci_write_image "$IMAGES_DIR/netprobe" "$IMAGE_TAG" \
+        '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["netprobe","serve","5201"]}' \
+        "$WORK/netprobe-layer.tar"
+    echo "$NETPROBE_RECIPE" >"$IMAGES_DIR/netprobe.stamp"
 }
 
 # The debootstrap rootfs tarball is the expensive part (network + ~2 min); made once per machine.
@@ -181,7 +211,7 @@ main() {
     [ ${#SELECTED[@]} -gt 0 ] || SELECTED=("${ALL_IMAGES[@]}")
     local name
     for name in "${SELECTED[@]}"; do
-        case " ${ALL_IMAGES[*]} " in *" $name "*) ;; *) die "unknown image '$name' (known: ${ALL_IMAGES[*]})" ;; esac
+        case " ${ALL_IMAGES[*]} ${EXTRA_IMAGES[*]} " in *" $name "*) ;; *) die "unknown image '$name' (known: ${ALL_IMAGES[*]} ${EXTRA_IMAGES[*]})" ;; esac
     done
     require_root
     require_cmd jq skopeo tar gzip sha256sum ss curl

@@ -354,6 +354,43 @@ fn stdout_hint(stdout: &[u8]) -> String {
     }
 }
 
+/// A running `crictl port-forward POD LOCAL:REMOTE` on a free local port; stopped on drop.
+pub struct PortForward {
+    child: std::process::Child,
+    pub local_port: u16,
+}
+
+impl Crictl {
+    /// Starts `crictl port-forward` to the pod's `remote` port and waits until it listens.
+    pub fn port_forward(&self, pod: &str, remote: u16) -> Result<PortForward> {
+        let local_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = self
+            .command(&["port-forward", pod, &format!("{local_port}:{remote}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning crictl port-forward")?;
+        let forward = PortForward { child, local_port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", local_port)).is_err() {
+            if std::time::Instant::now() > deadline {
+                bail!("crictl port-forward to {pod}:{remote} never listened on {local_port}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(forward)
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

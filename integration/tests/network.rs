@@ -171,41 +171,6 @@ fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A running `crictl port-forward POD LOCAL:REMOTE`, stopped on drop.
-struct PortForwarder {
-    child: std::process::Child,
-    local_port: u16,
-}
-
-impl PortForwarder {
-    fn start(crictl: &Crictl, pod: &str, remote: u16) -> Result<Self> {
-        let local_port = free_port()?;
-        let mut command = crictl.command(&["port-forward", pod, &format!("{local_port}:{remote}")]);
-        command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let child = command.spawn().context("spawning crictl port-forward")?;
-        let forwarder = Self { child, local_port };
-        // Listening once it accepts a connection.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", local_port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "crictl port-forward never listened"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(forwarder)
-    }
-}
-
-impl Drop for PortForwarder {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A host HTTP server on the pods' gateway address answering "host".
 fn host_server(gateway: &str) -> Result<u16> {
     let listener = TcpListener::bind(format!("{gateway}:0"))?;
@@ -335,7 +300,7 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
 
     // CRI port-forward to each Spry pod: many connections, request in, page out.
     for pod in [&a, &b] {
-        let forward = PortForwarder::start(&crictl, &pod.pod, 8080)?;
+        let forward = crictl.port_forward(&pod.pod, 8080)?;
         let clients: Vec<_> = (0..8)
             .map(|_| {
                 let local = forward.local_port;
