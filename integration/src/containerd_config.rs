@@ -132,7 +132,7 @@ pub fn proxy_snapshotter_toml(name: &str, socket: &Path) -> String {
 pub const POD_MTU: u32 = 1400;
 
 /// A CNI network of its own per instance: bridge + host-local + portmap + loopback, IPv4 and,
-/// when `subnet6` is given, IPv6 (dual stack). The bridge name and subnets are unique so
+/// when `subnet6` is given, IPv6 (dual stack); or `main_plugin` + loopback. The bridge name and subnets are unique so
 /// concurrent instances don't share a bridge or routes; pods reach each other, the host
 /// (the bridge's address is their gateway) and hostPorts.
 pub fn cni_conflist(
@@ -140,6 +140,7 @@ pub fn cni_conflist(
     bridge: &str,
     subnet: &str,
     subnet6: Option<&str>,
+    main_plugin: Option<&serde_json::Value>,
     ipam_data_dir: &Path,
 ) -> serde_json::Value {
     let mut ranges = vec![json!([{ "subnet": subnet }])];
@@ -148,10 +149,7 @@ pub fn cni_conflist(
         ranges.push(json!([{ "subnet": subnet6 }]));
         routes.push(json!({ "dst": "::/0" }));
     }
-    json!({
-        "cniVersion": "1.0.0",
-        "name": network,
-        "plugins": [
+    let mut plugins = vec![json!(
             {
                 "type": "bridge",
                 "bridge": bridge,
@@ -165,10 +163,17 @@ pub fn cni_conflist(
                     "ranges": ranges,
                     "routes": routes
                 }
-            },
-            { "type": "portmap", "capabilities": { "portMappings": true } },
-            { "type": "loopback" }
-        ]
+            }
+    )];
+    plugins.push(json!({ "type": "portmap", "capabilities": { "portMappings": true } }));
+    if let Some(main) = main_plugin {
+        plugins = vec![main.clone()];
+    }
+    plugins.push(json!({ "type": "loopback" }));
+    json!({
+        "cniVersion": "1.0.0",
+        "name": network,
+        "plugins": plugins
     })
 }
 
@@ -286,7 +291,7 @@ mod tests {
 
     #[test]
     fn cni_and_hosts_files() {
-        let conf = cni_conflist("net", "br0", "10.200.1.0/24", None, Path::new("/d"));
+        let conf = cni_conflist("net", "br0", "10.200.1.0/24", None, None, Path::new("/d"));
         assert_eq!(conf["plugins"][0]["bridge"], "br0");
         assert_eq!(conf["plugins"][0]["mtu"], POD_MTU);
         assert_eq!(
@@ -306,6 +311,17 @@ mod tests {
             "fd10::/64"
         );
         assert_eq!(dual["plugins"][0]["ipam"]["routes"][1]["dst"], "::/0");
+        let device = json!({ "type": "host-device", "device": "ifb7" });
+        let other = cni_conflist(
+            "net",
+            "br0",
+            "10.200.1.0/24",
+            None,
+            Some(&device),
+            Path::new("/d"),
+        );
+        assert_eq!(other["plugins"][0]["type"], "host-device");
+        assert_eq!(other["plugins"][1]["type"], "loopback");
         let hosts: Table = registry_hosts_toml("127.0.0.1:5000").parse().unwrap();
         assert_eq!(hosts["server"].as_str(), Some("http://127.0.0.1:5000"));
     }

@@ -166,6 +166,15 @@ fn wait_netns_clean(netns: &Path) -> Result<()> {
     }
 }
 
+/// Deletes a host link on drop.
+struct DeleteLink(String);
+
+impl Drop for DeleteLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
 /// A TCP port nothing listens on now.
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -452,6 +461,46 @@ fn ten_template_pods_started_at_once_have_their_own_address_and_reach_each_other
         crictl.stopp(&pod.pod)?;
         crictl.rmp(&pod.pod)?;
     }
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+#[test]
+fn a_netns_holding_a_link_spry_cannot_mirror_fails_runp_naming_it() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-hostdev-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    // CNI's host-device plugin moves a host link into the pod's namespace as its eth0: here
+    // an ifb, a link kind Spry refuses. Back on the host after the CNI teardown.
+    let device = format!("spryifb{}", std::process::id() % 100_000);
+    let status = Command::new("ip")
+        .args(["link", "add", &device, "type", "ifb"])
+        .status()?;
+    ensure!(status.success(), "ip link add {device} type ifb failed");
+    let _device = DeleteLink(device.clone());
+    let opts = ContainerdOptions::new("spry-hostdev")
+        .registry(&registry)
+        .main_cni_plugin(serde_json::json!({
+            "type": "host-device",
+            "device": device,
+            "ipam": { "type": "static", "addresses": [{ "address": "10.99.0.2/24" }] }
+        }));
+    let containerd = Containerd::start(spry.register(opts))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
+    let pod_cfg = PodConfig::new("vrf").write_to(&containerd.dir())?;
+    let err = match crictl.runp(&pod_cfg, Some("spry")) {
+        Ok(pod) => bail!("a pod with a VRF link started: {pod}"),
+        Err(e) => format!("{e:#}"),
+    };
+    ensure!(
+        err.contains("interface eth0 ") && err.contains("ifb link"),
+        "{err}"
+    );
+    crictl.rmp_all_force()?;
     leaks.assert_clean()?;
     Ok(())
 }

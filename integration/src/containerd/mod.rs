@@ -118,6 +118,7 @@ impl Containerd {
             &self.bridge,
             subnet,
             subnet6,
+            self.opts.main_cni_plugin.as_ref(),
             &self.dirs.dir().join("cni-ipam"),
         );
         write(

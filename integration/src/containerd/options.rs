@@ -22,6 +22,8 @@ pub struct ContainerdOptions {
     pub(super) fixed_dirs: Option<(PathBuf, PathBuf)>,
     /// Give pods an IPv6 address too.
     pub(super) dual_stack: bool,
+    /// The CNI plugin to use instead of bridge + host-local + portmap.
+    pub(super) main_cni_plugin: Option<serde_json::Value>,
 }
 
 impl ContainerdOptions {
@@ -44,7 +46,15 @@ impl ContainerdOptions {
             start_timeout: Duration::from_secs(30),
             fixed_dirs: None,
             dual_stack: false,
+            main_cni_plugin: None,
         }
+    }
+
+    /// Pods get their network from `plugin` (its conflist entry, then loopback) instead of
+    /// bridge + host-local + portmap.
+    pub fn main_cni_plugin(mut self, plugin: serde_json::Value) -> Self {
+        self.main_cni_plugin = Some(plugin);
+        self
     }
 
     /// Pods get an IPv6 address and default route besides their IPv4 ones.
