@@ -304,6 +304,7 @@ mod tests {
             "br0",
             "10.200.1.0/24",
             Some("fd10::/64"),
+            None,
             Path::new("/d"),
         );
         assert_eq!(
