@@ -32,6 +32,7 @@ APT_PACKAGES=(
     gcc libc6-dev          # cgo for containerd
     ca-certificates curl file util-linux procps
     openssl                # the kubelet tests' cluster certificates
+    iptables               # CNI portmap (hostPort), also a dependency of the CNI plugins
 )
 
 export DEBIAN_FRONTEND=noninteractive
