@@ -23,6 +23,10 @@ pub struct TemplateBuildArgs {
     /// VM memory in MiB (default from the config file).
     #[arg(long)]
     pub memory: Option<u32>,
+    /// NICs of the pods it is for: one per veth CNI gives a pod (a template serves only
+    /// pods with as many).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=crate::network::MAX_INTERFACES as i64))]
+    pub nics: u8,
     /// VM vCPUs (default from the config file).
     #[arg(long)]
     pub cpus: Option<u32>,
@@ -61,6 +65,9 @@ pub async fn run_template(
             let mut base = host.vm_config("template-cli");
             base.cpus = args.cpus.unwrap_or(base.cpus);
             base.memory_mib = args.memory.unwrap_or(base.memory_mib);
+            base.nics = (0..usize::from(args.nics))
+                .map(crate::network::nic_for)
+                .collect();
             let hypervisor = host.hypervisor();
             let key = hypervisor
                 .snapshot_fingerprint(&base)
