@@ -113,6 +113,10 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
         .unwrap();
     let state_dir = root.path().join("vm-full");
     assert!(state_dir.join("qmp.sock").exists());
+    // QEMU runs under its seccomp filter (mode 2), with no new privileges.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
+    assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
+    assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
     wait_console(vm.as_ref(), "SPRY-TEST-INIT", BOOT_TIMEOUT).await;
     let to_init = started.elapsed();
     wait_console(vm.as_ref(), "SPRY-MODULES-LOADED", BOOT_TIMEOUT).await;

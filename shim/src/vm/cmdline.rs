@@ -9,6 +9,9 @@ use super::{Accel, AgentChannelKind, GuestMemory, VmConfig, AGENT_CHANNEL_PARAM,
 /// name RAM blocks by it, so a template and its clones must agree on it.
 const RAM_BACKEND_ID: &str = "ram0";
 
+/// QEMU's `-sandbox` setting: seccomp on, with every optional group denied.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// The ids QEMU knows devices by (QMP talks about them).
 pub const SCSI_CONTROLLER_ID: &str = "scsi0";
 pub const SCSI_BUS: &str = "scsi0.0";
@@ -112,6 +115,10 @@ pub fn qemu_args(
         .push("-no-user-config")
         .push("-nographic")
         .push("-no-reboot");
+    // QEMU's own seccomp filter (what Kata recommends): no obsolete syscalls, no setuid or
+    // capability games, no fork/exec, no scheduler or priority changes. A device-emulation
+    // bug in a hostile guest's reach then cannot run programs on the host.
+    args.push("-sandbox").push(SANDBOX);
     if config.restore.is_some() {
         // The restored RAM already holds the running kernel. Loading it again would only
         // cost a private heap copy of the image (rom blobs are not written into RAM while a
@@ -282,6 +289,10 @@ mod tests {
         for flag in ["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "{flag}");
         }
+        assert_eq!(
+            value_after(&args, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
         assert_eq!(
             value_after(&args, "-device"),
             [
