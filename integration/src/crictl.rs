@@ -363,9 +363,7 @@ pub struct PortForward {
 impl Crictl {
     /// Starts `crictl port-forward` to the pod's `remote` port and waits until it listens.
     pub fn port_forward(&self, pod: &str, remote: u16) -> Result<PortForward> {
-        let local_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let local_port = crate::registry::free_port()?;
         let child = self
             .command(&["port-forward", pod, &format!("{local_port}:{remote}")])
             .stdout(Stdio::null())

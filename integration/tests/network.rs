@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::POD_MTU;
+use spry_integration::registry::free_port;
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
     SpryHandler,
@@ -173,11 +174,6 @@ impl Drop for DeleteLink {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["link", "del", &self.0]).status();
     }
-}
-
-/// A TCP port nothing listens on now.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// A host HTTP server on the pods' gateway address answering "host".

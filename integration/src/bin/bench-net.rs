@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use spry_integration::bench::{percentile, round, round2, spry_accelerator, write_report};
+use spry_integration::registry::free_port;
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
     SpryHandler,
@@ -336,12 +337,6 @@ fn echo(ip: &str, port: u16) -> Result<()> {
     stream.read_exact(&mut byte)?;
     ensure!(&byte == b"x", "echoed {byte:?}");
     Ok(())
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn markdown(report: &Value) -> String {

@@ -35,7 +35,7 @@ use spry_proto::agent as pb;
 use crate::vm::cmdline::format_mac;
 use crate::vm::Nic;
 
-pub use netns::in_netns;
+use netns::in_netns;
 pub use port_forward::PortForward;
 pub use scan::scan;
 pub use tc::{join_taps, unjoin_taps};

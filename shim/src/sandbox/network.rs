@@ -22,10 +22,6 @@ impl PodNetwork {
             port_forward: Mutex::new(None),
         }
     }
-
-    pub fn plan(&self) -> &NetworkPlan {
-        &self.plan
-    }
 }
 
 #[async_trait]
