@@ -12,6 +12,7 @@ pub mod server;
 pub mod service;
 pub mod storage;
 mod sys;
+pub mod volumes;
 
 /// An error and its causes on one line ("a: b: c"), each said once.
 pub fn error_chain(err: &dyn std::error::Error) -> String {

@@ -115,6 +115,7 @@ fn run_serve(command: Command) -> anyhow::Result<()> {
         sandbox: SandboxOptions {
             set_clock,
             own_network: false,
+            pod_mounts: false,
         },
         power_off_on_shutdown: false,
     };
@@ -152,6 +153,7 @@ fn run_as_pid1() -> ! {
                 sandbox: SandboxOptions {
                     set_clock: true,
                     own_network: true,
+                    pod_mounts: true,
                 },
                 power_off_on_shutdown: true,
             };

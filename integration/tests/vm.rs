@@ -51,7 +51,7 @@ async fn start(
             &container_spec(opts),
             &RootfsSource::Directory(rootfs.to_path_buf()),
             stdio,
-            Vec::new(),
+            Default::default(),
         )
         .await
         .unwrap_or_else(|e| panic!("create {id}: {}", chain(&e)));
@@ -317,7 +317,13 @@ async fn bad_specs_get_clear_errors() {
     // A binary that does not exist: the error names it, at create or at start.
     let spec = container_spec(&opts(&["/no/such/binary"]));
     let err = match sandbox
-        .create_container("nobin", &spec, &source, Default::default(), Vec::new())
+        .create_container(
+            "nobin",
+            &spec,
+            &source,
+            Default::default(),
+            Default::default(),
+        )
         .await
     {
         Err(e) => chain(&e),
@@ -360,7 +366,13 @@ async fn bad_specs_get_clear_errors() {
     // A rootfs directory that does not exist: refused before anything reaches the VM.
     let missing = RootfsSource::Directory("/no/such/rootfs".into());
     let err = sandbox
-        .create_container("norootfs", &spec, &missing, Default::default(), Vec::new())
+        .create_container(
+            "norootfs",
+            &spec,
+            &missing,
+            Default::default(),
+            Default::default(),
+        )
         .await
         .unwrap_err();
     assert!(chain(&err).contains("/no/such/rootfs"), "{}", chain(&err));

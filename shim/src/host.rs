@@ -3,6 +3,7 @@
 //! hypervisor, the template store, the shared layer-image cache and each VM's rootfs share.
 //! Nothing else constructs them.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use crate::sandbox::SandboxIdentity;
 use crate::state_dir::StateDir;
 use crate::template::{LaunchRequest, TemplateStore};
 use crate::vm::{Hypervisor, QemuHypervisor, VmConfig};
+use crate::volumes::FileShareConfig;
 
 /// The host side of one config (one runtime handler).
 pub struct Host {
@@ -73,6 +75,19 @@ impl Host {
         }
     }
 
+    /// The file share of VM `name`'s pod, served by the `spry` binary installed next to
+    /// the running one (the shim and `spry` ship together).
+    pub fn file_share(&self, name: &str) -> FileShareConfig {
+        let dir = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
+        FileShareConfig {
+            dir: self.state.share(name),
+            server: dir.join("spry"),
+        }
+    }
+
     /// How to start `vm_config`'s sandbox under this config's template policy.
     pub fn launch_request(
         &self,
@@ -93,6 +108,8 @@ impl Host {
     /// Removes what VM `name`'s dead shim left (QEMU itself dies with its shim), and
     /// shared layer images nobody holds any more.
     pub fn remove_leftovers(&self, name: &str) {
+        // First, and never recursively: the share holds binds of users' host directories.
+        crate::volumes::remove_staging(&self.state.share(name));
         for dir in self.state.per_vm_dirs(name) {
             if dir.exists() {
                 if let Err(e) = std::fs::remove_dir_all(&dir) {

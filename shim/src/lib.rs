@@ -15,6 +15,7 @@ pub mod state_dir;
 pub mod sys;
 pub mod template;
 pub mod vm;
+pub mod volumes;
 
 /// An error and all its sources on one line ("a: b: c"): what a person needs when only
 /// the top message would be shown (containerd, the CLI's stderr).

@@ -5,6 +5,8 @@
 //! <state_dir>/
 //!   vms/<vm>/            one running VM: QMP and agent sockets, console log (`vm/`)
 //!   rootfs/<vm>/         per-container rootfs images of that VM's pod (`rootfs/`)
+//!   shares/<vm>/         that pod's file share: binds of its host volumes (`volumes/share.rs`);
+//!                        never removed recursively
 //!   layer-images/        erofs images of image layer chains, shared by pods (`rootfs/cache.rs`)
 //!   templates/<key>/     VM templates (`template/store.rs`)
 //!   accel-probe.json     the KVM probe's verdict for this host boot (`vm/accel.rs`)
@@ -35,6 +37,12 @@ impl StateDir {
     /// The per-container rootfs images of VM `name`'s pod.
     pub fn rootfs(&self, name: &str) -> PathBuf {
         self.root.join("rootfs").join(name)
+    }
+
+    /// The file share of VM `name`'s pod (holds mounts of users' host directories: only
+    /// `volumes::remove_staging` may remove it).
+    pub fn share(&self, name: &str) -> PathBuf {
+        self.root.join("shares").join(name)
     }
 
     /// Shared erofs images of image layer chains.

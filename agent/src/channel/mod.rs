@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ttrpc::r#async::transport::Listener;
 
-pub use virtio_serial::VirtioSerial;
+pub use virtio_serial::{find_port, VirtioSerial};
 
 /// Errors of setting up a transport.
 #[derive(Debug, thiserror::Error)]

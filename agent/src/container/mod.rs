@@ -33,6 +33,7 @@ use stdio::ProcessIo;
 pub use stdio::StdioError;
 
 use crate::storage::{MountedRootfs, StorageManager};
+use crate::volumes::ResolvedVolume;
 
 /// How often memory.events is read for new OOM kills where it cannot be watched.
 const OOM_POLL: Duration = Duration::from_millis(100);
@@ -152,8 +153,7 @@ impl ContainerManager {
         spec_json: &[u8],
         rootfs: &Rootfs,
         stdio: &StdioConfig,
-        resolv_conf: Option<&Path>,
-        files: &[GuestFile],
+        pod: PodMounts<'_>,
     ) -> Result<(), ContainerError> {
         spec::validate_id(id).map_err(|source| ContainerError::Spec {
             id: id.to_string(),
@@ -168,7 +168,7 @@ impl ContainerManager {
         }
         let span = tracing::info_span!("create", container = id);
         let result = self
-            .create_inner(id, spec_json, rootfs, stdio, resolv_conf, files)
+            .create_inner(id, spec_json, rootfs, stdio, pod)
             .instrument(span)
             .await;
         self.creating
@@ -189,8 +189,7 @@ impl ContainerManager {
         spec_json: &[u8],
         rootfs: &Rootfs,
         stdio: &StdioConfig,
-        resolv_conf: Option<&Path>,
-        files: &[GuestFile],
+        pod: PodMounts<'_>,
     ) -> Result<Arc<Container>, ContainerError> {
         // A spec that does not even parse (e.g. an unknown namespace type) is refused
         // before any storage is mounted for it.
@@ -205,7 +204,7 @@ impl ContainerManager {
             path: dir.clone(),
             source,
         })?;
-        let file_mounts = match write_guest_files(&dir, files) {
+        let file_mounts = match write_guest_files(&dir, pod.files) {
             Ok(mounts) => mounts,
             Err(source) => {
                 remove_container_dir(&dir);
@@ -240,8 +239,9 @@ impl ContainerManager {
                 spec_json,
                 stdio,
                 ExtraMounts {
-                    resolv_conf,
+                    resolv_conf: pod.resolv_conf,
                     files: &file_mounts,
+                    volumes: pod.volumes,
                 },
             )
             .await
@@ -311,6 +311,7 @@ impl ContainerManager {
                 cgroups_path: &cgroups_path,
                 resolv_conf: extra.resolv_conf,
                 files: extra.files,
+                volumes: extra.volumes,
             },
         )
         .map_err(spec_err)?;
@@ -671,11 +672,24 @@ impl ContainerManager {
 }
 
 /// Mounts the agent adds to a container's spec.
+/// What the pod mounts into a container besides its rootfs.
+#[derive(Debug, Clone, Copy)]
+pub struct PodMounts<'a> {
+    /// The pod's resolv.conf, when the spec mounts none.
+    pub resolv_conf: Option<&'a Path>,
+    /// Small files copied from the host.
+    pub files: &'a [GuestFile],
+    /// The pod's volumes this container mounts.
+    pub volumes: &'a [ResolvedVolume],
+}
+
 struct ExtraMounts<'a> {
     /// The pod's resolv.conf, when the spec mounts none.
     resolv_conf: Option<&'a Path>,
     /// Files copied from the host: (destination, file in the guest, read-only).
     files: &'a [(PathBuf, PathBuf, bool)],
+    /// The pod's volumes this container mounts.
+    volumes: &'a [ResolvedVolume],
 }
 
 /// Writes the files copied from the host under `<dir>/files/`; returns their mounts as

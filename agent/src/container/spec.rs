@@ -3,6 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use crate::volumes::ResolvedVolume;
 use oci_spec::runtime::{
     LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Process, RootBuilder, Spec,
 };
@@ -63,6 +64,8 @@ pub struct GuestSettings<'a> {
     /// Files copied from the host, bind-mounted at their destination:
     /// (destination in the container, file in the guest, read-only).
     pub files: &'a [(PathBuf, PathBuf, bool)],
+    /// The pod's volumes, bind-mounted at their destination.
+    pub volumes: &'a [ResolvedVolume],
 }
 
 /// Parses config.json and adapts it to the guest:
@@ -95,7 +98,19 @@ pub fn prepare_container_spec(
     let namespaces = guest_namespaces(linux.namespaces().as_deref().unwrap_or_default())?;
     linux.set_namespaces(Some(namespaces));
     for (destination, source, readonly) in settings.files {
-        add_file_mount(&mut spec, destination, source, *readonly)?;
+        let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+        if *readonly {
+            options.push("ro".to_string());
+        }
+        add_bind_mount(&mut spec, destination, source, options)?;
+    }
+    for volume in settings.volumes {
+        add_bind_mount(
+            &mut spec,
+            &volume.destination,
+            &volume.source,
+            volume.options.clone(),
+        )?;
     }
     if let Some(resolv) = settings.resolv_conf {
         add_resolv_conf(&mut spec, resolv)?;
@@ -138,19 +153,16 @@ fn guest_namespaces(requested: &[LinuxNamespace]) -> Result<Vec<LinuxNamespace>,
     Ok(kept)
 }
 
-/// Bind-mounts a file copied from the host, replacing whatever the spec mounted there.
-fn add_file_mount(
+/// Bind-mounts a guest path (a file copied from the host, a volume), replacing whatever the
+/// spec mounted there.
+fn add_bind_mount(
     spec: &mut Spec,
     destination: &Path,
     source: &Path,
-    readonly: bool,
+    options: Vec<String>,
 ) -> Result<(), SpecError> {
     let mounts = spec.mounts_mut().get_or_insert_with(Vec::new);
     mounts.retain(|m| m.destination() != destination);
-    let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
-    if readonly {
-        options.push("ro".to_string());
-    }
     let mount: Mount = MountBuilder::default()
         .destination(destination)
         .typ("bind")
@@ -320,6 +332,7 @@ mod tests {
             cgroups_path: Path::new("/spry/c1"),
             resolv_conf: Some(Path::new("/run/spry/sandbox/resolv.conf")),
             files: &[],
+            volumes: &[],
         }
     }
 

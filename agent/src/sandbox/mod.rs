@@ -47,6 +47,8 @@ pub struct SandboxOptions {
     pub set_clock: bool,
     /// The VM's network stack is the pod's: bring loopback up and configure the NICs.
     pub own_network: bool,
+    /// Mount the pod's /dev/shm tmpfs and file share (only in a VM).
+    pub pod_mounts: bool,
 }
 
 /// The pod identity applied to this VM.
@@ -201,6 +203,7 @@ mod tests {
         let options = SandboxOptions {
             set_clock: false,
             own_network: false,
+            pod_mounts: false,
         };
         let sandbox = apply(&request, None, dir.path(), options).unwrap();
         assert_eq!(

@@ -7,6 +7,7 @@ use crate::container::{ContainerError, StdioError};
 use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
 use crate::storage::StorageError;
+use crate::volumes::VolumeError;
 
 /// Everything an RPC can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,11 @@ pub enum AgentError {
     Network {
         #[from]
         source: NetworkError,
+    },
+    #[error("pod volume setup failed")]
+    Volume {
+        #[from]
+        source: VolumeError,
     },
     #[error("container operation failed")]
     Container { source: Box<ContainerError> },
@@ -70,6 +76,15 @@ impl AgentError {
                 NetworkError::Connect { .. }
                 | NetworkError::Netlink { .. }
                 | NetworkError::Sysctl { .. } => Code::INTERNAL,
+            },
+            AgentError::Volume { source } => match source {
+                VolumeError::BadSharePath { .. } | VolumeError::NoSource { .. } => {
+                    Code::INVALID_ARGUMENT
+                }
+                VolumeError::NoShare { .. } => Code::FAILED_PRECONDITION,
+                VolumeError::Shm { .. } | VolumeError::Dir { .. } | VolumeError::Share(_) => {
+                    Code::INTERNAL
+                }
             },
             AgentError::Container { source } => container_code(source),
         }

@@ -15,9 +15,10 @@ use ttrpc::r#async::TtrpcContext;
 
 pub use error::AgentError;
 
-use crate::container::ContainerManager;
+use crate::container::{ContainerManager, PodMounts};
 use crate::network::{self, NetworkConfig};
 use crate::sandbox::{self, Sandbox, SandboxOptions};
+use crate::volumes::PodVolumes;
 
 /// Largest chunk returned by one ReadStdout/ReadStderr.
 const MAX_READ: usize = 1024 * 1024;
@@ -37,6 +38,8 @@ pub struct AgentService {
     options: SandboxOptions,
     power: PowerAction,
     sandbox: Mutex<Option<Sandbox>>,
+    /// The pod's /dev/shm and file share, set up by the first CreateSandbox.
+    volumes: Mutex<Option<PodVolumes>>,
     containers: Arc<ContainerManager>,
 }
 
@@ -54,6 +57,7 @@ impl AgentService {
             options,
             power,
             sandbox: Mutex::new(None),
+            volumes: Mutex::new(None),
             containers,
         }
     }
@@ -138,6 +142,18 @@ impl Agent for AgentService {
         } else if !network.interfaces.is_empty() {
             tracing::warn!("not in a VM: the pod network is not applied");
         }
+        let mut volumes = self.volumes.lock().await;
+        if volumes.is_none() {
+            *volumes = Some(
+                PodVolumes::setup(
+                    &self.run_dir,
+                    req.shm_size_bytes,
+                    req.file_share,
+                    self.options.pod_mounts,
+                )
+                .map_err(AgentError::from)?,
+            );
+        }
         tracing::info!(sandbox = %applied.id, hostname = %applied.hostname, "sandbox created");
         *current = Some(applied);
         Ok(Empty::new())
@@ -172,6 +188,10 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> Reply<Empty> {
         let resolv_conf = self.resolv_conf().await?;
+        let volumes = match self.volumes.lock().await.as_ref() {
+            Some(pod) => pod.resolve(&req.volumes).map_err(AgentError::from)?,
+            None => return Err(AgentError::NoSandbox.into()),
+        };
         let stdio = req.stdio.clone().unwrap_or_default();
         let rootfs = req.rootfs.clone().unwrap_or_default();
         self.containers
@@ -180,8 +200,11 @@ impl Agent for AgentService {
                 &req.oci_spec_json,
                 &rootfs,
                 &stdio,
-                resolv_conf.as_deref(),
-                &req.files,
+                PodMounts {
+                    resolv_conf: resolv_conf.as_deref(),
+                    files: &req.files,
+                    volumes: &volumes,
+                },
             )
             .await
             .map_err(AgentError::from)?;

@@ -136,7 +136,7 @@ async fn one_run(i: usize, guest: &Path, rootfs: &Path) -> Result<(Sample, Strin
             &container_spec(&opts),
             &RootfsSource::Directory(rootfs.to_path_buf()),
             pb::StdioConfig::default(),
-            Vec::new(),
+            Default::default(),
         )
         .await?;
     sandbox.start_container("idle").await?;

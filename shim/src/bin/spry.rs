@@ -1,8 +1,8 @@
 //! `spry`: Spry's command line.
 use clap::Parser;
 use spry_shim::cli::{
-    run_assets_build, run_install, run_template, run_uninstall, run_vm, AssetsCommand, Cli,
-    Command, VmCommand,
+    run_assets_build, run_fs_serve, run_install, run_template, run_uninstall, run_vm,
+    AssetsCommand, Cli, Command, VmCommand,
 };
 use spry_shim::error_chain;
 
@@ -68,6 +68,7 @@ fn main() -> std::process::ExitCode {
         // forwards, so this binary does not link the snapshotter's registry/FUSE stack.
         Command::Convert { args } => return snapshotter("convert", args),
         Command::Warm { args } => return snapshotter("warm", args),
+        Command::FsServe(args) => run_fs_serve(&args).map_err(|e| error_chain(&e)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

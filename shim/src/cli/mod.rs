@@ -59,6 +59,29 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Serve a pod's file share to its VM (started by the shim, one per pod).
+    #[command(hide = true)]
+    FsServe(FsServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FsServeArgs {
+    /// The share directory (the shim binds the pod's host volumes under it).
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The unix socket QEMU serves the VM's `spry.fs` port on.
+    #[arg(long)]
+    pub socket: PathBuf,
+}
+
+/// `spry fs-serve`: prints the ready line on stdout once it serves.
+pub fn run_fs_serve(args: &FsServeArgs) -> Result<(), crate::volumes::server::ServerError> {
+    use std::io::Write;
+    crate::volumes::server::serve(&args.dir, &args.socket, || {
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{}", crate::volumes::READY_LINE);
+        let _ = stdout.flush();
+    })
 }
 
 #[derive(Debug, Subcommand)]

@@ -151,7 +151,7 @@ async fn run_container(sandbox: &Sandbox, args: &VmRunArgs) -> Result<i32, VmRun
             &container_spec(&opts),
             &RootfsSource::Directory(args.rootfs.clone()),
             stdio,
-            Vec::new(),
+            crate::volumes::GuestVolumes::default(),
         )
         .await?;
     let agent = sandbox.agent().clone();

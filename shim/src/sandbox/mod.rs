@@ -24,6 +24,7 @@ use crate::agent_client::{
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
+use crate::volumes::{FileShare, FileShareConfig};
 
 pub use network::PodNetwork;
 pub use pod_vm::PodVm;
@@ -66,6 +67,8 @@ pub enum SandboxError {
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Resource(#[from] ResourceError),
+    #[error(transparent)]
+    Volume(#[from] crate::volumes::VolumeError),
     #[error("cannot stop the VM of sandbox {id}")]
     StopVm {
         id: String,
@@ -85,6 +88,10 @@ pub struct SandboxIdentity {
     /// The pod's network namespace as CNI left it; the VM must have been given
     /// [`NetworkPlan::nics`] in that namespace. None: a VM without NICs.
     pub network: Option<NetworkPlan>,
+    /// The pod's file share for its host volumes; None: containers get none.
+    pub file_share: Option<FileShareConfig>,
+    /// Size of the pod's /dev/shm; 0: the agent's default.
+    pub shm_size_bytes: u64,
 }
 
 /// A running pod VM with a connected agent.
@@ -93,6 +100,7 @@ pub struct Sandbox {
     vm: Box<dyn Vm>,
     agent: AgentClient,
     rootfs: Arc<RootfsDisks>,
+    share: Option<Arc<FileShare>>,
     resources: PodResources,
 }
 
@@ -129,6 +137,13 @@ impl Sandbox {
             if let Some(plan) = &identity.network {
                 items.push(Arc::new(PodNetwork::new(plan.clone())));
             }
+            let share = identity
+                .file_share
+                .clone()
+                .map(|config| Arc::new(FileShare::new(config)));
+            if let Some(share) = &share {
+                items.push(share.clone());
+            }
             items.push(rootfs.clone());
             let resources = PodResources::new(items);
             let sandbox = Sandbox {
@@ -136,6 +151,7 @@ impl Sandbox {
                 vm,
                 agent,
                 rootfs,
+                share,
                 resources,
             };
             if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
@@ -163,6 +179,13 @@ impl Sandbox {
 
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Takes a container's volumes out of the pod's file share (the guest is done with them).
+    async fn unexport_volumes(&self, container_id: &str) {
+        if let Some(share) = &self.share {
+            share.unexport(container_id).await;
+        }
     }
 
     pub fn vm(&self) -> &dyn Vm {
@@ -260,6 +283,8 @@ fn identity_request(id: &str, identity: SandboxIdentity) -> pb::CreateSandboxReq
         interfaces: network.interfaces,
         routes: network.routes,
         neighbours: network.neighbours,
+        file_share: identity.file_share.is_some(),
+        shm_size_bytes: identity.shm_size_bytes,
         ..Default::default()
     }
 }

@@ -13,6 +13,7 @@ use super::{AttachError, Sandbox, SandboxError};
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::rootfs::RootfsSource;
 use crate::vm::VmExit;
+use crate::volumes::GuestVolumes;
 
 /// A running pod VM as the task service sees it. Process calls return the agent's own
 /// error, whose status code containerd gets unchanged.
@@ -25,15 +26,15 @@ pub trait PodVm: Send + Sync {
     fn is_running(&self) -> bool {
         self.exit_watch().borrow().is_none()
     }
-    /// Shares the rootfs into the VM and creates the container (not yet started), with
-    /// small host files copied in and bind-mounted at their destination.
+    /// Shares the rootfs and the container's host volumes into the VM and creates the
+    /// container (not yet started).
     async fn create_container(
         &self,
         container_id: &str,
         spec: &oci_spec::runtime::Spec,
         rootfs: &RootfsSource,
         stdio: pb::StdioConfig,
-        files: Vec<pb::GuestFile>,
+        volumes: GuestVolumes,
     ) -> Result<(), SandboxError>;
     async fn start_container(&self, container_id: &str) -> Result<(), SandboxError>;
     /// Removes a stopped container from the guest and detaches its rootfs.
@@ -92,8 +93,17 @@ impl PodVm for Sandbox {
         spec: &oci_spec::runtime::Spec,
         rootfs: &RootfsSource,
         stdio: pb::StdioConfig,
-        files: Vec<pb::GuestFile>,
+        volumes: GuestVolumes,
     ) -> Result<(), SandboxError> {
+        let mut mounts = volumes.guest;
+        if !volumes.shared.is_empty() {
+            let share = self.share.as_ref().ok_or_else(|| {
+                SandboxError::Volume(crate::volumes::VolumeError::NoShare {
+                    id: container_id.to_string(),
+                })
+            })?;
+            mounts.extend(share.export(container_id, &volumes.shared).await?);
+        }
         let rootfs = self
             .rootfs
             .attach(self.vm.as_ref(), container_id, rootfs)
@@ -104,20 +114,29 @@ impl PodVm for Sandbox {
                     container_id,
                 },
                 AttachError::Rootfs(e) => SandboxError::Rootfs(e),
-            })?;
+            });
+        let rootfs = match rootfs {
+            Ok(rootfs) => rootfs,
+            Err(e) => {
+                self.unexport_volumes(container_id).await;
+                return Err(e);
+            }
+        };
         let spec_json = serde_json::to_vec(spec).expect("an OCI spec always serializes");
         let req = pb::CreateContainerRequest {
             container_id: container_id.to_string(),
             oci_spec_json: spec_json,
             rootfs: Some(rootfs).into(),
             stdio: Some(stdio).into(),
-            files,
+            files: volumes.files,
+            volumes: mounts,
             ..Default::default()
         };
         if let Err(source) = self.agent.create_container(req).await {
             if let Err(e) = self.rootfs.detach(self.vm.as_ref(), container_id).await {
                 warn!(container_id, error = %e, "cannot detach rootfs after a failed create");
             }
+            self.unexport_volumes(container_id).await;
             return Err(SandboxError::Container {
                 container_id: container_id.to_string(),
                 source,
@@ -148,6 +167,7 @@ impl PodVm for Sandbox {
             }
         }
         self.rootfs.detach(self.vm.as_ref(), container_id).await?;
+        self.unexport_volumes(container_id).await;
         Ok(())
     }
 

@@ -18,6 +18,7 @@ use tracing::warn;
 use crate::network::NetworkError;
 use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
 use crate::vm::Vm;
+use crate::volumes::VolumeError;
 
 /// Failure of one pod resource; each resource brings its own error type.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +27,8 @@ pub enum ResourceError {
     Rootfs(#[from] RootfsError),
     #[error(transparent)]
     Network(#[from] NetworkError),
+    #[error(transparent)]
+    Volume(#[from] VolumeError),
 }
 
 /// One unit of host-side state a pod owns.

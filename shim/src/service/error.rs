@@ -7,6 +7,7 @@ use crate::agent_client::AgentError;
 use crate::config::ConfigError;
 use crate::network::NetworkError;
 use crate::sandbox::SandboxError;
+use crate::volumes::VolumeError;
 
 /// Failure of a task API call.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,12 @@ pub enum ShimError {
          and network stack of its own, so it cannot share the node's: run this pod with runc"
     )]
     HostNetwork { id: String },
+    #[error("cannot bring the volumes of container {id} into its pod's VM")]
+    Volume {
+        id: String,
+        #[source]
+        source: Box<VolumeError>,
+    },
     #[error("cannot read the network of pod {id}")]
     Network {
         id: String,
@@ -113,15 +120,32 @@ impl ShimError {
                 | NetworkError::MissingTap { .. }
                 | NetworkError::PortForward { .. } => Code::INTERNAL,
             },
+            ShimError::Volume { source, .. } => volume_code(source),
             ShimError::Agent(e) => agent_code(e),
             ShimError::Sandbox(e) => match e.as_ref() {
                 SandboxError::Container { source, .. } => agent_code(source),
                 SandboxError::ContainerExists { .. } => Code::ALREADY_EXISTS,
                 SandboxError::StartVm { .. } => Code::FAILED_PRECONDITION,
+                SandboxError::Volume(e) => volume_code(e),
                 _ => Code::INTERNAL,
             },
             ShimError::MountRootfs { .. } | ShimError::Fifo { .. } => Code::INTERNAL,
         }
+    }
+}
+
+fn volume_code(error: &VolumeError) -> ttrpc::Code {
+    use ttrpc::Code;
+    match error {
+        VolumeError::MissingSource { .. } => Code::NOT_FOUND,
+        VolumeError::UnsupportedPropagation { .. }
+        | VolumeError::UnsupportedSource { .. }
+        | VolumeError::BadContainerId { .. } => Code::INVALID_ARGUMENT,
+        VolumeError::NoShare { .. } => Code::FAILED_PRECONDITION,
+        VolumeError::Prepare { .. }
+        | VolumeError::Bind { .. }
+        | VolumeError::SpawnServer { .. }
+        | VolumeError::ServerFailed { .. } => Code::INTERNAL,
     }
 }
 

@@ -98,6 +98,8 @@ impl SandboxLauncher for HostLauncher {
                 .clone()
                 .unwrap_or_else(|| id.chars().take(12).collect()),
             network,
+            file_share: Some(host.file_share(&name)),
+            shm_size_bytes: spec::shm_size(spec).unwrap_or(0),
             ..Default::default()
         };
         let make_share = host.rootfs_share_factory(&name);

@@ -170,10 +170,14 @@ impl Pod {
         bundle_rootfs::mount(id, rootfs, &rootfs_dir).await?;
         task.rootfs_mounted = !rootfs.is_empty();
         let created = async {
-            let (guest_spec, files) = spec::for_guest(spec.clone(), id);
+            let (guest_spec, volumes) =
+                spec::for_guest(spec.clone()).map_err(|source| ShimError::Volume {
+                    id: id.to_string(),
+                    source: Box::new(source),
+                })?;
             let source = RootfsSource::for_mounts(&bundle_rootfs::kinds(rootfs), &rootfs_dir);
             let stdio = guest_stdio(&task.init.stdio);
-            vm.create_container(id, &guest_spec, &source, stdio, files)
+            vm.create_container(id, &guest_spec, &source, stdio, volumes)
                 .await?;
             IoPumps::start(&vm, &ProcessId::init(id), &task.init.stdio).inspect_err(|_| {
                 // Not awaited inline: the error is what matters; the removal is best effort.

@@ -1,14 +1,15 @@
 //! Reading a bundle's OCI spec and removing what only the host can make sense of.
 //!
-//! Host bind mounts have no source in the guest and host LSM profiles don't exist there;
-//! both are host knowledge, so the shim drops them. Namespaces joined by host path and
+//! Host LSM profiles don't exist in the guest, so the shim drops them; host bind mounts
+//! have no source there, so the shim takes them out and brings each in its own way
+//! (`crate::volumes`). Namespaces joined by host path and
 //! cgroup paths are guest matters: the agent rewrites those (agent/src/container/spec.rs).
 
 use std::path::Path;
 
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
-use spry_proto::agent::GuestFile;
-use tracing::warn;
+
+use crate::volumes::{self, GuestVolumes, VolumeError};
 
 use super::error::ShimError;
 
@@ -84,14 +85,9 @@ pub fn pod_netns(spec: &Spec) -> PodNetns {
     }
 }
 
-/// Host files larger than this are not copied into the guest (they need virtio-fs).
-const MAX_COPIED_FILE: u64 = 1 << 20;
-
-/// Rewrites an app container's spec for the guest (see the module docs). Bind mounts of
-/// small host files (CRI's /etc/hosts, /etc/resolv.conf, /etc/hostname,
-/// /dev/termination-log) come back as files to copy into the guest; other host bind
-/// mounts are dropped with a warning.
-pub fn for_guest(mut spec: Spec, container_id: &str) -> (Spec, Vec<GuestFile>) {
+/// Rewrites an app container's spec for the guest (see the module docs): its host bind
+/// mounts come out, and come back as what the guest needs for each ([`volumes::plan`]).
+pub fn for_guest(mut spec: Spec) -> Result<(Spec, GuestVolumes), VolumeError> {
     if let Some(linux) = spec.linux_mut() {
         linux.set_mount_label(None);
     }
@@ -99,49 +95,27 @@ pub fn for_guest(mut spec: Spec, container_id: &str) -> (Spec, Vec<GuestFile>) {
         process.set_apparmor_profile(None);
         process.set_selinux_label(None);
     }
-    let mut files = Vec::new();
-    if let Some(mounts) = spec.mounts_mut() {
-        mounts.retain(|m| {
-            let options = m.options().as_deref().unwrap_or_default();
-            let is_bind = m.typ().as_deref() == Some("bind")
-                || options.iter().any(|o| o == "bind" || o == "rbind");
-            if !is_bind {
-                return true;
-            }
-            match m.source().as_deref().map(small_file) {
-                Some(Ok(content)) => files.push(GuestFile {
-                    destination: m.destination().display().to_string(),
-                    content,
-                    readonly: options.iter().any(|o| o == "ro"),
-                    ..Default::default()
-                }),
-                // Directories and big files need virtio-fs, which is not built yet.
-                _ => warn!(
-                    container_id,
-                    destination = %m.destination().display(),
-                    source = ?m.source(),
-                    "host bind mount is not shared into the VM; skipped"
-                ),
-            }
-            false
-        });
-    }
-    (spec, files)
+    let volumes = volumes::plan(&mut spec)?;
+    Ok((spec, volumes))
 }
 
-/// The content of a regular file of at most [`MAX_COPIED_FILE`] bytes.
-fn small_file(path: &Path) -> std::io::Result<Vec<u8>> {
-    let meta = std::fs::metadata(path)?;
-    if !meta.is_file() || meta.len() > MAX_COPIED_FILE {
-        return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
-    }
-    std::fs::read(path)
+/// The size of the pod's /dev/shm as the host sized it (CRI mounts a tmpfs of the
+/// requested size at the source of the sandbox spec's /dev/shm bind); None if there is none.
+pub fn shm_size(spec: &Spec) -> Option<u64> {
+    let source = spec
+        .mounts()
+        .as_deref()?
+        .iter()
+        .find(|m| m.destination() == Path::new("/dev/shm"))?
+        .source()
+        .clone()?;
+    let stat = nix::sys::statvfs::statvfs(&source).ok()?;
+    Some(stat.blocks() * stat.fragment_size())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::MountBuilder;
     use std::collections::HashMap;
 
     fn cri_spec(kind: &str) -> Spec {
@@ -159,55 +133,5 @@ mod tests {
         assert_eq!(task_kind(&cri_spec("container")), TaskKind::App);
         assert_eq!(task_kind(&Spec::default()), TaskKind::App);
         assert_eq!(sandbox_id(&cri_spec("container")).as_deref(), Some("sb1"));
-    }
-
-    #[test]
-    fn small_host_files_are_copied_and_other_host_mounts_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let hosts = dir.path().join("hosts");
-        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
-        let mut spec = cri_spec("container");
-        let mut mounts = spec.mounts().clone().unwrap();
-        mounts.push(
-            MountBuilder::default()
-                .destination("/etc/hosts")
-                .typ("bind")
-                .source(&hosts)
-                .options(vec!["rbind".to_string(), "ro".to_string()])
-                .build()
-                .unwrap(),
-        );
-        mounts.push(
-            MountBuilder::default()
-                .destination("/data")
-                .typ("bind")
-                .source(dir.path())
-                .options(vec!["rbind".to_string()])
-                .build()
-                .unwrap(),
-        );
-        spec.set_mounts(Some(mounts));
-        spec.process_mut()
-            .as_mut()
-            .unwrap()
-            .set_apparmor_profile(Some("cri-containerd.apparmor.d".into()));
-
-        let (guest, files) = for_guest(spec, "c1");
-        let mounts = guest.mounts().as_ref().unwrap();
-        assert!(mounts
-            .iter()
-            .all(|m| m.destination() != Path::new("/etc/hosts")));
-        assert!(mounts.iter().all(|m| m.destination() != Path::new("/data")));
-        assert_eq!(files.len(), 1);
-        assert_eq!(files[0].destination, "/etc/hosts");
-        assert_eq!(files[0].content, b"127.0.0.1 localhost\n");
-        assert!(files[0].readonly);
-        assert!(mounts.iter().any(|m| m.destination() == Path::new("/proc")));
-        assert!(guest
-            .process()
-            .as_ref()
-            .unwrap()
-            .apparmor_profile()
-            .is_none());
     }
 }

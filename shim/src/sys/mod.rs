@@ -1,6 +1,7 @@
 //! Raw syscalls and unsafe code, kept small and explained.
 
 pub mod bpf;
+pub mod mount;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

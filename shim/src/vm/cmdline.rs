@@ -3,7 +3,10 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{Accel, AgentChannelKind, GuestMemory, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME};
+use super::{
+    Accel, AgentChannelKind, GuestMemory, VmConfig, AGENT_CHANNEL_PARAM, AGENT_PORT_NAME,
+    SHARE_PORT_NAME,
+};
 
 /// The id of the memory backend that holds guest RAM when it is file-backed. Snapshots
 /// name RAM blocks by it, so a template and its clones must agree on it.
@@ -21,6 +24,8 @@ pub const SCSI_BUS: &str = "scsi0.0";
 pub struct StatePaths {
     pub qmp_socket: PathBuf,
     pub agent_socket: PathBuf,
+    /// The pod file share's virtio-serial port; the pod's file server connects to it.
+    pub share_socket: PathBuf,
     pub console_log: PathBuf,
     pub qemu_stderr: PathBuf,
 }
@@ -30,6 +35,7 @@ impl StatePaths {
         Self {
             qmp_socket: state_dir.join("qmp.sock"),
             agent_socket: state_dir.join("agent.sock"),
+            share_socket: state_dir.join("share.sock"),
             console_log: state_dir.join("console.log"),
             qemu_stderr: state_dir.join("qemu.stderr"),
         }
@@ -144,13 +150,15 @@ pub fn qemu_args(
     args.push("-device").push("virtio-rng-device");
     args.push("-device")
         .push(format!("virtio-scsi-device,id={SCSI_CONTROLLER_ID}"));
+    // Every VM has the file share's port (a template's clones need it on the template's
+    // command line); it carries traffic only once a pod mounts the share.
+    args.push("-device").push("virtio-serial-device,id=vser0");
     match config.agent_channel {
         AgentChannelKind::VirtioSerial => {
             args.push("-chardev").push(format!(
                 "socket,id=agent,path={},server=on,wait=off",
                 escape_path(&paths.agent_socket)
             ));
-            args.push("-device").push("virtio-serial-device,id=vser0");
             args.push("-device").push(format!(
                 "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
             ));
@@ -160,6 +168,13 @@ pub fn qemu_args(
                 .push(format!("vhost-vsock-device,guest-cid={cid}"));
         }
     }
+    args.push("-chardev").push(format!(
+        "socket,id=share,path={},server=on,wait=off",
+        escape_path(&paths.share_socket)
+    ));
+    args.push("-device").push(format!(
+        "virtserialport,chardev=share,name={SHARE_PORT_NAME}"
+    ));
     for (index, nic) in config.nics.iter().enumerate() {
         // No vhost: there is no /dev/vhost-net everywhere, and QEMU's own virtio-net
         // backend with the tap's vnet header keeps checksum and segmentation offloads.
@@ -299,7 +314,8 @@ mod tests {
                 "virtio-rng-device",
                 "virtio-scsi-device,id=scsi0",
                 "virtio-serial-device,id=vser0",
-                "virtserialport,chardev=agent,name=spry.agent"
+                "virtserialport,chardev=agent,name=spry.agent",
+                "virtserialport,chardev=share,name=spry.fs"
             ]
         );
         let chardevs = value_after(&args, "-chardev");
@@ -309,6 +325,9 @@ mod tests {
         ));
         assert!(chardevs.contains(
             &"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()
+        ));
+        assert!(chardevs.contains(
+            &"socket,id=share,path=/run/spry/pod-1/share.sock,server=on,wait=off".to_owned()
         ));
     }
 
@@ -356,7 +375,8 @@ mod tests {
         let args = args_of(&vsock, Accel::Kvm);
         let devices = value_after(&args, "-device");
         assert!(devices.contains(&"vhost-vsock-device,guest-cid=42".to_owned()));
-        assert!(!devices.iter().any(|d| d.starts_with("virtserialport")));
+        assert!(!devices.iter().any(|d| d.contains("name=spry.agent")));
+        assert!(devices.contains(&"virtserialport,chardev=share,name=spry.fs".to_owned()));
     }
 
     #[test]

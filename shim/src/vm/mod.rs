@@ -38,10 +38,13 @@ use serde::{Deserialize, Serialize};
 pub use accel::KVM_UNUSABLE_WARNING;
 pub use error::VmError;
 pub use qemu::QemuHypervisor;
+pub use spawner::spawn as spawn_long_lived;
 pub use tsc::host_tsc_khz;
 
 /// The virtio-serial port name the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const AGENT_PORT_NAME: &str = "spry.agent";
+/// The virtio-serial port of the pod's file share (agent/src/volumes/share.rs).
+pub const SHARE_PORT_NAME: &str = "spry.fs";
 /// The vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The kernel command-line parameter telling the agent which channel to
@@ -256,6 +259,8 @@ pub trait Vm: Send + Sync {
     /// The guest serial console log (inside the state dir).
     fn console_log(&self) -> &Path;
     fn agent_endpoint(&self) -> AgentEndpoint;
+    /// The unix socket QEMU serves the file share's virtio-serial port on.
+    fn share_socket(&self) -> &Path;
     /// Hot-plugs a disk image on the virtio-scsi controller.
     async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError>;
     /// Removes a hot-plugged disk (the guest must have stopped using it).

@@ -323,6 +323,10 @@ impl Vm for QemuVm {
         self.agent_endpoint.clone()
     }
 
+    fn share_socket(&self) -> &Path {
+        &self.paths.share_socket
+    }
+
     async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError> {
         if let Some(error) = self.exited() {
             return Err(error);

@@ -27,6 +27,9 @@ impl Vm for NoVm {
     fn agent_endpoint(&self) -> AgentEndpoint {
         AgentEndpoint::Vsock { cid: 3, port: 1 }
     }
+    fn share_socket(&self) -> &Path {
+        Path::new("/nonexistent/share.sock")
+    }
     async fn hotplug_disk(&self, _: &Path, _: bool) -> Result<ScsiAddr, VmError> {
         unreachable!("not used by these resources")
     }

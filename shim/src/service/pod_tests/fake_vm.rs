@@ -179,7 +179,7 @@ impl PodVm for FakeVm {
         _spec: &Spec,
         _rootfs: &RootfsSource,
         _stdio: pb::StdioConfig,
-        _files: Vec<pb::GuestFile>,
+        _volumes: crate::volumes::GuestVolumes,
     ) -> Result<(), SandboxError> {
         self.call(format!("create {container_id}"));
         if self.dead() {

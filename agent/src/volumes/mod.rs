@@ -1,0 +1,210 @@
+//! The pod's volumes in the guest: its /dev/shm tmpfs and its file share (host volumes,
+//! served by the shim over FUSE, see `share.rs`), set up once per sandbox, and the
+//! resolution of a container's `VolumeMount`s to guest paths it bind-mounts.
+
+mod share;
+
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use spry_proto::agent::{volume_mount, VolumeMount};
+
+pub use share::{mount_share, ShareError, SharePort, PORT_NAME};
+
+/// containerd's default /dev/shm size, used when the host does not say.
+const DEFAULT_SHM_BYTES: u64 = 64 << 20;
+
+/// Errors of the pod's volumes.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error("cannot mount the pod's /dev/shm at {target}")]
+    Shm { target: PathBuf, source: nix::Error },
+    #[error("cannot create {path}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error(
+        "volume at {destination}: share path {path:?} must be relative and stay inside the share"
+    )]
+    BadSharePath { destination: String, path: String },
+    #[error(
+        "volume at {destination} is on the pod's file share, which this sandbox did not mount"
+    )]
+    NoShare { destination: String },
+    #[error("volume at {destination} names no source")]
+    NoSource { destination: String },
+}
+
+/// A volume resolved to what the container bind-mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedVolume {
+    pub destination: PathBuf,
+    /// The guest path bind-mounted at `destination`.
+    pub source: PathBuf,
+    /// OCI mount options, always including a bind.
+    pub options: Vec<String>,
+}
+
+/// The pod's volume roots in this VM.
+#[derive(Debug, Clone)]
+pub struct PodVolumes {
+    shm: PathBuf,
+    share: Option<PathBuf>,
+}
+
+impl PodVolumes {
+    /// Creates the pod's /dev/shm under `run_dir` (a tmpfs of `shm_bytes` when `mount` is
+    /// set, a plain directory in host test mode) and mounts the file share if asked.
+    pub fn setup(
+        run_dir: &Path,
+        shm_bytes: u64,
+        file_share: bool,
+        mount_allowed: bool,
+    ) -> Result<Self, VolumeError> {
+        let shm = run_dir.join("shm");
+        std::fs::create_dir_all(&shm).map_err(|source| VolumeError::Dir {
+            path: shm.clone(),
+            source,
+        })?;
+        if mount_allowed {
+            let size = if shm_bytes == 0 {
+                DEFAULT_SHM_BYTES
+            } else {
+                shm_bytes
+            };
+            let data = format!("mode=1777,size={size}");
+            mount(
+                Some("shm"),
+                &shm,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some(data.as_str()),
+            )
+            .map_err(|source| VolumeError::Shm {
+                target: shm.clone(),
+                source,
+            })?;
+        }
+        let share = if file_share {
+            let target = run_dir.join("share");
+            mount_share(&SharePort::default(), &target)?;
+            Some(target)
+        } else {
+            None
+        };
+        Ok(Self { shm, share })
+    }
+
+    /// Where each of `volumes` comes from in the guest.
+    pub fn resolve(&self, volumes: &[VolumeMount]) -> Result<Vec<ResolvedVolume>, VolumeError> {
+        volumes.iter().map(|v| self.resolve_one(v)).collect()
+    }
+
+    fn resolve_one(&self, volume: &VolumeMount) -> Result<ResolvedVolume, VolumeError> {
+        let destination = volume.destination.clone();
+        let source = match &volume.source {
+            Some(volume_mount::Source::SharePath(path)) => {
+                let share = self.share.as_ref().ok_or_else(|| VolumeError::NoShare {
+                    destination: destination.clone(),
+                })?;
+                share.join(
+                    relative_inside(path).ok_or_else(|| VolumeError::BadSharePath {
+                        destination: destination.clone(),
+                        path: path.clone(),
+                    })?,
+                )
+            }
+            Some(volume_mount::Source::PodShm(true)) => self.shm.clone(),
+            _ => return Err(VolumeError::NoSource { destination }),
+        };
+        let mut options = volume.options.clone();
+        if !options.iter().any(|o| o == "bind" || o == "rbind") {
+            options.insert(0, "rbind".into());
+        }
+        Ok(ResolvedVolume {
+            destination: destination.into(),
+            source,
+            options,
+        })
+    }
+}
+
+/// `path` as a relative path of normal components only, or None.
+fn relative_inside(path: &str) -> Option<PathBuf> {
+    let path = Path::new(path);
+    let normal = path.components().all(|c| matches!(c, Component::Normal(_)));
+    (normal && path.components().next().is_some()).then(|| path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn share_volume(path: &str, options: &[&str]) -> VolumeMount {
+        VolumeMount {
+            destination: "/data".into(),
+            source: Some(volume_mount::Source::SharePath(path.into())),
+            options: options.iter().map(|o| o.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn share_paths_resolve_under_the_share_and_get_a_bind() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = PodVolumes {
+            shm: dir.path().join("shm"),
+            share: Some(dir.path().join("share")),
+        };
+        let resolved = volumes
+            .resolve(&[share_volume("c1/0", &["ro", "nosuid"])])
+            .unwrap();
+        assert_eq!(resolved[0].source, dir.path().join("share/c1/0"));
+        assert_eq!(resolved[0].destination, Path::new("/data"));
+        assert_eq!(resolved[0].options, ["rbind", "ro", "nosuid"]);
+        let shm = VolumeMount {
+            destination: "/dev/shm".into(),
+            source: Some(volume_mount::Source::PodShm(true)),
+            options: vec!["rbind".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            volumes.resolve(&[shm]).unwrap()[0].source,
+            dir.path().join("shm")
+        );
+    }
+
+    #[test]
+    fn share_paths_cannot_leave_the_share() {
+        let volumes = PodVolumes {
+            shm: "/run/spry/shm".into(),
+            share: Some("/run/spry/share".into()),
+        };
+        for bad in ["", "/etc", "../etc", "c1/../../etc", "./c1"] {
+            let err = volumes.resolve(&[share_volume(bad, &[])]).unwrap_err();
+            assert!(
+                matches!(err, VolumeError::BadSharePath { .. }),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_share_volume_without_a_share_or_a_source_is_refused() {
+        let volumes = PodVolumes {
+            shm: "/run/spry/shm".into(),
+            share: None,
+        };
+        let err = volumes.resolve(&[share_volume("c1/0", &[])]).unwrap_err();
+        assert!(matches!(err, VolumeError::NoShare { .. }));
+        let empty = VolumeMount {
+            destination: "/x".into(),
+            ..Default::default()
+        };
+        let err = volumes.resolve(&[empty]).unwrap_err();
+        assert!(matches!(err, VolumeError::NoSource { .. }));
+    }
+}

@@ -1,0 +1,186 @@
+//! A container's host volumes (the OCI spec's bind mounts) and how each reaches the guest.
+//!
+//! kubelet and CRI hand every volume to the runtime as a bind mount of a host path. Each
+//! is one of:
+//! - CRI's pod files (/etc/hosts, /etc/hostname, /etc/resolv.conf): small, written once
+//!   before the container starts: copied into the guest ([`GuestFile`]);
+//! - `/dev/shm`: the pod's shared memory, a tmpfs the agent keeps per pod in the guest;
+//! - anything else (hostPath, emptyDir, configMap, secret, projected, subPath, the
+//!   termination log): served live from the host through the pod's file share
+//!   (`share.rs`, FUSE in the guest over a virtio-serial port, `server.rs` on the host),
+//!   so writes go both ways.
+//!
+//! The share works the same in VMs restored from a template: nothing in it needs guest
+//! RAM shared with another process (which is why it is not virtio-fs).
+
+pub mod server;
+mod share;
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{Mount, Spec};
+use spry_proto::agent::{volume_mount, GuestFile, VolumeMount};
+
+pub use share::{remove_staging, FileShare, FileShareConfig, READY_LINE};
+
+/// CRI's pod files, copied rather than shared: read at every name lookup, never written
+/// by the container, and rewritten by nobody once the container runs.
+const COPIED_FILES: [&str; 3] = ["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+/// Copied files larger than this are shared instead.
+const MAX_COPIED_FILE: u64 = 1 << 20;
+
+/// Failure to bring a volume into the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(
+        "the source {source_path} of the volume at {destination} does not exist on the host \
+         (or cannot be read): create it, or fix the pod's volume"
+    )]
+    MissingSource {
+        destination: PathBuf,
+        source_path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the volume at {destination} asks for {mode} mount propagation (Bidirectional), which \
+         cannot cross the VM boundary: mounts made in the guest never reach the host. Use \
+         HostToContainer or None"
+    )]
+    UnsupportedPropagation { destination: PathBuf, mode: String },
+    #[error("the volume at {destination} is a {what}, which Spry cannot share into the VM")]
+    UnsupportedSource {
+        destination: PathBuf,
+        what: &'static str,
+    },
+    #[error("container id {id:?} cannot name a directory of the pod's file share")]
+    BadContainerId { id: String },
+    #[error("the pod's file share has no room for container {id}: it is not set up")]
+    NoShare { id: String },
+    #[error("cannot prepare {path} for the pod's file share")]
+    Prepare {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot bind {source_path} into the pod's file share at {target}")]
+    Bind {
+        source_path: PathBuf,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot start the pod's file server {program}")]
+    SpawnServer {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the pod's file server did not start: {detail}")]
+    ServerFailed { detail: String },
+}
+
+/// A host path the container mounts, served through the pod's file share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedVolume {
+    pub destination: PathBuf,
+    /// The host path, symlinks resolved.
+    pub source: PathBuf,
+    pub is_dir: bool,
+    pub readonly: bool,
+    /// The spec's options, passed on to the guest's bind mount.
+    pub options: Vec<String>,
+}
+
+/// What the guest needs for a container's volumes.
+#[derive(Debug, Default)]
+pub struct GuestVolumes {
+    pub files: Vec<GuestFile>,
+    pub shared: Vec<SharedVolume>,
+    /// Mounts whose source is already in the guest (the pod's /dev/shm).
+    pub guest: Vec<VolumeMount>,
+}
+
+/// Takes the bind mounts of host paths out of `spec` and says how each reaches the guest.
+pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
+    let mut volumes = GuestVolumes::default();
+    let Some(mounts) = spec.mounts_mut() else {
+        return Ok(volumes);
+    };
+    let mut kept = Vec::with_capacity(mounts.len());
+    for mount in mounts.drain(..) {
+        if !is_bind(&mount) {
+            kept.push(mount);
+            continue;
+        }
+        let destination = mount.destination().clone();
+        let options = mount.options().clone().unwrap_or_default();
+        if let Some(mode) = options
+            .iter()
+            .find(|o| matches!(o.as_str(), "shared" | "rshared"))
+        {
+            return Err(VolumeError::UnsupportedPropagation {
+                destination,
+                mode: mode.clone(),
+            });
+        }
+        if destination == Path::new("/dev/shm") {
+            volumes.guest.push(VolumeMount {
+                destination: destination.display().to_string(),
+                source: Some(volume_mount::Source::PodShm(true)),
+                options,
+                ..Default::default()
+            });
+            continue;
+        }
+        let source_path = mount.source().clone().unwrap_or_default();
+        let missing = |source| VolumeError::MissingSource {
+            destination: destination.clone(),
+            source_path: source_path.clone(),
+            source,
+        };
+        let resolved = std::fs::canonicalize(&source_path).map_err(missing)?;
+        let meta = std::fs::metadata(&resolved).map_err(missing)?;
+        let readonly = options.iter().any(|o| o == "ro");
+        if meta.is_file()
+            && meta.len() <= MAX_COPIED_FILE
+            && COPIED_FILES.iter().any(|f| destination == Path::new(f))
+        {
+            volumes.files.push(GuestFile {
+                destination: destination.display().to_string(),
+                content: std::fs::read(&resolved).map_err(missing)?,
+                readonly,
+                ..Default::default()
+            });
+            continue;
+        }
+        if !meta.is_dir() && !meta.is_file() {
+            return Err(VolumeError::UnsupportedSource {
+                destination,
+                what: "device, socket or pipe",
+            });
+        }
+        volumes.shared.push(SharedVolume {
+            destination,
+            source: resolved,
+            is_dir: meta.is_dir(),
+            readonly,
+            options,
+        });
+    }
+    *mounts = kept;
+    Ok(volumes)
+}
+
+fn is_bind(mount: &Mount) -> bool {
+    mount.typ().as_deref() == Some("bind")
+        || mount
+            .options()
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o == "bind" || o == "rbind")
+}
+
+#[cfg(test)]
+mod tests;
