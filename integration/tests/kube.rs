@@ -44,6 +44,10 @@ const CASES: &[(&str, Case)] = &[
         "a_web_pod_is_ready_by_its_http_probe_reachable_and_port_forwarded",
         web_pod_networking,
     ),
+    (
+        "a_pod_reads_its_token_a_live_configmap_and_shares_an_emptydir",
+        pod_volumes,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -382,4 +386,57 @@ fn web_pod_networking(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let _ = forward.kill();
     let _ = forward.wait();
     result
+}
+
+fn configmap(value: &str) -> String {
+    format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: spry-cfg\ndata:\n  key: {value}\n")
+}
+
+fn pod_volumes(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    cluster.apply(&configmap("first"))?;
+    let image = registry.image("busybox:1");
+    // Two containers: the sidecar shares the emptyDir; the main one also mounts the
+    // ConfigMap. The service-account token is kubelet's doing (automount).
+    let extra = format!(
+        "    volumeMounts:\n    - {{name: cfg, mountPath: /etc/cfg}}\n    \
+         - {{name: scratch, mountPath: /scratch}}\n  - name: side\n    image: {image}\n    \
+         command: [sleep, \"3600\"]\n    volumeMounts:\n    \
+         - {{name: scratch, mountPath: /scratch}}\n  volumes:\n  \
+         - {{name: cfg, configMap: {{name: spry-cfg}}}}\n  - {{name: scratch, emptyDir: {{}}}}\n"
+    );
+    cluster.apply(&spry_pod("volumes", &image, "sleep 3600", &extra))?;
+    cluster.wait_for("pod/volumes", "condition=Ready", POD_READY)?;
+    let exec = |container: &str, argv: &[&str]| -> Result<String> {
+        let mut args = vec!["exec", "volumes", "-c", container, "--"];
+        args.extend_from_slice(argv);
+        Ok(cluster.kubectl(&args)?.trim().to_string())
+    };
+    let secrets = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let namespace = exec("main", &["cat", &format!("{secrets}/namespace")])?;
+    ensure!(
+        namespace == "default",
+        "token namespace file: {namespace:?}"
+    );
+    let token = exec("main", &["cat", &format!("{secrets}/token")])?;
+    ensure!(
+        token.starts_with("eyJ"),
+        "no JWT in the token file: {token:?}"
+    );
+    ensure!(exec("main", &["cat", "/etc/cfg/key"])? == "first");
+    exec("main", &["sh", "-c", "echo from main > /scratch/note"])?;
+    ensure!(exec("side", &["cat", "/scratch/note"])? == "from main");
+    // kubelet rewrites the volume (its atomic writer) within its sync period (10 s here).
+    cluster.apply(&configmap("second"))?;
+    let started = Instant::now();
+    wait(
+        Duration::from_secs(120),
+        "the ConfigMap update in the guest",
+        || Ok(exec("main", &["cat", "/etc/cfg/key"])? == "second"),
+    )?;
+    println!(
+        "configMap update seen in the guest {:.1} s after kubectl apply",
+        started.elapsed().as_secs_f64()
+    );
+    cluster.kubectl(&["delete", "configmap", "spry-cfg"])?;
+    Ok(())
 }

@@ -240,6 +240,49 @@ fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
         state.path(),
     )?;
 
+    // The shim SIGKILLed under a pod whose container holds volumes: the file server dies
+    // with it, and `containerd-shim-spry-v2 delete` unmounts and removes the share.
+    let host = host_volumes(sources.path(), "vol-killed")?;
+    let pod_cfg = PodConfig::new("vol-killed").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let ctr_cfg = ContainerConfig::new("vol-killed-a", &image)
+        .command(&["sleep", "3600"])
+        .mount(&host.data, "/data", false)
+        .mount(&host.readonly, "/config", true)
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    ensure!(run(&crictl, &ctr, &["cat", "/data/from-host"])? == "host says hi");
+    // The container goes first: containerd reports only the sandbox task of a dead grouped
+    // shim as exited, so an app container would stay "running" in CRI (issue 17). Its
+    // volumes leave the share with it; the share itself and its server stay.
+    crictl.stop(&ctr, 10)?;
+    crictl.rm(&ctr)?;
+    let shim = containerd
+        .shims()?
+        .into_iter()
+        .find(|p| p.cmdline_contains(&pod))
+        .context("no shim for the pod")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while spry_integration::system::processes()?.iter().any(|p| {
+        p.cmdline_contains("fs-serve") && p.cmdline_contains(&state.path().display().to_string())
+    }) {
+        ensure!(
+            Instant::now() < deadline,
+            "the file server outlived its shim"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    crictl.rmp_all_force()?;
+    ensure!(
+        host.data.join("from-host").is_file(),
+        "the user's data is gone"
+    );
+
     let shares = state.path().join("run/shares");
     let left: Vec<_> = std::fs::read_dir(&shares)
         .map(|d| d.flatten().map(|e| e.path()).collect())

@@ -110,6 +110,16 @@ fn confine(dir: &Path) -> Result<PassthroughFs, ServerError> {
         path: "/proc/self/fd".into(),
         source,
     })?;
+    // pivot_root needs a mount point. A bind of our slave copy of the share is a slave of
+    // the same master, so the shim's later binds still arrive.
+    mount(
+        Some(dir),
+        dir,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(step("bind the share onto itself"))?;
     nix::unistd::chdir(dir).map_err(step("chdir"))?;
     nix::unistd::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;

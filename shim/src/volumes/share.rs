@@ -331,3 +331,100 @@ fn remove_empty_file(path: &Path) -> std::io::Result<()> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(source: &Path, is_dir: bool, readonly: bool) -> SharedVolume {
+        SharedVolume {
+            destination: "/v".into(),
+            source: source.to_path_buf(),
+            is_dir,
+            readonly,
+            options: Vec::new(),
+        }
+    }
+
+    fn is_mountpoint(path: &Path) -> bool {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let path = path.to_str().unwrap();
+        mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(path))
+    }
+
+    /// Needs root (mounts).
+    #[test]
+    fn teardown_detaches_binds_and_never_deletes_the_users_data() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test needs root"
+        );
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        std::fs::write(data.join("precious"), "keep me").unwrap();
+        let file = root.path().join("file");
+        std::fs::write(&file, "keep me too").unwrap();
+        let share = root.path().join("share");
+
+        prepare_staging(&share).unwrap();
+        let container = share.join("c1");
+        create_dir(&container).unwrap();
+        bind(&volume(&data, true, false), &container.join("0")).unwrap();
+        bind(&volume(&file, false, true), &container.join("1")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(container.join("0/precious")).unwrap(),
+            "keep me"
+        );
+        // Read-only from the start, on the host as well.
+        let err = std::fs::write(container.join("1"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+
+        remove_staging(&share);
+        assert!(!share.exists(), "the share dir is left");
+        assert!(!is_mountpoint(&container.join("0")));
+        assert_eq!(
+            std::fs::read_to_string(data.join("precious")).unwrap(),
+            "keep me"
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me too");
+    }
+
+    /// Needs root (mounts) and util-linux `unshare`: a namespace that is a slave of the
+    /// share (as the file server's is) gets later binds read-only too.
+    #[test]
+    fn a_read_only_bind_reaches_a_slave_namespace_read_only() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test needs root"
+        );
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let share = root.path().join("share");
+        prepare_staging(&share).unwrap();
+        let target = share.join("0");
+        let marker = root.path().join("slave-ready");
+        // The slave namespace exists before the bind, like the server's.
+        let script = format!(
+            "touch {marker}; while [ ! -e {target}/go ]; do sleep 0.05; done; \
+             echo x > {target}/written 2>/dev/null && echo writable || echo readonly",
+            marker = marker.display(),
+            target = target.display()
+        );
+        let slave = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "slave", "sh", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux) runs");
+        while !marker.exists() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::write(data.join("go"), "").unwrap();
+        bind(&volume(&data, true, true), &target).unwrap();
+        let out = slave.wait_with_output().unwrap();
+        remove_staging(&share);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "readonly");
+        assert!(!data.join("written").exists());
+    }
+}
