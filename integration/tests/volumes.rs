@@ -291,3 +291,103 @@ fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
     leaks.assert_clean()?;
     Ok(())
 }
+
+/// `Shmem` of /proc/meminfo in the container's VM, in MiB (tmpfs lives there).
+fn guest_shmem_mib(crictl: &Crictl, container: &str) -> Result<u64> {
+    let meminfo = run(crictl, container, &["cat", "/proc/meminfo"])?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Shmem:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib / 1024)
+        .context("no Shmem in the guest's /proc/meminfo")
+}
+
+fn writable_layer_bytes(crictl: &Crictl, container: &str) -> Result<u64> {
+    let stats = crictl.stats(container)?;
+    let used = &stats["writableLayer"]["usedBytes"]["value"];
+    Ok(used
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .or_else(|| used.as_u64())
+        .unwrap_or(0))
+}
+
+#[test]
+fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-wl-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let containerd =
+        Containerd::start(spry.register(ContainerdOptions::new("spry-wl").registry(&registry)))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("writable").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let ctr_cfg = ContainerConfig::new("writable-a", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+
+    let shmem_before = guest_shmem_mib(&crictl, &ctr)?;
+    let started = Instant::now();
+    let out = crictl.exec_sync(
+        &ctr,
+        &[
+            "dd",
+            "if=/dev/zero",
+            "of=/big",
+            "bs=1M",
+            "count=1024",
+            "conv=fsync",
+        ],
+        Duration::from_secs(600),
+    )?;
+    ensure!(
+        out.code == 0,
+        "writing 1 GiB to the rootfs failed: {}",
+        out.stderr
+    );
+    eprintln!("1 GiB written to the rootfs in {:?}", started.elapsed());
+    let shmem_after = guest_shmem_mib(&crictl, &ctr)?;
+    ensure!(
+        shmem_after < shmem_before + 64,
+        "guest shared memory grew from {shmem_before} to {shmem_after} MiB: the layer is in RAM"
+    );
+    // CRI reports the container snapshot's usage, refreshed every few seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut used = 0;
+    while used < 1 << 30 {
+        ensure!(
+            Instant::now() < deadline,
+            "crictl stats shows a writable layer of {used} bytes after writing 1 GiB"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        used = writable_layer_bytes(&crictl, &ctr)?;
+    }
+    eprintln!("crictl stats: writable layer {} MiB", used >> 20);
+    // Deleting the file frees the host's blocks again (discard → holes in the image).
+    run(&crictl, &ctr, &["sh", "-c", "rm /big && sync"])?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        used = writable_layer_bytes(&crictl, &ctr)?;
+        if used < 256 << 20 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the writable layer still uses {used} bytes after the file was deleted"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks.assert_clean()?;
+    Ok(())
+}

@@ -166,15 +166,23 @@ impl StorageManager {
         let mut data = format!("lowerdir={}", join_lowers(&lowers));
         if rootfs.writable {
             let rw = base.join("rw");
-            tracked_dir(&rw, out)?;
-            tracked_mount(
-                Some("tmpfs"),
-                &rw,
-                Some("tmpfs"),
-                MsFlags::MS_NODEV,
-                Some("mode=0755"),
-                out,
-            )?;
+            match rootfs.upper.as_ref() {
+                // On its own disk: what the container writes is host disk, not guest RAM.
+                Some(upper) => {
+                    self.mount_disk(upper, &rw, false, out).await?;
+                }
+                None => {
+                    tracked_dir(&rw, out)?;
+                    tracked_mount(
+                        Some("tmpfs"),
+                        &rw,
+                        Some("tmpfs"),
+                        MsFlags::MS_NODEV,
+                        Some("mode=0755"),
+                        out,
+                    )?;
+                }
+            }
             let (upper, work) = (rw.join("upper"), rw.join("work"));
             create_dir(&upper)?;
             create_dir(&work)?;
@@ -213,41 +221,58 @@ impl StorageManager {
                 }
                 Ok(path)
             }
-            Some(Source::Scsi(disk)) => {
-                let device = scsi::wait_for_disk(&self.sysfs, disk.target, disk.lun).await?;
+            Some(Source::Scsi(_)) => {
                 let target = layers_dir.join(index.to_string());
-                tracked_dir(&target, out)?;
-                let (flags, data) = mount_options(&layer.options);
-                let fstype = if layer.fstype.is_empty() {
-                    "erofs"
-                } else {
-                    layer.fstype.as_str()
-                };
-                // A freshly hot-plugged disk can refuse opens (ENXIO) for a moment after
-                // its node appears, while the SCSI disk driver finishes attaching it.
-                let started = std::time::Instant::now();
-                loop {
-                    let mounted = tracked_mount(
-                        Some(device.to_string_lossy().as_ref()),
-                        &target,
-                        Some(fstype),
-                        flags | MsFlags::MS_RDONLY,
-                        (!data.is_empty()).then_some(data.as_str()),
-                        out,
-                    );
-                    match mounted {
-                        Err(StorageError::Mount {
-                            source: nix::errno::Errno::ENXIO,
-                            ..
-                        }) if started.elapsed() < DISK_ATTACH_GRACE => {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        other => break other?,
-                    }
-                }
+                self.mount_disk(layer, &target, true, out).await?;
                 Ok(target)
             }
             Some(_) => Err(StorageError::UnknownSource { index }),
+        }
+    }
+
+    /// Mounts the hot-plugged disk `storage` names at `target` (created).
+    async fn mount_disk(
+        &self,
+        storage: &Storage,
+        target: &Path,
+        read_only: bool,
+        out: &mut MountedRootfs,
+    ) -> Result<(), StorageError> {
+        let Some(Source::Scsi(disk)) = &storage.source else {
+            return Err(StorageError::UnknownSource { index: 0 });
+        };
+        let device = scsi::wait_for_disk(&self.sysfs, disk.target, disk.lun).await?;
+        tracked_dir(target, out)?;
+        let (mut flags, data) = mount_options(&storage.options);
+        if read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        let fstype = if storage.fstype.is_empty() {
+            "erofs"
+        } else {
+            storage.fstype.as_str()
+        };
+        // A freshly hot-plugged disk can refuse opens (ENXIO) for a moment after
+        // its node appears, while the SCSI disk driver finishes attaching it.
+        let started = std::time::Instant::now();
+        loop {
+            let mounted = tracked_mount(
+                Some(device.to_string_lossy().as_ref()),
+                target,
+                Some(fstype),
+                flags,
+                (!data.is_empty()).then_some(data.as_str()),
+                out,
+            );
+            match mounted {
+                Err(StorageError::Mount {
+                    source: nix::errno::Errno::ENXIO,
+                    ..
+                }) if started.elapsed() < DISK_ATTACH_GRACE => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => return other,
+            }
         }
     }
 

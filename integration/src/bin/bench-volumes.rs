@@ -304,8 +304,9 @@ fn atomic_write(dir: &Path, value: &str) -> Result<()> {
     );
     let payload = dir.join(&stamp);
     std::fs::create_dir(&payload)?;
-    std::fs::write(payload.join("a"), value)?;
-    std::fs::write(payload.join("b"), value)?;
+    // A trailing newline: the watcher's `read` fails on a last line without one.
+    std::fs::write(payload.join("a"), format!("{value}\n"))?;
+    std::fs::write(payload.join("b"), format!("{value}\n"))?;
     let old = std::fs::read_link(dir.join("..data")).ok();
     let tmp = dir.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp);

@@ -10,6 +10,7 @@
 
 mod cache;
 mod erofs;
+mod writable;
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,7 @@ use crate::vm::{ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, LayerCache};
 pub use erofs::ErofsError;
+pub use writable::{WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES};
 
 /// Failure to share a rootfs with the VM.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,8 @@ pub enum RootfsError {
     Image(#[from] ErofsError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error(transparent)]
+    Writable(#[from] WritableError),
     #[error("cannot hot-plug the rootfs image of container {container_id} into the VM")]
     Hotplug {
         container_id: String,
@@ -228,6 +232,53 @@ impl ErofsBlockShare {
     fn image_path(&self, container_id: &str) -> PathBuf {
         self.work_dir.join(format!("{container_id}.erofs"))
     }
+
+    /// Creates and hot-plugs the container's writable layer disk. For a container on
+    /// image layers, the image goes into its own rootfs (its snapshot's writable layer,
+    /// through the host's mount of it), so the snapshot's usage, which CRI reports as the
+    /// container's writable layer, counts what the container wrote; otherwise into the
+    /// work dir.
+    async fn attach_writable(
+        &self,
+        vm: &dyn Vm,
+        container_id: &str,
+        source: &RootfsSource,
+    ) -> Result<(ScsiAddr, PathBuf), RootfsError> {
+        let path = match source {
+            RootfsSource::Layers { merged, .. } => merged.join(writable::IMAGE_NAME),
+            RootfsSource::Directory(_) => {
+                std::fs::create_dir_all(&self.work_dir).map_err(|source| RootfsError::WorkDir {
+                    path: self.work_dir.clone(),
+                    source,
+                })?;
+                self.work_dir.join(format!("{container_id}.rw.img"))
+            }
+        };
+        writable::create_image(&path, WRITABLE_LAYER_BYTES).await?;
+        match vm.hotplug_disk(&path, false).await {
+            Ok(addr) => Ok((addr, path)),
+            Err(source) => {
+                remove_file_quietly(&path);
+                Err(RootfsError::Hotplug {
+                    container_id: container_id.to_string(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+fn scsi_storage(addr: ScsiAddr, fstype: &str, options: &[&str]) -> pb::Storage {
+    pb::Storage {
+        source: Some(pb::storage::Source::Scsi(pb::ScsiDisk {
+            target: addr.target,
+            lun: addr.lun,
+            ..Default::default()
+        })),
+        fstype: fstype.into(),
+        options: options.iter().map(|o| o.to_string()).collect(),
+        ..Default::default()
+    }
 }
 
 #[async_trait]
@@ -249,26 +300,29 @@ impl RootfsShare for ErofsBlockShare {
                 });
             }
         };
-        debug!(container_id, image = %image.path().display(), ?addr, "rootfs disk attached");
-        let layer = pb::Storage {
-            source: Some(pb::storage::Source::Scsi(pb::ScsiDisk {
-                target: addr.target,
-                lun: addr.lun,
-                ..Default::default()
-            })),
-            fstype: "erofs".into(),
-            options: vec!["ro".into()],
-            ..Default::default()
+        let upper = match self.attach_writable(vm, container_id, source).await {
+            Ok(upper) => upper,
+            Err(e) => {
+                if let Err(unplug) = vm.unplug_disk(addr).await {
+                    tracing::warn!(container_id, error = %unplug, "cannot unplug a rootfs disk after a failed attach");
+                }
+                image.discard();
+                return Err(e);
+            }
         };
+        debug!(container_id, image = %image.path().display(), ?addr, "rootfs disk attached");
+        let layer = scsi_storage(addr, "erofs", &["ro"]);
+        let (upper_addr, upper_image) = upper;
         Ok(AttachedRootfs {
             container_id: container_id.to_string(),
             rootfs: pb::Rootfs {
                 layers: vec![layer],
                 writable: true,
+                upper: Some(scsi_storage(upper_addr, "ext4", &["discard"])).into(),
                 ..Default::default()
             },
-            disks: vec![addr],
-            images: vec![image],
+            disks: vec![addr, upper_addr],
+            images: vec![image, DiskImage::Own(upper_image)],
         })
     }
 

@@ -361,11 +361,19 @@ impl Vm for QemuVm {
             .qmp
             .execute(
                 "blockdev-add",
+                // Writable disks pass the guest's discards down as holes, so a sparse
+                // image shrinks when the guest deletes files.
                 Some(json!({
                     "driver": "raw",
                     "node-name": node,
                     "read-only": read_only,
-                    "file": { "driver": "file", "filename": image, "read-only": read_only },
+                    "discard": if read_only { "ignore" } else { "unmap" },
+                    "file": {
+                        "driver": "file",
+                        "filename": image,
+                        "read-only": read_only,
+                        "discard": if read_only { "ignore" } else { "unmap" },
+                    },
                 })),
             )
             .await;
