@@ -28,6 +28,7 @@
 //! Tools come from `/opt/spry/deps/bin` (see [`paths`] for the env overrides); tests that lack root or a
 //! tool fail with a message saying what to install, they never skip.
 
+pub mod atomic_writer;
 pub mod bench;
 pub mod containerd;
 pub mod containerd_config;

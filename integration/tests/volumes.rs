@@ -391,3 +391,83 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     leaks.assert_clean()?;
     Ok(())
 }
+
+/// A configMap laid out by kubelet's atomic writer, updated 100 times on the host: each
+/// version reaches the guest within 2 s as one swap (a watcher never reads keys of two
+/// versions). The volume is a guest tmpfs, where the agent's swap is one rename of
+/// `..data` that inotify reports as under runc (agent/src/volumes/synced.rs tests that;
+/// the test image's busybox has no inotifyd).
+#[test]
+fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
+    use spry_integration::atomic_writer;
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-cm-")
+        .tempdir_in("/run")?;
+    let sources = tempfile::Builder::new()
+        .prefix("spry-cm-src-")
+        .tempdir_in("/var/tmp")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let containerd =
+        Containerd::start(spry.register(ContainerdOptions::new("spry-cm").registry(&registry)))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let cfg = sources.path().join("volumes/kubernetes.io~configmap/cfg");
+    let out = sources.path().join("out");
+    std::fs::create_dir_all(&out)?;
+    atomic_writer::write_version(&cfg, "v0")?;
+    let pod_cfg = PodConfig::new("configmap").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let watcher = ContainerConfig::new("configmap-watcher", &image)
+        .command(&["sh", "-c", atomic_writer::WATCHER])
+        .mount(&cfg, "/cfg", true)
+        .mount(&out, "/out", false)
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &watcher, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    let mounts = run(&crictl, &ctr, &["cat", "/proc/mounts"])?;
+    ensure!(
+        mounts.lines().any(|l| l.contains(" /cfg tmpfs ")),
+        "/cfg is not a guest tmpfs: {mounts}"
+    );
+    let seen = out.join("seen");
+    let wait_for = |value: &str, limit: Duration| -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&seen).unwrap_or_default();
+            if text.lines().any(|l| l == value) {
+                return Ok(started.elapsed());
+            }
+            ensure!(started.elapsed() < limit, "{value} never reached the guest");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    wait_for("v0", Duration::from_secs(60))?;
+    let mut latencies = Vec::new();
+    for n in 1..=100 {
+        let value = format!("v{n}");
+        let started = Instant::now();
+        atomic_writer::write_version(&cfg, &value)?;
+        wait_for(&value, Duration::from_secs(10))?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    let (p50, max) = (
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1],
+    );
+    eprintln!("configMap update → guest: p50 {p50:?}, max {max:?}");
+    ensure!(max < Duration::from_secs(2), "an update took {max:?}");
+    let text = std::fs::read_to_string(&seen)?;
+    ensure!(
+        !text.lines().any(|l| l == "torn"),
+        "a reader saw two versions at once"
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks.assert_clean()?;
+    Ok(())
+}

@@ -78,9 +78,9 @@ impl AgentError {
                 | NetworkError::Sysctl { .. } => Code::INTERNAL,
             },
             AgentError::Volume { source } => match source {
-                VolumeError::BadSharePath { .. } | VolumeError::NoSource { .. } => {
-                    Code::INVALID_ARGUMENT
-                }
+                VolumeError::BadSharePath { .. }
+                | VolumeError::NoSource { .. }
+                | VolumeError::BadSnapshot { .. } => Code::INVALID_ARGUMENT,
                 VolumeError::NoShare { .. } => Code::FAILED_PRECONDITION,
                 VolumeError::Shm { .. } | VolumeError::Dir { .. } | VolumeError::Share(_) => {
                     Code::INTERNAL

@@ -387,6 +387,14 @@ impl Agent for AgentService {
         Ok(Empty::new())
     }
 
+    async fn sync_volume(&self, _ctx: &TtrpcContext, req: VolumeSnapshot) -> Reply<Empty> {
+        let volumes = self.volumes.lock().await;
+        let pod = volumes.as_ref().ok_or(AgentError::NoSandbox)?;
+        pod.sync(&req).map_err(AgentError::from)?;
+        tracing::debug!(volume = %req.id, version = %req.version, "synced volume swapped");
+        Ok(Empty::new())
+    }
+
     async fn get_oom_event(&self, _ctx: &TtrpcContext, _req: Empty) -> Reply<OomEvent> {
         let mut event = OomEvent::new();
         match self.containers.next_oom_event().await {

@@ -3,11 +3,12 @@
 //! resolution of a container's `VolumeMount`s to guest paths it bind-mounts.
 
 mod share;
+mod synced;
 
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
-use spry_proto::agent::{volume_mount, VolumeMount};
+use spry_proto::agent::{volume_mount, VolumeMount, VolumeSnapshot};
 
 pub use share::{mount_share, ShareError, SharePort, PORT_NAME};
 
@@ -36,6 +37,8 @@ pub enum VolumeError {
     NoShare { destination: String },
     #[error("volume at {destination} names no source")]
     NoSource { destination: String },
+    #[error("synced volume {id:?}: {what}")]
+    BadSnapshot { id: String, what: String },
 }
 
 /// A volume resolved to what the container bind-mounts.
@@ -53,6 +56,8 @@ pub struct ResolvedVolume {
 pub struct PodVolumes {
     shm: PathBuf,
     share: Option<PathBuf>,
+    /// Where synced volumes live (a tmpfs in a VM).
+    synced: PathBuf,
 }
 
 impl PodVolumes {
@@ -65,11 +70,25 @@ impl PodVolumes {
         mount_allowed: bool,
     ) -> Result<Self, VolumeError> {
         let shm = run_dir.join("shm");
-        std::fs::create_dir_all(&shm).map_err(|source| VolumeError::Dir {
-            path: shm.clone(),
-            source,
-        })?;
+        let synced = run_dir.join("volumes");
+        for dir in [&shm, &synced] {
+            std::fs::create_dir_all(dir).map_err(|source| VolumeError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
         if mount_allowed {
+            mount(
+                Some("volumes"),
+                &synced,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=0755"),
+            )
+            .map_err(|source| VolumeError::Shm {
+                target: synced.clone(),
+                source,
+            })?;
             let size = if shm_bytes == 0 {
                 DEFAULT_SHM_BYTES
             } else {
@@ -95,7 +114,12 @@ impl PodVolumes {
         } else {
             None
         };
-        Ok(Self { shm, share })
+        Ok(Self { shm, share, synced })
+    }
+
+    /// Applies a new version of a synced volume (SyncVolume).
+    pub fn sync(&self, snapshot: &VolumeSnapshot) -> Result<(), VolumeError> {
+        synced::apply(&self.synced, snapshot).map(drop)
     }
 
     /// Where each of `volumes` comes from in the guest.
@@ -118,6 +142,7 @@ impl PodVolumes {
                 )
             }
             Some(volume_mount::Source::PodShm(true)) => self.shm.clone(),
+            Some(volume_mount::Source::Synced(snapshot)) => synced::apply(&self.synced, snapshot)?,
             _ => return Err(VolumeError::NoSource { destination }),
         };
         let mut options = volume.options.clone();
@@ -158,6 +183,7 @@ mod tests {
         let volumes = PodVolumes {
             shm: dir.path().join("shm"),
             share: Some(dir.path().join("share")),
+            synced: dir.path().join("volumes"),
         };
         let resolved = volumes
             .resolve(&[share_volume("c1/0", &["ro", "nosuid"])])
@@ -182,6 +208,7 @@ mod tests {
         let volumes = PodVolumes {
             shm: "/run/spry/shm".into(),
             share: Some("/run/spry/share".into()),
+            synced: "/run/spry/volumes".into(),
         };
         for bad in ["", "/etc", "../etc", "c1/../../etc", "./c1"] {
             let err = volumes.resolve(&[share_volume(bad, &[])]).unwrap_err();
@@ -197,6 +224,7 @@ mod tests {
         let volumes = PodVolumes {
             shm: "/run/spry/shm".into(),
             share: None,
+            synced: "/run/spry/volumes".into(),
         };
         let err = volumes.resolve(&[share_volume("c1/0", &[])]).unwrap_err();
         assert!(matches!(err, VolumeError::NoShare { .. }));

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use spry_integration::atomic_writer;
 use spry_integration::bench::{percentile, round, round2, spry_accelerator, write_report};
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
@@ -29,14 +30,6 @@ struct Settings {
     files: usize,
     updates: usize,
 }
-
-/// The watcher: reports every configMap value it sees (and whether the two keys of one
-/// version disagreed: a torn read) into /out/seen.
-const WATCHER: &str = "last=; while true; do \
-    if cd /cfg/..data 2>/dev/null && read a < a && read b < b; then \
-      if [ \"$a\" != \"$b\" ]; then echo torn >> /out/seen; fi; \
-      if [ \"$a\" != \"$last\" ]; then echo \"$a\" >> /out/seen; last=$a; fi; \
-    fi; cd /; sleep 0.02; done";
 
 fn main() -> Result<()> {
     require_root()?;
@@ -168,11 +161,11 @@ impl<'a> VolumePod<'a> {
             std::fs::create_dir_all(dir)?;
         }
         let cfg = base.join("volumes/kubernetes.io~configmap/cfg");
-        atomic_write(&cfg, "v0")?;
+        atomic_writer::write_version(&cfg, "v0")?;
         let dir = containerd.dir();
         let pod_cfg = PodConfig::new(&format!("vol-{name}")).write_to(&dir)?;
         let ctr_cfg = ContainerConfig::new(&format!("vol-{name}-c"), image)
-            .command(&["sh", "-c", WATCHER])
+            .command(&["sh", "-c", atomic_writer::WATCHER])
             .mount(&base.join("hp"), "/hp", false)
             .mount(&empty_dir, "/ed", false)
             .mount(&cfg, "/cfg", true)
@@ -243,7 +236,7 @@ impl<'a> VolumePod<'a> {
         for n in 1..=updates {
             let value = format!("v{n}");
             let started = Instant::now();
-            atomic_write(&cfg, &value)?;
+            atomic_writer::write_version(&cfg, &value)?;
             wait_for_line(&seen, &value, Duration::from_secs(30))?;
             latencies.push(started.elapsed().as_secs_f64() * 1000.0);
             std::thread::sleep(Duration::from_millis(100));
@@ -289,39 +282,6 @@ impl<'a> VolumePod<'a> {
         self.crictl.stopp(&self.pod)?;
         self.crictl.rmp(&self.pod)
     }
-}
-
-/// kubelet's atomic writer, in short: the payload in a fresh `..<ts>` dir, `..data_tmp`
-/// pointing at it renamed over `..data`, user-visible names as symlinks into `..data`,
-/// the old dir removed.
-fn atomic_write(dir: &Path, value: &str) -> Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let stamp = format!(
-        "..{}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos()
-    );
-    let payload = dir.join(&stamp);
-    std::fs::create_dir(&payload)?;
-    // A trailing newline: the watcher's `read` fails on a last line without one.
-    std::fs::write(payload.join("a"), format!("{value}\n"))?;
-    std::fs::write(payload.join("b"), format!("{value}\n"))?;
-    let old = std::fs::read_link(dir.join("..data")).ok();
-    let tmp = dir.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&stamp, &tmp)?;
-    std::fs::rename(&tmp, dir.join("..data"))?;
-    for key in ["a", "b"] {
-        let link = dir.join(key);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{key}"), &link)?;
-        }
-    }
-    if let Some(old) = old {
-        std::fs::remove_dir_all(dir.join(old))?;
-    }
-    Ok(())
 }
 
 fn wait_for_line(file: &Path, line: &str, limit: Duration) -> Result<()> {

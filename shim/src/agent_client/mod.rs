@@ -183,6 +183,14 @@ impl AgentClient {
             .map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))
     }
 
+    pub async fn sync_volume(&self, snapshot: pb::VolumeSnapshot) -> Result<(), AgentError> {
+        self.inner
+            .sync_volume(control(), &snapshot)
+            .await
+            .map(drop)
+            .map_err(|e| AgentError::from_ttrpc("SyncVolume", e))
+    }
+
     pub async fn destroy_sandbox(&self) -> Result<(), AgentError> {
         self.inner
             .destroy_sandbox(control(), &pb::Empty::new())

@@ -24,7 +24,7 @@ use crate::agent_client::{
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
-use crate::volumes::{FileShare, FileShareConfig};
+use crate::volumes::{FileShare, FileShareConfig, VolumeWatches};
 
 pub use network::PodNetwork;
 pub use pod_vm::PodVm;
@@ -101,6 +101,7 @@ pub struct Sandbox {
     agent: AgentClient,
     rootfs: Arc<RootfsDisks>,
     share: Option<Arc<FileShare>>,
+    watches: Arc<VolumeWatches>,
     resources: PodResources,
 }
 
@@ -144,6 +145,8 @@ impl Sandbox {
             if let Some(share) = &share {
                 items.push(share.clone());
             }
+            let watches = Arc::new(VolumeWatches::default());
+            items.push(watches.clone());
             items.push(rootfs.clone());
             let resources = PodResources::new(items);
             let sandbox = Sandbox {
@@ -152,6 +155,7 @@ impl Sandbox {
                 agent,
                 rootfs,
                 share,
+                watches,
                 resources,
             };
             if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
@@ -181,8 +185,10 @@ impl Sandbox {
         &self.id
     }
 
-    /// Takes a container's volumes out of the pod's file share (the guest is done with them).
+    /// Takes a container's volumes out of the pod's file share and stops syncing its
+    /// synced volumes (the guest is done with them).
     async fn unexport_volumes(&self, container_id: &str) {
+        self.watches.stop(container_id).await;
         if let Some(share) = &self.share {
             share.unexport(container_id).await;
         }

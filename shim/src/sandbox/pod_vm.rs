@@ -96,6 +96,18 @@ impl PodVm for Sandbox {
         volumes: GuestVolumes,
     ) -> Result<(), SandboxError> {
         let mut mounts = volumes.guest;
+        let mut synced = Vec::new();
+        for (index, volume) in volumes.synced.iter().enumerate() {
+            let id = format!("{container_id}/s{index}");
+            let snapshot = crate::volumes::synced_snapshot(&volume.source, &id)?;
+            synced.push((id, volume.source.clone(), snapshot.version.clone()));
+            mounts.push(pb::VolumeMount {
+                destination: volume.destination.display().to_string(),
+                source: Some(pb::volume_mount::Source::Synced(snapshot)),
+                options: volume.options.clone(),
+                ..Default::default()
+            });
+        }
         if !volumes.shared.is_empty() {
             let share = self.share.as_ref().ok_or_else(|| {
                 SandboxError::Volume(crate::volumes::VolumeError::NoShare {
@@ -142,6 +154,9 @@ impl PodVm for Sandbox {
                 source,
             });
         }
+        self.watches
+            .watch(container_id, synced, self.agent.clone())
+            .await;
         Ok(())
     }
 

@@ -145,7 +145,9 @@ fn volume_code(error: &VolumeError) -> ttrpc::Code {
         VolumeError::Prepare { .. }
         | VolumeError::Bind { .. }
         | VolumeError::SpawnServer { .. }
-        | VolumeError::ServerFailed { .. } => Code::INTERNAL,
+        | VolumeError::ServerFailed { .. }
+        | VolumeError::Snapshot { .. }
+        | VolumeError::TooBig { .. } => Code::INTERNAL,
     }
 }
 

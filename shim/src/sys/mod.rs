@@ -84,6 +84,31 @@ pub fn configure_child(command: &mut tokio::process::Command, netns: ChildNetns)
     }
 }
 
+/// An inotify instance tokio can wait on.
+pub struct AsyncInotify(nix::sys::inotify::Inotify);
+
+impl AsRawFd for AsyncInotify {
+    fn as_raw_fd(&self) -> RawFd {
+        use std::os::fd::AsFd;
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+impl AsyncInotify {
+    pub fn inotify(&self) -> &nix::sys::inotify::Inotify {
+        &self.0
+    }
+}
+
+/// Registers a non-blocking inotify instance with tokio's reactor.
+pub fn register_inotify(
+    inotify: nix::sys::inotify::Inotify,
+) -> io::Result<tokio::io::unix::AsyncFd<AsyncInotify>> {
+    // SAFETY: the `AsyncFd` owns the inotify instance, so the descriptor stays open and
+    // is not reused while registered, and is deregistered before it is closed.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(AsyncInotify(inotify)) }?)
+}
+
 /// The (rows, cols) of the terminal behind `fd`, or None when it is not a
 /// terminal.
 pub fn terminal_size(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {

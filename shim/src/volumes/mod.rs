@@ -5,6 +5,9 @@
 //! - CRI's pod files (/etc/hosts, /etc/hostname, /etc/resolv.conf): small, written once
 //!   before the container starts: copied into the guest ([`GuestFile`]);
 //! - `/dev/shm`: the pod's shared memory, a tmpfs the agent keeps per pod in the guest;
+//! - kubelet's atomic-writer volumes (configMap, secret, projected, downwardAPI): copied
+//!   into the guest and every update replayed there as the same atomic swap, so guest
+//!   inotify fires (`synced.rs`);
 //! - anything else (hostPath, emptyDir, configMap, secret, projected, subPath, the
 //!   termination log): served live from the host through the pod's file share
 //!   (`share.rs`, FUSE in the guest over a virtio-serial port, `server.rs` on the host),
@@ -15,6 +18,7 @@
 
 pub mod server;
 mod share;
+mod synced;
 
 use std::path::{Path, PathBuf};
 
@@ -22,6 +26,7 @@ use oci_spec::runtime::{Mount, Spec};
 use spry_proto::agent::{volume_mount, GuestFile, VolumeMount};
 
 pub use share::{remove_staging, FileShare, FileShareConfig, READY_LINE};
+pub use synced::{snapshot as synced_snapshot, VolumeWatches};
 
 /// CRI's pod files, copied rather than shared: read at every name lookup, never written
 /// by the container, and rewritten by nobody once the container runs.
@@ -78,6 +83,14 @@ pub enum VolumeError {
     },
     #[error("the pod's file server did not start: {detail}")]
     ServerFailed { detail: String },
+    #[error("cannot read the synced volume at {path}")]
+    Snapshot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the synced volume at {path} holds more than {max} bytes", max = synced::MAX_SYNCED_BYTES)]
+    TooBig { path: PathBuf },
 }
 
 /// A host path the container mounts, served through the pod's file share.
@@ -97,6 +110,8 @@ pub struct SharedVolume {
 pub struct GuestVolumes {
     pub files: Vec<GuestFile>,
     pub shared: Vec<SharedVolume>,
+    /// kubelet atomic-writer volumes, copied and kept in sync (`source` is their dir).
+    pub synced: Vec<SharedVolume>,
     /// Mounts whose source is already in the guest (the pod's /dev/shm).
     pub guest: Vec<VolumeMount>,
 }
@@ -160,13 +175,18 @@ pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
                 what: "device, socket or pipe",
             });
         }
-        volumes.shared.push(SharedVolume {
+        let volume = SharedVolume {
             destination,
-            source: resolved,
             is_dir: meta.is_dir(),
             readonly,
             options,
-        });
+            source: resolved,
+        };
+        if volume.is_dir && synced::is_synced_source(&volume.source) {
+            volumes.synced.push(volume);
+        } else {
+            volumes.shared.push(volume);
+        }
     }
     *mounts = kept;
     Ok(volumes)

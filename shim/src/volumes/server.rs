@@ -14,7 +14,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fuse_backend_rs::abi::fuse_abi::FsOptions;
 use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -83,7 +85,7 @@ pub fn serve(dir: &Path, socket: &Path, ready: impl FnOnce()) -> Result<(), Serv
 }
 
 /// Enters a private mount namespace rooted at `dir` and opens the file system there.
-fn confine(dir: &Path) -> Result<PassthroughFs, ServerError> {
+fn confine(dir: &Path) -> Result<Vfs, ServerError> {
     let step = |step| move |source| ServerError::Confine { step, source };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(step("unshare"))?;
     // Slave: the shim's later binds into the share reach us; nothing we do reaches it.
@@ -96,14 +98,13 @@ fn confine(dir: &Path) -> Result<PassthroughFs, ServerError> {
     )
     .map_err(step("make / a slave"))?;
     // The passthrough file system needs /proc/self/fd: it opens it now, before /proc
-    // goes out of reach. Its root, "/", it opens at the guest's FUSE_INIT, after the pivot:
-    // the share.
+    // goes out of reach. Its root, "/", it opens after the pivot: the share.
     let config = Config {
         root_dir: "/".into(),
         cache_policy: CachePolicy::Auto,
         attr_timeout: CACHE_TIMEOUT,
         entry_timeout: CACHE_TIMEOUT,
-        do_import: true,
+        do_import: false,
         ..Default::default()
     };
     let fs = PassthroughFs::<()>::new(config).map_err(|source| ServerError::Open {
@@ -125,7 +126,37 @@ fn confine(dir: &Path) -> Result<PassthroughFs, ServerError> {
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root"))?;
     nix::unistd::chdir("/").map_err(step("chdir /"))?;
     nix::sys::prctl::set_no_new_privs().map_err(step("no_new_privs"))?;
-    Ok(fs)
+    let open = |source| ServerError::Open {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs.import().map_err(open)?;
+    // Served through the Vfs layer for the INIT options passthrough alone leaves out:
+    // big writes (1 MiB requests, not 4 KiB) and parallel, asynchronous requests. Left
+    // out here: anything that lets the guest cache past a host-side change (writeback,
+    // open-less files, cached symlinks).
+    let out_opts = VfsOptions::default().out_opts
+        - (FsOptions::WRITEBACK_CACHE
+            | FsOptions::ZERO_MESSAGE_OPEN
+            | FsOptions::ZERO_MESSAGE_OPENDIR
+            | FsOptions::CACHE_SYMLINKS
+            | FsOptions::EXPLICIT_INVAL_DATA
+            | FsOptions::PERFILE_DAX
+            | FsOptions::HANDLE_KILLPRIV_V2);
+    let vfs = Vfs::new(VfsOptions {
+        no_open: false,
+        no_opendir: false,
+        no_writeback: true,
+        killpriv_v2: false,
+        out_opts,
+        ..Default::default()
+    });
+    vfs.mount(Box::new(fs), "/")
+        .map_err(|e| ServerError::Open {
+            path: dir.to_path_buf(),
+            source: io::Error::other(e.to_string()),
+        })?;
+    Ok(vfs)
 }
 
 /// Reads one request into `buffer`; None when the VM hung up.
