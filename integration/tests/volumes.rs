@@ -204,24 +204,34 @@ fn glob_consoles(root: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
+/// A containerd with Spry's `spry` handler (templates on), `spry-cold` too when asked,
+/// and busybox pulled. Dropped in reverse order: containerd before its state and registry.
+fn start_node(name: &str, cold: bool) -> Result<(Registry, tempfile::TempDir, Containerd, String)> {
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix(&format!("{name}-"))
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let mut opts = spry.register(ContainerdOptions::new(name).registry(&registry));
+    if cold {
+        let variant = spry.variant("cold", "template = \"off\"")?;
+        opts = spry.register_variant(opts, "spry-cold", &variant);
+    }
+    let containerd = Containerd::start(opts)?;
+    let image = registry.image("busybox:1");
+    containerd.crictl().pull(&image)?;
+    Ok((registry, state, containerd, image))
+}
+
 #[test]
 fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
     require_root()?;
-    let registry = Registry::start()?;
-    let state = tempfile::Builder::new()
-        .prefix("spry-vol-")
-        .tempdir_in("/run")?;
     let sources = tempfile::Builder::new()
         .prefix("spry-vol-src-")
         .tempdir_in("/var/tmp")?;
-    let spry = SpryHandler::new(state.path(), "debug", None)?;
-    let cold = spry.variant("cold", "template = \"off\"")?;
-    let opts = spry.register(ContainerdOptions::new("spry-vol").registry(&registry));
-    let containerd = Containerd::start(spry.register_variant(opts, "spry-cold", &cold))?;
+    let (_registry, state, containerd, image) = start_node("spry-vol", true)?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
-    let image = registry.image("busybox:1");
-    crictl.pull(&image)?;
 
     check_pod(
         &containerd,
@@ -316,17 +326,9 @@ fn writable_layer_bytes(crictl: &Crictl, container: &str) -> Result<u64> {
 #[test]
 fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     require_root()?;
-    let registry = Registry::start()?;
-    let state = tempfile::Builder::new()
-        .prefix("spry-wl-")
-        .tempdir_in("/run")?;
-    let spry = SpryHandler::new(state.path(), "debug", None)?;
-    let containerd =
-        Containerd::start(spry.register(ContainerdOptions::new("spry-wl").registry(&registry)))?;
+    let (_registry, _state, containerd, image) = start_node("spry-wl", false)?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
-    let image = registry.image("busybox:1");
-    crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("writable").write_to(&containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, Some("spry"))?;
     let ctr_cfg = ContainerConfig::new("writable-a", &image)
@@ -401,20 +403,12 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
 fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
     use spry_integration::atomic_writer;
     require_root()?;
-    let registry = Registry::start()?;
-    let state = tempfile::Builder::new()
-        .prefix("spry-cm-")
-        .tempdir_in("/run")?;
     let sources = tempfile::Builder::new()
         .prefix("spry-cm-src-")
         .tempdir_in("/var/tmp")?;
-    let spry = SpryHandler::new(state.path(), "debug", None)?;
-    let containerd =
-        Containerd::start(spry.register(ContainerdOptions::new("spry-cm").registry(&registry)))?;
+    let (_registry, _state, containerd, image) = start_node("spry-cm", false)?;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
-    let image = registry.image("busybox:1");
-    crictl.pull(&image)?;
     let cfg = sources.path().join("volumes/kubernetes.io~configmap/cfg");
     let out = sources.path().join("out");
     std::fs::create_dir_all(&out)?;

@@ -123,7 +123,7 @@ fn main() -> Result<()> {
             "file_mib": settings.file_mib,
             "files": settings.files,
             "updates": settings.updates,
-            "spry_volumes": "file share: FUSE in the guest over virtio-serial, fuse-backend-rs passthrough on the host",
+            "spry_volumes": "hostPath and emptyDir through the file share (FUSE in the guest over virtio-serial, fuse-backend-rs passthrough on the host); configMap synced into a guest tmpfs",
         },
         "checks": checks,
         "runc": results["runc"],
@@ -163,8 +163,9 @@ impl<'a> VolumePod<'a> {
         let cfg = base.join("volumes/kubernetes.io~configmap/cfg");
         atomic_writer::write_version(&cfg, "v0")?;
         let dir = containerd.dir();
-        let pod_cfg = PodConfig::new(&format!("vol-{name}")).write_to(&dir)?;
-        let ctr_cfg = ContainerConfig::new(&format!("vol-{name}-c"), image)
+        let pod_name = format!("vol-{}", name.replace('_', "-"));
+        let pod_cfg = PodConfig::new(&pod_name).write_to(&dir)?;
+        let ctr_cfg = ContainerConfig::new(&format!("{pod_name}-c"), image)
             .command(&["sh", "-c", atomic_writer::WATCHER])
             .mount(&base.join("hp"), "/hp", false)
             .mount(&empty_dir, "/ed", false)
@@ -311,7 +312,7 @@ fn markdown(report: &Value) -> String {
     let mut md = String::from("# Pod volumes: runc vs Spry (cold) vs Spry (template)\n\n");
     md.push_str(&format!(
         "{} CPUs, accelerator {}; a {} MiB file, {} files of 1 KiB, {} configMap updates. \
-         Spry volumes: {}. Ratios are Spry ÷ runc (throughput) or Spry ÷ runc (time).\n\n",
+         Spry volumes: {}. × runc is Spry ÷ runc: under 1 is slower for throughput, over 1 is slower for times.\n\n",
         machine["cpus"],
         machine["accelerator"],
         machine["file_mib"],
