@@ -224,6 +224,9 @@ impl Agent for AgentService {
             .remove(&req.container_id)
             .await
             .map_err(AgentError::from)?;
+        if let Some(pod) = self.volumes.lock().await.as_ref() {
+            pod.forget(&req.container_id);
+        }
         Ok(Empty::new())
     }
 

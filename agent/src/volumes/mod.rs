@@ -117,6 +117,20 @@ impl PodVolumes {
         Ok(Self { shm, share, synced })
     }
 
+    /// Drops a removed container's synced volumes (guest RAM otherwise kept by every
+    /// container a crash-looping pod ever had).
+    pub fn forget(&self, container_id: &str) {
+        let Some(id) = relative_inside(container_id).filter(|p| p.components().count() == 1) else {
+            return;
+        };
+        let dir = self.synced.join(id);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove a container's synced volumes");
+            }
+        }
+    }
+
     /// Applies a new version of a synced volume (SyncVolume).
     pub fn sync(&self, snapshot: &VolumeSnapshot) -> Result<(), VolumeError> {
         synced::apply(&self.synced, snapshot).map(drop)
@@ -201,6 +215,28 @@ mod tests {
             volumes.resolve(&[shm]).unwrap()[0].source,
             dir.path().join("shm")
         );
+    }
+
+    #[test]
+    fn a_removed_containers_synced_volumes_go_and_no_other_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let volumes = PodVolumes {
+            shm: dir.path().join("shm"),
+            share: None,
+            synced: dir.path().join("volumes"),
+        };
+        let snapshot = VolumeSnapshot {
+            id: "c1/s0".into(),
+            version: "..v1".into(),
+            ..Default::default()
+        };
+        volumes.sync(&snapshot).unwrap();
+        assert!(dir.path().join("volumes/c1/s0/..data").exists());
+        volumes.forget("../shm");
+        volumes.forget("");
+        assert!(dir.path().join("volumes/c1").exists());
+        volumes.forget("c1");
+        assert!(!dir.path().join("volumes/c1").exists());
     }
 
     #[test]
