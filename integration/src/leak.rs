@@ -140,6 +140,16 @@ impl LeakCheck {
     }
 
     /// What exists now that did not before, one line per leak.
+    /// How many leaks there are now, each printed to stderr (benchmarks record the count
+    /// as a check).
+    pub fn count_printed(&self) -> Result<usize> {
+        let left = self.leaks()?;
+        for leak in &left {
+            eprintln!("leak: {leak}");
+        }
+        Ok(left.len())
+    }
+
     pub fn leaks(&self) -> Result<Vec<String>> {
         let now = self.snapshot()?;
         let before = &self.before;

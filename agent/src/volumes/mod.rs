@@ -120,7 +120,7 @@ impl PodVolumes {
     /// Drops a removed container's synced volumes (guest RAM otherwise kept by every
     /// container a crash-looping pod ever had).
     pub fn forget(&self, container_id: &str) {
-        let Some(id) = relative_inside(container_id).filter(|p| p.components().count() == 1) else {
+        let Some(id) = single_name(container_id) else {
             return;
         };
         let dir = self.synced.join(id);
@@ -172,10 +172,15 @@ impl PodVolumes {
 }
 
 /// `path` as a relative path of normal components only, or None.
-fn relative_inside(path: &str) -> Option<PathBuf> {
+fn relative_inside(path: &str) -> Option<&Path> {
     let path = Path::new(path);
     let normal = path.components().all(|c| matches!(c, Component::Normal(_)));
-    (normal && path.components().next().is_some()).then(|| path.to_path_buf())
+    (normal && path.components().next().is_some()).then_some(path)
+}
+
+/// `name` when it is one normal path component.
+fn single_name(name: &str) -> Option<&str> {
+    (relative_inside(name)?.components().count() == 1).then_some(name)
 }
 
 #[cfg(test)]

@@ -6,11 +6,11 @@
 //! volume see the same events as on the host.
 
 use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use spry_proto::agent::{snapshot_entry, VolumeSnapshot};
 
-use super::VolumeError;
+use super::{relative_inside as relative, single_name, VolumeError};
 
 const DATA: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
@@ -100,17 +100,6 @@ pub fn apply(root: &Path, snapshot: &VolumeSnapshot) -> Result<PathBuf, VolumeEr
         }
     }
     Ok(dir)
-}
-
-/// `path` as relative normal components only.
-fn relative(path: &str) -> Option<&Path> {
-    let p = Path::new(path);
-    let normal = p.components().all(|c| matches!(c, Component::Normal(_)));
-    (normal && p.components().next().is_some()).then_some(p)
-}
-
-fn single_name(name: &str) -> Option<&str> {
-    (relative(name)?.components().count() == 1).then_some(name)
 }
 
 #[cfg(test)]

@@ -352,13 +352,17 @@ mod tests {
         mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(path))
     }
 
-    /// Needs root (mounts).
-    #[test]
-    fn teardown_detaches_binds_and_never_deletes_the_users_data() {
+    fn require_root() {
         assert!(
             nix::unistd::Uid::effective().is_root(),
             "this test needs root"
         );
+    }
+
+    /// Needs root (mounts).
+    #[test]
+    fn teardown_detaches_binds_and_never_deletes_the_users_data() {
+        require_root();
         let root = tempfile::tempdir().unwrap();
         let data = root.path().join("data");
         std::fs::create_dir(&data).unwrap();
@@ -394,10 +398,7 @@ mod tests {
     /// share (as the file server's is) gets later binds read-only too.
     #[test]
     fn a_read_only_bind_reaches_a_slave_namespace_read_only() {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "this test needs root"
-        );
+        require_root();
         let root = tempfile::tempdir().unwrap();
         let data = root.path().join("data");
         std::fs::create_dir(&data).unwrap();
