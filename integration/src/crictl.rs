@@ -193,6 +193,17 @@ impl Crictl {
         self.exec_output(&args)
     }
 
+    /// ExecSync that must exit 0 (60 s limit): its stdout, trimmed.
+    pub fn exec_ok<S: AsRef<str> + std::fmt::Debug>(
+        &self,
+        container_id: &str,
+        argv: &[S],
+    ) -> Result<String> {
+        let out = self.exec_sync(container_id, argv, Duration::from_secs(60))?;
+        anyhow::ensure!(out.code == 0, "{argv:?}: {} {}", out.stdout, out.stderr);
+        Ok(out.stdout.trim().to_owned())
+    }
+
     fn exec_output(&self, args: &[String]) -> Result<ExecOutput> {
         let out = self.output(args)?;
         Ok(ExecOutput {

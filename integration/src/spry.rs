@@ -27,6 +27,7 @@ pub fn handler_with_config_toml(handler: &str, shim: &Path, config: &Path) -> St
     format!(
         "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}]\n\
          runtime_type = \"io.containerd.spry.v2\"\nruntime_path = \"{}\"\n\
+         privileged_without_host_devices = true\n\
          [plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.{handler}.options]\n\
          ConfigPath = \"{}\"\n",
         shim.display(),
@@ -106,5 +107,40 @@ impl SpryHandler {
             // PATH (runtime_path is not persisted); `spry install` puts it in /usr/local/bin.
             .path_prepend(self.shim.parent().expect("the shim is in a directory"))
             .env("SPRY_CONFIG", &self.config.display().to_string())
+    }
+}
+
+/// A containerd with Spry's `spry` handler (templates on), `spry-cold` (templates off)
+/// too when asked, and busybox pulled from a fresh registry. Fields drop in order:
+/// containerd before its state dir and the registry.
+pub struct SpryNode {
+    pub containerd: crate::Containerd,
+    pub state: tempfile::TempDir,
+    pub registry: crate::Registry,
+    /// busybox in the node's registry.
+    pub image: String,
+}
+
+impl SpryNode {
+    pub fn start(name: &str, cold: bool) -> Result<Self> {
+        let registry = crate::Registry::start()?;
+        let state = tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir_in("/run")?;
+        let spry = SpryHandler::new(state.path(), "debug", None)?;
+        let mut opts = spry.register(ContainerdOptions::new(name).registry(&registry));
+        if cold {
+            let variant = spry.variant("cold", "template = \"off\"")?;
+            opts = spry.register_variant(opts, "spry-cold", &variant);
+        }
+        let containerd = crate::Containerd::start(opts)?;
+        let image = registry.image("busybox:1");
+        containerd.crictl().pull(&image)?;
+        Ok(Self {
+            containerd,
+            state,
+            registry,
+            image,
+        })
     }
 }

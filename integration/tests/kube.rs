@@ -395,14 +395,18 @@ fn configmap(value: &str) -> String {
 fn pod_volumes(cluster: &Cluster, registry: &Registry) -> Result<()> {
     cluster.apply(&configmap("first"))?;
     let image = registry.image("busybox:1");
-    // Two containers: the sidecar shares the emptyDir; the main one also mounts the
-    // ConfigMap. The service-account token is kubelet's doing (automount).
+    // Two containers: the sidecar shares the emptyDir (and a subPath of it); the main one
+    // also mounts the ConfigMap and a memory emptyDir. The service-account token is
+    // kubelet's doing (automount).
     let extra = format!(
         "    volumeMounts:\n    - {{name: cfg, mountPath: /etc/cfg}}\n    \
-         - {{name: scratch, mountPath: /scratch}}\n  - name: side\n    image: {image}\n    \
+         - {{name: scratch, mountPath: /scratch}}\n    - {{name: mem, mountPath: /mem}}\n  \
+         - name: side\n    image: {image}\n    \
          command: [sleep, \"3600\"]\n    volumeMounts:\n    \
-         - {{name: scratch, mountPath: /scratch}}\n  volumes:\n  \
-         - {{name: cfg, configMap: {{name: spry-cfg}}}}\n  - {{name: scratch, emptyDir: {{}}}}\n"
+         - {{name: scratch, mountPath: /scratch}}\n    \
+         - {{name: scratch, mountPath: /logs, subPath: logs}}\n  volumes:\n  \
+         - {{name: cfg, configMap: {{name: spry-cfg}}}}\n  - {{name: scratch, emptyDir: {{}}}}\n  \
+         - {{name: mem, emptyDir: {{medium: Memory, sizeLimit: 16Mi}}}}\n"
     );
     cluster.apply(&spry_pod("volumes", &image, "sleep 3600", &extra))?;
     cluster.wait_for("pod/volumes", "condition=Ready", POD_READY)?;
@@ -425,6 +429,17 @@ fn pod_volumes(cluster: &Cluster, registry: &Registry) -> Result<()> {
     ensure!(exec("main", &["cat", "/etc/cfg/key"])? == "first");
     exec("main", &["sh", "-c", "echo from main > /scratch/note"])?;
     ensure!(exec("side", &["cat", "/scratch/note"])? == "from main");
+    // The emptyDir is the pod's guest disk; its subPath shows the same data.
+    let mounts = exec("side", &["cat", "/proc/mounts"])?;
+    ensure!(
+        mounts.lines().any(|l| l.contains(" /scratch ext4 ")),
+        "/scratch is not the pod's emptyDir disk: {mounts}"
+    );
+    exec("main", &["sh", "-c", "echo in logs > /scratch/logs/l"])?;
+    ensure!(exec("side", &["cat", "/logs/l"])? == "in logs");
+    // medium: Memory with sizeLimit: a guest tmpfs of that size.
+    let df = exec("main", &["df", "-k", "/mem"])?;
+    ensure!(df.contains("16384"), "/mem is not a 16 MiB tmpfs: {df}");
     // kubelet rewrites the volume (its atomic writer) within its sync period (10 s here).
     cluster.apply(&configmap("second"))?;
     let started = Instant::now();

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::{
-    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
-    SpryHandler,
+    require_root, spry::SpryNode, ContainerConfig, Containerd, Crictl, PodConfig,
 };
 
 /// Host-side volume sources of one pod, as kubelet would lay them out.
@@ -46,9 +45,7 @@ fn host_volumes(root: &Path, pod: &str) -> Result<HostVolumes> {
 }
 
 fn run(crictl: &Crictl, container: &str, argv: &[&str]) -> Result<String> {
-    let out = crictl.exec_sync(container, argv, Duration::from_secs(60))?;
-    ensure!(out.code == 0, "{argv:?}: {} {}", out.stdout, out.stderr);
-    Ok(out.stdout.trim().to_owned())
+    crictl.exec_ok(container, argv)
 }
 
 /// Waits up to `limit` for `argv` to print `want` in the container.
@@ -204,37 +201,20 @@ fn glob_consoles(root: &Path) -> Vec<std::path::PathBuf> {
     found
 }
 
-/// A containerd with Spry's `spry` handler (templates on), `spry-cold` too when asked,
-/// and busybox pulled. Dropped in reverse order: containerd before its state and registry.
-fn start_node(name: &str, cold: bool) -> Result<(Registry, tempfile::TempDir, Containerd, String)> {
-    let registry = Registry::start()?;
-    let state = tempfile::Builder::new()
-        .prefix(&format!("{name}-"))
-        .tempdir_in("/run")?;
-    let spry = SpryHandler::new(state.path(), "debug", None)?;
-    let mut opts = spry.register(ContainerdOptions::new(name).registry(&registry));
-    if cold {
-        let variant = spry.variant("cold", "template = \"off\"")?;
-        opts = spry.register_variant(opts, "spry-cold", &variant);
-    }
-    let containerd = Containerd::start(opts)?;
-    let image = registry.image("busybox:1");
-    containerd.crictl().pull(&image)?;
-    Ok((registry, state, containerd, image))
-}
-
 #[test]
 fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
     require_root()?;
     let sources = tempfile::Builder::new()
         .prefix("spry-vol-src-")
         .tempdir_in("/var/tmp")?;
-    let (_registry, state, containerd, image) = start_node("spry-vol", true)?;
+    let node = SpryNode::start("spry-vol", true)?;
+    let (containerd, image) = (&node.containerd, node.image.clone());
+    let state = &node.state;
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
 
     check_pod(
-        &containerd,
+        containerd,
         &crictl,
         &image,
         "spry-cold",
@@ -242,7 +222,7 @@ fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
         state.path(),
     )?;
     check_pod(
-        &containerd,
+        containerd,
         &crictl,
         &image,
         "spry",
@@ -326,7 +306,8 @@ fn writable_layer_bytes(crictl: &Crictl, container: &str) -> Result<u64> {
 #[test]
 fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     require_root()?;
-    let (_registry, _state, containerd, image) = start_node("spry-wl", false)?;
+    let node = SpryNode::start("spry-wl", false)?;
+    let (containerd, image) = (&node.containerd, node.image.clone());
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
     let pod_cfg = PodConfig::new("writable").write_to(&containerd.dir())?;
@@ -406,7 +387,8 @@ fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
     let sources = tempfile::Builder::new()
         .prefix("spry-cm-src-")
         .tempdir_in("/var/tmp")?;
-    let (_registry, _state, containerd, image) = start_node("spry-cm", false)?;
+    let node = SpryNode::start("spry-cm", false)?;
+    let (containerd, image) = (&node.containerd, node.image.clone());
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
     let cfg = sources.path().join("volumes/kubernetes.io~configmap/cfg");

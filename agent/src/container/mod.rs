@@ -33,7 +33,7 @@ use stdio::ProcessIo;
 pub use stdio::StdioError;
 
 use crate::storage::{MountedRootfs, StorageManager};
-use crate::volumes::ResolvedVolume;
+use crate::volumes::{GuestDevice, ResolvedVolume};
 
 /// How often memory.events is read for new OOM kills where it cannot be watched.
 const OOM_POLL: Duration = Duration::from_millis(100);
@@ -242,6 +242,7 @@ impl ContainerManager {
                     resolv_conf: pod.resolv_conf,
                     files: &file_mounts,
                     volumes: pod.volumes,
+                    devices: pod.devices,
                 },
             )
             .await
@@ -312,6 +313,7 @@ impl ContainerManager {
                 resolv_conf: extra.resolv_conf,
                 files: extra.files,
                 volumes: extra.volumes,
+                devices: extra.devices,
             },
         )
         .map_err(spec_err)?;
@@ -681,6 +683,8 @@ pub struct PodMounts<'a> {
     pub files: &'a [GuestFile],
     /// The pod's volumes this container mounts.
     pub volumes: &'a [ResolvedVolume],
+    /// Host block devices plugged for this container.
+    pub devices: &'a [GuestDevice],
 }
 
 struct ExtraMounts<'a> {
@@ -690,6 +694,8 @@ struct ExtraMounts<'a> {
     files: &'a [(PathBuf, PathBuf, bool)],
     /// The pod's volumes this container mounts.
     volumes: &'a [ResolvedVolume],
+    /// Host block devices plugged for this container.
+    devices: &'a [GuestDevice],
 }
 
 /// Writes the files copied from the host under `<dir>/files/`; returns their mounts as

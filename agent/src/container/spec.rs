@@ -3,9 +3,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::volumes::ResolvedVolume;
+use crate::volumes::{GuestDevice, ResolvedVolume};
 use oci_spec::runtime::{
-    LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Process, RootBuilder, Spec,
+    Linux, LinuxDeviceType, LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Process,
+    RootBuilder, Spec,
 };
 
 /// Errors in a container spec or process.
@@ -66,6 +67,8 @@ pub struct GuestSettings<'a> {
     pub files: &'a [(PathBuf, PathBuf, bool)],
     /// The pod's volumes, bind-mounted at their destination.
     pub volumes: &'a [ResolvedVolume],
+    /// Host block devices plugged into the VM: the spec's entries get the guest's numbers.
+    pub devices: &'a [GuestDevice],
 }
 
 /// Parses config.json and adapts it to the guest:
@@ -97,6 +100,7 @@ pub fn prepare_container_spec(
     linux.set_cgroups_path(Some(settings.cgroups_path.to_path_buf()));
     let namespaces = guest_namespaces(linux.namespaces().as_deref().unwrap_or_default())?;
     linux.set_namespaces(Some(namespaces));
+    renumber_devices(linux, settings.devices);
     for (destination, source, readonly) in settings.files {
         let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
         if *readonly {
@@ -151,6 +155,42 @@ fn guest_namespaces(requested: &[LinuxNamespace]) -> Result<Vec<LinuxNamespace>,
         kept.push(mount);
     }
     Ok(kept)
+}
+
+/// Gives each plugged block device's spec entry, and the device cgroup rules naming its
+/// host numbers, the guest disk's numbers (the host's mean another device, or none, here).
+fn renumber_devices(linux: &mut Linux, devices: &[GuestDevice]) {
+    if devices.is_empty() {
+        return;
+    }
+    if let Some(entries) = linux.devices_mut() {
+        for entry in entries.iter_mut() {
+            let plugged = devices.iter().find(|d| {
+                entry.typ() == LinuxDeviceType::B
+                    && entry.path() == &d.path
+                    && (entry.major(), entry.minor()) == (d.host.0 as i64, d.host.1 as i64)
+            });
+            if let Some(device) = plugged {
+                entry.set_major(device.guest.0 as i64);
+                entry.set_minor(device.guest.1 as i64);
+            }
+        }
+    }
+    let rules = linux
+        .resources_mut()
+        .as_mut()
+        .and_then(|r| r.devices_mut().as_mut());
+    for rule in rules.into_iter().flatten() {
+        let host = (rule.major(), rule.minor());
+        let plugged = devices.iter().find(|d| {
+            rule.typ() == Some(LinuxDeviceType::B)
+                && host == (Some(d.host.0 as i64), Some(d.host.1 as i64))
+        });
+        if let Some(device) = plugged {
+            rule.set_major(Some(device.guest.0 as i64));
+            rule.set_minor(Some(device.guest.1 as i64));
+        }
+    }
 }
 
 /// Bind-mounts a guest path (a file copied from the host, a volume), replacing whatever the
@@ -333,7 +373,42 @@ mod tests {
             resolv_conf: Some(Path::new("/run/spry/sandbox/resolv.conf")),
             files: &[],
             volumes: &[],
+            devices: &[],
         }
+    }
+
+    #[test]
+    fn plugged_block_devices_get_the_guest_numbers_in_entries_and_rules() {
+        let json = br#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"x"},
+            "linux":{"devices":[{"path":"/dev/xvda","type":"b","major":7,"minor":3},
+                                {"path":"/dev/fuse","type":"c","major":10,"minor":229}],
+                     "resources":{"devices":[{"allow":false,"access":"rwm"},
+                                             {"allow":true,"type":"b","major":7,"minor":3,"access":"rwm"},
+                                             {"allow":true,"type":"b","major":7,"minor":4,"access":"r"}]}}}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let devices = [GuestDevice {
+            path: "/dev/xvda".into(),
+            host: (7, 3),
+            guest: (8, 16),
+        }];
+        let mut s = settings(dir.path());
+        s.devices = &devices;
+        let spec = prepare_container_spec(json, &s).unwrap();
+        let linux = spec.linux().as_ref().unwrap();
+        let entries = linux.devices().as_ref().unwrap();
+        assert_eq!((entries[0].major(), entries[0].minor()), (8, 16));
+        assert_eq!((entries[1].major(), entries[1].minor()), (10, 229));
+        let rules = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .as_ref()
+            .unwrap();
+        assert_eq!((rules[1].major(), rules[1].minor()), (Some(8), Some(16)));
+        // Another host device's rule is left alone, as is the deny-all.
+        assert_eq!((rules[2].major(), rules[2].minor()), (Some(7), Some(4)));
+        assert_eq!(rules[0].major(), None);
     }
 
     #[test]

@@ -80,11 +80,20 @@ impl AgentError {
             AgentError::Volume { source } => match source {
                 VolumeError::BadSharePath { .. }
                 | VolumeError::NoSource { .. }
-                | VolumeError::BadSnapshot { .. } => Code::INVALID_ARGUMENT,
+                | VolumeError::BadSnapshot { .. }
+                | VolumeError::BadPodVolume { .. }
+                | VolumeError::BadBlockDevice { .. } => Code::INVALID_ARGUMENT,
                 VolumeError::NoShare { .. } => Code::FAILED_PRECONDITION,
-                VolumeError::Shm { .. } | VolumeError::Dir { .. } | VolumeError::Share(_) => {
-                    Code::INTERNAL
+                VolumeError::PodDisk { source, .. } | VolumeError::BlockDevice { source, .. } => {
+                    match source {
+                        StorageError::DiskNotFound { .. } => Code::NOT_FOUND,
+                        _ => Code::INTERNAL,
+                    }
                 }
+                VolumeError::Shm { .. }
+                | VolumeError::Dir { .. }
+                | VolumeError::Share(_)
+                | VolumeError::Tmpfs { .. } => Code::INTERNAL,
             },
             AgentError::Container { source } => container_code(source),
         }

@@ -188,8 +188,16 @@ impl Agent for AgentService {
         req: CreateContainerRequest,
     ) -> Reply<Empty> {
         let resolv_conf = self.resolv_conf().await?;
-        let volumes = match self.volumes.lock().await.as_ref() {
-            Some(pod) => pod.resolve(&req.volumes).map_err(AgentError::from)?,
+        let storage = self.containers.storage();
+        let (volumes, devices) = match self.volumes.lock().await.as_mut() {
+            Some(pod) => (
+                pod.resolve(&req.volumes, storage)
+                    .await
+                    .map_err(AgentError::from)?,
+                pod.block_devices(&req.block_devices, storage)
+                    .await
+                    .map_err(AgentError::from)?,
+            ),
             None => return Err(AgentError::NoSandbox.into()),
         };
         let stdio = req.stdio.clone().unwrap_or_default();
@@ -204,6 +212,7 @@ impl Agent for AgentService {
                     resolv_conf: resolv_conf.as_deref(),
                     files: &req.files,
                     volumes: &volumes,
+                    devices: &devices,
                 },
             )
             .await

@@ -11,7 +11,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use spry_proto::agent::{storage::Source, Rootfs, Storage};
+use spry_proto::agent::{storage::Source, Rootfs, ScsiDisk, Storage};
 use tokio::sync::Mutex;
 
 pub use scsi::SysfsPaths;
@@ -274,6 +274,28 @@ impl StorageManager {
                 other => return other,
             }
         }
+    }
+
+    /// Mounts a pod volume's disk at `target` for the pod's life (it goes with the VM, so
+    /// nothing tracks it).
+    pub async fn mount_pod_disk(
+        &self,
+        storage: &Storage,
+        target: &Path,
+    ) -> Result<(), StorageError> {
+        let mut mounted = MountedRootfs::default();
+        let result = self.mount_disk(storage, target, false, &mut mounted).await;
+        if result.is_err() {
+            if let Err(e) = self.unmount(&mut mounted) {
+                tracing::warn!(target = %target.display(), error = %e, "cleaning up a failed pod disk mount");
+            }
+        }
+        result
+    }
+
+    /// The guest's node of a hot-plugged disk, once it appears.
+    pub async fn disk_node(&self, disk: &ScsiDisk) -> Result<PathBuf, StorageError> {
+        scsi::wait_for_disk(&self.sysfs, disk.target, disk.lun).await
     }
 
     /// Unmounts and removes what [`StorageManager::mount`] made, in reverse order. Keeps going

@@ -2,15 +2,21 @@
 //! served by the shim over FUSE, see `share.rs`), set up once per sandbox, and the
 //! resolution of a container's `VolumeMount`s to guest paths it bind-mounts.
 
+mod devices;
+mod pod_local;
 mod share;
 mod synced;
 
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
-use spry_proto::agent::{volume_mount, VolumeMount, VolumeSnapshot};
+use spry_proto::agent::{volume_mount, BlockDevice, VolumeMount, VolumeSnapshot};
 
+pub use devices::GuestDevice;
+use pod_local::PodLocal;
 pub use share::{mount_share, ShareError, SharePort, PORT_NAME};
+
+use crate::storage::{StorageError, StorageManager};
 
 /// containerd's default /dev/shm size, used when the host does not say.
 const DEFAULT_SHM_BYTES: u64 = 64 << 20;
@@ -39,6 +45,16 @@ pub enum VolumeError {
     NoSource { destination: String },
     #[error("synced volume {id:?}: {what}")]
     BadSnapshot { id: String, what: String },
+    #[error("pod volume at {destination}: bad {what}")]
+    BadPodVolume { destination: String, what: String },
+    #[error("cannot mount the disk of pod volume {id}")]
+    PodDisk { id: String, source: StorageError },
+    #[error("cannot mount a tmpfs at {target}")]
+    Tmpfs { target: PathBuf, source: nix::Error },
+    #[error("block device {path}: {what}")]
+    BadBlockDevice { path: String, what: String },
+    #[error("the disk of block device {path} did not appear")]
+    BlockDevice { path: String, source: StorageError },
 }
 
 /// A volume resolved to what the container bind-mounts.
@@ -52,12 +68,14 @@ pub struct ResolvedVolume {
 }
 
 /// The pod's volume roots in this VM.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PodVolumes {
     shm: PathBuf,
     share: Option<PathBuf>,
     /// Where synced volumes live (a tmpfs in a VM).
     synced: PathBuf,
+    /// emptyDirs kept in the guest.
+    local: PodLocal,
 }
 
 impl PodVolumes {
@@ -114,7 +132,13 @@ impl PodVolumes {
         } else {
             None
         };
-        Ok(Self { shm, share, synced })
+        let local = PodLocal::new(run_dir.join("pod-volumes"), mount_allowed);
+        Ok(Self {
+            shm,
+            share,
+            synced,
+            local,
+        })
     }
 
     /// Drops a removed container's synced volumes (guest RAM otherwise kept by every
@@ -136,12 +160,34 @@ impl PodVolumes {
         synced::apply(&self.synced, snapshot).map(drop)
     }
 
-    /// Where each of `volumes` comes from in the guest.
-    pub fn resolve(&self, volumes: &[VolumeMount]) -> Result<Vec<ResolvedVolume>, VolumeError> {
-        volumes.iter().map(|v| self.resolve_one(v)).collect()
+    /// Where each of `volumes` comes from in the guest (making the pod volumes they are
+    /// the first to mount).
+    pub async fn resolve(
+        &mut self,
+        volumes: &[VolumeMount],
+        storage: &StorageManager,
+    ) -> Result<Vec<ResolvedVolume>, VolumeError> {
+        let mut resolved = Vec::with_capacity(volumes.len());
+        for volume in volumes {
+            resolved.push(self.resolve_one(volume, storage).await?);
+        }
+        Ok(resolved)
     }
 
-    fn resolve_one(&self, volume: &VolumeMount) -> Result<ResolvedVolume, VolumeError> {
+    /// The guest's numbers for a container's block devices.
+    pub async fn block_devices(
+        &self,
+        devices: &[BlockDevice],
+        storage: &StorageManager,
+    ) -> Result<Vec<GuestDevice>, VolumeError> {
+        devices::resolve(storage, devices).await
+    }
+
+    async fn resolve_one(
+        &mut self,
+        volume: &VolumeMount,
+        storage: &StorageManager,
+    ) -> Result<ResolvedVolume, VolumeError> {
         let destination = volume.destination.clone();
         let source = match &volume.source {
             Some(volume_mount::Source::SharePath(path)) => {
@@ -157,6 +203,11 @@ impl PodVolumes {
             }
             Some(volume_mount::Source::PodShm(true)) => self.shm.clone(),
             Some(volume_mount::Source::Synced(snapshot)) => synced::apply(&self.synced, snapshot)?,
+            Some(volume_mount::Source::PodVolume(pod_volume)) => {
+                self.local
+                    .resolve(&destination, pod_volume, storage)
+                    .await?
+            }
             _ => return Err(VolumeError::NoSource { destination }),
         };
         let mut options = volume.options.clone();
@@ -196,16 +247,33 @@ mod tests {
         }
     }
 
-    #[test]
-    fn share_paths_resolve_under_the_share_and_get_a_bind() {
+    fn storage() -> StorageManager {
+        StorageManager::new(
+            Path::new("/nonexistent"),
+            crate::storage::SharedFs::HostDir("/nonexistent".into()),
+        )
+    }
+
+    fn pod_volumes(shm: PathBuf, share: Option<PathBuf>, synced: PathBuf) -> PodVolumes {
+        PodVolumes {
+            local: PodLocal::new(synced.join("local"), false),
+            shm,
+            share,
+            synced,
+        }
+    }
+
+    #[tokio::test]
+    async fn share_paths_resolve_under_the_share_and_get_a_bind() {
         let dir = tempfile::tempdir().unwrap();
-        let volumes = PodVolumes {
-            shm: dir.path().join("shm"),
-            share: Some(dir.path().join("share")),
-            synced: dir.path().join("volumes"),
-        };
+        let mut volumes = pod_volumes(
+            dir.path().join("shm"),
+            Some(dir.path().join("share")),
+            dir.path().join("volumes"),
+        );
         let resolved = volumes
-            .resolve(&[share_volume("c1/0", &["ro", "nosuid"])])
+            .resolve(&[share_volume("c1/0", &["ro", "nosuid"])], &storage())
+            .await
             .unwrap();
         assert_eq!(resolved[0].source, dir.path().join("share/c1/0"));
         assert_eq!(resolved[0].destination, Path::new("/data"));
@@ -217,7 +285,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            volumes.resolve(&[shm]).unwrap()[0].source,
+            volumes.resolve(&[shm], &storage()).await.unwrap()[0].source,
             dir.path().join("shm")
         );
     }
@@ -225,11 +293,7 @@ mod tests {
     #[test]
     fn a_removed_containers_synced_volumes_go_and_no_other_path() {
         let dir = tempfile::tempdir().unwrap();
-        let volumes = PodVolumes {
-            shm: dir.path().join("shm"),
-            share: None,
-            synced: dir.path().join("volumes"),
-        };
+        let volumes = pod_volumes(dir.path().join("shm"), None, dir.path().join("volumes"));
         let snapshot = VolumeSnapshot {
             id: "c1/s0".into(),
             version: "..v1".into(),
@@ -244,15 +308,18 @@ mod tests {
         assert!(!dir.path().join("volumes/c1").exists());
     }
 
-    #[test]
-    fn share_paths_cannot_leave_the_share() {
-        let volumes = PodVolumes {
-            shm: "/run/spry/shm".into(),
-            share: Some("/run/spry/share".into()),
-            synced: "/run/spry/volumes".into(),
-        };
+    #[tokio::test]
+    async fn share_paths_cannot_leave_the_share() {
+        let mut volumes = pod_volumes(
+            "/run/spry/shm".into(),
+            Some("/run/spry/share".into()),
+            "/run/spry/volumes".into(),
+        );
         for bad in ["", "/etc", "../etc", "c1/../../etc", "./c1"] {
-            let err = volumes.resolve(&[share_volume(bad, &[])]).unwrap_err();
+            let err = volumes
+                .resolve(&[share_volume(bad, &[])], &storage())
+                .await
+                .unwrap_err();
             assert!(
                 matches!(err, VolumeError::BadSharePath { .. }),
                 "{bad:?}: {err}"
@@ -260,20 +327,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_share_volume_without_a_share_or_a_source_is_refused() {
-        let volumes = PodVolumes {
-            shm: "/run/spry/shm".into(),
-            share: None,
-            synced: "/run/spry/volumes".into(),
-        };
-        let err = volumes.resolve(&[share_volume("c1/0", &[])]).unwrap_err();
+    #[tokio::test]
+    async fn a_share_volume_without_a_share_or_a_source_is_refused() {
+        let mut volumes = pod_volumes("/run/spry/shm".into(), None, "/run/spry/volumes".into());
+        let err = volumes
+            .resolve(&[share_volume("c1/0", &[])], &storage())
+            .await
+            .unwrap_err();
         assert!(matches!(err, VolumeError::NoShare { .. }));
         let empty = VolumeMount {
             destination: "/x".into(),
             ..Default::default()
         };
-        let err = volumes.resolve(&[empty]).unwrap_err();
+        let err = volumes.resolve(&[empty], &storage()).await.unwrap_err();
         assert!(matches!(err, VolumeError::NoSource { .. }));
     }
 }

@@ -2,7 +2,9 @@
 //! from a VM template ("spry_template"), in the same run, each on a hostPath directory and
 //! an emptyDir (a directory laid out where kubelet keeps emptyDirs):
 //! - `seq_write_mib_s` / `seq_read_mib_s`: one file of `--file-mib` MiB (dd, 1 MiB blocks,
-//!   fsync on write; host page cache dropped before the read);
+//!   fsync on write; host page cache dropped before the read; the emptyDir read is
+//!   O_DIRECT for every runtime, since Spry keeps that volume on a guest disk whose page
+//!   cache is the guest's, which the host cannot drop);
 //! - `small_files_s`: create, stat and read back `--files` files of 1 KiB;
 //! - `configmap_update_p50_ms`: a configMap volume laid out as kubelet's atomic writer does
 //!   (`..<ts>/` dirs, `..data` symlink swapped by rename), updated `--updates` times; from
@@ -77,8 +79,8 @@ fn main() -> Result<()> {
     ] {
         let pod = VolumePod::start(&containerd, &crictl, &image, key, handler, sources.path())?;
         let mut result = serde_json::Map::new();
-        for (volume, dir) in [("host_path", "/hp"), ("empty_dir", "/ed")] {
-            let (write, read) = pod.sequential(dir, settings.file_mib)?;
+        for (volume, dir, direct) in [("host_path", "/hp", false), ("empty_dir", "/ed", true)] {
+            let (write, read) = pod.sequential(dir, settings.file_mib, direct)?;
             let small = pod.small_files(dir, settings.files)?;
             eprintln!("{key} {volume}: write {write:.1} MiB/s, read {read:.1} MiB/s, small files {small:.2} s");
             result.insert(
@@ -119,7 +121,7 @@ fn main() -> Result<()> {
             "file_mib": settings.file_mib,
             "files": settings.files,
             "updates": settings.updates,
-            "spry_volumes": "hostPath and emptyDir through the file share (FUSE in the guest over virtio-serial, fuse-backend-rs passthrough on the host); configMap synced into a guest tmpfs",
+            "spry_volumes": "hostPath through the file share (FUSE in the guest over virtio-serial, fuse-backend-rs passthrough on the host); emptyDir on the pod's guest ext4 disk (a sparse image in kubelet's emptyDir dir); configMap synced into a guest tmpfs",
         },
         "checks": checks,
         "runc": results["runc"],
@@ -203,12 +205,16 @@ impl<'a> VolumePod<'a> {
         Ok(ms.max(1.0) / 1000.0)
     }
 
-    fn sequential(&self, dir: &str, mib: u64) -> Result<(f64, f64)> {
+    /// Write then read MiB/s of one `mib` MiB file; `direct`: read with O_DIRECT.
+    fn sequential(&self, dir: &str, mib: u64, direct: bool) -> Result<(f64, f64)> {
         let write = self.seconds(&format!(
             "dd if=/dev/zero of={dir}/big bs=1M count={mib} conv=fsync 2>/dev/null"
         ))?;
         drop_host_caches()?;
-        let read = self.seconds(&format!("dd if={dir}/big of=/dev/null bs=1M 2>/dev/null"))?;
+        let flag = if direct { "iflag=direct" } else { "" };
+        let read = self.seconds(&format!(
+            "dd if={dir}/big of=/dev/null bs=1M {flag} 2>/dev/null"
+        ))?;
         self.timed(&format!("rm {dir}/big"))?;
         Ok((mib as f64 / write, mib as f64 / read))
     }
@@ -272,6 +278,18 @@ impl<'a> VolumePod<'a> {
                 .join("volumes/kubernetes.io~configmap/cfg/intruder")
                 .exists();
         checks.insert(format!("{key}_readonly_enforced"), json!(blocked));
+        // The emptyDir is the guest disk: ext4 in the guest, only its image on the host.
+        let mounts = self.crictl.exec_sync(
+            &self.container,
+            &["cat", "/proc/mounts"],
+            Duration::from_secs(60),
+        )?;
+        self.timed("echo x > /ed/in-guest")?;
+        let empty_dir = self.base.join("volumes/kubernetes.io~empty-dir/scratch");
+        let on_disk = mounts.stdout.lines().any(|l| l.contains(" /ed ext4 "))
+            && !empty_dir.join("in-guest").exists()
+            && empty_dir.join(".spry-empty-dir.img").is_file();
+        checks.insert(format!("{key}_empty_dir_on_guest_disk"), json!(on_disk));
         Ok(())
     }
 

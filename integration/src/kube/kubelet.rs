@@ -16,8 +16,9 @@ pub struct KubeletSettings<'a> {
 }
 
 /// A `KubeletConfiguration` for a throwaway node: cgroupfs (containerd's runc default), swap
-/// and cgroup v1 tolerated, no iptables chains, no image GC and near-zero eviction
-/// thresholds (a test machine's disk is not the cluster's business), anonymous read access
+/// and cgroup v1 tolerated, no iptables chains, no image GC and no disk eviction (as kind
+/// does: a test machine's shared disk can dip under any percentage while a test runs, and a
+/// node tainted `disk-pressure` schedules nothing, so every later test would time out), anonymous read access
 /// for the apiserver's logs/exec proxying, and every path it writes under our dirs where the
 /// kubelet lets us choose.
 pub fn config_yaml(s: &KubeletSettings) -> String {
@@ -52,9 +53,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard:
   memory.available: "50Mi"
-  nodefs.available: "1%"
-  nodefs.inodesFree: "1%"
-  imagefs.available: "1%"
+  nodefs.available: "0%"
+  nodefs.inodesFree: "0%"
+  imagefs.available: "0%"
 clusterDomain: cluster.local
 syncFrequency: 10s
 fileCheckFrequency: 10s

@@ -124,6 +124,10 @@ pub fn add_handler(
         })?;
     runtime["runtime_type"] = value(RUNTIME_TYPE);
     runtime["runtime_path"] = value(settings.shim_path.display().to_string());
+    // A privileged pod gets the host's devices only when it asks for them: otherwise CRI
+    // lists every host device, and each block device (the node's own disks) would be
+    // plugged into the pod's VM (Kata recommends the same setting).
+    runtime["privileged_without_host_devices"] = value(true);
     let options = runtime
         .entry("options")
         .or_insert(Item::Table(Table::new()));
@@ -190,6 +194,10 @@ mod tests {
         let spry =
             &parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"]["spry"];
         assert_eq!(spry["runtime_type"].as_str(), Some(RUNTIME_TYPE));
+        assert_eq!(
+            spry["privileged_without_host_devices"].as_bool(),
+            Some(true)
+        );
         assert_eq!(
             spry["options"]["ConfigPath"].as_str(),
             Some("/etc/spry/config.toml")

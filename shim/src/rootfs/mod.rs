@@ -23,7 +23,9 @@ use crate::vm::{ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, LayerCache};
 pub use erofs::ErofsError;
-pub use writable::{WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES};
+pub use writable::{
+    create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
+};
 
 /// Failure to share a rootfs with the VM.
 #[derive(Debug, thiserror::Error)]
@@ -255,7 +257,7 @@ impl ErofsBlockShare {
                 self.work_dir.join(format!("{container_id}.rw.img"))
             }
         };
-        writable::create_image(&path, WRITABLE_LAYER_BYTES).await?;
+        writable::create_image(&path, WRITABLE_LAYER_BYTES, ImageUse::WritableLayer).await?;
         match vm.hotplug_disk(&path, false).await {
             Ok(addr) => Ok((addr, path)),
             Err(source) => {
@@ -269,7 +271,13 @@ impl ErofsBlockShare {
     }
 }
 
-fn scsi_storage(addr: ScsiAddr, fstype: &str, options: &[&str]) -> pb::Storage {
+/// How the guest mounts a read-write ext4 disk Spry made: deletes reach the host as holes
+/// (`discard`), and the inode tables mkfs left lazy are never zeroed (`noinit_itable`:
+/// zeroing them would allocate ~1.5% of the disk on the host for nothing).
+pub const UPPER_MOUNT_OPTIONS: [&str; 2] = ["discard", "noinit_itable"];
+
+/// A hot-plugged disk as the agent's `Storage`.
+pub fn scsi_storage(addr: ScsiAddr, fstype: &str, options: &[&str]) -> pb::Storage {
     pb::Storage {
         source: Some(pb::storage::Source::Scsi(pb::ScsiDisk {
             target: addr.target,
@@ -319,7 +327,7 @@ impl RootfsShare for ErofsBlockShare {
             rootfs: pb::Rootfs {
                 layers: vec![layer],
                 writable: true,
-                upper: Some(scsi_storage(upper_addr, "ext4", &["discard"])).into(),
+                upper: Some(scsi_storage(upper_addr, "ext4", &UPPER_MOUNT_OPTIONS)).into(),
                 ..Default::default()
             },
             disks: vec![addr, upper_addr],

@@ -32,17 +32,32 @@ pub enum WritableError {
     Failed { path: PathBuf, stderr: String },
 }
 
-/// Creates a sparse file of `bytes` at `path` with an empty ext4 on it (no journal: the
-/// layer dies with its container, so there is nothing to recover after a crash; lazy
-/// inode tables, so the host writes almost nothing now).
-pub async fn create_image(path: &Path, bytes: u64) -> Result<(), WritableError> {
+/// What an image's data must survive, which decides its journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageUse {
+    /// A container's writable layer: it dies with its container, so there is nothing to
+    /// recover after a crash: no journal.
+    WritableLayer,
+    /// A pod volume (emptyDir): it outlives a killed VM (kubelet keeps an emptyDir for
+    /// the pod's life and a new sandbox of the pod mounts it again): journaled.
+    PodVolume,
+}
+
+/// Creates a sparse file of `bytes` at `path` with an empty ext4 on it (lazy inode
+/// tables and journal, so the host writes almost nothing now; the guest mounts it with
+/// `noinit_itable` so it does not zero them later either).
+pub async fn create_image(path: &Path, bytes: u64, usage: ImageUse) -> Result<(), WritableError> {
     let created = std::fs::File::create_new(path).and_then(|file| file.set_len(bytes));
     created.map_err(|source| WritableError::Create {
         path: path.to_path_buf(),
         source,
     })?;
+    let journal = match usage {
+        ImageUse::WritableLayer => "^has_journal",
+        ImageUse::PodVolume => "has_journal",
+    };
     let output = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-O", "^has_journal"])
+        .args(["-q", "-F", "-m", "0", "-O", journal])
         .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
         .arg(path)
         .stdin(std::process::Stdio::null())
@@ -69,7 +84,9 @@ mod tests {
     async fn the_image_is_a_sparse_ext4() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(IMAGE_NAME);
-        create_image(&path, WRITABLE_LAYER_BYTES).await.unwrap();
+        create_image(&path, WRITABLE_LAYER_BYTES, ImageUse::WritableLayer)
+            .await
+            .unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), WRITABLE_LAYER_BYTES);
         assert!(
@@ -88,7 +105,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taken");
         std::fs::write(&path, "data").unwrap();
-        let err = create_image(&path, 1 << 20).await.unwrap_err();
+        let err = create_image(&path, 1 << 20, ImageUse::PodVolume)
+            .await
+            .unwrap_err();
         assert!(matches!(err, WritableError::Create { .. }), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
     }

@@ -24,7 +24,7 @@ use crate::agent_client::{
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
-use crate::volumes::{FileShare, FileShareConfig, VolumeWatches};
+use crate::volumes::{ContainerDevices, FileShare, FileShareConfig, PodLocalDisks, VolumeWatches};
 
 pub use network::PodNetwork;
 pub use pod_vm::PodVm;
@@ -102,6 +102,10 @@ pub struct Sandbox {
     rootfs: Arc<RootfsDisks>,
     share: Option<Arc<FileShare>>,
     watches: Arc<VolumeWatches>,
+    /// emptyDir disks, plugged for the pod's life.
+    pod_disks: PodLocalDisks,
+    /// Host block devices, plugged per container.
+    devices: ContainerDevices,
     resources: PodResources,
 }
 
@@ -156,6 +160,8 @@ impl Sandbox {
                 rootfs,
                 share,
                 watches,
+                pod_disks: PodLocalDisks::default(),
+                devices: ContainerDevices::default(),
                 resources,
             };
             if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
@@ -185,9 +191,10 @@ impl Sandbox {
         &self.id
     }
 
-    /// Takes a container's volumes out of the pod's file share and stops syncing its
-    /// synced volumes (the guest is done with them).
+    /// Takes a container's volumes out of the pod's file share, stops syncing its synced
+    /// volumes and unplugs its block devices (the guest is done with them).
     async fn unexport_volumes(&self, container_id: &str) {
+        self.devices.detach(self.vm.as_ref(), container_id).await;
         self.watches.stop(container_id).await;
         if let Some(share) = &self.share {
             share.unexport(container_id).await;

@@ -108,6 +108,11 @@ impl PodVm for Sandbox {
                 ..Default::default()
             });
         }
+        mounts.extend(
+            self.pod_disks
+                .mounts(self.vm.as_ref(), &volumes.pod_local)
+                .await?,
+        );
         if !volumes.shared.is_empty() {
             let share = self.share.as_ref().ok_or_else(|| {
                 SandboxError::Volume(crate::volumes::VolumeError::NoShare {
@@ -116,6 +121,17 @@ impl PodVm for Sandbox {
             })?;
             mounts.extend(share.export(container_id, &volumes.shared).await?);
         }
+        let block_devices = match self
+            .devices
+            .attach(self.vm.as_ref(), container_id, &volumes.block_devices)
+            .await
+        {
+            Ok(devices) => devices,
+            Err(e) => {
+                self.unexport_volumes(container_id).await;
+                return Err(e.into());
+            }
+        };
         let rootfs = self
             .rootfs
             .attach(self.vm.as_ref(), container_id, rootfs)
@@ -142,6 +158,7 @@ impl PodVm for Sandbox {
             stdio: Some(stdio).into(),
             files: volumes.files,
             volumes: mounts,
+            block_devices,
             ..Default::default()
         };
         if let Err(source) = self.agent.create_container(req).await {

@@ -137,7 +137,7 @@ impl ShimError {
 fn volume_code(error: &VolumeError) -> ttrpc::Code {
     use ttrpc::Code;
     match error {
-        VolumeError::MissingSource { .. } => Code::NOT_FOUND,
+        VolumeError::MissingSource { .. } | VolumeError::NoHostDevice { .. } => Code::NOT_FOUND,
         VolumeError::UnsupportedPropagation { .. }
         | VolumeError::UnsupportedSource { .. }
         | VolumeError::BadContainerId { .. } => Code::INVALID_ARGUMENT,
@@ -147,7 +147,10 @@ fn volume_code(error: &VolumeError) -> ttrpc::Code {
         | VolumeError::SpawnServer { .. }
         | VolumeError::ServerFailed { .. }
         | VolumeError::Snapshot { .. }
-        | VolumeError::TooBig { .. } => Code::INTERNAL,
+        | VolumeError::TooBig { .. }
+        | VolumeError::EmptyDir { .. }
+        | VolumeError::DiskImage { .. }
+        | VolumeError::Plug { .. } => Code::INTERNAL,
     }
 }
 

@@ -261,7 +261,7 @@ pub trait Vm: Send + Sync {
     fn agent_endpoint(&self) -> AgentEndpoint;
     /// The unix socket QEMU serves the file share's virtio-serial port on.
     fn share_socket(&self) -> &Path;
-    /// Hot-plugs a disk image on the virtio-scsi controller.
+    /// Hot-plugs a disk image (or a host block device) on the virtio-scsi controller.
     async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError>;
     /// Removes a hot-plugged disk (the guest must have stopped using it).
     async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError>;

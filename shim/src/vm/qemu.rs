@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -337,14 +338,22 @@ impl Vm for QemuVm {
             path: image.to_owned(),
             source,
         })?;
-        if !image.is_file() {
-            let source =
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-            return Err(VmError::DiskImage {
-                path: image,
-                source,
-            });
-        }
+        // A file image, or a host block device (CRI devices): QEMU's `file` driver refuses
+        // block devices, `host_device` takes them.
+        let file_driver = match fs::metadata(&image) {
+            Ok(meta) if meta.is_file() => "file",
+            Ok(meta) if meta.file_type().is_block_device() => "host_device",
+            _ => {
+                let source = std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "not a regular file or a block device",
+                );
+                return Err(VmError::DiskImage {
+                    path: image,
+                    source,
+                });
+            }
+        };
         let addr = {
             let mut targets = self.targets();
             let target = (0..=MAX_SCSI_TARGET)
@@ -369,7 +378,7 @@ impl Vm for QemuVm {
                     "read-only": read_only,
                     "discard": if read_only { "ignore" } else { "unmap" },
                     "file": {
-                        "driver": "file",
+                        "driver": file_driver,
                         "filename": image,
                         "read-only": read_only,
                         "discard": if read_only { "ignore" } else { "unmap" },

@@ -8,14 +8,19 @@
 //! - kubelet's atomic-writer volumes (configMap, secret, projected, downwardAPI): copied
 //!   into the guest and every update replayed there as the same atomic swap, so guest
 //!   inotify fires (`synced.rs`);
-//! - anything else (hostPath, emptyDir, configMap, secret, projected, subPath, the
-//!   termination log): served live from the host through the pod's file share
-//!   (`share.rs`, FUSE in the guest over a virtio-serial port, `server.rs` on the host),
-//!   so writes go both ways.
+//! - kubelet's emptyDir volumes and subPaths of them: kept in the guest, on a disk or a
+//!   tmpfs per pod (`pod_local.rs`), since only the pod's containers use them;
+//! - anything else (hostPath, subPath of other volumes, the termination log): served
+//!   live from the host through the pod's file share (`share.rs`, FUSE in the guest over
+//!   a virtio-serial port, `server.rs` on the host), so writes go both ways.
 //!
-//! The share works the same in VMs restored from a template: nothing in it needs guest
-//! RAM shared with another process (which is why it is not virtio-fs).
+//! Host block devices in `linux.devices` are hot-plugged disks (`block.rs`).
+//!
+//! All of it works the same in VMs restored from a template: nothing in it needs guest
+//! RAM shared with another process (which is why the share is not virtio-fs).
 
+mod block;
+mod pod_local;
 pub mod server;
 mod share;
 mod synced;
@@ -25,6 +30,8 @@ use std::path::{Path, PathBuf};
 use oci_spec::runtime::{Mount, Spec};
 use spry_proto::agent::{volume_mount, GuestFile, VolumeMount};
 
+pub use block::{ContainerDevices, HostBlockDevice};
+pub use pod_local::{Medium, PodLocalDisks, PodLocalVolume, IMAGE_NAME as EMPTY_DIR_IMAGE_NAME};
 pub use share::{remove_staging, FileShare, FileShareConfig, READY_LINE};
 pub use synced::{snapshot as synced_snapshot, VolumeWatches};
 
@@ -91,6 +98,33 @@ pub enum VolumeError {
     },
     #[error("the synced volume at {path} holds more than {max} bytes", max = synced::MAX_SYNCED_BYTES)]
     TooBig { path: PathBuf },
+    #[error("cannot read what the emptyDir at {path} is")]
+    EmptyDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot make the emptyDir disk {path}")]
+    DiskImage {
+        path: PathBuf,
+        #[source]
+        source: crate::rootfs::WritableError,
+    },
+    #[error("cannot plug {path} into the pod's VM")]
+    Plug {
+        path: PathBuf,
+        #[source]
+        source: crate::vm::VmError,
+    },
+    #[error(
+        "the container's device {container_path} is block device {major}:{minor}, which this \
+         host does not have under /dev"
+    )]
+    NoHostDevice {
+        container_path: PathBuf,
+        major: u32,
+        minor: u32,
+    },
 }
 
 /// A host path the container mounts, served through the pod's file share.
@@ -114,11 +148,19 @@ pub struct GuestVolumes {
     pub synced: Vec<SharedVolume>,
     /// Mounts whose source is already in the guest (the pod's /dev/shm).
     pub guest: Vec<VolumeMount>,
+    /// emptyDirs (and subPaths of them) kept in the guest.
+    pub pod_local: Vec<PodLocalVolume>,
+    /// Host block devices, hot-plugged for this container.
+    pub block_devices: Vec<HostBlockDevice>,
 }
 
-/// Takes the bind mounts of host paths out of `spec` and says how each reaches the guest.
+/// Takes the bind mounts of host paths out of `spec` and says how each, and each host
+/// block device, reaches the guest.
 pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
-    let mut volumes = GuestVolumes::default();
+    let mut volumes = GuestVolumes {
+        block_devices: block::plan(spec, Path::new("/sys/dev/block"), Path::new("/dev"))?,
+        ..Default::default()
+    };
     let Some(mounts) = spec.mounts_mut() else {
         return Ok(volumes);
     };
@@ -168,6 +210,23 @@ pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
                 ..Default::default()
             });
             continue;
+        }
+        if meta.is_dir() {
+            if let Some((empty_dir, sub_path)) = pod_local::empty_dir_of(&resolved) {
+                let medium =
+                    pod_local::medium_of(&empty_dir).map_err(|source| VolumeError::EmptyDir {
+                        path: empty_dir.clone(),
+                        source,
+                    })?;
+                volumes.pod_local.push(PodLocalVolume {
+                    destination,
+                    id: pod_local::volume_id(&empty_dir),
+                    medium,
+                    sub_path,
+                    options,
+                });
+                continue;
+            }
         }
         if !meta.is_dir() && !meta.is_file() {
             return Err(VolumeError::UnsupportedSource {
