@@ -169,6 +169,23 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
         std::fs::read_to_string(format!("/proc/{vm}/cmdline")).is_ok(),
         "the VM of pod {uid} is gone"
     );
+    // QEMU is in the pod's cgroup (so the pod's limits and kubelet's accounting hold it),
+    // with the OOM score kubelet gives a BestEffort pod.
+    let cgroups = std::fs::read_to_string(format!("/proc/{vm}/cgroup"))?;
+    let in_pod = |controller: &str| {
+        cgroups.lines().any(|l| {
+            let mut fields = l.splitn(3, ':');
+            let (_, names, path) = (fields.next(), fields.next(), fields.next());
+            names.is_some_and(|n| n.is_empty() || n.split(',').any(|c| c == controller))
+                && path.is_some_and(|p| p.contains(&format!("pod{uid}")))
+        })
+    };
+    ensure!(
+        in_pod("memory") && in_pod("cpu"),
+        "QEMU is not in pod {uid}'s cgroup:\n{cgroups}"
+    );
+    let oom = std::fs::read_to_string(format!("/proc/{vm}/oom_score_adj"))?;
+    ensure!(oom.trim() == "1000", "QEMU's oom_score_adj is {oom:?}, not BestEffort's 1000");
     Ok(())
 }
 

@@ -27,6 +27,9 @@ pub struct Host {
 impl Host {
     pub fn new(config: Config) -> Self {
         let state = StateDir::new(config.state_dir.clone());
+        if let Err(e) = state.make_private() {
+            tracing::warn!(dir = %state.root().display(), error = %e, "cannot make the state dir private to root");
+        }
         Self {
             hypervisor: Arc::new(QemuHypervisor::new(state.root().to_path_buf())),
             templates: TemplateStore::new(state.templates()),
@@ -127,8 +130,9 @@ mod tests {
 
     #[test]
     fn one_config_gives_one_layout() {
+        let root = tempfile::tempdir().unwrap();
         let config = Config {
-            state_dir: "/run/spry-host-test".into(),
+            state_dir: root.path().join("state"),
             ..Config::default()
         };
         let host = Host::new(config);

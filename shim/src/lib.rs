@@ -2,6 +2,7 @@
 
 pub mod agent_client;
 pub mod assets;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod host;

@@ -12,7 +12,12 @@
 //!   accel-probe.json     the KVM probe's verdict for this host boot (`vm/accel.rs`)
 //! ```
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+
+/// The state dir is root's alone: it holds booted guest RAM (templates), image layers,
+/// console logs and the sockets that drive every VM.
+const PRIVATE_MODE: u32 = 0o700;
 
 /// One state dir.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +32,26 @@ impl StateDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Creates the root (parents as needed) with mode 0700, or takes an existing one's
+    /// group and other permissions away, so nothing under it is reachable by other users
+    /// whatever the modes of the files in it.
+    pub fn make_private(&self) -> std::io::Result<()> {
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE_MODE)
+            .create(&self.root)
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let mode = std::fs::metadata(&self.root)?.permissions().mode() & 0o7777;
+        if mode != PRIVATE_MODE {
+            std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(PRIVATE_MODE))?;
+        }
+        Ok(())
     }
 
     /// The state dir of VM `name` (created by the VM layer, which requires it to be new).
@@ -64,6 +89,20 @@ impl StateDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_root_is_made_private_or_tightened() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = StateDir::new(dir.path().join("a/spry"));
+        fresh.make_private().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(fresh.root()), 0o700);
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        StateDir::new(&open).make_private().unwrap();
+        assert_eq!(mode(&open), 0o700);
+    }
 
     #[test]
     fn every_path_is_under_the_root_and_per_vm_paths_differ_by_name() {

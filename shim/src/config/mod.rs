@@ -13,7 +13,12 @@ use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
 /// Where the config is read from when no path is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
 /// Translated-code cache of a TCG VM; see `VmSettings::tcg_cache_mib` and the README.
-pub const DEFAULT_TCG_CACHE_MIB: u32 = 0;
+/// Bounded (QEMU's own default is up to 1 GiB, which a pod's memory limit would have to
+/// cover): a pod fills ~45-72 MiB of it starting and idling, and 24 MiB was measured to
+/// slow starts by flushing, so 256 leaves room for a busy guest.
+pub const DEFAULT_TCG_CACHE_MIB: u32 = 256;
+/// What QEMU uses for the cache when `tcg_cache_mib` is 0.
+pub const QEMU_DEFAULT_TCG_CACHE_MIB: u32 = 1024;
 /// Where `spry install` puts the guest kernel and initramfs.
 pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/spry/guest";
 
@@ -90,7 +95,8 @@ pub struct VmSettings {
     /// Default memory of a pod VM, MiB.
     pub memory_mib: u32,
     /// Under TCG only: the translated-code cache per VM, MiB (0: QEMU's default, up to
-    /// 1 GiB). The biggest private cost of an idle software-emulated VM.
+    /// 1 GiB). The biggest private cost of an idle software-emulated VM; counted in the
+    /// RuntimeClass overhead unless the accelerator is `kvm`.
     pub tcg_cache_mib: u32,
 }
 

@@ -2,6 +2,7 @@
 //! containerd's config, and print the RuntimeClass. Non-interactive and idempotent, so
 //! kubeadm-style node installers can run it as is.
 
+mod config_file;
 mod containerd_config;
 mod containerd_version;
 
@@ -105,6 +106,14 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
             "build the guest first (scripts/build-guest.sh) or pass --guest-dir",
         )?;
     }
+    // containerd's config is parsed and patched before anything is copied: a config
+    // Spry cannot read stops the install with nothing changed.
+    let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
+    let settings = HandlerSettings {
+        shim_path: opts.bin_dir().join("containerd-shim-spry-v2"),
+        spry_config: opts.spry_config.clone(),
+    };
+    let patched = add_handler(&current, &opts.containerd_config, &settings)?;
     for bin in BINARIES {
         copy(
             &exe_dir.join(bin),
@@ -139,15 +148,14 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
         let text = default_spry_config(&opts.guest_target());
         write(&opts.spry_config, &text, opts.dry_run, &mut report)?;
     }
-    let current = read_or_empty(&opts.containerd_config)?;
-    let settings = HandlerSettings {
-        shim_path: opts.bin_dir().join("containerd-shim-spry-v2"),
-        spry_config: opts.spry_config.clone(),
-    };
-    let patched = add_handler(&current, &opts.containerd_config, &settings)?;
     if patched != current {
-        backup(&opts.containerd_config, &current, opts.dry_run, &mut report)?;
-        write(&opts.containerd_config, &patched, opts.dry_run, &mut report)?;
+        config_file::replace(
+            &opts.containerd_config,
+            &current,
+            &patched,
+            opts.dry_run,
+            &mut report,
+        )?;
         report.containerd_config_changed = true;
     } else {
         report.actions.push(format!(
@@ -191,11 +199,16 @@ fn check_containerd(opts: &InstallOptions, report: &mut Report) -> Result<(), In
 
 pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
     let mut report = Report::default();
-    let current = read_or_empty(&opts.containerd_config)?;
+    let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
     let patched = remove_handler(&current, &opts.containerd_config)?;
     if patched != current {
-        backup(&opts.containerd_config, &current, opts.dry_run, &mut report)?;
-        write(&opts.containerd_config, &patched, opts.dry_run, &mut report)?;
+        config_file::replace(
+            &opts.containerd_config,
+            &current,
+            &patched,
+            opts.dry_run,
+            &mut report,
+        )?;
         report.containerd_config_changed = true;
     }
     let files = BINARIES
@@ -220,9 +233,16 @@ pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
 }
 
 /// The RuntimeClass for Kubernetes. The overhead is the VM: its memory plus QEMU's own
-/// (~64 MiB measured idle, TCG code cache included), and a quarter CPU for QEMU threads.
+/// (~64 MiB measured idle) plus, where VMs may run under TCG, the whole translated-code
+/// cache (QEMU is in the pod's cgroup, so a pod with a memory limit must have room for
+/// it), and a quarter CPU for QEMU threads.
 pub fn runtime_class(config: &Config) -> String {
-    let memory_mib = config.vm.memory_mib + 64;
+    let tcg_cache_mib = match (config.vm.accelerator, config.vm.tcg_cache_mib) {
+        (crate::vm::AccelChoice::Kvm, _) => 0,
+        (_, 0) => crate::config::QEMU_DEFAULT_TCG_CACHE_MIB,
+        (_, mib) => mib,
+    };
+    let memory_mib = config.vm.memory_mib + 64 + tcg_cache_mib;
     format!(
         "apiVersion: node.k8s.io/v1\nkind: RuntimeClass\nmetadata:\n  name: {HANDLER}\nhandler: {HANDLER}\n\
          overhead:\n  podFixed:\n    memory: \"{memory_mib}Mi\"\n    cpu: \"250m\"\n"
@@ -309,26 +329,6 @@ fn write(path: &Path, text: &str, dry_run: bool, report: &mut Report) -> Result<
     write_atomically(path, text.as_bytes(), 0o644)
 }
 
-fn backup(
-    path: &Path,
-    current: &str,
-    dry_run: bool,
-    report: &mut Report,
-) -> Result<(), InstallError> {
-    if current.is_empty() {
-        return Ok(());
-    }
-    let backup = PathBuf::from(format!("{}.spry-backup", path.display()));
-    report.actions.push(format!(
-        "back up {} -> {}",
-        path.display(),
-        backup.display()
-    ));
-    if dry_run {
-        return Ok(());
-    }
-    write_atomically(&backup, current.as_bytes(), 0o644)
-}
 
 #[cfg(test)]
 mod tests {
@@ -409,6 +409,24 @@ mod tests {
     }
 
     #[test]
+    fn a_containerd_config_spry_cannot_read_stops_the_install_before_any_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = fixture(
+            dir.path(),
+            "containerd github.com/containerd/containerd/v2 v2.2.9 x",
+        );
+        std::fs::write(&opts.containerd_config, "version = 3
+[plugins
+").unwrap();
+        assert!(install(&opts).is_err());
+        assert!(!opts.prefix.exists(), "binaries were copied");
+        assert_eq!(
+            std::fs::read_to_string(&opts.containerd_config).unwrap(),
+            "version = 3\n[plugins\n"
+        );
+    }
+
+    #[test]
     fn missing_guest_assets_fail_before_anything_is_written() {
         let dir = tempfile::tempdir().unwrap();
         let opts = InstallOptions {
@@ -455,9 +473,17 @@ mod tests {
     #[test]
     fn runtime_class_names_the_handler_and_overhead() {
         let rc = runtime_class(&Config::default());
+        // 256 MiB of guest RAM, 64 of QEMU's own, 256 of TCG code cache (auto may fall
+        // back to TCG).
         assert!(
-            rc.contains("handler: spry") && rc.contains("memory: \"320Mi\""),
+            rc.contains("handler: spry") && rc.contains("memory: \"576Mi\""),
             "{rc}"
         );
+        let mut kvm = Config::default();
+        kvm.vm.accelerator = crate::vm::AccelChoice::Kvm;
+        assert!(runtime_class(&kvm).contains("memory: \"320Mi\""));
+        kvm.vm.accelerator = crate::vm::AccelChoice::Tcg;
+        kvm.vm.tcg_cache_mib = 0;
+        assert!(runtime_class(&kvm).contains("memory: \"1344Mi\""));
     }
 }

@@ -24,6 +24,7 @@ use crate::agent_client::{
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
+use crate::cgroup::{CgroupPlan, PodCgroup};
 use crate::volumes::{ContainerDevices, FileShare, FileShareConfig, PodLocalDisks, VolumeWatches};
 
 pub use network::PodNetwork;
@@ -92,6 +93,9 @@ pub struct SandboxIdentity {
     pub file_share: Option<FileShareConfig>,
     /// Size of the pod's /dev/shm; 0: the agent's default.
     pub shm_size_bytes: u64,
+    /// The pod's host cgroup, which QEMU and the file server join; None: they stay in
+    /// the shim's.
+    pub cgroup: Option<CgroupPlan>,
 }
 
 /// A running pod VM with a connected agent.
@@ -101,6 +105,7 @@ pub struct Sandbox {
     agent: AgentClient,
     rootfs: Arc<RootfsDisks>,
     share: Option<Arc<FileShare>>,
+    cgroup: Option<Arc<PodCgroup>>,
     watches: Arc<VolumeWatches>,
     /// emptyDir disks, plugged for the pod's life.
     pod_disks: PodLocalDisks,
@@ -137,8 +142,13 @@ impl Sandbox {
                 }
             };
             let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
-            // The pod's volumes and cgroup join this list, in their setup order.
+            // In setup order; torn down in reverse, so the cgroup goes last, once every
+            // process in it (QEMU, the file server) is gone.
             let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
+            let cgroup = identity.cgroup.clone().map(|plan| Arc::new(PodCgroup::new(plan)));
+            if let Some(cgroup) = &cgroup {
+                items.push(cgroup.clone());
+            }
             if let Some(plan) = &identity.network {
                 items.push(Arc::new(PodNetwork::new(plan.clone())));
             }
@@ -159,6 +169,7 @@ impl Sandbox {
                 agent,
                 rootfs,
                 share,
+                cgroup,
                 watches,
                 pod_disks: PodLocalDisks::default(),
                 devices: ContainerDevices::default(),
@@ -167,6 +178,14 @@ impl Sandbox {
             if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
                 stop_quietly(sandbox.vm.as_ref()).await;
                 return Err(e.into());
+            }
+            if let (Some(cgroup), Some(pid)) = (
+                &sandbox.cgroup,
+                sandbox.share.as_ref().and_then(|s| s.server_pid()),
+            ) {
+                if let Err(e) = cgroup.adopt(pid) {
+                    warn!(error = %crate::error_chain(&e), "the pod's file server stays outside its cgroup");
+                }
             }
             if let Err(source) = sandbox
                 .agent

@@ -95,6 +95,14 @@ impl PodVm for Sandbox {
         stdio: pb::StdioConfig,
         volumes: GuestVolumes,
     ) -> Result<(), SandboxError> {
+        // kubelet's oom_score_adj for this container: QEMU, which runs it, takes it on
+        // when it is the pod's highest.
+        if let (Some(cgroup), Some(adj)) = (
+            &self.cgroup,
+            spec.process().as_ref().and_then(|p| p.oom_score_adj()),
+        ) {
+            cgroup.follow_container_oom_score(adj);
+        }
         let mut mounts = volumes.guest;
         let mut synced = Vec::new();
         for (index, volume) in volumes.synced.iter().enumerate() {

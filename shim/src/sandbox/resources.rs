@@ -29,6 +29,8 @@ pub enum ResourceError {
     Network(#[from] NetworkError),
     #[error(transparent)]
     Volume(#[from] VolumeError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
 }
 
 /// One unit of host-side state a pod owns.

@@ -81,6 +81,12 @@ pub enum ShimError {
         #[source]
         source: Box<VolumeError>,
     },
+    #[error("cannot place pod {id} in its cgroup")]
+    Cgroup {
+        id: String,
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
     #[error("cannot read the network of pod {id}")]
     Network {
         id: String,
@@ -107,6 +113,11 @@ impl ShimError {
             | ShimError::Config(_) => Code::INVALID_ARGUMENT,
             ShimError::Unsupported { .. } => Code::UNIMPLEMENTED,
             ShimError::HostNetwork { .. } => Code::INVALID_ARGUMENT,
+            ShimError::Cgroup { source, .. } => match source {
+                crate::cgroup::CgroupError::BadPath { .. } => Code::INVALID_ARGUMENT,
+                crate::cgroup::CgroupError::Create { .. }
+                | crate::cgroup::CgroupError::Join { .. } => Code::INTERNAL,
+            },
             ShimError::Network { source, .. } => match source.as_ref() {
                 NetworkError::UnsupportedLink { .. } | NetworkError::TooManyInterfaces { .. } => {
                     Code::INVALID_ARGUMENT

@@ -20,7 +20,7 @@ use super::io::{IoPumps, StdioPaths};
 use super::launcher::SandboxLauncher;
 use super::spec::{self, TaskKind};
 use super::tasks::{Deleted, Process, ProcessStatus, Task, TaskTable};
-use super::watchers::{self, ExitRecorder};
+use super::watchers::{self, ExitRecorder, OomFilter};
 use crate::agent_client::ProcessId;
 use crate::rootfs::RootfsSource;
 use crate::sandbox::PodVm;
@@ -55,6 +55,8 @@ pub struct Pod {
     template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The state dir of the pod's VM (its handler's config may name its own).
     state_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// Which of the guest's OOM reports become events.
+    oom_filter: std::sync::Mutex<OomFilter>,
 }
 
 impl Pod {
@@ -66,6 +68,7 @@ impl Pod {
             tasks: Mutex::new(TaskTable::default()),
             template_rebuild: std::sync::Mutex::new(None),
             state_dir: std::sync::OnceLock::new(),
+            oom_filter: std::sync::Mutex::default(),
         })
     }
 
@@ -326,6 +329,10 @@ impl Pod {
         let Some(task) = task else {
             return Ok(deleted);
         };
+        self.oom_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(id);
         match task.kind {
             TaskKind::Sandbox => {
                 self.stop_vm().await;
@@ -475,7 +482,15 @@ impl ExitRecorder for Pod {
     }
 
     async fn oom(&self, container_id: &str) {
-        self.events.oom(container_id).await;
+        let known = self.tasks.lock().await.contains(container_id);
+        let admitted = self
+            .oom_filter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(container_id, known, std::time::Instant::now());
+        if admitted {
+            self.events.oom(container_id).await;
+        }
     }
 }
 

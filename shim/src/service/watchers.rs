@@ -2,7 +2,9 @@
 //! takes every process with it), and the guest's OOM kills. They report to an
 //! [`ExitRecorder`] (the pod), which records each exit exactly once.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tracing::{info, info_span, warn, Instrument};
@@ -71,11 +73,86 @@ pub fn watch_vm(recorder: Arc<dyn ExitRecorder>, vm: &Arc<dyn PodVm>) {
     });
 }
 
-/// Passes the guest's OOM kills on, until the VM is gone.
+/// The fewest milliseconds between two OOM reports taken from the guest: a guest that
+/// answers GetOomEvent at once, forever, costs the shim at most 100 calls a second.
+const OOM_POLL_GAP: Duration = Duration::from_millis(10);
+/// At most one OOM event per container in this window reaches containerd (kubelet only
+/// needs to know that a container was OOM-killed, not how often in a second).
+pub const OOM_EVENT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Passes the guest's OOM kills on, until the VM is gone. The guest is not trusted: the
+/// pod decides which reports become events ([`OomFilter`]).
 pub fn watch_oom(recorder: Arc<dyn ExitRecorder>, vm: Arc<dyn PodVm>) {
     tokio::spawn(async move {
         while let Ok(container_id) = vm.next_oom_event().await {
             recorder.oom(&container_id).await;
+            tokio::time::sleep(OOM_POLL_GAP).await;
         }
     });
+}
+
+/// What the guest's OOM reports may publish: only containers of this pod, each at most
+/// once per [`OOM_EVENT_WINDOW`]; a guest naming anything else, or flooding, publishes
+/// nothing more (and is logged once a window, not once a report).
+#[derive(Debug, Default)]
+pub struct OomFilter {
+    last_event: HashMap<String, Instant>,
+    last_refusal_log: Option<Instant>,
+    refused: u64,
+}
+
+impl OomFilter {
+    /// Whether a report for `container_id` becomes an event now; `known` says whether the
+    /// pod has that container.
+    pub fn admit(&mut self, container_id: &str, known: bool, now: Instant) -> bool {
+        if !known {
+            self.refused += 1;
+            let quiet = self
+                .last_refusal_log
+                .is_some_and(|t| now.duration_since(t) < OOM_EVENT_WINDOW);
+            if !quiet {
+                let shown: String = container_id.chars().take(64).collect();
+                warn!(
+                    container_id = %shown.escape_debug(),
+                    refused = self.refused,
+                    "the guest reported an OOM kill of a container this pod does not have; ignored"
+                );
+                self.last_refusal_log = Some(now);
+            }
+            return false;
+        }
+        match self.last_event.get(container_id) {
+            Some(last) if now.duration_since(*last) < OOM_EVENT_WINDOW => false,
+            _ => {
+                self.last_event.insert(container_id.to_string(), now);
+                true
+            }
+        }
+    }
+
+    /// Forgets a deleted container.
+    pub fn forget(&mut self, container_id: &str) {
+        self.last_event.remove(container_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_containers_once_a_window_become_events() {
+        let mut filter = OomFilter::default();
+        let t0 = Instant::now();
+        assert!(!filter.admit("ghost", false, t0));
+        assert!(filter.admit("app", true, t0));
+        for ms in [0, 10, 500, 999] {
+            assert!(!filter.admit("app", true, t0 + Duration::from_millis(ms)));
+        }
+        assert!(filter.admit("other", true, t0));
+        assert!(filter.admit("app", true, t0 + OOM_EVENT_WINDOW));
+        filter.forget("app");
+        assert!(filter.admit("app", true, t0 + OOM_EVENT_WINDOW));
+        assert_eq!(filter.refused, 1);
+    }
 }

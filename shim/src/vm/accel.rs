@@ -1,6 +1,15 @@
 //! Choosing the accelerator. `Auto` boots a probe guest under KVM with a
 //! short deadline: on some hosts /dev/kvm exists but guests crash or crawl,
-//! and only booting one tells. The verdict is cached per host boot.
+//! and only booting one tells. Verdicts differ in how long they hold:
+//! - KVM works, or is unusable (no /dev/kvm, QEMU or the guest fails under it): cached
+//!   for this host boot;
+//! - the guest was slow (the deadline missed): maybe a busy node, maybe a crawling KVM:
+//!   cached for [`SLOW_RETRY_AFTER`], then probed again, so a node busy at boot does not
+//!   stay on TCG until reboot (and a crawling KVM costs one 3 s probe per period);
+//! - the probe could not run for another reason (a missing kernel, no QEMU, no probe
+//!   dir): not cached and not blamed on KVM.
+//!
+//! Production nodes should set `accelerator = "kvm"`, which never falls back.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +29,8 @@ pub const KVM_UNUSABLE_WARNING: &str = "using TCG software emulation: expect ~10
 /// deadline proves KVM runs a guest at full speed.
 const PROBE_MARKER: &str = "Run /init as init process";
 const PROBE_DEADLINE: Duration = Duration::from_secs(3);
+/// How long a "slow" verdict holds before KVM is probed again.
+pub const SLOW_RETRY_AFTER: Duration = Duration::from_secs(600);
 const PROBE_CACHE_FILE: &str = "accel-probe.json";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +40,49 @@ struct ProbeRecord {
     accel: Accel,
     /// Why KVM was rejected.
     reason: Option<String>,
+    /// Seconds since the epoch after which the record no longer holds (None: this boot).
+    #[serde(default)]
+    expires_unix: Option<u64>,
+}
+
+/// What one probe found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Kvm,
+    /// KVM cannot run guests here.
+    Unusable(String),
+    /// The guest did not reach /init in time.
+    Slow(String),
+    /// The probe itself could not run; says nothing about KVM.
+    Inconclusive(String),
+}
+
+impl Verdict {
+    /// The record to cache, if any, at `now_unix`.
+    fn record(&self, key: String, now_unix: u64) -> Option<ProbeRecord> {
+        let (accel, reason, expires_unix) = match self {
+            Verdict::Kvm => (Accel::Kvm, None, None),
+            Verdict::Unusable(reason) => (Accel::Tcg, Some(reason.clone()), None),
+            Verdict::Slow(reason) => (
+                Accel::Tcg,
+                Some(reason.clone()),
+                Some(now_unix + SLOW_RETRY_AFTER.as_secs()),
+            ),
+            Verdict::Inconclusive(_) => return None,
+        };
+        Some(ProbeRecord {
+            key,
+            accel,
+            reason,
+            expires_unix,
+        })
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Picks the accelerator for `config`; probes (or reads the probe cache in
@@ -40,21 +94,31 @@ pub async fn resolve(config: &VmConfig, state_root: &Path) -> Accel {
         AccelChoice::Auto => {
             let key = probe_key(config).await;
             let cache = state_root.join(PROBE_CACHE_FILE);
-            let record = match read_cache(&cache, &key) {
-                Some(record) => record,
+            let (accel, reason) = match read_cache(&cache, &key, now_unix()) {
+                Some(record) => (record.accel, record.reason),
                 None => {
-                    let record = probe(config, state_root, key).await;
-                    write_cache(&cache, &record);
-                    record
+                    let verdict = probe(config, state_root).await;
+                    if let Some(record) = verdict.record(key, now_unix()) {
+                        write_cache(&cache, &record);
+                    }
+                    match verdict {
+                        Verdict::Kvm => (Accel::Kvm, None),
+                        Verdict::Unusable(r) | Verdict::Slow(r) => (Accel::Tcg, Some(r)),
+                        Verdict::Inconclusive(r) => {
+                            (Accel::Tcg, Some(format!("the KVM probe could not run: {r}")))
+                        }
+                    }
                 }
             };
-            if let Some(reason) = &record.reason {
+            if let Some(reason) = &reason {
                 static WARN_ONCE: Once = Once::new();
                 WARN_ONCE.call_once(|| {
-                    tracing::warn!("KVM unusable ({reason}), {KVM_UNUSABLE_WARNING}")
+                    tracing::warn!(
+                        "KVM unusable ({reason}), {KVM_UNUSABLE_WARNING}; set accelerator = \"kvm\" to refuse TCG"
+                    )
                 });
             }
-            record.accel
+            accel
         }
     }
 }
@@ -78,10 +142,11 @@ async fn probe_key(config: &VmConfig) -> String {
     hex::encode(hasher.finalize())
 }
 
-fn read_cache(path: &Path, key: &str) -> Option<ProbeRecord> {
+fn read_cache(path: &Path, key: &str, now_unix: u64) -> Option<ProbeRecord> {
     let text = std::fs::read_to_string(path).ok()?;
     let record: ProbeRecord = serde_json::from_str(&text).ok()?;
-    (record.key == key).then_some(record)
+    let live = record.expires_unix.is_none_or(|t| now_unix < t);
+    (record.key == key && live).then_some(record)
 }
 
 fn write_cache(path: &Path, record: &ProbeRecord) {
@@ -96,41 +161,54 @@ fn write_cache(path: &Path, record: &ProbeRecord) {
     }
 }
 
-async fn probe(config: &VmConfig, state_root: &Path, key: String) -> ProbeRecord {
+async fn probe(config: &VmConfig, state_root: &Path) -> Verdict {
     let started = Instant::now();
-    let reason = match std::fs::OpenOptions::new()
+    let verdict = probe_inner(config, state_root).await;
+    tracing::info!(?verdict, elapsed_ms = started.elapsed().as_millis() as u64, "KVM probe done");
+    verdict
+}
+
+async fn probe_inner(config: &VmConfig, state_root: &Path) -> Verdict {
+    for (what, path) in [
+        ("QEMU", &config.qemu),
+        ("guest kernel", &config.kernel),
+        ("initramfs", &config.initramfs),
+    ] {
+        if !path.is_file() {
+            return Verdict::Inconclusive(format!("the {what} {} is missing", path.display()));
+        }
+    }
+    if let Err(error) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        Err(error) => Some(format!("cannot open /dev/kvm: {error}")),
-        Ok(_) => match tokio::task::spawn_blocking(super::tsc::host_tsc_khz).await {
-            Ok(Ok(tsc_khz)) => boot_probe_guest(config, state_root, tsc_khz).await.err(),
-            Ok(Err(error)) => Some(format!("cannot measure the TSC: {error}")),
-            Err(error) => Some(format!("cannot measure the TSC: {error}")),
-        },
+        return Verdict::Unusable(format!("cannot open /dev/kvm: {error}"));
+    }
+    let tsc_khz = match tokio::task::spawn_blocking(super::tsc::host_tsc_khz).await {
+        Ok(Ok(tsc_khz)) => tsc_khz,
+        Ok(Err(error)) => return Verdict::Inconclusive(format!("cannot measure the TSC: {error}")),
+        Err(error) => return Verdict::Inconclusive(format!("cannot measure the TSC: {error}")),
     };
-    let accel = if reason.is_none() {
-        Accel::Kvm
-    } else {
-        Accel::Tcg
-    };
-    tracing::info!(%accel, elapsed_ms = started.elapsed().as_millis() as u64, "KVM probe done");
-    ProbeRecord { key, accel, reason }
+    boot_probe_guest(config, state_root, tsc_khz).await
 }
 
-/// Boots the VM's kernel and initramfs under KVM without devices and waits
-/// for the kernel to reach /init. Err carries why KVM is unusable.
+/// Boots the VM's kernel and initramfs under KVM without devices and waits for the
+/// kernel to reach /init.
 async fn boot_probe_guest(
     config: &VmConfig,
     state_root: &Path,
     tsc_khz: u64,
-) -> Result<(), String> {
-    let dir = ProbeDir::create(state_root)
-        .map_err(|error| format!("cannot create the probe dir: {error}"))?;
+) -> Verdict {
+    let dir = match ProbeDir::create(state_root) {
+        Ok(dir) => dir,
+        Err(error) => {
+            return Verdict::Inconclusive(format!("cannot create the probe dir: {error}"))
+        }
+    };
     let paths = StatePaths::new(&dir.0);
     let console = paths.console_log.clone();
-    let mut child = tokio::process::Command::new(&config.qemu)
+    let spawned = tokio::process::Command::new(&config.qemu)
         .args(qemu_args(
             &probe_config(config, &dir.0),
             Accel::Kvm,
@@ -141,12 +219,20 @@ async fn boot_probe_guest(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .spawn()
-        .map_err(|error| format!("cannot spawn {}: {error}", config.qemu.display()))?;
-    let deadline = Instant::now() + PROBE_DEADLINE;
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            return Verdict::Inconclusive(format!(
+                "cannot spawn {}: {error}",
+                config.qemu.display()
+            ))
+        }
+    };
+    let give_up = Instant::now() + PROBE_DEADLINE;
     let verdict = loop {
         if std::fs::read_to_string(&console).is_ok_and(|text| text.contains(PROBE_MARKER)) {
-            break Ok(());
+            break Verdict::Kvm;
         }
         if let Ok(Some(status)) = child.try_wait() {
             let mut stderr = String::new();
@@ -159,12 +245,12 @@ async fn boot_probe_guest(
                 .next()
                 .unwrap_or("no error output")
                 .to_owned();
-            break Err(format!(
+            break Verdict::Unusable(format!(
                 "a probe guest made QEMU exit with {status}: {first_line}"
             ));
         }
-        if Instant::now() >= deadline {
-            break Err(format!(
+        if Instant::now() >= give_up {
+            break Verdict::Slow(format!(
                 "a probe guest did not reach /init within {} s",
                 PROBE_DEADLINE.as_secs()
             ));
@@ -268,16 +354,52 @@ mod tests {
     fn cache_hits_only_on_the_same_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(PROBE_CACHE_FILE);
-        let record = ProbeRecord {
-            key: "k1".into(),
-            accel: Accel::Tcg,
-            reason: Some("crashed".into()),
-        };
+        let record = Verdict::Unusable("crashed".into()).record("k1".into(), 100).unwrap();
         write_cache(&path, &record);
-        assert_eq!(read_cache(&path, "k1"), Some(record));
-        assert_eq!(read_cache(&path, "k2"), None);
+        assert_eq!(read_cache(&path, "k1", 100), Some(record.clone()));
+        assert_eq!(read_cache(&path, "k1", u64::MAX), Some(record), "holds for the boot");
+        assert_eq!(read_cache(&path, "k2", 100), None);
         std::fs::write(&path, "{garbage").unwrap();
-        assert_eq!(read_cache(&path, "k1"), None);
+        assert_eq!(read_cache(&path, "k1", 100), None);
+    }
+
+    #[test]
+    fn a_slow_guest_is_retried_later_and_a_probe_that_could_not_run_is_never_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(PROBE_CACHE_FILE);
+        let slow = Verdict::Slow("busy".into()).record("k".into(), 1000).unwrap();
+        assert_eq!(slow.accel, Accel::Tcg);
+        write_cache(&path, &slow);
+        assert!(read_cache(&path, "k", 1000 + SLOW_RETRY_AFTER.as_secs() - 1).is_some());
+        assert!(read_cache(&path, "k", 1000 + SLOW_RETRY_AFTER.as_secs()).is_none());
+        assert!(Verdict::Inconclusive("no kernel".into())
+            .record("k".into(), 1000)
+            .is_none());
+        assert_eq!(
+            Verdict::Kvm.record("k".into(), 1).unwrap().expires_unix,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_kernel_is_not_blamed_on_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = VmConfig {
+            id: "x".into(),
+            state_dir: dir.path().join("vm"),
+            kernel: dir.path().join("no-such-vmlinux"),
+            initramfs: dir.path().join("no-such-initramfs"),
+            accel: AccelChoice::Auto,
+            qemu: "/bin/true".into(),
+            ..Default::default()
+        };
+        let verdict = probe(&config, dir.path()).await;
+        assert!(
+            matches!(&verdict, Verdict::Inconclusive(r) if r.contains("no-such-vmlinux")),
+            "{verdict:?}"
+        );
+        assert_eq!(resolve(&config, dir.path()).await, Accel::Tcg);
+        assert!(!dir.path().join(PROBE_CACHE_FILE).exists(), "cached");
     }
 
     #[tokio::test]

@@ -50,8 +50,10 @@ fn tail_lines(path: &Path, lines: usize) -> Vec<String> {
         .collect()
 }
 
-/// How often a running VM's console log is checked against [`MAX_RESIDENT`].
-const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// How often a running VM's console log is checked against [`MAX_RESIDENT`]: the guest
+/// is not trusted, and an emulated UART takes a few MiB/s, so a guest flooding its
+/// console holds at most about that much more than the bound (a check is one fstat).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Console bytes a VM may hold in its state dir (tmpfs: host RAM) before the oldest go.
 const MAX_RESIDENT: u64 = 1024 * 1024;
 /// What stays after a trim: far more than error reports quote.

@@ -171,6 +171,13 @@ async fn log_server_stderr(stderr: tokio::process::ChildStderr) {
     }
 }
 
+impl FileShare {
+    /// The file server's PID while it runs.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server.try_lock().ok()?.as_ref()?.id()
+    }
+}
+
 #[async_trait]
 impl PodResource for FileShare {
     fn name(&self) -> &'static str {

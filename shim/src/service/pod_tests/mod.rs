@@ -384,6 +384,31 @@ async fn oom_kills_in_the_guest_become_oom_events() {
     assert_eq!(oom.as_deref(), Some(APP));
 }
 
+/// A real-looking id of a container elsewhere on the node.
+const SANDBOX_OF_ANOTHER_POD: &str = "4f1d0c2a9b8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c6b5a4938271605f4e";
+
+#[tokio::test]
+async fn a_guest_naming_strangers_or_flooding_oom_kills_publishes_one_event() {
+    let h = Harness::running_app().await;
+    h.vm().oom("not-in-this-pod");
+    h.vm().oom(SANDBOX_OF_ANOTHER_POD);
+    for _ in 0..50 {
+        h.vm().oom(APP);
+    }
+    // The watcher takes a report every 10 ms: give it the 52 and a margin.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let ooms: Vec<String> = h
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, e)| {
+            <dyn MessageDyn>::downcast_ref::<TaskOOM>(e.as_ref()).map(|e| e.container_id.clone())
+        })
+        .collect();
+    assert_eq!(ooms, [APP]);
+}
+
 #[tokio::test]
 async fn shutdown_with_tasks_left_stops_the_vm_and_forgets_every_task() {
     let h = Harness::running_app().await;
