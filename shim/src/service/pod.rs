@@ -206,22 +206,42 @@ impl Pod {
 
     pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, ShimError> {
         let pid = self.vm_pid().await;
+        let (kind, exec_spec, stdio) = {
+            let mut tasks = self.tasks.lock().await;
+            let (kind, process) = tasks.startable(id, exec_id)?;
+            process.starting = true;
+            (kind, process.exec_spec.clone(), process.stdio.clone())
+        };
+        // The guest is asked without the pod's task lock: a guest that stalls must not
+        // hold up Kill, Delete, State or Wait of the pod's tasks.
+        let in_guest = (kind, exec_id.is_empty()) != (TaskKind::Sandbox, true);
+        let started = if in_guest {
+            self.start_in_guest(id, exec_id, exec_spec, &stdio)
+                .await
+                .map(Some)
+        } else {
+            Ok(None)
+        };
         let mut tasks = self.tasks.lock().await;
-        let (kind, process) = tasks.startable(id, exec_id)?;
-        if (kind, exec_id.is_empty()) != (TaskKind::Sandbox, true) {
-            let vm = self.running_vm(id).await?;
-            let process_id = ProcessId::exec(id, exec_id);
-            if exec_id.is_empty() {
-                vm.start_container(id).await?;
-            } else {
-                let spec = std::mem::take(&mut process.exec_spec);
-                vm.exec_process(&process_id, spec, guest_stdio(&process.stdio))
-                    .await?;
-                process.pumps = Some(IoPumps::start(&vm, &process_id, &process.stdio)?);
+        let process = tasks.process_mut(id, exec_id)?;
+        process.starting = false;
+        // The VM may have died meanwhile and its watcher recorded the process as gone.
+        let still_created = process.status() == ProcessStatus::Created;
+        match started {
+            Ok(Some((vm, pumps))) if still_created => {
+                // An init's pumps started with its create; an exec's start now.
+                if pumps.is_some() {
+                    process.pumps = pumps;
+                }
+                process.exec_spec = Vec::new();
+                process.set_running();
+                // Under the lock: the exit it records waits for `set_running`.
+                watchers::watch_exit(self.recorder(), vm, ProcessId::exec(id, exec_id));
             }
-            watchers::watch_exit(self.recorder(), vm, process_id);
+            Ok(None) if still_created => process.set_running(),
+            Ok(_) => {}
+            Err(e) => return Err(e),
         }
-        process.set_running();
         drop(tasks);
         if exec_id.is_empty() {
             self.events.start(id, pid).await;
@@ -229,6 +249,26 @@ impl Pod {
             self.events.exec_started(id, exec_id, pid).await;
         }
         Ok(pid)
+    }
+
+    /// Starts a container's init or an exec in the guest; the exec's output pumps.
+    async fn start_in_guest(
+        &self,
+        id: &str,
+        exec_id: &str,
+        exec_spec: Vec<u8>,
+        stdio: &StdioPaths,
+    ) -> Result<(Arc<dyn PodVm>, Option<IoPumps>), ShimError> {
+        let vm = self.running_vm(id).await?;
+        if exec_id.is_empty() {
+            vm.start_container(id).await?;
+            return Ok((vm, None));
+        }
+        let process_id = ProcessId::exec(id, exec_id);
+        vm.exec_process(&process_id, exec_spec, guest_stdio(stdio))
+            .await?;
+        let pumps = IoPumps::start(&vm, &process_id, stdio)?;
+        Ok((vm, Some(pumps)))
     }
 
     pub async fn exec(

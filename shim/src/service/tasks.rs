@@ -49,6 +49,8 @@ pub struct Process {
     pub pumps: Option<IoPumps>,
     /// Somebody is recording this process's exit.
     exit_claimed: bool,
+    /// A Start is asking the guest to run it (outside the task lock).
+    pub starting: bool,
 }
 
 impl Process {
@@ -59,6 +61,7 @@ impl Process {
             exec_spec: Vec::new(),
             pumps: None,
             exit_claimed: false,
+            starting: false,
         }
     }
 
@@ -169,7 +172,7 @@ impl TaskTable {
         let kind = self.task(id)?.kind;
         let process = self.process_mut(id, exec_id)?;
         let status = process.status();
-        if status != ProcessStatus::Created {
+        if status != ProcessStatus::Created || process.starting {
             return Err(wrong_state(id, exec_id, status, "created"));
         }
         Ok((kind, process))
@@ -260,7 +263,11 @@ impl TaskTable {
     /// Takes an exec or a whole container out of the table; it must not be running.
     /// A created, never started process is deleted with exit code 0, as runc does.
     pub fn delete(&mut self, id: &str, exec_id: &str) -> Result<Deleted, ShimError> {
-        let status = self.process(id, exec_id)?.status();
+        let process = self.process(id, exec_id)?;
+        let status = process.status();
+        if process.starting {
+            return Err(wrong_state(id, exec_id, status, "stopped (it is starting)"));
+        }
         let (exit_code, exited_at) = match status {
             ProcessStatus::Running => return Err(wrong_state(id, exec_id, status, "stopped")),
             ProcessStatus::Stopped {

@@ -30,6 +30,8 @@ struct Guest {
     ooms: VecDeque<String>,
     /// The next CreateContainer fails with this status.
     fail_create: Option<ttrpc::Code>,
+    /// StartContainer does not answer while set.
+    stall_starts: bool,
     calls: Vec<String>,
     shutdowns: usize,
 }
@@ -92,6 +94,11 @@ impl FakeVm {
 
     pub fn oom(&self, id: &str) {
         self.change(|g| g.ooms.push_back(id.to_string()));
+    }
+
+    /// StartContainer hangs (a stalled guest) until called again with false.
+    pub fn stall_starts(&self, on: bool) {
+        self.change(|g| g.stall_starts = on);
     }
 
     pub fn fail_next_create(&self, code: ttrpc::Code) {
@@ -211,6 +218,9 @@ impl PodVm for FakeVm {
 
     async fn start_container(&self, container_id: &str) -> Result<(), SandboxError> {
         self.call(format!("start {container_id}"));
+        self.until("StartContainer", |g| (!g.stall_starts).then_some(()))
+            .await
+            .map_err(|e| container_error(container_id, e))?;
         self.answer("StartContainer", &ProcessId::init(container_id))
             .map_err(|e| container_error(container_id, e))
     }

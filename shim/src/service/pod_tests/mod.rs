@@ -384,6 +384,34 @@ async fn oom_kills_in_the_guest_become_oom_events() {
     assert_eq!(oom.as_deref(), Some(APP));
 }
 
+#[tokio::test]
+async fn a_guest_stalling_a_start_does_not_hold_up_the_pods_other_calls() {
+    let h = Harness::new();
+    h.create(SANDBOX, Some("sandbox")).await.unwrap();
+    h.pod.start(SANDBOX, "").await.unwrap();
+    h.create(APP, Some("container")).await.unwrap();
+    h.vm().stall_starts(true);
+    let pod = Arc::clone(&h.pod);
+    let start = tokio::spawn(async move { pod.start(APP, "").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let quick = Duration::from_secs(1);
+    tokio::time::timeout(quick, h.pod.state(SANDBOX, ""))
+        .await
+        .expect("State waited on the stalled start")
+        .unwrap();
+    tokio::time::timeout(quick, h.pod.kill(APP, "", 9, false))
+        .await
+        .expect("Kill waited on the stalled start")
+        .unwrap();
+    // A second Start, or a Delete, of the starting container is refused, not queued.
+    let again = tokio::time::timeout(quick, h.pod.start(APP, "")).await.unwrap();
+    assert_eq!(code(again.unwrap_err()), Code::FAILED_PRECONDITION);
+    let delete = tokio::time::timeout(quick, h.pod.delete(APP, "")).await.unwrap();
+    assert_eq!(code(delete.err().unwrap()), Code::FAILED_PRECONDITION);
+    h.vm().stall_starts(false);
+    start.await.unwrap().unwrap();
+}
+
 /// A real-looking id of a container elsewhere on the node.
 const SANDBOX_OF_ANOTHER_POD: &str = "4f1d0c2a9b8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c6b5a4938271605f4e";
 
