@@ -185,7 +185,10 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
         "QEMU is not in pod {uid}'s cgroup:\n{cgroups}"
     );
     let oom = std::fs::read_to_string(format!("/proc/{vm}/oom_score_adj"))?;
-    ensure!(oom.trim() == "1000", "QEMU's oom_score_adj is {oom:?}, not BestEffort's 1000");
+    ensure!(
+        oom.trim() == "1000",
+        "QEMU's oom_score_adj is {oom:?}, not BestEffort's 1000"
+    );
     Ok(())
 }
 

@@ -34,6 +34,9 @@ pub enum AgentError {
         code: ttrpc::Code,
         message: String,
     },
+    /// The guest answered something no agent of ours sends: it is broken or hostile.
+    #[error("agent {method}: a reply no agent sends ({what}); treating the guest as broken")]
+    BadReply { method: &'static str, what: String },
     /// The call never got an answer: the connection broke or the VM is gone.
     #[error("agent {method}: the connection to the agent broke")]
     Connection {
@@ -69,7 +72,11 @@ impl AgentError {
     pub fn code(&self) -> Option<ttrpc::Code> {
         match self {
             AgentError::Status { code, .. } => Some(*code),
-            _ => None,
+            AgentError::BadReply { .. } => Some(ttrpc::Code::INTERNAL),
+            AgentError::Transport(_)
+            | AgentError::Timeout { .. }
+            | AgentError::ProtocolMismatch { .. }
+            | AgentError::Connection { .. } => None,
         }
     }
 }
@@ -130,6 +137,14 @@ pub struct AgentInfo {
 
 fn control() -> ttrpc::context::Context {
     ttrpc::context::with_duration(CONTROL_CALL_TIMEOUT)
+}
+
+/// Metrics: containerd collects every task's stats on the node one after another, so a
+/// guest that does not answer may hold that up this long at most.
+const STATS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn metrics() -> ttrpc::context::Context {
+    ttrpc::context::with_duration(STATS_CALL_TIMEOUT)
 }
 
 fn blocking() -> ttrpc::context::Context {
@@ -255,7 +270,7 @@ impl AgentClient {
 
     pub async fn stats(&self, container_id: &str) -> Result<pb::ContainerStats, AgentError> {
         self.inner
-            .stats_container(control(), &container_req(container_id))
+            .stats_container(metrics(), &container_req(container_id))
             .await
             .map_err(|e| AgentError::from_ttrpc("StatsContainer", e))
     }
@@ -336,7 +351,14 @@ impl AgentClient {
     ) -> Result<(), AgentError> {
         while !data.is_empty() {
             let written = self.write_stdin(process, data.to_vec()).await? as usize;
-            data = &data[written.min(data.len())..];
+            // Zero would loop forever, more than was sent is a lie.
+            if written == 0 || written > data.len() {
+                return Err(AgentError::BadReply {
+                    method: "WriteStdin",
+                    what: format!("{written} of {} bytes written", data.len()),
+                });
+            }
+            data = &data[written..];
         }
         Ok(())
     }
@@ -376,6 +398,14 @@ impl AgentClient {
         if reply.eof && reply.data.is_empty() {
             return Ok(None);
         }
+        // The agent blocks until it has data: an empty answer would make the pump spin,
+        // a larger one than asked for would grow the shim.
+        if reply.data.is_empty() || reply.data.len() > max_bytes as usize {
+            return Err(AgentError::BadReply {
+                method: "ReadStream",
+                what: format!("{} bytes for at most {max_bytes}", reply.data.len()),
+            });
+        }
         Ok(Some(reply.data))
     }
 
@@ -414,6 +444,9 @@ fn container_req(container_id: &str) -> pb::ContainerRequest {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod hostile_tests;
 
 #[cfg(test)]
 mod tests {

@@ -34,7 +34,14 @@ fn plan_of(path: &str) -> CgroupPlan {
 
 #[test]
 fn paths_that_climb_or_malformed_slices_are_refused() {
-    for bad in ["/kubepods/../../etc", "..", "/", "a--b.slice:p:n", "-a.slice:p:n", "x:p:n"] {
+    for bad in [
+        "/kubepods/../../etc",
+        "..",
+        "/",
+        "a--b.slice:p:n",
+        "-a.slice:p:n",
+        "x:p:n",
+    ] {
         assert!(
             matches!(plan(&spec_with_path(bad)), Err(CgroupError::BadPath { .. })),
             "{bad}"
@@ -61,7 +68,10 @@ fn v1_joins_each_accounting_hierarchy_once_and_v2_the_one() {
     let root = std::fs::canonicalize(v1.path()).unwrap();
     assert_eq!(
         dirs,
-        [root.join("memory/pods/p1"), root.join("cpu,cpuacct/pods/p1")]
+        [
+            root.join("memory/pods/p1"),
+            root.join("cpu,cpuacct/pods/p1")
+        ]
     );
     let v2 = tempfile::tempdir().unwrap();
     std::fs::write(v2.path().join("cgroup.controllers"), "cpu memory").unwrap();
@@ -90,13 +100,19 @@ async fn made_dirs_are_joined_and_only_they_are_removed() {
     // (A real cgroup dir has cgroup.procs; a plain dir takes the write as a new file.)
     cgroup.adopt(42).unwrap();
     for dir in &cgroup.dirs {
-        assert_eq!(std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(), "42");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(),
+            "42"
+        );
         std::fs::remove_file(dir.join("cgroup.procs")).unwrap();
     }
     cgroup.remove_dirs().await;
     assert!(root.join("memory/pods/p1").is_dir(), "kubelet's dir stays");
     assert!(!root.join("memory/pods/p1/sandbox").exists());
-    assert!(!root.join("cpu,cpuacct/pods").exists(), "what Spry made goes");
+    assert!(
+        !root.join("cpu,cpuacct/pods").exists(),
+        "what Spry made goes"
+    );
 }
 
 #[test]
@@ -106,7 +122,13 @@ fn oom_score_adj_is_only_ever_raised() {
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("oom_score_adj"), "-997\n").unwrap();
     assert!(raise_oom_score_adj(proc.path(), 7, 1000).unwrap());
-    assert_eq!(std::fs::read_to_string(dir.join("oom_score_adj")).unwrap(), "1000");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("oom_score_adj")).unwrap(),
+        "1000"
+    );
     assert!(!raise_oom_score_adj(proc.path(), 7, 500).unwrap());
-    assert_eq!(std::fs::read_to_string(dir.join("oom_score_adj")).unwrap(), "1000");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("oom_score_adj")).unwrap(),
+        "1000"
+    );
 }

@@ -83,7 +83,10 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let mut report = Report::default();
         replace(&link, "original", "first change", false, &mut report).unwrap();
-        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
         assert_eq!(std::fs::read_to_string(&real).unwrap(), "first change");
         assert_eq!(mode(&real), 0o600);
         let backup = dir.path().join("config.toml.spry-backup");
@@ -101,6 +104,9 @@ mod tests {
         let mut report = Report::default();
         replace(&path, "", "version = 3\n", false, &mut report).unwrap();
         assert_eq!(mode(&path), 0o644);
-        assert!(!dir.path().join("etc/containerd/config.toml.spry-backup").exists());
+        assert!(!dir
+            .path()
+            .join("etc/containerd/config.toml.spry-backup")
+            .exists());
     }
 }

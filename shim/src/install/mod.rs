@@ -329,7 +329,6 @@ fn write(path: &Path, text: &str, dry_run: bool, report: &mut Report) -> Result<
     write_atomically(path, text.as_bytes(), 0o644)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,9 +414,13 @@ mod tests {
             dir.path(),
             "containerd github.com/containerd/containerd/v2 v2.2.9 x",
         );
-        std::fs::write(&opts.containerd_config, "version = 3
+        std::fs::write(
+            &opts.containerd_config,
+            "version = 3
 [plugins
-").unwrap();
+",
+        )
+        .unwrap();
         assert!(install(&opts).is_err());
         assert!(!opts.prefix.exists(), "binaries were copied");
         assert_eq!(

@@ -21,10 +21,10 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::agent_client::{
     AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport,
 };
+use crate::cgroup::{CgroupPlan, PodCgroup};
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
-use crate::cgroup::{CgroupPlan, PodCgroup};
 use crate::volumes::{ContainerDevices, FileShare, FileShareConfig, PodLocalDisks, VolumeWatches};
 
 pub use network::PodNetwork;

@@ -104,9 +104,10 @@ pub async fn resolve(config: &VmConfig, state_root: &Path) -> Accel {
                     match verdict {
                         Verdict::Kvm => (Accel::Kvm, None),
                         Verdict::Unusable(r) | Verdict::Slow(r) => (Accel::Tcg, Some(r)),
-                        Verdict::Inconclusive(r) => {
-                            (Accel::Tcg, Some(format!("the KVM probe could not run: {r}")))
-                        }
+                        Verdict::Inconclusive(r) => (
+                            Accel::Tcg,
+                            Some(format!("the KVM probe could not run: {r}")),
+                        ),
                     }
                 }
             };
@@ -164,7 +165,11 @@ fn write_cache(path: &Path, record: &ProbeRecord) {
 async fn probe(config: &VmConfig, state_root: &Path) -> Verdict {
     let started = Instant::now();
     let verdict = probe_inner(config, state_root).await;
-    tracing::info!(?verdict, elapsed_ms = started.elapsed().as_millis() as u64, "KVM probe done");
+    tracing::info!(
+        ?verdict,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "KVM probe done"
+    );
     verdict
 }
 
@@ -195,11 +200,7 @@ async fn probe_inner(config: &VmConfig, state_root: &Path) -> Verdict {
 
 /// Boots the VM's kernel and initramfs under KVM without devices and waits for the
 /// kernel to reach /init.
-async fn boot_probe_guest(
-    config: &VmConfig,
-    state_root: &Path,
-    tsc_khz: u64,
-) -> Verdict {
+async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) -> Verdict {
     let dir = match ProbeDir::create(state_root) {
         Ok(dir) => dir,
         Err(error) => {
@@ -354,10 +355,16 @@ mod tests {
     fn cache_hits_only_on_the_same_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(PROBE_CACHE_FILE);
-        let record = Verdict::Unusable("crashed".into()).record("k1".into(), 100).unwrap();
+        let record = Verdict::Unusable("crashed".into())
+            .record("k1".into(), 100)
+            .unwrap();
         write_cache(&path, &record);
         assert_eq!(read_cache(&path, "k1", 100), Some(record.clone()));
-        assert_eq!(read_cache(&path, "k1", u64::MAX), Some(record), "holds for the boot");
+        assert_eq!(
+            read_cache(&path, "k1", u64::MAX),
+            Some(record),
+            "holds for the boot"
+        );
         assert_eq!(read_cache(&path, "k2", 100), None);
         std::fs::write(&path, "{garbage").unwrap();
         assert_eq!(read_cache(&path, "k1", 100), None);
@@ -367,7 +374,9 @@ mod tests {
     fn a_slow_guest_is_retried_later_and_a_probe_that_could_not_run_is_never_cached() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(PROBE_CACHE_FILE);
-        let slow = Verdict::Slow("busy".into()).record("k".into(), 1000).unwrap();
+        let slow = Verdict::Slow("busy".into())
+            .record("k".into(), 1000)
+            .unwrap();
         assert_eq!(slow.accel, Accel::Tcg);
         write_cache(&path, &slow);
         assert!(read_cache(&path, "k", 1000 + SLOW_RETRY_AFTER.as_secs() - 1).is_some());

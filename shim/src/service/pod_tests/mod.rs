@@ -404,16 +404,21 @@ async fn a_guest_stalling_a_start_does_not_hold_up_the_pods_other_calls() {
         .expect("Kill waited on the stalled start")
         .unwrap();
     // A second Start, or a Delete, of the starting container is refused, not queued.
-    let again = tokio::time::timeout(quick, h.pod.start(APP, "")).await.unwrap();
+    let again = tokio::time::timeout(quick, h.pod.start(APP, ""))
+        .await
+        .unwrap();
     assert_eq!(code(again.unwrap_err()), Code::FAILED_PRECONDITION);
-    let delete = tokio::time::timeout(quick, h.pod.delete(APP, "")).await.unwrap();
+    let delete = tokio::time::timeout(quick, h.pod.delete(APP, ""))
+        .await
+        .unwrap();
     assert_eq!(code(delete.err().unwrap()), Code::FAILED_PRECONDITION);
     h.vm().stall_starts(false);
     start.await.unwrap().unwrap();
 }
 
 /// A real-looking id of a container elsewhere on the node.
-const SANDBOX_OF_ANOTHER_POD: &str = "4f1d0c2a9b8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c6b5a4938271605f4e";
+const SANDBOX_OF_ANOTHER_POD: &str =
+    "4f1d0c2a9b8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c6b5a4938271605f4e";
 
 #[tokio::test]
 async fn a_guest_naming_strangers_or_flooding_oom_kills_publishes_one_event() {
