@@ -190,9 +190,31 @@ impl LayerCache {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "erofs") {
                 delete_if_unused(&path);
+            } else if is_orphan_build(&path) {
+                // A build whose shim died mid-way.
+                let _ = std::fs::remove_file(&path);
             }
         }
     }
+}
+
+/// A build's temporary file (`.<key>.<pid>-<n>.tmp`) whose process is gone.
+fn is_orphan_build(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+        return false;
+    };
+    let Some(pid) = stem
+        .rsplit('.')
+        .next()
+        .and_then(|tail| tail.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    !Path::new("/proc").join(pid.to_string()).exists()
 }
 
 /// Deletes the image at `path` if no user holds it, then the cache dir if it is empty.
@@ -251,6 +273,16 @@ fn same_file(file: &File, path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_builds_of_dead_processes_are_orphans() {
+        let mine = format!(".abc123.{}-0.tmp", std::process::id());
+        assert!(!is_orphan_build(Path::new(&mine)));
+        // PIDs are below 2^22 on Linux: this one cannot be alive.
+        assert!(is_orphan_build(Path::new(".abc123.4999999-3.tmp")));
+        assert!(!is_orphan_build(Path::new("abc123.erofs")));
+        assert!(!is_orphan_build(Path::new(".abc123.lock")));
+    }
 
     fn layer(root: &Path, name: &str, file: &str) -> PathBuf {
         let dir = root.join(name);

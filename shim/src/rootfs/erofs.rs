@@ -4,6 +4,10 @@ use std::path::{Path, PathBuf};
 
 use tokio::process::Command;
 
+/// Free space kept beyond an image's estimated size: the state dir is usually tmpfs
+/// (host RAM) shared by every pod on the node.
+const RESERVE_BYTES: u64 = 64 << 20;
+
 /// Failure to build an erofs image.
 #[derive(Debug, thiserror::Error)]
 pub enum ErofsError {
@@ -11,6 +15,17 @@ pub enum ErofsError {
     Spawn {
         #[source]
         source: std::io::Error,
+    },
+    #[error(
+        "the rootfs image of {source_dir} needs about {needed_mib} MiB but {dir} has \
+         {free_mib} MiB free (host RAM when it is tmpfs): free space there or set \
+         state_dir to a disk"
+    )]
+    NoRoom {
+        source_dir: PathBuf,
+        dir: PathBuf,
+        needed_mib: u64,
+        free_mib: u64,
     },
     #[error("mkfs.erofs failed to build {image} from {source_dir}: {stderr}")]
     Failed {
@@ -22,24 +37,81 @@ pub enum ErofsError {
 
 /// Packs `dir` into a read-only erofs image at `image` (replacing it). Timestamps are
 /// kept as they are; ownership and modes too, so the container sees the same tree.
+/// Refuses when the image's file system lacks room for it; a build that is cancelled
+/// (its future dropped) kills `mkfs.erofs` and removes the partial image.
 pub async fn build_image(dir: &Path, image: &Path) -> Result<(), ErofsError> {
+    check_room(dir, image)?;
+    let partial = RemoveOnDrop(image.to_path_buf());
     let output = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg(image)
         .arg(dir)
         .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|source| ErofsError::Spawn { source })?;
     if !output.status.success() {
-        let _ = std::fs::remove_file(image);
         return Err(ErofsError::Failed {
             image: image.to_path_buf(),
             source_dir: dir.to_path_buf(),
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
+    std::mem::forget(partial);
     Ok(())
+}
+
+/// Removes a file when dropped (a build that failed or was cancelled).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The image is about the size of the tree's file data; refuse when the file system the
+/// image goes to does not have that plus a reserve.
+fn check_room(dir: &Path, image: &Path) -> Result<(), ErofsError> {
+    let Some(target_dir) = image.parent() else {
+        return Ok(());
+    };
+    let Ok(stat) = nix::sys::statvfs::statvfs(target_dir) else {
+        return Ok(()); // mkfs.erofs will say what is wrong with the dir
+    };
+    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let needed = tree_bytes(dir);
+    if needed + RESERVE_BYTES > free {
+        return Err(ErofsError::NoRoom {
+            source_dir: dir.to_path_buf(),
+            dir: target_dir.to_path_buf(),
+            needed_mib: needed.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        });
+    }
+    Ok(())
+}
+
+/// Bytes of file data under `dir` (symlinks not followed, other file systems included,
+/// as mkfs.erofs packs them).
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else if meta.is_file() {
+                total += meta.len();
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]
@@ -56,6 +128,51 @@ mod tests {
         let bytes = std::fs::read(&image).unwrap();
         // The erofs superblock sits at offset 1024 and starts with 0xE0F5E1E2 (LE).
         assert_eq!(&bytes[1024..1028], &0xE0F5_E1E2u32.to_le_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_tree_larger_than_the_free_space_is_refused_before_mkfs() {
+        // A 1 MiB tmpfs cannot take a 2 MiB tree (the reserve alone is 64 MiB).
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small");
+        std::fs::create_dir(&small).unwrap();
+        let mounted = nix::mount::mount(
+            Some("tmpfs"),
+            &small,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        );
+        if mounted.is_err() {
+            panic!("this test needs root (to mount a small tmpfs)");
+        }
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("big"), vec![7u8; 2 << 20]).unwrap();
+        let image = small.join("img.erofs");
+        let err = build_image(&root, &image).await.unwrap_err();
+        let _ = nix::mount::umount(&small);
+        assert!(
+            matches!(err, ErofsError::NoRoom { needed_mib: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("state_dir"));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_build_leaves_no_partial_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        for i in 0..2000 {
+            std::fs::write(root.join(format!("f{i}")), vec![i as u8; 4096]).unwrap();
+        }
+        let image = dir.path().join("img.erofs");
+        let build = build_image(&root, &image);
+        // Cancelled almost at once: mkfs.erofs is killed and its output removed.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(5), build).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!image.exists(), "a partial image is left");
     }
 
     #[tokio::test]
