@@ -7,6 +7,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{build_template, Template, TemplateError, TemplatePolicy, TemplateStore};
+use crate::agent_client::AgentError;
 use crate::error_chain;
 use crate::rootfs::RootfsShare;
 use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity};
@@ -117,6 +118,7 @@ pub async fn start_sandbox(
     .await;
     match restored {
         Ok(sandbox) => {
+            request.store.clear_slow_restores(&key);
             info!(
                 template = %template.dir.display(),
                 elapsed_ms = started.elapsed().as_millis() as u64,
@@ -128,21 +130,75 @@ pub async fn start_sandbox(
                 rebuild: None,
             })
         }
-        Err(error) => {
-            warn!(
-                template = %template.dir.display(),
-                error = %error_chain(&error),
-                "restoring from the VM template failed; booting this pod cold and rebuilding the template in the background"
-            );
-            discard(&request.store, &template);
-            let rebuild = spawn_rebuild(&request, key);
-            let sandbox = cold(&request, make_share).await?;
-            Ok(Launch {
-                sandbox,
-                restored: false,
-                rebuild: Some(rebuild),
-            })
+        Err(error) => match blame(&error) {
+            Blame::Request => Err(error),
+            Blame::Load if request.store.note_slow_restore(&key) < MAX_SLOW_RESTORES => {
+                warn!(
+                    error = %error_chain(&error),
+                    "the restored VM did not answer in time (a busy node?); booting this pod cold and keeping the template"
+                );
+                let sandbox = cold(&request, make_share).await?;
+                Ok(Launch {
+                    sandbox,
+                    restored: false,
+                    rebuild: None,
+                })
+            }
+            Blame::Load | Blame::Template => {
+                warn!(
+                    template = %template.dir.display(),
+                    error = %error_chain(&error),
+                    "restoring from the VM template failed; booting this pod cold and rebuilding the template in the background"
+                );
+                discard(&request.store, &template);
+                let rebuild = spawn_rebuild(&request, key);
+                let sandbox = cold(&request, make_share).await?;
+                Ok(Launch {
+                    sandbox,
+                    restored: false,
+                    rebuild: Some(rebuild),
+                })
+            }
+        },
+    }
+}
+
+/// Clones of one template that did not answer in time, in a row, before it is taken
+/// for damaged rather than the node for busy.
+const MAX_SLOW_RESTORES: u32 = 3;
+
+/// Whose fault a failed restore is, which decides what happens to the template.
+#[derive(Debug, PartialEq, Eq)]
+enum Blame {
+    /// The pod's own request (the guest refused its identity, a host resource of the pod
+    /// failed): a cold boot would fail the same way, and the template is fine.
+    Request,
+    /// The clone ran but did not answer in time: a loaded node, most likely. Boot cold
+    /// this once; rebuilding would only add load.
+    Load,
+    /// QEMU refused the template or the clone died: discard and rebuild it.
+    Template,
+}
+
+fn blame(error: &SandboxError) -> Blame {
+    match error {
+        SandboxError::Agent {
+            source: AgentError::Status { .. },
+            ..
         }
+        | SandboxError::Resource(_)
+        | SandboxError::Volume(_) => Blame::Request,
+        SandboxError::Agent {
+            source: AgentError::Timeout { .. },
+            ..
+        } => Blame::Load,
+        SandboxError::StartVm { .. }
+        | SandboxError::DiedDuringBoot { .. }
+        | SandboxError::Agent { .. }
+        | SandboxError::Container { .. }
+        | SandboxError::ContainerExists { .. }
+        | SandboxError::Rootfs(_)
+        | SandboxError::StopVm { .. } => Blame::Template,
     }
 }
 
@@ -215,4 +271,35 @@ fn spawn_rebuild(request: &LaunchRequest, key: String) -> JoinHandle<()> {
             Err(e) => info!(error = %error_chain(&e), "VM template rebuild failed"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_of_the_template_itself_discard_it() {
+        let refused = SandboxError::Agent {
+            id: "p".into(),
+            source: AgentError::Status {
+                method: "CreateSandbox",
+                code: ttrpc::Code::INVALID_ARGUMENT,
+                message: "bad hostname".into(),
+            },
+        };
+        assert_eq!(blame(&refused), Blame::Request);
+        let slow = SandboxError::Agent {
+            id: "p".into(),
+            source: AgentError::Timeout {
+                timeout: Duration::from_secs(10),
+            },
+        };
+        assert_eq!(blame(&slow), Blame::Load);
+        let died = SandboxError::DiedDuringBoot {
+            id: "p".into(),
+            exit: "exit 1".into(),
+            console_tail: String::new(),
+        };
+        assert_eq!(blame(&died), Blame::Template);
+    }
 }

@@ -219,6 +219,7 @@ impl TemplateStore {
         }
         std::fs::remove_dir_all(&dir).map_err(Self::io_error(&dir))?;
         let _ = std::fs::remove_file(self.failure_file(key));
+        self.clear_slow_restores(key);
         Ok(())
     }
 
@@ -230,6 +231,7 @@ impl TemplateStore {
         }
         std::fs::rename(build_dir, &dir).map_err(Self::io_error(&dir))?;
         let _ = std::fs::remove_file(self.failure_file(key));
+        self.clear_slow_restores(key);
         check(&dir).map_err(|damage| TemplateError::Damaged { dir, damage })
     }
 
@@ -251,6 +253,30 @@ impl TemplateStore {
                 }
             }
         }
+    }
+
+    fn slow_restores_file(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.slow-restores"))
+    }
+
+    /// Counts a restore of `key` whose clone did not answer in time; how many in a row.
+    /// (Shims are per pod: the count lives next to the template.)
+    pub fn note_slow_restore(&self, key: &str) -> u32 {
+        let path = self.slow_restores_file(key);
+        let count = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+            .unwrap_or(0)
+            .saturating_add(1);
+        if let Err(e) = std::fs::write(&path, count.to_string()) {
+            warn!(path = %path.display(), error = %e, "cannot count a slow template restore");
+        }
+        count
+    }
+
+    /// A restore of `key` answered: the slow ones before were the node's load.
+    pub fn clear_slow_restores(&self, key: &str) {
+        let _ = std::fs::remove_file(self.slow_restores_file(key));
     }
 
     fn failure_file(&self, key: &str) -> PathBuf {
@@ -358,6 +384,18 @@ mod tests {
         };
         std::fs::write(dir.join(MANIFEST), serde_json::to_vec(&manifest).unwrap()).unwrap();
         dir
+    }
+
+    #[test]
+    fn slow_restores_count_up_until_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(dir.path().join("templates"));
+        std::fs::create_dir_all(store.root()).unwrap();
+        assert_eq!(store.note_slow_restore("k"), 1);
+        assert_eq!(store.note_slow_restore("k"), 2);
+        assert_eq!(store.note_slow_restore("other"), 1);
+        store.clear_slow_restores("k");
+        assert_eq!(store.note_slow_restore("k"), 1);
     }
 
     #[test]
