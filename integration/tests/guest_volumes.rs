@@ -229,14 +229,22 @@ impl Drop for LoopDevice {
 #[test]
 fn a_host_block_device_reaches_the_container_at_its_path() -> Result<()> {
     require_root()?;
-    let node = SpryNode::start("spry-blk", false)?;
+    let node = SpryNode::start("spry-blk", true)?;
     let leaks = node.containerd.leak_check()?;
+    for runtime in ["spry-cold", "spry"] {
+        check_block_devices(&node, runtime)?;
+    }
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+fn check_block_devices(node: &SpryNode, runtime: &str) -> Result<()> {
     let crictl = node.containerd.crictl();
     let rw = LoopDevice::new()?;
     let ro = LoopDevice::new()?;
-    let pod_cfg = PodConfig::new("blk").write_to(&node.containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
-    let cfg = ContainerConfig::new("blk-a", &node.image)
+    let pod_cfg = PodConfig::new(&format!("blk-{runtime}")).write_to(&node.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some(runtime))?;
+    let cfg = ContainerConfig::new(&format!("blk-{runtime}-a"), &node.image)
         .command(&["sleep", "3600"])
         .patch(serde_json::json!({ "devices": [
             { "container_path": "/dev/xvdb", "host_path": rw.node, "permissions": "rwm" },
@@ -299,6 +307,5 @@ fn a_host_block_device_reaches_the_container_at_its_path() -> Result<()> {
     );
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
-    leaks.assert_clean()?;
     Ok(())
 }

@@ -382,22 +382,30 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
 /// the test image's busybox has no inotifyd).
 #[test]
 fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
-    use spry_integration::atomic_writer;
     require_root()?;
     let sources = tempfile::Builder::new()
         .prefix("spry-cm-src-")
         .tempdir_in("/var/tmp")?;
-    let node = SpryNode::start("spry-cm", false)?;
+    let node = SpryNode::start("spry-cm", true)?;
+    let leaks = node.containerd.leak_check()?;
+    for runtime in ["spry-cold", "spry"] {
+        check_configmap_updates(&node, runtime, &sources.path().join(runtime))?;
+    }
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+fn check_configmap_updates(node: &SpryNode, runtime: &str, sources: &Path) -> Result<()> {
+    use spry_integration::atomic_writer;
     let (containerd, image) = (&node.containerd, node.image.clone());
-    let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
-    let cfg = sources.path().join("volumes/kubernetes.io~configmap/cfg");
-    let out = sources.path().join("out");
+    let cfg = sources.join("volumes/kubernetes.io~configmap/cfg");
+    let out = sources.join("out");
     std::fs::create_dir_all(&out)?;
     atomic_writer::write_version(&cfg, "v0")?;
-    let pod_cfg = PodConfig::new("configmap").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
-    let watcher = ContainerConfig::new("configmap-watcher", &image)
+    let pod_cfg = PodConfig::new(&format!("configmap-{runtime}")).write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some(runtime))?;
+    let watcher = ContainerConfig::new(&format!("configmap-watcher-{runtime}"), &image)
         .command(&["sh", "-c", atomic_writer::WATCHER])
         .mount(&cfg, "/cfg", true)
         .mount(&out, "/out", false)
@@ -435,7 +443,7 @@ fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
         latencies[latencies.len() / 2],
         latencies[latencies.len() - 1],
     );
-    eprintln!("configMap update → guest: p50 {p50:?}, max {max:?}");
+    eprintln!("{runtime}: configMap update → guest: p50 {p50:?}, max {max:?}");
     ensure!(max < Duration::from_secs(2), "an update took {max:?}");
     let text = std::fs::read_to_string(&seen)?;
     ensure!(
@@ -444,6 +452,5 @@ fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
     );
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
-    leaks.assert_clean()?;
     Ok(())
 }
