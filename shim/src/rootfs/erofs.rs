@@ -80,7 +80,7 @@ fn check_room(dir: &Path, image: &Path) -> Result<(), ErofsError> {
     let Ok(stat) = nix::sys::statvfs::statvfs(target_dir) else {
         return Ok(()); // mkfs.erofs will say what is wrong with the dir
     };
-    let free = stat.blocks_available() as u64 * stat.fragment_size() as u64;
+    let free = stat.blocks_available() * stat.fragment_size();
     let needed = tree_bytes(dir);
     if needed + RESERVE_BYTES > free {
         return Err(ErofsError::NoRoom {
