@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use super::{write_atomically, InstallError, Report};
+use super::{write_atomically, InstallError, InstallOptions, Report};
 
 /// A new config file's mode.
 const NEW_FILE_MODE: u32 = 0o644;
@@ -27,6 +27,26 @@ pub fn target(path: &Path) -> Result<PathBuf, InstallError> {
 /// `path`'s permission bits, or a new file's.
 fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).map_or(NEW_FILE_MODE, |m| m.permissions().mode() & 0o7777)
+}
+
+/// Writes containerd's config `patched` over `current` when they differ; whether it did.
+pub fn apply(
+    opts: &InstallOptions,
+    current: &str,
+    patched: &str,
+    report: &mut Report,
+) -> Result<bool, InstallError> {
+    if patched == current {
+        return Ok(false);
+    }
+    replace(
+        &opts.containerd_config,
+        current,
+        patched,
+        opts.dry_run,
+        report,
+    )?;
+    Ok(true)
 }
 
 /// Replaces the config at `path` (through a symlink) with `text`, keeping its mode; backs

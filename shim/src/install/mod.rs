@@ -148,14 +148,7 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
         let text = default_spry_config(&opts.guest_target());
         write(&opts.spry_config, &text, opts.dry_run, &mut report)?;
     }
-    if patched != current {
-        config_file::replace(
-            &opts.containerd_config,
-            &current,
-            &patched,
-            opts.dry_run,
-            &mut report,
-        )?;
+    if config_file::apply(opts, &current, &patched, &mut report)? {
         report.containerd_config_changed = true;
     } else {
         report.actions.push(format!(
@@ -201,16 +194,7 @@ pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
     let mut report = Report::default();
     let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
     let patched = remove_handler(&current, &opts.containerd_config)?;
-    if patched != current {
-        config_file::replace(
-            &opts.containerd_config,
-            &current,
-            &patched,
-            opts.dry_run,
-            &mut report,
-        )?;
-        report.containerd_config_changed = true;
-    }
+    report.containerd_config_changed = config_file::apply(opts, &current, &patched, &mut report)?;
     let files = BINARIES
         .iter()
         .chain(OPTIONAL_BINARIES.iter())
