@@ -355,6 +355,25 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
         used = writable_layer_bytes(&crictl, &ctr)?;
     }
     eprintln!("crictl stats: writable layer {} MiB", used >> 20);
+    // Memory stats mean what runc's mean: no limit → no availableBytes (not ~2^64),
+    // rssBytes and page faults from the guest cgroup.
+    let memory = &crictl.stats(&ctr)?["memory"];
+    let number = |key: &str| -> u64 {
+        let v = &memory[key]["value"];
+        v.as_str()
+            .and_then(|s| s.parse().ok())
+            .or_else(|| v.as_u64())
+            .unwrap_or(0)
+    };
+    ensure!(
+        number("availableBytes") == 0,
+        "availableBytes {} without a memory limit: {memory}",
+        number("availableBytes")
+    );
+    ensure!(
+        number("rssBytes") > 0 && number("pageFaults") > 0,
+        "no rssBytes or pageFaults: {memory}"
+    );
     // Deleting the file frees the host's blocks again (discard → holes in the image).
     run(&crictl, &ctr, &["sh", "-c", "rm /big && sync"])?;
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -42,6 +42,9 @@ pub struct CgroupStats {
     pub pids_current: u64,
     pub pids_limit: u64,
     pub oom_kills: u64,
+    pub memory_anon_bytes: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
 }
 
 /// One container's cgroup directory.
@@ -95,7 +98,9 @@ impl Cgroup {
         let cpu = self.read_optional("cpu.stat")?.unwrap_or_default();
         let usec = |key| flat_keyed(&cpu, key).unwrap_or(0).saturating_mul(1000);
         let memory_usage_bytes = self.single_value("memory.current")?;
-        let inactive_file = self.keyed_value("memory.stat", "inactive_file")?;
+        let memory_stat = self.read_optional("memory.stat")?.unwrap_or_default();
+        let memory = |key| flat_keyed(&memory_stat, key).unwrap_or(0);
+        let inactive_file = memory("inactive_file");
         Ok(CgroupStats {
             cpu_usage_nanos: usec("usage_usec"),
             cpu_user_nanos: usec("user_usec"),
@@ -106,6 +111,9 @@ impl Cgroup {
             pids_current: self.single_value("pids.current")?,
             pids_limit: self.single_value("pids.max")?,
             oom_kills: self.oom_kills()?,
+            memory_anon_bytes: memory("anon"),
+            page_faults: memory("pgfault"),
+            major_page_faults: memory("pgmajfault"),
         })
     }
 
@@ -285,7 +293,7 @@ mod tests {
         write("memory.max", "max\n");
         write(
             "memory.stat",
-            "anon 100\ninactive_file 2500\nactive_file 3\n",
+            "anon 100\ninactive_file 2500\nactive_file 3\npgfault 40\npgmajfault 2\n",
         );
         write("pids.current", "3\n");
         write("pids.max", "64\n");
@@ -304,6 +312,9 @@ mod tests {
                 pids_current: 3,
                 pids_limit: 64,
                 oom_kills: 1,
+                memory_anon_bytes: 100,
+                page_faults: 40,
+                major_page_faults: 2,
             }
         );
         assert_eq!(cgroup.pids().unwrap(), vec![7, 12]);

@@ -271,6 +271,9 @@ impl Agent for AgentService {
         reply.pids_current = stats.pids_current;
         reply.pids_limit = stats.pids_limit;
         reply.oom_kills = stats.oom_kills;
+        reply.memory_anon_bytes = stats.memory_anon_bytes;
+        reply.page_faults = stats.page_faults;
+        reply.major_page_faults = stats.major_page_faults;
         reply.timestamp_nanos = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| Duration::from(t).as_nanos() as u64)
             .unwrap_or(0);

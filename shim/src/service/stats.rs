@@ -20,7 +20,17 @@ pub fn to_metrics(stats: &ContainerStats) -> Metrics {
     metrics.cpu = Some(cpu).into();
     let mut memory = MemoryStat::new();
     memory.usage = stats.memory_usage_bytes;
-    memory.usage_limit = stats.memory_limit_bytes;
+    // cgroup v2's "max" reads as u64::MAX through containerd's cgroups library, and CRI
+    // reports availableBytes 0 for any limit above 2^62; a 0 here would make it
+    // 0 - working set, about 2^64.
+    memory.usage_limit = match stats.memory_limit_bytes {
+        0 => u64::MAX,
+        limit => limit,
+    };
+    // CRI's rssBytes, pageFaults and majorPageFaults.
+    memory.anon = stats.memory_anon_bytes;
+    memory.pgfault = stats.page_faults;
+    memory.pgmajfault = stats.major_page_faults;
     // CRI computes the working set as usage - inactive_file.
     memory.inactive_file = stats
         .memory_usage_bytes
@@ -66,5 +76,23 @@ mod tests {
         assert_eq!(m.memory.usage - m.memory.inactive_file, 60);
         assert_eq!(m.memory.usage_limit, 1000);
         assert_eq!(m.pids.current, 3);
+    }
+
+    #[test]
+    fn no_limit_reads_as_cgroup_max_and_rss_and_faults_pass_through() {
+        let stats = ContainerStats {
+            memory_usage_bytes: 100,
+            memory_working_set_bytes: 60,
+            memory_anon_bytes: 40,
+            page_faults: 9,
+            major_page_faults: 1,
+            ..Default::default()
+        };
+        let m = to_metrics(&stats);
+        assert_eq!(m.memory.usage_limit, u64::MAX);
+        assert_eq!(
+            (m.memory.anon, m.memory.pgfault, m.memory.pgmajfault),
+            (40, 9, 1)
+        );
     }
 }
