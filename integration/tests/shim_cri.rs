@@ -247,6 +247,31 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         out.stdout.trim() == "still-here",
         "exec after restart: {out:?}"
     );
+    // Events still reach the restarted containerd: an OOM kill is known to CRI only
+    // through the shim's /tasks/oom event (its exit alone reads as an error exit).
+    let hog = ContainerConfig::new("hog", &image)
+        .command(&["dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"])
+        .patch(serde_json::json!({"linux": {"resources": {"memory_limit_in_bytes": 33554432}}}))
+        .write_to(&containerd.dir().join("pod0-hog"))?;
+    let hog = crictl.create(pod, &hog, pod_cfg)?;
+    crictl.start(&hog)?;
+    crictl.wait_container_state(&hog, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reason = loop {
+        let reason = crictl.inspect(&hog)?["status"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if reason == "OOMKilled" || std::time::Instant::now() > deadline {
+            break reason;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(
+        reason == "OOMKilled",
+        "an OOM kill after the containerd restart reads as {reason:?}"
+    );
+    crictl.rm(&hog)?;
 
     // Restart a container within its pod: stop, remove, create attempt 1, start.
     crictl.stop(&containers[1], 2)?;

@@ -3,12 +3,13 @@
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskStart,
 };
+use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::shim::event::Envelope;
 use containerd_shim::protos::topics;
 use tracing::warn;
 
@@ -18,16 +19,17 @@ pub trait EventPublisher: Send + Sync {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>);
 }
 
-/// containerd's event service, in the shim's namespace.
+/// containerd's event service at its ttrpc `address`, in the shim's namespace, through
+/// a queue that outlives containerd restarts (`events_forward.rs`).
 pub struct ContainerdEvents {
-    publisher: RemotePublisher,
+    queue: tokio::sync::mpsc::Sender<Envelope>,
     namespace: String,
 }
 
 impl ContainerdEvents {
-    pub fn new(publisher: RemotePublisher, namespace: String) -> Self {
+    pub fn new(address: String, namespace: String) -> Self {
         Self {
-            publisher,
+            queue: super::events_forward::start(address),
             namespace,
         }
     }
@@ -36,18 +38,22 @@ impl ContainerdEvents {
 #[async_trait]
 impl EventPublisher for ContainerdEvents {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let mut any = Any::new();
+        any.type_url = event.descriptor_dyn().full_name().to_string();
+        if let Err(e) = event.write_to_vec_dyn(&mut any.value) {
+            warn!(topic, error = %e, "cannot encode event");
+            return;
+        }
+        let envelope = Envelope {
+            timestamp: Some(timestamp(SystemTime::now())).into(),
+            namespace: self.namespace.clone(),
+            topic: topic.to_string(),
+            event: Some(any).into(),
+            ..Default::default()
+        };
         // Events are best effort: containerd also learns state through the task API.
-        if let Err(e) = self
-            .publisher
-            .publish(
-                ttrpc::context::Context::default(),
-                topic,
-                &self.namespace,
-                event,
-            )
-            .await
-        {
-            warn!(topic, error = %e, "cannot publish event");
+        if let Err(e) = self.queue.try_send(envelope) {
+            warn!(topic, error = %e, "event queue full or closed; event dropped");
         }
     }
 }

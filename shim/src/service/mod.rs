@@ -7,6 +7,7 @@
 mod bundle_rootfs;
 mod error;
 mod events;
+mod events_forward;
 mod io;
 mod launcher;
 mod options;
@@ -137,7 +138,10 @@ impl Shim for SpryShim {
         };
         crate::log_filter::apply_config_level(&config.log_level);
         info!(id = %self.id, namespace = %self.namespace, "shim serving");
-        let events = events::ContainerdEvents::new(publisher, self.namespace.clone());
+        // containerd's publisher only gives us its address: events go through our own
+        // forwarder, which survives containerd restarts.
+        let events =
+            events::ContainerdEvents::new(publisher.address.clone(), self.namespace.clone());
         let pod = pod::Pod::new(
             Box::new(launcher::HostLauncher::new(config)),
             events::EventSink::new(Box::new(events)),
