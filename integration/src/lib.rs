@@ -32,6 +32,7 @@ pub mod atomic_writer;
 pub mod bench;
 pub mod containerd;
 pub mod containerd_config;
+pub mod cpu;
 pub mod cri_config;
 pub mod crictl;
 pub mod critest;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::kube::{manifests, Cluster};
-use spry_integration::{require_root, system, Registry};
+use spry_integration::{cpu, require_root, system, Registry};
 
 /// A cold TCG pod takes seconds; the first one also builds the VM template.
 const POD_READY: Duration = Duration::from_secs(180);
@@ -196,20 +196,6 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds process `pid` has used (user + system).
-fn cpu_seconds(pid: i32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("no command name in /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64)
-}
-
 /// A pod limited to 100m CPU spins in its guest: QEMU, in the pod's cgroup, gets what
 /// kubelet gives the pod (the limit plus the RuntimeClass's 250m overhead), not a core.
 fn cpu_limited_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
@@ -219,9 +205,9 @@ fn cpu_limited_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
     cluster.wait_for("pod/spinner", "condition=Ready", POD_READY)?;
     let vm = the_only_vm(cluster)?;
     let window = Duration::from_secs(10);
-    let before = cpu_seconds(vm)?;
+    let before = cpu::seconds_used(vm)?;
     std::thread::sleep(window);
-    let used = (cpu_seconds(vm)? - before) / window.as_secs_f64();
+    let used = (cpu::seconds_used(vm)? - before) / window.as_secs_f64();
     println!("QEMU of a 100m pod spinning in its guest: {used:.2} CPUs (quota 0.35)");
     ensure!(
         used < 0.35 * 1.3,
@@ -230,48 +216,13 @@ fn cpu_limited_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
     ensure!(used > 0.1, "the guest did not spin ({used:.2} CPUs)");
     // The guest also caps the container at 100m itself; what holds QEMU on the host is
     // the pod cgroup's quota, which kubelet set and QEMU is under.
-    let quota = pod_cpu_quota(vm)?;
+    let quota = cpu::parent_cgroup_quota(vm)?;
     println!("the pod cgroup above QEMU allows {quota:.2} CPUs");
     ensure!(
         (quota - 0.35).abs() < 0.01,
         "the pod cgroup above QEMU allows {quota:.2} CPUs, not 0.35 (100m + 250m overhead)"
     );
     Ok(())
-}
-
-/// The CPU quota (in CPUs) of the parent of process `pid`'s cpu cgroup: the pod's.
-fn pod_cpu_quota(pid: i32) -> Result<f64> {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
-    for line in cgroups.lines() {
-        let mut fields = line.splitn(3, ':');
-        let (_, controllers, path) = (fields.next(), fields.next(), fields.next());
-        let (Some(controllers), Some(path)) = (controllers, path) else {
-            continue;
-        };
-        let relative = path.trim_start_matches('/');
-        let pod = |root: &str| {
-            std::path::Path::new(root)
-                .join(relative)
-                .parent()
-                .map(|p| p.to_path_buf())
-        };
-        if controllers.is_empty() {
-            if let Some(dir) = pod("/sys/fs/cgroup").filter(|d| d.join("cpu.max").exists()) {
-                let max = std::fs::read_to_string(dir.join("cpu.max"))?;
-                let mut parts = max.split_whitespace();
-                let quota: f64 = parts.next().context("empty cpu.max")?.parse()?;
-                let period: f64 = parts.next().context("no period in cpu.max")?.parse()?;
-                return Ok(quota / period);
-            }
-        } else if controllers.split(',').any(|c| c == "cpu") {
-            let dir = pod(&format!("/sys/fs/cgroup/{controllers}")).context("no pod cgroup")?;
-            let read = |name: &str| -> Result<f64> {
-                Ok(std::fs::read_to_string(dir.join(name))?.trim().parse()?)
-            };
-            return Ok(read("cpu.cfs_quota_us")? / read("cpu.cfs_period_us")?);
-        }
-    }
-    bail!("no cpu cgroup for process {pid}:\n{cgroups}")
 }
 
 fn attach(cluster: &Cluster, registry: &Registry) -> Result<()> {
