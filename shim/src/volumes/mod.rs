@@ -31,7 +31,7 @@ use oci_spec::runtime::{Mount, Spec};
 use spry_proto::agent::{volume_mount, GuestFile, VolumeMount};
 
 pub use block::{ContainerDevices, HostBlockDevice};
-pub use pod_local::{Medium, PodLocalDisks, PodLocalVolume, IMAGE_NAME as EMPTY_DIR_IMAGE_NAME};
+pub use pod_local::{Medium, PodLocalDisks, PodLocalVolume};
 pub use share::{remove_staging, FileShare, FileShareConfig, READY_LINE};
 pub use synced::{snapshot as synced_snapshot, VolumeWatches};
 
