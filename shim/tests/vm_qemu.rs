@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use spry_shim::vm::{
     AccelChoice, AgentChannelKind, AgentEndpoint, Hypervisor, NetNamespace, QemuHypervisor,
-    ScsiAddr, Vm, VmConfig, VmError, DEFAULT_QEMU,
+    ScsiAddr, Vm, VmConfig, VmError, DEFAULT_QEMU, DEFAULT_UID_BASE,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -89,6 +89,36 @@ async fn wait_console(vm: &dyn Vm, needle: &str, timeout: Duration) -> String {
     }
 }
 
+/// What a state root holds beyond the (empty) dir of jail uid locks.
+fn left_behind(root: &Path) -> Vec<String> {
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        if name == "jail-uids" {
+            let held: Vec<_> = std::fs::read_dir(root.join(&name)).unwrap().collect();
+            if held.is_empty() {
+                continue;
+            }
+        }
+        left.push(name);
+    }
+    left
+}
+
+/// A uid is let go when QEMU has been reaped, a moment after a VM is dropped.
+async fn wait_no_uids_held(root: &Path) {
+    let locks = root.join("jail-uids");
+    for _ in 0..100 {
+        let held = std::fs::read_dir(&locks)
+            .map(|dir| dir.count())
+            .unwrap_or(0);
+        if held == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn process_exists(pid: u32) -> bool {
     // A zombie still has /proc/<pid>; only a reaped process is gone.
     Path::new(&format!("/proc/{pid}")).exists()
@@ -117,6 +147,49 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.pid())).unwrap();
     assert!(status.contains("\nSeccomp:\t2\n"), "{status}");
     assert!(status.contains("\nNoNewPrivs:\t1\n"), "{status}");
+    // Jailed: a uid of its own, no capabilities, its own mount namespace whose root holds
+    // the system's programs and the VM's boot files, and nothing of the host's state.
+    let ids = |key: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(key)).unwrap();
+        line.split_whitespace()
+            .skip(1)
+            .map(|id| id.parse().unwrap())
+            .collect()
+    };
+    assert!(
+        ids("Uid:").iter().all(|&uid| uid >= DEFAULT_UID_BASE),
+        "{status}"
+    );
+    assert!(
+        ids("Gid:").iter().all(|&gid| gid == DEFAULT_UID_BASE),
+        "{status}"
+    );
+    assert!(
+        status.lines().any(|l| l.trim_end() == "Groups:"),
+        "{status}"
+    );
+    assert!(status.contains("\nCapEff:\t0000000000000000\n"), "{status}");
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+    assert_ne!(ns(&vm.pid().to_string()), ns("self"));
+    let jail_root = PathBuf::from(format!("/proc/{}/root", vm.pid()));
+    assert!(jail_root.join("usr/bin").is_dir());
+    assert!(jail_root
+        .join(
+            guest_support::kernel()
+                .vmlinux
+                .canonicalize()
+                .unwrap()
+                .strip_prefix("/")
+                .unwrap()
+        )
+        .is_file());
+    let own_state = state_dir.strip_prefix("/").unwrap().to_str().unwrap();
+    for hidden in ["etc/shadow", "root", "run", "proc/1", own_state] {
+        assert!(
+            !jail_root.join(hidden).exists(),
+            "{hidden} is in QEMU's jail"
+        );
+    }
     wait_console(vm.as_ref(), "SPRY-TEST-INIT", BOOT_TIMEOUT).await;
     let to_init = started.elapsed();
     wait_console(vm.as_ref(), "SPRY-MODULES-LOADED", BOOT_TIMEOUT).await;
@@ -331,10 +404,7 @@ async fn bad_configs_fail_before_spawning_and_leave_nothing() {
         }
         other => panic!("unexpected {:?}", other.map(|vm| vm.pid())),
     }
-    let left: Vec<_> = std::fs::read_dir(root.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let left = left_behind(root.path());
     assert!(left.is_empty(), "left behind: {left:?}");
 }
 
@@ -367,9 +437,9 @@ async fn auto_accel_probes_once_and_caches_the_verdict() {
         second.as_millis()
     );
     drop(vm);
-    let left: Vec<_> = std::fs::read_dir(root.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+    wait_no_uids_held(root.path()).await;
+    let left: Vec<_> = left_behind(root.path())
+        .into_iter()
         .filter(|name| name != "accel-probe.json")
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");

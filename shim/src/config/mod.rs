@@ -98,6 +98,12 @@ pub struct VmSettings {
     /// 1 GiB). The biggest private cost of an idle software-emulated VM; counted in the
     /// RuntimeClass overhead unless the accelerator is `kvm`.
     pub tcg_cache_mib: u32,
+    /// QEMU runs jailed as one of the uids `jail_uid_base .. jail_uid_base + jail_uids`
+    /// (one per running VM) with group `jail_uid_base`. Pick ids no user or container
+    /// on the node has.
+    pub jail_uid_base: u32,
+    /// How many VMs may run at once.
+    pub jail_uids: u32,
 }
 
 impl Default for Config {
@@ -122,6 +128,8 @@ impl Default for VmSettings {
             cpus: crate::vm::DEFAULT_CPUS,
             memory_mib: crate::vm::DEFAULT_MEMORY_MIB,
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
+            jail_uid_base: crate::vm::DEFAULT_UID_BASE,
+            jail_uids: crate::vm::DEFAULT_UID_COUNT,
         }
     }
 }
@@ -161,6 +169,10 @@ impl Config {
             qemu: self.vm.qemu.clone(),
             agent_channel: AgentChannelKind::VirtioSerial,
             tcg_cache_mib: self.vm.tcg_cache_mib,
+            jail: crate::vm::JailIds {
+                uid_base: self.vm.jail_uid_base,
+                count: self.vm.jail_uids,
+            },
             ..Default::default()
         }
     }
@@ -214,6 +226,16 @@ impl Config {
                 "0 or 8..=4096",
             )?;
         }
+        // Ids below 65536 belong to the system and its users; the range must fit in u32
+        // below the overflow id (u32::MAX is "no id").
+        range(
+            "vm.jail_uid_base",
+            self.vm.jail_uid_base,
+            65536,
+            u32::MAX - 1 - self.vm.jail_uids.min(u32::MAX - 65537),
+            "65536.. with jail_uid_base + jail_uids below 4294967295",
+        )?;
+        range("vm.jail_uids", self.vm.jail_uids, 1, 1 << 20, "1..=1048576")?;
         for (key, value) in [
             ("state_dir", &self.state_dir),
             ("vm.kernel", &self.vm.kernel),

@@ -1,7 +1,12 @@
 //! Raw syscalls and unsafe code, kept small and explained.
 
 pub mod bpf;
+mod child;
 pub mod mount;
+mod tap;
+
+pub use child::{configure_child, ChildNetns, ChildSetup, Jail, JailEntry, PARK_FDS_AT};
+pub use tap::open_tap;
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -46,42 +51,6 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()>
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// The network namespace a spawned child runs in.
-#[derive(Debug, Clone, Copy)]
-pub enum ChildNetns {
-    Inherit,
-    /// Enter the namespace behind this fd (kept open by the caller until the spawn).
-    Join(RawFd),
-    /// A new, empty namespace of the child's own, gone when the child is.
-    New,
-}
-
-/// Makes a spawned child die with us (SIGKILL when our thread exits) and puts it in
-/// the network namespace `netns` before exec.
-///
-/// Parent-death is tied to the *thread* that forks: spawn from a thread that
-/// lives as long as the process (the VM layer has one for this).
-pub fn configure_child(command: &mut tokio::process::Command, netns: ChildNetns) {
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe syscalls (prctl, setns, unshare); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let rc = match netns {
-                ChildNetns::Inherit => 0,
-                ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),
-                ChildNetns::New => libc::unshare(libc::CLONE_NEWNET),
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// An inotify instance tokio can wait on.

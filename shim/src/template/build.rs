@@ -1,5 +1,6 @@
 //! Building a template: boot a VM whose RAM is a shared file, wait for its agent, save it.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,11 @@ async fn build_locked(
     }
     drop(vm);
     saved?;
+    // Built by a jailed QEMU that owned it; from now on no QEMU may write it, and clones'
+    // QEMUs (each its own uid, all in the jail group) may read it.
+    std::os::unix::fs::chown(&memory, Some(0), Some(base.jail.gid())).map_err(io(&memory))?;
+    std::fs::set_permissions(&memory, std::fs::Permissions::from_mode(0o440))
+        .map_err(io(&memory))?;
 
     let manifest = Manifest {
         format: MANIFEST_FORMAT,

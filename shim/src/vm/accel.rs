@@ -12,15 +12,15 @@
 //! Production nodes should set `accelerator = "kvm"`, which never falls back.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::cmdline::{qemu_args, StatePaths};
-use super::{Accel, AccelChoice, AgentChannelKind, GuestMemory, NetNamespace, VmConfig};
+use super::cmdline::StatePaths;
+use super::launch::launch;
+use super::{Accel, AccelChoice, AgentChannelKind, GuestMemory, NetNamespace, VmConfig, VmError};
 
 /// The warning logged (once per process) when Auto falls back to TCG.
 pub const KVM_UNUSABLE_WARNING: &str = "using TCG software emulation: expect ~10x slower VMs";
@@ -209,26 +209,14 @@ async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) ->
     };
     let paths = StatePaths::new(&dir.0);
     let console = paths.console_log.clone();
-    let spawned = tokio::process::Command::new(&config.qemu)
-        .args(qemu_args(
-            &probe_config(config, &dir.0),
-            Accel::Kvm,
-            tsc_khz,
-            &paths,
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(error) => {
-            return Verdict::Inconclusive(format!(
-                "cannot spawn {}: {error}",
-                config.qemu.display()
-            ))
+    let uid_dir = state_root.join(super::qemu::JAIL_UID_DIR);
+    let probe = probe_config(config, &dir.0);
+    let mut child = match launch(&probe, Accel::Kvm, tsc_khz, &paths, &uid_dir).await {
+        Ok(launched) => launched.child,
+        Err(VmError::KvmUnavailable { source }) => {
+            return Verdict::Unusable(format!("cannot open /dev/kvm: {source}"))
         }
+        Err(error) => return Verdict::Inconclusive(format!("cannot start a probe guest: {error}")),
     };
     let give_up = Instant::now() + PROBE_DEADLINE;
     let verdict = loop {
@@ -236,11 +224,7 @@ async fn boot_probe_guest(config: &VmConfig, state_root: &Path, tsc_khz: u64) ->
             break Verdict::Kvm;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            let mut stderr = String::new();
-            if let Some(mut pipe) = child.stderr.take() {
-                use tokio::io::AsyncReadExt;
-                let _ = pipe.read_to_string(&mut stderr).await;
-            }
+            let stderr = std::fs::read_to_string(&paths.qemu_stderr).unwrap_or_default();
             let first_line = stderr
                 .lines()
                 .next()
@@ -307,6 +291,7 @@ impl Drop for ProbeDir {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cmdline::qemu_args;
     use super::*;
 
     #[test]
@@ -325,20 +310,15 @@ mod tests {
             ..Default::default()
         };
         let dir = Path::new("/run/spry/kvm-probe-x");
-        let args: Vec<String> = qemu_args(
-            &probe_config(&config, dir),
-            Accel::Kvm,
-            2_000_000,
-            &StatePaths::new(dir),
-        )
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
+        let args: Vec<String> = qemu_args(&probe_config(&config, dir), Accel::Kvm, 2_000_000)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         let after = |flag: &str| {
             let at = args.iter().position(|a| a == flag).unwrap();
             args[at + 1].clone()
         };
-        assert_eq!(after("-accel"), "kvm");
+        assert_eq!(after("-accel"), "kvm,device=/dev/fdset/2");
         assert_eq!(after("-smp"), "1");
         assert_eq!(after("-kernel"), "/k/vmlinux");
         assert!(after("-append").ends_with("quiet spry.agent_channel=virtio-serial loglevel=7"));
@@ -348,7 +328,7 @@ mod tests {
         assert!(!args.iter().any(|a| a.contains("memory-backend")));
         assert!(args
             .iter()
-            .any(|a| a.contains("/run/spry/kvm-probe-x/console.log")));
+            .any(|a| a == "file,id=console,path=/dev/fdset/1"));
     }
 
     #[test]

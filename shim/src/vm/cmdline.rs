@@ -19,7 +19,31 @@ pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,re
 pub const SCSI_CONTROLLER_ID: &str = "scsi0";
 pub const SCSI_BUS: &str = "scsi0.0";
 
-/// Files QEMU creates in a VM's state dir.
+/// The fd numbers QEMU is handed everything at: it opens nothing of the host by name but
+/// its binary, libraries, firmware, kernel, initramfs and memory file (see `jail.rs`).
+pub mod fds {
+    use std::os::fd::RawFd;
+
+    /// Listening sockets: QMP, the agent's virtio-serial port, the file share's port.
+    pub const QMP: RawFd = 3;
+    pub const AGENT: RawFd = 4;
+    pub const SHARE: RawFd = 5;
+    /// The console log file, open for writing.
+    pub const CONSOLE: RawFd = 6;
+    /// /dev/kvm, under KVM.
+    pub const KVM: RawFd = 7;
+    /// /dev/vhost-vsock, with the vsock agent channel.
+    pub const VHOST_VSOCK: RawFd = 8;
+    /// NIC `i`'s tap is at `TAP0 + i`.
+    pub const TAP0: RawFd = 10;
+
+    /// QEMU fd sets (`-add-fd`) for files it opens by `/dev/fdset/N` path.
+    pub const CONSOLE_SET: u32 = 1;
+    pub const KVM_SET: u32 = 2;
+}
+
+/// The host-side paths of a VM's state dir. QEMU sees none of them: the shim makes each
+/// and hands QEMU an fd.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatePaths {
     pub qmp_socket: PathBuf,
@@ -28,6 +52,8 @@ pub struct StatePaths {
     pub share_socket: PathBuf,
     pub console_log: PathBuf,
     pub qemu_stderr: PathBuf,
+    /// An empty dir QEMU's jail root is mounted on, in QEMU's own mount namespace.
+    pub jail_root: PathBuf,
 }
 
 impl StatePaths {
@@ -38,6 +64,7 @@ impl StatePaths {
             share_socket: state_dir.join("share.sock"),
             console_log: state_dir.join("console.log"),
             qemu_stderr: state_dir.join("qemu.stderr"),
+            jail_root: state_dir.join("jail"),
         }
     }
 }
@@ -67,12 +94,7 @@ pub fn kernel_cmdline(config: &VmConfig, tsc_khz: u64) -> String {
 }
 
 /// QEMU's arguments (without the binary).
-pub fn qemu_args(
-    config: &VmConfig,
-    accel: Accel,
-    tsc_khz: u64,
-    paths: &StatePaths,
-) -> Vec<OsString> {
+pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64) -> Vec<OsString> {
     let mut args = ArgList::default();
     args.push("-name").push(format!(
         "spry-{},debug-threads=on",
@@ -106,7 +128,13 @@ pub fn qemu_args(
     // QEMU looks bare file names up in its firmware directory.
     args.push("-bios").push("qboot.rom");
     match accel {
-        Accel::Kvm => args.push("-accel").push("kvm").push("-cpu").push("host"),
+        Accel::Kvm => args
+            .push("-add-fd")
+            .push(format!("fd={},set={}", fds::KVM, fds::KVM_SET))
+            .push("-accel")
+            .push(format!("kvm,device=/dev/fdset/{}", fds::KVM_SET))
+            .push("-cpu")
+            .push("host"),
         Accel::Tcg => {
             let accel = match config.tcg_cache_mib {
                 0 => "tcg".to_owned(),
@@ -136,15 +164,15 @@ pub fn qemu_args(
         args.push("-append").push(kernel_cmdline(config, tsc_khz));
     }
 
+    args.push("-add-fd")
+        .push(format!("fd={},set={}", fds::CONSOLE, fds::CONSOLE_SET));
     args.push("-chardev").push(format!(
-        "file,id=console,path={}",
-        escape_path(&paths.console_log)
+        "file,id=console,path=/dev/fdset/{}",
+        fds::CONSOLE_SET
     ));
     args.push("-serial").push("chardev:console");
-    args.push("-chardev").push(format!(
-        "socket,id=qmp,path={},server=on,wait=off",
-        escape_path(&paths.qmp_socket)
-    ));
+    args.push("-chardev")
+        .push(format!("socket,id=qmp,fd={},server=on,wait=off", fds::QMP));
     args.push("-mon").push("chardev=qmp,mode=control");
 
     args.push("-device").push("virtio-rng-device");
@@ -156,21 +184,23 @@ pub fn qemu_args(
     match config.agent_channel {
         AgentChannelKind::VirtioSerial => {
             args.push("-chardev").push(format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                escape_path(&paths.agent_socket)
+                "socket,id=agent,fd={},server=on,wait=off",
+                fds::AGENT
             ));
             args.push("-device").push(format!(
                 "virtserialport,chardev=agent,name={AGENT_PORT_NAME}"
             ));
         }
         AgentChannelKind::Vsock { cid } => {
-            args.push("-device")
-                .push(format!("vhost-vsock-device,guest-cid={cid}"));
+            args.push("-device").push(format!(
+                "vhost-vsock-device,guest-cid={cid},vhostfd={}",
+                fds::VHOST_VSOCK
+            ));
         }
     }
     args.push("-chardev").push(format!(
-        "socket,id=share,path={},server=on,wait=off",
-        escape_path(&paths.share_socket)
+        "socket,id=share,fd={},server=on,wait=off",
+        fds::SHARE
     ));
     args.push("-device").push(format!(
         "virtserialport,chardev=share,name={SHARE_PORT_NAME}"
@@ -178,9 +208,10 @@ pub fn qemu_args(
     for (index, nic) in config.nics.iter().enumerate() {
         // No vhost: there is no /dev/vhost-net everywhere, and QEMU's own virtio-net
         // backend with the tap's vnet header keeps checksum and segmentation offloads.
+        // The shim made the tap (QEMU may not) and hands over its fd.
         args.push("-netdev").push(format!(
-            "tap,id=net{index},ifname={},script=no,downscript=no,vhost=off",
-            escape(&nic.tap)
+            "tap,id=net{index},fd={},vhost=off",
+            fds::TAP0 + index as std::os::fd::RawFd
         ));
         args.push("-device").push(format!(
             "virtio-net-device,netdev=net{index},mac={}",
@@ -239,12 +270,12 @@ mod tests {
             tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,
+            jail: Default::default(),
         }
     }
 
     fn args_of(config: &VmConfig, accel: Accel) -> Vec<String> {
-        let paths = StatePaths::new(&config.state_dir);
-        qemu_args(config, accel, 2_445_404, &paths)
+        qemu_args(config, accel, 2_445_404)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -285,8 +316,10 @@ mod tests {
             value_after(&args_of(&small_cache, Accel::Tcg), "-accel"),
             ["tcg,tb-size=24"]
         );
+        // QEMU opens /dev/kvm through the fd handed to it.
         let kvm = args_of(&config(), Accel::Kvm);
-        assert_eq!(value_after(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&kvm, "-accel"), ["kvm,device=/dev/fdset/2"]);
+        assert!(value_after(&kvm, "-add-fd").contains(&"fd=7,set=2".to_owned()));
         assert_eq!(value_after(&kvm, "-cpu"), ["host"]);
     }
 
@@ -318,17 +351,19 @@ mod tests {
                 "virtserialport,chardev=share,name=spry.fs"
             ]
         );
-        let chardevs = value_after(&args, "-chardev");
-        assert!(chardevs.contains(&"file,id=console,path=/run/spry/pod-1/console.log".to_owned()));
-        assert!(chardevs.contains(
-            &"socket,id=qmp,path=/run/spry/pod-1/qmp.sock,server=on,wait=off".to_owned()
-        ));
-        assert!(chardevs.contains(
-            &"socket,id=agent,path=/run/spry/pod-1/agent.sock,server=on,wait=off".to_owned()
-        ));
-        assert!(chardevs.contains(
-            &"socket,id=share,path=/run/spry/pod-1/share.sock,server=on,wait=off".to_owned()
-        ));
+        // Every socket and the console are fds the shim made; no host path of the state
+        // dir reaches QEMU.
+        assert_eq!(
+            value_after(&args, "-chardev"),
+            [
+                "file,id=console,path=/dev/fdset/1",
+                "socket,id=qmp,fd=3,server=on,wait=off",
+                "socket,id=agent,fd=4,server=on,wait=off",
+                "socket,id=share,fd=5,server=on,wait=off",
+            ]
+        );
+        assert_eq!(value_after(&args, "-add-fd"), ["fd=6,set=1"]);
+        assert!(!args.iter().any(|a| a.contains("/run/spry")), "{args:?}");
     }
 
     #[test]
@@ -374,7 +409,7 @@ mod tests {
         };
         let args = args_of(&vsock, Accel::Kvm);
         let devices = value_after(&args, "-device");
-        assert!(devices.contains(&"vhost-vsock-device,guest-cid=42".to_owned()));
+        assert!(devices.contains(&"vhost-vsock-device,guest-cid=42,vhostfd=8".to_owned()));
         assert!(!devices.iter().any(|d| d.contains("name=spry.agent")));
         assert!(devices.contains(&"virtserialport,chardev=share,name=spry.fs".to_owned()));
     }
@@ -398,10 +433,7 @@ mod tests {
         let args = args_of(&with_nics, Accel::Tcg);
         assert_eq!(
             value_after(&args, "-netdev"),
-            [
-                "tap,id=net0,ifname=spry-tap0,script=no,downscript=no,vhost=off",
-                "tap,id=net1,ifname=spry-tap1,script=no,downscript=no,vhost=off"
-            ]
+            ["tap,id=net0,fd=10,vhost=off", "tap,id=net1,fd=11,vhost=off"]
         );
         let devices = value_after(&args, "-device");
         assert_eq!(
@@ -416,11 +448,12 @@ mod tests {
     #[test]
     fn commas_in_paths_are_escaped() {
         let odd = VmConfig {
-            state_dir: "/run/a,b".into(),
+            memory: GuestMemory::SharedFile {
+                path: "/t/a,b".into(),
+            },
             ..config()
         };
         let args = args_of(&odd, Accel::Tcg);
-        assert!(value_after(&args, "-chardev")
-            .contains(&"file,id=console,path=/run/a,,b/console.log".to_owned()));
+        assert!(value_after(&args, "-object")[0].contains("mem-path=/t/a,,b,share=on"));
     }
 }

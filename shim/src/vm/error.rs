@@ -55,9 +55,31 @@ pub enum VmError {
         #[source]
         source: io::Error,
     },
-    #[error("failed to spawn {qemu}")]
+    #[error("failed to spawn {qemu}{detail}")]
     Spawn {
         qemu: PathBuf,
+        /// What QEMU's sandbox setup reported before exec, if anything (": at ...").
+        detail: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot take a uid for QEMU's jail: lock dir {dir}")]
+    JailUid {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("all {count} jail uids from {first} are taken by running VMs: raise vm.jail_uids")]
+    NoFreeJailUid { first: u32, count: u32 },
+    #[error("cannot put {path} into QEMU's jail")]
+    JailFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot open {what} for QEMU")]
+    HostFd {
+        what: String,
         #[source]
         source: io::Error,
     },

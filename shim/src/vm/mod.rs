@@ -21,6 +21,8 @@ mod accel;
 pub mod cmdline;
 mod console;
 mod error;
+mod jail;
+mod launch;
 pub mod qemu;
 pub mod qmp;
 mod snapshot;
@@ -37,6 +39,7 @@ use serde::{Deserialize, Serialize};
 
 pub use accel::KVM_UNUSABLE_WARNING;
 pub use error::VmError;
+pub use jail::{JailIds, DEFAULT_UID_BASE, DEFAULT_UID_COUNT};
 pub use qemu::QemuHypervisor;
 pub use spawner::spawn as spawn_long_lived;
 pub use tsc::host_tsc_khz;
@@ -141,6 +144,8 @@ pub struct VmConfig {
     /// booting: RAM must come from the snapshot's memory file ([`GuestMemory::PrivateFile`]).
     /// Kernel and initramfs are then not loaded: the guest's memory already holds them.
     pub restore: Option<PathBuf>,
+    /// The uids QEMU may run as (one per running VM).
+    pub jail: JailIds,
 }
 
 /// Which network namespace QEMU runs in.
@@ -197,6 +202,7 @@ impl Default for VmConfig {
             tcg_cache_mib: 0,
             memory: GuestMemory::Anonymous,
             restore: None,
+            jail: JailIds::default(),
         }
     }
 }

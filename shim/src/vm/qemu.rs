@@ -2,10 +2,9 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -14,14 +13,15 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::cmdline::{qemu_args, StatePaths, SCSI_BUS};
+use super::cmdline::{StatePaths, SCSI_BUS};
 use super::console;
+use super::launch::{launch, Launched};
 use super::qmp::{QmpClient, QmpError};
 use super::startup::{connect_qmp, exit_from, wait_exit};
 use super::validate::{require_boot_files, validate};
 use super::{
-    accel, snapshot, spawner, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor,
-    NetNamespace, ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, snapshot, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm,
+    VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
@@ -30,6 +30,8 @@ const MAX_SCSI_TARGET: u32 = 255;
 const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// Under the state root: the locks of the uids jailed QEMUs run as.
+pub const JAIL_UID_DIR: &str = "jail-uids";
 
 /// Starts QEMU microvm guests. `state_root` holds shared state (the KVM probe
 /// cache and probe guests); each VM's own dir is `VmConfig::state_dir`.
@@ -135,23 +137,6 @@ impl QemuVm {
                 .map_err(|source| VmError::TscFrequency { source })?
         };
         let accel = accel::resolve(&config, state_root).await;
-        if accel == Accel::Kvm {
-            fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/kvm")
-                .map_err(|source| VmError::KvmUnavailable { source })?;
-        }
-        let netns = match &config.netns {
-            NetNamespace::Join(path) => {
-                Some(fs::File::open(path).map_err(|source| VmError::NetNs {
-                    path: path.clone(),
-                    source,
-                })?)
-            }
-            NetNamespace::Inherit | NetNamespace::New => None,
-        };
-
         // The parent (e.g. <state_root>/vms) is shared by all VMs; the VM's own dir must be new.
         let created = match config.state_dir.parent() {
             Some(parent) => {
@@ -178,31 +163,14 @@ impl QemuVm {
             qemu: None,
         };
 
-        let stderr = fs::File::create(&paths.qemu_stderr).map_err(|source| VmError::StateDir {
-            path: paths.qemu_stderr.clone(),
-            source,
-        })?;
-        let mut command = tokio::process::Command::new(&config.qemu);
-        command
-            .args(qemu_args(&config, accel, tsc_khz, &paths))
-            .current_dir(&config.state_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true);
-        let child_netns = match (&netns, &config.netns) {
-            (Some(file), _) => sys::ChildNetns::Join(file.as_raw_fd()),
-            (None, NetNamespace::New) => sys::ChildNetns::New,
-            (None, _) => sys::ChildNetns::Inherit,
-        };
-        sys::configure_child(&mut command, child_netns);
-        let mut child = spawner::spawn(command)
-            .await
-            .map_err(|source| VmError::Spawn {
-                qemu: config.qemu.clone(),
-                source,
-            })?;
-        drop(netns);
+        let Launched { mut child, lease } = launch(
+            &config,
+            accel,
+            tsc_khz,
+            &paths,
+            &state_root.join(JAIL_UID_DIR),
+        )
+        .await?;
         let pid = child.id().unwrap_or_default();
         // Until the child is reaped its PID cannot be reused, so this pidfd
         // is QEMU's.
@@ -220,6 +188,8 @@ impl QemuVm {
         tokio::spawn(
             async move {
                 let status = child.wait().await;
+                // QEMU is gone: its uid may serve another VM.
+                drop(lease);
                 console_trimmer.abort();
                 let exit = exit_from(status.ok(), &console_log);
                 tracing::info!(%exit, "QEMU exited");
@@ -291,6 +261,58 @@ impl QemuVm {
             id: self.id.clone(),
             exit,
         })
+    }
+}
+
+impl QemuVm {
+    /// Opens `image` here and hands it to QEMU (which cannot reach it from its jail) as
+    /// block node `node`.
+    async fn add_block_node(
+        &self,
+        image: &Path,
+        file_driver: &str,
+        node: &str,
+        read_only: bool,
+    ) -> Result<(), VmError> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(image)
+            .map_err(|source| VmError::DiskImage {
+                path: image.to_owned(),
+                source,
+            })?;
+        let fdset = self
+            .qmp
+            .add_fd(file.as_fd())
+            .await
+            .map_err(|e| self.qmp_error(e))?;
+        // Writable disks pass the guest's discards down as holes, so a sparse image
+        // shrinks when the guest deletes files.
+        let discard = if read_only { "ignore" } else { "unmap" };
+        let added = self
+            .qmp
+            .execute(
+                "blockdev-add",
+                Some(json!({
+                    "driver": "raw",
+                    "node-name": node,
+                    "read-only": read_only,
+                    "discard": discard,
+                    "file": {
+                        "driver": file_driver,
+                        "filename": format!("/dev/fdset/{fdset}"),
+                        "read-only": read_only,
+                        "discard": discard,
+                    },
+                })),
+            )
+            .await;
+        // The node holds its own copy of the fd now (or failed): the set is not needed.
+        if let Err(error) = self.qmp.remove_fdset(fdset).await {
+            tracing::debug!(%error, fdset, "cannot drop a QMP fd set");
+        }
+        added.map(drop).map_err(|e| self.qmp_error(e))
     }
 }
 
@@ -367,28 +389,11 @@ impl Vm for QemuVm {
         let started = Instant::now();
         let node = node_name(addr);
         let added = self
-            .qmp
-            .execute(
-                "blockdev-add",
-                // Writable disks pass the guest's discards down as holes, so a sparse
-                // image shrinks when the guest deletes files.
-                Some(json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": read_only,
-                    "discard": if read_only { "ignore" } else { "unmap" },
-                    "file": {
-                        "driver": file_driver,
-                        "filename": image,
-                        "read-only": read_only,
-                        "discard": if read_only { "ignore" } else { "unmap" },
-                    },
-                })),
-            )
+            .add_block_node(&image, file_driver, &node, read_only)
             .await;
-        if let Err(source) = added {
+        if let Err(error) = added {
             self.targets().remove(&addr.target);
-            return Err(self.qmp_error(source));
+            return Err(error);
         }
         let device = self
             .qmp

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
@@ -193,6 +194,34 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_passing(command, arguments, None).await
+    }
+
+    /// Hands `fd` to QEMU in a new fd set and returns the set's id: QEMU then opens the
+    /// file as `/dev/fdset/<id>` (with the access mode `fd` was opened with). A jailed QEMU
+    /// opens no host path itself.
+    pub async fn add_fd(&self, fd: BorrowedFd<'_>) -> Result<u64, QmpError> {
+        let reply = self.execute_passing("add-fd", None, Some(fd)).await?;
+        reply["fdset-id"]
+            .as_u64()
+            .ok_or_else(|| QmpError::UnknownMessage {
+                line: reply.to_string(),
+            })
+    }
+
+    /// Drops QEMU's fd set `id`; what QEMU opened from it stays open.
+    pub async fn remove_fdset(&self, id: u64) -> Result<(), QmpError> {
+        self.execute("remove-fd", Some(json!({ "fdset-id": id })))
+            .await
+            .map(drop)
+    }
+
+    async fn execute_passing(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut request = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
@@ -209,7 +238,16 @@ impl QmpClient {
         };
         let mut line = request.to_string();
         line.push('\n');
-        let written = self.writer.lock().await.write_all(line.as_bytes()).await;
+        let written = {
+            let mut writer = self.writer.lock().await;
+            match fd {
+                Some(fd) => match send_with_fd(writer.as_ref(), line.as_bytes(), fd).await {
+                    Ok(sent) => writer.write_all(&line.as_bytes()[sent..]).await,
+                    Err(error) => Err(error),
+                },
+                None => writer.write_all(line.as_bytes()).await,
+            }
+        };
         if let Err(source) = written {
             Self::forget(&self.pending, id);
             return Err(QmpError::Io { source });
@@ -230,6 +268,30 @@ impl QmpClient {
                 class,
                 desc,
             }),
+        }
+    }
+}
+
+/// Sends the start of `bytes` with `fd` attached (SCM_RIGHTS); returns how much was sent.
+async fn send_with_fd(stream: &UnixStream, bytes: &[u8], fd: BorrowedFd<'_>) -> io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let fds = [fd.as_raw_fd()];
+    loop {
+        stream.writable().await?;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            sendmsg::<UnixAddr>(
+                stream.as_raw_fd(),
+                &[io::IoSlice::new(bytes)],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(sent) => return Ok(sent),
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(error) => return Err(error),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! privately and loads the stream; both sides must set the capability, since it changes the
 //! stream's layout.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,8 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use super::cmdline::{qemu_args, StatePaths};
-use super::qmp::QmpClient;
+use super::cmdline::qemu_args;
+use super::qmp::{QmpClient, QmpError};
 use super::{Accel, GuestMemory, NetNamespace, VmConfig, VmError, VmExit};
 
 /// Loading a few hundred KiB of device state takes milliseconds; a loaded TCG host is slow.
@@ -30,8 +30,12 @@ fn ignore_shared() -> Value {
     json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
 }
 
-fn uri(state: &Path) -> String {
-    format!("file:{}", state.display())
+/// Hands the open state file to QEMU (its jail holds no such path) and returns the
+/// migration URI naming it, with the fd set to drop afterwards.
+async fn hand_over(qmp: &QmpClient, file: &std::fs::File) -> Result<(String, u64), QmpError> {
+    use std::os::fd::AsFd;
+    let fdset = qmp.add_fd(file.as_fd()).await?;
+    Ok((format!("file:/dev/fdset/{fdset}"), fdset))
 }
 
 /// Where a migration stands, from `query-migrate`.
@@ -120,9 +124,13 @@ async fn load(
     qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
         .await
         .map_err(Loading::Qmp)?;
-    qmp.execute("migrate-incoming", Some(json!({ "uri": uri(state) })))
+    let file = std::fs::File::open(state)
+        .map_err(|error| Loading::Failed(format!("cannot open it: {error}")))?;
+    let (uri, fdset) = hand_over(qmp, &file).await.map_err(Loading::Qmp)?;
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await
         .map_err(Loading::Qmp)?;
+    let _ = qmp.remove_fdset(fdset).await;
     let deadline = Instant::now() + RESTORE_TIMEOUT;
     loop {
         if let Some(exit) = exit.borrow().clone() {
@@ -153,9 +161,22 @@ pub async fn save(qmp: &QmpClient, id: &str, state: &Path) -> Result<(), VmError
     qmp.execute("migrate-set-capabilities", Some(ignore_shared()))
         .await
         .map_err(qmp_error)?;
-    qmp.execute("migrate", Some(json!({ "uri": uri(state) })))
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(state)
+        .map_err(|error| VmError::Snapshot {
+            id: id.to_owned(),
+            state: state.to_path_buf(),
+            detail: format!("cannot create it: {error}"),
+        })?;
+    let (uri, fdset) = hand_over(qmp, &file).await.map_err(qmp_error)?;
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
         .await
         .map_err(qmp_error)?;
+    let _ = qmp.remove_fdset(fdset).await;
     let deadline = Instant::now() + SAVE_TIMEOUT;
     loop {
         match progress(qmp).await.map_err(qmp_error)? {
@@ -213,7 +234,7 @@ pub fn fingerprint(config: &VmConfig, accel: Accel) -> Result<String, VmError> {
         ..config.clone()
     };
     // The TSC rate is measured per process and may wobble; a clone keeps the template's.
-    let args = qemu_args(&canonical, accel, 0, &StatePaths::new(&canonical.state_dir));
+    let args = qemu_args(&canonical, accel, 0);
     let mut hash = Sha256::new();
     hash.update(SNAPSHOT_FORMAT);
     for arg in &args {

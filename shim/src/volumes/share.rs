@@ -133,7 +133,18 @@ impl FileShare {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        crate::sys::configure_child(&mut command, crate::sys::ChildNetns::Inherit);
+        crate::sys::configure_child(
+            &mut command,
+            crate::sys::ChildSetup {
+                netns: crate::sys::ChildNetns::Inherit,
+                fds: Vec::new(),
+                jail: None,
+            },
+        )
+        .map_err(|source| VolumeError::SpawnServer {
+            program: program.clone(),
+            source,
+        })?;
         let mut child = crate::vm::spawn_long_lived(command)
             .await
             .map_err(|source| VolumeError::SpawnServer {
