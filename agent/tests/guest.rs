@@ -10,14 +10,15 @@
 mod harness;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::{container_req, ctx, process_ref, spec, stdio};
 use spry_proto::agent::*;
 use spry_proto::agent_ttrpc::AgentClient;
-use spry_shim::vm::cmdline::{qemu_args, StatePaths, SCSI_BUS};
-use spry_shim::vm::{host_tsc_khz, Accel, VmConfig};
+use spry_shim::vm::{
+    AccelChoice, AgentEndpoint, Hypervisor, QemuHypervisor, ScsiAddr, Vm, VmConfig,
+};
 
 /// `name` from the environment, else `file` of the built guest (see the header).
 fn guest_file(name: &str, file: &str) -> PathBuf {
@@ -40,14 +41,16 @@ fn guest_file(name: &str, file: &str) -> PathBuf {
 }
 
 struct Guest {
-    qemu: Child,
-    dir: tempfile::TempDir,
+    vm: Box<dyn Vm>,
+    /// Where the rootfs disk sits on the guest's SCSI bus.
+    rootfs: ScsiAddr,
     client: AgentClient,
+    _dir: tempfile::TempDir,
 }
 
 impl Guest {
     fn console(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+        std::fs::read_to_string(self.vm.console_log()).unwrap_or_default()
     }
 
     async fn boot(rootfs_image: &Path) -> Guest {
@@ -58,35 +61,32 @@ impl Guest {
             .prefix("spry-guest-")
             .tempdir_in("/tmp")
             .unwrap();
-        // The shim's own command-line builder: the guest boots on the machine pods get.
+        // The shim's own hypervisor layer: the guest boots on the machine pods get, jailed
+        // the same way, and gets its rootfs disk hot-plugged as a pod's are.
         let config = VmConfig {
             id: "agent-guest-test".into(),
-            state_dir: dir.path().to_path_buf(),
+            state_dir: dir.path().join("vm"),
             kernel,
             initramfs,
             memory_mib: 512,
+            accel: AccelChoice::Tcg,
             extra_cmdline: vec!["spry.log=info".into()],
             ..Default::default()
         };
-        let paths = StatePaths::new(dir.path());
-        let tsc_khz = host_tsc_khz().expect("the host's TSC frequency");
-        let agent_socket = paths.agent_socket.clone();
-        let qemu = Command::new(&config.qemu)
-            .args(qemu_args(&config, Accel::Tcg, tsc_khz, &paths))
-            // The rootfs disk is there from boot (pods hot-plug theirs).
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=raw,if=none,id=layer0,readonly=on",
-                rootfs_image.display()
-            ))
-            .args([
-                "-device",
-                &format!("scsi-hd,bus={SCSI_BUS},drive=layer0,scsi-id=1,lun=0"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 is required");
+        let vm = QemuHypervisor::new(dir.path())
+            .start(config)
+            .await
+            .expect("QEMU must start");
+        let rootfs = vm
+            .hotplug_disk(rootfs_image, true)
+            .await
+            .expect("the rootfs disk must plug");
+        let AgentEndpoint::VirtioSerial {
+            socket: agent_socket,
+        } = vm.agent_endpoint()
+        else {
+            panic!("the test guest talks virtio-serial")
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         let client = loop {
             assert!(Instant::now() < deadline, "no agent socket");
@@ -100,7 +100,12 @@ impl Guest {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let guest = Guest { qemu, dir, client };
+        let guest = Guest {
+            vm,
+            rootfs,
+            client,
+            _dir: dir,
+        };
         let mut check = CheckRequest::new();
         check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
         // The agent answers once it is up; the first calls may time out while the VM boots.
@@ -126,8 +131,8 @@ impl Guest {
         req.container_id = id.into();
         req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
         let mut disk = ScsiDisk::new();
-        disk.target = 1;
-        disk.lun = 0;
+        disk.target = self.rootfs.target;
+        disk.lun = self.rootfs.lun;
         let mut layer = Storage::new();
         layer.set_scsi(disk);
         layer.fstype = "erofs".into();
@@ -357,7 +362,10 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
 
     // The host side can go away and come back (a restarted shim): the agent takes the new
     // connection on the same port.
-    let address = format!("unix://{}", guest.dir.path().join("agent.sock").display());
+    let AgentEndpoint::VirtioSerial { socket } = guest.vm.agent_endpoint() else {
+        panic!("the test guest talks virtio-serial")
+    };
+    let address = format!("unix://{}", socket.display());
     let mut check = CheckRequest::new();
     check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;
     let reconnect = Instant::now();
@@ -380,8 +388,8 @@ async fn the_agent_runs_containers_as_pid1_of_a_vm() {
     let _ = guest.client.shutdown(ctx(), &Empty::new()).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Some(status) = guest.qemu.try_wait().unwrap() {
-            assert!(status.success(), "QEMU exited with {status}");
+        if let Some(exit) = guest.vm.exit_watch().borrow().clone() {
+            assert_eq!(exit.code, Some(0), "QEMU exited with {exit}");
             break;
         }
         assert!(
@@ -402,9 +410,8 @@ fn harness_now() -> i64 {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        if self.qemu.try_wait().ok().flatten().is_none() {
-            let _ = self.qemu.kill();
-            let _ = self.qemu.wait();
+        // Dropping the VM kills QEMU; the console says what the guest was doing.
+        if self.vm.is_running() {
             eprintln!("guest console:\n{}", self.console());
         }
     }

@@ -193,6 +193,29 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
         oom.trim() == "1000",
         "QEMU's oom_score_adj is {oom:?}, not BestEffort's 1000"
     );
+    // And jailed: seccomp, an unprivileged uid, no capabilities, its own mount namespace.
+    let status = std::fs::read_to_string(format!("/proc/{vm}/status"))?;
+    let field = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let qemu_uids = field("Uid:");
+    ensure!(
+        field("Seccomp:") == "2"
+            && !qemu_uids.is_empty()
+            && qemu_uids.split_whitespace().all(|id| id != "0")
+            && field("CapEff:") == "0000000000000000",
+        "QEMU is not jailed:\n{status}"
+    );
+    let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
+    ensure!(
+        mount_ns(&vm.to_string())? != mount_ns("1")?,
+        "QEMU shares the host's mount namespace"
+    );
     Ok(())
 }
 

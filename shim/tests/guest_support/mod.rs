@@ -3,6 +3,8 @@
 //! initramfs whose /init is a busybox script standing in for the agent.
 #![allow(dead_code)]
 
+pub mod vms;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -51,7 +53,9 @@ pub fn busybox() -> PathBuf {
 /// The test guest's /init. It loads the module list exactly as the agent
 /// does, then prints markers the tests wait for:
 /// - `SPRY-TEST-INIT` when /init runs, `SPRY-MODULES-LOADED` after insmod;
-/// - answers `ping X` with `pong X` on the `spry.agent` virtio-serial port;
+/// - answers `ping X` with `pong X` on the `spry.agent` virtio-serial port, and
+///   `flood X` with `flooding X`, then writes to its console as fast as it can: a
+///   hostile guest;
 /// - `SPRY-DISK <h:c:t:l> <dev> <content of /spry-hello>` for each new SCSI
 ///   disk (mounted as erofs), `SPRY-DISK-GONE <h:c:t:l>` when one goes.
 pub const TEST_INIT: &str = r#"#!/bin/busybox sh
@@ -73,6 +77,10 @@ echo SPRY-MODULES-LOADED
             exec 3<>/dev/${p##*/}
             while read -r word arg <&3; do
                 [ "$word" = ping ] && echo "pong $arg" >&3
+                if [ "$word" = flood ]; then
+                    echo "flooding $arg" >&3
+                    yes SPRY-FLOOD-0123456789abcdef0123456789abcdef > /dev/ttyS0 &
+                fi
             done
         done
         sleep 0.1
