@@ -213,7 +213,7 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
     );
     let mount_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt"));
     ensure!(
-        mount_ns(&vm.to_string())? != mount_ns("1")?,
+        mount_ns(&vm.to_string())? != mount_ns("self")?,
         "QEMU shares the host's mount namespace"
     );
     Ok(())
