@@ -1,4 +1,5 @@
-//! Generates Rust code from `agent.proto` and containerd's `runtimeoptions.proto` (pure Rust, no protoc needed).
+//! Generates Rust code from `agent.proto` and containerd's `runtimeoptions.proto`, and with
+//! the `cri` feature from the CRI's `cri/api.proto` (pure Rust, no protoc needed).
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 fn main() {
@@ -18,14 +19,31 @@ fn main() {
     // The generated files carry inner attributes (`#![...]`, `//!`), which
     // `include!` rejects; lib.rs sets the same allowances on the wrapping modules.
     for name in ["agent.rs", "agent_ttrpc.rs", "runtimeoptions.rs"] {
-        let path = std::path::Path::new(&out).join(name);
-        let text = std::fs::read_to_string(&path).expect("read generated code");
-        let kept: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
-            .collect();
-        std::fs::write(&path, kept.join("\n")).expect("write generated code");
+        strip_inner_attributes(&out, name);
+    }
+    if std::env::var_os("CARGO_FEATURE_CRI").is_some() {
+        // Plain protobuf messages (gRPC framing is the client's: a tonic codec).
+        Codegen::new()
+            .out_dir(&out)
+            .inputs(["cri/api.proto"])
+            .include("cri")
+            .rust_protobuf()
+            .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
+            .run()
+            .expect("generate CRI code");
+        strip_inner_attributes(&out, "api.rs");
+        println!("cargo:rerun-if-changed=cri/api.proto");
     }
     println!("cargo:rerun-if-changed=agent.proto");
     println!("cargo:rerun-if-changed=runtimeoptions.proto");
+}
+
+fn strip_inner_attributes(out: &str, name: &str) {
+    let path = std::path::Path::new(out).join(name);
+    let text = std::fs::read_to_string(&path).expect("read generated code");
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("#![") && !l.starts_with("//!"))
+        .collect();
+    std::fs::write(&path, kept.join("\n")).expect("write generated code");
 }

@@ -43,3 +43,19 @@ pub mod agent_ttrpc {
 pub mod runtimeoptions {
     include!(concat!(env!("OUT_DIR"), "/runtimeoptions.rs"));
 }
+
+/// The Kubernetes CRI (runtime.v1) messages, for the `spry upgrade` client.
+#[cfg(feature = "cri")]
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_results
+)]
+pub mod cri {
+    include!(concat!(env!("OUT_DIR"), "/api.rs"));
+}

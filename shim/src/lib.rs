@@ -5,6 +5,7 @@ pub mod assets;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
+pub mod cri;
 pub mod host;
 pub mod install;
 pub mod log_filter;
@@ -15,6 +16,7 @@ pub mod service;
 pub mod state_dir;
 pub mod sys;
 pub mod template;
+pub mod upgrade;
 pub mod vm;
 pub mod volumes;
 

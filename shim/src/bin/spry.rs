@@ -1,7 +1,7 @@
 //! `spry`: Spry's command line.
 use clap::Parser;
 use spry_shim::cli::{
-    run_assets_build, run_fs_serve, run_install, run_template, run_uninstall, run_vm,
+    run_assets_build, run_fs_serve, run_install, run_template, run_uninstall, run_upgrade, run_vm,
     AssetsCommand, Cli, Command, VmCommand,
 };
 use spry_shim::error_chain;
@@ -69,6 +69,16 @@ fn main() -> std::process::ExitCode {
         Command::Convert { args } => return snapshotter("convert", args),
         Command::Warm { args } => return snapshotter("warm", args),
         Command::FsServe(args) => run_fs_serve(&args).map_err(|e| error_chain(&e)),
+        Command::Upgrade(args) => {
+            let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+            return match runtime.block_on(run_upgrade(&args)) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("spry upgrade: {}", error_chain(&err));
+                    std::process::ExitCode::from(err.exit_code())
+                }
+            };
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -4,6 +4,7 @@ mod install;
 mod spec;
 mod stdio;
 mod template;
+mod upgrade;
 mod vm_run;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ pub use install::{
 };
 pub use spec::{container_spec, ProcessOptions};
 pub use template::{run_template, TemplateCommand, TemplateCommandError};
+pub use upgrade::{run_upgrade, UpgradeArgs, UpgradeCommandError};
 pub use vm_run::{run_vm, VmRunError};
 
 use crate::config::DEFAULT_CONFIG_PATH;
@@ -59,6 +61,11 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Swap a running container to a new image in place, through containerd's CRI: pull
+    /// while it serves, create the new container, stop the old, start the new, wait until
+    /// ready, roll back if it is not. Exit codes: 0 upgraded, 1 runtime failure, 2 bad
+    /// input, 3 image unavailable (nothing changed), 4 rolled back, 5 rollback failed.
+    Upgrade(UpgradeArgs),
     /// Serve a pod's file share to its VM (started by the shim, one per pod).
     #[command(hide = true)]
     FsServe(FsServeArgs),

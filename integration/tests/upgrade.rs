@@ -1,0 +1,218 @@
+//! `spry upgrade` through stock containerd 2.x: a container of a running pod swapped to a
+//! new image in place (same VM, same IP, the pod's /dev/shm kept, each attempt's log kept,
+//! the new image reported), a broken image rolled back, and bad input refused before
+//! anything changes. In a Spry pod (from a template) and a runc pod: the flow is plain CRI.
+//!
+//! Needs root, scripts/install-deps.sh, scripts/build-guest.sh and
+//! scripts/build-test-images.sh; fails (never skips) without them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use anyhow::{ensure, Context, Result};
+use spry_integration::{require_root, spry::SpryNode, system, ContainerConfig, Crictl, PodConfig};
+
+/// Serves as "A" in busybox, as "B" where python3 exists, and cannot start without a shell.
+const SCRIPT: &str =
+    "if [ -x /usr/bin/python3 ]; then echo serving B; else echo serving A; fi; exec sleep 3600";
+
+#[test]
+fn spry_upgrade_swaps_a_container_in_place_rolls_back_and_refuses_bad_input() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("upgrade", false)?;
+    let leaks = node.containerd.leak_check()?;
+    for runtime in [Some("spry"), None] {
+        upgrade_in_pod(&node, runtime)
+            .with_context(|| format!("in a {} pod", runtime.unwrap_or("runc")))?;
+    }
+    node.containerd.crictl().rmp_all_force()?;
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+fn upgrade_in_pod(node: &SpryNode, runtime: Option<&str>) -> Result<()> {
+    let crictl = node.containerd.crictl();
+    let name = format!("up-{}", runtime.unwrap_or("runc"));
+    let pod_cfg = PodConfig::new(&name).write_to(&node.containerd.dir())?;
+    let logs = node.containerd.dir().join("logs").join(&name);
+    let pod = crictl.runp(&pod_cfg, runtime)?;
+    let cfg = ContainerConfig::new("app", &node.image)
+        .command(&["sh", "-c", SCRIPT])
+        .log_path("app/0.log")
+        .write_to(&node.containerd.dir())?;
+    let a = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&a)?;
+    wait_log(&logs.join("app/0.log"), "serving A")?;
+    crictl.exec_ok(&a, &["sh", "-c", "echo kept > /dev/shm/pod-file"])?;
+    let vm = vms(node)?;
+    let ip = pod_ip(&crictl, &pod)?;
+    let upgrade = |args: &[&str]| spry_upgrade(node, &pod, args);
+
+    // Bad input: a clear error and nothing changed.
+    let out = spry_upgrade(node, "no-such-pod", &["--image", &node.image])?;
+    expect(&out, 2, "no ready pod \"no-such-pod\"")?;
+    let out = spry(
+        node,
+        &[
+            "upgrade",
+            "--pod",
+            &pod,
+            "--container",
+            "web",
+            "--image",
+            &node.image,
+        ],
+    )?;
+    expect(&out, 2, "runs no container \"web\" (running: app)")?;
+    let missing = node.registry.image("no-such-image:1");
+    expect(&upgrade(&["--image", &missing])?, 3, "nothing was changed")?;
+    let out = upgrade(&["--image", &node.image, "--dry-run"])?;
+    expect(&out, 0, "dry run: nothing changed")?;
+    let all = crictl.ps(true)?;
+    ensure!(
+        all.iter()
+            .filter(|c| c["podSandboxId"] == pod.as_str())
+            .count()
+            == 1
+            && crictl.container_state(&a)? == "CONTAINER_RUNNING",
+        "bad input changed the pod: {all:?}"
+    );
+
+    // A -> B: swapped in place.
+    let python = node.registry.image("python:1");
+    let image_ref_a = crictl.inspect(&a)?["status"]["imageRef"].clone();
+    let out = upgrade(&[
+        "--image",
+        &python,
+        "--ready-log",
+        "serving B",
+        "--grace",
+        "1s",
+        "--timeout",
+        "180s",
+    ])?;
+    expect(&out, 0, "upgraded")?;
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    let b = running_app(&crictl, &pod)?;
+    ensure!(b != a, "the old container still runs");
+    let status = &crictl.inspect(&b)?["status"];
+    ensure!(
+        status["image"]["image"]
+            .as_str()
+            .unwrap_or("")
+            .contains("python")
+            && status["imageRef"] != image_ref_a,
+        "the new container does not report the new image: {status}"
+    );
+    ensure!(crictl.container_state(&a)? == "CONTAINER_EXITED");
+    wait_log(&logs.join("app/0.log"), "serving A")?;
+    wait_log(&logs.join("app/1.log"), "serving B")?;
+    ensure!(vms(node)? == vm, "the pod's VM changed: {vm:?}");
+    ensure!(pod_ip(&crictl, &pod)? == ip, "the pod's IP changed");
+    let kept = crictl.exec_ok(&b, &["cat", "/dev/shm/pod-file"])?;
+    ensure!(kept == "kept", "the pod's /dev/shm lost its file: {kept:?}");
+
+    // B -> an image without a shell: it cannot start; B is back.
+    let pause = node.registry.image("pause:1");
+    let out = upgrade(&[
+        "--image",
+        &pause,
+        "--ready-log",
+        "serving",
+        "--grace",
+        "1s",
+        "--timeout",
+        "60s",
+    ])?;
+    expect(&out, 4, "rolled back")?;
+    eprintln!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = running_app(&crictl, &pod)?;
+    let status = &crictl.inspect(&again)?["status"];
+    ensure!(
+        status["image"]["image"]
+            .as_str()
+            .unwrap_or("")
+            .contains("python"),
+        "the rollback does not run the old image: {status}"
+    );
+    wait_log(&logs.join("app/3.log"), "serving B")?;
+    ensure!(vms(node)? == vm, "the rollback changed the pod's VM");
+
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
+fn spry(node: &SpryNode, args: &[&str]) -> Result<Output> {
+    let bin = spry_integration::spry::bin_dir("debug").join("spry");
+    let socket = node.containerd.socket();
+    Command::new(&bin)
+        .args(args)
+        .arg("--runtime-endpoint")
+        .arg(&socket)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))
+}
+
+fn spry_upgrade(node: &SpryNode, pod: &str, args: &[&str]) -> Result<Output> {
+    let mut all = vec!["upgrade", "--pod", pod, "--container", "app"];
+    all.extend_from_slice(args);
+    spry(node, &all)
+}
+
+fn expect(out: &Output, code: i32, says: &str) -> Result<()> {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        out.status.code() == Some(code) && text.contains(says),
+        "expected exit {code} saying {says:?}, got {:?}:\n{text}",
+        out.status.code()
+    );
+    Ok(())
+}
+
+fn running_app(crictl: &Crictl, pod: &str) -> Result<String> {
+    let running: Vec<String> = crictl
+        .ps(false)?
+        .iter()
+        .filter(|c| c["podSandboxId"] == pod && c["metadata"]["name"] == "app")
+        .filter_map(|c| c["id"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(running.len() == 1, "running app containers: {running:?}");
+    Ok(running[0].clone())
+}
+
+fn pod_ip(crictl: &Crictl, pod: &str) -> Result<String> {
+    Ok(crictl.inspectp(pod)?["status"]["network"]["ip"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The QEMU processes of this containerd's pods (they inherit its marker).
+fn vms(node: &SpryNode) -> Result<Vec<i32>> {
+    Ok(system::processes()?
+        .into_iter()
+        .filter(|p| {
+            p.name().starts_with("qemu-system") && p.environ_contains(node.containerd.marker())
+        })
+        .map(|p| p.pid)
+        .collect())
+}
+
+fn wait_log(file: &Path, needle: &str) -> Result<()> {
+    let found = system::wait_for(std::time::Duration::from_secs(60), || {
+        Ok(std::fs::read_to_string(file)
+            .unwrap_or_default()
+            .contains(needle)
+            .then_some(()))
+    })?;
+    found.with_context(|| format!("{needle:?} never reached {}", file.display()))
+}
