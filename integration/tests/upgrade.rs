@@ -1,7 +1,9 @@
-//! `spry upgrade` through stock containerd 2.x: a container of a running pod swapped to a
-//! new image in place (same VM, same IP, the pod's /dev/shm kept, each attempt's log kept,
-//! the new image reported), a broken image rolled back, and bad input refused before
-//! anything changes. In a Spry pod (from a template) and a runc pod: the flow is plain CRI.
+//! Swapping a container's image in a running pod, through stock containerd 2.x:
+//! - kubelet's own sequence (StopContainer, PullImage, CreateContainer with attempt + 1,
+//!   StartContainer) in a cold and a template Spry pod: the same QEMU, the same IP, the
+//!   pod's /dev/shm kept, attempt 0's log kept, the new image reported;
+//! - `spry upgrade`: the same checks, a broken image rolled back, and bad input refused
+//!   before anything changes; in a Spry pod and a runc pod (the flow is plain CRI).
 //!
 //! Needs root, scripts/install-deps.sh, scripts/build-guest.sh and
 //! scripts/build-test-images.sh; fails (never skips) without them.
@@ -30,6 +32,71 @@ fn spry_upgrade_swaps_a_container_in_place_rolls_back_and_refuses_bad_input() ->
     Ok(())
 }
 
+#[test]
+fn kubelets_sequence_swaps_the_image_inside_the_same_vm() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("inplace", true)?;
+    let leaks = node.containerd.leak_check()?;
+    for runtime in ["spry", "spry-cold"] {
+        kubelet_swap(&node, runtime).with_context(|| format!("in a {runtime} pod"))?;
+    }
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+fn kubelet_swap(node: &SpryNode, runtime: &str) -> Result<()> {
+    let crictl = node.containerd.crictl();
+    let pod_cfg = PodConfig::new(&format!("ip-{runtime}")).write_to(&node.containerd.dir())?;
+    let logs = node
+        .containerd
+        .dir()
+        .join("logs")
+        .join(format!("ip-{runtime}"));
+    let pod = crictl.runp(&pod_cfg, Some(runtime))?;
+    let app = |image: &str, attempt: u32| {
+        ContainerConfig::new("app", image)
+            .command(&["sh", "-c", SCRIPT])
+            .log_path(&format!("app/{attempt}.log"))
+            .patch(serde_json::json!({ "metadata": { "attempt": attempt } }))
+            .write_to(&node.containerd.dir())
+    };
+    let a = crictl.create(&pod, &app(&node.image, 0)?, &pod_cfg)?;
+    crictl.start(&a)?;
+    wait_log(&logs.join("app/0.log"), "serving A")?;
+    crictl.exec_ok(&a, &["sh", "-c", "echo kept > /dev/shm/pod-file"])?;
+    let vm = vms(node)?;
+    ensure!(vm.len() == 1, "one VM expected: {vm:?}");
+    let ip = pod_ip(&crictl, &pod)?;
+    ensure!(!ip.is_empty(), "the pod has no IP");
+    let image_ref_a = crictl.inspect(&a)?["status"]["imageRef"].clone();
+
+    // What kubelet does when only the image changed (the pull comes after the stop).
+    crictl.stop(&a, 2)?;
+    let python = node.registry.image("python:1");
+    crictl.pull(&python)?;
+    let b = crictl.create(&pod, &app(&python, 1)?, &pod_cfg)?;
+    crictl.start(&b)?;
+    wait_log(&logs.join("app/1.log"), "serving B")?;
+
+    ensure!(vms(node)? == vm, "the pod's VM was replaced");
+    ensure!(pod_ip(&crictl, &pod)? == ip, "the pod's IP changed");
+    let kept = crictl.exec_ok(&b, &["cat", "/dev/shm/pod-file"])?;
+    ensure!(kept == "kept", "the pod's /dev/shm lost its file: {kept:?}");
+    let status = &crictl.inspect(&b)?["status"];
+    ensure!(
+        status["imageRef"] != image_ref_a && status["state"] == "CONTAINER_RUNNING",
+        "the new container does not report the new image: {status}"
+    );
+    let attempt0 = std::fs::read_to_string(logs.join("app/0.log"))?;
+    ensure!(
+        attempt0.contains("serving A"),
+        "attempt 0's log: {attempt0:?}"
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
 fn upgrade_in_pod(node: &SpryNode, runtime: Option<&str>) -> Result<()> {
     let crictl = node.containerd.crictl();
     let name = format!("up-{}", runtime.unwrap_or("runc"));
@@ -46,6 +113,7 @@ fn upgrade_in_pod(node: &SpryNode, runtime: Option<&str>) -> Result<()> {
     crictl.exec_ok(&a, &["sh", "-c", "echo kept > /dev/shm/pod-file"])?;
     let vm = vms(node)?;
     let ip = pod_ip(&crictl, &pod)?;
+    ensure!(!ip.is_empty(), "the pod has no IP");
     let upgrade = |args: &[&str]| spry_upgrade(node, &pod, args);
 
     // Bad input: a clear error and nothing changed.
