@@ -1,0 +1,538 @@
+//! In-place image swap benchmark through crictl, for runc, Spry cold and Spry from a
+//! template, in one run on one containerd. A pod serves TCP on :8080 with image A
+//! (busybox httpd) and is swapped to image B (python's http.server) by:
+//! - kubelet's sequence (stop, pull, create attempt + 1, start), B not on the node, and again
+//!   with B pulled beforehand;
+//! - recreating the pod instead (stopp, rmp, runp, create, start with B);
+//! - `spry upgrade` (pull while A serves, create, stop, start, ready on :8080), and its
+//!   rollback when the new image cannot start (pause: no shell).
+//!
+//! Downtime is measured from outside: a client connects to the pod's port every 10 ms; it
+//! is the gap between the last answer before the swap and the first after. Also: a second
+//! container started in a running pod (p50 of 5). Every check comes from a probe here.
+//!
+//! Writes target/bench/upgrade.json and .md. Run by scripts/bench-upgrade.sh (root).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::json;
+use spry_integration::bench::{percentile, round, spry_accelerator, write_report};
+use spry_integration::{
+    require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
+    Registry, SpryHandler,
+};
+
+/// Serves :8080 with whatever the image has.
+const SERVER: &str =
+    "if [ -x /usr/bin/python3 ]; then cd /tmp && exec python3 -m http.server 8080; \
+                      else mkdir -p /www && exec httpd -f -p 8080 -h /www; fi";
+const PORT: u16 = 8080;
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn main() -> Result<()> {
+    require_root()?;
+    let root = spry_integration::paths::repo_root();
+    let state = tempfile::Builder::new()
+        .prefix("spry-bench-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "release", None)?;
+    let cold_config = spry.variant("cold", "template = \"off\"")?;
+    let template_config = spry.variant("template", "template = \"auto\"")?;
+    let registry = Registry::start()?;
+    let opts = ContainerdOptions::new("bench-up").registry(&registry);
+    let opts = spry.register_variant(opts, "spry-cold", &cold_config);
+    let opts = spry.register_variant(opts, "spry-template", &template_config);
+    let containerd = Containerd::start(spry.register(opts))?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
+    let images = Images {
+        a: registry.image("busybox:1"),
+        b: registry.image("python:1"),
+        broken: registry.image("pause:1"),
+    };
+    crictl.pull(&images.a)?;
+    crictl.pull(&images.broken)?;
+    let bench = Bench {
+        containerd: &containerd,
+        crictl: &crictl,
+        images: &images,
+        layer_cache: state.path().join("run/layer-images"),
+    };
+
+    let mut results = serde_json::Map::new();
+    let mut checks = serde_json::Map::new();
+    for (runtime, handler) in [
+        ("runc", None),
+        ("spry", Some("spry-cold")),
+        ("spry_template", Some("spry-template")),
+    ] {
+        let (figures, found) = bench
+            .runtime(runtime, handler)
+            .with_context(|| format!("benchmarking {runtime}"))?;
+        results.insert(runtime.into(), figures);
+        for (check, ok) in found {
+            let entry = checks.entry(check).or_insert(json!(true));
+            *entry = json!(entry.as_bool().unwrap_or(false) && ok);
+        }
+    }
+    results.insert("checks".into(), checks.into());
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    results.insert(
+        "machine".into(),
+        json!({ "cpus": cpus, "accelerator": spry_accelerator(&state.path().join("run")),
+                "image_a": images.a, "image_b": images.b, "registry": "local, loopback" }),
+    );
+    results.insert("goals".into(), goals(&results));
+    let report = serde_json::Value::Object(results);
+    let md = markdown(&report);
+    write_report(&root.join("target/bench"), "upgrade", &report, &md)
+}
+
+struct Images {
+    a: String,
+    b: String,
+    broken: String,
+}
+
+struct Bench<'a> {
+    containerd: &'a Containerd,
+    crictl: &'a Crictl,
+    images: &'a Images,
+    /// Spry's shared erofs layer images: cleared with B, so "not on the node" means that.
+    layer_cache: PathBuf,
+}
+
+/// A pod serving A, and what the checks need.
+struct ServingPod {
+    id: String,
+    config: PathBuf,
+    dir: PathBuf,
+    app: String,
+    address: SocketAddr,
+}
+
+impl Bench<'_> {
+    fn runtime(
+        &self,
+        runtime: &str,
+        handler: Option<&str>,
+    ) -> Result<(serde_json::Value, Vec<(String, bool)>)> {
+        let mut checks = Vec::new();
+        let tag = runtime.replace('_', "-");
+        if runtime == "spry_template" {
+            // The template is built on first use, outside the measured swaps.
+            let warm = self.serving_pod(handler, &format!("{tag}-warm"))?;
+            self.remove(&warm)?;
+        }
+        let is_spry = handler.is_some();
+
+        // kubelet's sequence, B not on the node.
+        self.forget_b()?;
+        let pod = self.serving_pod(handler, &format!("{tag}-k"))?;
+        let vms_before = self.vms()?;
+        let image_ref_a = self.crictl.inspect(&pod.app)?["status"]["imageRef"].clone();
+        let (inplace_ms, inplace_downtime_ms, b) = self.kubelet_swap(&pod, 1)?;
+        if is_spry {
+            checks.push(("same_vm".into(), self.vms()? == vms_before));
+        }
+        checks.push(("same_ip".into(), self.address_of(&pod.id)? == pod.address));
+        checks.push((
+            "pod_shm_kept".into(),
+            self.crictl
+                .exec_ok(&b, &["cat", "/dev/shm/pod-file"])
+                .is_ok_and(|s| s == "kept"),
+        ));
+        checks.push((
+            "image_ref_changed".into(),
+            self.crictl.inspect(&b)?["status"]["imageRef"] != image_ref_a,
+        ));
+        let attempt0 = std::fs::read_to_string(pod.dir.join("logs/app/0.log")).unwrap_or_default();
+        checks.push(("attempt_log_kept".into(), attempt0.contains("serving")));
+        self.remove(&pod)?;
+
+        // kubelet's sequence, B pulled beforehand.
+        let pod = self.serving_pod(handler, &format!("{tag}-p"))?;
+        self.crictl.pull(&self.images.b)?;
+        let (_, inplace_prepulled_downtime_ms, _) = self.kubelet_swap(&pod, 1)?;
+        self.remove(&pod)?;
+
+        // Recreating the pod with B (B on the node, as after a rollout's first pod).
+        let pod = self.serving_pod(handler, &format!("{tag}-r"))?;
+        let (recreate_ms, recreate_downtime_ms) = self.recreate(&pod, handler, &tag)?;
+
+        // spry upgrade, B not on the node, then a rollback from a broken image.
+        self.forget_b()?;
+        let pod = self.serving_pod(handler, &format!("{tag}-u"))?;
+        let up = self.spry_upgrade(&pod, &self.images.b, 0)?;
+        let rollback = self.spry_upgrade(&pod, &self.images.broken, 4)?;
+        let restored = self.running_image(&pod)?;
+        checks.push((
+            "rollback_restores_old".into(),
+            restored.contains("python") && answers(pod.address),
+        ));
+        // A second container in the running pod.
+        let mut second = Vec::new();
+        for i in 0..5 {
+            second.push(self.second_container(&pod, i)?);
+        }
+        self.remove(&pod)?;
+        eprintln!("{runtime}: in place {inplace_ms:.0} ms (down {inplace_downtime_ms:.0}), prepulled down {inplace_prepulled_downtime_ms:.0}, recreate {recreate_ms:.0} (down {recreate_downtime_ms:.0}), spry upgrade {:.0} (down {:.0})", up.total_ms, up.downtime_ms);
+        Ok((
+            json!({
+                "inplace_ms": round(inplace_ms),
+                "inplace_downtime_ms": round(inplace_downtime_ms),
+                "inplace_prepulled_downtime_ms": round(inplace_prepulled_downtime_ms),
+                "recreate_ms": round(recreate_ms),
+                "recreate_downtime_ms": round(recreate_downtime_ms),
+                "second_container_p50_ms": round(percentile(&second, 50.0)),
+                "spry_upgrade": {
+                    "total_ms": round(up.total_ms),
+                    "downtime_ms": round(up.downtime_ms),
+                    "phases_ms": up.phases,
+                    "rollback_ms": round(rollback.rollback_ms),
+                    "rollback_total_ms": round(rollback.total_ms),
+                },
+            }),
+            checks,
+        ))
+    }
+
+    /// B gone from containerd and from Spry's layer cache.
+    fn forget_b(&self) -> Result<()> {
+        let _ = self.crictl.run(&["rmi", &self.images.b]);
+        if self.layer_cache.exists() {
+            std::fs::remove_dir_all(&self.layer_cache)?;
+        }
+        Ok(())
+    }
+
+    fn serving_pod(&self, handler: Option<&str>, name: &str) -> Result<ServingPod> {
+        let dir = self.containerd.dir().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let config = PodConfig::new(name)
+            .log_directory(&dir.join("logs"))
+            .write_to(&dir)?;
+        let id = self.crictl.runp(&config, handler)?;
+        let app = self.start_app(&id, &config, &dir, &self.images.a, 0)?;
+        let address = self.address_of(&id)?;
+        wait_answer(address)?;
+        self.crictl
+            .exec_ok(&app, &["sh", "-c", "echo kept > /dev/shm/pod-file"])?;
+        Ok(ServingPod {
+            id,
+            config,
+            dir,
+            app,
+            address,
+        })
+    }
+
+    fn start_app(
+        &self,
+        pod: &str,
+        pod_config: &Path,
+        dir: &Path,
+        image: &str,
+        attempt: u32,
+    ) -> Result<String> {
+        let config = ContainerConfig::new("app", image)
+            .command(&["sh", "-c", &format!("echo serving; {SERVER}")])
+            .log_path(&format!("app/{attempt}.log"))
+            .patch(json!({ "metadata": { "attempt": attempt } }))
+            .write_to(dir)?;
+        let id = self.crictl.create(pod, &config, pod_config)?;
+        self.crictl.start(&id)?;
+        Ok(id)
+    }
+
+    /// kubelet's order: stop, pull, create, start. Returns (total, downtime, new container).
+    fn kubelet_swap(&self, pod: &ServingPod, attempt: u32) -> Result<(f64, f64, String)> {
+        let poller = Poller::start(pod.address);
+        let started = Instant::now();
+        self.crictl.stop(&pod.app, 2)?;
+        self.crictl.pull(&self.images.b)?;
+        let b = self.start_app(&pod.id, &pod.config, &pod.dir, &self.images.b, attempt)?;
+        wait_answer(pod.address)?;
+        let total = ms(started.elapsed());
+        Ok((total, poller.finish().gap_ms(), b))
+    }
+
+    fn recreate(&self, pod: &ServingPod, handler: Option<&str>, tag: &str) -> Result<(f64, f64)> {
+        let old = Poller::start(pod.address);
+        let started = Instant::now();
+        self.crictl.stopp(&pod.id)?;
+        self.crictl.rmp(&pod.id)?;
+        let name = format!("{tag}-r2");
+        let dir = self.containerd.dir().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        let config = PodConfig::new(&name)
+            .log_directory(&dir.join("logs"))
+            .write_to(&dir)?;
+        let id = self.crictl.runp(&config, handler)?;
+        self.start_app(&id, &config, &dir, &self.images.b, 0)?;
+        let address = self.address_of(&id)?;
+        wait_answer(address)?;
+        let total = ms(started.elapsed());
+        let last_old = old.finish().last_answer.unwrap_or(started);
+        let downtime = ms(Instant::now().saturating_duration_since(last_old));
+        self.crictl.stopp(&id)?;
+        self.crictl.rmp(&id)?;
+        Ok((total, downtime))
+    }
+
+    fn spry_upgrade(&self, pod: &ServingPod, image: &str, exit: i32) -> Result<Upgrade> {
+        let bin = spry_integration::spry::bin_dir("release").join("spry");
+        let poller = Poller::start(pod.address);
+        let started = Instant::now();
+        let out = std::process::Command::new(&bin)
+            .args([
+                "upgrade",
+                "--pod",
+                &pod.id,
+                "--container",
+                "app",
+                "--image",
+                image,
+            ])
+            .args([
+                "--ready-tcp",
+                &PORT.to_string(),
+                "--grace",
+                "2s",
+                "--timeout",
+                "300s",
+            ])
+            .arg("--runtime-endpoint")
+            .arg(self.containerd.socket())
+            .output()?;
+        let total_ms = ms(started.elapsed());
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        ensure!(
+            out.status.code() == Some(exit),
+            "spry upgrade to {image} exited {:?}, not {exit}:\n{text}{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_answer(pod.address)?;
+        let phase = |name: &str| {
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(name)?
+                        .trim()
+                        .strip_suffix(" s")?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .map(|s| round(s * 1000.0))
+        };
+        let phases: serde_json::Map<String, serde_json::Value> =
+            ["resolve", "pull", "create", "stop", "start", "ready"]
+                .iter()
+                .filter_map(|p| Some(((*p).to_owned(), json!(phase(p)?))))
+                .collect();
+        Ok(Upgrade {
+            total_ms,
+            downtime_ms: poller.finish().gap_ms(),
+            rollback_ms: phase("rollback").unwrap_or(f64::NAN),
+            phases: phases.into(),
+        })
+    }
+
+    /// create → start → running, of a small second container in the pod.
+    fn second_container(&self, pod: &ServingPod, i: usize) -> Result<f64> {
+        let config = ContainerConfig::new(&format!("side{i}"), &self.images.a)
+            .command(&["sh", "-c", "echo up; exec sleep 3600"])
+            .log_path(&format!("side{i}.log"))
+            .write_to(&pod.dir)?;
+        let started = Instant::now();
+        let id = self.crictl.create(&pod.id, &config, &pod.config)?;
+        self.crictl.start(&id)?;
+        let up = system::wait_for(Duration::from_secs(60), || {
+            Ok(self
+                .crictl
+                .logs(&id)
+                .is_ok_and(|l| l.contains("up"))
+                .then_some(()))
+        })?;
+        up.context("the second container never logged")?;
+        Ok(ms(started.elapsed()))
+    }
+
+    fn running_image(&self, pod: &ServingPod) -> Result<String> {
+        let running = self.crictl.ps(false)?;
+        let app = running
+            .iter()
+            .find(|c| c["podSandboxId"] == pod.id.as_str() && c["metadata"]["name"] == "app")
+            .context("no running app container")?;
+        Ok(self
+            .crictl
+            .inspect(app["id"].as_str().unwrap_or_default())?["status"]["image"]["image"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+
+    fn address_of(&self, pod: &str) -> Result<SocketAddr> {
+        let ip = self.crictl.inspectp(pod)?["status"]["network"]["ip"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(SocketAddr::new(
+            ip.parse().with_context(|| format!("pod IP {ip:?}"))?,
+            PORT,
+        ))
+    }
+
+    fn vms(&self) -> Result<Vec<i32>> {
+        Ok(system::processes()?
+            .into_iter()
+            .filter(|p| {
+                p.name().starts_with("qemu-system") && p.environ_contains(self.containerd.marker())
+            })
+            .map(|p| p.pid)
+            .collect())
+    }
+
+    fn remove(&self, pod: &ServingPod) -> Result<()> {
+        self.crictl.stopp(&pod.id)?;
+        self.crictl.rmp(&pod.id)
+    }
+}
+
+struct Upgrade {
+    total_ms: f64,
+    downtime_ms: f64,
+    rollback_ms: f64,
+    phases: serde_json::Value,
+}
+
+/// Connects to a pod's port every 10 ms in a thread, recording the answers.
+struct Poller {
+    stop: Arc<AtomicBool>,
+    answers: Arc<Mutex<Vec<Instant>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct Answers {
+    times: Vec<Instant>,
+    last_answer: Option<Instant>,
+}
+
+impl Answers {
+    /// The longest silence between two answers.
+    fn gap_ms(&self) -> f64 {
+        self.times
+            .windows(2)
+            .map(|w| ms(w[1] - w[0]))
+            .fold(0.0, f64::max)
+    }
+}
+
+impl Poller {
+    fn start(address: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let record = Arc::new(Mutex::new(Vec::new()));
+        let (flag, log) = (stop.clone(), record.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if answers(address) {
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self {
+            stop,
+            answers: record,
+            thread,
+        }
+    }
+
+    fn finish(self) -> Answers {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        let times = std::mem::take(&mut *self.answers.lock().unwrap_or_else(|p| p.into_inner()));
+        Answers {
+            last_answer: times.last().copied(),
+            times,
+        }
+    }
+}
+
+fn answers(address: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok()
+}
+
+fn wait_answer(address: SocketAddr) -> Result<()> {
+    let up = system::wait_for(READY_TIMEOUT, || Ok(answers(address).then_some(())))?;
+    match up {
+        Some(()) => Ok(()),
+        None => bail!("nothing answers on {address}"),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn goals(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let get = |rt: &str, key: &str| results[rt][key].as_f64().unwrap_or(f64::NAN);
+    let spry_inplace = get("spry", "inplace_ms");
+    let upgrade_down = results["spry"]["spry_upgrade"]["downtime_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let runc_down = get("runc", "inplace_downtime_ms");
+    let second = get("spry", "second_container_p50_ms") / get("runc", "second_container_p50_ms");
+    json!({
+        "spry_inplace_vs_cold_recreate": round(get("spry", "recreate_ms") / spry_inplace),
+        "spry_inplace_vs_cold_recreate_goal": 3.0,
+        "spry_inplace_faster_than_template_recreate":
+            spry_inplace < get("spry_template", "recreate_ms"),
+        "spry_upgrade_downtime_le_runc_kubelet_downtime": upgrade_down <= runc_down,
+        "second_container_vs_runc": round(second),
+        "second_container_vs_runc_goal": 2.0,
+    })
+}
+
+fn markdown(report: &serde_json::Value) -> String {
+    let mut md = format!(
+        "# In-place image swap, busybox → python (2 CPUs, Spry on {:?})\n\n\
+         | metric | runc | spry (cold) | spry_template |\n|---|---|---|---|\n",
+        report["machine"]["accelerator"].as_str().unwrap_or("?")
+    );
+    let row = |name: &str, get: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
+        let cell = |rt: &str| get(&report[rt]).to_string();
+        format!(
+            "| {name} | {} | {} | {} |\n",
+            cell("runc"),
+            cell("spry"),
+            cell("spry_template")
+        )
+    };
+    for key in [
+        "inplace_ms",
+        "inplace_downtime_ms",
+        "inplace_prepulled_downtime_ms",
+        "recreate_ms",
+        "recreate_downtime_ms",
+        "second_container_p50_ms",
+    ] {
+        md += &row(key, &|r| r[key].clone());
+    }
+    for key in ["total_ms", "downtime_ms", "rollback_ms"] {
+        md += &row(&format!("spry upgrade {key}"), &|r| {
+            r["spry_upgrade"][key].clone()
+        });
+    }
+    md += &format!(
+        "\nChecks: {}\n\nGoals: {}\n",
+        report["checks"], report["goals"]
+    );
+    md
+}
