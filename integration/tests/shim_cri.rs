@@ -215,10 +215,7 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
     // Two pods are two VMs.
     let qemus = spry_integration::system::processes()?
         .into_iter()
-        .filter(|p| {
-            p.name().starts_with("qemu-system")
-                && p.cmdline_contains(&state.path().display().to_string())
-        })
+        .filter(|p| p.name().starts_with("qemu-system") && p.environ_contains(containerd.marker()))
         .count();
     ensure!(qemus == 2, "expected 2 VMs, found {qemus}");
     // All four containers run on one erofs image of busybox's layers, built once.

@@ -128,10 +128,11 @@ impl Setup {
             )
             .collect();
         ensure!(leftovers.is_empty(), "VM state left: {leftovers:?}");
-        let marker = run.to_string_lossy().into_owned();
+        // QEMU inherits containerd's marker (its command line names no state path: fds).
+        let marker = self.containerd.marker().to_owned();
         let qemus: Vec<String> = system::processes()?
             .into_iter()
-            .filter(|p| p.name().starts_with("qemu") && p.cmdline_contains(&marker))
+            .filter(|p| p.name().starts_with("qemu") && p.environ_contains(&marker))
             .map(|p| p.describe())
             .collect();
         ensure!(qemus.is_empty(), "QEMU left: {qemus:?}");

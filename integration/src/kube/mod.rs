@@ -431,10 +431,12 @@ impl Cluster {
 
     /// PIDs of the QEMU processes of this cluster's Spry pods.
     pub fn vm_pids(&self) -> Result<Vec<i32>> {
-        let state = self.spry_state.to_string_lossy();
+        // A jailed QEMU's command line names no state path (it gets fds); it inherits
+        // SPRY_CONFIG, which names this cluster's dir, from containerd.
+        let dir = self.dir.to_string_lossy();
         Ok(system::processes()?
             .into_iter()
-            .filter(|p| p.name().starts_with("qemu-system") && p.cmdline_contains(&state))
+            .filter(|p| p.name().starts_with("qemu-system") && p.environ_contains(&dir))
             .map(|p| p.pid)
             .collect())
     }
