@@ -258,7 +258,7 @@ impl Bench<'_> {
         let b = self.start_app(&pod.id, &pod.config, &pod.dir, &self.images.b, attempt)?;
         wait_answer(pod.address)?;
         let total = ms(started.elapsed());
-        Ok((total, poller.downtime_around(started)?, b))
+        Ok((total, poller.downtime_around(started, Instant::now())?, b))
     }
 
     fn recreate(&self, pod: &ServingPod, handler: Option<&str>, tag: &str) -> Result<(f64, f64)> {
@@ -345,7 +345,7 @@ impl Bench<'_> {
         let stop_at = started + Duration::from_secs_f64(before_stop / 1000.0);
         Ok(Upgrade {
             total_ms,
-            downtime_ms: poller.downtime_around(stop_at)?,
+            downtime_ms: poller.downtime_around(stop_at, Instant::now())?,
             rollback_ms: phase("rollback").unwrap_or(f64::NAN),
             phases: phases.into(),
         })
@@ -474,11 +474,19 @@ impl Poller {
         first.context("the pod never answered the poller")
     }
 
-    /// From the last answer at or before `t` (the swap's start) to the first after it.
-    fn downtime_around(self, t: Instant) -> Result<f64> {
-        let first = self.first_answer_after(t)?;
-        let last = self.finish().last_before(t).unwrap_or(t);
-        Ok(ms(first.saturating_duration_since(last)))
+    /// The swap's downtime: the longest silence between two answers from the last answer
+    /// at or before `t` (the swap's start: the old server still answers for a while after
+    /// it) on, once an answer after `done` (the new server up) has been recorded.
+    fn downtime_around(self, t: Instant, done: Instant) -> Result<f64> {
+        self.first_answer_after(done)?;
+        let answers = self.finish();
+        let from = answers.last_before(t).unwrap_or(t);
+        let mut times: Vec<Instant> = vec![from];
+        times.extend(answers.times.iter().filter(|a| **a > from));
+        Ok(times
+            .windows(2)
+            .map(|w| ms(w[1].saturating_duration_since(w[0])))
+            .fold(0.0, f64::max))
     }
 }
 
