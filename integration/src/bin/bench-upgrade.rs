@@ -27,10 +27,15 @@ use spry_integration::{
     Registry, SpryHandler,
 };
 
-/// Serves :8080 with whatever the image has.
-const SERVER: &str =
-    "if [ -x /usr/bin/python3 ]; then cd /tmp && exec python3 -m http.server 8080; \
-                      else mkdir -p /www && exec httpd -f -p 8080 -h /www; fi";
+/// Serves :8080 with whatever the image has: busybox's httpd, or a python accept loop
+/// (python's http.server looks its own name up in DNS first, ~10 s without a resolver).
+const SERVER: &str = "if [ -x /usr/bin/python3 ]; then exec python3 -c \"import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('', 8080))
+s.listen(128)
+while True:
+    s.accept()[0].close()\"; else mkdir -p /www && exec httpd -f -p 8080 -h /www; fi";
 const PORT: u16 = 8080;
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
