@@ -5,6 +5,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::{Containerd, ContainerdOptions, Registry, SpryHandler};
+
 /// The `p`th percentile (nearest rank) of `values`; NaN for none.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {
@@ -45,6 +47,38 @@ pub fn spry_accelerator(state_dir: &Path) -> String {
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v.get("accel").and_then(|a| a.as_str()).map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// What a benchmark compares in one run: one containerd with runc, Spry booting cold
+/// (`spry-cold`, `template = "off"`) and Spry from VM templates (`spry-template`), each
+/// configured through containerd's ConfigPath option, running the release build, with a
+/// registry of the test images. Fields drop in order: containerd first.
+pub struct BenchNode {
+    pub containerd: Containerd,
+    pub registry: Registry,
+    /// Spry's state: its `run/` dir holds the VMs, templates and layer images.
+    pub state: tempfile::TempDir,
+}
+
+impl BenchNode {
+    pub fn start(name: &str) -> Result<Self> {
+        let state = tempfile::Builder::new()
+            .prefix(&format!("spry-{name}-"))
+            .tempdir_in("/run")?;
+        let spry = SpryHandler::new(state.path(), "release", None)?;
+        let cold = spry.variant("cold", "template = \"off\"")?;
+        let template = spry.variant("template", "template = \"auto\"")?;
+        let registry = Registry::start()?;
+        let opts = ContainerdOptions::new(name).registry(&registry);
+        let opts = spry.register_variant(opts, "spry-cold", &cold);
+        let opts = spry.register_variant(opts, "spry-template", &template);
+        let containerd = Containerd::start(spry.register(opts))?;
+        Ok(Self {
+            containerd,
+            registry,
+            state,
+        })
+    }
 }
 
 #[cfg(test)]

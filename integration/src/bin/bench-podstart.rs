@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use spry_integration::bench::{percentile, round, round2, spry_accelerator, write_report};
+use spry_integration::bench::{
+    percentile, round, round2, spry_accelerator, write_report, BenchNode,
+};
 use spry_integration::{
     pod_usage::{HostCpu, PodProcesses},
-    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
-    SpryHandler,
+    require_root, ContainerConfig, Containerd, Crictl, PodConfig,
 };
 
 /// How long idle pods are watched for the CPU they use.
@@ -74,18 +75,8 @@ fn main() -> Result<()> {
         "--pods must be at least 5 for a p95 to mean anything"
     );
     let root = spry_integration::paths::repo_root();
-    let state = tempfile::Builder::new()
-        .prefix("spry-bench-")
-        .tempdir_in("/run")?;
-    let spry = SpryHandler::new(state.path(), "release", None)?;
-    // Two handlers, each with its own config through containerd's ConfigPath option.
-    let cold_config = spry.variant("cold", "template = \"off\"")?;
-    let template_config = spry.variant("template", "template = \"auto\"")?;
-    let registry = Registry::start()?;
-    let opts = ContainerdOptions::new("bench").registry(&registry);
-    let opts = spry.register_variant(opts, "spry-cold", &cold_config);
-    let opts = spry.register_variant(opts, "spry-template", &template_config);
-    let containerd = Containerd::start(spry.register(opts))?;
+    let node = BenchNode::start("bench")?;
+    let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image(&image_name);
     crictl.pull(&image)?;
@@ -107,11 +98,11 @@ fn main() -> Result<()> {
         if runtime == "spry_template" {
             // Template built on first use, outside the measured pods.
             let started = Instant::now();
-            let (_, pod, _) = start_pod(&containerd, &crictl, &image, handler, "tpl-warmup")?;
+            let (_, pod, _) = start_pod(containerd, &crictl, &image, handler, "tpl-warmup")?;
             remove_pods(&crictl, &[pod])?;
             template = template_facts(&state.path().join("run/templates"), started.elapsed())?;
         }
-        let run = measure(&containerd, &crictl, &image, runtime, handler, pods)?;
+        let run = measure(containerd, &crictl, &image, runtime, handler, pods)?;
         if runtime == "spry" {
             accel = spry_accelerator(&state.path().join("run"));
         }

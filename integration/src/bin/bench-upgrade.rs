@@ -21,11 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use spry_integration::bench::{percentile, round, spry_accelerator, write_report};
-use spry_integration::{
-    require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
-    Registry, SpryHandler,
-};
+use spry_integration::bench::{percentile, round, spry_accelerator, write_report, BenchNode};
+use spry_integration::{require_root, system, ContainerConfig, Containerd, Crictl, PodConfig};
 
 /// Serves :8080 with whatever the image has: busybox's httpd, or a python accept loop
 /// (python's http.server looks its own name up in DNS first, ~10 s without a resolver).
@@ -42,17 +39,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(300);
 fn main() -> Result<()> {
     require_root()?;
     let root = spry_integration::paths::repo_root();
-    let state = tempfile::Builder::new()
-        .prefix("spry-bench-")
-        .tempdir_in("/run")?;
-    let spry = SpryHandler::new(state.path(), "release", None)?;
-    let cold_config = spry.variant("cold", "template = \"off\"")?;
-    let template_config = spry.variant("template", "template = \"auto\"")?;
-    let registry = Registry::start()?;
-    let opts = ContainerdOptions::new("bench-up").registry(&registry);
-    let opts = spry.register_variant(opts, "spry-cold", &cold_config);
-    let opts = spry.register_variant(opts, "spry-template", &template_config);
-    let containerd = Containerd::start(spry.register(opts))?;
+    let node = BenchNode::start("bench-up")?;
+    let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let images = Images {
         a: registry.image("busybox:1"),
@@ -62,7 +50,7 @@ fn main() -> Result<()> {
     crictl.pull(&images.a)?;
     crictl.pull(&images.broken)?;
     let bench = Bench {
-        containerd: &containerd,
+        containerd,
         crictl: &crictl,
         images: &images,
         layer_cache: state.path().join("run/layer-images"),

@@ -21,11 +21,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use spry_integration::atomic_writer;
-use spry_integration::bench::{percentile, round, round2, spry_accelerator, write_report};
-use spry_integration::{
-    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
-    SpryHandler,
+use spry_integration::bench::{
+    percentile, round, round2, spry_accelerator, write_report, BenchNode,
 };
+use spry_integration::{require_root, ContainerConfig, Containerd, Crictl, PodConfig};
 
 struct Settings {
     file_mib: u64,
@@ -51,20 +50,11 @@ fn main() -> Result<()> {
         }
     }
     let root = spry_integration::paths::repo_root();
-    let state = tempfile::Builder::new()
-        .prefix("spry-bench-vol-")
-        .tempdir_in("/run")?;
     let sources = tempfile::Builder::new()
         .prefix("spry-bench-vol-src-")
         .tempdir_in("/var/tmp")?;
-    let spry = SpryHandler::new(state.path(), "release", None)?;
-    let cold = spry.variant("cold", "template = \"off\"")?;
-    let template = spry.variant("template", "template = \"auto\"")?;
-    let registry = Registry::start()?;
-    let opts = ContainerdOptions::new("bench-vol").registry(&registry);
-    let opts = spry.register_variant(opts, "spry-cold", &cold);
-    let opts = spry.register_variant(opts, "spry-template", &template);
-    let containerd = Containerd::start(spry.register(opts))?;
+    let node = BenchNode::start("bench-vol")?;
+    let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let image = registry.image("busybox:1");
@@ -77,7 +67,7 @@ fn main() -> Result<()> {
         ("spry", Some("spry-cold")),
         ("spry_template", Some("spry-template")),
     ] {
-        let pod = VolumePod::start(&containerd, &crictl, &image, key, handler, sources.path())?;
+        let pod = VolumePod::start(containerd, &crictl, &image, key, handler, sources.path())?;
         let mut result = serde_json::Map::new();
         for (volume, dir, direct) in [("host_path", "/hp", false), ("empty_dir", "/ed", true)] {
             let (write, read) = pod.sequential(dir, settings.file_mib, direct)?;
