@@ -213,10 +213,7 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         }
     }
     // Two pods are two VMs.
-    let qemus = spry_integration::system::processes()?
-        .into_iter()
-        .filter(|p| p.name().starts_with("qemu-system") && p.environ_contains(containerd.marker()))
-        .count();
+    let qemus = containerd.qemus()?.len();
     ensure!(qemus == 2, "expected 2 VMs, found {qemus}");
     // All four containers run on one erofs image of busybox's layers, built once.
     let layer_images = std::fs::read_dir(state.path().join("run/layer-images"))

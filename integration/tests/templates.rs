@@ -128,11 +128,10 @@ impl Setup {
             )
             .collect();
         ensure!(leftovers.is_empty(), "VM state left: {leftovers:?}");
-        // QEMU inherits containerd's marker (its command line names no state path: fds).
-        let marker = self.containerd.marker().to_owned();
-        let qemus: Vec<String> = system::processes()?
-            .into_iter()
-            .filter(|p| p.name().starts_with("qemu") && p.environ_contains(&marker))
+        let qemus: Vec<String> = self
+            .containerd
+            .qemus()?
+            .iter()
             .map(|p| p.describe())
             .collect();
         ensure!(qemus.is_empty(), "QEMU left: {qemus:?}");

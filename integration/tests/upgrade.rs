@@ -264,15 +264,8 @@ fn pod_ip(crictl: &Crictl, pod: &str) -> Result<String> {
         .to_owned())
 }
 
-/// The QEMU processes of this containerd's pods (they inherit its marker).
 fn vms(node: &SpryNode) -> Result<Vec<i32>> {
-    Ok(system::processes()?
-        .into_iter()
-        .filter(|p| {
-            p.name().starts_with("qemu-system") && p.environ_contains(node.containerd.marker())
-        })
-        .map(|p| p.pid)
-        .collect())
+    Ok(node.containerd.qemus()?.iter().map(|p| p.pid).collect())
 }
 
 fn wait_log(file: &Path, needle: &str) -> Result<()> {

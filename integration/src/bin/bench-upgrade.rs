@@ -390,13 +390,7 @@ impl Bench<'_> {
     }
 
     fn vms(&self) -> Result<Vec<i32>> {
-        Ok(system::processes()?
-            .into_iter()
-            .filter(|p| {
-                p.name().starts_with("qemu-system") && p.environ_contains(self.containerd.marker())
-            })
-            .map(|p| p.pid)
-            .collect())
+        Ok(self.containerd.qemus()?.iter().map(|p| p.pid).collect())
     }
 
     fn remove(&self, pod: &ServingPod) -> Result<()> {

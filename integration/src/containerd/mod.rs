@@ -283,6 +283,15 @@ impl Containerd {
             .collect())
     }
 
+    /// The QEMUs of this instance's pods. They inherit its marker; their command lines name
+    /// no state path (a jailed QEMU gets fds).
+    pub fn qemus(&self) -> Result<Vec<system::ProcessInfo>> {
+        Ok(system::processes()?
+            .into_iter()
+            .filter(|p| p.name().starts_with("qemu-system") && p.environ_contains(&self.marker))
+            .collect())
+    }
+
     /// `SPRY_IT_INSTANCE=...`: set on containerd and inherited by its shims.
     pub fn marker(&self) -> &str {
         &self.marker

@@ -431,16 +431,10 @@ impl Cluster {
 
     /// PIDs of the QEMU processes of this cluster's Spry pods.
     pub fn vm_pids(&self) -> Result<Vec<i32>> {
-        // A jailed QEMU's command line names no state path (it gets fds); it inherits
-        // this cluster's containerd's instance marker.
-        let Some(marker) = self.containerd.as_ref().map(|c| c.marker().to_owned()) else {
+        let Some(containerd) = &self.containerd else {
             return Ok(Vec::new());
         };
-        Ok(system::processes()?
-            .into_iter()
-            .filter(|p| p.name().starts_with("qemu-system") && p.environ_contains(&marker))
-            .map(|p| p.pid)
-            .collect())
+        Ok(containerd.qemus()?.iter().map(|p| p.pid).collect())
     }
 
     /// The last `lines` of every component's log.
