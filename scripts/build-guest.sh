@@ -2,9 +2,11 @@
 # Builds the guest: the static agent, then the kernel + initramfs (Rust builder in
 # spry_shim::assets). Outputs land in build/guest/<hash>/, linked from build/guest/current/.
 #
-#   scripts/build-guest.sh [--agent PATH] [--output DIR] [--kernel-deb PATH]
+#   scripts/build-guest.sh [--agent PATH] [--output DIR] [--kernel-deb PATH] [--release]
 #
-# With --agent, the given binary is used as /init and the agent is not built.
+# With --agent, the given binary is used as /init and the agent is not built. With
+# --release the builder runs from the release build (the quickstart's), so a run that builds
+# only release binaries does not also build the whole shim in the debug profile.
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 enable_error_trap
 cd "$SPRY_ROOT"
@@ -12,6 +14,7 @@ require_cmd cargo dpkg-deb apt-get
 [ -x /usr/sbin/depmod ] || [ -x /sbin/depmod ] || die "depmod not found (apt-get install kmod)"
 
 agent=""
+profile=()
 output="$SPRY_ROOT/build/guest"
 args=()
 while [ $# -gt 0 ]; do
@@ -19,6 +22,7 @@ while [ $# -gt 0 ]; do
         --agent) agent=$2; shift 2 ;;
         --output) output=$2; shift 2 ;;
         --kernel-deb) args+=("$1" "$2"); shift 2 ;;
+        --release) profile=(--release); shift ;;
         *) die "unknown argument '$1' (see the header of $0)" ;;
     esac
 done
@@ -36,4 +40,4 @@ if file "$agent" 2>/dev/null | grep -q 'dynamically linked'; then
 fi
 
 log "building guest assets with /init = $agent"
-cargo run --quiet -p spry-shim --bin spry -- assets build --agent "$agent" --output "$output" "${args[@]}"
+cargo run --quiet "${profile[@]}" -p spry-shim --bin spry -- assets build --agent "$agent" --output "$output" "${args[@]}"

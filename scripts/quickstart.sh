@@ -84,7 +84,7 @@ trap on_exit EXIT
 
 rm -f "$QS/result.txt"
 timed "install dependencies" scripts/install-deps.sh --no-critest
-timed "build the guest (kernel, agent initramfs)" scripts/build-guest.sh
+timed "build the guest (kernel, agent initramfs)" scripts/build-guest.sh --release
 timed "build test images (pause, busybox)" scripts/build-test-images.sh --only pause --only busybox
 timed "build Spry (release)" build_quickstart_bin
 timed "spry install (private prefix)" install_spry
