@@ -7,6 +7,7 @@ pub mod convert;
 pub mod estargz;
 pub mod fs;
 pub mod layer;
+mod private;
 pub mod record;
 pub mod registry;
 pub mod service;

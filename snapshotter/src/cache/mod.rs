@@ -54,10 +54,13 @@ impl ChunkCache {
     /// Opens (creating if needed) the cache under `dir`.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
         let sha = dir.join("sha256");
-        fs::create_dir_all(&sha).map_err(|source| CacheError::CreateDir {
-            path: sha.clone(),
-            source,
-        })?;
+        // Chunks are image content: the cache is root's alone, like the snapshot root.
+        crate::private::create_dir(dir)
+            .and_then(|_| fs::create_dir_all(&sha))
+            .map_err(|source| CacheError::CreateDir {
+                path: sha.clone(),
+                source,
+            })?;
         Ok(ChunkCache {
             dir: dir.to_path_buf(),
             in_flight: Mutex::new(HashMap::new()),

@@ -4,7 +4,7 @@ use std::io::Read;
 
 use sha2::{Digest, Sha256};
 
-use super::{EstargzError, Toc, TOC_TAR_NAME};
+use super::{EstargzError, Toc, MAX_CHUNK_SIZE, MAX_TOC_JSON, TOC_TAR_NAME};
 
 /// `sha256:<hex>` of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
@@ -13,13 +13,24 @@ pub fn sha256_digest(data: &[u8]) -> String {
 
 /// Decompresses the first `size` bytes of the gzip member that starts at
 /// the beginning of `compressed` and checks them against `digest`.
-/// Never returns bytes that do not match.
+/// Never returns bytes that do not match. Decompresses no more than `size` bytes (a gzip
+/// bomb stops there) and refuses sizes over [`MAX_CHUNK_SIZE`].
 pub fn decode_chunk(
     compressed: &[u8],
     compressed_offset: u64,
     size: u64,
     digest: &str,
 ) -> Result<Vec<u8>, EstargzError> {
+    if size > MAX_CHUNK_SIZE {
+        return Err(EstargzError::ChunkDecompress {
+            digest: digest.to_string(),
+            offset: compressed_offset,
+            source: std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("chunk of {size} bytes is over the {MAX_CHUNK_SIZE}-byte limit"),
+            ),
+        });
+    }
     let mut out = Vec::with_capacity(size as usize);
     let read = flate2::read::GzDecoder::new(compressed)
         .take(size)
@@ -51,12 +62,15 @@ pub fn decode_chunk(
 
 /// Decompresses the TOC member (the bytes between the TOC offset and the
 /// footer), verifies the JSON against `expected_digest` when given and
-/// parses it. Returns the TOC and the digest of its JSON.
+/// parses it. Returns the TOC and the digest of its JSON. At most [`MAX_TOC_JSON`] bytes
+/// (plus tar framing) are decompressed, however the member claims otherwise.
 pub fn decode_toc_member(
     member: &[u8],
     expected_digest: Option<&str>,
 ) -> Result<(Toc, String), EstargzError> {
-    let decoder = flate2::read::MultiGzDecoder::new(member);
+    // Tar headers and padding around the JSON, and a little slack for entries before it.
+    const FRAMING: u64 = 64 << 10;
+    let decoder = flate2::read::MultiGzDecoder::new(member).take(MAX_TOC_JSON + FRAMING);
     let mut archive = tar::Archive::new(decoder);
     let entries = archive
         .entries()
@@ -66,6 +80,12 @@ pub fn decode_toc_member(
         let is_toc = entry.path_bytes().as_ref().eq(TOC_TAR_NAME.as_bytes());
         if !is_toc {
             continue;
+        }
+        if entry.size() > MAX_TOC_JSON {
+            return Err(EstargzError::TocTooLarge {
+                what: "JSON",
+                limit: MAX_TOC_JSON,
+            });
         }
         let mut json = Vec::new();
         entry

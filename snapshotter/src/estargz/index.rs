@@ -4,8 +4,8 @@
 use std::collections::{BTreeSet, HashMap};
 
 use super::{
-    toc::clean_name, EntryType, EstargzError, Toc, TocEntry, NO_PREFETCH_LANDMARK,
-    PREFETCH_LANDMARK,
+    toc::clean_name, EntryType, EstargzError, Toc, TocEntry, MAX_CHUNK_RANGE, MAX_CHUNK_SIZE,
+    MAX_NAME_LEN, MAX_PATH_LEN, MAX_TOC_ENTRIES, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
 };
 
 /// Where one chunk of a file lives in the compressed blob and what it holds.
@@ -53,6 +53,12 @@ pub struct LayerIndex {
 impl LayerIndex {
     /// Validates `toc` and builds the index.
     pub fn new(toc: Toc, toc_offset: u64, toc_digest: String) -> Result<Self, EstargzError> {
+        if toc.entries.len() > MAX_TOC_ENTRIES {
+            return Err(EstargzError::TocTooLarge {
+                what: "entry count",
+                limit: MAX_TOC_ENTRIES as u64,
+            });
+        }
         // Every gzip member that starts a chunk is a boundary; a chunk's
         // compressed range ends at the next boundary (or the TOC).
         let mut boundaries = BTreeSet::new();
@@ -68,9 +74,14 @@ impl LayerIndex {
         let mut by_name: HashMap<String, usize> = HashMap::new();
         let mut prefetch = Prefetch::Unspecified;
         for mut e in toc.entries {
+            check_path(&e, &e.name)?;
             e.name = clean_name(&e.name);
             if e.kind == EntryType::Hardlink {
+                check_path(&e, &e.link_name)?;
                 e.link_name = clean_name(&e.link_name);
+            }
+            if e.kind == EntryType::Symlink && e.link_name.len() > MAX_PATH_LEN {
+                return Err(invalid(&e, "symlink target longer than PATH_MAX"));
             }
             if e.kind == EntryType::Chunk {
                 let idx = *by_name
@@ -146,6 +157,20 @@ fn invalid(e: &TocEntry, reason: &'static str) -> EstargzError {
     }
 }
 
+/// Names the kernel could not look up are refused here, before anything walks them.
+fn check_path(e: &TocEntry, path: &str) -> Result<(), EstargzError> {
+    if path.len() > MAX_PATH_LEN {
+        return Err(invalid(e, "path longer than PATH_MAX"));
+    }
+    if path.split('/').any(|part| part.len() > MAX_NAME_LEN) {
+        return Err(invalid(e, "name longer than NAME_MAX"));
+    }
+    if path.contains('\0') {
+        return Err(invalid(e, "path contains a NUL byte"));
+    }
+    Ok(())
+}
+
 fn offset_of(e: &TocEntry) -> Result<u64, EstargzError> {
     u64::try_from(e.offset).map_err(|_| invalid(e, "negative offset"))
 }
@@ -166,14 +191,27 @@ fn chunk_of(
     } else {
         e.chunk_size
     };
-    if size <= 0 || e.chunk_offset + size > file_size {
+    let past_end = e
+        .chunk_offset
+        .checked_add(size)
+        .is_none_or(|end| end > file_size);
+    if size <= 0 || past_end {
         return Err(invalid(e, "chunk extends past the end of the file"));
+    }
+    if size as u64 > MAX_CHUNK_SIZE {
+        return Err(invalid(e, "chunk is larger than MAX_CHUNK_SIZE"));
     }
     let start = offset_of(e)?;
     let end = *boundaries
         .range(start + 1..)
         .next()
         .ok_or_else(|| invalid(e, "chunk lies after the TOC"))?;
+    if end - start > MAX_CHUNK_RANGE {
+        return Err(invalid(
+            e,
+            "chunk's compressed range is larger than MAX_CHUNK_RANGE",
+        ));
+    }
     Ok(ChunkRef {
         compressed_offset: start,
         compressed_end: end,

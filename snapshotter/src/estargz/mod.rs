@@ -8,6 +8,9 @@ mod index;
 pub mod toc;
 pub mod writer;
 
+#[cfg(test)]
+mod hostile_tests;
+
 pub use chunk::{decode_chunk, decode_toc_member, sha256_digest};
 pub use index::{ChunkRef, LayerIndex, Prefetch};
 pub use toc::{EntryType, Toc, TocEntry};
@@ -28,6 +31,24 @@ pub const LANDMARK_CONTENTS: u8 = 0x0f;
 /// Default chunk size of the writer.
 pub const DEFAULT_CHUNK_SIZE: u64 = 4 << 20;
 
+// Bounds on what a layer may declare. A TOC is registry input: without these a hostile
+// layer makes the snapshotter allocate, fetch or decompress as much as it likes. A layer
+// beyond them is not served lazily; containerd then pulls it in full (ordinary unpacking).
+/// Largest uncompressed chunk (Go's writer makes 4 MiB chunks).
+pub const MAX_CHUNK_SIZE: u64 = 32 << 20;
+/// Largest compressed range fetched for one chunk: the chunk's gzip member plus the small
+/// members of the entries without data (directories, links) that follow it.
+pub const MAX_CHUNK_RANGE: u64 = MAX_CHUNK_SIZE + (16 << 20);
+/// Largest compressed TOC member fetched.
+pub const MAX_TOC_MEMBER: u64 = 64 << 20;
+/// Largest TOC JSON decompressed (about 250,000 files at typical entry sizes).
+pub const MAX_TOC_JSON: u64 = 64 << 20;
+/// Most TOC entries (files plus extra chunks).
+pub const MAX_TOC_ENTRIES: usize = 1 << 20;
+/// Longest path, and longest name in a path, as Linux's PATH_MAX and NAME_MAX.
+pub const MAX_PATH_LEN: usize = 4096;
+pub const MAX_NAME_LEN: usize = 255;
+
 /// Errors parsing or verifying eStargz data.
 #[derive(Debug, thiserror::Error)]
 pub enum EstargzError {
@@ -45,6 +66,8 @@ pub enum EstargzError {
     TocDecompress { source: std::io::Error },
     #[error("TOC member does not contain {TOC_TAR_NAME}")]
     TocMissing,
+    #[error("TOC {what} exceeds the limit of {limit} (a layer this large is pulled in full)")]
+    TocTooLarge { what: &'static str, limit: u64 },
     #[error("TOC digest is {actual}, expected {expected}")]
     TocDigestMismatch { expected: String, actual: String },
     #[error("TOC JSON is malformed")]

@@ -164,20 +164,24 @@ impl Filesystem for LayerFs {
         let Some(node) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let dots = [(ino.0, ".".to_string()), (node.parent, "..".to_string())];
-        let children = node.children.iter().map(|(name, ino)| (*ino, name.clone()));
-        for (i, (child, name)) in dots
-            .into_iter()
-            .chain(children)
-            .enumerate()
-            .skip(offset as usize)
-        {
+        // Offsets are positions: 1 and 2 are "." and "..", 3 + i the i-th entry. Resuming
+        // at an offset indexes the sorted list (no walk over what was already listed).
+        let dots = [(ino.0, "."), (node.parent, "..")];
+        let start = offset as usize;
+        let listing = dots.iter().copied().skip(start).chain(
+            node.children
+                .get(start.saturating_sub(dots.len())..)
+                .unwrap_or_default()
+                .iter()
+                .map(|(name, child)| (*child, name.as_str())),
+        );
+        for (i, (child, name)) in listing.enumerate() {
             let kind = self
                 .tree
                 .get(child)
                 .map(|n| n.attr.kind)
                 .unwrap_or(fuser::FileType::Directory);
-            if reply.add(INodeNo(child), (i + 1) as u64, kind, &name) {
+            if reply.add(INodeNo(child), (start + i + 1) as u64, kind, name) {
                 break;
             }
         }
@@ -268,8 +272,12 @@ impl LayerMount {
             MountOption::FSName(format!("spry:{name}")),
             MountOption::Subtype("spry".to_string()),
             MountOption::DefaultPermissions,
-            MountOption::Dev,
-            MountOption::Suid,
+            // Device numbers and setuid bits come from the image's TOC: honoured on this
+            // mount they would let any process that reaches it open a device the image
+            // names or gain root. Containers see the layer through their overlay mount,
+            // whose own flags govern exec there (setuid binaries in a container still work).
+            MountOption::NoDev,
+            MountOption::NoSuid,
             MountOption::Exec,
         ];
         // Containers run as any uid; the kernel checks modes (DefaultPermissions).
@@ -340,5 +348,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     message
 }
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;

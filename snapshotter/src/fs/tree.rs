@@ -1,6 +1,10 @@
 //! The inode tree of one layer, built once from the TOC. Whiteouts become
 //! what overlayfs expects from a lower layer: `.wh.NAME` turns into a 0/0
 //! character device `NAME`, `.wh..wh..opq` into `trusted.overlay.opaque=y`.
+//!
+//! The TOC is untrusted: `trusted.*` xattrs from it are dropped (overlayfs acts on them;
+//! containerd's unpacker refuses them too), hard links to directories are refused, and the
+//! build never recurses on a path's depth.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,6 +22,9 @@ const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 /// The xattr overlayfs reads to find opaque directories.
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 
+/// The xattr namespace a layer may not set (containerd: "admin attributes from archive").
+const ADMIN_XATTR_PREFIX: &str = "trusted.";
+
 /// One inode.
 #[derive(Debug, Clone)]
 pub struct Node {
@@ -25,15 +32,30 @@ pub struct Node {
     /// Index of the regular file in the layer index, for reads.
     pub entry: Option<usize>,
     pub symlink: Option<Vec<u8>>,
-    pub children: BTreeMap<String, u64>,
+    /// Entries of a directory, sorted by name: looked up by binary search, and listed from
+    /// any offset without walking the entries before it.
+    pub children: Vec<(String, u64)>,
     pub parent: u64,
     pub xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+impl Node {
+    /// The inode of the entry `name` of this directory.
+    pub fn child(&self, name: &str) -> Option<u64> {
+        let at = self
+            .children
+            .binary_search_by(|(n, _)| n.as_str().cmp(name))
+            .ok()?;
+        Some(self.children[at].1)
+    }
 }
 
 /// All inodes of a layer; inode numbers are indices + 1.
 #[derive(Debug, Clone)]
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Directory entries while building; moved into each node's sorted `children` at the end.
+    building: HashMap<u64, BTreeMap<String, u64>>,
 }
 
 impl Tree {
@@ -41,7 +63,9 @@ impl Tree {
     pub fn build(index: &LayerIndex) -> Tree {
         let mut tree = Tree {
             nodes: vec![dir_node(INodeNo::ROOT.0, INodeNo::ROOT.0, None)],
+            building: HashMap::new(),
         };
+        let mut dropped_xattrs = 0usize;
         let mut by_path: HashMap<String, u64> = HashMap::new();
         by_path.insert(String::new(), INodeNo::ROOT.0);
         let mut hardlinks: Vec<(usize, &TocEntry)> = Vec::new();
@@ -67,6 +91,11 @@ impl Tree {
                     .insert(OPAQUE_XATTR.to_string(), b"y".to_vec());
                 continue;
             }
+            dropped_xattrs += e
+                .xattrs
+                .keys()
+                .filter(|k| k.starts_with(ADMIN_XATTR_PREFIX))
+                .count();
             if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX) {
                 let ino = tree.push(
                     parent,
@@ -101,32 +130,43 @@ impl Tree {
                 tracing::warn!(name = %e.name, target = %e.link_name, "hard link to a missing file; skipped");
                 continue;
             };
+            // A directory with two parents is a loop for every tree walker.
+            if tree.node_mut(target).attr.kind == FileType::Directory {
+                tracing::warn!(name = %e.name, target = %e.link_name, "hard link to a directory; skipped");
+                continue;
+            }
             let (parent_path, base) = e.name.rsplit_once('/').unwrap_or(("", e.name.as_str()));
             let parent = tree.ensure_dir(&mut by_path, parent_path);
-            tree.node_mut(parent)
-                .children
-                .insert(base.to_string(), target);
+            tree.link(parent, base, target);
             tree.node_mut(target).attr.nlink += 1;
         }
-        let dir_links: Vec<(u64, u32)> = tree
-            .nodes
-            .iter()
-            .map(|n| {
-                let subdirs = n
-                    .children
-                    .values()
-                    .filter(|c| tree.nodes[(**c - 1) as usize].attr.kind == FileType::Directory)
-                    .count();
-                (n.attr.ino.0, 2 + subdirs as u32)
-            })
-            .collect();
-        for (ino, links) in dir_links {
-            let node = tree.node_mut(ino);
-            if node.attr.kind == FileType::Directory {
-                node.attr.nlink = links;
-            }
+        if dropped_xattrs > 0 {
+            tracing::warn!(
+                count = dropped_xattrs,
+                "layer sets trusted.* xattrs; dropped (admin attributes are not taken from images)"
+            );
         }
+        tree.finish();
         tree
+    }
+
+    /// Moves each directory's entries into its sorted list and counts its links.
+    fn finish(&mut self) {
+        let building = std::mem::take(&mut self.building);
+        for (ino, entries) in building {
+            self.node_mut(ino).children = entries.into_iter().collect();
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].attr.kind != FileType::Directory {
+                continue;
+            }
+            let subdirs = self.nodes[i]
+                .children
+                .iter()
+                .filter(|(_, c)| self.nodes[(*c - 1) as usize].attr.kind == FileType::Directory)
+                .count();
+            self.nodes[i].attr.nlink = 2 + subdirs as u32;
+        }
     }
 
     /// The node for an inode number.
@@ -136,8 +176,7 @@ impl Tree {
 
     /// Child of a directory by name.
     pub fn lookup(&self, parent: u64, name: &str) -> Option<&Node> {
-        let child = *self.get(parent)?.children.get(name)?;
-        self.get(child)
+        self.get(self.get(parent)?.child(name)?)
     }
 
     /// Number of inodes.
@@ -163,24 +202,54 @@ impl Tree {
             },
             ..node
         });
-        self.node_mut(parent).children.insert(name.to_string(), ino);
+        self.link(parent, name, ino);
         ino
     }
 
-    /// The directory at `path`, creating it and its parents when the layer
-    /// has no explicit entry for them.
+    fn link(&mut self, parent: u64, name: &str, ino: u64) {
+        self.building
+            .entry(parent)
+            .or_default()
+            .insert(name.to_string(), ino);
+    }
+
+    fn is_dir(&self, ino: u64) -> bool {
+        self.nodes[(ino - 1) as usize].attr.kind == FileType::Directory
+    }
+
+    /// The directory at `path`, creating it and its parents when the layer has no
+    /// explicit entry for them. A loop, not recursion: a path's depth is the layer's to
+    /// choose.
     fn ensure_dir(&mut self, by_path: &mut HashMap<String, u64>, path: &str) -> u64 {
         if let Some(&ino) = by_path.get(path) {
-            if self.nodes[(ino - 1) as usize].attr.kind == FileType::Directory {
+            if self.is_dir(ino) {
                 return ino;
             }
         }
-        let (parent_path, base) = path.rsplit_once('/').unwrap_or(("", path));
-        let parent = self.ensure_dir(by_path, parent_path);
-        let ino = self.nodes.len() as u64 + 1;
-        let ino = self.push(parent, base, dir_node(ino, parent, None));
-        by_path.insert(path.to_string(), ino);
-        ino
+        // The deepest existing directory on the path, then create each one below it.
+        let mut missing: Vec<&str> = Vec::new();
+        let mut parent = INodeNo::ROOT.0;
+        let mut cursor = path;
+        while !cursor.is_empty() {
+            if let Some(&ino) = by_path.get(cursor) {
+                if self.is_dir(ino) {
+                    parent = ino;
+                    break;
+                }
+            }
+            missing.push(cursor);
+            cursor = cursor.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
+        }
+        for dir_path in missing.into_iter().rev() {
+            let base = dir_path
+                .rsplit_once('/')
+                .map(|(_, b)| b)
+                .unwrap_or(dir_path);
+            let ino = self.nodes.len() as u64 + 1;
+            parent = self.push(parent, base, dir_node(ino, parent, None));
+            by_path.insert(dir_path.to_string(), parent);
+        }
+        parent
     }
 }
 
@@ -224,7 +293,7 @@ fn dir_node(ino: u64, parent: u64, e: Option<&TocEntry>) -> Node {
         attr,
         entry: None,
         symlink: None,
-        children: BTreeMap::new(),
+        children: Vec::new(),
         parent,
         xattrs: BTreeMap::new(),
     }
@@ -235,7 +304,7 @@ fn whiteout_node(ino: u64, parent: u64) -> Node {
         attr: base_attr(ino, FileType::CharDevice, 0),
         entry: None,
         symlink: None,
-        children: BTreeMap::new(),
+        children: Vec::new(),
         parent,
         xattrs: BTreeMap::new(),
     }
@@ -269,7 +338,7 @@ fn file_node(ino: u64, parent: u64, e: &TocEntry) -> Node {
         attr,
         entry: None,
         symlink,
-        children: BTreeMap::new(),
+        children: Vec::new(),
         parent,
         xattrs: decode_xattrs(e),
     }
@@ -296,6 +365,7 @@ fn apply_meta(attr: &mut FileAttr, e: &TocEntry) {
 fn decode_xattrs(e: &TocEntry) -> BTreeMap<String, Vec<u8>> {
     e.xattrs
         .iter()
+        .filter(|(k, _)| !k.starts_with(ADMIN_XATTR_PREFIX))
         .filter_map(|(k, v)| {
             base64::engine::general_purpose::STANDARD
                 .decode(v)

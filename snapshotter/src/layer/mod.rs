@@ -76,6 +76,9 @@ pub struct RemoteLayer {
 // Batches for background fetching: large enough to amortize a request,
 // small enough to bound memory.
 const BATCH_BYTES: u64 = 16 << 20;
+// Prefetch is on the pod's critical path: fewer, larger requests (one for a typical
+// recorded prefetch list), still bounded whatever the layer's landmark says.
+const PREFETCH_BATCH_BYTES: u64 = 64 << 20;
 
 impl RemoteLayer {
     /// Fetches the footer and TOC, verifies the TOC against `toc_digest` and
@@ -117,6 +120,14 @@ impl RemoteLayer {
                 source: EstargzError::TocOffset {
                     toc_offset,
                     blob_size: size,
+                },
+            });
+        }
+        if footer_start - toc_offset > estargz::MAX_TOC_MEMBER {
+            return Err(LayerError::Format {
+                source: EstargzError::TocTooLarge {
+                    what: "compressed member",
+                    limit: estargz::MAX_TOC_MEMBER,
                 },
             });
         }
@@ -180,25 +191,37 @@ impl RemoteLayer {
         Ok(out)
     }
 
-    /// Fetches the prioritized files (before `.prefetch.landmark`) in one
-    /// range request. Returns the number of compressed bytes fetched.
+    /// Fetches the prioritized files (before `.prefetch.landmark`) in as few range
+    /// requests as batches allow. Returns the number of compressed bytes fetched.
     pub fn prefetch(&self) -> Result<u64, LayerError> {
         let Prefetch::UpTo { end } = self.index.prefetch else {
             return Ok(0);
         };
-        let chunks: Vec<ChunkRef> = self
+        let chunks = self
             .index
             .all_chunks()
             .into_iter()
-            .filter(|c| c.compressed_offset < end && !self.cache.contains(&c.digest))
-            .collect();
-        self.fetch_batch(&chunks)
+            .filter(|c| c.compressed_offset < end);
+        self.fetch_chunks(chunks, PREFETCH_BATCH_BYTES, &mut |_, _| {})
     }
 
     /// Fetches every chunk not yet cached, in batched range requests.
     /// `progress(done, total)` is called with uncompressed byte counts.
     pub fn fetch_all(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64, LayerError> {
-        let all = self.index.all_chunks();
+        self.fetch_chunks(self.index.all_chunks().into_iter(), BATCH_BYTES, progress)
+    }
+
+    /// Fetches the uncached ones of `chunks` (in blob order) in range requests of contiguous
+    /// chunks, each at most `batch_limit` bytes unless one chunk alone is larger (that is
+    /// bounded by [`estargz::MAX_CHUNK_RANGE`]): what a layer declares never sizes a request
+    /// beyond that.
+    fn fetch_chunks(
+        &self,
+        chunks: impl Iterator<Item = ChunkRef>,
+        batch_limit: u64,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, LayerError> {
+        let all: Vec<ChunkRef> = chunks.collect();
         let total: u64 = all.iter().map(|c| c.size).sum();
         let mut done = 0;
         let mut fetched = 0;
@@ -218,7 +241,7 @@ impl RemoteLayer {
                 .first()
                 .map(|c| c.compressed_offset)
                 .unwrap_or(chunk.compressed_offset);
-            if !contiguous || chunk.compressed_end - batch_start > BATCH_BYTES {
+            if !contiguous || chunk.compressed_end - batch_start > batch_limit {
                 fetched += self.fetch_batch(&batch)?;
                 done += batch.iter().map(|c| c.size).sum::<u64>();
                 progress(done, total);

@@ -124,6 +124,20 @@ impl Default for RegistryConfig {
 }
 
 impl RegistryConfig {
+    /// These settings with only `host`'s entry: what a process serving one image's layer
+    /// needs, and no other registry's credentials.
+    pub fn only_host(&self, host: &str) -> RegistryConfig {
+        RegistryConfig {
+            hosts: self
+                .hosts
+                .iter()
+                .filter(|(name, _)| name.as_str() == host)
+                .map(|(name, settings)| (name.clone(), settings.clone()))
+                .collect(),
+            request_timeout_ms: self.request_timeout_ms,
+        }
+    }
+
     /// Where to connect for `host`.
     fn endpoint(&self, host: &str) -> String {
         self.hosts

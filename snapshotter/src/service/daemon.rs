@@ -67,7 +67,8 @@ pub fn spawn(exe: &Path, dir: &Path, job: &LayerJob) -> Result<i32, DaemonError>
         path: job_path.clone(),
         source,
     })?;
-    std::fs::write(&job_path, json).map_err(|source| DaemonError::Write {
+    // The job may carry the registry's credentials: root's alone.
+    crate::private::write_file(&job_path, &json).map_err(|source| DaemonError::Write {
         path: job_path.clone(),
         source,
     })?;

@@ -58,13 +58,18 @@ impl SprySnapshotter {
     /// Opens the state under `config.root` and remounts remote layers.
     pub async fn open(config: &Config) -> Result<Arc<Self>, StartError> {
         let root = config.root.clone();
+        // 0700: layers hold an image's setuid binaries and device nodes, which no other
+        // local user may reach (containerd's CVE-2021-41103).
         for dir in [root.clone(), root.join("snapshots")] {
-            std::fs::create_dir_all(&dir).map_err(|source| StartError::Root {
+            crate::private::create_dir(&dir).map_err(|source| StartError::Root {
                 path: dir.clone(),
                 source,
             })?;
         }
-        let store = Store::load(&root.join("metadata.json"))?;
+        let mut store = Store::load(&root.join("metadata.json"))?;
+        // A crash between allocating an id and saving its record may have left that id's
+        // directory (even a live layer daemon's mount): never hand it out again.
+        store.reserve_ids_through(highest_snapshot_dir(&root.join("snapshots")));
         let cache = Arc::new(ChunkCache::open(&root.join("cache"))?);
         let client = Arc::new(RegistryClient::new(config.registry.clone())?);
         let remote = Arc::new(RemoteLayers::new(
@@ -205,7 +210,14 @@ impl SprySnapshotter {
             {
                 return None;
             }
-            store.allocate_id()
+            let id = store.allocate_id();
+            // The id is used on disk (and by a layer daemon) before its record exists:
+            // persist the counter first, so a restart never reuses it.
+            if let Err(err) = store.save() {
+                tracing::warn!(target = %target, error = %error_chain(&err), "cannot save snapshot metadata; pulling normally");
+                return None;
+            }
+            id
         };
         let fs_dir = self.dir(id).join("fs");
         if let Err(err) = std::fs::create_dir_all(&fs_dir) {
@@ -283,6 +295,16 @@ impl SprySnapshotter {
             }
         }
     }
+}
+
+/// The highest numeric name under `snapshots` (0 when none).
+fn highest_snapshot_dir(snapshots: &Path) -> u64 {
+    std::fs::read_dir(snapshots)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 #[tonic::async_trait]
@@ -509,3 +531,5 @@ pub fn snapshots_dir(root: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;

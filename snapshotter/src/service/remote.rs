@@ -105,13 +105,7 @@ impl RemoteLayers {
         if !self.config.fuse_daemon {
             return self.mount_here(id, source, &snapshot_dir.join("fs")).await;
         }
-        let job = super::daemon::LayerJob {
-            source: source.clone(),
-            mountpoint: snapshot_dir.join("fs"),
-            cache_dir: self.cache.dir().to_path_buf(),
-            registry: self.client.config().clone(),
-            lazy: self.config.clone(),
-        };
+        let job = self.daemon_job(source, snapshot_dir)?;
         let dir = snapshot_dir.to_path_buf();
         let exe = std::env::current_exe().map_err(|source| RemoteError::Daemon {
             source: Box::new(super::daemon::DaemonError::Spawn {
@@ -132,6 +126,24 @@ impl RemoteLayers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Mounted::Daemon { dir });
         Ok(())
+    }
+
+    /// What a layer daemon for `source` gets: only the settings (and credentials) of the
+    /// layer's own registry, never another host's.
+    pub(super) fn daemon_job(
+        &self,
+        source: &RemoteSource,
+        snapshot_dir: &Path,
+    ) -> Result<super::daemon::LayerJob, RemoteError> {
+        let reference = Reference::parse(&source.image_ref)
+            .map_err(|source| RemoteError::Reference { source })?;
+        Ok(super::daemon::LayerJob {
+            source: source.clone(),
+            mountpoint: snapshot_dir.join("fs"),
+            cache_dir: self.cache.dir().to_path_buf(),
+            registry: self.client.config().only_host(&reference.host),
+            lazy: self.config.clone(),
+        })
     }
 
     /// After a restart: adopts a live layer daemon, or mounts again.

@@ -156,6 +156,11 @@ impl Store {
         id
     }
 
+    /// Makes every later [`Self::allocate_id`] return more than `id`.
+    pub fn reserve_ids_through(&mut self, id: u64) {
+        self.state.next_id = self.state.next_id.max(id.saturating_add(1));
+    }
+
     pub fn get(&self, key: &str) -> Option<&Record> {
         self.state.snapshots.get(key)
     }

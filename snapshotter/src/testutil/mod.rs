@@ -103,12 +103,18 @@ pub type Built = (
 
 pub fn build(prioritized: &[&str]) -> Built {
     let (tar, files) = sample_tar();
+    let (blob, out) = convert(&tar, prioritized);
+    (blob, out, tar, files)
+}
+
+/// `tar` converted to eStargz (1000-byte chunks): the blob and the writer's output.
+pub fn convert(tar: &[u8], prioritized: &[&str]) -> (Vec<u8>, crate::estargz::WriterOutput) {
     let opts = LayerConvertOptions {
         chunk_size: 1000,
         prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
     };
-    let (out, blob) = convert_tar(&tar[..], Vec::new(), &opts).unwrap();
-    (blob, out, tar, files)
+    let (out, blob) = convert_tar(tar, Vec::new(), &opts).unwrap();
+    (blob, out)
 }
 
 pub mod registry;

@@ -1,0 +1,94 @@
+//! The snapshotter's state as another local user or a crash would find it: root-only
+//! directories, layer jobs that carry one registry's credentials at 0600, and snapshot ids
+//! that a restart never hands out twice.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use containerd_snapshots::Snapshotter;
+
+use super::store::RemoteSource;
+use super::*;
+use crate::config::Config;
+use crate::registry::HostConfig;
+
+fn config(root: &Path) -> Config {
+    let mut c = Config {
+        root: root.to_path_buf(),
+        ..Config::default()
+    };
+    c.lazy.background_fetch = false;
+    c.lazy.fuse_daemon = false;
+    c
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+#[tokio::test]
+async fn state_directories_are_root_only_even_when_they_existed_wider() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    std::fs::create_dir_all(root.join("snapshots")).unwrap();
+    for d in [root.clone(), root.join("snapshots")] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let _sn = SprySnapshotter::open(&config(&root)).await.unwrap();
+    for d in [root.clone(), root.join("snapshots"), root.join("cache")] {
+        assert_eq!(mode(&d), 0o700, "{}", d.display());
+    }
+}
+
+#[tokio::test]
+async fn a_layer_job_carries_only_its_registrys_credentials_and_is_0600() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&dir.path().join("state"));
+    for (host, password) in [("reg.a", "pass-a"), ("reg.b", "pass-b")] {
+        let settings = HostConfig {
+            username: Some("user".into()),
+            password: Some(password.into()),
+            ..HostConfig::default()
+        };
+        cfg.registry.hosts.insert(host.into(), settings);
+    }
+    let sn = SprySnapshotter::open(&cfg).await.unwrap();
+    let source = RemoteSource {
+        image_ref: "reg.a/team/app:1".into(),
+        layer_digest: format!("sha256:{}", "a".repeat(64)),
+        toc_digest: format!("sha256:{}", "b".repeat(64)),
+    };
+    let snapshot_dir = dir.path().join("snap");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    let job = sn
+        .remote_layers()
+        .daemon_job(&source, &snapshot_dir)
+        .unwrap();
+    let hosts: Vec<&String> = job.registry.hosts.keys().collect();
+    assert_eq!(hosts, ["reg.a"]);
+    // The job file is written before the daemon starts (here one that fails at once).
+    let err = daemon::spawn(Path::new("/bin/false"), &snapshot_dir, &job).unwrap_err();
+    assert!(matches!(err, DaemonError::Failed { .. }), "{err:?}");
+    let job_file = snapshot_dir.join("layer.json");
+    assert_eq!(mode(&job_file), 0o600);
+    let text = std::fs::read_to_string(&job_file).unwrap();
+    assert!(
+        text.contains("pass-a") && !text.contains("pass-b"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_id_whose_directory_exists_is_never_handed_out_again() {
+    // A crash after a remote layer's id was used on disk but before its record was saved.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("state");
+    std::fs::create_dir_all(root.join("snapshots/41/fs")).unwrap();
+    let sn = SprySnapshotter::open(&config(&root)).await.unwrap();
+    sn.prepare("fresh".into(), String::new(), HashMap::new())
+        .await
+        .unwrap();
+    let id = sn.id_of("fresh").await.unwrap();
+    assert!(id > 41, "id {id} reuses a directory left on disk");
+}
