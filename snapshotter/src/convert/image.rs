@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::layer::{convert_tar, LayerConvertError, LayerConvertOptions};
+use super::layout::copy_layout_blob;
 use super::unpack::{unpack_layer, UnpackError};
 use crate::estargz::{TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION};
 use crate::registry::{Reference, RegistryClient, RegistryError};
@@ -51,6 +52,14 @@ pub enum ImageConvertError {
     Unpack { digest: String, source: UnpackError },
     #[error("failed to use a temporary file")]
     Temp { source: std::io::Error },
+    #[error("{digest:?} is not a sha256 digest (sha256: and 64 hex digits)")]
+    BadDigest { digest: String },
+    #[error("OCI layout blob {path} has digest {actual}, expected {expected}")]
+    LayoutDigest {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
 }
 
 /// What the image runs (the `config` object of its configuration).
@@ -151,16 +160,7 @@ impl Source<'_> {
             ImageSource::Registry(r) => {
                 self.client.blob_to(r, digest, out).await?;
             }
-            ImageSource::Layout { dir, .. } => {
-                let path = dir.join("blobs").join(digest.replace(':', "/"));
-                let mut f =
-                    std::fs::File::open(&path).map_err(|source| ImageConvertError::Layout {
-                        path: path.clone(),
-                        source,
-                    })?;
-                std::io::copy(&mut f, out)
-                    .map_err(|source| ImageConvertError::Layout { path, source })?;
-            }
+            ImageSource::Layout { dir, .. } => copy_layout_blob(dir, digest, out)?,
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 
 pub mod image;
 pub mod layer;
+mod layout;
 pub mod unpack;
 
 pub use image::{

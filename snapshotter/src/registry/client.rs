@@ -11,7 +11,8 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Body, Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 
-use super::auth::{parse_challenge, Challenge};
+use super::auth::{credentials_allowed, parse_challenge, url_origin, Challenge};
+use super::body::{read_limited, read_range_of_whole, MAX_MANIFEST_BYTES, MAX_TOKEN_BYTES};
 use super::reference::url_host;
 use super::tls::{tls_failure, Clients, TlsConfigError, TlsFailure};
 use super::{Reference, RegistryConfig, RegistryError};
@@ -106,15 +107,13 @@ impl RegistryClient {
         ));
         let resp = self.execute(call).await?;
         let resp = expect(resp, &url, &[StatusCode::PARTIAL_CONTENT, StatusCode::OK])?;
-        let ranged = resp.status() == StatusCode::PARTIAL_CONTENT;
-        let body = self.read_body(resp, &url).await?;
-        if ranged {
+        if resp.status() == StatusCode::PARTIAL_CONTENT {
+            // More than was asked for is a broken answer, and never buffered.
+            let body = read_limited(resp.into_body(), &url, len, self.timeout()).await?;
             return Ok(body.to_vec());
         }
-        // The server ignored the range; cut it out of the whole blob.
-        let start = (offset as usize).min(body.len());
-        let end = ((offset + len) as usize).min(body.len());
-        Ok(body[start..end].to_vec())
+        // The server ignored the range: cut it out of the whole blob as it streams past.
+        read_range_of_whole(resp.into_body(), &url, offset, len, self.timeout()).await
     }
 
     /// Streams a whole blob into `out`, verifying its digest.
@@ -173,8 +172,17 @@ impl RegistryClient {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let bytes = self.read_body(resp, &url).await?;
+        let bytes =
+            read_limited(resp.into_body(), &url, MAX_MANIFEST_BYTES, self.timeout()).await?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        // Asked for by digest: the content must be that digest, whatever the registry says.
+        if let Some(expected) = r.digest.as_ref().filter(|d| **d != digest) {
+            return Err(RegistryError::ManifestDigest {
+                url,
+                expected: expected.clone(),
+                actual: digest,
+            });
+        }
         Ok(Manifest {
             media_type,
             digest,
@@ -257,9 +265,12 @@ impl RegistryClient {
         let mut url = call.url.clone();
         let mut challenged = false;
         let mut redirects = 0;
+        // Scheme and host: a token for https://registry is never sent to http://registry
+        // (a redirect can point there).
+        let registry_origin = url_origin(&call.url).map(str::to_string);
         loop {
-            let endpoint = self.config.endpoint(host);
-            let on_registry = url_host(&url) == Some(endpoint.as_str());
+            let on_registry =
+                registry_origin.is_some() && url_origin(&url) == registry_origin.as_deref();
             let auth = if on_registry {
                 self.tokens
                     .lock()
@@ -385,6 +396,12 @@ impl RegistryClient {
         }
         let mut builder = Request::builder().method(Method::GET).uri(&token_url);
         if let Some(basic) = basic {
+            if !credentials_allowed(&realm, url) {
+                return Err(RegistryError::InsecureRealm {
+                    realm,
+                    registry: host.to_string(),
+                });
+            }
             builder = builder.header(header::AUTHORIZATION, basic);
         }
         let request = builder
@@ -400,7 +417,13 @@ impl RegistryClient {
                 status: resp.status().as_u16(),
             });
         }
-        let body = self.read_body(resp, &token_url).await?;
+        let body = read_limited(
+            resp.into_body(),
+            &token_url,
+            MAX_TOKEN_BYTES,
+            self.timeout(),
+        )
+        .await?;
         #[derive(serde::Deserialize)]
         struct TokenResponse {
             token: Option<String>,
@@ -416,19 +439,6 @@ impl RegistryClient {
             .or(parsed.access_token)
             .ok_or(RegistryError::Token { realm, status: 200 })?;
         Ok(format!("Bearer {token}"))
-    }
-
-    async fn read_body(&self, resp: Response<Body>, url: &str) -> Result<Bytes, RegistryError> {
-        tokio::time::timeout(self.timeout(), hyper::body::to_bytes(resp.into_body()))
-            .await
-            .map_err(|_| RegistryError::Timeout {
-                url: url.to_string(),
-                timeout: self.timeout(),
-            })?
-            .map_err(|source| RegistryError::Body {
-                url: url.to_string(),
-                source,
-            })
     }
 }
 

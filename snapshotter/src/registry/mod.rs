@@ -4,6 +4,7 @@
 
 mod auth;
 mod blob;
+mod body;
 mod client;
 mod reference;
 mod tls;
@@ -59,6 +60,16 @@ pub enum RegistryError {
     BadRedirect { url: String },
     #[error("failed to read the response body from {url}")]
     Body { url: String, source: hyper::Error },
+    #[error("{url} sent more than {limit} bytes")]
+    BodyTooLarge { url: String, limit: u64 },
+    #[error("manifest from {url} has digest {actual}, expected {expected}")]
+    ManifestDigest {
+        url: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("token server {realm} is plain HTTP on another host than the registry: credentials for {registry} are not sent there")]
+    InsecureRealm { realm: String, registry: String },
     #[error("{url} answered without Content-Length")]
     NoLength { url: String },
     #[error("failed to build a request for {url}")]
@@ -193,6 +204,8 @@ pub enum HostConfigError {
     },
 }
 
+#[cfg(test)]
+mod hostile_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
