@@ -5,7 +5,8 @@
 pub enum FetchError {
     #[error("registry request failed")]
     Registry {
-        source: crate::registry::RegistryError,
+        // Boxed: the registry's errors are large and reads pass this up on every failure.
+        source: Box<crate::registry::RegistryError>,
     },
     #[error("fetcher returned {got} bytes, expected {expected}")]
     ShortRead { expected: u64, got: u64 },

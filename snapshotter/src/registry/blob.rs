@@ -42,7 +42,9 @@ impl BlobFetcher for RegistryBlob {
         let size = self
             .runtime
             .block_on(self.client.blob_size(&self.reference, &self.digest))
-            .map_err(|source| FetchError::Registry { source })?;
+            .map_err(|source| FetchError::Registry {
+                source: Box::new(source),
+            })?;
         Ok(*self.size.get_or_init(|| size))
     }
 
@@ -52,6 +54,8 @@ impl BlobFetcher for RegistryBlob {
                 self.client
                     .blob_range(&self.reference, &self.digest, offset, len),
             )
-            .map_err(|source| FetchError::Registry { source })
+            .map_err(|source| FetchError::Registry {
+                source: Box::new(source),
+            })
     }
 }
