@@ -75,6 +75,20 @@ pub struct LazyConfig {
     /// first-open order (for `convert --prioritized-files`).
     #[serde(default)]
     pub record_accesses: bool,
+    /// Bound on the chunk cache in MiB (0: none). Past it, least recently used chunks are
+    /// evicted; a layer that needs one again fetches it again.
+    #[serde(default = "default_cache_max_mib")]
+    pub cache_max_mib: u64,
+}
+
+impl LazyConfig {
+    /// The chunk cache under `dir`, bounded as configured.
+    pub fn open_cache(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<crate::cache::ChunkCache, crate::cache::CacheError> {
+        Ok(crate::cache::ChunkCache::open(dir)?.with_limit(self.cache_max_mib << 20))
+    }
 }
 
 fn yes() -> bool {
@@ -85,6 +99,9 @@ fn default_attempts() -> u32 {
 }
 fn default_backoff_ms() -> u64 {
     200
+}
+fn default_cache_max_mib() -> u64 {
+    10 << 10
 }
 fn default_root() -> PathBuf {
     PathBuf::from("/var/lib/spry-snapshotter")
@@ -103,6 +120,7 @@ impl Default for LazyConfig {
             fetch_backoff_ms: default_backoff_ms(),
             fuse_daemon: true,
             record_accesses: false,
+            cache_max_mib: default_cache_max_mib(),
         }
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spry_snapshotter::{
-    cache::ChunkCache,
     config::Config,
     convert::{convert_image, ImageSource, LayerConvertOptions},
     estargz::DEFAULT_CHUNK_SIZE,
@@ -112,7 +111,7 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
         Command::MountLayer { job } => Ok(spry_snapshotter::service::run_layer_daemon(&job).await?),
         Command::Warm { image, all } => {
             let client = Arc::new(RegistryClient::new(config.registry.clone())?);
-            let cache = Arc::new(ChunkCache::open(&config.root.join("cache"))?);
+            let cache = Arc::new(config.lazy.open_cache(&config.root.join("cache"))?);
             let scope = if all {
                 WarmScope::All
             } else {

@@ -7,7 +7,10 @@ use std::fs;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
+
+mod evict;
 
 /// Errors of the chunk cache.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,10 @@ pub struct ChunkCache {
     dir: PathBuf,
     in_flight: Mutex<HashMap<String, Arc<InFlight>>>,
     open_files: Mutex<HashMap<String, Arc<fs::File>>>,
+    /// Most bytes kept (0: no bound); see `evict.rs`.
+    limit: u64,
+    /// This process's view of the cache's size: a scan at open plus what it added.
+    approx_size: AtomicU64,
 }
 
 impl ChunkCache {
@@ -65,7 +72,19 @@ impl ChunkCache {
             dir: dir.to_path_buf(),
             in_flight: Mutex::new(HashMap::new()),
             open_files: Mutex::new(HashMap::new()),
+            limit: 0,
+            approx_size: AtomicU64::new(0),
         })
+    }
+
+    /// Bounds the cache to `max_bytes` (0: unbounded), evicting least recently used
+    /// chunks when a fill passes it.
+    pub fn with_limit(mut self, max_bytes: u64) -> Self {
+        self.limit = max_bytes;
+        if max_bytes > 0 {
+            *self.approx_size.get_mut() = self.size();
+        }
+        self
     }
 
     /// Directory of the cache.
@@ -108,7 +127,10 @@ impl ChunkCache {
         }
         let path = self.path_of(digest)?;
         let file = match fs::File::open(&path) {
-            Ok(f) => Arc::new(f),
+            Ok(f) => {
+                Self::touch(&f);
+                Arc::new(f)
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(CacheError::Read { path, source }),
         };
@@ -133,6 +155,9 @@ impl ChunkCache {
             f.sync_data()?;
             fs::rename(&tmp, &path)
         })();
+        if result.is_ok() {
+            self.account(data.len() as u64);
+        }
         result.map_err(|source| {
             let _ = fs::remove_file(&tmp);
             if source.raw_os_error() == Some(libc::ENOSPC) {

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use super::daemon::{LayerJob, READY};
 use super::remote::RemoteError;
 use super::remote::RemoteLayers;
-use crate::cache::ChunkCache;
 use crate::registry::RegistryClient;
 
 /// Why a layer daemon could not serve its layer.
@@ -50,7 +49,7 @@ pub async fn run(job_path: &Path) -> Result<(), LayerDaemonError> {
     lazy.fuse_daemon = false;
     let remote = Arc::new(RemoteLayers::new(
         Arc::new(RegistryClient::new(job.registry.clone())?),
-        Arc::new(ChunkCache::open(&job.cache_dir)?),
+        Arc::new(job.lazy.open_cache(&job.cache_dir)?),
         lazy,
         tokio::runtime::Handle::current(),
     ));

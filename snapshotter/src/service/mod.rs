@@ -1,6 +1,7 @@
 //! The containerd snapshots service: overlayfs semantics for ordinary
 //! layers, remote (lazily fetched) snapshots for eStargz layers.
 
+mod chunks;
 mod daemon;
 mod error;
 mod filter;
@@ -25,7 +26,6 @@ pub use layer_daemon::{run as run_layer_daemon, LayerDaemonError};
 use remote::{remote_request, RemoteLayers};
 use store::{system_time, timestamp, Record, SnapshotKind, Store};
 
-use crate::cache::ChunkCache;
 use crate::config::Config;
 use crate::fs::error_chain;
 use crate::registry::RegistryClient;
@@ -70,7 +70,7 @@ impl SprySnapshotter {
         // A crash between allocating an id and saving its record may have left that id's
         // directory (even a live layer daemon's mount): never hand it out again.
         store.reserve_ids_through(highest_snapshot_dir(&root.join("snapshots")));
-        let cache = Arc::new(ChunkCache::open(&root.join("cache"))?);
+        let cache = Arc::new(config.lazy.open_cache(&root.join("cache"))?);
         let client = Arc::new(RegistryClient::new(config.registry.clone())?);
         let remote = Arc::new(RemoteLayers::new(
             client,
@@ -465,11 +465,27 @@ impl Snapshotter for SprySnapshotter {
             store.insert(key, r);
             return Err(err.into());
         }
+        // The image's chunks that no other remote layer shares leave the cache with it.
+        let other_layers: Vec<PathBuf> = store
+            .iter()
+            .filter(|(_, other)| other.remote.is_some())
+            .map(|(_, other)| self.dir(other.id))
+            .collect();
         drop(store);
         if r.remote.is_some() {
             let remote = self.remote.clone();
+            let dir = self.dir(r.id);
             let id = r.id;
-            let _ = tokio::task::spawn_blocking(move || remote.unmount(id)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                remote.unmount(id);
+                let freed = chunks::release(
+                    remote.cache(),
+                    &dir,
+                    other_layers.iter().map(PathBuf::as_path),
+                );
+                tracing::info!(id, freed, "freed the removed layer's chunks");
+            })
+            .await;
         }
         self.remove_dir(r.id);
         Ok(())

@@ -214,6 +214,11 @@ impl RemoteLayers {
             source,
         })?;
         let layer = Arc::new(layer);
+        if let Some(snapshot_dir) = path.parent() {
+            if let Err(err) = super::chunks::write_list(snapshot_dir, layer.index()) {
+                tracing::warn!(layer = %digest, error = %err, "cannot record the layer's chunks; removing its image will leave them cached");
+            }
+        }
         let recorder = if self.config.record_accesses {
             // Next to the mountpoint: <snapshot dir>/accessed.txt.
             let file = path.with_file_name("accessed.txt");
@@ -288,6 +293,11 @@ impl RemoteLayers {
             Some(Mounted::Daemon { dir }) => super::daemon::stop(&dir),
             None => {}
         }
+    }
+
+    /// The chunk cache the layers fill.
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
     }
 
     /// The layer of snapshot `id`, when served by this process.

@@ -16,7 +16,7 @@ use crate::estargz::TOC_DIGEST_ANNOTATION;
 use crate::testutil::registry::{Auth, MockRegistry};
 use crate::testutil::{build, pattern};
 
-fn require_root() {
+pub(super) fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
         "service tests mount overlays and need root"
@@ -27,7 +27,7 @@ fn require_root() {
     );
 }
 
-fn config(root: &Path) -> Config {
+pub(super) fn config(root: &Path) -> Config {
     let mut c = Config {
         root: root.to_path_buf(),
         ..Config::default()
@@ -241,14 +241,14 @@ async fn overlay_lifecycle_with_real_mounts() {
     );
 }
 
-struct RemoteFixture {
-    reg: Arc<MockRegistry>,
-    labels: HashMap<String, String>,
+pub(super) struct RemoteFixture {
+    pub(super) reg: Arc<MockRegistry>,
+    pub(super) labels: HashMap<String, String>,
     blob_size: u64,
     files: Vec<(String, Vec<u8>)>,
 }
 
-fn remote_fixture(prioritized: &[&str]) -> RemoteFixture {
+pub(super) fn remote_fixture(prioritized: &[&str]) -> RemoteFixture {
     let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::None, true);
     let (blob, out, _, files) = build(prioritized);
     let blob_size = blob.len() as u64;

@@ -10,18 +10,9 @@ use containerd_snapshots::Snapshotter;
 
 use super::store::RemoteSource;
 use super::*;
-use crate::config::Config;
 use crate::registry::HostConfig;
 
-fn config(root: &Path) -> Config {
-    let mut c = Config {
-        root: root.to_path_buf(),
-        ..Config::default()
-    };
-    c.lazy.background_fetch = false;
-    c.lazy.fuse_daemon = false;
-    c
-}
+use super::tests::{config, remote_fixture, require_root};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().mode() & 0o7777
@@ -91,4 +82,30 @@ async fn an_id_whose_directory_exists_is_never_handed_out_again() {
         .unwrap();
     let id = sn.id_of("fresh").await.unwrap();
     assert!(id > 41, "id {id} reuses a directory left on disk");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_lazy_image_frees_its_chunks() {
+    require_root();
+    let fx = remote_fixture(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sn = SprySnapshotter::open(&config(dir.path())).await.unwrap();
+    let _ = sn
+        .prepare("k".into(), String::new(), fx.labels.clone())
+        .await
+        .unwrap_err();
+    let id = sn.id_of("sha256:chain1").await.unwrap();
+    let layer = sn.remote_layers().layer(id).unwrap();
+    tokio::task::spawn_blocking({
+        let layer = layer.clone();
+        move || layer.fetch_all(&mut |_, _| {}).unwrap()
+    })
+    .await
+    .unwrap();
+    let cache = sn.remote_layers().cache().clone();
+    assert!(cache.size() > 0);
+    drop(layer);
+    sn.remove("sha256:chain1".into()).await.unwrap();
+    assert_eq!(cache.size(), 0, "the removed image's chunks stayed cached");
+    sn.shutdown();
 }
