@@ -79,6 +79,14 @@ pub struct LazyConfig {
     /// evicted; a layer that needs one again fetches it again.
     #[serde(default = "default_cache_max_mib")]
     pub cache_max_mib: u64,
+    /// Longest a read waits for the registry (all attempts together) before it fails
+    /// with EIO.
+    #[serde(default = "default_read_deadline_ms")]
+    pub read_deadline_ms: u64,
+    /// After a read missed that deadline, reads needing the registry fail at once for
+    /// this long (the kernel retries a failed read, and each would wait again).
+    #[serde(default = "default_cooldown_ms")]
+    pub unresponsive_cooldown_ms: u64,
 }
 
 impl LazyConfig {
@@ -99,6 +107,12 @@ fn default_attempts() -> u32 {
 }
 fn default_backoff_ms() -> u64 {
     200
+}
+fn default_read_deadline_ms() -> u64 {
+    20_000
+}
+fn default_cooldown_ms() -> u64 {
+    5_000
 }
 fn default_cache_max_mib() -> u64 {
     10 << 10
@@ -121,6 +135,8 @@ impl Default for LazyConfig {
             fuse_daemon: true,
             record_accesses: false,
             cache_max_mib: default_cache_max_mib(),
+            read_deadline_ms: default_read_deadline_ms(),
+            unresponsive_cooldown_ms: default_cooldown_ms(),
         }
     }
 }

@@ -2,7 +2,6 @@
 //! node's chunk cache ahead of time.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::cache::ChunkCache;
 use crate::convert::{estargz_layers, ImageConvertError};
@@ -65,15 +64,7 @@ pub async fn warm_image(
         let progress = progress.clone();
         let label = format!("layer {}/{total} {digest}", n + 1);
         let fetched = tokio::task::spawn_blocking(move || -> Result<u64, LayerError> {
-            let layer = RemoteLayer::open(
-                Arc::new(blob),
-                cache,
-                &toc,
-                RetryPolicy {
-                    attempts: 3,
-                    backoff: Duration::from_millis(200),
-                },
-            )?;
+            let layer = RemoteLayer::open(Arc::new(blob), cache, &toc, RetryPolicy::default())?;
             let fetched = match scope {
                 WarmScope::Prioritized => {
                     let bytes = layer.prefetch()?;

@@ -84,6 +84,7 @@ impl Hostile {
         let retry = RetryPolicy {
             attempts: 1,
             backoff: Duration::from_millis(1),
+            ..RetryPolicy::default()
         };
         let layer =
             Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
@@ -205,4 +206,66 @@ fn a_large_directory_lists_every_entry_once() {
     assert_eq!((count, names.len()), (3000, 3000));
     assert_eq!(names[0], "f00000");
     assert!(elapsed < Duration::from_secs(5), "listing took {elapsed:?}");
+}
+
+#[test]
+fn a_frozen_registry_fails_a_read_within_the_deadline_then_at_once() {
+    use crate::registry::{HostConfig, Reference, RegistryBlob, RegistryClient, RegistryConfig};
+    use crate::testutil::registry::{Auth, MockRegistry};
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+
+    require_root_and_fuse();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let reg = MockRegistry::start(runtime.handle(), Auth::None, false);
+    let (blob, out, _, _) = crate::testutil::build(&[]);
+    let digest = reg.put_blob(blob);
+    let mut config = RegistryConfig::default();
+    let settings = HostConfig {
+        insecure: true,
+        ..HostConfig::default()
+    };
+    config.hosts.insert(reg.host(), settings);
+    // The request timeout alone would let one read wait 3 × 30 s.
+    config.request_timeout_ms = 30_000;
+    let client = Arc::new(RegistryClient::new(config).unwrap());
+    let reference = Reference::parse(&format!("{}/spry/sample:1", reg.host())).unwrap();
+    let fetcher = RegistryBlob::new(client, reference, digest, runtime.handle().clone());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
+    let retry = RetryPolicy {
+        attempts: 3,
+        backoff: Duration::from_millis(10),
+        deadline: Duration::from_secs(1),
+        cooldown: Duration::from_millis(1500),
+    };
+    let layer =
+        Arc::new(RemoteLayer::open(Arc::new(fetcher), cache, &out.toc_digest, retry).unwrap());
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mount = LayerMount::mount(layer, &mnt, "frozen", None).unwrap();
+
+    reg.state.frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
+    let first = started.elapsed();
+    let started = Instant::now();
+    let again = std::fs::read(mnt.join("usr/bin/app")).unwrap_err();
+    let second = started.elapsed();
+    reg.state.frozen.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1600));
+    let recovered = std::fs::read(mnt.join("usr/bin/app"));
+    mount.unmount().unwrap();
+
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        first < Duration::from_secs(3),
+        "a read waited {first:?} on a frozen registry"
+    );
+    assert_eq!(again.raw_os_error(), Some(libc::EIO));
+    assert!(
+        second < Duration::from_millis(500),
+        "the next read waited {second:?}"
+    );
+    assert_eq!(recovered.unwrap().len(), 2500, "reads did not recover");
 }

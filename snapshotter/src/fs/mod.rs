@@ -143,12 +143,21 @@ impl Filesystem for LayerFs {
         let Some(entry) = self.tree.get(ino.0).and_then(|n| n.entry) else {
             return reply.data(&[]);
         };
-        match self.layer.read_file(entry, offset, size as usize) {
-            Ok(data) => reply.data(&data),
-            Err(err) => {
-                let name = &self.layer.index().entries[entry].name;
+        // A panic below must still answer the kernel: an unanswered request blocks the
+        // reader (and unmounting) forever.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.layer.read_file(entry, offset, size as usize)
+        }));
+        let name = &self.layer.index().entries[entry].name;
+        match read {
+            Ok(Ok(data)) => reply.data(&data),
+            Ok(Err(err)) => {
                 tracing::error!(file = %name, offset, error = %error_chain(&err), "read failed");
                 reply.error(read_errno(&err));
+            }
+            Err(_) => {
+                tracing::error!(file = %name, offset, "read panicked; answered EIO");
+                reply.error(Errno::EIO);
             }
         }
     }

@@ -32,6 +32,7 @@ fn mounted() -> Mounted {
     let retry = RetryPolicy {
         attempts: 2,
         backoff: Duration::from_millis(1),
+        ..RetryPolicy::default()
     };
     let layer = Arc::new(RemoteLayer::open(mem.clone(), cache, &out.toc_digest, retry).unwrap());
     let mnt = dir.path().join("mnt");
@@ -184,6 +185,7 @@ fn corrupted_chunk_gives_eio_never_wrong_bytes() {
     let retry = RetryPolicy {
         attempts: 1,
         backoff: Duration::from_millis(1),
+        ..RetryPolicy::default()
     };
     let layer =
         Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
@@ -222,6 +224,7 @@ fn full_cache_disk_gives_enospc() {
         let retry = RetryPolicy {
             attempts: 1,
             backoff: Duration::from_millis(1),
+            ..RetryPolicy::default()
         };
         let layer =
             Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());

@@ -12,6 +12,8 @@ pub enum FetchError {
     ShortRead { expected: u64, got: u64 },
     #[error("failed to read the local blob")]
     Io { source: std::io::Error },
+    #[error("no answer within {timeout:?}")]
+    Deadline { timeout: std::time::Duration },
 }
 
 /// Random access to a compressed layer blob.
@@ -20,4 +22,15 @@ pub trait BlobFetcher: Send + Sync {
     fn size(&self) -> Result<u64, FetchError>;
     /// Exactly `len` bytes at `offset`.
     fn fetch(&self, offset: u64, len: u64) -> Result<Vec<u8>, FetchError>;
+    /// [`Self::fetch`], giving up with [`FetchError::Deadline`] after `timeout`. Fetchers
+    /// that can wait on a remote end override it.
+    fn fetch_within(
+        &self,
+        offset: u64,
+        len: u64,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>, FetchError> {
+        let _ = timeout;
+        self.fetch(offset, len)
+    }
 }

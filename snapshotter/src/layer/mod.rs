@@ -6,7 +6,7 @@ mod fetch;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use fetch::{BlobFetcher, FetchError};
 
@@ -24,6 +24,13 @@ pub enum LayerError {
         end: u64,
         attempts: u32,
         source: FetchError,
+    },
+    #[error("the registry did not answer for bytes {offset}..{end} within {deadline:?}; reads fail at once until {cooldown:?} have passed")]
+    Unresponsive {
+        offset: u64,
+        end: u64,
+        deadline: Duration,
+        cooldown: Duration,
     },
     #[error("blob is not a valid eStargz layer")]
     Format { source: EstargzError },
@@ -45,6 +52,13 @@ pub enum LayerError {
 pub struct RetryPolicy {
     pub attempts: u32,
     pub backoff: Duration,
+    /// Bound on one range fetch, all attempts together: a registry that stops answering
+    /// (rather than refusing) fails the read with EIO after this, not after attempts ×
+    /// the request timeout.
+    pub deadline: Duration,
+    /// After a fetch missed its deadline, fetches fail at once for this long: the kernel
+    /// re-issues a failed read (and readahead asks too), and each would wait again.
+    pub cooldown: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -52,6 +66,8 @@ impl Default for RetryPolicy {
         RetryPolicy {
             attempts: 3,
             backoff: Duration::from_millis(200),
+            deadline: Duration::from_secs(20),
+            cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -71,6 +87,8 @@ pub struct RemoteLayer {
     retry: RetryPolicy,
     stats: LayerStats,
     cancelled: AtomicBool,
+    /// Set when a fetch missed its deadline: fetches fail at once until then.
+    unresponsive_until: std::sync::Mutex<Option<Instant>>,
 }
 
 // Batches for background fetching: large enough to amortize a request,
@@ -96,6 +114,7 @@ impl RemoteLayer {
             retry,
             stats: LayerStats::default(),
             cancelled: AtomicBool::new(false),
+            unresponsive_until: std::sync::Mutex::new(None),
         };
         layer.load_index(toc_digest)
     }
@@ -330,47 +349,68 @@ impl RemoteLayer {
         }
     }
 
-    /// One range request with bounded retries.
+    /// One range request with bounded retries, all within the policy's deadline.
     fn fetch_range(&self, offset: u64, end: u64) -> Result<Vec<u8>, LayerError> {
+        let unresponsive = || LayerError::Unresponsive {
+            offset,
+            end,
+            deadline: self.retry.deadline,
+            cooldown: self.retry.cooldown,
+        };
+        let mut latch = self
+            .unresponsive_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match *latch {
+            Some(until) if Instant::now() < until => return Err(unresponsive()),
+            Some(_) => *latch = None,
+            None => {}
+        }
+        drop(latch);
+        let deadline = Instant::now() + self.retry.deadline;
         let mut attempt = 0;
         loop {
             attempt += 1;
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return Err(self.mark_unresponsive(unresponsive()));
+            };
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            match self.fetcher.fetch(offset, end - offset) {
+            let source = match self.fetcher.fetch_within(offset, end - offset, left) {
                 Ok(bytes) if bytes.len() as u64 == end - offset => {
                     self.stats
                         .bytes_fetched
                         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     return Ok(bytes);
                 }
-                Ok(bytes) => {
-                    let source = FetchError::ShortRead {
-                        expected: end - offset,
-                        got: bytes.len() as u64,
-                    };
-                    if attempt >= self.retry.attempts {
-                        return Err(LayerError::Fetch {
-                            offset,
-                            end,
-                            attempts: attempt,
-                            source,
-                        });
-                    }
+                Ok(bytes) => FetchError::ShortRead {
+                    expected: end - offset,
+                    got: bytes.len() as u64,
+                },
+                Err(FetchError::Deadline { .. }) => {
+                    return Err(self.mark_unresponsive(unresponsive()));
                 }
-                Err(source) => {
-                    if attempt >= self.retry.attempts {
-                        return Err(LayerError::Fetch {
-                            offset,
-                            end,
-                            attempts: attempt,
-                            source,
-                        });
-                    }
-                    tracing::warn!(offset, end, attempt, error = %source, "range request failed, retrying");
-                }
+                Err(source) => source,
+            };
+            if attempt >= self.retry.attempts {
+                return Err(LayerError::Fetch {
+                    offset,
+                    end,
+                    attempts: attempt,
+                    source,
+                });
             }
+            tracing::warn!(offset, end, attempt, error = %source, "range request failed, retrying");
             std::thread::sleep(self.retry.backoff * attempt);
         }
+    }
+
+    fn mark_unresponsive(&self, err: LayerError) -> LayerError {
+        *self
+            .unresponsive_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + self.retry.cooldown);
+        tracing::warn!(error = %err, "registry unresponsive");
+        err
     }
 }
 

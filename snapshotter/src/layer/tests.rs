@@ -13,6 +13,7 @@ fn open(blob: Arc<MemBlob>, toc: &str) -> (RemoteLayer, tempfile::TempDir) {
     let retry = RetryPolicy {
         attempts: 3,
         backoff: Duration::from_millis(1),
+        ..RetryPolicy::default()
     };
     (RemoteLayer::open(blob, cache, toc, retry).unwrap(), dir)
 }

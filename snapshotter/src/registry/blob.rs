@@ -1,6 +1,7 @@
 //! A registry blob as a [`BlobFetcher`] for the synchronous FUSE side.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 
@@ -57,5 +58,24 @@ impl BlobFetcher for RegistryBlob {
             .map_err(|source| FetchError::Registry {
                 source: Box::new(source),
             })
+    }
+
+    fn fetch_within(
+        &self,
+        offset: u64,
+        len: u64,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, FetchError> {
+        let request = self
+            .client
+            .blob_range(&self.reference, &self.digest, offset, len);
+        // The timer is made inside block_on: only there is the runtime's context entered.
+        let timed = async { tokio::time::timeout(timeout, request).await };
+        match self.runtime.block_on(timed) {
+            Err(_) => Err(FetchError::Deadline { timeout }),
+            Ok(result) => result.map_err(|source| FetchError::Registry {
+                source: Box::new(source),
+            }),
+        }
     }
 }

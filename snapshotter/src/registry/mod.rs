@@ -2,7 +2,7 @@
 //! token and basic auth, redirects, HTTPS (system and per-host CAs) and plain
 //! HTTP for insecure hosts.
 
-mod auth;
+pub mod auth;
 mod blob;
 mod body;
 mod client;

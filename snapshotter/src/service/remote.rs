@@ -202,6 +202,8 @@ impl RemoteLayers {
         let retry = RetryPolicy {
             attempts: self.config.fetch_attempts,
             backoff: Duration::from_millis(self.config.fetch_backoff_ms),
+            deadline: Duration::from_millis(self.config.read_deadline_ms),
+            cooldown: Duration::from_millis(self.config.unresponsive_cooldown_ms),
         };
         let layer = RemoteLayer::open(
             Arc::new(blob),

@@ -38,6 +38,8 @@ pub struct State {
     scheme: &'static str,
     pub blob_bytes_served: AtomicU64,
     pub range_requests: AtomicU64,
+    /// Accept requests but never answer them (a registry that hangs, not one that is down).
+    pub frozen: std::sync::atomic::AtomicBool,
     addr: Mutex<Option<SocketAddr>>,
 }
 
@@ -95,6 +97,7 @@ impl MockRegistry {
             scheme: if tls.is_some() { "https" } else { "http" },
             blob_bytes_served: AtomicU64::new(0),
             range_requests: AtomicU64::new(0),
+            frozen: std::sync::atomic::AtomicBool::new(false),
             addr: Mutex::new(None),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -253,6 +256,9 @@ fn authorized(state: &State, req: &Request<Body>) -> bool {
 }
 
 async fn handle(state: Arc<State>, req: Request<Body>) -> Result<Response<Body>, Infallible> {
+    if state.frozen.load(Ordering::SeqCst) {
+        std::future::pending::<()>().await;
+    }
     let path = req.uri().path().to_string();
     let addr = state.addr.lock().unwrap().unwrap();
     let own = own_url(state.scheme, addr);
