@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `lgetxattr(2)`: the value of extended attribute `name` of `path`.
-#[allow(dead_code)]
 pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
     let cpath =
         CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
@@ -31,6 +30,48 @@ pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
     }
     buf.truncate(n as usize);
     Ok(buf)
+}
+
+/// `lsetxattr(2)`, for tests that build lower layers.
+#[cfg(test)]
+pub fn setxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let cpath =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let cname = CString::new(name).map_err(|_| io::ErrorKind::InvalidInput)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; `value` is valid for
+    // reads of `value.len()` bytes.
+    let rc = unsafe {
+        libc::lsetxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `llistxattr(2)`: the names of `path`'s extended attributes.
+pub fn listxattr(path: &Path) -> io::Result<Vec<String>> {
+    let cpath =
+        CString::new(path.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?;
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: `cpath` is NUL-terminated and outlives the call; `buf` is valid for writes of
+    // `buf.len()` bytes.
+    let n = unsafe { libc::llistxattr(cpath.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect())
 }
 
 /// A fanotify group (notification class, non-blocking) that reports opens

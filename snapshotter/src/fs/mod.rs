@@ -1,6 +1,7 @@
 //! A read-only FUSE filesystem over one remote eStargz layer. File contents
 //! come from [`RemoteLayer`], which fetches and verifies chunks on demand.
 
+mod lower;
 mod tree;
 
 use std::ffi::OsStr;
@@ -14,6 +15,7 @@ use fuser::{
     ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
 };
 
+pub use lower::{DirMeta, LowerLayers};
 pub use tree::{Tree, OPAQUE_XATTR};
 
 use crate::cache::CacheError;
@@ -43,9 +45,13 @@ pub struct LayerFs {
 }
 
 impl LayerFs {
-    /// A filesystem serving `layer`.
-    pub fn new(layer: Arc<RemoteLayer>, recorder: Option<AccessRecorder>) -> Self {
-        let tree = Arc::new(Tree::build(layer.index()));
+    /// A filesystem serving `layer` over the layers `lowers`.
+    pub fn new(
+        layer: Arc<RemoteLayer>,
+        recorder: Option<AccessRecorder>,
+        lowers: LowerLayers,
+    ) -> Self {
+        let tree = Arc::new(Tree::build_over(layer.index(), lowers));
         LayerFs {
             layer,
             tree,
@@ -266,12 +272,23 @@ pub struct LayerMount {
 }
 
 impl LayerMount {
-    /// Mounts `layer` read-only at `path` (which must exist).
+    /// Mounts `layer` read-only at `path` (which must exist), alone.
     pub fn mount(
         layer: Arc<RemoteLayer>,
         path: &Path,
         name: &str,
         recorder: Option<AccessRecorder>,
+    ) -> Result<Self, FsError> {
+        Self::mount_over(layer, path, name, recorder, LowerLayers::default())
+    }
+
+    /// Mounts `layer` read-only at `path` (which must exist), as the layer over `lowers`.
+    pub fn mount_over(
+        layer: Arc<RemoteLayer>,
+        path: &Path,
+        name: &str,
+        recorder: Option<AccessRecorder>,
+        lowers: LowerLayers,
     ) -> Result<Self, FsError> {
         // A previous process may have left a dead mount here (ENOTCONN).
         let _ = detach(path);
@@ -292,7 +309,7 @@ impl LayerMount {
         // Containers run as any uid; the kernel checks modes (DefaultPermissions).
         config.acl = SessionACL::All;
         config.n_threads = Some(FUSE_THREADS);
-        let session = fuser::Session::new(LayerFs::new(layer, recorder), path, &config)
+        let session = fuser::Session::new(LayerFs::new(layer, recorder, lowers), path, &config)
             .and_then(|s| s.spawn())
             .map_err(|source| FsError::Mount {
                 path: path.to_path_buf(),

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use fuser::{FileAttr, FileType, INodeNo};
 
+use super::lower::{DirMeta, LowerLayers};
 use crate::estargz::{
     toc::parse_modtime, EntryType, LayerIndex, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
     TOC_TAR_NAME,
@@ -56,14 +57,22 @@ pub struct Tree {
     nodes: Vec<Node>,
     /// Directory entries while building; moved into each node's sorted `children` at the end.
     building: HashMap<u64, BTreeMap<String, u64>>,
+    /// Where directories the layer implies get their attributes.
+    lowers: LowerLayers,
 }
 
 impl Tree {
-    /// Builds the tree from a verified index.
+    /// Builds the tree from a verified index, alone.
     pub fn build(index: &LayerIndex) -> Tree {
+        Self::build_over(index, LowerLayers::default())
+    }
+
+    /// Builds the tree of a layer that sits over `lowers`.
+    pub fn build_over(index: &LayerIndex, lowers: LowerLayers) -> Tree {
         let mut tree = Tree {
             nodes: vec![dir_node(INodeNo::ROOT.0, INodeNo::ROOT.0, None)],
             building: HashMap::new(),
+            lowers,
         };
         let mut dropped_xattrs = 0usize;
         let mut by_path: HashMap<String, u64> = HashMap::new();
@@ -246,7 +255,11 @@ impl Tree {
                 .map(|(_, b)| b)
                 .unwrap_or(dir_path);
             let ino = self.nodes.len() as u64 + 1;
-            parent = self.push(parent, base, dir_node(ino, parent, None));
+            let mut node = dir_node(ino, parent, None);
+            if let Some(lower) = self.lowers.dir(dir_path) {
+                apply_lower(&mut node, lower);
+            }
+            parent = self.push(parent, base, node);
             by_path.insert(dir_path.to_string(), parent);
         }
         parent
@@ -360,6 +373,22 @@ fn apply_meta(attr: &mut FileAttr, e: &TocEntry) {
     } else {
         attr.mtime = SystemTime::UNIX_EPOCH;
     }
+}
+
+/// A lower layer's directory attributes on a directory this layer only implies. Its
+/// `trusted.*` xattrs (an opaque marker) stay below: this layer did not say so.
+fn apply_lower(node: &mut Node, lower: DirMeta) {
+    node.attr.perm = lower.perm;
+    node.attr.uid = lower.uid;
+    node.attr.gid = lower.gid;
+    node.attr.mtime = lower.mtime;
+    node.attr.atime = lower.mtime;
+    node.attr.ctime = lower.mtime;
+    node.xattrs = lower
+        .xattrs
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(ADMIN_XATTR_PREFIX))
+        .collect();
 }
 
 fn decode_xattrs(e: &TocEntry) -> BTreeMap<String, Vec<u8>> {

@@ -57,6 +57,9 @@ pub struct LayerJob {
     pub cache_dir: PathBuf,
     pub registry: RegistryConfig,
     pub lazy: LazyConfig,
+    /// The layers below this one, topmost first (see `fs::LowerLayers`).
+    #[serde(default)]
+    pub lowers: Vec<PathBuf>,
 }
 
 /// Starts a daemon for `job` in snapshot directory `dir`; returns once the

@@ -54,7 +54,9 @@ pub async fn run(job_path: &Path) -> Result<(), LayerDaemonError> {
         tokio::runtime::Handle::current(),
     ));
     let _ = crate::fs::detach(&job.mountpoint);
-    remote.mount_here(0, &job.source, &job.mountpoint).await?;
+    remote
+        .mount_here(0, &job.source, &job.mountpoint, &job.lowers)
+        .await?;
     println!("{READY}");
     use tokio::signal::unix::{signal, SignalKind};
     let mut term =

@@ -107,6 +107,16 @@ impl SprySnapshotter {
         self.root.join("snapshots").join(id.to_string())
     }
 
+    /// The layers a snapshot on `parent` sits over, topmost first: where they are served.
+    async fn lower_layers(&self, parent: &str) -> Vec<PathBuf> {
+        let store = self.store.lock().await;
+        store
+            .chain(parent)
+            .into_iter()
+            .map(|id| self.dir(id).join("fs"))
+            .collect()
+    }
+
     async fn restore_remote_mounts(&self) {
         let remote: Vec<(String, Record)> = {
             let store = self.store.lock().await;
@@ -120,9 +130,10 @@ impl SprySnapshotter {
             let Some(source) = &record.remote else {
                 continue;
             };
+            let lowers = self.lower_layers(&record.parent).await;
             if let Err(err) = self
                 .remote
-                .restore(record.id, source, &self.dir(record.id))
+                .restore(record.id, source, &self.dir(record.id), &lowers)
                 .await
             {
                 tracing::error!(snapshot = %key, error = %error_chain(&err), "failed to restore remote layer mount");
@@ -225,7 +236,12 @@ impl SprySnapshotter {
             return None;
         }
         let started = std::time::Instant::now();
-        if let Err(err) = self.remote.mount(id, &request.source, &self.dir(id)).await {
+        let lowers = self.lower_layers(parent).await;
+        let mounted = self
+            .remote
+            .mount(id, &request.source, &self.dir(id), &lowers)
+            .await;
+        if let Err(err) = mounted {
             tracing::warn!(target = %target, error = %error_chain(&err), "remote layer unavailable; pulling normally");
             let _ = std::fs::remove_dir_all(self.dir(id));
             return None;

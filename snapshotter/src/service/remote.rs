@@ -12,7 +12,7 @@ use super::store::RemoteSource;
 use crate::cache::ChunkCache;
 use crate::config::LazyConfig;
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::fs::{error_chain, AccessRecorder, FsError, LayerMount};
+use crate::fs::{error_chain, AccessRecorder, FsError, LayerMount, LowerLayers};
 use crate::layer::{LayerError, RemoteLayer, RetryPolicy};
 use crate::registry::{Reference, RegistryBlob, RegistryClient, RegistryError};
 
@@ -94,18 +94,20 @@ impl RemoteLayers {
         }
     }
 
-    /// Mounts the layer of `source` at `<snapshot_dir>/fs`: in a layer daemon
-    /// when so configured, else in this process.
+    /// Mounts the layer of `source` at `<snapshot_dir>/fs`, over the layers served from
+    /// `lowers` (topmost first): in a layer daemon when so configured, else in this process.
     pub async fn mount(
         self: &Arc<Self>,
         id: u64,
         source: &RemoteSource,
         snapshot_dir: &Path,
+        lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
         if !self.config.fuse_daemon {
-            return self.mount_here(id, source, &snapshot_dir.join("fs")).await;
+            let path = snapshot_dir.join("fs");
+            return self.mount_here(id, source, &path, lowers).await;
         }
-        let job = self.daemon_job(source, snapshot_dir)?;
+        let job = self.daemon_job(source, snapshot_dir, lowers)?;
         let dir = snapshot_dir.to_path_buf();
         let exe = std::env::current_exe().map_err(|source| RemoteError::Daemon {
             source: Box::new(super::daemon::DaemonError::Spawn {
@@ -134,6 +136,7 @@ impl RemoteLayers {
         &self,
         source: &RemoteSource,
         snapshot_dir: &Path,
+        lowers: &[PathBuf],
     ) -> Result<super::daemon::LayerJob, RemoteError> {
         let reference = Reference::parse(&source.image_ref)
             .map_err(|source| RemoteError::Reference { source })?;
@@ -143,6 +146,7 @@ impl RemoteLayers {
             cache_dir: self.cache.dir().to_path_buf(),
             registry: self.client.config().only_host(&reference.host),
             lazy: self.config.clone(),
+            lowers: lowers.to_vec(),
         })
     }
 
@@ -152,6 +156,7 @@ impl RemoteLayers {
         id: u64,
         source: &RemoteSource,
         snapshot_dir: &Path,
+        lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
         if self.config.fuse_daemon {
             if let Some(pid) = super::daemon::alive(snapshot_dir) {
@@ -164,7 +169,7 @@ impl RemoteLayers {
                 return Ok(());
             }
         }
-        self.mount(id, source, snapshot_dir).await
+        self.mount(id, source, snapshot_dir, lowers).await
     }
 
     /// Opens (verifying the TOC) and mounts the layer of `source` at `path`
@@ -174,15 +179,19 @@ impl RemoteLayers {
         id: u64,
         source: &RemoteSource,
         path: &Path,
+        lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
         let reference = Reference::parse(&source.image_ref)
             .map_err(|source| RemoteError::Reference { source })?;
         let this = self.clone();
         let source = source.clone();
         let path = path.to_path_buf();
-        tokio::task::spawn_blocking(move || this.mount_blocking(id, reference, source, path))
-            .await
-            .map_err(|source| RemoteError::Join { source })?
+        let lowers = LowerLayers::new(lowers.to_vec());
+        tokio::task::spawn_blocking(move || {
+            this.mount_blocking(id, reference, source, path, lowers)
+        })
+        .await
+        .map_err(|source| RemoteError::Join { source })?
     }
 
     fn mount_blocking(
@@ -191,6 +200,7 @@ impl RemoteLayers {
         reference: Reference,
         source: RemoteSource,
         path: PathBuf,
+        lowers: LowerLayers,
     ) -> Result<(), RemoteError> {
         let digest = source.layer_digest.clone();
         let blob = RegistryBlob::new(
@@ -234,12 +244,10 @@ impl RemoteLayers {
         } else {
             None
         };
-        let mount =
-            LayerMount::mount(layer.clone(), &path, &digest, recorder).map_err(|source| {
-                RemoteError::Mount {
-                    digest: digest.clone(),
-                    source,
-                }
+        let mount = LayerMount::mount_over(layer.clone(), &path, &digest, recorder, lowers)
+            .map_err(|source| RemoteError::Mount {
+                digest: digest.clone(),
+                source,
             })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
         self.start_fetching(layer.clone(), digest);

@@ -42,7 +42,7 @@ pub(super) fn config(root: &Path) -> Config {
 }
 
 /// Performs containerd's mounts at `target` (as containerd would).
-fn do_mount(mounts: &[Mount], target: &Path) {
+pub(super) fn do_mount(mounts: &[Mount], target: &Path) {
     assert_eq!(mounts.len(), 1);
     let m = &mounts[0];
     let ro = m.options.iter().any(|o| o == "ro");
@@ -84,7 +84,7 @@ fn do_mount(mounts: &[Mount], target: &Path) {
     }
 }
 
-fn unmount(target: &Path) {
+pub(super) fn unmount(target: &Path) {
     nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
 

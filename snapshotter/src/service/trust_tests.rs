@@ -12,7 +12,7 @@ use super::store::RemoteSource;
 use super::*;
 use crate::registry::HostConfig;
 
-use super::tests::{config, remote_fixture, require_root};
+use super::tests::{config, do_mount, remote_fixture, require_root, unmount};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().mode() & 0o7777
@@ -54,7 +54,7 @@ async fn a_layer_job_carries_only_its_registrys_credentials_and_is_0600() {
     std::fs::create_dir(&snapshot_dir).unwrap();
     let job = sn
         .remote_layers()
-        .daemon_job(&source, &snapshot_dir)
+        .daemon_job(&source, &snapshot_dir, &[])
         .unwrap();
     let hosts: Vec<&String> = job.registry.hosts.keys().collect();
     assert_eq!(hosts, ["reg.a"]);
@@ -108,4 +108,48 @@ async fn removing_a_lazy_image_frees_its_chunks() {
     sn.remove("sha256:chain1".into()).await.unwrap();
     assert_eq!(cache.size(), 0, "the removed image's chunks stayed cached");
     sn.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_a_lazy_layer_only_implies_keeps_the_lower_layers_attributes() {
+    require_root();
+    // The sample layer has usr/ddd…/file but no entry for usr/ddd…/ itself.
+    let implied = format!("usr/{}", "d".repeat(120));
+    let fx = remote_fixture(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let sn = SprySnapshotter::open(&config(dir.path())).await.unwrap();
+    // The layer below: that directory, 0700, 1000:1001, with an xattr.
+    let mounts = sn
+        .prepare("extract-base".into(), String::new(), HashMap::new())
+        .await
+        .unwrap();
+    let target = dir.path().join("target");
+    std::fs::create_dir(&target).unwrap();
+    do_mount(&mounts, &target);
+    let lower_dir = target.join(&implied);
+    std::fs::create_dir_all(&lower_dir).unwrap();
+    std::fs::set_permissions(&lower_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&lower_dir, Some(1000.into()), Some(1001.into())).unwrap();
+    crate::sys::setxattr(&lower_dir, "user.owner", b"app").unwrap();
+    unmount(&target);
+    sn.commit("base".into(), "extract-base".into(), HashMap::new())
+        .await
+        .unwrap();
+    let err = sn
+        .prepare("k".into(), "base".into(), fx.labels.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::AlreadyExists { .. }), "{err:?}");
+    let id = sn.id_of("sha256:chain1").await.unwrap();
+    let served = dir.path().join(format!("snapshots/{id}/fs/{implied}"));
+    let meta = std::fs::metadata(&served).unwrap();
+    let owner = crate::sys::getxattr(&served, "user.owner");
+    sn.remove("sha256:chain1".into()).await.unwrap();
+    sn.shutdown();
+    assert_eq!(
+        (meta.mode() & 0o7777, meta.uid(), meta.gid()),
+        (0o700, 1000, 1001),
+        "the lazy layer hid the lower directory's mode and owner"
+    );
+    assert_eq!(owner.unwrap(), b"app");
 }
