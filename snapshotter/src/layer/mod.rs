@@ -3,12 +3,14 @@
 //! the background. All reads verify chunk digests before anything is cached.
 
 mod fetch;
+mod verify;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use fetch::{BlobFetcher, FetchError};
+pub use verify::chain_id;
 
 use crate::cache::{CacheError, ChunkCache, FillError};
 use crate::estargz::{self, footer, ChunkRef, EstargzError, LayerIndex, Prefetch};
@@ -45,6 +47,10 @@ pub enum LayerError {
     Cancelled,
     #[error("file entry {index} does not exist in the layer")]
     NoSuchEntry { index: usize },
+    #[error("failed to decompress the layer blob")]
+    Decompress { source: std::io::Error },
+    #[error("the layer is not the one its image claims: {reason}")]
+    Poisoned { reason: String },
 }
 
 /// How hard to try a range request before giving up.
@@ -89,6 +95,8 @@ pub struct RemoteLayer {
     cancelled: AtomicBool,
     /// Set when a fetch missed its deadline: fetches fail at once until then.
     unresponsive_until: std::sync::Mutex<Option<Instant>>,
+    /// Why the layer must no longer be served (it is not the layer its image claims).
+    poisoned: std::sync::OnceLock<String>,
 }
 
 // Batches for background fetching: large enough to amortize a request,
@@ -115,6 +123,7 @@ impl RemoteLayer {
             stats: LayerStats::default(),
             cancelled: AtomicBool::new(false),
             unresponsive_until: std::sync::Mutex::new(None),
+            poisoned: std::sync::OnceLock::new(),
         };
         layer.load_index(toc_digest)
     }
@@ -170,6 +179,11 @@ impl RemoteLayer {
 
     /// Reads up to `len` bytes at `offset` of the regular file at `entry`.
     pub fn read_file(&self, entry: usize, offset: u64, len: usize) -> Result<Vec<u8>, LayerError> {
+        if let Some(reason) = self.poisoned.get() {
+            return Err(LayerError::Poisoned {
+                reason: reason.clone(),
+            });
+        }
         let file = self
             .index
             .entries
@@ -272,6 +286,11 @@ impl RemoteLayer {
         done += batch.iter().map(|c| c.size).sum::<u64>();
         progress(done, total);
         Ok(fetched)
+    }
+
+    /// Stops serving the layer: every later read fails (EIO) with `reason`.
+    pub fn poison(&self, reason: String) {
+        let _ = self.poisoned.set(reason);
     }
 
     /// Stops a running [`Self::fetch_all`] at the next chunk.

@@ -195,3 +195,16 @@ fn unreachable_registry_fails_after_bounded_retries_then_recovers() {
     let data = &files.iter().find(|(p, _)| p == "usr/bin/app").unwrap().1;
     assert_eq!(&layer.read_file(app, 0, 5000).unwrap(), data);
 }
+
+#[test]
+fn the_streamed_diff_id_is_the_uncompressed_tars_digest() {
+    let (blob, out, _, _) = build(&["usr/bin/app"]);
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem, &out.toc_digest);
+    assert_eq!(layer.diff_id().unwrap(), out.diff_id);
+    assert_eq!(super::chain_id("", &out.diff_id), out.diff_id);
+    // containerd's identity.ChainID for a layer on a parent chain.
+    let parent = format!("sha256:{}", "1".repeat(64));
+    let expected = crate::estargz::sha256_digest(format!("{parent} {}", out.diff_id).as_bytes());
+    assert_eq!(super::chain_id(&parent, &out.diff_id), expected);
+}

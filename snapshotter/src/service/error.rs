@@ -41,6 +41,8 @@ pub enum ServiceError {
     },
     #[error("a blocking task failed")]
     Join { source: tokio::task::JoinError },
+    #[error("parent {parent:?} includes a poisoned layer: {reason}")]
+    Poisoned { parent: String, reason: String },
 }
 
 impl From<ServiceError> for tonic::Status {
@@ -51,7 +53,8 @@ impl From<ServiceError> for tonic::Status {
             ServiceError::AlreadyExists { .. } => tonic::Status::already_exists(message),
             ServiceError::ParentNotCommitted { .. }
             | ServiceError::NotActive { .. }
-            | ServiceError::HasChildren { .. } => tonic::Status::failed_precondition(message),
+            | ServiceError::HasChildren { .. }
+            | ServiceError::Poisoned { .. } => tonic::Status::failed_precondition(message),
             ServiceError::UpdateField { .. } | ServiceError::Filter(_) => {
                 tonic::Status::invalid_argument(message)
             }
@@ -86,6 +89,13 @@ mod tests {
         );
         assert_eq!(
             code(ServiceError::NotActive { key: "k".into() }),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(ServiceError::Poisoned {
+                parent: "p".into(),
+                reason: "r".into()
+            }),
             Code::FailedPrecondition
         );
         assert_eq!(

@@ -10,6 +10,7 @@ mod mounts;
 pub mod remote;
 pub mod store;
 mod usage;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,6 +168,12 @@ impl SprySnapshotter {
                 }
                 Some(_) => {}
             }
+            // Nothing is built on a layer that turned out not to be what its image claimed.
+            for id in store.chain(&parent) {
+                if let Some(reason) = verify::poisoned(&self.dir(id)) {
+                    return Err(ServiceError::Poisoned { parent, reason });
+                }
+            }
         }
         let id = store.allocate_id();
         let dir = self.dir(id);
@@ -237,10 +244,9 @@ impl SprySnapshotter {
         }
         let started = std::time::Instant::now();
         let lowers = self.lower_layers(parent).await;
-        let mounted = self
-            .remote
-            .mount(id, &request.source, &self.dir(id), &lowers)
-            .await;
+        let mut source = request.source.clone();
+        source.parent_chain = parent.to_string();
+        let mounted = self.remote.mount(id, &source, &self.dir(id), &lowers).await;
         if let Err(err) = mounted {
             tracing::warn!(target = %target, error = %error_chain(&err), "remote layer unavailable; pulling normally");
             let _ = std::fs::remove_dir_all(self.dir(id));
@@ -264,7 +270,7 @@ impl SprySnapshotter {
             created: now,
             updated: now,
             usage: None,
-            remote: Some(request.source.clone()),
+            remote: Some(source),
         };
         store.insert(target.clone(), record);
         if let Err(err) = store.save() {

@@ -55,6 +55,8 @@ pub fn remote_request(labels: &HashMap<String, String>) -> Option<RemoteRequest>
             image_ref: labels.get(IMAGE_REF_LABEL)?.clone(),
             layer_digest: labels.get(LAYER_DIGEST_LABEL)?.clone(),
             toc_digest: labels.get(TOC_DIGEST_ANNOTATION)?.clone(),
+            chain_id: labels.get(TARGET_LABEL)?.clone(),
+            parent_chain: String::new(),
         },
     })
 }
@@ -250,7 +252,7 @@ impl RemoteLayers {
                 source,
             })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
-        self.start_fetching(layer.clone(), digest);
+        self.start_fetching(layer.clone(), source, path.parent().map(Path::to_path_buf));
         let old = self
             .mounted
             .lock()
@@ -260,7 +262,13 @@ impl RemoteLayers {
         Ok(())
     }
 
-    fn start_fetching(&self, layer: Arc<RemoteLayer>, digest: String) {
+    fn start_fetching(
+        &self,
+        layer: Arc<RemoteLayer>,
+        source: RemoteSource,
+        snapshot_dir: Option<PathBuf>,
+    ) {
+        let digest = source.layer_digest.clone();
         let (prefetch, background) = (self.config.prefetch, self.config.background_fetch);
         if !prefetch && !background {
             return;
@@ -276,7 +284,12 @@ impl RemoteLayers {
                 }
                 if background {
                     match layer.fetch_all(&mut |_, _| {}) {
-                        Ok(bytes) => tracing::info!(layer = %digest, bytes, "layer fully fetched"),
+                        Ok(bytes) => {
+                            tracing::info!(layer = %digest, bytes, "layer fully fetched");
+                            if let Some(dir) = &snapshot_dir {
+                                super::verify::check_claim(&layer, &source, dir);
+                            }
+                        }
                         Err(LayerError::Cancelled) => {}
                         Err(err) => tracing::warn!(layer = %digest, error = %error_chain(&err), "background fetch failed; reads fetch on demand"),
                     }

@@ -56,6 +56,12 @@ pub struct RemoteSource {
     pub image_ref: String,
     pub layer_digest: String,
     pub toc_digest: String,
+    /// The chain ID containerd commits the layer under, and its parent's ("" for a base
+    /// layer): what the layer's content is checked against once fetched.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chain_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_chain: String,
 }
 
 /// One snapshot.

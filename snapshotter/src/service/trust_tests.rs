@@ -49,6 +49,8 @@ async fn a_layer_job_carries_only_its_registrys_credentials_and_is_0600() {
         image_ref: "reg.a/team/app:1".into(),
         layer_digest: format!("sha256:{}", "a".repeat(64)),
         toc_digest: format!("sha256:{}", "b".repeat(64)),
+        chain_id: String::new(),
+        parent_chain: String::new(),
     };
     let snapshot_dir = dir.path().join("snap");
     std::fs::create_dir(&snapshot_dir).unwrap();
@@ -152,4 +154,77 @@ async fn a_directory_a_lazy_layer_only_implies_keeps_the_lower_layers_attributes
         "the lazy layer hid the lower directory's mode and owner"
     );
     assert_eq!(owner.unwrap(), b"app");
+}
+
+/// Mounts the sample layer committed as `chain` (on no parent), fetches it in the
+/// background and waits until the claim is checked. Returns whether a file still reads, the
+/// poisoned marker, and whether a snapshot on top may be prepared.
+async fn mount_claiming(chain: Option<&str>) -> (bool, Option<String>, bool) {
+    let mut fx = remote_fixture(&[]);
+    let (_, out, _, _) = crate::testutil::build(&[]);
+    let chain = chain.map(str::to_string).unwrap_or(out.diff_id);
+    fx.labels
+        .insert(super::remote::TARGET_LABEL.into(), chain.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.lazy.background_fetch = true;
+    let sn = SprySnapshotter::open(&cfg).await.unwrap();
+    let _ = sn
+        .prepare("k".into(), String::new(), fx.labels.clone())
+        .await
+        .unwrap_err();
+    let id = sn.id_of(&chain).await.unwrap();
+    let snap = dir.path().join(format!("snapshots/{id}"));
+    let layer = sn.remote_layers().layer(id).unwrap();
+    // Background fetch, then the check: wait for either verdict in the log's place.
+    let mut verdict = None;
+    for _ in 0..250 {
+        verdict = verify::poisoned(&snap);
+        if verdict.is_some() || layer.fully_cached() {
+            // The check streams the blob once more after the fetch: give it time.
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+            verdict = verify::poisoned(&snap);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let file = snap.join("fs/etc/hostname");
+    let reads = tokio::task::spawn_blocking(move || std::fs::read(file).is_ok())
+        .await
+        .unwrap();
+    let on_top = sn
+        .prepare("top".into(), chain.clone(), HashMap::new())
+        .await;
+    let may_build = match on_top {
+        Ok(_) => true,
+        Err(ServiceError::Poisoned { .. }) => false,
+        Err(other) => panic!("unexpected {other:?}"),
+    };
+    if may_build {
+        sn.remove("top".into()).await.unwrap();
+    }
+    drop(layer);
+    sn.remove(chain).await.unwrap();
+    sn.shutdown();
+    (reads, verdict, may_build)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_layer_claiming_another_layers_diff_id_is_poisoned() {
+    require_root();
+    // An image whose config claims a popular base layer's diffID for this layer.
+    let claimed = format!("sha256:{}", "5".repeat(64));
+    let (reads, verdict, may_build) = mount_claiming(Some(&claimed)).await;
+    let reason = verdict.expect("the lying layer was not marked poisoned");
+    assert!(reason.contains("claims another layer"), "{reason}");
+    assert!(!reads, "a poisoned layer still served a file");
+    assert!(!may_build, "a snapshot was prepared on a poisoned layer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_layer_with_its_true_diff_id_keeps_serving() {
+    require_root();
+    let (reads, verdict, may_build) = mount_claiming(None).await;
+    assert_eq!(verdict, None);
+    assert!(reads && may_build);
 }

@@ -1,0 +1,53 @@
+//! After a lazy layer is fully fetched, whether it is the layer its image claims (see
+//! `layer/verify.rs`). A layer that is not is poisoned: its reads fail, a marker in its
+//! snapshot directory says why, and the service refuses to build on it.
+
+use std::path::Path;
+
+use super::store::RemoteSource;
+use crate::fs::error_chain;
+use crate::layer::{chain_id, LayerError, RemoteLayer};
+
+const POISONED: &str = "poisoned";
+
+/// Checks `layer` against the chain ID containerd committed it under; poisons it when the
+/// content says otherwise. Returns whether the claim held (`None`: nothing to check, or the
+/// check could not finish).
+pub fn check_claim(
+    layer: &RemoteLayer,
+    source: &RemoteSource,
+    snapshot_dir: &Path,
+) -> Option<bool> {
+    if source.chain_id.is_empty() {
+        return None;
+    }
+    let diff_id = match layer.diff_id() {
+        Ok(d) => d,
+        Err(LayerError::Cancelled) => return None,
+        Err(err) => {
+            tracing::warn!(layer = %source.layer_digest, error = %error_chain(&err), "could not verify the layer's diffID");
+            return None;
+        }
+    };
+    let actual = chain_id(&source.parent_chain, &diff_id);
+    if actual == source.chain_id {
+        tracing::info!(layer = %source.layer_digest, %diff_id, "layer matches its diffID");
+        return Some(true);
+    }
+    let reason = format!(
+        "layer {} of {} has diffID {diff_id} (chain {actual}), but was committed as chain {}: \
+         the image claims another layer's identity; remove the image and the snapshot",
+        source.layer_digest, source.image_ref, source.chain_id
+    );
+    tracing::error!(%reason, "poisoned layer: reads now fail");
+    layer.poison(reason.clone());
+    if let Err(err) = crate::private::write_file(&snapshot_dir.join(POISONED), reason.as_bytes()) {
+        tracing::error!(error = %err, "cannot mark the snapshot poisoned");
+    }
+    Some(false)
+}
+
+/// Why the snapshot in `snapshot_dir` must not be used, if it is poisoned.
+pub fn poisoned(snapshot_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(snapshot_dir.join(POISONED)).ok()
+}
