@@ -63,7 +63,8 @@ struct ConvertArgs {
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
     /// Run the image once (root: namespaces + fanotify, no VM) and prioritize
-    /// the files it opens, after any --prioritized-files entries.
+    /// the files it opens, after any --prioritized-files entries. The image runs on this
+    /// host with little isolation: trusted images only.
     #[arg(long)]
     record: bool,
     /// Stop recording when the workload prints a stdout line matching REGEX.
