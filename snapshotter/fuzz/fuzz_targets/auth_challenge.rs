@@ -2,7 +2,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use spry_snapshotter::registry::auth::{credentials_allowed, parse_challenge, url_origin, Challenge};
+use spry_snapshotter::registry::auth::{
+    credentials_allowed, parse_challenge, url_origin, Challenge,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(header) = std::str::from_utf8(data) else {
