@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::*;
 use crate::cache::ChunkCache;
 use crate::layer::RetryPolicy;
-use crate::testutil::{convert, MemBlob};
+use crate::testutil::{convert, MemBlob, MountedLayer};
 
 fn require_root_and_fuse() {
     assert!(nix::unistd::geteuid().is_root(), "FUSE tests need root");
@@ -70,44 +70,10 @@ fn hostile_tar() -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-struct Hostile {
-    mount: Option<LayerMount>,
-    dir: tempfile::TempDir,
-}
-
-impl Hostile {
-    fn mount() -> Hostile {
-        require_root_and_fuse();
-        let (blob, out) = convert(&hostile_tar(), &[]);
-        let dir = tempfile::tempdir().unwrap();
-        let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-        let retry = RetryPolicy {
-            attempts: 1,
-            backoff: Duration::from_millis(1),
-            ..RetryPolicy::default()
-        };
-        let layer =
-            Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let mount = LayerMount::mount(layer, &mnt, "hostile", None).unwrap();
-        Hostile {
-            mount: Some(mount),
-            dir,
-        }
-    }
-
-    fn mnt(&self) -> PathBuf {
-        self.dir.path().join("mnt")
-    }
-}
-
-impl Drop for Hostile {
-    fn drop(&mut self) {
-        if let Some(m) = self.mount.take() {
-            m.unmount().unwrap();
-        }
-    }
+fn mount_hostile() -> MountedLayer {
+    require_root_and_fuse();
+    let (blob, out) = convert(&hostile_tar(), &[]);
+    MountedLayer::new(MemBlob::new(blob), &out.toc_digest, "hostile")
 }
 
 /// The per-mount options of the mount at `path`, from /proc/self/mountinfo.
@@ -128,7 +94,7 @@ fn mount_options(path: &Path) -> Vec<String> {
 
 #[test]
 fn setuid_bits_and_device_nodes_are_inert_on_the_layer_mount() {
-    let h = Hostile::mount();
+    let h = mount_hostile();
     let options = mount_options(&h.mnt());
     for wanted in ["ro", "nosuid", "nodev"] {
         assert!(
@@ -148,7 +114,7 @@ fn setuid_bits_and_device_nodes_are_inert_on_the_layer_mount() {
 
 #[test]
 fn image_xattrs_cannot_steer_overlayfs() {
-    let h = Hostile::mount();
+    let h = mount_hostile();
     assert_eq!(
         crate::sys::getxattr(&h.mnt().join("etc"), OPAQUE_XATTR)
             .unwrap_err()
@@ -166,20 +132,7 @@ fn image_xattrs_cannot_steer_overlayfs() {
     std::fs::write(base.join("etc/passwd"), b"root:x:0:0\n").unwrap();
     std::fs::write(base.join("src/secret"), b"secret").unwrap();
     let merged = h.dir.path().join("merged");
-    std::fs::create_dir(&merged).unwrap();
-    let opts = format!(
-        "lowerdir={}:{},redirect_dir=follow",
-        h.mnt().display(),
-        base.display()
-    );
-    nix::mount::mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        nix::mount::MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    )
-    .unwrap();
+    crate::testutil::overlay_ro(&merged, &h.mnt(), &base, "redirect_dir=follow");
     let passwd = std::fs::read(merged.join("etc/passwd"));
     let redirected = merged.join("dst/secret").exists();
     nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
@@ -193,7 +146,7 @@ fn image_xattrs_cannot_steer_overlayfs() {
 
 #[test]
 fn a_large_directory_lists_every_entry_once() {
-    let h = Hostile::mount();
+    let h = mount_hostile();
     let started = std::time::Instant::now();
     let mut names: Vec<String> = std::fs::read_dir(h.mnt().join("many"))
         .unwrap()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::*;
 use crate::cache::ChunkCache;
 use crate::layer::RetryPolicy;
-use crate::testutil::{build, MemBlob};
+use crate::testutil::{build, MemBlob, MountedLayer};
 
 fn require_root_and_fuse() {
     assert!(nix::unistd::geteuid().is_root(), "FUSE tests need root");
@@ -17,46 +17,22 @@ fn require_root_and_fuse() {
 }
 
 struct Mounted {
-    mount: Option<LayerMount>,
+    layer: MountedLayer,
     mem: Arc<MemBlob>,
     files: Vec<(String, Vec<u8>)>,
-    dir: tempfile::TempDir,
 }
 
 fn mounted() -> Mounted {
     require_root_and_fuse();
     let (blob, out, _, files) = build(&[]);
     let mem = MemBlob::new(blob);
-    let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-    let retry = RetryPolicy {
-        attempts: 2,
-        backoff: Duration::from_millis(1),
-        ..RetryPolicy::default()
-    };
-    let layer = Arc::new(RemoteLayer::open(mem.clone(), cache, &out.toc_digest, retry).unwrap());
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mount = LayerMount::mount(layer, &mnt, "test", None).unwrap();
-    Mounted {
-        mount: Some(mount),
-        mem,
-        files,
-        dir,
-    }
+    let layer = MountedLayer::new(mem.clone(), &out.toc_digest, "test");
+    Mounted { layer, mem, files }
 }
 
 impl Mounted {
     fn mnt(&self) -> PathBuf {
-        self.dir.path().join("mnt")
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        if let Some(m) = self.mount.take() {
-            m.unmount().unwrap();
-        }
+        self.layer.mnt()
     }
 }
 
@@ -104,23 +80,14 @@ fn whiteouts_are_presented_the_overlayfs_way() {
 #[test]
 fn overlay_on_top_hides_whited_out_lower_files() {
     let m = mounted();
-    let base = m.dir.path().join("base");
+    let base = m.layer.dir.path().join("base");
     std::fs::create_dir_all(base.join("etc")).unwrap();
     std::fs::create_dir_all(base.join("opq")).unwrap();
     std::fs::write(base.join("etc/removed"), b"old").unwrap();
     std::fs::write(base.join("etc/kept"), b"kept").unwrap();
     std::fs::write(base.join("opq/hidden"), b"old").unwrap();
-    let merged = m.dir.path().join("merged");
-    std::fs::create_dir(&merged).unwrap();
-    let opts = format!("lowerdir={}:{}", m.mnt().display(), base.display());
-    nix::mount::mount(
-        Some("overlay"),
-        &merged,
-        Some("overlay"),
-        nix::mount::MsFlags::MS_RDONLY,
-        Some(opts.as_str()),
-    )
-    .unwrap();
+    let merged = m.layer.dir.path().join("merged");
+    crate::testutil::overlay_ro(&merged, &m.mnt(), &base, "");
     let check = || -> Result<(), String> {
         if merged.join("etc/removed").exists() || merged.join("opq/hidden").exists() {
             return Err("whiteout did not hide a lower file".into());
@@ -181,17 +148,9 @@ fn corrupted_chunk_gives_eio_never_wrong_bytes() {
     let at = chunk.compressed_offset as usize;
     blob[at..at + fake.len()].copy_from_slice(&fake);
 
-    let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-    let retry = RetryPolicy {
-        attempts: 1,
-        backoff: Duration::from_millis(1),
-        ..RetryPolicy::default()
-    };
-    let layer =
-        Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+    let mount =
+        crate::testutil::mount_blob(MemBlob::new(blob), &out.toc_digest, dir.path(), "corrupt");
     let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    let mount = LayerMount::mount(layer, &mnt, "corrupt", None).unwrap();
     let err = std::fs::read(mnt.join("usr/bin/big")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     // Intact files of the same layer still read.

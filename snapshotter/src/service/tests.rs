@@ -248,6 +248,17 @@ pub(super) struct RemoteFixture {
     files: Vec<(String, Vec<u8>)>,
 }
 
+/// Prepares the fixture's remote layer (containerd's unpack of it): committed lazily under
+/// its target chain ID. Returns the snapshot's id.
+pub(super) async fn mount_lazily(sn: &SprySnapshotter, labels: &HashMap<String, String>) -> u64 {
+    let err = sn
+        .prepare("k".into(), String::new(), labels.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ServiceError::AlreadyExists { .. }), "{err:?}");
+    sn.id_of(&labels[TARGET_LABEL]).await.unwrap()
+}
+
 pub(super) fn remote_fixture(prioritized: &[&str]) -> RemoteFixture {
     let reg = MockRegistry::start(&tokio::runtime::Handle::current(), Auth::None, true);
     let (blob, out, _, files) = build(prioritized);
@@ -360,11 +371,7 @@ async fn prefetch_fetches_prioritized_files_before_they_are_read() {
     let mut cfg = config(dir.path());
     cfg.lazy.prefetch = true;
     let sn = SprySnapshotter::open(&cfg).await.unwrap();
-    let _ = sn
-        .prepare("k".into(), String::new(), fx.labels.clone())
-        .await
-        .unwrap_err();
-    let id = sn.id_of("sha256:chain1").await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
     let layer = sn.remote_layers().layer(id).unwrap();
     // Wait for the prefetch thread to cache the prioritized file.
     let index = layer.index();
@@ -427,11 +434,7 @@ async fn registry_outage_gives_eio_and_reads_recover() {
     let fx = remote_fixture(&[]);
     let dir = tempfile::tempdir().unwrap();
     let sn = SprySnapshotter::open(&config(dir.path())).await.unwrap();
-    let _ = sn
-        .prepare("k".into(), String::new(), fx.labels.clone())
-        .await
-        .unwrap_err();
-    let id = sn.id_of("sha256:chain1").await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
     let big = dir.path().join(format!("snapshots/{id}/fs/usr/bin/big"));
     fx.reg.go_down();
     let b = big.clone();

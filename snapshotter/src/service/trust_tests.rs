@@ -12,7 +12,7 @@ use super::store::RemoteSource;
 use super::*;
 use crate::registry::HostConfig;
 
-use super::tests::{config, do_mount, remote_fixture, require_root, unmount};
+use super::tests::{config, do_mount, mount_lazily, remote_fixture, require_root, unmount};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().mode() & 0o7777
@@ -92,11 +92,7 @@ async fn removing_a_lazy_image_frees_its_chunks() {
     let fx = remote_fixture(&[]);
     let dir = tempfile::tempdir().unwrap();
     let sn = SprySnapshotter::open(&config(dir.path())).await.unwrap();
-    let _ = sn
-        .prepare("k".into(), String::new(), fx.labels.clone())
-        .await
-        .unwrap_err();
-    let id = sn.id_of("sha256:chain1").await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
     let layer = sn.remote_layers().layer(id).unwrap();
     tokio::task::spawn_blocking({
         let layer = layer.clone();
@@ -169,14 +165,10 @@ async fn mount_claiming(chain: Option<&str>) -> (bool, Option<String>, bool) {
     let mut cfg = config(dir.path());
     cfg.lazy.background_fetch = true;
     let sn = SprySnapshotter::open(&cfg).await.unwrap();
-    let _ = sn
-        .prepare("k".into(), String::new(), fx.labels.clone())
-        .await
-        .unwrap_err();
-    let id = sn.id_of(&chain).await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
     let snap = dir.path().join(format!("snapshots/{id}"));
     let layer = sn.remote_layers().layer(id).unwrap();
-    // Background fetch, then the check: wait for either verdict in the log's place.
+    // Background fetch, then the check: wait for the fetch, then for a verdict.
     let mut verdict = None;
     for _ in 0..250 {
         verdict = verify::poisoned(&snap);

@@ -117,5 +117,79 @@ pub fn convert(tar: &[u8], prioritized: &[&str]) -> (Vec<u8>, crate::estargz::Wr
     (blob, out)
 }
 
+/// `blob` opened as a layer (cache in `dir/cache`, one attempt per range) and mounted at
+/// `dir/mnt`.
+pub fn mount_blob(
+    blob: Arc<dyn crate::layer::BlobFetcher>,
+    toc_digest: &str,
+    dir: &std::path::Path,
+    name: &str,
+) -> crate::fs::LayerMount {
+    use crate::layer::{RemoteLayer, RetryPolicy};
+    let cache = Arc::new(crate::cache::ChunkCache::open(&dir.join("cache")).unwrap());
+    let retry = RetryPolicy {
+        attempts: 1,
+        backoff: std::time::Duration::from_millis(1),
+        ..RetryPolicy::default()
+    };
+    let layer = Arc::new(RemoteLayer::open(blob, cache, toc_digest, retry).unwrap());
+    let mnt = dir.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    crate::fs::LayerMount::mount(layer, &mnt, name, None).unwrap()
+}
+
+/// A layer mounted in a temporary directory (`mnt/`, `cache/`), unmounted when dropped.
+pub struct MountedLayer {
+    mount: Option<crate::fs::LayerMount>,
+    pub dir: tempfile::TempDir,
+}
+
+impl MountedLayer {
+    pub fn new(blob: Arc<dyn crate::layer::BlobFetcher>, toc_digest: &str, name: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mount = mount_blob(blob, toc_digest, dir.path(), name);
+        MountedLayer {
+            mount: Some(mount),
+            dir,
+        }
+    }
+
+    pub fn mnt(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for MountedLayer {
+    fn drop(&mut self) {
+        if let Some(m) = self.mount.take() {
+            m.unmount().unwrap();
+        }
+    }
+}
+
+/// A read-only overlay of `layer` over `base` at `merged` (created), with extra mount
+/// `options`, as containerd mounts a container's lower layers.
+pub fn overlay_ro(
+    merged: &std::path::Path,
+    layer: &std::path::Path,
+    base: &std::path::Path,
+    options: &str,
+) {
+    std::fs::create_dir(merged).unwrap();
+    let mut opts = format!("lowerdir={}:{}", layer.display(), base.display());
+    if !options.is_empty() {
+        opts.push(',');
+        opts.push_str(options);
+    }
+    nix::mount::mount(
+        Some("overlay"),
+        merged,
+        Some("overlay"),
+        nix::mount::MsFlags::MS_RDONLY,
+        Some(opts.as_str()),
+    )
+    .unwrap();
+}
+
 pub mod registry;
 pub mod tls;
