@@ -503,3 +503,76 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     );
     Ok(())
 }
+
+/// QEMU killed while an exec runs: the container and the exec end together, containerd may
+/// delete the container first, and the shim must still be there for the exec's Delete
+/// (issue 17: containerd logged `Failed to delete exec process ... ttrpc: closed` and fell
+/// back to its crashed-shim cleanup).
+#[test]
+fn qemu_killed_during_an_exec_leaves_containerd_nothing_to_clean_up_after() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-execdeath-")
+        .tempdir_in("/run")?;
+    let containerd = containerd_with_spry("spry-execdeath", &registry, state.path(), None)?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("execdeath").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+
+    let mut exec = crictl
+        .command(&[
+            "exec",
+            ctr.as_str(),
+            "sh",
+            "-c",
+            "echo started; exec sleep 600",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(exec.stdout.take().context("exec stdout")?),
+        &mut line,
+    )?;
+    ensure!(line.trim() == "started", "the exec did not start: {line:?}");
+    let qemu = containerd
+        .qemus()?
+        .into_iter()
+        .next()
+        .context("the pod's QEMU")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let status = exec.wait()?;
+    ensure!(!status.success(), "the exec outlived its VM: {status}");
+    crictl.wait_container_state(&ctr, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    crictl.rm(&ctr)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks
+        .assert_clean()
+        .context("after the pod whose QEMU died")?;
+    let log = containerd.log();
+    if std::env::var_os("SPRY_TEST_PRINT_LOG").is_some() {
+        eprintln!("{log}");
+    }
+    for symptom in ["Failed to delete exec process"] {
+        ensure!(
+            !log.contains(symptom),
+            "containerd logged {symptom:?}:\n{}",
+            containerd.log_tail(40)
+        );
+    }
+    Ok(())
+}

@@ -458,6 +458,11 @@ impl Pod {
         self.tasks.lock().await.is_empty()
     }
 
+    /// Execs of deleted containers that containerd has not deleted yet.
+    pub async fn leftover_execs(&self) -> usize {
+        self.tasks.lock().await.leftover_execs()
+    }
+
     /// Last-resort cleanup when the shim exits: the VM must not outlive it.
     pub async fn shutdown(&self) {
         let rebuild = self

@@ -20,6 +20,10 @@ use super::tasks::ProcessStatus;
 type TtrpcResult<T> = ttrpc::Result<T>;
 
 /// The task service containerd talks to.
+/// How long an emptied pod's shim waits for containerd to delete the execs its dead VM
+/// ended, before it goes anyway.
+const LEFTOVER_EXEC_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub struct TaskService {
     pod: Arc<Pod>,
     exit: Arc<ExitSignal>,
@@ -235,10 +239,23 @@ impl Task for TaskService {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
         // containerd asks after each delete; the shim lives while the pod has tasks.
-        if self.pod.is_empty().await {
-            self.pod.shutdown().await;
-            self.exit.signal();
+        if !self.pod.is_empty().await {
+            return Ok(Empty::new());
         }
+        if self.pod.leftover_execs().await > 0 {
+            // Execs a dead VM ended with their container: containerd deletes them right
+            // after the container (and asks again), but the shim never lingers on one
+            // whose Delete does not come.
+            let (pod, exit) = (self.pod.clone(), self.exit.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(LEFTOVER_EXEC_GRACE).await;
+                pod.shutdown().await;
+                exit.signal();
+            });
+            return Ok(Empty::new());
+        }
+        self.pod.shutdown().await;
+        self.exit.signal();
         Ok(Empty::new())
     }
 }

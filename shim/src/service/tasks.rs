@@ -115,6 +115,11 @@ pub struct Deleted {
 #[derive(Default)]
 pub struct TaskTable {
     tasks: HashMap<String, Task>,
+    /// Execs that had run when their container was deleted, by (container, exec) id. A dead
+    /// VM ends a container and its execs at once, and containerd may delete the container
+    /// first: each stays here until containerd deletes it too (and gets its exit), so the
+    /// shim does not go away under that Delete.
+    leftover_execs: HashMap<(String, String), Process>,
 }
 
 impl TaskTable {
@@ -124,6 +129,11 @@ impl TaskTable {
 
     pub fn is_empty(&self) -> bool {
         self.tasks.is_empty()
+    }
+
+    /// How many execs of deleted containers containerd has not deleted yet.
+    pub fn leftover_execs(&self) -> usize {
+        self.leftover_execs.len()
     }
 
     pub fn insert(&mut self, id: &str, task: Task) -> Result<(), ShimError> {
@@ -141,6 +151,9 @@ impl TaskTable {
     }
 
     pub fn process(&self, id: &str, exec_id: &str) -> Result<&Process, ShimError> {
+        if let Some(leftover) = self.leftover(id, exec_id) {
+            return Ok(leftover);
+        }
         let task = self.task(id)?;
         if exec_id.is_empty() {
             return Ok(&task.init);
@@ -151,6 +164,13 @@ impl TaskTable {
     }
 
     pub fn process_mut(&mut self, id: &str, exec_id: &str) -> Result<&mut Process, ShimError> {
+        if self.leftover(id, exec_id).is_some() {
+            let key = (id.to_string(), exec_id.to_string());
+            return self
+                .leftover_execs
+                .get_mut(&key)
+                .ok_or_else(|| process_not_found(id, exec_id));
+        }
         let task = self
             .tasks
             .get_mut(id)
@@ -280,16 +300,26 @@ impl TaskTable {
             if let Some(task) = self.tasks.get_mut(id) {
                 task.execs.remove(exec_id);
             }
+            self.leftover_execs
+                .remove(&(id.to_string(), exec_id.to_string()));
             return Ok(Deleted {
                 exit_code,
                 exited_at,
                 task: None,
             });
         }
-        let task = self
+        let mut task = self
             .tasks
             .remove(id)
             .ok_or_else(|| ShimError::ContainerNotFound { id: id.to_string() })?;
+        // Execs that ran outlive their container in the table until containerd deletes
+        // them; one never started ends here (containerd never deletes what it never ran).
+        for (exec_id, process) in task.execs.drain() {
+            if process.status() != ProcessStatus::Created {
+                self.leftover_execs
+                    .insert((id.to_string(), exec_id), process);
+            }
+        }
         Ok(Deleted {
             exit_code,
             exited_at,
@@ -297,8 +327,17 @@ impl TaskTable {
         })
     }
 
+    fn leftover(&self, id: &str, exec_id: &str) -> Option<&Process> {
+        if exec_id.is_empty() || self.tasks.contains_key(id) {
+            return None;
+        }
+        self.leftover_execs
+            .get(&(id.to_string(), exec_id.to_string()))
+    }
+
     /// Empties the table (the shim is going away).
     pub fn drain(&mut self) -> Vec<Task> {
+        self.leftover_execs.clear();
         self.tasks.drain().map(|(_, t)| t).collect()
     }
 }

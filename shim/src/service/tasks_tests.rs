@@ -125,3 +125,38 @@ fn delete_takes_an_exec_or_the_whole_container() {
     ));
     assert!(matches!(table.killable("sbx", ""), Ok(TaskKind::Sandbox)));
 }
+
+#[test]
+fn an_exec_a_dead_vm_ended_outlives_its_deleted_container_until_deleted() {
+    let mut table = table_with_app_and_exec();
+    table.process("app", "e1").unwrap().set_running();
+    // The VM dies: the container and its exec end together.
+    for (id, exec_id, code) in table.lost_with_vm(137, 255) {
+        table.claim_exit(&id, &exec_id);
+        table.record_exit(&id, &exec_id, code, SystemTime::now());
+    }
+    // containerd deletes the container first...
+    table.delete("app", "").unwrap();
+    assert_eq!(table.leftover_execs(), 1);
+    // ...and then the exec, which still answers with its exit.
+    assert!(matches!(
+        table.process("app", "e1").unwrap().status(),
+        ProcessStatus::Stopped { exit_code: 255, .. }
+    ));
+    let exec = table.delete("app", "e1").unwrap();
+    assert_eq!(exec.exit_code, 255);
+    assert_eq!(table.leftover_execs(), 0);
+    assert!(matches!(
+        table.delete("app", "e1"),
+        Err(ShimError::ContainerNotFound { .. })
+    ));
+}
+
+#[test]
+fn a_never_started_exec_ends_with_its_container() {
+    let mut table = table_with_app_and_exec();
+    table.claim_exit("app", "");
+    table.record_exit("app", "", 0, SystemTime::now());
+    table.delete("app", "").unwrap();
+    assert_eq!(table.leftover_execs(), 0);
+}
