@@ -563,16 +563,11 @@ fn qemu_killed_during_an_exec_leaves_containerd_nothing_to_clean_up_after() -> R
     leaks
         .assert_clean()
         .context("after the pod whose QEMU died")?;
-    let log = containerd.log();
-    if std::env::var_os("SPRY_TEST_PRINT_LOG").is_some() {
-        eprintln!("{log}");
-    }
-    for symptom in ["Failed to delete exec process"] {
-        ensure!(
-            !log.contains(symptom),
-            "containerd logged {symptom:?}:\n{}",
-            containerd.log_tail(40)
-        );
-    }
+    // The symptom: containerd's exec Delete reached a shim that had already gone.
+    ensure!(
+        !containerd.log().contains("Failed to delete exec process"),
+        "containerd could not delete the exec:\n{}",
+        containerd.log_tail(40)
+    );
     Ok(())
 }
