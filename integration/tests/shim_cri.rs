@@ -23,6 +23,25 @@ fn containerd_with_spry(
     )
 }
 
+/// A pod of `handler` with a running `sleep 3600` container: (pod id, container id).
+fn running_sleeper(
+    containerd: &Containerd,
+    crictl: &spry_integration::Crictl,
+    image: &str,
+    pod_name: &str,
+    handler: &str,
+) -> Result<(String, String)> {
+    let pod_cfg = PodConfig::new(pod_name).write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some(handler))?;
+    let cfg = ContainerConfig::new("sleeper", image)
+        .command(&["sleep", "3600"])
+        .write_to(&containerd.dir())?;
+    let ctr = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&ctr)?;
+    crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    Ok((pod, ctr))
+}
+
 #[test]
 fn spry_pod_lifecycle_through_crictl() -> Result<()> {
     require_root()?;
@@ -452,14 +471,7 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
 
-    let pod_cfg = PodConfig::new("victim").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry-own"))?;
-    let cfg = ContainerConfig::new("sleeper", &image)
-        .command(&["sleep", "3600"])
-        .write_to(&containerd.dir())?;
-    let ctr = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl.start(&ctr)?;
-    crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let (pod, ctr) = running_sleeper(&containerd, &crictl, &image, "victim", "spry-own")?;
     let entries =
         |dir: &std::path::Path| -> usize { std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0) };
     ensure!(entries(&own_run.join("vms")) == 1, "the pod's VM dir");
@@ -506,8 +518,7 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
 
 /// QEMU killed while an exec runs: the container and the exec end together, containerd may
 /// delete the container first, and the shim must still be there for the exec's Delete
-/// (issue 17: containerd logged `Failed to delete exec process ... ttrpc: closed` and fell
-/// back to its crashed-shim cleanup).
+/// (issue 17: containerd logged `Failed to delete exec process ... ttrpc: closed`).
 #[test]
 fn qemu_killed_during_an_exec_leaves_containerd_nothing_to_clean_up_after() -> Result<()> {
     require_root()?;
@@ -520,14 +531,7 @@ fn qemu_killed_during_an_exec_leaves_containerd_nothing_to_clean_up_after() -> R
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
-    let pod_cfg = PodConfig::new("execdeath").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
-    let cfg = ContainerConfig::new("sleeper", &image)
-        .command(&["sleep", "3600"])
-        .write_to(&containerd.dir())?;
-    let ctr = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl.start(&ctr)?;
-    crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let (pod, ctr) = running_sleeper(&containerd, &crictl, &image, "execdeath", "spry")?;
 
     let mut exec = crictl
         .command(&[
