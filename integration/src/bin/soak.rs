@@ -72,7 +72,6 @@ fn main() -> Result<()> {
                         {
                             failures.fetch_add(1, Ordering::Relaxed);
                             eprintln!("cycle {i} ({handler}) failed: {err:#}");
-                            let _ = crictl.rmp_all_force();
                         }
                         done.fetch_add(1, Ordering::Relaxed);
                         i += parallel;
@@ -139,24 +138,31 @@ fn cycle(
     std::fs::create_dir_all(&dir)?;
     let pod_cfg = PodConfig::new(name).write_to(&dir)?;
     let pod = crictl.runp(&pod_cfg, Some(handler))?;
-    let ctr_cfg = ContainerConfig::new("app", image)
-        .command(&["sh", "-c", "echo ready; exec sleep 3600"])
-        .write_to(&dir)?;
-    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
-    crictl.start(&ctr)?;
-    let out = crictl.exec(&ctr, &["echo", "in-exec"])?;
-    ensure!(
-        out.code == 0 && out.stdout.trim() == "in-exec",
-        "exec: {out:?}"
-    );
-    let logged = system::wait_for(Duration::from_secs(60), || {
-        Ok(crictl.logs(&ctr)?.contains("ready").then_some(()))
-    })?;
-    ensure!(logged.is_some(), "no log line from {name}");
-    crictl.stop(&ctr, 1)?;
-    crictl.rm(&ctr)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
+    let lived = (|| -> Result<()> {
+        let ctr_cfg = ContainerConfig::new("app", image)
+            .command(&["sh", "-c", "echo ready; exec sleep 3600"])
+            .write_to(&dir)?;
+        let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+        crictl.start(&ctr)?;
+        let out = crictl.exec(&ctr, &["echo", "in-exec"])?;
+        ensure!(
+            out.code == 0 && out.stdout.trim() == "in-exec",
+            "exec: {out:?}"
+        );
+        let logged = system::wait_for(Duration::from_secs(60), || {
+            Ok(crictl.logs(&ctr)?.contains("ready").then_some(()))
+        })?;
+        ensure!(logged.is_some(), "no log line from {name}");
+        crictl.stop(&ctr, 1)?;
+        crictl.rm(&ctr)?;
+        crictl.stopp(&pod)?;
+        crictl.rmp(&pod)
+    })();
+    if lived.is_err() {
+        // Only this cycle's pod: the long-lived one must stay.
+        let _ = crictl.run(&["rmp", "--force", pod.as_str()]);
+    }
+    lived?;
     std::fs::remove_dir_all(&dir)?;
     Ok(pod)
 }
