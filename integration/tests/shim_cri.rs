@@ -184,6 +184,39 @@ fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
     Ok(())
 }
 
+/// QEMU not where the config says: runp fails naming the binary, and nothing is left.
+#[test]
+fn missing_qemu_fails_runp_with_the_binary_named() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-noqemu-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    // The harness's config ends in its [vm] table: one more key there.
+    let config = std::fs::read_to_string(state.path().join("config.toml"))?;
+    let no_qemu = state.path().join("config-noqemu.toml");
+    std::fs::write(
+        &no_qemu,
+        format!("{config}qemu = \"/nonexistent/spry/qemu-system-x86_64\"\n"),
+    )?;
+    let opts = ContainerdOptions::new("spry-noqemu").registry(&registry);
+    let containerd = Containerd::start(spry.register_variant(opts, "spry-noqemu", &no_qemu))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
+    let pod_cfg = PodConfig::new("noqemu").write_to(&containerd.dir())?;
+    let err = crictl
+        .runp(&pod_cfg, Some("spry-noqemu"))
+        .expect_err("a pod started without QEMU");
+    eprintln!("runp without QEMU: {err:#}");
+    ensure!(
+        format!("{err:#}").contains("/nonexistent/spry/qemu-system-x86_64"),
+        "error does not name QEMU: {err:#}"
+    );
+    leaks.assert_clean().context("after the failed runp")?;
+    Ok(())
+}
+
 /// Two pods with two containers each, a container restarted within its pod (kubelet's
 /// attempt+1 in the same sandbox), and a containerd restart while the pods run.
 #[test]
