@@ -217,6 +217,85 @@ fn missing_qemu_fails_runp_with_the_binary_named() -> Result<()> {
     Ok(())
 }
 
+/// Spry's state dir on a full filesystem: whatever step runs out of space (a template
+/// cannot be built, so the pod boots cold; the container's layer image, packed at start,
+/// does not fit) fails saying so, and removing the pod leaves nothing (no QEMU, no mount,
+/// no state).
+#[test]
+fn a_full_state_filesystem_fails_clearly_and_leaves_nothing() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-full-")
+        .tempdir_in("/run")?;
+    // 64 KiB: room for a VM's sockets and logs, not for a template or a layer image.
+    let run = TinyFs::mount(&state.path().join("run"), "size=64k")?;
+    let containerd = containerd_with_spry("spry-full", &registry, state.path(), None)?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("full").write_to(&containerd.dir())?;
+    let failure = match crictl.runp(&pod_cfg, Some("spry")) {
+        Err(err) => err,
+        Ok(pod) => {
+            let cfg = ContainerConfig::new("app", &image)
+                .command(&["sleep", "3600"])
+                .write_to(&containerd.dir())?;
+            // containerd creates the task (and Spry packs the layer image) at start.
+            let started = crictl
+                .create(&pod, &cfg, &pod_cfg)
+                .and_then(|ctr| crictl.start(&ctr).map(|()| ctr));
+            crictl.stopp(&pod)?;
+            crictl.rmp(&pod)?;
+            match started {
+                Err(err) => err,
+                Ok(ctr) => anyhow::bail!("container {ctr} started on a full state filesystem"),
+            }
+        }
+    };
+    eprintln!("on a full state filesystem: {failure:#}");
+    let said = format!("{failure:#}");
+    ensure!(
+        said.contains("MiB free") || said.contains("No space left on device"),
+        "the error does not say the disk is full: {said}"
+    );
+    leaks.assert_clean().context("after the failure")?;
+    let left: Vec<_> = std::fs::read_dir(&run.path)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    eprintln!("left in the state dir: {left:?}");
+    Ok(())
+}
+
+/// A small tmpfs, unmounted when dropped (also when the test fails).
+struct TinyFs {
+    path: std::path::PathBuf,
+}
+
+impl TinyFs {
+    fn mount(path: &std::path::Path, options: &str) -> Result<Self> {
+        std::fs::create_dir_all(path)?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(options),
+        )?;
+        Ok(TinyFs {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Two pods with two containers each, a container restarted within its pod (kubelet's
 /// attempt+1 in the same sandbox), and a containerd restart while the pods run.
 #[test]
