@@ -14,15 +14,16 @@ pub const MAX_MANIFEST_BYTES: u64 = 8 << 20;
 /// Largest token-server answer accepted.
 pub const MAX_TOKEN_BYTES: u64 = 1 << 20;
 
-/// The whole body, failing once it passes `limit` bytes; each piece within `timeout`.
+/// The whole body, failing once it passes `limit` bytes or takes longer than `timeout`.
 pub async fn read_limited(
     mut body: Body,
     url: &str,
     limit: u64,
     timeout: Duration,
 ) -> Result<Bytes, RegistryError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut out = Vec::new();
-    while let Some(piece) = next_piece(&mut body, url, timeout).await? {
+    while let Some(piece) = next_piece(&mut body, url, deadline, timeout).await? {
         if out.len() as u64 + piece.len() as u64 > limit {
             return Err(RegistryError::BodyTooLarge {
                 url: url.to_string(),
@@ -35,8 +36,8 @@ pub async fn read_limited(
 }
 
 /// Bytes `offset..offset + len` of a body that holds a whole blob (a server that ignored
-/// the Range header): the rest is streamed past, never kept, and reading stops at the end
-/// of the range.
+/// the Range header), within `timeout`: the rest is streamed past, never kept, and reading
+/// stops at the end of the range.
 pub async fn read_range_of_whole(
     mut body: Body,
     url: &str,
@@ -44,11 +45,12 @@ pub async fn read_range_of_whole(
     len: u64,
     timeout: Duration,
 ) -> Result<Vec<u8>, RegistryError> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let end = offset.saturating_add(len);
     let mut out = Vec::new();
     let mut at = 0u64;
     while at < end {
-        let Some(piece) = next_piece(&mut body, url, timeout).await? else {
+        let Some(piece) = next_piece(&mut body, url, deadline, timeout).await? else {
             break;
         };
         let piece_end = at + piece.len() as u64;
@@ -62,12 +64,14 @@ pub async fn read_range_of_whole(
     Ok(out)
 }
 
+/// The next piece of `body`, failing once `deadline` (for the whole body) has passed.
 async fn next_piece(
     body: &mut Body,
     url: &str,
+    deadline: tokio::time::Instant,
     timeout: Duration,
 ) -> Result<Option<Bytes>, RegistryError> {
-    let next = tokio::time::timeout(timeout, body.data())
+    let next = tokio::time::timeout_at(deadline, body.data())
         .await
         .map_err(|_| RegistryError::Timeout {
             url: url.to_string(),
@@ -105,6 +109,27 @@ mod tests {
             matches!(err, RegistryError::BodyTooLarge { limit: 6, .. }),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_trickling_body_is_cut_off_at_the_deadline_for_the_whole_body() {
+        use futures::StreamExt as _;
+        // A piece every 50 ms, forever: each piece is quick, the body never ends.
+        let trickle = futures::stream::repeat(()).then(|()| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok::<_, std::io::Error>(Bytes::from_static(b"x"))
+        });
+        let started = std::time::Instant::now();
+        let err = read_limited(
+            Body::wrap_stream(trickle),
+            "u",
+            1 << 20,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, RegistryError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test]
