@@ -170,18 +170,28 @@ fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
         state.path(),
         Some("/nonexistent/spry/vmlinux"),
     )?;
+    runp_fails_naming(&containerd, "spry", "nokernel", "/nonexistent/spry/vmlinux")
+}
+
+/// `runp` with `handler` fails, its error names `needle`, and the failure leaves nothing.
+fn runp_fails_naming(
+    containerd: &Containerd,
+    handler: &str,
+    pod_name: &str,
+    needle: &str,
+) -> Result<()> {
     let leaks = containerd.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
-    let pod_cfg = PodConfig::new("nokernel").write_to(&containerd.dir())?;
-    let err = crictl
-        .runp(&pod_cfg, Some("spry"))
-        .expect_err("a pod started without a kernel");
+    let pod_cfg = PodConfig::new(pod_name).write_to(&containerd.dir())?;
+    let Err(err) = crictl.runp(&pod_cfg, Some(handler)) else {
+        anyhow::bail!("pod {pod_name} started although it should not");
+    };
+    eprintln!("runp of {pod_name}: {err:#}");
     ensure!(
-        format!("{err:#}").contains("/nonexistent/spry/vmlinux"),
-        "error does not name the kernel: {err:#}"
+        format!("{err:#}").contains(needle),
+        "error does not name {needle}: {err:#}"
     );
-    leaks.assert_clean().context("after the failed runp")?;
-    Ok(())
+    leaks.assert_clean().context("after the failed runp")
 }
 
 /// QEMU not where the config says: runp fails naming the binary, and nothing is left.
@@ -202,19 +212,12 @@ fn missing_qemu_fails_runp_with_the_binary_named() -> Result<()> {
     )?;
     let opts = ContainerdOptions::new("spry-noqemu").registry(&registry);
     let containerd = Containerd::start(spry.register_variant(opts, "spry-noqemu", &no_qemu))?;
-    let leaks = containerd.leak_check()?;
-    let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
-    let pod_cfg = PodConfig::new("noqemu").write_to(&containerd.dir())?;
-    let err = crictl
-        .runp(&pod_cfg, Some("spry-noqemu"))
-        .expect_err("a pod started without QEMU");
-    eprintln!("runp without QEMU: {err:#}");
-    ensure!(
-        format!("{err:#}").contains("/nonexistent/spry/qemu-system-x86_64"),
-        "error does not name QEMU: {err:#}"
-    );
-    leaks.assert_clean().context("after the failed runp")?;
-    Ok(())
+    runp_fails_naming(
+        &containerd,
+        "spry-noqemu",
+        "noqemu",
+        "/nonexistent/spry/qemu-system-x86_64",
+    )
 }
 
 /// Spry's state dir on a full filesystem: whatever step runs out of space (a template

@@ -488,11 +488,14 @@ impl Snapshotter for SprySnapshotter {
             return Err(err.into());
         }
         // The image's chunks that no other remote layer shares leave the cache with it.
-        let other_layers: Vec<PathBuf> = store
-            .iter()
-            .filter(|(_, other)| other.remote.is_some())
-            .map(|(_, other)| self.dir(other.id))
-            .collect();
+        let other_layers: Vec<PathBuf> = match r.remote {
+            Some(_) => store
+                .iter()
+                .filter(|(_, other)| other.remote.is_some())
+                .map(|(_, other)| self.dir(other.id))
+                .collect(),
+            None => Vec::new(),
+        };
         drop(store);
         if r.remote.is_some() {
             let remote = self.remote.clone();
