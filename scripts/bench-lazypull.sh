@@ -6,6 +6,10 @@
 # (fully fetched) against overlayfs.
 #
 #   scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
+#                             [--read-only]
+#
+# --read-only: only the read throughput (overlayfs, lazy with passthrough, lazy through the
+# daemon), to target/bench/lazypull-read.{json,md}.
 #
 # Needs: scripts/install-deps.sh, scripts/build-test-images.sh, root. Writes target/bench/lazypull.json
 # and target/bench/lazypull.md.
@@ -16,12 +20,14 @@ entry_script
 RUNS=3
 IMAGES=python,busybox
 LINKS=both
+READ_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) RUNS=$2; shift 2 ;;
         --images) IMAGES=$2; shift 2 ;;
         --links) LINKS=$2; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --read-only) READ_ONLY=1; shift ;;
+        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -34,7 +40,7 @@ log "building spry-snapshotter (release)"
 cargo build --release -p spry-snapshotter
 log "running the benchmark: $RUNS run(s) per cell, images $IMAGES, links $LINKS"
 SPRY_SNAPSHOTTER_BIN="$SPRY_ROOT/target/release/spry-snapshotter" \
-SPRY_BENCH_RUNS=$RUNS SPRY_BENCH_IMAGES=$IMAGES SPRY_BENCH_LINKS=$LINKS \
+SPRY_BENCH_RUNS=$RUNS SPRY_BENCH_IMAGES=$IMAGES SPRY_BENCH_LINKS=$LINKS SPRY_BENCH_READ_ONLY=$READ_ONLY \
 SPRY_BENCH_OUT="$SPRY_ROOT/target/bench" \
     cargo test -p spry-integration --test lazy_pull_bench -- --ignored --nocapture --test-threads 1
 log "report: target/bench/lazypull.md and target/bench/lazypull.json"

@@ -315,17 +315,31 @@ fn convert_as(registry: &Registry, name: &str, tag: &str, prioritized: &[&str]) 
 }
 
 /// Sequential read throughput of every file under `dir` in a container of `image`.
-fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> Result<f64> {
+/// How the read benchmark's image is served.
+#[derive(Clone, Copy, PartialEq)]
+enum ReadMode {
+    Overlayfs,
+    /// Lazy layers, fully cached, FUSE passthrough on (the default).
+    Lazy,
+    /// Lazy layers, fully cached, every read through the daemon (`lazy.passthrough = false`).
+    LazyDaemon,
+}
+
+/// One sequential read of `dir`: MiB/s, and the passthrough opens the layer daemons
+/// counted (0 for overlayfs).
+fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f64, u64)> {
     let proxy = CountingProxy::start(registry.addr())?;
-    let cfg = format!(
+    let mut cfg = format!(
         "[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
         registry.host(),
         proxy.addr
     );
-    let snapshotter = if lazy {
-        Some(Snapshotter::start(&cfg)?)
-    } else {
-        None
+    if mode == ReadMode::LazyDaemon {
+        cfg.push_str("[lazy]\npassthrough = false\n");
+    }
+    let (mut snapshotter, image) = match mode {
+        ReadMode::Overlayfs => (None, "python:1"),
+        _ => (Some(Snapshotter::start(&cfg)?), "python:estargz"),
     };
     let mut opts = ContainerdOptions::new("bench-read").registry(registry);
     if let Some(s) = &snapshotter {
@@ -363,17 +377,67 @@ fn read_throughput(registry: &Registry, lazy: bool, image: &str, dir: &str) -> R
     let _ = crictl.stopp(&pod);
     let _ = crictl.rmp(&pod);
     drop(containerd);
+    // Each layer daemon logs `passthrough_opens=N` when it unmounts.
+    let logs = snapshotter
+        .as_mut()
+        .map(|s| s.shut_down())
+        .unwrap_or_default();
     drop(snapshotter);
+    for line in logs.lines().filter(|l| l.contains("passthrough")).take(20) {
+        eprintln!("  layer daemon: {line}");
+    }
+    let passthrough_opens = logs
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix("passthrough_opens="))
+        .filter_map(|n| n.parse::<u64>().ok())
+        .sum();
     let line = out
         .stdout
         .lines()
         .find(|l| l.starts_with("MIBS"))
         .with_context(|| format!("reader printed: {out:?}"))?;
-    Ok(line
+    let mibs = line
         .split_whitespace()
         .nth(1)
         .context("no MiB/s")?
-        .parse()?)
+        .parse()?;
+    Ok((mibs, passthrough_opens))
+}
+
+/// Medians of `runs` reads per mode, the modes taking turns (drift hits all alike), and
+/// whether the layer daemons really passed files through (on) and did not (off).
+fn read_report(registry: &Registry, runs: usize) -> Result<Value> {
+    let modes = [
+        ("overlayfs", ReadMode::Overlayfs),
+        ("lazy", ReadMode::Lazy),
+        ("lazy_daemon", ReadMode::LazyDaemon),
+    ];
+    let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut opens: BTreeMap<&str, u64> = BTreeMap::new();
+    for i in 0..runs {
+        for (name, mode) in modes {
+            let (mibs, passthrough) = read_throughput(registry, mode, "/usr/lib")?;
+            eprintln!(
+                "read /usr/lib {name} #{i}: {mibs:.0} MiB/s, {passthrough} passthrough opens"
+            );
+            samples.entry(name).or_default().push(mibs);
+            *opens.entry(name).or_default() += passthrough;
+        }
+    }
+    let med = |name: &str| median(samples[name].clone());
+    Ok(json!({
+        "read_throughput_mib_s": {
+            "overlayfs": med("overlayfs"),
+            "lazy": med("lazy"),
+            "lazy_daemon": med("lazy_daemon"),
+        },
+        "read_samples_mib_s": samples,
+        "read_lazy_vs_overlayfs": med("lazy") / med("overlayfs"),
+        "checks": {
+            "passthrough_used": opens["lazy"] > 0,
+            "daemon_path_without_passthrough": opens["lazy_daemon"] == 0,
+        },
+    }))
 }
 
 #[test]
@@ -396,6 +460,19 @@ fn lazy_pull_benchmark() -> Result<()> {
         .tempdir_in("/var/tmp")?;
     let registry = Registry::start_with_storage(storage.path())?;
     push_layout(&registry, "pause")?;
+    if std::env::var("SPRY_BENCH_READ_ONLY").is_ok_and(|v| v == "1") {
+        // Only the read-throughput part (quick; for measuring the FS path alone).
+        push_layout(&registry, "python")?;
+        convert(&registry, "python", &[])?;
+        let report = read_report(&registry, runs)?;
+        std::fs::write(
+            out_dir.join("lazypull-read.json"),
+            serde_json::to_string_pretty(&report)?,
+        )?;
+        std::fs::write(out_dir.join("lazypull-read.md"), read_markdown(&report))?;
+        eprintln!("{}", read_markdown(&report));
+        return Ok(());
+    }
     let mut image_bytes = BTreeMap::new();
     let mut recorded = BTreeMap::new();
     let selected: Vec<&Workload> = match std::env::var("SPRY_BENCH_IMAGES") {
@@ -452,20 +529,19 @@ fn lazy_pull_benchmark() -> Result<()> {
     }
     link.set_rate(None)?;
     drop(link);
-    let (overlay_read, lazy_read) = if selected.iter().any(|w| w.image == "python") {
-        (
-            read_throughput(&registry, false, "python:1", "/usr/lib")?,
-            read_throughput(&registry, true, "python:estargz", "/usr/lib")?,
-        )
-    } else {
-        (f64::NAN, f64::NAN)
-    };
-    let report = json!({
+    let mut report = json!({
         "runs": results,
         "runs_per_median": runs,
-        "read_throughput_mib_s": { "overlayfs": overlay_read, "lazy": lazy_read },
         "recorded_files": recorded,
     });
+    if selected.iter().any(|w| w.image == "python") {
+        for (k, v) in read_report(&registry, runs)?
+            .as_object()
+            .context("read report")?
+        {
+            report[k] = v.clone();
+        }
+    }
     std::fs::write(
         out_dir.join("lazypull.json"),
         serde_json::to_string_pretty(&report)?,
@@ -520,11 +596,20 @@ fn markdown(report: &Value) -> String {
             r["image_bytes"].as_f64().unwrap_or(0.0) / 1e6,
         ));
     }
-    let t = &report["read_throughput_mib_s"];
-    md.push_str(&format!(
-        "\nSequential read of /usr/lib of the python image, fully cached, page cache dropped: overlayfs {:.0} MiB/s, lazy FUSE {:.0} MiB/s.\n",
-        t["overlayfs"].as_f64().unwrap_or(0.0),
-        t["lazy"].as_f64().unwrap_or(0.0)
-    ));
+    md.push_str(&read_markdown(report));
     md
+}
+
+fn read_markdown(report: &Value) -> String {
+    let t = &report["read_throughput_mib_s"];
+    let mibs = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
+    format!(
+        "\nSequential read of /usr/lib of the python image, fully cached, page cache dropped (medians): overlayfs {:.0} MiB/s, lazy with FUSE passthrough {:.0} MiB/s ({:.0}% of overlayfs), lazy through the daemon {:.0} MiB/s ({:.0}%). Checks: {}.\n",
+        mibs("overlayfs"),
+        mibs("lazy"),
+        100.0 * mibs("lazy") / mibs("overlayfs"),
+        mibs("lazy_daemon"),
+        100.0 * mibs("lazy_daemon") / mibs("overlayfs"),
+        report["checks"],
+    )
 }

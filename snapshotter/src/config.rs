@@ -87,6 +87,10 @@ pub struct LazyConfig {
     /// this long (the kernel retries a failed read, and each would wait again).
     #[serde(default = "default_cooldown_ms")]
     pub unresponsive_cooldown_ms: u64,
+    /// Once all of a file's chunks are cached, let the kernel read it from the cache
+    /// (FUSE passthrough, Linux >= 6.9) instead of asking the daemon for every read.
+    #[serde(default = "yes")]
+    pub passthrough: bool,
 }
 
 impl LazyConfig {
@@ -137,6 +141,7 @@ impl Default for LazyConfig {
             cache_max_mib: default_cache_max_mib(),
             read_deadline_ms: default_read_deadline_ms(),
             unresponsive_cooldown_ms: default_cooldown_ms(),
+            passthrough: true,
         }
     }
 }

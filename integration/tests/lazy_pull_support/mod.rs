@@ -155,8 +155,15 @@ impl Snapshotter {
     }
 }
 
-impl Drop for Snapshotter {
-    fn drop(&mut self) {
+impl Snapshotter {
+    /// Stops the snapshotter and its layer daemons (each logs how its files were served
+    /// when it unmounts) and returns the daemons' logs.
+    pub fn shut_down(&mut self) -> String {
+        self.stop_all();
+        self.daemon_logs()
+    }
+
+    fn stop_all(&mut self) {
         let _ = self.stop();
         for pid in self.layer_daemons() {
             let _ = nix::sys::signal::kill(
@@ -173,6 +180,12 @@ impl Drop for Snapshotter {
                 let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
             }
         }
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        self.stop_all();
     }
 }
 

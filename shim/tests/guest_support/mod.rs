@@ -79,7 +79,11 @@ echo SPRY-MODULES-LOADED
                 [ "$word" = ping ] && echo "pong $arg" >&3
                 if [ "$word" = flood ]; then
                     echo "flooding $arg" >&3
-                    yes SPRY-FLOOD-0123456789abcdef0123456789abcdef > /dev/ttyS0 &
+                    if [ "$arg" = zero ]; then
+                        cat /dev/zero > /dev/ttyS0 &
+                    else
+                        yes SPRY-FLOOD-0123456789abcdef0123456789abcdef > /dev/ttyS0 &
+                    fi
                 fi
             done
         done

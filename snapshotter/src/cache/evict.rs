@@ -1,13 +1,15 @@
 //! The cache's size bound: least recently used chunks go first. Layer daemons share the
 //! directory, so the bound is kept by scanning it (a few thousand files), not by one
 //! process's bookkeeping; recency is each file's mtime, refreshed when a chunk is opened.
+//! Assembled files (`files.rs`) count and age the same way.
 //! An evicted chunk that a layer still needs is fetched again on its next read.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
+use super::files::FILES_DIR;
 use super::ChunkCache;
 
 /// After eviction the cache is at most this share of its limit: room to fill before the
@@ -34,14 +36,11 @@ impl ChunkCache {
     /// Removes least recently used chunks until the cache holds at most `target` bytes.
     /// Returns the number of chunks removed.
     pub fn evict_to(&self, target: u64) -> usize {
-        let mut chunks: Vec<(SystemTime, u64, PathBuf)> = fs::read_dir(self.dir.join("sha256"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().contains('.'))
-            .filter_map(|e| {
-                let meta = e.metadata().ok()?;
-                Some((meta.modified().ok()?, meta.len(), e.path()))
+        let mut chunks: Vec<(SystemTime, u64, PathBuf)> = self
+            .entries()
+            .filter_map(|path| {
+                let meta = fs::metadata(&path).ok()?;
+                Some((meta.modified().ok()?, meta.len(), path))
             })
             .collect();
         let mut total: u64 = chunks.iter().map(|c| c.1).sum();
@@ -72,13 +71,25 @@ impl ChunkCache {
     /// Removes the chunk `digest` (its layer's image is gone). Readers holding it open
     /// keep their copy; later reads fetch it again.
     pub fn remove(&self, digest: &str) -> bool {
-        let Ok(path) = self.path_of(digest) else {
+        match self.path_of(digest) {
+            Ok(path) => self.remove_path(&path),
+            Err(_) => false,
+        }
+    }
+
+    /// Removes the assembled file named `key` (see `files.rs`): its layer's image is gone.
+    pub fn remove_assembled(&self, key: &str) -> bool {
+        if key.len() != 64 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
             return false;
-        };
-        let len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        let removed = fs::remove_file(&path).is_ok();
+        }
+        self.remove_path(&self.dir.join(FILES_DIR).join(key))
+    }
+
+    pub(super) fn remove_path(&self, path: &Path) -> bool {
+        let len = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let removed = fs::remove_file(path).is_ok();
         if removed {
-            self.forget_open(&path);
+            self.forget_open(path);
             let _ = self
                 .approx_size
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
@@ -88,7 +99,16 @@ impl ChunkCache {
         removed
     }
 
-    fn forget_open(&self, path: &std::path::Path) {
+    /// Every complete entry: chunks and assembled files (temporary files have a dot).
+    pub(super) fn entries(&self) -> impl Iterator<Item = PathBuf> {
+        [self.dir.join("sha256"), self.dir.join(FILES_DIR)]
+            .into_iter()
+            .flat_map(|dir| fs::read_dir(dir).into_iter().flatten().flatten())
+            .filter(|e| !e.file_name().to_string_lossy().contains('.'))
+            .map(|e| e.path())
+    }
+
+    fn forget_open(&self, path: &Path) {
         if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
             self.open_files
                 .lock()

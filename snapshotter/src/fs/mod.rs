@@ -2,20 +2,24 @@
 //! come from [`RemoteLayer`], which fetches and verifies chunks on demand.
 
 mod lower;
+mod mount;
+mod passthrough;
 mod tree;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags, LockOwner,
-    MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request, SessionACL,
+    Errno, FileHandle, Filesystem, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
 pub use lower::{DirMeta, LowerLayers};
+pub use mount::{detach, LayerMount};
 pub use tree::{Tree, OPAQUE_XATTR};
 
 use crate::cache::CacheError;
@@ -42,21 +46,95 @@ pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     tree: Arc<Tree>,
     recorder: Option<AccessRecorder>,
+    /// Ask the kernel for passthrough at init (`lazy.passthrough`).
+    want_passthrough: bool,
+    open_files: passthrough::OpenFiles,
+    stats: Arc<FsStats>,
+    /// What the kernel agreed to at init.
+    kernel: KernelFeatures,
+}
+
+/// Optional FUSE features the kernel agreed to.
+#[derive(Default)]
+struct KernelFeatures {
+    /// Directories open without an OPENDIR round trip when it answers ENOSYS.
+    no_opendir: bool,
+}
+
+/// How a mounted layer's files were served (logged at unmount; read by tests).
+#[derive(Debug, Default)]
+pub struct FsStats {
+    /// Opens answered in passthrough mode: the kernel reads those from the cache.
+    pub passthrough_opens: AtomicU64,
+    /// Opens answered through the daemon.
+    pub daemon_opens: AtomicU64,
+    /// Handles the kernel closed.
+    pub releases: AtomicU64,
+    /// Reads the daemon served.
+    pub daemon_reads: AtomicU64,
+}
+
+/// How a layer is served, besides its contents.
+pub struct ServeOptions {
+    /// Records first opens (`--record`).
+    pub recorder: Option<AccessRecorder>,
+    /// The layers below it (their directories' attributes).
+    pub lowers: LowerLayers,
+    /// Serve fully cached files by FUSE passthrough when the kernel can.
+    pub passthrough: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            recorder: None,
+            lowers: LowerLayers::default(),
+            passthrough: true,
+        }
+    }
 }
 
 impl LayerFs {
-    /// A filesystem serving `layer` over the layers `lowers`.
-    pub fn new(
-        layer: Arc<RemoteLayer>,
-        recorder: Option<AccessRecorder>,
-        lowers: LowerLayers,
-    ) -> Self {
-        let tree = Arc::new(Tree::build_over(layer.index(), lowers));
+    /// A filesystem serving `layer` as `options` say.
+    pub fn new(layer: Arc<RemoteLayer>, options: ServeOptions) -> Self {
+        let tree = Arc::new(Tree::build_over(layer.index(), options.lowers));
+        let stats = Arc::<FsStats>::default();
         LayerFs {
+            kernel: KernelFeatures::default(),
             layer,
             tree,
-            recorder,
+            recorder: options.recorder,
+            want_passthrough: options.passthrough,
+            open_files: passthrough::OpenFiles::new(stats.clone()),
+            stats,
         }
+    }
+}
+
+impl LayerFs {
+    /// The entries of directory `ino` from position `offset` on: (inode, position of the
+    /// next entry, name). Positions 1 and 2 are "." and "..", 3 + i the i-th entry: resuming
+    /// indexes the sorted list (no walk over what was already listed).
+    fn listing(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Option<impl Iterator<Item = (u64, u64, &str)> + '_> {
+        let node = self.tree.get(ino)?;
+        let dots = [(ino, "."), (node.parent, "..")];
+        let start = offset as usize;
+        let listing = dots.into_iter().skip(start).chain(
+            node.children
+                .get(start.saturating_sub(dots.len())..)
+                .unwrap_or_default()
+                .iter()
+                .map(|(name, child)| (*child, name.as_str())),
+        );
+        Some(
+            listing
+                .enumerate()
+                .map(move |(i, (child, name))| (child, (start + i + 1) as u64, name)),
+        )
     }
 }
 
@@ -95,6 +173,33 @@ fn read_errno(err: &LayerError) -> Errno {
 }
 
 impl Filesystem for LayerFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Each saves round trips on an immutable tree; a kernel without one works without it.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_CACHE_SYMLINKS);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        self.kernel.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
+        if !self.want_passthrough {
+            return Ok(());
+        }
+        // Depth 1: the backing files must be on a plain filesystem, and overlayfs can still
+        // stack on this one (containerd's overlay over the layers).
+        match config
+            .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+            .map_err(|_| "the kernel does not offer FUSE passthrough (Linux >= 6.9 with CONFIG_FUSE_PASSTHROUGH)")
+            .and_then(|_| {
+                config
+                    .set_max_stack_depth(1)
+                    .map_err(|_| "the kernel refused stack depth 1")
+            }) {
+            Ok(_) => self.open_files.enable(),
+            Err(why) => self.open_files.disable(why),
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
@@ -123,16 +228,54 @@ impl Filesystem for LayerFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        match self.tree.get(ino.0) {
-            // Contents never change: let the page cache keep them.
-            Some(node) => {
-                if let (Some(recorder), Some(entry)) = (&self.recorder, node.entry) {
-                    recorder.record(entry, &self.layer.index().entries[entry].name);
-                }
-                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            None => reply.error(Errno::ENOENT),
+        let Some(node) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let Some(entry) = node.entry else {
+            return self.open_files.open_plain(ino.0, reply);
+        };
+        let name = &self.layer.index().entries[entry].name;
+        if let Some(recorder) = &self.recorder {
+            recorder.record(entry, name);
         }
+        let layer = &self.layer;
+        let backing = |verified: Option<&std::path::PathBuf>| match verified {
+            Some(path) => std::fs::File::open(path)
+                .ok()
+                .map(|file| crate::cache::BackingFile {
+                    file,
+                    path: path.clone(),
+                }),
+            // A panic must still answer the kernel (as in `read`).
+            None => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                layer.backing_file(entry)
+            })) {
+                Ok(Ok(file)) => file,
+                Ok(Err(err)) => {
+                    tracing::warn!(file = %name, error = %error_chain(&err), "cannot pass the file through; reading it through the daemon");
+                    None
+                }
+                Err(_) => {
+                    tracing::error!(file = %name, "verifying the backing file panicked; reading it through the daemon");
+                    None
+                }
+            },
+        };
+        self.open_files.open(ino.0, reply, backing);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open_files.release(fh.0);
+        reply.ok();
     }
 
     fn read(
@@ -149,6 +292,7 @@ impl Filesystem for LayerFs {
         let Some(entry) = self.tree.get(ino.0).and_then(|n| n.entry) else {
             return reply.data(&[]);
         };
+        self.stats.daemon_reads.fetch_add(1, Ordering::Relaxed);
         // A panic below must still answer the kernel: an unanswered request blocks the
         // reader (and unmounting) forever.
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -168,6 +312,14 @@ impl Filesystem for LayerFs {
         }
     }
 
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.kernel.no_opendir {
+            // The kernel then opens directories without asking again.
+            return reply.error(Errno::ENOSYS);
+        }
+        reply.opened(FileHandle(0), fuser::FopenFlags::empty());
+    }
+
     fn readdir(
         &self,
         _req: &Request,
@@ -176,27 +328,40 @@ impl Filesystem for LayerFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let Some(node) = self.tree.get(ino.0) else {
+        let Some(listing) = self.listing(ino.0, offset) else {
             return reply.error(Errno::ENOENT);
         };
-        // Offsets are positions: 1 and 2 are "." and "..", 3 + i the i-th entry. Resuming
-        // at an offset indexes the sorted list (no walk over what was already listed).
-        let dots = [(ino.0, "."), (node.parent, "..")];
-        let start = offset as usize;
-        let listing = dots.iter().copied().skip(start).chain(
-            node.children
-                .get(start.saturating_sub(dots.len())..)
-                .unwrap_or_default()
-                .iter()
-                .map(|(name, child)| (*child, name.as_str())),
-        );
-        for (i, (child, name)) in listing.enumerate() {
+        for (child, next, name) in listing {
             let kind = self
                 .tree
                 .get(child)
                 .map(|n| n.attr.kind)
                 .unwrap_or(fuser::FileType::Directory);
-            if reply.add(INodeNo(child), (start + i + 1) as u64, kind, name) {
+            if reply.add(INodeNo(child), next, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    // Entries with their attributes: a walk (`os.walk`, `find`, overlayfs over the layer)
+    // then needs no lookup per entry.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(listing) = self.listing(ino.0, offset) else {
+            return reply.error(Errno::ENOENT);
+        };
+        for (child, next, name) in listing {
+            let Some(node) = self.tree.get(child) else {
+                continue;
+            };
+            if reply.add(INodeNo(child), next, name, &TTL, &node.attr, Generation(0)) {
                 break;
             }
         }
@@ -211,7 +376,9 @@ impl Filesystem for LayerFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush on a read-only layer: ENOSYS makes the kernel stop sending a
+        // FLUSH with every close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn ioctl(
@@ -265,99 +432,6 @@ impl Filesystem for LayerFs {
     }
 }
 
-/// A mounted layer; unmounts when dropped.
-pub struct LayerMount {
-    session: Option<fuser::BackgroundSession>,
-    path: PathBuf,
-}
-
-impl LayerMount {
-    /// Mounts `layer` read-only at `path` (which must exist), alone.
-    pub fn mount(
-        layer: Arc<RemoteLayer>,
-        path: &Path,
-        name: &str,
-        recorder: Option<AccessRecorder>,
-    ) -> Result<Self, FsError> {
-        Self::mount_over(layer, path, name, recorder, LowerLayers::default())
-    }
-
-    /// Mounts `layer` read-only at `path` (which must exist), as the layer over `lowers`.
-    pub fn mount_over(
-        layer: Arc<RemoteLayer>,
-        path: &Path,
-        name: &str,
-        recorder: Option<AccessRecorder>,
-        lowers: LowerLayers,
-    ) -> Result<Self, FsError> {
-        // A previous process may have left a dead mount here (ENOTCONN).
-        let _ = detach(path);
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(format!("spry:{name}")),
-            MountOption::Subtype("spry".to_string()),
-            MountOption::DefaultPermissions,
-            // Device numbers and setuid bits come from the image's TOC: honoured on this
-            // mount they would let any process that reaches it open a device the image
-            // names or gain root. Containers see the layer through their overlay mount,
-            // whose own flags govern exec there (setuid binaries in a container still work).
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::Exec,
-        ];
-        // Containers run as any uid; the kernel checks modes (DefaultPermissions).
-        config.acl = SessionACL::All;
-        config.n_threads = Some(FUSE_THREADS);
-        let session = fuser::Session::new(LayerFs::new(layer, recorder, lowers), path, &config)
-            .and_then(|s| s.spawn())
-            .map_err(|source| FsError::Mount {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(LayerMount {
-            session: Some(session),
-            path: path.to_path_buf(),
-        })
-    }
-
-    /// Where the layer is mounted.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Unmounts and waits for the FUSE threads.
-    pub fn unmount(mut self) -> Result<(), FsError> {
-        self.stop()
-    }
-
-    fn stop(&mut self) -> Result<(), FsError> {
-        if let Some(session) = self.session.take() {
-            session.umount_and_join().map_err(|source| FsError::Mount {
-                path: self.path.clone(),
-                source,
-            })?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for LayerMount {
-    fn drop(&mut self) {
-        if let Err(err) = self.stop() {
-            tracing::warn!(path = %self.path.display(), error = %err, "failed to unmount layer");
-        }
-    }
-}
-
-/// Lazily detaches whatever is mounted at `path`.
-pub fn detach(path: &Path) -> Result<(), FsError> {
-    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(|source| FsError::Unmount {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// `error: cause: cause` for logs, each cause said once (as the shim's and the agent's).
 pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut message = err.to_string();
@@ -376,5 +450,7 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod hostile_tests;
+#[cfg(test)]
+mod passthrough_tests;
 #[cfg(test)]
 mod tests;

@@ -2,6 +2,7 @@
 //! the chunk cache. Serves file ranges, prefetches and fetches everything in
 //! the background. All reads verify chunk digests before anything is cached.
 
+mod backing;
 mod fetch;
 mod verify;
 
@@ -204,21 +205,26 @@ impl RemoteLayer {
             if chunk.file_offset >= end {
                 break;
             }
-            self.ensure_cached(chunk)?;
             let from = offset.max(chunk.file_offset) - chunk.file_offset;
             let to = end.min(chunk.file_offset + chunk.size) - chunk.file_offset;
-            let bytes = self
-                .cache
-                .read(&chunk.digest, from, (to - from) as usize)?
-                .ok_or_else(|| {
-                    LayerError::Cache(CacheError::Read {
-                        path: self.cache.dir().to_path_buf(),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::NotFound,
-                            "chunk vanished from the cache",
-                        ),
-                    })
-                })?;
+            // A cached chunk found unsound on first use is removed: fetched again, once.
+            let mut bytes = None;
+            for _ in 0..2 {
+                self.ensure_cached(chunk)?;
+                bytes = self.cache.read(&chunk.digest, from, (to - from) as usize)?;
+                if bytes.is_some() {
+                    break;
+                }
+            }
+            let bytes = bytes.ok_or_else(|| {
+                LayerError::Cache(CacheError::Read {
+                    path: self.cache.dir().to_path_buf(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "chunk vanished from the cache",
+                    ),
+                })
+            })?;
             out.extend_from_slice(&bytes);
         }
         Ok(out)

@@ -208,3 +208,29 @@ fn the_streamed_diff_id_is_the_uncompressed_tars_digest() {
     let expected = crate::estargz::sha256_digest(format!("{parent} {}", out.diff_id).as_bytes());
     assert_eq!(super::chain_id(&parent, &out.diff_id), expected);
 }
+
+#[test]
+fn a_chunk_torn_before_this_process_is_fetched_again_not_served() {
+    let (blob, out, _, files) = build(&[]);
+    let mem = MemBlob::new(blob);
+    let (first, dir) = open(mem.clone(), &out.toc_digest);
+    first.fetch_all(&mut |_, _| {}).unwrap();
+    let big = entry_index(&first, "usr/bin/big");
+    let digest = first.index().chunks[&big][3].digest.clone();
+    drop(first);
+    // A crash tore it (chunks are not fsynced): right length, wrong bytes.
+    let path = dir.path().join("sha256").join(&digest[7..]);
+    let len = std::fs::metadata(&path).unwrap().len() as usize;
+    std::fs::write(&path, vec![0u8; len]).unwrap();
+    // The next process (a new cache over the same directory) reads through it.
+    let cache = Arc::new(ChunkCache::open(dir.path()).unwrap());
+    let layer =
+        RemoteLayer::open(mem.clone(), cache, &out.toc_digest, RetryPolicy::default()).unwrap();
+    let calls = mem.calls.load(Ordering::SeqCst);
+    let want = &files.iter().find(|(p, _)| p == "usr/bin/big").unwrap().1;
+    assert_eq!(&layer.read_file(big, 0, want.len()).unwrap(), want);
+    assert!(
+        mem.calls.load(Ordering::SeqCst) > calls,
+        "the torn chunk was not fetched again"
+    );
+}

@@ -1,23 +1,35 @@
 //! Which chunks each remote snapshot's layer uses (`<snapshot>/chunks`, one digest a line,
 //! written by whoever mounts the layer), so that removing an image frees the chunks no
-//! other layer on the node shares.
+//! other layer on the node shares. Files assembled for passthrough (`cache/files.rs`) are
+//! listed too, as `file:<key>`.
 
 use std::collections::HashSet;
 use std::path::Path;
 
-use crate::cache::ChunkCache;
+use crate::cache::{assembled_key, ChunkCache, Piece};
 use crate::estargz::LayerIndex;
 
 const CHUNK_LIST: &str = "chunks";
+const ASSEMBLED: &str = "file:";
 
 /// Records the chunks of `index` in `snapshot_dir`.
 pub fn write_list(snapshot_dir: &Path, index: &LayerIndex) -> std::io::Result<()> {
-    let mut digests: Vec<&str> = index
+    let mut digests: Vec<String> = index
         .chunks
         .values()
         .flatten()
-        .map(|c| c.digest.as_str())
+        .map(|c| c.digest.clone())
         .collect();
+    digests.extend(index.chunks.values().filter(|c| c.len() > 1).map(|chunks| {
+        let pieces: Vec<Piece> = chunks
+            .iter()
+            .map(|c| Piece {
+                digest: &c.digest,
+                size: c.size,
+            })
+            .collect();
+        format!("{ASSEMBLED}{}", assembled_key(&pieces))
+    }));
     digests.sort_unstable();
     digests.dedup();
     let mut text = digests.join("\n");
@@ -47,7 +59,13 @@ pub fn release<'a>(
             only_here.remove(&digest);
         }
     }
-    only_here.iter().filter(|d| cache.remove(d)).count()
+    only_here
+        .iter()
+        .filter(|d| match d.strip_prefix(ASSEMBLED) {
+            Some(key) => cache.remove_assembled(key),
+            None => cache.remove(d),
+        })
+        .count()
 }
 
 #[cfg(test)]

@@ -246,11 +246,20 @@ impl RemoteLayers {
         } else {
             None
         };
-        let mount = LayerMount::mount_over(layer.clone(), &path, &digest, recorder, lowers)
-            .map_err(|source| RemoteError::Mount {
-                digest: digest.clone(),
-                source,
-            })?;
+        let mount = LayerMount::mount_with(
+            layer.clone(),
+            &path,
+            &digest,
+            crate::fs::ServeOptions {
+                recorder,
+                lowers,
+                passthrough: self.config.passthrough,
+            },
+        )
+        .map_err(|source| RemoteError::Mount {
+            digest: digest.clone(),
+            source,
+        })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
         self.start_fetching(layer.clone(), source, path.parent().map(Path::to_path_buf));
         let old = self

@@ -1,0 +1,123 @@
+//! Mounting a layer filesystem: the mount options, the FUSE session's life, unmounting.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fuser::{MountOption, SessionACL};
+
+use super::{AccessRecorder, FsError, FsStats, LayerFs, ServeOptions, FUSE_THREADS};
+use crate::layer::RemoteLayer;
+
+/// A mounted layer; unmounts when dropped.
+pub struct LayerMount {
+    session: Option<fuser::BackgroundSession>,
+    path: PathBuf,
+    stats: Arc<FsStats>,
+}
+
+impl LayerMount {
+    /// Mounts `layer` read-only at `path` (which must exist), alone, with passthrough.
+    pub fn mount(
+        layer: Arc<RemoteLayer>,
+        path: &Path,
+        name: &str,
+        recorder: Option<AccessRecorder>,
+    ) -> Result<Self, FsError> {
+        let options = ServeOptions {
+            recorder,
+            ..ServeOptions::default()
+        };
+        Self::mount_with(layer, path, name, options)
+    }
+
+    /// Mounts `layer` read-only at `path` (which must exist), served as `options` say.
+    pub fn mount_with(
+        layer: Arc<RemoteLayer>,
+        path: &Path,
+        name: &str,
+        options: ServeOptions,
+    ) -> Result<Self, FsError> {
+        // A previous process may have left a dead mount here (ENOTCONN).
+        let _ = detach(path);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName(format!("spry:{name}")),
+            MountOption::Subtype("spry".to_string()),
+            MountOption::DefaultPermissions,
+            // Device numbers and setuid bits come from the image's TOC: honoured on this
+            // mount they would let any process that reaches it open a device the image
+            // names or gain root. Containers see the layer through their overlay mount,
+            // whose own flags govern exec there (setuid binaries in a container still work).
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::Exec,
+        ];
+        // Containers run as any uid; the kernel checks modes (DefaultPermissions).
+        config.acl = SessionACL::All;
+        config.n_threads = Some(FUSE_THREADS);
+        let fs = LayerFs::new(layer, options);
+        let stats = fs.stats.clone();
+        let session = fuser::Session::new(fs, path, &config)
+            .and_then(|s| s.spawn())
+            .map_err(|source| FsError::Mount {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(LayerMount {
+            session: Some(session),
+            path: path.to_path_buf(),
+            stats,
+        })
+    }
+
+    /// Where the layer is mounted.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How its files were served so far.
+    pub fn stats(&self) -> &FsStats {
+        &self.stats
+    }
+
+    /// Unmounts and waits for the FUSE threads.
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), FsError> {
+        if let Some(session) = self.session.take() {
+            let s = &self.stats;
+            tracing::info!(
+                path = %self.path.display(),
+                passthrough_opens = s.passthrough_opens.load(Ordering::Relaxed),
+                daemon_opens = s.daemon_opens.load(Ordering::Relaxed),
+                daemon_reads = s.daemon_reads.load(Ordering::Relaxed),
+                "unmounting layer"
+            );
+            session.umount_and_join().map_err(|source| FsError::Mount {
+                path: self.path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LayerMount {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            tracing::warn!(path = %self.path.display(), error = %err, "failed to unmount layer");
+        }
+    }
+}
+
+/// Lazily detaches whatever is mounted at `path`.
+pub fn detach(path: &Path) -> Result<(), FsError> {
+    nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).map_err(|source| FsError::Unmount {
+        path: path.to_path_buf(),
+        source,
+    })
+}
