@@ -231,7 +231,9 @@ impl Filesystem for LayerFs {
         let Some(node) = self.tree.get(ino.0) else {
             return reply.error(Errno::ENOENT);
         };
-        let Some(entry) = node.entry else {
+        // A poisoned layer's reads fail through the daemon (and while passthrough opens of
+        // the file exist, the kernel fails this open): no new passthrough.
+        let Some(entry) = node.entry.filter(|_| !self.layer.is_poisoned()) else {
             return self.open_files.open_plain(ino.0, reply);
         };
         let name = &self.layer.index().entries[entry].name;

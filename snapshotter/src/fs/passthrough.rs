@@ -35,33 +35,34 @@ pub(super) struct OpenFiles {
 struct Books {
     inodes: HashMap<u64, InodeIo>,
     handles: HashMap<u64, Handle>,
-    /// Inodes holding a backing id.
+    /// Inodes holding a backing id, and their files' bytes.
     kept: usize,
+    kept_bytes: u64,
 }
 
-/// Each kept id pins an open file in the kernel: bounded.
+/// Each kept id pins an open file in the kernel, and its disk space even after the cache
+/// evicts it: bounded in count and in bytes.
 const KEPT_BACKING_IDS: usize = 4096;
+const KEPT_BACKING_BYTES: u64 = 256 << 20;
 
 impl Books {
-    /// Drops the backing ids no open handle uses, once more than the bound are kept.
+    /// Drops the backing ids no open handle uses, once more than the bounds are kept.
     fn bound_kept(&mut self) {
-        if self.kept <= KEPT_BACKING_IDS {
+        if self.kept <= KEPT_BACKING_IDS && self.kept_bytes <= KEPT_BACKING_BYTES {
             return;
         }
+        let (mut kept, mut kept_bytes) = (0, 0);
         for io in self.inodes.values_mut() {
-            if io
-                .backing
-                .as_ref()
-                .is_some_and(|id| Arc::strong_count(id) == 1)
-            {
-                io.backing = None;
+            match &io.backing {
+                Some(id) if Arc::strong_count(id) == 1 => io.backing = None,
+                Some(_) => {
+                    kept += 1;
+                    kept_bytes += io.backing_bytes;
+                }
+                None => {}
             }
         }
-        self.kept = self
-            .inodes
-            .values()
-            .filter(|io| io.backing.is_some())
-            .count();
+        (self.kept, self.kept_bytes) = (kept, kept_bytes);
     }
 }
 
@@ -73,6 +74,8 @@ struct InodeIo {
     /// `KEPT_BACKING_IDS` per filesystem): a file opened again, as most are, then costs no
     /// reopen and registration.
     backing: Option<Arc<BackingId>>,
+    /// Size of the file behind `backing`.
+    backing_bytes: u64,
     /// The backing file this process verified: later opens reopen it without hashing.
     verified: Option<PathBuf>,
 }
@@ -154,9 +157,12 @@ impl OpenFiles {
         match reply.open_backing(&file.file) {
             Ok(id) => {
                 let id = Arc::new(id);
+                let bytes = file.file.metadata().map(|m| m.len()).unwrap_or(0);
                 io.backing = Some(id.clone());
+                io.backing_bytes = bytes;
                 io.verified = Some(file.path);
                 books.kept += 1;
+                books.kept_bytes += bytes;
                 books.bound_kept();
                 self.open_passthrough(books, fh, id, reply)
             }
@@ -172,8 +178,8 @@ impl OpenFiles {
         }
     }
 
-    /// Answers an open that has no file contents to pass through (directories, empty
-    /// files): through the daemon, tracked like any other.
+    /// Answers an open that must not pass through (no contents, a poisoned layer):
+    /// through the daemon, tracked like any other.
     pub(super) fn open_plain(&self, ino: u64, reply: ReplyOpen) {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed) + 1;
         self.open_through_daemon(self.lock(), ino, fh, reply)

@@ -251,6 +251,20 @@ fn the_round_trips_cut_keep_what_tools_rely_on() {
 }
 
 #[test]
+fn a_poisoned_layer_passes_nothing_through_any_more() {
+    let s = setup(true);
+    s.layer.fetch_all(&mut |_, _| {}).unwrap();
+    assert_eq!(std::fs::read(s.mnt().join(ONE)).unwrap(), s.data(ONE));
+    s.settle();
+    assert_eq!(s.stats().0, 1);
+    // Its diffID check failed: the kept backing id must not serve the next open.
+    s.layer.poison("diffID mismatch".into());
+    let err = std::fs::read(s.mnt().join(ONE)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(s.stats().0, 1);
+}
+
+#[test]
 fn passthrough_off_serves_everything_through_the_daemon() {
     let s = setup(false);
     s.layer.fetch_all(&mut |_, _| {}).unwrap();

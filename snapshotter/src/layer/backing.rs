@@ -1,9 +1,10 @@
 //! The layer's side of FUSE passthrough: which cached file backs a regular file of the
 //! layer once all its chunks are here (see `cache/files.rs`).
 
-use std::path::PathBuf;
-
 use super::{LayerError, RemoteLayer};
+
+/// Largest multi-chunk file assembled for passthrough.
+pub const MAX_ASSEMBLED: u64 = 1 << 30;
 use crate::cache::{Piece, Verified};
 
 impl RemoteLayer {
@@ -20,18 +21,20 @@ impl RemoteLayer {
         let Some(pieces) = self.pieces(entry) else {
             return Ok(None);
         };
+        // Assembling copies the file inside an open (and doubles its space in the cache):
+        // huge files stay on the daemon's path.
+        if pieces.len() > 1 && pieces.iter().map(|p| p.size).sum::<u64>() > MAX_ASSEMBLED {
+            return Ok(None);
+        }
         match self.cache.verified_file(&pieces)? {
             Verified::Ready(file) => Ok(Some(file)),
             Verified::Missing | Verified::Corrupt { .. } => Ok(None),
         }
     }
 
-    /// Where the backing file of `entry` is kept (whether or not it exists).
-    pub fn backing_path(&self, entry: usize) -> Option<PathBuf> {
-        if self.poisoned.get().is_some() {
-            return None;
-        }
-        self.cache.backing_path(&self.pieces(entry)?).ok()
+    /// Whether the layer was found not to be the one its image claims (see `verify.rs`).
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.get().is_some()
     }
 
     fn pieces(&self, entry: usize) -> Option<Vec<Piece<'_>>> {
