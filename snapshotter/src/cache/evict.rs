@@ -16,6 +16,9 @@ use super::ChunkCache;
 /// next scan.
 const LOW_WATER_PERCENT: u64 = 90;
 
+/// Recency is kept to this precision.
+const TOUCH_GRANULARITY: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl ChunkCache {
     /// Counts `added` bytes, and evicts when the cache may be over its limit.
     pub(super) fn account(&self, added: u64) {
@@ -28,9 +31,18 @@ impl ChunkCache {
         }
     }
 
-    /// Marks a chunk as just used (its mtime orders eviction).
+    /// Marks a chunk as just used (its mtime orders eviction). Only when its mtime is
+    /// older than `TOUCH_GRANULARITY`: each update dirties the inode (a journal write), and
+    /// a layer's first reads open thousands of chunks; eviction needs no finer recency.
     pub(super) fn touch(file: &fs::File) {
-        let _ = file.set_modified(SystemTime::now());
+        let now = SystemTime::now();
+        let fresh = file.metadata().and_then(|m| m.modified()).is_ok_and(|t| {
+            now.duration_since(t)
+                .is_ok_and(|age| age < TOUCH_GRANULARITY)
+        });
+        if !fresh {
+            let _ = file.set_modified(now);
+        }
     }
 
     /// Removes least recently used chunks until the cache holds at most `target` bytes.
@@ -146,7 +158,8 @@ mod tests {
         let chunks: Vec<_> = (0..3).map(chunk).collect();
         for (i, (d, data)) in chunks.iter().enumerate() {
             cache.insert(d, data).unwrap();
-            age(&cache, d, 100 - i as u64 * 10);
+            // Minutes apart: recency is kept to ten minutes.
+            age(&cache, d, (100 - i as u64 * 10) * 60);
         }
         // The oldest is read again: now the most recent.
         cache.open_files.lock().unwrap().clear();
