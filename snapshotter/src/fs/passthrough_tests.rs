@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::cache::ChunkCache;
-use crate::layer::RetryPolicy;
-use crate::testutil::{build, overlay_ro, MemBlob};
+use crate::testutil::{build, open_layer, overlay_ro, MemBlob};
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -24,13 +23,7 @@ fn setup(passthrough: bool) -> Setup {
     let (blob, out, _, files) = build(&[]);
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-    let retry = RetryPolicy {
-        attempts: 1,
-        backoff: Duration::from_millis(1),
-        ..RetryPolicy::default()
-    };
-    let layer =
-        Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+    let layer = open_layer(MemBlob::new(blob), &out.toc_digest, cache);
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let options = ServeOptions {
@@ -318,15 +311,7 @@ fn read_speed() {
     for passthrough in [true, false] {
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let cache = Arc::new(ChunkCache::open(&dir.path().join("cache")).unwrap());
-        let layer = Arc::new(
-            RemoteLayer::open(
-                MemBlob::new(blob.clone()),
-                cache,
-                &out.toc_digest,
-                RetryPolicy::default(),
-            )
-            .unwrap(),
-        );
+        let layer = open_layer(MemBlob::new(blob.clone()), &out.toc_digest, cache);
         layer.fetch_all(&mut |_, _| {}).unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();

@@ -180,13 +180,7 @@ fn full_cache_disk_gives_enospc() {
         cache
             .insert(&crate::estargz::sha256_digest(&filler), &filler)
             .unwrap();
-        let retry = RetryPolicy {
-            attempts: 1,
-            backoff: Duration::from_millis(1),
-            ..RetryPolicy::default()
-        };
-        let layer =
-            Arc::new(RemoteLayer::open(MemBlob::new(blob), cache, &out.toc_digest, retry).unwrap());
+        let layer = crate::testutil::open_layer(MemBlob::new(blob), &out.toc_digest, cache);
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let mount = LayerMount::mount(layer, &mnt, "full", None).unwrap();

@@ -117,6 +117,21 @@ pub fn convert(tar: &[u8], prioritized: &[&str]) -> (Vec<u8>, crate::estargz::Wr
     (blob, out)
 }
 
+/// `blob` opened as a layer over `cache`, one attempt per range.
+pub fn open_layer(
+    blob: Arc<dyn crate::layer::BlobFetcher>,
+    toc_digest: &str,
+    cache: Arc<crate::cache::ChunkCache>,
+) -> Arc<crate::layer::RemoteLayer> {
+    use crate::layer::{RemoteLayer, RetryPolicy};
+    let retry = RetryPolicy {
+        attempts: 1,
+        backoff: std::time::Duration::from_millis(1),
+        ..RetryPolicy::default()
+    };
+    Arc::new(RemoteLayer::open(blob, cache, toc_digest, retry).unwrap())
+}
+
 /// `blob` opened as a layer (cache in `dir/cache`, one attempt per range) and mounted at
 /// `dir/mnt`.
 pub fn mount_blob(
@@ -125,14 +140,8 @@ pub fn mount_blob(
     dir: &std::path::Path,
     name: &str,
 ) -> crate::fs::LayerMount {
-    use crate::layer::{RemoteLayer, RetryPolicy};
     let cache = Arc::new(crate::cache::ChunkCache::open(&dir.join("cache")).unwrap());
-    let retry = RetryPolicy {
-        attempts: 1,
-        backoff: std::time::Duration::from_millis(1),
-        ..RetryPolicy::default()
-    };
-    let layer = Arc::new(RemoteLayer::open(blob, cache, toc_digest, retry).unwrap());
+    let layer = open_layer(blob, toc_digest, cache);
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     crate::fs::LayerMount::mount(layer, &mnt, name, None).unwrap()
