@@ -262,6 +262,17 @@ mod tests {
             .collect()
     }
 
+    /// A cache in a temporary directory holding `n` chunks.
+    fn cache_with(n: u8) -> (tempfile::TempDir, ChunkCache, Vec<(String, Vec<u8>)>) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        let c = chunks(n);
+        for (d, data) in &c {
+            cache.insert(d, data).unwrap();
+        }
+        (dir, cache, c)
+    }
+
     fn pieces(chunks: &[(String, Vec<u8>)]) -> Vec<Piece<'_>> {
         chunks
             .iter()
@@ -281,12 +292,7 @@ mod tests {
 
     #[test]
     fn a_multi_chunk_file_is_assembled_once_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(dir.path()).unwrap();
-        let c = chunks(3);
-        for (d, data) in &c {
-            cache.insert(d, data).unwrap();
-        }
+        let (_dir, cache, c) = cache_with(3);
         let chunk_bytes = cache.size();
         let file = ready(cache.verified_file(&pieces(&c)).unwrap());
         let want: Vec<u8> = c.iter().flat_map(|(_, d)| d.clone()).collect();
@@ -357,12 +363,7 @@ mod tests {
 
     #[test]
     fn a_damaged_assembly_is_rebuilt_from_sound_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(dir.path()).unwrap();
-        let c = chunks(2);
-        for (d, data) in &c {
-            cache.insert(d, data).unwrap();
-        }
+        let (_dir, cache, c) = cache_with(2);
         let file = ready(cache.verified_file(&pieces(&c)).unwrap());
         let mut bytes = std::fs::read(&file.path).unwrap();
         bytes[1500] ^= 1;
@@ -374,12 +375,7 @@ mod tests {
 
     #[test]
     fn assembled_files_are_evicted_like_chunks() {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ChunkCache::open(dir.path()).unwrap();
-        let c = chunks(2);
-        for (d, data) in &c {
-            cache.insert(d, data).unwrap();
-        }
+        let (_dir, cache, c) = cache_with(2);
         let file = ready(cache.verified_file(&pieces(&c)).unwrap());
         cache.evict_to(0);
         assert!(!file.path.exists());
