@@ -44,6 +44,7 @@ pub mod pod_usage;
 pub mod registry;
 pub mod require;
 pub mod rootfs;
+pub mod slow_link;
 pub mod spry;
 pub mod stale;
 pub mod system;

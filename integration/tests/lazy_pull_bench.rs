@@ -8,23 +8,20 @@
 //! chunk cache) every run. Writes target/bench/lazypull.{json,md}.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
+use spry_integration::slow_link::SlowLink;
 use spry_integration::{
     paths, require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
 };
 
 mod lazy_pull_support;
 use lazy_pull_support::{convert, push_layout, snapshotter_bin, CountingProxy, Snapshotter};
-
-const NS_ADDR: &str = "10.213.0.2";
-const HOST_ADDR: &str = "10.213.0.1";
-const NS_PORT: u16 = 5000;
 
 struct Workload {
     image: &'static str,
@@ -48,104 +45,6 @@ const WORKLOADS: &[Workload] = &[
         ready: "ready",
     },
 ];
-
-fn sh(cmd: &str) -> Result<()> {
-    let out = Command::new("sh").arg("-c").arg(cmd).output()?;
-    ensure!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A network namespace with a second docker-registry serving the same
-/// storage, reached over a veth pair whose rate tc can limit.
-struct SlowLink {
-    ns: String,
-    veth: String,
-    registry: Option<std::process::Child>,
-    _dir: tempfile::TempDir,
-}
-
-impl SlowLink {
-    fn start(storage: &Path) -> Result<Self> {
-        let id = std::process::id() % 100_000;
-        let (ns, veth) = (format!("spry-bench-{id}"), format!("sbh{id}"));
-        let peer = format!("sbn{id}");
-        sh(&format!("ip netns add {ns}"))?;
-        let mut link = SlowLink {
-            ns: ns.clone(),
-            veth: veth.clone(),
-            registry: None,
-            _dir: tempfile::tempdir()?,
-        };
-        sh(&format!(
-            "ip link add {veth} type veth peer name {peer} && ip link set {peer} netns {ns}"
-        ))?;
-        sh(&format!(
-            "ip addr add {HOST_ADDR}/30 dev {veth} && ip link set {veth} up"
-        ))?;
-        sh(&format!(
-            "ip netns exec {ns} sh -c 'ip addr add {NS_ADDR}/30 dev {peer} && ip link set {peer} up && ip link set lo up'"
-        ))?;
-        let config = link._dir.path().join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {NS_ADDR}:{NS_PORT}\n",
-                storage.display()
-            ),
-        )?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns, "docker-registry", "serve"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        link.registry = Some(child);
-        let started = Instant::now();
-        while spry_integration::registry::http_status(&link.addr(), "/v2/").ok() != Some(200) {
-            ensure!(
-                started.elapsed() < Duration::from_secs(15),
-                "netns registry did not start"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(link)
-    }
-
-    fn addr(&self) -> String {
-        format!("{NS_ADDR}:{NS_PORT}")
-    }
-
-    /// Limits both directions to `rate` (e.g. "100mbit"), or lifts the limit.
-    fn set_rate(&self, rate: Option<&str>) -> Result<()> {
-        let (ns, veth, peer) = (&self.ns, &self.veth, self.veth.replace("sbh", "sbn"));
-        let _ = sh(&format!("tc qdisc del dev {veth} root 2>/dev/null; ip netns exec {ns} tc qdisc del dev {peer} root 2>/dev/null"));
-        if let Some(rate) = rate {
-            let qdisc = format!("root tbf rate {rate} burst 256kb latency 50ms");
-            sh(&format!("tc qdisc add dev {veth} {qdisc}"))?;
-            sh(&format!(
-                "ip netns exec {ns} tc qdisc add dev {peer} {qdisc}"
-            ))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for SlowLink {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.registry.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = sh(&format!(
-            "ip link del {} 2>/dev/null; ip netns del {}",
-            self.veth, self.ns
-        ));
-    }
-}
 
 struct Run {
     pull_s: f64,
@@ -188,13 +87,7 @@ fn cold_run(
             .extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
     }
     let containerd = Containerd::start(opts)?;
-    // Plain HTTP to the netns registry.
-    let hosts_dir = containerd.certs_dir().join(link.addr());
-    std::fs::create_dir_all(&hosts_dir)?;
-    std::fs::write(
-        hosts_dir.join("hosts.toml"),
-        format!("server = \"http://{0}\"\n[host.\"http://{0}\"]\n  capabilities = [\"pull\", \"resolve\"]\n", link.addr()),
-    )?;
+    link.trust_from(&containerd.certs_dir())?;
     let crictl = containerd.crictl();
     let pod_cfg = PodConfig::new("bench").write_to(&containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;

@@ -3,7 +3,9 @@
 //!   StartContainer) in a cold and a template Spry pod: the same QEMU, the same IP, the
 //!   pod's /dev/shm kept, attempt 0's log kept, the new image reported;
 //! - `spry upgrade`: the same checks, a broken image rolled back, and bad input refused
-//!   before anything changes; in a Spry pod and a runc pod (the flow is plain CRI).
+//!   before anything changes; in a Spry pod and a runc pod (the flow is plain CRI);
+//! - containers of one image in one pod share its read-only layer disk (a container
+//!   started in a running pod plugs only its writable layer), never their writes.
 //!
 //! Needs root, scripts/install-deps.sh, scripts/build-guest.sh and
 //! scripts/build-test-images.sh; fails (never skips) without them.
@@ -40,6 +42,60 @@ fn kubelets_sequence_swaps_the_image_inside_the_same_vm() -> Result<()> {
     for runtime in ["spry", "spry-cold"] {
         kubelet_swap(&node, runtime).with_context(|| format!("in a {runtime} pod"))?;
     }
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+#[test]
+fn containers_of_one_image_share_the_layer_disk_but_not_their_writes() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("shared-layer", false)?;
+    let leaks = node.containerd.leak_check()?;
+    let crictl = node.containerd.crictl();
+    let pod_cfg = PodConfig::new("shared-layer").write_to(&node.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let start = |name: &str| -> Result<String> {
+        let cfg = ContainerConfig::new(name, &node.image)
+            .command(&["sleep", "3600"])
+            .write_to(&node.containerd.dir())?;
+        let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+        crictl.start(&id)?;
+        Ok(id)
+    };
+    // The guest's disks: sysfs is not namespaced, a container sees the VM's.
+    let disks = |id: &str| -> Result<usize> {
+        let out = crictl.exec_ok(id, &["ls", "/sys/block"])?;
+        Ok(out
+            .split_whitespace()
+            .filter(|d| d.starts_with("sd"))
+            .count())
+    };
+    let first = start("first")?;
+    ensure!(disks(&first)? == 2, "one layer disk + one writable disk");
+    let second = start("second")?;
+    ensure!(
+        disks(&second)? == 3,
+        "the second container plugged its own layer disk: {} disks",
+        disks(&second)?
+    );
+    crictl.exec_ok(&first, &["sh", "-c", "echo mine > /etc/first-only"])?;
+    let seen = crictl.exec(&second, &["cat", "/etc/first-only"])?;
+    ensure!(seen.code != 0, "a write crossed containers: {seen:?}");
+    // The first goes; the disk stays for the second, which still reads its image.
+    crictl.stop(&first, 1)?;
+    crictl.rm(&first)?;
+    crictl.exec_ok(&second, &["sh", "-c", "cat /bin/* > /dev/null"])?;
+    ensure!(disks(&second)? == 2, "the first container's disks stayed");
+    crictl.stop(&second, 1)?;
+    crictl.rm(&second)?;
+    // The last user gone, the layer disk was unplugged: a new container plugs it again.
+    let third = start("third")?;
+    ensure!(
+        disks(&third)? == 2,
+        "a layer disk without users stayed plugged"
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
     leaks.assert_clean()?;
     Ok(())
 }

@@ -216,13 +216,7 @@ impl ContainerManager {
         };
         let started = std::time::Instant::now();
         let mut mounted = match self.storage.mount(id, rootfs).await {
-            Ok(mounted) => {
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "rootfs mounted"
-                );
-                mounted
-            }
+            Ok(mounted) => mounted,
             Err(source) => {
                 remove_container_dir(&dir);
                 return Err(ContainerError::Storage {
@@ -231,6 +225,7 @@ impl ContainerManager {
                 });
             }
         };
+        let mount_ms = started.elapsed().as_millis() as u64;
         match self
             .create_process(
                 id,
@@ -249,6 +244,7 @@ impl ContainerManager {
         {
             Ok((init, mount_destinations)) => {
                 tracing::info!(
+                    mount_ms,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "container created"
                 );

@@ -255,6 +255,7 @@ impl StorageManager {
         // A freshly hot-plugged disk can refuse opens (ENXIO) for a moment after
         // its node appears, while the SCSI disk driver finishes attaching it.
         let started = std::time::Instant::now();
+        let mut backoff = scsi::Backoff::new();
         loop {
             let mounted = tracked_mount(
                 Some(device.to_string_lossy().as_ref()),
@@ -268,9 +269,7 @@ impl StorageManager {
                 Err(StorageError::Mount {
                     source: nix::errno::Errno::ENXIO,
                     ..
-                }) if started.elapsed() < DISK_ATTACH_GRACE => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                }) if started.elapsed() < DISK_ATTACH_GRACE => backoff.wait().await,
                 other => return other,
             }
         }

@@ -185,8 +185,11 @@ fn measure(
     let mut second_container_ms = Vec::new();
     for (i, pod) in ids.iter().enumerate() {
         let name = format!("{}-s{i}", runtime.replace('_', "-"));
-        let ms = start_container(containerd, crictl, image, pod, &name, "second")?.0;
-        eprintln!("{runtime} second container in pod {i}: {ms:.0} ms");
+        let (ms, phase) = start_container(containerd, crictl, image, pod, &name, "second")?;
+        eprintln!(
+            "{runtime} second container in pod {i}: {ms:.0} ms (create {:.0}, start {:.0}, first log {:.0})",
+            phase.create_ms, phase.start_ms, phase.first_log_ms
+        );
         second_container_ms.push(ms);
     }
     std::thread::sleep(Duration::from_secs(3));

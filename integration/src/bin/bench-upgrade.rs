@@ -7,6 +7,10 @@
 //! - `spry upgrade` (pull while A serves, create, stop, start, ready on :8080), and its
 //!   rollback when the new image cannot start (pause: no shell).
 //!
+//! B comes from the same registry storage behind a 100 Mbit/s link (`slow_link`: netns +
+//! veth + tc), as in bench-lazypull, so a pull of B costs what it would from a real
+//! registry; A and the broken image come over loopback.
+//!
 //! Downtime is measured from outside: a client connects to the pod's port every 10 ms; it
 //! is the gap between the last answer before the swap and the first after. Also: a second
 //! container started in a running pod (p50 of 5). Every check comes from a probe here.
@@ -22,6 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use spry_integration::bench::{percentile, round, spry_accelerator, write_report, BenchNode};
+use spry_integration::slow_link::SlowLink;
 use spry_integration::{require_root, system, ContainerConfig, Containerd, Crictl, PodConfig};
 
 /// Serves :8080 with whatever the image has: busybox's httpd, or a python accept loop
@@ -34,6 +39,8 @@ s.listen(128)
 while True:
     s.accept()[0].close()\"; else mkdir -p /www && exec httpd -f -p 8080 -h /www; fi";
 const PORT: u16 = 8080;
+/// The link B is pulled over (bench-lazypull's).
+const LINK_RATE: &str = "100mbit";
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
 fn main() -> Result<()> {
@@ -42,9 +49,12 @@ fn main() -> Result<()> {
     let node = BenchNode::start("bench-up")?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
+    let link = SlowLink::start(registry.storage())?;
+    link.set_rate(Some(LINK_RATE))?;
+    link.trust_from(&containerd.certs_dir())?;
     let images = Images {
         a: registry.image("busybox:1"),
-        b: registry.image("python:1"),
+        b: format!("{}/python:1", link.addr()),
         broken: registry.image("pause:1"),
     };
     crictl.pull(&images.a)?;
@@ -77,7 +87,7 @@ fn main() -> Result<()> {
     results.insert(
         "machine".into(),
         json!({ "cpus": cpus, "accelerator": spry_accelerator(&state.path().join("run")),
-                "image_a": images.a, "image_b": images.b, "registry": "local, loopback" }),
+                "image_a": images.a, "image_b": images.b, "registry": format!("A local (loopback), B over a {LINK_RATE} link") }),
     );
     results.insert("goals".into(), goals(&results));
     let report = serde_json::Value::Object(results);

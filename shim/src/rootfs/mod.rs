@@ -11,6 +11,7 @@
 
 mod cache;
 mod erofs;
+mod plugged;
 mod writable;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ use crate::vm::{ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, LayerCache};
 pub use erofs::ErofsError;
+use plugged::PluggedLayers;
 pub use writable::{
     create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
 };
@@ -117,7 +119,11 @@ pub struct AttachedRootfs {
     pub container_id: String,
     /// What the agent needs to mount it.
     pub rootfs: pb::Rootfs,
+    /// Disks of this container alone, unplugged on detach.
     disks: Vec<ScsiAddr>,
+    /// The image of a layer disk shared with the VM's other containers of the same image
+    /// (`plugged.rs`): unplugged on detach only by its last user.
+    shared_layer: Option<PathBuf>,
     images: Vec<DiskImage>,
 }
 
@@ -169,6 +175,8 @@ pub struct ErofsBlockShare {
     work_dir: PathBuf,
     /// Shared images of layer chains; without it, layers are packed per container.
     cache: Option<LayerCache>,
+    /// The shared images' disks plugged into this share's VM.
+    plugged: PluggedLayers,
 }
 
 impl ErofsBlockShare {
@@ -176,6 +184,7 @@ impl ErofsBlockShare {
         Self {
             work_dir: work_dir.into(),
             cache: None,
+            plugged: PluggedLayers::default(),
         }
     }
 
@@ -236,17 +245,15 @@ impl ErofsBlockShare {
         self.work_dir.join(format!("{container_id}.erofs"))
     }
 
-    /// Creates and hot-plugs the container's writable layer disk. For a container on
-    /// image layers, the image goes into its own rootfs (its snapshot's writable layer,
-    /// through the host's mount of it), so the snapshot's usage, which CRI reports as the
-    /// container's writable layer, counts what the container wrote; otherwise into the
-    /// work dir.
-    async fn attach_writable(
+    /// Creates the container's writable layer image. For a container on image layers,
+    /// the image goes into its own rootfs (its snapshot's writable layer, through the
+    /// host's mount of it), so the snapshot's usage, which CRI reports as the container's
+    /// writable layer, counts what the container wrote; otherwise into the work dir.
+    async fn make_writable(
         &self,
-        vm: &dyn Vm,
         container_id: &str,
         source: &RootfsSource,
-    ) -> Result<(ScsiAddr, PathBuf), RootfsError> {
+    ) -> Result<PathBuf, RootfsError> {
         let path = match source {
             RootfsSource::Layers { merged, .. } => merged.join(writable::IMAGE_NAME),
             RootfsSource::Directory(_) => {
@@ -258,15 +265,44 @@ impl ErofsBlockShare {
             }
         };
         writable::create_image(&path, WRITABLE_LAYER_BYTES, ImageUse::WritableLayer).await?;
-        match vm.hotplug_disk(&path, false).await {
-            Ok(addr) => Ok((addr, path)),
-            Err(source) => {
-                remove_file_quietly(&path);
-                Err(RootfsError::Hotplug {
-                    container_id: container_id.to_string(),
-                    source,
-                })
+        Ok(path)
+    }
+
+    /// The read-only disk for `image`: the VM's disk of the same shared image when one is
+    /// plugged (the flag says so), else a newly hot-plugged one.
+    async fn plug_layer(
+        &self,
+        vm: &dyn Vm,
+        container_id: &str,
+        image: &DiskImage,
+    ) -> Result<(ScsiAddr, bool), RootfsError> {
+        let shared = matches!(image, DiskImage::Shared(_));
+        if shared {
+            if let Some(addr) = self.plugged.reuse(image.path()) {
+                debug!(
+                    container_id,
+                    ?addr,
+                    "layer disk shared with another container"
+                );
+                return Ok((addr, true));
             }
+        }
+        let addr = vm
+            .hotplug_disk(image.path(), true)
+            .await
+            .map_err(|source| RootfsError::Hotplug {
+                container_id: container_id.to_string(),
+                source,
+            })?;
+        Ok((addr, shared && self.plugged.add(image.path(), addr)))
+    }
+
+    /// Gives back a container's use of a shared layer disk: unplugged by its last user
+    /// (the count drops even when the VM is gone, so the map never outlives its disks).
+    async fn release_shared(&self, vm: &dyn Vm, image: &Path) -> Result<(), VmError> {
+        match self.plugged.release(image) {
+            Some(addr) if vm.is_running() => vm.unplug_disk(addr).await,
+            _ => Ok(()),
         }
     }
 }
@@ -298,30 +334,48 @@ impl RootfsShare for ErofsBlockShare {
         container_id: &str,
         source: &RootfsSource,
     ) -> Result<AttachedRootfs, RootfsError> {
+        // First, since a layer image may be packed from the merged rootfs, which the
+        // writable layer's image is then made in.
         let image = self.image_for(container_id, source).await?;
-        let addr = match vm.hotplug_disk(image.path(), true).await {
-            Ok(addr) => addr,
-            Err(source) => {
+        // mkfs of the writable layer runs while the layer disk is plugged.
+        let (plugged, upper_image) = tokio::join!(
+            self.plug_layer(vm, container_id, &image),
+            self.make_writable(container_id, source)
+        );
+        let ((addr, shared), upper_image) = match (plugged, upper_image) {
+            (Ok(plugged), Ok(upper_image)) => (plugged, upper_image),
+            (Ok((addr, shared)), Err(e)) => {
+                self.give_back_layer(vm, container_id, (image, addr, shared))
+                    .await;
+                return Err(e);
+            }
+            (Err(e), upper_image) => {
+                if let Ok(path) = upper_image {
+                    remove_file_quietly(&path);
+                }
                 image.discard();
+                return Err(e);
+            }
+        };
+        let upper_addr = match vm.hotplug_disk(&upper_image, false).await {
+            Ok(upper_addr) => upper_addr,
+            Err(source) => {
+                remove_file_quietly(&upper_image);
+                self.give_back_layer(vm, container_id, (image, addr, shared))
+                    .await;
                 return Err(RootfsError::Hotplug {
                     container_id: container_id.to_string(),
                     source,
                 });
             }
         };
-        let upper = match self.attach_writable(vm, container_id, source).await {
-            Ok(upper) => upper,
-            Err(e) => {
-                if let Err(unplug) = vm.unplug_disk(addr).await {
-                    tracing::warn!(container_id, error = %unplug, "cannot unplug a rootfs disk after a failed attach");
-                }
-                image.discard();
-                return Err(e);
-            }
-        };
-        debug!(container_id, image = %image.path().display(), ?addr, "rootfs disk attached");
+        debug!(container_id, image = %image.path().display(), ?addr, shared, "rootfs disk attached");
         let layer = scsi_storage(addr, "erofs", &["ro"]);
-        let (upper_addr, upper_image) = upper;
+        let mut disks = vec![upper_addr];
+        let shared_layer = shared.then(|| image.path().to_path_buf());
+        if !shared {
+            disks.push(addr);
+        }
         Ok(AttachedRootfs {
             container_id: container_id.to_string(),
             rootfs: pb::Rootfs {
@@ -330,21 +384,28 @@ impl RootfsShare for ErofsBlockShare {
                 upper: Some(scsi_storage(upper_addr, "ext4", &UPPER_MOUNT_OPTIONS)).into(),
                 ..Default::default()
             },
-            disks: vec![addr, upper_addr],
+            disks,
+            shared_layer,
             images: vec![image, DiskImage::Own(upper_image)],
         })
     }
 
     async fn detach(&self, vm: &dyn Vm, attached: AttachedRootfs) -> Result<(), RootfsError> {
         let mut result = Ok(());
+        let unplug_error = |source| RootfsError::Unplug {
+            container_id: attached.container_id.clone(),
+            source,
+        };
         if vm.exit_watch().borrow().is_none() {
             for addr in &attached.disks {
                 if let Err(source) = vm.unplug_disk(*addr).await {
-                    result = Err(RootfsError::Unplug {
-                        container_id: attached.container_id.clone(),
-                        source,
-                    });
+                    result = Err(unplug_error(source));
                 }
+            }
+        }
+        if let Some(image) = &attached.shared_layer {
+            if let Err(source) = self.release_shared(vm, image).await {
+                result = Err(unplug_error(source));
             }
         }
         // Host files go even when unplugging failed: the VM holds its own file
@@ -355,6 +416,28 @@ impl RootfsShare for ErofsBlockShare {
         // The work dir is per sandbox; it goes with its last image.
         let _ = std::fs::remove_dir(&self.work_dir);
         result
+    }
+}
+
+impl ErofsBlockShare {
+    /// Undoes `attach_layer` after a later step of an attach failed.
+    async fn give_back_layer(
+        &self,
+        vm: &dyn Vm,
+        container_id: &str,
+        (image, addr, shared): (DiskImage, ScsiAddr, bool),
+    ) {
+        let unplugged = if shared {
+            self.release_shared(vm, image.path()).await
+        } else if vm.is_running() {
+            vm.unplug_disk(addr).await
+        } else {
+            Ok(())
+        };
+        if let Err(unplug) = unplugged {
+            tracing::warn!(container_id, error = %unplug, "cannot unplug a rootfs disk after a failed attach");
+        }
+        image.discard();
     }
 }
 
