@@ -364,3 +364,69 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
     crictl.rmp(&pod)?;
     Ok(())
 }
+
+#[test]
+fn spry_upgrade_warms_a_lazy_image_before_the_old_container_stops() -> Result<()> {
+    // The snapshotter fetches nothing by itself: only the warm-up can have fetched the
+    // prioritized file before it is read.
+    let c = cluster(
+        "lazy-upgrade",
+        "[lazy]\nbackground_fetch = false\nprefetch = false\n",
+    )?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &["spry/hello.txt"])?;
+    let crictl = c.containerd.crictl();
+    let (old_image, new_image) = (
+        c.registry.image("busybox:1"),
+        c.registry.image("busybox:estargz"),
+    );
+    crictl.pull(&old_image)?;
+    let pod_cfg = PodConfig::new("lazy-up").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    let cfg = ContainerConfig::new("app", &old_image)
+        .command(&["sleep", "3600"])
+        .write_to(&c.containerd.dir())?;
+    let old = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&old)?;
+
+    let out = std::process::Command::new(spry_integration::spry::bin_dir("debug").join("spry"))
+        .args(["upgrade", "--pod", &pod, "--container", "app"])
+        .args(["--image", &new_image, "--grace", "1s"])
+        .arg("--snapshotter-config")
+        .arg(c.snapshotter.dir.path().join("config.toml"))
+        .arg("--runtime-endpoint")
+        .arg(c.containerd.socket())
+        .output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "spry upgrade failed: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let phases: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let at = |phase: &str| phases.iter().position(|p| *p == phase);
+    ensure!(
+        at("pull") < at("warm") && at("warm") < at("stop") && at("warm").is_some(),
+        "no warm-up between pull and stop: {said}"
+    );
+    let new = crictl
+        .ps(false)?
+        .iter()
+        .find(|c| c["podSandboxId"] == pod.as_str() && c["metadata"]["name"] == "app")
+        .and_then(|c| c["id"].as_str().map(str::to_owned))
+        .context("no running app container after the upgrade")?;
+    let before = c.proxy.served();
+    let hello = crictl.exec_ok(&new, &["cat", "/spry/hello.txt"])?;
+    ensure!(hello.contains("hello from spry"), "read {hello:?}");
+    ensure!(
+        c.proxy.served() == before,
+        "the warmed file was fetched again ({} bytes)",
+        c.proxy.served() - before
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}

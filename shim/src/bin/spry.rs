@@ -9,12 +9,7 @@ use spry_shim::error_chain;
 /// Runs `spry-snapshotter SUBCOMMAND ARGS...` (next to this binary, else from PATH) and
 /// returns its exit status.
 fn snapshotter(subcommand: &str, args: Vec<std::ffi::OsString>) -> std::process::ExitCode {
-    let sibling = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("spry-snapshotter")));
-    let bin = sibling
-        .filter(|p| p.is_file())
-        .unwrap_or_else(|| "spry-snapshotter".into());
+    let bin = spry_shim::cli::snapshotter_program();
     match std::process::Command::new(&bin)
         .arg(subcommand)
         .args(args)

@@ -81,6 +81,16 @@ pub struct FsServeArgs {
     pub socket: PathBuf,
 }
 
+/// `spry-snapshotter`: next to this binary (both install to one bin dir), else on PATH.
+pub fn snapshotter_program() -> PathBuf {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("spry-snapshotter")));
+    sibling
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "spry-snapshotter".into())
+}
+
 /// `spry fs-serve`: prints the ready line on stdout once it serves.
 pub fn run_fs_serve(args: &FsServeArgs) -> Result<(), crate::volumes::server::ServerError> {
     use std::io::Write;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::cri::{CriClient, DEFAULT_ENDPOINT};
-use crate::upgrade::{upgrade, Probe, UpgradeError, UpgradeRequest};
+use crate::upgrade::{upgrade, Probe, UpgradeError, UpgradeRequest, Warm};
 
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
@@ -41,6 +41,14 @@ pub struct UpgradeArgs {
     /// containerd's CRI socket (`unix://` optional).
     #[arg(long, default_value = DEFAULT_ENDPOINT)]
     pub runtime_endpoint: String,
+    /// containerd's name of Spry's lazy-pulling snapshotter: when the old container's
+    /// rootfs comes from it, the new image's prioritized files are fetched
+    /// (`spry-snapshotter warm`) before the old container stops. "" turns warming off.
+    #[arg(long, default_value = "spry")]
+    pub lazy_snapshotter: String,
+    /// spry-snapshotter's config file, for the warm-up (its default when not given).
+    #[arg(long)]
+    pub snapshotter_config: Option<PathBuf>,
 }
 
 /// Why `spry upgrade` failed; `exit_code` is what the process returns.
@@ -97,9 +105,25 @@ pub async fn run_upgrade(args: &UpgradeArgs) -> Result<(), UpgradeCommandError> 
         timeout: args.timeout,
         grace: args.grace,
         dry_run: args.dry_run,
+        warm: Some(warm_with(args)),
     };
     upgrade(&cri, &request, &mut |line| println!("{line}")).await?;
     Ok(())
+}
+
+/// `spry-snapshotter [--config FILE] warm IMAGE`.
+fn warm_with(args: &UpgradeArgs) -> Warm {
+    let mut warm_args = Vec::new();
+    if let Some(config) = &args.snapshotter_config {
+        warm_args.push("--config".into());
+        warm_args.push(config.into());
+    }
+    warm_args.push("warm".into());
+    Warm {
+        snapshotter: args.lazy_snapshotter.clone(),
+        program: super::snapshotter_program(),
+        args: warm_args,
+    }
 }
 
 /// `90s`, `2m`, `500ms`, `1h`, or a bare number of seconds.

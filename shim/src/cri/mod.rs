@@ -167,13 +167,15 @@ impl CriClient {
         Ok(self.container_status_reply(id, false).await?.0)
     }
 
-    /// The container's status and the config it was created with (containerd's verbose info).
-    pub async fn container(
-        &self,
-        id: &str,
-    ) -> Result<(ContainerStatus, ContainerConfig), CriError> {
+    /// The container's status, the config it was created with and its snapshotter
+    /// (containerd's verbose info).
+    pub async fn container(&self, id: &str) -> Result<ContainerDetails, CriError> {
         let (status, info) = self.container_status_reply(id, true).await?;
-        Ok((status, verbose_config(&info, "container info")?))
+        Ok(ContainerDetails {
+            status,
+            config: verbose_config(&info, "container info")?,
+            snapshotter: verbose_snapshotter(&info),
+        })
     }
 
     async fn container_status_reply(
@@ -300,6 +302,21 @@ impl CriClient {
     }
 }
 
+/// What containerd's verbose status says of a container.
+#[derive(Debug, Clone)]
+pub struct ContainerDetails {
+    pub status: ContainerStatus,
+    pub config: ContainerConfig,
+    /// The snapshotter its rootfs comes from (containerd's name for it), when said.
+    pub snapshotter: Option<String>,
+}
+
+/// The `snapshotter` of containerd's verbose container info.
+fn verbose_snapshotter(info: &std::collections::HashMap<String, String>) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+    Some(value.get("snapshotter")?.as_str()?.to_owned())
+}
+
 /// The `config` in containerd's verbose info: Go's JSON of the CRI message (proto field
 /// names, enums as numbers), which the proto3 JSON parser reads.
 fn verbose_config<M: protobuf::MessageFull>(
@@ -353,6 +370,7 @@ mod tests {
         // As containerd 2.x prints it: proto names, enums as numbers, nulls, unknown keys.
         let info = serde_json::json!({
             "sandboxID": "abc",
+            "snapshotter": "spry",
             "config": {
                 "metadata": {"name": "web", "attempt": 2},
                 "image": {"image": "registry.local/app:1", "user_specified_image": "app:1"},
@@ -384,6 +402,7 @@ mod tests {
         assert!(config.tty);
         assert_eq!(config.linux.resources.memory_limit_in_bytes, 134217728);
         assert_eq!(config.linux.security_context.run_as_user.value, 1000);
+        assert_eq!(verbose_snapshotter(&map).as_deref(), Some("spry"));
 
         let none = std::collections::HashMap::new();
         let err = verbose_config::<ContainerConfig>(&none, "container info").unwrap_err();
@@ -391,5 +410,6 @@ mod tests {
             matches!(err, CriError::VerboseInfo { field: "info", .. }),
             "{err}"
         );
+        assert_eq!(verbose_snapshotter(&none), None);
     }
 }

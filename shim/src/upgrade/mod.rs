@@ -6,10 +6,12 @@
 //! and removed and the old image is started again (rollback).
 //!
 //! Works for any CRI runtime (runc pods too); the pod, its IP, volumes and other
-//! containers stay. `plan.rs` decides, `ready.rs` probes, this file drives.
+//! containers stay. On a lazy-pulling snapshotter the new image is warmed after the pull
+//! (`warm.rs`). `plan.rs` decides, `ready.rs` probes, this file drives.
 
 mod plan;
 mod ready;
+mod warm;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -18,6 +20,7 @@ use spry_proto::cri::ContainerConfig;
 
 use crate::cri::{CriClient, CriError};
 pub use ready::{NotReady, Readiness};
+pub use warm::{Warm, WarmError};
 
 /// What to upgrade and how to tell it worked.
 #[derive(Debug, Clone)]
@@ -34,6 +37,8 @@ pub struct UpgradeRequest {
     pub grace: Duration,
     /// Say what would happen; change nothing.
     pub dry_run: bool,
+    /// Warm the new image after the pull when the container is on a lazy snapshotter.
+    pub warm: Option<Warm>,
 }
 
 /// The readiness check asked for on the command line.
@@ -153,10 +158,15 @@ pub async fn upgrade(
             container: request.container.clone(),
         });
     }
-    let (_, old_config) = cri
+    let old_details = cri
         .container(&old.id)
         .await
         .map_err(cri_step("ContainerStatus"))?;
+    let old_config = old_details.config;
+    let warm = request
+        .warm
+        .as_ref()
+        .filter(|w| w.applies_to(old_details.snapshotter.as_deref()));
     let attempt = plan::next_attempt(&containers, &request.container);
     let new_config = plan::successor(&old_config, &request.image, attempt);
     let readiness = |config: &ContainerConfig| -> Result<Readiness, UpgradeError> {
@@ -199,6 +209,12 @@ pub async fn upgrade(
             say(format!("{name:<8} {:>8.3} s", took.as_secs_f64()));
         };
     phase(&mut report, "resolve", started, say);
+    if let Some(warm) = warm {
+        say(format!(
+            "snapshotter {}: the new image is warmed (its prioritized files fetched) before the stop",
+            warm.snapshotter
+        ));
+    }
     if request.dry_run {
         say("dry run: nothing changed".to_owned());
         return Ok(report);
@@ -222,6 +238,16 @@ pub async fn upgrade(
             })?;
     }
     phase(&mut report, "pull", pulling, say);
+    if let Some(warm) = warm {
+        let warming = Instant::now();
+        if let Err(error) = warm.run(&request.image).await {
+            say(format!(
+                "warm-up failed ({}); the new container fetches its files on demand",
+                crate::error_chain(&error)
+            ));
+        }
+        phase(&mut report, "warm", warming, say);
+    }
     let creating = Instant::now();
     let new_id = cri
         .create_container(&pod.id, &new_config, &sandbox)
