@@ -297,6 +297,26 @@ impl ErofsBlockShare {
         Ok((addr, shared && self.plugged.add(image.path(), addr)))
     }
 
+    /// Undoes `image_for` + `plug_layer` after a later step of an attach failed.
+    async fn give_back_layer(
+        &self,
+        vm: &dyn Vm,
+        container_id: &str,
+        (image, addr, shared): (DiskImage, ScsiAddr, bool),
+    ) {
+        let unplugged = if shared {
+            self.release_shared(vm, image.path()).await
+        } else if vm.is_running() {
+            vm.unplug_disk(addr).await
+        } else {
+            Ok(())
+        };
+        if let Err(unplug) = unplugged {
+            tracing::warn!(container_id, error = %unplug, "cannot unplug a rootfs disk after a failed attach");
+        }
+        image.discard();
+    }
+
     /// Gives back a container's use of a shared layer disk: unplugged by its last user
     /// (the count drops even when the VM is gone, so the map never outlives its disks).
     async fn release_shared(&self, vm: &dyn Vm, image: &Path) -> Result<(), VmError> {
@@ -416,28 +436,6 @@ impl RootfsShare for ErofsBlockShare {
         // The work dir is per sandbox; it goes with its last image.
         let _ = std::fs::remove_dir(&self.work_dir);
         result
-    }
-}
-
-impl ErofsBlockShare {
-    /// Undoes `attach_layer` after a later step of an attach failed.
-    async fn give_back_layer(
-        &self,
-        vm: &dyn Vm,
-        container_id: &str,
-        (image, addr, shared): (DiskImage, ScsiAddr, bool),
-    ) {
-        let unplugged = if shared {
-            self.release_shared(vm, image.path()).await
-        } else if vm.is_running() {
-            vm.unplug_disk(addr).await
-        } else {
-            Ok(())
-        };
-        if let Err(unplug) = unplugged {
-            tracing::warn!(container_id, error = %unplug, "cannot unplug a rootfs disk after a failed attach");
-        }
-        image.discard();
     }
 }
 
