@@ -448,6 +448,9 @@ fn remove_file_quietly(path: &Path) {
 }
 
 #[cfg(test)]
+mod share_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

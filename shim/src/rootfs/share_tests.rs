@@ -1,0 +1,172 @@
+//! `ErofsBlockShare` against a VM double that records its hot-plugs: what a container's
+//! attach plugs, what its detach unplugs, and what a failed attach leaves (nothing).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::*;
+use crate::vm::{Accel, AgentEndpoint, VmExit};
+
+/// Plugs disks at targets 0, 1, 2, …; refuses read-write plugs when told to.
+#[derive(Default)]
+struct DiskVm {
+    next: AtomicU32,
+    plugged: Mutex<Vec<(ScsiAddr, PathBuf)>>,
+    unplugged: Mutex<Vec<ScsiAddr>>,
+    refuse_writable: AtomicBool,
+}
+
+#[async_trait]
+impl Vm for DiskVm {
+    fn id(&self) -> &str {
+        "disk-vm"
+    }
+    fn pid(&self) -> u32 {
+        0
+    }
+    fn accel(&self) -> Accel {
+        Accel::Tcg
+    }
+    fn console_log(&self) -> &Path {
+        Path::new("/dev/null")
+    }
+    fn agent_endpoint(&self) -> AgentEndpoint {
+        AgentEndpoint::Vsock { cid: 3, port: 1 }
+    }
+    fn share_socket(&self) -> &Path {
+        Path::new("/nonexistent/share.sock")
+    }
+    async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError> {
+        if !read_only && self.refuse_writable.load(Ordering::SeqCst) {
+            return Err(VmError::NoFreeScsiTarget {
+                id: "disk-vm".into(),
+            });
+        }
+        let addr = ScsiAddr {
+            target: self.next.fetch_add(1, Ordering::SeqCst),
+            lun: 0,
+        };
+        self.plugged
+            .lock()
+            .unwrap()
+            .push((addr, image.to_path_buf()));
+        Ok(addr)
+    }
+    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
+        self.unplugged.lock().unwrap().push(addr);
+        Ok(())
+    }
+    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
+        // The sender is leaked so the VM counts as running for the whole test.
+        let (tx, rx) = watch::channel(None);
+        std::mem::forget(tx);
+        rx
+    }
+    async fn save_snapshot(&self, _: &Path) -> Result<(), VmError> {
+        unreachable!("not used by rootfs shares")
+    }
+    async fn stop(&self, _: Duration) -> Result<VmExit, VmError> {
+        unreachable!("not used by rootfs shares")
+    }
+}
+
+/// A layer dir, a container's merged rootfs over it, and a share with a layer cache.
+struct Setup {
+    _root: tempfile::TempDir,
+    share: ErofsBlockShare,
+    lower: PathBuf,
+    root: PathBuf,
+}
+
+fn setup() -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    let lower = root.path().join("layer");
+    std::fs::create_dir_all(lower.join("bin")).unwrap();
+    std::fs::write(lower.join("bin/app"), "app").unwrap();
+    let share = ErofsBlockShare::new(root.path().join("work"))
+        .with_layer_cache(LayerCache::new(root.path().join("cache")));
+    Setup {
+        share,
+        lower,
+        root: root.path().to_path_buf(),
+        _root: root,
+    }
+}
+
+impl Setup {
+    /// A new container's rootfs as the shim sees it: the merged view of the layer.
+    fn container(&self, name: &str) -> RootfsSource {
+        let merged = self.root.join(name);
+        std::fs::create_dir_all(&merged).unwrap();
+        std::fs::create_dir_all(merged.join("bin")).unwrap();
+        std::fs::write(merged.join("bin/app"), "app").unwrap();
+        RootfsSource::Layers {
+            merged,
+            lowers: vec![self.lower.clone()],
+        }
+    }
+}
+
+#[tokio::test]
+async fn containers_of_one_image_share_the_layer_disk_until_the_last_goes() {
+    let s = setup();
+    let vm = DiskVm::default();
+    let first = s
+        .share
+        .attach(&vm, "first", &s.container("a"))
+        .await
+        .unwrap();
+    let second = s
+        .share
+        .attach(&vm, "second", &s.container("b"))
+        .await
+        .unwrap();
+    let plugged = vm.plugged.lock().unwrap().clone();
+    // One layer disk and two writable disks.
+    assert_eq!(plugged.len(), 3, "{plugged:?}");
+    assert_eq!(first.rootfs.layers, second.rootfs.layers);
+    // The layer image holds the image's files, not a writable layer made beside them.
+    let layer_image = &plugged[0].1;
+    let size = std::fs::metadata(layer_image).unwrap().len();
+    assert!(size < 1 << 20, "layer image of {size} bytes");
+
+    s.share.detach(&vm, first).await.unwrap();
+    assert_eq!(
+        *vm.unplugged.lock().unwrap(),
+        [plugged[1].0],
+        "only the first container's writable disk goes"
+    );
+    s.share.detach(&vm, second).await.unwrap();
+    let unplugged = vm.unplugged.lock().unwrap().clone();
+    assert_eq!(unplugged.len(), 3);
+    assert!(unplugged.contains(&plugged[0].0), "the layer disk stayed");
+    assert!(!layer_image.exists(), "the layer image outlived its users");
+}
+
+#[tokio::test]
+async fn a_failed_attach_gives_everything_back() {
+    let s = setup();
+    let vm = DiskVm::default();
+    let running = s
+        .share
+        .attach(&vm, "running", &s.container("a"))
+        .await
+        .unwrap();
+    vm.refuse_writable.store(true, Ordering::SeqCst);
+    let source = s.container("b");
+    let err = s.share.attach(&vm, "failing", &source).await.unwrap_err();
+    assert!(matches!(err, RootfsError::Hotplug { .. }), "{err}");
+    let RootfsSource::Layers { merged, .. } = &source else {
+        unreachable!()
+    };
+    assert!(!merged.join(writable::IMAGE_NAME).exists());
+    // The shared layer disk keeps its one remaining user: detaching it unplugs it.
+    assert!(vm.unplugged.lock().unwrap().is_empty());
+    s.share.detach(&vm, running).await.unwrap();
+    assert_eq!(vm.unplugged.lock().unwrap().len(), 2);
+}
