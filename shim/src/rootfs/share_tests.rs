@@ -1,79 +1,11 @@
 //! `ErofsBlockShare` against a VM double that records its hot-plugs: what a container's
 //! attach plugs, what its detach unplugs, and what a failed attach leaves (nothing).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Mutex;
-use std::time::Duration;
-
-use async_trait::async_trait;
-use tokio::sync::watch;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use super::*;
-use crate::vm::{Accel, AgentEndpoint, VmExit};
-
-/// Plugs disks at targets 0, 1, 2, …; refuses read-write plugs when told to.
-#[derive(Default)]
-struct DiskVm {
-    next: AtomicU32,
-    plugged: Mutex<Vec<(ScsiAddr, PathBuf)>>,
-    unplugged: Mutex<Vec<ScsiAddr>>,
-    refuse_writable: AtomicBool,
-}
-
-#[async_trait]
-impl Vm for DiskVm {
-    fn id(&self) -> &str {
-        "disk-vm"
-    }
-    fn pid(&self) -> u32 {
-        0
-    }
-    fn accel(&self) -> Accel {
-        Accel::Tcg
-    }
-    fn console_log(&self) -> &Path {
-        Path::new("/dev/null")
-    }
-    fn agent_endpoint(&self) -> AgentEndpoint {
-        AgentEndpoint::Vsock { cid: 3, port: 1 }
-    }
-    fn share_socket(&self) -> &Path {
-        Path::new("/nonexistent/share.sock")
-    }
-    async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError> {
-        if !read_only && self.refuse_writable.load(Ordering::SeqCst) {
-            return Err(VmError::NoFreeScsiTarget {
-                id: "disk-vm".into(),
-            });
-        }
-        let addr = ScsiAddr {
-            target: self.next.fetch_add(1, Ordering::SeqCst),
-            lun: 0,
-        };
-        self.plugged
-            .lock()
-            .unwrap()
-            .push((addr, image.to_path_buf()));
-        Ok(addr)
-    }
-    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
-        self.unplugged.lock().unwrap().push(addr);
-        Ok(())
-    }
-    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
-        // The sender is leaked so the VM counts as running for the whole test.
-        let (tx, rx) = watch::channel(None);
-        std::mem::forget(tx);
-        rx
-    }
-    async fn save_snapshot(&self, _: &Path) -> Result<(), VmError> {
-        unreachable!("not used by rootfs shares")
-    }
-    async fn stop(&self, _: Duration) -> Result<VmExit, VmError> {
-        unreachable!("not used by rootfs shares")
-    }
-}
+use crate::vm::test_vm::TestVm as DiskVm;
 
 /// A layer dir, a container's merged rootfs over it, and a share with a layer cache.
 struct Setup {

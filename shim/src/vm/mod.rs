@@ -28,6 +28,8 @@ pub mod qmp;
 mod snapshot;
 mod spawner;
 mod startup;
+#[cfg(test)]
+pub mod test_vm;
 mod tsc;
 mod validate;
 

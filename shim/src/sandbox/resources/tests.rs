@@ -1,51 +1,7 @@
-use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
-
-use tokio::sync::watch;
 
 use super::*;
-use crate::vm::{Accel, AgentEndpoint, ScsiAddr, VmError, VmExit};
-
-/// A VM that is never asked for anything by these resources.
-struct NoVm;
-
-#[async_trait]
-impl Vm for NoVm {
-    fn id(&self) -> &str {
-        "no-vm"
-    }
-    fn pid(&self) -> u32 {
-        0
-    }
-    fn accel(&self) -> Accel {
-        Accel::Tcg
-    }
-    fn console_log(&self) -> &Path {
-        Path::new("/dev/null")
-    }
-    fn agent_endpoint(&self) -> AgentEndpoint {
-        AgentEndpoint::Vsock { cid: 3, port: 1 }
-    }
-    fn share_socket(&self) -> &Path {
-        Path::new("/nonexistent/share.sock")
-    }
-    async fn hotplug_disk(&self, _: &Path, _: bool) -> Result<ScsiAddr, VmError> {
-        unreachable!("not used by these resources")
-    }
-    async fn unplug_disk(&self, _: ScsiAddr) -> Result<(), VmError> {
-        unreachable!("not used by these resources")
-    }
-    fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {
-        watch::channel(None).1
-    }
-    async fn save_snapshot(&self, _: &Path) -> Result<(), VmError> {
-        unreachable!("not used by these resources")
-    }
-    async fn stop(&self, _: Duration) -> Result<VmExit, VmError> {
-        unreachable!("not used by these resources")
-    }
-}
+use crate::vm::test_vm::TestVm;
 
 type Log = Arc<Mutex<Vec<String>>>;
 
@@ -107,9 +63,9 @@ async fn resources_set_up_in_order_and_tear_down_once_in_reverse() {
         step("net", &log),
         step("cgroup", &log),
     ]);
-    resources.setup(&NoVm).await.unwrap();
-    resources.teardown(&NoVm).await;
-    resources.teardown(&NoVm).await;
+    resources.setup(&TestVm::default()).await.unwrap();
+    resources.teardown(&TestVm::default()).await;
+    resources.teardown(&TestVm::default()).await;
     assert_eq!(
         *log.lock().unwrap(),
         [
@@ -133,8 +89,8 @@ async fn a_failed_setup_undoes_the_ones_before_it() {
         log: Arc::clone(&log),
     });
     let resources = PodResources::new(vec![step("disks", &log), broken, step("cgroup", &log)]);
-    assert!(resources.setup(&NoVm).await.is_err());
-    resources.teardown(&NoVm).await;
+    assert!(resources.setup(&TestVm::default()).await.is_err());
+    resources.teardown(&TestVm::default()).await;
     assert_eq!(
         *log.lock().unwrap(),
         ["setup disks", "setup net", "teardown disks"]
@@ -151,8 +107,8 @@ async fn a_failed_teardown_does_not_stop_the_others() {
         log: Arc::clone(&log),
     });
     let resources = PodResources::new(vec![step("disks", &log), stuck]);
-    resources.setup(&NoVm).await.unwrap();
-    resources.teardown(&NoVm).await;
+    resources.setup(&TestVm::default()).await.unwrap();
+    resources.teardown(&TestVm::default()).await;
     assert_eq!(
         *log.lock().unwrap(),
         ["setup disks", "setup net", "teardown net", "teardown disks"]
