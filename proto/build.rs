@@ -1,5 +1,6 @@
 //! Generates Rust code from `agent.proto` and containerd's `runtimeoptions.proto`, and with
-//! the `cri` feature from the CRI's `cri/api.proto` (pure Rust, no protoc needed).
+//! the `cri` feature from the CRI's `cri/api.proto` and the part of containerd's snapshots API
+//! in `containerd/snapshots.proto` (pure Rust, no protoc needed).
 use ttrpc_codegen::{Codegen, Customize, ProtobufCustomize};
 
 fn main() {
@@ -23,19 +24,26 @@ fn main() {
     }
     if std::env::var_os("CARGO_FEATURE_CRI").is_some() {
         // Plain protobuf messages (gRPC framing is the client's: a tonic codec).
-        Codegen::new()
-            .out_dir(&out)
-            .inputs(["cri/api.proto"])
-            .include("cri")
-            .rust_protobuf()
-            .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
-            .run()
-            .expect("generate CRI code");
-        strip_inner_attributes(&out, "api.rs");
-        println!("cargo:rerun-if-changed=cri/api.proto");
+        plain_messages(&out, "cri", "api");
+        plain_messages(&out, "containerd", "snapshots");
     }
     println!("cargo:rerun-if-changed=agent.proto");
     println!("cargo:rerun-if-changed=runtimeoptions.proto");
+}
+
+/// Generates `<dir>/<name>.proto`'s messages (no service code) into `out/<name>.rs`.
+fn plain_messages(out: &str, dir: &str, name: &str) {
+    let proto = format!("{dir}/{name}.proto");
+    Codegen::new()
+        .out_dir(out)
+        .inputs([proto.as_str()])
+        .include(dir)
+        .rust_protobuf()
+        .rust_protobuf_customize(ProtobufCustomize::default().gen_mod_rs(false))
+        .run()
+        .unwrap_or_else(|e| panic!("generate code from {proto}: {e}"));
+    strip_inner_attributes(out, &format!("{name}.rs"));
+    println!("cargo:rerun-if-changed={proto}");
 }
 
 fn strip_inner_attributes(out: &str, name: &str) {

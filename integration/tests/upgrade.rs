@@ -218,6 +218,21 @@ fn upgrade_in_pod(node: &SpryNode, runtime: Option<&str>) -> Result<()> {
     expect(&out, 0, "upgraded")?;
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     let b = running_app(&crictl, &pod)?;
+    if runtime.is_some() {
+        // B's layer image was built before the stop, and the shim used that one.
+        expect(&out, 0, "(layer image built: ")?;
+        let log = node.containerd.log();
+        let built_by = |id: &str| {
+            log.lines()
+                .any(|l| l.contains("layer image built") && l.contains(id))
+        };
+        // The probe sees the shim's builds: A's, at its start.
+        ensure!(built_by(&a), "no shim build of A's layer image in the log");
+        ensure!(
+            !built_by(&b),
+            "the shim built B's layer image again at start"
+        );
+    }
     ensure!(b != a, "the old container still runs");
     let status = &crictl.inspect(&b)?["status"];
     ensure!(
@@ -276,6 +291,8 @@ fn spry(node: &SpryNode, args: &[&str]) -> Result<Output> {
     let socket = node.containerd.socket();
     Command::new(&bin)
         .args(args)
+        .arg("--config")
+        .arg(node.state.path().join("config.toml"))
         .arg("--runtime-endpoint")
         .arg(&socket)
         .output()

@@ -59,3 +59,20 @@ pub mod runtimeoptions {
 pub mod cri {
     include!(concat!(env!("OUT_DIR"), "/api.rs"));
 }
+
+/// containerd's snapshots service, the mounts call (`spry upgrade` reads a new container's
+/// layers before it starts).
+#[cfg(feature = "cri")]
+#[allow(
+    clippy::all,
+    dead_code,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    unused_mut,
+    unused_results
+)]
+pub mod snapshots {
+    include!(concat!(env!("OUT_DIR"), "/snapshots.rs"));
+}

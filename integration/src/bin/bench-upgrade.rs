@@ -64,6 +64,7 @@ fn main() -> Result<()> {
         crictl: &crictl,
         images: &images,
         layer_cache: state.path().join("run/layer-images"),
+        spry_config: state.path().join("config.toml"),
     };
 
     let mut results = serde_json::Map::new();
@@ -107,6 +108,8 @@ struct Bench<'a> {
     images: &'a Images,
     /// Spry's shared erofs layer images: cleared with B, so "not on the node" means that.
     layer_cache: PathBuf,
+    /// Spry's config (where `spry upgrade` finds the layer images).
+    spry_config: PathBuf,
 }
 
 /// A pod serving A, and what the checks need.
@@ -160,7 +163,8 @@ impl Bench<'_> {
         // kubelet's sequence, B pulled beforehand.
         let pod = self.serving_pod(handler, &format!("{tag}-p"))?;
         self.crictl.pull(&self.images.b)?;
-        let (_, inplace_prepulled_downtime_ms, _) = self.kubelet_swap(&pod, 1)?;
+        let (inplace_prepulled_ms, inplace_prepulled_downtime_ms, _) =
+            self.kubelet_swap(&pod, 1)?;
         self.remove(&pod)?;
 
         // Recreating the pod with B (B on the node, as after a rollout's first pod).
@@ -188,6 +192,7 @@ impl Bench<'_> {
             json!({
                 "inplace_ms": round(inplace_ms),
                 "inplace_downtime_ms": round(inplace_downtime_ms),
+                "inplace_prepulled_ms": round(inplace_prepulled_ms),
                 "inplace_prepulled_downtime_ms": round(inplace_prepulled_downtime_ms),
                 "recreate_ms": round(recreate_ms),
                 "recreate_downtime_ms": round(recreate_downtime_ms),
@@ -310,6 +315,8 @@ impl Bench<'_> {
                 "--timeout",
                 "300s",
             ])
+            .arg("--config")
+            .arg(&self.spry_config)
             .arg("--runtime-endpoint")
             .arg(self.containerd.socket())
             .output()?;
@@ -325,19 +332,19 @@ impl Bench<'_> {
         let phase = |name: &str| {
             text.lines()
                 .find_map(|l| {
-                    l.strip_prefix(name)?
-                        .trim()
-                        .strip_suffix(" s")?
-                        .parse::<f64>()
-                        .ok()
+                    // "<phase>   0.123 s" (a note may follow)
+                    let mut words = l.strip_prefix(name)?.split_whitespace();
+                    let seconds = words.next()?.parse::<f64>().ok();
+                    seconds.filter(|_| words.next() == Some("s"))
                 })
                 .map(|s| round(s * 1000.0))
         };
-        let phases: serde_json::Map<String, serde_json::Value> =
-            ["resolve", "pull", "create", "stop", "start", "ready"]
-                .iter()
-                .filter_map(|p| Some(((*p).to_owned(), json!(phase(p)?))))
-                .collect();
+        let phases: serde_json::Map<String, serde_json::Value> = [
+            "resolve", "pull", "create", "layers", "stop", "start", "ready",
+        ]
+        .iter()
+        .filter_map(|p| Some(((*p).to_owned(), json!(phase(p)?))))
+        .collect();
         // The old container stops once resolved, pulled and the new one created: the
         // downtime is around then. (While B is pulled, a guest serving 100 connections a
         // second on a loaded host may miss some; that is not the swap's downtime.)
@@ -505,7 +512,9 @@ fn ms(d: Duration) -> f64 {
 
 fn goals(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
     let get = |rt: &str, key: &str| results[rt][key].as_f64().unwrap_or(f64::NAN);
-    let spry_inplace = get("spry", "inplace_ms");
+    // Like for like: recreate_ms starts with B on the node, so it is set against the
+    // in-place swap with B pulled beforehand (inplace_ms also pays B's pull).
+    let spry_inplace = get("spry", "inplace_prepulled_ms");
     let upgrade_down = results["spry"]["spry_upgrade"]["downtime_ms"]
         .as_f64()
         .unwrap_or(f64::NAN);
@@ -540,6 +549,7 @@ fn markdown(report: &serde_json::Value) -> String {
     for key in [
         "inplace_ms",
         "inplace_downtime_ms",
+        "inplace_prepulled_ms",
         "inplace_prepulled_downtime_ms",
         "recreate_ms",
         "recreate_downtime_ms",
@@ -553,7 +563,8 @@ fn markdown(report: &serde_json::Value) -> String {
         });
     }
     md += &format!(
-        "\nChecks: {}\n\nGoals: {}\n",
+        "\ninplace_ms pays B's pull over the slow link; recreate_ms starts with B on the node, \
+         so the goal sets it against inplace_prepulled_ms.\n\nChecks: {}\n\nGoals: {}\n",
         report["checks"], report["goals"]
     );
     md

@@ -66,7 +66,7 @@ fn main() -> std::process::ExitCode {
         Command::FsServe(args) => run_fs_serve(&args).map_err(|e| error_chain(&e)),
         Command::Upgrade(args) => {
             let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
-            return match runtime.block_on(run_upgrade(&args)) {
+            return match runtime.block_on(run_upgrade(&cli.config, &args)) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("spry upgrade: {}", error_chain(&err));

@@ -1,12 +1,15 @@
 //! `spry upgrade`: the command line of `crate::upgrade`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::config::{Config, ConfigError};
 use crate::cri::{CriClient, DEFAULT_ENDPOINT};
-use crate::upgrade::{upgrade, Probe, UpgradeError, UpgradeRequest, Warm};
+use crate::rootfs::LayerCache;
+use crate::state_dir::StateDir;
+use crate::upgrade::{upgrade, LayerPrebuild, Probe, UpgradeError, UpgradeRequest, Warm};
 
 #[derive(Debug, Args)]
 pub struct UpgradeArgs {
@@ -61,6 +64,8 @@ pub enum UpgradeCommandError {
         source: regex::Error,
     },
     #[error(transparent)]
+    Config(ConfigError),
+    #[error(transparent)]
     Connect(crate::cri::CriError),
     #[error(transparent)]
     Upgrade(#[from] UpgradeError),
@@ -69,15 +74,17 @@ pub enum UpgradeCommandError {
 impl UpgradeCommandError {
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Pattern { .. } => 2,
+            Self::Pattern { .. } | Self::Config(_) => 2,
             Self::Connect(_) => 1,
             Self::Upgrade(error) => error.exit_code(),
         }
     }
 }
 
-/// Runs `spry upgrade`, printing each phase on stdout.
-pub async fn run_upgrade(args: &UpgradeArgs) -> Result<(), UpgradeCommandError> {
+/// Runs `spry upgrade` with Spry's config at `config` (where Spry pods' layer images
+/// live), printing each phase on stdout.
+pub async fn run_upgrade(config: &Path, args: &UpgradeArgs) -> Result<(), UpgradeCommandError> {
+    let config = Config::load(config).map_err(UpgradeCommandError::Config)?;
     let probe = match (&args.ready_tcp, &args.ready_log) {
         (Some(port), _) => Probe::Tcp(*port),
         (None, Some(pattern)) => Probe::Log(regex::Regex::new(pattern).map_err(|source| {
@@ -106,6 +113,9 @@ pub async fn run_upgrade(args: &UpgradeArgs) -> Result<(), UpgradeCommandError> 
         grace: args.grace,
         dry_run: args.dry_run,
         warm: Some(warm_with(args)),
+        layers: Some(LayerPrebuild {
+            cache: LayerCache::new(StateDir::new(&config.state_dir).layer_images()),
+        }),
     };
     upgrade(&cri, &request, &mut |line| println!("{line}")).await?;
     Ok(())

@@ -1,7 +1,9 @@
 //! A small CRI client: runtime.v1 over gRPC on containerd's unix socket, the calls
-//! `spry upgrade` makes. Messages are rust-protobuf (`spry_proto::cri`); `codec.rs` frames them.
+//! `spry upgrade` makes, and containerd's own snapshots API on the same socket (`snapshots.rs`).
+//! Messages are rust-protobuf (`spry_proto::cri`); `codec.rs` frames them.
 
 mod codec;
+mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -93,6 +95,21 @@ impl CriClient {
         Req: protobuf::Message + Send + 'static,
         Resp: protobuf::Message + Send + 'static,
     {
+        self.call_request(method, path, tonic::Request::new(request), timeout)
+            .await
+    }
+
+    async fn call_request<Req, Resp>(
+        &self,
+        method: &'static str,
+        path: &'static str,
+        mut request: tonic::Request<Req>,
+        timeout: Duration,
+    ) -> Result<Resp, CriError>
+    where
+        Req: protobuf::Message + Send + 'static,
+        Resp: protobuf::Message + Send + 'static,
+    {
         let failed = |status: tonic::Status| CriError::Call {
             method,
             code: status.code(),
@@ -102,7 +119,6 @@ impl CriClient {
         grpc.ready()
             .await
             .map_err(|e| failed(tonic::Status::unavailable(e.to_string())))?;
-        let mut request = tonic::Request::new(request);
         request.set_timeout(timeout);
         let reply = grpc
             .unary(
@@ -174,7 +190,9 @@ impl CriClient {
         Ok(ContainerDetails {
             status,
             config: verbose_config(&info, "container info")?,
-            snapshotter: verbose_snapshotter(&info),
+            snapshotter: verbose_string(&info, "snapshotter"),
+            snapshot_key: verbose_string(&info, "snapshotKey"),
+            runtime_type: verbose_string(&info, "runtimeType"),
         })
     }
 
@@ -309,12 +327,16 @@ pub struct ContainerDetails {
     pub config: ContainerConfig,
     /// The snapshotter its rootfs comes from (containerd's name for it), when said.
     pub snapshotter: Option<String>,
+    /// Its snapshot's key in that snapshotter, when said.
+    pub snapshot_key: Option<String>,
+    /// The containerd runtime it runs under (`io.containerd.spry.v2`), when said.
+    pub runtime_type: Option<String>,
 }
 
-/// The `snapshotter` of containerd's verbose container info.
-fn verbose_snapshotter(info: &std::collections::HashMap<String, String>) -> Option<String> {
+/// A string `field` of containerd's verbose container info.
+fn verbose_string(info: &std::collections::HashMap<String, String>, field: &str) -> Option<String> {
     let value: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
-    Some(value.get("snapshotter")?.as_str()?.to_owned())
+    Some(value.get(field)?.as_str()?.to_owned())
 }
 
 /// The `config` in containerd's verbose info: Go's JSON of the CRI message (proto field
@@ -371,6 +393,8 @@ mod tests {
         let info = serde_json::json!({
             "sandboxID": "abc",
             "snapshotter": "spry",
+            "snapshotKey": "c1",
+            "runtimeType": "io.containerd.spry.v2",
             "config": {
                 "metadata": {"name": "web", "attempt": 2},
                 "image": {"image": "registry.local/app:1", "user_specified_image": "app:1"},
@@ -402,7 +426,13 @@ mod tests {
         assert!(config.tty);
         assert_eq!(config.linux.resources.memory_limit_in_bytes, 134217728);
         assert_eq!(config.linux.security_context.run_as_user.value, 1000);
-        assert_eq!(verbose_snapshotter(&map).as_deref(), Some("spry"));
+        assert_eq!(verbose_string(&map, "snapshotter").as_deref(), Some("spry"));
+        assert_eq!(verbose_string(&map, "snapshotKey").as_deref(), Some("c1"));
+        assert_eq!(
+            verbose_string(&map, "runtimeType").as_deref(),
+            Some(crate::service::RUNTIME_ID)
+        );
+        assert_eq!(verbose_string(&map, "sandboxID").as_deref(), Some("abc"));
 
         let none = std::collections::HashMap::new();
         let err = verbose_config::<ContainerConfig>(&none, "container info").unwrap_err();
@@ -410,6 +440,6 @@ mod tests {
             matches!(err, CriError::VerboseInfo { field: "info", .. }),
             "{err}"
         );
-        assert_eq!(verbose_snapshotter(&none), None);
+        assert_eq!(verbose_string(&none, "snapshotter"), None);
     }
 }

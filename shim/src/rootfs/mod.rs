@@ -22,7 +22,7 @@ use tracing::debug;
 
 use crate::vm::{ScsiAddr, Vm, VmError};
 
-pub use cache::{CacheError, LayerCache};
+pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
 use plugged::PluggedLayers;
 pub use writable::{
@@ -80,37 +80,38 @@ impl RootfsSource {
     /// one overlay whose writable layer is still empty (the usual new container), else
     /// the merged directory itself.
     pub fn for_mounts(mounts: &[(&str, &[String])], merged: &Path) -> Self {
-        let directory = Self::Directory(merged.to_path_buf());
-        let [(kind, options)] = mounts else {
-            return directory;
-        };
-        if *kind != "overlay" {
-            return directory;
-        }
-        let option = |name: &str| {
-            options
-                .iter()
-                .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
-        };
-        let (Some(lowerdir), Some(upperdir)) = (option("lowerdir"), option("upperdir")) else {
-            return directory;
-        };
-        // Escaped separators would need overlayfs's own parsing; not worth it.
-        if lowerdir.contains('\\') {
-            return directory;
-        }
-        let lowers: Vec<PathBuf> = lowerdir.split(':').map(PathBuf::from).collect();
-        let upper_empty = std::fs::read_dir(upperdir)
-            .map(|mut entries| entries.next().is_none())
-            .unwrap_or(false);
-        if !upper_empty || lowers.iter().any(|l| !l.is_absolute()) {
-            return directory;
-        }
-        Self::Layers {
-            merged: merged.to_path_buf(),
-            lowers,
+        match image_layers(mounts) {
+            Some(lowers) => Self::Layers {
+                merged: merged.to_path_buf(),
+                lowers,
+            },
+            None => Self::Directory(merged.to_path_buf()),
         }
     }
+}
+
+/// The read-only layers (overlay lowerdirs, top first) of a container's rootfs `mounts`
+/// when they are one overlay whose writable layer is still empty: the layer chain whose
+/// image `LayerCache` shares. `None` for anything else.
+pub fn image_layers(mounts: &[(&str, &[String])]) -> Option<Vec<PathBuf>> {
+    let [("overlay", options)] = mounts else {
+        return None;
+    };
+    let option = |name: &str| {
+        options
+            .iter()
+            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+    };
+    let (lowerdir, upperdir) = (option("lowerdir")?, option("upperdir")?);
+    // Escaped separators would need overlayfs's own parsing; not worth it.
+    if lowerdir.contains('\\') {
+        return None;
+    }
+    let lowers: Vec<PathBuf> = lowerdir.split(':').map(PathBuf::from).collect();
+    let upper_empty = std::fs::read_dir(upperdir)
+        .map(|mut entries| entries.next().is_none())
+        .unwrap_or(false);
+    (upper_empty && lowers.iter().all(|l| l.is_absolute())).then_some(lowers)
 }
 
 /// A rootfs made visible in the VM; hand it back to [`RootfsShare::detach`].
@@ -416,15 +417,23 @@ impl RootfsShare for ErofsBlockShare {
             container_id: attached.container_id.clone(),
             source,
         };
-        if vm.exit_watch().borrow().is_none() {
-            for addr in &attached.disks {
-                if let Err(source) = vm.unplug_disk(*addr).await {
-                    result = Err(unplug_error(source));
-                }
+        // The disks go together: each unplug waits for the guest to let go of its device
+        // (tens of ms under TCG), and a container's stop waits for all of them.
+        let vm_alive = vm.exit_watch().borrow().is_none();
+        let own = attached
+            .disks
+            .iter()
+            .filter(|_| vm_alive)
+            .map(|addr| vm.unplug_disk(*addr));
+        let shared = async {
+            match &attached.shared_layer {
+                Some(image) => self.release_shared(vm, image).await,
+                None => Ok(()),
             }
-        }
-        if let Some(image) = &attached.shared_layer {
-            if let Err(source) = self.release_shared(vm, image).await {
+        };
+        let (own, shared) = tokio::join!(futures::future::join_all(own), shared);
+        for unplugged in own.into_iter().chain([shared]) {
+            if let Err(source) = unplugged {
                 result = Err(unplug_error(source));
             }
         }

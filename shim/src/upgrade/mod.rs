@@ -7,8 +7,10 @@
 //!
 //! Works for any CRI runtime (runc pods too); the pod, its IP, volumes and other
 //! containers stay. On a lazy-pulling snapshotter the new image is warmed after the pull
-//! (`warm.rs`). `plan.rs` decides, `ready.rs` probes, this file drives.
+//! (`warm.rs`); a Spry container's layer image is built before the stop (`layers.rs`).
+//! `plan.rs` decides, `ready.rs` probes, this file drives.
 
+mod layers;
 mod plan;
 mod ready;
 mod warm;
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 use spry_proto::cri::ContainerConfig;
 
 use crate::cri::{CriClient, CriError};
+pub use layers::{LayerPrebuild, PrebuildError};
 pub use ready::{NotReady, Readiness};
 pub use warm::{Warm, WarmError};
 
@@ -39,6 +42,8 @@ pub struct UpgradeRequest {
     pub dry_run: bool,
     /// Warm the new image after the pull when the container is on a lazy snapshotter.
     pub warm: Option<Warm>,
+    /// Build a Spry container's layer image before the stop.
+    pub layers: Option<LayerPrebuild>,
 }
 
 /// The readiness check asked for on the command line.
@@ -258,6 +263,10 @@ pub async fn upgrade(
         })?;
     report.new_container = new_id.clone();
     phase(&mut report, "create", creating, say);
+    let layer_image = match &request.layers {
+        Some(prebuild) => prebuild_layers(cri, prebuild, &new_id, &mut report, say).await,
+        None => None,
+    };
 
     // Downtime from here.
     let stopping = Instant::now();
@@ -271,7 +280,12 @@ pub async fn upgrade(
     }
     phase(&mut report, "stop", stopping, say);
     let starting = Instant::now();
-    let outcome = match cri.start_container(&new_id).await {
+    let started_new = cri.start_container(&new_id).await;
+    // The shim holds the image now (or the start failed): ours is no longer needed.
+    if let Some(image) = layer_image {
+        image.release();
+    }
+    let outcome = match started_new {
         Ok(()) => {
             phase(&mut report, "start", starting, say);
             let waiting = Instant::now();
@@ -329,6 +343,50 @@ pub async fn upgrade(
                     container: request.container.clone(),
                 }),
             }
+        }
+    }
+}
+
+/// Builds the new container's layer image when it is a Spry container; what keeps it
+/// from happening is said, and the shim builds it at start instead.
+async fn prebuild_layers(
+    cri: &CriClient,
+    prebuild: &LayerPrebuild,
+    new_id: &str,
+    report: &mut Report,
+    say: &mut dyn FnMut(String),
+) -> Option<crate::rootfs::CachedImage> {
+    let building = Instant::now();
+    let details = match cri.container(new_id).await {
+        Ok(details) if prebuild.applies_to(&details) => details,
+        Ok(_) => return None,
+        Err(error) => {
+            say(format!(
+                "cannot read the new container ({}); its layer image is built at its start",
+                crate::error_chain(&error)
+            ));
+            return None;
+        }
+    };
+    match prebuild.run(cri, &details).await {
+        Ok((image, built)) => {
+            let took = building.elapsed();
+            report.phases.push(("layers", took));
+            let how = if built { "built" } else { "found" };
+            say(format!(
+                "{:<8} {:>8.3} s  (layer image {how}: {})",
+                "layers",
+                took.as_secs_f64(),
+                image.path.display()
+            ));
+            Some(image)
+        }
+        Err(error) => {
+            say(format!(
+                "layer image not built ahead ({}); the new container builds it at its start",
+                crate::error_chain(&error)
+            ));
+            None
         }
     }
 }
