@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod config;
 pub mod convert;
+pub mod erofs;
 pub mod estargz;
 pub mod fs;
 pub mod layer;

@@ -20,7 +20,7 @@ use fuser::{
 
 pub use lower::{DirMeta, LowerLayers};
 pub use mount::{detach, LayerMount};
-pub use tree::{Tree, OPAQUE_XATTR};
+pub use tree::{Node, Tree, OPAQUE_XATTR};
 
 use crate::cache::CacheError;
 use crate::layer::{LayerError, RemoteLayer};
