@@ -10,8 +10,8 @@
 //! the image fetches that file's chunks and nothing else.
 //!
 //! Layout: block 0 holds the superblock (at 1024) and the first inodes; inodes follow
-//! in breadth-first order (root first), then directory and symlink blocks, then the
-//! files' data, each file from a block boundary. Sizes and offsets are fixed by the tree,
+//! in breadth-first order (root first), then directory and symlink blocks, then (from
+//! the next 2 MiB boundary) the files' data, each file from a block boundary. Sizes and offsets are fixed by the tree,
 //! so the same layer always gives the same image.
 
 mod format;
@@ -28,6 +28,10 @@ use crate::fs::{Node, Tree};
 use format::{FileType, Inode, Superblock, BLOCK, DIRENT_SIZE, INODE_SIZE, SLOT, SUPER_OFFSET};
 
 const ROOT_INO: u64 = 1;
+/// Where file data may start: a multiple of this many bytes.
+const DATA_ALIGN: u64 = 2 << 20;
+/// Zeros after the last file's data.
+const TAIL_PAD: u64 = 1 << 20;
 
 /// Why a layer has no erofs image.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,10 @@ impl ErofsImage {
             let block = layout.append(&bytes);
             data_of.insert(ino, (block, bytes.len() as u64));
         }
+        // File data starts far from the metadata: a kernel reading metadata through the
+        // block device's page cache may read whole large folios (up to 2 MiB), which must
+        // not reach the first files' data (a fetch nobody asked for).
+        layout.skip_to(DATA_ALIGN / BLOCK);
         let mut extents = Vec::new();
         for &ino in &order {
             let node = tree.get(ino).ok_or(ErofsError::NoRoot)?;
@@ -106,6 +114,10 @@ impl ErofsImage {
                 data_of.insert(ino, (block, node.attr.size));
             }
         }
+        // And the image ends well after the last file: partition scans and signature
+        // probes (the kernel on a new disk, blkid) read a device's last sectors.
+        layout.skip_to(1);
+        layout.reserve(TAIL_PAD);
         let blocks = layout.blocks();
         let blocks32 = u32::try_from(blocks).map_err(|_| ErofsError::TooLarge { blocks })?;
         for (i, &ino) in order.iter().enumerate() {
@@ -259,6 +271,11 @@ impl Layout {
         self.meta.resize(((block + blocks) * BLOCK) as usize, 0);
         self.next_block += blocks;
         block
+    }
+
+    /// Moves the next block to a multiple of `blocks`.
+    fn skip_to(&mut self, blocks: u64) {
+        self.next_block = self.next_block.next_multiple_of(blocks);
     }
 
     /// Reserves blocks for `size` bytes of file data; returns the first block.

@@ -91,18 +91,23 @@ struct Mounted {
 
 impl Mounted {
     fn new(bytes: &[u8]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("layer.erofs");
+        std::fs::write(&image, bytes).unwrap();
+        Self::file(dir, &image)
+    }
+
+    /// Mounts the image file `image`, with `dir` as the scratch directory.
+    fn file(dir: tempfile::TempDir, image: &Path) -> Self {
         assert!(
             nix::unistd::geteuid().is_root(),
             "erofs mount tests need root"
         );
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("layer.erofs");
-        std::fs::write(&image, bytes).unwrap();
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let out = std::process::Command::new("mount")
             .args(["-t", "erofs", "-o", "ro,loop"])
-            .arg(&image)
+            .arg(image)
             .arg(&mnt)
             .output()
             .unwrap();
@@ -315,4 +320,75 @@ fn big_directories_xattrs_devices_and_owners_survive() {
         assert!(mounted.mnt().join(&name).exists(), "{name}");
     }
     assert!(mounted.mnt().join("many/#hash").exists());
+}
+
+#[test]
+fn served_through_fuse_the_image_fetches_only_what_is_read() {
+    let (blob, out, _, files) = build(&[]);
+    let blob_size = blob.len() as u64;
+    let mem = MemBlob::new(blob);
+    let scratch = tempfile::tempdir().unwrap();
+    let cache = Arc::new(ChunkCache::open(&scratch.path().join("cache")).unwrap());
+    let layer = open_layer(mem, &out.toc_digest, cache);
+    let toc = layer
+        .stats()
+        .bytes_fetched
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let image = ErofsImage::build(&Tree::build(layer.index())).unwrap();
+    let served = scratch.path().join("image");
+    std::fs::create_dir(&served).unwrap();
+    let fuse = crate::fs::ImageMount::mount(layer.clone(), image.clone(), &served, "t").unwrap();
+    assert_eq!(
+        std::fs::metadata(fuse.image_path()).unwrap().len(),
+        image.size()
+    );
+    let mounted = Mounted::file(tempfile::tempdir().unwrap(), &fuse.image_path());
+    // Mounting and listing the tree read metadata only: nothing is fetched past the TOC
+    // (which opening the layer fetched).
+    let fetched = || {
+        layer
+            .stats()
+            .bytes_fetched
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - toc
+    };
+    let listed = walk_dir_names(&mounted.mnt());
+    assert!(listed.contains(&"usr/bin/big".to_string()), "{listed:?}");
+    assert_eq!(fetched(), 0, "listing fetched file data");
+    // One small file: its chunks, not the layer.
+    let hostname = &files.iter().find(|(p, _)| p == "etc/hostname").unwrap().1;
+    assert_eq!(
+        &std::fs::read(mounted.mnt().join("etc/hostname")).unwrap(),
+        hostname
+    );
+    assert!(
+        fetched() > 0 && fetched() < blob_size / 2,
+        "fetched {} of {blob_size}",
+        fetched()
+    );
+    for (path, data) in &files {
+        assert_eq!(
+            &std::fs::read(mounted.mnt().join(path)).unwrap(),
+            data,
+            "{path}"
+        );
+    }
+    drop(mounted);
+    fuse.unmount().unwrap();
+}
+
+fn walk_dir_names(root: &Path) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            names.push(path.strip_prefix(root).unwrap().display().to_string());
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    names
 }

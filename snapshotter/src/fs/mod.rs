@@ -1,6 +1,7 @@
 //! A read-only FUSE filesystem over one remote eStargz layer. File contents
 //! come from [`RemoteLayer`], which fetches and verifies chunks on demand.
 
+mod image;
 mod lower;
 mod mount;
 mod passthrough;
@@ -18,6 +19,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
+pub use image::{ImageMount, IMAGE_FILE};
 pub use lower::{DirMeta, LowerLayers};
 pub use mount::{detach, LayerMount};
 pub use tree::{Node, Tree, OPAQUE_XATTR};

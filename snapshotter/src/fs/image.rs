@@ -1,0 +1,214 @@
+//! One remote layer as a single file: its erofs image (`crate::erofs`), for a VM that
+//! attaches the layer as a read-only disk. The mount holds a directory with one file,
+//! [`IMAGE_FILE`]; reading it fetches (and verifies) only the chunks of the files the
+//! read covers. The layer's own tree mount stays for runc containers.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, LockOwner, MountOption,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+    SessionACL,
+};
+
+use super::{error_chain, read_errno, FsError, FUSE_THREADS};
+use crate::erofs::ErofsImage;
+use crate::layer::RemoteLayer;
+
+/// The image's name in its mount.
+pub const IMAGE_FILE: &str = "layer.erofs";
+const IMAGE_INO: u64 = 2;
+const TTL: Duration = Duration::from_secs(3600);
+
+/// The filesystem: a root directory holding the image.
+struct ImageFs {
+    layer: Arc<RemoteLayer>,
+    image: ErofsImage,
+}
+
+impl ImageFs {
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let (kind, perm, size, nlink) = match ino {
+            1 => (FileType::Directory, 0o555, 0, 2),
+            IMAGE_INO => (FileType::RegularFile, 0o444, self.image.size(), 1),
+            _ => return None,
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.attr(IMAGE_INO) {
+            Some(attr) if parent.0 == 1 && name == IMAGE_FILE => {
+                reply.entry(&TTL, &attr, Generation(0))
+            }
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Some(attr) => reply.attr(&TTL, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if ino.0 != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        // Reads reach the daemon as asked, never widened by the host's readahead: a read
+        // past the file it is for would fetch the next files' chunks. The reader (the
+        // guest) caches what it read in its own page cache.
+        reply.opened(FileHandle(0), fuser::FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino.0 != IMAGE_INO {
+            return reply.error(Errno::EISDIR);
+        }
+        // A panic must still answer the kernel (see `LayerFs::read`).
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.image.read_at(offset, size as usize, |entry, at, len| {
+                self.layer.read_file(entry, at, len)
+            })
+        }));
+        match read {
+            Ok(Ok(data)) => reply.data(&data),
+            Ok(Err(err)) => {
+                tracing::error!(offset, error = %error_chain(&err), "image read failed");
+                reply.error(read_errno(&err));
+            }
+            Err(_) => {
+                tracing::error!(offset, "image read panicked; answered EIO");
+                reply.error(Errno::EIO);
+            }
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        if ino.0 != 1 {
+            return reply.error(Errno::ENOTDIR);
+        }
+        let entries = [
+            (1, FileType::Directory, "."),
+            (1, FileType::Directory, ".."),
+            (IMAGE_INO, FileType::RegularFile, IMAGE_FILE),
+        ];
+        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+/// A layer's image mounted at a directory; unmounts when dropped.
+pub struct ImageMount {
+    session: Option<fuser::BackgroundSession>,
+    path: PathBuf,
+}
+
+impl ImageMount {
+    /// Mounts `image` of `layer` at `path` (which must exist): `path/layer.erofs`.
+    pub fn mount(
+        layer: Arc<RemoteLayer>,
+        image: ErofsImage,
+        path: &Path,
+        name: &str,
+    ) -> Result<Self, FsError> {
+        let _ = super::detach(path);
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            MountOption::RO,
+            MountOption::FSName(format!("spry-image:{name}")),
+            MountOption::Subtype("spry".to_string()),
+            MountOption::DefaultPermissions,
+            MountOption::NoDev,
+            MountOption::NoSuid,
+            MountOption::NoExec,
+        ];
+        // VMs run under unprivileged uids (the shim's jail); the file is world-readable.
+        config.acl = SessionACL::All;
+        config.n_threads = Some(FUSE_THREADS);
+        let session = fuser::Session::new(ImageFs { layer, image }, path, &config)
+            .and_then(|s| s.spawn())
+            .map_err(|source| FsError::Mount {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            session: Some(session),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The image file.
+    pub fn image_path(&self) -> PathBuf {
+        self.path.join(IMAGE_FILE)
+    }
+
+    /// Unmounts and waits for the FUSE threads.
+    pub fn unmount(mut self) -> Result<(), FsError> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<(), FsError> {
+        match self.session.take() {
+            Some(session) => session.umount_and_join().map_err(|source| FsError::Mount {
+                path: self.path.clone(),
+                source,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ImageMount {
+    fn drop(&mut self) {
+        if let Err(err) = self.stop() {
+            tracing::warn!(path = %self.path.display(), error = %err, "failed to unmount layer image");
+        }
+    }
+}
