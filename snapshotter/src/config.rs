@@ -91,6 +91,11 @@ pub struct LazyConfig {
     /// (FUSE passthrough, Linux >= 6.9) instead of asking the daemon for every read.
     #[serde(default = "yes")]
     pub passthrough: bool,
+    /// Also serve each layer as an erofs image, `<snapshot>/erofs/layer.erofs` beside its
+    /// tree at `<snapshot>/fs`, for Spry's VMs to attach as a read-only disk (reads of
+    /// the image fetch only the files they cover).
+    #[serde(default)]
+    pub vm_images: bool,
 }
 
 impl LazyConfig {
@@ -142,6 +147,7 @@ impl Default for LazyConfig {
             read_deadline_ms: default_read_deadline_ms(),
             unresponsive_cooldown_ms: default_cooldown_ms(),
             passthrough: true,
+            vm_images: false,
         }
     }
 }

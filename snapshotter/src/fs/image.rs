@@ -18,6 +18,9 @@ use super::{error_chain, read_errno, FsError, FUSE_THREADS};
 use crate::erofs::ErofsImage;
 use crate::layer::RemoteLayer;
 
+/// Where a snapshot's image is mounted, beside its tree (`<snapshot>/fs`). Spry's shim
+/// looks for `<lowerdir>/../erofs/layer.erofs`: keep the two names as they are.
+pub const IMAGE_DIR: &str = "erofs";
 /// The image's name in its mount.
 pub const IMAGE_FILE: &str = "layer.erofs";
 const IMAGE_INO: u64 = 2;

@@ -19,7 +19,7 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 
-pub use image::{ImageMount, IMAGE_FILE};
+pub use image::{ImageMount, IMAGE_DIR, IMAGE_FILE};
 pub use lower::{DirMeta, LowerLayers};
 pub use mount::{detach, LayerMount};
 pub use tree::{Node, Tree, OPAQUE_XATTR};

@@ -150,5 +150,6 @@ pub fn stop(dir: &Path) {
         }
     }
     let _ = crate::fs::detach(&dir.join("fs"));
+    let _ = crate::fs::detach(&dir.join(crate::fs::IMAGE_DIR));
     let _ = std::fs::remove_file(dir.join(PID_FILE));
 }

@@ -571,6 +571,8 @@ pub fn snapshots_dir(root: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
+mod image_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod trust_tests;

@@ -11,8 +11,11 @@ use tokio::runtime::Handle;
 use super::store::RemoteSource;
 use crate::cache::ChunkCache;
 use crate::config::LazyConfig;
+use crate::erofs::ErofsImage;
 use crate::estargz::TOC_DIGEST_ANNOTATION;
-use crate::fs::{error_chain, AccessRecorder, FsError, LayerMount, LowerLayers};
+use crate::fs::{
+    error_chain, AccessRecorder, FsError, ImageMount, LayerMount, LowerLayers, Tree, IMAGE_DIR,
+};
 use crate::layer::{LayerError, RemoteLayer, RetryPolicy};
 use crate::registry::{Reference, RegistryBlob, RegistryClient, RegistryError};
 
@@ -65,6 +68,8 @@ enum Mounted {
     InProcess {
         layer: Arc<RemoteLayer>,
         mount: LayerMount,
+        /// The layer's erofs image for VMs (`vm_images`).
+        image: Option<Box<ImageMount>>,
     },
     Daemon {
         dir: PathBuf,
@@ -246,6 +251,12 @@ impl RemoteLayers {
         } else {
             None
         };
+        let image = self
+            .config
+            .vm_images
+            .then(|| mount_image(&layer, &lowers, &path, &digest))
+            .flatten()
+            .map(Box::new);
         let mount = LayerMount::mount_with(
             layer.clone(),
             &path,
@@ -266,7 +277,14 @@ impl RemoteLayers {
             .mounted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Mounted::InProcess { layer, mount });
+            .insert(
+                id,
+                Mounted::InProcess {
+                    layer,
+                    mount,
+                    image,
+                },
+            );
         drop(old);
         Ok(())
     }
@@ -316,8 +334,17 @@ impl RemoteLayers {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         match mounted {
-            Some(Mounted::InProcess { layer, mount }) => {
+            Some(Mounted::InProcess {
+                layer,
+                mount,
+                image,
+            }) => {
                 layer.cancel();
+                if let Some(image) = image {
+                    if let Err(err) = image.unmount() {
+                        tracing::warn!(id, error = %error_chain(&err), "failed to unmount a remote layer's image");
+                    }
+                }
                 if let Err(err) = mount.unmount() {
                     tracing::warn!(id, error = %error_chain(&err), "failed to unmount remote layer");
                 }
@@ -358,6 +385,32 @@ impl RemoteLayers {
             .collect();
         for id in all {
             self.unmount(id);
+        }
+    }
+}
+
+/// Serves `layer`'s erofs image at `<snapshot>/erofs/` (beside its tree mount `fs_path`),
+/// with the tree the FUSE mount shows (the same lower layers' directory attributes). A
+/// layer erofs cannot hold is said and skipped: a VM then packs its rootfs as for any
+/// other image.
+fn mount_image(
+    layer: &Arc<RemoteLayer>,
+    lowers: &LowerLayers,
+    fs_path: &Path,
+    digest: &str,
+) -> Option<ImageMount> {
+    let dir = fs_path.with_file_name(IMAGE_DIR);
+    let image = ErofsImage::build(&Tree::build_over(layer.index(), lowers.clone()))
+        .map_err(|err| err.to_string())
+        .and_then(|image| {
+            std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
+            ImageMount::mount(layer.clone(), image, &dir, digest).map_err(|err| error_chain(&err))
+        });
+    match image {
+        Ok(image) => Some(image),
+        Err(error) => {
+            tracing::warn!(layer = %digest, %error, "no erofs image of the layer for VMs");
+            None
         }
     }
 }

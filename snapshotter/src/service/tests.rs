@@ -244,7 +244,7 @@ async fn overlay_lifecycle_with_real_mounts() {
 pub(super) struct RemoteFixture {
     pub(super) reg: Arc<MockRegistry>,
     pub(super) labels: HashMap<String, String>,
-    blob_size: u64,
+    pub(super) blob_size: u64,
     files: Vec<(String, Vec<u8>)>,
 }
 
