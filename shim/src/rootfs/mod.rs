@@ -12,6 +12,7 @@
 mod cache;
 mod erofs;
 mod plugged;
+mod source;
 mod writable;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use crate::vm::{ScsiAddr, Vm, VmError};
 pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
 use plugged::PluggedLayers;
+pub use source::RootfsSource;
 pub use writable::{
     create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
 };
@@ -60,60 +62,6 @@ pub enum RootfsError {
     },
 }
 
-/// Where a container's root filesystem comes from on the host.
-#[derive(Debug, Clone)]
-pub enum RootfsSource {
-    /// A plain directory tree (e.g. `spry vm run --rootfs DIR`, or a mounted bundle rootfs).
-    Directory(PathBuf),
-    /// An image's read-only layers (overlay lowerdirs, top first) whose merged view with
-    /// an empty writable layer is mounted at `merged`: its erofs image is built once per
-    /// layer chain and shared (see `cache.rs`).
-    Layers {
-        merged: PathBuf,
-        lowers: Vec<PathBuf>,
-    },
-}
-
-impl RootfsSource {
-    /// The source for a container whose rootfs containerd gave as `mounts` (type and
-    /// options each) and the shim mounted at `merged`: the shared layer image when it is
-    /// one overlay whose writable layer is still empty (the usual new container), else
-    /// the merged directory itself.
-    pub fn for_mounts(mounts: &[(&str, &[String])], merged: &Path) -> Self {
-        match image_layers(mounts) {
-            Some(lowers) => Self::Layers {
-                merged: merged.to_path_buf(),
-                lowers,
-            },
-            None => Self::Directory(merged.to_path_buf()),
-        }
-    }
-}
-
-/// The read-only layers (overlay lowerdirs, top first) of a container's rootfs `mounts`
-/// when they are one overlay whose writable layer is still empty: the layer chain whose
-/// image `LayerCache` shares. `None` for anything else.
-pub fn image_layers(mounts: &[(&str, &[String])]) -> Option<Vec<PathBuf>> {
-    let [("overlay", options)] = mounts else {
-        return None;
-    };
-    let option = |name: &str| {
-        options
-            .iter()
-            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
-    };
-    let (lowerdir, upperdir) = (option("lowerdir")?, option("upperdir")?);
-    // Escaped separators would need overlayfs's own parsing; not worth it.
-    if lowerdir.contains('\\') {
-        return None;
-    }
-    let lowers: Vec<PathBuf> = lowerdir.split(':').map(PathBuf::from).collect();
-    let upper_empty = std::fs::read_dir(upperdir)
-        .map(|mut entries| entries.next().is_none())
-        .unwrap_or(false);
-    (upper_empty && lowers.iter().all(|l| l.is_absolute())).then_some(lowers)
-}
-
 /// A rootfs made visible in the VM; hand it back to [`RootfsShare::detach`].
 #[derive(Debug)]
 pub struct AttachedRootfs {
@@ -122,9 +70,9 @@ pub struct AttachedRootfs {
     pub rootfs: pb::Rootfs,
     /// Disks of this container alone, unplugged on detach.
     disks: Vec<ScsiAddr>,
-    /// The image of a layer disk shared with the VM's other containers of the same image
-    /// (`plugged.rs`): unplugged on detach only by its last user.
-    shared_layer: Option<PathBuf>,
+    /// The images of layer disks shared with the VM's other containers of the same
+    /// layers (`plugged.rs`): each unplugged on detach only by its last user.
+    shared_layers: Vec<PathBuf>,
     images: Vec<DiskImage>,
 }
 
@@ -135,12 +83,14 @@ enum DiskImage {
     Own(PathBuf),
     /// A layer chain's image, shared through the cache; released on detach.
     Shared(cache::CachedImage),
+    /// A layer's image the lazy-pulling snapshotter serves; the snapshotter's to keep.
+    Served(PathBuf),
 }
 
 impl DiskImage {
     fn path(&self) -> &Path {
         match self {
-            Self::Own(path) => path,
+            Self::Own(path) | Self::Served(path) => path,
             Self::Shared(image) => &image.path,
         }
     }
@@ -150,6 +100,7 @@ impl DiskImage {
         match self {
             Self::Own(path) => remove_file_quietly(&path),
             Self::Shared(image) => image.release(),
+            Self::Served(_) => {}
         }
     }
 }
@@ -197,7 +148,19 @@ impl ErofsBlockShare {
         }
     }
 
-    /// The image to hot-plug for `source`.
+    /// The read-only images to hot-plug for `source`, topmost first.
+    async fn images_for(
+        &self,
+        container_id: &str,
+        source: &RootfsSource,
+    ) -> Result<Vec<DiskImage>, RootfsError> {
+        if let RootfsSource::Served { images, .. } = source {
+            return Ok(images.iter().cloned().map(DiskImage::Served).collect());
+        }
+        Ok(vec![self.image_for(container_id, source).await?])
+    }
+
+    /// The one image to hot-plug for a source the shim packs.
     async fn image_for(
         &self,
         container_id: &str,
@@ -209,10 +172,11 @@ impl ErofsBlockShare {
         };
         match layers {
             None => {
-                let (RootfsSource::Directory(dir) | RootfsSource::Layers { merged: dir, .. }) =
-                    source;
+                let dir = source.merged();
                 if !dir.is_dir() {
-                    return Err(RootfsError::NotADirectory { path: dir.clone() });
+                    return Err(RootfsError::NotADirectory {
+                        path: dir.to_path_buf(),
+                    });
                 }
                 std::fs::create_dir_all(&self.work_dir).map_err(|source| RootfsError::WorkDir {
                     path: self.work_dir.clone(),
@@ -256,7 +220,9 @@ impl ErofsBlockShare {
         source: &RootfsSource,
     ) -> Result<PathBuf, RootfsError> {
         let path = match source {
-            RootfsSource::Layers { merged, .. } => merged.join(writable::IMAGE_NAME),
+            RootfsSource::Layers { merged, .. } | RootfsSource::Served { merged, .. } => {
+                merged.join(writable::IMAGE_NAME)
+            }
             RootfsSource::Directory(_) => {
                 std::fs::create_dir_all(&self.work_dir).map_err(|source| RootfsError::WorkDir {
                     path: self.work_dir.clone(),
@@ -277,7 +243,7 @@ impl ErofsBlockShare {
         container_id: &str,
         image: &DiskImage,
     ) -> Result<(ScsiAddr, bool), RootfsError> {
-        let shared = matches!(image, DiskImage::Shared(_));
+        let shared = matches!(image, DiskImage::Shared(_) | DiskImage::Served(_));
         if shared {
             if let Some(addr) = self.plugged.reuse(image.path()) {
                 debug!(
@@ -298,12 +264,49 @@ impl ErofsBlockShare {
         Ok((addr, shared && self.plugged.add(image.path(), addr)))
     }
 
-    /// Undoes `image_for` + `plug_layer` after a later step of an attach failed.
+    /// Plugs every layer image (together); when one fails, gives back the others and
+    /// every image, and says why.
+    async fn plug_layers(
+        &self,
+        vm: &dyn Vm,
+        container_id: &str,
+        images: Vec<DiskImage>,
+    ) -> Result<Vec<PluggedLayer>, RootfsError> {
+        let plugged =
+            futures::future::join_all(images.iter().map(|i| self.plug_layer(vm, container_id, i)))
+                .await;
+        let mut layers = Vec::new();
+        let mut failed = None;
+        for (image, result) in images.into_iter().zip(plugged) {
+            match result {
+                Ok((addr, shared)) => layers.push((image, addr, shared)),
+                Err(e) => {
+                    image.discard();
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            None => Ok(layers),
+            Some(e) => {
+                self.give_back_layers(vm, container_id, layers).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Undoes `plug_layers` after a later step of an attach failed.
+    async fn give_back_layers(&self, vm: &dyn Vm, container_id: &str, layers: Vec<PluggedLayer>) {
+        for layer in layers {
+            self.give_back_layer(vm, container_id, layer).await;
+        }
+    }
+
     async fn give_back_layer(
         &self,
         vm: &dyn Vm,
         container_id: &str,
-        (image, addr, shared): (DiskImage, ScsiAddr, bool),
+        (image, addr, shared): PluggedLayer,
     ) {
         let unplugged = if shared {
             self.release_shared(vm, image.path()).await
@@ -333,6 +336,9 @@ impl ErofsBlockShare {
 /// zeroing them would allocate ~1.5% of the disk on the host for nothing).
 pub const UPPER_MOUNT_OPTIONS: [&str; 2] = ["discard", "noinit_itable"];
 
+/// A layer image, the disk it is on, and whether that disk is shared (`plugged.rs`).
+type PluggedLayer = (DiskImage, ScsiAddr, bool);
+
 /// A hot-plugged disk as the agent's `Storage`.
 pub fn scsi_storage(addr: ScsiAddr, fstype: &str, options: &[&str]) -> pb::Storage {
     pb::Storage {
@@ -357,24 +363,22 @@ impl RootfsShare for ErofsBlockShare {
     ) -> Result<AttachedRootfs, RootfsError> {
         // First, since a layer image may be packed from the merged rootfs, which the
         // writable layer's image is then made in.
-        let image = self.image_for(container_id, source).await?;
-        // mkfs of the writable layer runs while the layer disk is plugged.
+        let images = self.images_for(container_id, source).await?;
+        // mkfs of the writable layer runs while the layer disks are plugged.
         let (plugged, upper_image) = tokio::join!(
-            self.plug_layer(vm, container_id, &image),
+            self.plug_layers(vm, container_id, images),
             self.make_writable(container_id, source)
         );
-        let ((addr, shared), upper_image) = match (plugged, upper_image) {
-            (Ok(plugged), Ok(upper_image)) => (plugged, upper_image),
-            (Ok((addr, shared)), Err(e)) => {
-                self.give_back_layer(vm, container_id, (image, addr, shared))
-                    .await;
+        let (layers, upper_image) = match (plugged, upper_image) {
+            (Ok(layers), Ok(upper_image)) => (layers, upper_image),
+            (Ok(layers), Err(e)) => {
+                self.give_back_layers(vm, container_id, layers).await;
                 return Err(e);
             }
             (Err(e), upper_image) => {
                 if let Ok(path) = upper_image {
                     remove_file_quietly(&path);
                 }
-                image.discard();
                 return Err(e);
             }
         };
@@ -382,32 +386,38 @@ impl RootfsShare for ErofsBlockShare {
             Ok(upper_addr) => upper_addr,
             Err(source) => {
                 remove_file_quietly(&upper_image);
-                self.give_back_layer(vm, container_id, (image, addr, shared))
-                    .await;
+                self.give_back_layers(vm, container_id, layers).await;
                 return Err(RootfsError::Hotplug {
                     container_id: container_id.to_string(),
                     source,
                 });
             }
         };
-        debug!(container_id, image = %image.path().display(), ?addr, shared, "rootfs disk attached");
-        let layer = scsi_storage(addr, "erofs", &["ro"]);
+        let mut rootfs = pb::Rootfs {
+            writable: true,
+            upper: Some(scsi_storage(upper_addr, "ext4", &UPPER_MOUNT_OPTIONS)).into(),
+            ..Default::default()
+        };
         let mut disks = vec![upper_addr];
-        let shared_layer = shared.then(|| image.path().to_path_buf());
-        if !shared {
-            disks.push(addr);
+        let mut shared_layers = Vec::new();
+        let mut images = Vec::new();
+        for (image, addr, shared) in layers {
+            debug!(container_id, image = %image.path().display(), ?addr, shared, "rootfs disk attached");
+            rootfs.layers.push(scsi_storage(addr, "erofs", &["ro"]));
+            if shared {
+                shared_layers.push(image.path().to_path_buf());
+            } else {
+                disks.push(addr);
+            }
+            images.push(image);
         }
+        images.push(DiskImage::Own(upper_image));
         Ok(AttachedRootfs {
             container_id: container_id.to_string(),
-            rootfs: pb::Rootfs {
-                layers: vec![layer],
-                writable: true,
-                upper: Some(scsi_storage(upper_addr, "ext4", &UPPER_MOUNT_OPTIONS)).into(),
-                ..Default::default()
-            },
+            rootfs,
             disks,
-            shared_layer,
-            images: vec![image, DiskImage::Own(upper_image)],
+            shared_layers,
+            images,
         })
     }
 
@@ -425,14 +435,15 @@ impl RootfsShare for ErofsBlockShare {
             .iter()
             .filter(|_| vm_alive)
             .map(|addr| vm.unplug_disk(*addr));
-        let shared = async {
-            match &attached.shared_layer {
-                Some(image) => self.release_shared(vm, image).await,
-                None => Ok(()),
-            }
-        };
-        let (own, shared) = tokio::join!(futures::future::join_all(own), shared);
-        for unplugged in own.into_iter().chain([shared]) {
+        let shared = attached
+            .shared_layers
+            .iter()
+            .map(|image| self.release_shared(vm, image));
+        let (own, shared) = tokio::join!(
+            futures::future::join_all(own),
+            futures::future::join_all(shared)
+        );
+        for unplugged in own.into_iter().chain(shared) {
             if let Err(source) = unplugged {
                 result = Err(unplug_error(source));
             }
@@ -458,60 +469,3 @@ fn remove_file_quietly(path: &Path) {
 
 #[cfg(test)]
 mod share_tests;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn opts(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn an_overlay_with_an_empty_upper_uses_the_shared_layer_image() {
-        let dir = tempfile::tempdir().unwrap();
-        let upper = dir.path().join("upper");
-        std::fs::create_dir(&upper).unwrap();
-        let merged = dir.path().join("rootfs");
-        let options = opts(&[
-            "index=off",
-            "workdir=/s/3/work",
-            &format!("upperdir={}", upper.display()),
-            "lowerdir=/s/2/fs:/s/1/fs",
-        ]);
-        match RootfsSource::for_mounts(&[("overlay", &options)], &merged) {
-            RootfsSource::Layers { merged: m, lowers } => {
-                assert_eq!(m, merged);
-                assert_eq!(
-                    lowers,
-                    vec![PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
-                );
-            }
-            other => panic!("expected layers, got {other:?}"),
-        }
-        // Something in the writable layer: the container's own view must be packed.
-        std::fs::write(upper.join("f"), "x").unwrap();
-        assert!(matches!(
-            RootfsSource::for_mounts(&[("overlay", &options)], &merged),
-            RootfsSource::Directory(_)
-        ));
-    }
-
-    #[test]
-    fn anything_else_is_packed_from_the_merged_directory() {
-        let merged = Path::new("/b/rootfs");
-        let bind = opts(&["rbind", "ro"]);
-        let relative = opts(&["lowerdir=fs:/s/1/fs", "upperdir=/nonexistent"]);
-        for mounts in [
-            vec![],
-            vec![("bind", bind.as_slice())],
-            vec![("overlay", relative.as_slice())],
-            vec![("overlay", bind.as_slice()), ("bind", bind.as_slice())],
-        ] {
-            assert!(matches!(
-                RootfsSource::for_mounts(&mounts, merged),
-                RootfsSource::Directory(_)
-            ));
-        }
-    }
-}

@@ -102,3 +102,77 @@ async fn a_failed_attach_gives_everything_back() {
     s.share.detach(&vm, running).await.unwrap();
     assert_eq!(vm.unplugged.lock().unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn served_layer_images_are_plugged_each_shared_and_never_deleted() {
+    let s = setup();
+    let vm = DiskVm::default();
+    let images: Vec<PathBuf> = ["top", "base"]
+        .iter()
+        .map(|n| {
+            let image = s.root.join(n).join("erofs/layer.erofs");
+            std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+            std::fs::write(&image, "erofs").unwrap();
+            image
+        })
+        .collect();
+    let served = |name: &str| {
+        let merged = s.root.join(name);
+        std::fs::create_dir_all(&merged).unwrap();
+        RootfsSource::Served {
+            merged,
+            images: images.clone(),
+        }
+    };
+    let first = s.share.attach(&vm, "first", &served("a")).await.unwrap();
+    // Both layers, topmost first, then the writable disk.
+    assert_eq!(first.rootfs.layers.len(), 2);
+    let plugged: Vec<PathBuf> = vm
+        .plugged
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|p| p.1.clone())
+        .collect();
+    assert_eq!(&plugged[..2], &images[..], "{plugged:?}");
+    let second = s.share.attach(&vm, "second", &served("b")).await.unwrap();
+    assert_eq!(
+        vm.plugged.lock().unwrap().len(),
+        4,
+        "the layer disks are shared"
+    );
+    assert_eq!(first.rootfs.layers, second.rootfs.layers);
+    s.share.detach(&vm, first).await.unwrap();
+    assert_eq!(vm.unplugged.lock().unwrap().len(), 1);
+    s.share.detach(&vm, second).await.unwrap();
+    assert_eq!(vm.unplugged.lock().unwrap().len(), 4);
+    assert!(
+        images.iter().all(|i| i.exists()),
+        "the snapshotter's images were deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_served_layer_that_cannot_be_plugged_gives_the_others_back() {
+    let s = setup();
+    let vm = DiskVm::default();
+    let good = s.root.join("good/erofs/layer.erofs");
+    std::fs::create_dir_all(good.parent().unwrap()).unwrap();
+    std::fs::write(&good, "erofs").unwrap();
+    let merged = s.root.join("c");
+    std::fs::create_dir_all(&merged).unwrap();
+    let source = RootfsSource::Served {
+        merged: merged.clone(),
+        images: vec![good.clone(), s.root.join("gone/erofs/layer.erofs")],
+    };
+    let err = s.share.attach(&vm, "c", &source).await.unwrap_err();
+    assert!(matches!(err, RootfsError::Hotplug { .. }), "{err}");
+    let plugged = vm.plugged.lock().unwrap().len();
+    assert_eq!(
+        vm.unplugged.lock().unwrap().len(),
+        plugged,
+        "a disk stayed plugged"
+    );
+    assert!(!merged.join(writable::IMAGE_NAME).exists());
+    assert!(good.exists());
+}

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 
 use crate::cri::{ContainerDetails, CriClient, CriError};
-use crate::rootfs::{image_layers, CacheError, CachedImage, LayerCache};
+use crate::rootfs::{CacheError, CachedImage, LayerCache, RootfsSource};
 use crate::service::RUNTIME_ID;
 
 /// Where Spry's shims keep layer images (from Spry's config).
@@ -56,12 +56,13 @@ impl LayerPrebuild {
 
     /// Builds (or finds) the layer image of `container` and holds it; give it back with
     /// [`CachedImage::release`] once the container has started. Returns whether it was
-    /// built now.
+    /// built now; `None` when its layers need no image (the lazy-pulling snapshotter
+    /// serves one per layer).
     pub async fn run(
         &self,
         cri: &CriClient,
         container: &ContainerDetails,
-    ) -> Result<(CachedImage, bool), PrebuildError> {
+    ) -> Result<Option<(CachedImage, bool)>, PrebuildError> {
         let (Some(snapshotter), Some(key)) = (&container.snapshotter, &container.snapshot_key)
         else {
             return Err(PrebuildError::NoSnapshot);
@@ -77,12 +78,17 @@ impl LayerPrebuild {
             .iter()
             .map(|m| (m.type_.as_str(), m.options.as_slice()))
             .collect();
-        let lowers = image_layers(&kinds).ok_or(PrebuildError::NotLayers)?;
+        // What the shim will make of these mounts (the merged path is not needed here).
+        let lowers = match RootfsSource::for_mounts(&kinds, Path::new("/")) {
+            RootfsSource::Layers { lowers, .. } => lowers,
+            RootfsSource::Served { .. } => return Ok(None),
+            RootfsSource::Directory(_) => return Err(PrebuildError::NotLayers),
+        };
         let cache_key = LayerCache::key(&lowers)?;
         let view = LayersView::mount(&lowers)?;
         let built = self.cache.get_or_build(&cache_key, view.path()).await;
         drop(view);
-        Ok(built?)
+        Ok(Some(built?))
     }
 }
 

@@ -369,7 +369,11 @@ async fn prebuild_layers(
         }
     };
     match prebuild.run(cri, &details).await {
-        Ok((image, built)) => {
+        Ok(None) => {
+            say("the snapshotter serves the new image's layers to the VM: nothing to build".into());
+            None
+        }
+        Ok(Some((image, built))) => {
             let took = building.elapsed();
             report.phases.push(("layers", took));
             let how = if built { "built" } else { "found" };

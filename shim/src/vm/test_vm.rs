@@ -58,6 +58,13 @@ impl Vm for TestVm {
                 id: "test-vm".into(),
             });
         }
+        // As QEMU's open of it would.
+        if !image.exists() {
+            return Err(VmError::DiskImage {
+                path: image.to_path_buf(),
+                source: std::io::ErrorKind::NotFound.into(),
+            });
+        }
         let addr = ScsiAddr {
             target: self.next.fetch_add(1, Ordering::SeqCst),
             lun: 0,

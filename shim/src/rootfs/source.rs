@@ -1,0 +1,182 @@
+//! Where a container's rootfs comes from on the host, read from containerd's mounts.
+
+use std::path::{Path, PathBuf};
+
+/// Beside a lazily pulled layer's tree: the snapshotter's erofs image of it.
+const SERVED_IMAGE_DIR: &str = "erofs";
+const SERVED_IMAGE_FILE: &str = "layer.erofs";
+
+/// Where a container's root filesystem comes from on the host.
+#[derive(Debug, Clone)]
+pub enum RootfsSource {
+    /// A plain directory tree (e.g. `spry vm run --rootfs DIR`, or a mounted bundle rootfs).
+    Directory(PathBuf),
+    /// An image's read-only layers (overlay lowerdirs, top first) whose merged view with
+    /// an empty writable layer is mounted at `merged`: its erofs image is built once per
+    /// layer chain and shared (see `cache.rs`).
+    Layers {
+        merged: PathBuf,
+        lowers: Vec<PathBuf>,
+    },
+    /// Image layers (merged at `merged`, as for `Layers`) that Spry's lazy-pulling
+    /// snapshotter also serves as erofs images, topmost first: each is attached as it is,
+    /// and the guest stacks them, so the VM reads (and fetches) only what it uses.
+    Served {
+        merged: PathBuf,
+        images: Vec<PathBuf>,
+    },
+}
+
+impl RootfsSource {
+    /// The source for a container whose rootfs containerd gave as `mounts` (type and
+    /// options each) and the shim mounted at `merged`: when it is one overlay whose
+    /// writable layer is still empty (the usual new container), the snapshotter's images
+    /// of its layers if it serves one for each, else the shared layer image; anything
+    /// else is the merged directory itself.
+    pub fn for_mounts(mounts: &[(&str, &[String])], merged: &Path) -> Self {
+        let merged = merged.to_path_buf();
+        match image_layers(mounts) {
+            Some(lowers) => match served_images(&lowers) {
+                Some(images) => Self::Served { merged, images },
+                None => Self::Layers { merged, lowers },
+            },
+            None => Self::Directory(merged),
+        }
+    }
+
+    /// The host directory the container's merged rootfs is at.
+    pub fn merged(&self) -> &Path {
+        match self {
+            Self::Directory(dir) => dir,
+            Self::Layers { merged, .. } | Self::Served { merged, .. } => merged,
+        }
+    }
+}
+
+/// The read-only layers (overlay lowerdirs, top first) of a container's rootfs `mounts`
+/// when they are one overlay whose writable layer is still empty: the layer chain whose
+/// image `LayerCache` shares. `None` for anything else.
+fn image_layers(mounts: &[(&str, &[String])]) -> Option<Vec<PathBuf>> {
+    let [("overlay", options)] = mounts else {
+        return None;
+    };
+    let option = |name: &str| {
+        options
+            .iter()
+            .find_map(|o| o.strip_prefix(name)?.strip_prefix('='))
+    };
+    let (lowerdir, upperdir) = (option("lowerdir")?, option("upperdir")?);
+    // Escaped separators would need overlayfs's own parsing; not worth it.
+    if lowerdir.contains('\\') {
+        return None;
+    }
+    let lowers: Vec<PathBuf> = lowerdir.split(':').map(PathBuf::from).collect();
+    let upper_empty = std::fs::read_dir(upperdir)
+        .map(|mut entries| entries.next().is_none())
+        .unwrap_or(false);
+    (upper_empty && lowers.iter().all(|l| l.is_absolute())).then_some(lowers)
+}
+
+/// The erofs image Spry's snapshotter serves for each layer (`<snapshot>/fs` is the
+/// layer's tree, `<snapshot>/erofs/layer.erofs` its image: the snapshotter's
+/// `fs::IMAGE_DIR` and `IMAGE_FILE`), when every layer has one.
+fn served_images(lowers: &[PathBuf]) -> Option<Vec<PathBuf>> {
+    lowers
+        .iter()
+        .map(|lower| {
+            let image = lower
+                .with_file_name(SERVED_IMAGE_DIR)
+                .join(SERVED_IMAGE_FILE);
+            image.is_file().then_some(image)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_overlay_with_an_empty_upper_uses_the_shared_layer_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).unwrap();
+        let merged = dir.path().join("rootfs");
+        let options = opts(&[
+            "index=off",
+            "workdir=/s/3/work",
+            &format!("upperdir={}", upper.display()),
+            "lowerdir=/s/2/fs:/s/1/fs",
+        ]);
+        match RootfsSource::for_mounts(&[("overlay", &options)], &merged) {
+            RootfsSource::Layers { merged: m, lowers } => {
+                assert_eq!(m, merged);
+                assert_eq!(
+                    lowers,
+                    vec![PathBuf::from("/s/2/fs"), PathBuf::from("/s/1/fs")]
+                );
+            }
+            other => panic!("expected layers, got {other:?}"),
+        }
+        // Something in the writable layer: the container's own view must be packed.
+        std::fs::write(upper.join("f"), "x").unwrap();
+        assert!(matches!(
+            RootfsSource::for_mounts(&[("overlay", &options)], &merged),
+            RootfsSource::Directory(_)
+        ));
+    }
+
+    #[test]
+    fn layers_the_snapshotter_serves_as_images_are_attached_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("3/fs");
+        let lowers = [dir.path().join("2/fs"), dir.path().join("1/fs")];
+        for d in lowers.iter().chain([&upper]) {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let image = |n: &str| dir.path().join(n).join("erofs/layer.erofs");
+        let options = opts(&[
+            &format!("upperdir={}", upper.display()),
+            &format!("lowerdir={}:{}", lowers[0].display(), lowers[1].display()),
+        ]);
+        let merged = dir.path().join("rootfs");
+        // One layer without an image: the layer chain is packed as before.
+        std::fs::create_dir_all(image("2").parent().unwrap()).unwrap();
+        std::fs::write(image("2"), "").unwrap();
+        assert!(matches!(
+            RootfsSource::for_mounts(&[("overlay", &options)], &merged),
+            RootfsSource::Layers { .. }
+        ));
+        std::fs::create_dir_all(image("1").parent().unwrap()).unwrap();
+        std::fs::write(image("1"), "").unwrap();
+        match RootfsSource::for_mounts(&[("overlay", &options)], &merged) {
+            RootfsSource::Served { merged: m, images } => {
+                assert_eq!(m, merged);
+                assert_eq!(images, vec![image("2"), image("1")]);
+            }
+            other => panic!("expected served images, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn anything_else_is_packed_from_the_merged_directory() {
+        let merged = Path::new("/b/rootfs");
+        let bind = opts(&["rbind", "ro"]);
+        let relative = opts(&["lowerdir=fs:/s/1/fs", "upperdir=/nonexistent"]);
+        for mounts in [
+            vec![],
+            vec![("bind", bind.as_slice())],
+            vec![("overlay", relative.as_slice())],
+            vec![("overlay", bind.as_slice()), ("bind", bind.as_slice())],
+        ] {
+            assert!(matches!(
+                RootfsSource::for_mounts(&mounts, merged),
+                RootfsSource::Directory(_)
+            ));
+        }
+    }
+}
