@@ -205,6 +205,95 @@ fn a_spry_pod_runs_an_estargz_image_from_the_lazy_snapshotter() -> Result<()> {
 }
 
 #[test]
+fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Result<()> {
+    let spry_state = tempfile::Builder::new()
+        .prefix("spry-lazy-img-")
+        .tempdir_in("/run")?;
+    let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
+    let c = cluster_with(
+        "lazy-img",
+        "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\n",
+        |opts| Ok(spry.register(opts)),
+    )?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &[])?;
+    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = c.registry.image("busybox:estargz");
+    crictl.pull(&image)?;
+
+    // The tree a runc container sees through the snapshotter's FUSE layers.
+    let ref_cfg = PodConfig::new("lazy-img-runc").write_to(&c.containerd.dir())?;
+    let ref_pod = crictl.runp(&ref_cfg, None)?;
+    let want = run_tree(&c, &ref_pod, &ref_cfg, "ref", &image)?;
+    crictl.stopp(&ref_pod)?;
+    crictl.rmp(&ref_pod)?;
+
+    let pod_cfg = PodConfig::new("lazy-img-vm").write_to(&c.containerd.dir())?;
+    let pod = crictl
+        .runp(&pod_cfg, Some("spry"))
+        .with_context(|| c.containerd.log_tail(40))?;
+    let cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "600"])
+        .write_to(&c.containerd.dir())?;
+    let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl
+        .start(&sleeper)
+        .with_context(|| c.containerd.log_tail(40))?;
+    // The VM reads the snapshotter's images: the shim packed nothing.
+    let packed: Vec<_> = std::fs::read_dir(spry_state.path().join("run/layer-images"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    ensure!(
+        packed.is_empty(),
+        "the shim packed a layer image: {packed:?}"
+    );
+    let served = qemu_open_files()?
+        .into_iter()
+        .filter(|f| f.ends_with("erofs/layer.erofs"))
+        .count();
+    ensure!(served >= 1, "QEMU holds no image the snapshotter serves");
+    ensure!(
+        want.lines().count() > 100,
+        "the reference tree is too short:\n{want}"
+    );
+    let got = run_tree(&c, &pod, &pod_cfg, "tree", &image)?;
+    let (want_lines, got_lines): (Vec<_>, Vec<_>) = (want.lines().collect(), got.lines().collect());
+    let missing: Vec<_> = want_lines
+        .iter()
+        .filter(|l| !got_lines.contains(l))
+        .collect();
+    let extra: Vec<_> = got_lines
+        .iter()
+        .filter(|l| !want_lines.contains(l))
+        .collect();
+    ensure!(
+        missing.is_empty() && extra.is_empty(),
+        "the VM's tree differs from the runc container's: missing {missing:?}, extra {extra:?}"
+    );
+    crictl.stop(&sleeper, 0)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
+/// The files every QEMU process has open.
+fn qemu_open_files() -> Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for proc in std::fs::read_dir("/proc")?.flatten() {
+        let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("qemu-system") {
+            continue;
+        }
+        for fd in std::fs::read_dir(proc.path().join("fd"))?.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                files.push(target);
+            }
+        }
+    }
+    Ok(files)
+}
+
+#[test]
 fn running_pods_survive_a_snapshotter_restart_and_registry_outages_give_eio() -> Result<()> {
     let mut c = cluster("lazy-restart", "[lazy]\nbackground_fetch = false\nprefetch = false\nfetch_attempts = 2\nfetch_backoff_ms = 100\n[registry]\nrequest_timeout_ms = 3000\n")?;
     push_layout(&c.registry, "busybox")?;
