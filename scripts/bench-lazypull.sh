@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Lazy-pull benchmark (stargz hello-bench style): python and busybox workloads, each pulled cold as
 # (a) overlayfs full pull, (b) Spry lazy without prefetch, (c) Spry lazy with recorded prefetch, over a
-# 100 Mbit/s netns+veth+tc link and unthrottled. Times pull, create and run-until-ready separately;
+# 100 Mbit/s netns+veth+tc link and unthrottled, in runc pods and in Spry pods (whose VMs read lazy
+# layers through the snapshotter's erofs images). Times pull, create and run-until-ready separately;
 # reports medians, ratios, bytes fetched before ready, and sequential read throughput of the lazy FS
 # (fully fetched) against overlayfs.
 #
 #   scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
-#                             [--read-only]
+#                             [--runtimes runc|spry|both] [--read-only]
 #
 # --read-only: only the read throughput (overlayfs, lazy with passthrough, lazy through the
 # daemon), to target/bench/lazypull-read.{json,md}.
@@ -20,14 +21,16 @@ entry_script
 RUNS=3
 IMAGES=python,busybox
 LINKS=both
+RUNTIMES=both
 READ_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) RUNS=$2; shift 2 ;;
         --images) IMAGES=$2; shift 2 ;;
         --links) LINKS=$2; shift 2 ;;
+        --runtimes) RUNTIMES=$2; shift 2 ;;
         --read-only) READ_ONLY=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -38,9 +41,13 @@ done
 # The snapshotter is what is measured: release. The harness driving it can stay a debug build.
 log "building spry-snapshotter (release)"
 cargo build --release -p spry-snapshotter
+# Spry pods: the guest and the release shim (its VMs read lazy layers through the snapshotter's images).
+scripts/build-guest.sh
+cargo build --release -p spry-shim --bins
 log "running the benchmark: $RUNS run(s) per cell, images $IMAGES, links $LINKS"
 SPRY_SNAPSHOTTER_BIN="$SPRY_ROOT/target/release/spry-snapshotter" \
 SPRY_BENCH_RUNS=$RUNS SPRY_BENCH_IMAGES=$IMAGES SPRY_BENCH_LINKS=$LINKS SPRY_BENCH_READ_ONLY=$READ_ONLY \
+SPRY_BENCH_RUNTIMES=$RUNTIMES \
 SPRY_BENCH_OUT="$SPRY_ROOT/target/bench" \
     cargo test -p spry-integration --test lazy_pull_bench -- --ignored --nocapture --test-threads 1
 log "report: target/bench/lazypull.md and target/bench/lazypull.json"

@@ -2,10 +2,13 @@
 //! `scripts/bench-lazypull.sh`; `#[ignore]`d in normal test runs.
 //!
 //! For each image, link (100 Mbit/s through a netns + veth + tc, or
-//! unlimited) and mode (overlayfs full pull, lazy, lazy with recorded
-//! prefetch), it times pull, create and run-until-ready from a cold start:
-//! a fresh containerd (empty content store) and a fresh snapshotter (empty
-//! chunk cache) every run. Writes target/bench/lazypull.{json,md}.
+//! unlimited), mode (overlayfs full pull, lazy, lazy with recorded
+//! prefetch) and runtime (runc; Spry, whose VM reads a lazy layer through the
+//! snapshotter's erofs image of it, `vm_images`), it times pull, create and
+//! run-until-ready from a cold start: a fresh containerd (empty content store)
+//! and a fresh snapshotter (empty chunk cache) every run; the pod (and for
+//! Spry its VM) is up before the clock starts. Writes
+//! target/bench/lazypull.{json,md}.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -58,7 +61,7 @@ fn cold_run(
     registry: &Registry,
     link: &SlowLink,
     w: &Workload,
-    mode: &str,
+    (runtime, mode): (&str, &str),
     image_bytes: u64,
 ) -> Result<Run> {
     let image = match mode {
@@ -70,8 +73,9 @@ fn cold_run(
     let lazy_cfg = format!(
         // Background fetching is off so that "bytes before ready" is what the
         // workload needed (and timings are on-demand fetching alone).
-        "[lazy]\nprefetch = {}\nbackground_fetch = false\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        "[lazy]\nprefetch = {}\nbackground_fetch = false\nvm_images = {}\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
         mode == "lazy-prefetch",
+        runtime != "runc",
         link.addr(),
         proxy.addr
     );
@@ -86,11 +90,19 @@ fn cold_run(
             .snapshotter("spry")
             .extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
     }
+    let spry_state = tempfile::Builder::new()
+        .prefix("spry-bench-lazy-")
+        .tempdir_in("/run")?;
+    let handler = (runtime != "runc").then_some("spry");
+    if handler.is_some() {
+        let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
+        opts = spry.register(opts);
+    }
     let containerd = Containerd::start(opts)?;
     link.trust_from(&containerd.certs_dir())?;
-    let crictl = containerd.crictl();
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let pod_cfg = PodConfig::new("bench").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, None)?;
+    let pod = crictl.runp(&pod_cfg, handler)?;
     let log_file = containerd.dir().join("logs/bench/app.log");
 
     let t0 = Instant::now();
@@ -390,23 +402,34 @@ fn lazy_pull_benchmark() -> Result<()> {
             w.image, image_bytes[w.image], recorded[w.image]
         );
     }
+    // Spry's template runtime is left out: a template pod starts its containers as a
+    // cold one does, and the timed part begins with the pod up.
+    let runtimes: Vec<&str> = match std::env::var("SPRY_BENCH_RUNTIMES").as_deref() {
+        Ok("runc") => vec!["runc"],
+        Ok("spry") => vec!["spry"],
+        _ => vec!["runc", "spry"],
+    };
     let link = SlowLink::start(storage.path())?;
     let mut results = Vec::new();
     for (link_name, rate) in links {
         link.set_rate(rate)?;
         for w in &selected {
-            for mode in ["overlayfs", "lazy", "lazy-prefetch"] {
+            for (runtime, mode) in runtimes
+                .iter()
+                .flat_map(|r| ["overlayfs", "lazy", "lazy-prefetch"].map(|m| (*r, m)))
+            {
                 let mut samples = Vec::new();
                 for i in 0..runs {
-                    let r = cold_run(&registry, &link, w, mode, image_bytes[w.image])?;
+                    let r = cold_run(&registry, &link, w, (runtime, mode), image_bytes[w.image])?;
                     eprintln!(
-                        "{} {link_name} {mode} #{i}: pull {:.2}s create {:.2}s run {:.2}s, {} bytes before ready",
+                        "{} {link_name} {runtime} {mode} #{i}: pull {:.2}s create {:.2}s run {:.2}s, {} bytes before ready",
                         w.image, r.pull_s, r.create_s, r.run_s, r.bytes_before_ready
                     );
                     samples.push(r);
                 }
                 let m = |f: fn(&Run) -> f64| median(samples.iter().map(f).collect());
                 results.push(json!({
+                    "runtime": runtime,
                     "image": w.image,
                     "image_bytes": image_bytes[w.image],
                     "link": link_name,
@@ -464,19 +487,23 @@ fn oci_image_bytes(name: &str) -> Result<u64> {
 
 fn markdown(report: &Value) -> String {
     let mut md = String::from("# Lazy pull benchmark\n\nMedians of cold runs (fresh containerd content store and chunk cache each run).\n\n");
-    md.push_str("| image | link | mode | pull s | create s | run s | total s | vs overlayfs | MB fetched before ready |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| runtime | image | link | mode | pull s | create s | run s | total s | vs overlayfs | MB fetched before ready |\n|---|---|---|---|---|---|---|---|---|---|\n");
     let runs = report["runs"].as_array().cloned().unwrap_or_default();
     for r in &runs {
         let base = runs
             .iter()
             .find(|b| {
-                b["image"] == r["image"] && b["link"] == r["link"] && b["mode"] == "overlayfs"
+                b["image"] == r["image"]
+                    && b["link"] == r["link"]
+                    && b["runtime"] == r["runtime"]
+                    && b["mode"] == "overlayfs"
             })
             .and_then(|b| b["total_s"].as_f64())
             .unwrap_or(f64::NAN);
         let total = r["total_s"].as_f64().unwrap_or(f64::NAN);
         md.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.1} of {:.1} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.1} of {:.1} |\n",
+            r["runtime"].as_str().unwrap_or(""),
             r["image"].as_str().unwrap_or(""),
             r["link"].as_str().unwrap_or(""),
             r["mode"].as_str().unwrap_or(""),
