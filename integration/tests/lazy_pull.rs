@@ -276,6 +276,76 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
     Ok(())
 }
 
+/// A Spry pod reading lazy layers through the snapshotter's images: a registry outage is an
+/// I/O error in the guest within the read deadline, the same read works once it is back, and
+/// the snapshotter's restart leaves the VM's reads working (the layer daemons serve them).
+#[test]
+fn a_spry_pods_lazy_reads_fail_cleanly_in_an_outage_and_survive_a_snapshotter_restart() -> Result<()>
+{
+    let spry_state = tempfile::Builder::new()
+        .prefix("spry-lazy-out-")
+        .tempdir_in("/run")?;
+    let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
+    let mut c = cluster_with(
+        "lazy-vm-out",
+        "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\nfetch_attempts = 2\nfetch_backoff_ms = 100\n[registry]\nrequest_timeout_ms = 3000\n",
+        |opts| Ok(spry.register(opts)),
+    )?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &[])?;
+    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = c.registry.image("busybox:estargz");
+    crictl.pull(&image)?;
+    let pod_cfg = PodConfig::new("lazy-vm-out").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let cfg = ContainerConfig::new("sleeper", &image)
+        .command(&["sleep", "3600"])
+        .write_to(&c.containerd.dir())?;
+    let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&sleeper)?;
+    crictl.wait_container_state(&sleeper, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+
+    c.proxy.set_down(true);
+    let started = Instant::now();
+    let out = crictl.exec_sync(
+        &sleeper,
+        &["cat", "/spry/hello.txt"],
+        Duration::from_secs(120),
+    )?;
+    let took = started.elapsed();
+    c.proxy.set_down(false);
+    eprintln!("read in the outage: {out:?} after {took:?}");
+    ensure!(
+        out.code != 0 && out.stderr.contains("Input/output error"),
+        "read during the outage: {out:?}; layer daemon log:\n{}",
+        c.snapshotter.daemon_logs()
+    );
+    ensure!(
+        took < Duration::from_secs(60),
+        "read during the outage took {took:?}"
+    );
+    let out = crictl.exec_sync(
+        &sleeper,
+        &["cat", "/spry/hello.txt"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(
+        out.code == 0 && out.stdout.contains("hello from spry"),
+        "read after the outage: {out:?}"
+    );
+
+    c.snapshotter.stop()?;
+    let out = crictl.exec_sync(&sleeper, &["cat", "/etc/group"], Duration::from_secs(60))?;
+    ensure!(
+        out.code == 0 && out.stdout.contains("root"),
+        "a read with the snapshotter down: {out:?}"
+    );
+    c.snapshotter.spawn()?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    Ok(())
+}
+
 /// The files every QEMU process has open.
 fn qemu_open_files() -> Result<Vec<std::path::PathBuf>> {
     let mut files = Vec::new();
