@@ -210,10 +210,11 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
         .prefix("spry-lazy-img-")
         .tempdir_in("/run")?;
     let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
+    let cold = spry.variant("cold", "template = \"off\"")?;
     let c = cluster_with(
         "lazy-img",
         "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\n",
-        |opts| Ok(spry.register(opts)),
+        |opts| Ok(spry.register_variant(spry.register(opts), "spry-cold", &cold)),
     )?;
     push_layout(&c.registry, "busybox")?;
     convert(&c.registry, "busybox", &[])?;
@@ -227,12 +228,48 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
     let want = run_tree(&c, &ref_pod, &ref_cfg, "ref", &image)?;
     crictl.stopp(&ref_pod)?;
     crictl.rmp(&ref_pod)?;
+    ensure!(
+        want.lines().count() > 100,
+        "the reference tree is too short:\n{want}"
+    );
+    // The template is built by a first pod; the second is its clone.
+    let warm_cfg = PodConfig::new("lazy-img-warm").write_to(&c.containerd.dir())?;
+    let warm = crictl.runp(&warm_cfg, Some("spry"))?;
+    crictl.stopp(&warm)?;
+    crictl.rmp(&warm)?;
+    for handler in ["spry-cold", "spry"] {
+        tree_in_a_vm(&c, handler, &image, &want, spry_state.path())
+            .with_context(|| format!("in a {handler} pod"))?;
+    }
+    Ok(())
+}
 
-    let pod_cfg = PodConfig::new("lazy-img-vm").write_to(&c.containerd.dir())?;
+/// Runs the tree listing in a `handler` pod on `image` and compares it with `want`; the
+/// VM must read the snapshotter's images, and a template pod must be a clone.
+fn tree_in_a_vm(
+    c: &Cluster,
+    handler: &str,
+    image: &str,
+    want: &str,
+    spry_state: &Path,
+) -> Result<()> {
+    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
+    let pod_cfg = PodConfig::new(&format!("lazy-img-{handler}")).write_to(&c.containerd.dir())?;
     let pod = crictl
-        .runp(&pod_cfg, Some("spry"))
+        .runp(&pod_cfg, Some(handler))
         .with_context(|| c.containerd.log_tail(40))?;
-    let cfg = ContainerConfig::new("sleeper", &image)
+    // This pod's QEMU (other tests may run VMs meanwhile): named after the sandbox.
+    let ours = format!("spry-{}", &pod[..12]);
+    let (qemu, cmdline) = qemus()?
+        .into_iter()
+        .find(|(_, l)| l.contains(&ours))
+        .context("no QEMU for the pod")?;
+    let clone = cmdline.contains("/templates/");
+    ensure!(
+        clone == (handler == "spry"),
+        "{handler} pod: template clone {clone}"
+    );
+    let cfg = ContainerConfig::new("sleeper", image)
         .command(&["sleep", "600"])
         .write_to(&c.containerd.dir())?;
     let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
@@ -240,23 +277,19 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
         .start(&sleeper)
         .with_context(|| c.containerd.log_tail(40))?;
     // The VM reads the snapshotter's images: the shim packed nothing.
-    let packed: Vec<_> = std::fs::read_dir(spry_state.path().join("run/layer-images"))
+    let packed: Vec<_> = std::fs::read_dir(spry_state.join("run/layer-images"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     ensure!(
         packed.is_empty(),
         "the shim packed a layer image: {packed:?}"
     );
-    let served = qemu_open_files()?
+    let served = open_files(&qemu)?
         .into_iter()
         .filter(|f| f.ends_with("erofs/layer.erofs"))
         .count();
     ensure!(served >= 1, "QEMU holds no image the snapshotter serves");
-    ensure!(
-        want.lines().count() > 100,
-        "the reference tree is too short:\n{want}"
-    );
-    let got = run_tree(&c, &pod, &pod_cfg, "tree", &image)?;
+    let got = run_tree(c, &pod, &pod_cfg, "tree", image)?;
     let (want_lines, got_lines): (Vec<_>, Vec<_>) = (want.lines().collect(), got.lines().collect());
     let missing: Vec<_> = want_lines
         .iter()
@@ -273,12 +306,37 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
     crictl.stop(&sleeper, 0)?;
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
+    ensure!(
+        !qemus()?.iter().any(|(_, l)| l.contains(&ours)),
+        "the pod's VM outlived it"
+    );
     Ok(())
 }
 
-/// A Spry pod reading lazy layers through the snapshotter's images: a registry outage is an
-/// I/O error in the guest within the read deadline, the same read works once it is back, and
-/// the snapshotter's restart leaves the VM's reads working (the layer daemons serve them).
+/// Every QEMU process: its /proc dir and command line.
+fn qemus() -> Result<Vec<(std::path::PathBuf, String)>> {
+    let mut found = Vec::new();
+    for proc in std::fs::read_dir("/proc")?.flatten() {
+        let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("qemu-system") {
+            let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
+            found.push((
+                proc.path(),
+                String::from_utf8_lossy(&cmdline).replace('\0', " "),
+            ));
+        }
+    }
+    Ok(found)
+}
+
+/// The files the process at `proc_dir` has open.
+fn open_files(proc_dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    Ok(std::fs::read_dir(proc_dir.join("fd"))?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .collect())
+}
+
 #[test]
 fn a_spry_pods_lazy_reads_fail_cleanly_in_an_outage_and_survive_a_snapshotter_restart() -> Result<()>
 {
@@ -344,23 +402,6 @@ fn a_spry_pods_lazy_reads_fail_cleanly_in_an_outage_and_survive_a_snapshotter_re
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
     Ok(())
-}
-
-/// The files every QEMU process has open.
-fn qemu_open_files() -> Result<Vec<std::path::PathBuf>> {
-    let mut files = Vec::new();
-    for proc in std::fs::read_dir("/proc")?.flatten() {
-        let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
-        if !comm.starts_with("qemu-system") {
-            continue;
-        }
-        for fd in std::fs::read_dir(proc.path().join("fd"))?.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path()) {
-                files.push(target);
-            }
-        }
-    }
-    Ok(files)
 }
 
 #[test]
