@@ -166,3 +166,49 @@ fn put32(b: &mut [u8], at: usize, v: u32) {
 fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_le_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xattrs_are_stored_by_prefix_index_and_padded() {
+        let (area, count) =
+            xattr_area([("user.a", &b"xyz"[..]), ("system.posix_acl_access", b"")]).unwrap();
+        // Header, then "a"=xyz under user. (4 + 1 + 3 = 8), then the ACL (4, empty name).
+        assert_eq!(area.len(), 12 + 8 + 4);
+        assert_eq!(count as usize, (area.len() - 12) / 4 + 1);
+        assert_eq!(&area[12..20], &[1, 1, 3, 0, b'a', b'x', b'y', b'z']);
+        assert_eq!(&area[20..24], &[0, 2, 0, 0]);
+        assert_eq!(xattr_area(std::iter::empty()).unwrap(), (Vec::new(), 0));
+    }
+
+    #[test]
+    fn names_erofs_cannot_hold_are_refused() {
+        for name in ["system.foo", "lustre.x", "user", "other.x"] {
+            assert_eq!(
+                xattr_area([(name, &b"v"[..])]),
+                Err(UnsupportedXattr(name.into())),
+                "{name}"
+            );
+        }
+        let long = format!("user.{}", "n".repeat(256));
+        assert!(xattr_area([(long.as_str(), &b"v"[..])]).is_err());
+        let big = vec![0u8; 70_000];
+        assert!(xattr_area([("user.big", big.as_slice())]).is_err());
+    }
+
+    #[test]
+    fn a_directory_block_lists_dirents_then_names() {
+        let block = dir_block(&[
+            (b".", 36, FileType::Directory),
+            (b"ab", 40, FileType::Regular),
+        ]);
+        assert_eq!(block.len(), 2 * DIRENT_SIZE + 3);
+        assert_eq!(u64::from_le_bytes(block[0..8].try_into().unwrap()), 36);
+        assert_eq!(u16::from_le_bytes([block[8], block[9]]), 24);
+        assert_eq!(block[10], FileType::Directory as u8);
+        assert_eq!(u16::from_le_bytes([block[20], block[21]]), 25);
+        assert_eq!(&block[24..], b".ab");
+    }
+}
