@@ -11,10 +11,9 @@ use std::time::{Duration, UNIX_EPOCH};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, LockOwner, MountOption,
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
-    SessionACL,
 };
 
-use super::{error_chain, read_errno, FsError, FUSE_THREADS};
+use super::{error_chain, read_errno, FsError};
 use crate::erofs::ErofsImage;
 use crate::layer::RemoteLayer;
 
@@ -162,19 +161,8 @@ impl ImageMount {
         name: &str,
     ) -> Result<Self, FsError> {
         let _ = super::detach(path);
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(format!("spry-image:{name}")),
-            MountOption::Subtype("spry".to_string()),
-            MountOption::DefaultPermissions,
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::NoExec,
-        ];
-        // VMs run under unprivileged uids (the shim's jail); the file is world-readable.
-        config.acl = SessionACL::All;
-        config.n_threads = Some(FUSE_THREADS);
+        let config =
+            super::mount::session_config(format!("spry-image:{name}"), MountOption::NoExec);
         let session = fuser::Session::new(ImageFs { layer, image }, path, &config)
             .and_then(|s| s.spawn())
             .map_err(|source| FsError::Mount {

@@ -40,23 +40,7 @@ impl LayerMount {
     ) -> Result<Self, FsError> {
         // A previous process may have left a dead mount here (ENOTCONN).
         let _ = detach(path);
-        let mut config = fuser::Config::default();
-        config.mount_options = vec![
-            MountOption::RO,
-            MountOption::FSName(format!("spry:{name}")),
-            MountOption::Subtype("spry".to_string()),
-            MountOption::DefaultPermissions,
-            // Device numbers and setuid bits come from the image's TOC: honoured on this
-            // mount they would let any process that reaches it open a device the image
-            // names or gain root. Containers see the layer through their overlay mount,
-            // whose own flags govern exec there (setuid binaries in a container still work).
-            MountOption::NoDev,
-            MountOption::NoSuid,
-            MountOption::Exec,
-        ];
-        // Containers run as any uid; the kernel checks modes (DefaultPermissions).
-        config.acl = SessionACL::All;
-        config.n_threads = Some(FUSE_THREADS);
+        let config = session_config(format!("spry:{name}"), MountOption::Exec);
         let fs = LayerFs::new(layer, options);
         let stats = fs.stats.clone();
         let session = fuser::Session::new(fs, path, &config)
@@ -112,6 +96,29 @@ impl Drop for LayerMount {
             tracing::warn!(path = %self.path.display(), error = %err, "failed to unmount layer");
         }
     }
+}
+
+/// A read-only session of Spry's, named `fs_name`, with `exec` (`Exec` or `NoExec`).
+pub(super) fn session_config(fs_name: String, exec: MountOption) -> fuser::Config {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(fs_name),
+        MountOption::Subtype("spry".to_string()),
+        MountOption::DefaultPermissions,
+        // Device numbers and setuid bits come from the image's TOC: honoured on this
+        // mount they would let any process that reaches it open a device the image
+        // names or gain root. Containers see the layer through their overlay mount,
+        // whose own flags govern exec there (setuid binaries in a container still work).
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        exec,
+    ];
+    // Containers (and VMs, under their jail's uids) run as any uid; the kernel checks
+    // modes (DefaultPermissions).
+    config.acl = SessionACL::All;
+    config.n_threads = Some(FUSE_THREADS);
+    config
 }
 
 /// Lazily detaches whatever is mounted at `path`.
