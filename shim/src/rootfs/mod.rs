@@ -2,7 +2,8 @@
 //!
 //! The default is [`ErofsBlockShare`]: the rootfs directory becomes a read-only erofs
 //! image, hot-plugged as a virtio-scsi disk, with a writable layer on a second disk
-//! (`writable.rs`).
+//! (`writable.rs`). Layers Spry's lazy-pulling snapshotter serves as erofs images are
+//! plugged as they are, one disk each (`source.rs`), so the VM fetches only what it reads.
 //! Measured under TCG, 5,000 small files read in 0.30 s from erofs on a virtual disk
 //! against 5.2 s over virtio-fs (cache=always), and a block device keeps working with
 //! copy-on-write VM templates, where vhost-user virtio-fs (which needs guest RAM shared
