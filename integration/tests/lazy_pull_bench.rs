@@ -228,6 +228,11 @@ enum ReadMode {
     Lazy,
     /// Lazy layers, fully cached, every read through the daemon (`lazy.passthrough = false`).
     LazyDaemon,
+    /// In a Spry pod: the normal image, its layers packed into an erofs disk by the shim.
+    VmErofsDisk,
+    /// In a Spry pod: lazy layers, fully cached, read through the snapshotter's erofs
+    /// images (`lazy.vm_images`).
+    VmLazy,
 }
 
 /// One sequential read of `dir`: MiB/s, and the passthrough opens the layer daemons
@@ -239,14 +244,26 @@ fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f6
         registry.host(),
         proxy.addr
     );
-    if mode == ReadMode::LazyDaemon {
-        cfg.push_str("[lazy]\npassthrough = false\n");
+    match mode {
+        ReadMode::LazyDaemon => cfg.push_str("[lazy]\npassthrough = false\n"),
+        ReadMode::VmLazy => cfg.push_str("[lazy]\nvm_images = true\n"),
+        _ => {}
     }
     let (mut snapshotter, image) = match mode {
-        ReadMode::Overlayfs => (None, "python:1"),
+        ReadMode::Overlayfs | ReadMode::VmErofsDisk => (None, "python:1"),
         _ => (Some(Snapshotter::start(&cfg)?), "python:estargz"),
     };
     let mut opts = ContainerdOptions::new("bench-read").registry(registry);
+    // Spry pods boot cold (no template to build): the read is what is measured.
+    let spry_state = tempfile::Builder::new()
+        .prefix("spry-bench-read-")
+        .tempdir_in("/run")?;
+    let handler = matches!(mode, ReadMode::VmErofsDisk | ReadMode::VmLazy).then_some("spry-cold");
+    if handler.is_some() {
+        let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
+        let cold = spry.variant("cold", "template = \"off\"")?;
+        opts = spry.register_variant(opts, "spry-cold", &cold);
+    }
     if let Some(s) = &snapshotter {
         // Fill the cache completely first: the measurement is of the FS, not the network.
         let out = Command::new(snapshotter_bin()?)
@@ -264,11 +281,11 @@ fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f6
             .extra_toml(&proxy_snapshotter_toml("spry", &s.socket()));
     }
     let containerd = Containerd::start(opts)?;
-    let crictl = containerd.crictl();
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let image = registry.image(image);
     crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("read").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, None)?;
+    let pod = crictl.runp(&pod_cfg, handler)?;
     let script = format!(
         "import os, time\nt=time.time(); n=0\nfor r, ds, fs in os.walk('{dir}'):\n  for f in fs:\n    p=os.path.join(r, f)\n    if os.path.islink(p) or not os.path.isfile(p): continue\n    with open(p, 'rb') as h:\n      while True:\n        b=h.read(1<<20)\n        if not b: break\n        n+=len(b)\nprint('MIBS', n/(1<<20)/(time.time()-t), n)\n"
     );
@@ -278,7 +295,7 @@ fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f6
     let id = crictl.create(&pod, &cfg, &pod_cfg)?;
     crictl.start(&id)?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
-    let out = crictl.exec_sync(&id, &["python3", "-c", &script], Duration::from_secs(300))?;
+    let out = crictl.exec_sync(&id, &["python3", "-c", &script], Duration::from_secs(600))?;
     let _ = crictl.stopp(&pod);
     let _ = crictl.rmp(&pod);
     drop(containerd);
@@ -312,15 +329,20 @@ fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f6
 /// Medians of `runs` reads per mode, the modes taking turns (drift hits all alike), and
 /// whether the layer daemons really passed files through (on) and did not (off).
 fn read_report(registry: &Registry, runs: usize) -> Result<Value> {
-    let modes = [
+    let mut modes = vec![
         ("overlayfs", ReadMode::Overlayfs),
         ("lazy", ReadMode::Lazy),
         ("lazy_daemon", ReadMode::LazyDaemon),
     ];
+    let guest = std::env::var("SPRY_BENCH_RUNTIMES").map_or(true, |r| r != "runc");
+    if guest {
+        modes.push(("vm_erofs_disk", ReadMode::VmErofsDisk));
+        modes.push(("vm_lazy", ReadMode::VmLazy));
+    }
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut opens: BTreeMap<&str, u64> = BTreeMap::new();
     for i in 0..runs {
-        for (name, mode) in modes {
+        for &(name, mode) in &modes {
             let (mibs, passthrough) = read_throughput(registry, mode, "/usr/lib")?;
             eprintln!(
                 "read /usr/lib {name} #{i}: {mibs:.0} MiB/s, {passthrough} passthrough opens"
@@ -329,8 +351,14 @@ fn read_report(registry: &Registry, runs: usize) -> Result<Value> {
             *opens.entry(name).or_default() += passthrough;
         }
     }
-    let med = |name: &str| median(samples[name].clone());
+    let med = |name: &str| samples.get(name).map_or(f64::NAN, |s| median(s.clone()));
     Ok(json!({
+        // Inside a Spry pod's VM: a fully fetched lazy layer through the snapshotter's
+        // image against the shim's packed erofs disk.
+        "guest_read_mib_s": {
+            "erofs_disk": med("vm_erofs_disk"),
+            "lazy_fetched": med("vm_lazy"),
+        },
         "read_throughput_mib_s": {
             "overlayfs": med("overlayfs"),
             "lazy": med("lazy"),
@@ -523,13 +551,17 @@ fn markdown(report: &Value) -> String {
 fn read_markdown(report: &Value) -> String {
     let t = &report["read_throughput_mib_s"];
     let mibs = |k: &str| t[k].as_f64().unwrap_or(f64::NAN);
+    let g = |k: &str| report["guest_read_mib_s"][k].as_f64().unwrap_or(f64::NAN);
     format!(
-        "\nSequential read of /usr/lib of the python image, fully cached, page cache dropped (medians): overlayfs {:.0} MiB/s, lazy with FUSE passthrough {:.0} MiB/s ({:.0}% of overlayfs), lazy through the daemon {:.0} MiB/s ({:.0}%). Checks: {}.\n",
+        "\nSequential read of /usr/lib of the python image, fully cached, page cache dropped (medians): overlayfs {:.0} MiB/s, lazy with FUSE passthrough {:.0} MiB/s ({:.0}% of overlayfs), lazy through the daemon {:.0} MiB/s ({:.0}%). In a Spry pod's VM: the packed erofs disk {:.1} MiB/s, the lazy layers' images {:.1} MiB/s ({:.0}%). Checks: {}.\n",
         mibs("overlayfs"),
         mibs("lazy"),
         100.0 * mibs("lazy") / mibs("overlayfs"),
         mibs("lazy_daemon"),
         100.0 * mibs("lazy_daemon") / mibs("overlayfs"),
+        g("erofs_disk"),
+        g("lazy_fetched"),
+        100.0 * g("lazy_fetched") / g("erofs_disk"),
         report["checks"],
     )
 }
