@@ -392,3 +392,22 @@ fn walk_dir_names(root: &Path) -> Vec<String> {
     }
     names
 }
+
+#[test]
+fn a_layer_with_an_xattr_erofs_cannot_hold_gets_no_image() {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_mode(0o644);
+    h.set_size(1);
+    b.append_pax_extensions([("SCHILY.xattr.system.odd", &b"v"[..])])
+        .unwrap();
+    b.append_data(&mut h, "f", &b"x"[..]).unwrap();
+    let (blob, out) = convert(&b.into_inner().unwrap(), &[]);
+    let (layer, _fuse) = layer_of(blob, out);
+    let err = ErofsImage::build(&Tree::build(layer.index())).unwrap_err();
+    assert!(
+        matches!(&err, ErofsError::Xattr { name } if name == "system.odd"),
+        "{err}"
+    );
+}
