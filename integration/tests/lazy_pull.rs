@@ -71,6 +71,31 @@ fn cluster_with(
     })
 }
 
+/// A cluster whose containerd also runs Spry (`spry`, templates on; `spry-cold`), its
+/// snapshotter configured by `snapshotter_config`, with busybox converted to eStargz and
+/// pulled. Returns the cluster, Spry's state dir (dropped after it) and the image.
+fn spry_lazy_busybox(
+    name: &str,
+    snapshotter_config: &str,
+) -> Result<(Cluster, tempfile::TempDir, String)> {
+    let spry_state = tempfile::Builder::new()
+        .prefix(&format!("spry-{name}-"))
+        .tempdir_in("/run")?;
+    let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
+    let cold = spry.variant("cold", "template = \"off\"")?;
+    let c = cluster_with(name, snapshotter_config, |opts| {
+        Ok(spry.register_variant(spry.register(opts), "spry-cold", &cold))
+    })?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &[])?;
+    let image = c.registry.image("busybox:estargz");
+    c.containerd
+        .crictl()
+        .with_timeout(Duration::from_secs(180))
+        .pull(&image)?;
+    Ok((c, spry_state, image))
+}
+
 /// Runs TREE_SCRIPT in a container of `image` inside `pod`; returns its log.
 fn run_tree(c: &Cluster, pod: &str, pod_cfg: &Path, name: &str, image: &str) -> Result<String> {
     let crictl = c.containerd.crictl();
@@ -206,21 +231,11 @@ fn a_spry_pod_runs_an_estargz_image_from_the_lazy_snapshotter() -> Result<()> {
 
 #[test]
 fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Result<()> {
-    let spry_state = tempfile::Builder::new()
-        .prefix("spry-lazy-img-")
-        .tempdir_in("/run")?;
-    let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
-    let cold = spry.variant("cold", "template = \"off\"")?;
-    let c = cluster_with(
+    let (c, spry_state, image) = spry_lazy_busybox(
         "lazy-img",
         "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\n",
-        |opts| Ok(spry.register_variant(spry.register(opts), "spry-cold", &cold)),
     )?;
-    push_layout(&c.registry, "busybox")?;
-    convert(&c.registry, "busybox", &[])?;
     let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
-    let image = c.registry.image("busybox:estargz");
-    crictl.pull(&image)?;
 
     // The tree a runc container sees through the snapshotter's FUSE layers.
     let ref_cfg = PodConfig::new("lazy-img-runc").write_to(&c.containerd.dir())?;
@@ -371,20 +386,11 @@ fn open_files(proc_dir: &Path) -> Result<Vec<std::path::PathBuf>> {
 #[test]
 fn a_spry_pods_lazy_reads_fail_cleanly_in_an_outage_and_survive_a_snapshotter_restart() -> Result<()>
 {
-    let spry_state = tempfile::Builder::new()
-        .prefix("spry-lazy-out-")
-        .tempdir_in("/run")?;
-    let spry = spry_integration::SpryHandler::new(spry_state.path(), "debug", None)?;
-    let mut c = cluster_with(
+    let (mut c, _spry_state, image) = spry_lazy_busybox(
         "lazy-vm-out",
         "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\nfetch_attempts = 2\nfetch_backoff_ms = 100\n[registry]\nrequest_timeout_ms = 3000\n",
-        |opts| Ok(spry.register(opts)),
     )?;
-    push_layout(&c.registry, "busybox")?;
-    convert(&c.registry, "busybox", &[])?;
     let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
-    let image = c.registry.image("busybox:estargz");
-    crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("lazy-vm-out").write_to(&c.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, Some("spry"))?;
     let cfg = ContainerConfig::new("sleeper", &image)

@@ -6,14 +6,14 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, LockOwner, MountOption,
     OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
 };
 
-use super::{error_chain, read_errno, FsError};
+use super::FsError;
 use crate::erofs::ErofsImage;
 use crate::layer::RemoteLayer;
 
@@ -38,23 +38,11 @@ impl ImageFs {
             IMAGE_INO => (FileType::RegularFile, 0o444, self.image.size(), 1),
             _ => return None,
         };
-        Some(FileAttr {
-            ino: INodeNo(ino),
-            size,
-            blocks: size.div_ceil(512),
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind,
-            perm,
-            nlink,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        })
+        let mut attr = super::tree::base_attr(ino, kind, perm);
+        attr.size = size;
+        attr.blocks = size.div_ceil(512);
+        attr.nlink = nlink;
+        Some(attr)
     }
 }
 
@@ -102,23 +90,11 @@ impl Filesystem for ImageFs {
         if ino.0 != IMAGE_INO {
             return reply.error(Errno::EISDIR);
         }
-        // A panic must still answer the kernel (see `LayerFs::read`).
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        super::reply_read(reply, "the layer image", offset, || {
             self.image.read_at(offset, size as usize, |entry, at, len| {
                 self.layer.read_file(entry, at, len)
             })
-        }));
-        match read {
-            Ok(Ok(data)) => reply.data(&data),
-            Ok(Err(err)) => {
-                tracing::error!(offset, error = %error_chain(&err), "image read failed");
-                reply.error(read_errno(&err));
-            }
-            Err(_) => {
-                tracing::error!(offset, "image read panicked; answered EIO");
-                reply.error(Errno::EIO);
-            }
-        }
+        });
     }
 
     fn readdir(

@@ -297,23 +297,10 @@ impl Filesystem for LayerFs {
             return reply.data(&[]);
         };
         self.stats.daemon_reads.fetch_add(1, Ordering::Relaxed);
-        // A panic below must still answer the kernel: an unanswered request blocks the
-        // reader (and unmounting) forever.
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.layer.read_file(entry, offset, size as usize)
-        }));
         let name = &self.layer.index().entries[entry].name;
-        match read {
-            Ok(Ok(data)) => reply.data(&data),
-            Ok(Err(err)) => {
-                tracing::error!(file = %name, offset, error = %error_chain(&err), "read failed");
-                reply.error(read_errno(&err));
-            }
-            Err(_) => {
-                tracing::error!(file = %name, offset, "read panicked; answered EIO");
-                reply.error(Errno::EIO);
-            }
-        }
+        reply_read(reply, name, offset, || {
+            self.layer.read_file(entry, offset, size as usize)
+        });
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -432,6 +419,27 @@ impl Filesystem for LayerFs {
             reply.error(Errno::ERANGE)
         } else {
             reply.data(&list)
+        }
+    }
+}
+
+/// Answers a read with what `read` gives, EIO when it panics: an unanswered request
+/// blocks the reader (and unmounting) forever. `what` names the file in the log.
+fn reply_read(
+    reply: ReplyData,
+    what: &str,
+    offset: u64,
+    read: impl FnOnce() -> Result<Vec<u8>, LayerError>,
+) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)) {
+        Ok(Ok(data)) => reply.data(&data),
+        Ok(Err(err)) => {
+            tracing::error!(file = %what, offset, error = %error_chain(&err), "read failed");
+            reply.error(read_errno(&err));
+        }
+        Err(_) => {
+            tracing::error!(file = %what, offset, "read panicked; answered EIO");
+            reply.error(Errno::EIO);
         }
     }
 }

@@ -274,7 +274,8 @@ fn join(parent: &str, name: &str) -> String {
     }
 }
 
-fn base_attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
+/// An inode's attributes with only its number, kind and mode set (owner root, epoch times).
+pub(super) fn base_attr(ino: u64, kind: FileType, perm: u16) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size: 0,
