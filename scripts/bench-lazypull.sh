@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Lazy-pull benchmark (stargz hello-bench style): python and busybox workloads, each pulled cold as
 # (a) overlayfs full pull, (b) Spry lazy without prefetch, (c) Spry lazy with recorded prefetch, over a
-# 100 Mbit/s netns+veth+tc link and unthrottled, in runc pods and in Spry pods (whose VMs read lazy
-# layers through the snapshotter's erofs images). Times pull, create and run-until-ready separately;
+# 100 Mbit/s netns+veth+tc link and unthrottled, in runc pods and in Spry pods, cold-booted (spry) and
+# template clones (spry_template), whose VMs read lazy layers through the snapshotter's erofs images. Times pull, create and run-until-ready separately;
 # reports medians, ratios, bytes fetched before ready, and sequential read throughput of the lazy FS
 # (fully fetched) against overlayfs.
 #
 #   scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
-#                             [--runtimes runc|spry|both] [--read-only]
+#                             [--runtimes all|runc,spry,spry_template] [--read-only]
 #
 # --read-only: only the read throughput (overlayfs, lazy with passthrough, lazy through the
 # daemon), to target/bench/lazypull-read.{json,md}.
@@ -21,7 +21,7 @@ entry_script
 RUNS=3
 IMAGES=python,busybox
 LINKS=both
-RUNTIMES=both
+RUNTIMES=all
 READ_ONLY=0
 while [ $# -gt 0 ]; do
     case $1 in

@@ -45,6 +45,7 @@ pub mod registry;
 pub mod require;
 pub mod rootfs;
 pub mod slow_link;
+pub mod snapshotter;
 pub mod spry;
 pub mod stale;
 pub mod system;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use spry_integration::kube::{manifests, Cluster};
+use spry_integration::kube::{manifests, Cluster, NodeSetup};
 use spry_integration::{cpu, require_root, system, Registry};
 
 /// A cold TCG pod takes seconds; the first one also builds the VM template.
@@ -51,6 +51,10 @@ const CASES: &[(&str, Case)] = &[
     (
         "a_cpu_limited_pod_spinning_keeps_its_vm_within_the_limit",
         cpu_limited_pod,
+    ),
+    (
+        "an_estargz_image_starts_a_spry_pod_through_the_installed_lazy_snapshotter",
+        lazy_pod,
     ),
 ];
 
@@ -95,7 +99,13 @@ fn main() -> ExitCode {
 fn run(cases: &[&(&str, Case)]) -> Result<usize> {
     require_root()?;
     let registry = Registry::start()?;
-    let mut cluster = Cluster::start("kube", &registry)?;
+    // The node as `spry install --snapshotter` leaves it: every Spry pod's image goes
+    // through the lazy snapshotter (plain images are unpacked into it).
+    let setup = NodeSetup {
+        lazy_snapshotter: true,
+        ..NodeSetup::default()
+    };
+    let mut cluster = Cluster::start_with("kube", &registry, &setup)?;
     let mut failed = 0;
     for (name, case) in cases {
         let started = Instant::now();
@@ -529,5 +539,67 @@ fn pod_volumes(cluster: &Cluster, registry: &Registry) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     cluster.kubectl(&["delete", "configmap", "spry-cfg"])?;
+    Ok(())
+}
+
+/// `spry convert` and `spry warm` on the installed node (its snapshotter config, found
+/// without flags), then a Spry pod on the eStargz image: its VM reads the snapshotter's
+/// erofs images of the lazy layer, and the shim packed nothing.
+fn lazy_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    // The shim's shared layer cache (earlier cases filled it with packed plain images).
+    let layer_images = cluster.spry_state().join("layer-images");
+    let packed = || -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(&layer_images)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let packed_before = packed();
+    let storage = tempfile::Builder::new()
+        .prefix("spry-kube-lazy-reg-")
+        .tempdir_in("/var/tmp")?;
+    let lazy_registry = Registry::start_with_storage(storage.path())?;
+    let image = lazy_registry.image("busybox:estargz");
+    let spry = |args: &[&str]| {
+        let mut command = std::process::Command::new(cluster.dir().join("spry/bin/spry"));
+        // The installed config's stand-in for /etc/spry/snapshotter.toml.
+        command.args(args).env(
+            "SPRY_SNAPSHOTTER_CONFIG",
+            cluster.dir().join("snapshotter.toml"),
+        );
+        system::run_checked(&mut command)
+    };
+    spry(&["convert", &registry.image("busybox:1"), &image])?;
+    let warmed = spry(&["warm", &image])?;
+    ensure!(
+        warmed.contains("\"layers\":1"),
+        "spry warm printed {warmed:?}"
+    );
+    let script = "cat /spry/hello.txt; sleep 3600";
+    cluster.apply(&spry_pod("lazy", &image, script, ""))?;
+    cluster.wait_for("pod/lazy", "condition=Ready", POD_READY)?;
+    let logs = cluster.kubectl(&["logs", "lazy"])?;
+    ensure!(
+        logs.contains("hello from spry busybox image"),
+        "logs: {logs:?}"
+    );
+    let vm = the_only_vm(cluster)?;
+    let snapshots = cluster.dir().join("snapshotter/root/snapshots");
+    let served: Vec<_> = std::fs::read_dir(format!("/proc/{vm}/fd"))?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.starts_with(&snapshots) && target.ends_with("erofs/layer.erofs"))
+        .collect();
+    ensure!(
+        !served.is_empty(),
+        "the pod's QEMU holds no erofs image the installed snapshotter serves"
+    );
+    let new: Vec<_> = packed()
+        .into_iter()
+        .filter(|name| !packed_before.contains(name))
+        .collect();
+    ensure!(
+        new.is_empty(),
+        "the shim packed the lazy image's layers: {new:?}"
+    );
     Ok(())
 }

@@ -503,7 +503,7 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
     let image = c.registry.image("busybox:estargz");
     let warm = std::process::Command::new(lazy_pull_support::snapshotter_bin()?)
         .arg("--config")
-        .arg(c.snapshotter.dir.path().join("config.toml"))
+        .arg(c.snapshotter.config())
         .args(["warm", "--all", &image])
         .output()?;
     ensure!(
@@ -576,7 +576,7 @@ fn spry_upgrade_warms_a_lazy_image_before_the_old_container_stops() -> Result<()
         .args(["upgrade", "--pod", &pod, "--container", "app"])
         .args(["--image", &new_image, "--grace", "1s"])
         .arg("--snapshotter-config")
-        .arg(c.snapshotter.dir.path().join("config.toml"))
+        .arg(c.snapshotter.config())
         .arg("--runtime-endpoint")
         .arg(c.containerd.socket())
         .output()?;

@@ -93,14 +93,26 @@ fn cold_run(
     let spry_state = tempfile::Builder::new()
         .prefix("spry-bench-lazy-")
         .tempdir_in("/run")?;
-    let handler = (runtime != "runc").then_some("spry");
+    // `spry`: a cold-booted VM; `spry_template`: a clone of the template a first pod built.
+    let handler = match runtime {
+        "runc" => None,
+        "spry" => Some("spry-cold"),
+        _ => Some("spry"),
+    };
     if handler.is_some() {
         let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
-        opts = spry.register(opts);
+        let cold = spry.variant("cold", "template = \"off\"")?;
+        opts = spry.register_variant(spry.register(opts), "spry-cold", &cold);
     }
     let containerd = Containerd::start(opts)?;
     link.trust_from(&containerd.certs_dir())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
+    if runtime == "spry_template" {
+        let warm_cfg = PodConfig::new("template").write_to(&containerd.dir())?;
+        let warm = crictl.runp(&warm_cfg, handler)?;
+        crictl.stopp(&warm)?;
+        crictl.rmp(&warm)?;
+    }
     let pod_cfg = PodConfig::new("bench").write_to(&containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, handler)?;
     let log_file = containerd.dir().join("logs/bench/app.log");
@@ -184,7 +196,7 @@ fn record_and_convert(registry: &Registry, w: &Workload) -> Result<usize> {
     crictl.start(&id)?;
     crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(300))?;
     let mut files = Vec::new();
-    for dir in std::fs::read_dir(snapshotter.dir.path().join("root/snapshots"))?.flatten() {
+    for dir in std::fs::read_dir(snapshotter.dir().join("root/snapshots"))?.flatten() {
         if let Ok(list) = std::fs::read_to_string(dir.path().join("accessed.txt")) {
             files.extend(list.lines().map(String::from));
         }
@@ -268,7 +280,7 @@ fn read_throughput(registry: &Registry, mode: ReadMode, dir: &str) -> Result<(f6
         // Fill the cache completely first: the measurement is of the FS, not the network.
         let out = Command::new(snapshotter_bin()?)
             .arg("--config")
-            .arg(s.dir.path().join("config.toml"))
+            .arg(s.config())
             .args(["warm", "--all", &registry.image(image)])
             .output()?;
         ensure!(
@@ -430,12 +442,25 @@ fn lazy_pull_benchmark() -> Result<()> {
             w.image, image_bytes[w.image], recorded[w.image]
         );
     }
-    // Spry's template runtime is left out: a template pod starts its containers as a
-    // cold one does, and the timed part begins with the pod up.
+    // The timed part begins with the pod up: what differs between cold and template pods
+    // is the guest (a clone has its boot-time code paths translated and page cache warm).
+    const RUNTIMES: [&str; 3] = ["runc", "spry", "spry_template"];
     let runtimes: Vec<&str> = match std::env::var("SPRY_BENCH_RUNTIMES").as_deref() {
-        Ok("runc") => vec!["runc"],
-        Ok("spry") => vec!["spry"],
-        _ => vec!["runc", "spry"],
+        Ok("all") | Err(_) => RUNTIMES.to_vec(),
+        Ok(list) => {
+            let wanted: Vec<&str> = list.split(',').collect();
+            for w in &wanted {
+                ensure!(
+                    RUNTIMES.contains(w),
+                    "unknown runtime {w:?} in SPRY_BENCH_RUNTIMES; known: {RUNTIMES:?}"
+                );
+            }
+            RUNTIMES
+                .iter()
+                .copied()
+                .filter(|r| wanted.contains(r))
+                .collect()
+        }
     };
     let link = SlowLink::start(storage.path())?;
     let mut results = Vec::new();

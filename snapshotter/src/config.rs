@@ -32,6 +32,10 @@ pub enum ConfigError {
     },
 }
 
+/// Where `spry install --snapshotter` writes the config and where every `spry-snapshotter`
+/// command (and so `spry warm` / `spry convert`) reads it without `--config`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/snapshotter.toml";
+
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -165,6 +169,15 @@ impl Default for Config {
 
 impl Config {
     /// Reads and validates a TOML file.
+    /// Loads `path`, or the defaults when `path` is the default location and absent (a node
+    /// without `spry install --snapshotter` runs on defaults; a named file must exist).
+    pub fn load_or_default(path: &Path) -> Result<Self, ConfigError> {
+        if path == Path::new(DEFAULT_CONFIG_PATH) && !path.exists() {
+            return Ok(Config::default());
+        }
+        Self::load(path)
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -214,6 +227,19 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, text).unwrap();
         Config::load(&path)
+    }
+
+    #[test]
+    fn only_the_default_path_may_be_missing() {
+        let missing = Path::new("/nonexistent/spry-snapshotter.toml");
+        assert!(matches!(
+            Config::load_or_default(missing),
+            Err(ConfigError::Read { .. })
+        ));
+        if !Path::new(DEFAULT_CONFIG_PATH).exists() {
+            let config = Config::load_or_default(Path::new(DEFAULT_CONFIG_PATH)).unwrap();
+            assert_eq!(config.socket, default_socket());
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spry_snapshotter::{
-    config::Config,
+    config::{Config, DEFAULT_CONFIG_PATH},
     convert::{convert_image, ImageSource, LayerConvertOptions},
     estargz::DEFAULT_CHUNK_SIZE,
     record::{prioritized_list, record_image, RecordOptions, StopReason},
@@ -19,9 +19,9 @@ use spry_snapshotter::{
 #[derive(Parser)]
 #[command(version, about = "Spry's lazy-pulling containerd snapshotter")]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, global = true)]
-    config: Option<PathBuf>,
+    /// Configuration file (TOML); the defaults when absent at the default path.
+    #[arg(long, global = true, env = "SPRY_SNAPSHOTTER_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,6 +42,9 @@ enum Command {
         /// The job file `serve` wrote.
         job: PathBuf,
     },
+    /// Check the configuration and print, as JSON, what an installer needs of it (`root`,
+    /// `socket`, `vm_images`; never registry credentials).
+    CheckConfig,
     /// Fetch an image's prioritized files (or all) into the chunk cache.
     Warm {
         image: String,
@@ -93,10 +96,7 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    let config = match &cli.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let config = Config::load_or_default(&cli.config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -111,6 +111,15 @@ async fn run(command: Command, mut config: Config) -> anyhow::Result<()> {
             serve(config).await
         }
         Command::Convert(args) => convert(args, &config).await,
+        Command::CheckConfig => {
+            let summary = serde_json::json!({
+                "root": config.root,
+                "socket": config.socket,
+                "vm_images": config.lazy.vm_images,
+            });
+            println!("{summary}");
+            Ok(())
+        }
         Command::MountLayer { job } => Ok(spry_snapshotter::service::run_layer_daemon(&job).await?),
         Command::Warm { image, all } => {
             let client = Arc::new(RegistryClient::new(config.registry.clone())?);

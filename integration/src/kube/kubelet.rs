@@ -13,6 +13,9 @@ pub struct KubeletSettings<'a> {
     pub ca_cert: &'a Path,
     pub tls_cert: &'a Path,
     pub tls_key: &'a Path,
+    /// Pass a pod's RuntimeClass handler to image pulls (alpha gate
+    /// `RuntimeClassInImageCriApi`), so containerd pulls into the handler's snapshotter.
+    pub runtime_class_in_image_pulls: bool,
 }
 
 /// A `KubeletConfiguration` for a throwaway node: cgroupfs (containerd's runc default), swap
@@ -61,6 +64,8 @@ syncFrequency: 10s
 fileCheckFrequency: 10s
 nodeStatusUpdateFrequency: 5s
 shutdownGracePeriod: 0s
+featureGates:
+  RuntimeClassInImageCriApi: {runtime_class_in_image_pulls}
 "#,
         node_ip = s.node_ip,
         port = s.port,
@@ -70,5 +75,6 @@ shutdownGracePeriod: 0s
         socket = s.runtime_socket.display(),
         cgroup_root = s.cgroup_root,
         pod_logs = s.pod_logs.display(),
+        runtime_class_in_image_pulls = s.runtime_class_in_image_pulls,
     )
 }

@@ -10,6 +10,7 @@
 mod component;
 mod flags;
 mod host;
+mod install;
 mod kubelet;
 pub mod manifests;
 mod pki;
@@ -20,11 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::containerd::{Containerd, ContainerdOptions};
 use crate::registry::{free_port, http_status, Registry};
-use crate::{paths, require, spry, system};
+use crate::snapshotter::Snapshotter;
+use crate::{paths, require, system};
 use component::Component;
 use flags::{Flags, NODE_NAME};
 use host::{HostChanges, KubeletLock};
@@ -36,11 +38,24 @@ const CGROUP_ROOT: &str = "/spry-test-kubelet";
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 const KUBECTL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How the node is set up beyond `spry install`'s defaults.
+#[derive(Debug, Default)]
+pub struct NodeSetup<'a> {
+    /// More Spry handlers: `(handler, config lines)` (see [`Cluster::start_with_variants`]).
+    pub variants: &'a [(&'a str, &'a str)],
+    /// `spry install --snapshotter`: the lazy-pulling snapshotter, its service started as
+    /// its unit says, serves the `spry` handler; the kubelet passes RuntimeClasses to
+    /// image pulls (`RuntimeClassInImageCriApi`).
+    pub lazy_snapshotter: bool,
+}
+
 pub struct Cluster {
     /// Held until Drop's teardown has run: the cluster is gone before another may start.
     _lock: KubeletLock,
     dir: PathBuf,
     containerd: Option<Containerd>,
+    /// `spry install --snapshotter`'s service, when asked for; stopped after containerd.
+    snapshotter: Option<Snapshotter>,
     /// In start order; stopped in reverse.
     components: Vec<Component>,
     host: HostChanges,
@@ -65,6 +80,18 @@ impl Cluster {
         registry: &Registry,
         variants: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::start_with(
+            name,
+            registry,
+            &NodeSetup {
+                variants,
+                lazy_snapshotter: false,
+            },
+        )
+    }
+
+    /// A cluster whose node is set up as `setup` says.
+    pub fn start_with(name: &str, registry: &Registry, setup: &NodeSetup) -> Result<Self> {
         require::require_root()?;
         let bin = paths::deps_bin_dir();
         for tool in [
@@ -104,13 +131,14 @@ impl Cluster {
             spry_state: dir.join("spry-state"),
             dir,
             containerd: None,
+            snapshotter: None,
             components: Vec::new(),
             host,
             runtime_class: String::new(),
             torn_down: false,
         };
         // From here on, Drop undoes whatever the boot got to.
-        if let Err(e) = cluster.boot(name, registry, node_ip, variants) {
+        if let Err(e) = cluster.boot(name, registry, node_ip, setup) {
             let logs = cluster.log_tails(15);
             return Err(e.context(format!("starting the test cluster\n{logs}")));
         }
@@ -122,7 +150,7 @@ impl Cluster {
         name: &str,
         registry: &Registry,
         node_ip: Ipv4Addr,
-        variants: &[(&str, &str)],
+        setup: &NodeSetup,
     ) -> Result<()> {
         let started = Instant::now();
         let bin = paths::deps_bin_dir();
@@ -133,8 +161,8 @@ impl Cluster {
             pki: &pki,
             node_ip,
         };
-        let mut handler_toml = self.install_spry()?;
-        handler_toml.push_str(&self.add_variants(variants)?);
+        let mut handler_toml = self.install_spry(setup.lazy_snapshotter)?;
+        handler_toml.push_str(&self.add_variants(setup.variants)?);
         let containerd = Containerd::start(
             ContainerdOptions::new(name)
                 .registry(registry)
@@ -189,6 +217,7 @@ impl Cluster {
                 ca_cert: &pki.ca_cert(),
                 tls_cert: &pki.cert("kubelet"),
                 tls_key: &pki.key("kubelet"),
+                runtime_class_in_image_pulls: setup.lazy_snapshotter,
             }),
         )?;
         let kubelet_kubeconfig = self.dir.join("kubelet.kubeconfig");
@@ -218,65 +247,6 @@ impl Cluster {
             started.elapsed().as_secs_f64()
         );
         Ok(())
-    }
-
-    /// Runs `spry install` into the cluster dir, the way a cluster installer would; keeps the
-    /// RuntimeClass it prints and returns the containerd handler fragment it wrote.
-    fn install_spry(&mut self) -> Result<String> {
-        let guest = spry::guest_dir()?;
-        let spry_bin = spry::bin_dir("debug").join("spry");
-        let prefix = self.dir.join("spry");
-        let config = self.dir.join("spry.toml");
-        // Spry's runtime state stays in the cluster dir (so the leak checks can see it).
-        let installed_guest = prefix.join("share/spry/guest");
-        std::fs::write(
-            &config,
-            format!(
-                "state_dir = \"{}\"\n[vm]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-                self.spry_state.display(),
-                installed_guest.join("vmlinux").display(),
-                installed_guest.join("initramfs.img").display()
-            ),
-        )?;
-        let handler = self.dir.join("containerd-handler.toml");
-        self.runtime_class = system::run_checked(
-            Command::new(&spry_bin)
-                .arg("install")
-                .arg("--prefix")
-                .arg(&prefix)
-                .arg("--guest-dir")
-                .arg(&guest)
-                .arg("--spry-config")
-                .arg(&config)
-                .arg("--containerd-config")
-                .arg(&handler)
-                .arg("--containerd-bin")
-                .arg(paths::containerd_bin()),
-        )?;
-        std::fs::read_to_string(&handler).with_context(|| format!("reading {}", handler.display()))
-    }
-
-    /// Configs, containerd handlers and RuntimeClasses of the Spry variants; returns the
-    /// handlers' containerd TOML.
-    fn add_variants(&mut self, variants: &[(&str, &str)]) -> Result<String> {
-        let base_config = std::fs::read_to_string(self.dir.join("spry.toml"))?;
-        let installed = self.runtime_class.clone();
-        let shim = self.dir.join("spry/bin/containerd-shim-spry-v2");
-        let mut toml = String::new();
-        for (handler, lines) in variants {
-            let config = self.dir.join(format!("spry-{handler}.toml"));
-            std::fs::write(&config, format!("{lines}\n{base_config}"))?;
-            toml.push_str(&spry::handler_with_config_toml(handler, &shim, &config));
-            let class = installed
-                .replace("name: spry\n", &format!("name: {handler}\n"))
-                .replace("handler: spry\n", &format!("handler: {handler}\n"));
-            ensure!(
-                class != installed,
-                "the installed RuntimeClass does not name `spry`:\n{installed}"
-            );
-            self.runtime_class.push_str(&format!("---\n{class}"));
-        }
-        Ok(toml)
     }
 
     fn spawn(&mut self, name: &'static str, binary: &Path, args: &[String]) -> Result<()> {
@@ -471,6 +441,8 @@ impl Cluster {
                 problems.push(format!("{e:#}"));
             }
         }
+        // With its layer daemons and their mounts.
+        drop(self.snapshotter.take());
         problems.extend(self.host.restore());
         if let Err(e) = system::unmount_under(&self.dir) {
             problems.push(format!("unmounting under {}: {e:#}", self.dir.display()));

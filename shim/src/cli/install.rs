@@ -6,7 +6,9 @@ use clap::Args;
 
 use crate::assets::{build_guest_assets, AssetsError, GuestAssetsConfig, KernelSource};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
-use crate::install::{install, runtime_class, uninstall, InstallError, InstallOptions, Report};
+use crate::install::{
+    install, runtime_class, snapshotter, uninstall, InstallError, InstallOptions, Report,
+};
 
 #[derive(Debug, Args)]
 pub struct InstallArgs {
@@ -29,6 +31,17 @@ pub struct InstallArgs {
     /// Install even if containerd is older than 2.0 (its pods would fail).
     #[arg(long)]
     pub force: bool,
+    /// Also install spry-snapshotter (lazy pulling) as a systemd service, register it with
+    /// containerd and make it the snapshotter of the `spry` handler.
+    #[arg(long)]
+    pub snapshotter: bool,
+    /// spry-snapshotter's config file (written with defaults, `vm_images = true`, only when
+    /// absent).
+    #[arg(long, default_value = snapshotter::DEFAULT_CONFIG)]
+    pub snapshotter_config: PathBuf,
+    /// Where spry-snapshotter's systemd unit goes.
+    #[arg(long, default_value = snapshotter::DEFAULT_SYSTEMD_DIR)]
+    pub systemd_dir: PathBuf,
     /// Print what would change; change nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -70,6 +83,12 @@ fn options(args: &InstallArgs) -> Result<InstallOptions, InstallCommandError> {
         spry_config: args.spry_config.clone(),
         containerd_bin: args.containerd_bin.clone(),
         force: args.force,
+        with_snapshotter: args.snapshotter,
+        snapshotter: snapshotter::SnapshotterOptions {
+            config: args.snapshotter_config.clone(),
+            systemd_dir: args.systemd_dir.clone(),
+            systemctl: snapshotter::systemd_manages(&args.systemd_dir),
+        },
         dry_run: args.dry_run,
     })
 }

@@ -87,17 +87,15 @@ fn parse(text: &str, path: &Path) -> Result<(DocumentMut, i64), ContainerdConfig
     Ok((doc, version))
 }
 
-/// Returns the config text with the `spry` handler added or updated. Equal to `text`
-/// when it already is as wanted (so installing twice changes nothing).
-pub fn add_handler(
-    text: &str,
+/// The table at `keys` under `table`, created (implicit, so no empty headers appear) where
+/// missing; `key` names what was walked, for errors.
+fn table_at<'a>(
+    mut table: &'a mut Table,
+    keys: &[&str],
     path: &Path,
-    settings: &HandlerSettings,
-) -> Result<String, ContainerdConfigError> {
-    let (mut doc, version) = parse(text, path)?;
-    let mut table = doc.as_table_mut();
+) -> Result<&'a mut Table, ContainerdConfigError> {
     let mut key = String::new();
-    for segment in runtimes_path(version) {
+    for segment in keys {
         key = if key.is_empty() {
             segment.to_string()
         } else {
@@ -115,13 +113,31 @@ pub fn add_handler(
                 key: key.clone(),
             })?;
     }
-    let runtime = table.entry(HANDLER).or_insert(Item::Table(Table::new()));
-    let runtime = runtime
-        .as_table_mut()
-        .ok_or_else(|| ContainerdConfigError::NotATable {
-            path: path.to_path_buf(),
-            key: format!("{key}.{HANDLER}"),
-        })?;
+    Ok(table)
+}
+
+/// `out`, or `text` when they differ only in trailing whitespace: serializing an unchanged
+/// document reproduces the input, and installing twice must leave the file byte-identical.
+fn unchanged_or(text: &str, out: String) -> String {
+    if out.trim() == text.trim() {
+        text.to_string()
+    } else {
+        out
+    }
+}
+
+/// Returns the config text with the `spry` handler added or updated. Equal to `text`
+/// when it already is as wanted (so installing twice changes nothing).
+pub fn add_handler(
+    text: &str,
+    path: &Path,
+    settings: &HandlerSettings,
+) -> Result<String, ContainerdConfigError> {
+    let (mut doc, version) = parse(text, path)?;
+    let mut keys = runtimes_path(version).to_vec();
+    keys.push(HANDLER);
+    let runtime = table_at(doc.as_table_mut(), &keys, path)?;
+    runtime.set_implicit(false);
     runtime["runtime_type"] = value(RUNTIME_TYPE);
     runtime["runtime_path"] = value(settings.shim_path.display().to_string());
     // A privileged pod gets the host's devices only when it asks for them: otherwise CRI
@@ -134,12 +150,56 @@ pub fn add_handler(
     if let Some(options) = options.as_table_mut() {
         options["ConfigPath"] = value(settings.spry_config.display().to_string());
     }
-    let out = doc.to_string();
-    // Serializing an unchanged document reproduces the input; keep it byte-identical.
-    Ok(if out.trim() == text.trim() {
-        text.to_string()
+    Ok(unchanged_or(text, doc.to_string()))
+}
+
+/// Returns the config text with `spry-snapshotter` registered as the proxy snapshotter
+/// `name` on `socket` and made the `spry` handler's snapshotter (containerd ≥ 1.7 / 2.x:
+/// images pulled for Spry pods land in it, and their containers' snapshots come from it).
+/// CRI must pass the layers' annotations to a remote snapshotter, so
+/// `disable_snapshot_annotations` is turned off (other snapshotters ignore them).
+pub fn add_snapshotter(
+    text: &str,
+    path: &Path,
+    name: &str,
+    socket: &Path,
+) -> Result<String, ContainerdConfigError> {
+    let (mut doc, version) = parse(text, path)?;
+    let plugin = table_at(doc.as_table_mut(), &["proxy_plugins", name], path)?;
+    plugin.set_implicit(false);
+    plugin["type"] = value("snapshot");
+    plugin["address"] = value(socket.display().to_string());
+    let mut keys = runtimes_path(version).to_vec();
+    keys.push(HANDLER);
+    table_at(doc.as_table_mut(), &keys, path)?["snapshotter"] = value(name);
+    let images: &[&str] = match version {
+        3 => &["plugins", "io.containerd.cri.v1.images"],
+        _ => &["plugins", "io.containerd.grpc.v1.cri", "containerd"],
+    };
+    table_at(doc.as_table_mut(), images, path)?["disable_snapshot_annotations"] = value(false);
+    Ok(unchanged_or(text, doc.to_string()))
+}
+
+/// Returns the config text without the proxy snapshotter `name` (unchanged when absent).
+/// `disable_snapshot_annotations` stays: it may predate Spry, and is harmless.
+pub fn remove_snapshotter(
+    text: &str,
+    path: &Path,
+    name: &str,
+) -> Result<String, ContainerdConfigError> {
+    if text.trim().is_empty() {
+        return Ok(text.to_string());
+    }
+    let (mut doc, _) = parse(text, path)?;
+    let removed = doc
+        .get_mut("proxy_plugins")
+        .and_then(Item::as_table_mut)
+        .and_then(|plugins| plugins.remove(name))
+        .is_some();
+    Ok(if removed {
+        doc.to_string()
     } else {
-        out
+        text.to_string()
     })
 }
 
@@ -261,5 +321,51 @@ mod tests {
             err,
             ContainerdConfigError::UnknownVersion { version: 1, .. }
         ));
+    }
+
+    #[test]
+    fn the_snapshotter_is_registered_for_the_handler_and_removed_again() {
+        let socket = Path::new("/run/spry-snapshotter/snapshotter.sock");
+        let with_handler = add_handler(USER_V3, Path::new("c.toml"), &settings()).unwrap();
+        let out = add_snapshotter(&with_handler, Path::new("c.toml"), "spry", socket).unwrap();
+        assert!(out.contains("# my comment stays"), "{out}");
+        let parsed: toml::Value = toml::from_str(&out).unwrap();
+        assert_eq!(
+            parsed["proxy_plugins"]["spry"]["type"].as_str(),
+            Some("snapshot")
+        );
+        let runtimes = &parsed["plugins"]["io.containerd.cri.v1.runtime"]["containerd"]["runtimes"];
+        assert_eq!(runtimes["spry"]["snapshotter"].as_str(), Some("spry"));
+        assert!(runtimes["runc"].get("snapshotter").is_none());
+        // The global default stays: runc pods keep overlayfs.
+        let images = &parsed["plugins"]["io.containerd.cri.v1.images"];
+        assert_eq!(images["snapshotter"].as_str(), Some("overlayfs"));
+        assert_eq!(
+            images["disable_snapshot_annotations"].as_bool(),
+            Some(false)
+        );
+        assert_eq!(
+            add_snapshotter(&out, Path::new("c.toml"), "spry", socket).unwrap(),
+            out
+        );
+        let v2 = add_snapshotter("version = 2\n", Path::new("c.toml"), "spry", socket).unwrap();
+        let parsed: toml::Value = toml::from_str(&v2).unwrap();
+        let cri = &parsed["plugins"]["io.containerd.grpc.v1.cri"]["containerd"];
+        assert_eq!(
+            cri["runtimes"]["spry"]["snapshotter"].as_str(),
+            Some("spry")
+        );
+        assert_eq!(cri["disable_snapshot_annotations"].as_bool(), Some(false));
+
+        let removed = remove_snapshotter(&out, Path::new("c.toml"), "spry").unwrap();
+        let removed = remove_handler(&removed, Path::new("c.toml")).unwrap();
+        let parsed: toml::Value = toml::from_str(&removed).unwrap();
+        assert!(parsed
+            .get("proxy_plugins")
+            .is_none_or(|p| p.get("spry").is_none()));
+        assert_eq!(
+            remove_snapshotter(&removed, Path::new("c.toml"), "spry").unwrap(),
+            removed
+        );
     }
 }

@@ -5,11 +5,13 @@
 mod config_file;
 mod containerd_config;
 mod containerd_version;
+pub mod snapshotter;
 
 use std::path::{Path, PathBuf};
 
 pub use containerd_config::{
-    add_handler, remove_handler, ContainerdConfigError, HandlerSettings, HANDLER, RUNTIME_TYPE,
+    add_handler, add_snapshotter, remove_handler, remove_snapshotter, ContainerdConfigError,
+    HandlerSettings, HANDLER, RUNTIME_TYPE,
 };
 pub use containerd_version::{
     ContainerdSource, ContainerdVersion, ContainerdVersionError, FoundContainerd,
@@ -20,9 +22,9 @@ use crate::config::Config;
 /// Binaries `spry install` copies (from the directory of the running `spry`).
 pub const BINARIES: [&str; 2] = ["spry", "containerd-shim-spry-v2"];
 /// Installed when built next to the others (`cargo build --release -p spry-snapshotter`);
-/// `spry convert` / `spry warm` run it. Registering it with containerd stays the admin's call
-/// (see snapshotter/README.md): it changes how every image on the node is pulled.
-pub const OPTIONAL_BINARIES: [&str; 1] = ["spry-snapshotter"];
+/// `spry convert` / `spry warm` run it. It serves the `spry` handler's images only with
+/// `--snapshotter` (see `snapshotter.rs`); runc pods keep containerd's default snapshotter.
+pub const OPTIONAL_BINARIES: [&str; 1] = [snapshotter::SNAPSHOTTER_BINARY];
 /// Guest asset files copied from the guest dir.
 pub const GUEST_FILES: [&str; 3] = ["vmlinux", "initramfs.img", "manifest.json"];
 
@@ -47,6 +49,16 @@ pub enum InstallError {
     ContainerdConfig(#[from] ContainerdConfigError),
     #[error(transparent)]
     ContainerdVersion(#[from] ContainerdVersionError),
+    #[error("cannot run {program}")]
+    Run {
+        program: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the snapshotter config {path} is not usable: {reason}")]
+    SnapshotterConfig { path: PathBuf, reason: String },
+    #[error("systemctl {args} failed: {stderr}")]
+    Systemctl { args: String, stderr: String },
 }
 
 /// Where things go.
@@ -66,6 +78,10 @@ pub struct InstallOptions {
     pub containerd_bin: Option<PathBuf>,
     /// Install even for a containerd that cannot drive the shim (1.x).
     pub force: bool,
+    /// Install `spry-snapshotter` as the `spry` handler's snapshotter (install); the paths
+    /// are also where uninstall looks for it.
+    pub with_snapshotter: bool,
+    pub snapshotter: snapshotter::SnapshotterOptions,
     pub dry_run: bool,
 }
 
@@ -106,6 +122,11 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
             "build the guest first (scripts/build-guest.sh) or pass --guest-dir",
         )?;
     }
+    let snapshotter = if opts.with_snapshotter {
+        Some(snapshotter::prepare(exe_dir, &opts.snapshotter)?)
+    } else {
+        None
+    };
     // containerd's config is parsed and patched before anything is copied: a config
     // Spry cannot read stops the install with nothing changed.
     let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
@@ -113,7 +134,15 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
         shim_path: opts.bin_dir().join("containerd-shim-spry-v2"),
         spry_config: opts.spry_config.clone(),
     };
-    let patched = add_handler(&current, &opts.containerd_config, &settings)?;
+    let mut patched = add_handler(&current, &opts.containerd_config, &settings)?;
+    if let Some(snapshotter) = &snapshotter {
+        patched = add_snapshotter(
+            &patched,
+            &opts.containerd_config,
+            snapshotter::SNAPSHOTTER_NAME,
+            &snapshotter.socket,
+        )?;
+    }
     for bin in BINARIES {
         copy(
             &exe_dir.join(bin),
@@ -147,6 +176,15 @@ pub fn install(opts: &InstallOptions) -> Result<Report, InstallError> {
     if !opts.spry_config.exists() {
         let text = default_spry_config(&opts.guest_target());
         write(&opts.spry_config, &text, opts.dry_run, &mut report)?;
+    }
+    if let Some(settings) = &snapshotter {
+        snapshotter::install_files(
+            &opts.bin_dir(),
+            &opts.snapshotter,
+            settings,
+            opts.dry_run,
+            &mut report,
+        )?;
     }
     if config_file::apply(opts, &current, &patched, &mut report)? {
         report.containerd_config_changed = true;
@@ -194,6 +232,13 @@ pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
     let mut report = Report::default();
     let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
     let patched = remove_handler(&current, &opts.containerd_config)?;
+    let patched = remove_snapshotter(
+        &patched,
+        &opts.containerd_config,
+        snapshotter::SNAPSHOTTER_NAME,
+    )?;
+    // The service goes before its binary.
+    snapshotter::uninstall_files(&opts.snapshotter, opts.dry_run, &mut report)?;
     report.containerd_config_changed = config_file::apply(opts, &current, &patched, &mut report)?;
     let files = BINARIES
         .iter()
@@ -314,163 +359,4 @@ fn write(path: &Path, text: &str, dry_run: bool, report: &mut Report) -> Result<
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Built binaries and guest assets (stand-ins) in `dir`, and install options into `dir`
-    /// with a stand-in containerd printing `containerd_version`.
-    fn fixture(dir: &Path, containerd_version: &str) -> InstallOptions {
-        let guest = dir.join("guest");
-        let built = dir.join("built");
-        std::fs::create_dir(&guest).unwrap();
-        std::fs::create_dir(&built).unwrap();
-        for f in GUEST_FILES {
-            std::fs::write(guest.join(f), f).unwrap();
-        }
-        for bin in BINARIES.iter().chain(&OPTIONAL_BINARIES) {
-            std::fs::write(built.join(bin), bin).unwrap();
-        }
-        InstallOptions {
-            binaries_from: built,
-            containerd_config: dir.join("containerd.toml"),
-            prefix: dir.join("prefix"),
-            guest_dir: guest,
-            spry_config: dir.join("spry/config.toml"),
-            containerd_bin: Some(containerd_version::fake_containerd(dir, containerd_version)),
-            force: false,
-            dry_run: false,
-        }
-    }
-
-    #[test]
-    fn install_is_idempotent_keeps_a_backup_and_uninstall_reverts() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = fixture(
-            dir.path(),
-            "containerd github.com/containerd/containerd/v2 v2.2.9 x",
-        );
-        let containerd_config = opts.containerd_config.clone();
-        std::fs::write(&containerd_config, "version = 3\n# keep me\n").unwrap();
-        let dry = install(&InstallOptions {
-            dry_run: true,
-            ..opts.clone()
-        })
-        .unwrap();
-        assert!(dry.containerd_config_changed);
-        assert!(
-            dry.notes[0].starts_with("containerd 2.2.9 (binary "),
-            "{:?}",
-            dry.notes
-        );
-        assert_eq!(
-            std::fs::read_to_string(&containerd_config).unwrap(),
-            "version = 3\n# keep me\n"
-        );
-        assert!(!opts.prefix.exists(), "dry run wrote files");
-
-        let first = install(&opts).unwrap();
-        assert!(first.containerd_config_changed);
-        let patched = std::fs::read_to_string(&containerd_config).unwrap();
-        assert!(patched.contains("# keep me") && patched.contains(RUNTIME_TYPE));
-        assert!(dir.path().join("containerd.toml.spry-backup").exists());
-        assert!(opts.prefix.join("share/spry/guest/vmlinux").exists());
-        assert!(opts.prefix.join("bin/spry-snapshotter").exists());
-        Config::load(&opts.spry_config).expect("the written spry config is valid");
-
-        let second = install(&opts).unwrap();
-        assert!(!second.containerd_config_changed);
-        assert_eq!(
-            std::fs::read_to_string(&containerd_config).unwrap(),
-            patched
-        );
-
-        uninstall(&opts).unwrap();
-        let reverted = std::fs::read_to_string(&containerd_config).unwrap();
-        assert!(!reverted.contains(RUNTIME_TYPE) && reverted.contains("# keep me"));
-        assert!(!opts.prefix.join("bin/spry").exists());
-        assert!(!opts.prefix.join("bin/spry-snapshotter").exists());
-    }
-
-    #[test]
-    fn a_containerd_config_spry_cannot_read_stops_the_install_before_any_copy() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = fixture(
-            dir.path(),
-            "containerd github.com/containerd/containerd/v2 v2.2.9 x",
-        );
-        std::fs::write(
-            &opts.containerd_config,
-            "version = 3
-[plugins
-",
-        )
-        .unwrap();
-        assert!(install(&opts).is_err());
-        assert!(!opts.prefix.exists(), "binaries were copied");
-        assert_eq!(
-            std::fs::read_to_string(&opts.containerd_config).unwrap(),
-            "version = 3\n[plugins\n"
-        );
-    }
-
-    #[test]
-    fn missing_guest_assets_fail_before_anything_is_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = InstallOptions {
-            binaries_from: dir.path().join("no-binaries"),
-            containerd_config: dir.path().join("containerd.toml"),
-            prefix: dir.path().join("prefix"),
-            guest_dir: dir.path().join("no-guest"),
-            spry_config: dir.path().join("spry.toml"),
-            containerd_bin: None,
-            force: true,
-            dry_run: false,
-        };
-        let err = install(&opts).unwrap_err();
-        assert!(err.to_string().contains("no-binaries/spry"), "{err}");
-        assert!(!opts.prefix.exists() && !opts.containerd_config.exists());
-    }
-
-    #[test]
-    fn a_1x_containerd_is_refused_before_anything_is_written_unless_forced() {
-        let dir = tempfile::tempdir().unwrap();
-        let opts = fixture(
-            dir.path(),
-            "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+b1",
-        );
-        let err = install(&opts).unwrap_err();
-        assert!(
-            matches!(err, InstallError::ContainerdVersion(_)) && err.to_string().contains("1.6.20"),
-            "{err}"
-        );
-        assert!(!opts.prefix.exists() && !opts.containerd_config.exists());
-        let forced = install(&InstallOptions {
-            force: true,
-            ..opts.clone()
-        })
-        .unwrap();
-        assert!(
-            forced.notes[0].starts_with("warning: installing anyway (--force)"),
-            "{:?}",
-            forced.notes
-        );
-        assert!(opts.containerd_config.exists());
-    }
-
-    #[test]
-    fn runtime_class_names_the_handler_and_overhead() {
-        let rc = runtime_class(&Config::default());
-        // 256 MiB of guest RAM, 64 of QEMU's own, 256 of TCG code cache (auto may fall
-        // back to TCG).
-        assert!(
-            rc.contains("handler: spry") && rc.contains("memory: \"576Mi\""),
-            "{rc}"
-        );
-        let mut kvm = Config::default();
-        kvm.vm.accelerator = crate::vm::AccelChoice::Kvm;
-        assert!(runtime_class(&kvm).contains("memory: \"320Mi\""));
-        kvm.vm.accelerator = crate::vm::AccelChoice::Tcg;
-        kvm.vm.tcg_cache_mib = 0;
-        assert!(runtime_class(&kvm).contains("memory: \"1344Mi\""));
-    }
-}
+mod tests;

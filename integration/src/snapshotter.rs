@@ -1,0 +1,226 @@
+//! `spry-snapshotter serve` for tests: started from this workspace's binary or from an
+//! installed command line, stopped with its layer daemons and their mounts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+
+use crate::paths;
+
+/// The `spry-snapshotter` binary built from this workspace.
+pub fn snapshotter_bin() -> Result<PathBuf> {
+    let path = std::env::var_os("SPRY_SNAPSHOTTER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| paths::repo_root().join("target/debug/spry-snapshotter"));
+    ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build -p spry-snapshotter` first",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A running `spry-snapshotter serve` with its state under one dir (`root/`, the socket,
+/// its log); on drop it and its layer daemons are stopped and their mounts detached.
+pub struct Snapshotter {
+    child: Option<Child>,
+    dir: PathBuf,
+    /// Owns `dir` when the snapshotter made it.
+    _temp: Option<tempfile::TempDir>,
+    config: PathBuf,
+    /// Program and arguments of `serve`.
+    command: Vec<String>,
+}
+
+impl Snapshotter {
+    /// This workspace's snapshotter in a temp dir, `extra_config` appended to its config.
+    pub fn start(extra_config: &str) -> Result<Self> {
+        let temp = tempfile::Builder::new()
+            .prefix("spry-snap-it-")
+            .tempdir_in("/var/tmp")?;
+        let dir = temp.path().to_path_buf();
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!("{}{extra_config}\n", Self::state_config(&dir)),
+        )?;
+        let command = vec![
+            snapshotter_bin()?.display().to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+            "serve".to_string(),
+        ];
+        let mut s = Snapshotter {
+            child: None,
+            dir,
+            _temp: Some(temp),
+            config,
+            command,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    /// The config lines that keep a snapshotter's state (root, socket) under `dir`.
+    pub fn state_config(dir: &Path) -> String {
+        format!(
+            "root = {:?}\nsocket = {:?}\n",
+            dir.join("root"),
+            dir.join("snapshotter.sock")
+        )
+    }
+
+    /// Runs `command` (an installed `serve` command line, as its service unit has it),
+    /// whose config is `config` and starts with [`Snapshotter::state_config`] of `dir`.
+    pub fn start_command(dir: &Path, config: &Path, command: Vec<String>) -> Result<Self> {
+        ensure!(!command.is_empty(), "no snapshotter command");
+        let mut s = Snapshotter {
+            child: None,
+            dir: dir.to_path_buf(),
+            _temp: None,
+            config: config.to_path_buf(),
+            command,
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn spawn(&mut self) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .env("SPRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting spry-snapshotter")?;
+        self.child = Some(child);
+        let started = Instant::now();
+        while !self.socket().exists() {
+            if started.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "spry-snapshotter did not create its socket; log:\n{}",
+                    self.log()
+                );
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("spry-snapshotter exited ({status}); log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            )?;
+            let started = Instant::now();
+            while child.try_wait()?.is_none() {
+                if started.elapsed() > Duration::from_secs(20) {
+                    child.kill()?;
+                    child.wait()?;
+                    bail!("spry-snapshotter ignored SIGTERM; log:\n{}", self.log());
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.as_path().join("snapshotter.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.as_path().join("snapshotter.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Mounts (FUSE layers, overlays) still present under our state dir.
+    pub fn mounts_left(&self) -> Vec<String> {
+        let root = self.dir.as_path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&root))
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Snapshotter {
+    pub fn daemon_logs(&self) -> String {
+        let Ok(dirs) = std::fs::read_dir(self.dir.as_path().join("root/snapshots")) else {
+            return String::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("fuse.log")).ok())
+            .collect()
+    }
+
+    /// Pids of the layer daemons this snapshotter started.
+    pub fn layer_daemons(&self) -> Vec<i32> {
+        let Ok(dirs) = std::fs::read_dir(self.dir.as_path().join("root/snapshots")) else {
+            return Vec::new();
+        };
+        dirs.flatten()
+            .filter_map(|d| std::fs::read_to_string(d.path().join("fuse.pid")).ok())
+            .filter_map(|p| p.trim().parse().ok())
+            .filter(|pid| Path::new(&format!("/proc/{pid}")).exists())
+            .collect()
+    }
+}
+
+impl Snapshotter {
+    /// Stops the snapshotter and its layer daemons (each logs how its files were served
+    /// when it unmounts) and returns the daemons' logs.
+    pub fn shut_down(&mut self) -> String {
+        self.stop_all();
+        self.daemon_logs()
+    }
+
+    fn stop_all(&mut self) {
+        let _ = self.stop();
+        for pid in self.layer_daemons() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let started = Instant::now();
+        while !self.layer_daemons().is_empty() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for line in self.mounts_left() {
+            if let Some(mp) = line.split_whitespace().nth(4) {
+                let _ = nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
