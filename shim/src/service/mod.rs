@@ -4,6 +4,7 @@
 //! annotation, so every container of a pod reaches the shim that owns the pod's VM.
 //! The sandbox ("pause") task is the VM itself; app containers and execs are agent calls.
 
+mod abandoned;
 mod bundle_rootfs;
 mod error;
 mod events;
@@ -63,6 +64,8 @@ pub fn shim_config() -> ShimConfig {
 pub struct SpryShim {
     id: String,
     namespace: String,
+    /// containerd's address (`-address`).
+    address: String,
     bundle: PathBuf,
     exit: Arc<ExitSignal>,
     pod: std::sync::OnceLock<Arc<pod::Pod>>,
@@ -81,6 +84,7 @@ impl Shim for SpryShim {
         Self {
             id: args.id.clone(),
             namespace: args.namespace.clone(),
+            address: args.address.clone(),
             bundle,
             exit: Arc::default(),
             pod: std::sync::OnceLock::new(),
@@ -105,7 +109,18 @@ impl Shim for SpryShim {
     }
 
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimCrateError> {
-        // The serving shim is gone (crashed or killed): clean what it may have left.
+        // containerd believes the serving shim gone (crashed, killed, or never loaded after
+        // a containerd crash): make sure it is, then clean what it may have left.
+        let (id, namespace, address) = (
+            self.id.clone(),
+            self.namespace.clone(),
+            self.address.clone(),
+        );
+        let stopped =
+            tokio::task::spawn_blocking(move || abandoned::stop(&id, &namespace, &address)).await;
+        if let Ok(Some(pid)) = stopped {
+            info!(pid, id = %self.id, "stopped the serving shim containerd gave up on");
+        }
         let mut config = Config::load(&config_path()).unwrap_or_default();
         // A handler with its own config (ConfigPath) may keep its state elsewhere.
         if let Some(state_dir) = recorded_state_dir(&self.bundle) {

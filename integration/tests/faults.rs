@@ -1,0 +1,386 @@
+//! The fault matrix (issue 17): QEMU, the shim and containerd are SIGKILLed while each step
+//! of a Spry pod's life is in flight (template build, runp, create, start, exec, stop,
+//! rmp). After each kill: crictl tells the truth (no pod reads ready and no container
+//! running without a live VM), everything can be removed, the census (processes, mounts,
+//! netns, taps, state dirs) is back to where it was, and a new pod starts.
+//!
+//! One test per victim, so two run at once. A step's CRI call races the kill: which one
+//! wins varies, and each cell prints what the call returned. Needs root, the guest and the
+//! test images.
+
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use spry_integration::{
+    require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, LeakCheck,
+    PodConfig, Registry, SpryHandler,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Victim {
+    Qemu,
+    Shim,
+    Containerd,
+}
+
+/// In lifecycle order: a cell first takes the pod through the steps before its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Step {
+    /// The first pod of a template handler on a fresh state dir builds the template.
+    TemplateBuild,
+    /// A cold-booted pod.
+    Runp,
+    Create,
+    Start,
+    Exec,
+    Stop,
+    Rmp,
+}
+
+const STEPS: [Step; 7] = [
+    Step::TemplateBuild,
+    Step::Runp,
+    Step::Create,
+    Step::Start,
+    Step::Exec,
+    Step::Stop,
+    Step::Rmp,
+];
+
+/// How long a cell waits for things to settle (containerd noticing a dead shim, a
+/// restarted containerd answering).
+const SETTLE: Duration = Duration::from_secs(90);
+
+struct Node {
+    containerd: Containerd,
+    crictl: Crictl,
+    leaks: LeakCheck,
+    image: String,
+    _registry: Registry,
+    _state: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(name: &str) -> Result<Self> {
+        require_root()?;
+        let registry = Registry::start()?;
+        let state = tempfile::Builder::new()
+            .prefix(&format!("spry-{name}-"))
+            .tempdir_in("/run")?;
+        let spry = SpryHandler::new(state.path(), "debug", None)?;
+        let cold = spry.variant("cold", "template = \"off\"")?;
+        let opts = ContainerdOptions::new(name).registry(&registry);
+        let containerd =
+            Containerd::start(spry.register_variant(spry.register(opts), "spry-cold", &cold))?;
+        let leaks = containerd.leak_check()?;
+        let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+        let image = registry.image("busybox:1");
+        crictl.pull(&image)?;
+        Ok(Node {
+            containerd,
+            crictl,
+            leaks,
+            image,
+            _registry: registry,
+            _state: state,
+        })
+    }
+
+    fn pod_config(&self, name: &str) -> Result<std::path::PathBuf> {
+        PodConfig::new(name).write_to(&self.containerd.dir())
+    }
+
+    fn sleeper_config(&self) -> Result<std::path::PathBuf> {
+        ContainerConfig::new("sleeper", &self.image)
+            .command(&["sleep", "3600"])
+            .write_to(&self.containerd.dir())
+    }
+
+    /// `crictl ARGS` in the background.
+    fn spawn(&self, args: &[&str]) -> Result<Child> {
+        Ok(self
+            .crictl
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// Runs one cell; a line saying what the step's call returned.
+    fn cell(&mut self, victim: Victim, step: Step) -> Result<String> {
+        let name = format!("{victim:?}-{step:?}").to_lowercase();
+        let pod_cfg = self.pod_config(&name)?;
+        let handler = if step == Step::Runp {
+            "spry-cold"
+        } else {
+            "spry"
+        };
+        let mut pod = None;
+        let mut ctr = None;
+        if step >= Step::Create {
+            pod = Some(self.crictl.runp(&pod_cfg, Some(handler))?);
+        }
+        let ctr_cfg = self.sleeper_config()?;
+        if step >= Step::Start {
+            let id = self
+                .crictl
+                .create(pod.as_deref().unwrap(), &ctr_cfg, &pod_cfg)?;
+            ctr = Some(id);
+        }
+        if step >= Step::Exec {
+            self.crictl.start(ctr.as_deref().unwrap())?;
+        }
+        let (pod_s, ctr_s) = (
+            pod.clone().unwrap_or_default(),
+            ctr.clone().unwrap_or_default(),
+        );
+        let pod_cfg_s = pod_cfg.display().to_string();
+        let ctr_cfg_s = ctr_cfg.display().to_string();
+        let args: Vec<&str> = match step {
+            Step::TemplateBuild | Step::Runp => vec!["runp", "--runtime", handler, &pod_cfg_s],
+            Step::Create => vec!["create", &pod_s, &ctr_cfg_s, &pod_cfg_s],
+            Step::Start => vec!["start", &ctr_s],
+            Step::Exec => vec!["exec", &ctr_s, "sh", "-c", "sleep 2; echo exec done"],
+            Step::Stop => vec!["stop", "--timeout", "1", &ctr_s],
+            Step::Rmp => vec!["rmp", "--force", &pod_s],
+        };
+        // A booting pod's shim and QEMU are the ones that were not there before its call.
+        let before: Vec<i32> = self
+            .victims(Victim::Shim)?
+            .into_iter()
+            .chain(self.victims(Victim::Qemu)?)
+            .collect();
+        let call = self.spawn(&args)?;
+        self.kill_in_flight(victim, step, &before)?;
+        let out = wait_output(call, Duration::from_secs(180))?;
+        let outcome = format!(
+            "{victim:?} killed during {step:?}: the call {}",
+            if out.status.success() {
+                "succeeded".to_string()
+            } else {
+                format!(
+                    "failed ({})",
+                    String::from_utf8_lossy(&out.stderr)
+                        .trim()
+                        .lines()
+                        .last()
+                        .unwrap_or("")
+                )
+            }
+        );
+        self.check_truth().with_context(|| outcome.clone())?;
+        self.remove_all().with_context(|| outcome.clone())?;
+        self.leaks
+            .assert_clean()
+            .map_err(|e| self.with_log_of_leaked_shims(e))
+            .with_context(|| format!("the census after: {outcome}"))?;
+        self.new_pod_works(&name).with_context(|| outcome.clone())?;
+        self.leaks
+            .assert_clean()
+            .with_context(|| format!("the census after the new pod: {outcome}"))?;
+        Ok(outcome)
+    }
+
+    /// Live shims or QEMUs of this node.
+    fn victims(&self, kind: Victim) -> Result<Vec<i32>> {
+        let procs = match kind {
+            Victim::Qemu => self.containerd.qemus()?,
+            _ => self.containerd.shims()?,
+        };
+        Ok(procs.iter().map(|p| p.pid).collect())
+    }
+
+    /// Waits until the step is in flight (while booting: until the victim, or for
+    /// containerd the pod's shim, exists), then kills the victim; a killed containerd is
+    /// started again, as systemd would.
+    fn kill_in_flight(&mut self, victim: Victim, step: Step, before: &[i32]) -> Result<()> {
+        let booting = matches!(step, Step::TemplateBuild | Step::Runp);
+        let started = Instant::now();
+        let pid = loop {
+            let watched = if victim == Victim::Qemu {
+                Victim::Qemu
+            } else {
+                Victim::Shim
+            };
+            let found = self
+                .victims(watched)?
+                .into_iter()
+                .find(|pid| !booting || !before.contains(pid));
+            let pid = match (victim, found) {
+                (Victim::Containerd, Some(_)) => self.containerd.pid().map(|p| p as i32),
+                (_, found) => found,
+            };
+            match pid {
+                Some(pid) => {
+                    if !booting {
+                        // The other calls take tens of ms to seconds: land inside them.
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    break pid;
+                }
+                None if started.elapsed() > Duration::from_secs(120) => {
+                    bail!("no {victim:?} appeared during {step:?}")
+                }
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        if victim == Victim::Containerd {
+            let gone = system::wait_for(Duration::from_secs(10), || {
+                Ok((!system::process_alive(pid)).then_some(()))
+            })?;
+            gone.context("containerd outlived SIGKILL")?;
+            self.containerd.restart()?;
+        }
+        Ok(())
+    }
+
+    /// No pod reads ready without its VM, and no container reads running unless it answers
+    /// an exec; waits for containerd to notice what died.
+    fn check_truth(&self) -> Result<()> {
+        let mut last = String::new();
+        let settled = system::wait_for(SETTLE, || {
+            let qemus = self.containerd.qemus()?;
+            let mut lies = Vec::new();
+            for pod in self.crictl.pods()? {
+                let id = pod["id"].as_str().unwrap_or_default();
+                let vm = format!("spry-{}", &id[..12.min(id.len())]);
+                let has_vm = qemus.iter().any(|q| q.cmdline_contains(&vm));
+                if pod["state"] == "SANDBOX_READY" && !has_vm {
+                    lies.push(format!("pod {id} reads ready without a VM"));
+                }
+            }
+            for ctr in self.crictl.ps(true)? {
+                let id = ctr["id"].as_str().unwrap_or_default();
+                let answers = |id: &str| {
+                    self.crictl
+                        .exec_sync(id, &["true"], Duration::from_secs(20))
+                        .is_ok_and(|out| out.code == 0)
+                };
+                if ctr["state"] == "CONTAINER_RUNNING" && !answers(id) {
+                    lies.push(format!("container {id} reads running but answers no exec"));
+                }
+            }
+            last = lies.join("; ");
+            Ok(lies.is_empty().then_some(()))
+        })?;
+        settled.with_context(|| format!("crictl still lies after {} s: {last}", SETTLE.as_secs()))
+    }
+
+    /// Removes every container and pod, retrying while containerd catches up.
+    fn remove_all(&self) -> Result<()> {
+        let mut last = String::new();
+        let removed = system::wait_for(SETTLE, || {
+            let mut errors = Vec::new();
+            for ctr in self.crictl.ps(true)? {
+                let id = ctr["id"].as_str().unwrap_or_default();
+                if let Err(e) = self.crictl.run(&["rm", "--force", id]) {
+                    errors.push(format!("rm {id}: {e:#}"));
+                }
+            }
+            for pod in self.crictl.pods()? {
+                let id = pod["id"].as_str().unwrap_or_default();
+                if let Err(e) = self.crictl.run(&["rmp", "--force", id]) {
+                    errors.push(format!("rmp {id}: {e:#}"));
+                }
+            }
+            last = errors.join("; ");
+            let empty = self.crictl.pods()?.is_empty() && self.crictl.ps(true)?.is_empty();
+            Ok(empty.then_some(()))
+        })?;
+        removed.with_context(|| format!("pods not removable within {} s: {last}", SETTLE.as_secs()))
+    }
+
+    /// `err` (a census failure) with containerd's log lines about each leaked shim's id.
+    fn with_log_of_leaked_shims(&self, err: anyhow::Error) -> anyhow::Error {
+        let text = format!("{err:#}");
+        let log = self.containerd.log();
+        let lines: Vec<&str> = text
+            .split(" -id ")
+            .skip(1)
+            .filter_map(|rest| rest.get(..64))
+            .flat_map(|id| log.lines().filter(move |l| l.contains(id)))
+            .collect();
+        err.context(format!(
+            "containerd's log about the leaked shims:\n{}",
+            lines.join("\n")
+        ))
+    }
+
+    fn new_pod_works(&self, name: &str) -> Result<()> {
+        let pod_cfg = self.pod_config(&format!("{name}-after"))?;
+        let pod = self.crictl.runp(&pod_cfg, Some("spry"))?;
+        let ctr = self
+            .crictl
+            .create(&pod, &self.sleeper_config()?, &pod_cfg)?;
+        self.crictl.start(&ctr)?;
+        let out = self.crictl.exec_ok(&ctr, &["echo", "alive"])?;
+        ensure!(out == "alive", "exec in the new pod printed {out:?}");
+        self.crictl.rmp_all_force()?;
+        Ok(())
+    }
+}
+
+fn wait_output(mut child: Child, timeout: Duration) -> Result<std::process::Output> {
+    let done = system::wait_for(timeout, || Ok(child.try_wait()?))?;
+    if done.is_none() {
+        let _ = child.kill();
+        let out = child.wait_with_output()?;
+        bail!(
+            "the call hung past {} s: {}",
+            timeout.as_secs(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn matrix(victim: Victim) -> Result<()> {
+    let mut node = Node::start(&format!("fault-{victim:?}").to_lowercase())?;
+    let mut failures = Vec::new();
+    // SPRY_FAULT_STEPS=Runp,Exec narrows a run to those cells (for debugging one).
+    let only = std::env::var("SPRY_FAULT_STEPS").ok();
+    let steps = STEPS.iter().copied().filter(|s| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|w| w == format!("{s:?}")))
+    });
+    for step in steps {
+        match node.cell(victim, step) {
+            Ok(outcome) => eprintln!("fault matrix: {outcome}: ok"),
+            Err(e) => {
+                eprintln!("fault matrix: {victim:?} during {step:?}: FAILED: {e:#}");
+                failures.push(format!("{step:?}: {e:#}"));
+                // The next cell starts from a clean node, or the rest would fail for this.
+                let _ = node.remove_all();
+            }
+        }
+    }
+    ensure!(
+        failures.is_empty(),
+        "{victim:?} killed: {} of {} cells failed:\n{}\ncontainerd log tail:\n{}",
+        failures.len(),
+        STEPS.len(),
+        failures.join("\n"),
+        node.containerd.log_tail(40)
+    );
+    Ok(())
+}
+
+#[test]
+fn qemu_killed_at_every_step() -> Result<()> {
+    matrix(Victim::Qemu)
+}
+
+#[test]
+fn the_shim_killed_at_every_step() -> Result<()> {
+    matrix(Victim::Shim)
+}
+
+#[test]
+fn containerd_killed_at_every_step() -> Result<()> {
+    matrix(Victim::Containerd)
+}
