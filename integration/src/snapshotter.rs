@@ -125,6 +125,24 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// The `serve` process's pid, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// SIGKILLs `serve` (its layer daemons live on) and reaps it; its socket file stays, as
+    /// after a crash, and is removed so [`Snapshotter::spawn`] waits for the new one.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        match std::fs::remove_file(self.socket()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             nix::sys::signal::kill(

@@ -4,6 +4,13 @@
 //! running without a live VM), everything can be removed, the census (processes, mounts,
 //! netns, taps, state dirs) is back to where it was, and a new pod starts.
 //!
+//! On a node whose Spry pods run an eStargz image through the lazy snapshotter (its layers
+//! served to the VMs as erofs images), the snapshotter's `serve` process (restarted, as
+//! systemd would) and the image's layer daemon (revived by the snapshotter when the layer
+//! is next used) are the victims during create, start, exec and rmp. A running container
+//! whose layer daemon died keeps a dead mount (I/O errors for what it had not read), so
+//! for that victim a running container need not answer an exec.
+//!
 //! One test per victim, so two run at once. A step's CRI call races the kill: which one
 //! wins varies, and each cell prints what the call returned. Needs root, the guest and the
 //! test images.
@@ -12,16 +19,24 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use spry_integration::containerd_config::proxy_snapshotter_toml;
 use spry_integration::{
     require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, LeakCheck,
     PodConfig, Registry, SpryHandler,
 };
+
+mod lazy_pull_support;
+use lazy_pull_support::Snapshotter;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Victim {
     Qemu,
     Shim,
     Containerd,
+    /// `spry-snapshotter serve`.
+    Snapshotter,
+    /// The image layer's `spry-snapshotter mount-layer`.
+    LayerDaemon,
 }
 
 /// In lifecycle order: a cell first takes the pod through the steps before its own.
@@ -48,6 +63,9 @@ const STEPS: [Step; 7] = [
     Step::Rmp,
 ];
 
+/// The steps that touch a lazily pulled image.
+const LAZY_STEPS: [Step; 4] = [Step::Create, Step::Start, Step::Exec, Step::Rmp];
+
 /// How long a cell waits for things to settle (containerd noticing a dead shim, a
 /// restarted containerd answering).
 const SETTLE: Duration = Duration::from_secs(90);
@@ -57,8 +75,13 @@ struct Node {
     crictl: Crictl,
     leaks: LeakCheck,
     image: String,
+    /// On a lazy node: the snapshotter (dropped after containerd, with its daemons).
+    snapshotter: Option<Snapshotter>,
+    /// Mounts under the snapshotter's dir once the image was pulled (its layer, served).
+    lazy_mounts: usize,
     _registry: Registry,
     _state: tempfile::TempDir,
+    _storage: Option<tempfile::TempDir>,
 }
 
 impl Node {
@@ -82,9 +105,55 @@ impl Node {
             crictl,
             leaks,
             image,
+            snapshotter: None,
+            lazy_mounts: 0,
             _registry: registry,
             _state: state,
+            _storage: None,
         })
+    }
+
+    /// A node whose containerd pulls through the lazy snapshotter (VM images on), with
+    /// busybox converted to eStargz in a registry of its own, pulled.
+    fn start_lazy(name: &str) -> Result<Self> {
+        require_root()?;
+        let storage = tempfile::Builder::new()
+            .prefix("spry-fault-reg-")
+            .tempdir_in("/var/tmp")?;
+        let registry = Registry::start_with_storage(storage.path())?;
+        lazy_pull_support::push_layout(&registry, "pause")?;
+        lazy_pull_support::push_layout(&registry, "busybox")?;
+        lazy_pull_support::convert(&registry, "busybox", &[])?;
+        let snapshotter = Snapshotter::start("[lazy]\nvm_images = true\n")?;
+        let state = tempfile::Builder::new()
+            .prefix(&format!("spry-{name}-"))
+            .tempdir_in("/run")?;
+        let spry = SpryHandler::new(state.path(), "debug", None)?;
+        let opts = ContainerdOptions::new(name)
+            .registry(&registry)
+            .snapshotter("spry")
+            .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket()));
+        let containerd = Containerd::start(spry.register(opts))?;
+        let leaks = containerd.leak_check()?;
+        let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+        let image = registry.image("busybox:estargz");
+        crictl.pull(&image)?;
+        let lazy_mounts = snapshotter.mounts_left().len();
+        Ok(Node {
+            containerd,
+            crictl,
+            leaks,
+            image,
+            snapshotter: Some(snapshotter),
+            lazy_mounts,
+            _registry: registry,
+            _state: state,
+            _storage: Some(storage),
+        })
+    }
+
+    fn snapshotter(&mut self) -> Result<&mut Snapshotter> {
+        self.snapshotter.as_mut().context("not a lazy node")
     }
 
     fn pod_config(&self, name: &str) -> Result<std::path::PathBuf> {
@@ -169,7 +238,8 @@ impl Node {
                 )
             }
         );
-        self.check_truth().with_context(|| outcome.clone())?;
+        self.check_truth(victim != Victim::LayerDaemon)
+            .with_context(|| outcome.clone())?;
         self.remove_all().with_context(|| outcome.clone())?;
         self.leaks
             .assert_clean()
@@ -179,6 +249,18 @@ impl Node {
         self.leaks
             .assert_clean()
             .with_context(|| format!("the census after the new pod: {outcome}"))?;
+        if let Some(snapshotter) = &self.snapshotter {
+            // A dead daemon's mounts are replaced, not stacked.
+            let mounts = snapshotter.mounts_left();
+            ensure!(
+                mounts.len() == self.lazy_mounts && !snapshotter.layer_daemons().is_empty(),
+                "{outcome}: the snapshotter holds {} mounts (had {}) and daemons {:?}:\n{}",
+                mounts.len(),
+                self.lazy_mounts,
+                snapshotter.layer_daemons(),
+                mounts.join("\n")
+            );
+        }
         Ok(outcome)
     }
 
@@ -189,6 +271,15 @@ impl Node {
             _ => self.containerd.shims()?,
         };
         Ok(procs.iter().map(|p| p.pid).collect())
+    }
+
+    /// The snapshotter's victims: its `serve` process or the image layer's daemon.
+    fn snapshotter_victim(&self, victim: Victim) -> Option<i32> {
+        let snapshotter = self.snapshotter.as_ref()?;
+        match victim {
+            Victim::Snapshotter => snapshotter.pid(),
+            _ => snapshotter.layer_daemons().first().copied(),
+        }
     }
 
     /// Waits until the step is in flight (while booting: until the victim, or for
@@ -209,6 +300,7 @@ impl Node {
                 .find(|pid| !booting || !before.contains(pid));
             let pid = match (victim, found) {
                 (Victim::Containerd, Some(_)) => self.containerd.pid().map(|p| p as i32),
+                (Victim::Snapshotter | Victim::LayerDaemon, _) => self.snapshotter_victim(victim),
                 (_, found) => found,
             };
             match pid {
@@ -225,6 +317,11 @@ impl Node {
                 None => std::thread::sleep(Duration::from_millis(20)),
             }
         };
+        if victim == Victim::Snapshotter {
+            let snapshotter = self.snapshotter()?;
+            snapshotter.kill()?;
+            return snapshotter.spawn();
+        }
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
@@ -239,9 +336,9 @@ impl Node {
         Ok(())
     }
 
-    /// No pod reads ready without its VM, and no container reads running unless it answers
-    /// an exec; waits for containerd to notice what died.
-    fn check_truth(&self) -> Result<()> {
+    /// No pod reads ready without its VM, and (with `exec_answers`) no container reads
+    /// running unless it answers an exec; waits for containerd to notice what died.
+    fn check_truth(&self, exec_answers: bool) -> Result<()> {
         let mut last = String::new();
         let settled = system::wait_for(SETTLE, || {
             let qemus = self.containerd.qemus()?;
@@ -261,7 +358,7 @@ impl Node {
                         .exec_sync(id, &["true"], Duration::from_secs(20))
                         .is_ok_and(|out| out.code == 0)
                 };
-                if ctr["state"] == "CONTAINER_RUNNING" && !answers(id) {
+                if exec_answers && ctr["state"] == "CONTAINER_RUNNING" && !answers(id) {
                     lies.push(format!("container {id} reads running but answers no exec"));
                 }
             }
@@ -340,11 +437,15 @@ fn wait_output(mut child: Child, timeout: Duration) -> Result<std::process::Outp
 }
 
 fn matrix(victim: Victim) -> Result<()> {
-    let mut node = Node::start(&format!("fault-{victim:?}").to_lowercase())?;
+    let name = format!("fault-{victim:?}").to_lowercase();
+    let (mut node, all_steps): (Node, &[Step]) = match victim {
+        Victim::Snapshotter | Victim::LayerDaemon => (Node::start_lazy(&name)?, &LAZY_STEPS),
+        _ => (Node::start(&name)?, &STEPS),
+    };
     let mut failures = Vec::new();
     // SPRY_FAULT_STEPS=Runp,Exec narrows a run to those cells (for debugging one).
     let only = std::env::var("SPRY_FAULT_STEPS").ok();
-    let steps = STEPS.iter().copied().filter(|s| {
+    let steps = all_steps.iter().copied().filter(|s| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|w| w == format!("{s:?}")))
     });
@@ -363,7 +464,7 @@ fn matrix(victim: Victim) -> Result<()> {
         failures.is_empty(),
         "{victim:?} killed: {} of {} cells failed:\n{}\ncontainerd log tail:\n{}",
         failures.len(),
-        STEPS.len(),
+        all_steps.len(),
         failures.join("\n"),
         node.containerd.log_tail(40)
     );
@@ -383,4 +484,14 @@ fn the_shim_killed_at_every_step() -> Result<()> {
 #[test]
 fn containerd_killed_at_every_step() -> Result<()> {
     matrix(Victim::Containerd)
+}
+
+#[test]
+fn the_lazy_snapshotter_killed_at_every_step() -> Result<()> {
+    matrix(Victim::Snapshotter)
+}
+
+#[test]
+fn a_lazy_layers_daemon_killed_at_every_step() -> Result<()> {
+    matrix(Victim::LayerDaemon)
 }

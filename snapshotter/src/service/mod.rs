@@ -25,7 +25,7 @@ pub use error::ServiceError;
 use filter::Filters;
 pub use layer_daemon::{run as run_layer_daemon, LayerDaemonError};
 use remote::{remote_request, RemoteLayers};
-use store::{system_time, timestamp, Record, SnapshotKind, Store};
+use store::{system_time, timestamp, Record, RemoteSource, SnapshotKind, Store};
 
 use crate::config::Config;
 use crate::fs::error_chain;
@@ -142,6 +142,30 @@ impl SprySnapshotter {
         }
     }
 
+    /// Mounts again every remote layer under `parent` whose layer daemon died, so that
+    /// what is built on it now reads a live mount.
+    async fn revive_dead_layers(&self, parent: &str) {
+        let dead: Vec<(u64, RemoteSource, String)> = {
+            let store = self.store.lock().await;
+            let chain = store.chain(parent);
+            store
+                .iter()
+                .filter(|(_, r)| chain.contains(&r.id) && self.remote.daemon_died(r.id))
+                .filter_map(|(_, r)| Some((r.id, r.remote.clone()?, r.parent.clone())))
+                .collect()
+        };
+        for (id, source, below) in dead {
+            let lowers = self.lower_layers(&below).await;
+            if let Err(err) = self
+                .remote
+                .revive(id, &source, &self.dir(id), &lowers)
+                .await
+            {
+                tracing::error!(id, error = %error_chain(&err), "cannot serve a remote layer again after its daemon died");
+            }
+        }
+    }
+
     async fn create(
         &self,
         kind: SnapshotKind,
@@ -149,6 +173,9 @@ impl SprySnapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>, ServiceError> {
+        if !parent.is_empty() {
+            self.revive_dead_layers(&parent).await;
+        }
         if kind == SnapshotKind::Active && self.lazy {
             if let Some(request) = remote_request(&labels) {
                 if let Some(result) = self.try_remote(&request, &parent, &labels).await {

@@ -179,6 +179,32 @@ impl RemoteLayers {
         self.mount(id, source, snapshot_dir, lowers).await
     }
 
+    /// Whether snapshot `id` is served by a layer daemon of this snapshotter that has died
+    /// (killed, crashed): its mount answers ENOTCONN from then on.
+    pub fn daemon_died(&self, id: u64) -> bool {
+        let mounted = self.mounted.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(mounted.get(&id), Some(Mounted::Daemon { dir }) if super::daemon::alive(dir).is_none())
+    }
+
+    /// Serves snapshot `id` again after its layer daemon died: the dead mounts are detached
+    /// and a new daemon mounts the layer. Containers started on it later read it; those
+    /// already running keep the dead mount (FUSE cannot hand a live session to a new
+    /// daemon here) and get I/O errors for what they had not read.
+    pub async fn revive(
+        self: &Arc<Self>,
+        id: u64,
+        source: &RemoteSource,
+        snapshot_dir: &Path,
+        lowers: &[PathBuf],
+    ) -> Result<(), RemoteError> {
+        tracing::warn!(id, layer = %source.layer_digest, "the layer daemon died; mounting the layer again");
+        let dir = snapshot_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || super::daemon::stop(&dir))
+            .await
+            .map_err(|source| RemoteError::Join { source })?;
+        self.mount(id, source, snapshot_dir, lowers).await
+    }
+
     /// Opens (verifying the TOC) and mounts the layer of `source` at `path`
     /// in this process, then starts prefetch and background fetching.
     pub async fn mount_here(
