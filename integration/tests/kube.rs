@@ -577,11 +577,15 @@ fn lazy_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let script = "cat /spry/hello.txt; sleep 3600";
     cluster.apply(&spry_pod("lazy", &image, script, ""))?;
     cluster.wait_for("pod/lazy", "condition=Ready", POD_READY)?;
-    let logs = cluster.kubectl(&["logs", "lazy"])?;
-    ensure!(
-        logs.contains("hello from spry busybox image"),
-        "logs: {logs:?}"
-    );
+    // Ready means started: the line it prints from the lazy layer follows.
+    wait(
+        Duration::from_secs(60),
+        "the pod's line read from the lazy layer",
+        || {
+            let logs = cluster.kubectl(&["logs", "lazy"])?;
+            Ok(logs.contains("hello from spry busybox image"))
+        },
+    )?;
     let vm = the_only_vm(cluster)?;
     let snapshots = cluster.dir().join("snapshotter/root/snapshots");
     let served: Vec<_> = std::fs::read_dir(format!("/proc/{vm}/fd"))?

@@ -1,6 +1,7 @@
 //! Soak: pod lifecycles through crictl, over and over, on one containerd, counting what
-//! they leave behind. Each cycle: runp (template and cold pods in turn), create, start,
-//! exec, logs, stop, rm, stopp, rmp. A long-lived pod runs alongside the whole time. After
+//! they leave behind. Each cycle: runp (template and cold pods in turn, on the CNI
+//! network), create (with a host volume), start, exec (reading the volume), logs, stop, rm,
+//! stopp, rmp. A long-lived pod runs alongside the whole time. After
 //! every 50 cycles (and at the end) a census: processes, mounts, named netns, taps, state
 //! dirs and containerd's open fds against the start, the host's available memory, and the
 //! memory of the long-lived pod's shim and QEMU.
@@ -49,6 +50,8 @@ fn main() -> Result<()> {
     let baseline = LeakCheck::capture(containerd.leak_scope())?
         .watch_dir(&run_dir.join("vms"), 1)?
         .watch_dir(&run_dir.join("layer-images"), 1)?
+        .watch_dir(&run_dir.join("shares"), 1)?
+        .watch_dir(&run_dir.join("rootfs"), 1)?
         .settle(Duration::from_secs(20));
     let fds_before = containerd_fds(containerd)?;
     let mem_before = mem_available_mib()?;
@@ -139,14 +142,19 @@ fn cycle(
     let pod_cfg = PodConfig::new(name).write_to(&dir)?;
     let pod = crictl.runp(&pod_cfg, Some(handler))?;
     let lived = (|| -> Result<()> {
+        // A host volume too: the pod's file share and its server come and go every cycle.
+        let volume = dir.join("volume");
+        std::fs::create_dir_all(&volume)?;
+        std::fs::write(volume.join("from-host"), name)?;
         let ctr_cfg = ContainerConfig::new("app", image)
             .command(&["sh", "-c", "echo ready; exec sleep 3600"])
+            .mount(&volume, "/data", false)
             .write_to(&dir)?;
         let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
         crictl.start(&ctr)?;
-        let out = crictl.exec(&ctr, &["echo", "in-exec"])?;
+        let out = crictl.exec(&ctr, &["sh", "-c", "cat /data/from-host; echo in-exec"])?;
         ensure!(
-            out.code == 0 && out.stdout.trim() == "in-exec",
+            out.code == 0 && out.stdout.split_whitespace().eq([name, "in-exec"]),
             "exec: {out:?}"
         );
         let logged = system::wait_for(Duration::from_secs(60), || {
