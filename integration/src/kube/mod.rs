@@ -1,7 +1,9 @@
 //! A one-node Kubernetes cluster for end-to-end tests: etcd, kube-apiserver,
 //! kube-controller-manager (Deployments, ReplicaSets, service-account tokens), kube-scheduler
 //! and a kubelet, all built by `scripts/build-k8s.sh`, on a private containerd whose Spry
-//! handler `spry install` wrote, with the RuntimeClass `spry install` printed applied as is.
+//! handler `spry install` wrote, with the RuntimeClass `spry install` printed applied as is
+//! (with [`NodeSetup::lazy_snapshotter`], `spry install --snapshotter`: its snapshotter
+//! started as the unit it wrote says, serving the `spry` handler's images).
 //!
 //! Certificates come from openssl; the apiserver authorizes everything (`AlwaysAllow`); every
 //! port is a free one. Every host change the kubelet makes is recorded first and undone at

@@ -1,13 +1,42 @@
-//! A serving shim containerd gave up on. containerd runs `delete` for a shim it believes
-//! dead: one it could not load after its own restart (it died mid-RunPodSandbox, before it
-//! recorded how to talk to the shim) or whose `start` failed after the serving process was
-//! spawned. If that serving process is in fact alive, nobody will ever call it again, and it
-//! would keep its VM forever; `delete` stops it before cleaning up after it.
+//! A serving shim containerd gave up on: nobody will ever call it again, and it would keep
+//! its VM forever.
+//!
+//! - containerd runs `delete` for a shim it believes dead, e.g. one it could not load after
+//!   its own crash mid-RunPodSandbox (before it recorded how to talk to the shim); if the
+//!   serving process is in fact alive, `delete` stops it ([`stop`]).
+//! - containerd runs no `delete` when `start` itself fails, e.g. killed after it spawned the
+//!   serving process; it removes the task's bundle. A serving shim whose bundle is gone
+//!   before it ever held a task exits ([`exit_if_never_used`]).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use containerd_shim::asynchronous::ExitSignal;
 use tracing::warn;
+
+use super::pod::Pod;
+
+/// How often a serving shim without tasks looks for its bundle.
+const BUNDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// Until the pod first holds a task: if `bundle` disappears meanwhile, the shim exits (the
+/// pod's last-resort shutdown stops any VM it was booting for a Create containerd abandoned).
+pub fn exit_if_never_used(bundle: PathBuf, pod: Arc<Pod>, exit: Arc<ExitSignal>) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(BUNDLE_CHECK).await;
+            if !pod.is_empty().await {
+                return;
+            }
+            if !bundle.exists() {
+                warn!(bundle = %bundle.display(), "containerd removed this shim's bundle before it held a task; exiting");
+                exit.signal();
+                return;
+            }
+        }
+    });
+}
 
 /// How long `delete` waits for a killed serving shim to be gone (its QEMU dies with it).
 const EXIT_WAIT: Duration = Duration::from_secs(5);

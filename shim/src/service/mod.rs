@@ -163,6 +163,11 @@ impl Shim for SpryShim {
         );
         // `wait` needs the pod for last-resort cleanup; `new` ran before it existed.
         let _ = self.pod.set(Arc::clone(&pod));
+        abandoned::exit_if_never_used(
+            self.bundle.clone(),
+            Arc::clone(&pod),
+            Arc::clone(&self.exit),
+        );
         TaskService::new(pod, Arc::clone(&self.exit))
     }
 }
