@@ -163,10 +163,7 @@ impl ImageMount {
 
     fn stop(&mut self) -> Result<(), FsError> {
         match self.session.take() {
-            Some(session) => session.umount_and_join().map_err(|source| FsError::Mount {
-                path: self.path.clone(),
-                source,
-            }),
+            Some(session) => super::mount::end_session(session, &self.path),
             None => Ok(()),
         }
     }

@@ -81,10 +81,7 @@ impl LayerMount {
                 daemon_reads = s.daemon_reads.load(Ordering::Relaxed),
                 "unmounting layer"
             );
-            session.umount_and_join().map_err(|source| FsError::Mount {
-                path: self.path.clone(),
-                source,
-            })?;
+            end_session(session, &self.path)?;
         }
         Ok(())
     }
@@ -127,4 +124,20 @@ pub fn detach(path: &Path) -> Result<(), FsError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Unmounts `session`'s mount at `path` and waits for its thread. The thread may end with
+/// ECONNABORTED when the kernel tore the connection down as part of the unmount (a
+/// request still in flight then): the mount is gone all the same, so that is success.
+pub(super) fn end_session(session: fuser::BackgroundSession, path: &Path) -> Result<(), FsError> {
+    match session.umount_and_join() {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {
+            tracing::debug!(path = %path.display(), "the FUSE connection was aborted at unmount");
+            Ok(())
+        }
+        result => result.map_err(|source| FsError::Mount {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
 }
