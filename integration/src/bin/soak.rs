@@ -145,7 +145,7 @@ fn cycle(
         // A host volume too: the pod's file share and its server come and go every cycle.
         let volume = dir.join("volume");
         std::fs::create_dir_all(&volume)?;
-        std::fs::write(volume.join("from-host"), name)?;
+        std::fs::write(volume.join("from-host"), format!("{name}\n"))?;
         let ctr_cfg = ContainerConfig::new("app", image)
             .command(&["sh", "-c", "echo ready; exec sleep 3600"])
             .mount(&volume, "/data", false)
