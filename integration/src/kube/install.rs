@@ -5,6 +5,8 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 
+use spry_shim::install::snapshotter;
+
 use super::Cluster;
 use crate::snapshotter::Snapshotter;
 use crate::{paths, spry, system};
@@ -66,18 +68,17 @@ impl Cluster {
         }
         self.runtime_class = system::run_checked(&mut install)?;
         if lazy_snapshotter {
-            let unit_path = systemd_dir.join("spry-snapshotter.service");
+            let unit_path = systemd_dir.join(snapshotter::UNIT_NAME);
             let unit = std::fs::read_to_string(&unit_path)
                 .with_context(|| format!("spry install wrote no {}", unit_path.display()))?;
-            let command: Vec<String> = unit
-                .lines()
-                .find_map(|l| l.strip_prefix("ExecStart="))
+            let command: Vec<String> = snapshotter::exec_start(&unit)
                 .context("the snapshotter's unit has no ExecStart")?
                 .split_whitespace()
                 .map(str::to_string)
                 .collect();
+            let installed = prefix.join("bin").join(snapshotter::SNAPSHOTTER_BINARY);
             ensure!(
-                command[0] == prefix.join("bin/spry-snapshotter").display().to_string(),
+                command[0] == installed.display().to_string(),
                 "the unit does not run the installed snapshotter: {command:?}"
             );
             self.snapshotter = Some(Snapshotter::start_command(
