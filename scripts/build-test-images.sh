@@ -9,6 +9,8 @@
 #            /spry/hello.txt ("hello from spry busybox image"); 1 layer, ~1 MiB.
 #   netprobe busybox plus /bin/netprobe (integration/src/bin/netprobe.rs, static): the network benchmark's
 #            probe. Not built by default: --only netprobe (scripts/bench-net.sh does).
+#   critest  the images cri-tools' critest pulls, under build/images/critest/ and pushed under upstream's
+#            names (scripts/lib/critest-images.sh). Not built by default: --only critest (scripts/critest.sh).
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
 #            stdlib, /app/hello.py); a few hundred MiB. The debootstrap rootfs is cached in build/cache.
 #
@@ -23,6 +25,7 @@
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 source "$SPRY_ROOT/scripts/lib/oci.sh"
+source "$SPRY_ROOT/scripts/lib/critest-images.sh"
 enable_error_trap
 
 BUILD_DIR=${SPRY_BUILD_DIR:-$SPRY_ROOT/build}
@@ -33,10 +36,10 @@ DEBIAN_MIRROR=${SPRY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_TAG=1
 ALL_IMAGES=(pause busybox python)
 # Built only when asked for by name.
-EXTRA_IMAGES=(netprobe)
+EXTRA_IMAGES=(netprobe critest)
 
 usage() {
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -53,7 +56,7 @@ PYTHON_RECIPE="python v2 bookworm minbase+python3,python3-pip,python3-numpy"
 
 image_is_current() {
     local name=$1 recipe=$2
-    [ "$REBUILD" = 0 ] && [ -f "$IMAGES_DIR/$name/index.json" ] &&
+    [ "$REBUILD" = 0 ] && { [ -f "$IMAGES_DIR/$name/index.json" ] || [ -f "$IMAGES_DIR/$name/push.list" ]; } &&
         [ "$(cat "$IMAGES_DIR/$name.stamp" 2>/dev/null)" = "$recipe" ]
 }
 
@@ -185,6 +188,10 @@ ALIASES=("busybox e2e-test-images/busybox 1.29-2")
 push_all() {
     local registry=$1 name alias image alias_name alias_tag
     for name in "${SELECTED[@]}"; do
+        if [ "$name" = critest ]; then
+            push_critest "$registry"
+            continue
+        fi
         oci_push "$IMAGES_DIR/$name" "$IMAGE_TAG" "$registry" "$name"
         for alias in "${ALIASES[@]}"; do
             read -r image alias_name alias_tag <<<"$alias"

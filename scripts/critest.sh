@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CRI conformance (cri-tools' critest, the specs that can run offline) with runc and with
+# CRI conformance: cri-tools' whole critest suite, offline (its images built here), with runc and with
 # Spry in the same run; prints both pass/fail counts and the failing specs, and writes
 # target/bench/critest.json. Too slow for CI under TCG (every Spry spec boots a VM).
 #   scripts/critest.sh   (as root)
@@ -8,5 +8,6 @@ entry_script
 scripts/install-deps.sh
 scripts/build-guest.sh
 scripts/build-test-images.sh
+scripts/build-test-images.sh --only critest
 cargo build --release -p spry-shim --bins -p spry-integration --bin critest-compare
 target/release/critest-compare

@@ -1,22 +1,33 @@
 //! Runs the Go-built `critest` (cri-tools' CRI conformance suite) against a harness containerd, offline.
-//! Start containerd with `.mirror("registry.k8s.io", &registry)`: critest's default test image
-//! `registry.k8s.io/e2e-test-images/busybox:1.29-2` is then served by the local registry, where
-//! `scripts/build-test-images.sh` pushed our busybox under that name. (critest's own `--registry-prefix`
-//! is not used: v1.34 pulls the prefixed name without its tag but creates containers from the unprefixed
-//! one.) Specs needing other upstream images (nginx, the user/tag/digest test images) cannot run
-//! offline: leave them out with `focus`.
+//! Start containerd with [`with_critest_mirrors`]: the images critest pulls from `registry.k8s.io` and
+//! `gcr.io` are then served by the local registry, where `scripts/build-test-images.sh` pushed our builds
+//! under upstream's names (busybox always; the rest with `--only critest`, see
+//! scripts/lib/critest-images.sh). (critest's own `--registry-prefix` is not used: v1.34 pulls the
+//! prefixed name without its tag but creates containers from the unprefixed one.)
 
-use crate::containerd::Containerd;
+use crate::containerd::{Containerd, ContainerdOptions};
+use crate::registry::Registry;
 use crate::{paths, require};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The registries critest pulls from, mirrored to `registry` (which must hold the critest images for
+/// the full suite: `scripts/build-test-images.sh --only critest`).
+pub fn with_critest_mirrors(opts: ContainerdOptions, registry: &Registry) -> ContainerdOptions {
+    opts.mirror("registry.k8s.io", registry)
+        .mirror("gcr.io", registry)
+}
+
+/// Every spec critest has (its default when no focus is given).
+pub const ALL_FOCUS: &str = ".";
+
 /// critest's conformance specs...
 pub const CONFORMANCE_FOCUS: &str = "Conformance";
-/// ...minus those that need upstream images we cannot build offline (nginx, the image-manager and user
-/// test images), and `execSync with timeout` (its process check does not hold with busybox's `ps`).
-/// With runc this leaves 26 specs that pass: a baseline other runtime handlers can be held to.
+/// ...minus those that need the critest images beyond busybox (nginx, the image-manager and user test
+/// images; built only for scripts/critest.sh, which runs the full suite), and `execSync with timeout`
+/// (its process check does not hold with busybox's `ps`). With runc this leaves 26 specs that pass: a
+/// quick baseline for the test command.
 pub const OFFLINE_SKIP: &str =
     "port mapping|Image Manager|Multiple Containers|portforward|execSync with timeout";
 
@@ -35,6 +46,11 @@ impl Critest {
             skip: None,
             runtime_handler: None,
         }
+    }
+
+    /// The whole suite; needs the critest images ([`with_critest_mirrors`]).
+    pub fn full() -> Self {
+        Critest::new(ALL_FOCUS)
     }
 
     /// Every conformance spec that can run offline ([`CONFORMANCE_FOCUS`] minus [`OFFLINE_SKIP`]).

@@ -53,7 +53,7 @@ pub mod system;
 pub use containerd::{Containerd, ContainerdOptions};
 pub use cri_config::{ContainerConfig, PodConfig};
 pub use crictl::{Crictl, ExecOutput};
-pub use critest::{Critest, CritestSummary};
+pub use critest::{with_critest_mirrors, Critest, CritestSummary};
 pub use leak::{LeakCheck, LeakScope};
 pub use registry::Registry;
 pub use require::{require_root, require_tool};

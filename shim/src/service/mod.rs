@@ -111,15 +111,34 @@ impl Shim for SpryShim {
     async fn delete_shim(&mut self) -> Result<DeleteResponse, ShimCrateError> {
         // containerd believes the serving shim gone (crashed, killed, or never loaded after
         // a containerd crash): make sure it is, then clean what it may have left.
-        let (id, namespace, address) = (
+        let (id, namespace, address, bundle) = (
             self.id.clone(),
             self.namespace.clone(),
             self.address.clone(),
+            self.bundle.clone(),
         );
-        let stopped =
-            tokio::task::spawn_blocking(move || abandoned::stop(&id, &namespace, &address)).await;
-        if let Ok(Some(pid)) = stopped {
-            info!(pid, id = %self.id, "stopped the serving shim containerd gave up on");
+        let still_serving = tokio::task::spawn_blocking(move || {
+            let Some(pid) = abandoned::serving_pid(&id, &namespace, &address) else {
+                return false;
+            };
+            // containerd runs this after every task delete too (it counts its own closing
+            // of the task's connection as the shim's death): a live shim containerd's
+            // other tasks still use owns its state and exits by itself after its last one.
+            if abandoned::serves_other_tasks(&bundle) {
+                return true;
+            }
+            abandoned::stop(pid, &id);
+            false
+        })
+        .await
+        .unwrap_or(false);
+        if still_serving {
+            info!(id = %self.id, "the pod's shim still serves other tasks; it cleans up itself");
+            return Ok(DeleteResponse {
+                exit_status: 137,
+                exited_at: Some(events::timestamp(SystemTime::now())).into(),
+                ..Default::default()
+            });
         }
         let mut config = Config::load(&config_path()).unwrap_or_default();
         // A handler with its own config (ConfigPath) may keep its state elsewhere.
