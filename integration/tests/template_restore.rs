@@ -108,7 +108,7 @@ async fn restoring_a_broken_stream_fails_cleanly() {
     let hypervisor = QemuHypervisor::new(shared_state_root());
     let base = area.vm_config("tpl-src");
     let key = hypervisor.snapshot_fingerprint(&base).await.unwrap();
-    let template = build_template(&hypervisor, &store, &base, &key)
+    let template = build_template(&hypervisor, &store, &base, &key, Duration::from_secs(60))
         .await
         .unwrap();
     let broken = area.dir.path().join("broken-state");

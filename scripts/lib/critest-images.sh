@@ -3,15 +3,20 @@
 # Sourced by scripts/build-test-images.sh (`--only critest`); uses its busybox_rootfs and lib/oci.sh.
 # shellcheck shell=bash
 #
-# Upstream (cri-tools images/, kubernetes test/images/) → here, all on our busybox:
+# All are built on a busybox like upstream's: applets are hard links (masking /bin/ls must not mask the
+# shell), with stand-ins for the two applets Debian's busybox-static lacks and critest runs (pgrep, ipcs).
+# Upstream (cri-tools images/, kubernetes test/images/) → here:
+#   e2e-test-images/busybox:1.29-2: that busybox (the default build pushes our symlinked one under this
+#       name for the test command's quick conformance run; this one replaces it).
 #   k8s-staging-cri-tools/test-image-{latest,tag:test,tag:all,1,2,3,tags:1..3}: busybox + a file named after
 #       the image (ADD ${TEST} ${TEST}); tags:1..3 are one image, 1..3 three different ones.
 #   k8s-staging-cri-tools/test-image-user-{uid,username,uid-group,username-group}: USER 1002, www-data,
 #       1003:1003, www-data:www-data.
 #   k8s-staging-cri-tools/test-image-predefined-group: user 1000 (default-user) in group 50000, USER 1000.
 #   k8s-staging-cri-tools/hostnet-nginx-amd64: a web server on :12003 (host network specs).
-#   e2e-test-images/nginx:1.14-2: a web server on :80 whose main process is named nginx and writes
-#       /var/run/nginx.pid (the HostPID/namespace specs read both).
+#   e2e-test-images/nginx:1.14-2: a web server on :80 whose main process is named nginx, has
+#       "master process" in its command line (as nginx's title) and writes /var/run/nginx.pid (the PID
+#       namespace specs read all three).
 #   e2e-test-images/httpd:2.4.39-4: a web server on :80 that logs "httpd".
 #   e2e-test-images/nonewprivs:1.3: a setuid-root binary printing "Effective uid: N" (integration/src/bin/nnp.rs).
 # Not buildable: test-image-digest@sha256:9700f9… (a digest of upstream's bytes); its spec fails offline for
@@ -19,13 +24,45 @@
 
 CRITEST_IMAGES_SCRIPT="${BASH_SOURCE[0]}"
 
+# critest_busybox_rootfs DIR: busybox_rootfs with hard links for applets, www-data, pgrep and ipcs.
+critest_busybox_rootfs() {
+    local rootfs=$1 link
+    busybox_rootfs "$rootfs"
+    while IFS= read -r link; do
+        ln -f "$rootfs/bin/busybox" "$link"
+    done < <(find "$rootfs" -type l -lname /bin/busybox)
+    # busybox's own image has www-data (uid/gid 33) as upstream's user images rely on.
+    echo 'www-data:x:33:33:www-data:/var/www:/bin/false' >>"$rootfs/etc/passwd"
+    echo 'www-data:x:33:' >>"$rootfs/etc/group"
+    # pgrep NAME: the pids whose command name is NAME (what critest's exec checks ask).
+    cat >"$rootfs/usr/bin/pgrep" <<'EOF'
+#!/bin/sh
+found=1
+for dir in /proc/[0-9]*; do
+    [ "$(cat "$dir/comm" 2>/dev/null)" = "$1" ] && echo "${dir#/proc/}" && found=0
+done
+exit $found
+EOF
+    # ipcs -m: the shared memory segments of the IPC namespace, util-linux's columns.
+    cat >"$rootfs/usr/bin/ipcs" <<'EOF'
+#!/bin/sh
+echo "------ Shared Memory Segments --------"
+echo "key        shmid      owner      perms      bytes      nattch     status"
+tail -n +2 /proc/sysvipc/shm 2>/dev/null | while read -r key shmid perms size cpid lpid nattch uid rest; do
+    printf '0x%08x %-10s %-10s %-10s %-10s %-10s\n' "$key" "$shmid" "$uid" "$perms" "$size" "$nattch"
+done
+EOF
+    chmod 0755 "$rootfs/usr/bin/pgrep" "$rootfs/usr/bin/ipcs"
+}
+
 critest_recipe() {
-    echo "critest v1 $(cat "$CRITEST_IMAGES_SCRIPT" "$SPRY_ROOT/integration/src/bin/nnp.rs" | sha256sum | cut -c1-16) $BUSYBOX_RECIPE"
+    echo "critest v2 $(cat "$CRITEST_IMAGES_SCRIPT" "$SPRY_ROOT/integration/src/bin/nnp.rs" | sha256sum | cut -c1-16) $BUSYBOX_RECIPE"
 }
 
 # critest_web_server ROOTFS NAME PORT: /usr/sbin/NAME, a script that serves /usr/share/NAME/html on PORT
 # with busybox httpd, writes its own pid to /var/run/NAME.pid and stays the main process (so `pidof NAME`
-# finds that pid), says NAME on stderr, and ends the server on SIGTERM.
+# finds that pid), says NAME on stderr, and ends the server on SIGTERM. Its arguments are ignored: the
+# images pass nginx's process title as one, so that the command line reads like nginx's.
 critest_web_server() {
     local rootfs=$1 name=$2 port=$3
     mkdir -p "$rootfs/usr/share/$name/html" "$rootfs/var/run"
@@ -62,12 +99,11 @@ build_critest() {
     env='"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]'
     rm -rf "$IMAGES_DIR/critest"
     mkdir -p "$IMAGES_DIR/critest"
-    busybox_rootfs "$base"
-    # busybox's own image has www-data (uid/gid 33) as upstream's user images rely on.
-    echo 'www-data:x:33:33:www-data:/var/www:/bin/false' >>"$base/etc/passwd"
-    echo 'www-data:x:33:' >>"$base/etc/group"
+    critest_busybox_rootfs "$base"
     local list="$IMAGES_DIR/critest/push.list" test user layout
     : >"$list"
+    critest_image busybox "{$env,\"Cmd\":[\"sh\"]}" "$base"
+    echo "busybox e2e-test-images/busybox 1.29-2" >>"$list"
     # One image per file name; the list maps layouts to the names critest pulls.
     for test in test-image-latest test-image-tag test-image-1 test-image-2 test-image-3 test-image-tags; do
         rm -rf "$rootfs" && cp -a "$base" "$rootfs"
@@ -99,11 +135,11 @@ EOF
 
     rm -rf "$rootfs" && cp -a "$base" "$rootfs"
     critest_web_server "$rootfs" nginx 80
-    critest_image nginx "{$env,\"Cmd\":[\"nginx\"],\"ExposedPorts\":{\"80/tcp\":{}}}" "$rootfs"
+    critest_image nginx "{$env,\"Cmd\":[\"nginx\",\"nginx: master process nginx\"],\"ExposedPorts\":{\"80/tcp\":{}}}" "$rootfs"
     echo "nginx e2e-test-images/nginx 1.14-2" >>"$list"
     rm -rf "$rootfs" && cp -a "$base" "$rootfs"
     critest_web_server "$rootfs" nginx 12003
-    critest_image hostnet-nginx "{$env,\"Cmd\":[\"nginx\"],\"ExposedPorts\":{\"12003/tcp\":{}}}" "$rootfs"
+    critest_image hostnet-nginx "{$env,\"Cmd\":[\"nginx\",\"nginx: master process nginx\"],\"ExposedPorts\":{\"12003/tcp\":{}}}" "$rootfs"
     echo "hostnet-nginx k8s-staging-cri-tools/hostnet-nginx-amd64 latest" >>"$list"
     rm -rf "$rootfs" && cp -a "$base" "$rootfs"
     critest_web_server "$rootfs" httpd-foreground 80

@@ -92,20 +92,20 @@ impl Host {
     }
 
     /// How to start `vm_config`'s sandbox under this config's template policy.
-    pub fn launch_request(
-        &self,
-        vm_config: VmConfig,
-        identity: SandboxIdentity,
-        boot_timeout: Duration,
-    ) -> LaunchRequest {
+    pub fn launch_request(&self, vm_config: VmConfig, identity: SandboxIdentity) -> LaunchRequest {
         LaunchRequest {
             hypervisor: self.hypervisor(),
             store: self.templates.clone(),
             policy: self.config.template,
             vm_config,
             identity,
-            boot_timeout,
+            boot_timeout: self.boot_timeout(),
         }
+    }
+
+    /// How long a booting VM's agent may take to answer (the config's `boot_timeout_s`).
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(u64::from(self.config.vm.boot_timeout_s))
     }
 
     /// Removes what VM `name`'s dead shim left (QEMU itself dies with its shim), and
@@ -139,7 +139,7 @@ mod tests {
         let vm = host.vm_config("pod-1");
         assert_eq!(vm.state_dir, host.state().vm("pod-1"));
         assert_eq!(host.templates().root(), host.state().templates());
-        let request = host.launch_request(vm, SandboxIdentity::default(), Duration::from_secs(1));
+        let request = host.launch_request(vm, SandboxIdentity::default());
         assert_eq!(request.policy, host.config().template);
         assert_eq!(request.store.root(), host.state().templates());
     }

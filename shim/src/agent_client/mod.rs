@@ -23,7 +23,9 @@ const CONTROL_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum AgentError {
     #[error(transparent)]
     Transport(#[from] TransportError),
-    #[error("the agent did not answer within {timeout:?}")]
+    #[error(
+        "the agent did not answer within {timeout:?} (on a slow host, raise [vm] boot_timeout_s)"
+    )]
     Timeout { timeout: Duration },
     #[error("the guest agent speaks protocol version {agent}, this host speaks {host}: install matching guest assets")]
     ProtocolMismatch { host: u32, agent: u32 },
@@ -142,6 +144,8 @@ fn control() -> ttrpc::context::Context {
 /// Metrics: containerd collects every task's stats on the node one after another, so a
 /// guest that does not answer may hold that up this long at most.
 const STATS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How much later than the host's own bound the first call's ttrpc deadline is.
+const CHECK_DEADLINE_SLACK: Duration = Duration::from_secs(1);
 
 fn metrics() -> ttrpc::context::Context {
     ttrpc::context::with_duration(STATS_CALL_TIMEOUT)
@@ -165,11 +169,16 @@ impl AgentClient {
             protocol_version: host,
             ..Default::default()
         };
-        // The ttrpc deadline is enforced by the agent side only; a guest that never
-        // comes up would leave us waiting, so bound it here as well.
+        // The agent enforces the ttrpc deadline; a guest that never comes up would leave
+        // us waiting, so the call is bounded here as well. The client library enforces
+        // the deadline too, reporting it as a broken connection: the deadline it sees is
+        // a little later, so that a silent guest reads as the timeout it is.
         let reply = tokio::time::timeout(
             timeout,
-            inner.check(ttrpc::context::with_duration(timeout), &req),
+            inner.check(
+                ttrpc::context::with_duration(timeout + CHECK_DEADLINE_SLACK),
+                &req,
+            ),
         )
         .await
         .map_err(|_| AgentError::Timeout { timeout })?

@@ -73,7 +73,9 @@ pub async fn run_template(
                 .snapshot_fingerprint(&base)
                 .await
                 .map_err(TemplateCommandError::Fingerprint)?;
-            let template = build_template(hypervisor.as_ref(), store, &base, &key).await?;
+            let template =
+                build_template(hypervisor.as_ref(), store, &base, &key, host.boot_timeout())
+                    .await?;
             println!("{}", template.dir.display());
             Ok(())
         }

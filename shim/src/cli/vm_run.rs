@@ -14,7 +14,7 @@ use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::config::{Config, ConfigError, VmSettings};
 use crate::host::Host;
 use crate::rootfs::RootfsSource;
-use crate::sandbox::{PodVm, Sandbox, SandboxError, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use crate::sandbox::{PodVm, Sandbox, SandboxError, SandboxIdentity};
 use crate::template::start_sandbox;
 use crate::vm::{VmConfig, VmExit};
 
@@ -74,7 +74,7 @@ pub async fn run_vm(config_path: &std::path::Path, args: VmRunArgs) -> Result<i3
     };
     // Same start path as pods: from the template unless the config says `template = "off"`.
     let make_share = host.rootfs_share_factory(&id);
-    let request = host.launch_request(vm_config, identity, DEFAULT_BOOT_TIMEOUT);
+    let request = host.launch_request(vm_config, identity);
     let launch = start_sandbox(request, &make_share).await?;
     let sandbox = launch.sandbox;
     let result = run_container(&sandbox, &args).await;

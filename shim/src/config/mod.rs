@@ -104,6 +104,9 @@ pub struct VmSettings {
     pub jail_uid_base: u32,
     /// How many VMs may run at once.
     pub jail_uids: u32,
+    /// How long a booting VM's agent may take to answer before the pod's start (or a
+    /// template's build) fails, seconds. Under TCG a cold boot takes a few seconds.
+    pub boot_timeout_s: u32,
 }
 
 impl Default for Config {
@@ -130,6 +133,7 @@ impl Default for VmSettings {
             tcg_cache_mib: DEFAULT_TCG_CACHE_MIB,
             jail_uid_base: crate::vm::DEFAULT_UID_BASE,
             jail_uids: crate::vm::DEFAULT_UID_COUNT,
+            boot_timeout_s: crate::sandbox::DEFAULT_BOOT_TIMEOUT.as_secs() as u32,
         }
     }
 }
@@ -236,6 +240,13 @@ impl Config {
             "65536.. with jail_uid_base + jail_uids below 4294967295",
         )?;
         range("vm.jail_uids", self.vm.jail_uids, 1, 1 << 20, "1..=1048576")?;
+        range(
+            "vm.boot_timeout_s",
+            self.vm.boot_timeout_s,
+            1,
+            3600,
+            "1..=3600",
+        )?;
         for (key, value) in [
             ("state_dir", &self.state_dir),
             ("vm.kernel", &self.vm.kernel),

@@ -14,7 +14,7 @@ use super::spec::{self, PodNetns, TaskKind};
 use crate::config::Config;
 use crate::host::Host;
 use crate::network;
-use crate::sandbox::{PodVm, SandboxIdentity, DEFAULT_BOOT_TIMEOUT};
+use crate::sandbox::{PodVm, SandboxIdentity};
 use crate::template;
 use crate::vm::{NetNamespace, VmConfig};
 
@@ -107,7 +107,7 @@ impl SandboxLauncher for HostLauncher {
             ..Default::default()
         };
         let make_share = host.rootfs_share_factory(&name);
-        let request = host.launch_request(vm_config, identity, DEFAULT_BOOT_TIMEOUT);
+        let request = host.launch_request(vm_config, identity);
         let launch = template::start_sandbox(request, &make_share).await?;
         Ok(Launched {
             vm: Arc::new(launch.sandbox),

@@ -8,7 +8,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::store::{state_digest, unix_now, FileStamp, Manifest, MANIFEST_FORMAT};
 use super::{Template, TemplateError, TemplateStore};
-use crate::sandbox::{connect_agent, DEFAULT_BOOT_TIMEOUT};
+use crate::sandbox::connect_agent;
 use crate::vm::{GuestMemory, Hypervisor, NetNamespace, VmConfig};
 
 /// The agent notices a host hang-up within its 50 ms poll; give it ample time so the saved
@@ -37,13 +37,14 @@ pub async fn build_template(
     store: &TemplateStore,
     base: &VmConfig,
     key: &str,
+    boot_timeout: Duration,
 ) -> Result<Template, TemplateError> {
     let _lock = store.lock().await?;
     if let Ok(Some(template)) = store.get(key) {
         return Ok(template);
     }
     let span = info_span!("template_build", key = &key[..key.len().min(12)]);
-    let built = build_locked(hypervisor, store, base, key)
+    let built = build_locked(hypervisor, store, base, key, boot_timeout)
         .instrument(span)
         .await;
     if let Err(e) = &built {
@@ -57,6 +58,7 @@ async fn build_locked(
     store: &TemplateStore,
     base: &VmConfig,
     key: &str,
+    boot_timeout: Duration,
 ) -> Result<Template, TemplateError> {
     let started = Instant::now();
     let io = |path: &Path| {
@@ -96,7 +98,7 @@ async fn build_locked(
             id: id.clone(),
             source,
         })?;
-    let booted = connect_agent(vm.as_ref(), DEFAULT_BOOT_TIMEOUT).await;
+    let booted = connect_agent(vm.as_ref(), boot_timeout).await;
     let saved = match booted {
         Ok(agent) => {
             drop(agent);

@@ -238,6 +238,7 @@ async fn find_or_build(
         &request.store,
         &request.vm_config,
         key,
+        request.boot_timeout,
     )
     .await
     {
@@ -265,8 +266,9 @@ fn spawn_rebuild(request: &LaunchRequest, key: String) -> JoinHandle<()> {
     let hypervisor = Arc::clone(&request.hypervisor);
     let store = request.store.clone();
     let base = request.vm_config.clone();
+    let boot_timeout = request.boot_timeout;
     tokio::spawn(async move {
-        match build_template(hypervisor.as_ref(), &store, &base, &key).await {
+        match build_template(hypervisor.as_ref(), &store, &base, &key, boot_timeout).await {
             Ok(template) => info!(dir = %template.dir.display(), "VM template rebuilt"),
             Err(e) => info!(error = %error_chain(&e), "VM template rebuild failed"),
         }
