@@ -41,6 +41,32 @@ pub(super) async fn kill_and_wait(container: &Container) -> Result<(), Container
     }
 }
 
+/// When the container's init exits, SIGKILLs whatever is left in its cgroup, as
+/// containerd's runc shim does for a container without a PID namespace of its own (here:
+/// one in the pod's, which is the VM's). Left alive, a daemonized child would keep the
+/// container's output open, and the host waiting for that output to end. With a PID
+/// namespace of its own the kernel has already killed the rest, and this finds nothing.
+pub(super) async fn kill_leftovers_on_exit(id: String, init: Arc<Process>, cgroup: Cgroup) {
+    init.wait().await;
+    // A leftover forking meanwhile may escape one pass; a few passes catch it.
+    for _ in 0..LEFTOVER_KILL_PASSES {
+        match cgroup.pids() {
+            Ok(pids) if pids.is_empty() => return,
+            Ok(_) => {}
+            // The container is being removed: its teardown kills what is left.
+            Err(_) => return,
+        }
+        if let Err(error) = cgroup.signal_all(Signal::SIGKILL) {
+            tracing::warn!(container = %id, %error, "cannot kill what the container's init left");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Passes of [`kill_leftovers_on_exit`] before it leaves the rest to the teardown.
+const LEFTOVER_KILL_PASSES: usize = 50;
+
 /// Once an exec has exited, remembers it among the last [`EXITED_EXECS_KEPT`] and forgets
 /// older ones.
 pub(super) async fn forget_exec_later(

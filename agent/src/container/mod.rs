@@ -254,6 +254,11 @@ impl ContainerManager {
                     cgroup.clone(),
                     self.oom_sender.clone(),
                 ));
+                tokio::spawn(housekeeping::kill_leftovers_on_exit(
+                    id.to_string(),
+                    Arc::clone(&init),
+                    cgroup.clone(),
+                ));
                 Ok(Arc::new(Container {
                     id: id.to_string(),
                     dir,

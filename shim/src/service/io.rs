@@ -86,9 +86,14 @@ impl IoPumps {
 
     /// Waits until the guest's output streams reached their end and were flushed into
     /// the FIFOs: an exit event must not overtake the last lines of output.
+    /// Cancel-safe: a pump not finished when the caller gives up stays in `self`, and is
+    /// aborted (its FIFO closed) when the pumps are dropped; a detached pump would keep
+    /// the FIFO open while the guest keeps its output open, and containerd, which reads
+    /// it to its end before it deletes the task, waiting forever.
     pub async fn drain_outputs(&mut self) {
-        for handle in self.outputs.drain(..) {
+        while let Some(handle) = self.outputs.last_mut() {
             let _ = handle.await;
+            self.outputs.pop();
         }
     }
 
