@@ -103,6 +103,12 @@ impl SpryHandler {
     /// Adds the handler to a containerd's options.
     pub fn register(&self, opts: ContainerdOptions) -> ContainerdOptions {
         opts.runtime_handler("spry", "io.containerd.spry.v2", Some(&self.shim))
+            // As `spry install` sets it: a privileged container gets the VM's devices, not
+            // the host's (which a jailed QEMU cannot open, and the guest must not get).
+            .extra_toml(
+                "[plugins.\"io.containerd.cri.v1.runtime\".containerd.runtimes.spry]\n\
+                 privileged_without_host_devices = true\n",
+            )
             // After a restart containerd reloads running tasks by looking the shim up in
             // PATH (runtime_path is not persisted); `spry install` puts it in /usr/local/bin.
             .path_prepend(self.shim.parent().expect("the shim is in a directory"))
