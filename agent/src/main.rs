@@ -116,6 +116,7 @@ fn run_serve(command: Command) -> anyhow::Result<()> {
             set_clock,
             own_network: false,
             pod_mounts: false,
+            set_sysctls: false,
         },
         power_off_on_shutdown: false,
     };
@@ -154,6 +155,7 @@ fn run_as_pid1() -> ! {
                     set_clock: true,
                     own_network: true,
                     pod_mounts: true,
+                    set_sysctls: true,
                 },
                 power_off_on_shutdown: true,
             };

@@ -1,5 +1,7 @@
-//! The pod's identity inside the VM: hostname, DNS, entropy and clock. Applied by
-//! CreateSandbox after every boot or snapshot restore, never baked into the image.
+//! The pod's identity inside the VM: hostname, DNS, entropy, clock and sysctls. Applied
+//! by CreateSandbox after every boot or snapshot restore, never baked into the image.
+
+pub mod sysctl;
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -38,6 +40,8 @@ pub enum SandboxError {
     Clock { source: nix::Error },
     #[error("the clock value {nanos} is negative")]
     BadClock { nanos: i64 },
+    #[error(transparent)]
+    Sysctl(#[from] sysctl::SysctlError),
 }
 
 /// Which host-wide effects CreateSandbox may have (all in the VM; the host test mode leaves
@@ -49,6 +53,8 @@ pub struct SandboxOptions {
     pub own_network: bool,
     /// Mount the pod's /dev/shm tmpfs and file share (only in a VM).
     pub pod_mounts: bool,
+    /// Set the pod's sysctls (only in a VM: they are the kernel's).
+    pub set_sysctls: bool,
 }
 
 /// The pod identity applied to this VM.
@@ -102,6 +108,11 @@ pub fn apply(
             TimeSpec::from_duration(Duration::from_nanos(nanos)),
         )
         .map_err(|source| SandboxError::Clock { source })?;
+    }
+    if options.set_sysctls {
+        sysctl::apply(Path::new("/proc/sys"), &request.sysctls)?;
+    } else if !request.sysctls.is_empty() {
+        tracing::warn!("not in a VM: the pod's sysctls are not applied");
     }
     if !request.hostname.is_empty() {
         validate_hostname(&request.hostname)?;
@@ -204,6 +215,7 @@ mod tests {
             set_clock: false,
             own_network: false,
             pod_mounts: false,
+            set_sysctls: false,
         };
         let sandbox = apply(&request, None, dir.path(), options).unwrap();
         assert_eq!(

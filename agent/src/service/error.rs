@@ -5,6 +5,7 @@ use ttrpc::Code;
 use crate::container::helper::FailureKind;
 use crate::container::{ContainerError, StdioError};
 use crate::network::NetworkError;
+use crate::sandbox::sysctl::SysctlError;
 use crate::sandbox::SandboxError;
 use crate::storage::StorageError;
 use crate::volumes::VolumeError;
@@ -62,6 +63,13 @@ impl AgentError {
                 | SandboxError::Write { .. }
                 | SandboxError::Entropy { .. }
                 | SandboxError::Clock { .. } => Code::INTERNAL,
+                SandboxError::Sysctl(sysctl) => match sysctl {
+                    SysctlError::BadName { .. } | SysctlError::BadValue { .. } => {
+                        Code::INVALID_ARGUMENT
+                    }
+                    // The guest's kernel has no such sysctl, or refuses the value.
+                    SysctlError::Write { .. } => Code::FAILED_PRECONDITION,
+                },
             },
             AgentError::Network { source } => match source {
                 NetworkError::BadMac { .. }
@@ -187,7 +195,22 @@ mod tests {
     #[test]
     fn errors_map_to_the_documented_codes() {
         let id = || "c1".to_string();
+        let sysctl = |e| AgentError::Sandbox {
+            source: SandboxError::Sysctl(e),
+        };
         let cases = [
+            (
+                sysctl(SysctlError::BadName { name: "a b".into() }),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                sysctl(SysctlError::Write {
+                    name: "kernel.nope".into(),
+                    path: "/proc/sys/kernel/nope".into(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                }),
+                Code::FAILED_PRECONDITION,
+            ),
             (
                 container(ContainerError::NotFound { id: id() }),
                 Code::NOT_FOUND,

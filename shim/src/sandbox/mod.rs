@@ -93,6 +93,8 @@ pub struct SandboxIdentity {
     pub file_share: Option<FileShareConfig>,
     /// Size of the pod's /dev/shm; 0: the agent's default.
     pub shm_size_bytes: u64,
+    /// The pod's sysctls, set in the guest (whose namespaces are the pod's).
+    pub sysctls: std::collections::HashMap<String, String>,
     /// The pod's host cgroup, which QEMU and the file server join; None: they stay in
     /// the shim's.
     pub cgroup: Option<CgroupPlan>,
@@ -317,6 +319,7 @@ fn identity_request(id: &str, identity: SandboxIdentity) -> pb::CreateSandboxReq
         neighbours: network.neighbours,
         file_share: identity.file_share.is_some(),
         shm_size_bytes: identity.shm_size_bytes,
+        sysctls: identity.sysctls,
         ..Default::default()
     }
 }

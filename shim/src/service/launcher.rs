@@ -100,6 +100,7 @@ impl SandboxLauncher for HostLauncher {
             network,
             file_share: Some(host.file_share(&name)),
             shm_size_bytes: spec::shm_size(spec).unwrap_or(0),
+            sysctls: spec::sysctls(spec),
             cgroup: crate::cgroup::plan(spec).map_err(|source| ShimError::Cgroup {
                 id: id.to_owned(),
                 source,

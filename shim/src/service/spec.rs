@@ -113,6 +113,14 @@ pub fn shm_size(spec: &Spec) -> Option<u64> {
     Some(stat.blocks() * stat.fragment_size())
 }
 
+/// The pod's sysctls (CRI puts `PodSandboxConfig.linux.sysctls` in the sandbox spec).
+pub fn sysctls(spec: &Spec) -> std::collections::HashMap<String, String> {
+    spec.linux()
+        .as_ref()
+        .and_then(|linux| linux.sysctl().clone())
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
