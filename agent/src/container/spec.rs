@@ -85,9 +85,16 @@ pub fn prepare_container_spec(
 ) -> Result<Spec, SpecError> {
     let mut spec: Spec =
         serde_json::from_slice(json).map_err(|source| SpecError::Parse { source })?;
+    // Read-only when the pod asks (CRI's readOnlyRootFilesystem) or when the rootfs has
+    // no writable layer.
+    let asked_readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|root| root.readonly())
+        .unwrap_or(false);
     let root = RootBuilder::default()
         .path(settings.rootfs)
-        .readonly(settings.readonly_rootfs)
+        .readonly(settings.readonly_rootfs || asked_readonly)
         .build()
         .map_err(|source| SpecError::Build { source })?;
     spec.set_root(Some(root));
@@ -375,6 +382,23 @@ mod tests {
             volumes: &[],
             devices: &[],
         }
+    }
+
+    #[test]
+    fn a_readonly_root_asked_for_stays_readonly() {
+        let dir = tempfile::tempdir().unwrap();
+        let asked = String::from_utf8(spec_json("[]")).unwrap().replace(
+            r#""root":{"path":"x"}"#,
+            r#""root":{"path":"x","readonly":true}"#,
+        );
+        let spec = prepare_container_spec(asked.as_bytes(), &settings(dir.path())).unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+        let spec = prepare_container_spec(&spec_json("[]"), &settings(dir.path())).unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(false));
+        let mut no_writable_layer = settings(dir.path());
+        no_writable_layer.readonly_rootfs = true;
+        let spec = prepare_container_spec(&spec_json("[]"), &no_writable_layer).unwrap();
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
     }
 
     #[test]
