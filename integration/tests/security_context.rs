@@ -2,8 +2,9 @@
 //! critest): an exec'd process gets the container's seccomp profile (the container runtime
 //! in the guest, youki's libcontainer 0.7.0, dropped it for execs, so every `kubectl exec`
 //! ran unfiltered; Spry builds a patched copy, agent/vendor/libcontainer/SPRY-PATCH.md),
-//! and `readOnlyRootFilesystem` makes the rootfs read-only (the agent overrode it with
-//! whether the rootfs had a writable layer). Needs root, the guest and the test images.
+//! `readOnlyRootFilesystem` makes the rootfs read-only (the agent overrode it with
+//! whether the rootfs had a writable layer), and NET_ADMIN can make a bridge (the guest
+//! kernel's bridge module was not loaded). Needs root, the guest and the test images.
 
 use std::time::Duration;
 
@@ -68,6 +69,39 @@ fn a_read_only_root_filesystem_is_read_only() -> Result<()> {
             );
         } else {
             ensure!(out.code == 0, "touch in a writable rootfs: {out:?}");
+        }
+    }
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks.assert_clean()
+}
+
+/// A container given NET_ADMIN can make a Linux bridge (the guest loads the bridge module:
+/// it has no modprobe for the kernel to load it on demand); one without cannot.
+#[test]
+fn net_admin_makes_a_bridge_and_its_absence_refuses_one() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("spry-net-admin", false)?;
+    let containerd = &node.containerd;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
+    let pod_cfg = PodConfig::new("net-admin").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    for (name, caps) in [("admin", json!(["NET_ADMIN"])), ("plain", json!([]))] {
+        let ctr_cfg = ContainerConfig::new(name, &node.image)
+            .command(&["sleep", "3600"])
+            .patch(json!({"linux": {"security_context": {"capabilities": {"add_capabilities": caps}}}}))
+            .write_to(&containerd.dir())?;
+        let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
+        crictl.start(&ctr)?;
+        let out = crictl.exec(&ctr, &["brctl", "addbr", "spry-test-br"])?;
+        if name == "admin" {
+            ensure!(out.code == 0, "brctl addbr with NET_ADMIN: {out:?}");
+        } else {
+            ensure!(
+                out.code != 0 && out.stderr.contains("not permitted"),
+                "brctl addbr without NET_ADMIN: {out:?}"
+            );
         }
     }
     crictl.stopp(&pod)?;

@@ -18,6 +18,9 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "virtiofs",
     "vmw_vsock_virtio_transport",
+    // Linux bridges in the pod (privileged and NET_ADMIN containers, CNI or Docker in a
+    // pod); the guest has no modprobe for the kernel to load it on demand.
+    "bridge",
 ];
 
 /// Errors reading `modules.dep` or resolving modules.
