@@ -9,26 +9,67 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 use spry_integration::spry::SpryNode;
-use spry_integration::{require_root, ContainerConfig, PodConfig};
+use spry_integration::{require_root, ContainerConfig, Crictl, LeakCheck, PodConfig};
+
+/// A Spry pod on a node of its own, whose containers each get a security context.
+struct Pod {
+    node: SpryNode,
+    leaks: LeakCheck,
+    crictl: Crictl,
+    id: String,
+    config: std::path::PathBuf,
+}
+
+impl Pod {
+    fn start(name: &str) -> Result<Self> {
+        require_root()?;
+        let node = SpryNode::start(&format!("spry-{name}"), false)?;
+        let leaks = node.containerd.leak_check()?;
+        let crictl = node
+            .containerd
+            .crictl()
+            .with_timeout(Duration::from_secs(60));
+        let config = PodConfig::new(name).write_to(&node.containerd.dir())?;
+        let id = crictl.runp(&config, Some("spry"))?;
+        Ok(Pod {
+            node,
+            leaks,
+            crictl,
+            id,
+            config,
+        })
+    }
+
+    /// Creates and starts container `name` running `argv` with `security_context`.
+    fn container(&self, name: &str, argv: &[&str], security_context: Value) -> Result<String> {
+        let cfg = ContainerConfig::new(name, &self.node.image)
+            .command(argv)
+            .patch(json!({"linux": {"security_context": security_context}}))
+            .write_to(&self.node.containerd.dir())?;
+        let ctr = self.crictl.create(&self.id, &cfg, &self.config)?;
+        self.crictl.start(&ctr)?;
+        Ok(ctr)
+    }
+
+    fn remove(self) -> Result<()> {
+        self.crictl.stopp(&self.id)?;
+        self.crictl.rmp(&self.id)?;
+        self.leaks.assert_clean()
+    }
+}
 
 #[test]
 fn an_exec_gets_the_containers_seccomp_profile() -> Result<()> {
-    require_root()?;
-    let node = SpryNode::start("spry-exec-seccomp", false)?;
-    let containerd = &node.containerd;
-    let leaks = containerd.leak_check()?;
-    let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
-    let pod_cfg = PodConfig::new("exec-seccomp").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let pod = Pod::start("exec-seccomp")?;
+    let crictl = &pod.crictl;
     // RuntimeDefault (profile_type 0): containerd's default profile.
-    let ctr_cfg = ContainerConfig::new("filtered", &node.image)
-        .command(&["sh", "-c", "grep Seccomp: /proc/self/status; sleep 3600"])
-        .patch(json!({"linux": {"security_context": {"seccomp": {"profile_type": 0}}}}))
-        .write_to(&containerd.dir())?;
-    let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
-    crictl.start(&ctr)?;
+    let ctr = pod.container(
+        "filtered",
+        &["sh", "-c", "grep Seccomp: /proc/self/status; sleep 3600"],
+        json!({"seccomp": {"profile_type": 0}}),
+    )?;
     crictl.wait_container_state(&ctr, "CONTAINER_RUNNING", Duration::from_secs(30))?;
     // Mode 2: a filter is installed.
     let filtered = |text: &str| text.contains("Seccomp:\t2");
@@ -40,28 +81,19 @@ fn an_exec_gets_the_containers_seccomp_profile() -> Result<()> {
     ensure!(filtered(&init), "the container's init: {init:?}");
     let exec = crictl.exec_ok(&ctr, &["grep", "Seccomp:", "/proc/self/status"])?;
     ensure!(filtered(&exec), "an exec: {exec:?}");
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    leaks.assert_clean()
+    pod.remove()
 }
 
 #[test]
 fn a_read_only_root_filesystem_is_read_only() -> Result<()> {
-    require_root()?;
-    let node = SpryNode::start("spry-ro-rootfs", false)?;
-    let containerd = &node.containerd;
-    let leaks = containerd.leak_check()?;
-    let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
-    let pod_cfg = PodConfig::new("ro-rootfs").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let pod = Pod::start("ro-rootfs")?;
     for (name, readonly) in [("ro", true), ("rw", false)] {
-        let ctr_cfg = ContainerConfig::new(name, &node.image)
-            .command(&["sleep", "3600"])
-            .patch(json!({"linux": {"security_context": {"readonly_rootfs": readonly}}}))
-            .write_to(&containerd.dir())?;
-        let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
-        crictl.start(&ctr)?;
-        let out = crictl.exec(&ctr, &["touch", "/written"])?;
+        let ctr = pod.container(
+            name,
+            &["sleep", "3600"],
+            json!({"readonly_rootfs": readonly}),
+        )?;
+        let out = pod.crictl.exec(&ctr, &["touch", "/written"])?;
         if readonly {
             ensure!(
                 out.code != 0 && out.stderr.contains("Read-only file system"),
@@ -71,30 +103,21 @@ fn a_read_only_root_filesystem_is_read_only() -> Result<()> {
             ensure!(out.code == 0, "touch in a writable rootfs: {out:?}");
         }
     }
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    leaks.assert_clean()
+    pod.remove()
 }
 
 /// A container given NET_ADMIN can make a Linux bridge (the guest loads the bridge module:
 /// it has no modprobe for the kernel to load it on demand); one without cannot.
 #[test]
 fn net_admin_makes_a_bridge_and_its_absence_refuses_one() -> Result<()> {
-    require_root()?;
-    let node = SpryNode::start("spry-net-admin", false)?;
-    let containerd = &node.containerd;
-    let leaks = containerd.leak_check()?;
-    let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
-    let pod_cfg = PodConfig::new("net-admin").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let pod = Pod::start("net-admin")?;
     for (name, caps) in [("admin", json!(["NET_ADMIN"])), ("plain", json!([]))] {
-        let ctr_cfg = ContainerConfig::new(name, &node.image)
-            .command(&["sleep", "3600"])
-            .patch(json!({"linux": {"security_context": {"capabilities": {"add_capabilities": caps}}}}))
-            .write_to(&containerd.dir())?;
-        let ctr = crictl.create(&pod, &ctr_cfg, &pod_cfg)?;
-        crictl.start(&ctr)?;
-        let out = crictl.exec(&ctr, &["brctl", "addbr", "spry-test-br"])?;
+        let ctr = pod.container(
+            name,
+            &["sleep", "3600"],
+            json!({"capabilities": {"add_capabilities": caps}}),
+        )?;
+        let out = pod.crictl.exec(&ctr, &["brctl", "addbr", "spry-test-br"])?;
         if name == "admin" {
             ensure!(out.code == 0, "brctl addbr with NET_ADMIN: {out:?}");
         } else {
@@ -104,7 +127,5 @@ fn net_admin_makes_a_bridge_and_its_absence_refuses_one() -> Result<()> {
             );
         }
     }
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    leaks.assert_clean()
+    pod.remove()
 }

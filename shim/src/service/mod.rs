@@ -134,11 +134,7 @@ impl Shim for SpryShim {
         .unwrap_or(false);
         if still_serving {
             info!(id = %self.id, "the pod's shim still serves other tasks; it cleans up itself");
-            return Ok(DeleteResponse {
-                exit_status: 137,
-                exited_at: Some(events::timestamp(SystemTime::now())).into(),
-                ..Default::default()
-            });
+            return Ok(killed_response());
         }
         let mut config = Config::load(&config_path()).unwrap_or_default();
         // A handler with its own config (ConfigPath) may keep its state elsewhere.
@@ -146,11 +142,7 @@ impl Shim for SpryShim {
             config.state_dir = state_dir;
         }
         cleanup_leftovers(&config, &self.id, &self.bundle).await;
-        Ok(DeleteResponse {
-            exit_status: 137,
-            exited_at: Some(events::timestamp(SystemTime::now())).into(),
-            ..Default::default()
-        })
+        Ok(killed_response())
     }
 
     async fn wait(&mut self) {
@@ -188,6 +180,15 @@ impl Shim for SpryShim {
             Arc::clone(&self.exit),
         );
         TaskService::new(pod, Arc::clone(&self.exit))
+    }
+}
+
+/// What `delete` answers for the task: SIGKILLed now, as far as containerd is concerned.
+fn killed_response() -> DeleteResponse {
+    DeleteResponse {
+        exit_status: 137,
+        exited_at: Some(events::timestamp(SystemTime::now())).into(),
+        ..Default::default()
     }
 }
 
