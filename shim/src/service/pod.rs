@@ -56,6 +56,8 @@ pub struct Pod {
     state_dir: std::sync::OnceLock<std::path::PathBuf>,
     /// Which of the guest's OOM reports become events.
     oom_filter: std::sync::Mutex<OomFilter>,
+    /// Woken by each exec Delete (see [`Pod::wait_for_exec_deletes`]).
+    exec_deleted: tokio::sync::Notify,
 }
 
 impl Pod {
@@ -68,6 +70,7 @@ impl Pod {
             template_rebuild: std::sync::Mutex::new(None),
             state_dir: std::sync::OnceLock::new(),
             oom_filter: std::sync::Mutex::default(),
+            exec_deleted: tokio::sync::Notify::new(),
         })
     }
 
@@ -345,7 +348,9 @@ impl Pod {
         let tasks = self.tasks.lock().await;
         let process = tasks.process(id, exec_id)?;
         Ok(ProcessState {
-            bundle: tasks.task(id)?.bundle.clone(),
+            // An exec that outlived its deleted container has no bundle left to report;
+            // containerd asks its state before it deletes it.
+            bundle: tasks.task(id).map(|t| t.bundle.clone()).unwrap_or_default(),
             pid,
             status: process.status(),
             stdio: process.stdio.clone(),
@@ -366,6 +371,7 @@ impl Pod {
             exited_at,
         };
         let Some(task) = task else {
+            self.exec_deleted.notify_waiters();
             return Ok(deleted);
         };
         self.oom_filter
@@ -389,6 +395,7 @@ impl Pod {
             }
         }
         self.events.delete(id, pid, exit_code, exited_at).await;
+        self.wait_for_exec_deletes(id).await;
         Ok(deleted)
     }
 
@@ -488,6 +495,8 @@ impl Pod {
 }
 
 // What the watchers report (exits, a dead VM, OOM kills), in a file of its own.
+#[path = "pod_exec_deletes.rs"]
+mod exec_deletes;
 #[path = "pod_exits.rs"]
 mod exits;
 

@@ -136,6 +136,11 @@ impl TaskTable {
         self.leftover_execs.len()
     }
 
+    /// How many execs of deleted container `id` containerd has not deleted yet.
+    pub fn leftover_execs_of(&self, id: &str) -> usize {
+        self.leftover_execs.keys().filter(|(c, _)| c == id).count()
+    }
+
     pub fn insert(&mut self, id: &str, task: Task) -> Result<(), ShimError> {
         if self.tasks.contains_key(id) {
             return Err(ShimError::ContainerExists { id: id.to_string() });

@@ -1,6 +1,7 @@
 //! The pod lifecycle driven the way containerd's CRI plugin drives it, over a fake VM:
 //! no root, no QEMU, a few milliseconds per test.
 
+mod exec_deletes;
 mod fake_vm;
 
 use std::path::{Path, PathBuf};
@@ -250,6 +251,7 @@ async fn when_the_vm_dies_every_process_exits_once_with_the_documented_status() 
     );
     // Calls that need the guest now fail as "unavailable"; cleanup still works.
     assert_eq!(code(h.pod.stats(APP).await.unwrap_err()), Code::UNAVAILABLE);
+    h.pod.delete(APP, "e1").await.unwrap();
     for id in [APP, "created-only", SANDBOX] {
         h.pod.delete(id, "").await.unwrap();
     }
