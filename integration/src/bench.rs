@@ -61,6 +61,8 @@ pub struct BenchNode {
 }
 
 impl BenchNode {
+    /// Starts containerd with handlers `spry` (the harness's), `spry-cold` (templates off),
+    /// `spry-template` and `spry-pool` (templates and a warm pool of [`POOL_SIZE`]).
     pub fn start(name: &str) -> Result<Self> {
         let state = tempfile::Builder::new()
             .prefix(&format!("spry-{name}-"))
@@ -72,6 +74,11 @@ impl BenchNode {
         let opts = ContainerdOptions::new(name).registry(&registry);
         let opts = spry.register_variant(opts, "spry-cold", &cold);
         let opts = spry.register_variant(opts, "spry-template", &template);
+        // The warm pool's table goes after the harness's [vm] table.
+        let pool = spry.variant("pool", "template = \"auto\"")?;
+        let text = std::fs::read_to_string(&pool)?;
+        std::fs::write(&pool, format!("{text}[pool]\nsize = {POOL_SIZE}\n"))?;
+        let opts = spry.register_variant(opts, "spry-pool", &pool);
         let containerd = Containerd::start(spry.register(opts))?;
         Ok(Self {
             containerd,
@@ -80,6 +87,19 @@ impl BenchNode {
         })
     }
 }
+
+impl BenchNode {
+    /// Ends the `spry-pool` handler's spare shims and their VMs (they outlive pods).
+    pub fn drain_pool(&self) -> Result<usize> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(runtime.block_on(spry_shim::pool::drain(&self.state.path().join("run")))?)
+    }
+}
+
+/// The warm pool of the benchmarks' `spry-pool` handler.
+pub const POOL_SIZE: usize = 2;
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,14 @@ pub struct PodProcesses {
 
 impl PodProcesses {
     pub fn of(containerd: &Containerd) -> Result<Self> {
-        let mut stack: Vec<i32> = containerd.shims()?.into_iter().map(|p| p.pid).collect();
+        Ok(Self::trees(
+            containerd.shims()?.into_iter().map(|p| p.pid).collect(),
+        ))
+    }
+
+    /// The processes of the trees rooted at `roots`.
+    pub fn trees(roots: Vec<i32>) -> Self {
+        let mut stack = roots;
         let mut seen = HashSet::new();
         let mut processes = Vec::new();
         while let Some(pid) = stack.pop() {
@@ -30,7 +37,19 @@ impl PodProcesses {
             processes.push((pid, name));
             stack.extend(children(pid));
         }
-        Ok(Self { processes })
+        Self { processes }
+    }
+
+    /// These processes less `other`'s (e.g. a node's shims less its warm pool's spares).
+    pub fn without(self, other: &PodProcesses) -> Self {
+        let skip: HashSet<i32> = other.processes.iter().map(|(pid, _)| *pid).collect();
+        Self {
+            processes: self
+                .processes
+                .into_iter()
+                .filter(|(pid, _)| !skip.contains(pid))
+                .collect(),
+        }
     }
 
     /// PSS in MiB, summed by command name.

@@ -10,6 +10,7 @@ pub mod host;
 pub mod install;
 pub mod log_filter;
 pub mod network;
+pub mod pool;
 pub mod rootfs;
 pub mod sandbox;
 pub mod service;

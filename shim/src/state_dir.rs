@@ -9,6 +9,7 @@
 //!                        never removed recursively
 //!   layer-images/        erofs images of image layer chains, shared by pods (`rootfs/cache.rs`)
 //!   templates/<key>/     VM templates (`template/store.rs`)
+//!   pool/<spare>/        one spare shim of the warm pool: its config, control socket, lock (`pool/`)
 //!   accel-probe.json     the KVM probe's verdict for this host boot (`vm/accel.rs`)
 //! ```
 
@@ -78,6 +79,11 @@ impl StateDir {
     /// VM templates.
     pub fn templates(&self) -> PathBuf {
         self.root.join("templates")
+    }
+
+    /// The warm pool's spare shims, one dir each (`crate::pool`).
+    pub fn pool(&self) -> PathBuf {
+        self.root.join("pool")
     }
 
     /// What VM `name` leaves behind if its shim dies: its own dirs (shared ones excluded).

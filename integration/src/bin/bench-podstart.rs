@@ -1,5 +1,7 @@
-//! Pod start benchmark through crictl: runc, Spry booting cold ("spry") and Spry restoring
-//! from a VM template ("spry_template"), in the same run, on one containerd:
+//! Pod start benchmark through crictl: runc, Spry booting cold ("spry"), Spry restoring
+//! from a VM template ("spry_template") and Spry taking a VM from a warm pool of
+//! `POOL_SIZE` ("spry_pool", the pool refilled before each of the pods started one after
+//! another), in the same run, on one containerd:
 //! - runp → create → start → first log line, p50/p95 of N pods one after another and of
 //!   N pods started at once;
 //! - host memory per idle pod: PSS of every process under the pod's shim (shim, QEMU,
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use spry_integration::bench::{
-    percentile, round, round2, spry_accelerator, write_report, BenchNode,
+    percentile, round, round2, spry_accelerator, write_report, BenchNode, POOL_SIZE,
 };
 use spry_integration::{
     pod_usage::{HostCpu, PodProcesses},
@@ -44,6 +46,8 @@ struct Run {
     parallel_cpu_s_per_pod: f64,
     /// Per pod, by process name (shim, QEMU, container processes).
     pss_by_process_mib: std::collections::BTreeMap<String, f64>,
+    /// Warm pool only: PSS of one idle spare (its shim and QEMU).
+    pooled_vm_idle_pss_mib: Option<f64>,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +65,7 @@ fn main() -> Result<()> {
             "--only" => {
                 only = Some(
                     args.next()
-                        .context("--only needs runc,spry,spry_template")?
+                        .context("--only needs runc,spry,spry_template,spry_pool")?
                         .split(',')
                         .map(str::to_string)
                         .collect(),
@@ -88,6 +92,7 @@ fn main() -> Result<()> {
         ("runc", None),
         ("spry", Some("spry-cold")),
         ("spry_template", Some("spry-template")),
+        ("spry_pool", Some("spry-pool")),
     ] {
         if only
             .as_ref()
@@ -102,7 +107,21 @@ fn main() -> Result<()> {
             remove_pods(&crictl, &[pod])?;
             template = template_facts(&state.path().join("run/templates"), started.elapsed())?;
         }
-        let run = measure(containerd, &crictl, &image, runtime, handler, pods)?;
+        let pool = (runtime == "spry_pool").then(|| state.path().join("run/pool"));
+        if let Some(pool) = &pool {
+            // The first pod fills the pool; it and the template build are not measured.
+            let (_, pod, _) = start_pod(containerd, &crictl, &image, handler, "pool-warmup")?;
+            remove_pods(&crictl, &[pod])?;
+            wait_for_spares(pool)?;
+        }
+        let run = measure(
+            containerd,
+            &crictl,
+            &image,
+            (runtime, handler),
+            pods,
+            pool.as_deref(),
+        )?;
         if runtime == "spry" {
             accel = spry_accelerator(&state.path().join("run"));
         }
@@ -128,9 +147,11 @@ fn main() -> Result<()> {
                 "idle_pod_cpu_percent": round(run.idle_pod_cpu_percent),
                 "serial_host_cpu_s_per_pod": round2(run.serial_cpu_s_per_pod),
                 "parallel_host_cpu_s_per_pod": round2(run.parallel_cpu_s_per_pod),
+                "pooled_vm_idle_pss_mib": run.pooled_vm_idle_pss_mib.map(round),
             }),
         );
     }
+    node.drain_pool()?;
     results.insert("template".into(), template);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     results.insert("goals".into(), goals(&results, pods, cpus));
@@ -153,19 +174,24 @@ struct Phases {
 }
 
 /// Serial pods (kept running for the memory sample), then parallel pods.
+/// With a warm `pool`, each serial pod (and the parallel batch) starts with it full.
 fn measure(
     containerd: &Containerd,
     crictl: &Crictl,
     image: &str,
-    runtime: &str,
-    handler: Option<&str>,
+    (runtime, handler): (&str, Option<&str>),
     pods: usize,
+    pool: Option<&Path>,
 ) -> Result<Run> {
     let mut serial_ms = Vec::new();
     let mut phases = Vec::new();
     let mut ids = Vec::new();
-    let serial_cpu = HostCpu::now()?;
+    let mut serial_cpu_s = 0.0;
     for i in 0..pods {
+        if let Some(pool) = pool {
+            wait_for_spares(pool)?;
+        }
+        let cpu = HostCpu::now()?;
         let (ms, pod, phase) = start_pod(
             containerd,
             crictl,
@@ -177,11 +203,13 @@ fn measure(
             "{runtime} serial pod {i}: {ms:.0} ms (runp {:.0}, create {:.0}, start {:.0}, first log {:.0})",
             phase.runp_ms, phase.create_ms, phase.start_ms, phase.first_log_ms
         );
+        // The pod's own start; a spare restored meanwhile is the pool's cost, not its.
+        serial_cpu_s += HostCpu::now()?.seconds_since(&cpu);
         serial_ms.push(ms);
         phases.push(phase);
         ids.push(pod);
     }
-    let serial_cpu_s_per_pod = HostCpu::now()?.seconds_since(&serial_cpu) / pods as f64;
+    let serial_cpu_s_per_pod = serial_cpu_s / pods as f64;
     let mut second_container_ms = Vec::new();
     for (i, pod) in ids.iter().enumerate() {
         let name = format!("{}-s{i}", runtime.replace('_', "-"));
@@ -193,7 +221,10 @@ fn measure(
         second_container_ms.push(ms);
     }
     std::thread::sleep(Duration::from_secs(3));
-    let usage = PodProcesses::of(containerd)?;
+    let spares = PodProcesses::trees(pool.map(spare_pids).unwrap_or_default());
+    let pooled_vm_idle_pss_mib =
+        pool.map(|_| spares.pss_mib_by_name().values().sum::<f64>() / POOL_SIZE as f64);
+    let usage = PodProcesses::of(containerd)?.without(&spares);
     let by_process = usage.pss_mib_by_name();
     let idle_pod_pss_mib = by_process.values().sum::<f64>() / pods as f64;
     let idle_pod_tcg_code_mib = usage.tcg_code_cache_mib() / pods as f64;
@@ -204,6 +235,9 @@ fn measure(
         .collect();
     remove_pods(crictl, &ids)?;
 
+    if let Some(pool) = pool {
+        wait_for_spares(pool)?;
+    }
     let parallel_cpu = HostCpu::now()?;
     let results: Vec<Result<(f64, String)>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..pods)
@@ -241,7 +275,46 @@ fn measure(
         serial_cpu_s_per_pod,
         parallel_cpu_s_per_pod,
         pss_by_process_mib,
+        pooled_vm_idle_pss_mib,
     })
+}
+
+/// Waits until the warm pool holds `POOL_SIZE` ready spares (a spare's control socket
+/// appears once its VM's agent answered).
+fn wait_for_spares(pool: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let ready = std::fs::read_dir(pool)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().join("control.sock").exists())
+                    .count()
+            })
+            .unwrap_or(0);
+        if ready >= POOL_SIZE {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the warm pool at {} has {ready} of {POOL_SIZE} spares after 180 s",
+            pool.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pids of the pool's spare shims.
+fn spare_pids(pool: &Path) -> Vec<i32> {
+    std::fs::read_dir(pool)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("spare.pid")).ok())
+                .filter_map(|pid| pid.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// runp → create → start → first log line. Returns (milliseconds, pod id, phases).
@@ -368,7 +441,16 @@ fn goals(
     let parallel_ratio =
         get("spry_template", "parallel_p95_ms") / get("spry_template", "serial_p50_ms");
     let pss = get("spry_template", "idle_pod_pss_mib");
+    // Issue 18's goals: the warm pool against runc, and the template's CPU per start.
+    let pool_ratio = get("spry_pool", "serial_p50_ms") / get("runc", "serial_p50_ms");
+    let cpu_ratio = get("spry_template", "serial_host_cpu_s_per_pod")
+        / get("runc", "serial_host_cpu_s_per_pod");
     json!({
+        "pool_serial_p50_over_runc": round2(pool_ratio),
+        "pool_serial_p50_over_runc_goal": 1.5,
+        "template_serial_cpu_over_runc": round2(cpu_ratio),
+        "template_serial_cpu_over_runc_goal": 3.0,
+        "pool_met": pool_ratio <= 1.5 && cpu_ratio <= 3.0 && parallel_ratio <= 3.0,
         "template_serial_p50_over_runc": round2(serial_ratio),
         "template_serial_p50_over_runc_goal": 1.5,
         "template_parallel_p95_over_serial_p50": round2(parallel_ratio),
@@ -387,17 +469,23 @@ fn markdown(report: &serde_json::Value) -> String {
         let r = &report["runc"][k];
         let s = &report["spry"][k];
         let t = &report["spry_template"][k];
+        let p = &report["spry_pool"][k];
         let ratio = |x: &serde_json::Value| match (x.as_f64(), r.as_f64()) {
             (Some(x), Some(base)) if base > 0.0 => format!("{:.2}x", x / base),
             _ => "-".to_string(),
         };
-        format!("| {k} | {r} | {s} | {t} | {} | {} |\n", ratio(s), ratio(t))
+        format!(
+            "| {k} | {r} | {s} | {t} | {p} | {} | {} | {} |\n",
+            ratio(s),
+            ratio(t),
+            ratio(p)
+        )
     };
     let m = &report["machine"];
     let mut md = format!(
         "# Pod start through crictl ({} pods of {}, {} CPUs, Spry on {})\n\n\
-         | metric | runc | spry (cold) | spry_template | cold/runc | template/runc |\n\
-         |---|---|---|---|---|---|\n",
+         | metric | runc | spry (cold) | spry_template | spry_pool | cold/runc | template/runc | pool/runc |\n\
+         |---|---|---|---|---|---|---|---|\n",
         m["pods"], m["image"], m["cpus"], m["accelerator"]
     );
     for k in [
@@ -411,11 +499,12 @@ fn markdown(report: &serde_json::Value) -> String {
         "serial_host_cpu_s_per_pod",
         "parallel_host_cpu_s_per_pod",
         "second_container_p50_ms",
+        "pooled_vm_idle_pss_mib",
     ] {
         md.push_str(&row(k));
     }
     md.push_str("\nSerial pod start by step, p50 ms (runp / create / start / first log line):\n\n");
-    for runtime in ["runc", "spry", "spry_template"] {
+    for runtime in ["runc", "spry", "spry_template", "spry_pool"] {
         let p = &report[runtime]["serial_phases_p50_ms"];
         if !p.is_null() {
             md.push_str(&format!(

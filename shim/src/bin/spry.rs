@@ -1,8 +1,8 @@
 //! `spry`: Spry's command line.
 use clap::Parser;
 use spry_shim::cli::{
-    run_assets_build, run_fs_serve, run_install, run_template, run_uninstall, run_upgrade, run_vm,
-    AssetsCommand, Cli, Command, VmCommand,
+    run_assets_build, run_fs_serve, run_install, run_pool, run_template, run_uninstall,
+    run_upgrade, run_vm, AssetsCommand, Cli, Command, VmCommand,
 };
 use spry_shim::error_chain;
 
@@ -55,6 +55,12 @@ fn main() -> std::process::ExitCode {
                 .map_err(|e| error_chain(&e))
         }
         Command::Install(args) => run_install(&args).map_err(|e| error_chain(&e)),
+        Command::Pool(command) => {
+            let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+            runtime
+                .block_on(run_pool(&cli.config, command))
+                .map_err(|e| error_chain(&e))
+        }
         Command::Uninstall(args) => run_uninstall(&args).map_err(|e| error_chain(&e)),
         Command::Assets(AssetsCommand::Build(args)) => {
             run_assets_build(&args).map_err(|e| error_chain(&e))

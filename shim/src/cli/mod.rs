@@ -1,6 +1,7 @@
 //! The `spry` command line. `bin/spry.rs` only parses arguments and sets up logging.
 
 mod install;
+mod pool;
 mod spec;
 mod stdio;
 mod template;
@@ -14,6 +15,7 @@ use clap::{Args, Parser, Subcommand};
 pub use install::{
     run_assets_build, run_install, run_uninstall, AssetsBuildArgs, InstallArgs, InstallCommandError,
 };
+pub use pool::{run_pool, PoolCommand, PoolCommandError};
 pub use spec::{container_spec, ProcessOptions};
 pub use template::{run_template, TemplateCommand, TemplateCommandError};
 pub use upgrade::{run_upgrade, UpgradeArgs, UpgradeCommandError};
@@ -49,6 +51,9 @@ pub enum Command {
     /// Manage the VM templates pods are restored from.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Manage the warm pool of VMs restored ahead of pods (`[pool] size`).
+    #[command(subcommand)]
+    Pool(PoolCommand),
     /// Convert an image to eStargz and push it (runs `spry-snapshotter convert`).
     #[command(disable_help_flag = true)]
     Convert {

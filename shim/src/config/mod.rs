@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::template::TemplatePolicy;
 use crate::vm::{AccelChoice, AgentChannelKind, VmConfig};
@@ -65,8 +65,9 @@ pub enum ConfigError {
     },
 }
 
-/// The whole config file.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+/// The whole config file. Serialized only to hand a handler's config to its pool's spare
+/// shims (`crate::pool`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The shim's `tracing` filter, e.g. "info" or "spry_shim=debug,info" (`SPRY_LOG`
@@ -77,10 +78,20 @@ pub struct Config {
     /// Start pods from VM templates ("auto") or always boot cold ("off").
     pub template: TemplatePolicy,
     pub vm: VmSettings,
+    pub pool: PoolSettings,
+}
+
+/// The warm pool: VMs restored from the template ahead of pods (`crate::pool`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSettings {
+    /// How many restored VMs this handler keeps ready for its next pods (0: none). Needs
+    /// `template = "auto"`.
+    pub size: u32,
 }
 
 /// How pod VMs are built.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct VmSettings {
     /// Uncompressed guest kernel (ELF vmlinux with a PVH note).
@@ -116,6 +127,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/spry"),
             template: TemplatePolicy::Auto,
             vm: VmSettings::default(),
+            pool: PoolSettings::default(),
         }
     }
 }
@@ -247,6 +259,7 @@ impl Config {
             3600,
             "1..=3600",
         )?;
+        range("pool.size", self.pool.size, 0, 16, "0..=16")?;
         for (key, value) in [
             ("state_dir", &self.state_dir),
             ("vm.kernel", &self.vm.kernel),
@@ -327,6 +340,21 @@ mod tests {
             }
         ));
         assert!(parse("[vm]\ncpus = 0\n").is_err());
+        assert!(matches!(
+            parse("[pool]\nsize = 17\n").unwrap_err(),
+            ConfigError::OutOfRange {
+                key: "pool.size",
+                ..
+            }
+        ));
+        assert_eq!(parse("[pool]\nsize = 2\n").unwrap().pool.size, 2);
+    }
+
+    #[test]
+    fn a_config_survives_its_trip_to_a_spare_shim() {
+        let config = parse("state_dir = \"/run/x\"\n[vm]\ncpus = 2\n[pool]\nsize = 1\n").unwrap();
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(parse(&text).unwrap(), config);
     }
 
     #[test]

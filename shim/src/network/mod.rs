@@ -21,6 +21,7 @@
 //! `sk_lookup.rs`) makes CRI port-forward reach the guest; the sandbox's `PodNetwork`
 //! resource calls them for a running VM.
 
+mod move_taps;
 mod netns;
 mod port_forward;
 mod scan;
@@ -35,6 +36,7 @@ use spry_proto::agent as pb;
 use crate::vm::cmdline::format_mac;
 use crate::vm::Nic;
 
+pub use move_taps::move_taps;
 use netns::in_netns;
 pub use port_forward::PortForward;
 pub use scan::scan;
@@ -97,7 +99,7 @@ pub enum NetworkError {
         #[source]
         source: rtnetlink::Error,
     },
-    #[error("QEMU did not create tap {tap} in the pod's network namespace")]
+    #[error("tap {tap} of the VM is missing from its network namespace")]
     MissingTap { tap: String },
     #[error("cannot set up port-forward in network namespace {path}")]
     PortForward {

@@ -116,6 +116,47 @@ pub struct Sandbox {
     resources: PodResources,
 }
 
+/// A running VM whose agent answered, not yet any pod's: what a pod's start makes first,
+/// and what a warm pool keeps ready (`crate::pool`).
+pub struct BootedVm {
+    vm: Box<dyn Vm>,
+    agent: AgentClient,
+}
+
+impl BootedVm {
+    /// Starts the VM and waits for its agent; on failure the VM is stopped.
+    pub async fn boot(
+        hypervisor: &dyn Hypervisor,
+        vm_config: VmConfig,
+        boot_timeout: Duration,
+    ) -> Result<Self, SandboxError> {
+        let id = vm_config.id.clone();
+        let vm = hypervisor
+            .start(vm_config)
+            .await
+            .map_err(|source| SandboxError::StartVm {
+                id: id.clone(),
+                source,
+            })?;
+        match connect_agent(vm.as_ref(), boot_timeout).await {
+            Ok(agent) => Ok(Self { vm, agent }),
+            Err(err) => {
+                stop_quietly(vm.as_ref()).await;
+                Err(err)
+            }
+        }
+    }
+
+    pub fn vm(&self) -> &dyn Vm {
+        self.vm.as_ref()
+    }
+
+    /// Stops the VM (it was never given to a pod).
+    pub async fn stop(self) {
+        stop_quietly(self.vm.as_ref()).await;
+    }
+}
+
 impl Sandbox {
     /// Boots the VM, waits for its agent and hands it the pod identity. On any failure
     /// the VM is stopped and its state removed before the error is returned.
@@ -126,28 +167,46 @@ impl Sandbox {
         rootfs_share: Box<dyn RootfsShare>,
         boot_timeout: Duration,
     ) -> Result<Self, SandboxError> {
-        let id = vm_config.id.clone();
-        let span = info_span!("sandbox", sandbox_id = %id);
+        let span = info_span!("sandbox", sandbox_id = %vm_config.id);
         async move {
-            let vm = hypervisor
-                .start(vm_config)
-                .await
-                .map_err(|source| SandboxError::StartVm {
-                    id: id.clone(),
-                    source,
-                })?;
-            let agent = match connect_agent(vm.as_ref(), boot_timeout).await {
-                Ok(agent) => agent,
-                Err(err) => {
-                    stop_quietly(vm.as_ref()).await;
-                    return Err(err);
-                }
-            };
+            let booted = BootedVm::boot(hypervisor, vm_config, boot_timeout).await?;
+            Self::attach_here(booted, identity, rootfs_share).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Makes a booted VM the pod's: sets the pod's resources up (cgroup, network, file
+    /// share) and hands the guest the pod identity. On failure the VM is stopped and
+    /// what was set up is torn down.
+    pub async fn attach(
+        booted: BootedVm,
+        identity: SandboxIdentity,
+        rootfs_share: Box<dyn RootfsShare>,
+    ) -> Result<Self, SandboxError> {
+        let span = info_span!("sandbox", sandbox_id = %booted.vm.id());
+        Self::attach_here(booted, identity, rootfs_share)
+            .instrument(span)
+            .await
+    }
+
+    /// [`Self::attach`] in the caller's span.
+    async fn attach_here(
+        booted: BootedVm,
+        identity: SandboxIdentity,
+        rootfs_share: Box<dyn RootfsShare>,
+    ) -> Result<Self, SandboxError> {
+        let BootedVm { vm, agent } = booted;
+        let id = vm.id().to_owned();
+        {
             let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
             // In setup order; torn down in reverse, so the cgroup goes last, once every
             // process in it (QEMU, the file server) is gone.
             let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
-            let cgroup = identity.cgroup.clone().map(|plan| Arc::new(PodCgroup::new(plan)));
+            let cgroup = identity
+                .cgroup
+                .clone()
+                .map(|plan| Arc::new(PodCgroup::new(plan)));
             if let Some(cgroup) = &cgroup {
                 items.push(cgroup.clone());
             }
@@ -204,8 +263,6 @@ impl Sandbox {
             );
             Ok(sandbox)
         }
-        .instrument(span)
-        .await
     }
 
     pub fn id(&self) -> &str {

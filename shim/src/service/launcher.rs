@@ -8,13 +8,16 @@ use async_trait::async_trait;
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
 use oci_spec::runtime::Spec;
 use tokio::task::JoinHandle;
+use tracing::info;
 
 use super::error::ShimError;
 use super::spec::{self, PodNetns, TaskKind};
 use crate::config::Config;
 use crate::host::Host;
-use crate::network;
-use crate::sandbox::{PodVm, SandboxIdentity};
+use crate::network::{self, NetworkPlan};
+use crate::pool::{Spare, NICS};
+use crate::rootfs::RootfsShare;
+use crate::sandbox::{PodVm, Sandbox, SandboxIdentity};
 use crate::template;
 use crate::vm::{NetNamespace, VmConfig};
 
@@ -43,11 +46,24 @@ pub trait SandboxLauncher: Send + Sync {
 pub struct HostLauncher {
     /// The shim's own config; a runtime handler's options may name another.
     config: Config,
+    /// A spare shim's pooled VM, for its first pod if the pod fits it (`crate::pool`).
+    spare: std::sync::Mutex<Option<Spare>>,
 }
 
 impl HostLauncher {
     pub fn new(config: Config) -> Self {
-        Self { config }
+        Self {
+            config,
+            spare: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A launcher whose first pod gets `spare`'s VM if it fits.
+    pub fn with_spare(spare: Spare) -> Self {
+        Self {
+            config: spare.config.clone(),
+            spare: std::sync::Mutex::new(Some(spare)),
+        }
     }
 }
 
@@ -65,7 +81,7 @@ impl SandboxLauncher for HostLauncher {
         };
         crate::log_filter::apply_config_level(&config.log_level);
         let state_dir = config.state_dir.clone();
-        let name = super::state_name(id);
+        let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         let network = match spec::pod_netns(spec) {
             PodNetns::Path(path) => {
                 Some(
@@ -83,7 +99,19 @@ impl SandboxLauncher for HostLauncher {
             }
             PodNetns::Host => None,
         };
-        let host = Host::new(config);
+        let host = Host::new(config.clone());
+        let (spare, name) = match spare {
+            Some(spare) if fits(&spare.config, &config, network.as_ref()) => {
+                let name = spare.name.clone();
+                (Some(spare), name)
+            }
+            Some(spare) => {
+                info!("the pod does not fit the pooled VM (another config, or not one veth); starting its own");
+                spare.booted.stop().await;
+                (None, super::state_name(id))
+            }
+            None => (None, super::state_name(id)),
+        };
         let vm_config = VmConfig {
             netns: network
                 .as_ref()
@@ -108,6 +136,14 @@ impl SandboxLauncher for HostLauncher {
             ..Default::default()
         };
         let make_share = host.rootfs_share_factory(&name);
+        if let Some(spare) = spare {
+            let vm = adopt_spare(id, spare, identity, make_share()).await?;
+            return Ok(Launched {
+                vm: Arc::new(vm),
+                state_dir,
+                rebuild: None,
+            });
+        }
         let request = host.launch_request(vm_config, identity);
         let launch = template::start_sandbox(request, &make_share).await?;
         Ok(Launched {
@@ -115,5 +151,74 @@ impl SandboxLauncher for HostLauncher {
             state_dir,
             rebuild: launch.rebuild,
         })
+    }
+}
+
+/// Whether a pod with `config` and `network` can have the VM of a spare restored for
+/// `spare_config`: the same config (so the same VM and template) and one veth for its NIC.
+fn fits(spare_config: &Config, config: &Config, network: Option<&NetworkPlan>) -> bool {
+    spare_config == config && network.is_some_and(|plan| plan.interfaces.len() == NICS)
+}
+
+/// Makes the pooled VM the pod's: its taps move into the pod's network namespace, then
+/// the sandbox is attached as any restored VM is (cgroup, tc, file share, identity).
+async fn adopt_spare(
+    id: &str,
+    spare: Spare,
+    identity: SandboxIdentity,
+    share: Box<dyn RootfsShare>,
+) -> Result<Sandbox, ShimError> {
+    let Some(plan) = identity.network.as_ref() else {
+        spare.booted.stop().await;
+        return Err(ShimError::HostNetwork { id: id.to_owned() });
+    };
+    let qemu_netns = PathBuf::from(format!("/proc/{}/ns/net", spare.booted.vm().pid()));
+    if let Err(source) = network::move_taps(&qemu_netns, NICS, &plan.netns).await {
+        spare.booted.stop().await;
+        return Err(ShimError::Network {
+            id: id.to_owned(),
+            source: Box::new(source),
+        });
+    }
+    let sandbox = Sandbox::attach(spare.booted, identity, share).await?;
+    info!(vm = %spare.name, "the pod took a pooled VM");
+    Ok(sandbox)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::PodInterface;
+
+    fn plan(veths: usize) -> NetworkPlan {
+        NetworkPlan {
+            interfaces: (0..veths)
+                .map(|i| PodInterface {
+                    index: i as u32 + 2,
+                    name: format!("eth{i}"),
+                    mac: [2, 0, 0, 0, 0, i as u8],
+                    mtu: 1500,
+                    addresses: Vec::new(),
+                })
+                .collect(),
+            netns: "/run/netns/pod".into(),
+            routes: Vec::new(),
+            neighbours: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_a_pod_of_the_same_config_with_one_veth_fits_a_pooled_vm() {
+        let config = Config::default();
+        assert!(fits(&config, &config, Some(&plan(1))));
+        assert!(
+            !fits(&config, &config, Some(&plan(2))),
+            "two veths, one NIC"
+        );
+        assert!(!fits(&config, &config, Some(&plan(0))));
+        assert!(!fits(&config, &config, None), "no pod network namespace");
+        let mut bigger = config.clone();
+        bigger.vm.memory_mib *= 2;
+        assert!(!fits(&config, &bigger, Some(&plan(1))), "another config");
     }
 }

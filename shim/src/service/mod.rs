@@ -5,6 +5,7 @@
 //! The sandbox ("pause") task is the VM itself; app containers and execs are agent calls.
 
 mod abandoned;
+mod adopted;
 mod bundle_rootfs;
 mod error;
 mod events;
@@ -30,6 +31,7 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::{Config as ShimConfig, Error as ShimCrateError, Flags, StartOpts};
 use tracing::{info, warn};
 
+pub use adopted::serve_adopted;
 pub use error::ShimError;
 pub use task::TaskService;
 
@@ -98,13 +100,14 @@ impl Shim for SpryShim {
         let spec = spec::load(&self.bundle)
             .map_err(|e| ShimCrateError::InvalidArgument(error_chain(&e)))?;
         let grouping = spec::sandbox_id(&spec).unwrap_or_else(|| opts.id.clone());
-        let address = spawn(opts, &grouping, Vec::new()).await?;
-        std::fs::write(self.bundle.join("address"), &address).map_err(|err| {
-            ShimCrateError::IoError {
-                context: "write address file".into(),
-                err,
+        if spec::task_kind(&spec) == spec::TaskKind::Sandbox {
+            if let Some(address) = self.take_spare(&opts, &grouping).await {
+                write_address(&self.bundle, &address)?;
+                return Ok(address);
             }
-        })?;
+        }
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_address(&self.bundle, &address)?;
         Ok(address)
     }
 
@@ -118,7 +121,10 @@ impl Shim for SpryShim {
             self.bundle.clone(),
         );
         let still_serving = tokio::task::spawn_blocking(move || {
-            let Some(pid) = abandoned::serving_pid(&id, &namespace, &address) else {
+            // A spare shim that took the pod has a spare's command line; it noted its pid.
+            let serving = crate::pool::recorded_shim_pid(&bundle)
+                .or_else(|| abandoned::serving_pid(&id, &namespace, &address));
+            let Some(pid) = serving else {
                 return false;
             };
             // containerd runs this after every task delete too (it counts its own closing
@@ -163,15 +169,50 @@ impl Shim for SpryShim {
             }
         };
         crate::log_filter::apply_config_level(&config.log_level);
+        self.task_service(publisher, Box::new(launcher::HostLauncher::new(config)))
+    }
+}
+
+impl SpryShim {
+    /// A spare shim of the handler's warm pool takes the new pod, if the handler keeps a
+    /// pool and one is ready; the pool is topped up either way. `None`: spawn a shim.
+    async fn take_spare(&self, opts: &StartOpts, grouping: &str) -> Option<String> {
+        let options = opts
+            .extensions
+            .iter()
+            .find(|any| any.type_url.ends_with("runtimeoptions.v1.Options"));
+        let config = match options::config_from_options(options) {
+            Ok(Some(config)) => config,
+            Ok(None) => Config::load(&config_path()).ok()?,
+            Err(_) => return None,
+        };
+        let request = crate::pool::AdoptRequest {
+            id: opts.id.clone(),
+            namespace: opts.namespace.clone(),
+            address: opts.address.clone(),
+            ttrpc_address: opts.ttrpc_address.clone(),
+            bundle: self.bundle.clone(),
+            socket: opts.socket_address(grouping),
+        };
+        let address = crate::pool::adopt(&config, &request).await;
+        if let Err(e) = crate::pool::refill(&config).await {
+            warn!(error = %error_chain(&e), "cannot top up the warm pool");
+        }
+        address
+    }
+
+    /// The task service of this shim's pod, whose VM `launcher` starts.
+    fn task_service(
+        &self,
+        publisher: RemotePublisher,
+        launcher: Box<dyn launcher::SandboxLauncher>,
+    ) -> TaskService {
         info!(id = %self.id, namespace = %self.namespace, "shim serving");
         // containerd's publisher only gives us its address: events go through our own
         // forwarder, which survives containerd restarts.
         let events =
             events::ContainerdEvents::new(publisher.address.clone(), self.namespace.clone());
-        let pod = pod::Pod::new(
-            Box::new(launcher::HostLauncher::new(config)),
-            events::EventSink::new(Box::new(events)),
-        );
+        let pod = pod::Pod::new(launcher, events::EventSink::new(Box::new(events)));
         // `wait` needs the pod for last-resort cleanup; `new` ran before it existed.
         let _ = self.pod.set(Arc::clone(&pod));
         abandoned::exit_if_never_used(
@@ -181,6 +222,14 @@ impl Shim for SpryShim {
         );
         TaskService::new(pod, Arc::clone(&self.exit))
     }
+}
+
+/// The address file containerd reads back after its own restart.
+fn write_address(bundle: &Path, address: &str) -> Result<(), ShimCrateError> {
+    std::fs::write(bundle.join("address"), address).map_err(|err| ShimCrateError::IoError {
+        context: "write address file".into(),
+        err,
+    })
 }
 
 /// What `delete` answers for the task: SIGKILLed now, as far as containerd is concerned.
@@ -237,7 +286,8 @@ pub async fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
             }
         }
     }
-    Host::new(config.clone()).remove_leftovers(&state_name(id));
+    let name = crate::pool::recorded_vm_name(bundle).unwrap_or_else(|| state_name(id));
+    Host::new(config.clone()).remove_leftovers(&name);
 }
 
 #[cfg(test)]

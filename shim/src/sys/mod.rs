@@ -53,6 +53,33 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()>
     Ok(())
 }
 
+/// Sets the nice value of thread `tid` (0: the calling thread). Threads a thread creates,
+/// and processes it forks, start with its value.
+pub fn set_thread_nice(tid: libc::pid_t, nice: libc::c_int) -> io::Result<()> {
+    // SAFETY: setpriority takes plain integers; PRIO_PROCESS with a tid acts on that one
+    // thread (Linux keeps nice values per thread). No memory is shared with the kernel.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the nice value of every thread of process `pid`.
+pub fn set_process_nice(pid: u32, nice: libc::c_int) -> io::Result<()> {
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let Some(tid) = entry?.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        match set_thread_nice(tid, nice) {
+            // A thread that ended meanwhile.
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 /// An inotify instance tokio can wait on.
 pub struct AsyncInotify(nix::sys::inotify::Inotify);
 

@@ -10,7 +10,7 @@ use super::{build_template, Template, TemplateError, TemplatePolicy, TemplateSto
 use crate::agent_client::AgentError;
 use crate::error_chain;
 use crate::rootfs::RootfsShare;
-use crate::sandbox::{Sandbox, SandboxError, SandboxIdentity};
+use crate::sandbox::{BootedVm, Sandbox, SandboxError, SandboxIdentity};
 use crate::vm::{GuestMemory, Hypervisor, VmConfig};
 
 /// How long a restored VM's agent may take to answer before the restore counts as failed.
@@ -101,13 +101,7 @@ pub async fn start_sandbox(
     };
 
     let started = Instant::now();
-    let clone_config = VmConfig {
-        memory: GuestMemory::PrivateFile {
-            path: template.memory_path(),
-        },
-        restore: Some(template.state_path()),
-        ..request.vm_config.clone()
-    };
+    let clone_config = clone_of(&template, &request.vm_config);
     let restored = Sandbox::start(
         request.hypervisor.as_ref(),
         clone_config,
@@ -161,6 +155,43 @@ pub async fn start_sandbox(
             }
         },
     }
+}
+
+/// `base` restored from `template`.
+fn clone_of(template: &Template, base: &VmConfig) -> VmConfig {
+    VmConfig {
+        memory: GuestMemory::PrivateFile {
+            path: template.memory_path(),
+        },
+        restore: Some(template.state_path()),
+        ..base.clone()
+    }
+}
+
+/// A VM restored from the template of `request`'s VM (built first when there is none),
+/// given to no pod yet: what the warm pool keeps (`crate::pool`). `Ok(None)`: no usable
+/// template, so nothing to keep (pods themselves still boot cold and rebuild it).
+pub async fn restore_unattached(request: &LaunchRequest) -> Result<Option<BootedVm>, SandboxError> {
+    if request.policy == TemplatePolicy::Off {
+        return Ok(None);
+    }
+    let Ok(key) = request
+        .hypervisor
+        .snapshot_fingerprint(&request.vm_config)
+        .await
+    else {
+        return Ok(None);
+    };
+    let Ok(Some(template)) = find_or_build(request, &key).await else {
+        return Ok(None);
+    };
+    BootedVm::boot(
+        request.hypervisor.as_ref(),
+        clone_of(&template, &request.vm_config),
+        RESTORE_AGENT_TIMEOUT,
+    )
+    .await
+    .map(Some)
 }
 
 /// Clones of one template that did not answer in time, in a row, before it is taken

@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use build::build_template;
-pub use launch::{start_sandbox, Launch, LaunchRequest};
+pub use launch::{restore_unattached, start_sandbox, Launch, LaunchRequest};
 pub use store::{Damage, Manifest, Template, TemplateStore};
 
 use crate::vm::VmError;

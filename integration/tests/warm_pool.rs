@@ -1,0 +1,214 @@
+//! The warm pool (issue 18) through stock containerd 2.x and crictl: a handler with
+//! `[pool] size = 1` keeps a spare shim with a VM restored from the template; the next pod
+//! takes it (same network, identity and container behaviour as any pod), the pool is
+//! topped up, a killed spare leaves nothing and the next pod starts as without a pool, and
+//! draining the pool leaves nothing. Needs root, the guest and the test images.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use spry_integration::{
+    require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
+    Registry, SpryHandler,
+};
+
+const HANDLER: &str = "spry-pool";
+/// A spare restores in about a second under TCG; a template build first takes a few.
+const SPARE_READY: Duration = Duration::from_secs(90);
+
+/// What a pod's container saw: its hostname, its eth0 address line, 16 random bytes.
+#[derive(Debug)]
+struct Seen {
+    hostname: String,
+    eth0: String,
+    random_hex: String,
+}
+
+struct Node {
+    containerd: Containerd,
+    crictl: Crictl,
+    image: String,
+    pool: PathBuf,
+}
+
+impl Node {
+    /// Ready spares: each has its control socket once its VM answered.
+    fn ready_spares(&self) -> Vec<PathBuf> {
+        system::list_dir(&self.pool)
+            .into_iter()
+            .filter(|dir| dir.join("control.sock").exists())
+            .collect()
+    }
+
+    fn wait_for_spares(&self, count: usize) -> Result<Vec<PathBuf>> {
+        let deadline = Instant::now() + SPARE_READY;
+        loop {
+            let ready = self.ready_spares();
+            if ready.len() >= count {
+                return Ok(ready);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {count} spares ready after {SPARE_READY:?}; pool dir: {:?}\n{}",
+                    ready.len(),
+                    system::list_dir(&self.pool),
+                    self.containerd.log_tail(30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Runs a pod named `name` with a reporting container; returns the pod id, its IP and
+    /// what the container saw. The pod stays up.
+    fn pod(&self, name: &str) -> Result<(String, String, Seen)> {
+        let dir = self.containerd.dir();
+        let pod_cfg = PodConfig::new(name).hostname(name).write_to(&dir)?;
+        let pod = self
+            .crictl
+            .runp(&pod_cfg, Some(HANDLER))
+            .with_context(|| self.containerd.log_tail(40))?;
+        let ip = self.crictl.inspectp(&pod)?["status"]["network"]["ip"]
+            .as_str()
+            .context("the pod has no IP")?
+            .to_owned();
+        let cfg = ContainerConfig::new("report", &self.image)
+            .command(&[
+                "sh",
+                "-c",
+                "hostname; ip -4 -o addr show eth0; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+            ])
+            .write_to(&dir)?;
+        let ctr = self.crictl.create(&pod, &cfg, &pod_cfg)?;
+        self.crictl.start(&ctr)?;
+        self.crictl
+            .wait_container_state(&ctr, "CONTAINER_EXITED", Duration::from_secs(60))?;
+        let logs = self.crictl.logs(&ctr)?;
+        let mut lines = logs.lines().map(str::trim);
+        let seen = Seen {
+            hostname: lines.next().unwrap_or_default().to_owned(),
+            eth0: lines.next().unwrap_or_default().to_owned(),
+            random_hex: lines.next().unwrap_or_default().to_owned(),
+        };
+        ensure!(seen.random_hex.len() == 32, "{name}: {logs:?}");
+        ensure!(seen.hostname == name, "{name}: {seen:?}");
+        ensure!(
+            seen.eth0.contains(&format!(" {ip}/")),
+            "{name}: the guest's eth0 lacks the pod IP {ip}: {seen:?}"
+        );
+        // The guest's kernel answers a connection to a closed port with a reset: the host
+        // reached it (a VM off the network times out instead).
+        let probe = std::net::TcpStream::connect_timeout(
+            &format!("{ip}:9").parse()?,
+            Duration::from_secs(5),
+        );
+        ensure!(
+            matches!(&probe, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{name}: the host cannot reach the pod at {ip}: {probe:?}"
+        );
+        Ok((pod, ip, seen))
+    }
+
+    fn remove(&self, pod: &str) -> Result<()> {
+        self.crictl.stopp(pod)?;
+        self.crictl.rmp(pod)
+    }
+
+    fn took_pooled_vms(&self) -> usize {
+        self.containerd
+            .log()
+            .matches("the pod took a pooled VM")
+            .count()
+    }
+}
+
+fn drain(state: &Path) -> Result<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(spry_shim::pool::drain(state))?)
+}
+
+#[test]
+fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<()> {
+    require_root()?;
+    let registry = Registry::start()?;
+    let state = tempfile::Builder::new()
+        .prefix("spry-pool-")
+        .tempdir_in("/run")?;
+    let spry = SpryHandler::new(state.path(), "debug", None)?;
+    let config = state.path().join("config-pool.toml");
+    let base = std::fs::read_to_string(&spry.config)?;
+    std::fs::write(&config, format!("{base}[pool]\nsize = 1\n"))?;
+    let containerd = Containerd::start(spry.register_variant(
+        ContainerdOptions::new("spry-pool").registry(&registry),
+        HANDLER,
+        &config,
+    ))?;
+    let leaks = containerd.leak_check()?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
+    let image = registry.image("busybox:1");
+    crictl.pull(&image)?;
+    let node = Node {
+        containerd,
+        crictl,
+        image,
+        pool: state.path().join("run/pool"),
+    };
+
+    // The first pod finds no spare: it starts as without a pool, and `start` fills it.
+    let (first, _, _) = node.pod("pool-first")?;
+    ensure!(node.took_pooled_vms() == 0, "a spare before any was made");
+    node.wait_for_spares(1)?;
+
+    // The next two take pooled VMs, each its own identity, and each adoption refills.
+    let (second, ip2, seen2) = node.pod("pool-second")?;
+    ensure!(
+        node.took_pooled_vms() == 1,
+        "the second pod did not take the spare:\n{}",
+        node.containerd.log_tail(40)
+    );
+    node.wait_for_spares(1)?;
+    let (third, ip3, seen3) = node.pod("pool-third")?;
+    ensure!(
+        node.took_pooled_vms() == 2,
+        "{}",
+        node.containerd.log_tail(40)
+    );
+    ensure!(ip2 != ip3, "two pods, one IP: {ip2}");
+    ensure!(
+        seen2.random_hex != seen3.random_hex,
+        "two pooled VMs read the same random bytes: {}",
+        seen2.random_hex
+    );
+
+    // A spare killed: its VM goes with it, and the next pod starts without it.
+    let spare = node.wait_for_spares(1)?;
+    let pid: i32 = std::fs::read_to_string(spare[0].join("spare.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("no spare.pid in {}", spare[0].display()))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let (fourth, _, _) = node.pod("pool-fourth")?;
+    ensure!(
+        node.took_pooled_vms() == 2,
+        "a pod took a killed spare's VM"
+    );
+
+    for pod in [&first, &second, &third, &fourth] {
+        node.remove(pod)?;
+    }
+    let drained = drain(&state.path().join("run"))?;
+    ensure!(drained >= 1, "the pool was empty at the end");
+    ensure!(
+        system::list_dir(&node.pool).iter().all(|p| !p.is_dir()),
+        "spare dirs left: {:?}",
+        system::list_dir(&node.pool)
+    );
+    leaks.assert_clean().context("after draining the pool")?;
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! `start`'s side of the pool: hand a new pod to a spare, top the pool up, empty it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::io::AsyncBufReadExt;
+use tokio::net::UnixStream;
+use tracing::{debug, info};
+
+use super::protocol::{read_line, write_line};
+use super::{
+    config_key, config_text, io_error, is_live, spare_dirs, AdoptReply, AdoptRequest, PoolError,
+    CONFIG_FILE, CONTROL_SOCKET, LOCK_FILE,
+};
+use crate::config::Config;
+use crate::state_dir::StateDir;
+use crate::template::TemplatePolicy;
+
+/// How long `start` waits for a spare's answer. Binding a socket takes microseconds; a
+/// spare slower than this is stuck and skipped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long `refill` waits for a new spare to hold its lock.
+const SPAWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`drain`] waits for the spares to be gone.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn pooled(config: &Config) -> bool {
+    config.pool.size > 0 && config.template != TemplatePolicy::Off
+}
+
+/// Asks the live spares of `config`'s pool, in turn, to take the pod; the socket the one
+/// that did serves it on. None: no pool, no spare, or none could (the pod's own shim is
+/// started as without a pool).
+pub async fn adopt(config: &Config, request: &AdoptRequest) -> Option<String> {
+    if !pooled(config) {
+        return None;
+    }
+    let key = config_key(&config_text(config).ok()?);
+    let pool = StateDir::new(config.state_dir.clone()).pool();
+    for dir in spare_dirs(&pool, &key) {
+        if !is_live(&dir) {
+            continue;
+        }
+        match ask(&dir, request).await {
+            Ok(AdoptReply::Serving) => {
+                info!(spare = %dir.display(), "a spare shim with a pooled VM serves the pod");
+                return Some(request.socket.clone());
+            }
+            Ok(AdoptReply::Refused { reason }) => {
+                info!(spare = %dir.display(), %reason, "a spare refused the pod");
+            }
+            // A spare still restoring its VM has no control socket yet.
+            Err(e) => {
+                debug!(spare = %dir.display(), error = %crate::error_chain(&e), "spare not ready")
+            }
+        }
+    }
+    None
+}
+
+async fn ask(dir: &Path, request: &AdoptRequest) -> Result<AdoptReply, PoolError> {
+    let path = dir.join(CONTROL_SOCKET);
+    let exchange = async {
+        let mut stream = UnixStream::connect(&path)
+            .await
+            .map_err(io_error("connect to", &path))?;
+        write_line(&mut stream, request).await?;
+        read_line(&mut stream).await
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, exchange)
+        .await
+        .map_err(|_| PoolError::Control(std::io::ErrorKind::TimedOut.into()))?
+}
+
+/// Starts spares until `config`'s pool holds `[pool] size` live ones (restoring or
+/// ready); returns how many it started.
+pub async fn refill(config: &Config) -> Result<usize, PoolError> {
+    if !pooled(config) {
+        return Ok(0);
+    }
+    let text = config_text(config)?;
+    let key = config_key(&text);
+    let pool = StateDir::new(config.state_dir.clone()).pool();
+    std::fs::create_dir_all(&pool).map_err(io_error("create", &pool))?;
+    // One refill at a time, or two `start`s would both see the pool short.
+    let guard_path = pool.join(".refill.lock");
+    let guard = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&guard_path)
+        .map_err(io_error("open", &guard_path))?;
+    let _guard = tokio::task::spawn_blocking(move || Flock::lock(guard, FlockArg::LockExclusive))
+        .await
+        .map_err(|e| PoolError::Control(std::io::Error::other(e)))?
+        .map_err(|(_, errno)| PoolError::Io {
+            action: "lock",
+            path: guard_path.clone(),
+            source: errno.into(),
+        })?;
+    let live = spare_dirs(&pool, &key)
+        .iter()
+        .filter(|dir| is_live(dir))
+        .count();
+    let missing = (config.pool.size as usize).saturating_sub(live);
+    for _ in 0..missing {
+        spawn_spare(&pool, &key, &text).await?;
+    }
+    Ok(missing)
+}
+
+/// Starts one spare shim and returns once it holds its dir's lock.
+async fn spawn_spare(pool: &Path, key: &str, config_text: &str) -> Result<(), PoolError> {
+    let dir = pool.join(format!("{key}-{}", unique_suffix()));
+    std::fs::create_dir(&dir).map_err(io_error("create", &dir))?;
+    let config = dir.join(CONFIG_FILE);
+    std::fs::write(&config, config_text).map_err(io_error("write", &config))?;
+    let exe = std::env::current_exe().map_err(io_error("find", Path::new("/proc/self/exe")))?;
+    let mut child = tokio::process::Command::new(&exe)
+        .arg("spare")
+        .arg(&dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(io_error("start a spare shim", &exe))?;
+    // The spare says so once it holds its lock: from then on its dir counts as live.
+    let stdout = child.stdout.take();
+    let locked = async {
+        let mut line = String::new();
+        if let Some(stdout) = stdout {
+            tokio::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .await
+                .map_err(PoolError::Control)?;
+        }
+        Ok::<_, PoolError>(line)
+    };
+    match tokio::time::timeout(SPAWN_TIMEOUT, locked).await {
+        Ok(Ok(line)) if line.trim() == "locked" => Ok(()),
+        _ => {
+            let _ = child.start_kill();
+            let _ = std::fs::remove_dir_all(&dir);
+            Err(PoolError::Locked(dir.join(LOCK_FILE)))
+        }
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    format!("{:05x}{nanos:08x}", std::process::id() & 0xfffff)
+}
+
+/// Ends every spare under `state_dir` (a removed dir ends its spare, which stops its VM)
+/// and waits until they are gone; returns how many there were.
+pub async fn drain(state_dir: &Path) -> Result<usize, PoolError> {
+    let pool = StateDir::new(state_dir.to_path_buf()).pool();
+    let Ok(entries) = std::fs::read_dir(&pool) else {
+        return Ok(0);
+    };
+    let mut locks = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() {
+            continue;
+        }
+        // Opened before the dir goes: the lock is free again once its spare has exited.
+        if let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) {
+            locks.push(file);
+        }
+        std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+    }
+    let count = locks.len();
+    let waited = tokio::task::spawn_blocking(move || {
+        for file in locks {
+            // Blocks until the spare (and with it its VM) is gone.
+            let _ = Flock::lock(file, FlockArg::LockExclusive);
+        }
+    });
+    tokio::time::timeout(DRAIN_TIMEOUT, waited)
+        .await
+        .map_err(|_| PoolError::Control(std::io::ErrorKind::TimedOut.into()))?
+        .map_err(|e| PoolError::Control(std::io::Error::other(e)))?;
+    Ok(count)
+}
