@@ -17,13 +17,26 @@ fn code(result: ttrpc::Result<Empty>) -> (Code, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_a_container_and_reports_output_and_exit_code() {
     let agent = Agent::start().await;
-    // Containers need the sandbox identity first.
+    // A container that needs the pod (here CRI's /etc/hosts) needs the sandbox first.
+    let hosts = GuestFile {
+        destination: "/etc/hosts".into(),
+        content: b"127.0.0.1 localhost\n".to_vec(),
+        ..Default::default()
+    };
     let (c, _) = code(
         agent
-            .create("early", spec(&["true"]), stdio(false, false))
+            .create_with_files("early", spec(&["true"]), stdio(false, false), vec![hosts])
             .await,
     );
     assert_eq!(c, Code::UNAVAILABLE);
+    // One that asks nothing of a pod may run before (the warm pool's warm-up).
+    agent
+        .create("warm-up", spec(&["true"]), stdio(false, false))
+        .await
+        .unwrap();
+    agent.start_container("warm-up").await;
+    assert_eq!(agent.wait("warm-up", "").await.exit_code, 0);
+    agent.remove("warm-up").await.unwrap();
     agent.create_sandbox().await;
 
     agent

@@ -81,10 +81,10 @@ impl AgentService {
         Ok(stream_reply(stream.read(read_size(req.max_bytes)).await))
     }
 
-    async fn resolv_conf(&self) -> Result<Option<PathBuf>, AgentError> {
+    /// The pod's resolv.conf; `None` before CreateSandbox.
+    async fn resolv_conf(&self) -> Option<Option<PathBuf>> {
         let sandbox = self.sandbox.lock().await;
-        let sandbox = sandbox.as_ref().ok_or(AgentError::NoSandbox)?;
-        Ok(sandbox.resolv_conf.clone())
+        sandbox.as_ref().map(|sandbox| sandbox.resolv_conf.clone())
     }
 
     /// Kills everything, unmounts and syncs (DestroySandbox and Shutdown).
@@ -187,7 +187,14 @@ impl Agent for AgentService {
         _ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> Reply<Empty> {
-        let resolv_conf = self.resolv_conf().await?;
+        let sandbox = self.resolv_conf().await;
+        // Before CreateSandbox, only a container that asks for nothing of a pod: the warm
+        // pool's warm-up, run in a VM no pod has yet.
+        let podless =
+            req.volumes.is_empty() && req.block_devices.is_empty() && req.files.is_empty();
+        let Some(resolv_conf) = sandbox.or_else(|| podless.then_some(None)) else {
+            return Err(AgentError::NoSandbox.into());
+        };
         let storage = self.containers.storage();
         let (volumes, devices) = match self.volumes.lock().await.as_mut() {
             Some(pod) => (
@@ -198,6 +205,7 @@ impl Agent for AgentService {
                     .await
                     .map_err(AgentError::from)?,
             ),
+            None if podless => (Vec::new(), Vec::new()),
             None => return Err(AgentError::NoSandbox.into()),
         };
         let stdio = req.stdio.clone().unwrap_or_default();

@@ -160,7 +160,19 @@ impl Agent {
         spec: serde_json::Value,
         stdio: StdioConfig,
     ) -> ttrpc::Result<Empty> {
+        self.create_with_files(id, spec, stdio, Vec::new()).await
+    }
+
+    /// `create` with CRI's small host files (/etc/hosts and the like) in the request.
+    pub async fn create_with_files(
+        &self,
+        id: &str,
+        spec: serde_json::Value,
+        stdio: StdioConfig,
+        files: Vec<GuestFile>,
+    ) -> ttrpc::Result<Empty> {
         let mut req = CreateContainerRequest::new();
+        req.files = files;
         req.container_id = id.into();
         req.oci_spec_json = serde_json::to_vec(&spec).unwrap();
         let mut layer = Storage::new();

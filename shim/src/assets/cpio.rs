@@ -223,6 +223,36 @@ impl<W: Write> NewcWriter<'_, W> {
     }
 }
 
+/// The contents of regular file `path` in newc archive `archive` (the format
+/// [`CpioArchive`] writes), if it holds one; a malformed archive holds nothing.
+pub fn find_file<'a>(archive: &'a [u8], path: &str) -> Option<&'a [u8]> {
+    const HEADER: usize = 110;
+    let field = |at: usize, index: usize| -> Option<usize> {
+        let start = at + 6 + index * 8;
+        let hex = std::str::from_utf8(archive.get(start..start + 8)?).ok()?;
+        usize::from_str_radix(hex, 16).ok()
+    };
+    let align = |n: usize| n.checked_add(3).map(|n| n & !3);
+    let mut at = 0;
+    loop {
+        if archive.get(at..at + 6)? != NEWC_MAGIC.as_bytes() {
+            return None;
+        }
+        let (mode, size, name_size) = (field(at, 1)?, field(at, 6)?, field(at, 11)?);
+        let name_start = at + HEADER;
+        let name = archive.get(name_start..name_start.checked_add(name_size)?.checked_sub(1)?)?;
+        let data_start = align(name_start + name_size)?;
+        let data = archive.get(data_start..data_start.checked_add(size)?)?;
+        if name == TRAILER.as_bytes() {
+            return None;
+        }
+        if name == path.as_bytes() && mode as u32 & 0o170000 == S_IFREG {
+            return Some(data);
+        }
+        at = align(data_start + size)?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +348,22 @@ mod tests {
             names.lines().collect::<Vec<_>>(),
             ["dev", "init", "lib", "lib/modules", "lib/modules/x.ko"]
         );
+    }
+
+    #[test]
+    fn a_written_file_is_found_again_and_garbage_finds_nothing() {
+        let mut archive = CpioArchive::new();
+        archive.add_parents("bin/tool").unwrap();
+        archive
+            .add_file("bin/tool", 0o755, b"hello".to_vec())
+            .unwrap();
+        archive.add_file("init", 0o755, vec![7; 1001]).unwrap();
+        let bytes = archive.to_bytes().unwrap();
+        assert_eq!(find_file(&bytes, "bin/tool"), Some(b"hello".as_slice()));
+        assert_eq!(find_file(&bytes, "init"), Some(vec![7; 1001].as_slice()));
+        assert_eq!(find_file(&bytes, "bin"), None, "a directory is no file");
+        assert_eq!(find_file(&bytes, "missing"), None);
+        assert_eq!(find_file(&bytes[..200], "init"), None, "cut short");
+        assert_eq!(find_file(b"garbage", "init"), None);
     }
 }

@@ -27,6 +27,7 @@
 mod adopt;
 mod protocol;
 mod spare;
+mod warm;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -84,6 +85,8 @@ pub enum PoolError {
     Locked(PathBuf),
     #[error("the spare was stopped before a pod took it")]
     Stopped,
+    #[error("warming the spare's VM failed: {0}")]
+    Warm(String),
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PoolError {

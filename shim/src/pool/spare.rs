@@ -87,7 +87,13 @@ async fn restore(dir: &Path) -> Result<Spare, PoolError> {
         .await
         .map_err(|e| PoolError::Boot(Box::new(e)))?
         .ok_or(PoolError::NoTemplate)?;
-    info!(vm = %name, "spare VM restored; waiting for a pod");
+    let started = std::time::Instant::now();
+    let share = host.rootfs_share_factory(&name)();
+    if let Err(e) = super::warm::warm_up(&booted, share.as_ref(), &config.vm.initramfs, dir).await {
+        booted.stop().await;
+        return Err(e);
+    }
+    info!(vm = %name, warm_up_ms = started.elapsed().as_millis() as u64, "spare VM restored and warmed; waiting for a pod");
     Ok(Spare {
         booted,
         name,

@@ -151,6 +151,10 @@ impl BootedVm {
         self.vm.as_ref()
     }
 
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
     /// Stops the VM (it was never given to a pod).
     pub async fn stop(self) {
         stop_quietly(self.vm.as_ref()).await;
