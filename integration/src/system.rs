@@ -273,6 +273,17 @@ pub fn wait_for<T>(
     }
 }
 
+/// Whether the host reaches a VM at `ip`: a connection to its closed port 9 is refused by
+/// the guest's kernel (a VM off the network times out instead, after 5 s).
+pub fn ip_answers(ip: &str) -> Result<()> {
+    let probe =
+        std::net::TcpStream::connect_timeout(&format!("{ip}:9").parse()?, Duration::from_secs(5));
+    match probe {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+        other => anyhow::bail!("{ip} does not answer (a connection to port 9: {other:?})"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,7 +56,14 @@ const CASES: &[(&str, Case)] = &[
         "an_estargz_image_starts_a_spry_pod_through_the_installed_lazy_snapshotter",
         lazy_pod,
     ),
+    (
+        "a_pod_of_a_pooled_handler_takes_a_warmed_vm_and_draining_leaves_none",
+        pooled_pods,
+    ),
 ];
+
+/// The RuntimeClass (and handler) whose config keeps a warm pool of one VM.
+const POOLED: &str = "spry-pool";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -103,7 +110,7 @@ fn run(cases: &[&(&str, Case)]) -> Result<usize> {
     // through the lazy snapshotter (plain images are unpacked into it).
     let setup = NodeSetup {
         lazy_snapshotter: true,
-        ..NodeSetup::default()
+        variants: &[(POOLED, "[pool]\nsize = 1")],
     };
     let mut cluster = Cluster::start_with("kube", &registry, &setup)?;
     let mut failed = 0;
@@ -605,5 +612,49 @@ fn lazy_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
         new.is_empty(),
         "the shim packed the lazy image's layers: {new:?}"
     );
+    Ok(())
+}
+
+/// Pods of a handler with `[pool] size = 1` under kubelet: the first fills the pool, the
+/// second takes the spare's warmed VM and is Ready with its own hostname, exec works and
+/// its pod IP answers; draining the pool leaves no VM (whatever happened before).
+fn pooled_pods(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let checked = pooled_pods_checks(cluster, registry);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let drained = runtime.block_on(spry_shim::pool::drain(cluster.spry_state()));
+    checked?;
+    ensure!(drained? >= 1, "the pool was empty at the end");
+    Ok(())
+}
+
+fn pooled_pods_checks(cluster: &Cluster, registry: &Registry) -> Result<()> {
+    let image = registry.image("busybox:1");
+    let pod = |name: &str| manifests::pod(name, Some(POOLED), &image, "hostname; sleep 3600", "");
+    cluster.apply(&pod("pool-a"))?;
+    cluster.wait_for("pod/pool-a", "condition=Ready", POD_READY)?;
+    let pool = cluster.spry_state().join("pool");
+    wait(Duration::from_secs(120), "a ready spare", || {
+        Ok(system::list_dir(&pool)
+            .iter()
+            .any(|dir| dir.join("control.sock").exists()))
+    })?;
+    cluster.apply(&pod("pool-b"))?;
+    cluster.wait_for("pod/pool-b", "condition=Ready", POD_READY)?;
+    let took = cluster
+        .containerd()
+        .log()
+        .matches("the pod took a pooled VM")
+        .count();
+    ensure!(took == 1, "{took} pods took a pooled VM, not 1");
+    let logs = cluster.kubectl(&["logs", "pool-b"])?;
+    let exec = cluster.kubectl(&["exec", "pool-b", "--", "hostname"])?;
+    ensure!(
+        logs.trim() == "pool-b" && exec.trim() == "pool-b",
+        "the pooled pod's hostname: logs {logs:?}, exec {exec:?}"
+    );
+    let ip = cluster.get("pod/pool-b", "{.status.podIP}")?;
+    system::ip_answers(&ip).context("the pooled pod's IP")?;
     Ok(())
 }

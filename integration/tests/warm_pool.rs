@@ -97,16 +97,8 @@ impl Node {
             seen.eth0.contains(&format!(" {ip}/")),
             "{name}: the guest's eth0 lacks the pod IP {ip}: {seen:?}"
         );
-        // The guest's kernel answers a connection to a closed port with a reset: the host
-        // reached it (a VM off the network times out instead).
-        let probe = std::net::TcpStream::connect_timeout(
-            &format!("{ip}:9").parse()?,
-            Duration::from_secs(5),
-        );
-        ensure!(
-            matches!(&probe, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
-            "{name}: the host cannot reach the pod at {ip}: {probe:?}"
-        );
+        system::ip_answers(&ip)
+            .with_context(|| format!("{name}: the host cannot reach the pod"))?;
         Ok((pod, ip, seen))
     }
 

@@ -99,7 +99,13 @@ impl Cluster {
         let mut toml = String::new();
         for (handler, lines) in variants {
             let config = self.dir.join(format!("spry-{handler}.toml"));
-            std::fs::write(&config, format!("{lines}\n{base_config}"))?;
+            // Top-level keys go before the base config's tables, tables after them.
+            let text = if lines.trim_start().starts_with('[') {
+                format!("{base_config}\n{lines}\n")
+            } else {
+                format!("{lines}\n{base_config}")
+            };
+            std::fs::write(&config, text)?;
             toml.push_str(&spry::handler_with_config_toml(handler, &shim, &config));
             let class = installed
                 .replace("name: spry\n", &format!("name: {handler}\n"))
