@@ -57,6 +57,8 @@ pub enum ConfigError {
         #[source]
         source: tracing_subscriber::filter::ParseError,
     },
+    #[error("config file {path}: [pool] size = {size} needs template = \"auto\" (pooled VMs are restored from the template); set size = 0 or turn templates on")]
+    PoolWithoutTemplate { path: PathBuf, size: u32 },
     #[error("config file {path}: {key} must be an absolute path, got {value}")]
     RelativePath {
         path: PathBuf,
@@ -260,6 +262,12 @@ impl Config {
             "1..=3600",
         )?;
         range("pool.size", self.pool.size, 0, 16, "0..=16")?;
+        if self.pool.size > 0 && self.template == TemplatePolicy::Off {
+            return Err(ConfigError::PoolWithoutTemplate {
+                path: path.to_path_buf(),
+                size: self.pool.size,
+            });
+        }
         for (key, value) in [
             ("state_dir", &self.state_dir),
             ("vm.kernel", &self.vm.kernel),
@@ -348,6 +356,12 @@ mod tests {
             }
         ));
         assert_eq!(parse("[pool]\nsize = 2\n").unwrap().pool.size, 2);
+        let err = parse("template = \"off\"\n[pool]\nsize = 1\n").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::PoolWithoutTemplate { size: 1, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("template = \"auto\""), "{err}");
     }
 
     #[test]

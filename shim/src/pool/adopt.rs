@@ -120,6 +120,8 @@ async fn spawn_spare(pool: &Path, key: &str, config_text: &str) -> Result<(), Po
     let mut child = tokio::process::Command::new(&exe)
         .arg("spare")
         .arg(&dir)
+        // Not the bundle of the pod whose `start` this is: that pod may be long gone.
+        .current_dir(&dir)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
