@@ -202,71 +202,69 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let BootedVm { vm, agent } = booted;
         let id = vm.id().to_owned();
-        {
-            let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
-            // In setup order; torn down in reverse, so the cgroup goes last, once every
-            // process in it (QEMU, the file server) is gone.
-            let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
-            let cgroup = identity
-                .cgroup
-                .clone()
-                .map(|plan| Arc::new(PodCgroup::new(plan)));
-            if let Some(cgroup) = &cgroup {
-                items.push(cgroup.clone());
-            }
-            if let Some(plan) = &identity.network {
-                items.push(Arc::new(PodNetwork::new(plan.clone())));
-            }
-            let share = identity
-                .file_share
-                .clone()
-                .map(|config| Arc::new(FileShare::new(config)));
-            if let Some(share) = &share {
-                items.push(share.clone());
-            }
-            let watches = Arc::new(VolumeWatches::default());
-            items.push(watches.clone());
-            items.push(rootfs.clone());
-            let resources = PodResources::new(items);
-            let sandbox = Sandbox {
-                id: id.clone(),
-                vm,
-                agent,
-                rootfs,
-                share,
-                cgroup,
-                watches,
-                pod_disks: PodLocalDisks::default(),
-                devices: ContainerDevices::default(),
-                resources,
-            };
-            if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
-                stop_quietly(sandbox.vm.as_ref()).await;
-                return Err(e.into());
-            }
-            if let (Some(cgroup), Some(pid)) = (
-                &sandbox.cgroup,
-                sandbox.share.as_ref().and_then(|s| s.server_pid()),
-            ) {
-                if let Err(e) = cgroup.adopt(pid) {
-                    warn!(error = %crate::error_chain(&e), "the pod's file server stays outside its cgroup");
-                }
-            }
-            if let Err(source) = sandbox
-                .agent
-                .create_sandbox(identity_request(&id, identity))
-                .await
-            {
-                let _ = sandbox.shutdown(Duration::from_secs(1)).await;
-                return Err(SandboxError::Agent { id, source });
-            }
-            info!(
-                accel = ?sandbox.vm.accel(),
-                kernel = %sandbox.agent.info.kernel_release,
-                "sandbox ready"
-            );
-            Ok(sandbox)
+        let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
+        // In setup order; torn down in reverse, so the cgroup goes last, once every
+        // process in it (QEMU, the file server) is gone.
+        let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
+        let cgroup = identity
+            .cgroup
+            .clone()
+            .map(|plan| Arc::new(PodCgroup::new(plan)));
+        if let Some(cgroup) = &cgroup {
+            items.push(cgroup.clone());
         }
+        if let Some(plan) = &identity.network {
+            items.push(Arc::new(PodNetwork::new(plan.clone())));
+        }
+        let share = identity
+            .file_share
+            .clone()
+            .map(|config| Arc::new(FileShare::new(config)));
+        if let Some(share) = &share {
+            items.push(share.clone());
+        }
+        let watches = Arc::new(VolumeWatches::default());
+        items.push(watches.clone());
+        items.push(rootfs.clone());
+        let resources = PodResources::new(items);
+        let sandbox = Sandbox {
+            id: id.clone(),
+            vm,
+            agent,
+            rootfs,
+            share,
+            cgroup,
+            watches,
+            pod_disks: PodLocalDisks::default(),
+            devices: ContainerDevices::default(),
+            resources,
+        };
+        if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
+            stop_quietly(sandbox.vm.as_ref()).await;
+            return Err(e.into());
+        }
+        if let (Some(cgroup), Some(pid)) = (
+            &sandbox.cgroup,
+            sandbox.share.as_ref().and_then(|s| s.server_pid()),
+        ) {
+            if let Err(e) = cgroup.adopt(pid) {
+                warn!(error = %crate::error_chain(&e), "the pod's file server stays outside its cgroup");
+            }
+        }
+        if let Err(source) = sandbox
+            .agent
+            .create_sandbox(identity_request(&id, identity))
+            .await
+        {
+            let _ = sandbox.shutdown(Duration::from_secs(1)).await;
+            return Err(SandboxError::Agent { id, source });
+        }
+        info!(
+            accel = ?sandbox.vm.accel(),
+            kernel = %sandbox.agent.info.kernel_release,
+            "sandbox ready"
+        );
+        Ok(sandbox)
     }
 
     pub fn id(&self) -> &str {
