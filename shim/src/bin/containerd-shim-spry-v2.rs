@@ -63,16 +63,27 @@ fn spare(dir: PathBuf) {
     });
 }
 
-/// The `log` FIFO containerd reads in the bundle (the cwd); `nonblocking`: fail rather than
-/// wait when containerd does not read it (yet).
+/// The `log` FIFO containerd reads in the bundle (the cwd), or None when nobody reads it.
+/// Never a blocking open: containerd stops reading when `start` fails (say it was killed),
+/// and a serving shim that reached its open only then would wait forever instead of
+/// noticing its bundle gone and exiting. `nonblocking`: writes stay non-blocking too.
 fn open_log_fifo(nonblocking: bool) -> Option<std::fs::File> {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
-    let flags = if nonblocking { libc::O_NONBLOCK } else { 0 };
-    std::fs::OpenOptions::new()
+    let fifo = std::fs::OpenOptions::new()
         .write(true)
-        .custom_flags(flags)
+        .custom_flags(libc::O_NONBLOCK)
         .open("log")
-        .ok()
+        .ok()?;
+    if !nonblocking {
+        // A full FIFO then holds a record back rather than dropping it.
+        nix::fcntl::fcntl(
+            fifo.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+        )
+        .ok()?;
+    }
+    Some(fifo)
 }
 
 type Sink = Arc<Mutex<Box<dyn Write + Send>>>;
