@@ -91,10 +91,7 @@ impl BenchNode {
 impl BenchNode {
     /// Ends the `spry-pool` handler's spare shims and their VMs (they outlive pods).
     pub fn drain_pool(&self) -> Result<usize> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        Ok(runtime.block_on(spry_shim::pool::drain(&self.state.path().join("run")))?)
+        crate::spry::drain_pool(&self.state.path().join("run"))
     }
 }
 

@@ -42,6 +42,15 @@ pub fn bin_dir(profile: &str) -> PathBuf {
         .unwrap_or_else(|| paths::repo_root().join("target").join(profile))
 }
 
+/// Ends the warm-pool spare shims (and their VMs) under Spry state dir `state_dir`; how
+/// many there were. Spares outlive pods, so a test or benchmark that made some drains them.
+pub fn drain_pool(state_dir: &Path) -> Result<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(spry_shim::pool::drain(state_dir))?)
+}
+
 /// The `spry` runtime handler: shim binary and config.
 pub struct SpryHandler {
     pub shim: PathBuf,

@@ -620,10 +620,7 @@ fn lazy_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
 /// its pod IP answers; draining the pool leaves no VM (whatever happened before).
 fn pooled_pods(cluster: &Cluster, registry: &Registry) -> Result<()> {
     let checked = pooled_pods_checks(cluster, registry);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let drained = runtime.block_on(spry_shim::pool::drain(cluster.spry_state()));
+    let drained = spry_integration::spry::drain_pool(cluster.spry_state());
     checked?;
     ensure!(drained? >= 1, "the pool was empty at the end");
     Ok(())

@@ -4,7 +4,7 @@
 //! topped up, a killed spare leaves nothing and the next pod starts as without a pool, and
 //! draining the pool leaves nothing. Needs root, the guest and the test images.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -115,13 +115,6 @@ impl Node {
     }
 }
 
-fn drain(state: &Path) -> Result<usize> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    Ok(runtime.block_on(spry_shim::pool::drain(state))?)
-}
-
 #[test]
 fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<()> {
     require_root()?;
@@ -194,7 +187,7 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
     for pod in [&first, &second, &third, &fourth] {
         node.remove(pod)?;
     }
-    let drained = drain(&state.path().join("run"))?;
+    let drained = spry_integration::spry::drain_pool(&state.path().join("run"))?;
     ensure!(drained >= 1, "the pool was empty at the end");
     ensure!(
         system::list_dir(&node.pool).iter().all(|p| !p.is_dir()),
