@@ -202,6 +202,22 @@ async fn a_terminal_has_a_size_that_can_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_network_warm_up_is_refused_once_the_pod_owns_the_network() {
+    let agent = Agent::start().await;
+    // On a host the NICs are not the agent's: a warm-up before the pod changes nothing.
+    agent
+        .client
+        .warm_network(ctx(), &Empty::new())
+        .await
+        .unwrap();
+    agent.create_sandbox().await;
+    let (c, message) = code(agent.client.warm_network(ctx(), &Empty::new()).await);
+    assert_eq!(c, Code::FAILED_PRECONDITION);
+    assert!(message.contains("sandbox exists"), "{message}");
+    agent.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_leave_nothing_behind() {
     let agent = Agent::start().await;
     agent.create_sandbox().await;

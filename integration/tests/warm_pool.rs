@@ -17,12 +17,15 @@ const HANDLER: &str = "spry-pool";
 /// A spare restores in about a second under TCG; a template build first takes a few.
 const SPARE_READY: Duration = Duration::from_secs(90);
 
-/// What a pod's container saw: its hostname, its eth0 address line, 16 random bytes.
+/// What a pod's container saw: its hostname, its eth0 address line, 16 random bytes, and
+/// counts of what a pooled VM's network warm-up would have left (addresses, routes,
+/// neighbours) followed by the count of all its routes.
 #[derive(Debug)]
 struct Seen {
     hostname: String,
     eth0: String,
     random_hex: String,
+    leftovers: String,
 }
 
 struct Node {
@@ -77,7 +80,8 @@ impl Node {
             .command(&[
                 "sh",
                 "-c",
-                "hostname; ip -4 -o addr show eth0; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+                "hostname; ip -4 -o addr show eth0; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; \
+                 echo \"$(ip addr show dev eth0 | grep -c -e 169.254. -e fd53:) $(ip route | grep -c 192.0.2.) $(ip neigh | grep -c 169.254.) $(ip route | wc -l)\"",
             ])
             .write_to(&dir)?;
         let ctr = self.crictl.create(&pod, &cfg, &pod_cfg)?;
@@ -90,8 +94,14 @@ impl Node {
             hostname: lines.next().unwrap_or_default().to_owned(),
             eth0: lines.next().unwrap_or_default().to_owned(),
             random_hex: lines.next().unwrap_or_default().to_owned(),
+            leftovers: lines.next().unwrap_or_default().to_owned(),
         };
         ensure!(seen.random_hex.len() == 32, "{name}: {logs:?}");
+        let counts: Vec<&str> = seen.leftovers.split(' ').collect();
+        ensure!(
+            counts.len() == 4 && counts[..3] == ["0", "0", "0"] && counts[3] != "0",
+            "{name}: the guest network holds warm-up leftovers (addresses, routes, neighbours, all routes): {seen:?}"
+        );
         ensure!(seen.hostname == name, "{name}: {seen:?}");
         ensure!(
             seen.eth0.contains(&format!(" {ip}/")),

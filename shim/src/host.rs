@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::rootfs::{ErofsBlockShare, LayerCache, RootfsShare};
+use crate::rootfs::{ErofsBlockShare, LayerCache, PristineLayer, RootfsShare};
 use crate::sandbox::SandboxIdentity;
 use crate::state_dir::StateDir;
 use crate::template::{LaunchRequest, TemplateStore};
@@ -72,9 +72,13 @@ impl Host {
     ) -> impl Fn() -> Box<dyn RootfsShare> + Send + Sync + 'static {
         let dir = self.state.rootfs(name);
         let cache = self.layer_cache.clone();
+        let pristine = PristineLayer::new(self.state.pristine_writable_layer());
         move || {
-            Box::new(ErofsBlockShare::new(dir.clone()).with_layer_cache(cache.clone()))
-                as Box<dyn RootfsShare>
+            Box::new(
+                ErofsBlockShare::new(dir.clone())
+                    .with_layer_cache(cache.clone())
+                    .with_pristine_layer(pristine.clone()),
+            ) as Box<dyn RootfsShare>
         }
     }
 

@@ -76,6 +76,12 @@ impl StateDir {
         self.root.join("layer-images")
     }
 
+    /// The pristine writable-layer image every container's writable layer is copied from
+    /// (`rootfs/pristine.rs`).
+    pub fn pristine_writable_layer(&self) -> PathBuf {
+        self.root.join("writable-layer.img")
+    }
+
     /// VM templates.
     pub fn templates(&self) -> PathBuf {
         self.root.join("templates")

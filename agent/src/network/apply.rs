@@ -33,7 +33,10 @@ pub async fn apply(config: &NetworkConfig) -> Result<(), NetworkError> {
     result
 }
 
-async fn apply_with(handle: &Handle, config: &NetworkConfig) -> Result<(), NetworkError> {
+pub(super) async fn apply_with(
+    handle: &Handle,
+    config: &NetworkConfig,
+) -> Result<(), NetworkError> {
     let links = links(handle).await?;
     if let Some(lo) = links.iter().find(|l| l.name == "lo") {
         set_link(
@@ -160,13 +163,14 @@ fn route_message(
     Some(builder.build())
 }
 
-struct Link {
-    index: u32,
-    name: String,
-    mac: Option<Mac>,
+pub(super) struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<Mac>,
+    pub mtu: Option<u32>,
 }
 
-async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
+pub(super) async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
     let messages: Vec<LinkMessage> = handle
         .link()
         .get()
@@ -181,6 +185,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
                 index: message.header.index,
                 name: String::new(),
                 mac: None,
+                mtu: None,
             };
             for attribute in message.attributes {
                 match attribute {
@@ -188,6 +193,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
                     LinkAttribute::Address(bytes) => {
                         link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(Mac);
                     }
+                    LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
                     _ => {}
                 }
             }
@@ -196,7 +202,11 @@ async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
         .collect())
 }
 
-async fn set_link(handle: &Handle, name: &str, message: LinkMessage) -> Result<(), NetworkError> {
+pub(super) async fn set_link(
+    handle: &Handle,
+    name: &str,
+    message: LinkMessage,
+) -> Result<(), NetworkError> {
     handle
         .link()
         .set(message)
@@ -205,7 +215,7 @@ async fn set_link(handle: &Handle, name: &str, message: LinkMessage) -> Result<(
         .map_err(netlink_error("configure the link", name))
 }
 
-fn netlink_error(
+pub(super) fn netlink_error(
     action: &'static str,
     name: &str,
 ) -> impl FnOnce(rtnetlink::Error) -> NetworkError {

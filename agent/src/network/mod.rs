@@ -9,12 +9,14 @@
 //! restored VM is configured exactly like a cold one.
 
 mod apply;
+mod warm;
 
 use std::net::IpAddr;
 
 use spry_proto::agent::CreateSandboxRequest;
 
 pub use apply::apply;
+pub use warm::warm_up;
 
 /// Errors of reading or applying the pod's network.
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,8 @@ pub enum AgentError {
     ProtocolVersion { requested: u32, supported: u32 },
     #[error("the sandbox has not been created yet")]
     NoSandbox,
+    #[error("the sandbox exists: its network is no longer the agent's to warm")]
+    SandboxExists,
     #[error("signal {signal} is not a valid signal number")]
     BadSignal { signal: u32 },
     #[error("sandbox setup failed")]
@@ -52,6 +54,7 @@ impl AgentError {
         match self {
             AgentError::ProtocolVersion { .. } => Code::FAILED_PRECONDITION,
             AgentError::NoSandbox => Code::UNAVAILABLE,
+            AgentError::SandboxExists => Code::FAILED_PRECONDITION,
             AgentError::BadSignal { .. } => Code::INVALID_ARGUMENT,
             AgentError::Sandbox { source } => match source {
                 SandboxError::EmptyId
@@ -199,6 +202,7 @@ mod tests {
             source: SandboxError::Sysctl(e),
         };
         let cases = [
+            (AgentError::SandboxExists, Code::FAILED_PRECONDITION),
             (
                 sysctl(SysctlError::BadName { name: "a b".into() }),
                 Code::INVALID_ARGUMENT,

@@ -207,6 +207,15 @@ impl AgentClient {
             .map_err(|e| AgentError::from_ttrpc("CreateSandbox", e))
     }
 
+    /// Runs the pod network's guest paths on a VM no pod has yet (the warm pool).
+    pub async fn warm_network(&self) -> Result<(), AgentError> {
+        self.inner
+            .warm_network(control(), &pb::Empty::new())
+            .await
+            .map(drop)
+            .map_err(|e| AgentError::from_ttrpc("WarmNetwork", e))
+    }
+
     pub async fn sync_volume(&self, snapshot: pb::VolumeSnapshot) -> Result<(), AgentError> {
         self.inner
             .sync_volume(control(), &snapshot)

@@ -2,7 +2,8 @@
 //! guest agent's binary, from the VM's initramfs, printing its version) created, started,
 //! waited for and removed through the same host and guest paths a pod's container takes:
 //! erofs image, disk hot-plug, writable layer, the agent's container helper, namespaces,
-//! cgroup, exec. Under TCG a restored VM translates every guest code path the first time it
+//! cgroup, exec; then the guest runs the pod network's paths on its NICs with a throwaway
+//! config and puts them back (the agent's WarmNetwork). Under TCG a restored VM translates every guest code path the first time it
 //! runs it (the translations live in the QEMU process, not in the template), so a pod's
 //! first container in a fresh clone starts about twice as slowly as its second; the pod
 //! now finds those paths translated. The VM has then run only Spry's code.
@@ -44,7 +45,12 @@ pub async fn warm_up(
     let ran = run(booted, attached.rootfs.clone()).await;
     let detached = share.detach(booted.vm(), attached).await;
     ran?;
-    detached.map_err(|e| PoolError::Warm(e.to_string()))
+    detached.map_err(|e| PoolError::Warm(e.to_string()))?;
+    booted
+        .agent()
+        .warm_network()
+        .await
+        .map_err(|e| PoolError::Warm(e.to_string()))
 }
 
 async fn run(booted: &BootedVm, rootfs: pb::Rootfs) -> Result<(), PoolError> {

@@ -13,6 +13,7 @@
 mod cache;
 mod erofs;
 mod plugged;
+mod pristine;
 mod source;
 mod writable;
 
@@ -27,6 +28,7 @@ use crate::vm::{ScsiAddr, Vm, VmError};
 pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
 use plugged::PluggedLayers;
+pub use pristine::PristineLayer;
 pub use source::RootfsSource;
 pub use writable::{
     create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
@@ -130,6 +132,8 @@ pub struct ErofsBlockShare {
     cache: Option<LayerCache>,
     /// The shared images' disks plugged into this share's VM.
     plugged: PluggedLayers,
+    /// Where writable layers are copied from; without it, mkfs makes each.
+    pristine: Option<PristineLayer>,
 }
 
 impl ErofsBlockShare {
@@ -138,6 +142,15 @@ impl ErofsBlockShare {
             work_dir: work_dir.into(),
             cache: None,
             plugged: PluggedLayers::default(),
+            pristine: None,
+        }
+    }
+
+    /// Copies writable layers from `pristine` instead of making each with mkfs.
+    pub fn with_pristine_layer(self, pristine: PristineLayer) -> Self {
+        Self {
+            pristine: Some(pristine),
+            ..self
         }
     }
 
@@ -232,7 +245,12 @@ impl ErofsBlockShare {
                 self.work_dir.join(format!("{container_id}.rw.img"))
             }
         };
-        writable::create_image(&path, WRITABLE_LAYER_BYTES, ImageUse::WritableLayer).await?;
+        match &self.pristine {
+            Some(pristine) => pristine.make(&path).await?,
+            None => {
+                writable::create_image(&path, WRITABLE_LAYER_BYTES, ImageUse::WritableLayer).await?
+            }
+        }
         Ok(path)
     }
 
@@ -365,7 +383,7 @@ impl RootfsShare for ErofsBlockShare {
         // First, since a layer image may be packed from the merged rootfs, which the
         // writable layer's image is then made in.
         let images = self.images_for(container_id, source).await?;
-        // mkfs of the writable layer runs while the layer disks are plugged.
+        // The writable layer is made while the layer disks are plugged.
         let (plugged, upper_image) = tokio::join!(
             self.plug_layers(vm, container_id, images),
             self.make_writable(container_id, source)
