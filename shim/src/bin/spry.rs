@@ -61,7 +61,12 @@ fn main() -> std::process::ExitCode {
                 .block_on(run_pool(&cli.config, command))
                 .map_err(|e| error_chain(&e))
         }
-        Command::Uninstall(args) => run_uninstall(&args).map_err(|e| error_chain(&e)),
+        Command::Uninstall(args) => {
+            let runtime = tokio::runtime::Runtime::new().expect("start the async runtime");
+            runtime
+                .block_on(run_uninstall(&args))
+                .map_err(|e| error_chain(&e))
+        }
         Command::Assets(AssetsCommand::Build(args)) => {
             run_assets_build(&args).map_err(|e| error_chain(&e))
         }

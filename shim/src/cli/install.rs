@@ -7,7 +7,8 @@ use clap::Args;
 use crate::assets::{build_guest_assets, AssetsError, GuestAssetsConfig, KernelSource};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::install::{
-    install, runtime_class, snapshotter, uninstall, InstallError, InstallOptions, Report,
+    install, runtime_class, snapshotter, stop_pool, uninstall_into, InstallError, InstallOptions,
+    Report,
 };
 
 #[derive(Debug, Args)]
@@ -119,8 +120,12 @@ pub fn run_install(args: &InstallArgs) -> Result<(), InstallCommandError> {
     Ok(())
 }
 
-pub fn run_uninstall(args: &InstallArgs) -> Result<(), InstallCommandError> {
-    let report = uninstall(&options(args)?)?;
+/// Ends the warm pool (its spare shims run the binaries about to go), then uninstalls.
+pub async fn run_uninstall(args: &InstallArgs) -> Result<(), InstallCommandError> {
+    let opts = options(args)?;
+    let mut report = Report::default();
+    stop_pool(&opts.spry_config, opts.dry_run, &mut report).await?;
+    let report = uninstall_into(&opts, report)?;
     print_report(&report, args.dry_run);
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod config_file;
 mod containerd_config;
 mod containerd_version;
+mod drain;
 pub mod snapshotter;
 
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub enum InstallError {
     SnapshotterConfig { path: PathBuf, reason: String },
     #[error("systemctl {args} failed: {stderr}")]
     Systemctl { args: String, stderr: String },
+    #[error("cannot read Spry's config")]
+    SpryConfig(#[source] Box<crate::config::ConfigError>),
+    #[error("cannot stop the warm pool")]
+    Pool(#[source] Box<crate::pool::PoolError>),
 }
 
 /// Where things go.
@@ -228,8 +233,16 @@ fn check_containerd(opts: &InstallOptions, report: &mut Report) -> Result<(), In
     Ok(())
 }
 
+pub use drain::stop_pool;
+
+/// Removes what install put in place. Run [`stop_pool`] first: spare shims run the
+/// binaries removed here.
 pub fn uninstall(opts: &InstallOptions) -> Result<Report, InstallError> {
-    let mut report = Report::default();
+    uninstall_into(opts, Report::default())
+}
+
+/// [`uninstall`], adding to `report`.
+pub fn uninstall_into(opts: &InstallOptions, mut report: Report) -> Result<Report, InstallError> {
     let current = read_or_empty(&config_file::target(&opts.containerd_config)?)?;
     let patched = remove_handler(&current, &opts.containerd_config)?;
     let patched = remove_snapshotter(
