@@ -89,6 +89,9 @@ pub struct SandboxIdentity {
     /// The pod's network namespace as CNI left it; the VM must have been given
     /// [`NetworkPlan::nics`] in that namespace. None: a VM without NICs.
     pub network: Option<NetworkPlan>,
+    /// Where the VM's taps are when not yet in the pod's namespace (a pooled VM's, made
+    /// before its pod): moved from there as the network is set up.
+    pub taps_in: Option<std::path::PathBuf>,
     /// The pod's file share for its host volumes; None: containers get none.
     pub file_share: Option<FileShareConfig>,
     /// Size of the pod's /dev/shm; 0: the agent's default.
@@ -214,7 +217,8 @@ impl Sandbox {
             items.push(cgroup.clone());
         }
         if let Some(plan) = &identity.network {
-            items.push(Arc::new(PodNetwork::new(plan.clone())));
+            let network = PodNetwork::new(plan.clone()).with_taps_in(identity.taps_in.clone());
+            items.push(Arc::new(network));
         }
         let share = identity
             .file_share

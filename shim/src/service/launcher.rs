@@ -160,26 +160,26 @@ fn fits(spare_config: &Config, config: &Config, network: Option<&NetworkPlan>) -
     spare_config == config && network.is_some_and(|plan| plan.interfaces.len() == NICS)
 }
 
-/// Makes the pooled VM the pod's: its taps move into the pod's network namespace, then
-/// the sandbox is attached as any restored VM is (cgroup, tc, file share, identity).
+/// Makes the pooled VM the pod's: the sandbox is attached as any restored VM is (cgroup,
+/// tc, file share, identity), its taps first moved from QEMU's network namespace into the
+/// pod's.
 async fn adopt_spare(
     id: &str,
     spare: Spare,
     identity: SandboxIdentity,
     share: Box<dyn RootfsShare>,
 ) -> Result<Sandbox, ShimError> {
-    let Some(plan) = identity.network.as_ref() else {
+    if identity.network.is_none() {
         spare.booted.stop().await;
         return Err(ShimError::HostNetwork { id: id.to_owned() });
-    };
-    let qemu_netns = PathBuf::from(format!("/proc/{}/ns/net", spare.booted.vm().pid()));
-    if let Err(source) = network::move_taps(&qemu_netns, NICS, &plan.netns).await {
-        spare.booted.stop().await;
-        return Err(ShimError::Network {
-            id: id.to_owned(),
-            source: Box::new(source),
-        });
     }
+    let identity = SandboxIdentity {
+        taps_in: Some(PathBuf::from(format!(
+            "/proc/{}/ns/net",
+            spare.booted.vm().pid()
+        ))),
+        ..identity
+    };
     let sandbox = Sandbox::attach(spare.booted, identity, share).await?;
     info!(vm = %spare.name, "the pod took a pooled VM");
     Ok(sandbox)

@@ -80,7 +80,7 @@ async fn resources_set_up_in_order_and_tear_down_once_in_reverse() {
 }
 
 #[tokio::test]
-async fn a_failed_setup_undoes_the_ones_before_it() {
+async fn a_failed_setup_undoes_every_other_one() {
     let log = Log::default();
     let broken = Arc::new(Step {
         name: "net",
@@ -93,8 +93,48 @@ async fn a_failed_setup_undoes_the_ones_before_it() {
     resources.teardown(&TestVm::default()).await;
     assert_eq!(
         *log.lock().unwrap(),
-        ["setup disks", "setup net", "teardown disks"]
+        [
+            "setup disks",
+            "setup net",
+            "setup cgroup",
+            "teardown cgroup",
+            "teardown disks"
+        ]
     );
+}
+
+/// Waits in its setup until `peers` setups have started.
+struct Meeting(Arc<tokio::sync::Barrier>);
+
+#[async_trait]
+impl PodResource for Meeting {
+    fn name(&self) -> &'static str {
+        "meeting"
+    }
+    async fn setup(&self, _vm: &dyn Vm) -> Result<(), ResourceError> {
+        self.0.wait().await;
+        Ok(())
+    }
+    async fn teardown(&self, _vm: &dyn Vm) -> Result<(), ResourceError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn setups_run_at_the_same_time() {
+    let barrier = Arc::new(tokio::sync::Barrier::new(3));
+    let items: Vec<Arc<dyn PodResource>> = (0..3)
+        .map(|_| Arc::new(Meeting(Arc::clone(&barrier))) as Arc<dyn PodResource>)
+        .collect();
+    let resources = PodResources::new(items);
+    // One after another, the first would wait forever for the other two.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        resources.setup(&TestVm::default()),
+    )
+    .await
+    .expect("setups ran one after another")
+    .unwrap();
 }
 
 #[tokio::test]
