@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -38,7 +38,9 @@ pub(super) async fn apply_with(
     config: &NetworkConfig,
 ) -> Result<(), NetworkError> {
     let links = links(handle).await?;
-    if let Some(lo) = links.iter().find(|l| l.name == "lo") {
+    // Each netlink round trip is a few ms of a pod's start in a TCG guest: what is
+    // already as wanted is left alone.
+    if let Some(lo) = links.iter().find(|l| l.name == "lo" && !l.up) {
         set_link(
             handle,
             "lo",
@@ -57,7 +59,7 @@ pub(super) async fn apply_with(
     }
     // NIC i of the request, found by its boot MAC (or, when this is a repeat, by the MAC
     // it already took over).
-    let mut indexes = Vec::new();
+    let mut nics: Vec<&Link> = Vec::new();
     for nic in &config.interfaces {
         let link = links
             .iter()
@@ -66,16 +68,27 @@ pub(super) async fn apply_with(
                 name: nic.name.clone(),
                 device_mac: format_mac(nic.device_mac),
             })?;
-        indexes.push(link.index);
+        nics.push(link);
     }
-    // Temporary names first: the guest's eth1 may have to become eth0 while eth0 still
-    // holds that name.
-    for (i, (nic, index)) in config.interfaces.iter().zip(&indexes).enumerate() {
-        let message = LinkUnspec::new_with_index(*index)
-            .down()
-            .name(format!("spry-nic{i}"))
-            .build();
-        set_link(handle, &nic.name, message).await?;
+    let indexes: Vec<u32> = nics.iter().map(|l| l.index).collect();
+    if needs_temporary_names(config, &nics, &links) {
+        // Temporary names first: the guest's eth1 may have to become eth0 while eth0
+        // still holds that name.
+        for (i, (nic, index)) in config.interfaces.iter().zip(&indexes).enumerate() {
+            let message = LinkUnspec::new_with_index(*index)
+                .down()
+                .name(format!("spry-nic{i}"))
+                .build();
+            set_link(handle, &nic.name, message).await?;
+        }
+    } else {
+        // A NIC's MAC changes only while it is down (a restored VM's are).
+        for (nic, link) in config.interfaces.iter().zip(&nics) {
+            if link.up {
+                let message = LinkUnspec::new_with_index(link.index).down().build();
+                set_link(handle, &nic.name, message).await?;
+            }
+        }
     }
     for (nic, index) in config.interfaces.iter().zip(&indexes) {
         let message = LinkUnspec::new_with_index(*index)
@@ -142,6 +155,16 @@ pub(super) async fn apply_with(
     Ok(())
 }
 
+/// Whether some NIC's new name is held by another link now (the guest's eth1 becoming
+/// eth0, say): then every NIC takes a temporary name first.
+fn needs_temporary_names(config: &NetworkConfig, nics: &[&Link], links: &[Link]) -> bool {
+    config.interfaces.iter().zip(nics).any(|(nic, own)| {
+        links
+            .iter()
+            .any(|l| l.name == nic.name && l.index != own.index)
+    })
+}
+
 fn route_message(
     route: &super::RouteConfig,
     index: u32,
@@ -168,6 +191,7 @@ pub(super) struct Link {
     pub name: String,
     pub mac: Option<Mac>,
     pub mtu: Option<u32>,
+    pub up: bool,
 }
 
 pub(super) async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
@@ -186,6 +210,7 @@ pub(super) async fn links(handle: &Handle) -> Result<Vec<Link>, NetworkError> {
                 name: String::new(),
                 mac: None,
                 mtu: None,
+                up: message.header.flags.contains(LinkFlags::Up),
             };
             for attribute in message.attributes {
                 match attribute {
@@ -233,4 +258,50 @@ pub(super) fn format_mac(mac: Mac) -> String {
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::network::InterfaceConfig;
+
+    fn link(index: u32, name: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            mac: Some(Mac([2, 0, 0, 0, 0, index as u8])),
+            mtu: Some(1500),
+            up: false,
+        }
+    }
+
+    fn wanted(names: &[&str]) -> NetworkConfig {
+        NetworkConfig {
+            interfaces: names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| InterfaceConfig {
+                    device_mac: Mac([2, 0, 0, 0, 0, i as u8 + 2]),
+                    name: (*name).into(),
+                    mac: Mac([6, 0, 0, 0, 0, i as u8]),
+                    mtu: 1500,
+                    addresses: Vec::new(),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn temporary_names_only_when_a_new_name_is_taken_by_another_nic() {
+        let links = [link(1, "lo"), link(2, "eth0"), link(3, "eth1")];
+        let nics = [&links[1], &links[2]];
+        assert!(!needs_temporary_names(&wanted(&["eth0", "eth1"]), &nics, &links));
+        assert!(!needs_temporary_names(&wanted(&["net0", "net1"]), &nics, &links));
+        assert!(
+            needs_temporary_names(&wanted(&["eth1", "eth0"]), &nics, &links),
+            "a swap needs them"
+        );
+        assert!(needs_temporary_names(&wanted(&["lo"]), &nics[..1], &links));
+    }
 }

@@ -160,6 +160,7 @@ mod tests {
             name: name.into(),
             mac: Some(Mac([0x02, 0x53, 0x50, 0x52, 0x59, last])),
             mtu: Some(1500),
+            up: false,
         }
     }
 
