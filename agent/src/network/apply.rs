@@ -296,8 +296,16 @@ mod tests {
     fn temporary_names_only_when_a_new_name_is_taken_by_another_nic() {
         let links = [link(1, "lo"), link(2, "eth0"), link(3, "eth1")];
         let nics = [&links[1], &links[2]];
-        assert!(!needs_temporary_names(&wanted(&["eth0", "eth1"]), &nics, &links));
-        assert!(!needs_temporary_names(&wanted(&["net0", "net1"]), &nics, &links));
+        assert!(!needs_temporary_names(
+            &wanted(&["eth0", "eth1"]),
+            &nics,
+            &links
+        ));
+        assert!(!needs_temporary_names(
+            &wanted(&["net0", "net1"]),
+            &nics,
+            &links
+        ));
         assert!(
             needs_temporary_names(&wanted(&["eth1", "eth0"]), &nics, &links),
             "a swap needs them"
