@@ -253,7 +253,10 @@ fn cpu_limited_pod(cluster: &Cluster, registry: &Registry) -> Result<()> {
         used < 0.35 * 1.3,
         "QEMU used {used:.2} CPUs; the pod's quota is 0.35"
     );
-    ensure!(used > 0.1, "the guest did not spin ({used:.2} CPUs)");
+    // The guest caps the container at 100m too, so a spinning pod's QEMU uses ~0.1-0.12
+    // CPUs (0.09 measured on a loaded machine) and an idle one ~0.01: half the limit
+    // tells them apart.
+    ensure!(used > 0.05, "the guest did not spin ({used:.2} CPUs)");
     // The guest also caps the container at 100m itself; what holds QEMU on the host is
     // the pod cgroup's quota, which kubelet set and QEMU is under.
     let quota = cpu::parent_cgroup_quota(vm)?;
