@@ -206,8 +206,8 @@ impl Sandbox {
         let BootedVm { vm, agent } = booted;
         let id = vm.id().to_owned();
         let rootfs = Arc::new(RootfsDisks::new(rootfs_share));
-        // In setup order; torn down in reverse, so the cgroup goes last, once every
-        // process in it (QEMU, the file server) is gone.
+        // Set up together; torn down in reverse of this order, so the cgroup goes last,
+        // once every process in it (QEMU, the file server) is gone.
         let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
         let cgroup = identity
             .cgroup
