@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CRI conformance: cri-tools' whole critest suite, offline (its images built here), with runc and with
 # Spry in the same run; prints both pass/fail counts and the failing specs, and writes
-# target/bench/critest.json. Too slow for CI under TCG (every Spry spec boots a VM).
+# target/bench/critest.json. The test command runs the same comparison as a test (critest_full).
 #   scripts/critest.sh   (as root)
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 entry_script

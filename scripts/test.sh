@@ -21,6 +21,7 @@ timed "install dependencies" scripts/install-deps.sh
 timed "build the Kubernetes node (kubelet, apiserver, etcd...)" scripts/build-k8s.sh
 timed "build guest assets (kernel, agent initramfs)" scripts/build-guest.sh
 timed "build test images (pause, busybox, python)" scripts/build-test-images.sh
+timed "build critest's images (critest_full runs the whole suite)" scripts/build-test-images.sh --only critest
 timed "build" cargo build --workspace --bins
 timed "format and lint" lint
 # The set-up's timings now: cargo test's summary stays the last thing printed.

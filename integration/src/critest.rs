@@ -148,6 +148,75 @@ impl CritestSummary {
     }
 }
 
+/// Runs every spec (or those `focus` matches) with the CRI runtime handler `handler`
+/// (`runc`: containerd's default), prints the counts and failures, and returns the summary
+/// with critest's output.
+pub fn run_with_handler(
+    containerd: &Containerd,
+    handler: &str,
+    focus: Option<&str>,
+) -> Result<(CritestSummary, String)> {
+    let mut critest = Critest::full();
+    if let Some(focus) = focus {
+        critest.focus = focus.to_string();
+    }
+    if handler != "runc" {
+        critest = critest.runtime_handler(handler);
+    }
+    let t0 = std::time::Instant::now();
+    let (_, output) = critest
+        .output(containerd)
+        .with_context(|| format!("critest with {handler}"))?;
+    let summary = CritestSummary::parse(&output);
+    println!(
+        "{handler}: {} passed, {} failed ({:.0} s)",
+        summary.passed,
+        summary.failed,
+        t0.elapsed().as_secs_f64()
+    );
+    for name in &summary.failures {
+        println!("  FAIL {name}");
+    }
+    Ok((summary, output))
+}
+
+/// The specs a VM runtime fails by design (Kata fails them too): they need the host's own
+/// network or IPC namespace inside the pod, or a mount made inside the container to appear
+/// on the host (`rshared`). Matched against the failures' text.
+pub const VM_BY_DESIGN: &[&str] = &[
+    "runtime should support HostIpc is true",
+    "runtime should support HostNetwork is true",
+    "runtime should support portforward in host network",
+    "mount with 'rshared' should support propagation from host to container and vice versa",
+];
+
+/// Whether a failure (as [`CritestSummary`] lists it) is one of [`VM_BY_DESIGN`].
+pub fn failed_by_design(failure: &str) -> bool {
+    VM_BY_DESIGN.iter().any(|spec| failure.ends_with(spec))
+}
+
+/// A ginkgo focus that matches exactly the specs of `failures` (their leaf text, after
+/// ginkgo's `[It] ` marker, regex-escaped).
+pub fn focus_on(failures: &[String]) -> String {
+    let leaf = |f: &String| f.rsplit("[It] ").next().unwrap_or(f).to_string();
+    let escaped: Vec<String> = failures
+        .iter()
+        .map(leaf)
+        .map(|text| {
+            text.chars()
+                .flat_map(|c| {
+                    let special = "\\.+*?()|[]{}^$".contains(c);
+                    special
+                        .then_some('\\')
+                        .into_iter()
+                        .chain(std::iter::once(c))
+                })
+                .collect()
+        })
+        .collect();
+    escaped.join("|")
+}
+
 pub fn critest_bin() -> PathBuf {
     paths::deps_bin_dir().join("critest")
 }
@@ -169,5 +238,19 @@ mod tests {
         assert_eq!(s.failures.len(), 2);
         let ok = CritestSummary::parse("SUCCESS! -- 26 Passed | 0 Failed | 0 Pending | 54 Skipped");
         assert_eq!((ok.passed, ok.failed), (26, 0));
+    }
+
+    #[test]
+    fn failures_are_refocused_by_their_leaf_text_and_by_design_ones_known() {
+        let failures = vec![
+            "[k8s.io] Security Context NamespaceOption [It] runtime should support HostIpc is true".to_string(),
+            "[k8s.io] Image Manager [It] public image with digest should be pulled (and removed) [Conformance]".to_string(),
+        ];
+        assert_eq!(
+            focus_on(&failures),
+            "runtime should support HostIpc is true|public image with digest should be pulled \\(and removed\\) \\[Conformance\\]"
+        );
+        assert!(failed_by_design(&failures[0]));
+        assert!(!failed_by_design(&failures[1]));
     }
 }

@@ -1,6 +1,7 @@
 //! Cleanup of harness instances whose test process died without tearing down (SIGKILL, abort, CI
 //! timeout). Every instance's directories are named `<name>-<pid>-<tag>-<random>`; when `<pid>` is gone,
-//! its containerd, shims, mounts, bridge and directories are removed before a new instance starts.
+//! its containerd, shims, mounts, hostPort rules, bridge and directories are removed before a new
+//! instance starts.
 
 use crate::{paths, system};
 use anyhow::{Context, Result};
@@ -74,6 +75,9 @@ pub fn clean_stale_instances() -> Result<Vec<String>> {
             cleaned.push(dir.display().to_string());
         }
     }
+    for network in crate::portmap_rules::remove_orphaned_portmap_rules()? {
+        cleaned.push(format!("hostPort rules of {network}"));
+    }
     Ok(cleaned)
 }
 
@@ -90,6 +94,7 @@ fn clean_instance(id: &InstanceId, dir: &Path) -> Result<()> {
     }
     system::unmount_under(dir)?;
     let bridge = id.bridge();
+    crate::portmap_rules::remove_portmap_rules(&crate::portmap_rules::network_of_bridge(&bridge))?;
     if Path::new("/sys/class/net").join(&bridge).exists() {
         system::run_checked(Command::new("ip").args(["link", "del", &bridge]))?;
     }

@@ -2,7 +2,8 @@
 //! what a compromised guest kernel could. It plays the guest's end of the VM's `spry.fs`
 //! port over a unix socket, so no VM is needed. Checks: `..` from the share's root is the
 //! root, a name with slashes cannot climb out, host files outside the share stay unseen,
-//! and malformed framing ends that server alone, at once. Needs root (the server unshares
+//! and malformed framing ends that server alone, at once; volumes handed over by the shim
+//! are served from the server's namespace only. Needs root (the server unshares
 //! a mount namespace) and `cargo build -p spry-shim`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +33,11 @@ impl Drop for Server {
 }
 
 fn start(share: &Path, dir: &Path) -> Result<Server> {
+    start_with(share, dir, None)
+}
+
+/// `control`: the number of an inherited (not close-on-exec) attach socket.
+fn start_with(share: &Path, dir: &Path, control: Option<i32>) -> Result<Server> {
     let socket = dir.join("share.sock");
     let listener = UnixListener::bind(&socket)?;
     let spry = spry_integration::spry::bin_dir("debug").join("spry");
@@ -40,12 +46,17 @@ fn start(share: &Path, dir: &Path) -> Result<Server> {
         "{} missing: cargo build -p spry-shim",
         spry.display()
     );
-    let mut child = Command::new(&spry)
+    let mut command = Command::new(&spry);
+    command
         .arg("fs-serve")
         .arg("--dir")
         .arg(share)
         .arg("--socket")
-        .arg(&socket)
+        .arg(&socket);
+    if let Some(fd) = control {
+        command.arg("--control-fd").arg(fd.to_string());
+    }
+    let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("spawning {}", spry.display()))?;
@@ -111,6 +122,21 @@ impl Server {
         // fuse_entry_out: nodeid, generation, entry_valid, attr_valid (u64 each), two u32
         // nsecs, then fuse_attr starting with ino.
         Ok(Ok(u64::from_le_bytes(payload[40..48].try_into()?)))
+    }
+
+    /// The node id of `path` (slash-separated, from the root), or the first errno.
+    fn walk(&mut self, path: &str) -> Result<std::result::Result<u64, i32>> {
+        let mut node = 1;
+        for name in path.split('/') {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            let (error, payload) = self.call(FUSE_LOOKUP, node, &body)?;
+            if error != 0 {
+                return Ok(Err(-error));
+            }
+            node = u64::from_le_bytes(payload[0..8].try_into()?);
+        }
+        Ok(Ok(node))
     }
 
     fn root_ino(&mut self) -> Result<u64> {
@@ -186,4 +212,111 @@ fn malformed_framing_ends_the_server_at_once() -> Result<()> {
         ensure!(!status.success(), "length {bad_len}: exited {status}");
     }
     Ok(())
+}
+
+fn is_mountpoint(path: &Path) -> Result<bool> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let path = path.to_str().context("utf-8 path")?;
+    Ok(mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(path)))
+}
+
+/// Volumes reach the server as the shim hands them over: detached mount trees it attaches
+/// in its own namespace. Served there; no mount in the host's namespace; a host mount made
+/// later under a HostToContainer (slave) volume's shared source arrives; a hostile request
+/// is refused; removing the placeholder on the host takes the volume away from the server.
+#[test]
+fn volumes_are_handed_to_the_servers_namespace_only() -> Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    use spry_shim::volumes::attach::{pair, AttachRequest, Propagation};
+    use std::os::fd::AsRawFd;
+    require_root()?;
+    let dir = tempfile::tempdir()?;
+    let share = dir.path().join("share");
+    std::fs::create_dir_all(share.join("c/0"))?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("later"))?;
+    std::fs::write(data.join("precious"), "keep me")?;
+    let arriving = dir.path().join("arriving");
+    std::fs::create_dir(&arriving)?;
+    std::fs::write(arriving.join("flag"), "")?;
+    let none = None::<&str>;
+    // A shared source, as kubelet's HostToContainer volumes are.
+    mount(Some(&data), &data, none, MsFlags::MS_BIND, none)?;
+    mount(none, &data, none, MsFlags::MS_SHARED, none)?;
+    let cleanup = scopeguard(|| {
+        let _ = umount2(&data.join("later"), MntFlags::MNT_DETACH);
+        let _ = umount2(&data, MntFlags::MNT_DETACH);
+    });
+
+    let (client, server_end) = pair()?;
+    fcntl(server_end.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let mut server = start_with(&share, dir.path(), Some(server_end.as_raw_fd()))?;
+    drop(server_end);
+    server.init()?;
+    ensure!(
+        server.walk("c/0/precious")?.is_err(),
+        "served before the hand-over"
+    );
+
+    let tree = spry_shim::sys::mount::clone_tree(&data, false, false)?;
+    let request = AttachRequest {
+        path: "c/0".into(),
+        propagation: Propagation::Slave,
+    };
+    client.attach(tree, &request)?;
+    ensure!(
+        server.walk("c/0/precious")?.is_ok(),
+        "the volume is not served"
+    );
+    ensure!(
+        !is_mountpoint(&share.join("c/0"))?,
+        "the host has a mount in the share"
+    );
+    ensure!(
+        std::fs::read_dir(share.join("c/0"))?.count() == 0,
+        "the placeholder is not empty"
+    );
+
+    mount(
+        Some(&arriving),
+        &data.join("later"),
+        none,
+        MsFlags::MS_BIND,
+        none,
+    )?;
+    ensure!(
+        server.walk("c/0/later/flag")?.is_ok(),
+        "a host mount made later under a slave volume did not arrive"
+    );
+
+    let tree = spry_shim::sys::mount::clone_tree(&data, false, false)?;
+    let hostile = AttachRequest {
+        path: "../../etc".into(),
+        propagation: Propagation::Private,
+    };
+    let refused = client.attach(tree, &hostile).unwrap_err();
+    ensure!(refused.raw_os_error() == Some(libc::EINVAL), "{refused}");
+
+    std::fs::remove_dir(share.join("c/0"))?;
+    ensure!(
+        server.walk("c/0")?.is_err(),
+        "the volume outlived its placeholder"
+    );
+    ensure!(std::fs::read_to_string(data.join("precious"))? == "keep me");
+    drop(cleanup);
+    Ok(())
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -76,3 +76,60 @@ pub mod cri {
 pub mod snapshots {
     include!(concat!(env!("OUT_DIR"), "/snapshots.rs"));
 }
+
+/// The OCI mount options a container's mounts may carry in a Spry pod: what the guest's
+/// libcontainer applies (the agent's tests check each against it). The shim reports them to
+/// containerd as the runtime's features (`-info`), which is how CRI learns that recursive
+/// read-only mounts (`rro`) work. Option names only, never data a file system parses.
+/// Not `shared`/`rshared`: a mount made in the guest cannot reach the host.
+pub const GUEST_MOUNT_OPTIONS: &[&str] = &[
+    "defaults",
+    "ro",
+    "rw",
+    "suid",
+    "nosuid",
+    "dev",
+    "nodev",
+    "exec",
+    "noexec",
+    "sync",
+    "async",
+    "dirsync",
+    "remount",
+    "mand",
+    "nomand",
+    "atime",
+    "noatime",
+    "diratime",
+    "nodiratime",
+    "bind",
+    "rbind",
+    "unbindable",
+    "runbindable",
+    "private",
+    "rprivate",
+    "slave",
+    "rslave",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "rro",
+    "rrw",
+    "rnosuid",
+    "rsuid",
+    "rnodev",
+    "rdev",
+    "rnoexec",
+    "rexec",
+    "rnodiratime",
+    "rdiratime",
+    "rrelatime",
+    "rnorelatime",
+    "rnoatime",
+    "ratime",
+    "rstrictatime",
+    "rnostrictatime",
+    "rnosymfollow",
+    "rsymfollow",
+];

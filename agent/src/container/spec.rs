@@ -105,6 +105,11 @@ pub fn prepare_container_spec(
     }
     let linux = spec.linux_mut().as_mut().ok_or(SpecError::NoLinux)?;
     linux.set_cgroups_path(Some(settings.cgroups_path.to_path_buf()));
+    let propagation = linux
+        .rootfs_propagation()
+        .as_deref()
+        .map(rootfs_propagation_for_libcontainer);
+    linux.set_rootfs_propagation(propagation);
     let namespaces = guest_namespaces(linux.namespaces().as_deref().unwrap_or_default())?;
     linux.set_namespaces(Some(namespaces));
     renumber_devices(linux, settings.devices);
@@ -127,6 +132,21 @@ pub fn prepare_container_spec(
         add_resolv_conf(&mut spec, resolv)?;
     }
     Ok(spec)
+}
+
+/// containerd (as runc accepts) writes `rslave`/`rshared` for a volume with HostToContainer
+/// or Bidirectional propagation; libcontainer knows only the spec's `slave`/`shared`/
+/// `private`/`unbindable` and fails the whole rootfs on the others. It applies the root's
+/// propagation recursively anyway, so the recursive names mean the plain ones.
+fn rootfs_propagation_for_libcontainer(propagation: &str) -> String {
+    match propagation {
+        "rslave" => "slave",
+        "rshared" => "shared",
+        "rprivate" => "private",
+        "runbindable" => "unbindable",
+        other => other,
+    }
+    .to_string()
 }
 
 fn guest_namespaces(requested: &[LinuxNamespace]) -> Result<Vec<LinuxNamespace>, SpecError> {
@@ -433,6 +453,47 @@ mod tests {
         // Another host device's rule is left alone, as is the deny-all.
         assert_eq!((rules[2].major(), rules[2].minor()), (Some(7), Some(4)));
         assert_eq!(rules[0].major(), None);
+    }
+
+    #[test]
+    fn containerds_recursive_rootfs_propagation_reaches_libcontainer_as_the_plain_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |propagation: &str| {
+            String::from_utf8(spec_json("[]")).unwrap().replace(
+                r#""linux":{"#,
+                &format!(r#""linux":{{"rootfsPropagation":"{propagation}","#),
+            )
+        };
+        for (asked, given) in [
+            ("rslave", "slave"),
+            ("rshared", "shared"),
+            ("rprivate", "private"),
+            ("runbindable", "unbindable"),
+            ("slave", "slave"),
+        ] {
+            let spec =
+                prepare_container_spec(with(asked).as_bytes(), &settings(dir.path())).unwrap();
+            let linux = spec.linux().as_ref().unwrap();
+            assert_eq!(
+                linux.rootfs_propagation().as_deref(),
+                Some(given),
+                "{asked}"
+            );
+        }
+        let spec = prepare_container_spec(&spec_json("[]"), &settings(dir.path())).unwrap();
+        assert_eq!(spec.linux().as_ref().unwrap().rootfs_propagation(), &None);
+    }
+
+    #[test]
+    fn every_mount_option_the_shim_reports_is_one_libcontainer_applies() {
+        use libcontainer::syscall::linux::{MountOption, MountRecursive};
+        let known = MountOption::known_options();
+        for option in spry_proto::GUEST_MOUNT_OPTIONS {
+            assert!(
+                known.iter().any(|k| k == option) || option.parse::<MountRecursive>().is_ok(),
+                "{option}"
+            );
+        }
     }
 
     #[test]

@@ -4,12 +4,9 @@
 //! the specs runc passes that Spry fails. Writes target/bench/critest.json. Run by
 //! scripts/critest.sh (root), which builds and pushes the images first.
 
-use std::time::Instant;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use spry_integration::{
-    require_root, with_critest_mirrors, Containerd, ContainerdOptions, Critest, CritestSummary,
-    Registry, SpryHandler,
+    require_root, with_critest_mirrors, Containerd, ContainerdOptions, Registry, SpryHandler,
 };
 
 fn main() -> Result<()> {
@@ -41,30 +38,11 @@ fn main() -> Result<()> {
             handler == "runc" || handler == "spry",
             "--handlers takes runc and/or spry, not {handler:?}"
         );
-        let mut critest = Critest::full();
-        if let Some(focus) = &focus {
-            critest.focus = focus.clone();
-        }
-        if handler == "spry" {
-            critest = critest.runtime_handler("spry");
-        }
-        let t0 = Instant::now();
-        let (_, output) = critest
-            .output(&containerd)
-            .with_context(|| format!("critest with {handler}"))?;
-        let summary = CritestSummary::parse(&output);
+        let (summary, output) =
+            spry_integration::critest::run_with_handler(&containerd, handler, focus.as_deref())?;
         let log = root.join(format!("target/bench/critest-{handler}.log"));
         std::fs::create_dir_all(log.parent().expect("has a parent"))?;
         std::fs::write(&log, &output)?;
-        println!(
-            "{handler}: {} passed, {} failed ({:.0} s)",
-            summary.passed,
-            summary.failed,
-            t0.elapsed().as_secs_f64()
-        );
-        for name in &summary.failures {
-            println!("  FAIL {name}");
-        }
         report.insert(
             handler.to_string(),
             serde_json::json!({ "passed": summary.passed, "failed": summary.failed, "failures": summary.failures }),

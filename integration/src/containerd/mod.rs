@@ -114,7 +114,7 @@ impl Containerd {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
         let conflist = containerd_config::cni_conflist(
-            &format!("spry-it-{}", self.bridge),
+            &crate::portmap_rules::network_of_bridge(&self.bridge),
             &self.bridge,
             subnet,
             subnet6,
@@ -401,6 +401,11 @@ impl Containerd {
         }
         if let Err(e) = self.archive_log() {
             problems.push(format!("archiving the containerd log: {e:#}"));
+        }
+        // What CNI DEL did not get to (a pod whose containerd was killed).
+        let network = crate::portmap_rules::network_of_bridge(&self.bridge);
+        if let Err(e) = crate::portmap_rules::remove_portmap_rules(&network) {
+            problems.push(format!("removing the hostPort rules of {network}: {e:#}"));
         }
         if Path::new("/sys/class/net").join(&self.bridge).exists() {
             if let Err(e) =

@@ -84,6 +84,9 @@ pub struct FsServeArgs {
     /// The unix socket QEMU serves the VM's `spry.fs` port on.
     #[arg(long)]
     pub socket: PathBuf,
+    /// An inherited socket on which the shim sends the pod's volumes to attach.
+    #[arg(long)]
+    pub control_fd: Option<i32>,
 }
 
 /// `spry-snapshotter`: next to this binary (both install to one bin dir), else on PATH.
@@ -99,7 +102,12 @@ pub fn snapshotter_program() -> PathBuf {
 /// `spry fs-serve`: prints the ready line on stdout once it serves.
 pub fn run_fs_serve(args: &FsServeArgs) -> Result<(), crate::volumes::server::ServerError> {
     use std::io::Write;
-    crate::volumes::server::serve(&args.dir, &args.socket, || {
+    let control = args
+        .control_fd
+        .map(crate::sys::take_inherited_socket)
+        .transpose()
+        .map_err(crate::volumes::server::ServerError::Control)?;
+    crate::volumes::server::serve(&args.dir, &args.socket, control, || {
         let mut stdout = std::io::stdout();
         let _ = writeln!(stdout, "{}", crate::volumes::READY_LINE);
         let _ = stdout.flush();

@@ -10,6 +10,7 @@ mod bundle_rootfs;
 mod error;
 mod events;
 mod events_forward;
+mod features;
 mod io;
 mod launcher;
 mod options;
@@ -76,6 +77,13 @@ pub struct SpryShim {
 #[async_trait]
 impl Shim for SpryShim {
     type T = TaskService;
+
+    fn runtime_info(
+        runtime_id: &str,
+        _options: Option<&containerd_shim::protos::protobuf::well_known_types::any::Any>,
+    ) -> containerd_shim::Result<containerd_shim::protos::types::introspection::RuntimeInfo> {
+        features::runtime_info(runtime_id).map_err(|e| ShimCrateError::Other(error_chain(&e)))
+    }
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
         let bundle = if args.bundle.is_empty() {

@@ -53,6 +53,30 @@ pub fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<()>
     Ok(())
 }
 
+/// Takes ownership of an fd our parent passed at a number it told us (say, in an
+/// argument), after checking it is open and a socket; makes it close-on-exec.
+pub fn take_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the stat buffer we own and reads nothing else of ours.
+    if unsafe { libc::fstat(fd, &mut stat) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::from_raw_os_error(libc::ENOTSOCK));
+    }
+    // SAFETY: as above, integers only.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd is open (fstat succeeded) and was passed to this process for this
+    // use alone, so nothing else here owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sets the nice value of thread `tid` (0: the calling thread). Threads a thread creates,
 /// and processes it forks, start with its value.
 pub fn set_thread_nice(tid: libc::pid_t, nice: libc::c_int) -> io::Result<()> {
@@ -136,6 +160,22 @@ mod tests {
     fn a_pipe_has_no_terminal_size() {
         let (read, _write) = nix::unistd::pipe().unwrap();
         assert_eq!(terminal_size(std::os::fd::AsFd::as_fd(&read)), None);
+    }
+
+    #[test]
+    fn only_an_open_socket_is_taken_as_inherited() {
+        use std::os::fd::IntoRawFd;
+        let (ours, passed) = std::os::unix::net::UnixStream::pair().unwrap();
+        let taken = take_inherited_socket(passed.into_raw_fd()).unwrap();
+        let flags = nix::fcntl::fcntl(taken.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        drop(ours);
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let err = take_inherited_socket(read.as_raw_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
+        for bad in [0, 2, 1_000_000] {
+            assert!(take_inherited_socket(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

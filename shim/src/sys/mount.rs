@@ -2,7 +2,7 @@
 
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -24,12 +24,14 @@ fn c_path(path: &Path) -> io::Result<CString> {
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Bind-mounts `source` (recursively) at `target`, read-only from the moment it appears.
-/// A bind followed by a read-only remount would not do where `target`'s parent propagates
-/// to other namespaces: remounts do not propagate, so the copies there stay writable.
-pub fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
+/// A detached copy of the mount tree at `source` (the mounts under it included), not in any
+/// mount namespace until attached (`attach_tree`, here or by another process the fd is
+/// passed to). Read-only from the start when `readonly`: every mount of the tree when
+/// `recursive` (CRI's recursiveReadOnly), else the top one only, the mounts under it
+/// keeping their own flags (as runc's `ro` bind). A bind followed by a read-only remount
+/// would not do: remounts do not propagate, so copies elsewhere would stay writable.
+pub fn clone_tree(source: &Path, readonly: bool, recursive: bool) -> io::Result<OwnedFd> {
     let source = c_path(source)?;
-    let target = c_path(target)?;
     let flags =
         OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint;
     // SAFETY: open_tree reads the NUL-terminated path and returns a new fd or -1.
@@ -40,12 +42,19 @@ pub fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
     let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
     // SAFETY: the kernel just returned this fd to us and nothing else owns it.
     let tree = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !readonly {
+        return Ok(tree);
+    }
     let attr = MountAttr {
         attr_set: MOUNT_ATTR_RDONLY,
         attr_clr: 0,
         propagation: 0,
         userns_fd: 0,
     };
+    let mut setattr_flags = libc::AT_EMPTY_PATH as libc::c_uint;
+    if recursive {
+        setattr_flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
     let empty = c"";
     // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of `attr`, which lives
     // across the call, and the NUL-terminated empty path; it writes nothing of ours.
@@ -54,7 +63,7 @@ pub fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
             libc::SYS_mount_setattr,
             tree.as_raw_fd(),
             empty.as_ptr(),
-            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            setattr_flags,
             &attr as *const MountAttr,
             std::mem::size_of::<MountAttr>(),
         )
@@ -62,6 +71,13 @@ pub fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(tree)
+}
+
+/// Attaches a tree from `clone_tree` at `target` in this process's mount namespace.
+pub fn attach_tree(tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    let empty = c"";
     // SAFETY: move_mount reads two NUL-terminated paths that live across the call.
     let rc = unsafe {
         libc::syscall(
@@ -77,4 +93,35 @@ pub fn bind_readonly(source: &Path, target: &Path) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Receives one message into `buffer` with at most one fd attached (SCM_RIGHTS, made
+/// close-on-exec); returns its length and the fd. Extra fds are closed.
+pub fn recv_with_fd(
+    socket: BorrowedFd<'_>,
+    buffer: &mut [u8],
+) -> io::Result<(usize, Option<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let mut iov = [io::IoSliceMut::new(buffer)];
+    let message = recvmsg::<UnixAddr>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    let len = message.bytes;
+    let mut received = Vec::new();
+    for cmsg in message.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: SCM_RIGHTS fds are new in this process and owned by no one else.
+            received.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    let fd = received.into_iter().next();
+    Ok((len, fd))
 }

@@ -19,10 +19,12 @@
 //! All of it works the same in VMs restored from a template: nothing in it needs guest
 //! RAM shared with another process (which is why the share is not virtio-fs).
 
+pub mod attach;
 mod block;
 mod pod_local;
 pub mod server;
 mod share;
+mod submounts;
 mod synced;
 
 use std::path::{Path, PathBuf};
@@ -134,9 +136,32 @@ pub struct SharedVolume {
     /// The host path, symlinks resolved.
     pub source: PathBuf,
     pub is_dir: bool,
-    pub readonly: bool,
+    pub readonly: ReadOnly,
     /// The spec's options, passed on to the guest's bind mount.
     pub options: Vec<String>,
+}
+
+/// How much of a bind mount is read-only (CRI's readOnly and recursiveReadOnly).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadOnly {
+    No,
+    /// `ro`: the volume's own mount; mounts under its source keep their flags, as with
+    /// runc's bind followed by a read-only remount.
+    TopMount,
+    /// `rro`: every mount under the source too.
+    Recursive,
+}
+
+impl ReadOnly {
+    fn of(options: &[String]) -> Self {
+        if options.iter().any(|o| o == "rro") {
+            ReadOnly::Recursive
+        } else if options.iter().any(|o| o == "ro") {
+            ReadOnly::TopMount
+        } else {
+            ReadOnly::No
+        }
+    }
 }
 
 /// What the guest needs for a container's volumes.
@@ -198,7 +223,7 @@ pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
         };
         let resolved = std::fs::canonicalize(&source_path).map_err(missing)?;
         let meta = std::fs::metadata(&resolved).map_err(missing)?;
-        let readonly = options.iter().any(|o| o == "ro");
+        let readonly = ReadOnly::of(&options);
         if meta.is_file()
             && meta.len() <= MAX_COPIED_FILE
             && COPIED_FILES.iter().any(|f| destination == Path::new(f))
@@ -206,7 +231,7 @@ pub fn plan(spec: &mut Spec) -> Result<GuestVolumes, VolumeError> {
             volumes.files.push(GuestFile {
                 destination: destination.display().to_string(),
                 content: std::fs::read(&resolved).map_err(missing)?,
-                readonly,
+                readonly: readonly != ReadOnly::No,
                 ..Default::default()
             });
             continue;

@@ -4,12 +4,13 @@
 //! The guest is hostile, so the server is its own process, confined before it reads a byte
 //! from the guest: a private mount namespace whose root is the share directory (so no path
 //! the guest makes up can name anything outside it; `..` of the root is the root), with
-//! no_new_privs. The FUSE protocol itself is fuse-backend-rs's passthrough file system,
+//! no_new_privs. The pod's volumes are attached in that namespace only, as the shim hands
+//! them over (`attach.rs`). The FUSE protocol itself is fuse-backend-rs's passthrough file system,
 //! the one Dragonball and nydus serve to guests. Requests come in one at a time and frame
 //! themselves (each starts with its length); every reply leaves in one write.
 
 use std::io::{self, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,6 +21,9 @@ use fuse_backend_rs::api::{Vfs, VfsOptions};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, Reader, Writer};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::socket::MsgFlags;
+
+use super::attach::{AttachRequest, Propagation, MAX_PATH as MAX_ATTACH_PATH};
 
 /// A FUSE request header: len, opcode, unique, nodeid, uid, gid, pid, extlen, padding.
 const IN_HEADER: usize = 40;
@@ -52,6 +56,8 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("the control socket the shim passed is not usable")]
+    Control(#[source] io::Error),
     #[error("reading requests from the guest failed")]
     Read(#[source] io::Error),
     #[error("the guest sent a request of {len} bytes (allowed: {IN_HEADER}..={MAX_REQUEST})")]
@@ -59,13 +65,23 @@ pub enum ServerError {
 }
 
 /// Connects to the VM, confines itself to `dir`, calls `ready`, and serves until the VM
-/// hangs up.
-pub fn serve(dir: &Path, socket: &Path, ready: impl FnOnce()) -> Result<(), ServerError> {
+/// hangs up; attaches the volumes the shim sends over `control` (see `attach.rs`) meanwhile.
+pub fn serve(
+    dir: &Path,
+    socket: &Path,
+    control: Option<OwnedFd>,
+    ready: impl FnOnce(),
+) -> Result<(), ServerError> {
     let stream = UnixStream::connect(socket).map_err(|source| ServerError::Connect {
         path: socket.to_path_buf(),
         source,
     })?;
     let fs = confine(dir)?;
+    if let Some(control) = control {
+        // After the confinement: the thread shares our namespace and root, so the paths
+        // it attaches at are the share's.
+        std::thread::spawn(move || serve_attach(control));
+    }
     ready();
     let server = Server::new(fs);
     let mut input = stream.try_clone().map_err(ServerError::Read)?;
@@ -88,7 +104,8 @@ pub fn serve(dir: &Path, socket: &Path, ready: impl FnOnce()) -> Result<(), Serv
 fn confine(dir: &Path) -> Result<Vfs, ServerError> {
     let step = |step| move |source| ServerError::Confine { step, source };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).map_err(step("unshare"))?;
-    // Slave: the shim's later binds into the share reach us; nothing we do reaches it.
+    // Slave: nothing we mount reaches the host (the volumes we attach are made slaves or
+    // private in turn).
     mount(
         None::<&str>,
         "/",
@@ -111,8 +128,7 @@ fn confine(dir: &Path) -> Result<Vfs, ServerError> {
         path: "/proc/self/fd".into(),
         source,
     })?;
-    // pivot_root needs a mount point. A bind of our slave copy of the share is a slave of
-    // the same master, so the shim's later binds still arrive.
+    // pivot_root needs a mount point: a bind of the share onto itself, in our namespace only.
     mount(
         Some(dir),
         dir,
@@ -157,6 +173,52 @@ fn confine(dir: &Path) -> Result<Vfs, ServerError> {
             source: io::Error::other(e.to_string()),
         })?;
     Ok(vfs)
+}
+
+/// Attaches the trees the shim sends, answering each with its errno, until the shim
+/// closes its end. A request it cannot read is answered EINVAL.
+fn serve_attach(control: OwnedFd) {
+    let mut buffer = [0u8; MAX_ATTACH_PATH + 2];
+    loop {
+        let (len, tree) = match crate::sys::mount::recv_with_fd(control.as_fd(), &mut buffer) {
+            Ok((0, _)) => return,
+            Ok(received) => received,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        };
+        let errno = match (AttachRequest::decode(&buffer[..len]), tree) {
+            (Ok(request), Some(tree)) => match attach(&request, tree) {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::warn!(path = %request.path, error = %e, "cannot attach a volume");
+                    e.raw_os_error().unwrap_or(libc::EIO)
+                }
+            },
+            _ => libc::EINVAL,
+        };
+        let reply = errno.to_le_bytes();
+        if nix::sys::socket::send(control.as_raw_fd(), &reply, MsgFlags::MSG_NOSIGNAL).is_err() {
+            return;
+        }
+    }
+}
+
+/// Attaches `tree` at the request's placeholder with the request's propagation: a slave
+/// of the source's peers (HostToContainer) or private, never shared, so nothing mounted
+/// here could reach the host.
+fn attach(request: &AttachRequest, tree: OwnedFd) -> io::Result<()> {
+    let target = Path::new("/").join(&request.path);
+    crate::sys::mount::attach_tree(tree.as_fd(), &target)?;
+    let propagation = match request.propagation {
+        Propagation::Private => MsFlags::MS_PRIVATE,
+        Propagation::Slave => MsFlags::MS_SLAVE,
+    };
+    let none = None::<&str>;
+    if let Err(e) = mount(none, &target, none, propagation | MsFlags::MS_REC, none) {
+        let _ = umount2(&target, MntFlags::MNT_DETACH);
+        return Err(e.into());
+    }
+    Ok(())
 }
 
 /// Reads one request into `buffer`; None when the VM hung up.

@@ -1,33 +1,37 @@
-//! The host side of a pod's file share: a staging directory the shim bind-mounts each
-//! container's host volumes into, and the pod's file server process (`spry fs-serve`,
-//! `server.rs`), which serves that directory to the guest over the VM's `spry.fs`
-//! virtio-serial port.
+//! The host side of a pod's file share: a staging directory of placeholders, and the pod's
+//! file server process (`spry fs-serve`, `server.rs`), which serves that directory to the
+//! guest over the VM's `spry.fs` virtio-serial port.
 //!
-//! Layout: `<share>/<container id>/<n>` is volume n of that container. The staging dir is
-//! a bind mount of itself with shared propagation in a peer group of its own; the server
-//! runs in a mount namespace where it is a slave, so binds made here after the server
-//! started reach it, and nothing the server does reaches the host.
+//! Layout: `<share>/<container id>/<n>` is volume n of that container: on the host an
+//! empty placeholder dir or file; in the server's own mount namespace, the volume, which
+//! the shim hands over as a detached mount tree (`attach.rs`). The host's namespace holds
+//! no mount of Spry's under a user's directory, as under runc.
 //!
-//! Safety of user data: the staging dir holds mounts of the users' host directories, so it
-//! is never removed recursively. Teardown detaches the whole tree first, then removes
-//! only what the shim created (empty directories and empty placeholder files).
+//! Safety of user data: the staging dir is never removed recursively, only what the shim
+//! created in it (empty directories and empty placeholder files); removing a placeholder
+//! detaches the server's mount of the volume, never touches the volume's content.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use spry_proto::agent::{volume_mount, VolumeMount};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use super::{SharedVolume, VolumeError};
+use super::attach::{self, AttachClient, AttachRequest, Propagation};
+use super::{submounts, ReadOnly, SharedVolume, VolumeError};
 use crate::sandbox::{PodResource, ResourceError};
 use crate::vm::Vm;
 
+/// The number the server gets its end of the attach socket at.
+const CONTROL_FD: i32 = 3;
 /// How long the file server may take to connect and confine itself.
 const SERVER_START: Duration = Duration::from_secs(10);
 /// What the server prints once it serves.
@@ -46,6 +50,8 @@ pub struct FileShareConfig {
 pub struct FileShare {
     config: FileShareConfig,
     server: Mutex<Option<tokio::process::Child>>,
+    /// Our end of the server's attach socket while it runs.
+    client: Mutex<Option<Arc<AttachClient>>>,
     /// Container id → the mountpoints its volumes occupy.
     exported: Mutex<HashMap<String, Vec<PathBuf>>>,
 }
@@ -55,6 +61,7 @@ impl FileShare {
         Self {
             config,
             server: Mutex::new(None),
+            client: Mutex::new(None),
             exported: Mutex::new(HashMap::new()),
         }
     }
@@ -77,11 +84,11 @@ impl FileShare {
                 id: container_id.into(),
             });
         }
-        if self.server.lock().await.is_none() {
+        let Some(client) = self.client.lock().await.clone() else {
             return Err(VolumeError::NoShare {
                 id: container_id.into(),
             });
-        }
+        };
         let mut exported = self.exported.lock().await;
         if let Some(previous) = exported.remove(container_id) {
             // A create that failed after exporting, retried under the same id.
@@ -93,20 +100,33 @@ impl FileShare {
         let mut mounts = Vec::new();
         for (index, volume) in volumes.iter().enumerate() {
             let target = dir.join(index.to_string());
-            if let Err(e) = bind(volume, &target) {
+            let share_path = format!("{container_id}/{index}");
+            let placed = place(volume, &target);
+            if placed.is_ok() {
+                mountpoints.push(target.clone());
+            }
+            let request = AttachRequest {
+                path: share_path.clone(),
+                propagation: Propagation::of(&volume.options),
+            };
+            let handed = match placed {
+                Ok(()) => hand_over(&client, volume, &target, request).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = handed {
                 unbind_all(&mountpoints);
                 remove_placeholder(&dir);
                 return Err(e);
             }
-            mountpoints.push(target);
-            mounts.push(VolumeMount {
-                destination: volume.destination.display().to_string(),
-                source: Some(volume_mount::Source::SharePath(format!(
-                    "{container_id}/{index}"
-                ))),
-                options: volume.options.clone(),
-                ..Default::default()
-            });
+            if volume.is_dir && volume.readonly == ReadOnly::TopMount {
+                mounts.extend(submount_binds(volume, &share_path));
+            } else {
+                mounts.push(volume_bind(
+                    &volume.destination,
+                    share_path,
+                    volume.options.clone(),
+                ));
+            }
         }
         exported.insert(container_id.to_string(), mountpoints);
         Ok(mounts)
@@ -120,8 +140,16 @@ impl FileShare {
         }
     }
 
-    async fn start_server(&self, socket: &Path) -> Result<tokio::process::Child, VolumeError> {
+    async fn start_server(
+        &self,
+        socket: &Path,
+    ) -> Result<(tokio::process::Child, AttachClient), VolumeError> {
         let program = &self.config.server;
+        let spawn_err = |source| VolumeError::SpawnServer {
+            program: program.clone(),
+            source,
+        };
+        let (client, server_end) = attach::pair().map_err(spawn_err)?;
         let mut command = tokio::process::Command::new(program);
         command
             .arg("fs-serve")
@@ -129,6 +157,8 @@ impl FileShare {
             .arg(&self.config.dir)
             .arg("--socket")
             .arg(socket)
+            .arg("--control-fd")
+            .arg(CONTROL_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -137,20 +167,14 @@ impl FileShare {
             &mut command,
             crate::sys::ChildSetup {
                 netns: crate::sys::ChildNetns::Inherit,
-                fds: Vec::new(),
+                fds: vec![(server_end.as_raw_fd(), CONTROL_FD)],
                 jail: None,
             },
         )
-        .map_err(|source| VolumeError::SpawnServer {
-            program: program.clone(),
-            source,
-        })?;
-        let mut child = crate::vm::spawn_long_lived(command)
-            .await
-            .map_err(|source| VolumeError::SpawnServer {
-                program: program.clone(),
-                source,
-            })?;
+        .map_err(spawn_err)?;
+        let spawned = crate::vm::spawn_long_lived(command).await;
+        drop(server_end);
+        let mut child = spawned.map_err(spawn_err)?;
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped"));
         let mut line = String::new();
         let ready = tokio::time::timeout(SERVER_START, stdout.read_line(&mut line)).await;
@@ -158,7 +182,7 @@ impl FileShare {
             if let Some(stderr) = child.stderr.take() {
                 tokio::spawn(log_server_stderr(stderr));
             }
-            return Ok(child);
+            return Ok((child, client));
         }
         let _ = child.start_kill();
         let _ = child.wait().await;
@@ -198,9 +222,10 @@ impl PodResource for FileShare {
     async fn setup(&self, vm: &dyn Vm) -> Result<(), ResourceError> {
         prepare_staging(&self.config.dir)?;
         match self.start_server(vm.share_socket()).await {
-            Ok(child) => {
+            Ok((child, client)) => {
                 info!(dir = %self.config.dir.display(), "pod file share served");
                 *self.server.lock().await = Some(child);
+                *self.client.lock().await = Some(Arc::new(client));
                 Ok(())
             }
             Err(e) => {
@@ -211,6 +236,7 @@ impl PodResource for FileShare {
     }
 
     async fn teardown(&self, _vm: &dyn Vm) -> Result<(), ResourceError> {
+        self.client.lock().await.take();
         if let Some(mut child) = self.server.lock().await.take() {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -221,27 +247,15 @@ impl PodResource for FileShare {
     }
 }
 
-/// Creates the staging dir as a mount of its own in a fresh shared peer group.
+/// Creates the staging dir: placeholders only on the host; the volumes are mounted in the
+/// server's namespace alone.
 fn prepare_staging(dir: &Path) -> Result<(), VolumeError> {
-    create_dir(dir)?;
-    let flag = |flags: MsFlags, what: Option<&Path>| {
-        mount(what, dir, None::<&str>, flags, None::<&str>).map_err(|source| VolumeError::Bind {
-            source_path: dir.to_path_buf(),
-            target: dir.to_path_buf(),
-            source,
-        })
-    };
-    let result = flag(MsFlags::MS_BIND, Some(dir))
-        .and_then(|()| flag(MsFlags::MS_PRIVATE, None))
-        .and_then(|()| flag(MsFlags::MS_SHARED, None));
-    if result.is_err() {
-        remove_staging(dir);
-    }
-    result
+    create_dir(dir)
 }
 
-/// Detaches everything under the staging dir, then removes what the shim created there.
-/// Also used for what a killed shim left behind.
+/// Removes what the shim created under the staging dir (removing a placeholder detaches
+/// what the server has mounted there). Also used for what a killed shim left behind; the
+/// staging dir is detached first, for state of versions that bound volumes on the host.
 pub fn remove_staging(dir: &Path) {
     loop {
         match umount2(dir, MntFlags::MNT_DETACH) {
@@ -297,8 +311,8 @@ fn create_dir(dir: &Path) -> Result<(), VolumeError> {
         })
 }
 
-/// Binds one volume at `target` (a placeholder dir or file created here).
-fn bind(volume: &SharedVolume, target: &Path) -> Result<(), VolumeError> {
+/// Creates a volume's placeholder at `target`: a dir or an empty file.
+fn place(volume: &SharedVolume, target: &Path) -> Result<(), VolumeError> {
     let prepared = if volume.is_dir {
         std::fs::create_dir(target)
     } else {
@@ -307,33 +321,93 @@ fn bind(volume: &SharedVolume, target: &Path) -> Result<(), VolumeError> {
     prepared.map_err(|source| VolumeError::Prepare {
         path: target.to_path_buf(),
         source,
-    })?;
-    let bind_err = |source| VolumeError::Bind {
-        source_path: volume.source.clone(),
-        target: target.to_path_buf(),
-        source,
-    };
-    if volume.readonly {
-        // Read-only on the host too, and from the start (see `bind_readonly`): a guest
-        // that ignores its own ro mount still cannot write through the server.
-        return crate::sys::mount::bind_readonly(&volume.source, target)
-            .map_err(|e| bind_err(nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO))));
-    }
-    let none = None::<&str>;
-    mount(
-        Some(&volume.source),
-        target,
-        none,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        none,
-    )
-    .map_err(bind_err)
+    })
 }
 
+/// Has the server mount a copy of the volume's source (read-only from the start as asked,
+/// so a guest that ignores its own ro mount still cannot write through the server) at the
+/// placeholder `target`.
+async fn hand_over(
+    client: &Arc<AttachClient>,
+    volume: &SharedVolume,
+    target: &Path,
+    request: AttachRequest,
+) -> Result<(), VolumeError> {
+    let bind_err = |e: std::io::Error| VolumeError::Bind {
+        source_path: volume.source.clone(),
+        target: target.to_path_buf(),
+        source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    };
+    let readonly = volume.readonly != ReadOnly::No;
+    let recursive = volume.readonly == ReadOnly::Recursive;
+    let tree =
+        crate::sys::mount::clone_tree(&volume.source, readonly, recursive).map_err(bind_err)?;
+    let client = Arc::clone(client);
+    tokio::task::spawn_blocking(move || client.attach(tree, &request))
+        .await
+        .map_err(|_| bind_err(std::io::Error::from_raw_os_error(libc::EIO)))?
+        .map_err(bind_err)
+}
+
+fn volume_bind(destination: &Path, share_path: String, options: Vec<String>) -> VolumeMount {
+    VolumeMount {
+        destination: destination.display().to_string(),
+        source: Some(volume_mount::Source::SharePath(share_path)),
+        options,
+        ..Default::default()
+    }
+}
+
+/// The guest's binds for a plain read-only volume: the volume, then each
+/// mount under it with its own flag (see `submounts`), so that they stay writable in the
+/// guest where they are on the host. Only the volume itself when there are too many.
+fn submount_binds(volume: &SharedVolume, share_path: &str) -> Vec<VolumeMount> {
+    let mut binds = vec![volume_bind(
+        &volume.destination,
+        share_path.to_string(),
+        volume.options.clone(),
+    )];
+    let mountinfo = match std::fs::read_to_string("/proc/self/mountinfo") {
+        Ok(text) => text,
+        Err(e) => {
+            warn!(error = %e, "cannot read /proc/self/mountinfo: mounts under a read-only volume are read-only in the guest");
+            return binds;
+        }
+    };
+    // The tree handed over is a copy of what is mounted under the source now.
+    let Some(submounts) = submounts::under(&mountinfo, &volume.source) else {
+        warn!(
+            source = %volume.source.display(),
+            max = submounts::MAX_SUBMOUNTS,
+            "too many mounts under a read-only volume: they are all read-only in the guest"
+        );
+        return binds;
+    };
+    for submount in submounts {
+        let mut options: Vec<String> = volume
+            .options
+            .iter()
+            .filter(|o| !matches!(o.as_str(), "ro" | "rw"))
+            .cloned()
+            .collect();
+        options.push(if submount.readonly { "ro" } else { "rw" }.into());
+        binds.push(volume_bind(
+            &volume.destination.join(&submount.relative),
+            format!("{share_path}/{}", submount.relative.display()),
+            options,
+        ));
+    }
+    binds
+}
+
+/// Removes volumes from the share. Their placeholders are empty on the host; removing one
+/// detaches the server's mount there too (the kernel lazily unmounts what other
+/// namespaces have on a removed dentry). One mounted here (by an older version) is
+/// unmounted first; one that cannot be is left in place, never removed with its content.
 fn unbind_all(mountpoints: &[PathBuf]) {
     for target in mountpoints {
         match umount2(target, MntFlags::MNT_DETACH) {
-            Ok(()) => {
+            Ok(()) | Err(nix::Error::EINVAL) => {
                 let _ = std::fs::remove_dir(target).or_else(|_| remove_empty_file(target));
             }
             Err(e) => {
@@ -351,99 +425,5 @@ fn remove_empty_file(path: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn volume(source: &Path, is_dir: bool, readonly: bool) -> SharedVolume {
-        SharedVolume {
-            destination: "/v".into(),
-            source: source.to_path_buf(),
-            is_dir,
-            readonly,
-            options: Vec::new(),
-        }
-    }
-
-    fn is_mountpoint(path: &Path) -> bool {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let path = path.to_str().unwrap();
-        mountinfo.lines().any(|l| l.split(' ').nth(4) == Some(path))
-    }
-
-    fn require_root() {
-        assert!(
-            nix::unistd::Uid::effective().is_root(),
-            "this test needs root"
-        );
-    }
-
-    /// Needs root (mounts).
-    #[test]
-    fn teardown_detaches_binds_and_never_deletes_the_users_data() {
-        require_root();
-        let root = tempfile::tempdir().unwrap();
-        let data = root.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        std::fs::write(data.join("precious"), "keep me").unwrap();
-        let file = root.path().join("file");
-        std::fs::write(&file, "keep me too").unwrap();
-        let share = root.path().join("share");
-
-        prepare_staging(&share).unwrap();
-        let container = share.join("c1");
-        create_dir(&container).unwrap();
-        bind(&volume(&data, true, false), &container.join("0")).unwrap();
-        bind(&volume(&file, false, true), &container.join("1")).unwrap();
-        assert_eq!(
-            std::fs::read_to_string(container.join("0/precious")).unwrap(),
-            "keep me"
-        );
-        // Read-only from the start, on the host as well.
-        let err = std::fs::write(container.join("1"), "x").unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EROFS));
-
-        remove_staging(&share);
-        assert!(!share.exists(), "the share dir is left");
-        assert!(!is_mountpoint(&container.join("0")));
-        assert_eq!(
-            std::fs::read_to_string(data.join("precious")).unwrap(),
-            "keep me"
-        );
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me too");
-    }
-
-    /// Needs root (mounts) and util-linux `unshare`: a namespace that is a slave of the
-    /// share (as the file server's is) gets later binds read-only too.
-    #[test]
-    fn a_read_only_bind_reaches_a_slave_namespace_read_only() {
-        require_root();
-        let root = tempfile::tempdir().unwrap();
-        let data = root.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        let share = root.path().join("share");
-        prepare_staging(&share).unwrap();
-        let target = share.join("0");
-        let marker = root.path().join("slave-ready");
-        // The slave namespace exists before the bind, like the server's.
-        let script = format!(
-            "touch {marker}; while [ ! -e {target}/go ]; do sleep 0.05; done; \
-             echo x > {target}/written 2>/dev/null && echo writable || echo readonly",
-            marker = marker.display(),
-            target = target.display()
-        );
-        let slave = std::process::Command::new("unshare")
-            .args(["--mount", "--propagation", "slave", "sh", "-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("unshare (util-linux) runs");
-        while !marker.exists() {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::fs::write(data.join("go"), "").unwrap();
-        bind(&volume(&data, true, true), &target).unwrap();
-        let out = slave.wait_with_output().unwrap();
-        remove_staging(&share);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "readonly");
-        assert!(!data.join("written").exists());
-    }
-}
+#[path = "share_tests.rs"]
+mod tests;

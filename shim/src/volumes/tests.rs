@@ -63,8 +63,8 @@ fn cri_files_are_copied_host_paths_shared_and_dev_shm_is_the_pods() {
     assert_eq!(
         shared,
         [
-            ("/data".to_string(), true, false),
-            ("/dev/termination-log".to_string(), false, false)
+            ("/data".to_string(), true, ReadOnly::No),
+            ("/dev/termination-log".to_string(), false, ReadOnly::No)
         ]
     );
     assert_eq!(volumes.shared[0].options, ["rbind", "rprivate", "rw"]);
