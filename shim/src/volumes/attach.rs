@@ -14,6 +14,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// Longest placeholder path (`<container id>/<n>`; container ids are at most 128 bytes
@@ -96,6 +97,9 @@ impl AttachRequest {
 /// The shim's end of the pair.
 pub struct AttachClient {
     socket: OwnedFd,
+    /// Set once an exchange failed half-way (no answer in time, a garbled one): a late
+    /// answer would otherwise be taken as the next request's.
+    broken: AtomicBool,
 }
 
 /// A socket pair: the shim's client and the fd the server gets (not close-on-exec in the
@@ -115,13 +119,35 @@ pub fn pair() -> io::Result<(AttachClient, OwnedFd)> {
         &nix::sys::time::TimeVal::new(ATTACH_TIMEOUT.as_secs() as i64, 0),
     )
     .map_err(io::Error::from)?;
-    Ok((AttachClient { socket: client }, server))
+    Ok((
+        AttachClient {
+            socket: client,
+            broken: AtomicBool::new(false),
+        },
+        server,
+    ))
 }
 
 impl AttachClient {
     /// Sends `tree` to be attached as `request` says; blocks until the server answers
     /// (at most [`ATTACH_TIMEOUT`]). An error is the attach's errno, or the channel's.
     pub fn attach(&self, tree: OwnedFd, request: &AttachRequest) -> io::Result<()> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+        }
+        match self.exchange(tree, request) {
+            Ok(0) => Ok(()),
+            // The server's answer: the channel is still in step.
+            Ok(errno) => Err(io::Error::from_raw_os_error(errno)),
+            Err(e) => {
+                self.broken.store(true, Ordering::Release);
+                Err(e)
+            }
+        }
+    }
+
+    /// One request and its answer: the errno the server sent, or why there was none.
+    fn exchange(&self, tree: OwnedFd, request: &AttachRequest) -> io::Result<i32> {
         use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags, UnixAddr};
         let fds = [tree.as_raw_fd()];
         let message = request.encode();
@@ -142,8 +168,7 @@ impl AttachClient {
         )
         .map_err(io::Error::from)?;
         match (len, i32::from_le_bytes(reply)) {
-            (4, 0) => Ok(()),
-            (4, errno) if errno > 0 => Err(io::Error::from_raw_os_error(errno)),
+            (4, errno) if errno >= 0 => Ok(errno),
             (0, _) => Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
             _ => Err(io::Error::from(io::ErrorKind::InvalidData)),
         }
@@ -182,6 +207,54 @@ mod tests {
                 "{path:?}"
             );
         }
+    }
+
+    /// A server that answers each request with the next of `replies` (raw bytes).
+    fn fake_server(server: OwnedFd, replies: Vec<Vec<u8>>) -> std::thread::JoinHandle<Vec<String>> {
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for reply in replies {
+                let mut buffer = [0u8; MAX_PATH + 2];
+                let (len, fd) =
+                    crate::sys::mount::recv_with_fd(server.as_fd(), &mut buffer).unwrap();
+                assert!(fd.is_some(), "the tree's fd came along");
+                seen.push(String::from_utf8_lossy(&buffer[1..len]).into_owned());
+                nix::sys::socket::send(
+                    server.as_raw_fd(),
+                    &reply,
+                    nix::sys::socket::MsgFlags::empty(),
+                )
+                .unwrap();
+            }
+            seen
+        })
+    }
+
+    #[test]
+    fn answers_are_errnos_and_a_garbled_one_breaks_the_channel() {
+        let (client, server) = pair().unwrap();
+        let server = fake_server(
+            server,
+            vec![
+                0i32.to_le_bytes().to_vec(),
+                libc::EACCES.to_le_bytes().to_vec(),
+                vec![1, 2],
+            ],
+        );
+        let tree = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        let request = |path: &str| AttachRequest {
+            path: path.into(),
+            propagation: Propagation::Private,
+        };
+        client.attach(tree(), &request("c/0")).unwrap();
+        let refused = client.attach(tree(), &request("c/1")).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EACCES));
+        let garbled = client.attach(tree(), &request("c/2")).unwrap_err();
+        assert_eq!(garbled.kind(), io::ErrorKind::InvalidData);
+        // Nothing more is sent on a channel out of step.
+        let broken = client.attach(tree(), &request("c/3")).unwrap_err();
+        assert_eq!(broken.kind(), io::ErrorKind::BrokenPipe);
+        assert_eq!(server.join().unwrap(), ["c/0", "c/1", "c/2"]);
     }
 
     #[test]

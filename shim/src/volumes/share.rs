@@ -101,19 +101,18 @@ impl FileShare {
         for (index, volume) in volumes.iter().enumerate() {
             let target = dir.join(index.to_string());
             let share_path = format!("{container_id}/{index}");
-            let placed = place(volume, &target);
-            if placed.is_ok() {
-                mountpoints.push(target.clone());
-            }
             let request = AttachRequest {
                 path: share_path.clone(),
                 propagation: Propagation::of(&volume.options),
             };
-            let handed = match placed {
-                Ok(()) => hand_over(&client, volume, &target, request).await,
+            let attached = match place(volume, &target) {
+                Ok(()) => {
+                    mountpoints.push(target.clone());
+                    hand_over(&client, volume, &target, request).await
+                }
                 Err(e) => Err(e),
             };
-            if let Err(e) = handed {
+            if let Err(e) = attached {
                 unbind_all(&mountpoints);
                 remove_placeholder(&dir);
                 return Err(e);
