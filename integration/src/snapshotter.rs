@@ -184,6 +184,14 @@ impl Snapshotter {
             .map(String::from)
             .collect()
     }
+
+    /// The layers mounted natively (erofs images) under our state dir.
+    pub fn native_mounts(&self) -> Vec<String> {
+        self.mounts_left()
+            .into_iter()
+            .filter(|l| l.contains(" - erofs "))
+            .collect()
+    }
 }
 
 impl Snapshotter {

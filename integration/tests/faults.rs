@@ -124,7 +124,9 @@ impl Node {
         lazy_pull_support::push_layout(&registry, "pause")?;
         lazy_pull_support::push_layout(&registry, "busybox")?;
         lazy_pull_support::convert(&registry, "busybox", &[])?;
-        let snapshotter = Snapshotter::start("[lazy]\nvm_images = true\n")?;
+        // FUSE only: once the background fetch has the layer, a revived (or restarted) layer
+        // would be mounted natively, with no daemon left to kill in the next cell.
+        let snapshotter = Snapshotter::start("[lazy]\nvm_images = true\nnative_mounts = false\n")?;
         let state = tempfile::Builder::new()
             .prefix(&format!("spry-{name}-"))
             .tempdir_in("/run")?;

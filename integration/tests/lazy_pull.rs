@@ -110,6 +110,28 @@ fn run_tree(c: &Cluster, pod: &str, pod_cfg: &Path, name: &str, image: &str) -> 
     Ok(logs)
 }
 
+/// `tree` (a listing by `TREE_SCRIPT`, of the image served as `kind`) is the normal pull's.
+fn ensure_same_tree(kind: &str, tree: &str, normal_tree: &str) -> Result<()> {
+    ensure!(
+        tree.lines().count() > 100,
+        "{kind} tree listing too short:\n{tree}"
+    );
+    if tree != normal_tree {
+        let diff: Vec<String> = tree
+            .lines()
+            .zip(normal_tree.lines())
+            .filter(|(a, b)| a != b)
+            .take(20)
+            .map(|(a, b)| format!("{kind}: {a}\nnormal: {b}"))
+            .collect();
+        bail!(
+            "{kind} tree differs from the normal pull:\n{}",
+            diff.join("\n")
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
     let c = cluster(
@@ -165,23 +187,7 @@ fn estargz_busybox_starts_lazily_and_matches_the_normal_pull() -> Result<()> {
     let normal_image = c.registry.image("busybox:1");
     crictl.pull(&normal_image)?;
     let normal_tree = run_tree(&c, &pod, &pod_cfg, "tree-normal", &normal_image)?;
-    ensure!(
-        lazy_tree.lines().count() > 100,
-        "tree listing too short:\n{lazy_tree}"
-    );
-    if lazy_tree != normal_tree {
-        let diff: Vec<String> = lazy_tree
-            .lines()
-            .zip(normal_tree.lines())
-            .filter(|(a, b)| a != b)
-            .take(20)
-            .map(|(a, b)| format!("lazy:   {a}\nnormal: {b}"))
-            .collect();
-        bail!(
-            "lazy tree differs from the normal pull:\n{}",
-            diff.join("\n")
-        );
-    }
+    ensure_same_tree("lazy", &lazy_tree, &normal_tree)?;
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
     Ok(())
@@ -522,8 +528,19 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
         "warm fetched {warmed} bytes of a {layer_size}-byte layer"
     );
 
+    ensure!(
+        progress.contains("verified"),
+        "warm --all did not verify the layer's diffID: {progress}"
+    );
+
     let crictl = c.containerd.crictl();
     crictl.pull(&image)?;
+    // Fully cached and verified: mounted by the kernel from its erofs image, no daemon.
+    ensure!(
+        !c.snapshotter.native_mounts().is_empty(),
+        "the warmed layer was not mounted natively: {:?}",
+        c.snapshotter.mounts_left()
+    );
     let pod_cfg = PodConfig::new("warm").write_to(&c.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;
     let cfg = ContainerConfig::new("hello", &image)
@@ -543,6 +560,13 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
         after < 16 * 1024,
         "the warmed image still fetched {after} bytes"
     );
+    crictl.rm(&id)?;
+    // The natively mounted layer shows the same tree as the normal pull.
+    let native_tree = run_tree(&c, &pod, &pod_cfg, "tree-native", &image)?;
+    let normal_image = c.registry.image("busybox:1");
+    crictl.pull(&normal_image)?;
+    let normal_tree = run_tree(&c, &pod, &pod_cfg, "tree-normal", &normal_image)?;
+    ensure_same_tree("native", &native_tree, &normal_tree)?;
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
     Ok(())

@@ -100,6 +100,11 @@ pub struct LazyConfig {
     /// the image fetch only the files they cover).
     #[serde(default)]
     pub vm_images: bool,
+    /// Mount a layer whose chunks are all cached and whose diffID is verified as a native
+    /// erofs image (Linux >= 6.12) instead of over FUSE: read at local file system speed.
+    /// Falls back to FUSE, saying so once, on kernels that cannot.
+    #[serde(default = "yes")]
+    pub native_mounts: bool,
 }
 
 impl LazyConfig {
@@ -152,6 +157,7 @@ impl Default for LazyConfig {
             unresponsive_cooldown_ms: default_cooldown_ms(),
             passthrough: true,
             vm_images: false,
+            native_mounts: true,
         }
     }
 }

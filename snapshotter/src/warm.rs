@@ -62,21 +62,32 @@ pub async fn warm_image(
         );
         let cache = cache.clone();
         let progress = progress.clone();
+        let digest_of_blob = digest.clone();
         let label = format!("layer {}/{total} {digest}", n + 1);
         let fetched = tokio::task::spawn_blocking(move || -> Result<u64, LayerError> {
-            let layer = RemoteLayer::open(Arc::new(blob), cache, &toc, RetryPolicy::default())?;
+            let layer =
+                RemoteLayer::open(Arc::new(blob), cache.clone(), &toc, RetryPolicy::default())?;
             let fetched = match scope {
                 WarmScope::Prioritized => {
                     let bytes = layer.prefetch()?;
                     progress(format!("{label}: prefetched {bytes} compressed bytes"));
                     bytes
                 }
-                WarmScope::All => layer.fetch_all(&mut |done, all| {
-                    progress(format!(
-                        "{label}: {done}/{all} bytes ({}%)",
-                        (done * 100).checked_div(all).unwrap_or(100)
-                    ))
-                })?,
+                WarmScope::All => {
+                    let bytes = layer.fetch_all(&mut |done, all| {
+                        progress(format!(
+                            "{label}: {done}/{all} bytes ({}%)",
+                            (done * 100).checked_div(all).unwrap_or(100)
+                        ))
+                    })?;
+                    // The whole layer is here: its diffID verified now lets the snapshotter
+                    // mount it natively (`service/native.rs`) instead of over FUSE. That
+                    // streams the blob once more.
+                    let digests = layer.digests()?;
+                    crate::service::verify::record_diff_id(&cache, &digest_of_blob, &digests);
+                    progress(format!("{label}: diffID {} verified", digests.diff_id));
+                    bytes
+                }
             };
             tracing::debug!(layer = %label, fetched, "warmed");
             // Count everything fetched, TOC and footer included.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Condvar, Mutex};
 
+mod diff_ids;
 mod evict;
 mod files;
 
@@ -99,13 +100,7 @@ impl ChunkCache {
     }
 
     fn path_of(&self, digest: &str) -> Result<PathBuf, CacheError> {
-        let hex = digest
-            .strip_prefix("sha256:")
-            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-            .ok_or_else(|| CacheError::BadDigest {
-                digest: digest.to_string(),
-            })?;
-        Ok(self.dir.join("sha256").join(hex))
+        Ok(self.dir.join("sha256").join(sha256_hex(digest)?))
     }
 
     /// Whether the chunk is cached.
@@ -298,6 +293,16 @@ impl ChunkCache {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// The 64 hex digits of a `sha256:` digest: a file name, never a path.
+fn sha256_hex(digest: &str) -> Result<&str, CacheError> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .ok_or_else(|| CacheError::BadDigest {
+            digest: digest.to_string(),
+        })
 }
 
 #[cfg(test)]

@@ -154,6 +154,32 @@ impl ErofsImage {
         &self.extents
     }
 
+    /// Writes the whole image through `write(offset, bytes)`: the metadata, then each
+    /// file's data, read through `read_file(entry, offset in the file, len)` in pieces of
+    /// at most `piece` bytes. The zeros between are not written: the output must read as
+    /// zeros where nothing was written (a new sparse file of [`Self::size`] bytes).
+    pub fn write_with<E>(
+        &self,
+        piece: usize,
+        mut read_file: impl FnMut(usize, u64, usize) -> Result<Vec<u8>, E>,
+        mut write: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        write(0, &self.meta)?;
+        let piece = piece.max(1) as u64;
+        for e in &self.extents {
+            let mut at = 0;
+            while at < e.size {
+                let want = (e.size - at).min(piece) as usize;
+                let mut bytes = read_file(e.entry, at, want)?;
+                // As in `read_at`: a short file reads as zeros, never as the next file.
+                bytes.resize(want, 0);
+                write(e.offset + at, &bytes)?;
+                at += want as u64;
+            }
+        }
+        Ok(())
+    }
+
     /// Reads up to `len` bytes at `offset`: metadata from memory, file data through
     /// `read_file(entry, offset in the file, len)`, zeros between.
     pub fn read_at<E>(

@@ -77,6 +77,28 @@ fn reads_map_to_the_files_and_zeros_between() {
 }
 
 #[test]
+fn written_out_the_image_is_the_bytes_it_reads_as() {
+    let (layer, _, _fuse) = sample();
+    let image = ErofsImage::build(&Tree::build(layer.index())).unwrap();
+    let mut out = vec![0u8; image.size() as usize];
+    let mut writes = 0;
+    // Small pieces: files span several of them.
+    image
+        .write_with(
+            700,
+            |entry, at, len| layer.read_file(entry, at, len),
+            |offset, bytes| {
+                out[offset as usize..offset as usize + bytes.len()].copy_from_slice(bytes);
+                writes += 1;
+                Ok::<_, crate::layer::LayerError>(())
+            },
+        )
+        .unwrap();
+    assert_eq!(out, whole_image(&image, &layer));
+    assert!(writes > image.extents().len(), "{writes} writes");
+}
+
+#[test]
 fn the_same_tree_gives_the_same_image() {
     let (layer, _, _fuse) = sample();
     let a = ErofsImage::build(&Tree::build(layer.index())).unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use fetch::{BlobFetcher, FetchError};
-pub use verify::chain_id;
+pub use verify::{chain_id, BlobDigests};
 
 use crate::cache::{CacheError, ChunkCache, FillError};
 use crate::estargz::{self, footer, ChunkRef, EstargzError, LayerIndex, Prefetch};

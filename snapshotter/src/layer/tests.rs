@@ -201,7 +201,10 @@ fn the_streamed_diff_id_is_the_uncompressed_tars_digest() {
     let (blob, out, _, _) = build(&["usr/bin/app"]);
     let mem = MemBlob::new(blob);
     let (layer, _dir) = open(mem, &out.toc_digest);
-    assert_eq!(layer.diff_id().unwrap(), out.diff_id);
+    let digests = layer.digests().unwrap();
+    assert_eq!(digests.diff_id, out.diff_id);
+    // The same pass hashed every byte of the blob, footer included.
+    assert_eq!(digests.blob, out.blob_digest);
     assert_eq!(super::chain_id("", &out.diff_id), out.diff_id);
     // containerd's identity.ChainID for a layer on a parent chain.
     let parent = format!("sha256:{}", "1".repeat(64));

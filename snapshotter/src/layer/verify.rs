@@ -26,10 +26,26 @@ pub fn chain_id(parent: &str, diff_id: &str) -> String {
     )
 }
 
+/// What streaming a layer's whole blob shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobDigests {
+    /// The sha256 of the uncompressed tar.
+    pub diff_id: String,
+    /// The sha256 of the blob's bytes as the registry served them: when it is the digest
+    /// the manifest names, `diff_id` is a fact about that blob, whoever asks again.
+    pub blob: String,
+}
+
 impl RemoteLayer {
     /// The sha256 of the layer's uncompressed tar (its diffID), streaming the blob from the
     /// registry: memory stays at one range request.
     pub fn diff_id(&self) -> Result<String, LayerError> {
+        Ok(self.digests()?.diff_id)
+    }
+
+    /// The layer's diffID and the digest of the blob it was computed from, in one pass
+    /// over the blob.
+    pub fn digests(&self) -> Result<BlobDigests, LayerError> {
         let size = self.fetcher.size().map_err(|source| LayerError::Fetch {
             offset: 0,
             end: 0,
@@ -43,6 +59,7 @@ impl RemoteLayer {
             buf: Vec::new(),
             pos: 0,
             failed: None,
+            hash: Sha256::new(),
         };
         let mut tar = flate2::read::MultiGzDecoder::new(stream);
         let mut hash = Sha256::new();
@@ -60,7 +77,15 @@ impl RemoteLayer {
             }
             hash.update(&buf[..n]);
         }
-        Ok(format!("sha256:{}", hex::encode(hash.finalize())))
+        // Whatever follows the last gzip member counts for the blob's digest too.
+        let mut stream = tar.into_inner();
+        if let Err(source) = std::io::copy(&mut stream, &mut std::io::sink()) {
+            return Err(stream.failed.unwrap_or(LayerError::Decompress { source }));
+        }
+        Ok(BlobDigests {
+            diff_id: format!("sha256:{}", hex::encode(hash.finalize())),
+            blob: format!("sha256:{}", hex::encode(stream.hash.finalize())),
+        })
     }
 }
 
@@ -73,6 +98,8 @@ struct BlobStream<'a> {
     pos: usize,
     /// The fetch error behind an I/O error returned to the decompressor.
     failed: Option<LayerError>,
+    /// Of every byte fetched, in order.
+    hash: Sha256,
 }
 
 impl Read for BlobStream<'_> {
@@ -92,6 +119,7 @@ impl Read for BlobStream<'_> {
             let to = (self.at + STREAM_BYTES).min(self.end);
             match self.layer.fetch_range(self.at, to) {
                 Ok(bytes) => {
+                    self.hash.update(&bytes);
                     self.buf = bytes;
                     self.pos = 0;
                     self.at = to;

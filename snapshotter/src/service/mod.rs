@@ -7,10 +7,11 @@ mod error;
 mod filter;
 mod layer_daemon;
 mod mounts;
+mod native;
 pub mod remote;
 pub mod store;
 mod usage;
-mod verify;
+pub(crate) mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -417,12 +418,8 @@ impl Snapshotter for SprySnapshotter {
             (r.id, r.kind, r.usage, r.remote.is_some())
         };
         if remote {
-            if let Some(layer) = self.remote.layer(id) {
-                let index = layer.index();
-                return Ok(Usage {
-                    size: index.content_size() as i64,
-                    inodes: index.entries.len() as i64,
-                });
+            if let Some((size, inodes)) = self.remote.usage(id) {
+                return Ok(Usage { size, inodes });
             }
         }
         if let (SnapshotKind::Committed, Some((size, inodes))) = (kind, stored) {
@@ -599,6 +596,8 @@ pub fn snapshots_dir(root: &Path) -> PathBuf {
 
 #[cfg(test)]
 mod image_tests;
+#[cfg(test)]
+mod native_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

@@ -37,6 +37,11 @@ pub enum RemoteError {
     Mount { digest: String, source: FsError },
     #[error("a blocking task failed")]
     Join { source: tokio::task::JoinError },
+    #[error("refused to serve layer {digest}")]
+    Native {
+        digest: String,
+        source: super::native::NativeError,
+    },
     #[error("failed to run the layer daemon")]
     Daemon {
         source: Box<super::daemon::DaemonError>,
@@ -74,6 +79,12 @@ enum Mounted {
     Daemon {
         dir: PathBuf,
     },
+    /// Mounted by the kernel from its image (`native.rs`).
+    Native {
+        dir: PathBuf,
+        /// Bytes and inodes of its files, when mounted by this process (not adopted).
+        usage: Option<(i64, i64)>,
+    },
 }
 
 /// All mounted remote layers of this process.
@@ -110,6 +121,9 @@ impl RemoteLayers {
         snapshot_dir: &Path,
         lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
+        if self.config.native_mounts && self.mount_native(id, source, snapshot_dir, lowers).await? {
+            return Ok(());
+        }
         if !self.config.fuse_daemon {
             let path = snapshot_dir.join("fs");
             return self.mount_here(id, source, &path, lowers).await;
@@ -135,6 +149,72 @@ impl RemoteLayers {
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Mounted::Daemon { dir });
         Ok(())
+    }
+
+    /// Mounts the layer natively when it is fully cached and verified (`native.rs`);
+    /// `Ok(false)` when it is to be served over FUSE instead, `Err` when the layer must not
+    /// be served at all (its verified diffID contradicts its image's claim).
+    async fn mount_native(
+        self: &Arc<Self>,
+        id: u64,
+        source: &RemoteSource,
+        snapshot_dir: &Path,
+        lowers: &[PathBuf],
+    ) -> Result<bool, RemoteError> {
+        let this = self.clone();
+        let source = source.clone();
+        let dir = snapshot_dir.to_path_buf();
+        let lowers = LowerLayers::new(lowers.to_vec());
+        let digest = source.layer_digest.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let native = |err| RemoteError::Native {
+                digest: source.layer_digest.clone(),
+                source: err,
+            };
+            // No network unless the layer's diffID is already verified.
+            super::native::check_claim(&this.cache, &source).map_err(native)?;
+            let layer = this.open_layer(&source)?;
+            let started = std::time::Instant::now();
+            super::native::mount(&layer, lowers, &dir).map_err(native)?;
+            // As for a FUSE layer: removing the image frees its chunks.
+            if let Err(err) = super::chunks::write_list(&dir, layer.index()) {
+                tracing::warn!(layer = %source.layer_digest, error = %err, "cannot record the layer's chunks; removing its image will leave them cached");
+            }
+            tracing::info!(id, layer = %source.layer_digest, elapsed_ms = started.elapsed().as_millis() as u64, "mounted fully fetched layer natively");
+            Ok(index_usage(&layer))
+        })
+        .await
+        .map_err(|source| RemoteError::Join { source })?;
+        use super::native::NativeError;
+        match outcome {
+            Ok(usage) => {
+                let dir = snapshot_dir.to_path_buf();
+                let usage = Some(usage);
+                self.mounted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, Mounted::Native { dir, usage });
+                Ok(true)
+            }
+            Err(RemoteError::Native { source, .. }) if source.is_refusal() => {
+                Err(RemoteError::Native { digest, source })
+            }
+            Err(RemoteError::Native { source, .. }) if source.is_expected() => {
+                tracing::debug!(id, layer = %digest, reason = %source, "serving the layer over FUSE");
+                Ok(false)
+            }
+            Err(RemoteError::Native {
+                source: err @ NativeError::Mount { .. },
+                ..
+            }) => {
+                super::native::warn_unsupported_once(&err);
+                Ok(false)
+            }
+            Err(err) => {
+                tracing::warn!(id, layer = %digest, error = %error_chain(&err), "cannot mount the fully fetched layer natively; serving it over FUSE");
+                Ok(false)
+            }
+        }
     }
 
     /// What a layer daemon for `source` gets: only the settings (and credentials) of the
@@ -165,6 +245,15 @@ impl RemoteLayers {
         snapshot_dir: &Path,
         lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
+        if super::native::is_mounted(snapshot_dir) {
+            tracing::info!(id, "adopted native layer mount");
+            let dir = snapshot_dir.to_path_buf();
+            self.mounted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Mounted::Native { dir, usage: None });
+            return Ok(());
+        }
         if self.config.fuse_daemon {
             if let Some(pid) = super::daemon::alive(snapshot_dir) {
                 tracing::info!(id, pid, "adopted running layer daemon");
@@ -236,29 +325,7 @@ impl RemoteLayers {
         lowers: LowerLayers,
     ) -> Result<(), RemoteError> {
         let digest = source.layer_digest.clone();
-        let blob = RegistryBlob::new(
-            self.client.clone(),
-            reference,
-            digest.clone(),
-            self.runtime.clone(),
-        );
-        let retry = RetryPolicy {
-            attempts: self.config.fetch_attempts,
-            backoff: Duration::from_millis(self.config.fetch_backoff_ms),
-            deadline: Duration::from_millis(self.config.read_deadline_ms),
-            cooldown: Duration::from_millis(self.config.unresponsive_cooldown_ms),
-        };
-        let layer = RemoteLayer::open(
-            Arc::new(blob),
-            self.cache.clone(),
-            &source.toc_digest,
-            retry,
-        )
-        .map_err(|source| RemoteError::Open {
-            digest: digest.clone(),
-            source,
-        })?;
-        let layer = Arc::new(layer);
+        let layer = Arc::new(self.open_blocking(reference, &source)?);
         if let Some(snapshot_dir) = path.parent() {
             if let Err(err) = super::chunks::write_list(snapshot_dir, layer.index()) {
                 tracing::warn!(layer = %digest, error = %err, "cannot record the layer's chunks; removing its image will leave them cached");
@@ -315,6 +382,42 @@ impl RemoteLayers {
         Ok(())
     }
 
+    /// Opens the layer of `source`: fetches and verifies its TOC. Blocking.
+    fn open_layer(&self, source: &RemoteSource) -> Result<RemoteLayer, RemoteError> {
+        let reference = Reference::parse(&source.image_ref)
+            .map_err(|source| RemoteError::Reference { source })?;
+        self.open_blocking(reference, source)
+    }
+
+    fn open_blocking(
+        &self,
+        reference: Reference,
+        source: &RemoteSource,
+    ) -> Result<RemoteLayer, RemoteError> {
+        let blob = RegistryBlob::new(
+            self.client.clone(),
+            reference,
+            source.layer_digest.clone(),
+            self.runtime.clone(),
+        );
+        let retry = RetryPolicy {
+            attempts: self.config.fetch_attempts,
+            backoff: Duration::from_millis(self.config.fetch_backoff_ms),
+            deadline: Duration::from_millis(self.config.read_deadline_ms),
+            cooldown: Duration::from_millis(self.config.unresponsive_cooldown_ms),
+        };
+        RemoteLayer::open(
+            Arc::new(blob),
+            self.cache.clone(),
+            &source.toc_digest,
+            retry,
+        )
+        .map_err(|err| RemoteError::Open {
+            digest: source.layer_digest.clone(),
+            source: err,
+        })
+    }
+
     fn start_fetching(
         &self,
         layer: Arc<RemoteLayer>,
@@ -322,6 +425,7 @@ impl RemoteLayers {
         snapshot_dir: Option<PathBuf>,
     ) {
         let digest = source.layer_digest.clone();
+        let cache = self.cache.clone();
         let (prefetch, background) = (self.config.prefetch, self.config.background_fetch);
         if !prefetch && !background {
             return;
@@ -340,7 +444,7 @@ impl RemoteLayers {
                         Ok(bytes) => {
                             tracing::info!(layer = %digest, bytes, "layer fully fetched");
                             if let Some(dir) = &snapshot_dir {
-                                super::verify::check_claim(&layer, &source, dir);
+                                super::verify::check_claim(&layer, &source, dir, &cache);
                             }
                         }
                         Err(LayerError::Cancelled) => {}
@@ -376,6 +480,7 @@ impl RemoteLayers {
                 }
             }
             Some(Mounted::Daemon { dir }) => super::daemon::stop(&dir),
+            Some(Mounted::Native { dir, .. }) => super::native::unmount(&dir),
             None => {}
         }
     }
@@ -398,6 +503,21 @@ impl RemoteLayers {
         }
     }
 
+    /// Bytes and inodes of the files of snapshot `id`'s layer, when this process knows its
+    /// index (else the caller measures its tree).
+    pub fn usage(&self, id: u64) -> Option<(i64, i64)> {
+        match self
+            .mounted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            Some(Mounted::InProcess { layer, .. }) => Some(index_usage(layer)),
+            Some(Mounted::Native { usage, .. }) => *usage,
+            _ => None,
+        }
+    }
+
     /// Shutdown: unmounts layers served by this process. Layer daemons keep
     /// running, and with them the containers that use their layers.
     pub fn unmount_all(&self) {
@@ -413,6 +533,11 @@ impl RemoteLayers {
             self.unmount(id);
         }
     }
+}
+
+fn index_usage(layer: &RemoteLayer) -> (i64, i64) {
+    let index = layer.index();
+    (index.content_size() as i64, index.entries.len() as i64)
 }
 
 /// Serves `layer`'s erofs image at `<snapshot>/erofs/` (beside its tree mount `fs_path`),

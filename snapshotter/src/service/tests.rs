@@ -88,7 +88,7 @@ pub(super) fn unmount(target: &Path) {
     nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).unwrap();
 }
 
-async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+pub(super) async fn in_blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
@@ -245,7 +245,9 @@ pub(super) struct RemoteFixture {
     pub(super) reg: Arc<MockRegistry>,
     pub(super) labels: HashMap<String, String>,
     pub(super) blob_size: u64,
-    files: Vec<(String, Vec<u8>)>,
+    pub(super) files: Vec<(String, Vec<u8>)>,
+    /// The layer's real diffID (the labels claim "sha256:chain1").
+    pub(super) diff_id: String,
 }
 
 /// Prepares the fixture's remote layer (containerd's unpack of it): committed lazily under
@@ -271,7 +273,7 @@ pub(super) fn remote_fixture(prioritized: &[&str]) -> RemoteFixture {
             format!("{}/spry/sample:estargz", reg.host()),
         ),
         (LAYER_DIGEST_LABEL, digest),
-        (TOC_DIGEST_ANNOTATION, out.toc_digest),
+        (TOC_DIGEST_ANNOTATION, out.toc_digest.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -281,6 +283,7 @@ pub(super) fn remote_fixture(prioritized: &[&str]) -> RemoteFixture {
         labels,
         blob_size,
         files,
+        diff_id: out.diff_id,
     }
 }
 

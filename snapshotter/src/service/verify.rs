@@ -5,8 +5,9 @@
 use std::path::Path;
 
 use super::store::RemoteSource;
+use crate::cache::ChunkCache;
 use crate::fs::error_chain;
-use crate::layer::{chain_id, LayerError, RemoteLayer};
+use crate::layer::{chain_id, BlobDigests, LayerError, RemoteLayer};
 
 const POISONED: &str = "poisoned";
 
@@ -17,12 +18,16 @@ pub fn check_claim(
     layer: &RemoteLayer,
     source: &RemoteSource,
     snapshot_dir: &Path,
+    cache: &ChunkCache,
 ) -> Option<bool> {
     if source.chain_id.is_empty() {
         return None;
     }
-    let diff_id = match layer.diff_id() {
-        Ok(d) => d,
+    let diff_id = match layer.digests() {
+        Ok(digests) => {
+            record_diff_id(cache, &source.layer_digest, &digests);
+            digests.diff_id
+        }
         Err(LayerError::Cancelled) => return None,
         Err(err) => {
             tracing::warn!(layer = %source.layer_digest, error = %error_chain(&err), "could not verify the layer's diffID");
@@ -45,6 +50,19 @@ pub fn check_claim(
         tracing::error!(error = %err, "cannot mark the snapshot poisoned");
     }
     Some(false)
+}
+
+/// Records the diffID of the blob `expected` (the digest its manifest names) when the bytes
+/// streamed were that blob, so that later mounts of it can check claims without streaming
+/// it again (`cache/diff_ids.rs`).
+pub fn record_diff_id(cache: &ChunkCache, expected: &str, digests: &BlobDigests) {
+    if digests.blob != expected {
+        tracing::warn!(layer = %expected, served = %digests.blob, "the registry served other bytes than the layer's digest names; its diffID is not recorded");
+        return;
+    }
+    if let Err(err) = cache.record_diff_id(expected, &digests.diff_id) {
+        tracing::warn!(layer = %expected, error = %error_chain(&err), "cannot record the layer's verified diffID");
+    }
 }
 
 /// Why the snapshot in `snapshot_dir` must not be used, if it is poisoned.
