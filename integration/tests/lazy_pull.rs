@@ -495,6 +495,24 @@ fn running_pods_survive_a_snapshotter_restart_and_registry_outages_give_eio() ->
     Ok(())
 }
 
+/// Runs `cat /spry/hello.txt` of `image` in `pod` to its end; checks what it printed and
+/// returns the container's id.
+fn run_hello(c: &Cluster, pod: &str, pod_cfg: &Path, image: &str) -> Result<String> {
+    let crictl = c.containerd.crictl();
+    let cfg = ContainerConfig::new("hello", image)
+        .command(&["cat", "/spry/hello.txt"])
+        .write_to(&c.containerd.dir())?;
+    let id = crictl.create(pod, &cfg, pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    let logs = crictl.logs(&id)?;
+    ensure!(
+        logs.contains("hello from spry"),
+        "unexpected output: {logs}"
+    );
+    Ok(id)
+}
+
 #[test]
 fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
     let c = cluster(
@@ -543,17 +561,7 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
     );
     let pod_cfg = PodConfig::new("warm").write_to(&c.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, None)?;
-    let cfg = ContainerConfig::new("hello", &image)
-        .command(&["cat", "/spry/hello.txt"])
-        .write_to(&c.containerd.dir())?;
-    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl.start(&id)?;
-    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(60))?;
-    ensure!(
-        crictl.logs(&id)?.contains("hello from spry"),
-        "unexpected output: {}",
-        crictl.logs(&id)?
-    );
+    let id = run_hello(&c, &pod, &pod_cfg, &image)?;
     // Only the footer and the TOC (metadata, not cached) went over the wire again.
     let after = c.proxy.served() - warmed;
     ensure!(
@@ -569,6 +577,59 @@ fn a_warmed_image_starts_without_fetching_file_contents() -> Result<()> {
     ensure_same_tree("native", &native_tree, &normal_tree)?;
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;
+    Ok(())
+}
+
+#[test]
+fn a_layer_fetched_in_the_background_is_mounted_natively_for_new_containers() -> Result<()> {
+    // The defaults: a layer daemon, prefetch and background fetch, native mounts.
+    let mut c = cluster("lazy-switch", "")?;
+    push_layout(&c.registry, "busybox")?;
+    convert(&c.registry, "busybox", &[])?;
+    let image = c.registry.image("busybox:estargz");
+    let crictl = c.containerd.crictl();
+    crictl.pull(&image)?;
+    // The daemon fetches the rest, checks the diffID and stacks the native mount.
+    let started = Instant::now();
+    while c.snapshotter.native_mounts().is_empty() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        !c.snapshotter.native_mounts().is_empty(),
+        "no native mount after the background fetch; daemon log:\n{}",
+        c.snapshotter.daemon_logs()
+    );
+    let pod_cfg = PodConfig::new("switch").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, None)?;
+    run_hello(&c, &pod, &pod_cfg, &image)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    // A stopped daemon takes down both of its layer's mounts, the native one first.
+    let daemons = c.snapshotter.layer_daemons();
+    ensure!(!daemons.is_empty(), "no layer daemon");
+    c.snapshotter.stop()?;
+    for pid in daemons {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+    }
+    let started = Instant::now();
+    while !c.snapshotter.layer_daemons().is_empty() && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<String> = c
+        .snapshotter
+        .mounts_left()
+        .into_iter()
+        .filter(|l| l.contains("/fs "))
+        .collect();
+    ensure!(
+        c.snapshotter.layer_daemons().is_empty() && left.is_empty(),
+        "after SIGTERM: daemons {:?}, layer mounts left:\n{}",
+        c.snapshotter.layer_daemons(),
+        left.join("\n")
+    );
     Ok(())
 }
 

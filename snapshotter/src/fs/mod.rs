@@ -21,7 +21,7 @@ use fuser::{
 
 pub use image::{ImageMount, IMAGE_DIR, IMAGE_FILE};
 pub use lower::{DirMeta, LowerLayers};
-pub use mount::{detach, LayerMount};
+pub use mount::{detach, detach_stack, LayerMount};
 pub use tree::{Node, Tree, OPAQUE_XATTR};
 
 use crate::cache::CacheError;

@@ -126,6 +126,12 @@ pub fn detach(path: &Path) -> Result<(), FsError> {
     })
 }
 
+/// Detaches every mount stacked at `path` (a layer's tree may be a native mount over a
+/// FUSE one; `service/native.rs`), at most a few; returns how many were detached.
+pub fn detach_stack(path: &Path) -> usize {
+    (0..4).take_while(|_| detach(path).is_ok()).count()
+}
+
 /// Unmounts `session`'s mount at `path` and waits for its thread. The thread may end with
 /// ECONNABORTED when the kernel tore the connection down as part of the unmount (a
 /// request still in flight then): the mount is gone all the same, so that is success.

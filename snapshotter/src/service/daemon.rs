@@ -149,7 +149,9 @@ pub fn stop(dir: &Path) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    let _ = crate::fs::detach(&dir.join("fs"));
+    // The layer's tree may be two mounts deep: a native mount stacked over the FUSE one
+    // once the layer was fetched (`native.rs`); a dead daemon left both.
+    crate::fs::detach_stack(&dir.join("fs"));
     let _ = crate::fs::detach(&dir.join(crate::fs::IMAGE_DIR));
     let _ = std::fs::remove_file(dir.join(PID_FILE));
 }

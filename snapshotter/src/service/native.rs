@@ -92,21 +92,44 @@ pub fn check_claim(cache: &ChunkCache, source: &RemoteSource) -> Result<(), Nati
     Ok(())
 }
 
-/// Writes `layer`'s image over `lowers` (the tree its FUSE mount would show) to
-/// `<snapshot_dir>/erofs/layer.erofs` and mounts it read-only at `<snapshot_dir>/fs`.
+/// Where a native layer's image file goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImagePlace {
+    /// `<snapshot>/erofs/layer.erofs`, where Spry's shim finds a layer's image for VMs.
+    ForVms,
+    /// `<snapshot>/native.erofs`: the layer is switched while served over FUSE, whose
+    /// own image for VMs (`fs/image.rs`) may be mounted at `<snapshot>/erofs`.
+    Beside,
+}
+
+impl ImagePlace {
+    fn path(self, snapshot_dir: &Path) -> PathBuf {
+        match self {
+            ImagePlace::ForVms => snapshot_dir.join(IMAGE_DIR).join(IMAGE_FILE),
+            ImagePlace::Beside => snapshot_dir.join(BESIDE_FILE),
+        }
+    }
+}
+
+const BESIDE_FILE: &str = "native.erofs";
+
+/// Writes `layer`'s image over `lowers` (the tree its FUSE mount would show) to `place`
+/// and mounts it read-only at `<snapshot_dir>/fs` (over a FUSE mount there, if any: new
+/// containers then get the native mount, those already running keep the FUSE one).
 /// Every byte comes through the layer's verified reads: a corrupted cached chunk is
 /// fetched again, never written. Leaves nothing behind when it fails.
 pub fn mount(
     layer: &RemoteLayer,
     lowers: LowerLayers,
     snapshot_dir: &Path,
+    place: ImagePlace,
 ) -> Result<(), NativeError> {
     if !layer.fully_cached() {
         return Err(NativeError::NotCached);
     }
     let image = ErofsImage::build(&Tree::build_over(layer.index(), lowers))
         .map_err(|source| NativeError::Image { source })?;
-    let path = write_image(layer, &image, snapshot_dir)?;
+    let path = write_image(layer, &image, &place.path(snapshot_dir))?;
     let fs = snapshot_dir.join("fs");
     // As the FUSE layer mounts: devices and setuid bits in an image mean nothing on the
     // host's own path to the layer (containers see them through their overlay mount).
@@ -127,11 +150,22 @@ pub fn is_mounted(snapshot_dir: &Path) -> bool {
         .is_ok_and(|s| s.filesystem_type().0 as u32 == EROFS_MAGIC)
 }
 
-/// Detaches the native mount of `snapshot_dir` (containers still using it keep it until
-/// they end). Its image file goes with the snapshot directory.
+/// Detaches the native mount of `snapshot_dir`, and a dead FUSE mount below it if a daemon
+/// had stacked it there (containers still using them keep them until they end). The image
+/// file goes with the snapshot directory.
 pub fn unmount(snapshot_dir: &Path) {
-    if let Err(err) = crate::fs::detach(&snapshot_dir.join("fs")) {
-        tracing::warn!(dir = %snapshot_dir.display(), error = %crate::fs::error_chain(&err), "failed to unmount a native layer");
+    if crate::fs::detach_stack(&snapshot_dir.join("fs")) == 0 {
+        tracing::warn!(dir = %snapshot_dir.display(), "a native layer was not mounted when it was removed");
+    }
+}
+
+/// Detaches a native mount stacked over the layer's FUSE mount, if there is one: the FUSE
+/// mount below can then be unmounted by its session.
+pub fn unmount_over_fuse(snapshot_dir: &Path) {
+    if is_mounted(snapshot_dir) {
+        if let Err(err) = crate::fs::detach(&snapshot_dir.join("fs")) {
+            tracing::warn!(dir = %snapshot_dir.display(), error = %crate::fs::error_chain(&err), "failed to unmount a native layer over its FUSE mount");
+        }
     }
 }
 
@@ -148,17 +182,17 @@ pub fn warn_unsupported_once(err: &NativeError) {
 fn write_image(
     layer: &RemoteLayer,
     image: &ErofsImage,
-    snapshot_dir: &Path,
+    path: &Path,
 ) -> Result<PathBuf, NativeError> {
-    let dir = snapshot_dir.join(IMAGE_DIR);
-    let path = dir.join(IMAGE_FILE);
-    let part = dir.join(format!("{IMAGE_FILE}.part"));
+    let part = path.with_extension("erofs.part");
     let write_error = |source| NativeError::Write {
         path: part.clone(),
         source,
     };
     let written = (|| {
-        std::fs::create_dir_all(&dir).map_err(write_error)?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(write_error)?;
+        }
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -178,10 +212,10 @@ fn write_image(
             |offset, bytes| file.write_all_at(bytes, offset).map_err(write_error),
         )?;
         file.sync_all().map_err(write_error)?;
-        std::fs::rename(&part, &path).map_err(write_error)
+        std::fs::rename(&part, path).map_err(write_error)
     })();
     match written {
-        Ok(()) => Ok(path),
+        Ok(()) => Ok(path.to_path_buf()),
         Err(err) => {
             let _ = std::fs::remove_file(&part);
             Err(err)

@@ -198,3 +198,91 @@ async fn with_native_mounts_off_a_verified_layer_stays_on_fuse() {
     sn.remove(fx.diff_id.clone()).await.unwrap();
     sn.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_fetched_a_served_layer_switches_to_native_for_new_containers_only() {
+    require_root();
+    let fx = honest_fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    // Delayed, so that a container is mounted on the FUSE layer before the switch.
+    cfg.lazy.background_fetch = false;
+    let sn = SprySnapshotter::open(&cfg).await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
+    let dir = sn.dir(id);
+    let chain = fx.diff_id.clone();
+    let mounts = sn
+        .prepare("old".into(), chain.clone(), HashMap::new())
+        .await
+        .unwrap();
+    let old_root = tmp.path().join("old");
+    std::fs::create_dir(&old_root).unwrap();
+    do_mount(&mounts, &old_root);
+
+    // The background fetch, as `start_fetching` runs it once it is done.
+    let layer = sn.remote_layers().layer(id).unwrap();
+    let cache = sn.remote_layers().cache().clone();
+    let source = remote_request(&fx.labels).unwrap().source;
+    let d = dir.clone();
+    in_blocking(move || {
+        layer.fetch_all(&mut |_, _| {}).unwrap();
+        assert_eq!(verify::check_claim(&layer, &source, &d, &cache), Some(true));
+        super::remote::switch_to_native(&layer, crate::fs::LowerLayers::default(), &d, "fixture");
+    })
+    .await;
+    assert!(
+        native::is_mounted(&dir),
+        "the fetched layer was not switched"
+    );
+    assert!(dir.join("native.erofs").is_file());
+
+    // The container mounted before keeps reading (through the FUSE mount below); one
+    // mounted now gets the native mount.
+    let (t, files) = (old_root.clone(), fx.files.clone());
+    assert!(in_blocking(move || files_read_back(&t, &files)).await);
+    let mounts = sn
+        .prepare("new".into(), chain.clone(), HashMap::new())
+        .await
+        .unwrap();
+    let new_root = tmp.path().join("new");
+    std::fs::create_dir(&new_root).unwrap();
+    do_mount(&mounts, &new_root);
+    let (t, files) = (new_root.clone(), fx.files.clone());
+    assert!(in_blocking(move || files_read_back(&t, &files)).await);
+    unmount(&new_root);
+    unmount(&old_root);
+
+    // Removing the layer takes both mounts down (the native one first, or the FUSE
+    // session could not end).
+    for key in ["new", "old"] {
+        sn.remove(key.into()).await.unwrap();
+    }
+    sn.remove(chain).await.unwrap();
+    assert!(!mounted_under(tmp.path()), "mounts left after removal");
+    sn.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_fetch_switches_the_layer_once_it_is_verified() {
+    require_root();
+    let fx = honest_fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.lazy.background_fetch = true;
+    let sn = SprySnapshotter::open(&cfg).await.unwrap();
+    let id = mount_lazily(&sn, &fx.labels).await;
+    let dir = sn.dir(id);
+    let started = std::time::Instant::now();
+    while !native::is_mounted(&dir) && started.elapsed() < std::time::Duration::from_secs(20) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        native::is_mounted(&dir),
+        "not switched after the background fetch"
+    );
+    let (fs, files) = (dir.join("fs"), fx.files.clone());
+    assert!(in_blocking(move || files_read_back(&fs, &files)).await);
+    sn.remove(fx.diff_id.clone()).await.unwrap();
+    assert!(!mounted_under(tmp.path()), "mounts left after removal");
+    sn.shutdown();
+}

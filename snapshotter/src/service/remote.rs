@@ -175,7 +175,8 @@ impl RemoteLayers {
             super::native::check_claim(&this.cache, &source).map_err(native)?;
             let layer = this.open_layer(&source)?;
             let started = std::time::Instant::now();
-            super::native::mount(&layer, lowers, &dir).map_err(native)?;
+            super::native::mount(&layer, lowers, &dir, super::native::ImagePlace::ForVms)
+                .map_err(native)?;
             // As for a FUSE layer: removing the image frees its chunks.
             if let Err(err) = super::chunks::write_list(&dir, layer.index()) {
                 tracing::warn!(layer = %source.layer_digest, error = %err, "cannot record the layer's chunks; removing its image will leave them cached");
@@ -245,15 +246,8 @@ impl RemoteLayers {
         snapshot_dir: &Path,
         lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
-        if super::native::is_mounted(snapshot_dir) {
-            tracing::info!(id, "adopted native layer mount");
-            let dir = snapshot_dir.to_path_buf();
-            self.mounted
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, Mounted::Native { dir, usage: None });
-            return Ok(());
-        }
+        // A live daemon first: it may serve running containers below a native mount it
+        // stacked once the layer was fetched, and stopping it takes both down.
         if self.config.fuse_daemon {
             if let Some(pid) = super::daemon::alive(snapshot_dir) {
                 tracing::info!(id, pid, "adopted running layer daemon");
@@ -264,6 +258,15 @@ impl RemoteLayers {
                     .insert(id, Mounted::Daemon { dir });
                 return Ok(());
             }
+        }
+        if super::native::is_mounted(snapshot_dir) {
+            tracing::info!(id, "adopted native layer mount");
+            let dir = snapshot_dir.to_path_buf();
+            self.mounted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Mounted::Native { dir, usage: None });
+            return Ok(());
         }
         self.mount(id, source, snapshot_dir, lowers).await
     }
@@ -356,7 +359,7 @@ impl RemoteLayers {
             &digest,
             crate::fs::ServeOptions {
                 recorder,
-                lowers,
+                lowers: lowers.clone(),
                 passthrough: self.config.passthrough,
             },
         )
@@ -365,7 +368,12 @@ impl RemoteLayers {
             source,
         })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
-        self.start_fetching(layer.clone(), source, path.parent().map(Path::to_path_buf));
+        self.start_fetching(
+            layer.clone(),
+            source,
+            path.parent().map(Path::to_path_buf),
+            lowers,
+        );
         let old = self
             .mounted
             .lock()
@@ -423,9 +431,11 @@ impl RemoteLayers {
         layer: Arc<RemoteLayer>,
         source: RemoteSource,
         snapshot_dir: Option<PathBuf>,
+        lowers: LowerLayers,
     ) {
         let digest = source.layer_digest.clone();
         let cache = self.cache.clone();
+        let native = self.config.native_mounts;
         let (prefetch, background) = (self.config.prefetch, self.config.background_fetch);
         if !prefetch && !background {
             return;
@@ -444,7 +454,10 @@ impl RemoteLayers {
                         Ok(bytes) => {
                             tracing::info!(layer = %digest, bytes, "layer fully fetched");
                             if let Some(dir) = &snapshot_dir {
-                                super::verify::check_claim(&layer, &source, dir, &cache);
+                                let verified = super::verify::check_claim(&layer, &source, dir, &cache);
+                                if native && verified == Some(true) {
+                                    switch_to_native(&layer, lowers, dir, &digest);
+                                }
                             }
                         }
                         Err(LayerError::Cancelled) => {}
@@ -470,6 +483,9 @@ impl RemoteLayers {
                 image,
             }) => {
                 layer.cancel();
+                if let Some(dir) = mount.path().parent() {
+                    super::native::unmount_over_fuse(dir);
+                }
                 if let Some(image) = image {
                     if let Err(err) = image.unmount() {
                         tracing::warn!(id, error = %error_chain(&err), "failed to unmount a remote layer's image");
@@ -531,6 +547,23 @@ impl RemoteLayers {
             .collect();
         for id in all {
             self.unmount(id);
+        }
+    }
+}
+
+/// Stacks the layer's native mount over its FUSE mount once it is fetched and verified:
+/// containers created from now on read it natively, those running keep the FUSE mount
+/// (and the daemon serves them until the layer is removed).
+pub(super) fn switch_to_native(layer: &RemoteLayer, lowers: LowerLayers, dir: &Path, digest: &str) {
+    use super::native::{ImagePlace, NativeError};
+    let started = std::time::Instant::now();
+    match super::native::mount(layer, lowers, dir, ImagePlace::Beside) {
+        Ok(()) => {
+            tracing::info!(layer = %digest, elapsed_ms = started.elapsed().as_millis() as u64, "fully fetched layer mounted natively for new containers")
+        }
+        Err(err @ NativeError::Mount { .. }) => super::native::warn_unsupported_once(&err),
+        Err(err) => {
+            tracing::warn!(layer = %digest, error = %error_chain(&err), "cannot mount the fetched layer natively; new containers read it over FUSE")
         }
     }
 }
