@@ -141,6 +141,10 @@ pub fn mount(
         let _ = std::fs::remove_file(&path);
         return Err(NativeError::Mount { path, source });
     }
+    if place == ImagePlace::ForVms {
+        // An image an earlier daemon switched to (its mounts are gone, or they hold it open).
+        let _ = std::fs::remove_file(ImagePlace::Beside.path(snapshot_dir));
+    }
     Ok(())
 }
 
