@@ -84,8 +84,13 @@ pub async fn warm_image(
                     // mount it natively (`service/native.rs`) instead of over FUSE. That
                     // streams the blob once more.
                     let digests = layer.digests()?;
-                    crate::service::verify::record_diff_id(&cache, &digest_of_blob, &digests);
-                    progress(format!("{label}: diffID {} verified", digests.diff_id));
+                    if crate::service::verify::record_diff_id(&cache, &digest_of_blob, &digests) {
+                        progress(format!("{label}: diffID {} verified", digests.diff_id));
+                    } else {
+                        progress(format!(
+                            "{label}: diffID not recorded (the warning above says why): the layer will be served over FUSE"
+                        ));
+                    }
                     bytes
                 }
             };

@@ -54,14 +54,18 @@ pub fn check_claim(
 
 /// Records the diffID of the blob `expected` (the digest its manifest names) when the bytes
 /// streamed were that blob, so that later mounts of it can check claims without streaming
-/// it again (`cache/diff_ids.rs`).
-pub fn record_diff_id(cache: &ChunkCache, expected: &str, digests: &BlobDigests) {
+/// it again (`cache/diff_ids.rs`). Returns whether it was recorded.
+pub fn record_diff_id(cache: &ChunkCache, expected: &str, digests: &BlobDigests) -> bool {
     if digests.blob != expected {
         tracing::warn!(layer = %expected, served = %digests.blob, "the registry served other bytes than the layer's digest names; its diffID is not recorded");
-        return;
+        return false;
     }
-    if let Err(err) = cache.record_diff_id(expected, &digests.diff_id) {
-        tracing::warn!(layer = %expected, error = %error_chain(&err), "cannot record the layer's verified diffID");
+    match cache.record_diff_id(expected, &digests.diff_id) {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(layer = %expected, error = %error_chain(&err), "cannot record the layer's verified diffID");
+            false
+        }
     }
 }
 
