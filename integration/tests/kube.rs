@@ -648,6 +648,11 @@ fn pooled_pods_checks(cluster: &Cluster, registry: &Registry) -> Result<()> {
         .matches("the pod took a pooled VM")
         .count();
     ensure!(took == 1, "{took} pods took a pooled VM, not 1");
+    // Ready means started: the container's first line may still be on its way to the log
+    // (CI once read "" here). The check below says what was read if it never arrives.
+    let _ = wait(Duration::from_secs(30), "pool-b's log line", || {
+        Ok(cluster.kubectl(&["logs", "pool-b"])?.trim() == "pool-b")
+    });
     let logs = cluster.kubectl(&["logs", "pool-b"])?;
     let exec = cluster.kubectl(&["exec", "pool-b", "--", "hostname"])?;
     ensure!(
