@@ -37,14 +37,9 @@ pub struct BlobDigests {
 }
 
 impl RemoteLayer {
-    /// The sha256 of the layer's uncompressed tar (its diffID), streaming the blob from the
-    /// registry: memory stays at one range request.
-    pub fn diff_id(&self) -> Result<String, LayerError> {
-        Ok(self.digests()?.diff_id)
-    }
-
-    /// The layer's diffID and the digest of the blob it was computed from, in one pass
-    /// over the blob.
+    /// The sha256 of the layer's uncompressed tar (its diffID) and the digest of the blob it
+    /// was computed from, in one pass streaming the blob from the registry: memory stays at
+    /// one range request.
     pub fn digests(&self) -> Result<BlobDigests, LayerError> {
         let size = self.fetcher.size().map_err(|source| LayerError::Fetch {
             offset: 0,
