@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod lazy_pull_support;
+#[path = "lazy_pull/recorded_prefetch.rs"]
+mod recorded_prefetch;
 use lazy_pull_support::{convert, push_layout, CountingProxy, Snapshotter};
 
 use anyhow::{bail, ensure, Context, Result};

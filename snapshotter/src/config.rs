@@ -76,7 +76,9 @@ pub struct LazyConfig {
     #[serde(default = "yes")]
     pub fuse_daemon: bool,
     /// Write the files each layer serves to `<snapshot>/accessed.txt` in
-    /// first-open order (for `convert --prioritized-files`).
+    /// first-open order (for `convert --prioritized-files`) and every read it serves to
+    /// `<snapshot>/accessed-ranges.txt` (for `convert --prefetch-ranges`). Recording layers
+    /// are served through the daemon only: no passthrough, no native mounts.
     #[serde(default)]
     pub record_accesses: bool,
     /// Bound on the chunk cache in MiB (0: none). Past it, least recently used chunks are

@@ -8,9 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spry_snapshotter::{
     config::{Config, DEFAULT_CONFIG_PATH},
-    convert::{convert_image, ImageSource, LayerConvertOptions},
+    convert::{convert_image, ImageSource},
     estargz::DEFAULT_CHUNK_SIZE,
-    record::{prioritized_list, record_image, RecordOptions, StopReason},
+    record::{
+        convert_options, prioritized_list, record_image, ReadRanges, RecordOptions, StopReason,
+    },
     registry::{Reference, RegistryClient},
     service::SprySnapshotter,
     warm::{warm_image, WarmScope},
@@ -63,6 +65,12 @@ struct ConvertArgs {
     /// File listing paths to prioritize (prefetch), one per line.
     #[arg(long)]
     prioritized_files: Option<PathBuf>,
+    /// File of reads a workload made (`OFFSET LENGTH PATH` per line: the snapshotter's
+    /// `accessed-ranges.txt` with `lazy.record_accesses`). Those files follow the prioritized
+    /// ones, cut into chunks at the edges of what was read; a mount then prefetches only the
+    /// chunks read (and the prioritized files whole).
+    #[arg(long, value_name = "FILE")]
+    prefetch_ranges: Option<PathBuf>,
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
     chunk_size: u64,
     /// Run the image once (root: namespaces + fanotify, no VM) and prioritize
@@ -201,10 +209,17 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
         }
         prioritized = prioritized_list(&prioritized, &recording.files);
     }
-    let opts = LayerConvertOptions {
-        chunk_size: args.chunk_size,
-        prioritized,
+    let ranges = match &args.prefetch_ranges {
+        Some(path) => Some(
+            ReadRanges::parse(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("--prefetch-ranges {}", path.display()))?,
+        ),
+        None => None,
     };
+    let opts = convert_options(args.chunk_size, &prioritized, ranges);
     let converted = convert_image(&client, &source, &target, &opts, progress).await?;
     println!("{}", serde_json::to_string_pretty(&converted)?);
     Ok(())

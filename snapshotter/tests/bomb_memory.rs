@@ -30,6 +30,7 @@ fn bomb_layer() -> (Vec<u8>, String) {
     let opts = LayerConvertOptions {
         chunk_size: CHUNK,
         prioritized: Vec::new(),
+        hot: Default::default(),
     };
     let (out, blob) = convert_tar(&tar.into_inner().unwrap()[..], Vec::new(), &opts).unwrap();
     (blob, out.toc_digest)

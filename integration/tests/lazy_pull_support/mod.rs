@@ -16,10 +16,23 @@ use spry_integration::{paths, require_tool, Registry};
 
 pub use spry_integration::snapshotter::{snapshotter_bin, Snapshotter};
 
+mod layout;
+// Used by some of the binaries that include this module.
+#[allow(unused_imports)]
+pub use layout::{busybox_with_file, noise};
+
 /// Copies an image from the OCI layouts `scripts/build-test-images.sh` made.
 pub fn push_layout(registry: &Registry, name: &str) -> Result<()> {
+    push_layout_dir(
+        registry,
+        &paths::repo_root().join("build/images").join(name),
+        name,
+    )
+}
+
+/// Copies the OCI layout `layout` (tag `1`) to `<name>:1` in the registry.
+pub fn push_layout_dir(registry: &Registry, layout: &Path, name: &str) -> Result<()> {
     let skopeo = require_tool(Path::new("skopeo"))?;
-    let layout = paths::repo_root().join("build/images").join(name);
     ensure!(
         layout.join("index.json").exists(),
         "{} is missing: run scripts/build-test-images.sh",
@@ -43,21 +56,58 @@ pub fn convert(registry: &Registry, name: &str, prioritized: &[&str]) -> Result<
     let dir = tempfile::tempdir()?;
     let list = dir.path().join("prioritized.txt");
     std::fs::write(&list, prioritized.join("\n"))?;
+    let args: &[&std::ffi::OsStr] = if prioritized.is_empty() {
+        &[]
+    } else {
+        &["--prioritized-files".as_ref(), list.as_os_str()]
+    };
+    convert_as(registry, name, "estargz", args)
+}
+
+/// Converts `name`'s layout to `<name>:<tag>` with extra `convert` arguments; returns what
+/// the converter printed.
+pub fn convert_as(
+    registry: &Registry,
+    name: &str,
+    tag: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<serde_json::Value> {
     let layout = paths::repo_root().join("build/images").join(name);
-    let mut cmd = Command::new(snapshotter_bin()?);
-    cmd.arg("convert")
+    convert_layout(registry, &layout, &format!("{name}:{tag}"), args)
+}
+
+/// Converts the OCI layout `layout` (tag `1`) to `target` (`name:tag`) in the registry.
+pub fn convert_layout(
+    registry: &Registry,
+    layout: &Path,
+    target: &str,
+    args: &[&std::ffi::OsStr],
+) -> Result<serde_json::Value> {
+    let out = Command::new(snapshotter_bin()?)
+        .arg("convert")
         .arg(format!("oci:{}:1", layout.display()))
-        .arg(registry.image(&format!("{name}:estargz")));
-    if !prioritized.is_empty() {
-        cmd.arg("--prioritized-files").arg(&list);
-    }
-    let out = cmd.output()?;
+        .arg(registry.image(target))
+        .args(args)
+        .output()?;
     ensure!(
         out.status.success(),
-        "convert {name}: {}",
+        "convert {}: {}",
+        layout.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// The reads a snapshotter with `lazy.record_accesses` served, all layers together: the
+/// `convert --prefetch-ranges` input.
+pub fn recorded_reads(snapshotter: &Snapshotter) -> Result<String> {
+    let mut reads = String::new();
+    for dir in std::fs::read_dir(snapshotter.dir().join("root/snapshots"))?.flatten() {
+        if let Ok(list) = std::fs::read_to_string(dir.path().join("accessed-ranges.txt")) {
+            reads.push_str(&list);
+        }
+    }
+    Ok(reads)
 }
 
 /// A TCP proxy in front of the registry that counts the bytes it sends

@@ -46,6 +46,32 @@ struct InFlight {
     cv: Condvar,
 }
 
+/// The right to fill one chunk ([`ChunkCache::claim`]); dropping it unfilled lets waiting
+/// readers fetch the chunk themselves.
+pub struct FillClaim<'a> {
+    cache: &'a ChunkCache,
+    digest: String,
+    flight: Arc<InFlight>,
+}
+
+impl FillClaim<'_> {
+    /// The digest claimed.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Stores the chunk's verified bytes and releases the waiting readers.
+    pub fn fill(self, data: &[u8]) -> Result<(), CacheError> {
+        self.cache.insert(&self.digest, data)
+    }
+}
+
+impl Drop for FillClaim<'_> {
+    fn drop(&mut self) {
+        self.cache.end_flight(&self.digest, &self.flight);
+    }
+}
+
 // Open chunk files kept around: FUSE reads come in 128 KiB pieces, and
 // reopening the chunk file for each one costs more than the read itself.
 const OPEN_FILES: usize = 256;
@@ -237,6 +263,36 @@ impl ChunkCache {
         Ok(Some(buf))
     }
 
+    /// Claims the filling of `digest` when it is neither cached nor being filled: until the
+    /// claim is filled or dropped, [`Self::get_or_fill`] of the digest waits for it rather
+    /// than fetching the chunk a second time (a read racing the prefetch that has it in
+    /// flight).
+    pub fn claim(&self, digest: &str) -> Option<FillClaim<'_>> {
+        if self.contains(digest) {
+            return None;
+        }
+        let mut map = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(digest) {
+            return None;
+        }
+        let flight = Arc::new(InFlight::default());
+        map.insert(digest.to_string(), flight.clone());
+        Some(FillClaim {
+            cache: self,
+            digest: digest.to_string(),
+            flight,
+        })
+    }
+
+    fn end_flight(&self, digest: &str, flight: &InFlight) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
+        *flight.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        flight.cv.notify_all();
+    }
+
     /// Makes sure the chunk is cached, calling `fill` to produce its verified
     /// bytes unless another thread is already doing so for the same digest.
     pub fn get_or_fill<E, F>(&self, digest: &str, fill: F) -> Result<(), FillError<E>>
@@ -274,12 +330,7 @@ impl ChunkCache {
                     let result = fill()
                         .map_err(|source| FillError::Fill { source })
                         .and_then(|data| self.insert(digest, &data).map_err(FillError::from));
-                    self.in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(digest);
-                    *mine.done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-                    mine.cv.notify_all();
+                    self.end_flight(digest, &mine);
                     return result;
                 }
             }
@@ -384,5 +435,40 @@ mod tests {
         let err = cache.get_or_fill(D, || Err(Boom)).unwrap_err();
         assert!(matches!(err, FillError::Fill { .. }));
         assert!(!cache.contains(D));
+    }
+
+    #[test]
+    fn a_reader_of_a_claimed_chunk_waits_for_the_claim_instead_of_fetching() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ChunkCache::open(dir.path()).unwrap();
+        let fills = AtomicUsize::new(0);
+        let claim = cache.claim(D).unwrap();
+        assert!(cache.claim(D).is_none(), "claimed twice");
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                cache.get_or_fill(D, || -> Result<Vec<u8>, Boom> {
+                    fills.fetch_add(1, Ordering::SeqCst);
+                    Ok(b"hello".to_vec())
+                })
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            claim.fill(b"hello").unwrap();
+            reader.join().unwrap().unwrap();
+        });
+        assert_eq!(fills.load(Ordering::SeqCst), 0, "the reader fetched too");
+        assert!(cache.claim(D).is_none(), "a cached chunk was claimable");
+
+        // A claim dropped unfilled (its fetch failed) leaves the reader to fetch it.
+        let other = "sha256:486ea46224d1bb4fb680f34f7c9ad96a8f24ec88be73ea8e5a6c65260e9cb8a7";
+        let claim = cache.claim(other).unwrap();
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                cache.get_or_fill(other, || -> Result<Vec<u8>, Boom> { Ok(b"world".to_vec()) })
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(claim);
+            reader.join().unwrap().unwrap();
+        });
+        assert_eq!(cache.read(other, 0, 5).unwrap().unwrap(), b"world");
     }
 }

@@ -7,8 +7,8 @@ use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use crate::estargz::{
-    toc::clean_name, writer::SourceEntry, EstargzError, EstargzWriter, WriterOutput,
-    LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+    toc::clean_name, writer::SourceEntry, EstargzError, EstargzWriter, HotRanges, WriterOutput,
+    DEFAULT_CHUNK_SIZE, LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
 };
 
 /// Errors converting a layer.
@@ -28,6 +28,19 @@ pub struct LayerConvertOptions {
     pub chunk_size: u64,
     /// Paths (in the image) to put first, in this order.
     pub prioritized: Vec<String>,
+    /// Bytes of files to mark for prefetch (`spryPrefetch`), by path. Empty: the layer's
+    /// prefetch is everything before `.prefetch.landmark`, as stargz-snapshotter reads it.
+    pub hot: HashMap<String, HotRanges>,
+}
+
+impl Default for LayerConvertOptions {
+    fn default() -> Self {
+        LayerConvertOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            prioritized: Vec::new(),
+            hot: HashMap::new(),
+        }
+    }
 }
 
 struct Spooled {
@@ -73,7 +86,13 @@ pub fn convert_tar<R: Read, W: Write>(
             .seek(SeekFrom::Start(e.data_pos))
             .map_err(|source| LayerConvertError::Spool { source })?;
         let mut data = (&mut spool).take(e.size);
-        writer.append(&e.entry, &mut data).map_err(write_err)?;
+        let hot = opts
+            .hot
+            .get(&clean_name(&String::from_utf8_lossy(&e.entry.path)))
+            .unwrap_or(&HotRanges::None);
+        writer
+            .append_hot(&e.entry, &mut data, hot)
+            .map_err(write_err)?;
     }
     if order.prioritized_count > 0 && order.prioritized_count == order.indices.len() {
         writer

@@ -21,6 +21,8 @@ pub struct ChunkRef {
     pub size: u64,
     /// `sha256:` digest of the uncompressed chunk.
     pub digest: String,
+    /// Marked for prefetch in the TOC (`spryPrefetch`).
+    pub hot: bool,
 }
 
 /// What the layer asks to prefetch.
@@ -33,6 +35,9 @@ pub enum Prefetch {
     /// The layer has no landmark at all.
     #[default]
     Unspecified,
+    /// Fetch the chunks the TOC marks (`spryPrefetch`: what a recorded workload read),
+    /// whatever the landmark says.
+    Marked,
 }
 
 /// A validated index of one eStargz layer.
@@ -111,6 +116,9 @@ impl LayerIndex {
             entries.push(e);
         }
 
+        if chunks.values().flatten().any(|c| c.hot) {
+            prefetch = Prefetch::Marked;
+        }
         for (idx, list) in &chunks {
             let e = &entries[*idx];
             let mut expected = 0;
@@ -138,6 +146,19 @@ impl LayerIndex {
         let mut all: Vec<ChunkRef> = self.chunks.values().flatten().cloned().collect();
         all.sort_by_key(|c| c.compressed_offset);
         all
+    }
+
+    /// The chunks marked for prefetch, in blob order.
+    pub fn hot_chunks(&self) -> Vec<ChunkRef> {
+        let mut hot: Vec<ChunkRef> = self
+            .chunks
+            .values()
+            .flatten()
+            .filter(|c| c.hot)
+            .cloned()
+            .collect();
+        hot.sort_by_key(|c| c.compressed_offset);
+        hot
     }
 
     /// Total uncompressed size of regular file contents.
@@ -218,5 +239,6 @@ fn chunk_of(
         file_offset: e.chunk_offset as u64,
         size: size as u64,
         digest: e.chunk_digest.clone(),
+        hot: e.prefetch,
     })
 }

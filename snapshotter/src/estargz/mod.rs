@@ -5,6 +5,7 @@
 mod chunk;
 pub mod footer;
 mod index;
+pub mod plan;
 pub mod toc;
 pub mod writer;
 
@@ -13,6 +14,7 @@ mod hostile_tests;
 
 pub use chunk::{decode_chunk, decode_toc_member, sha256_digest};
 pub use index::{ChunkRef, LayerIndex, Prefetch};
+pub use plan::HotRanges;
 pub use toc::{EntryType, Toc, TocEntry};
 pub use writer::{EstargzWriter, WriterOutput};
 

@@ -82,6 +82,15 @@ pub struct TocEntry {
     pub chunk_digest: String,
     #[serde(default, rename = "innerOffset", skip_serializing_if = "is_zero")]
     pub inner_offset: i64,
+    /// Spry's extension: the workload recorded at conversion read this chunk before it was
+    /// ready (`convert --prefetch-ranges`), so a mount prefetches it. Other eStargz readers
+    /// ignore unknown fields; the TOC's digest covers it like every other field.
+    #[serde(default, rename = "spryPrefetch", skip_serializing_if = "is_false")]
+    pub prefetch: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 impl TocEntry {
@@ -107,6 +116,7 @@ impl TocEntry {
             chunk_size: 0,
             chunk_digest: String::new(),
             inner_offset: 0,
+            prefetch: false,
         }
     }
 }

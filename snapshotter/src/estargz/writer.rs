@@ -10,8 +10,11 @@ use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use super::{
-    footer, toc::clean_name, toc::format_modtime, EntryType, EstargzError, Toc, TocEntry,
-    TOC_TAR_NAME,
+    footer,
+    plan::{chunk_plan, HotRanges},
+    toc::clean_name,
+    toc::format_modtime,
+    EntryType, EstargzError, Toc, TocEntry, TOC_TAR_NAME,
 };
 
 /// A tar entry to append: its header, full path, link target and PAX records.
@@ -71,6 +74,17 @@ impl<W: Write> EstargzWriter<W> {
     /// Appends one entry; `data` must yield exactly the header's size for
     /// regular files and is not read otherwise.
     pub fn append(&mut self, entry: &SourceEntry, data: &mut dyn Read) -> Result<(), EstargzError> {
+        self.append_hot(entry, data, &HotRanges::None)
+    }
+
+    /// [`Self::append`], cutting a regular file's chunks at the edges of `hot` and marking
+    /// those chunks for prefetch.
+    pub fn append_hot(
+        &mut self,
+        entry: &SourceEntry,
+        data: &mut dyn Read,
+        hot: &HotRanges,
+    ) -> Result<(), EstargzError> {
         let Some(kind) = entry_type(&entry.header) else {
             // Global PAX headers and other metadata-only records carry nothing
             // a TOC can express; they are dropped.
@@ -94,17 +108,18 @@ impl<W: Write> EstargzWriter<W> {
         let mut done = 0u64;
         let mut reg_index = None;
         let mut buf = vec![0u8; 64 * 1024];
-        while done < size {
+        for planned in chunk_plan(size, self.chunk_size, hot) {
             self.close_member()?;
-            let this = (size - done).min(self.chunk_size);
+            let this = planned.len;
             toc_entry.offset = self.written as i64;
             toc_entry.chunk_offset = done as i64;
             // The last chunk leaves chunkSize at 0 ("to the end"), as the Go writer does.
-            toc_entry.chunk_size = if this == self.chunk_size {
+            toc_entry.chunk_size = if this == self.chunk_size || done + this < size {
                 this as i64
             } else {
                 0
             };
+            toc_entry.prefetch = planned.hot;
             let mut chunk_hash = Sha256::new();
             let mut left = this;
             while left > 0 {

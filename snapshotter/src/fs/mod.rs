@@ -141,29 +141,43 @@ impl LayerFs {
 }
 
 /// Appends the path of every regular file opened for the first time to a
-/// file: the list `convert --prioritized-files` takes (`--record`).
+/// file: the list `convert --prioritized-files` takes (`--record`); and every read the
+/// daemon serves, as `OFFSET LENGTH PATH`, to another: what `convert --prefetch-ranges`
+/// takes. The reads are the kernel's (readahead included), which is what a later mount
+/// of the converted layer will ask for.
 pub struct AccessRecorder {
-    out: std::sync::Mutex<(std::fs::File, std::collections::HashSet<usize>)>,
+    opens: std::sync::Mutex<(std::fs::File, std::collections::HashSet<usize>)>,
+    reads: std::sync::Mutex<std::io::BufWriter<std::fs::File>>,
 }
 
 impl AccessRecorder {
-    /// Records into `path` (appending).
-    pub fn create(path: &Path) -> std::io::Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
+    /// Records first opens into `opens` and reads into `reads` (appending).
+    pub fn create(opens: &Path, reads: &Path) -> std::io::Result<Self> {
+        let append = |path: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+        };
         Ok(AccessRecorder {
-            out: std::sync::Mutex::new((file, Default::default())),
+            opens: std::sync::Mutex::new((append(opens)?, Default::default())),
+            reads: std::sync::Mutex::new(std::io::BufWriter::new(append(reads)?)),
         })
     }
 
     fn record(&self, entry: usize, name: &str) {
-        let mut guard = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.opens.lock().unwrap_or_else(|p| p.into_inner());
         if guard.1.insert(entry) {
             use std::io::Write;
             let _ = writeln!(guard.0, "{name}");
         }
+    }
+
+    fn record_read(&self, name: &str, offset: u64, len: u32) {
+        use std::io::Write;
+        let mut out = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        // Flushed per line: a recording ends by killing the workload, not by unmounting.
+        let _ = writeln!(out, "{offset} {len} {name}").and_then(|_| out.flush());
     }
 }
 
@@ -298,6 +312,9 @@ impl Filesystem for LayerFs {
         };
         self.stats.daemon_reads.fetch_add(1, Ordering::Relaxed);
         let name = &self.layer.index().entries[entry].name;
+        if let Some(recorder) = &self.recorder {
+            recorder.record_read(name, offset, size);
+        }
         reply_read(reply, name, offset, || {
             self.layer.read_file(entry, offset, size as usize)
         });

@@ -291,6 +291,7 @@ fn read_speed() {
     let opts = crate::convert::LayerConvertOptions {
         chunk_size: 4 << 20,
         prioritized: vec![],
+        hot: Default::default(),
     };
     let (out, blob) = crate::convert::convert_tar(&tar[..], Vec::new(), &opts).unwrap();
     let plain = tempfile::tempdir_in("/var/tmp").unwrap();

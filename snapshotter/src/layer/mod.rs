@@ -4,6 +4,7 @@
 
 mod backing;
 mod fetch;
+mod marked;
 mod verify;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -230,11 +231,14 @@ impl RemoteLayer {
         Ok(out)
     }
 
-    /// Fetches the prioritized files (before `.prefetch.landmark`) in as few range
-    /// requests as batches allow. Returns the number of compressed bytes fetched.
+    /// Fetches what the layer asks to prefetch: the chunks its TOC marks, or else the
+    /// prioritized files (before `.prefetch.landmark`) in as few range requests as batches
+    /// allow. Returns the number of compressed bytes fetched.
     pub fn prefetch(&self) -> Result<u64, LayerError> {
-        let Prefetch::UpTo { end } = self.index.prefetch else {
-            return Ok(0);
+        let end = match self.index.prefetch {
+            Prefetch::Marked => return self.fetch_marked(),
+            Prefetch::UpTo { end } => end,
+            Prefetch::Nothing | Prefetch::Unspecified => return Ok(0),
         };
         let chunks = self
             .index

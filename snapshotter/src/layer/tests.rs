@@ -237,3 +237,81 @@ fn a_chunk_torn_before_this_process_is_fetched_again_not_served() {
         "the torn chunk was not fetched again"
     );
 }
+
+/// Incompressible bytes: compressed offsets then track file offsets.
+fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_layer_with_marked_chunks_prefetches_only_the_bytes_read_when_recorded() {
+    let mib = 1 << 20;
+    let data = noise(3 * mib);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    b.append_data(&mut h, "lib/big.so", &data[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let ranges = crate::record::ReadRanges::parse(&format!(
+        "{} 100 lib/big.so\n{} 10 lib/big.so\n",
+        mib,
+        5 * mib / 2
+    ))
+    .unwrap();
+    let opts = crate::record::convert_options(4 * mib as u64, &[], Some(ranges));
+    let (out, blob) = crate::convert::convert_tar(&tar[..], Vec::new(), &opts).unwrap();
+    let mem = MemBlob::new(blob);
+    let (layer, _dir) = open(mem.clone(), &out.toc_digest);
+    assert_eq!(layer.index().prefetch, Prefetch::Marked);
+    let hot: u64 = layer.index().hot_chunks().iter().map(|c| c.size).sum();
+    assert_eq!(hot, 2 * 4096, "one page around each read");
+
+    let before = mem.calls.load(Ordering::SeqCst);
+    let fetched = layer.prefetch().unwrap();
+    assert_eq!(
+        mem.calls.load(Ordering::SeqCst),
+        before + 2,
+        "two reads far apart: two requests"
+    );
+    assert!(
+        fetched < 16 << 10,
+        "prefetched {fetched} bytes for two pages"
+    );
+    // What was read at recording is now served without the registry.
+    let big = entry_index(&layer, "lib/big.so");
+    let calls = mem.calls.load(Ordering::SeqCst);
+    assert_eq!(
+        layer.read_file(big, mib as u64, 100).unwrap(),
+        data[mib..mib + 100]
+    );
+    let late = 5 * mib / 2;
+    assert_eq!(
+        layer.read_file(big, late as u64, 10).unwrap(),
+        data[late..late + 10]
+    );
+    assert_eq!(mem.calls.load(Ordering::SeqCst), calls);
+    // A read the recording did not see fetches one small cold chunk, not the whole file.
+    let stats_before = layer.stats().bytes_fetched.load(Ordering::Relaxed);
+    assert_eq!(layer.read_file(big, 10, 10).unwrap(), data[10..20]);
+    let cold = layer.stats().bytes_fetched.load(Ordering::Relaxed) - stats_before;
+    assert!(
+        cold <= (512 << 10) + 1024,
+        "a cold read fetched {cold} bytes"
+    );
+    // The whole file still reads back intact, chunk edges and all.
+    assert_eq!(layer.read_file(big, 0, data.len()).unwrap(), data);
+    // A second prefetch finds everything cached.
+    let calls = mem.calls.load(Ordering::SeqCst);
+    assert_eq!(layer.prefetch().unwrap(), 0);
+    assert_eq!(mem.calls.load(Ordering::SeqCst), calls);
+}

@@ -13,6 +13,7 @@
 //! namespace) is killed.
 
 mod order;
+mod ranges;
 mod run;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 pub use order::{prioritized_list, OpenOrder};
+pub use ranges::{convert_options, RangesError, ReadRanges};
 pub use run::{record_rootfs, Workload};
 
 use crate::convert::{unpack_image, ImageConvertError, ImageSource};

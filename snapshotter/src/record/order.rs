@@ -122,6 +122,7 @@ mod tests {
         let opts = LayerConvertOptions {
             chunk_size: 1000,
             prioritized,
+            hot: Default::default(),
         };
         let (_, blob) = convert_tar(&tar[..], Vec::new(), &opts).unwrap();
         let mut plain = Vec::new();

@@ -127,6 +127,7 @@ fn records_the_files_a_shell_reads_first_and_in_order() {
     let opts = LayerConvertOptions {
         chunk_size: 4096,
         prioritized: prioritized_list(&[], &recording.files),
+        hot: Default::default(),
     };
     let (_, blob) = convert_tar(&rootfs_tar(dir.path())[..], Vec::new(), &opts).unwrap();
     let names = layer_order(&blob);

@@ -83,6 +83,7 @@ mod tests {
                 file_offset: 0,
                 size: 1,
                 digest: d.to_string(),
+                hot: false,
             })
             .collect();
         index.chunks.insert(0, refs);

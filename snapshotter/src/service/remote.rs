@@ -121,7 +121,8 @@ impl RemoteLayers {
         snapshot_dir: &Path,
         lowers: &[PathBuf],
     ) -> Result<(), RemoteError> {
-        if self.config.native_mounts && self.mount_native(id, source, snapshot_dir, lowers).await? {
+        let native = self.config.native_mounts && !self.config.record_accesses;
+        if native && self.mount_native(id, source, snapshot_dir, lowers).await? {
             return Ok(());
         }
         if !self.config.fuse_daemon {
@@ -335,9 +336,9 @@ impl RemoteLayers {
             }
         }
         let recorder = if self.config.record_accesses {
-            // Next to the mountpoint: <snapshot dir>/accessed.txt.
+            // Next to the mountpoint: <snapshot dir>/accessed.txt and accessed-ranges.txt.
             let file = path.with_file_name("accessed.txt");
-            match AccessRecorder::create(&file) {
+            match AccessRecorder::create(&file, &path.with_file_name("accessed-ranges.txt")) {
                 Ok(r) => Some(r),
                 Err(err) => {
                     tracing::warn!(path = %file.display(), error = %err, "cannot record file accesses");
@@ -358,9 +359,10 @@ impl RemoteLayers {
             &path,
             &digest,
             crate::fs::ServeOptions {
+                // Reads served by passthrough never reach the recorder.
+                passthrough: self.config.passthrough && recorder.is_none(),
                 recorder,
                 lowers: lowers.clone(),
-                passthrough: self.config.passthrough,
             },
         )
         .map_err(|source| RemoteError::Mount {
@@ -435,7 +437,7 @@ impl RemoteLayers {
     ) {
         let digest = source.layer_digest.clone();
         let cache = self.cache.clone();
-        let native = self.config.native_mounts;
+        let native = self.config.native_mounts && !self.config.record_accesses;
         let (prefetch, background) = (self.config.prefetch, self.config.background_fetch);
         if !prefetch && !background {
             return;

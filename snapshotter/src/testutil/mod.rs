@@ -112,6 +112,7 @@ pub fn convert(tar: &[u8], prioritized: &[&str]) -> (Vec<u8>, crate::estargz::Wr
     let opts = LayerConvertOptions {
         chunk_size: 1000,
         prioritized: prioritized.iter().map(|s| s.to_string()).collect(),
+        hot: Default::default(),
     };
     let (out, blob) = convert_tar(tar, Vec::new(), &opts).unwrap();
     (blob, out)
