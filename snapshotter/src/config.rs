@@ -97,6 +97,13 @@ pub struct LazyConfig {
     /// (FUSE passthrough, Linux >= 6.9) instead of asking the daemon for every read.
     #[serde(default = "yes")]
     pub passthrough: bool,
+    /// Readahead of a layer's FUSE mount in KiB (the kernel's default is 128). It decides
+    /// how much a read asks the daemon for beyond what it needs: with a recorded prefetch
+    /// those extra bytes are recorded and prefetched too, so record and serve with the same
+    /// value. Fully fetched files (passthrough, native mounts) read with their backing
+    /// file's own readahead.
+    #[serde(default = "default_readahead_kib")]
+    pub readahead_kib: u32,
     /// Also serve each layer as an erofs image, `<snapshot>/erofs/layer.erofs` beside its
     /// tree at `<snapshot>/fs`, for Spry's VMs to attach as a read-only disk (reads of
     /// the image fetch only the files they cover).
@@ -134,6 +141,13 @@ fn default_read_deadline_ms() -> u64 {
 fn default_cooldown_ms() -> u64 {
     5_000
 }
+fn default_readahead_kib() -> u32 {
+    DEFAULT_READAHEAD_KIB
+}
+
+/// See [`LazyConfig::readahead_kib`].
+pub const DEFAULT_READAHEAD_KIB: u32 = 32;
+
 fn default_cache_max_mib() -> u64 {
     10 << 10
 }
@@ -158,6 +172,7 @@ impl Default for LazyConfig {
             read_deadline_ms: default_read_deadline_ms(),
             unresponsive_cooldown_ms: default_cooldown_ms(),
             passthrough: true,
+            readahead_kib: default_readahead_kib(),
             vm_images: false,
             native_mounts: true,
         }

@@ -50,6 +50,8 @@ pub struct LayerFs {
     recorder: Option<AccessRecorder>,
     /// Ask the kernel for passthrough at init (`lazy.passthrough`).
     want_passthrough: bool,
+    /// Readahead to ask for at init (`lazy.readahead_kib`).
+    readahead: u32,
     open_files: passthrough::OpenFiles,
     stats: Arc<FsStats>,
     /// What the kernel agreed to at init.
@@ -84,6 +86,8 @@ pub struct ServeOptions {
     pub lowers: LowerLayers,
     /// Serve fully cached files by FUSE passthrough when the kernel can.
     pub passthrough: bool,
+    /// The mount's readahead in bytes (the kernel caps it at what it offers).
+    pub readahead: u32,
 }
 
 impl Default for ServeOptions {
@@ -92,6 +96,7 @@ impl Default for ServeOptions {
             recorder: None,
             lowers: LowerLayers::default(),
             passthrough: true,
+            readahead: crate::config::DEFAULT_READAHEAD_KIB << 10,
         }
     }
 }
@@ -107,6 +112,7 @@ impl LayerFs {
             tree,
             recorder: options.recorder,
             want_passthrough: options.passthrough,
+            readahead: options.readahead,
             open_files: passthrough::OpenFiles::new(stats.clone()),
             stats,
         }
@@ -197,6 +203,10 @@ impl Filesystem for LayerFs {
         self.kernel.no_opendir = config
             .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
             .is_ok();
+        // Above the kernel's maximum (or zero), the kernel's own value stays.
+        if let Err(max) = config.set_max_readahead(self.readahead.max(4096)) {
+            let _ = config.set_max_readahead(max);
+        }
         if !self.want_passthrough {
             return Ok(());
         }

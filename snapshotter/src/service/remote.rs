@@ -361,6 +361,7 @@ impl RemoteLayers {
             crate::fs::ServeOptions {
                 // Reads served by passthrough never reach the recorder.
                 passthrough: self.config.passthrough && recorder.is_none(),
+                readahead: self.config.readahead_kib.saturating_mul(1024),
                 recorder,
                 lowers: lowers.clone(),
             },
