@@ -181,6 +181,10 @@ impl AccessRecorder {
 
     fn record_read(&self, name: &str, offset: u64, len: u32) {
         use std::io::Write;
+        // One line per read: a name with a newline cannot be written (tar allows it).
+        if name.contains('\n') {
+            return;
+        }
         let mut out = self.reads.lock().unwrap_or_else(|p| p.into_inner());
         // Flushed per line: a recording ends by killing the workload, not by unmounting.
         let _ = writeln!(out, "{offset} {len} {name}").and_then(|_| out.flush());

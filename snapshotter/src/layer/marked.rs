@@ -28,8 +28,10 @@ pub(super) fn coalesce(all: &[ChunkRef]) -> Vec<&[ChunkRef]> {
     for (i, chunk) in all.iter().enumerate().filter(|(_, c)| c.hot) {
         run = match run {
             Some((first, last))
-                if chunk.compressed_offset - all[last].compressed_end <= JOIN_GAP
-                    && chunk.compressed_end - all[first].compressed_offset <= RANGE_MAX =>
+                // Saturating: a hostile TOC may give two chunks one offset.
+                if chunk.compressed_offset.saturating_sub(all[last].compressed_end) <= JOIN_GAP
+                    && chunk.compressed_end.saturating_sub(all[first].compressed_offset)
+                        <= RANGE_MAX =>
             {
                 Some((first, i))
             }
@@ -168,5 +170,10 @@ mod tests {
         let many = chunks(&[(k << 10, true); 5]);
         assert_eq!(coalesce(&many).len(), 3);
         assert!(coalesce(&chunks(&[(k, false)])).is_empty());
+        // Chunks a hostile TOC put at one offset: one request, no arithmetic overflow.
+        let mut same = chunks(&[(4 * k, true), (4 * k, true)]);
+        same[1].compressed_offset = 0;
+        same[1].compressed_end = 4 * k;
+        assert_eq!(spans(&coalesce(&same)), [(0, 4 * k)]);
     }
 }
