@@ -10,9 +10,7 @@ use spry_snapshotter::{
     config::{Config, DEFAULT_CONFIG_PATH},
     convert::{convert_image, ImageSource},
     estargz::DEFAULT_CHUNK_SIZE,
-    record::{
-        convert_options, prioritized_list, record_image, ReadRanges, RecordOptions, StopReason,
-    },
+    record::{convert_options, record_image, ReadRanges, RecordOptions, StopReason},
     registry::{Reference, RegistryClient},
     service::SprySnapshotter,
     warm::{warm_image, WarmScope},
@@ -168,7 +166,7 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
         None => ImageSource::Registry(Reference::parse(&args.source)?),
     };
     let target = Reference::parse(&args.target)?;
-    let mut prioritized: Vec<String> = match &args.prioritized_files {
+    let prioritized: Vec<String> = match &args.prioritized_files {
         Some(path) => std::fs::read_to_string(path)
             .with_context(|| format!("reading {}", path.display()))?
             .lines()
@@ -177,6 +175,16 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
             .map(String::from)
             .collect(),
         None => Vec::new(),
+    };
+    let mut ranges = match &args.prefetch_ranges {
+        Some(path) => Some(
+            ReadRanges::parse(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("--prefetch-ranges {}", path.display()))?,
+        ),
+        None => None,
     };
     let progress = &mut |line: &str| eprintln!("{line}");
     if args.record {
@@ -199,26 +207,25 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
             StopReason::Exited(status) => format!("it exited ({status})"),
         };
         eprintln!(
-            "recorded {} files; stopped because {why}",
-            recording.files.len()
+            "recorded {} files opened, {} of them read; stopped because {why}",
+            recording.files.len(),
+            recording.reads.paths().len()
         );
+        if recording.stayed_cached > 0 {
+            eprintln!(
+                "{} files stayed in the page cache when it was dropped before the run ($TMPDIR on tmpfs?): their opens count as reads of the whole file",
+                recording.stayed_cached
+            );
+        }
         if let Some(path) = &args.record_output {
             let mut text = recording.files.join("\n");
             text.push('\n');
             std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         }
-        prioritized = prioritized_list(&prioritized, &recording.files);
+        ranges
+            .get_or_insert_with(ReadRanges::default)
+            .extend(recording.reads);
     }
-    let ranges = match &args.prefetch_ranges {
-        Some(path) => Some(
-            ReadRanges::parse(
-                &std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("--prefetch-ranges {}", path.display()))?,
-        ),
-        None => None,
-    };
     let opts = convert_options(args.chunk_size, &prioritized, ranges);
     let converted = convert_image(&client, &source, &target, &opts, progress).await?;
     println!("{}", serde_json::to_string_pretty(&converted)?);

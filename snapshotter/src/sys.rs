@@ -228,3 +228,47 @@ pub fn set_child_setup(cmd: &mut Command, setup: ChildSetup) {
         cmd.pre_exec(pre_exec);
     }
 }
+
+/// The size of a page of the page cache.
+pub fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(4096)
+}
+
+/// Which pages of `file` (`len` bytes long) are in the page cache: `mincore` over a
+/// read-only shared mapping, as fincore(1) does. Mapping does not fault anything in.
+pub fn resident_pages(file: &std::fs::File, len: u64) -> io::Result<Vec<bool>> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a fresh read-only shared mapping of an open file, chosen by the kernel; no
+    // Rust reference into it is ever made, and it is unmapped below on every path.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mut vec = vec![0u8; len.div_ceil(page_size() as usize)];
+    // SAFETY: `addr` is the page-aligned start of the `len`-byte mapping made above and
+    // `vec` holds one byte per page of it, as mincore(2) requires.
+    let rc = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: unmaps exactly the mapping made above, which nothing refers to.
+    unsafe { libc::munmap(addr, len) };
+    if rc != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().map(|b| b & 1 == 1).collect())
+}

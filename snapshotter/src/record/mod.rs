@@ -10,10 +10,12 @@
 //! PID namespace; opens of /dev and /proc are on other mounts and are not
 //! recorded. Recording stops at a stdout line matching `until_line`, at the
 //! timeout, or when the workload exits; then the workload (and the whole PID
-//! namespace) is killed.
+//! namespace) is killed. The unpacked files' page cache is dropped before the run, so
+//! the pages cached after it are the bytes read (`residency.rs`).
 
 mod order;
 mod ranges;
+mod residency;
 mod run;
 #[cfg(test)]
 mod tests;
@@ -58,6 +60,11 @@ pub struct Recording {
     /// to the root.
     pub files: Vec<String>,
     pub stop: StopReason,
+    /// The bytes of those files it read (their pages in the page cache afterwards).
+    pub reads: ReadRanges,
+    /// Files whose page cache could not be dropped before the run (their opens count as
+    /// whole reads); `usize::MAX` when nothing was dropped (no image file list).
+    pub stayed_cached: usize,
 }
 
 /// Errors of a recording.

@@ -82,7 +82,8 @@ impl ReadRanges {
         Ok(out)
     }
 
-    fn add(&mut self, path: String, start: u64, end: u64) {
+    /// Adds a read of `[start, end)` of `path`.
+    pub(crate) fn add(&mut self, path: String, start: u64, end: u64) {
         if start >= end {
             return;
         }
@@ -91,6 +92,16 @@ impl ReadRanges {
             Vec::new()
         });
         list.push((start, end));
+    }
+
+    /// Adds `other`'s reads after this one's.
+    pub fn extend(&mut self, other: ReadRanges) {
+        let ReadRanges { order, mut ranges } = other;
+        for path in order {
+            for (start, end) in ranges.remove(&path).unwrap_or_default() {
+                self.add(path.clone(), start, end);
+            }
+        }
     }
 
     /// The files read, first read first.

@@ -13,6 +13,7 @@ use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 
+use super::residency::{evict, read_ranges};
 use super::{OpenOrder, RecordError, RecordOptions, Recording, StopReason};
 use crate::sys::{set_child_setup, ChildSetup, MountWatch};
 
@@ -48,12 +49,18 @@ pub fn record_rootfs(
     })?;
     let workload = workload.clone();
     let opts = opts.clone();
-    std::thread::Builder::new()
+    // With the image's file list, what the workload reads can be told by the page cache.
+    let stayed_cached = image_files.as_ref().map(|files| evict(&root, files));
+    let thread_root = root.clone();
+    let mut recording = std::thread::Builder::new()
         .name("spry-record".into())
-        .spawn(move || record_on_this_thread(&root, &workload, &opts, image_files))
+        .spawn(move || record_on_this_thread(&thread_root, &workload, &opts, image_files))
         .map_err(|source| RecordError::ThreadSpawn { source })?
         .join()
-        .map_err(|_| RecordError::Thread)?
+        .map_err(|_| RecordError::Thread)??;
+    recording.reads = read_ranges(&root, &recording.files);
+    recording.stayed_cached = stayed_cached.unwrap_or(usize::MAX);
+    Ok(recording)
 }
 
 fn record_on_this_thread(
@@ -128,6 +135,8 @@ fn record_on_this_thread(
     Ok(Recording {
         files: order.into_paths(),
         stop,
+        reads: Default::default(),
+        stayed_cached: 0,
     })
 }
 

@@ -199,17 +199,21 @@ fn a_workload_that_exits_ends_the_recording() {
 }
 
 /// The whole path `convert --record` takes: an OCI layout unpacked, its
-/// entrypoint + cmd run, the files recorded.
+/// entrypoint + cmd run, the files recorded, and the bytes read of them.
 #[test]
 fn records_an_oci_image_with_its_own_command() {
     require_root_and_busybox();
     let src = tempfile::tempdir().unwrap();
     busybox_rootfs(src.path());
+    std::os::unix::fs::symlink("busybox", src.path().join("bin/dd")).unwrap();
+    // 2 MiB, of which the workload reads one page at 1 MiB.
+    let big: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.path().join("data/big"), &big).unwrap();
     let layout = tempfile::tempdir().unwrap();
     write_layout(
         layout.path(),
         &rootfs_tar(src.path()),
-        r#"{"Entrypoint":["/bin/sh","-c"],"Cmd":["cat /data/b.txt /data/a.txt; echo READY; sleep 30"],"WorkingDir":"/work"}"#,
+        r#"{"Entrypoint":["/bin/sh","-c"],"Cmd":["cat /data/b.txt /data/a.txt; dd if=/data/big of=/dev/null bs=4096 skip=256 count=1 2>/dev/null; echo READY; sleep 30"],"WorkingDir":"/work"}"#,
     );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -236,9 +240,28 @@ fn records_an_oci_image_with_its_own_command() {
     );
     assert_eq!(
         recording.files,
-        ["bin/busybox", "data/b.txt", "data/a.txt"],
+        ["bin/busybox", "data/b.txt", "data/a.txt", "data/big"],
         "{:?}",
         recording.files
+    );
+    // The page cache was dropped before the run, so what is cached after it was read:
+    // the page at 1 MiB (and the host's readahead after it), not the whole file.
+    assert_eq!(
+        recording.stayed_cached, 0,
+        "$TMPDIR could not drop its page cache"
+    );
+    assert_eq!(
+        recording.reads.paths(),
+        ["bin/busybox", "data/b.txt", "data/a.txt", "data/big"]
+    );
+    let hot = recording.reads.clone().into_hot();
+    let crate::estargz::HotRanges::Ranges(big_reads) = &hot["data/big"] else {
+        panic!("{:?}", hot["data/big"]);
+    };
+    let read: u64 = big_reads.iter().map(|(s, e)| e - s).sum();
+    assert!(
+        big_reads.iter().any(|&(s, e)| s <= 1 << 20 && e > 1 << 20) && read <= 1 << 20,
+        "data/big read as {big_reads:?}"
     );
 }
 
