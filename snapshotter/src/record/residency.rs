@@ -76,7 +76,8 @@ fn open_regular(path: &Path) -> Option<(std::fs::File, u64)> {
         .open(path)
         .ok()?;
     let meta = file.metadata().ok()?;
-    (meta.is_file() && meta.len() > 0).then(|| (file, meta.len()))
+    let len = meta.len();
+    (meta.is_file() && len > 0).then_some((file, len))
 }
 
 #[cfg(test)]
