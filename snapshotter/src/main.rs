@@ -207,14 +207,20 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
             StopReason::Exited(status) => format!("it exited ({status})"),
         };
         eprintln!(
-            "recorded {} files opened, {} of them read; stopped because {why}",
+            "recorded {} files opened, {} of them read ({} bytes); stopped because {why}",
             recording.files.len(),
-            recording.reads.paths().len()
+            recording.reads.paths().len(),
+            recording.reads.bytes()
         );
         if recording.stayed_cached > 0 {
             eprintln!(
                 "{} files stayed in the page cache when it was dropped before the run ($TMPDIR on tmpfs?): their opens count as reads of the whole file",
                 recording.stayed_cached
+            );
+        }
+        if let Some(kib) = recording.readahead_kib.filter(|&kib| kib > 512) {
+            eprintln!(
+                "the disk holding $TMPDIR reads {kib} KiB ahead, so the reads were recorded that coarsely (files may count as read whole); for finer prefetch, set TMPDIR to a disk with less readahead or record through the snapshotter (lazy.record_accesses, then --prefetch-ranges)"
             );
         }
         if let Some(path) = &args.record_output {

@@ -65,6 +65,8 @@ pub struct Recording {
     /// Files whose page cache could not be dropped before the run (their opens count as
     /// whole reads); `usize::MAX` when nothing was dropped (no image file list).
     pub stayed_cached: usize,
+    /// Readahead of the disk the image was unpacked on, in KiB: the grain of `reads`.
+    pub readahead_kib: Option<u64>,
 }
 
 /// Errors of a recording.

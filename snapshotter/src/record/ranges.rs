@@ -104,6 +104,26 @@ impl ReadRanges {
         }
     }
 
+    /// Bytes read, each byte once however often it was read.
+    pub fn bytes(&self) -> u64 {
+        self.ranges
+            .values()
+            .map(|list| {
+                let mut list = list.clone();
+                list.sort_unstable();
+                let (mut total, mut covered) = (0, 0);
+                for (start, end) in list {
+                    let start = start.max(covered);
+                    if end > start {
+                        total += end - start;
+                        covered = end;
+                    }
+                }
+                total
+            })
+            .sum()
+    }
+
     /// The files read, first read first.
     pub fn paths(&self) -> &[String] {
         &self.order
@@ -127,6 +147,7 @@ mod tests {
     fn reads_are_grouped_per_file_in_first_read_order() {
         let text = "# recorded\n0 4096 usr/lib/libc.so.6\n8192 131072 ./usr/bin/python3\n\n4096 4096 usr/lib/libc.so.6\n0 0 etc/empty\n0 10 my dir/a file\n";
         let ranges = ReadRanges::parse(text).unwrap();
+        assert_eq!(ranges.bytes(), 8192 + 131_072 + 10);
         assert_eq!(
             ranges.paths(),
             ["usr/lib/libc.so.6", "usr/bin/python3", "my dir/a file"]

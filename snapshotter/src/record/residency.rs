@@ -68,6 +68,24 @@ pub fn read_ranges(root: &Path, opened: &[String]) -> ReadRanges {
     reads
 }
 
+/// The readahead, in KiB, of the block device holding `path`: the grain of what the page
+/// cache can tell (a disk reading 8 MiB ahead makes every file the workload touches look
+/// read whole). `None` when it is not a block device's file system (tmpfs, overlay).
+pub fn device_readahead_kib(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    let block = Path::new("/sys/dev/block").join(format!("{major}:{minor}"));
+    // A partition has no queue of its own: its disk's is one level up.
+    [
+        block.join("queue/read_ahead_kb"),
+        block.join("../queue/read_ahead_kb"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|text| text.trim().parse().ok())
+}
+
 /// `path` opened read-only when it is a non-empty regular file (not through a symlink).
 fn open_regular(path: &Path) -> Option<(std::fs::File, u64)> {
     let file = std::fs::OpenOptions::new()
@@ -84,6 +102,16 @@ fn open_regular(path: &Path) -> Option<(std::fs::File, u64)> {
 mod tests {
     use super::*;
     use std::io::{Read, Seek, SeekFrom};
+
+    #[test]
+    fn the_readahead_is_the_block_devices() {
+        // procfs is no block device's.
+        assert_eq!(device_readahead_kib(Path::new("/proc")), None);
+        // Where the temp dir is on a disk, its queue's value (vda here: 8192).
+        if let Some(kib) = device_readahead_kib(&std::env::temp_dir()) {
+            assert!(kib > 0 && kib < 1 << 20, "{kib} KiB");
+        }
+    }
 
     #[test]
     fn pages_read_after_eviction_are_the_ranges() {

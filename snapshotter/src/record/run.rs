@@ -13,7 +13,7 @@ use nix::mount::{mount, MsFlags};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sched::{unshare, CloneFlags};
 
-use super::residency::{evict, read_ranges};
+use super::residency::{device_readahead_kib, evict, read_ranges};
 use super::{OpenOrder, RecordError, RecordOptions, Recording, StopReason};
 use crate::sys::{set_child_setup, ChildSetup, MountWatch};
 
@@ -60,6 +60,7 @@ pub fn record_rootfs(
         .map_err(|_| RecordError::Thread)??;
     recording.reads = read_ranges(&root, &recording.files);
     recording.stayed_cached = stayed_cached.unwrap_or(usize::MAX);
+    recording.readahead_kib = device_readahead_kib(&root);
     Ok(recording)
 }
 
@@ -137,6 +138,7 @@ fn record_on_this_thread(
         stop,
         reads: Default::default(),
         stayed_cached: 0,
+        readahead_kib: None,
     })
 }
 
