@@ -9,8 +9,8 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use super::{LayerError, RemoteLayer};
-use crate::estargz::{self, ChunkRef};
+use super::{decode_verified, LayerError, RemoteLayer};
+use crate::estargz::ChunkRef;
 
 /// Marked chunks this close in the blob share one request, with the bytes between them:
 /// cheaper than another request's round trip.
@@ -106,17 +106,7 @@ impl RemoteLayer {
         for (chunk, claim) in claims {
             let from = (chunk.compressed_offset - start) as usize;
             let to = (chunk.compressed_end - start) as usize;
-            let data = estargz::decode_chunk(
-                &bytes[from..to],
-                chunk.compressed_offset,
-                chunk.size,
-                &chunk.digest,
-            )
-            .map_err(|source| LayerError::Verify {
-                digest: chunk.digest.clone(),
-                source,
-            })?;
-            claim.fill(&data)?;
+            claim.fill(&decode_verified(chunk, &bytes[from..to])?)?;
         }
         Ok(end - start)
     }

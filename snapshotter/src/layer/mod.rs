@@ -351,16 +351,7 @@ impl RemoteLayer {
         self.cache
             .get_or_fill(&chunk.digest, || -> Result<Vec<u8>, LayerError> {
                 let compressed = self.fetch_range(chunk.compressed_offset, chunk.compressed_end)?;
-                estargz::decode_chunk(
-                    &compressed,
-                    chunk.compressed_offset,
-                    chunk.size,
-                    &chunk.digest,
-                )
-                .map_err(|source| LayerError::Verify {
-                    digest: chunk.digest.clone(),
-                    source,
-                })
+                decode_verified(chunk, &compressed)
             })
             .map_err(|e| match e {
                 FillError::Fill { source } => source,
@@ -441,6 +432,20 @@ impl RemoteLayer {
         tracing::warn!(error = %err, "registry unresponsive");
         err
     }
+}
+
+/// The uncompressed bytes of `chunk` from its compressed range, checked against its digest.
+fn decode_verified(chunk: &ChunkRef, compressed: &[u8]) -> Result<Vec<u8>, LayerError> {
+    estargz::decode_chunk(
+        compressed,
+        chunk.compressed_offset,
+        chunk.size,
+        &chunk.digest,
+    )
+    .map_err(|source| LayerError::Verify {
+        digest: chunk.digest.clone(),
+        source,
+    })
 }
 
 #[cfg(test)]
