@@ -212,10 +212,9 @@ async fn convert(args: ConvertArgs, config: &Config) -> anyhow::Result<()> {
             recording.reads.paths().len(),
             recording.reads.bytes()
         );
-        if recording.stayed_cached > 0 {
+        if let Some(stayed) = recording.stayed_cached.filter(|&n| n > 0) {
             eprintln!(
-                "{} files stayed in the page cache when it was dropped before the run ($TMPDIR on tmpfs?): their opens count as reads of the whole file",
-                recording.stayed_cached
+                "{stayed} files stayed in the page cache when it was dropped before the run ($TMPDIR on tmpfs?): their opens count as reads of the whole file"
             );
         }
         if let Some(kib) = recording.readahead_kib.filter(|&kib| kib > 512) {

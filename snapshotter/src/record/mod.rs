@@ -63,8 +63,8 @@ pub struct Recording {
     /// The bytes of those files it read (their pages in the page cache afterwards).
     pub reads: ReadRanges,
     /// Files whose page cache could not be dropped before the run (their opens count as
-    /// whole reads); `usize::MAX` when nothing was dropped (no image file list).
-    pub stayed_cached: usize,
+    /// whole reads); `None` when nothing was dropped (no image file list).
+    pub stayed_cached: Option<usize>,
     /// Readahead of the disk the image was unpacked on, in KiB: the grain of `reads`.
     pub readahead_kib: Option<u64>,
 }

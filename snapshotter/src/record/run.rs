@@ -59,7 +59,7 @@ pub fn record_rootfs(
         .join()
         .map_err(|_| RecordError::Thread)??;
     recording.reads = read_ranges(&root, &recording.files);
-    recording.stayed_cached = stayed_cached.unwrap_or(usize::MAX);
+    recording.stayed_cached = stayed_cached;
     recording.readahead_kib = device_readahead_kib(&root);
     Ok(recording)
 }
@@ -137,7 +137,7 @@ fn record_on_this_thread(
         files: order.into_paths(),
         stop,
         reads: Default::default(),
-        stayed_cached: 0,
+        stayed_cached: None,
         readahead_kib: None,
     })
 }

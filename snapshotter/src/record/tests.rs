@@ -247,7 +247,8 @@ fn records_an_oci_image_with_its_own_command() {
     // The page cache was dropped before the run, so what is cached after it was read:
     // the page at 1 MiB (and the host's readahead after it), not the whole file.
     assert_eq!(
-        recording.stayed_cached, 0,
+        recording.stayed_cached,
+        Some(0),
         "$TMPDIR could not drop its page cache"
     );
     assert_eq!(
