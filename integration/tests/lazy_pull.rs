@@ -312,6 +312,23 @@ fn tree_in_a_vm(
         .filter(|f| f.ends_with("erofs/layer.erofs"))
         .count();
     ensure!(served >= 1, "QEMU holds no image the snapshotter serves");
+    // The guest reads each lazy layer's disk with the snapshotter's readahead (32 KiB by
+    // default; the kernel's own is 128), the writable disk with its own.
+    let out = crictl.exec_sync(
+        &sleeper,
+        &[
+            "sh",
+            "-c",
+            "for d in /sys/block/sd*; do echo \"$d $(cat $d/queue/read_ahead_kb)\"; done",
+        ],
+        Duration::from_secs(60),
+    )?;
+    let lazy_disks = out.stdout.lines().filter(|l| l.ends_with(" 32")).count();
+    ensure!(
+        out.code == 0 && lazy_disks == served,
+        "{served} lazy layer disks, {lazy_disks} read 32 KiB ahead: {out:?}\n{}",
+        c.containerd.log_tail(60)
+    );
     let got = run_tree(c, &pod, &pod_cfg, "tree", image)?;
     let (want_lines, got_lines): (Vec<_>, Vec<_>) = (want.lines().collect(), got.lines().collect());
     let missing: Vec<_> = want_lines

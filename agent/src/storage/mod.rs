@@ -270,9 +270,17 @@ impl StorageManager {
                     source: nix::errno::Errno::ENXIO,
                     ..
                 }) if started.elapsed() < DISK_ATTACH_GRACE => backoff.wait().await,
-                other => return other,
+                Ok(()) => break,
+                Err(e) => return Err(e),
             }
         }
+        // Only once mounted: the SCSI disk driver revalidates a freshly plugged disk on
+        // its first opens (a pending unit attention), which resets the readahead to the
+        // kernel's default; files opened from now on read ahead this far.
+        if storage.read_ahead_kib != 0 {
+            scsi::set_read_ahead(&self.sysfs, &device, storage.read_ahead_kib)?;
+        }
+        Ok(())
     }
 
     /// Mounts a pod volume's disk at `target` for the pod's life (it goes with the VM, so

@@ -40,6 +40,8 @@ pub struct SysfsPaths {
     pub scsi_devices: PathBuf,
     pub scsi_hosts: PathBuf,
     pub dev: PathBuf,
+    /// Block devices by name (`<block>/sdX/dev`, `<block>/sdX/queue/...`).
+    pub block: PathBuf,
 }
 
 impl Default for SysfsPaths {
@@ -48,6 +50,7 @@ impl Default for SysfsPaths {
             scsi_devices: "/sys/bus/scsi/devices".into(),
             scsi_hosts: "/sys/class/scsi_host".into(),
             dev: "/dev".into(),
+            block: "/sys/class/block".into(),
         }
     }
 }
@@ -132,14 +135,21 @@ pub async fn wait_for_disk(
         backoff.wait().await;
     }
     if !node.exists() {
-        make_node(&name, &node)?;
+        make_node(paths, &name, &node)?;
     }
     Ok(node)
 }
 
-fn make_node(name: &str, node: &Path) -> Result<(), StorageError> {
+/// Sets the readahead of the disk whose node is `device` to `kib` KiB.
+pub fn set_read_ahead(paths: &SysfsPaths, device: &Path, kib: u32) -> Result<(), StorageError> {
+    let name = device.file_name().unwrap_or(device.as_os_str());
+    let file = paths.block.join(name).join("queue/read_ahead_kb");
+    std::fs::write(&file, kib.to_string()).map_err(|source| StorageError::Io { path: file, source })
+}
+
+fn make_node(paths: &SysfsPaths, name: &str, node: &Path) -> Result<(), StorageError> {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-    let dev_file = Path::new("/sys/class/block").join(name).join("dev");
+    let dev_file = paths.block.join(name).join("dev");
     let text = std::fs::read_to_string(&dev_file).map_err(|source| StorageError::Io {
         path: dev_file.clone(),
         source,
@@ -175,6 +185,7 @@ mod tests {
             scsi_devices: dir.path().join("devices"),
             scsi_hosts: dir.path().join("hosts"),
             dev: dir.path().join("dev"),
+            block: dir.path().join("block"),
         };
         std::fs::create_dir_all(paths.scsi_devices.join("0:0:1:0/block/sda")).unwrap();
         std::fs::create_dir_all(paths.scsi_devices.join("2:0:3:1/block/sdc")).unwrap();
@@ -182,6 +193,27 @@ mod tests {
         assert_eq!(find_block_device(&paths, 3, 1).as_deref(), Some("sdc"));
         assert_eq!(find_block_device(&paths, 1, 0).as_deref(), Some("sda"));
         assert_eq!(find_block_device(&paths, 13, 1), None);
+    }
+
+    #[test]
+    fn the_readahead_is_set_on_the_disks_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = SysfsPaths {
+            scsi_devices: dir.path().join("devices"),
+            scsi_hosts: dir.path().join("hosts"),
+            dev: dir.path().join("dev"),
+            block: dir.path().join("block"),
+        };
+        let queue = paths.block.join("sdb/queue");
+        std::fs::create_dir_all(&queue).unwrap();
+        set_read_ahead(&paths, &paths.dev.join("sdb"), 32).unwrap();
+        let written = std::fs::read_to_string(queue.join("read_ahead_kb")).unwrap();
+        assert_eq!(written, "32");
+        // A disk the kernel does not list is an error naming the file.
+        let err = set_read_ahead(&paths, &paths.dev.join("sdz"), 32).unwrap_err();
+        assert!(
+            matches!(&err, StorageError::Io { path, .. } if path.ends_with("sdz/queue/read_ahead_kb"))
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,6 +237,7 @@ mod tests {
             scsi_devices: dir.path().join("devices"),
             scsi_hosts: dir.path().join("hosts"),
             dev: dir.path().join("dev"),
+            block: dir.path().join("block"),
         };
         let err = wait_for_disk(&paths, 4, 2).await.unwrap_err();
         assert!(matches!(

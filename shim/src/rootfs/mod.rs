@@ -29,6 +29,7 @@ pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
 use plugged::PluggedLayers;
 pub use pristine::PristineLayer;
+use source::lazy_read_ahead_kib;
 pub use source::RootfsSource;
 pub use writable::{
     create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
@@ -87,13 +88,15 @@ enum DiskImage {
     /// A layer chain's image, shared through the cache; released on detach.
     Shared(cache::CachedImage),
     /// A layer's image the lazy-pulling snapshotter serves; the snapshotter's to keep.
-    Served(PathBuf),
+    /// The readahead is the guest's for its disk (`source::lazy_read_ahead_kib`; 0: the
+    /// guest's default).
+    Served { path: PathBuf, read_ahead_kib: u32 },
 }
 
 impl DiskImage {
     fn path(&self) -> &Path {
         match self {
-            Self::Own(path) | Self::Served(path) => path,
+            Self::Own(path) | Self::Served { path, .. } => path,
             Self::Shared(image) => &image.path,
         }
     }
@@ -103,7 +106,7 @@ impl DiskImage {
         match self {
             Self::Own(path) => remove_file_quietly(&path),
             Self::Shared(image) => image.release(),
-            Self::Served(_) => {}
+            Self::Served { .. } => {}
         }
     }
 }
@@ -169,7 +172,11 @@ impl ErofsBlockShare {
         source: &RootfsSource,
     ) -> Result<Vec<DiskImage>, RootfsError> {
         if let RootfsSource::Served { images, .. } = source {
-            return Ok(images.iter().cloned().map(DiskImage::Served).collect());
+            let served = |path: &PathBuf| DiskImage::Served {
+                read_ahead_kib: lazy_read_ahead_kib(path).unwrap_or(0),
+                path: path.clone(),
+            };
+            return Ok(images.iter().map(served).collect());
         }
         Ok(vec![self.image_for(container_id, source).await?])
     }
@@ -262,7 +269,7 @@ impl ErofsBlockShare {
         container_id: &str,
         image: &DiskImage,
     ) -> Result<(ScsiAddr, bool), RootfsError> {
-        let shared = matches!(image, DiskImage::Shared(_) | DiskImage::Served(_));
+        let shared = matches!(image, DiskImage::Shared(_) | DiskImage::Served { .. });
         if shared {
             if let Some(addr) = self.plugged.reuse(image.path()) {
                 debug!(
@@ -421,8 +428,12 @@ impl RootfsShare for ErofsBlockShare {
         let mut shared_layers = Vec::new();
         let mut images = Vec::new();
         for (image, addr, shared) in layers {
-            debug!(container_id, image = %image.path().display(), ?addr, shared, "rootfs disk attached");
-            rootfs.layers.push(scsi_storage(addr, "erofs", &["ro"]));
+            let mut layer = scsi_storage(addr, "erofs", &["ro"]);
+            if let DiskImage::Served { read_ahead_kib, .. } = &image {
+                layer.read_ahead_kib = *read_ahead_kib;
+            }
+            debug!(container_id, image = %image.path().display(), ?addr, shared, read_ahead_kib = layer.read_ahead_kib, "rootfs disk attached");
+            rootfs.layers.push(layer);
             if shared {
                 shared_layers.push(image.path().to_path_buf());
             } else {

@@ -125,8 +125,10 @@ async fn served_layer_images_are_plugged_each_shared_and_never_deleted() {
         }
     };
     let first = s.share.attach(&vm, "first", &served("a")).await.unwrap();
-    // Both layers, topmost first, then the writable disk.
+    // Both layers, topmost first, then the writable disk; plain files (not the
+    // snapshotter's FUSE mount) keep the guest's readahead.
     assert_eq!(first.rootfs.layers.len(), 2);
+    assert!(first.rootfs.layers.iter().all(|l| l.read_ahead_kib == 0));
     let plugged: Vec<PathBuf> = vm
         .plugged
         .lock()

@@ -92,6 +92,25 @@ fn served_images(lowers: &[PathBuf]) -> Option<Vec<PathBuf>> {
         .collect()
 }
 
+/// The readahead, in KiB, the guest should read a served layer image's disk with: while
+/// the snapshotter still serves the image over FUSE (fetching what is read), the FUSE
+/// mount's readahead (`lazy.readahead_kib`, which the snapshotter gives the image mount):
+/// what a recorded prefetch was recorded with, so the guest does not read past it into
+/// chunks nobody fetched. `None` for an image that is a plain file (a fully fetched
+/// layer's), which the guest reads ahead as far as its kernel likes.
+pub fn lazy_read_ahead_kib(image: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let fs = nix::sys::statfs::statfs(image).ok()?;
+    if fs.filesystem_type() != nix::sys::statfs::FUSE_SUPER_MAGIC {
+        return None;
+    }
+    let dev = std::fs::metadata(image).ok()?.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    // A FUSE mount's backing device info is named after its device number.
+    let bdi = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    std::fs::read_to_string(bdi).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +179,8 @@ mod tests {
             }
             other => panic!("expected served images, got {other:?}"),
         }
+        // Plain files (a fully fetched layer's image) keep the guest's own readahead.
+        assert_eq!(lazy_read_ahead_kib(&image("1")), None);
     }
 
     #[test]

@@ -359,11 +359,18 @@ fn served_through_fuse_the_image_fetches_only_what_is_read() {
     let image = ErofsImage::build(&Tree::build(layer.index())).unwrap();
     let served = scratch.path().join("image");
     std::fs::create_dir(&served).unwrap();
-    let fuse = crate::fs::ImageMount::mount(layer.clone(), image.clone(), &served, "t").unwrap();
-    assert_eq!(
-        std::fs::metadata(fuse.image_path()).unwrap().len(),
-        image.size()
+    let fuse =
+        crate::fs::ImageMount::mount(layer.clone(), image.clone(), &served, "t", 16 << 10).unwrap();
+    let meta = std::fs::metadata(fuse.image_path()).unwrap();
+    assert_eq!(meta.len(), image.size());
+    // The mount's readahead is what it was given: the guest reads the image's disk with it.
+    let dev = std::os::unix::fs::MetadataExt::dev(&meta);
+    let bdi = format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        nix::sys::stat::major(dev),
+        nix::sys::stat::minor(dev)
     );
+    assert_eq!(std::fs::read_to_string(&bdi).unwrap().trim(), "16", "{bdi}");
     let mounted = Mounted::file(tempfile::tempdir().unwrap(), &fuse.image_path());
     // Mounting and listing the tree read metadata only: nothing is fetched past the TOC
     // (which opening the layer fetched).

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, Request,
+    Errno, FileAttr, FileHandle, FileType, Filesystem, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEntry, ReplyOpen, Request,
 };
 
 use super::FsError;
@@ -29,6 +30,8 @@ const TTL: Duration = Duration::from_secs(3600);
 struct ImageFs {
     layer: Arc<RemoteLayer>,
     image: ErofsImage,
+    /// Readahead to ask for at init, in bytes (`lazy.readahead_kib`).
+    readahead: u32,
 }
 
 impl ImageFs {
@@ -47,6 +50,18 @@ impl ImageFs {
 }
 
 impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Reads of the image are direct (see `open`), so the kernel never reads ahead here;
+        // the mount's readahead (its bdi's `read_ahead_kb`) tells the reader of the image
+        // how far to read ahead instead: Spry's shim has the guest read the layer's disk
+        // with it, so the guest asks for what a recorded prefetch fetched, not 128 KiB
+        // past it into cold chunks. Above the kernel's maximum, the kernel's value stays.
+        if let Err(max) = config.set_max_readahead(self.readahead.max(4096)) {
+            let _ = config.set_max_readahead(max);
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.attr(IMAGE_INO) {
             Some(attr) if parent.0 == 1 && name == IMAGE_FILE => {
@@ -129,22 +144,32 @@ pub struct ImageMount {
 }
 
 impl ImageMount {
-    /// Mounts `image` of `layer` at `path` (which must exist): `path/layer.erofs`.
+    /// Mounts `image` of `layer` at `path` (which must exist): `path/layer.erofs`, with
+    /// `readahead` bytes as the mount's readahead (see `ImageFs::init`).
     pub fn mount(
         layer: Arc<RemoteLayer>,
         image: ErofsImage,
         path: &Path,
         name: &str,
+        readahead: u32,
     ) -> Result<Self, FsError> {
         let _ = super::detach(path);
         let config =
             super::mount::session_config(format!("spry-image:{name}"), MountOption::NoExec);
-        let session = fuser::Session::new(ImageFs { layer, image }, path, &config)
-            .and_then(|s| s.spawn())
-            .map_err(|source| FsError::Mount {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let session = fuser::Session::new(
+            ImageFs {
+                layer,
+                image,
+                readahead,
+            },
+            path,
+            &config,
+        )
+        .and_then(|s| s.spawn())
+        .map_err(|source| FsError::Mount {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             session: Some(session),
             path: path.to_path_buf(),

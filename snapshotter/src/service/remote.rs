@@ -351,7 +351,7 @@ impl RemoteLayers {
         let image = self
             .config
             .vm_images
-            .then(|| mount_image(&layer, &lowers, &path, &digest))
+            .then(|| mount_image(&layer, &lowers, &path, &digest, self.config.readahead_kib))
             .flatten()
             .map(Box::new);
         let mount = LayerMount::mount_with(
@@ -585,13 +585,16 @@ fn mount_image(
     lowers: &LowerLayers,
     fs_path: &Path,
     digest: &str,
+    readahead_kib: u32,
 ) -> Option<ImageMount> {
     let dir = fs_path.with_file_name(IMAGE_DIR);
     let image = ErofsImage::build(&Tree::build_over(layer.index(), lowers.clone()))
         .map_err(|err| err.to_string())
         .and_then(|image| {
             std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
-            ImageMount::mount(layer.clone(), image, &dir, digest).map_err(|err| error_chain(&err))
+            let readahead = readahead_kib.saturating_mul(1024);
+            ImageMount::mount(layer.clone(), image, &dir, digest, readahead)
+                .map_err(|err| error_chain(&err))
         });
     match image {
         Ok(image) => Some(image),
