@@ -5,6 +5,7 @@
 //! [`crate::paths::harness_run_dir`], swept by `stale.rs` once their test process is gone.
 //! A kept instance has fixed dirs outside those, so no sweep takes it down.
 
+use crate::stale::InstanceId;
 use anyhow::{Context, Result};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,15 @@ impl KeptRecord {
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
+}
+
+/// A temp dir `<parent>/<id>-<random>`: swept by `stale.rs` once `id`'s process is gone.
+pub fn make_temp_dir(parent: &Path, id: &InstanceId) -> Result<tempfile::TempDir> {
+    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(&format!("{}-", id.id()))
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a temp dir in {}", parent.display()))
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 
+use crate::instance_dirs::make_temp_dir;
 use crate::paths;
+use crate::stale::{self, InstanceId};
 
 /// The `spry-snapshotter` binary built from this workspace.
 pub fn snapshotter_bin() -> Result<PathBuf> {
@@ -32,14 +34,19 @@ pub struct Snapshotter {
     config: PathBuf,
     /// Program and arguments of `serve`.
     command: Vec<String>,
+    /// The harness instance `serve` (and the layer daemons it starts) is marked with
+    /// ([`stale::INSTANCE_ENV`]), so a later test's sweep ends them if this test died.
+    instance: Option<InstanceId>,
 }
 
 impl Snapshotter {
     /// This workspace's snapshotter in a temp dir, `extra_config` appended to its config.
     pub fn start(extra_config: &str) -> Result<Self> {
-        let temp = tempfile::Builder::new()
-            .prefix("spry-snap-it-")
-            .tempdir_in("/var/tmp")?;
+        stale::sweep();
+        // A harness instance dir (on disk: passthrough and native mounts need a plain
+        // filesystem under the snapshotter's root), swept once this process is gone.
+        let instance = InstanceId::fresh("snapshotter");
+        let temp = make_temp_dir(&paths::harness_dir(), &instance)?;
         let dir = temp.path().to_path_buf();
         let config = dir.join("config.toml");
         std::fs::write(
@@ -58,6 +65,7 @@ impl Snapshotter {
             _temp: Some(temp),
             config,
             command,
+            instance: Some(instance),
         };
         s.spawn()?;
         Ok(s)
@@ -82,6 +90,7 @@ impl Snapshotter {
             _temp: None,
             config: config.to_path_buf(),
             command,
+            instance: None,
         };
         s.spawn()?;
         Ok(s)
@@ -100,7 +109,11 @@ impl Snapshotter {
             .create(true)
             .append(true)
             .open(self.log_path())?;
-        let child = Command::new(&self.command[0])
+        let mut command = Command::new(&self.command[0]);
+        if let Some(instance) = &self.instance {
+            command.env(stale::INSTANCE_ENV, instance.id());
+        }
+        let child = command
             .args(&self.command[1..])
             .env("SPRY_LOG", "info")
             .stdin(Stdio::null())

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use std::fs;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The env var (set on containerd, inherited by its shims) that marks this instance's processes.
 pub const INSTANCE_ENV: &str = "SPRY_IT_INSTANCE";
@@ -28,6 +28,11 @@ impl InstanceId {
             pid: std::process::id(),
             tag,
         }
+    }
+
+    /// An instance of this process with a random tag.
+    pub fn fresh(name: &str) -> Self {
+        Self::new(name, random_u32())
     }
 
     /// `<name>-<pid>-<tag as 8 hex>`: the prefix of the instance's directories.
@@ -53,6 +58,18 @@ impl InstanceId {
         let pid = parts.next()?.parse().ok()?;
         let name = parts.next()?.to_string();
         Some(InstanceId { name, pid, tag })
+    }
+}
+
+/// Removes every instance whose owning test process is gone, saying what it removed; a
+/// failure is said and does not stop the caller (a new instance does not need the sweep).
+pub fn sweep() {
+    match clean_stale_instances() {
+        Ok(cleaned) if !cleaned.is_empty() => {
+            eprintln!("spry-integration: removed stale instances {cleaned:?}")
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("spry-integration: cleaning stale instances: {e:#}"),
     }
 }
 
@@ -99,6 +116,14 @@ fn clean_instance(id: &InstanceId, dir: &Path) -> Result<()> {
         system::run_checked(Command::new("ip").args(["link", "del", &bridge]))?;
     }
     fs::remove_dir_all(dir).with_context(|| format!("removing stale {}", dir.display()))
+}
+
+/// Random bits without a rand dependency: the kernel's boot-id-style UUID generator.
+fn random_u32() -> u32 {
+    fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .ok()
+        .and_then(|u| u32::from_str_radix(&u.replace('-', "")[..8], 16).ok())
+        .unwrap_or_else(|| std::process::id() ^ Instant::now().elapsed().subsec_nanos())
 }
 
 #[cfg(test)]

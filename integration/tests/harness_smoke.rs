@@ -253,3 +253,56 @@ fn critest_offline_conformance_with_runc() -> Result<()> {
     );
     leaks.assert_clean()
 }
+
+/// A snapshotter a killed test left behind (its `serve`, its state dir) is ended and
+/// removed by the next instance's sweep, as a left containerd is.
+#[test]
+fn the_sweep_ends_a_snapshotter_whose_test_died() -> Result<()> {
+    use spry_integration::stale::{self, InstanceId, INSTANCE_ENV};
+    require_root()?;
+    // A pid that is gone: a child that exited and was reaped.
+    let mut gone = std::process::Command::new("true").spawn()?;
+    gone.wait()?;
+    let dead = InstanceId::new("snapshotter", 0x5eed_0001);
+    let dead = InstanceId {
+        pid: gone.id(),
+        ..dead
+    };
+    let parent = spry_integration::paths::harness_dir();
+    std::fs::create_dir_all(&parent)?;
+    let dir = parent.join(format!("{}-left", dead.id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.toml");
+    std::fs::write(
+        &config,
+        spry_integration::snapshotter::Snapshotter::state_config(&dir),
+    )?;
+    let mut serve = std::process::Command::new(spry_integration::snapshotter::snapshotter_bin()?)
+        .args(["--config", &config.display().to_string(), "serve"])
+        .env(INSTANCE_ENV, dead.id())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    while !dir.join("snapshotter.sock").exists() {
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "serve made no socket"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cleaned = stale::clean_stale_instances()?;
+    // The sweep ended it (reaped here: it is this test's child, not init's).
+    let ended = serve.try_wait()?;
+    if ended.is_none() {
+        serve.kill()?;
+        serve.wait()?;
+    }
+    ensure!(ended.is_some(), "the sweep left the snapshotter running");
+    ensure!(
+        cleaned.iter().any(|c| c.contains(&dead.id())),
+        "the sweep did not name the left instance: {cleaned:?}"
+    );
+    ensure!(!dir.exists(), "{} is still there", dir.display());
+    Ok(())
+}

@@ -4,7 +4,7 @@
 
 use crate::containerd_config::{self, ConfigInputs};
 use crate::crictl::Crictl;
-use crate::instance_dirs::{InstanceDirs, KeptRecord};
+use crate::instance_dirs::{make_temp_dir, InstanceDirs, KeptRecord};
 use crate::leak::{LeakCheck, LeakScope};
 use crate::stale::{self, InstanceId};
 use crate::{paths, require, system};
@@ -52,16 +52,10 @@ impl Containerd {
         let Some(sandbox_image) = opts.sandbox_image.clone() else {
             bail!("ContainerdOptions needs a sandbox image: call .registry(&registry) or .sandbox_image(..)");
         };
-        match stale::clean_stale_instances() {
-            Ok(cleaned) if !cleaned.is_empty() => {
-                eprintln!("spry-integration: removed stale instances {cleaned:?}")
-            }
-            Ok(_) => {}
-            Err(e) => eprintln!("spry-integration: cleaning stale instances: {e:#}"),
-        }
+        stale::sweep();
         // Unique per instance: directory names, marker, bridge name and subnet all derive from it.
-        let tag = random_u32();
-        let id = InstanceId::new(&opts.name, tag);
+        let id = InstanceId::fresh(&opts.name);
+        let tag = id.tag;
         let dirs = match &opts.fixed_dirs {
             Some((dir, run)) => {
                 if let Some(record) = KeptRecord::read(run)? {
@@ -471,22 +465,6 @@ impl Drop for Containerd {
     }
 }
 
-fn make_temp_dir(parent: &Path, id: &InstanceId) -> Result<tempfile::TempDir> {
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    tempfile::Builder::new()
-        .prefix(&format!("{}-", id.id()))
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a temp dir in {}", parent.display()))
-}
-
 fn write(path: &Path, contents: &str) -> Result<()> {
     fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Random bits without a rand dependency: the kernel's boot-id-style UUID generator.
-fn random_u32() -> u32 {
-    fs::read_to_string("/proc/sys/kernel/random/uuid")
-        .ok()
-        .and_then(|u| u32::from_str_radix(&u.replace('-', "")[..8], 16).ok())
-        .unwrap_or_else(|| std::process::id() ^ Instant::now().elapsed().subsec_nanos())
 }
