@@ -178,15 +178,19 @@ fn make_node(paths: &SysfsPaths, name: &str, node: &Path) -> Result<(), StorageE
 mod tests {
     use super::*;
 
+    fn sysfs_in(dir: &Path) -> SysfsPaths {
+        SysfsPaths {
+            scsi_devices: dir.join("devices"),
+            scsi_hosts: dir.join("hosts"),
+            dev: dir.join("dev"),
+            block: dir.join("block"),
+        }
+    }
+
     #[test]
     fn finds_the_disk_by_target_and_lun_on_any_host() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = SysfsPaths {
-            scsi_devices: dir.path().join("devices"),
-            scsi_hosts: dir.path().join("hosts"),
-            dev: dir.path().join("dev"),
-            block: dir.path().join("block"),
-        };
+        let paths = sysfs_in(dir.path());
         std::fs::create_dir_all(paths.scsi_devices.join("0:0:1:0/block/sda")).unwrap();
         std::fs::create_dir_all(paths.scsi_devices.join("2:0:3:1/block/sdc")).unwrap();
         std::fs::create_dir_all(paths.scsi_devices.join("host2")).unwrap();
@@ -198,12 +202,7 @@ mod tests {
     #[test]
     fn the_readahead_is_set_on_the_disks_queue() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = SysfsPaths {
-            scsi_devices: dir.path().join("devices"),
-            scsi_hosts: dir.path().join("hosts"),
-            dev: dir.path().join("dev"),
-            block: dir.path().join("block"),
-        };
+        let paths = sysfs_in(dir.path());
         let queue = paths.block.join("sdb/queue");
         std::fs::create_dir_all(&queue).unwrap();
         set_read_ahead(&paths, &paths.dev.join("sdb"), 32).unwrap();
@@ -233,12 +232,7 @@ mod tests {
     #[tokio::test]
     async fn a_missing_disk_times_out_with_its_address() {
         let dir = tempfile::tempdir().unwrap();
-        let paths = SysfsPaths {
-            scsi_devices: dir.path().join("devices"),
-            scsi_hosts: dir.path().join("hosts"),
-            dev: dir.path().join("dev"),
-            block: dir.path().join("block"),
-        };
+        let paths = sysfs_in(dir.path());
         let err = wait_for_disk(&paths, 4, 2).await.unwrap_err();
         assert!(matches!(
             err,
