@@ -77,8 +77,9 @@ pub struct LazyConfig {
     pub fuse_daemon: bool,
     /// Write the files each layer serves to `<snapshot>/accessed.txt` in
     /// first-open order (for `convert --prioritized-files`) and every read it serves to
-    /// `<snapshot>/accessed-ranges.txt` (for `convert --prefetch-ranges`). Recording layers
-    /// are served through the daemon only: no passthrough, no native mounts.
+    /// `<snapshot>/accessed-ranges.txt` (for `convert --prefetch-ranges`); a VM's reads of
+    /// the layer's erofs image (`vm_images`) count as the reads of the files they cover.
+    /// Recording layers are served through the daemon only: no passthrough, no native mounts.
     #[serde(default)]
     pub record_accesses: bool,
     /// Bound on the chunk cache in MiB (0: none). Past it, least recently used chunks are

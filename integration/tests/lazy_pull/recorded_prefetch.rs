@@ -142,3 +142,42 @@ fn a_recorded_workloads_reads_are_what_a_cold_start_prefetches() -> Result<()> {
     crictl.rmp(&pod)?;
     Ok(())
 }
+
+/// A Spry pod's reads of the lazy layers' erofs images are recorded as the reads of the
+/// files they cover, so a workload can be recorded in the pod kind it runs in.
+#[test]
+fn a_spry_pods_reads_are_recorded_as_its_files_reads() -> Result<()> {
+    let (c, _spry_state, image) = super::spry_lazy_busybox(
+        "lazy-rec-vm",
+        "[lazy]\nrecord_accesses = true\nprefetch = false\nbackground_fetch = false\nvm_images = true\n",
+    )?;
+    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
+    let pod_cfg = PodConfig::new("rec-vm").write_to(&c.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry-cold"))?;
+    let cfg = ContainerConfig::new("work", &image)
+        .command(&["sh", "-c", "cat /spry/hello.txt"])
+        .write_to(&c.containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(120))?;
+    let logs = crictl.logs(&id)?;
+    crictl.rm(&id)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    ensure!(
+        logs.contains("hello from spry busybox image"),
+        "unexpected output: {logs}"
+    );
+    // No runc container ran: every recorded read is the VM's, by file, from offset 0.
+    let reads = recorded_reads(&c.snapshotter)?;
+    ensure!(
+        reads
+            .lines()
+            .any(|l| l.starts_with("0 ") && l.ends_with(" bin/busybox"))
+            && reads
+                .lines()
+                .any(|l| l.starts_with("0 ") && l.ends_with(" spry/hello.txt")),
+        "the VM's reads of bin/busybox and spry/hello.txt were not recorded:\n{reads}"
+    );
+    Ok(())
+}

@@ -359,8 +359,15 @@ fn served_through_fuse_the_image_fetches_only_what_is_read() {
     let image = ErofsImage::build(&Tree::build(layer.index())).unwrap();
     let served = scratch.path().join("image");
     std::fs::create_dir(&served).unwrap();
+    let (opens, reads) = (scratch.path().join("opens"), scratch.path().join("reads"));
+    let recorder = crate::fs::AccessRecorder::create(&opens, &reads).unwrap();
+    let options = crate::fs::ServeOptions {
+        readahead: 16 << 10,
+        recorder: Some(Arc::new(recorder)),
+        ..Default::default()
+    };
     let fuse =
-        crate::fs::ImageMount::mount(layer.clone(), image.clone(), &served, "t", 16 << 10).unwrap();
+        crate::fs::ImageMount::mount(layer.clone(), image.clone(), &served, "t", &options).unwrap();
     let meta = std::fs::metadata(fuse.image_path()).unwrap();
     assert_eq!(meta.len(), image.size());
     // The mount's readahead is what it was given: the guest reads the image's disk with it.
@@ -394,6 +401,12 @@ fn served_through_fuse_the_image_fetches_only_what_is_read() {
         fetched() > 0 && fetched() < blob_size / 2,
         "fetched {} of {blob_size}",
         fetched()
+    );
+    // The VM's read is recorded as the file's: opened, and its bytes from offset 0.
+    assert_eq!(std::fs::read_to_string(&opens).unwrap(), "etc/hostname\n");
+    assert_eq!(
+        std::fs::read_to_string(&reads).unwrap(),
+        format!("0 {} etc/hostname\n", hostname.len())
     );
     for (path, data) in &files {
         assert_eq!(

@@ -14,7 +14,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, Request,
 };
 
-use super::FsError;
+use super::{AccessRecorder, FsError, ServeOptions};
 use crate::erofs::ErofsImage;
 use crate::layer::RemoteLayer;
 
@@ -32,6 +32,9 @@ struct ImageFs {
     image: ErofsImage,
     /// Readahead to ask for at init, in bytes (`lazy.readahead_kib`).
     readahead: u32,
+    /// The layer's recorder (`lazy.record_accesses`): a VM's reads of the image are
+    /// recorded as the files' reads they are, as the tree mount records a container's.
+    recorder: Option<Arc<AccessRecorder>>,
 }
 
 impl ImageFs {
@@ -107,6 +110,11 @@ impl Filesystem for ImageFs {
         }
         super::reply_read(reply, "the layer image", offset, || {
             self.image.read_at(offset, size as usize, |entry, at, len| {
+                if let Some(recorder) = &self.recorder {
+                    let name = &self.layer.index().entries[entry].name;
+                    recorder.record(entry, name);
+                    recorder.record_read(name, at, len);
+                }
                 self.layer.read_file(entry, at, len)
             })
         });
@@ -145,13 +153,13 @@ pub struct ImageMount {
 
 impl ImageMount {
     /// Mounts `image` of `layer` at `path` (which must exist): `path/layer.erofs`, with
-    /// `readahead` bytes as the mount's readahead (see `ImageFs::init`).
+    /// the readahead (see `ImageFs::init`) and recorder of the layer's tree mount.
     pub fn mount(
         layer: Arc<RemoteLayer>,
         image: ErofsImage,
         path: &Path,
         name: &str,
-        readahead: u32,
+        options: &ServeOptions,
     ) -> Result<Self, FsError> {
         let _ = super::detach(path);
         let config =
@@ -160,7 +168,8 @@ impl ImageMount {
             ImageFs {
                 layer,
                 image,
-                readahead,
+                readahead: options.readahead,
+                recorder: options.recorder.clone(),
             },
             path,
             &config,

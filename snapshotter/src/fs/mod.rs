@@ -47,7 +47,7 @@ pub enum FsError {
 pub struct LayerFs {
     layer: Arc<RemoteLayer>,
     tree: Arc<Tree>,
-    recorder: Option<AccessRecorder>,
+    recorder: Option<Arc<AccessRecorder>>,
     /// Ask the kernel for passthrough at init (`lazy.passthrough`).
     want_passthrough: bool,
     /// Readahead to ask for at init (`lazy.readahead_kib`).
@@ -80,8 +80,9 @@ pub struct FsStats {
 
 /// How a layer is served, besides its contents.
 pub struct ServeOptions {
-    /// Records first opens (`--record`).
-    pub recorder: Option<AccessRecorder>,
+    /// Records first opens and reads (`lazy.record_accesses`); shared with the layer's
+    /// image mount, whose reads are the same layer's files read by a VM.
+    pub recorder: Option<Arc<AccessRecorder>>,
     /// The layers below it (their directories' attributes).
     pub lowers: LowerLayers,
     /// Serve fully cached files by FUSE passthrough when the kernel can.
@@ -171,7 +172,7 @@ impl AccessRecorder {
         })
     }
 
-    fn record(&self, entry: usize, name: &str) {
+    pub(super) fn record(&self, entry: usize, name: &str) {
         let mut guard = self.opens.lock().unwrap_or_else(|p| p.into_inner());
         if guard.1.insert(entry) {
             use std::io::Write;
@@ -179,7 +180,7 @@ impl AccessRecorder {
         }
     }
 
-    fn record_read(&self, name: &str, offset: u64, len: u32) {
+    pub(super) fn record_read(&self, name: &str, offset: u64, len: usize) {
         use std::io::Write;
         // One line per read: a name with a newline cannot be written (tar allows it).
         if name.contains('\n') {
@@ -327,7 +328,7 @@ impl Filesystem for LayerFs {
         self.stats.daemon_reads.fetch_add(1, Ordering::Relaxed);
         let name = &self.layer.index().entries[entry].name;
         if let Some(recorder) = &self.recorder {
-            recorder.record_read(name, offset, size);
+            recorder.record_read(name, offset, size as usize);
         }
         reply_read(reply, name, offset, || {
             self.layer.read_file(entry, offset, size as usize)

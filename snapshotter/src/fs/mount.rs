@@ -22,7 +22,7 @@ impl LayerMount {
         layer: Arc<RemoteLayer>,
         path: &Path,
         name: &str,
-        recorder: Option<AccessRecorder>,
+        recorder: Option<Arc<AccessRecorder>>,
     ) -> Result<Self, FsError> {
         let options = ServeOptions {
             recorder,

@@ -339,7 +339,7 @@ impl RemoteLayers {
             // Next to the mountpoint: <snapshot dir>/accessed.txt and accessed-ranges.txt.
             let file = path.with_file_name("accessed.txt");
             match AccessRecorder::create(&file, &path.with_file_name("accessed-ranges.txt")) {
-                Ok(r) => Some(r),
+                Ok(r) => Some(Arc::new(r)),
                 Err(err) => {
                     tracing::warn!(path = %file.display(), error = %err, "cannot record file accesses");
                     None
@@ -348,28 +348,26 @@ impl RemoteLayers {
         } else {
             None
         };
+        let options = crate::fs::ServeOptions {
+            // Reads served by passthrough never reach the recorder.
+            passthrough: self.config.passthrough && recorder.is_none(),
+            readahead: self.config.readahead_kib.saturating_mul(1024),
+            recorder,
+            lowers: lowers.clone(),
+        };
         let image = self
             .config
             .vm_images
-            .then(|| mount_image(&layer, &lowers, &path, &digest, self.config.readahead_kib))
+            .then(|| mount_image(&layer, &path, &digest, &options))
             .flatten()
             .map(Box::new);
-        let mount = LayerMount::mount_with(
-            layer.clone(),
-            &path,
-            &digest,
-            crate::fs::ServeOptions {
-                // Reads served by passthrough never reach the recorder.
-                passthrough: self.config.passthrough && recorder.is_none(),
-                readahead: self.config.readahead_kib.saturating_mul(1024),
-                recorder,
-                lowers: lowers.clone(),
-            },
-        )
-        .map_err(|source| RemoteError::Mount {
-            digest: digest.clone(),
-            source,
-        })?;
+        let mount =
+            LayerMount::mount_with(layer.clone(), &path, &digest, options).map_err(|source| {
+                RemoteError::Mount {
+                    digest: digest.clone(),
+                    source,
+                }
+            })?;
         tracing::info!(id, layer = %digest, path = %path.display(), "mounted remote layer");
         self.start_fetching(
             layer.clone(),
@@ -577,23 +575,22 @@ fn index_usage(layer: &RemoteLayer) -> (i64, i64) {
 }
 
 /// Serves `layer`'s erofs image at `<snapshot>/erofs/` (beside its tree mount `fs_path`),
-/// with the tree the FUSE mount shows (the same lower layers' directory attributes). A
+/// with the tree the FUSE mount shows (the same lower layers' directory attributes), its
+/// readahead and recorder (`options`, the tree mount's). A
 /// layer erofs cannot hold is said and skipped: a VM then packs its rootfs as for any
 /// other image.
 fn mount_image(
     layer: &Arc<RemoteLayer>,
-    lowers: &LowerLayers,
     fs_path: &Path,
     digest: &str,
-    readahead_kib: u32,
+    options: &crate::fs::ServeOptions,
 ) -> Option<ImageMount> {
     let dir = fs_path.with_file_name(IMAGE_DIR);
-    let image = ErofsImage::build(&Tree::build_over(layer.index(), lowers.clone()))
+    let image = ErofsImage::build(&Tree::build_over(layer.index(), options.lowers.clone()))
         .map_err(|err| err.to_string())
         .and_then(|image| {
             std::fs::create_dir_all(&dir).map_err(|err| err.to_string())?;
-            let readahead = readahead_kib.saturating_mul(1024);
-            ImageMount::mount(layer.clone(), image, &dir, digest, readahead)
+            ImageMount::mount(layer.clone(), image, &dir, digest, options)
                 .map_err(|err| error_chain(&err))
         });
     match image {
