@@ -7,8 +7,11 @@
 # (fully fetched) against overlayfs.
 #
 #   scripts/bench-lazypull.sh [--runs N] [--images python,busybox] [--links 100mbit|unlimited|both]
-#                             [--runtimes all|runc,spry,spry_template] [--read-only]
+#                             [--runtimes all|runc,spry,spry_template] [--record-in runc|spry]
+#                             [--read-only]
 #
+# --record-in: where the workload's reads for `lazy-prefetch` are recorded (default runc; spry: a
+# cold Spry pod, whose VM reads the layers' erofs images with its own readahead).
 # --read-only: only the read throughput (overlayfs, lazy with passthrough, lazy through the
 # daemon), to target/bench/lazypull-read.{json,md}.
 #
@@ -23,14 +26,16 @@ IMAGES=python,busybox
 LINKS=both
 RUNTIMES=all
 READ_ONLY=0
+RECORD_IN=runc
 while [ $# -gt 0 ]; do
     case $1 in
         --runs) RUNS=$2; shift 2 ;;
         --images) IMAGES=$2; shift 2 ;;
         --links) LINKS=$2; shift 2 ;;
         --runtimes) RUNTIMES=$2; shift 2 ;;
+        --record-in) RECORD_IN=$2; shift 2 ;;
         --read-only) READ_ONLY=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -47,7 +52,7 @@ cargo build --release -p spry-shim --bins
 log "running the benchmark: $RUNS run(s) per cell, images $IMAGES, links $LINKS"
 SPRY_SNAPSHOTTER_BIN="$SPRY_ROOT/target/release/spry-snapshotter" \
 SPRY_BENCH_RUNS=$RUNS SPRY_BENCH_IMAGES=$IMAGES SPRY_BENCH_LINKS=$LINKS SPRY_BENCH_READ_ONLY=$READ_ONLY \
-SPRY_BENCH_RUNTIMES=$RUNTIMES \
+SPRY_BENCH_RUNTIMES=$RUNTIMES SPRY_BENCH_RECORD_IN=$RECORD_IN \
 SPRY_BENCH_OUT="$SPRY_ROOT/target/bench" \
     cargo test -p spry-integration --test lazy_pull_bench -- --ignored --nocapture --test-threads 1
 log "report: target/bench/lazypull.md and target/bench/lazypull.json"

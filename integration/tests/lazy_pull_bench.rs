@@ -170,28 +170,47 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// Records the reads the workload makes (lazy run with access recording) and converts the
+/// Records the reads the workload makes (lazy run with access recording) in a `runtime`
+/// pod (`runc`, or `spry`: a cold Spry VM reading the layers' erofs images) and converts the
 /// image again with those bytes marked for prefetch, as `<image>:prefetch`. Returns how many
 /// files were read.
-fn record_and_convert(registry: &Registry, w: &Workload, out_dir: &Path) -> Result<usize> {
+fn record_and_convert(
+    registry: &Registry,
+    w: &Workload,
+    runtime: &str,
+    out_dir: &Path,
+) -> Result<usize> {
     let proxy = CountingProxy::start(registry.addr())?;
     let cfg = format!(
-        "[lazy]\nrecord_accesses = true\nprefetch = false\nbackground_fetch = false\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        "[lazy]\nrecord_accesses = true\nprefetch = false\nbackground_fetch = false\nvm_images = {}\n[registry.hosts.{:?}]\ninsecure = true\nendpoint = {:?}\n",
+        runtime == "spry",
         registry.host(),
         proxy.addr
     );
     let snapshotter = Snapshotter::start(&cfg)?;
-    let containerd = Containerd::start(
-        ContainerdOptions::new("bench-record")
-            .registry(registry)
-            .snapshotter("spry")
-            .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket())),
-    )?;
-    let crictl = containerd.crictl();
+    let mut opts = ContainerdOptions::new("bench-record")
+        .registry(registry)
+        .snapshotter("spry")
+        .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket()));
+    let spry_state = tempfile::Builder::new()
+        .prefix("spry-bench-record-")
+        .tempdir_in("/run")?;
+    let handler = match runtime {
+        "runc" => None,
+        "spry" => {
+            let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
+            let cold = spry.variant("cold", "template = \"off\"")?;
+            opts = spry.register_variant(spry.register(opts), "spry-cold", &cold);
+            Some("spry-cold")
+        }
+        other => bail!("cannot record in {other:?}: runc or spry"),
+    };
+    let containerd = Containerd::start(opts)?;
+    let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let image = registry.image(&format!("{}:estargz", w.image));
     crictl.pull(&image)?;
     let pod_cfg = PodConfig::new("record").write_to(&containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, None)?;
+    let pod = crictl.runp(&pod_cfg, handler)?;
     let cfg = ContainerConfig::new("rec", &image)
         .command(w.argv)
         .write_to(&containerd.dir())?;
@@ -456,11 +475,16 @@ fn lazy_pull_benchmark() -> Result<()> {
         Ok("100mbit") => vec![("100mbit", Some("100mbit"))],
         _ => vec![("100mbit", Some("100mbit")), ("unlimited", None)],
     };
+    // Where the workload's reads are recorded for `lazy-prefetch`.
+    let record_in = std::env::var("SPRY_BENCH_RECORD_IN").unwrap_or_else(|_| "runc".into());
     for w in &selected {
         push_layout(&registry, w.image)?;
         convert(&registry, w.image, &[])?;
         image_bytes.insert(w.image, oci_image_bytes(w.image)?);
-        recorded.insert(w.image, record_and_convert(&registry, w, &out_dir)?);
+        recorded.insert(
+            w.image,
+            record_and_convert(&registry, w, &record_in, &out_dir)?,
+        );
         eprintln!(
             "{}: {} bytes, {} files recorded",
             w.image, image_bytes[w.image], recorded[w.image]
@@ -526,6 +550,7 @@ fn lazy_pull_benchmark() -> Result<()> {
         "runs": results,
         "runs_per_median": runs,
         "recorded_files": recorded,
+        "recorded_in": record_in,
     });
     if selected.iter().any(|w| w.image == "python") {
         for (k, v) in read_report(&registry, runs)?
@@ -563,7 +588,10 @@ fn oci_image_bytes(name: &str) -> Result<u64> {
 }
 
 fn markdown(report: &Value) -> String {
-    let mut md = String::from("# Lazy pull benchmark\n\nMedians of cold runs (fresh containerd content store and chunk cache each run).\n\n");
+    let mut md = format!(
+        "# Lazy pull benchmark\n\nMedians of cold runs (fresh containerd content store and chunk cache each run); `lazy-prefetch` prefetches the reads recorded in a {} pod.\n\n",
+        report["recorded_in"].as_str().unwrap_or("runc")
+    );
     md.push_str("| runtime | image | link | mode | pull s | create s | run s | total s | vs overlayfs | MB fetched before ready |\n|---|---|---|---|---|---|---|---|---|---|\n");
     let runs = report["runs"].as_array().cloned().unwrap_or_default();
     for r in &runs {
