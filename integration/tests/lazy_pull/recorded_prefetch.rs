@@ -28,17 +28,17 @@ fn image_with_big_file(c: &Cluster, layout: &Path) -> Result<()> {
     push_layout_dir(&c.registry, layout, "bigfile")
 }
 
-/// Runs WORKLOAD from the pulled `image` in a fresh pod until it exits.
-fn run_workload(c: &Cluster, image: &str) -> Result<()> {
-    let crictl = c.containerd.crictl();
+/// Runs `script` from the pulled `image` in a fresh pod of `handler` until it exits.
+fn run_workload(c: &Cluster, image: &str, handler: Option<&str>, script: &str) -> Result<()> {
+    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
     let pod_cfg = PodConfig::new("rec").write_to(&c.containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, None)?;
+    let pod = crictl.runp(&pod_cfg, handler)?;
     let cfg = ContainerConfig::new("work", image)
-        .command(&["sh", "-c", WORKLOAD])
+        .command(&["sh", "-c", script])
         .write_to(&c.containerd.dir())?;
     let id = crictl.create(&pod, &cfg, &pod_cfg)?;
     crictl.start(&id)?;
-    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(120))?;
     let logs = crictl.logs(&id)?;
     crictl.rm(&id)?;
     crictl.stopp(&pod)?;
@@ -64,7 +64,7 @@ fn a_recorded_workloads_reads_are_what_a_cold_start_prefetches() -> Result<()> {
     convert_layout(&rec.registry, &layout, "bigfile:estargz", &[])?;
     let image = rec.registry.image("bigfile:estargz");
     rec.containerd.crictl().pull(&image)?;
-    run_workload(&rec, &image)?;
+    run_workload(&rec, &image, None, WORKLOAD)?;
     let reads = recorded_reads(&rec.snapshotter)?;
     let big_reads: Vec<&str> = reads
         .lines()
@@ -111,7 +111,7 @@ fn a_recorded_workloads_reads_are_what_a_cold_start_prefetches() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let prefetched = c.proxy.served();
-    run_workload(&c, &image)?;
+    run_workload(&c, &image, None, WORKLOAD)?;
     let on_demand = c.proxy.served() - prefetched;
     eprintln!(
         "recorded {} reads ({} of data/big.bin); pull + prefetch fetched {prefetched} of {image_size} bytes, the workload {on_demand} more",
@@ -151,23 +151,7 @@ fn a_spry_pods_reads_are_recorded_as_its_files_reads() -> Result<()> {
         "lazy-rec-vm",
         "[lazy]\nrecord_accesses = true\nprefetch = false\nbackground_fetch = false\nvm_images = true\n",
     )?;
-    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
-    let pod_cfg = PodConfig::new("rec-vm").write_to(&c.containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry-cold"))?;
-    let cfg = ContainerConfig::new("work", &image)
-        .command(&["sh", "-c", "cat /spry/hello.txt"])
-        .write_to(&c.containerd.dir())?;
-    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl.start(&id)?;
-    crictl.wait_container_state(&id, "CONTAINER_EXITED", Duration::from_secs(120))?;
-    let logs = crictl.logs(&id)?;
-    crictl.rm(&id)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    ensure!(
-        logs.contains("hello from spry busybox image"),
-        "unexpected output: {logs}"
-    );
+    run_workload(&c, &image, Some("spry-cold"), "cat /spry/hello.txt")?;
     // No runc container ran: every recorded read is the VM's, by file, from offset 0.
     let reads = recorded_reads(&c.snapshotter)?;
     ensure!(
