@@ -102,9 +102,7 @@ fn cold_run(
         _ => Some("spry"),
     };
     if handler.is_some() {
-        let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
-        let cold = spry.variant("cold", "template = \"off\"")?;
-        opts = spry.register_variant(spry.register(opts), "spry-cold", &cold);
+        opts = with_spry(opts, spry_state.path())?;
     }
     let containerd = Containerd::start(opts)?;
     link.trust_from(&containerd.certs_dir())?;
@@ -157,6 +155,14 @@ fn cold_run(
     })
 }
 
+/// `opts` with Spry's release shim as `spry` (templates on) and `spry-cold` (a VM booted
+/// for each pod), its state under `state`.
+fn with_spry(opts: ContainerdOptions, state: &Path) -> Result<ContainerdOptions> {
+    let spry = spry_integration::SpryHandler::new(state, "release", None)?;
+    let cold = spry.variant("cold", "template = \"off\"")?;
+    Ok(spry.register_variant(spry.register(opts), "spry-cold", &cold))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -198,9 +204,7 @@ fn record_and_convert(
     let handler = match runtime {
         "runc" => None,
         "spry" => {
-            let spry = spry_integration::SpryHandler::new(spry_state.path(), "release", None)?;
-            let cold = spry.variant("cold", "template = \"off\"")?;
-            opts = spry.register_variant(spry.register(opts), "spry-cold", &cold);
+            opts = with_spry(opts, spry_state.path())?;
             Some("spry-cold")
         }
         other => bail!("cannot record in {other:?}: runc or spry"),
