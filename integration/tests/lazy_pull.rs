@@ -9,7 +9,11 @@ use std::time::{Duration, Instant};
 mod lazy_pull_support;
 #[path = "lazy_pull/recorded_prefetch.rs"]
 mod recorded_prefetch;
-use lazy_pull_support::{convert, push_layout, CountingProxy, Snapshotter};
+#[path = "lazy_pull/vm_trees.rs"]
+mod vm_trees;
+use lazy_pull_support::{
+    convert, convert_layout, push_layout, push_layout_dir, CountingProxy, Snapshotter,
+};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
@@ -88,6 +92,20 @@ fn spry_lazy_image(
     snapshotter_config: &str,
     layout: &str,
 ) -> Result<(Cluster, tempfile::TempDir, String)> {
+    let dir = spry_integration::paths::repo_root()
+        .join("build/images")
+        .join(layout);
+    spry_lazy_layout(name, snapshotter_config, &dir, layout)
+}
+
+/// As [`spry_lazy_busybox`], for the OCI layout `dir` (tag `1`), pushed as `<image>:1` and
+/// converted to `<image>:estargz` (pulled).
+fn spry_lazy_layout(
+    name: &str,
+    snapshotter_config: &str,
+    dir: &Path,
+    image: &str,
+) -> Result<(Cluster, tempfile::TempDir, String)> {
     let spry_state = tempfile::Builder::new()
         .prefix(&format!("spry-{name}-"))
         .tempdir_in("/run")?;
@@ -96,21 +114,34 @@ fn spry_lazy_image(
     let c = cluster_with(name, snapshotter_config, |opts| {
         Ok(spry.register_variant(spry.register(opts), "spry-cold", &cold))
     })?;
-    push_layout(&c.registry, layout)?;
-    convert(&c.registry, layout, &[])?;
-    let image = c.registry.image(&format!("{layout}:estargz"));
+    push_layout_dir(&c.registry, dir, image)?;
+    let lazy = format!("{image}:estargz");
+    convert_layout(&c.registry, dir, &lazy, &[])?;
+    let lazy = c.registry.image(&lazy);
     c.containerd
         .crictl()
         .with_timeout(Duration::from_secs(180))
-        .pull(&image)?;
-    Ok((c, spry_state, image))
+        .pull(&lazy)?;
+    Ok((c, spry_state, lazy))
 }
 
 /// Runs TREE_SCRIPT in a container of `image` inside `pod`; returns its log.
 fn run_tree(c: &Cluster, pod: &str, pod_cfg: &Path, name: &str, image: &str) -> Result<String> {
+    run_listing(c, pod, pod_cfg, name, image, TREE_SCRIPT)
+}
+
+/// Runs the shell `script` in a container of `image` inside `pod`; returns its log.
+fn run_listing(
+    c: &Cluster,
+    pod: &str,
+    pod_cfg: &Path,
+    name: &str,
+    image: &str,
+    script: &str,
+) -> Result<String> {
     let crictl = c.containerd.crictl();
     let cfg = ContainerConfig::new(name, image)
-        .command(&["sh", "-c", TREE_SCRIPT])
+        .command(&["sh", "-c", script])
         .write_to(&c.containerd.dir())?;
     let id = crictl.create(pod, &cfg, pod_cfg)?;
     crictl.start(&id)?;
@@ -246,161 +277,6 @@ fn a_spry_pod_runs_an_estargz_image_from_the_lazy_snapshotter() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Result<()> {
-    let (c, spry_state, image) = spry_lazy_busybox(
-        "lazy-img",
-        "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\n",
-    )?;
-    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
-
-    // The tree a runc container sees through the snapshotter's FUSE layers.
-    let want = runc_tree(&c, "lazy-img-runc", &image, 100)?;
-    // The template is built by a first pod; the second is its clone.
-    let warm_cfg = PodConfig::new("lazy-img-warm").write_to(&c.containerd.dir())?;
-    let warm = crictl.runp(&warm_cfg, Some("spry"))?;
-    crictl.stopp(&warm)?;
-    crictl.rmp(&warm)?;
-    for handler in ["spry-cold", "spry"] {
-        tree_in_a_vm(&c, handler, &image, &want, spry_state.path())
-            .with_context(|| format!("in a {handler} pod"))?;
-    }
-    Ok(())
-}
-
-/// TREE_SCRIPT's listing of `image` in a runc pod named `pod_name`, at least `min_lines`
-/// long: the reference a VM's tree is compared with.
-fn runc_tree(c: &Cluster, pod_name: &str, image: &str, min_lines: usize) -> Result<String> {
-    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(300));
-    let pod_cfg = PodConfig::new(pod_name).write_to(&c.containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, None)?;
-    let tree = run_tree(c, &pod, &pod_cfg, "ref", image)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    ensure!(
-        tree.lines().count() > min_lines,
-        "the reference tree is too short:\n{tree}"
-    );
-    Ok(tree)
-}
-
-/// `got` (a VM's `TREE_SCRIPT` listing) has the lines of `want` (a runc container's), no
-/// more and no fewer.
-fn ensure_vm_tree(got: &str, want: &str) -> Result<()> {
-    let want_lines: std::collections::HashSet<&str> = want.lines().collect();
-    let got_lines: std::collections::HashSet<&str> = got.lines().collect();
-    let missing: Vec<_> = want_lines.difference(&got_lines).take(20).collect();
-    let extra: Vec<_> = got_lines.difference(&want_lines).take(20).collect();
-    ensure!(
-        missing.is_empty() && extra.is_empty(),
-        "the VM's tree differs from the runc container's: missing {missing:?}, extra {extra:?}"
-    );
-    Ok(())
-}
-
-/// The python image, read lazily through its layers' erofs images in a cold Spry VM, is
-/// the same tree as its normal pull in a runc pod: contents, modes, owners, sizes, mtimes,
-/// symlinks, of thousands of files over three layers.
-#[test]
-fn a_spry_pod_reads_the_python_estargz_image_as_the_normal_pull_has_it() -> Result<()> {
-    let (c, _spry_state, image) = spry_lazy_image(
-        "lazy-py",
-        "[lazy]\nbackground_fetch = false\nprefetch = false\nvm_images = true\n",
-        "python",
-    )?;
-    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(300));
-    let normal = c.registry.image("python:1");
-    crictl.pull(&normal)?;
-    let want = runc_tree(&c, "lazy-py-runc", &normal, 5000)?;
-    let pod_cfg = PodConfig::new("lazy-py-spry").write_to(&c.containerd.dir())?;
-    let pod = crictl
-        .runp(&pod_cfg, Some("spry-cold"))
-        .with_context(|| c.containerd.log_tail(40))?;
-    let fetched_before = c.proxy.served();
-    let got = run_tree(&c, &pod, &pod_cfg, "tree", &image)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    ensure!(
-        c.proxy.served() > fetched_before,
-        "the VM's reads fetched nothing: it did not read the lazy layers"
-    );
-    ensure_vm_tree(&got, &want)
-}
-
-/// Runs the tree listing in a `handler` pod on `image` and compares it with `want`; the
-/// VM must read the snapshotter's images, and a template pod must be a clone.
-fn tree_in_a_vm(
-    c: &Cluster,
-    handler: &str,
-    image: &str,
-    want: &str,
-    spry_state: &Path,
-) -> Result<()> {
-    let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
-    let pod_cfg = PodConfig::new(&format!("lazy-img-{handler}")).write_to(&c.containerd.dir())?;
-    let pod = crictl
-        .runp(&pod_cfg, Some(handler))
-        .with_context(|| c.containerd.log_tail(40))?;
-    // This pod's QEMU (other tests may run VMs meanwhile): named after the sandbox.
-    let ours = format!("spry-{}", &pod[..12]);
-    let (qemu, cmdline) = qemus()?
-        .into_iter()
-        .find(|(_, l)| l.contains(&ours))
-        .context("no QEMU for the pod")?;
-    let clone = cmdline.contains("/templates/");
-    ensure!(
-        clone == (handler == "spry"),
-        "{handler} pod: template clone {clone}"
-    );
-    let cfg = ContainerConfig::new("sleeper", image)
-        .command(&["sleep", "600"])
-        .write_to(&c.containerd.dir())?;
-    let sleeper = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl
-        .start(&sleeper)
-        .with_context(|| c.containerd.log_tail(40))?;
-    // The VM reads the snapshotter's images: the shim packed nothing.
-    let packed: Vec<_> = std::fs::read_dir(spry_state.join("run/layer-images"))
-        .map(|d| d.flatten().map(|e| e.file_name()).collect())
-        .unwrap_or_default();
-    ensure!(
-        packed.is_empty(),
-        "the shim packed a layer image: {packed:?}"
-    );
-    let served = open_files(&qemu)?
-        .into_iter()
-        .filter(|f| f.ends_with("erofs/layer.erofs"))
-        .count();
-    ensure!(served >= 1, "QEMU holds no image the snapshotter serves");
-    // The guest reads each lazy layer's disk with the snapshotter's readahead (32 KiB by
-    // default; the kernel's own is 128), the writable disk with its own.
-    let out = crictl.exec_sync(
-        &sleeper,
-        &[
-            "sh",
-            "-c",
-            "for d in /sys/block/sd*; do echo \"$d $(cat $d/queue/read_ahead_kb)\"; done",
-        ],
-        Duration::from_secs(60),
-    )?;
-    let lazy_disks = out.stdout.lines().filter(|l| l.ends_with(" 32")).count();
-    ensure!(
-        out.code == 0 && lazy_disks == served,
-        "{served} lazy layer disks, {lazy_disks} read 32 KiB ahead: {out:?}\n{}",
-        c.containerd.log_tail(60)
-    );
-    let got = run_tree(c, &pod, &pod_cfg, "tree", image)?;
-    ensure_vm_tree(&got, want)?;
-    crictl.stop(&sleeper, 0)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
-    ensure!(
-        !qemus()?.iter().any(|(_, l)| l.contains(&ours)),
-        "the pod's VM outlived it"
-    );
-    Ok(())
-}
-
 /// With the registry unreachable, `cat` of a file not fetched yet in `container` fails
 /// with EIO within `limit`; once it is back the same read works. Returns how long the
 /// failing read took.
@@ -430,30 +306,6 @@ fn outage_gives_eio_then_recovers(
         "read after the outage: {out:?}"
     );
     Ok(took)
-}
-
-/// Every QEMU process: its /proc dir and command line.
-fn qemus() -> Result<Vec<(std::path::PathBuf, String)>> {
-    let mut found = Vec::new();
-    for proc in std::fs::read_dir("/proc")?.flatten() {
-        let comm = std::fs::read_to_string(proc.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("qemu-system") {
-            let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
-            found.push((
-                proc.path(),
-                String::from_utf8_lossy(&cmdline).replace('\0', " "),
-            ));
-        }
-    }
-    Ok(found)
-}
-
-/// The files the process at `proc_dir` has open.
-fn open_files(proc_dir: &Path) -> Result<Vec<std::path::PathBuf>> {
-    Ok(std::fs::read_dir(proc_dir.join("fd"))?
-        .flatten()
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .collect())
 }
 
 #[test]

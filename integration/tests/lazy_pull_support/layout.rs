@@ -1,5 +1,5 @@
-//! Test images made from the built ones: busybox plus a layer with one large file, for
-//! workloads that read a little of a big file.
+//! Test images made from the built ones: busybox plus a layer with one large file (for
+//! workloads that read a little of a big file), or any test image plus given layers.
 
 use std::path::Path;
 use std::process::Command;
@@ -46,20 +46,6 @@ pub fn noise(len: usize) -> Vec<u8> {
 /// A copy of the busybox test image's OCI layout at `dst` (tag `1`) with one more layer
 /// holding `file` (a path in the image) with `data`.
 pub fn busybox_with_file(dst: &Path, file: &str, data: &[u8]) -> Result<()> {
-    let src = paths::repo_root().join("build/images/busybox");
-    ensure!(
-        src.join("index.json").exists(),
-        "{} is missing: run scripts/build-test-images.sh",
-        src.display()
-    );
-    let status = Command::new("cp").arg("-a").arg(&src).arg(dst).status()?;
-    ensure!(
-        status.success(),
-        "cp -a {} {}",
-        src.display(),
-        dst.display()
-    );
-
     let work = tempfile::tempdir()?;
     let target = work.path().join("root").join(file);
     std::fs::create_dir_all(target.parent().context("file has no parent")?)?;
@@ -73,11 +59,25 @@ pub fn busybox_with_file(dst: &Path, file: &str, data: &[u8]) -> Result<()> {
         .arg(".")
         .status()?;
     ensure!(status.success(), "tar of the extra layer failed");
-    let tar_bytes = std::fs::read(&tar)?;
-    let out = Command::new("gzip").args(["-1", "-c"]).arg(&tar).output()?;
-    ensure!(out.status.success(), "gzip of the extra layer failed");
-    let (layer, layer_size) = put_blob(dst, &out.stdout)?;
+    image_with_layers("busybox", dst, &[std::fs::read(&tar)?])
+}
 
+/// A copy of the test image `name`'s OCI layout (`build/images/<name>`) at `dst` (tag `1`)
+/// with `layers` (uncompressed tars, lowest first) on top of its own.
+pub fn image_with_layers(name: &str, dst: &Path, layers: &[Vec<u8>]) -> Result<()> {
+    let src = paths::repo_root().join("build/images").join(name);
+    ensure!(
+        src.join("index.json").exists(),
+        "{} is missing: run scripts/build-test-images.sh",
+        src.display()
+    );
+    let status = Command::new("cp").arg("-a").arg(&src).arg(dst).status()?;
+    ensure!(
+        status.success(),
+        "cp -a {} {}",
+        src.display(),
+        dst.display()
+    );
     let index_path = dst.join("index.json");
     let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path)?)?;
     let manifest_digest = index["manifests"][0]["digest"]
@@ -90,21 +90,29 @@ pub fn busybox_with_file(dst: &Path, file: &str, data: &[u8]) -> Result<()> {
         .context("manifest without a config")?
         .to_string();
     let mut config = read_blob(dst, &config_digest)?;
-    config["rootfs"]["diff_ids"]
-        .as_array_mut()
-        .context("config without diff_ids")?
-        .push(json!(sha256(&tar_bytes)));
+    let work = tempfile::tempdir()?;
+    for tar_bytes in layers {
+        let tar = work.path().join("layer.tar");
+        std::fs::write(&tar, tar_bytes)?;
+        let out = Command::new("gzip").args(["-1", "-c"]).arg(&tar).output()?;
+        ensure!(out.status.success(), "gzip of an extra layer failed");
+        let (layer, layer_size) = put_blob(dst, &out.stdout)?;
+        config["rootfs"]["diff_ids"]
+            .as_array_mut()
+            .context("config without diff_ids")?
+            .push(json!(sha256(tar_bytes)));
+        manifest["layers"]
+            .as_array_mut()
+            .context("manifest without layers")?
+            .push(json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": layer,
+                "size": layer_size,
+            }));
+    }
     let (config, config_size) = put_blob(dst, &serde_json::to_vec(&config)?)?;
     manifest["config"]["digest"] = json!(config);
     manifest["config"]["size"] = json!(config_size);
-    manifest["layers"]
-        .as_array_mut()
-        .context("manifest without layers")?
-        .push(json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": layer,
-            "size": layer_size,
-        }));
     let (manifest, manifest_size) = put_blob(dst, &serde_json::to_vec(&manifest)?)?;
     index["manifests"][0]["digest"] = json!(manifest);
     index["manifests"][0]["size"] = json!(manifest_size);

@@ -16,10 +16,13 @@ use spry_integration::{paths, require_tool, Registry};
 
 pub use spry_integration::snapshotter::{snapshotter_bin, Snapshotter};
 
+mod edge;
 mod layout;
 // Used by some of the binaries that include this module.
 #[allow(unused_imports)]
-pub use layout::{busybox_with_file, noise};
+pub use edge::{check_edge_listing, edge_layers, EDGE_LIST};
+#[allow(unused_imports)]
+pub use layout::{busybox_with_file, image_with_layers, noise};
 
 /// Copies an image from the OCI layouts `scripts/build-test-images.sh` made.
 pub fn push_layout(registry: &Registry, name: &str) -> Result<()> {
