@@ -74,7 +74,7 @@ impl StatePaths {
 /// `tsc_early_khz` matters: microvm has no device the kernel could calibrate
 /// the TSC against, and without it early boot hangs. `panic=-1` plus QEMU's
 /// `-no-reboot` turns a guest panic into a QEMU exit we can see.
-pub fn kernel_cmdline(config: &VmConfig, accel: Accel, tsc_khz: u64) -> String {
+pub fn kernel_cmdline(config: &VmConfig, tsc_khz: u64) -> String {
     // The agent knows the port name and vsock port (same constants).
     let channel = match config.agent_channel {
         AgentChannelKind::VirtioSerial => "virtio-serial",
@@ -89,15 +89,6 @@ pub fn kernel_cmdline(config: &VmConfig, accel: Accel, tsc_khz: u64) -> String {
         "quiet".to_owned(),
         format!("{AGENT_CHANNEL_PARAM}={channel}"),
     ];
-    if accel == Accel::Tcg {
-        // An emulated CPU does not execute speculatively: the guest kernel's Spectre-class
-        // mitigations (retpolines, return-stack filling, barriers) defend against nothing
-        // there and are emulated instruction by instruction on every syscall, interrupt and
-        // indirect call. Off, a cold boot, a container start and a fork+exec loop ran
-        // 10-25% faster (measured 2026-12-01). Under KVM the guest runs on the host's
-        // speculating CPU, so they stay on.
-        params.push("mitigations=off".to_owned());
-    }
     params.extend(config.extra_cmdline.iter().cloned());
     params.join(" ")
 }
@@ -170,8 +161,7 @@ pub fn qemu_args(config: &VmConfig, accel: Accel, tsc_khz: u64) -> Vec<OsString>
     } else {
         args.push("-kernel").push(&config.kernel);
         args.push("-initrd").push(&config.initramfs);
-        args.push("-append")
-            .push(kernel_cmdline(config, accel, tsc_khz));
+        args.push("-append").push(kernel_cmdline(config, tsc_khz));
     }
 
     args.push("-add-fd")
@@ -300,7 +290,7 @@ mod tests {
 
     #[test]
     fn kernel_cmdline_has_console_tsc_panic_channel_then_extras() {
-        let line = kernel_cmdline(&config(), Accel::Kvm, 2_445_404);
+        let line = kernel_cmdline(&config(), 2_445_404);
         assert_eq!(
             line,
             "console=ttyS0 8250.nr_uarts=1 tsc_early_khz=2445404 panic=-1 quiet \
@@ -310,15 +300,7 @@ mod tests {
             agent_channel: AgentChannelKind::Vsock { cid: 7 },
             ..config()
         };
-        assert!(kernel_cmdline(&vsock, Accel::Kvm, 1).contains("spry.agent_channel=vsock "));
-    }
-
-    #[test]
-    fn only_an_emulated_cpu_drops_the_guests_speculation_mitigations() {
-        let tcg = kernel_cmdline(&config(), Accel::Tcg, 1);
-        assert!(tcg.contains(" mitigations=off loglevel=7"), "{tcg}");
-        let kvm = kernel_cmdline(&config(), Accel::Kvm, 1);
-        assert!(!kvm.contains("mitigations"), "{kvm}");
+        assert!(kernel_cmdline(&vsock, 1).contains("spry.agent_channel=vsock "));
     }
 
     #[test]
