@@ -202,14 +202,13 @@ pub fn check_edge_listing(listing: &str) -> Result<()> {
             .copied()
             .unwrap_or("")
     };
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     let wanted = [
         (
             line_of("/edge").contains("0o40750"),
             "/edge is 0750 (upper layer)",
         ),
         (
-            line_of("/edge/keep.txt").contains(&format!("user.spry.note={}", hex(b"v2"))),
+            line_of("/edge/keep.txt").contains(&format!("user.spry.note={}", hex::encode(b"v2"))),
             "keep.txt has the upper layer's xattr",
         ),
         (!has("/edge/gone.txt"), "gone.txt is whited out"),
@@ -220,7 +219,7 @@ pub fn check_edge_listing(listing: &str) -> Result<()> {
             "dir is opaque",
         ),
         (
-            line_of("/edge/dir").contains(&format!("user.spry.dir={}", hex(b"upper")))
+            line_of("/edge/dir").contains(&format!("user.spry.dir={}", hex::encode(b"upper")))
                 && !line_of("/edge/dir").contains("overlay"),
             "dir has the upper xattr only",
         ),
@@ -235,8 +234,10 @@ pub fn check_edge_listing(listing: &str) -> Result<()> {
             "new-a, new-b are one inode",
         ),
         (
-            line_of("/edge/cap-bin")
-                .contains(&format!("security.capability={}", hex(&NET_RAW_CAPABILITY))),
+            line_of("/edge/cap-bin").contains(&format!(
+                "security.capability={}",
+                hex::encode(NET_RAW_CAPABILITY)
+            )),
             "cap-bin has its file capability",
         ),
         (
