@@ -110,18 +110,30 @@ impl Agent {
             .stderr(log)
             .spawn()
             .unwrap();
+        // The socket file appears at bind, a moment before the agent listens on it: until
+        // then a connection is refused, so try again until the deadline.
         let started = Instant::now();
-        while !socket.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "agent did not start; log:\n{}",
-                read_log(dir.path())
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let client = ttrpc::r#async::Client::connect(&format!("unix://{}", socket.display()))
-            .await
-            .unwrap();
+        let address = format!("unix://{}", socket.display());
+        let client = loop {
+            let attempt = if socket.exists() {
+                Some(ttrpc::r#async::Client::connect(&address).await)
+            } else {
+                None
+            };
+            match attempt {
+                Some(Ok(client)) => break client,
+                Some(Err(err)) if started.elapsed() >= Duration::from_secs(10) => {
+                    panic!(
+                        "cannot connect to the agent: {err:?}; log:\n{}",
+                        read_log(dir.path())
+                    )
+                }
+                None if started.elapsed() >= Duration::from_secs(10) => {
+                    panic!("agent did not start; log:\n{}", read_log(dir.path()))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         let client = AgentClient::new(client);
         let mut check = CheckRequest::new();
         check.protocol_version = ProtocolVersion::PROTOCOL_VERSION_CURRENT as u32;

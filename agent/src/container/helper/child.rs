@@ -11,7 +11,7 @@ use libcontainer::error::LibcontainerError;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags};
 
-use super::protocol::{FailureKind, HelperReply, HelperRequest, MAX_MESSAGE, READY};
+use super::protocol::{FailureKind, HelperReply, HelperRequest, ACCEPTED, MAX_MESSAGE, READY};
 use crate::error_chain;
 use crate::sys;
 
@@ -22,13 +22,7 @@ pub fn helper_main() -> i32 {
     let Ok(control) = control else {
         return 2;
     };
-    if let Err(err) = sendmsg::<()>(
-        control.as_raw_fd(),
-        &[IoSlice::new(READY)],
-        &[],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    ) {
+    if let Err(err) = say(&control, READY) {
         tracing::error!(error = %err, "container helper: cannot say it is ready");
         return 2;
     }
@@ -62,6 +56,11 @@ pub fn helper_main() -> i32 {
         // A spare whose agent end was closed: nothing to do.
         return 0;
     }
+    // Before any work: until the agent reads this, it may hand the request to another helper.
+    if let Err(err) = say(&control, ACCEPTED) {
+        tracing::error!(error = %err, "container helper: cannot acknowledge its request");
+        return 2;
+    }
     // A spare may have been started at idle priority; the container must not inherit it.
     if let Err(err) = sys::set_thread_nice(0) {
         tracing::warn!(error = %err, "container helper: cannot reset its priority");
@@ -74,13 +73,7 @@ pub fn helper_main() -> i32 {
         },
     };
     let payload = serde_json::to_vec(&reply).expect("helper replies always serialize");
-    if let Err(err) = sendmsg::<()>(
-        control.as_raw_fd(),
-        &[IoSlice::new(&payload)],
-        &[],
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    ) {
+    if let Err(err) = say(&control, &payload) {
         tracing::error!(error = %err, "container helper: cannot reply");
         return 2;
     }
@@ -89,6 +82,17 @@ pub fn helper_main() -> i32 {
     let mut iov = [IoSliceMut::new(&mut byte)];
     let _ = recvmsg::<()>(control.as_raw_fd(), &mut iov, None, MsgFlags::empty());
     0
+}
+
+/// Sends one message on the control socket.
+fn say(control: &OwnedFd, message: &[u8]) -> nix::Result<usize> {
+    sendmsg::<()>(
+        control.as_raw_fd(),
+        &[IoSlice::new(message)],
+        &[],
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
 }
 
 fn execute(request: HelperRequest, fds: Vec<OwnedFd>) -> HelperReply {

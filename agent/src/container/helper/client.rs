@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use super::pool::{kill, take_spare, HelperProcess};
-use super::protocol::{HelperError, HelperReply, HelperRequest, MAX_MESSAGE};
+use super::protocol::{HelperError, HelperReply, HelperRequest, ACCEPTED, MAX_MESSAGE};
 use crate::reaper::{ExitWatch, Reaper};
 
 /// A successful helper run.
@@ -54,7 +54,8 @@ struct Exchange {
     exit: ExitWatch,
 }
 
-/// Sends the request to `spare`, or to a new helper when there is none or it has died.
+/// Sends the request to `spare`, or to a new helper when there is none or it died before
+/// taking the request (a killed spare may still look alive for a moment after its kill).
 fn exchange(
     spare: Option<HelperProcess>,
     payload: &[u8],
@@ -63,28 +64,35 @@ fn exchange(
     let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
-    let send = |helper: &HelperProcess| {
-        sendmsg::<()>(
-            helper.control.as_raw_fd(),
-            &[IoSlice::new(payload)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL,
-            None,
-        )
+    let spare = match spare {
+        Some(spare) => match hand_over(&spare, payload, cmsgs) {
+            Ok(HandOver::Taken) => Some(spare),
+            Ok(HandOver::Gone) => {
+                tracing::debug!(helper_pid = spare.pid, "spare container helper is gone");
+                None
+            }
+            Err(err) => {
+                spare.kill();
+                return Err(err);
+            }
+        },
+        None => None,
     };
-    let spare = spare.and_then(|spare| match send(&spare) {
-        Ok(_) => Some(spare),
-        Err(err) => {
-            tracing::debug!(helper_pid = spare.pid, error = %err, "spare container helper is gone");
-            None
-        }
-    });
     let helper = match spare {
         Some(helper) => helper,
         None => {
             let fresh = HelperProcess::start()?;
-            send(&fresh).map_err(|source| HelperError::Channel { source })?;
-            fresh
+            match hand_over(&fresh, payload, cmsgs) {
+                Ok(HandOver::Taken) => fresh,
+                Ok(HandOver::Gone) => {
+                    fresh.kill();
+                    return Err(HelperError::NoReply);
+                }
+                Err(err) => {
+                    fresh.kill();
+                    return Err(err);
+                }
+            }
         }
     };
     drop(fds);
@@ -106,4 +114,107 @@ fn exchange(
     let HelperProcess { pid, exit, control } = helper;
     drop(control);
     Ok(Exchange { outcome, pid, exit })
+}
+
+/// Whether a helper took the request.
+enum HandOver {
+    /// It acknowledged the request and now works on it.
+    Taken,
+    /// It ended before taking the request: it did nothing with it.
+    Gone,
+}
+
+/// Sends the request and waits for the helper's acknowledgement.
+fn hand_over(
+    helper: &HelperProcess,
+    payload: &[u8],
+    cmsgs: &[ControlMessage],
+) -> Result<HandOver, HelperError> {
+    use nix::errno::Errno;
+    let ended = |err: Errno| matches!(err, Errno::EPIPE | Errno::ECONNRESET | Errno::ECONNREFUSED);
+    match sendmsg::<()>(
+        helper.control.as_raw_fd(),
+        &[IoSlice::new(payload)],
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) {
+        Ok(_) => {}
+        Err(err) if ended(err) => return Ok(HandOver::Gone),
+        Err(source) => return Err(HelperError::Channel { source }),
+    }
+    let mut buf = [0u8; 16];
+    match helper.receive(&mut buf) {
+        Ok(0) => Ok(HandOver::Gone),
+        Ok(len) if buf[..len] == *ACCEPTED => Ok(HandOver::Taken),
+        Ok(_) => Err(HelperError::Unacknowledged),
+        Err(err) if ended(err) => Ok(HandOver::Gone),
+        Err(source) => Err(HelperError::Channel { source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::OwnedFd;
+
+    use nix::sys::socket::{recv, send, socketpair, AddressFamily, SockFlag, SockType};
+
+    use super::*;
+
+    /// A helper handle over one end of a fresh pair; the other end plays the helper.
+    fn pair() -> (HelperProcess, OwnedFd) {
+        let (ours, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap();
+        let helper = HelperProcess {
+            pid: i32::MAX,
+            exit: Reaper::global().watch(i32::MAX),
+            control: ours,
+        };
+        (helper, theirs)
+    }
+
+    #[test]
+    fn a_helper_that_ends_before_acknowledging_did_not_take_the_request() {
+        // Ended before the request was sent.
+        let (helper, theirs) = pair();
+        drop(theirs);
+        assert!(matches!(hand_over(&helper, b"{}", &[]), Ok(HandOver::Gone)));
+        // Ended after the request was queued to it (killed while still looking alive).
+        let (helper, theirs) = pair();
+        let dying = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(theirs);
+        });
+        assert!(matches!(hand_over(&helper, b"{}", &[]), Ok(HandOver::Gone)));
+        dying.join().unwrap();
+    }
+
+    #[test]
+    fn an_acknowledged_request_is_taken_and_anything_else_is_an_error() {
+        let (helper, theirs) = pair();
+        let serving = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let len = recv(theirs.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+            assert_eq!(&buf[..len], b"{}");
+            send(theirs.as_raw_fd(), ACCEPTED, MsgFlags::empty()).unwrap();
+            theirs
+        });
+        assert!(matches!(
+            hand_over(&helper, b"{}", &[]),
+            Ok(HandOver::Taken)
+        ));
+        drop(serving.join().unwrap());
+
+        let (helper, theirs) = pair();
+        send(theirs.as_raw_fd(), b"ready", MsgFlags::empty()).unwrap();
+        assert!(matches!(
+            hand_over(&helper, b"{}", &[]),
+            Err(HelperError::Unacknowledged)
+        ));
+    }
 }

@@ -1,6 +1,6 @@
 //! The messages between the agent and a container helper, over a `SOCK_SEQPACKET` pair:
 //! the helper's [`READY`], one JSON [`HelperRequest`] (stdio descriptors attached with
-//! `SCM_RIGHTS`), one JSON [`HelperReply`].
+//! `SCM_RIGHTS`), the helper's [`ACCEPTED`], one JSON [`HelperReply`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,6 +68,8 @@ pub enum HelperError {
     BadReply { source: serde_json::Error },
     #[error("the container helper exited without replying")]
     NoReply,
+    #[error("the container helper did not acknowledge its request")]
+    Unacknowledged,
     #[error("the container helper reported success without the new process's pid")]
     NoPid,
     #[error("{message}")]
@@ -78,6 +80,9 @@ pub enum HelperError {
 
 /// The first message every helper sends: it is ready for its request.
 pub(super) const READY: &[u8] = b"ready";
+/// The helper's first answer to its request, sent before it does anything with it: a
+/// helper that ends before sending it has done nothing, so the request may go to another.
+pub(super) const ACCEPTED: &[u8] = b"accepted";
 
 /// How long a single helper exchange (start-up, or one operation) may take.
 pub(super) const HELPER_TIMEOUT: Duration = Duration::from_secs(120);
