@@ -5,6 +5,8 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::containerd_config::proxy_snapshotter_toml;
+use crate::snapshotter::Snapshotter;
 use crate::{Containerd, ContainerdOptions, Registry, SpryHandler};
 
 /// The `p`th percentile (nearest rank) of `values`; NaN for none.
@@ -55,6 +57,8 @@ pub fn spry_accelerator(state_dir: &Path) -> String {
 /// registry of the test images. Fields drop in order: containerd first.
 pub struct BenchNode {
     pub containerd: Containerd,
+    /// containerd's snapshotter when it is Spry's (`start_with_snapshotter`).
+    pub snapshotter: Option<Snapshotter>,
     pub registry: Registry,
     /// Spry's state: its `run/` dir holds the VMs, templates and layer images.
     pub state: tempfile::TempDir,
@@ -64,6 +68,13 @@ impl BenchNode {
     /// Starts containerd with handlers `spry` (the harness's), `spry-cold` (templates off),
     /// `spry-template` and `spry-pool` (templates and a warm pool of [`POOL_SIZE`]).
     pub fn start(name: &str) -> Result<Self> {
+        Self::start_with_snapshotter(name, None)
+    }
+
+    /// As [`BenchNode::start`]; with `snapshotter_config`, containerd's snapshotter for every
+    /// handler is a `spry-snapshotter` with that config (what `spry install --snapshotter`
+    /// sets up for the `spry` handler).
+    pub fn start_with_snapshotter(name: &str, snapshotter_config: Option<&str>) -> Result<Self> {
         let state = tempfile::Builder::new()
             .prefix(&format!("spry-{name}-"))
             .tempdir_in("/run")?;
@@ -79,9 +90,17 @@ impl BenchNode {
         let text = std::fs::read_to_string(&pool)?;
         std::fs::write(&pool, format!("{text}[pool]\nsize = {POOL_SIZE}\n"))?;
         let opts = spry.register_variant(opts, "spry-pool", &pool);
+        let snapshotter = snapshotter_config.map(Snapshotter::start).transpose()?;
+        let opts = match &snapshotter {
+            Some(s) => opts
+                .snapshotter("spry")
+                .extra_toml(&proxy_snapshotter_toml("spry", &s.socket())),
+            None => opts,
+        };
         let containerd = Containerd::start(spry.register(opts))?;
         Ok(Self {
             containerd,
+            snapshotter,
             registry,
             state,
         })

@@ -217,6 +217,30 @@ impl Snapshotter {
             .collect()
     }
 
+    /// Waits (up to `timeout`) until no unpacked layer's image is still being built (no
+    /// `erofs/layer.erofs.pending` under the snapshots); returns how long that took.
+    pub fn await_layer_images(&self, timeout: std::time::Duration) -> Result<std::time::Duration> {
+        let started = std::time::Instant::now();
+        loop {
+            let pending = std::fs::read_dir(self.dir.as_path().join("root/snapshots"))
+                .map(|dirs| {
+                    dirs.flatten()
+                        .filter(|d| d.path().join("erofs/layer.erofs.pending").exists())
+                        .count()
+                })
+                .unwrap_or(0);
+            if pending == 0 {
+                return Ok(started.elapsed());
+            }
+            anyhow::ensure!(
+                started.elapsed() < timeout,
+                "{pending} layer images still pending after {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Pids of the layer daemons this snapshotter started.
     pub fn layer_daemons(&self) -> Vec<i32> {
         let Ok(dirs) = std::fs::read_dir(self.dir.as_path().join("root/snapshots")) else {

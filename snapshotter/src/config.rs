@@ -105,9 +105,11 @@ pub struct LazyConfig {
     /// file's own readahead.
     #[serde(default = "default_readahead_kib")]
     pub readahead_kib: u32,
-    /// Also serve each layer as an erofs image, `<snapshot>/erofs/layer.erofs` beside its
-    /// tree at `<snapshot>/fs`, for Spry's VMs to attach as a read-only disk (reads of
-    /// the image fetch only the files they cover).
+    /// Also give each layer an erofs image, `<snapshot>/erofs/layer.erofs` beside its tree
+    /// at `<snapshot>/fs`, for Spry's VMs to attach as a read-only disk: a lazy layer's is
+    /// served (reads of the image fetch only the files they cover), an unpacked layer's is
+    /// built in the background once containerd commits it (a second copy of the layer on
+    /// disk; without it, Spry's shim packs a container's layers when it creates it).
     #[serde(default)]
     pub vm_images: bool,
     /// Mount a layer whose chunks are all cached and whose diffID is verified as a native

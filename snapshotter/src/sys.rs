@@ -229,6 +229,24 @@ pub fn set_child_setup(cmd: &mut Command, setup: ChildSetup) {
     }
 }
 
+/// Makes `cmd`'s child die with SIGKILL when the thread that spawned it exits (a runtime
+/// worker: in practice, when the snapshotter dies), so that a tool it runs in the
+/// background never outlives it.
+pub fn die_with_spawner(cmd: &mut tokio::process::Command) {
+    let pre_exec = || -> io::Result<()> {
+        // SAFETY: prctl with integer arguments touches no memory and is async-signal-safe.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure makes one async-signal-safe system call and allocates nothing,
+    // as code running between fork and exec must.
+    unsafe {
+        cmd.pre_exec(pre_exec);
+    }
+}
+
 /// The size of a page of the page cache.
 pub fn page_size() -> u64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)

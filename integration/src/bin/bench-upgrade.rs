@@ -43,10 +43,24 @@ const PORT: u16 = 8080;
 const LINK_RATE: &str = "100mbit";
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// `--snapshotter spry`: containerd unpacks through `spry-snapshotter` with `vm_images`
+/// (what `spry install --snapshotter` sets up), which builds each layer's erofs image once
+/// it is pulled, so Spry pods attach those instead of the shim packing them at create.
+const SPRY_SNAPSHOTTER_CONFIG: &str = "[lazy]\nvm_images = true\n";
+
 fn main() -> Result<()> {
     require_root()?;
     let root = spry_integration::paths::repo_root();
-    let node = BenchNode::start("bench-up")?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let spry_snapshotter = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] | ["--snapshotter", "overlayfs"] => false,
+        ["--snapshotter", "spry"] => true,
+        _ => bail!("usage: bench-upgrade [--snapshotter overlayfs|spry] (got {args:?})"),
+    };
+    let node = BenchNode::start_with_snapshotter(
+        "bench-up",
+        spry_snapshotter.then_some(SPRY_SNAPSHOTTER_CONFIG),
+    )?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let link = SlowLink::start(registry.storage())?;
@@ -65,6 +79,7 @@ fn main() -> Result<()> {
         images: &images,
         layer_cache: state.path().join("run/layer-images"),
         spry_config: state.path().join("config.toml"),
+        snapshotter: node.snapshotter.as_ref(),
     };
 
     let mut results = serde_json::Map::new();
@@ -88,12 +103,18 @@ fn main() -> Result<()> {
     results.insert(
         "machine".into(),
         json!({ "cpus": cpus, "accelerator": spry_accelerator(&state.path().join("run")),
+                "snapshotter": if spry_snapshotter { "spry (vm_images)" } else { "overlayfs" },
                 "image_a": images.a, "image_b": images.b, "registry": format!("A local (loopback), B over a {LINK_RATE} link") }),
     );
     results.insert("goals".into(), goals(&results));
     let report = serde_json::Value::Object(results);
     let md = markdown(&report);
-    write_report(&root.join("target/bench"), "upgrade", &report, &md)
+    let name = if spry_snapshotter {
+        "upgrade-spry-snapshotter"
+    } else {
+        "upgrade"
+    };
+    write_report(&root.join("target/bench"), name, &report, &md)
 }
 
 struct Images {
@@ -110,6 +131,8 @@ struct Bench<'a> {
     layer_cache: PathBuf,
     /// Spry's config (where `spry upgrade` finds the layer images).
     spry_config: PathBuf,
+    /// containerd's snapshotter when it is Spry's.
+    snapshotter: Option<&'a spry_integration::snapshotter::Snapshotter>,
 }
 
 /// A pod serving A, and what the checks need.
@@ -163,6 +186,12 @@ impl Bench<'_> {
         // kubelet's sequence, B pulled beforehand.
         let pod = self.serving_pod(handler, &format!("{tag}-p"))?;
         self.crictl.pull(&self.images.b)?;
+        // Pulled beforehand means the node is done with it: with Spry's snapshotter, that
+        // includes the layer images it builds after the pull (timed, reported).
+        let prepull_layer_images_ms = match self.snapshotter {
+            Some(s) => Some(round(ms(s.await_layer_images(READY_TIMEOUT)?))),
+            None => None,
+        };
         let (inplace_prepulled_ms, inplace_prepulled_downtime_ms, _) =
             self.kubelet_swap(&pod, 1)?;
         self.remove(&pod)?;
@@ -194,6 +223,7 @@ impl Bench<'_> {
                 "inplace_downtime_ms": round(inplace_downtime_ms),
                 "inplace_prepulled_ms": round(inplace_prepulled_ms),
                 "inplace_prepulled_downtime_ms": round(inplace_prepulled_downtime_ms),
+                "prepull_layer_images_ms": prepull_layer_images_ms,
                 "recreate_ms": round(recreate_ms),
                 "recreate_downtime_ms": round(recreate_downtime_ms),
                 "second_container_p50_ms": round(percentile(&second, 50.0)),
@@ -533,9 +563,10 @@ fn goals(results: &serde_json::Map<String, serde_json::Value>) -> serde_json::Va
 
 fn markdown(report: &serde_json::Value) -> String {
     let mut md = format!(
-        "# In-place image swap, busybox → python (2 CPUs, Spry on {:?})\n\n\
+        "# In-place image swap, busybox → python (2 CPUs, Spry on {:?}, snapshotter {})\n\n\
          | metric | runc | spry (cold) | spry_template |\n|---|---|---|---|\n",
-        report["machine"]["accelerator"].as_str().unwrap_or("?")
+        report["machine"]["accelerator"].as_str().unwrap_or("?"),
+        report["machine"]["snapshotter"].as_str().unwrap_or("?")
     );
     let row = |name: &str, get: &dyn Fn(&serde_json::Value) -> serde_json::Value| {
         let cell = |rt: &str| get(&report[rt]).to_string();
@@ -551,6 +582,7 @@ fn markdown(report: &serde_json::Value) -> String {
         "inplace_downtime_ms",
         "inplace_prepulled_ms",
         "inplace_prepulled_downtime_ms",
+        "prepull_layer_images_ms",
         "recreate_ms",
         "recreate_downtime_ms",
         "second_container_p50_ms",

@@ -1,6 +1,7 @@
 //! The tree a Spry pod sees through the snapshotter's erofs images of lazy layers, in cold
-//! and template pods, against the tree a runc container sees of the same image: busybox,
-//! and python with two layers of xattrs, hard links and whiteouts on top.
+//! and template pods, and of unpacked layers (built after their commit), against the tree
+//! a runc container sees of the same image: busybox, and python with two layers of
+//! xattrs, hard links and whiteouts on top.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,8 +22,16 @@ fn a_spry_pod_reads_lazy_layers_through_the_snapshotters_erofs_images() -> Resul
     let want = runc_tree(&c, "lazy-img-runc", &image, TREE_SCRIPT, 100)?;
     build_template(&c)?;
     for handler in ["spry-cold", "spry"] {
-        tree_in_a_vm(&c, handler, &image, TREE_SCRIPT, &want, spry_state.path())
-            .with_context(|| format!("in a {handler} pod"))?;
+        tree_in_a_vm(
+            &c,
+            handler,
+            &image,
+            TREE_SCRIPT,
+            &want,
+            spry_state.path(),
+            true,
+        )
+        .with_context(|| format!("in a {handler} pod"))?;
     }
     Ok(())
 }
@@ -45,15 +54,37 @@ fn spry_pods_read_the_python_estargz_image_with_its_xattrs_links_and_whiteouts()
     let want = runc_tree(&c, "lazy-py-runc", &normal, &script, 5000)?;
     check_edge_listing(&want).context("the normal pull in a runc pod")?;
 
+    // The normal pull's layers were unpacked: the snapshotter built their images after
+    // each commit, and a VM reads those (the shim packs nothing).
+    tree_in_a_vm(
+        &c,
+        "spry-cold",
+        &normal,
+        &script,
+        &want,
+        spry_state.path(),
+        false,
+    )
+    .context("the normal pull's unpacked layers in a cold pod")?;
+
     let fetched_before = c.proxy.served();
-    tree_in_a_vm(&c, "spry-cold", &image, &script, &want, spry_state.path())
-        .context("in a cold pod")?;
+    tree_in_a_vm(
+        &c,
+        "spry-cold",
+        &image,
+        &script,
+        &want,
+        spry_state.path(),
+        true,
+    )
+    .context("in a cold pod")?;
     ensure!(
         c.proxy.served() > fetched_before,
         "the VM's reads fetched nothing: it did not read the lazy layers"
     );
     build_template(&c)?;
-    tree_in_a_vm(&c, "spry", &image, &script, &want, spry_state.path()).context("in a template pod")
+    tree_in_a_vm(&c, "spry", &image, &script, &want, spry_state.path(), true)
+        .context("in a template pod")
 }
 
 /// With background fetch on (the default), a layer's rest arrives without anyone reading
@@ -157,7 +188,8 @@ fn ensure_vm_tree(got: &str, want: &str) -> Result<()> {
 }
 
 /// Runs the listing `script` in a `handler` pod on `image` and compares it with `want`; the
-/// VM must read the snapshotter's images, and a template pod must be a clone.
+/// VM must read the snapshotter's images (`lazy`: served over FUSE, read with its
+/// readahead; else built of unpacked layers), and a template pod must be a clone.
 fn tree_in_a_vm(
     c: &Cluster,
     handler: &str,
@@ -165,6 +197,7 @@ fn tree_in_a_vm(
     script: &str,
     want: &str,
     spry_state: &Path,
+    lazy: bool,
 ) -> Result<()> {
     let crictl = c.containerd.crictl().with_timeout(Duration::from_secs(180));
     let pod_cfg = PodConfig::new(&format!("lazy-img-{handler}")).write_to(&c.containerd.dir())?;
@@ -201,7 +234,7 @@ fn tree_in_a_vm(
         .count();
     ensure!(served >= 1, "QEMU holds no image the snapshotter serves");
     // The guest reads each lazy layer's disk with the snapshotter's readahead (32 KiB by
-    // default; the kernel's own is 128), the writable disk with its own.
+    // default; the kernel's own is 128), the writable disk and built images with its own.
     let out = crictl.exec_sync(
         &sleeper,
         &[
@@ -213,7 +246,7 @@ fn tree_in_a_vm(
     )?;
     let lazy_disks = out.stdout.lines().filter(|l| l.ends_with(" 32")).count();
     ensure!(
-        out.code == 0 && lazy_disks == served,
+        out.code == 0 && lazy_disks == if lazy { served } else { 0 },
         "{served} lazy layer disks, {lazy_disks} read 32 KiB ahead: {out:?}\n{}",
         c.containerd.log_tail(60)
     );

@@ -156,9 +156,10 @@ pub fn default_config() -> String {
     format!(
         "# spry-snapshotter configuration (see snapshotter/README.md). Unknown keys are errors.\n\
          # root = \"/var/lib/spry-snapshotter\"\nsocket = \"{DEFAULT_SOCKET}\"\n\n[lazy]\n\
-         # Serve each lazy layer as an erofs image too: Spry pods attach it as a disk and\n\
-         # fetch only what they read (false: the shim packs each container's layers, which\n\
-         # fetches the whole image before the pod starts).\nvm_images = true\n\n\
+         # Give each layer an erofs image too: Spry pods attach it as a disk and fetch only\n\
+         # what they read of a lazy layer; an unpacked layer's is built once it is pulled\n\
+         # (false: the shim packs each container's layers when it creates it, which fetches\n\
+         # the whole image before the pod starts).\nvm_images = true\n\n\
          # Registries that need settings (plain HTTP, a CA, credentials, a mirror):\n\
          # [registry.hosts.\"registry.local:5000\"]\n# insecure = true\n"
     )

@@ -30,7 +30,7 @@ pub use erofs::ErofsError;
 use plugged::PluggedLayers;
 pub use pristine::PristineLayer;
 use source::lazy_read_ahead_kib;
-pub use source::RootfsSource;
+pub use source::{await_served_images, RootfsSource};
 pub use writable::{
     create_image, ImageUse, WritableError, IMAGE_NAME as WRITABLE_IMAGE_NAME, WRITABLE_LAYER_BYTES,
 };

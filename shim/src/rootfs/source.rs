@@ -1,10 +1,20 @@
 //! Where a container's rootfs comes from on the host, read from containerd's mounts.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// Beside a lazily pulled layer's tree: the snapshotter's erofs image of it.
+/// Beside a layer's tree: Spry's snapshotter's erofs image of it (a lazily pulled layer's,
+/// served; an unpacked layer's, built after its commit).
 const SERVED_IMAGE_DIR: &str = "erofs";
 const SERVED_IMAGE_FILE: &str = "layer.erofs";
+/// Beside the image while the snapshotter is still building it (an unpacked layer's).
+const SERVED_IMAGE_PENDING: &str = "layer.erofs.pending";
+/// The longest a container waits for the snapshotter's images of its layers before it
+/// packs them itself: building them here costs about as much as waiting, and the
+/// snapshotter usually started during the pull.
+const SERVED_IMAGE_WAIT: Duration = Duration::from_secs(30);
+/// How often the wait looks again.
+const SERVED_IMAGE_POLL: Duration = Duration::from_millis(20);
 
 /// Where a container's root filesystem comes from on the host.
 #[derive(Debug, Clone)]
@@ -50,6 +60,44 @@ impl RootfsSource {
             Self::Directory(dir) => dir,
             Self::Layers { merged, .. } | Self::Served { merged, .. } => merged,
         }
+    }
+}
+
+/// Waits while Spry's snapshotter is still building the images of some of `mounts`'
+/// layers (an image just pulled: its last layers were committed moments ago), so that the
+/// container attaches them rather than packing the same layers itself. No wait when a
+/// layer has neither an image nor a build coming (the layers are packed anyway), and
+/// none past [`SERVED_IMAGE_WAIT`].
+pub async fn await_served_images(mounts: &[(&str, &[String])]) {
+    let Some(lowers) = image_layers(mounts) else {
+        return;
+    };
+    let started = tokio::time::Instant::now();
+    loop {
+        let mut pending = 0;
+        for lower in &lowers {
+            let dir = lower.with_file_name(SERVED_IMAGE_DIR);
+            // The snapshotter names the image before it drops the marker.
+            if dir.join(SERVED_IMAGE_FILE).is_file() {
+                continue;
+            }
+            if !dir.join(SERVED_IMAGE_PENDING).exists() {
+                return;
+            }
+            pending += 1;
+        }
+        if pending == 0 {
+            return;
+        }
+        if started.elapsed() >= SERVED_IMAGE_WAIT {
+            tracing::warn!(
+                pending,
+                waited_ms = started.elapsed().as_millis() as u64,
+                "the snapshotter is still building layer images; packing the layers instead"
+            );
+            return;
+        }
+        tokio::time::sleep(SERVED_IMAGE_POLL).await;
     }
 }
 
@@ -181,6 +229,55 @@ mod tests {
         }
         // Plain files (a fully fetched layer's image) keep the guest's own readahead.
         assert_eq!(lazy_read_ahead_kib(&image("1")), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_waits_for_the_images_the_snapshotter_is_still_building() {
+        let dir = tempfile::tempdir().unwrap();
+        let upper = dir.path().join("3/fs");
+        let lowers = [dir.path().join("2/fs"), dir.path().join("1/fs")];
+        for d in lowers.iter().chain([&upper]) {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let erofs = |n: &str| dir.path().join(n).join("erofs");
+        let options = opts(&[
+            &format!("upperdir={}", upper.display()),
+            &format!("lowerdir={}:{}", lowers[0].display(), lowers[1].display()),
+        ]);
+        let mounts = [("overlay", options.as_slice())];
+        for n in ["1", "2"] {
+            std::fs::create_dir_all(erofs(n)).unwrap();
+        }
+        // Layer 1 built, layer 2 pending: waits until the snapshotter names it.
+        std::fs::write(erofs("1").join(SERVED_IMAGE_FILE), "").unwrap();
+        std::fs::write(erofs("2").join(SERVED_IMAGE_PENDING), "").unwrap();
+        let builder = {
+            let dir = erofs("2");
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                std::fs::write(dir.join(SERVED_IMAGE_FILE), "").unwrap();
+                std::fs::remove_file(dir.join(SERVED_IMAGE_PENDING)).unwrap();
+            })
+        };
+        let started = tokio::time::Instant::now();
+        await_served_images(&mounts).await;
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        builder.await.unwrap();
+        assert!(matches!(
+            RootfsSource::for_mounts(&mounts, dir.path()),
+            RootfsSource::Served { .. }
+        ));
+        // A build that never ends: given up after the bound.
+        std::fs::remove_file(erofs("2").join(SERVED_IMAGE_FILE)).unwrap();
+        std::fs::write(erofs("2").join(SERVED_IMAGE_PENDING), "").unwrap();
+        let started = tokio::time::Instant::now();
+        await_served_images(&mounts).await;
+        assert_eq!(started.elapsed().as_secs(), SERVED_IMAGE_WAIT.as_secs());
+        // A layer with no image coming: no wait at all.
+        std::fs::remove_file(erofs("1").join(SERVED_IMAGE_FILE)).unwrap();
+        let started = tokio::time::Instant::now();
+        await_served_images(&mounts).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[test]

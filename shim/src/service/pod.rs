@@ -21,7 +21,7 @@ use super::spec::{self, TaskKind};
 use super::tasks::{Deleted, Process, ProcessStatus, Task, TaskTable};
 use super::watchers::{self, ExitRecorder, OomFilter};
 use crate::agent_client::ProcessId;
-use crate::rootfs::RootfsSource;
+use crate::rootfs::{await_served_images, RootfsSource};
 use crate::sandbox::PodVm;
 
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -180,7 +180,9 @@ impl Pod {
                     id: id.to_string(),
                     source: Box::new(source),
                 })?;
-            let source = RootfsSource::for_mounts(&bundle_rootfs::kinds(rootfs), &rootfs_dir);
+            let kinds = bundle_rootfs::kinds(rootfs);
+            await_served_images(&kinds).await;
+            let source = RootfsSource::for_mounts(&kinds, &rootfs_dir);
             let stdio = guest_stdio(&task.init.stdio);
             vm.create_container(id, &guest_spec, &source, stdio, volumes)
                 .await?;

@@ -78,7 +78,9 @@ impl LayerPrebuild {
             .iter()
             .map(|m| (m.type_.as_str(), m.options.as_slice()))
             .collect();
-        // What the shim will make of these mounts (the merged path is not needed here).
+        // What the shim will make of these mounts (the merged path is not needed here),
+        // once the snapshotter's images of a just-pulled image's layers are there.
+        crate::rootfs::await_served_images(&kinds).await;
         let lowers = match RootfsSource::for_mounts(&kinds, Path::new("/")) {
             RootfsSource::Layers { lowers, .. } => lowers,
             RootfsSource::Served { .. } => return Ok(None),

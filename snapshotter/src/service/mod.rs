@@ -10,6 +10,7 @@ mod mounts;
 mod native;
 pub mod remote;
 pub mod store;
+mod unpacked_images;
 mod usage;
 pub(crate) mod verify;
 
@@ -27,6 +28,8 @@ use filter::Filters;
 pub use layer_daemon::{run as run_layer_daemon, LayerDaemonError};
 use remote::{remote_request, RemoteLayers};
 use store::{system_time, timestamp, Record, RemoteSource, SnapshotKind, Store};
+use unpacked_images::UnpackedImages;
+pub use unpacked_images::PENDING_FILE as UNPACKED_IMAGE_PENDING_FILE;
 
 use crate::config::Config;
 use crate::fs::error_chain;
@@ -54,6 +57,8 @@ pub struct SprySnapshotter {
     store: Mutex<Store>,
     remote: Arc<RemoteLayers>,
     lazy: bool,
+    /// erofs images of unpacked layers for Spry's VMs (`lazy.vm_images`).
+    unpacked_images: Option<Arc<UnpackedImages>>,
 }
 
 impl SprySnapshotter {
@@ -85,8 +90,10 @@ impl SprySnapshotter {
             store: Mutex::new(store),
             remote,
             lazy: config.lazy.enabled,
+            unpacked_images: config.lazy.vm_images.then(UnpackedImages::new),
         });
         this.restore_remote_mounts().await;
+        this.resume_unpacked_images().await;
         Ok(this)
     }
 
@@ -98,6 +105,33 @@ impl SprySnapshotter {
     /// Id of a snapshot, for tests and tools.
     pub async fn id_of(&self, key: &str) -> Option<u64> {
         self.store.lock().await.get(key).map(|r| r.id)
+    }
+
+    /// Waits for the unpacked layers' image builds queued so far (tests).
+    pub async fn settle_unpacked_images(&self) {
+        if let Some(images) = &self.unpacked_images {
+            images.settle().await;
+        }
+    }
+
+    /// Queues the images that committed unpacked layers lack (a restart cut their build
+    /// short, or `vm_images` was turned on since).
+    async fn resume_unpacked_images(&self) {
+        let Some(images) = &self.unpacked_images else {
+            return;
+        };
+        let layers: Vec<(u64, PathBuf, u64)> = {
+            let store = self.store.lock().await;
+            store
+                .iter()
+                .filter(|(_, r)| r.kind == SnapshotKind::Committed && r.remote.is_none())
+                .map(|(_, r)| {
+                    let size = r.usage.map(|(bytes, _)| bytes.max(0) as u64).unwrap_or(0);
+                    (r.id, self.dir(r.id), size)
+                })
+                .collect()
+        };
+        images.resume(layers);
     }
 
     /// Unmounts all remote layers (shutdown).
@@ -491,8 +525,12 @@ impl Snapshotter for SprySnapshotter {
             store.insert(key, before);
             return Err(err.into());
         }
+        drop(store);
         // The work dir is only needed while active.
         let _ = std::fs::remove_dir_all(self.dir(id).join("work"));
+        if let Some(images) = &self.unpacked_images {
+            images.queue(id, self.dir(id), usage.0.max(0) as u64);
+        }
         Ok(())
     }
 
@@ -535,6 +573,9 @@ impl Snapshotter for SprySnapshotter {
                 tracing::info!(id, freed, "freed the removed layer's chunks");
             })
             .await;
+        }
+        if let Some(images) = &self.unpacked_images {
+            images.cancel(r.id).await;
         }
         self.remove_dir(r.id);
         Ok(())
@@ -602,3 +643,5 @@ mod native_tests;
 mod tests;
 #[cfg(test)]
 mod trust_tests;
+#[cfg(test)]
+mod unpacked_images_tests;
