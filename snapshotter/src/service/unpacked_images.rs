@@ -133,11 +133,11 @@ impl UnpackedImages {
         }
     }
 
-    /// Waits for every build queued so far (tests, shutdown).
+    /// Waits for every build queued so far (tests).
     pub async fn settle(&self) {
         loop {
-            let pending: Vec<u64> = self.builds().keys().copied().collect();
-            let Some(id) = pending.first().copied() else {
+            let next = self.builds().keys().next().copied();
+            let Some(id) = next else {
                 return;
             };
             let task = self.builds().remove(&id);
