@@ -18,7 +18,7 @@ use lazy_pull_support::{
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
 use spry_integration::{
-    require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry,
+    require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
 };
 
 /// Lists every file of the root filesystem with its metadata and checksum.
@@ -277,6 +277,28 @@ fn a_spry_pod_runs_an_estargz_image_from_the_lazy_snapshotter() -> Result<()> {
     Ok(())
 }
 
+/// Waits until `container`'s `sleep` is asleep in the kernel. Start returns once the init
+/// is told to exec, not when its binary is loaded: a registry outage before that fails
+/// the exec itself (busybox's pages are fetched lazily), not the read under test.
+fn wait_until_asleep(crictl: &Crictl, container: &str) -> Result<()> {
+    let started = Instant::now();
+    // The pod shares one PID namespace (PID 1 is pause, or the agent in a VM): look at
+    // every process. A stat line reads "PID (comm) STATE ...": the comm is set by the
+    // exec, and S only once the process sleeps.
+    let stats = ["sh", "-c", "cat /proc/[0-9]*/stat 2>/dev/null; true"];
+    loop {
+        let out = crictl.exec_sync(container, &stats, Duration::from_secs(60))?;
+        if out.stdout.contains(" (sleep) S ") {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the container's sleep never went to sleep: {out:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// With the registry unreachable, `cat` of a file not fetched yet in `container` fails
 /// with EIO within `limit`; once it is back the same read works. Returns how long the
 /// failing read took.
@@ -286,6 +308,7 @@ fn outage_gives_eio_then_recovers(
     limit: Duration,
 ) -> Result<Duration> {
     let crictl = c.containerd.crictl();
+    wait_until_asleep(&crictl, container)?;
     c.proxy.set_down(true);
     let started = Instant::now();
     let out = crictl.exec_sync(container, &["cat", "/spry/hello.txt"], limit * 2);
@@ -296,8 +319,14 @@ fn outage_gives_eio_then_recovers(
         out.code != 0
             && out.stderr.contains("Input/output error")
             && out.stderr.contains("cat: read error"),
-        "read during the outage: {out:?}; layer daemon log:\n{}",
-        c.snapshotter.daemon_logs()
+        "read during the outage: {out:?}; the container: {}; layer daemon log:\n{}\n\
+         containerd log:\n{}",
+        crictl
+            .inspect(container)
+            .map(|v| v["status"].to_string())
+            .unwrap_or_else(|e| format!("{e:#}")),
+        c.snapshotter.daemon_logs(),
+        c.containerd.log_tail(60)
     );
     ensure!(took < limit, "read during the outage took {took:?}");
     let out = crictl.exec_sync(container, &["cat", "/spry/hello.txt"], limit)?;
