@@ -196,7 +196,11 @@ impl PodVm for Sandbox {
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
+        // Timed: containerd's StopContainer waits for this (its exit handler deletes the
+        // task), so it is part of every container stop and in-place swap.
+        let started = std::time::Instant::now();
         let removed = self.agent.remove_container(container_id).await;
+        let guest_ms = started.elapsed().as_millis() as u64;
         let gone = matches!(&removed, Err(e) if e.code() == Some(ttrpc::Code::NOT_FOUND));
         if let Err(source) = removed {
             if !gone && self.is_running() {
@@ -208,6 +212,12 @@ impl PodVm for Sandbox {
         }
         self.rootfs.detach(self.vm.as_ref(), container_id).await?;
         self.unexport_volumes(container_id).await;
+        tracing::info!(
+            container_id,
+            guest_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "container removed from the VM"
+        );
         Ok(())
     }
 
