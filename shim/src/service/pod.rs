@@ -172,8 +172,7 @@ impl Pod {
     ) -> Result<(), ShimError> {
         let vm = self.running_vm(id).await?;
         let rootfs_dir = task.rootfs_dir();
-        bundle_rootfs::mount(id, rootfs, &rootfs_dir).await?;
-        task.rootfs_mounted = !rootfs.is_empty();
+        task.rootfs = bundle_rootfs::mount(id, rootfs, &rootfs_dir).await?;
         let created = async {
             let (guest_spec, volumes) =
                 spec::for_guest(spec.clone()).map_err(|source| ShimError::Volume {
@@ -200,8 +199,8 @@ impl Pod {
                 Ok(())
             }
             Err(e) => {
-                if task.rootfs_mounted {
-                    bundle_rootfs::unmount(&rootfs_dir);
+                if let Some(mounted) = task.rootfs.take() {
+                    mounted.unmount();
                 }
                 Err(e)
             }
@@ -391,8 +390,8 @@ impl Pod {
                         warn!(container_id = id, error = %crate::error_chain(&e), "cannot remove the container from the VM");
                     }
                 }
-                if task.rootfs_mounted {
-                    bundle_rootfs::unmount(&task.rootfs_dir());
+                if let Some(mounted) = &task.rootfs {
+                    mounted.unmount();
                 }
             }
         }
@@ -488,8 +487,8 @@ impl Pod {
         self.stop_vm().await;
         let tasks = self.tasks.lock().await.drain();
         for task in tasks {
-            if task.rootfs_mounted {
-                bundle_rootfs::unmount(&task.rootfs_dir());
+            if let Some(mounted) = &task.rootfs {
+                mounted.unmount();
             }
         }
         self.vm.write().await.take();

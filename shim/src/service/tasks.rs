@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use tokio::sync::watch;
 
+use super::bundle_rootfs::MountedRootfs;
 use super::error::ShimError;
 use super::io::{IoPumps, StdioPaths};
 use super::spec::TaskKind;
@@ -81,8 +82,8 @@ impl Process {
 pub struct Task {
     pub kind: TaskKind,
     pub bundle: PathBuf,
-    /// We mounted containerd's rootfs mounts at `<bundle>/rootfs` and must unmount them.
-    pub rootfs_mounted: bool,
+    /// containerd's rootfs mounts, which we mounted at `<bundle>/rootfs` and must unmount.
+    pub rootfs: Option<MountedRootfs>,
     pub init: Process,
     pub execs: HashMap<String, Process>,
 }
@@ -92,7 +93,7 @@ impl Task {
         Self {
             kind,
             bundle,
-            rootfs_mounted: false,
+            rootfs: None,
             init: Process::new(stdio),
             execs: HashMap::new(),
         }

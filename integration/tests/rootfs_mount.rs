@@ -1,0 +1,117 @@
+//! The host side of a Spry container's rootfs: containerd's writable overlay is mounted
+//! `volatile` (its unmount at every stop would otherwise sync the node's whole `/var/lib`),
+//! and it can be mounted again once the container stopped, as a plain overlay can. Needs
+//! root, the guest and the test images.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use spry_integration::spry::SpryNode;
+use spry_integration::{require_root, ContainerConfig, PodConfig};
+
+#[test]
+fn a_containers_overlay_is_volatile_and_can_be_mounted_again_once_it_stopped() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("rootfs-volatile", false)?;
+    let leaks = node.containerd.leak_check()?;
+    let crictl = node
+        .containerd
+        .crictl()
+        .with_timeout(Duration::from_secs(180));
+    let pod_cfg = PodConfig::new("rootfs-volatile").write_to(&node.containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let cfg = ContainerConfig::new("writer", &node.image)
+        .command(&["sh", "-c", "echo kept > /written && sleep 3600"])
+        .write_to(&node.containerd.dir())?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+
+    let rootfs = node
+        .containerd
+        .state_dir()
+        .join("io.containerd.runtime.v2.task/k8s.io")
+        .join(&id)
+        .join("rootfs");
+    let options = overlay_options(&rootfs)?
+        .with_context(|| format!("no overlay mounted at {}", rootfs.display()))?;
+    ensure!(
+        // Newer kernels show the option as `fsync=volatile`.
+        options
+            .split(',')
+            .any(|o| o == "volatile" || o == "fsync=volatile"),
+        "the rootfs overlay is not volatile: {options}"
+    );
+    let workdir = option(&options, "workdir")?;
+    let marker = Path::new(&workdir).join("work/incompat/volatile");
+    ensure!(
+        marker.is_dir(),
+        "no volatile marker at {}",
+        marker.display()
+    );
+
+    let started = Instant::now();
+    crictl.stop(&id, 10)?;
+    eprintln!("the container stopped in {:?}", started.elapsed());
+    ensure!(
+        overlay_options(&rootfs)?.is_none(),
+        "the rootfs is still mounted after the stop"
+    );
+    ensure!(
+        !marker.exists(),
+        "the stop left the volatile marker {}: the snapshot cannot be mounted again",
+        marker.display()
+    );
+    // What a commit or a diff of the stopped container does: mount its snapshot again.
+    let again = tempfile::tempdir()?;
+    let plain: Vec<&str> = ["lowerdir", "upperdir", "workdir"]
+        .iter()
+        .map(|key| {
+            options
+                .split(',')
+                .find(|o| o.starts_with(&format!("{key}=")))
+        })
+        .collect::<Option<_>>()
+        .with_context(|| format!("overlay options without a layer dir: {options}"))?;
+    nix::mount::mount(
+        Some("overlay"),
+        again.path(),
+        Some("overlay"),
+        nix::mount::MsFlags::empty(),
+        Some(plain.join(",").as_str()),
+    )
+    .context("mounting the stopped container's snapshot again")?;
+    let listed = std::fs::read_dir(again.path()).map(|d| d.count());
+    nix::mount::umount2(again.path(), nix::mount::MntFlags::MNT_DETACH)?;
+    ensure!(listed? > 0, "the snapshot mounted again is empty");
+
+    crictl.rm(&id)?;
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+/// The super options of the overlay mounted at `target`, if one is.
+fn overlay_options(target: &Path) -> Result<Option<String>> {
+    let target = target
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(target));
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        let mut right = right.split(' ');
+        let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
+        (fstype == "overlay" && Path::new(mount_point) == target).then(|| options.to_string())
+    }))
+}
+
+fn option(options: &str, key: &str) -> Result<String> {
+    options
+        .split(',')
+        .find_map(|o| o.strip_prefix(&format!("{key}=")))
+        .map(str::to_owned)
+        .with_context(|| format!("no {key} in {options}"))
+}
