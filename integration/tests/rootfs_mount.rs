@@ -15,82 +15,161 @@ fn a_containers_overlay_is_volatile_and_can_be_mounted_again_once_it_stopped() -
     require_root()?;
     let node = SpryNode::start("rootfs-volatile", false)?;
     let leaks = node.containerd.leak_check()?;
-    let crictl = node
-        .containerd
-        .crictl()
-        .with_timeout(Duration::from_secs(180));
-    let pod_cfg = PodConfig::new("rootfs-volatile").write_to(&node.containerd.dir())?;
-    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
-    let cfg = ContainerConfig::new("writer", &node.image)
-        .command(&["sh", "-c", "echo kept > /written && sleep 3600"])
-        .write_to(&node.containerd.dir())?;
-    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
-    crictl.start(&id)?;
-    crictl.wait_container_state(&id, "CONTAINER_RUNNING", Duration::from_secs(60))?;
-
-    let rootfs = node
-        .containerd
-        .state_dir()
-        .join("io.containerd.runtime.v2.task/k8s.io")
-        .join(&id)
-        .join("rootfs");
-    let options = overlay_options(&rootfs)?
-        .with_context(|| format!("no overlay mounted at {}", rootfs.display()))?;
-    ensure!(
-        // Newer kernels show the option as `fsync=volatile`.
-        options
-            .split(',')
-            .any(|o| o == "volatile" || o == "fsync=volatile"),
-        "the rootfs overlay is not volatile: {options}"
-    );
-    let workdir = option(&options, "workdir")?;
-    let marker = Path::new(&workdir).join("work/incompat/volatile");
-    ensure!(
-        marker.is_dir(),
-        "no volatile marker at {}",
-        marker.display()
-    );
+    let writer = Writer::start(&node)?;
 
     let started = Instant::now();
-    crictl.stop(&id, 10)?;
+    writer.crictl.stop(&writer.id, 10)?;
     eprintln!("the container stopped in {:?}", started.elapsed());
-    ensure!(
-        overlay_options(&rootfs)?.is_none(),
-        "the rootfs is still mounted after the stop"
-    );
-    ensure!(
-        !marker.exists(),
-        "the stop left the volatile marker {}: the snapshot cannot be mounted again",
-        marker.display()
-    );
-    // What a commit or a diff of the stopped container does: mount its snapshot again.
-    let again = tempfile::tempdir()?;
-    let plain: Vec<&str> = ["lowerdir", "upperdir", "workdir"]
-        .iter()
-        .map(|key| {
-            options
-                .split(',')
-                .find(|o| o.starts_with(&format!("{key}=")))
-        })
-        .collect::<Option<_>>()
-        .with_context(|| format!("overlay options without a layer dir: {options}"))?;
-    nix::mount::mount(
-        Some("overlay"),
-        again.path(),
-        Some("overlay"),
-        nix::mount::MsFlags::empty(),
-        Some(plain.join(",").as_str()),
-    )
-    .context("mounting the stopped container's snapshot again")?;
-    let listed = std::fs::read_dir(again.path()).map(|d| d.count());
-    nix::mount::umount2(again.path(), nix::mount::MntFlags::MNT_DETACH)?;
-    ensure!(listed? > 0, "the snapshot mounted again is empty");
+    writer.check_released("the stop")?;
 
-    crictl.rm(&id)?;
-    crictl.stopp(&pod)?;
-    crictl.rmp(&pod)?;
+    writer.crictl.rm(&writer.id)?;
+    writer.crictl.stopp(&writer.pod)?;
+    writer.crictl.rmp(&writer.pod)?;
     leaks.assert_clean()?;
     Ok(())
+}
+
+/// A shim that dies cannot unmount: containerd's `shim delete` must remove the marker.
+#[test]
+fn a_killed_shims_overlay_can_be_mounted_again() -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("rootfs-killed", false)?;
+    let leaks = node.containerd.leak_check()?;
+    let writer = Writer::start(&node)?;
+
+    let shim = node
+        .containerd
+        .shims()?
+        .into_iter()
+        .next()
+        .context("the pod's shim")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim.pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    // containerd sees the shim go and runs `shim delete` for each of its tasks.
+    writer
+        .crictl
+        .wait_container_state(&writer.id, "CONTAINER_EXITED", Duration::from_secs(60))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while writer.marker.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "DEBUG {}",
+        node.containerd
+            .log()
+            .lines()
+            .filter(|l| l.contains("delete")
+                || l.contains("cleanup")
+                || l.contains("marker")
+                || l.contains("dead"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    writer.check_released("the killed shim's cleanup")?;
+
+    writer.crictl.rm(&writer.id)?;
+    writer.crictl.stopp(&writer.pod)?;
+    writer.crictl.rmp(&writer.pod)?;
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+/// A running Spry container that wrote to its rootfs, and its overlay as mounted.
+struct Writer {
+    crictl: spry_integration::Crictl,
+    pod: String,
+    id: String,
+    rootfs: PathBuf,
+    options: String,
+    marker: PathBuf,
+}
+
+impl Writer {
+    fn start(node: &SpryNode) -> Result<Self> {
+        let crictl = node
+            .containerd
+            .crictl()
+            .with_timeout(Duration::from_secs(180));
+        let pod_cfg = PodConfig::new("rootfs-volatile").write_to(&node.containerd.dir())?;
+        let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+        let cfg = ContainerConfig::new("writer", &node.image)
+            .command(&["sh", "-c", "echo kept > /written && sleep 3600"])
+            .write_to(&node.containerd.dir())?;
+        let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+        crictl.start(&id)?;
+        crictl.wait_container_state(&id, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+
+        let rootfs = node
+            .containerd
+            .state_dir()
+            .join("io.containerd.runtime.v2.task/k8s.io")
+            .join(&id)
+            .join("rootfs");
+        let options = overlay_options(&rootfs)?
+            .with_context(|| format!("no overlay mounted at {}", rootfs.display()))?;
+        ensure!(
+            // Newer kernels show the option as `fsync=volatile`.
+            options
+                .split(',')
+                .any(|o| o == "volatile" || o == "fsync=volatile"),
+            "the rootfs overlay is not volatile: {options}"
+        );
+        let marker = Path::new(&option(&options, "workdir")?).join("work/incompat/volatile");
+        ensure!(
+            marker.is_dir(),
+            "no volatile marker at {}",
+            marker.display()
+        );
+        Ok(Self {
+            crictl,
+            pod,
+            id,
+            rootfs,
+            options,
+            marker,
+        })
+    }
+
+    /// After `what`: the rootfs is unmounted, its marker gone, and the snapshot can be
+    /// mounted again (what a commit or a diff of the stopped container does).
+    fn check_released(&self, what: &str) -> Result<()> {
+        ensure!(
+            overlay_options(&self.rootfs)?.is_none(),
+            "the rootfs is still mounted after {what}"
+        );
+        ensure!(
+            !self.marker.exists(),
+            "{what} left the volatile marker {}: the snapshot cannot be mounted again",
+            self.marker.display()
+        );
+        let again = tempfile::tempdir()?;
+        let plain: Vec<&str> = ["lowerdir", "upperdir", "workdir"]
+            .iter()
+            .map(|key| {
+                self.options
+                    .split(',')
+                    .find(|o| o.starts_with(&format!("{key}=")))
+            })
+            .collect::<Option<_>>()
+            .with_context(|| format!("overlay options without a layer dir: {}", self.options))?;
+        nix::mount::mount(
+            Some("overlay"),
+            again.path(),
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(plain.join(",").as_str()),
+        )
+        .with_context(|| format!("mounting the snapshot again after {what}"))?;
+        let listed = std::fs::read_dir(again.path()).map(|d| d.count());
+        nix::mount::umount2(again.path(), nix::mount::MntFlags::MNT_DETACH)?;
+        ensure!(
+            listed? > 0,
+            "the snapshot mounted again after {what} is empty"
+        );
+        Ok(())
+    }
 }
 
 /// The super options of the overlay mounted at `target`, if one is.

@@ -280,13 +280,15 @@ fn recorded_state_dir(bundle: &Path) -> Option<PathBuf> {
     dir.is_absolute().then_some(dir)
 }
 
-/// Removes what a dead shim of container `id` may have left: its rootfs mount, VM
+/// Removes what a dead shim of container `id` may have left: its rootfs mount (and that
+/// overlay's volatile marker, which would keep the snapshot from being mounted again), VM
 /// state dir and rootfs images, shared layer images it was the last user of, and the tc
 /// joins in the pod's network namespace. QEMU itself dies with its shim
 /// (PR_SET_PDEATHSIG), and its taps with it.
 pub async fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
     let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+    bundle_rootfs::remove_noted_markers(bundle);
     if let Ok(spec) = spec::load(bundle) {
         if let spec::PodNetns::Path(netns) = spec::pod_netns(&spec) {
             if let Err(e) = crate::network::unjoin_taps(&netns).await {

@@ -54,6 +54,8 @@ pub struct Pod {
     template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The state dir of the pod's VM (its handler's config may name its own).
     state_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The bundle of the task whose VM this is: the one a dead shim's cleanup gets.
+    owner_bundle: std::sync::OnceLock<std::path::PathBuf>,
     /// Which of the guest's OOM reports become events.
     oom_filter: std::sync::Mutex<OomFilter>,
     /// Woken by each exec Delete (see [`Pod::wait_for_exec_deletes`]).
@@ -69,6 +71,7 @@ impl Pod {
             tasks: Mutex::new(TaskTable::default()),
             template_rebuild: std::sync::Mutex::new(None),
             state_dir: std::sync::OnceLock::new(),
+            owner_bundle: std::sync::OnceLock::new(),
             oom_filter: std::sync::Mutex::default(),
             exec_deleted: tokio::sync::Notify::new(),
         })
@@ -110,6 +113,7 @@ impl Pod {
             || (spec::sandbox_id(&spec).is_none() && self.vm.read().await.is_none());
         if own_vm {
             self.boot_vm(id, &spec, options).await?;
+            let _ = self.owner_bundle.set(bundle.to_path_buf());
         }
         let mut task = Task::new(kind, bundle.to_path_buf(), stdio);
         let created = match kind {
@@ -172,7 +176,8 @@ impl Pod {
     ) -> Result<(), ShimError> {
         let vm = self.running_vm(id).await?;
         let rootfs_dir = task.rootfs_dir();
-        task.rootfs = bundle_rootfs::mount(id, rootfs, &rootfs_dir).await?;
+        let owner_bundle = self.owner_bundle.get().unwrap_or(&task.bundle);
+        task.rootfs = bundle_rootfs::mount(id, rootfs, &rootfs_dir, owner_bundle).await?;
         let created = async {
             let (guest_spec, volumes) =
                 spec::for_guest(spec.clone()).map_err(|source| ShimError::Volume {
