@@ -4,8 +4,11 @@
 use std::path::PathBuf;
 
 use crate::agent_client::AgentError;
+use crate::cgroup::CgroupError;
 use crate::config::ConfigError;
 use crate::network::NetworkError;
+use crate::rootfs::{CacheError, ErofsError, RootfsError};
+use crate::sandbox::ResourceError;
 use crate::sandbox::SandboxError;
 use crate::volumes::VolumeError;
 
@@ -113,24 +116,8 @@ impl ShimError {
             | ShimError::Config(_) => Code::INVALID_ARGUMENT,
             ShimError::Unsupported { .. } => Code::UNIMPLEMENTED,
             ShimError::HostNetwork { .. } => Code::INVALID_ARGUMENT,
-            ShimError::Cgroup { source, .. } => match source {
-                crate::cgroup::CgroupError::BadPath { .. } => Code::INVALID_ARGUMENT,
-                crate::cgroup::CgroupError::Create { .. }
-                | crate::cgroup::CgroupError::Join { .. } => Code::INTERNAL,
-            },
-            ShimError::Network { source, .. } => match source.as_ref() {
-                NetworkError::UnsupportedLink { .. } | NetworkError::TooManyInterfaces { .. } => {
-                    Code::INVALID_ARGUMENT
-                }
-                NetworkError::OpenNetns { .. } => Code::FAILED_PRECONDITION,
-                NetworkError::EnterNetns { .. }
-                | NetworkError::Thread { .. }
-                | NetworkError::ThreadDied { .. }
-                | NetworkError::Connect { .. }
-                | NetworkError::Netlink { .. }
-                | NetworkError::MissingTap { .. }
-                | NetworkError::PortForward { .. } => Code::INTERNAL,
-            },
+            ShimError::Cgroup { source, .. } => cgroup_code(source),
+            ShimError::Network { source, .. } => network_code(source),
             ShimError::Volume { source, .. } => volume_code(source),
             ShimError::Agent(e) => agent_code(e),
             ShimError::Sandbox(e) => match e.as_ref() {
@@ -138,10 +125,65 @@ impl ShimError {
                 SandboxError::ContainerExists { .. } => Code::ALREADY_EXISTS,
                 SandboxError::StartVm { .. } => Code::FAILED_PRECONDITION,
                 SandboxError::Volume(e) => volume_code(e),
-                _ => Code::INTERNAL,
+                SandboxError::Rootfs(e) => rootfs_code(e),
+                SandboxError::Resource(e) => match e {
+                    ResourceError::Rootfs(e) => rootfs_code(e),
+                    ResourceError::Network(e) => network_code(e),
+                    ResourceError::Volume(e) => volume_code(e),
+                    ResourceError::Cgroup(e) => cgroup_code(e),
+                },
+                SandboxError::DiedDuringBoot { .. }
+                | SandboxError::Agent { .. }
+                | SandboxError::StopVm { .. } => Code::INTERNAL,
             },
             ShimError::MountRootfs { .. } | ShimError::Fifo { .. } => Code::INTERNAL,
         }
+    }
+}
+
+fn cgroup_code(error: &CgroupError) -> ttrpc::Code {
+    use ttrpc::Code;
+    match error {
+        CgroupError::BadPath { .. } => Code::INVALID_ARGUMENT,
+        CgroupError::Create { .. } | CgroupError::Join { .. } => Code::INTERNAL,
+    }
+}
+
+fn network_code(error: &NetworkError) -> ttrpc::Code {
+    use ttrpc::Code;
+    match error {
+        NetworkError::UnsupportedLink { .. } | NetworkError::TooManyInterfaces { .. } => {
+            Code::INVALID_ARGUMENT
+        }
+        NetworkError::OpenNetns { .. } => Code::FAILED_PRECONDITION,
+        NetworkError::EnterNetns { .. }
+        | NetworkError::Thread { .. }
+        | NetworkError::ThreadDied { .. }
+        | NetworkError::Connect { .. }
+        | NetworkError::Netlink { .. }
+        | NetworkError::MissingTap { .. }
+        | NetworkError::PortForward { .. } => Code::INTERNAL,
+    }
+}
+
+/// A full state dir (a layer image that does not fit) is the node's resource running
+/// out, which kubelet and users tell apart from a bug by the code.
+fn rootfs_code(error: &RootfsError) -> ttrpc::Code {
+    use ttrpc::Code;
+    let image = match error {
+        RootfsError::Image(e) | RootfsError::Cache(CacheError::Build(e)) => e,
+        RootfsError::NotADirectory { .. } => return Code::INVALID_ARGUMENT,
+        RootfsError::WorkDir { .. }
+        | RootfsError::Cache(
+            CacheError::Layer { .. } | CacheError::Io { .. } | CacheError::Lock { .. },
+        )
+        | RootfsError::Writable(_)
+        | RootfsError::Hotplug { .. }
+        | RootfsError::Unplug { .. } => return Code::INTERNAL,
+    };
+    match image {
+        ErofsError::NoRoom { .. } => Code::RESOURCE_EXHAUSTED,
+        ErofsError::Spawn { .. } | ErofsError::Failed { .. } => Code::INTERNAL,
     }
 }
 
@@ -239,6 +281,28 @@ mod tests {
         for (err, code) in cases {
             assert_eq!(status(err).0, code);
         }
+    }
+
+    #[test]
+    fn a_full_state_dir_is_resource_exhausted_wherever_the_build_ran() {
+        let no_room = || ErofsError::NoRoom {
+            source_dir: "/rootfs".into(),
+            dir: "/run/spry/layer-images".into(),
+            needed_mib: 240,
+            free_mib: 3,
+        };
+        let through_cache = RootfsError::Cache(CacheError::Build(no_room()));
+        for rootfs in [RootfsError::Image(no_room()), through_cache] {
+            let err = ShimError::Sandbox(Box::new(SandboxError::Rootfs(rootfs)));
+            let (code, message) = status(err);
+            assert_eq!(code, Code::RESOURCE_EXHAUSTED);
+            assert!(message.contains("state_dir"), "{message}");
+        }
+        let missing = RootfsError::NotADirectory {
+            path: "/nope".into(),
+        };
+        let err = ShimError::Sandbox(Box::new(SandboxError::Resource(missing.into())));
+        assert_eq!(status(err).0, Code::INVALID_ARGUMENT);
     }
 
     #[test]
