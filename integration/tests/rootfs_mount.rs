@@ -37,16 +37,7 @@ fn a_killed_shims_overlay_can_be_mounted_again() -> Result<()> {
     let leaks = node.containerd.leak_check()?;
     let writer = Writer::start(&node)?;
 
-    let shim = node
-        .containerd
-        .shims()?
-        .into_iter()
-        .next()
-        .context("the pod's shim")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    node.containerd.kill_shim_of(&writer.pod)?;
     // containerd sees the shim go and runs `shim delete` for each of its tasks.
     writer
         .crictl

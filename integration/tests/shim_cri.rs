@@ -608,15 +608,7 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
         "the default state dir is not this handler's"
     );
 
-    let shim = containerd
-        .shims()?
-        .into_iter()
-        .next()
-        .context("the pod's shim")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    containerd.kill_shim_of(&pod)?;
     // containerd sees the shim go, runs `shim delete` and reports the tasks gone.
     crictl.wait_container_state(&ctr, "CONTAINER_EXITED", Duration::from_secs(60))?;
     crictl.stopp(&pod)?;

@@ -248,15 +248,7 @@ fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
     // volumes leave the share with it; the share itself and its server stay.
     crictl.stop(&ctr, 10)?;
     crictl.rm(&ctr)?;
-    let shim = containerd
-        .shims()?
-        .into_iter()
-        .find(|p| p.cmdline_contains(&pod))
-        .context("no shim for the pod")?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shim.pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
+    containerd.kill_shim_of(&pod)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while spry_integration::system::processes()?.iter().any(|p| {
         p.cmdline_contains("fs-serve") && p.cmdline_contains(&state.path().display().to_string())

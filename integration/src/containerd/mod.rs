@@ -277,6 +277,20 @@ impl Containerd {
             .collect())
     }
 
+    /// SIGKILLs the shim serving `pod` (a sandbox id), as a crash would; its pid.
+    pub fn kill_shim_of(&self, pod: &str) -> Result<i32> {
+        let shim = self
+            .shims()?
+            .into_iter()
+            .find(|p| p.cmdline_contains(pod))
+            .with_context(|| format!("no shim for pod {pod}"))?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(shim.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        Ok(shim.pid)
+    }
+
     /// The QEMUs of this instance's pods. They inherit its marker; their command lines name
     /// no state path (a jailed QEMU gets fds).
     pub fn qemus(&self) -> Result<Vec<system::ProcessInfo>> {
