@@ -1,8 +1,13 @@
-//! Building erofs images with `mkfs.erofs` (erofs-utils).
+//! Building erofs images of directory trees: Spry's own packer ([`super::pack`]) first,
+//! `mkfs.erofs` (erofs-utils) for the trees it leaves to it.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use tokio::process::Command;
+
+use super::pack::{self, Packed};
 
 /// Free space kept beyond an image's estimated size: the state dir is usually tmpfs
 /// (host RAM) shared by every pod on the node.
@@ -33,13 +38,64 @@ pub enum ErofsError {
         source_dir: PathBuf,
         stderr: String,
     },
+    #[error("cannot read {path} to pack the rootfs image")]
+    ReadTree {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the image {image}")]
+    WriteImage {
+        image: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Packs `dir` into a read-only erofs image at `image` (replacing it). Timestamps are
-/// kept as they are; ownership and modes too, so the container sees the same tree.
-/// Refuses when the image's file system lacks room for it; a build that is cancelled
-/// (its future dropped) kills `mkfs.erofs` and removes the partial image.
+/// kept as they are; ownership, modes, xattrs and hard links too, so the container sees
+/// the same tree. Refuses when the image's file system lacks room for it; a build that
+/// is cancelled (its future dropped) stops and leaves no partial image.
 pub async fn build_image(dir: &Path, image: &Path) -> Result<(), ErofsError> {
+    let _ = std::fs::remove_file(image);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stop_on_drop = CancelOnDrop(cancel.clone(), image.to_path_buf());
+    let (source, target) = (dir.to_path_buf(), image.to_path_buf());
+    let packed = tokio::task::spawn_blocking(move || {
+        pack::pack(&source, &target, &cancel, |bytes| {
+            check_room_for(&source, &target, bytes)
+        })
+    })
+    .await
+    .expect("packing an image does not panic")?;
+    std::mem::forget(stop_on_drop);
+    match packed {
+        Packed::Done => Ok(()),
+        Packed::Unsupported(reason) => {
+            tracing::info!(dir = %dir.display(), reason, "packing the image with mkfs.erofs");
+            build_with_mkfs(dir, image).await
+        }
+        // Only this function cancels, and only when it is dropped.
+        Packed::Cancelled => Err(ErofsError::WriteImage {
+            image: image.to_path_buf(),
+            source: std::io::Error::from(std::io::ErrorKind::Interrupted),
+        }),
+    }
+}
+
+/// Tells a packing thread to stop when the build's future is dropped, and removes the
+/// partial image. The flag is set first: an image the thread creates after the removal
+/// is one it removes itself when it sees the flag.
+struct CancelOnDrop(Arc<AtomicBool>, PathBuf);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+        let _ = std::fs::remove_file(&self.1);
+    }
+}
+
+async fn build_with_mkfs(dir: &Path, image: &Path) -> Result<(), ErofsError> {
     check_room(dir, image)?;
     let partial = RemoveOnDrop(image.to_path_buf());
     let output = Command::new("mkfs.erofs")
@@ -74,14 +130,17 @@ impl Drop for RemoveOnDrop {
 /// The image is about the size of the tree's file data; refuse when the file system the
 /// image goes to does not have that plus a reserve.
 fn check_room(dir: &Path, image: &Path) -> Result<(), ErofsError> {
+    check_room_for(dir, image, tree_bytes(dir))
+}
+
+fn check_room_for(dir: &Path, image: &Path, needed: u64) -> Result<(), ErofsError> {
     let Some(target_dir) = image.parent() else {
         return Ok(());
     };
     let Ok(stat) = nix::sys::statvfs::statvfs(target_dir) else {
-        return Ok(()); // mkfs.erofs will say what is wrong with the dir
+        return Ok(()); // writing the image will say what is wrong with the dir
     };
     let free = stat.blocks_available() * stat.fragment_size();
-    let needed = tree_bytes(dir);
     if needed + RESERVE_BYTES > free {
         return Err(ErofsError::NoRoom {
             source_dir: dir.to_path_buf(),
@@ -131,7 +190,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tree_larger_than_the_free_space_is_refused_before_mkfs() {
+    async fn a_tree_larger_than_the_free_space_is_refused_before_writing() {
         // A 1 MiB tmpfs cannot take a 2 MiB tree (the reserve alone is 64 MiB).
         let dir = tempfile::tempdir().unwrap();
         let small = dir.path().join("small");
@@ -153,7 +212,13 @@ mod tests {
         let err = build_image(&root, &image).await.unwrap_err();
         let _ = nix::mount::umount(&small);
         assert!(
-            matches!(err, ErofsError::NoRoom { needed_mib: 2, .. }),
+            matches!(
+                err,
+                ErofsError::NoRoom {
+                    needed_mib: 2..=3,
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("state_dir"));
@@ -182,7 +247,8 @@ mod tests {
         let err = build_image(Path::new("/nonexistent/rootfs"), &image)
             .await
             .unwrap_err();
-        assert!(matches!(err, ErofsError::Failed { .. }), "{err}");
+        assert!(matches!(err, ErofsError::ReadTree { .. }), "{err}");
+        assert!(err.to_string().contains("/nonexistent/rootfs"), "{err}");
         assert!(!image.exists());
     }
 }

@@ -12,6 +12,7 @@
 
 mod cache;
 mod erofs;
+mod pack;
 mod plugged;
 mod pristine;
 mod source;

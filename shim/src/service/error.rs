@@ -183,7 +183,15 @@ fn rootfs_code(error: &RootfsError) -> ttrpc::Code {
     };
     match image {
         ErofsError::NoRoom { .. } => Code::RESOURCE_EXHAUSTED,
-        ErofsError::Spawn { .. } | ErofsError::Failed { .. } => Code::INTERNAL,
+        // The state dir filled up while the image was written (another writer took the
+        // room the check saw).
+        ErofsError::WriteImage { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+            Code::RESOURCE_EXHAUSTED
+        }
+        ErofsError::Spawn { .. }
+        | ErofsError::Failed { .. }
+        | ErofsError::ReadTree { .. }
+        | ErofsError::WriteImage { .. } => Code::INTERNAL,
     }
 }
 
@@ -297,6 +305,18 @@ mod tests {
             let (code, message) = status(err);
             assert_eq!(code, Code::RESOURCE_EXHAUSTED);
             assert!(message.contains("state_dir"), "{message}");
+        }
+        // Filled up while the image was written; any other write failure is internal.
+        for (errno, code) in [
+            (libc::ENOSPC, Code::RESOURCE_EXHAUSTED),
+            (libc::EIO, Code::INTERNAL),
+        ] {
+            let write = ErofsError::WriteImage {
+                image: "/run/spry/layer-images/x.erofs".into(),
+                source: std::io::Error::from_raw_os_error(errno),
+            };
+            let err = ShimError::Sandbox(Box::new(SandboxError::Rootfs(RootfsError::Image(write))));
+            assert_eq!(status(err).0, code, "errno {errno}");
         }
         let missing = RootfsError::NotADirectory {
             path: "/nope".into(),

@@ -4,6 +4,7 @@ pub mod bpf;
 mod child;
 pub mod mount;
 mod tap;
+pub mod xattr;
 
 pub use child::{configure_child, ChildNetns, ChildSetup, Jail, JailEntry, PARK_FDS_AT};
 pub use tap::open_tap;
@@ -143,6 +144,23 @@ pub fn terminal_size(fd: BorrowedFd<'_>) -> Option<(u32, u32)> {
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, &mut size) };
     (rc == 0 && size.ws_row > 0 && size.ws_col > 0)
         .then(|| (u32::from(size.ws_row), u32::from(size.ws_col)))
+}
+
+/// Opens `path` (relative) under the directory `root`, refusing any symlink on the way
+/// and any escape from `root` (openat2 with RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS): what
+/// a tree walk found at that path, or an error, never something elsewhere.
+pub fn open_beneath(
+    root: BorrowedFd<'_>,
+    path: &std::path::Path,
+    flags: nix::fcntl::OFlag,
+) -> io::Result<OwnedFd> {
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(flags | nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NOFOLLOW)
+        .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS);
+    let fd = nix::fcntl::openat2(root.as_raw_fd(), path, how)?;
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

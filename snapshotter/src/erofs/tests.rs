@@ -11,6 +11,7 @@ use super::*;
 use crate::cache::ChunkCache;
 use crate::layer::RemoteLayer;
 use crate::testutil::{build, convert, open_layer, pattern, MemBlob, MountedLayer};
+use spry_erofs::BLOCK;
 
 /// The sample layer (`testutil::sample_tar`) to read, its files, and its FUSE mount.
 fn sample() -> (Arc<RemoteLayer>, Files, MountedLayer) {
