@@ -128,6 +128,19 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Stop + '_ {
     }
 }
 
+/// Like [`io_at`], but a path over the kernel's PATH_MAX (a tree nested deeper than
+/// paths can name; opening along it by fds is not worth it for such trees) goes to
+/// mkfs.erofs, as every tree did before this packer.
+fn open_failed(path: &Path) -> impl FnOnce(io::Error) -> Stop + '_ {
+    move |source| match source.raw_os_error() {
+        Some(libc::ENAMETOOLONG) => Stop::Unsupported(format!(
+            "a path of {} bytes is over PATH_MAX",
+            path.as_os_str().len()
+        )),
+        _ => io_at(path)(source),
+    }
+}
+
 /// The walked tree: inodes by number (index + 1), regular files' paths for their data.
 struct DirTree {
     nodes: Vec<DirNode>,
@@ -209,7 +222,7 @@ fn walk(root: BorrowedFd<'_>, cancel: &AtomicBool) -> Result<DirTree, Stop> {
         } else {
             sys::open_beneath(root, &path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
         }
-        .map_err(io_at(&path))?;
+        .map_err(open_failed(&path))?;
         same_inode(&fd, identity).map_err(io_at(&path))?;
         // A second fd on the directory for the per-entry calls: the listing holds the first.
         let at = fd.try_clone().map_err(io_at(&path))?;
@@ -421,8 +434,8 @@ fn copy_runs(
                 return Err(Stop::Cancelled);
             }
             let file = &tree.files[extent.entry];
-            let source =
-                sys::open_beneath(root, &file.path, OFlag::O_RDONLY).map_err(io_at(&file.path))?;
+            let source = sys::open_beneath(root, &file.path, OFlag::O_RDONLY)
+                .map_err(open_failed(&file.path))?;
             same_inode(&source, (file.dev, file.ino)).map_err(io_at(&file.path))?;
             copier
                 .copy(&File::from(source), out, extent.offset, extent.size)

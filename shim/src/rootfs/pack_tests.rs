@@ -222,3 +222,33 @@ fn an_unreadable_tree_is_a_clear_error_naming_the_path() {
     assert!(err.to_string().contains("/nonexistent/rootfs"), "{err}");
     assert!(!image.exists());
 }
+
+#[test]
+fn a_tree_nested_deeper_than_paths_can_name_is_left_to_mkfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // 30 levels of 200-byte names: 6 KiB of path, over PATH_MAX (4096). No one path
+    // names the deepest level, so two chains of 15 are made and one moved under the other.
+    let chain = |top: &Path| -> PathBuf {
+        (0..15).fold(top.to_path_buf(), |p, i| p.join(format!("{i:0200}")))
+    };
+    let (upper, lower) = (chain(&root), chain(&dir.path().join("lower")));
+    std::fs::create_dir_all(&upper).unwrap();
+    std::fs::create_dir_all(&lower).unwrap();
+    std::fs::write(lower.join("f"), b"x").unwrap();
+    let lower_top = dir.path().join("lower").join(format!("{:0200}", 0));
+    std::fs::rename(&lower_top, upper.join("moved")).unwrap();
+    let image = dir.path().join("img.erofs");
+    let packed = pack(&root, &image, &AtomicBool::new(false), |_| Ok(())).unwrap();
+    assert!(
+        matches!(&packed, Packed::Unsupported(why) if why.contains("PATH_MAX")),
+        "{packed:?}"
+    );
+    assert!(!image.exists());
+    // Removing it needs the same trick.
+    let _ = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(&root)
+        .status();
+}
