@@ -153,21 +153,49 @@ impl Drop for Mounted {
     }
 }
 
-#[test]
-fn a_packed_tree_mounts_as_the_same_tree() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("root");
-    sample_tree(&root);
-    let image = dir.path().join("img.erofs");
-    let packed = pack(&root, &image, &AtomicBool::new(false), |_| Ok(())).unwrap();
+/// Packs the sample tree at `root` and checks the mounted image shows the same tree.
+fn packs_as_the_same_tree(root: &Path, image: &Path) {
+    sample_tree(root);
+    let packed = pack(root, image, &AtomicBool::new(false), |_| Ok(())).unwrap();
     assert_eq!(packed, Packed::Done);
-    let mounted = Mounted::new(&image);
-    let (want, got) = (describe(&root), describe(mounted.0.path()));
+    let mounted = Mounted::new(image);
+    let (want, got) = (describe(root), describe(mounted.0.path()));
     assert_eq!(want.len(), 600 + 16, "{want:#?}");
     for (path, line) in &want {
         assert_eq!(got.get(path), Some(line), "{path:?}");
     }
     assert_eq!(got.len(), want.len());
+}
+
+#[test]
+fn a_packed_tree_mounts_as_the_same_tree() {
+    // Tree and image on one file system: the data is copied in the kernel.
+    let dir = tempfile::tempdir().unwrap();
+    packs_as_the_same_tree(&dir.path().join("root"), &dir.path().join("img.erofs"));
+}
+
+#[test]
+fn a_tree_on_another_file_system_is_copied_through_a_buffer_alike() {
+    // As from containerd's overlay to the state dir: copy_file_range says EXDEV.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &root,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=64m"),
+    )
+    .expect("mounting a tmpfs needs root");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount(self.0);
+        }
+    }
+    let _unmount = Unmount(&root);
+    packs_as_the_same_tree(&root, &dir.path().join("img.erofs"));
 }
 
 #[test]
