@@ -29,12 +29,12 @@ use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
-use spry_erofs::{Attr, ErofsImage, Kind};
+use spry_erofs::{Attr, ErofsImage, Kind, OwnedNode, OwnedTree};
 
 use super::erofs::ErofsError;
 use crate::sys;
 
-const ROOT_INO: u64 = 1;
+const ROOT_INO: u64 = OwnedTree::ROOT;
 /// The read/write loop's piece, when the kernel cannot copy between the two files.
 const PIECE: usize = 1 << 20;
 /// At most this many threads copy file data.
@@ -73,7 +73,7 @@ pub fn pack(
         Err(Stop::Unsupported(reason)) => return Ok(Packed::Unsupported(reason)),
         Err(Stop::Cancelled) => return Ok(Packed::Cancelled),
     };
-    let layout = match ErofsImage::build(&tree) {
+    let layout = match ErofsImage::build(&tree.inodes) {
         Ok(layout) => layout,
         Err(e) => return Ok(Packed::Unsupported(e.to_string())),
     };
@@ -141,19 +141,10 @@ fn open_failed(path: &Path) -> impl FnOnce(io::Error) -> Stop + '_ {
     }
 }
 
-/// The walked tree: inodes by number (index + 1), regular files' paths for their data.
+/// The walked tree, and regular files' paths for their data (by [`OwnedNode::entry`]).
 struct DirTree {
-    nodes: Vec<DirNode>,
+    inodes: OwnedTree,
     files: Vec<FileRef>,
-}
-
-struct DirNode {
-    attr: Attr,
-    parent: u64,
-    children: Vec<(Vec<u8>, u64)>,
-    symlink: Option<Vec<u8>>,
-    xattrs: Vec<(String, Vec<u8>)>,
-    entry: Option<usize>,
 }
 
 /// A regular file: where it is under the root, and which inode the walk found there.
@@ -163,53 +154,16 @@ struct FileRef {
     ino: u64,
 }
 
-impl spry_erofs::Tree for DirTree {
-    type Node = DirNode;
-
-    fn root(&self) -> u64 {
-        ROOT_INO
-    }
-
-    fn get(&self, ino: u64) -> Option<&DirNode> {
-        self.nodes.get(usize::try_from(ino).ok()?.checked_sub(1)?)
-    }
-}
-
-impl spry_erofs::Node for DirNode {
-    fn attr(&self) -> Attr {
-        self.attr
-    }
-
-    fn parent(&self) -> u64 {
-        self.parent
-    }
-
-    fn children(&self) -> impl Iterator<Item = (&[u8], u64)> + '_ {
-        self.children.iter().map(|(n, ino)| (n.as_slice(), *ino))
-    }
-
-    fn symlink(&self) -> Option<&[u8]> {
-        self.symlink.as_deref()
-    }
-
-    fn xattrs(&self) -> impl Iterator<Item = (&str, &[u8])> + '_ {
-        self.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
-    }
-
-    fn entry(&self) -> Option<usize> {
-        self.entry
-    }
-}
-
 /// Reads the tree under `root`, breadth first, one directory open at a time.
 fn walk(root: BorrowedFd<'_>, cancel: &AtomicBool) -> Result<DirTree, Stop> {
     let here = Path::new("");
     let stat = fstat(root.as_raw_fd()).map_err(|e| io_at(here)(e.into()))?;
     let xattrs = named(sys::xattr::list_fd(root).map_err(io_at(here))?)?;
     let mut tree = DirTree {
-        nodes: vec![node_of(&stat, ROOT_INO, xattrs)],
+        inodes: OwnedTree::default(),
         files: Vec::new(),
     };
+    tree.inodes.push(node_of(&stat, ROOT_INO, xattrs));
     // Non-directories with more than one link, by (device, inode): one erofs inode each.
     let mut linked: HashMap<(u64, u64), u64> = HashMap::new();
     let mut queue = VecDeque::from([(ROOT_INO, PathBuf::new(), (stat.st_dev, stat.st_ino))]);
@@ -242,18 +196,18 @@ fn walk(root: BorrowedFd<'_>, cancel: &AtomicBool) -> Result<DirTree, Stop> {
             let key = (stat.st_dev, stat.st_ino);
             if kind != Kind::Directory && stat.st_nlink > 1 {
                 if let Some(&ino) = linked.get(&key) {
-                    tree.nodes[(ino - 1) as usize].attr.nlink += 1;
+                    add_link(&mut tree.inodes, ino);
                     children.push((name.to_bytes().to_vec(), ino));
                     continue;
                 }
             }
-            let ino = tree.nodes.len() as u64 + 1;
+            let ino = tree.inodes.nodes.len() as u64 + 1;
             let xattrs = sys::xattr::list_at(at.as_fd(), name).map_err(io_at(&child_path))?;
             let mut node = node_of(&stat, dir_ino, named(xattrs)?);
             match kind {
                 Kind::Directory => {
                     queue.push_back((ino, child_path, key));
-                    tree.nodes[(dir_ino - 1) as usize].attr.nlink += 1;
+                    add_link(&mut tree.inodes, dir_ino);
                 }
                 Kind::Symlink => {
                     let target = nix::fcntl::readlinkat(Some(dir_fd), name)
@@ -273,12 +227,21 @@ fn walk(root: BorrowedFd<'_>, cancel: &AtomicBool) -> Result<DirTree, Stop> {
             if kind != Kind::Directory && stat.st_nlink > 1 {
                 linked.insert(key, ino);
             }
-            tree.nodes.push(node);
+            tree.inodes.push(node);
             children.push((name.to_bytes().to_vec(), ino));
         }
-        tree.nodes[(dir_ino - 1) as usize].children = children;
+        if let Some(dir) = tree.inodes.get_mut(dir_ino) {
+            dir.children = children;
+        }
     }
     Ok(tree)
+}
+
+/// One more link to `ino`: another name of a file, or a subdirectory's `..`.
+fn add_link(inodes: &mut OwnedTree, ino: u64) {
+    if let Some(node) = inodes.get_mut(ino) {
+        node.attr.nlink += 1;
+    }
 }
 
 /// Refuses an fd that is not the inode the walk found at its path (the tree changed).
@@ -318,7 +281,7 @@ fn kind_of(stat: &FileStat) -> Kind {
     }
 }
 
-fn node_of(stat: &FileStat, parent: u64, xattrs: Vec<(String, Vec<u8>)>) -> DirNode {
+fn node_of(stat: &FileStat, parent: u64, xattrs: Vec<(String, Vec<u8>)>) -> OwnedNode {
     let kind = kind_of(stat);
     let mtime = u64::try_from(stat.st_mtime)
         .ok()
@@ -329,7 +292,7 @@ fn node_of(stat: &FileStat, parent: u64, xattrs: Vec<(String, Vec<u8>)>) -> DirN
         nix::sys::stat::major(stat.st_rdev),
         nix::sys::stat::minor(stat.st_rdev),
     );
-    DirNode {
+    OwnedNode {
         attr: Attr {
             kind,
             perm: (stat.st_mode & 0o7777) as u16,

@@ -13,12 +13,14 @@
 //! offsets are fixed by the tree, so the same tree always gives the same image.
 
 pub mod format;
+mod owned;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use format::BLOCK;
 use format::{FileType, Inode, Superblock, DIRENT_SIZE, INODE_SIZE, SLOT, SUPER_OFFSET};
+pub use owned::{OwnedNode, OwnedTree};
 
 /// erofs's longest name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
