@@ -70,6 +70,7 @@ pub fn pack(
     let tree = match walk(root.as_fd(), cancel) {
         Ok(tree) => tree,
         Err(Stop::Io { path, source }) => return Err(read_err(&path, source)),
+        Err(Stop::Image(source)) => return Err(write_err(image, source)),
         Err(Stop::Unsupported(reason)) => return Ok(Packed::Unsupported(reason)),
         Err(Stop::Cancelled) => return Ok(Packed::Cancelled),
     };
@@ -96,9 +97,7 @@ pub fn pack(
             let _ = std::fs::remove_file(image);
             match other {
                 Ok(packed) => Ok(packed),
-                Err(Stop::Io { path, source }) if path.as_os_str().is_empty() => {
-                    Err(write_err(image, source))
-                }
+                Err(Stop::Image(source)) => Err(write_err(image, source)),
                 Err(Stop::Io { path, source }) => Err(read_err(&path, source)),
                 Err(Stop::Unsupported(reason)) => Ok(Packed::Unsupported(reason)),
                 Err(Stop::Cancelled) => Ok(Packed::Cancelled),
@@ -114,9 +113,15 @@ fn write_err(image: &Path, source: io::Error) -> ErofsError {
     }
 }
 
-/// Why a walk or a copy stopped. An `Io` with an empty path is the image's.
+/// Why a walk or a copy stopped.
 enum Stop {
-    Io { path: PathBuf, source: io::Error },
+    /// Reading the tree at `path` (relative to its root) failed.
+    Io {
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// Writing the image failed.
+    Image(io::Error),
     Unsupported(String),
     Cancelled,
 }
@@ -328,9 +333,9 @@ fn write(
     out: &File,
     cancel: &AtomicBool,
 ) -> Result<Packed, Stop> {
-    out.set_len(layout.size()).map_err(io_at(Path::new("")))?;
+    out.set_len(layout.size()).map_err(Stop::Image)?;
     out.write_all_at(layout.metadata(), 0)
-        .map_err(io_at(Path::new("")))?;
+        .map_err(Stop::Image)?;
     let extents = layout.extents();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -406,7 +411,7 @@ fn copy_runs(
                     if on_source {
                         io_at(&file.path)(e)
                     } else {
-                        io_at(Path::new(""))(e)
+                        Stop::Image(e)
                     }
                 })?;
         }
