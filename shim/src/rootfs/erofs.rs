@@ -59,7 +59,10 @@ pub enum ErofsError {
 pub async fn build_image(dir: &Path, image: &Path) -> Result<(), ErofsError> {
     let _ = std::fs::remove_file(image);
     let cancel = Arc::new(AtomicBool::new(false));
-    let stop_on_drop = CancelOnDrop(cancel.clone(), image.to_path_buf());
+    let stop_on_drop = CancelOnDrop {
+        cancel: cancel.clone(),
+        partial: RemoveOnDrop(Some(image.to_path_buf())),
+    };
     let (source, target) = (dir.to_path_buf(), image.to_path_buf());
     let packed = tokio::task::spawn_blocking(move || {
         pack::pack(&source, &target, &cancel, |bytes| {
@@ -68,7 +71,7 @@ pub async fn build_image(dir: &Path, image: &Path) -> Result<(), ErofsError> {
     })
     .await
     .expect("packing an image does not panic")?;
-    std::mem::forget(stop_on_drop);
+    stop_on_drop.keep();
     match packed {
         Packed::Done => Ok(()),
         Packed::Unsupported(reason) => {
@@ -84,20 +87,29 @@ pub async fn build_image(dir: &Path, image: &Path) -> Result<(), ErofsError> {
 }
 
 /// Tells a packing thread to stop when the build's future is dropped, and removes the
-/// partial image. The flag is set first: an image the thread creates after the removal
-/// is one it removes itself when it sees the flag.
-struct CancelOnDrop(Arc<AtomicBool>, PathBuf);
+/// partial image. The flag is set first (this `drop` runs before its fields'): an image
+/// the thread creates after the removal is one it removes itself when it sees the flag.
+struct CancelOnDrop {
+    cancel: Arc<AtomicBool>,
+    partial: RemoveOnDrop,
+}
+
+impl CancelOnDrop {
+    /// The packing ended on its own: its result (an image or not) stays as it is.
+    fn keep(mut self) {
+        self.partial.0 = None;
+    }
+}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-        let _ = std::fs::remove_file(&self.1);
+        self.cancel.store(true, Ordering::SeqCst);
     }
 }
 
 async fn build_with_mkfs(dir: &Path, image: &Path) -> Result<(), ErofsError> {
     check_room(dir, image)?;
-    let partial = RemoveOnDrop(image.to_path_buf());
+    let partial = RemoveOnDrop(Some(image.to_path_buf()));
     let output = Command::new("mkfs.erofs")
         .arg("--quiet")
         .arg(image)
@@ -114,16 +126,24 @@ async fn build_with_mkfs(dir: &Path, image: &Path) -> Result<(), ErofsError> {
             stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
-    std::mem::forget(partial);
+    partial.keep();
     Ok(())
 }
 
-/// Removes a file when dropped (a build that failed or was cancelled).
-struct RemoveOnDrop(PathBuf);
+/// Removes a file when dropped (a build that failed or was cancelled), unless kept.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl RemoveOnDrop {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 

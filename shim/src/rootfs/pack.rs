@@ -391,12 +391,10 @@ fn copy_runs(
 ) -> Result<(), Stop> {
     loop {
         let start = next.fetch_add(RUN, Ordering::SeqCst);
-        let Some(run) = extents.get(start..extents.len().min(start + RUN)) else {
-            return Ok(());
-        };
-        if run.is_empty() {
+        if start >= extents.len() {
             return Ok(());
         }
+        let run = &extents[start..extents.len().min(start + RUN)];
         for extent in run {
             if stop() {
                 return Err(Stop::Cancelled);
