@@ -47,8 +47,16 @@ pub fn add_entropy(random: BorrowedFd<'_>, data: &[u8]) -> io::Result<()> {
 /// Sets the nice value of the calling thread (on Linux, `PRIO_PROCESS` with id 0 means the
 /// calling thread, and the threads and processes it starts inherit the value).
 pub fn set_thread_nice(nice: i32) -> io::Result<()> {
+    set_nice(0, nice)
+}
+
+/// Sets the nice value of thread `tid` (a single-threaded process's pid names its thread).
+pub fn set_nice(tid: i32, nice: i32) -> io::Result<()> {
+    let Ok(who) = libc::id_t::try_from(tid) else {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    };
     // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }

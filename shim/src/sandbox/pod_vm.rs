@@ -140,6 +140,8 @@ impl PodVm for Sandbox {
                 return Err(e.into());
             }
         };
+        // Timed, with the guest's part below: both are on every container start's path.
+        let started = std::time::Instant::now();
         let rootfs = self
             .rootfs
             .attach(self.vm.as_ref(), container_id, rootfs)
@@ -169,6 +171,7 @@ impl PodVm for Sandbox {
             block_devices,
             ..Default::default()
         };
+        let attach_ms = started.elapsed().as_millis() as u64;
         if let Err(source) = self.agent.create_container(req).await {
             if let Err(e) = self.rootfs.detach(self.vm.as_ref(), container_id).await {
                 warn!(container_id, error = %e, "cannot detach rootfs after a failed create");
@@ -179,6 +182,12 @@ impl PodVm for Sandbox {
                 source,
             });
         }
+        tracing::info!(
+            container_id,
+            attach_ms,
+            guest_ms = started.elapsed().as_millis() as u64 - attach_ms,
+            "container created in the VM"
+        );
         self.watches
             .watch(container_id, synced, self.agent.clone())
             .await;

@@ -321,7 +321,8 @@ mod tests {
         assert_eq!(after("-accel"), "kvm,device=/dev/fdset/2");
         assert_eq!(after("-smp"), "1");
         assert_eq!(after("-kernel"), "/k/vmlinux");
-        assert!(after("-append").ends_with("quiet spry.agent_channel=virtio-serial loglevel=7"));
+        assert!(after("-append")
+            .ends_with("spry.agent_channel=virtio-serial rcupdate.rcu_expedited=1 loglevel=7"));
         assert!(!args
             .iter()
             .any(|a| a == "-incoming" || a.contains("vhost-vsock")));

@@ -6,7 +6,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-use super::pool::{kill, take_spare, HelperProcess};
+use super::pool::{kill, refill_spares, take_spare, HelperProcess};
 use super::protocol::{HelperError, HelperReply, HelperRequest, ACCEPTED, MAX_MESSAGE};
 use crate::reaper::{ExitWatch, Reaper};
 
@@ -21,14 +21,14 @@ pub struct HelperDone {
 pub async fn run(request: &HelperRequest, fds: Vec<OwnedFd>) -> Result<HelperDone, HelperError> {
     let payload = serde_json::to_vec(request).expect("helper requests always serialize");
     let spare = take_spare();
-    let exchange = tokio::task::spawn_blocking(move || exchange(spare, &payload, fds))
-        .await
-        .map_err(|source| HelperError::Join { source })?;
+    let exchange = tokio::task::spawn_blocking(move || exchange(spare, &payload, fds)).await;
+    // Whatever the outcome: a spare may have been taken.
+    refill_spares();
     let Exchange {
         outcome,
         pid,
         mut exit,
-    } = exchange?;
+    } = exchange.map_err(|source| HelperError::Join { source })??;
     if let Err(HelperError::Channel { source }) = &outcome {
         if *source == nix::errno::Errno::EAGAIN {
             tracing::error!(helper_pid = pid, "container helper timed out; killing it");
@@ -65,7 +65,7 @@ fn exchange(
     let cmsgs = [ControlMessage::ScmRights(&raw)];
     let cmsgs: &[ControlMessage] = if raw.is_empty() { &[] } else { &cmsgs };
     let spare = match spare {
-        Some(spare) => match hand_over(&spare, payload, cmsgs) {
+        Some(spare) => match renice_and_hand_over(&spare, payload, cmsgs) {
             Ok(HandOver::Taken) => Some(spare),
             Ok(HandOver::Gone) => {
                 tracing::debug!(helper_pid = spare.pid, "spare container helper is gone");
@@ -122,6 +122,22 @@ enum HandOver {
     Taken,
     /// It ended before taking the request: it did nothing with it.
     Gone,
+}
+
+/// Hands the request to a spare, which waited at idle priority: first back to normal, so
+/// that from its first instruction on the request it does not share the vCPU evenly with
+/// a refill starting the next spare (the helper also resets itself, but only after it
+/// has read and acknowledged the request).
+fn renice_and_hand_over(
+    spare: &HelperProcess,
+    payload: &[u8],
+    cmsgs: &[ControlMessage],
+) -> Result<HandOver, HelperError> {
+    if let Err(err) = crate::sys::set_nice(spare.pid, 0) {
+        // A spare that is gone reads as ESRCH; the hand-over then says so.
+        tracing::debug!(helper_pid = spare.pid, error = %err, "cannot reset a spare helper's priority");
+    }
+    hand_over(spare, payload, cmsgs)
 }
 
 /// Sends the request and waits for the helper's acknowledgement.

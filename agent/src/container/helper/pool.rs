@@ -135,9 +135,19 @@ pub fn prepare_spares() {
     }
 }
 
-/// A spare helper, if one is ready; replacements are started in the background.
+/// A spare helper, if one is ready. Call [`refill_spares`] once the request is served.
 pub(super) fn take_spare() -> Option<HelperProcess> {
-    let spare = spares().pop();
+    spares().pop()
+}
+
+/// Starts replacements for taken spares in the background. Only after the request that
+/// took one is served: on a one-vCPU VM, a refill running meanwhile (its fork and exec,
+/// and the new helper's start-up, at the spare's idle priority like the helper being
+/// handed the request) took CPU from that request before its helper reset its priority.
+pub(super) fn refill_spares() {
+    if spares().len() >= SPARES {
+        return;
+    }
     if !REFILLING.swap(true, Ordering::AcqRel) {
         let refill = std::thread::Builder::new()
             .name("helper-refill".into())
@@ -155,5 +165,4 @@ pub(super) fn take_spare() -> Option<HelperProcess> {
             REFILLING.store(false, Ordering::Release);
         }
     }
-    spare
 }
