@@ -8,7 +8,9 @@ mod guest_support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use spry_shim::vm::{AccelChoice, AgentEndpoint, Hypervisor, QemuHypervisor, Vm, VmConfig};
+use spry_shim::vm::{
+    AccelChoice, AgentEndpoint, HostRelease, Hypervisor, QemuHypervisor, Vm, VmConfig,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const RUNS: usize = 5;
@@ -177,7 +179,7 @@ async fn measure_boot_hotplug_and_memory() {
         .await;
         visible.push(started.elapsed().as_secs_f64() * 1000.0);
         let started = Instant::now();
-        vm.unplug_disk(addr).await.unwrap();
+        vm.unplug_disk(addr, HostRelease::Awaited).await.unwrap();
         unplug.push(started.elapsed().as_secs_f64() * 1000.0);
         // Let the guest notice before the target is reused.
         wait_console_count(

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use spry_shim::vm::{
-    AccelChoice, AgentEndpoint, Hypervisor, NetNamespace, QemuHypervisor, ScsiAddr, VmConfig,
-    VmError,
+    AccelChoice, AgentEndpoint, HostRelease, Hypervisor, NetNamespace, QemuHypervisor, ScsiAddr,
+    VmConfig, VmError,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +63,7 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
     let line = wait_console(vm.as_ref(), "SPRY-DISK 0:0:1:0", Duration::from_secs(30)).await;
     assert!(line.ends_with("hello-second"), "{line}");
 
-    vm.unplug_disk(addr).await.unwrap();
+    vm.unplug_disk(addr, HostRelease::Awaited).await.unwrap();
     wait_console(
         vm.as_ref(),
         "SPRY-DISK-GONE 0:0:0:0",
@@ -71,7 +71,7 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
     )
     .await;
     assert!(matches!(
-        vm.unplug_disk(addr).await,
+        vm.unplug_disk(addr, HostRelease::Awaited).await,
         Err(VmError::UnknownDisk { .. })
     ));
     // The freed target is reused.
@@ -84,6 +84,33 @@ async fn boots_talks_hotplugs_and_stops_cleanly() {
         matches!(missing, Err(VmError::DiskImage { .. })),
         "{missing:?}"
     );
+    // A container stop's unplug: the guest loses the disk at once, QEMU frees it after.
+    vm.unplug_disk(addr2, HostRelease::Background)
+        .await
+        .unwrap();
+    assert!(matches!(
+        vm.unplug_disk(addr2, HostRelease::Background).await,
+        Err(VmError::UnknownDisk { .. })
+    ));
+    wait_console(
+        vm.as_ref(),
+        "SPRY-DISK-GONE 0:0:1:0",
+        Duration::from_secs(30),
+    )
+    .await;
+    let freed_by = Instant::now() + Duration::from_secs(10);
+    loop {
+        let plugged = vm.hotplug_disk(&second, true).await.unwrap();
+        if plugged == addr2 {
+            break;
+        }
+        assert!(
+            Instant::now() < freed_by,
+            "target 1 was never freed after a background unplug"
+        );
+        vm.unplug_disk(plugged, HostRelease::Awaited).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     eprintln!(
         "MEASURE boot_to_init_ms={} boot_to_port_answer_ms={} hotplug_qmp_ms={} hotplug_guest_visible_ms={}",

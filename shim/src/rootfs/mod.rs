@@ -24,7 +24,7 @@ use async_trait::async_trait;
 use spry_proto::agent as pb;
 use tracing::debug;
 
-use crate::vm::{ScsiAddr, Vm, VmError};
+use crate::vm::{HostRelease, ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
@@ -338,7 +338,7 @@ impl ErofsBlockShare {
         let unplugged = if shared {
             self.release_shared(vm, image.path()).await
         } else if vm.is_running() {
-            vm.unplug_disk(addr).await
+            vm.unplug_disk(addr, HostRelease::Background).await
         } else {
             Ok(())
         };
@@ -352,7 +352,7 @@ impl ErofsBlockShare {
     /// (the count drops even when the VM is gone, so the map never outlives its disks).
     async fn release_shared(&self, vm: &dyn Vm, image: &Path) -> Result<(), VmError> {
         match self.plugged.release(image) {
-            Some(addr) if vm.is_running() => vm.unplug_disk(addr).await,
+            Some(addr) if vm.is_running() => vm.unplug_disk(addr, HostRelease::Background).await,
             _ => Ok(()),
         }
     }
@@ -458,14 +458,16 @@ impl RootfsShare for ErofsBlockShare {
             container_id: attached.container_id.clone(),
             source,
         };
-        // The disks go together: each unplug waits for the guest to let go of its device
-        // (tens of ms under TCG), and a container's stop waits for all of them.
+        // The disks go together, and QEMU closes their images after we return (it frees an
+        // unplugged device ~50 ms later, `vm/scsi_slots.rs`): a container's stop waits for
+        // neither. The host's rootfs mount is detached lazily and the images' files may be
+        // unlinked while QEMU still holds them.
         let vm_alive = vm.exit_watch().borrow().is_none();
         let own = attached
             .disks
             .iter()
             .filter(|_| vm_alive)
-            .map(|addr| vm.unplug_disk(*addr));
+            .map(|addr| vm.unplug_disk(*addr, HostRelease::Background));
         let shared = attached
             .shared_layers
             .iter()

@@ -25,6 +25,7 @@ mod jail;
 mod launch;
 pub mod qemu;
 pub mod qmp;
+mod scsi_slots;
 mod snapshot;
 mod spawner;
 mod startup;
@@ -212,6 +213,17 @@ impl Default for VmConfig {
 /// Where Debian installs QEMU.
 pub const DEFAULT_QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
+/// When QEMU closes an unplugged disk's image (and frees its SCSI target): QEMU frees an
+/// unplugged device only some tens of ms after the guest lost it (`scsi_slots.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostRelease {
+    /// Before `unplug_disk` returns: for a host block device its owner may take back.
+    Awaited,
+    /// Soon after it returns: for an image file the host may unlink (an open file stays
+    /// readable) or whose mount it detaches lazily, on a container stop's path.
+    Background,
+}
+
 /// A SCSI address on the VM's controller (bus 0): the guest finds the disk
 /// at `/sys/bus/scsi/devices/<host>:0:<target>:<lun>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -271,8 +283,9 @@ pub trait Vm: Send + Sync {
     fn share_socket(&self) -> &Path;
     /// Hot-plugs a disk image (or a host block device) on the virtio-scsi controller.
     async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError>;
-    /// Removes a hot-plugged disk (the guest must have stopped using it).
-    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError>;
+    /// Removes a hot-plugged disk (the guest must have stopped using it). Returns once the
+    /// guest can no longer reach it; `release` says whether QEMU has closed the image by then.
+    async fn unplug_disk(&self, addr: ScsiAddr, release: HostRelease) -> Result<(), VmError>;
     /// Becomes `Some` within a second of QEMU exiting, for any reason.
     fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<VmExit>>;
     /// False once QEMU has exited.

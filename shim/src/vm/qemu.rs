@@ -1,11 +1,10 @@
 //! The QEMU microvm implementation of [`Hypervisor`] and [`Vm`].
 
-use std::collections::BTreeSet;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,17 +16,15 @@ use super::cmdline::{StatePaths, SCSI_BUS};
 use super::console;
 use super::launch::{launch, Launched};
 use super::qmp::{QmpClient, QmpError};
+use super::scsi_slots::{ScsiSlots, Unplug};
 use super::startup::{connect_qmp, exit_from, wait_exit};
 use super::validate::{require_boot_files, validate};
 use super::{
-    accel, snapshot, tsc, Accel, AgentChannelKind, AgentEndpoint, Hypervisor, ScsiAddr, Vm,
-    VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
+    accel, snapshot, tsc, Accel, AgentChannelKind, AgentEndpoint, HostRelease, Hypervisor,
+    ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
 
-/// virtio-scsi targets 0..=255 on bus 0; each disk gets its own target, LUN 0.
-const MAX_SCSI_TARGET: u32 = 255;
-const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 const KILL_GRACE: Duration = Duration::from_secs(5);
 /// Under the state root: the locks of the uids jailed QEMUs run as.
@@ -74,9 +71,9 @@ pub struct QemuVm {
     paths: StatePaths,
     agent_endpoint: AgentEndpoint,
     cleanup: Cleanup,
-    qmp: QmpClient,
+    qmp: Arc<QmpClient>,
     exit: watch::Receiver<Option<VmExit>>,
-    scsi_targets: Mutex<BTreeSet<u32>>,
+    scsi_slots: ScsiSlots,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -236,9 +233,9 @@ impl QemuVm {
             paths,
             agent_endpoint,
             cleanup,
-            qmp,
+            qmp: Arc::new(qmp),
             exit: exit_rx,
-            scsi_targets: Mutex::new(BTreeSet::new()),
+            scsi_slots: ScsiSlots::default(),
         })
     }
 
@@ -247,12 +244,6 @@ impl QemuVm {
             id: self.id.clone(),
             source,
         }
-    }
-
-    fn targets(&self) -> std::sync::MutexGuard<'_, BTreeSet<u32>> {
-        self.scsi_targets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn exited(&self) -> Option<VmError> {
@@ -376,23 +367,19 @@ impl Vm for QemuVm {
                 });
             }
         };
-        let addr = {
-            let mut targets = self.targets();
-            let target = (0..=MAX_SCSI_TARGET)
-                .find(|t| !targets.contains(t))
-                .ok_or_else(|| VmError::NoFreeScsiTarget {
-                    id: self.id.clone(),
-                })?;
-            targets.insert(target);
-            ScsiAddr { target, lun: 0 }
-        };
+        let addr = self
+            .scsi_slots
+            .reserve()
+            .ok_or_else(|| VmError::NoFreeScsiTarget {
+                id: self.id.clone(),
+            })?;
         let started = Instant::now();
         let node = node_name(addr);
         let added = self
             .add_block_node(&image, file_driver, &node, read_only)
             .await;
         if let Err(error) = added {
-            self.targets().remove(&addr.target);
+            self.scsi_slots.cancel(addr);
             return Err(error);
         }
         let device = self
@@ -414,7 +401,7 @@ impl Vm for QemuVm {
                 .qmp
                 .execute("blockdev-del", Some(json!({ "node-name": node })))
                 .await;
-            self.targets().remove(&addr.target);
+            self.scsi_slots.cancel(addr);
             return Err(self.qmp_error(source));
         }
         tracing::info!(
@@ -428,8 +415,8 @@ impl Vm for QemuVm {
         Ok(addr)
     }
 
-    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
-        if addr.lun != 0 || !self.targets().contains(&addr.target) {
+    async fn unplug_disk(&self, addr: ScsiAddr, release: HostRelease) -> Result<(), VmError> {
+        if !self.scsi_slots.is_plugged(addr) {
             return Err(VmError::UnknownDisk {
                 id: self.id.clone(),
                 addr,
@@ -438,44 +425,16 @@ impl Vm for QemuVm {
         if let Some(error) = self.exited() {
             return Err(error);
         }
-        let id = device_id(addr);
-        // Subscribe before asking, so the event cannot slip past.
-        let mut events = self.qmp.subscribe();
-        self.qmp
-            .execute("device_del", Some(json!({ "id": id })))
-            .await
-            .map_err(|e| self.qmp_error(e))?;
-        let deleted = tokio::time::timeout(UNPLUG_TIMEOUT, async {
-            loop {
-                match events.recv().await {
-                    Ok(event)
-                        if event.event == "DEVICE_DELETED"
-                            && event.data["device"] == id.as_str() =>
-                    {
-                        return true;
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
-                }
-            }
-        })
-        .await;
-        if deleted != Ok(true) {
-            return Err(VmError::UnplugTimeout {
-                id: self.id.clone(),
-                addr,
-            });
-        }
-        self.qmp
-            .execute(
-                "blockdev-del",
-                Some(json!({ "node-name": node_name(addr) })),
-            )
-            .await
-            .map_err(|e| self.qmp_error(e))?;
-        self.targets().remove(&addr.target);
-        tracing::info!(target = addr.target, lun = addr.lun, "disk unplugged");
-        Ok(())
+        let unplug = Unplug {
+            vm_id: self.id.clone(),
+            qmp: self.qmp.clone(),
+            exit: self.exit.clone(),
+            slots: self.scsi_slots.clone(),
+            addr,
+            device_id: device_id(addr),
+            node_name: node_name(addr),
+        };
+        unplug.run(release).await
     }
 
     fn exit_watch(&self) -> watch::Receiver<Option<VmExit>> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::{Accel, AgentEndpoint, ScsiAddr, Vm, VmError, VmExit};
+use super::{Accel, AgentEndpoint, HostRelease, ScsiAddr, Vm, VmError, VmExit};
 
 pub struct TestVm {
     next: AtomicU32,
@@ -75,7 +75,7 @@ impl Vm for TestVm {
             .push((addr, image.to_path_buf()));
         Ok(addr)
     }
-    async fn unplug_disk(&self, addr: ScsiAddr) -> Result<(), VmError> {
+    async fn unplug_disk(&self, addr: ScsiAddr, _: HostRelease) -> Result<(), VmError> {
         self.unplugged.lock().unwrap().push(addr);
         Ok(())
     }

@@ -16,7 +16,7 @@ use spry_proto::agent::{BlockDevice, ScsiDisk};
 use tokio::sync::Mutex;
 
 use super::VolumeError;
-use crate::vm::{ScsiAddr, Vm};
+use crate::vm::{HostRelease, ScsiAddr, Vm};
 
 /// A host block device the container gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,7 +156,7 @@ async fn unplug_all(vm: &dyn Vm, container_id: &str, plugged: Vec<ScsiAddr>) {
         return;
     }
     for addr in plugged {
-        if let Err(e) = vm.unplug_disk(addr).await {
+        if let Err(e) = vm.unplug_disk(addr, HostRelease::Awaited).await {
             tracing::warn!(container_id, error = %e, "cannot unplug a container's block device");
         }
     }
