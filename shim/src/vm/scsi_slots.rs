@@ -73,6 +73,13 @@ impl ScsiSlots {
         true
     }
 
+    /// Undoes `start_release` when `device_del` failed: the disk is still the guest's.
+    fn abort_release(&self, addr: ScsiAddr) {
+        let mut targets = self.lock();
+        targets.releasing.remove(&addr.target);
+        targets.plugged.insert(addr.target);
+    }
+
     fn end_release(&self, addr: ScsiAddr) {
         self.lock().releasing.remove(&addr.target);
     }
@@ -106,10 +113,7 @@ impl Unplug {
             .execute("device_del", Some(json!({ "id": self.device_id })))
             .await;
         if let Err(source) = deleted {
-            // Still the guest's: it stays plugged.
-            let mut targets = self.slots.lock();
-            targets.releasing.remove(&self.addr.target);
-            targets.plugged.insert(self.addr.target);
+            self.slots.abort_release(self.addr);
             return Err(VmError::Qmp {
                 id: self.vm_id,
                 source,
