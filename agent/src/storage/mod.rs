@@ -6,8 +6,10 @@
 //! must not delete a layer's or the shared directory's contents.
 
 mod scsi;
+mod scsi_probes;
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -15,6 +17,7 @@ use spry_proto::agent::{storage::Source, Rootfs, ScsiDisk, Storage};
 use tokio::sync::Mutex;
 
 pub use scsi::SysfsPaths;
+pub use scsi_probes::{ScsiProbes, UeventError};
 
 /// How long a just-attached disk may answer ENXIO before we give up on it.
 const DISK_ATTACH_GRACE: Duration = Duration::from_secs(3);
@@ -71,6 +74,7 @@ pub struct StorageManager {
     run_dir: PathBuf,
     shared: SharedFs,
     sysfs: SysfsPaths,
+    probes: Arc<ScsiProbes>,
     shared_mounted: Mutex<bool>,
 }
 
@@ -91,8 +95,16 @@ impl StorageManager {
             run_dir: run_dir.to_path_buf(),
             shared,
             sysfs: SysfsPaths::default(),
+            probes: Arc::new(ScsiProbes::unheard()),
             shared_mounted: Mutex::new(false),
         }
+    }
+
+    /// Waits for hot-plugged disks' probes as `probes` hears them (in the VM: the kernel's
+    /// uevents), not just for their block devices.
+    pub fn with_scsi_probes(mut self, probes: Arc<ScsiProbes>) -> Self {
+        self.probes = probes;
+        self
     }
 
     fn shared_root(&self) -> PathBuf {
@@ -241,7 +253,7 @@ impl StorageManager {
         let Some(Source::Scsi(disk)) = &storage.source else {
             return Err(StorageError::UnknownSource { index: 0 });
         };
-        let device = scsi::wait_for_disk(&self.sysfs, disk.target, disk.lun).await?;
+        let device = scsi::wait_for_disk(&self.sysfs, &self.probes, disk.target, disk.lun).await?;
         tracked_dir(target, out)?;
         let (mut flags, data) = mount_options(&storage.options);
         if read_only {
@@ -274,9 +286,10 @@ impl StorageManager {
                 Err(e) => return Err(e),
             }
         }
-        // Only once mounted: the SCSI disk driver revalidates a freshly plugged disk on
-        // its first opens (a pending unit attention), which resets the readahead to the
-        // kernel's default; files opened from now on read ahead this far.
+        // Only once mounted and probed (`wait_for_disk` waited for the probe, which ends
+        // by setting the kernel's default): the first open revalidates a freshly plugged
+        // disk (its pending partition scan), which resets the readahead too. Files opened
+        // from now on read ahead this far.
         if storage.read_ahead_kib != 0 {
             scsi::set_read_ahead(&self.sysfs, &device, storage.read_ahead_kib)?;
         }
@@ -302,7 +315,7 @@ impl StorageManager {
 
     /// The guest's node of a hot-plugged disk, once it appears.
     pub async fn disk_node(&self, disk: &ScsiDisk) -> Result<PathBuf, StorageError> {
-        scsi::wait_for_disk(&self.sysfs, disk.target, disk.lun).await
+        scsi::wait_for_disk(&self.sysfs, &self.probes, disk.target, disk.lun).await
     }
 
     /// Unmounts and removes what [`StorageManager::mount`] made, in reverse order. Keeps going

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use super::scsi_probes::ScsiProbes;
 use super::StorageError;
 
 /// How long to wait for a hot-plugged disk to show up.
@@ -92,9 +93,11 @@ fn rescan(paths: &SysfsPaths) {
 }
 
 /// Waits for the disk at `target:lun` and returns its device node, creating it when devtmpfs
-/// has not.
+/// has not. With `probes` listening, waits until the kernel has finished attaching the disk
+/// too (see `scsi_probes`); a disk seen but never announced is used after the timeout.
 pub async fn wait_for_disk(
     paths: &SysfsPaths,
+    probes: &ScsiProbes,
     target: u32,
     lun: u32,
 ) -> Result<PathBuf, StorageError> {
@@ -102,15 +105,27 @@ pub async fn wait_for_disk(
     let mut rescanned = false;
     let mut backoff = Backoff::new();
     let name = loop {
-        if let Some(name) = find_block_device(paths, target, lun) {
-            break name;
+        let found = find_block_device(paths, target, lun);
+        if let Some(name) = &found {
+            if probes.attached(target, lun) {
+                break name.clone();
+            }
         }
         if started.elapsed() > DISK_TIMEOUT {
-            return Err(StorageError::DiskNotFound {
+            let Some(name) = found else {
+                return Err(StorageError::DiskNotFound {
+                    target,
+                    lun,
+                    waited: DISK_TIMEOUT,
+                });
+            };
+            tracing::warn!(
                 target,
                 lun,
-                waited: DISK_TIMEOUT,
-            });
+                disk = name,
+                "the kernel never announced the disk's probe; using it (its readahead may be the kernel's)"
+            );
+            break name;
         }
         if !rescanned && started.elapsed() > RESCAN_AFTER {
             tracing::info!(
@@ -233,7 +248,9 @@ mod tests {
     async fn a_missing_disk_times_out_with_its_address() {
         let dir = tempfile::tempdir().unwrap();
         let paths = sysfs_in(dir.path());
-        let err = wait_for_disk(&paths, 4, 2).await.unwrap_err();
+        let err = wait_for_disk(&paths, &ScsiProbes::unheard(), 4, 2)
+            .await
+            .unwrap_err();
         assert!(matches!(
             err,
             StorageError::DiskNotFound {
