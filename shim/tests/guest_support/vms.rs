@@ -68,7 +68,9 @@ pub async fn wait_console(vm: &dyn Vm, needle: &str, timeout: Duration) -> Strin
     let deadline = Instant::now() + timeout;
     loop {
         let text = std::fs::read_to_string(vm.console_log()).unwrap_or_default();
-        if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+        // Only whole lines: the guest may be halfway through writing the one wanted.
+        let written = text.rsplit_once('\n').map_or("", |(whole, _)| whole);
+        if let Some(line) = written.lines().find(|l| l.contains(needle)) {
             return line.trim_end().to_owned();
         }
         assert!(
