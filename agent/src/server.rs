@@ -12,7 +12,7 @@ use crate::container::{ContainerManager, ManagerConfig};
 use crate::reaper::Reaper;
 use crate::sandbox::SandboxOptions;
 use crate::service::{AgentService, PowerAction};
-use crate::storage::{ScsiProbes, SharedFs, StorageManager, SysfsPaths};
+use crate::storage::{SharedFs, StorageManager};
 
 /// The virtio-fs tag of the pod's shared directory.
 pub const SHARED_FS_TAG: &str = "spry";
@@ -64,16 +64,11 @@ pub async fn serve(channel: Box<dyn AgentChannel>, config: AgentConfig) -> Resul
     if let Err(err) = tokio::task::spawn_blocking(crate::container::prepare_spare_helpers).await {
         tracing::warn!(error = %err, "starting the spare container helpers failed");
     }
-    let storage = StorageManager::new(&config.run_dir, config.shared.clone());
-    let storage = Arc::new(
-        match ScsiProbes::listen(&SysfsPaths::default().scsi_devices) {
-            Ok(probes) => storage.with_scsi_probes(probes),
-            Err(err) => {
-                tracing::warn!(error = %err, "not hearing disk probes; a hot-plugged disk is used once its block device shows");
-                storage
-            }
-        },
-    );
+    let mut storage = StorageManager::new(&config.run_dir, config.shared.clone());
+    if let Err(err) = storage.listen_for_scsi_probes() {
+        tracing::warn!(error = %err, "not hearing disk probes; a hot-plugged disk is used once its block device shows");
+    }
+    let storage = Arc::new(storage);
     let containers = Arc::new(ContainerManager::new(
         ManagerConfig {
             run_dir: config.run_dir.clone(),

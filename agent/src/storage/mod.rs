@@ -100,11 +100,11 @@ impl StorageManager {
         }
     }
 
-    /// Waits for hot-plugged disks' probes as `probes` hears them (in the VM: the kernel's
-    /// uevents), not just for their block devices.
-    pub fn with_scsi_probes(mut self, probes: Arc<ScsiProbes>) -> Self {
-        self.probes = probes;
-        self
+    /// From now on waits for hot-plugged disks' probes, as the kernel's uevents announce
+    /// them, not just for their block devices. On an error nothing changes.
+    pub fn listen_for_scsi_probes(&mut self) -> Result<(), UeventError> {
+        self.probes = ScsiProbes::listen(&self.sysfs.scsi_devices)?;
+        Ok(())
     }
 
     fn shared_root(&self) -> PathBuf {

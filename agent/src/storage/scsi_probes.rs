@@ -174,10 +174,6 @@ impl ScsiProbes {
                 .any(|a| a.channel == 0 && a.target == target && a.lun == u64::from(lun))
     }
 
-    pub fn listening(&self) -> bool {
-        self.listening
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<ScsiAddr>> {
         // The set stays whole whatever a holder did: a poisoned lock is still usable.
         self.attached.lock().unwrap_or_else(|e| e.into_inner())
