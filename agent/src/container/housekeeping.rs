@@ -128,12 +128,24 @@ pub(super) async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<S
     }
 }
 
-/// Removes the agent's files in a container directory, then the directory (never recursively:
-/// a mount that failed to come off must not lose its contents).
+/// Removes the agent's files in a container directory (the bundle's config, the files
+/// copied from the host under `files/`), then the directory (never recursively: a mount
+/// that failed to come off must not lose its contents).
 pub(super) fn remove_container_dir(dir: &Path) {
-    let bundle = dir.join("bundle");
-    let _ = std::fs::remove_file(bundle.join("config.json"));
-    let _ = std::fs::remove_dir(&bundle);
+    for own in [dir.join("bundle"), dir.join("files")] {
+        remove_plain_files(&own);
+        let _ = std::fs::remove_dir(&own);
+    }
+    remove_plain_files(dir);
+    if let Err(err) = std::fs::remove_dir(dir) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %dir.display(), error = %err, "container directory left behind");
+        }
+    }
+}
+
+/// Removes the entries of `dir` that are not directories.
+fn remove_plain_files(dir: &Path) {
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| !t.is_dir()) {
@@ -141,9 +153,44 @@ pub(super) fn remove_container_dir(dir: &Path) {
             }
         }
     }
-    if let Err(err) = std::fs::remove_dir(dir) {
-        if err.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(path = %dir.display(), error = %err, "container directory left behind");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remove_container_dir;
+
+    #[test]
+    fn a_container_directory_goes_with_its_bundle_and_copied_files() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("c1");
+        std::fs::create_dir_all(dir.join("bundle")).unwrap();
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        std::fs::write(dir.join("bundle/config.json"), "{}").unwrap();
+        for (i, content) in ["127.0.0.1 localhost", "nameserver 10.0.0.10", "pod"]
+            .iter()
+            .enumerate()
+        {
+            std::fs::write(dir.join(format!("files/{i}")), content).unwrap();
         }
+        std::fs::write(dir.join("pid"), "7").unwrap();
+        remove_container_dir(&dir);
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn a_directory_that_still_holds_something_else_is_kept_with_its_contents() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("c1");
+        // What a mount that did not come off would show: content under a subdirectory.
+        std::fs::create_dir_all(dir.join("rootfs/etc")).unwrap();
+        std::fs::write(dir.join("rootfs/etc/keep"), "data").unwrap();
+        std::fs::create_dir_all(dir.join("files")).unwrap();
+        std::fs::write(dir.join("files/0"), "hosts").unwrap();
+        remove_container_dir(&dir);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("rootfs/etc/keep")).unwrap(),
+            "data"
+        );
+        assert!(!dir.join("files").exists());
     }
 }
