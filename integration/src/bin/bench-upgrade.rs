@@ -164,7 +164,9 @@ impl Bench<'_> {
         let pod = self.serving_pod(handler, &format!("{tag}-k"))?;
         let vms_before = self.vms()?;
         let image_ref_a = self.crictl.inspect(&pod.app)?["status"]["imageRef"].clone();
-        let (inplace_ms, inplace_downtime_ms, b) = self.kubelet_swap(&pod, 1)?;
+        let swap = self.kubelet_swap(&pod, 1)?;
+        let (inplace_ms, inplace_downtime_ms, b) =
+            (swap.total_ms, swap.downtime_ms, swap.container);
         if is_spry {
             checks.push(("same_vm".into(), self.vms()? == vms_before));
         }
@@ -192,13 +194,15 @@ impl Bench<'_> {
             Some(s) => Some(round(ms(s.await_layer_images(READY_TIMEOUT)?))),
             None => None,
         };
-        let (inplace_prepulled_ms, inplace_prepulled_downtime_ms, _) =
-            self.kubelet_swap(&pod, 1)?;
+        let prepulled = self.kubelet_swap(&pod, 1)?;
+        let (inplace_prepulled_ms, inplace_prepulled_downtime_ms) =
+            (prepulled.total_ms, prepulled.downtime_ms);
         self.remove(&pod)?;
 
         // Recreating the pod with B (B on the node, as after a rollout's first pod).
         let pod = self.serving_pod(handler, &format!("{tag}-r"))?;
-        let (recreate_ms, recreate_downtime_ms) = self.recreate(&pod, handler, &tag)?;
+        let recreated = self.recreate(&pod, handler, &tag)?;
+        let (recreate_ms, recreate_downtime_ms) = (recreated.total_ms, recreated.downtime_ms);
 
         // spry upgrade, B not on the node, then a rollback from a broken image.
         self.forget_b()?;
@@ -223,9 +227,12 @@ impl Bench<'_> {
                 "inplace_downtime_ms": round(inplace_downtime_ms),
                 "inplace_prepulled_ms": round(inplace_prepulled_ms),
                 "inplace_prepulled_downtime_ms": round(inplace_prepulled_downtime_ms),
+                "inplace_phases_ms": swap.phases,
+                "inplace_prepulled_phases_ms": prepulled.phases,
                 "prepull_layer_images_ms": prepull_layer_images_ms,
                 "recreate_ms": round(recreate_ms),
                 "recreate_downtime_ms": round(recreate_downtime_ms),
+                "recreate_phases_ms": recreated.phases,
                 "second_container_p50_ms": round(percentile(&second, 50.0)),
                 "spry_upgrade": {
                     "total_ms": round(up.total_ms),
@@ -277,33 +284,57 @@ impl Bench<'_> {
         image: &str,
         attempt: u32,
     ) -> Result<String> {
+        let id = self.create_app(pod, pod_config, dir, image, attempt)?;
+        self.crictl.start(&id)?;
+        Ok(id)
+    }
+
+    fn create_app(
+        &self,
+        pod: &str,
+        pod_config: &Path,
+        dir: &Path,
+        image: &str,
+        attempt: u32,
+    ) -> Result<String> {
         let config = ContainerConfig::new("app", image)
             .command(&["sh", "-c", &format!("echo serving; {SERVER}")])
             .log_path(&format!("app/{attempt}.log"))
             .patch(json!({ "metadata": { "attempt": attempt } }))
             .write_to(dir)?;
-        let id = self.crictl.create(pod, &config, pod_config)?;
-        self.crictl.start(&id)?;
-        Ok(id)
+        self.crictl.create(pod, &config, pod_config)
     }
 
-    /// kubelet's order: stop, pull, create, start. Returns (total, downtime, new container).
-    fn kubelet_swap(&self, pod: &ServingPod, attempt: u32) -> Result<(f64, f64, String)> {
+    /// kubelet's order: stop, pull, create, start, each step timed.
+    fn kubelet_swap(&self, pod: &ServingPod, attempt: u32) -> Result<Swap> {
         let poller = Poller::start(pod.address);
         let started = Instant::now();
+        let mut steps = Steps::new();
         self.crictl.stop(&pod.app, 2)?;
+        steps.done("stop");
         self.crictl.pull(&self.images.b)?;
-        let b = self.start_app(&pod.id, &pod.config, &pod.dir, &self.images.b, attempt)?;
+        steps.done("pull");
+        let b = self.create_app(&pod.id, &pod.config, &pod.dir, &self.images.b, attempt)?;
+        steps.done("create");
+        self.crictl.start(&b)?;
+        steps.done("start");
         wait_answer(pod.address)?;
-        let total = ms(started.elapsed());
-        Ok((total, poller.downtime_around(started, Instant::now())?, b))
+        steps.done("ready");
+        Ok(Swap {
+            total_ms: ms(started.elapsed()),
+            downtime_ms: poller.downtime_around(started, Instant::now())?,
+            container: b,
+            phases: steps.into_json(),
+        })
     }
 
-    fn recreate(&self, pod: &ServingPod, handler: Option<&str>, tag: &str) -> Result<(f64, f64)> {
+    fn recreate(&self, pod: &ServingPod, handler: Option<&str>, tag: &str) -> Result<Swap> {
         let old = Poller::start(pod.address);
         let started = Instant::now();
+        let mut steps = Steps::new();
         self.crictl.stopp(&pod.id)?;
         self.crictl.rmp(&pod.id)?;
+        steps.done("remove");
         let name = format!("{tag}-r2");
         let dir = self.containerd.dir().join(&name);
         std::fs::create_dir_all(&dir)?;
@@ -312,15 +343,25 @@ impl Bench<'_> {
             .write_to(&dir)?;
         let id = self.crictl.runp(&config, handler)?;
         let new = Poller::start(self.address_of(&id)?);
-        self.start_app(&id, &config, &dir, &self.images.b, 0)?;
+        steps.done("runp");
+        let app = self.create_app(&id, &config, &dir, &self.images.b, 0)?;
+        steps.done("create");
+        self.crictl.start(&app)?;
+        steps.done("start");
         wait_answer(self.address_of(&id)?)?;
+        steps.done("ready");
         let total = ms(started.elapsed());
         let first_new = new.first_answer_after(started)?;
         let last_old = old.finish().last_before(started).unwrap_or(started);
         let downtime = ms(first_new.saturating_duration_since(last_old));
         self.crictl.stopp(&id)?;
         self.crictl.rmp(&id)?;
-        Ok((total, downtime))
+        Ok(Swap {
+            total_ms: total,
+            downtime_ms: downtime,
+            container: app,
+            phases: steps.into_json(),
+        })
     }
 
     fn spry_upgrade(&self, pod: &ServingPod, image: &str, exit: i32) -> Result<Upgrade> {
@@ -443,6 +484,40 @@ impl Bench<'_> {
     fn remove(&self, pod: &ServingPod) -> Result<()> {
         self.crictl.stopp(&pod.id)?;
         self.crictl.rmp(&pod.id)
+    }
+}
+
+/// kubelet's swap: what it took, and the new container.
+struct Swap {
+    total_ms: f64,
+    downtime_ms: f64,
+    container: String,
+    phases: serde_json::Value,
+}
+
+/// Times the steps of a sequence one after another.
+struct Steps {
+    last: Instant,
+    done: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Steps {
+    fn new() -> Self {
+        Self {
+            last: Instant::now(),
+            done: serde_json::Map::new(),
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        let now = Instant::now();
+        self.done
+            .insert(step.to_owned(), json!(round(ms(now - self.last))));
+        self.last = now;
+    }
+
+    fn into_json(self) -> serde_json::Value {
+        self.done.into()
     }
 }
 
