@@ -603,12 +603,17 @@ fn answers(address: SocketAddr) -> bool {
     TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok()
 }
 
+/// Waits until `address` answers, polling every 10 ms like the downtime client (the
+/// harness's 100 ms `wait_for` would round every "ready" phase up to its tick).
 fn wait_answer(address: SocketAddr) -> Result<()> {
-    let up = system::wait_for(READY_TIMEOUT, || Ok(answers(address).then_some(())))?;
-    match up {
-        Some(()) => Ok(()),
-        None => bail!("nothing answers on {address}"),
+    let deadline = Instant::now() + READY_TIMEOUT;
+    while !answers(address) {
+        if Instant::now() >= deadline {
+            bail!("nothing answers on {address}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
+    Ok(())
 }
 
 fn ms(d: Duration) -> f64 {
