@@ -13,7 +13,7 @@ pub use helper::prepare_spares as prepare_spare_helpers;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use oci_spec::runtime::LinuxResources;
@@ -214,7 +214,7 @@ impl ContainerManager {
                 });
             }
         };
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let mut mounted = match self.storage.mount(id, rootfs).await {
             Ok(mounted) => mounted,
             Err(source) => {
@@ -426,7 +426,7 @@ impl ContainerManager {
                 state: container.state_name(),
             });
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         self.lifecycle(HelperRequest::Start {
             id: id.to_string(),
             state_root: self.state_root(),
@@ -626,13 +626,16 @@ impl ContainerManager {
 
     async fn teardown(&self, container: &Container) -> Result<(), ContainerError> {
         let id = &container.id;
+        let started = Instant::now();
         // Without a pid namespace, processes can outlive the init: kill whatever is left.
         kill_and_wait(container).await?;
+        let killed_ms = started.elapsed().as_millis() as u64;
         self.lifecycle(HelperRequest::Delete {
             id: id.clone(),
             state_root: self.state_root(),
         })
         .await?;
+        let deleted_ms = started.elapsed().as_millis() as u64;
         container.oom_watch.abort();
         {
             let mut rootfs = container.rootfs.lock().unwrap_or_else(|p| p.into_inner());
@@ -643,7 +646,15 @@ impl ContainerManager {
                     source,
                 })?;
         }
+        let unmounted_ms = started.elapsed().as_millis() as u64;
         remove_container_dir(&container.dir);
+        tracing::info!(
+            killed_ms,
+            deleted_ms,
+            unmounted_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "container torn down"
+        );
         Ok(())
     }
 
