@@ -11,5 +11,6 @@ entry_script
 scripts/install-deps.sh
 scripts/build-guest.sh
 scripts/build-test-images.sh
+scripts/build-test-images.sh --only webapp
 cargo build --release -p spry-shim --bins -p spry-snapshotter -p spry-integration --bin bench-upgrade
 SPRY_SNAPSHOTTER_BIN="$SPRY_ROOT/target/release/spry-snapshotter" target/release/bench-upgrade "$@"

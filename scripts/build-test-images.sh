@@ -9,6 +9,9 @@
 #            /spry/hello.txt ("hello from spry busybox image"); 1 layer, ~1 MiB.
 #   netprobe busybox plus /bin/netprobe (integration/src/bin/netprobe.rs, static): the network benchmark's
 #            probe. Not built by default: --only netprobe (scripts/bench-net.sh does).
+#   webapp   busybox's layer plus a layer with /www/index.html; busybox's httpd serves it on :8080. The small
+#            server bench-upgrade swaps busybox for (the python swap pays python's first start). Not built by
+#            default: --only webapp (scripts/bench-upgrade.sh does).
 #   critest  the images cri-tools' critest pulls, under build/images/critest/ and pushed under upstream's
 #            names (scripts/lib/critest-images.sh). Not built by default: --only critest (scripts/critest.sh).
 #   python   Debian bookworm `debootstrap --variant=minbase` + python3, pip, numpy in 3 layers (base system, python's
@@ -36,10 +39,10 @@ DEBIAN_MIRROR=${SPRY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_TAG=1
 ALL_IMAGES=(pause busybox python)
 # Built only when asked for by name.
-EXTRA_IMAGES=(netprobe critest)
+EXTRA_IMAGES=(netprobe webapp critest)
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -107,6 +110,25 @@ build_busybox() {
         '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"]}' \
         "$WORK/busybox-layer.tar"
     echo "$BUSYBOX_RECIPE" >"$IMAGES_DIR/busybox.stamp"
+}
+
+WEBAPP_RECIPE="webapp v1 $BUSYBOX_RECIPE"
+
+build_webapp() {
+    if image_is_current webapp "$WEBAPP_RECIPE"; then
+        log "webapp image is current"
+        return
+    fi
+    local base="$WORK/webapp-base" www="$WORK/webapp-www"
+    busybox_rootfs "$base"
+    mkdir -p "$www/www"
+    echo 'hello from spry webapp image' >"$www/www/index.html"
+    oci_tar_dir "$base" "$WORK/webapp-base.tar"
+    oci_tar_dir "$www" "$WORK/webapp-www.tar"
+    oci_write_image "$IMAGES_DIR/webapp" "$IMAGE_TAG" \
+        '{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["httpd","-f","-p","8080","-h","/www"]}' \
+        "$WORK/webapp-base.tar" "$WORK/webapp-www.tar"
+    echo "$WEBAPP_RECIPE" >"$IMAGES_DIR/webapp.stamp"
 }
 
 NETPROBE_SOURCE="$SPRY_ROOT/integration/src/bin/netprobe.rs"
