@@ -51,6 +51,16 @@ pub fn drain_pool(state_dir: &Path) -> Result<usize> {
     Ok(runtime.block_on(spry_shim::pool::drain(state_dir))?)
 }
 
+/// Ends the spares under `state_dir` that were made for the pods of the containerd whose
+/// socket is `containerd`; how many there were.
+pub fn drain_pool_for(state_dir: &Path, containerd: &Path) -> Result<usize> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let address = containerd.to_string_lossy();
+    Ok(runtime.block_on(spry_shim::pool::drain_for_containerd(state_dir, &address))?)
+}
+
 /// The `spry` runtime handler: shim binary and config.
 pub struct SpryHandler {
     pub shim: PathBuf,

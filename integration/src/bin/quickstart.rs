@@ -58,7 +58,8 @@ fn options(home: &Path) -> ContainerdOptions {
 }
 
 /// Stops the containerd an earlier `run` left: its pods, shims, VMs, mounts, bridge and
-/// dirs go with it. Returns whether there was one.
+/// dirs go with it, and the warm-pool spares its pods' `start`s made (a user may have
+/// given the handler a `[pool]`). Returns whether there was one.
 fn stop(home: &Path) -> Result<bool> {
     let Some(mut containerd) = Containerd::adopt(options(home))? else {
         return Ok(false);
@@ -70,8 +71,26 @@ fn stop(home: &Path) -> Result<bool> {
             .map(|pid| format!(" (pid {pid})"))
             .unwrap_or_default()
     );
-    containerd.cleanup()?;
+    let drained = drain_spares(home, &containerd.socket());
+    let cleaned = containerd.cleanup();
+    drained.and(cleaned)?;
     Ok(true)
+}
+
+/// Ends the spares made for `containerd`'s pods under the state dir of the quickstart's
+/// Spry config (the handler's `ConfigPath`).
+fn drain_spares(home: &Path, containerd: &Path) -> Result<()> {
+    let path = home.join("spry.toml");
+    if !path.exists() {
+        return Ok(());
+    }
+    let config = spry_shim::config::Config::load_required(&path)
+        .with_context(|| format!("reading {} to end its warm pool", path.display()))?;
+    let ended = spry_integration::spry::drain_pool_for(&config.state_dir, containerd)?;
+    if ended > 0 {
+        eprintln!("quickstart: ended {ended} warm-pool spare(s) and their VMs");
+    }
+    Ok(())
 }
 
 fn run(home: &Path, handler_toml: &Path, spry_config: &Path) -> Result<()> {

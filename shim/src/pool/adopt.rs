@@ -11,7 +11,7 @@ use tracing::{debug, info};
 use super::protocol::{read_line, write_line};
 use super::{
     config_key, config_text, io_error, is_live, spare_dirs, AdoptReply, AdoptRequest, PoolError,
-    CONFIG_FILE, CONTROL_SOCKET, LOCK_FILE,
+    CONFIG_FILE, CONTAINERD_FILE, CONTROL_SOCKET, LOCK_FILE,
 };
 use crate::config::Config;
 use crate::state_dir::StateDir;
@@ -74,8 +74,9 @@ async fn ask(dir: &Path, request: &AdoptRequest) -> Result<AdoptReply, PoolError
 }
 
 /// Starts spares until `config`'s pool holds `[pool] size` live ones (restoring or
-/// ready); returns how many it started.
-pub async fn refill(config: &Config) -> Result<usize, PoolError> {
+/// ready), recording that they were made for the pods of the containerd at `containerd`;
+/// returns how many it started.
+pub async fn refill(config: &Config, containerd: &str) -> Result<usize, PoolError> {
     if !pooled(config) {
         return Ok(0);
     }
@@ -105,17 +106,31 @@ pub async fn refill(config: &Config) -> Result<usize, PoolError> {
         .count();
     let missing = (config.pool.size as usize).saturating_sub(live);
     for _ in 0..missing {
-        spawn_spare(&pool, &key, &text).await?;
+        spawn_spare(&pool, &key, &text, containerd).await?;
     }
     Ok(missing)
 }
 
 /// Starts one spare shim and returns once it holds its dir's lock.
-async fn spawn_spare(pool: &Path, key: &str, config_text: &str) -> Result<(), PoolError> {
+async fn spawn_spare(
+    pool: &Path,
+    key: &str,
+    config_text: &str,
+    containerd: &str,
+) -> Result<(), PoolError> {
     let dir = pool.join(format!("{key}-{}", unique_suffix()));
     std::fs::create_dir(&dir).map_err(io_error("create", &dir))?;
-    let config = dir.join(CONFIG_FILE);
-    std::fs::write(&config, config_text).map_err(io_error("write", &config))?;
+    for (name, text) in [(CONFIG_FILE, config_text), (CONTAINERD_FILE, containerd)] {
+        let path = dir.join(name);
+        if let Err(source) = std::fs::write(&path, text) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(PoolError::Io {
+                action: "write",
+                path,
+                source,
+            });
+        }
+    }
     let exe = std::env::current_exe().map_err(io_error("find", Path::new("/proc/self/exe")))?;
     let mut child = tokio::process::Command::new(&exe)
         .arg("spare")
@@ -160,6 +175,21 @@ fn unique_suffix() -> String {
 /// Ends every spare under `state_dir` (a removed dir ends its spare, which stops its VM)
 /// and waits until they are gone; returns how many there were.
 pub async fn drain(state_dir: &Path) -> Result<usize, PoolError> {
+    drain_where(state_dir, |_| true).await
+}
+
+/// Ends the spares under `state_dir` made for the pods of the containerd at `containerd`
+/// (its `-address`, a `unix://` prefix or not), as [`drain`] does; others stay.
+pub async fn drain_for_containerd(state_dir: &Path, containerd: &str) -> Result<usize, PoolError> {
+    let wanted = containerd.trim_start_matches("unix://");
+    drain_where(state_dir, |dir| {
+        std::fs::read_to_string(dir.join(CONTAINERD_FILE))
+            .is_ok_and(|made_for| made_for.trim_start_matches("unix://") == wanted)
+    })
+    .await
+}
+
+async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<usize, PoolError> {
     let pool = StateDir::new(state_dir.to_path_buf()).pool();
     let Ok(entries) = std::fs::read_dir(&pool) else {
         return Ok(0);
@@ -167,7 +197,7 @@ pub async fn drain(state_dir: &Path) -> Result<usize, PoolError> {
     let mut locks = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.is_dir() {
+        if !dir.is_dir() || !ends(&dir) {
             continue;
         }
         // Opened before the dir goes: the lock is free again once its spare has exited.

@@ -22,7 +22,9 @@
 //! holding its config, its control socket and a lock it holds while alive: a dir whose
 //! lock is free is a dead spare's and is removed. A spare exits, stopping its VM, when
 //! its dir is removed, on SIGTERM, or when its VM dies; so removing the state dir (or
-//! [`drain`]) ends the pool.
+//! [`drain`]) ends the pool. Spares outlive a containerd restart (the next `start` finds
+//! them); one that stops a containerd for good (the quickstart's `stop`) ends the spares
+//! made for it with [`drain_for_containerd`].
 
 mod adopt;
 mod protocol;
@@ -34,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-pub use adopt::{adopt, drain, refill};
+pub use adopt::{adopt, drain, drain_for_containerd, refill};
 pub use protocol::{AdoptReply, AdoptRequest};
 pub use spare::{wait_for_pod, Adopted, Spare, SPARE_NICE};
 
@@ -50,6 +52,9 @@ pub const VM_NAME_MARKER: &str = "spry-vm-name";
 pub const SHIM_PID_MARKER: &str = "spry-shim-pid";
 
 const CONFIG_FILE: &str = "config.toml";
+/// containerd's address, as the `start` that made the spare was given it: which
+/// containerd's pods the spare was made for ([`drain_for_containerd`]).
+const CONTAINERD_FILE: &str = "containerd";
 const CONTROL_SOCKET: &str = "control.sock";
 const LOCK_FILE: &str = "lock";
 const PID_FILE: &str = "spare.pid";

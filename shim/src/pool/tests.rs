@@ -52,3 +52,39 @@ fn configs_that_differ_get_different_keys() {
     assert_ne!(config_key(&a), config_key(&b));
     assert_eq!(config_key(&a), config_key(&a));
 }
+
+#[tokio::test]
+async fn draining_for_a_containerd_ends_only_the_spares_made_for_it() {
+    let state = tempfile::tempdir().unwrap();
+    let pool = crate::state_dir::StateDir::new(state.path().to_path_buf()).pool();
+    let made_for = |name: &str, containerd: Option<&str>| {
+        let dir = pool.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(LOCK_FILE), "").unwrap();
+        if let Some(address) = containerd {
+            std::fs::write(dir.join(CONTAINERD_FILE), address).unwrap();
+        }
+        dir
+    };
+    let ours = made_for("abc-1", Some("/run/a/containerd.sock"));
+    let ours_too = made_for("def-1", Some("unix:///run/a/containerd.sock"));
+    let theirs = made_for("abc-2", Some("/run/b/containerd.sock"));
+    let unknown = made_for("abc-3", None);
+    // A live spare of ours: draining waits until it lets go of its lock.
+    let held = try_lock(&ours).unwrap().expect("free");
+    let released = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let ended = drain_for_containerd(state.path(), "unix:///run/a/containerd.sock")
+        .await
+        .unwrap();
+    released.join().unwrap();
+    assert_eq!(ended, 2);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(150));
+    assert!(!ours.exists() && !ours_too.exists());
+    assert!(theirs.exists() && unknown.exists(), "other spares stay");
+    assert_eq!(drain(state.path()).await.unwrap(), 2);
+    assert!(!theirs.exists() && !unknown.exists());
+}

@@ -203,7 +203,7 @@ impl SpryShim {
             socket: opts.socket_address(grouping),
         };
         let address = crate::pool::adopt(&config, &request).await;
-        if let Err(e) = crate::pool::refill(&config).await {
+        if let Err(e) = crate::pool::refill(&config, &opts.address).await {
             warn!(error = %error_chain(&e), "cannot top up the warm pool");
         }
         address
