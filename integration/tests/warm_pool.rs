@@ -2,7 +2,9 @@
 //! `[pool] size = 1` keeps a spare shim with a VM restored from the template; the next pod
 //! takes it (same network, identity and container behaviour as any pod), the pool is
 //! topped up, a killed spare leaves nothing and the next pod starts as without a pool, and
-//! draining the pool leaves nothing. Needs root, the guest and the test images.
+//! draining the pool leaves nothing. An idle spare and its QEMU sit in the spares' cgroup
+//! at the lowest CPU weight; adopted, they leave it. Needs root, the guest and the test
+//! images.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,6 +14,7 @@ use spry_integration::{
     require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
     Registry, SpryHandler,
 };
+use spry_shim::pool::{SpareCgroups, POOL_CGROUP};
 
 const HANDLER: &str = "spry-pool";
 /// A spare restores in about a second under TCG; a template build first takes a few.
@@ -125,6 +128,31 @@ impl Node {
     }
 }
 
+/// The cgroups of `pid` in the hierarchies a spare moves between.
+fn cgroups_of(pid: u32) -> Result<Vec<PathBuf>> {
+    Ok(SpareCgroups::host().of_process(pid)?)
+}
+
+fn in_pool_cgroup(pid: u32) -> Result<bool> {
+    let dirs = cgroups_of(pid)?;
+    Ok(!dirs.is_empty() && dirs.iter().all(|d| d.ends_with(POOL_CGROUP)))
+}
+
+/// The spare shim of pool dir `dir` and its VM's QEMU (named after the dir).
+fn spare_processes(dir: &Path) -> Result<(u32, u32)> {
+    let spare = std::fs::read_to_string(dir.join("spare.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("no spare.pid in {}", dir.display()))?;
+    let name = dir.file_name().context("a pool dir without a name")?;
+    let vm = format!("spry-{},", name.to_string_lossy());
+    let qemu = system::processes()?
+        .into_iter()
+        .find(|p| p.name().starts_with("qemu-system") && p.cmdline_contains(&vm))
+        .with_context(|| format!("no QEMU named {vm}"))?;
+    Ok((spare, u32::try_from(qemu.pid)?))
+}
+
 #[test]
 fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<()> {
     require_root()?;
@@ -155,7 +183,28 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
     // The first pod finds no spare: it starts as without a pool, and `start` fills it.
     let (first, _, _) = node.pod("pool-first")?;
     ensure!(node.took_pooled_vms() == 0, "a spare before any was made");
-    node.wait_for_spares(1)?;
+    let ready = node.wait_for_spares(1)?;
+    let (spare, spare_qemu) = spare_processes(&ready[0])?;
+    for pid in [spare, spare_qemu] {
+        ensure!(
+            in_pool_cgroup(pid)?,
+            "an idle spare's process {pid} is not in the spares' cgroup: {:?}",
+            cgroups_of(pid)?
+        );
+    }
+    let weights: Vec<String> = SpareCgroups::host()
+        .pool_dirs()
+        .iter()
+        .flat_map(|dir| ["cpu.weight", "cpu.shares"].map(|file| dir.join(file)))
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .map(|weight| weight.trim().to_owned())
+        .collect();
+    ensure!(
+        weights.len() == 1 && (weights[0] == "1" || weights[0] == "2"),
+        "the spares' cgroup is not at the lowest CPU weight: {weights:?}"
+    );
+    let containerd_pid = node.containerd.pid().context("containerd has no pid")?;
+    let containerds = cgroups_of(containerd_pid)?;
 
     // The next two take pooled VMs, each its own identity, and each adoption refills.
     let (second, ip2, seen2) = node.pod("pool-second")?;
@@ -163,6 +212,17 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
         node.took_pooled_vms() == 1,
         "the second pod did not take the spare:\n{}",
         node.containerd.log_tail(40)
+    );
+    // Adopted: the shim back where a spawned shim runs (containerd's cgroups), its QEMU
+    // out of the spares' cgroup.
+    ensure!(
+        cgroups_of(spare)? == containerds,
+        "the adopted shim is in {:?}, containerd in {containerds:?}",
+        cgroups_of(spare)?
+    );
+    ensure!(
+        !in_pool_cgroup(spare_qemu)?,
+        "the pod's QEMU stayed in the spares' cgroup"
     );
     node.wait_for_spares(1)?;
     let (third, ip3, seen3) = node.pod("pool-third")?;
@@ -214,6 +274,11 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
         system::list_dir(&node.pool).iter().all(|p| !p.is_dir()),
         "spare dirs left: {:?}",
         system::list_dir(&node.pool)
+    );
+    ensure!(
+        SpareCgroups::host().pool_dirs().iter().all(|d| !d.exists()),
+        "the spares' cgroup outlived the pool: {:?}",
+        SpareCgroups::host().pool_dirs()
     );
     leaks.assert_clean().context("after draining the pool")?;
     Ok(())

@@ -27,7 +27,7 @@ use crate::vm::Vm;
 /// The v1 controllers a pod's processes join: the ones that limit and account CPU,
 /// memory, tasks and I/O. (Not cpuset, devices or freezer: joining those changes what
 /// QEMU may use or do, not what is counted.)
-const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "blkio"];
+pub(crate) const V1_CONTROLLERS: [&str; 5] = ["memory", "cpu", "cpuacct", "pids", "blkio"];
 /// kubelet's oom_score_adj for BestEffort pods.
 const BEST_EFFORT_OOM_SCORE_ADJ: i32 = 1000;
 /// How long teardown waits for the pod's processes to leave before giving up a cgroup.
@@ -38,13 +38,19 @@ const EMPTY_WAIT: Duration = Duration::from_secs(2);
 pub enum CgroupError {
     #[error("the sandbox's cgroupsPath {path:?} is not a cgroup path Spry can use")]
     BadPath { path: String },
-    #[error("cannot create the pod's cgroup {dir}")]
+    #[error("cannot create the cgroup {dir}")]
     Create {
         dir: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot move process {pid} into the pod's cgroup {dir}")]
+    #[error("cannot read the cgroups of process {pid}")]
+    ReadProcess {
+        pid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move process {pid} into the cgroup {dir}")]
     Join {
         pid: u32,
         dir: PathBuf,
@@ -122,7 +128,7 @@ fn expand_slice(slice: &str) -> Option<PathBuf> {
 /// The cgroup dirs `relative` names under the hierarchies mounted at `root`
 /// (`/sys/fs/cgroup`): one on cgroup v2, one per joined controller on v1 (controllers
 /// mounted together, e.g. `cpu,cpuacct`, once).
-fn cgroup_dirs(root: &Path, relative: &Path) -> Vec<PathBuf> {
+pub(crate) fn cgroup_dirs(root: &Path, relative: &Path) -> Vec<PathBuf> {
     if root.join("cgroup.controllers").exists() {
         return vec![root.join(relative)];
     }
@@ -139,7 +145,7 @@ fn cgroup_dirs(root: &Path, relative: &Path) -> Vec<PathBuf> {
 }
 
 /// Moves `pid` into each of `dirs`.
-fn join(dirs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
+pub(crate) fn join(dirs: &[PathBuf], pid: u32) -> Result<(), CgroupError> {
     for dir in dirs {
         std::fs::write(dir.join("cgroup.procs"), pid.to_string()).map_err(|source| {
             CgroupError::Join {

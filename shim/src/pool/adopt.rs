@@ -217,5 +217,7 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         .await
         .map_err(|_| PoolError::Control(std::io::ErrorKind::TimedOut.into()))?
         .map_err(|e| PoolError::Control(std::io::Error::other(e)))?;
+    // The spares that ended were the last in their cgroup, unless others still run.
+    super::SpareCgroups::host().remove_pool_if_empty();
     Ok(count)
 }

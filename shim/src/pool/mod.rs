@@ -27,6 +27,7 @@
 //! made for it with [`drain_for_containerd`].
 
 mod adopt;
+mod cgroup;
 mod protocol;
 mod spare;
 mod warm;
@@ -37,6 +38,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{Flock, FlockArg};
 
 pub use adopt::{adopt, drain, drain_for_containerd, refill};
+pub use cgroup::{SpareCgroups, POOL_CGROUP};
 pub use protocol::{AdoptReply, AdoptRequest};
 pub use spare::{wait_for_pod, Adopted, Spare, SPARE_NICE};
 

@@ -10,6 +10,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use super::cgroup::SpareCgroups;
 use super::protocol::{read_line, write_line};
 use super::{
     io_error, try_lock, AdoptReply, AdoptRequest, PoolError, CONFIG_FILE, CONTROL_SOCKET, NICS,
@@ -55,6 +56,9 @@ pub async fn wait_for_pod(dir: &Path) -> Result<Adopted, PoolError> {
     // The spawner waits for this line: from now on the dir counts as a live spare.
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "locked").and_then(|()| stdout.flush());
+    // Before the VM, so QEMU starts in the spares' cgroup too.
+    let cgroups = SpareCgroups::host();
+    let home = enter_pool_cgroup(&cgroups);
     let spare = restore(dir).await?;
     let adopted = serve_control(dir, spare).await?;
     drop(lock);
@@ -65,7 +69,31 @@ pub async fn wait_for_pod(dir: &Path) -> Result<Adopted, PoolError> {
             warn!(pid, error = %e, "cannot restore the pod's CPU priority");
         }
     }
+    if let Some(home) = home {
+        match cgroups.move_to(&[std::process::id(), qemu], &home) {
+            Ok(()) => cgroups.remove_pool_if_empty(),
+            Err(e) => {
+                warn!(error = %crate::error_chain(&e), "cannot leave the spares' cgroup; the pod's VM keeps its low CPU weight until its own cgroup takes it")
+            }
+        }
+    }
     Ok(adopted)
+}
+
+/// Moves this spare into the spares' cgroup; returns the cgroups it was in (to go back
+/// to once adopted), or None when it stays where it is (logged).
+fn enter_pool_cgroup(cgroups: &SpareCgroups) -> Option<Vec<PathBuf>> {
+    let pid = std::process::id();
+    let entered = cgroups
+        .of_process(pid)
+        .and_then(|home| cgroups.enter_pool(pid).map(|()| home));
+    match entered {
+        Ok(home) => Some(home),
+        Err(e) => {
+            warn!(error = %crate::error_chain(&e), "cannot enter the spares' cgroup; this spare idles where it was spawned (at nice {SPARE_NICE})");
+            None
+        }
+    }
 }
 
 async fn restore(dir: &Path) -> Result<Spare, PoolError> {

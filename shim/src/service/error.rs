@@ -145,7 +145,9 @@ fn cgroup_code(error: &CgroupError) -> ttrpc::Code {
     use ttrpc::Code;
     match error {
         CgroupError::BadPath { .. } => Code::INVALID_ARGUMENT,
-        CgroupError::Create { .. } | CgroupError::Join { .. } => Code::INTERNAL,
+        CgroupError::Create { .. } | CgroupError::Join { .. } | CgroupError::ReadProcess { .. } => {
+            Code::INTERNAL
+        }
     }
 }
 
