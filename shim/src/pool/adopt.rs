@@ -24,6 +24,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long [`drain`] waits for the spares to be gone.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often [`drain`] looks whether an ended spare is gone.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// How long [`drain`] waits for ended spares to leave their cgroup before keeping it.
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(2);
 
 fn pooled(config: &Config) -> bool {
     config.pool.size > 0 && config.template != TemplatePolicy::Off
@@ -207,17 +211,27 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
     }
     let count = locks.len();
-    let waited = tokio::task::spawn_blocking(move || {
-        for file in locks {
-            // Blocks until the spare (and with it its VM) is gone.
-            let _ = Flock::lock(file, FlockArg::LockExclusive);
+    // Each lock is free once its spare (and with it its VM) is gone. Polled, not a
+    // blocking lock: a spare that never ends must not keep the caller waiting past the
+    // timeout (a blocked thread would also hold up the runtime's shutdown).
+    let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+    for mut file in locks {
+        loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(_gone) => break,
+                Err((held, _)) if tokio::time::Instant::now() < deadline => {
+                    file = held;
+                    tokio::time::sleep(DRAIN_POLL).await;
+                }
+                Err(_) => {
+                    return Err(PoolError::Control(std::io::ErrorKind::TimedOut.into()));
+                }
+            }
         }
-    });
-    tokio::time::timeout(DRAIN_TIMEOUT, waited)
-        .await
-        .map_err(|_| PoolError::Control(std::io::ErrorKind::TimedOut.into()))?
-        .map_err(|e| PoolError::Control(std::io::Error::other(e)))?;
+    }
     // The spares that ended were the last in their cgroup, unless others still run.
-    super::SpareCgroups::host().remove_pool_if_empty();
+    super::SpareCgroups::host()
+        .remove_pool(CGROUP_EMPTY_WAIT)
+        .await;
     Ok(count)
 }

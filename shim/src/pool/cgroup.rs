@@ -10,6 +10,7 @@
 //! [`drain`]: super::drain
 
 use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -123,13 +124,44 @@ impl SpareCgroups {
     /// Removes the pool's cgroup when no process is left in it; kept otherwise.
     pub fn remove_pool_if_empty(&self) {
         for dir in self.pool_dirs() {
-            match std::fs::remove_dir(&dir) {
-                Ok(()) => debug!(dir = %dir.display(), "removed the spares' cgroup"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            if let Err(e) = remove_cgroup(&dir) {
                 // EBUSY: spares are still in it.
-                Err(e) => debug!(dir = %dir.display(), error = %e, "the spares' cgroup stays"),
+                debug!(dir = %dir.display(), error = %e, "the spares' cgroup stays");
             }
         }
+    }
+
+    /// Removes the pool's cgroup once the spares that ended have left it, waiting up to
+    /// `wait`: a spare's lock is free as its process exits, a moment before the kernel
+    /// takes the process out of its cgroups. Kept (logged) when spares still run.
+    pub async fn remove_pool(&self, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        for dir in self.pool_dirs() {
+            loop {
+                match remove_cgroup(&dir) {
+                    Ok(()) => break,
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => {
+                        debug!(dir = %dir.display(), error = %e, "the spares' cgroup stays");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Removes cgroup `dir`; gone already counts as removed.
+fn remove_cgroup(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {
+            debug!(dir = %dir.display(), "removed the spares' cgroup");
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -228,6 +260,27 @@ mod tests {
             cgroups.of_process(41),
             Err(CgroupError::ReadProcess { pid: 41, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn removing_the_pool_cgroup_waits_for_its_last_process_to_leave() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.controllers"), "").unwrap();
+        let cgroups = SpareCgroups::with_roots(root.path(), Path::new("/proc"));
+        cgroups.enter_pool(42).unwrap();
+        let procs = root.path().join(POOL_CGROUP).join("cgroup.procs");
+        let left = procs.clone();
+        let leaving = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            std::fs::remove_file(left).unwrap();
+        });
+        cgroups.remove_pool(Duration::from_secs(5)).await;
+        leaving.join().unwrap();
+        assert!(!root.path().join(POOL_CGROUP).exists());
+        // Still busy when the wait runs out: kept.
+        cgroups.enter_pool(42).unwrap();
+        cgroups.remove_pool(Duration::from_millis(50)).await;
+        assert!(procs.exists());
     }
 
     #[test]

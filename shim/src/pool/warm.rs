@@ -88,7 +88,9 @@ fn stage_rootfs(initramfs: &Path, rootfs: &Path) -> Result<(), PoolError> {
     let archive = std::fs::read(initramfs).map_err(io_error("read", initramfs))?;
     let agent = cpio::find_file(&archive, "init")
         .ok_or_else(|| PoolError::Warm(format!("no /init in {}", initramfs.display())))?;
-    std::fs::create_dir_all(rootfs).map_err(io_error("create", rootfs))?;
+    // Not create_dir_all: the spare's dir is gone when the pool was drained meanwhile, and
+    // must stay gone (a recreated dir would keep the spare alive and the drain waiting).
+    std::fs::create_dir(rootfs).map_err(io_error("create", rootfs))?;
     let init = rootfs.join("init");
     std::fs::write(&init, agent).map_err(io_error("write", &init))?;
     std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))
