@@ -45,20 +45,24 @@ pub fn bin_dir(profile: &str) -> PathBuf {
 /// Ends the warm-pool spare shims (and their VMs) under Spry state dir `state_dir`; how
 /// many there were. Spares outlive pods, so a test or benchmark that made some drains them.
 pub fn drain_pool(state_dir: &Path) -> Result<usize> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    Ok(runtime.block_on(spry_shim::pool::drain(state_dir))?)
+    Ok(block_on(spry_shim::pool::drain(state_dir))??)
 }
 
 /// Ends the spares under `state_dir` that were made for the pods of the containerd whose
 /// socket is `containerd`; how many there were.
 pub fn drain_pool_for(state_dir: &Path, containerd: &Path) -> Result<usize> {
+    let address = containerd.to_string_lossy();
+    Ok(block_on(spry_shim::pool::drain_for_containerd(
+        state_dir, &address,
+    ))??)
+}
+
+/// Runs `future` to its end on a runtime of its own (the harness is synchronous).
+fn block_on<F: std::future::Future>(future: F) -> std::io::Result<F::Output> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let address = containerd.to_string_lossy();
-    Ok(runtime.block_on(spry_shim::pool::drain_for_containerd(state_dir, &address))?)
+    Ok(runtime.block_on(future))
 }
 
 /// The `spry` runtime handler: shim binary and config.

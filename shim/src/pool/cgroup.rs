@@ -121,19 +121,10 @@ impl SpareCgroups {
         pids.iter().try_for_each(|pid| join(dirs, *pid))
     }
 
-    /// Removes the pool's cgroup when no process is left in it; kept otherwise.
-    pub fn remove_pool_if_empty(&self) {
-        for dir in self.pool_dirs() {
-            if let Err(e) = remove_cgroup(&dir) {
-                // EBUSY: spares are still in it.
-                debug!(dir = %dir.display(), error = %e, "the spares' cgroup stays");
-            }
-        }
-    }
-
     /// Removes the pool's cgroup once the spares that ended have left it, waiting up to
-    /// `wait`: a spare's lock is free as its process exits, a moment before the kernel
-    /// takes the process out of its cgroups. Kept (logged) when spares still run.
+    /// `wait` (zero: one try): a spare's lock is free as its process exits, a moment
+    /// before the kernel takes the process out of its cgroups. Kept (logged) while
+    /// spares are still in it (EBUSY).
     pub async fn remove_pool(&self, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
         for dir in self.pool_dirs() {
@@ -283,18 +274,18 @@ mod tests {
         assert!(procs.exists());
     }
 
-    #[test]
-    fn the_pool_cgroup_goes_only_when_empty() {
+    #[tokio::test]
+    async fn the_pool_cgroup_goes_only_when_empty() {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("cgroup.controllers"), "").unwrap();
         let cgroups = SpareCgroups::with_roots(root.path(), Path::new("/proc"));
         cgroups.enter_pool(42).unwrap();
         // A plain directory with a file stands in for a cgroup with a process in it.
-        cgroups.remove_pool_if_empty();
+        cgroups.remove_pool(Duration::ZERO).await;
         assert!(root.path().join(POOL_CGROUP).exists());
         std::fs::remove_file(root.path().join(POOL_CGROUP).join("cgroup.procs")).unwrap();
-        cgroups.remove_pool_if_empty();
+        cgroups.remove_pool(Duration::ZERO).await;
         assert!(!root.path().join(POOL_CGROUP).exists());
-        cgroups.remove_pool_if_empty();
+        cgroups.remove_pool(Duration::ZERO).await;
     }
 }

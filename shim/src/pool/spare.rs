@@ -71,7 +71,7 @@ pub async fn wait_for_pod(dir: &Path) -> Result<Adopted, PoolError> {
     }
     if let Some(home) = home {
         match cgroups.move_to(&[std::process::id(), qemu], &home) {
-            Ok(()) => cgroups.remove_pool_if_empty(),
+            Ok(()) => cgroups.remove_pool(Duration::ZERO).await,
             Err(e) => {
                 warn!(error = %crate::error_chain(&e), "cannot leave the spares' cgroup; the pod's VM keeps its low CPU weight until its own cgroup takes it")
             }
