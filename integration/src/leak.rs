@@ -22,6 +22,8 @@ pub struct LeakScope {
     pub marker: Option<String>,
     /// Processes mentioning these paths in their argv, and mounts under them, are ours.
     pub paths: Vec<PathBuf>,
+    /// A containerd's log: the cgroups of the sandboxes it started are ours.
+    pub sandboxes_of: Option<PathBuf>,
 }
 
 impl LeakScope {
@@ -37,6 +39,13 @@ impl LeakScope {
 
     pub fn path(mut self, path: &Path) -> Self {
         self.paths.push(path.to_path_buf());
+        self
+    }
+
+    /// Also count the cgroups (containerd's default `k8s.io/<sandbox id>`) of the
+    /// sandboxes the containerd logging to `log` starts.
+    pub fn sandbox_cgroups_of(mut self, log: &Path) -> Self {
+        self.sandboxes_of = Some(log.to_path_buf());
         self
     }
 
@@ -74,6 +83,7 @@ struct Snapshot {
     netns: BTreeSet<PathBuf>,
     taps: BTreeSet<String>,
     dir_entries: BTreeSet<PathBuf>,
+    cgroups: BTreeSet<PathBuf>,
 }
 
 pub struct LeakCheck {
@@ -136,6 +146,14 @@ impl LeakCheck {
             netns: system::named_netns().into_iter().collect(),
             taps: system::tap_devices().into_iter().collect(),
             dir_entries,
+            cgroups: self
+                .scope
+                .sandboxes_of
+                .as_deref()
+                .map(system::sandbox_cgroups)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
         })
     }
 
@@ -179,6 +197,11 @@ impl LeakCheck {
             now.dir_entries
                 .difference(&before.dir_entries)
                 .map(|p| format!("state entry {}", p.display())),
+        );
+        leaks.extend(
+            now.cgroups
+                .difference(&before.cgroups)
+                .map(|c| format!("cgroup {}", c.display())),
         );
         Ok(leaks)
     }

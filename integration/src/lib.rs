@@ -39,6 +39,7 @@ pub mod critest;
 pub mod instance_dirs;
 pub mod kube;
 pub mod leak;
+pub mod memcg;
 pub mod paths;
 pub mod pod_usage;
 pub mod portmap_rules;

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use nix::mount::{umount2, MntFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -169,6 +170,29 @@ pub fn unmount_under(prefix: &Path) -> Result<Vec<PathBuf>> {
 /// Entries of `/var/run/netns` (named network namespaces, as `ip netns` and CNI tools create them).
 pub fn named_netns() -> Vec<PathBuf> {
     list_dir(Path::new("/var/run/netns"))
+}
+
+/// The cgroup dirs, in every mounted hierarchy, of the sandboxes a containerd logging to
+/// `log` started, under containerd's default parent (`k8s.io/<sandbox id>`).
+pub fn sandbox_cgroups(log: &Path) -> Vec<PathBuf> {
+    const MARK: &str = "returns sandbox id \\\"";
+    let log = fs::read_to_string(log).unwrap_or_default();
+    let ids: BTreeSet<&str> = log
+        .match_indices(MARK)
+        .filter_map(|(at, _)| log.get(at + MARK.len()..at + MARK.len() + 64))
+        .filter(|id| id.bytes().all(|b| b.is_ascii_hexdigit()))
+        .collect();
+    let root = Path::new("/sys/fs/cgroup");
+    let hierarchies = if root.join("cgroup.controllers").exists() {
+        vec![root.to_path_buf()]
+    } else {
+        list_dir(root)
+    };
+    hierarchies
+        .iter()
+        .flat_map(|h| ids.iter().map(move |id| h.join("k8s.io").join(id)))
+        .filter(|dir| dir.is_dir())
+        .collect()
 }
 
 /// Network interfaces that are tun/tap devices.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::kube::{manifests, Cluster, NodeSetup};
-use spry_integration::{cpu, require_root, system, Registry};
+use spry_integration::{cpu, memcg, require_root, system, Registry};
 
 /// A cold TCG pod takes seconds; the first one also builds the VM template.
 const POD_READY: Duration = Duration::from_secs(180);
@@ -168,7 +168,12 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
     cluster.apply(&spry_pod("hello", &registry.image("busybox:1"), script, ""))?;
     cluster.wait_for("pod/hello", "condition=Ready", POD_READY)?;
     let vm = the_only_vm(cluster)?;
-    let logs = cluster.kubectl(&["logs", "hello"])?;
+    // Ready means started: the script's second line may come a moment later.
+    let mut logs = String::new();
+    wait(Duration::from_secs(30), "the pod's two log lines", || {
+        logs = cluster.kubectl(&["logs", "hello"])?;
+        Ok(logs.lines().count() >= 2)
+    })?;
     ensure!(logs.contains("hello from a Spry VM"), "logs: {logs:?}");
     let guest_kernel = cluster.kubectl(&["exec", "hello", "--", "uname", "-r"])?;
     let host_kernel = system::run_checked(std::process::Command::new("uname").arg("-r"))?;
@@ -204,6 +209,15 @@ fn spry_pod_basics(cluster: &Cluster, registry: &Registry) -> Result<()> {
     ensure!(
         in_pod("memory") && in_pod("cpu"),
         "QEMU is not in pod {uid}'s cgroup:\n{cgroups}"
+    );
+    // From its first page: QEMU was spawned there, so its memory is charged there.
+    let memcg = memcg::memory_cgroup(vm)?;
+    let (charged, anon) = (memcg::charged_bytes(&memcg)?, memcg::anon_rss_bytes(vm)?);
+    ensure!(
+        charged >= anon,
+        "pod {uid}'s cgroup is charged {} MiB, less than QEMU's {} MiB anonymous memory",
+        charged >> 20,
+        anon >> 20
     );
     let oom = std::fs::read_to_string(format!("/proc/{vm}/oom_score_adj"))?;
     ensure!(

@@ -267,6 +267,7 @@ impl Containerd {
             .marker(&self.marker)
             .path(self.dirs.dir())
             .path(self.dirs.run())
+            .sandbox_cgroups_of(&self.log_path())
     }
 
     /// The live shims of this instance (they inherit its marker).

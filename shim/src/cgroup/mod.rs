@@ -172,9 +172,10 @@ pub fn raise_oom_score_adj(proc: &Path, pid: u32, value: i32) -> std::io::Result
     Ok(true)
 }
 
-/// The pod's cgroup as a pod resource: made (where missing) and joined by QEMU at setup,
-/// joined by the pod's other processes through [`PodCgroup::adopt`], and the dirs it made
-/// removed at teardown, once the processes are gone.
+/// The pod's cgroup as a pod resource: made (where missing) before the pod's VM starts,
+/// so QEMU is spawned into it ([`PodCgroup::prepare`]); joined at setup by a QEMU that
+/// started elsewhere (a pooled VM), by the pod's other processes through
+/// [`PodCgroup::adopt`]; the dirs it made removed at teardown, once the processes are gone.
 #[derive(Debug)]
 pub struct PodCgroup {
     plan: CgroupPlan,
@@ -201,6 +202,36 @@ impl PodCgroup {
             created: Mutex::new(Vec::new()),
             vm_pid: std::sync::Mutex::new(None),
         }
+    }
+
+    /// The cgroup a pod whose shim died left: its own dirs (not their parents, which
+    /// other pods may share), for [`PodCgroup::remove`] once QEMU, which dies with the
+    /// shim, has left them.
+    pub fn left_behind(plan: CgroupPlan) -> Self {
+        Self::new(plan).owning_existing_dirs()
+    }
+
+    fn owning_existing_dirs(self) -> Self {
+        let existing = self.dirs.iter().filter(|d| d.is_dir()).cloned().collect();
+        Self {
+            created: Mutex::new(existing),
+            ..self
+        }
+    }
+
+    /// Makes the dirs (where missing) and names them, for QEMU to be spawned into. Undone
+    /// by [`PodCgroup::remove`] (or the teardown) if the pod never starts.
+    pub async fn prepare(&self) -> Result<Vec<PathBuf>, CgroupError> {
+        if let Err(e) = self.make_dirs().await {
+            self.remove_dirs().await;
+            return Err(e);
+        }
+        Ok(self.dirs.clone())
+    }
+
+    /// Removes the dirs this pod made (once its processes have left them).
+    pub async fn remove(&self) {
+        self.remove_dirs().await;
     }
 
     /// Moves another of the pod's processes (its file server) into the cgroup.

@@ -115,6 +115,29 @@ async fn made_dirs_are_joined_and_only_they_are_removed() {
     );
 }
 
+#[tokio::test]
+async fn a_dead_shims_pod_cgroup_goes_and_its_parents_stay() {
+    let v1 = fake_v1();
+    let root = std::fs::canonicalize(v1.path()).unwrap();
+    for hierarchy in ["memory", "cpu,cpuacct"] {
+        std::fs::create_dir_all(root.join(hierarchy).join("pods/p1/sandbox")).unwrap();
+    }
+    let proc = tempfile::tempdir().unwrap();
+    let plan = CgroupPlan {
+        relative: "pods/p1/sandbox".into(),
+        oom_score_adj: None,
+    };
+    let cgroup = PodCgroup::with_roots(plan, &root, proc.path()).owning_existing_dirs();
+    cgroup.remove().await;
+    for hierarchy in ["memory", "cpu,cpuacct"] {
+        assert!(!root.join(hierarchy).join("pods/p1/sandbox").exists());
+        assert!(
+            root.join(hierarchy).join("pods/p1").is_dir(),
+            "a parent stays"
+        );
+    }
+}
+
 #[test]
 fn oom_score_adj_is_only_ever_raised() {
     let proc = tempfile::tempdir().unwrap();

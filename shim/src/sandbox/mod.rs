@@ -21,7 +21,7 @@ use tracing::{info, info_span, warn, Instrument};
 use crate::agent_client::{
     AgentClient, AgentError, AgentTransport, VirtioSerialTransport, VsockTransport,
 };
-use crate::cgroup::{CgroupPlan, PodCgroup};
+use crate::cgroup::PodCgroup;
 use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
@@ -98,9 +98,10 @@ pub struct SandboxIdentity {
     pub shm_size_bytes: u64,
     /// The pod's sysctls, set in the guest (whose namespaces are the pod's).
     pub sysctls: std::collections::HashMap<String, String>,
-    /// The pod's host cgroup, which QEMU and the file server join; None: they stay in
+    /// The pod's host cgroup (its dirs made before the VM starts, see
+    /// [`PodCgroup::prepare`]), which QEMU and the file server join; None: they stay in
     /// the shim's.
-    pub cgroup: Option<CgroupPlan>,
+    pub cgroup: Option<Arc<PodCgroup>>,
 }
 
 /// A running pod VM with a connected agent.
@@ -176,7 +177,25 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let span = info_span!("sandbox", sandbox_id = %vm_config.id);
         async move {
-            let booted = BootedVm::boot(hypervisor, vm_config, boot_timeout).await?;
+            // QEMU is spawned into the pod's cgroup, so a boot's or a restore's memory
+            // is the pod's from the first page (a process that moves later leaves what
+            // it allocated before charged where it was).
+            let vm_config = match &identity.cgroup {
+                Some(cgroup) => VmConfig {
+                    cgroup: cgroup.prepare().await.map_err(ResourceError::from)?,
+                    ..vm_config
+                },
+                None => vm_config,
+            };
+            let booted = match BootedVm::boot(hypervisor, vm_config, boot_timeout).await {
+                Ok(booted) => booted,
+                Err(e) => {
+                    if let Some(cgroup) = &identity.cgroup {
+                        cgroup.remove().await;
+                    }
+                    return Err(e);
+                }
+            };
             Self::attach_here(booted, identity, rootfs_share).await
         }
         .instrument(span)
@@ -209,10 +228,7 @@ impl Sandbox {
         // Set up together; torn down in reverse of this order, so the cgroup goes last,
         // once every process in it (QEMU, the file server) is gone.
         let mut items: Vec<Arc<dyn PodResource>> = Vec::new();
-        let cgroup = identity
-            .cgroup
-            .clone()
-            .map(|plan| Arc::new(PodCgroup::new(plan)));
+        let cgroup = identity.cgroup.clone();
         if let Some(cgroup) = &cgroup {
             items.push(cgroup.clone());
         }

@@ -12,6 +12,7 @@ use tracing::info;
 
 use super::error::ShimError;
 use super::spec::{self, PodNetns, TaskKind};
+use crate::cgroup::PodCgroup;
 use crate::config::Config;
 use crate::host::Host;
 use crate::network::{self, NetworkPlan};
@@ -112,6 +113,12 @@ impl SandboxLauncher for HostLauncher {
             }
             None => (None, super::state_name(id)),
         };
+        let cgroup = crate::cgroup::plan(spec)
+            .map_err(|source| ShimError::Cgroup {
+                id: id.to_owned(),
+                source,
+            })?
+            .map(|plan| Arc::new(PodCgroup::new(plan)));
         let vm_config = VmConfig {
             netns: network
                 .as_ref()
@@ -129,10 +136,7 @@ impl SandboxLauncher for HostLauncher {
             file_share: Some(host.file_share(&name)),
             shm_size_bytes: spec::shm_size(spec).unwrap_or(0),
             sysctls: spec::sysctls(spec),
-            cgroup: crate::cgroup::plan(spec).map_err(|source| ShimError::Cgroup {
-                id: id.to_owned(),
-                source,
-            })?,
+            cgroup,
             ..Default::default()
         };
         let make_share = host.rootfs_share_factory(&name);

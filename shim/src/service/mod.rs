@@ -282,8 +282,8 @@ fn recorded_state_dir(bundle: &Path) -> Option<PathBuf> {
 
 /// Removes what a dead shim of container `id` may have left: its rootfs mount (and that
 /// overlay's volatile marker, which would keep the snapshot from being mounted again), VM
-/// state dir and rootfs images, shared layer images it was the last user of, and the tc
-/// joins in the pod's network namespace. QEMU itself dies with its shim
+/// state dir and rootfs images, shared layer images it was the last user of, the tc
+/// joins in the pod's network namespace, and the pod's cgroup. QEMU itself dies with its shim
 /// (PR_SET_PDEATHSIG), and its taps with it.
 pub async fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
     let rootfs = bundle.join("rootfs");
@@ -293,6 +293,12 @@ pub async fn cleanup_leftovers(config: &Config, id: &str, bundle: &Path) {
         if let spec::PodNetns::Path(netns) = spec::pod_netns(&spec) {
             if let Err(e) = crate::network::unjoin_taps(&netns).await {
                 warn!(error = %error_chain(&e), "cannot clean the pod's network namespace");
+            }
+        }
+        // The pod's cgroup dirs, which its shim made and would have removed.
+        if spec::task_kind(&spec) == spec::TaskKind::Sandbox {
+            if let Ok(Some(plan)) = crate::cgroup::plan(&spec) {
+                crate::cgroup::PodCgroup::left_behind(plan).remove().await;
             }
         }
     }

@@ -1,5 +1,5 @@
-//! What a spawned child does between fork and exec: die with us, enter a network
-//! namespace, take the fds handed to it at fixed numbers, and (QEMU) enter its jail.
+//! What a spawned child does between fork and exec: die with us, join its cgroups, enter a
+//! network namespace, take the fds handed to it at fixed numbers, and (QEMU) enter its jail.
 //!
 //! Everything here runs in the forked child of a multi-threaded process, so it makes raw
 //! syscalls only, on data prepared before the fork: no allocation, no locks.
@@ -66,6 +66,9 @@ pub struct ChildSetup {
     /// copies lose close-on-exec; ours are untouched.
     pub fds: Vec<(RawFd, RawFd)>,
     pub jail: Option<Jail>,
+    /// `cgroup.procs` files, open for writing, that the child joins before anything else
+    /// (so all it ever allocates is charged there), while still privileged.
+    pub cgroups: Vec<RawFd>,
 }
 
 /// Makes a spawned child die with us (SIGKILL when our thread exits) and sets it up as
@@ -102,6 +105,14 @@ pub fn configure_child(command: &mut tokio::process::Command, setup: ChildSetup)
                 "parent-death signal",
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0),
             )?;
+            for &procs in &setup.cgroups {
+                // "0" is the writer itself, in cgroup v1 and v2 alike.
+                let written = libc::write(procs, b"0".as_ptr().cast(), 1);
+                step(
+                    "joining the pod's cgroup",
+                    if written == 1 { 0 } else { -1 },
+                )?;
+            }
             let rc = match setup.netns {
                 ChildNetns::Inherit => 0,
                 ChildNetns::Join(fd) => libc::setns(fd, libc::CLONE_NEWNET),

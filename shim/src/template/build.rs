@@ -89,6 +89,8 @@ async fn build_locked(
             path: memory.clone(),
         },
         restore: None,
+        // Shared by every pod of this config, so in none of their cgroups.
+        cgroup: Vec::new(),
         ..base.clone()
     };
     let vm = hypervisor

@@ -277,6 +277,7 @@ mod tests {
             memory: GuestMemory::Anonymous,
             restore: None,
             jail: Default::default(),
+            cgroup: Vec::new(),
         }
     }
 

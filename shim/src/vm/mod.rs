@@ -149,6 +149,9 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// The uids QEMU may run as (one per running VM).
     pub jail: JailIds,
+    /// Cgroup dirs (existing) QEMU is spawned into, so that every page it ever allocates
+    /// (a boot's or a restore's too) is charged to the pod; empty: the shim's cgroups.
+    pub cgroup: Vec<PathBuf>,
 }
 
 /// Which network namespace QEMU runs in.
@@ -206,6 +209,7 @@ impl Default for VmConfig {
             memory: GuestMemory::Anonymous,
             restore: None,
             jail: JailIds::default(),
+            cgroup: Vec::new(),
         }
     }
 }

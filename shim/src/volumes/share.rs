@@ -168,6 +168,7 @@ impl FileShare {
                 netns: crate::sys::ChildNetns::Inherit,
                 fds: vec![(server_end.as_raw_fd(), CONTROL_FD)],
                 jail: None,
+                cgroups: Vec::new(),
             },
         )
         .map_err(spawn_err)?;
