@@ -2,7 +2,8 @@
 //! into the sandbox's cgroup, so the memory a cold boot or a template restore touches is
 //! charged where the pod's limits and kubelet's accounting look (a process that joins
 //! later leaves what it touched before charged to the shim's cgroup, i.e. containerd's:
-//! 176 of a cold VM's 206 MiB were, before). The cgroup goes with the pod.
+//! 176 of a cold VM's 206 MiB were, before). So is the pod's file server. The cgroup
+//! goes with the pod.
 
 use anyhow::{ensure, Context, Result};
 use spry_integration::{memcg, require_root, spry::SpryNode, ContainerConfig, PodConfig};
@@ -41,6 +42,16 @@ fn check_pod(node: &SpryNode, runtime: &str) -> Result<()> {
     ensure!(
         cgroup.to_string_lossy().contains(&pod),
         "QEMU is in {}, not the sandbox's cgroup",
+        cgroup.display()
+    );
+    // The pod's file server too, spawned there.
+    let server = spry_integration::system::processes()?
+        .into_iter()
+        .find(|p| p.cmdline_contains("fs-serve") && p.cmdline_contains(&pod[..12]))
+        .context("no file server of the pod")?;
+    ensure!(
+        memcg::memory_cgroup(server.pid)? == cgroup,
+        "the pod's file server is not in its cgroup {}",
         cgroup.display()
     );
     // Every anonymous page QEMU holds was touched in the pod's cgroup, so the pod's

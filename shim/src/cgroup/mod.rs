@@ -173,9 +173,9 @@ pub fn raise_oom_score_adj(proc: &Path, pid: u32, value: i32) -> std::io::Result
 }
 
 /// The pod's cgroup as a pod resource: made (where missing) before the pod's VM starts,
-/// so QEMU is spawned into it ([`PodCgroup::prepare`]); joined at setup by a QEMU that
-/// started elsewhere (a pooled VM), by the pod's other processes through
-/// [`PodCgroup::adopt`]; the dirs it made removed at teardown, once the processes are gone.
+/// so QEMU is spawned into it ([`PodCgroup::prepare`]), as the pod's file server is
+/// later; joined at setup by a QEMU that started elsewhere (a pooled VM); the dirs it
+/// made removed at teardown, once the processes are gone.
 #[derive(Debug)]
 pub struct PodCgroup {
     plan: CgroupPlan,
@@ -234,9 +234,9 @@ impl PodCgroup {
         self.remove_dirs().await;
     }
 
-    /// Moves another of the pod's processes (its file server) into the cgroup.
-    pub fn adopt(&self, pid: u32) -> Result<(), CgroupError> {
-        join(&self.dirs, pid)
+    /// The dirs, one per hierarchy, that the pod's processes are spawned into.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
     }
 
     /// Raises QEMU's oom_score_adj to a container's (kubelet's figure for it).

@@ -98,7 +98,7 @@ async fn made_dirs_are_joined_and_only_they_are_removed() {
     );
     cgroup.make_dirs().await.unwrap();
     // (A real cgroup dir has cgroup.procs; a plain dir takes the write as a new file.)
-    cgroup.adopt(42).unwrap();
+    join(cgroup.dirs(), 42).unwrap();
     for dir in &cgroup.dirs {
         assert_eq!(
             std::fs::read_to_string(dir.join("cgroup.procs")).unwrap(),

@@ -236,10 +236,10 @@ impl Sandbox {
             let network = PodNetwork::new(plan.clone()).with_taps_in(identity.taps_in.clone());
             items.push(Arc::new(network));
         }
-        let share = identity
-            .file_share
-            .clone()
-            .map(|config| Arc::new(FileShare::new(config)));
+        let share = identity.file_share.clone().map(|config| {
+            let pod_cgroup = cgroup.as_ref().map(|c| c.dirs().to_vec());
+            Arc::new(FileShare::new(config).spawned_in(pod_cgroup.unwrap_or_default()))
+        });
         if let Some(share) = &share {
             items.push(share.clone());
         }
@@ -262,14 +262,6 @@ impl Sandbox {
         if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
             stop_quietly(sandbox.vm.as_ref()).await;
             return Err(e.into());
-        }
-        if let (Some(cgroup), Some(pid)) = (
-            &sandbox.cgroup,
-            sandbox.share.as_ref().and_then(|s| s.server_pid()),
-        ) {
-            if let Err(e) = cgroup.adopt(pid) {
-                warn!(error = %crate::error_chain(&e), "the pod's file server stays outside its cgroup");
-            }
         }
         if let Err(source) = sandbox
             .agent

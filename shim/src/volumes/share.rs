@@ -54,6 +54,8 @@ pub struct FileShare {
     client: Mutex<Option<Arc<AttachClient>>>,
     /// Container id → the mountpoints its volumes occupy.
     exported: Mutex<HashMap<String, Vec<PathBuf>>>,
+    /// Cgroup dirs the server is spawned into (the pod's); empty: the shim's.
+    cgroup: Vec<PathBuf>,
 }
 
 impl FileShare {
@@ -63,7 +65,14 @@ impl FileShare {
             server: Mutex::new(None),
             client: Mutex::new(None),
             exported: Mutex::new(HashMap::new()),
+            cgroup: Vec::new(),
         }
+    }
+
+    /// The server is spawned into these cgroup dirs (existing by the time the share is
+    /// set up), so all it allocates is charged to the pod.
+    pub fn spawned_in(self, cgroup: Vec<PathBuf>) -> Self {
+        Self { cgroup, ..self }
     }
 
     /// Binds `volumes` into the share; returns what the agent mounts for each, in order.
@@ -162,13 +171,23 @@ impl FileShare {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let cgroups = self
+            .cgroup
+            .iter()
+            .map(|dir| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(spawn_err)?;
         crate::sys::configure_child(
             &mut command,
             crate::sys::ChildSetup {
                 netns: crate::sys::ChildNetns::Inherit,
                 fds: vec![(server_end.as_raw_fd(), CONTROL_FD)],
                 jail: None,
-                cgroups: Vec::new(),
+                cgroups: cgroups.iter().map(AsRawFd::as_raw_fd).collect(),
             },
         )
         .map_err(spawn_err)?;
