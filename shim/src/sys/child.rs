@@ -5,8 +5,10 @@
 //! syscalls only, on data prepared before the fork: no allocation, no locks.
 
 use std::ffi::CString;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::RawFd;
+use std::path::PathBuf;
 
 /// The network namespace a spawned child runs in.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +71,20 @@ pub struct ChildSetup {
     /// `cgroup.procs` files, open for writing, that the child joins before anything else
     /// (so all it ever allocates is charged there), while still privileged.
     pub cgroups: Vec<RawFd>,
+}
+
+/// Each dir's `cgroup.procs`, open for writing, for [`ChildSetup::cgroups`] (close-on-exec:
+/// the child's program does not keep them). The error names the file that would not open.
+pub fn open_cgroup_procs(dirs: &[PathBuf]) -> Result<Vec<File>, (PathBuf, io::Error)> {
+    dirs.iter()
+        .map(|dir| {
+            let procs = dir.join("cgroup.procs");
+            OpenOptions::new()
+                .write(true)
+                .open(&procs)
+                .map_err(|e| (procs, e))
+        })
+        .collect()
 }
 
 /// Makes a spawned child die with us (SIGKILL when our thread exits) and sets it up as

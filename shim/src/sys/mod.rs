@@ -6,7 +6,9 @@ pub mod mount;
 mod tap;
 pub mod xattr;
 
-pub use child::{configure_child, ChildNetns, ChildSetup, Jail, JailEntry, PARK_FDS_AT};
+pub use child::{
+    configure_child, open_cgroup_procs, ChildNetns, ChildSetup, Jail, JailEntry, PARK_FDS_AT,
+};
 pub use tap::open_tap;
 
 use std::io;

@@ -76,7 +76,11 @@ pub async fn launch(
             AgentChannelKind::VirtioSerial => None,
         };
     let network = open_network(&config.netns, &config.nics).await?;
-    let cgroups = open_cgroup_procs(&config.cgroup)?;
+    let cgroups =
+        sys::open_cgroup_procs(&config.cgroup).map_err(|(path, source)| VmError::HostFd {
+            what: path.display().to_string(),
+            source,
+        })?;
 
     let (jailed, files) = jail_view(config, &lease)?;
     fs::create_dir(&paths.jail_root).map_err(|source| VmError::StateDir {
@@ -135,23 +139,6 @@ pub async fn launch(
     let child = spawner::spawn(command).await.map_err(spawn_error)?;
     // Our copies of the sockets, console, devices and taps close here: QEMU holds its own.
     Ok(Launched { child, lease })
-}
-
-/// Each dir's `cgroup.procs`, open for the child to write itself into (close-on-exec:
-/// QEMU does not keep them).
-fn open_cgroup_procs(dirs: &[PathBuf]) -> Result<Vec<File>, VmError> {
-    dirs.iter()
-        .map(|dir| {
-            let procs = dir.join("cgroup.procs");
-            fs::OpenOptions::new()
-                .write(true)
-                .open(&procs)
-                .map_err(|source| VmError::HostFd {
-                    what: procs.display().to_string(),
-                    source,
-                })
-        })
-        .collect()
 }
 
 /// `config` as QEMU sees it in the jail (files at their canonical paths), and the files

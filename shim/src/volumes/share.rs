@@ -171,16 +171,8 @@ impl FileShare {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let cgroups = self
-            .cgroup
-            .iter()
-            .map(|dir| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(spawn_err)?;
+        let cgroups =
+            crate::sys::open_cgroup_procs(&self.cgroup).map_err(|(_, source)| spawn_err(source))?;
         crate::sys::configure_child(
             &mut command,
             crate::sys::ChildSetup {
