@@ -443,3 +443,95 @@ async fn spare_helpers_are_refilled_at_idle_priority_and_containers_do_not_inher
     agent.remove("after-kill").await.unwrap();
     agent.finish().await;
 }
+
+/// A hostile image puts symlinks where the spec mounts things: each resolves inside the
+/// container's root (as if the root were `/`), so nothing outside it is created or mounted
+/// over, whatever the symlink names; a link that leads nowhere inside the root fails the
+/// create. A link that stays inside works. The agent's tree stands in for the VM's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_at_mount_destinations_stay_inside_the_root() {
+    let agent = Agent::start().await;
+    agent.create_sandbox().await;
+    let outside = agent.dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let root = agent.dir.path().join("share/busybox");
+    // An absolute and a relative link out of the root, to a directory and to a file that
+    // does not exist yet (a mount prepared through the link would create them).
+    std::os::unix::fs::symlink(&outside, root.join("abs")).unwrap();
+    std::os::unix::fs::symlink(
+        format!("../../../../../../../..{}", outside.display()),
+        root.join("rel"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(outside.join("hosts"), root.join("etc/hosts")).unwrap();
+    std::os::unix::fs::symlink("/tmp", root.join("inside")).unwrap();
+    for (n, destination) in ["/abs/made", "/rel/made", "/abs"].iter().enumerate() {
+        let (c, message) = code(
+            agent
+                .create(
+                    &format!("dir{n}"),
+                    tmpfs_at(destination, &["true"]),
+                    stdio(false, false),
+                )
+                .await,
+        );
+        assert_eq!(c, Code::INTERNAL, "{destination}: {message}");
+        assert!(message.contains("rootfs"), "{destination}: {message}");
+        assert!(
+            !outside.join("made").exists(),
+            "{destination} made a dir outside the root"
+        );
+    }
+    let hosts = GuestFile {
+        destination: "/etc/hosts".into(),
+        content: b"127.0.0.1 localhost\n".to_vec(),
+        ..Default::default()
+    };
+    let (c, message) = code(
+        agent
+            .create_with_files("file", spec(&["true"]), stdio(false, false), vec![hosts])
+            .await,
+    );
+    assert_eq!(c, Code::INTERNAL, "{message}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "made outside the root"
+    );
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid())).unwrap();
+    let leaked: Vec<&str> = mountinfo
+        .lines()
+        .filter(|m| m.contains("outside"))
+        .collect();
+    assert!(leaked.is_empty(), "mounts outside the root: {leaked:?}");
+
+    let probe = ["sh", "-c", "grep -q ' /tmp/made tmpfs ' /proc/mounts"];
+    agent
+        .create(
+            "inside",
+            tmpfs_at("/inside/made", &probe),
+            stdio(false, false),
+        )
+        .await
+        .unwrap();
+    agent.start_container("inside").await;
+    assert_eq!(
+        agent.wait("inside", "").await.exit_code,
+        0,
+        "no tmpfs at /tmp/made"
+    );
+    agent.remove("inside").await.unwrap();
+    agent.finish().await;
+}
+
+/// `spec(args)` with a tmpfs mounted at `destination` too.
+fn tmpfs_at(destination: &str, args: &[&str]) -> serde_json::Value {
+    let mut spec = spec(args);
+    spec["mounts"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!(
+            {"destination": destination, "type": "tmpfs", "source": "tmpfs"}
+        ));
+    spec
+}
