@@ -9,6 +9,10 @@ use crate::containerd_config::proxy_snapshotter_toml;
 use crate::snapshotter::Snapshotter;
 use crate::{Containerd, ContainerdOptions, Registry, SpryHandler};
 
+/// How often a bench asks `crictl logs` for a container's first output: the same for every
+/// runtime in a run, and short against the 100-300 ms being timed.
+pub const LOG_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// The `p`th percentile (nearest rank) of `values`; NaN for none.
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     if values.is_empty() {

@@ -230,6 +230,29 @@ impl Crictl {
         ))
     }
 
+    /// Waits until the container's log holds `needle`, asking `crictl logs` every `poll`.
+    /// A container's first output comes 100-300 ms after its create, so a bench timing it
+    /// needs a poll far shorter than [`system::wait_for`]'s 100 ms, which would round the
+    /// figure up to its own interval whenever the first ask comes too early.
+    pub fn wait_for_log(
+        &self,
+        container_id: &str,
+        needle: &str,
+        poll: Duration,
+        timeout: Duration,
+    ) -> Result<()> {
+        let started = std::time::Instant::now();
+        loop {
+            if self.logs(container_id).is_ok_and(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            if started.elapsed() >= timeout {
+                bail!("container {container_id} did not log {needle:?} within {timeout:?}");
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
     /// `crictl inspect -o json ID` (container status + info).
     pub fn inspect(&self, container_id: &str) -> Result<Value> {
         self.run_json(&["inspect", "-o", "json", container_id])

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
 use spry_integration::bench::{
-    percentile, round, round2, spry_accelerator, write_report, BenchNode, POOL_SIZE,
+    percentile, round, round2, spry_accelerator, write_report, BenchNode, LOG_POLL, POOL_SIZE,
 };
 use spry_integration::{
     pod_usage::{HostCpu, PodProcesses},
@@ -359,20 +359,9 @@ fn start_container(
     crictl.start(&ctr)?;
     let start_ms = ms_since(t1);
     let t2 = Instant::now();
-    loop {
-        if crictl
-            .logs(&ctr)
-            .map(|l| l.contains("ready"))
-            .unwrap_or(false)
-        {
-            break;
-        }
-        ensure!(
-            t0.elapsed() < Duration::from_secs(240),
-            "container {app_name} in pod {pod_name} printed nothing in 240 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    crictl
+        .wait_for_log(&ctr, "ready", LOG_POLL, Duration::from_secs(240))
+        .with_context(|| format!("container {app_name} in pod {pod_name}"))?;
     let phases = Phases {
         runp_ms: 0.0,
         create_ms,

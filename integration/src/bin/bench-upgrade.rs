@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::json;
-use spry_integration::bench::{percentile, round, spry_accelerator, write_report, BenchNode};
+use spry_integration::bench::{
+    percentile, round, spry_accelerator, write_report, BenchNode, LOG_POLL,
+};
 use spry_integration::slow_link::SlowLink;
 use spry_integration::{require_root, system, ContainerConfig, Containerd, Crictl, PodConfig};
 
@@ -475,14 +477,9 @@ impl Bench<'_> {
         let started = Instant::now();
         let id = self.crictl.create(&pod.id, &config, &pod.config)?;
         self.crictl.start(&id)?;
-        let up = system::wait_for(Duration::from_secs(60), || {
-            Ok(self
-                .crictl
-                .logs(&id)
-                .is_ok_and(|l| l.contains("up"))
-                .then_some(()))
-        })?;
-        up.context("the second container never logged")?;
+        self.crictl
+            .wait_for_log(&id, "up", LOG_POLL, Duration::from_secs(60))
+            .context("the second container never logged")?;
         Ok(ms(started.elapsed()))
     }
 
