@@ -395,17 +395,18 @@ impl Node {
     }
 
     /// `err` (a census failure) with containerd's log lines about each leaked shim's id.
+    /// containerd's lines about every task a leak names (a shim's `-id`, a container's
+    /// bundle in a mount's path), in order.
     fn with_log_of_leaked_shims(&self, err: anyhow::Error) -> anyhow::Error {
         let text = format!("{err:#}");
+        let ids = task_ids_in(&text);
         let log = self.containerd.log();
-        let lines: Vec<&str> = text
-            .split(" -id ")
-            .skip(1)
-            .filter_map(|rest| rest.get(..64))
-            .flat_map(|id| log.lines().filter(move |l| l.contains(id)))
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
             .collect();
         err.context(format!(
-            "containerd's log about the leaked shims:\n{}",
+            "containerd's log about the leaked tasks:\n{}",
             lines.join("\n")
         ))
     }
@@ -422,6 +423,17 @@ impl Node {
         self.crictl.rmp_all_force()?;
         Ok(())
     }
+}
+
+/// The 64-hex-digit task ids in `text`, each once.
+fn task_ids_in(text: &str) -> Vec<String> {
+    let mut ids: Vec<String> = Vec::new();
+    for word in text.split(|c: char| !c.is_ascii_hexdigit()) {
+        if word.len() == 64 && !ids.iter().any(|id| id == word) {
+            ids.push(word.to_string());
+        }
+    }
+    ids
 }
 
 fn wait_output(mut child: Child, timeout: Duration) -> Result<std::process::Output> {

@@ -90,6 +90,11 @@ pub enum ShimError {
         #[source]
         source: crate::cgroup::CgroupError,
     },
+    #[error(
+        "the shim's {call} call ended before it finished ({}); the shim's log says why",
+        if *panicked { "it panicked: a bug" } else { "the shim is shutting down" }
+    )]
+    CallAborted { call: &'static str, panicked: bool },
     #[error("cannot read the network of pod {id}")]
     Network {
         id: String,
@@ -136,7 +141,9 @@ impl ShimError {
                 | SandboxError::Agent { .. }
                 | SandboxError::StopVm { .. } => Code::INTERNAL,
             },
-            ShimError::MountRootfs { .. } | ShimError::Fifo { .. } => Code::INTERNAL,
+            ShimError::MountRootfs { .. }
+            | ShimError::Fifo { .. }
+            | ShimError::CallAborted { .. } => Code::INTERNAL,
         }
     }
 }
@@ -286,6 +293,13 @@ mod tests {
             (
                 ShimError::Unsupported { what: "checkpoint" },
                 Code::UNIMPLEMENTED,
+            ),
+            (
+                ShimError::CallAborted {
+                    call: "Delete",
+                    panicked: true,
+                },
+                Code::INTERNAL,
             ),
         ];
         for (err, code) in cases {

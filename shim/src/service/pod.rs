@@ -411,7 +411,20 @@ impl Pod {
         if kind == TaskKind::Sandbox {
             return Ok(vec![vm.pid()]);
         }
-        Ok(vm.list_processes(id).await?)
+        let pids = vm.list_processes(id).await?;
+        // The guest's cgroup empties as its init dies, a moment before the exit reaches
+        // us. A restarted containerd deletes a task whose list is empty and, refused (the
+        // init still counts as running here), forgets a task this shim keeps: its rootfs
+        // stayed mounted and the shim outlived the pod. Until the exit is in, the init
+        // counts, as the VM pid State reports for it.
+        let init_alive = !matches!(
+            self.tasks.lock().await.process(id, "")?.status(),
+            ProcessStatus::Stopped { .. }
+        );
+        if pids.is_empty() && init_alive {
+            return Ok(vec![vm.pid()]);
+        }
+        Ok(pids)
     }
 
     pub async fn stats(&self, id: &str) -> Result<pb::ContainerStats, ShimError> {

@@ -1,6 +1,12 @@
 //! containerd's task API (v3) over [`Pod`]: request/response translation only.
+//!
+//! The calls that change the pod run to the end on a task of their own (`to_completion`):
+//! ttrpc drops a handler's future when containerd's connection closes, and containerd
+//! killed or restarted in the middle of a delete had left the container's rootfs mounted
+//! and the shim alive after its pod was gone.
 
-use std::path::Path;
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -11,6 +17,7 @@ use containerd_shim::protos::types::task::Status;
 use containerd_shim::ExitSignal;
 use ttrpc::r#async::TtrpcContext;
 
+use super::error::ShimError;
 use super::events::timestamp;
 use super::io::StdioPaths;
 use super::pod::Pod;
@@ -48,16 +55,13 @@ impl Task for TaskService {
             stderr: req.stderr,
             terminal: req.terminal,
         };
-        let pid = self
-            .pod
-            .create(
-                &req.id,
-                Path::new(&req.bundle),
-                &req.rootfs,
-                stdio,
-                req.options.as_ref(),
-            )
-            .await?;
+        let pod = Arc::clone(&self.pod);
+        let pid = to_completion("Create", async move {
+            let bundle = PathBuf::from(&req.bundle);
+            pod.create(&req.id, &bundle, &req.rootfs, stdio, req.options.as_ref())
+                .await
+        })
+        .await?;
         Ok(api::CreateTaskResponse {
             pid,
             ..Default::default()
@@ -69,7 +73,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let pid = self.pod.start(&req.id, &req.exec_id).await?;
+        let pod = Arc::clone(&self.pod);
+        let pid = to_completion(
+            "Start",
+            async move { pod.start(&req.id, &req.exec_id).await },
+        )
+        .await?;
         Ok(api::StartResponse {
             pid,
             ..Default::default()
@@ -114,7 +123,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        let deleted = self.pod.delete(&req.id, &req.exec_id).await?;
+        let pod = Arc::clone(&self.pod);
+        let deleted = to_completion(
+            "Delete",
+            async move { pod.delete(&req.id, &req.exec_id).await },
+        )
+        .await?;
         Ok(api::DeleteResponse {
             pid: deleted.pid,
             exit_status: deleted.exit_code,
@@ -145,9 +159,11 @@ impl Task for TaskService {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
-        self.pod
-            .kill(&req.id, &req.exec_id, req.signal, req.all)
-            .await?;
+        let pod = Arc::clone(&self.pod);
+        to_completion("Kill", async move {
+            pod.kill(&req.id, &req.exec_id, req.signal, req.all).await
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -163,7 +179,11 @@ impl Task for TaskService {
             .into_option()
             .map(|any| any.value)
             .unwrap_or_default();
-        self.pod.exec(&req.id, &req.exec_id, stdio, spec).await?;
+        let pod = Arc::clone(&self.pod);
+        to_completion("Exec", async move {
+            pod.exec(&req.id, &req.exec_id, stdio, spec).await
+        })
+        .await?;
         Ok(Empty::new())
     }
 
@@ -180,7 +200,11 @@ impl Task for TaskService {
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<Empty> {
         if req.stdin {
-            self.pod.close_stdin(&req.id, &req.exec_id).await?;
+            let pod = Arc::clone(&self.pod);
+            to_completion("CloseIO", async move {
+                pod.close_stdin(&req.id, &req.exec_id).await
+            })
+            .await?;
         }
         Ok(Empty::new())
     }
@@ -191,7 +215,12 @@ impl Task for TaskService {
             .into_option()
             .map(|any| any.value)
             .unwrap_or_default();
-        self.pod.update(&req.id, resources).await?;
+        let pod = Arc::clone(&self.pod);
+        to_completion(
+            "Update",
+            async move { pod.update(&req.id, resources).await },
+        )
+        .await?;
         Ok(Empty::new())
     }
 
@@ -238,24 +267,46 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<Empty> {
-        // containerd asks after each delete; the shim lives while the pod has tasks.
-        if !self.pod.is_empty().await {
-            return Ok(Empty::new());
-        }
-        if self.pod.leftover_execs().await > 0 {
-            // Execs a dead VM ended with their container: containerd deletes them right
-            // after the container (and asks again), but the shim never lingers on one
-            // whose Delete does not come.
-            let (pod, exit) = (self.pod.clone(), self.exit.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(LEFTOVER_EXEC_GRACE).await;
-                pod.shutdown().await;
-                exit.signal();
-            });
-            return Ok(Empty::new());
-        }
-        self.pod.shutdown().await;
-        self.exit.signal();
+        let (pod, exit) = (Arc::clone(&self.pod), Arc::clone(&self.exit));
+        to_completion("Shutdown", async move {
+            // containerd asks after each delete; the shim lives while the pod has tasks.
+            if !pod.is_empty().await {
+                return Ok(());
+            }
+            if pod.leftover_execs().await > 0 {
+                // Execs a dead VM ended with their container: containerd deletes them
+                // right after the container (and asks again), but the shim never lingers
+                // on one whose Delete does not come.
+                tokio::spawn(async move {
+                    tokio::time::sleep(LEFTOVER_EXEC_GRACE).await;
+                    pod.shutdown().await;
+                    exit.signal();
+                });
+                return Ok(());
+            }
+            pod.shutdown().await;
+            exit.signal();
+            Ok(())
+        })
+        .await?;
         Ok(Empty::new())
+    }
+}
+
+/// Runs a call's work on a task of its own and waits for its answer. When containerd's
+/// connection closes mid-call, ttrpc drops the handler's future at whatever await it is
+/// in; the work here goes on to the end (only the answer is lost, as when containerd
+/// dies just after a reply), so no step of a delete or create is left half done.
+async fn to_completion<T: Send + 'static>(
+    call: &'static str,
+    work: impl Future<Output = Result<T, ShimError>> + Send + 'static,
+) -> TtrpcResult<T> {
+    match tokio::spawn(work).await {
+        Ok(answer) => Ok(answer?),
+        Err(e) => Err(ShimError::CallAborted {
+            call,
+            panicked: e.is_panic(),
+        }
+        .into()),
     }
 }

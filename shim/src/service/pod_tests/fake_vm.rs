@@ -32,6 +32,10 @@ struct Guest {
     fail_create: Option<ttrpc::Code>,
     /// StartContainer does not answer while set.
     stall_starts: bool,
+    /// RemoveContainer does not answer while set.
+    stall_removes: bool,
+    /// WaitProcess does not answer while set: exits stay in the guest.
+    stall_waits: bool,
     calls: Vec<String>,
     shutdowns: usize,
 }
@@ -99,6 +103,17 @@ impl FakeVm {
     /// StartContainer hangs (a stalled guest) until called again with false.
     pub fn stall_starts(&self, on: bool) {
         self.change(|g| g.stall_starts = on);
+    }
+
+    /// RemoveContainer hangs until called again with false.
+    pub fn stall_removes(&self, on: bool) {
+        self.change(|g| g.stall_removes = on);
+    }
+
+    /// Exits reach the shim only once called again with false (the agent's reply is on
+    /// its way).
+    pub fn stall_waits(&self, on: bool) {
+        self.change(|g| g.stall_waits = on);
     }
 
     pub fn fail_next_create(&self, code: ttrpc::Code) {
@@ -227,6 +242,9 @@ impl PodVm for FakeVm {
 
     async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {
         self.call(format!("remove {container_id}"));
+        self.until("RemoveContainer", |g| (!g.stall_removes).then_some(()))
+            .await
+            .map_err(|e| container_error(container_id, e))?;
         self.change(|g| {
             g.containers.remove(container_id);
             g.processes.retain(|p, _| p.container_id != container_id);
@@ -248,6 +266,9 @@ impl PodVm for FakeVm {
 
     async fn wait_process(&self, process: &ProcessId) -> Result<u32, AgentError> {
         self.until("WaitProcess", |g| {
+            if g.stall_waits {
+                return None;
+            }
             g.processes.get(process).copied().flatten()
         })
         .await
@@ -271,8 +292,18 @@ impl PodVm for FakeVm {
     }
 
     async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
-        self.answer("ListProcesses", &ProcessId::init(container_id))?;
-        Ok(vec![1])
+        let init = ProcessId::init(container_id);
+        self.answer("ListProcesses", &init)?;
+        // The guest's cgroup empties when its init dies, before the shim hears of it.
+        let exited = self
+            .guest
+            .lock()
+            .unwrap()
+            .processes
+            .get(&init)
+            .copied()
+            .flatten();
+        Ok(if exited.is_some() { vec![] } else { vec![1] })
     }
 
     async fn stats(&self, container_id: &str) -> Result<pb::ContainerStats, AgentError> {

@@ -1,6 +1,7 @@
 //! The pod lifecycle driven the way containerd's CRI plugin drives it, over a fake VM:
 //! no root, no QEMU, a few milliseconds per test.
 
+mod containerd_restarts;
 mod exec_deletes;
 mod fake_vm;
 
