@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use crate::containerd::ContainerdOptions;
+use crate::leak::LeakCheck;
 use crate::paths;
 
 /// The guest kernel and initramfs from scripts/build-guest.sh (`SPRY_GUEST_DIR` overrides).
@@ -172,4 +173,20 @@ impl SpryNode {
             image,
         })
     }
+
+    /// The containerd's leak check plus the per-pod entries of this node's Spry state dir.
+    pub fn leak_check(&self) -> Result<LeakCheck> {
+        watch_pod_state(self.containerd.leak_check()?, self.state.path())
+    }
+}
+
+/// Adds to `check` the per-pod entries of the Spry state dir of a handler made with
+/// `SpryHandler::new(state, ..)`: a VM's dir, its pod's file share and rootfs images.
+/// Templates, shared layer images and the pristine writable layer outlive pods on purpose.
+pub fn watch_pod_state(check: LeakCheck, state: &Path) -> Result<LeakCheck> {
+    let run = state.join("run");
+    check
+        .watch_dir(&run.join("vms"), 1)?
+        .watch_dir(&run.join("shares"), 1)?
+        .watch_dir(&run.join("rootfs"), 1)
 }

@@ -9,6 +9,7 @@
 
 use anyhow::{ensure, Result};
 use spry_integration::critest::run_with_handler;
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     failed_by_design, focus_on, require_root, with_critest_mirrors, Containerd, ContainerdOptions,
     CritestSummary, Registry, SpryHandler,
@@ -35,7 +36,7 @@ fn spry_passes_every_critest_spec_runc_passes_but_the_vm_ones() -> Result<()> {
         ContainerdOptions::new("critest-full").registry(&registry),
         &registry,
     )))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
 
     let runc = run(&containerd, "runc", None)?;
     ensure!(runc.passed >= 85, "runc passed only {} specs", runc.passed);

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::proxy_snapshotter_toml;
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, LeakCheck,
     PodConfig, Registry, SpryHandler,
@@ -96,7 +97,7 @@ impl Node {
         let opts = ContainerdOptions::new(name).registry(&registry);
         let containerd =
             Containerd::start(spry.register_variant(spry.register(opts), "spry-cold", &cold))?;
-        let leaks = containerd.leak_check()?;
+        let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
         let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
         let image = registry.image("busybox:1");
         crictl.pull(&image)?;
@@ -136,7 +137,7 @@ impl Node {
             .snapshotter("spry")
             .extra_toml(&proxy_snapshotter_toml("spry", &snapshotter.socket()));
         let containerd = Containerd::start(spry.register(opts))?;
-        let leaks = containerd.leak_check()?;
+        let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
         let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
         let image = registry.image("busybox:estargz");
         crictl.pull(&image)?;

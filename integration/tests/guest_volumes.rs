@@ -194,7 +194,7 @@ fn empty_dirs_live_in_the_guest_shared_kept_and_sized() -> Result<()> {
         .prefix("spry-kubelet-")
         .tempdir_in("/var/tmp")?;
     let node = SpryNode::start("spry-ed", true)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     check_pod(&node, "spry-cold", root.path())?;
     check_pod(&node, "spry", root.path())?;
     leaks.assert_clean()?;
@@ -230,7 +230,7 @@ impl Drop for LoopDevice {
 fn a_host_block_device_reaches_the_container_at_its_path() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("spry-blk", true)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     for runtime in ["spry-cold", "spry"] {
         check_block_devices(&node, runtime)?;
     }

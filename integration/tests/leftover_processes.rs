@@ -20,7 +20,7 @@ fn an_init_that_leaves_a_daemonized_child_exits_and_is_removed() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("spry-leftover", false)?;
     let containerd = &node.containerd;
-    let leaks = containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
     // NamespaceMode POD (0) for the PID namespace: the container shares the pod's.
     let pod_cfg = PodConfig::new("leftover")

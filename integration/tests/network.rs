@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use spry_integration::containerd_config::POD_MTU;
 use spry_integration::registry::free_port;
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig, Registry,
     SpryHandler,
@@ -208,7 +209,7 @@ fn spry_pods_are_reachable_by_their_pod_ip_cold_and_from_a_template() -> Result<
     let opts = spry.register(ContainerdOptions::new("spry-net").registry(&registry));
     let containerd =
         Containerd::start(spry.register_variant(opts.dual_stack(), "spry-cold", &cold))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -362,7 +363,7 @@ fn host_network_pods_are_refused_with_the_reason() -> Result<()> {
     let containerd = Containerd::start(
         spry.register(ContainerdOptions::new("spry-hostnet").registry(&registry)),
     )?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
     let pod_cfg = PodConfig::new("hostnet")
         .host_network(true)
@@ -387,7 +388,7 @@ fn ten_template_pods_started_at_once_have_their_own_address_and_reach_each_other
     let spry = SpryHandler::new(state.path(), "debug", None)?;
     let containerd =
         Containerd::start(spry.register(ContainerdOptions::new("spry-net10").registry(&registry)))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -485,7 +486,7 @@ fn a_netns_holding_a_link_spry_cannot_mirror_fails_runp_naming_it() -> Result<()
             "ipam": { "type": "static", "addresses": [{ "address": "10.99.0.2/24" }] }
         }));
     let containerd = Containerd::start(spry.register(opts))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
     let pod_cfg = PodConfig::new("vrf").write_to(&containerd.dir())?;
     let err = match crictl.runp(&pod_cfg, Some("spry")) {

@@ -12,7 +12,7 @@ use spry_integration::{memcg, require_root, spry::SpryNode, ContainerConfig, Pod
 fn a_pods_vm_memory_is_charged_to_the_pods_cgroup_cold_and_restored() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("spry-memcg", true)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     for runtime in ["spry-cold", "spry"] {
         check_pod(&node, runtime).with_context(|| format!("runtime {runtime}"))?;
     }

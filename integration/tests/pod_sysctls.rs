@@ -15,7 +15,7 @@ fn pod_sysctls_are_set_in_the_vm_and_a_bad_one_is_named() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("spry-sysctls", true)?;
     let containerd = &node.containerd;
-    let leaks = containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(60));
     // One safe sysctl (kubelet allows it by default) and one "unsafe" (allowed per node).
     let sysctls = json!({"kernel.shm_rmid_forced": "1", "fs.mqueue.msg_max": "100"});

@@ -14,7 +14,7 @@ use spry_integration::{require_root, ContainerConfig, PodConfig};
 fn a_containers_overlay_is_volatile_and_can_be_mounted_again_once_it_stopped() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("rootfs-volatile", false)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let writer = Writer::start(&node)?;
 
     let started = Instant::now();
@@ -34,7 +34,7 @@ fn a_containers_overlay_is_volatile_and_can_be_mounted_again_once_it_stopped() -
 fn a_killed_shims_overlay_can_be_mounted_again() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("rootfs-killed", false)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let writer = Writer::start(&node)?;
 
     node.containerd.kill_shim_of(&writer.pod)?;

@@ -26,7 +26,7 @@ impl Pod {
     fn start(name: &str) -> Result<Self> {
         require_root()?;
         let node = SpryNode::start(&format!("spry-{name}"), false)?;
-        let leaks = node.containerd.leak_check()?;
+        let leaks = node.leak_check()?;
         let crictl = node
             .containerd
             .crictl()

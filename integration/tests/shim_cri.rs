@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, ContainerConfig, Containerd, ContainerdOptions, PodConfig, Registry, SpryHandler,
 };
@@ -50,7 +51,7 @@ fn spry_pod_lifecycle_through_crictl() -> Result<()> {
         .prefix("spry-cri-")
         .tempdir_in("/run")?;
     let containerd = containerd_with_spry("spry-cri", &registry, state.path(), None)?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -170,17 +171,24 @@ fn missing_kernel_fails_runp_with_the_file_named() -> Result<()> {
         state.path(),
         Some("/nonexistent/spry/vmlinux"),
     )?;
-    runp_fails_naming(&containerd, "spry", "nokernel", "/nonexistent/spry/vmlinux")
+    runp_fails_naming(
+        &containerd,
+        state.path(),
+        "spry",
+        "nokernel",
+        "/nonexistent/spry/vmlinux",
+    )
 }
 
 /// `runp` with `handler` fails, its error names `needle`, and the failure leaves nothing.
 fn runp_fails_naming(
     containerd: &Containerd,
+    state: &std::path::Path,
     handler: &str,
     pod_name: &str,
     needle: &str,
 ) -> Result<()> {
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state)?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(120));
     let pod_cfg = PodConfig::new(pod_name).write_to(&containerd.dir())?;
     let Err(err) = crictl.runp(&pod_cfg, Some(handler)) else {
@@ -214,6 +222,7 @@ fn missing_qemu_fails_runp_with_the_binary_named() -> Result<()> {
     let containerd = Containerd::start(spry.register_variant(opts, "spry-noqemu", &no_qemu))?;
     runp_fails_naming(
         &containerd,
+        state.path(),
         "spry-noqemu",
         "noqemu",
         "/nonexistent/spry/qemu-system-x86_64",
@@ -234,7 +243,7 @@ fn a_full_state_filesystem_fails_clearly_and_leaves_nothing() -> Result<()> {
     // 64 KiB: room for a VM's sockets and logs, not for a template or a layer image.
     let run = TinyFs::mount(&state.path().join("run"), "size=64k")?;
     let containerd = containerd_with_spry("spry-full", &registry, state.path(), None)?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -314,7 +323,7 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         .prefix("spry-cri2-")
         .tempdir_in("/run")?;
     let mut containerd = containerd_with_spry("spry-cri2", &registry, state.path(), None)?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -451,7 +460,7 @@ fn bad_entrypoint_and_bad_config_are_named() -> Result<()> {
     let spry = SpryHandler::new(state.path(), "debug", None)?;
     let containerd =
         Containerd::start(spry.register(ContainerdOptions::new("spry-bad2").registry(&registry)))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -497,7 +506,7 @@ fn exec_it_and_attach_through_crictl() -> Result<()> {
         .prefix("spry-cri-tty-")
         .tempdir_in("/run")?;
     let containerd = containerd_with_spry("spry-cri-tty", &registry, state.path(), None)?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -586,7 +595,7 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     let opts = ContainerdOptions::new("spry-kill").registry(&registry);
     let opts = spry.register_variant(opts, "spry-own", &own_config);
     let containerd = Containerd::start(spry.register(opts))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
@@ -640,7 +649,8 @@ fn qemu_killed_during_an_exec_leaves_containerd_nothing_to_clean_up_after() -> R
         .tempdir_in("/run")?;
     let containerd = containerd_with_spry("spry-execdeath", &registry, state.path(), None)?;
     // The emptied shim goes at once: an exec containerd failed to delete kept it 10 s.
-    let leaks = containerd.leak_check()?.settle(Duration::from_secs(5));
+    let leaks =
+        watch_pod_state(containerd.leak_check()?, state.path())?.settle(Duration::from_secs(5));
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;

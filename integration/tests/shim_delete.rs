@@ -21,7 +21,7 @@ use spry_integration::{require_root, system, ContainerConfig, PodConfig};
 fn a_pod_whose_vm_died_stops_and_is_removed_at_once() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("fault-vm-died", false)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = node
         .containerd
         .crictl()

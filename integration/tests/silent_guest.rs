@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, Containerd, ContainerdOptions, PodConfig, Registry, SpryHandler,
 };
@@ -67,7 +68,7 @@ fn a_guest_that_never_answers_fails_runp_in_time_and_leaves_nothing() -> Result<
         opts = spry.register_variant(opts, handler, &config);
     }
     let containerd = Containerd::start(opts)?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     for handler in ["spry-silent-cold", "spry-silent"] {
         let pod_cfg = PodConfig::new(handler).write_to(&containerd.dir())?;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
     Registry, SpryHandler,
@@ -167,7 +168,7 @@ fn template_pods_have_their_own_identity_clock_and_randomness() -> Result<()> {
         .prefix("spry-tpl-")
         .tempdir_in("/run")?;
     let s = setup("spry-tpl", state.path())?;
-    let leaks = s.containerd.leak_check()?;
+    let leaks = watch_pod_state(s.containerd.leak_check()?, &s.state)?;
 
     let mut reports = Vec::new();
     for i in 0..10 {
@@ -211,7 +212,7 @@ fn a_corrupted_template_gives_a_cold_pod_one_warning_and_a_rebuild() -> Result<(
         .prefix("spry-tplbad-")
         .tempdir_in("/run")?;
     let s = setup("spry-tplbad", state.path())?;
-    let leaks = s.containerd.leak_check()?;
+    let leaks = watch_pod_state(s.containerd.leak_check()?, &s.state)?;
     s.report("first")?;
     let templates = s.template_dirs();
     ensure!(templates.len() == 1, "{templates:?}");
@@ -280,7 +281,7 @@ fn two_pods_starting_at_once_build_exactly_one_template() -> Result<()> {
         .prefix("spry-tplrace-")
         .tempdir_in("/run")?;
     let s = setup("spry-tplrace", state.path())?;
-    let leaks = s.containerd.leak_check()?;
+    let leaks = watch_pod_state(s.containerd.leak_check()?, &s.state)?;
     ensure!(s.template_dirs().is_empty());
 
     let reports = std::thread::scope(|scope| {

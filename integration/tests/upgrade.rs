@@ -24,7 +24,7 @@ const SCRIPT: &str =
 fn spry_upgrade_swaps_a_container_in_place_rolls_back_and_refuses_bad_input() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("upgrade", false)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     for runtime in [Some("spry"), None] {
         upgrade_in_pod(&node, runtime)
             .with_context(|| format!("in a {} pod", runtime.unwrap_or("runc")))?;
@@ -38,7 +38,7 @@ fn spry_upgrade_swaps_a_container_in_place_rolls_back_and_refuses_bad_input() ->
 fn kubelets_sequence_swaps_the_image_inside_the_same_vm() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("inplace", true)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     for runtime in ["spry", "spry-cold"] {
         kubelet_swap(&node, runtime).with_context(|| format!("in a {runtime} pod"))?;
     }
@@ -50,7 +50,7 @@ fn kubelets_sequence_swaps_the_image_inside_the_same_vm() -> Result<()> {
 fn containers_of_one_image_share_the_layer_disk_but_not_their_writes() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("shared-layer", false)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = node.containerd.crictl();
     let pod_cfg = PodConfig::new("shared-layer").write_to(&node.containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, Some("spry"))?;

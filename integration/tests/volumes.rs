@@ -210,7 +210,7 @@ fn host_volumes_are_live_both_ways_in_cold_and_template_pods() -> Result<()> {
     let node = SpryNode::start("spry-vol", true)?;
     let (containerd, image) = (&node.containerd, node.image.clone());
     let state = &node.state;
-    let leaks = containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
 
     check_pod(
@@ -300,7 +300,7 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     require_root()?;
     let node = SpryNode::start("spry-wl", false)?;
     let (containerd, image) = (&node.containerd, node.image.clone());
-    let leaks = containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(240));
     let pod_cfg = PodConfig::new("writable").write_to(&containerd.dir())?;
     let pod = crictl.runp(&pod_cfg, Some("spry"))?;
@@ -398,7 +398,7 @@ fn configmap_updates_reach_the_guest_atomically_with_inotify() -> Result<()> {
         .prefix("spry-cm-src-")
         .tempdir_in("/var/tmp")?;
     let node = SpryNode::start("spry-cm", true)?;
-    let leaks = node.containerd.leak_check()?;
+    let leaks = node.leak_check()?;
     for runtime in ["spry-cold", "spry"] {
         check_configmap_updates(&node, runtime, &sources.path().join(runtime))?;
     }

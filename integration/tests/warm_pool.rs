@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use spry_integration::spry::watch_pod_state;
 use spry_integration::{
     require_root, system, ContainerConfig, Containerd, ContainerdOptions, Crictl, PodConfig,
     Registry, SpryHandler,
@@ -169,7 +170,7 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
         HANDLER,
         &config,
     ))?;
-    let leaks = containerd.leak_check()?;
+    let leaks = watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(180));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
