@@ -10,8 +10,8 @@ use tracing::{debug, info};
 
 use super::protocol::{read_line, write_line};
 use super::{
-    config_key, config_text, io_error, is_live, spare_dirs, AdoptReply, AdoptRequest, PoolError,
-    CONFIG_FILE, CONTAINERD_FILE, CONTROL_SOCKET, LOCK_FILE,
+    config_key, config_text, io_error, is_live, remove_dead, spare_dirs, try_lock, AdoptReply,
+    AdoptRequest, PoolError, CONFIG_FILE, CONTAINERD_FILE, CONTROL_SOCKET, LOCK_FILE,
 };
 use crate::config::Config;
 use crate::state_dir::StateDir;
@@ -199,9 +199,16 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         return Ok(0);
     };
     let mut locks = Vec::new();
+    let mut dead = 0;
     for entry in entries.flatten() {
         let dir = entry.path();
         if !dir.is_dir() || !ends(&dir) {
+            continue;
+        }
+        if let Ok(Some(_free)) = try_lock(&dir) {
+            // Dead already: nothing to wait for, but its VM's leftovers to remove.
+            remove_dead(&dir);
+            dead += 1;
             continue;
         }
         // Opened before the dir goes: the lock is free again once its spare has exited.
@@ -210,7 +217,7 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         }
         std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
     }
-    let count = locks.len();
+    let count = locks.len() + dead;
     // Each lock is free once its spare (and with it its VM) is gone. Polled, not a
     // blocking lock: a spare that never ends must not keep the caller waiting past the
     // timeout (a blocked thread would also hold up the runtime's shutdown).

@@ -153,16 +153,31 @@ fn try_lock(dir: &Path) -> Result<Option<Flock<File>>, PoolError> {
     }
 }
 
-/// Whether a live spare holds `dir`; a dead spare's dir is removed.
+/// Whether a live spare holds `dir`; a dead spare's dir is removed (`remove_dead`).
 fn is_live(dir: &Path) -> bool {
     match try_lock(dir) {
         Ok(None) => true,
         Ok(Some(_lock)) => {
-            let _ = std::fs::remove_dir_all(dir);
+            remove_dead(dir);
             false
         }
         Err(_) => false,
     }
+}
+
+/// Removes a dead spare's dir and, first, what its VM left in the state dir (the VM is
+/// named after the dir): a killed spare never ran its own cleanup, and no containerd
+/// knows of it to run `delete`.
+fn remove_dead(dir: &Path) {
+    let state_dir = dir.parent().and_then(Path::parent);
+    if let (Some(state_dir), Some(name)) = (state_dir, dir.file_name()) {
+        let config = Config {
+            state_dir: state_dir.to_path_buf(),
+            ..Config::default()
+        };
+        crate::host::Host::new(config).remove_leftovers(&name.to_string_lossy());
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The VM name a pod's bundle records (see [`VM_NAME_MARKER`]).

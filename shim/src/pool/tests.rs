@@ -1,26 +1,39 @@
 use super::*;
 
 #[test]
-fn a_dead_spares_dir_is_swept_and_a_live_one_kept() {
-    let pool = tempfile::tempdir().unwrap();
-    let live = pool.path().join("abc-1");
-    let dead = pool.path().join("abc-2");
-    let other = pool.path().join("def-1");
+fn a_dead_spares_dir_is_swept_with_its_vms_leftovers_and_a_live_one_kept() {
+    let state = tempfile::tempdir().unwrap();
+    let layout = crate::state_dir::StateDir::new(state.path().to_path_buf());
+    let pool = layout.pool();
+    std::fs::create_dir(&pool).unwrap();
+    let live = pool.join("abc-1");
+    let dead = pool.join("abc-2");
+    let other = pool.join("def-1");
     for dir in [&live, &dead, &other] {
         std::fs::create_dir(dir).unwrap();
+    }
+    // What a spare's VM keeps in the state dir; a killed spare leaves it.
+    for name in ["abc-1", "abc-2"] {
+        for dir in layout.per_vm_dirs(name) {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("console.log"), "booted").unwrap();
+        }
     }
     let _held = try_lock(&live).unwrap().expect("free at first");
     assert!(
         try_lock(&live).unwrap().is_none(),
         "a held lock is seen as held"
     );
-    assert_eq!(
-        spare_dirs(pool.path(), "abc"),
-        vec![live.clone(), dead.clone()]
-    );
+    assert_eq!(spare_dirs(&pool, "abc"), vec![live.clone(), dead.clone()]);
     assert!(is_live(&live));
     assert!(!is_live(&dead));
     assert!(!dead.exists(), "a dead spare's dir is removed");
+    for dir in layout.per_vm_dirs("abc-2") {
+        assert!(!dir.exists(), "the dead spare's VM left {}", dir.display());
+    }
+    for dir in layout.per_vm_dirs("abc-1") {
+        assert!(dir.exists(), "a live spare's VM lost {}", dir.display());
+    }
     assert!(other.exists());
 }
 
