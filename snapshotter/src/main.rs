@@ -12,7 +12,7 @@ use spry_snapshotter::{
     estargz::DEFAULT_CHUNK_SIZE,
     record::{convert_options, record_image, ReadRanges, RecordOptions, StopReason},
     registry::{Reference, RegistryClient},
-    service::SprySnapshotter,
+    service::{RunToEnd, SprySnapshotter},
     warm::{warm_image, WarmScope},
 };
 
@@ -262,7 +262,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
     };
     let result = tonic::transport::Server::builder()
-        .add_service(containerd_snapshots::server(snapshotter.clone()))
+        .add_service(containerd_snapshots::server(Arc::new(RunToEnd::new(
+            snapshotter.clone(),
+        ))))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = std::fs::remove_file(&config.socket);
