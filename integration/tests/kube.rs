@@ -420,9 +420,9 @@ fn deployment_scale(cluster: &Cluster, registry: &Registry) -> Result<()> {
     wait(Duration::from_secs(60), "the VMs to stop", || {
         Ok(cluster.vm_pids()?.is_empty())
     })?;
-    // No VM state, rootfs image or mount of the three pods is left.
+    // No VM state, rootfs image, file share or mount of the three pods is left.
     let state = cluster.spry_state();
-    for sub in ["vms", "rootfs"] {
+    for sub in ["vms", "rootfs", "shares"] {
         let left = system::list_dir(&state.join(sub));
         if !left.is_empty() {
             bail!("{sub} left in Spry's state dir after scaling to 0: {left:?}");
