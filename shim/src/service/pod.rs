@@ -406,7 +406,12 @@ impl Pod {
     }
 
     pub async fn pids(&self, id: &str) -> Result<Vec<u32>, ShimError> {
-        let kind = self.kind_of(id).await?;
+        let (kind, init_alive) = {
+            let tasks = self.tasks.lock().await;
+            let task = tasks.task(id)?;
+            let stopped = matches!(task.init.status(), ProcessStatus::Stopped { .. });
+            (task.kind, !stopped)
+        };
         let vm = self.running_vm(id).await?;
         if kind == TaskKind::Sandbox {
             return Ok(vec![vm.pid()]);
@@ -416,11 +421,8 @@ impl Pod {
         // us. A restarted containerd deletes a task whose list is empty and, refused (the
         // init still counts as running here), forgets a task this shim keeps: its rootfs
         // stayed mounted and the shim outlived the pod. Until the exit is in, the init
-        // counts, as the VM pid State reports for it.
-        let init_alive = !matches!(
-            self.tasks.lock().await.process(id, "")?.status(),
-            ProcessStatus::Stopped { .. }
-        );
+        // counts, as the VM pid State reports for it (read before the guest is asked, so
+        // an init that dies in between still counts, which only delays a delete).
         if pids.is_empty() && init_alive {
             return Ok(vec![vm.pid()]);
         }
