@@ -81,7 +81,7 @@ struct Node {
     /// Mounts under the snapshotter's dir once the image was pulled (its layer, served).
     lazy_mounts: usize,
     _registry: Registry,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
     _storage: Option<tempfile::TempDir>,
 }
 
@@ -109,7 +109,7 @@ impl Node {
             snapshotter: None,
             lazy_mounts: 0,
             _registry: registry,
-            _state: state,
+            state,
             _storage: None,
         })
     }
@@ -150,7 +150,7 @@ impl Node {
             snapshotter: Some(snapshotter),
             lazy_mounts,
             _registry: registry,
-            _state: state,
+            state,
             _storage: Some(storage),
         })
     }
@@ -267,6 +267,20 @@ impl Node {
         Ok(outcome)
     }
 
+    /// Whether a template build's VM is up (its state dir, named `_template-<key>`).
+    fn template_build_running(&self) -> bool {
+        std::fs::read_dir(self.state.path().join("run/vms"))
+            .map(|entries| {
+                entries.flatten().any(|entry| {
+                    entry
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("_template-")
+                })
+            })
+            .unwrap_or(false)
+    }
+
     /// Live shims or QEMUs of this node.
     fn victims(&self, kind: Victim) -> Result<Vec<i32>> {
         let procs = match kind {
@@ -286,7 +300,8 @@ impl Node {
     }
 
     /// Waits until the step is in flight (while booting: until the victim, or for
-    /// containerd the pod's shim, exists), then kills the victim; a killed containerd is
+    /// containerd the pod's shim, exists; for a template build, also its VM), then kills
+    /// the victim; a killed containerd is
     /// started again, as systemd would.
     fn kill_in_flight(&mut self, victim: Victim, step: Step, before: &[i32]) -> Result<()> {
         let booting = matches!(step, Step::TemplateBuild | Step::Runp);
@@ -306,7 +321,9 @@ impl Node {
                 (Victim::Snapshotter | Victim::LayerDaemon, _) => self.snapshotter_victim(victim),
                 (_, found) => found,
             };
-            match pid {
+            // A template build is killed in the middle: once its VM is up.
+            let in_flight = step != Step::TemplateBuild || self.template_build_running();
+            match pid.filter(|_| in_flight) {
                 Some(pid) => {
                     if !booting {
                         // The other calls take tens of ms to seconds: land inside them.

@@ -112,8 +112,8 @@ impl Host {
         Duration::from_secs(u64::from(self.config.vm.boot_timeout_s))
     }
 
-    /// Removes what VM `name`'s dead shim left (QEMU itself dies with its shim), and
-    /// shared layer images nobody holds any more.
+    /// Removes what VM `name`'s dead shim left (QEMU itself dies with its shim), what a
+    /// template build it was running left, and shared layer images nobody holds any more.
     pub fn remove_leftovers(&self, name: &str) {
         // First, and never recursively: the share holds binds of users' host directories.
         crate::volumes::remove_staging(&self.state.share(name));
@@ -124,6 +124,8 @@ impl Host {
                 }
             }
         }
+        // The dead shim may have been building a template.
+        crate::template::remove_abandoned_builds(&self.templates, &self.state.vms());
         self.layer_cache.remove_unused();
     }
 }

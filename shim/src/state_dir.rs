@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! <state_dir>/
-//!   vms/<vm>/            one running VM: QMP and agent sockets, console log (`vm/`)
+//!   vms/<vm>/            one running VM: QMP and agent sockets, console log (`vm/`);
+//!                        `_template-<key>` builds a template (`template/leftovers.rs`)
 //!   rootfs/<vm>/         per-container rootfs images of that VM's pod (`rootfs/`)
 //!   shares/<vm>/         that pod's file share: binds of its host volumes (`volumes/share.rs`);
 //!                        never removed recursively
@@ -57,7 +58,12 @@ impl StateDir {
 
     /// The state dir of VM `name` (created by the VM layer, which requires it to be new).
     pub fn vm(&self, name: &str) -> PathBuf {
-        self.root.join("vms").join(name)
+        self.vms().join(name)
+    }
+
+    /// Where every VM's state dir is, pods' and template builders'.
+    pub fn vms(&self) -> PathBuf {
+        self.root.join("vms")
     }
 
     /// The per-container rootfs images of VM `name`'s pod.

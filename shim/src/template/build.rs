@@ -73,7 +73,7 @@ async fn build_locked(
     let _ = std::fs::remove_dir_all(&build_dir.path);
     std::fs::create_dir_all(&build_dir.path).map_err(io(&build_dir.path))?;
 
-    let id = format!("tpl-{}", &key[..key.len().min(12)]);
+    let id = super::leftovers::build_vm_name(key);
     let vms_dir = base.state_dir.parent().unwrap_or(store.root());
     let state_dir = vms_dir.join(&id);
     let _ = std::fs::remove_dir_all(&state_dir);

@@ -18,6 +18,7 @@
 
 mod build;
 mod launch;
+mod leftovers;
 mod store;
 
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use build::build_template;
 pub use launch::{restore_unattached, start_sandbox, Launch, LaunchRequest};
+pub use leftovers::remove_abandoned_builds;
 pub use store::{Damage, Manifest, Template, TemplateStore};
 
 use crate::vm::VmError;

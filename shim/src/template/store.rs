@@ -162,6 +162,15 @@ impl TemplateStore {
             .map_err(|source| TemplateError::Lock { path, source })
     }
 
+    /// The build lock if no one holds it: `None` while a build is under way (a builder's
+    /// flock dies with its process, so a killed builder never holds it).
+    pub fn try_lock(&self) -> Option<StoreLock> {
+        let file = File::create(self.root.join(".lock")).ok()?;
+        Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .ok()
+            .map(StoreLock)
+    }
+
     /// The directory a template with `key` is built in before it is published.
     pub fn build_dir(&self, key: &str) -> PathBuf {
         self.root.join(format!(".build-{key}"))
