@@ -232,11 +232,12 @@ fn liveness_restart_same_vm(cluster: &Cluster, image: &str) -> Result<bool> {
     Ok(restarted.is_some() && vms.len() == 1 && cluster.vm_pids()? == vms)
 }
 
-/// After every workload is gone: no VM, VM state, rootfs image or mount of Spry's left.
+/// After every workload is gone: no VM, VM state, rootfs image, file share or mount of
+/// Spry's left.
 fn no_leaks(cluster: &Cluster) -> Result<bool> {
     let state = cluster.spry_state();
     let vms = cluster.vm_pids()?;
-    let dirs: Vec<_> = ["vms", "rootfs"]
+    let dirs: Vec<_> = ["vms", "rootfs", "shares"]
         .iter()
         .flat_map(|sub| system::list_dir(&state.join(sub)))
         .collect();

@@ -77,7 +77,8 @@ fn main() -> Result<()> {
     let opts = spry.register_variant(opts, "spry-cold", &cold_config);
     let opts = spry.register_variant(opts, "spry-template", &template_config);
     let containerd = Containerd::start(spry.register(opts))?;
-    let leaks = containerd.leak_check()?;
+    // The census also watches Spry's state dir: a pod's VM dir, file share, rootfs images.
+    let leaks = spry_integration::spry::watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image("netprobe:1");
     crictl

@@ -55,7 +55,8 @@ fn main() -> Result<()> {
         .tempdir_in("/var/tmp")?;
     let node = BenchNode::start("bench-vol")?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
-    let leaks = containerd.leak_check()?;
+    // The census also watches Spry's state dir: a pod's VM dir, file share, rootfs images.
+    let leaks = spry_integration::spry::watch_pod_state(containerd.leak_check()?, state.path())?;
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(600));
     let image = registry.image("busybox:1");
     crictl.pull(&image)?;
