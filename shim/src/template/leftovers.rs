@@ -9,6 +9,7 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
+use super::store::BUILD_DIR_PREFIX;
 use super::TemplateStore;
 
 /// Build VMs' names begin with this. containerd's ids begin with a letter or a digit, so no
@@ -29,7 +30,7 @@ pub fn remove_abandoned_builds(store: &TemplateStore, vms_dir: &Path) {
     let Some(_lock) = store.try_lock() else {
         return;
     };
-    let builds = entries_named(store.root(), |name| name.starts_with(".build-"));
+    let builds = entries_named(store.root(), |name| name.starts_with(BUILD_DIR_PREFIX));
     let vms = entries_named(vms_dir, |name| name.starts_with(BUILD_VM_PREFIX));
     for dir in builds.into_iter().chain(vms) {
         match std::fs::remove_dir_all(&dir) {

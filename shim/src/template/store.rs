@@ -18,6 +18,9 @@ use tracing::{info, warn};
 
 use super::TemplateError;
 
+/// Build dirs' names begin with this (`<prefix><key>`).
+pub(super) const BUILD_DIR_PREFIX: &str = ".build-";
+
 /// Bump when the manifest or the files change meaning.
 pub const MANIFEST_FORMAT: u32 = 1;
 const MANIFEST: &str = "manifest.json";
@@ -173,7 +176,7 @@ impl TemplateStore {
 
     /// The directory a template with `key` is built in before it is published.
     pub fn build_dir(&self, key: &str) -> PathBuf {
-        self.root.join(format!(".build-{key}"))
+        self.root.join(format!("{BUILD_DIR_PREFIX}{key}"))
     }
 
     pub fn memory_file(dir: &Path) -> PathBuf {
