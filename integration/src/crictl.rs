@@ -349,6 +349,17 @@ impl Crictl {
             .with_context(|| format!("crictl stats returned no entry for {container_id}"))
     }
 
+    /// The container's writable layer usage in bytes as CRI reports it (0 when absent).
+    pub fn writable_layer_bytes(&self, container_id: &str) -> Result<u64> {
+        let stats = self.stats(container_id)?;
+        let used = &stats["writableLayer"]["usedBytes"]["value"];
+        Ok(used
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .or_else(|| used.as_u64())
+            .unwrap_or(0))
+    }
+
     /// `crictl info` (runtime status + CRI config), parsed.
     pub fn info(&self) -> Result<Value> {
         self.run_json(&["info", "-o", "json"])

@@ -1,7 +1,8 @@
 //! The host side of a Spry container's rootfs: containerd's writable overlay is mounted
 //! `volatile` (its unmount at every stop would otherwise sync the node's whole `/var/lib`),
-//! and it can be mounted again once the container stopped, as a plain overlay can. Needs
-//! root, the guest and the test images.
+//! and it can be mounted again once the container stopped, as a plain overlay can; a
+//! container started in an idle pod gets its writable layer on the disk the shim plugged
+//! ahead, and what it writes is its own. Needs root, the guest and the test images.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -25,6 +26,89 @@ fn a_containers_overlay_is_volatile_and_can_be_mounted_again_once_it_stopped() -
     writer.crictl.rm(&writer.id)?;
     writer.crictl.stopp(&writer.pod)?;
     writer.crictl.rmp(&writer.pod)?;
+    leaks.assert_clean()?;
+    Ok(())
+}
+
+/// While a pod idles, the shim plugs an empty disk into its VM; the next container's
+/// writable layer (its image in its own snapshot) goes on it, so the guest finds a disk it
+/// has already probed. What that container writes lands in its own image (CRI counts it)
+/// and no other container (one started right after it among them) sees it.
+#[test]
+fn a_container_started_in_an_idle_pod_writes_to_its_own_layer_on_the_disk_plugged_ahead(
+) -> Result<()> {
+    require_root()?;
+    let node = SpryNode::start("rootfs-ahead", false)?;
+    let leaks = node.leak_check()?;
+    let crictl = node
+        .containerd
+        .crictl()
+        .with_timeout(Duration::from_secs(240));
+    let dir = node.containerd.dir();
+    let pod_cfg = PodConfig::new("ahead").write_to(&dir)?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let start = |name: &str| -> Result<String> {
+        let cfg = ContainerConfig::new(name, &node.image)
+            .command(&["sleep", "3600"])
+            .write_to(&dir)?;
+        let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+        crictl.start(&id)?;
+        Ok(id)
+    };
+    let first = start("first")?;
+    // Idle well past the shim's wait before it plugs the next disk (100 ms).
+    std::thread::sleep(Duration::from_secs(2));
+    let second = start("second")?;
+    let third = start("third")?;
+    let ahead = |id: &str| {
+        node.containerd
+            .log()
+            .lines()
+            .any(|l| l.contains("writable layer on the disk plugged ahead") && l.contains(id))
+    };
+    ensure!(
+        ahead(&second),
+        "the second container's writable layer was not put on the disk plugged ahead"
+    );
+
+    let write =
+        "dd if=/dev/urandom of=/written bs=1M count=32 conv=fsync 2>/dev/null && md5sum /written";
+    let out = crictl.exec_sync(&second, &["sh", "-c", write], Duration::from_secs(120))?;
+    ensure!(
+        out.code == 0,
+        "writing to the rootfs failed: {}",
+        out.stderr
+    );
+    let again = crictl.exec_sync(&second, &["md5sum", "/written"], Duration::from_secs(60))?;
+    ensure!(
+        again.stdout == out.stdout,
+        "the file reads back differently: {} then {}",
+        out.stdout,
+        again.stdout
+    );
+    for other in [&first, &third] {
+        let seen = crictl.exec_sync(other, &["test", "-e", "/written"], Duration::from_secs(60))?;
+        ensure!(
+            seen.code != 0,
+            "container {other} sees the second one's file"
+        );
+    }
+    // CRI reports the container snapshot's usage (the image is in it), refreshed every
+    // few seconds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let used = crictl.writable_layer_bytes(&second)?;
+        if used >= 32 << 20 {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "crictl stats shows a writable layer of {used} bytes after writing 32 MiB"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
     leaks.assert_clean()?;
     Ok(())
 }

@@ -285,16 +285,6 @@ fn guest_shmem_mib(crictl: &Crictl, container: &str) -> Result<u64> {
         .context("no Shmem in the guest's /proc/meminfo")
 }
 
-fn writable_layer_bytes(crictl: &Crictl, container: &str) -> Result<u64> {
-    let stats = crictl.stats(container)?;
-    let used = &stats["writableLayer"]["usedBytes"]["value"];
-    Ok(used
-        .as_str()
-        .and_then(|v| v.parse().ok())
-        .or_else(|| used.as_u64())
-        .unwrap_or(0))
-}
-
 #[test]
 fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     require_root()?;
@@ -344,7 +334,7 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
             "crictl stats shows a writable layer of {used} bytes after writing 1 GiB"
         );
         std::thread::sleep(Duration::from_secs(2));
-        used = writable_layer_bytes(&crictl, &ctr)?;
+        used = crictl.writable_layer_bytes(&ctr)?;
     }
     eprintln!("crictl stats: writable layer {} MiB", used >> 20);
     // Memory stats mean what runc's mean: no limit → no availableBytes (not ~2^64),
@@ -370,7 +360,7 @@ fn a_gigabyte_written_to_the_rootfs_is_host_disk_not_guest_ram() -> Result<()> {
     run(&crictl, &ctr, &["sh", "-c", "rm /big && sync"])?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        used = writable_layer_bytes(&crictl, &ctr)?;
+        used = crictl.writable_layer_bytes(&ctr)?;
         if used < 256 << 20 {
             break;
         }

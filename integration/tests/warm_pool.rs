@@ -233,6 +233,18 @@ fn pods_take_pooled_vms_and_a_killed_or_drained_pool_leaves_nothing() -> Result<
         node.containerd.log_tail(40)
     );
     ensure!(ip2 != ip3, "two pods, one IP: {ip2}");
+    // A spare plugs the next writable disk once warmed; a pooled pod's first container
+    // has its writable layer put on it (the sandbox's own one, plugged 100 ms after the
+    // pod is ready, may also come first).
+    let ahead = node
+        .containerd
+        .log()
+        .matches("writable layer on the disk plugged ahead")
+        .count();
+    ensure!(
+        ahead >= 2,
+        "{ahead} containers had their writable layer on a disk plugged ahead"
+    );
     ensure!(
         seen2.random_hex != seen3.random_hex,
         "two pooled VMs read the same random bytes: {}",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::cgroup::SpareCgroups;
 use super::protocol::{read_line, write_line};
@@ -19,6 +19,7 @@ use super::{
 use crate::config::Config;
 use crate::host::Host;
 use crate::network::nic_for;
+use crate::rootfs::RootfsShare;
 use crate::sandbox::{BootedVm, SandboxIdentity};
 use crate::vm::{NetNamespace, VmConfig};
 
@@ -36,6 +37,9 @@ pub struct Spare {
     /// The VM's name, which names its state dirs.
     pub name: String,
     pub config: Config,
+    /// The VM's rootfs share, with the next container's writable disk already plugged
+    /// (and probed by the guest while the spare idled).
+    pub share: Box<dyn RootfsShare>,
 }
 
 /// A spare a pod took: the pod as `start` described it, the pod's task socket (already
@@ -121,11 +125,16 @@ async fn restore(dir: &Path) -> Result<Spare, PoolError> {
         booted.stop().await;
         return Err(e);
     }
+    // Best effort: without it, the pod's first container plugs its writable disk itself.
+    if let Err(e) = share.prepare_next(booted.vm()).await {
+        debug!(vm = %name, error = %crate::error_chain(&e), "cannot plug the spare's next writable disk");
+    }
     info!(vm = %name, warm_up_ms = started.elapsed().as_millis() as u64, "spare VM restored and warmed; waiting for a pod");
     Ok(Spare {
         booted,
         name,
         config,
+        share,
     })
 }
 

@@ -12,6 +12,7 @@
 
 mod cache;
 mod erofs;
+mod next_writable;
 mod pack;
 mod plugged;
 mod pristine;
@@ -28,6 +29,7 @@ use crate::vm::{HostRelease, ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, CachedImage, LayerCache};
 pub use erofs::ErofsError;
+use next_writable::NextWritableDisk;
 use plugged::PluggedLayers;
 pub use pristine::PristineLayer;
 use source::lazy_read_ahead_kib;
@@ -56,6 +58,11 @@ pub enum RootfsError {
     #[error("cannot hot-plug the rootfs image of container {container_id} into the VM")]
     Hotplug {
         container_id: String,
+        #[source]
+        source: VmError,
+    },
+    #[error("cannot plug an empty disk for the next container's writable layer")]
+    EmptyDisk {
         #[source]
         source: VmError,
     },
@@ -122,6 +129,10 @@ pub trait RootfsShare: Send + Sync {
         source: &RootfsSource,
     ) -> Result<AttachedRootfs, RootfsError>;
 
+    /// Gets what the next container's attach needs ready in the VM ahead of it (an empty
+    /// disk for its writable layer, `next_writable.rs`). For when the VM is idle.
+    async fn prepare_next(&self, vm: &dyn Vm) -> Result<(), RootfsError>;
+
     /// Undoes `attach` once the agent has unmounted the rootfs. Must also succeed when
     /// the VM is already gone (then only host files are removed).
     async fn detach(&self, vm: &dyn Vm, attached: AttachedRootfs) -> Result<(), RootfsError>;
@@ -138,6 +149,8 @@ pub struct ErofsBlockShare {
     plugged: PluggedLayers,
     /// Where writable layers are copied from; without it, mkfs makes each.
     pristine: Option<PristineLayer>,
+    /// The disk the next writable layer goes on, when one was plugged ahead.
+    next_writable: NextWritableDisk,
 }
 
 impl ErofsBlockShare {
@@ -147,6 +160,7 @@ impl ErofsBlockShare {
             cache: None,
             plugged: PluggedLayers::default(),
             pristine: None,
+            next_writable: NextWritableDisk::default(),
         }
     }
 
@@ -409,15 +423,16 @@ impl RootfsShare for ErofsBlockShare {
                 return Err(e);
             }
         };
-        let upper_addr = match vm.hotplug_disk(&upper_image, false).await {
+        let plugged = self
+            .next_writable
+            .plug(vm, container_id, &upper_image)
+            .await;
+        let upper_addr = match plugged {
             Ok(upper_addr) => upper_addr,
-            Err(source) => {
+            Err(e) => {
                 remove_file_quietly(&upper_image);
                 self.give_back_layers(vm, container_id, layers).await;
-                return Err(RootfsError::Hotplug {
-                    container_id: container_id.to_string(),
-                    source,
-                });
+                return Err(e);
             }
         };
         let mut rootfs = pb::Rootfs {
@@ -450,6 +465,10 @@ impl RootfsShare for ErofsBlockShare {
             shared_layers,
             images,
         })
+    }
+
+    async fn prepare_next(&self, vm: &dyn Vm) -> Result<(), RootfsError> {
+        self.next_writable.prepare(vm).await
     }
 
     async fn detach(&self, vm: &dyn Vm, attached: AttachedRootfs) -> Result<(), RootfsError> {

@@ -180,3 +180,81 @@ async fn a_served_layer_that_cannot_be_plugged_gives_the_others_back() {
     assert!(!merged.join(writable::IMAGE_NAME).exists());
     assert!(good.exists());
 }
+
+/// The writable image of `source`, as attach makes it in the container's snapshot.
+fn writable_image(source: &RootfsSource) -> PathBuf {
+    let RootfsSource::Layers { merged, .. } = source else {
+        unreachable!()
+    };
+    merged.join(writable::IMAGE_NAME)
+}
+
+#[tokio::test]
+async fn the_next_writable_layer_goes_on_the_disk_plugged_ahead() {
+    let s = setup();
+    let vm = DiskVm::default();
+    let first = s
+        .share
+        .attach(&vm, "first", &s.container("a"))
+        .await
+        .unwrap();
+    s.share.prepare_next(&vm).await.unwrap();
+    s.share.prepare_next(&vm).await.unwrap();
+    let plugged = vm.plugged.lock().unwrap().clone();
+    let empty: Vec<_> = plugged
+        .iter()
+        .filter(|p| p.1.as_os_str().is_empty())
+        .collect();
+    assert_eq!(empty.len(), 1, "one empty disk at a time: {plugged:?}");
+    let empty_addr = empty[0].0;
+
+    let source = s.container("b");
+    let second = s.share.attach(&vm, "second", &source).await.unwrap();
+    let after = vm.plugged.lock().unwrap().clone();
+    assert_eq!(
+        after.len(),
+        plugged.len(),
+        "a new disk was plugged: {after:?}"
+    );
+    let filled = after.iter().find(|p| p.0 == empty_addr).unwrap();
+    assert_eq!(
+        filled.1,
+        writable_image(&source),
+        "the empty disk holds the layer"
+    );
+    let upper = second.rootfs.upper.as_ref().unwrap();
+    let Some(pb::storage::Source::Scsi(disk)) = &upper.source else {
+        panic!("{upper:?}")
+    };
+    assert_eq!((disk.target, disk.lun), (empty_addr.target, empty_addr.lun));
+
+    // Taken: the next attach plugs a new disk again.
+    let third = s
+        .share
+        .attach(&vm, "third", &s.container("c"))
+        .await
+        .unwrap();
+    assert_eq!(vm.plugged.lock().unwrap().len(), plugged.len() + 1);
+    s.share.detach(&vm, second).await.unwrap();
+    assert!(vm.unplugged.lock().unwrap().contains(&empty_addr));
+    s.share.detach(&vm, first).await.unwrap();
+    s.share.detach(&vm, third).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_disk_plugged_ahead_that_cannot_be_filled_is_unplugged_for_a_new_one() {
+    let s = setup();
+    let vm = DiskVm::default();
+    s.share.prepare_next(&vm).await.unwrap();
+    let empty_addr = vm.plugged.lock().unwrap()[0].0;
+    vm.refuse_fill.store(true, Ordering::SeqCst);
+    let source = s.container("a");
+    let attached = s.share.attach(&vm, "a", &source).await.unwrap();
+    assert_eq!(*vm.unplugged.lock().unwrap(), [empty_addr]);
+    let plugged = vm.plugged.lock().unwrap().clone();
+    assert!(
+        plugged.iter().any(|p| p.1 == writable_image(&source)),
+        "the layer is not on a disk: {plugged:?}"
+    );
+    s.share.detach(&vm, attached).await.unwrap();
+}

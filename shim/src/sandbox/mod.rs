@@ -7,6 +7,7 @@
 //! stops its VM before returning the error, and shutdown (in one place, any number of
 //! calls) stops the VM and then tears the resources down.
 
+mod idle_prep;
 mod network;
 mod pod_vm;
 mod resources;
@@ -26,6 +27,7 @@ use crate::network::NetworkPlan;
 use crate::rootfs::{RootfsError, RootfsShare};
 use crate::vm::{AgentEndpoint, Hypervisor, Vm, VmConfig, VmError, VmExit};
 use crate::volumes::{ContainerDevices, FileShare, FileShareConfig, PodLocalDisks, VolumeWatches};
+use idle_prep::IdlePreparation;
 
 pub use network::PodNetwork;
 pub use pod_vm::PodVm;
@@ -107,7 +109,8 @@ pub struct SandboxIdentity {
 /// A running pod VM with a connected agent.
 pub struct Sandbox {
     id: String,
-    vm: Box<dyn Vm>,
+    /// Shared only with [`IdlePreparation`]'s task, which ends without it.
+    vm: Arc<dyn Vm>,
     agent: AgentClient,
     rootfs: Arc<RootfsDisks>,
     share: Option<Arc<FileShare>>,
@@ -118,6 +121,7 @@ pub struct Sandbox {
     /// Host block devices, plugged per container.
     devices: ContainerDevices,
     resources: PodResources,
+    idle_prep: IdlePreparation,
 }
 
 /// A running VM whose agent answered, not yet any pod's: what a pod's start makes first,
@@ -249,7 +253,7 @@ impl Sandbox {
         let resources = PodResources::new(items);
         let sandbox = Sandbox {
             id: id.clone(),
-            vm,
+            vm: Arc::from(vm),
             agent,
             rootfs,
             share,
@@ -258,6 +262,7 @@ impl Sandbox {
             pod_disks: PodLocalDisks::default(),
             devices: ContainerDevices::default(),
             resources,
+            idle_prep: IdlePreparation::default(),
         };
         if let Err(e) = sandbox.resources.setup(sandbox.vm.as_ref()).await {
             stop_quietly(sandbox.vm.as_ref()).await;
@@ -276,7 +281,14 @@ impl Sandbox {
             kernel = %sandbox.agent.info.kernel_release,
             "sandbox ready"
         );
+        sandbox.prepare_next_container();
         Ok(sandbox)
+    }
+
+    /// Gets the VM ready for a container to come, once it has idled a moment.
+    fn prepare_next_container(&self) {
+        self.idle_prep
+            .schedule(Arc::clone(&self.vm), Arc::clone(&self.rootfs));
     }
 
     pub fn id(&self) -> &str {
@@ -316,6 +328,7 @@ impl Sandbox {
     pub async fn shutdown(&self, timeout: Duration) -> Result<VmExit, SandboxError> {
         let span = info_span!("sandbox", sandbox_id = %self.id);
         async move {
+            self.idle_prep.cancel();
             if self.is_running() {
                 // The reply may never come (the guest powers off first); the VM's exit
                 // is what we wait for.

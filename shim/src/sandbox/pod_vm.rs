@@ -201,7 +201,9 @@ impl PodVm for Sandbox {
             .map_err(|source| SandboxError::Container {
                 container_id: container_id.to_string(),
                 source,
-            })
+            })?;
+        self.prepare_next_container();
+        Ok(())
     }
 
     async fn remove_container(&self, container_id: &str) -> Result<(), SandboxError> {

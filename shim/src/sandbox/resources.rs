@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use spry_proto::agent as pb;
 use tokio::sync::Mutex;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::network::NetworkError;
 use crate::rootfs::{AttachedRootfs, RootfsError, RootfsShare, RootfsSource};
@@ -164,6 +164,14 @@ impl RootfsDisks {
         let rootfs = disk.rootfs.clone();
         attached.insert(container_id.to_string(), disk);
         Ok(rootfs)
+    }
+
+    /// Gets the next container's rootfs disks ready ahead of it; best effort (an attach
+    /// without them plugs what it needs).
+    pub async fn prepare_next(&self, vm: &dyn Vm) {
+        if let Err(e) = self.share.prepare_next(vm).await {
+            debug!(error = %crate::error_chain(&e), "cannot prepare the next container's rootfs disks");
+        }
     }
 
     /// Detaches the container's rootfs, if it has one.

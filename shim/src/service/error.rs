@@ -188,6 +188,7 @@ fn rootfs_code(error: &RootfsError) -> ttrpc::Code {
         )
         | RootfsError::Writable(_)
         | RootfsError::Hotplug { .. }
+        | RootfsError::EmptyDisk { .. }
         | RootfsError::Unplug { .. } => return Code::INTERNAL,
     };
     match image {

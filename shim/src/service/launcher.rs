@@ -17,7 +17,6 @@ use crate::config::Config;
 use crate::host::Host;
 use crate::network::{self, NetworkPlan};
 use crate::pool::{Spare, NICS};
-use crate::rootfs::RootfsShare;
 use crate::sandbox::{PodVm, Sandbox, SandboxIdentity};
 use crate::template;
 use crate::vm::{NetNamespace, VmConfig};
@@ -139,15 +138,15 @@ impl SandboxLauncher for HostLauncher {
             cgroup,
             ..Default::default()
         };
-        let make_share = host.rootfs_share_factory(&name);
         if let Some(spare) = spare {
-            let vm = adopt_spare(id, spare, identity, make_share()).await?;
+            let vm = adopt_spare(id, spare, identity).await?;
             return Ok(Launched {
                 vm: Arc::new(vm),
                 state_dir,
                 rebuild: None,
             });
         }
+        let make_share = host.rootfs_share_factory(&name);
         let request = host.launch_request(vm_config, identity);
         let launch = template::start_sandbox(request, &make_share).await?;
         Ok(Launched {
@@ -171,7 +170,6 @@ async fn adopt_spare(
     id: &str,
     spare: Spare,
     identity: SandboxIdentity,
-    share: Box<dyn RootfsShare>,
 ) -> Result<Sandbox, ShimError> {
     if identity.network.is_none() {
         spare.booted.stop().await;
@@ -184,7 +182,7 @@ async fn adopt_spare(
         ))),
         ..identity
     };
-    let sandbox = Sandbox::attach(spare.booted, identity, share).await?;
+    let sandbox = Sandbox::attach(spare.booted, identity, spare.share).await?;
     info!(vm = %spare.name, "the pod took a pooled VM");
     Ok(sandbox)
 }

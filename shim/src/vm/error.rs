@@ -107,6 +107,13 @@ pub enum VmError {
     NoFreeScsiTarget { id: String },
     #[error("VM {id} has no hot-plugged disk at target {} lun {}", addr.target, addr.lun)]
     UnknownDisk { id: String, addr: ScsiAddr },
+    #[error("disk image {path} has {size} bytes; the empty disk at target {} lun {} it was to back has {disk_size}", addr.target, addr.lun)]
+    DiskSizeMismatch {
+        path: PathBuf,
+        size: u64,
+        addr: ScsiAddr,
+        disk_size: u64,
+    },
     #[error("QEMU did not confirm removing disk at target {} lun {} of VM {id}", addr.target, addr.lun)]
     UnplugTimeout { id: String, addr: ScsiAddr },
     #[error("failed to signal QEMU (pid {pid})")]

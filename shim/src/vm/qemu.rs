@@ -1,18 +1,17 @@
 //! The QEMU microvm implementation of [`Hypervisor`] and [`Vm`].
 
 use std::fs;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde_json::json;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::cmdline::{StatePaths, SCSI_BUS};
+use super::cmdline::StatePaths;
 use super::console;
 use super::launch::{launch, Launched};
 use super::qmp::{QmpClient, QmpError};
@@ -24,6 +23,11 @@ use super::{
     ScsiAddr, Vm, VmConfig, VmError, VmExit, AGENT_VSOCK_PORT,
 };
 use crate::sys;
+use block_nodes::{device_id, node_name};
+use empty_disk::EmptyDisks;
+
+mod block_nodes;
+mod empty_disk;
 
 const QUIT_GRACE: Duration = Duration::from_secs(3);
 const KILL_GRACE: Duration = Duration::from_secs(5);
@@ -74,6 +78,7 @@ pub struct QemuVm {
     qmp: Arc<QmpClient>,
     exit: watch::Receiver<Option<VmExit>>,
     scsi_slots: ScsiSlots,
+    empty_disks: EmptyDisks,
 }
 
 impl std::fmt::Debug for QemuVm {
@@ -236,6 +241,7 @@ impl QemuVm {
             qmp: Arc::new(qmp),
             exit: exit_rx,
             scsi_slots: ScsiSlots::default(),
+            empty_disks: EmptyDisks::default(),
         })
     }
 
@@ -253,66 +259,6 @@ impl QemuVm {
             exit,
         })
     }
-}
-
-impl QemuVm {
-    /// Opens `image` here and hands it to QEMU (which cannot reach it from its jail) as
-    /// block node `node`.
-    async fn add_block_node(
-        &self,
-        image: &Path,
-        file_driver: &str,
-        node: &str,
-        read_only: bool,
-    ) -> Result<(), VmError> {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(image)
-            .map_err(|source| VmError::DiskImage {
-                path: image.to_owned(),
-                source,
-            })?;
-        let fdset = self
-            .qmp
-            .add_fd(file.as_fd())
-            .await
-            .map_err(|e| self.qmp_error(e))?;
-        // Writable disks pass the guest's discards down as holes, so a sparse image
-        // shrinks when the guest deletes files.
-        let discard = if read_only { "ignore" } else { "unmap" };
-        let added = self
-            .qmp
-            .execute(
-                "blockdev-add",
-                Some(json!({
-                    "driver": "raw",
-                    "node-name": node,
-                    "read-only": read_only,
-                    "discard": discard,
-                    "file": {
-                        "driver": file_driver,
-                        "filename": format!("/dev/fdset/{fdset}"),
-                        "read-only": read_only,
-                        "discard": discard,
-                    },
-                })),
-            )
-            .await;
-        // The node holds its own copy of the fd now (or failed): the set is not needed.
-        if let Err(error) = self.qmp.remove_fdset(fdset).await {
-            tracing::debug!(%error, fdset, "cannot drop a QMP fd set");
-        }
-        added.map(drop).map_err(|e| self.qmp_error(e))
-    }
-}
-
-fn node_name(addr: ScsiAddr) -> String {
-    format!("spry-disk-{}-{}", addr.target, addr.lun)
-}
-
-fn device_id(addr: ScsiAddr) -> String {
-    format!("spry-scsi-{}-{}", addr.target, addr.lun)
 }
 
 #[async_trait]
@@ -367,12 +313,7 @@ impl Vm for QemuVm {
                 });
             }
         };
-        let addr = self
-            .scsi_slots
-            .reserve()
-            .ok_or_else(|| VmError::NoFreeScsiTarget {
-                id: self.id.clone(),
-            })?;
+        let addr = self.reserve_target()?;
         let started = Instant::now();
         let node = node_name(addr);
         let added = self
@@ -382,28 +323,7 @@ impl Vm for QemuVm {
             self.scsi_slots.cancel(addr);
             return Err(error);
         }
-        let device = self
-            .qmp
-            .execute(
-                "device_add",
-                Some(json!({
-                    "driver": "scsi-hd",
-                    "id": device_id(addr),
-                    "bus": SCSI_BUS,
-                    "drive": node,
-                    "scsi-id": addr.target,
-                    "lun": addr.lun,
-                })),
-            )
-            .await;
-        if let Err(source) = device {
-            let _ = self
-                .qmp
-                .execute("blockdev-del", Some(json!({ "node-name": node })))
-                .await;
-            self.scsi_slots.cancel(addr);
-            return Err(self.qmp_error(source));
-        }
+        self.add_scsi_device(addr, &node).await?;
         tracing::info!(
             image = %image.display(),
             target = addr.target,
@@ -413,6 +333,14 @@ impl Vm for QemuVm {
             "disk hot-plugged"
         );
         Ok(addr)
+    }
+
+    async fn plug_empty_disk(&self, bytes: u64) -> Result<ScsiAddr, VmError> {
+        self.plug_empty(bytes).await
+    }
+
+    async fn fill_disk(&self, addr: ScsiAddr, image: &Path) -> Result<(), VmError> {
+        self.fill(addr, image).await
     }
 
     async fn unplug_disk(&self, addr: ScsiAddr, release: HostRelease) -> Result<(), VmError> {
@@ -433,6 +361,7 @@ impl Vm for QemuVm {
             addr,
             device_id: device_id(addr),
             node_name: node_name(addr),
+            file_node: self.empty_disks.unplugging(addr),
         };
         unplug.run(release).await
     }

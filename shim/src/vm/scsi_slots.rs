@@ -94,6 +94,8 @@ pub(super) struct Unplug {
     pub addr: ScsiAddr,
     pub device_id: String,
     pub node_name: String,
+    /// The image's own block node, for a disk plugged empty and filled.
+    pub file_node: Option<String>,
 }
 
 impl Unplug {
@@ -181,6 +183,16 @@ impl Unplug {
                 id: self.vm_id.clone(),
                 source,
             })?;
+        // A filled disk's image is a node of its own (`qemu/empty_disk.rs`).
+        if let Some(file_node) = &self.file_node {
+            self.qmp
+                .execute("blockdev-del", Some(json!({ "node-name": file_node })))
+                .await
+                .map_err(|source| VmError::Qmp {
+                    id: self.vm_id.clone(),
+                    source,
+                })?;
+        }
         self.slots.end_release(self.addr);
         tracing::info!(
             target = self.addr.target,

@@ -1,5 +1,6 @@
-//! A VM double for host-side unit tests: records disk hot-plugs (targets 0, 1, 2, …) and
-//! unplugs, can refuse read-write plugs, and counts as running for its whole life.
+//! A VM double for host-side unit tests: records disk hot-plugs (targets 0, 1, 2, …; an
+//! empty disk with an empty path until it is filled) and unplugs, can refuse read-write
+//! plugs and fills, and counts as running for its whole life.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -16,6 +17,7 @@ pub struct TestVm {
     pub plugged: Mutex<Vec<(ScsiAddr, PathBuf)>>,
     pub unplugged: Mutex<Vec<ScsiAddr>>,
     pub refuse_writable: AtomicBool,
+    pub refuse_fill: AtomicBool,
     /// Kept so the VM never looks exited.
     exit: watch::Sender<Option<VmExit>>,
 }
@@ -27,6 +29,7 @@ impl Default for TestVm {
             plugged: Mutex::default(),
             unplugged: Mutex::default(),
             refuse_writable: AtomicBool::new(false),
+            refuse_fill: AtomicBool::new(false),
             exit: watch::channel(None).0,
         }
     }
@@ -74,6 +77,34 @@ impl Vm for TestVm {
             .unwrap()
             .push((addr, image.to_path_buf()));
         Ok(addr)
+    }
+    async fn plug_empty_disk(&self, _bytes: u64) -> Result<ScsiAddr, VmError> {
+        let addr = ScsiAddr {
+            target: self.next.fetch_add(1, Ordering::SeqCst),
+            lun: 0,
+        };
+        self.plugged.lock().unwrap().push((addr, PathBuf::new()));
+        Ok(addr)
+    }
+    async fn fill_disk(&self, addr: ScsiAddr, image: &Path) -> Result<(), VmError> {
+        if self.refuse_fill.load(Ordering::SeqCst) {
+            return Err(VmError::UnknownDisk {
+                id: "test-vm".into(),
+                addr,
+            });
+        }
+        let mut plugged = self.plugged.lock().unwrap();
+        let slot = plugged
+            .iter_mut()
+            .find(|(a, path)| *a == addr && path.as_os_str().is_empty());
+        let Some((_, path)) = slot else {
+            return Err(VmError::UnknownDisk {
+                id: "test-vm".into(),
+                addr,
+            });
+        };
+        *path = image.to_path_buf();
+        Ok(())
     }
     async fn unplug_disk(&self, addr: ScsiAddr, _: HostRelease) -> Result<(), VmError> {
         self.unplugged.lock().unwrap().push(addr);
