@@ -3,7 +3,8 @@
 //!
 //! Not right away: a container just started is at its most latency-bound (its first exec
 //! pages in and, under TCG, translates its program), and the guest's probe of a new disk
-//! would take the one vCPU from it. A later start or the sandbox's end calls it off.
+//! would take the one vCPU from it. A container's create (the guest busy until its start,
+//! which schedules anew), a later start, or the sandbox's end calls it off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -95,6 +95,9 @@ impl PodVm for Sandbox {
         stdio: pb::StdioConfig,
         volumes: GuestVolumes,
     ) -> Result<(), SandboxError> {
+        // The VM is busy from now until the container's start: nothing is plugged ahead
+        // meanwhile (one already being plugged is waited for and used).
+        self.idle_prep.cancel();
         // kubelet's oom_score_adj for this container: QEMU, which runs it, takes it on
         // when it is the pod's highest.
         if let (Some(cgroup), Some(adj)) = (
