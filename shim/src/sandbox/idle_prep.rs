@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::resources::RootfsDisks;
 use crate::vm::Vm;
 
-/// How long the VM is left alone after a container's start (or the sandbox's) first.
+/// How long the VM is left alone after a container's start first.
 pub const IDLE_BEFORE_PREPARING: Duration = Duration::from_millis(100);
 
 /// Schedules the preparation; only the latest scheduled one runs.

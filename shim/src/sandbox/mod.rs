@@ -281,11 +281,13 @@ impl Sandbox {
             kernel = %sandbox.agent.info.kernel_release,
             "sandbox ready"
         );
-        sandbox.prepare_next_container();
         Ok(sandbox)
     }
 
-    /// Gets the VM ready for a container to come, once it has idled a moment.
+    /// Gets the VM ready for a container to come, once it has idled a moment. Not when the
+    /// sandbox is ready: its first container comes right after (crictl, kubelet with the
+    /// image on the node) and the guest's probe of the disk would land in that container's
+    /// create. A pooled VM has its disk from its spare's idle time.
     fn prepare_next_container(&self) {
         self.idle_prep
             .schedule(Arc::clone(&self.vm), Arc::clone(&self.rootfs));
