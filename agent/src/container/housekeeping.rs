@@ -7,7 +7,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
-use super::cgroup::Cgroup;
+use super::cgroup::{Cgroup, FileChanges};
 use super::{Container, ContainerError, Process, EXITED_EXECS_KEPT, KILL_TIMEOUT, OOM_POLL};
 
 /// SIGKILLs everything in the container's cgroup and waits for the init and the cgroup to
@@ -94,7 +94,15 @@ pub(super) async fn forget_exec_later(
 /// Reports each new OOM kill in the container's memory cgroup. Woken by inotify on
 /// `memory.events`; polls only where that cannot be watched (an idle pod should not wake
 /// its guest: under emulation each wake-up costs host CPU).
-pub(super) async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<String>) {
+///
+/// The watch and the count it starts from are taken before this returns, so a kill that
+/// comes right after the container's create is counted even when the returned task first
+/// runs later (a busy guest can start the container before then).
+pub(super) fn watch_oom(
+    id: String,
+    cgroup: Cgroup,
+    events: mpsc::Sender<String>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let changes = match cgroup.watch_memory_events() {
         Ok(changes) => Some(changes),
         Err(err) => {
@@ -102,7 +110,17 @@ pub(super) async fn watch_oom(id: String, cgroup: Cgroup, events: mpsc::Sender<S
             None
         }
     };
-    let mut seen = cgroup.oom_kills().unwrap_or(0);
+    let seen = cgroup.oom_kills().unwrap_or(0);
+    report_oom_kills(id, cgroup, events, changes, seen)
+}
+
+async fn report_oom_kills(
+    id: String,
+    cgroup: Cgroup,
+    events: mpsc::Sender<String>,
+    changes: Option<FileChanges>,
+    mut seen: u64,
+) {
     loop {
         match &changes {
             Some(changes) => {

@@ -30,7 +30,7 @@ use crate::volumes::{ContainerDevices, FileShare, FileShareConfig, PodLocalDisks
 use idle_prep::IdlePreparation;
 
 pub use network::PodNetwork;
-pub use pod_vm::PodVm;
+pub use pod_vm::{PodVm, ProcessExit};
 pub use resources::{AttachError, PodResource, PodResources, ResourceError, RootfsDisks};
 
 /// How long to wait for a booted VM's agent to answer. Generous: under TCG on a loaded

@@ -15,6 +15,14 @@ use crate::rootfs::RootfsSource;
 use crate::vm::VmExit;
 use crate::volumes::GuestVolumes;
 
+/// How a guest process ended, as its agent says (so not trusted beyond this pod).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ProcessExit {
+    pub code: u32,
+    /// The agent saw the process die of SIGKILL after an OOM kill in its cgroup.
+    pub oom_killed: bool,
+}
+
 /// A running pod VM as the task service sees it. Process calls return the agent's own
 /// error, whose status code containerd gets unchanged.
 #[async_trait]
@@ -45,8 +53,8 @@ pub trait PodVm: Send + Sync {
         spec_json: Vec<u8>,
         stdio: pb::StdioConfig,
     ) -> Result<(), AgentError>;
-    /// Waits for the process to exit; its exit code.
-    async fn wait_process(&self, process: &ProcessId) -> Result<u32, AgentError>;
+    /// Waits for the process to exit; how it exited.
+    async fn wait_process(&self, process: &ProcessId) -> Result<ProcessExit, AgentError>;
     async fn signal_process(
         &self,
         process: &ProcessId,
@@ -244,8 +252,12 @@ impl PodVm for Sandbox {
         self.agent.exec_process(process, spec_json, stdio).await
     }
 
-    async fn wait_process(&self, process: &ProcessId) -> Result<u32, AgentError> {
-        Ok(self.agent.wait_process(process).await?.exit_code)
+    async fn wait_process(&self, process: &ProcessId) -> Result<ProcessExit, AgentError> {
+        let status = self.agent.wait_process(process).await?;
+        Ok(ProcessExit {
+            code: status.exit_code,
+            oom_killed: status.oom_killed,
+        })
     }
 
     async fn signal_process(

@@ -34,7 +34,15 @@ pub fn watch_exit(recorder: Arc<dyn ExitRecorder>, vm: Arc<dyn PodVm>, process: 
     tokio::spawn(
         async move {
             let exit_code = match vm.wait_process(&process).await {
-                Ok(code) => code,
+                Ok(exit) => {
+                    // The OOM event goes out ahead of the exit, so CRI reads the exit as
+                    // OOMKilled even when the guest's memory.events watch is late or
+                    // missed the kill (the pod's filter drops a second report).
+                    if exit.oom_killed {
+                        recorder.oom(&process.container_id).await;
+                    }
+                    exit.code
+                }
                 Err(e) => {
                     warn!(error = %e, "lost the process: its VM is gone");
                     VM_GONE_EXIT

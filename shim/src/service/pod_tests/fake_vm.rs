@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::agent_client::{AgentError, OutputStream, ProcessId};
 use crate::rootfs::RootfsSource;
-use crate::sandbox::{PodVm, SandboxError};
+use crate::sandbox::{PodVm, ProcessExit, SandboxError};
 use crate::service::error::ShimError;
 use crate::service::launcher::{Launched, SandboxLauncher};
 use crate::vm::VmExit;
@@ -24,8 +24,8 @@ pub const FAKE_PID: u32 = 4242;
 #[derive(Default)]
 struct Guest {
     containers: HashSet<String>,
-    /// Exit code once exited.
-    processes: HashMap<ProcessId, Option<u32>>,
+    /// How it exited, once it has.
+    processes: HashMap<ProcessId, Option<ProcessExit>>,
     output: HashMap<ProcessId, VecDeque<Vec<u8>>>,
     ooms: VecDeque<String>,
     /// The next CreateContainer fails with this status.
@@ -82,7 +82,22 @@ impl FakeVm {
     /// The guest process exits with `code`.
     pub fn exit_process(&self, id: &str, exec_id: &str, code: u32) {
         self.change(|g| {
-            g.processes.insert(ProcessId::exec(id, exec_id), Some(code));
+            let exit = ProcessExit {
+                code,
+                oom_killed: false,
+            };
+            g.processes.insert(ProcessId::exec(id, exec_id), Some(exit));
+        });
+    }
+
+    /// The OOM killer ends the guest process (SIGKILL), with no OOM report of its own.
+    pub fn oom_kill_process(&self, id: &str, exec_id: &str) {
+        self.change(|g| {
+            let exit = ProcessExit {
+                code: 137,
+                oom_killed: true,
+            };
+            g.processes.insert(ProcessId::exec(id, exec_id), Some(exit));
         });
     }
 
@@ -264,7 +279,7 @@ impl PodVm for FakeVm {
         Ok(())
     }
 
-    async fn wait_process(&self, process: &ProcessId) -> Result<u32, AgentError> {
+    async fn wait_process(&self, process: &ProcessId) -> Result<ProcessExit, AgentError> {
         self.until("WaitProcess", |g| {
             if g.stall_waits {
                 return None;
