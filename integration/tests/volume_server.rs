@@ -2,9 +2,9 @@
 //! what a compromised guest kernel could. It plays the guest's end of the VM's `spry.fs`
 //! port over a unix socket, so no VM is needed. Checks: `..` from the share's root is the
 //! root, a name with slashes cannot climb out, host files outside the share stay unseen,
-//! and malformed framing ends that server alone, at once; volumes handed over by the shim
-//! are served from the server's namespace only. Needs root (the server unshares
-//! a mount namespace) and `cargo build -p spry-shim`.
+//! the server runs under its seccomp filter, and malformed framing ends that server alone,
+//! at once; volumes handed over by the shim are served from the server's namespace only.
+//! Needs root (the server unshares a mount namespace) and `cargo build -p spry-shim`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -170,6 +170,15 @@ fn a_hostile_guest_cannot_climb_out_of_the_share() -> Result<()> {
     std::fs::write(dir.path().join("secret"), "host only")?;
     let mut server = start(&share, dir.path())?;
     server.init()?;
+    // Confined before it read the guest's first byte: no new privileges, and a seccomp
+    // filter (mode 2) that kills it on any call outside its list.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id()))?;
+    for confined in ["NoNewPrivs:\t1", "Seccomp:\t2"] {
+        ensure!(
+            status.contains(confined),
+            "the file server lacks {confined:?}"
+        );
+    }
 
     let root = server.root_ino()?;
     ensure!(

@@ -72,6 +72,9 @@ fn main() -> Result<()> {
     let link = SlowLink::start(registry.storage())?;
     link.set_rate(Some(LINK_RATE))?;
     link.trust_from(&containerd.certs_dir())?;
+    // The census (taken once the node and the slow link are up) also watches Spry's
+    // state dir: a pod's VM dir, file share and rootfs images must go with the pod.
+    let leaks = spry_integration::spry::watch_pod_state(containerd.leak_check()?, state.path())?;
     let images = Images {
         a: registry.image("busybox:1"),
         b: format!("{}/python:1", link.addr()),
@@ -105,6 +108,7 @@ fn main() -> Result<()> {
             *entry = json!(entry.as_bool().unwrap_or(false) && ok);
         }
     }
+    checks.insert("leaks".into(), json!(leaks.count_printed()?));
     results.insert("checks".into(), checks.into());
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     results.insert(

@@ -23,6 +23,7 @@ pub mod attach;
 mod block;
 mod pod_local;
 pub mod server;
+pub mod server_filter;
 mod share;
 mod submounts;
 mod synced;

@@ -4,7 +4,7 @@
 //! The guest is hostile, so the server is its own process, confined before it reads a byte
 //! from the guest: a private mount namespace whose root is the share directory (so no path
 //! the guest makes up can name anything outside it; `..` of the root is the root), with
-//! no_new_privs. The pod's volumes are attached in that namespace only, as the shim hands
+//! no_new_privs and a seccomp filter (`server_filter.rs`). The pod's volumes are attached in that namespace only, as the shim hands
 //! them over (`attach.rs`). The FUSE protocol itself is fuse-backend-rs's passthrough file system,
 //! the one Dragonball and nydus serve to guests. Requests come in one at a time and frame
 //! themselves (each starts with its length); every reply leaves in one write.
@@ -56,6 +56,8 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot confine the file server")]
+    Filter(#[source] super::server_filter::FilterError),
     #[error("the control socket the shim passed is not usable")]
     Control(#[source] io::Error),
     #[error("reading requests from the guest failed")]
@@ -82,6 +84,8 @@ pub fn serve(
         // it attaches at are the share's.
         std::thread::spawn(move || serve_attach(control));
     }
+    // Last, on every thread, before the first byte from the guest.
+    super::server_filter::install().map_err(ServerError::Filter)?;
     ready();
     let server = Server::new(fs);
     let mut input = stream.try_clone().map_err(ServerError::Read)?;

@@ -210,6 +210,21 @@ impl FileShare {
     }
 }
 
+/// How the server ended, when it did before the pod's teardown: at the VM's hang-up it
+/// exits 0 (the VM stops first); anything else stopped the guest's file share early.
+fn report_early_end(status: std::process::ExitStatus) {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(libc::SIGSYS) {
+        warn!(
+            "the pod's file server was killed by its seccomp filter: it made a system call \
+             outside its list (the kernel's audit log names it); the guest's file share \
+             stopped working then"
+        );
+    } else if !status.success() {
+        warn!(%status, "the pod's file server failed before the pod ended; the guest's file share stopped working then");
+    }
+}
+
 async fn log_server_stderr(stderr: tokio::process::ChildStderr) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
@@ -249,6 +264,9 @@ impl PodResource for FileShare {
     async fn teardown(&self, _vm: &dyn Vm) -> Result<(), ResourceError> {
         self.client.lock().await.take();
         if let Some(mut child) = self.server.lock().await.take() {
+            if let Ok(Some(status)) = child.try_wait() {
+                report_early_end(status);
+            }
             let _ = child.start_kill();
             let _ = child.wait().await;
         }
