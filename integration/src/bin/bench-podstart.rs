@@ -84,6 +84,9 @@ fn main() -> Result<()> {
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image(&image_name);
     crictl.pull(&image)?;
+    // The census also watches Spry's state dir (a pod's VM dir, file share, rootfs images);
+    // it is counted after the warm pool is drained.
+    let leaks = spry_integration::spry::watch_pod_state(containerd.leak_check()?, state.path())?;
 
     let mut results = serde_json::Map::new();
     let mut accel = "n/a".to_string();
@@ -152,6 +155,10 @@ fn main() -> Result<()> {
         );
     }
     node.drain_pool()?;
+    results.insert(
+        "checks".into(),
+        json!({ "leaks": leaks.settled_count_printed()? }),
+    );
     results.insert("template".into(), template);
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     results.insert("goals".into(), goals(&results, pods, cpus));
@@ -503,8 +510,8 @@ fn markdown(report: &serde_json::Value) -> String {
         }
     }
     md.push_str(&format!(
-        "\nTemplate: {}\n\nGoals: {}\n",
-        report["template"], report["goals"]
+        "\nTemplate: {}\n\nChecks: {}\n\nGoals: {}\n",
+        report["template"], report["checks"], report["goals"]
     ));
     md
 }
