@@ -161,11 +161,7 @@ impl LeakCheck {
     /// How many leaks there are now, each printed to stderr (benchmarks record the count
     /// as a check).
     pub fn count_printed(&self) -> Result<usize> {
-        let left = self.leaks()?;
-        for leak in &left {
-            eprintln!("leak: {leak}");
-        }
-        Ok(left.len())
+        Ok(print_leaks(&self.leaks()?))
     }
 
     pub fn leaks(&self) -> Result<Vec<String>> {
@@ -220,11 +216,7 @@ impl LeakCheck {
     /// As [`LeakCheck::count_printed`], after waiting up to the settle time for what is
     /// still being torn down (a drained warm pool's VMs).
     pub fn settled_count_printed(&self) -> Result<usize> {
-        let left = self.settled_leaks()?;
-        for leak in &left {
-            eprintln!("leak: {leak}");
-        }
-        Ok(left.len())
+        Ok(print_leaks(&self.settled_leaks()?))
     }
 
     /// Waits up to the settle time for the host to be back to the captured state; fails listing each leak.
@@ -240,6 +232,14 @@ impl LeakCheck {
         }
         Ok(())
     }
+}
+
+/// Prints each leak to stderr; how many there are.
+fn print_leaks(leaks: &[String]) -> usize {
+    for leak in leaks {
+        eprintln!("leak: {leak}");
+    }
+    leaks.len()
 }
 
 #[cfg(test)]

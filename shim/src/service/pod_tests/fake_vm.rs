@@ -81,24 +81,24 @@ impl FakeVm {
 
     /// The guest process exits with `code`.
     pub fn exit_process(&self, id: &str, exec_id: &str, code: u32) {
-        self.change(|g| {
-            let exit = ProcessExit {
-                code,
-                oom_killed: false,
-            };
-            g.processes.insert(ProcessId::exec(id, exec_id), Some(exit));
-        });
+        let exit = ProcessExit {
+            code,
+            oom_killed: false,
+        };
+        self.end_process(id, exec_id, exit);
     }
 
     /// The OOM killer ends the guest process (SIGKILL), with no OOM report of its own.
     pub fn oom_kill_process(&self, id: &str, exec_id: &str) {
-        self.change(|g| {
-            let exit = ProcessExit {
-                code: 137,
-                oom_killed: true,
-            };
-            g.processes.insert(ProcessId::exec(id, exec_id), Some(exit));
-        });
+        let exit = ProcessExit {
+            code: 137,
+            oom_killed: true,
+        };
+        self.end_process(id, exec_id, exit);
+    }
+
+    fn end_process(&self, id: &str, exec_id: &str, exit: ProcessExit) {
+        self.change(|g| g.processes.insert(ProcessId::exec(id, exec_id), Some(exit)));
     }
 
     /// The guest process writes `data` to its stdout.
