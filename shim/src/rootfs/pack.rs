@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, UNIX_EPOCH};
 
 use nix::dir::Dir;
-use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 use spry_erofs::{Attr, ErofsImage, Kind, OwnedNode, OwnedTree};
@@ -344,10 +343,7 @@ fn write(
     let failed = AtomicBool::new(false);
     let results: Vec<Result<(), Stop>> = std::thread::scope(|scope| {
         let copy = || {
-            let mut copier = Copier {
-                in_kernel: true,
-                buf: Vec::new(),
-            };
+            let mut copier = Copier::new();
             let result = copy_runs(tree, extents, &next, root, out, &mut copier, || {
                 cancel.load(Ordering::SeqCst) || failed.load(Ordering::SeqCst)
             });
@@ -379,101 +375,9 @@ fn write(
     })
 }
 
-/// Copies runs of [`RUN`] extents, taking the next run from `next`, until none is left.
-fn copy_runs(
-    tree: &DirTree,
-    extents: &[spry_erofs::Extent],
-    next: &AtomicUsize,
-    root: BorrowedFd<'_>,
-    out: &File,
-    copier: &mut Copier,
-    stop: impl Fn() -> bool,
-) -> Result<(), Stop> {
-    loop {
-        let start = next.fetch_add(RUN, Ordering::SeqCst);
-        if start >= extents.len() {
-            return Ok(());
-        }
-        let run = &extents[start..extents.len().min(start + RUN)];
-        for extent in run {
-            if stop() {
-                return Err(Stop::Cancelled);
-            }
-            let file = &tree.files[extent.entry];
-            let source = sys::open_beneath(root, &file.path, OFlag::O_RDONLY)
-                .map_err(open_failed(&file.path))?;
-            same_inode(&source, (file.dev, file.ino)).map_err(io_at(&file.path))?;
-            copier
-                .copy(&File::from(source), out, extent.offset, extent.size)
-                .map_err(|(on_source, e)| {
-                    if on_source {
-                        io_at(&file.path)(e)
-                    } else {
-                        Stop::Image(e)
-                    }
-                })?;
-        }
-    }
-}
-
-/// Copies file data in the kernel while it can, else through a buffer.
-struct Copier {
-    in_kernel: bool,
-    buf: Vec<u8>,
-}
-
-impl Copier {
-    /// Copies `len` bytes of `source` to `out` at `offset`. A source shorter than `len`
-    /// leaves zeros (the image's size fields say `len`). Errors say whether the source
-    /// (true) or the image failed.
-    fn copy(
-        &mut self,
-        source: &File,
-        out: &File,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), (bool, io::Error)> {
-        let mut done = 0u64;
-        while done < len {
-            let want = (len - done).min(PIECE as u64 * 64) as usize;
-            if self.in_kernel {
-                let mut off_in = done as i64;
-                let mut off_out = (offset + done) as i64;
-                match nix::fcntl::copy_file_range(
-                    source,
-                    Some(&mut off_in),
-                    out,
-                    Some(&mut off_out),
-                    want,
-                ) {
-                    Ok(0) => return Ok(()),
-                    Ok(n) => done += n as u64,
-                    Err(Errno::EINTR) => {}
-                    // Different file systems (EXDEV), or one that cannot: copy by hand.
-                    Err(Errno::EXDEV | Errno::EINVAL | Errno::EOPNOTSUPP | Errno::ENOSYS) => {
-                        self.in_kernel = false;
-                    }
-                    Err(e) => return Err((false, e.into())),
-                }
-                continue;
-            }
-            if self.buf.is_empty() {
-                self.buf = vec![0; PIECE];
-            }
-            let want = want.min(PIECE);
-            let n = match source.read_at(&mut self.buf[..want], done) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err((true, e)),
-            };
-            out.write_all_at(&self.buf[..n], offset + done)
-                .map_err(|e| (false, e))?;
-            done += n as u64;
-        }
-        Ok(())
-    }
-}
+#[path = "pack_copy.rs"]
+mod copy;
+use copy::{copy_runs, Copier};
 
 #[cfg(test)]
 #[path = "pack_tests.rs"]
