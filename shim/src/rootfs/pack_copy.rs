@@ -192,3 +192,98 @@ impl Copier {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use spry_erofs::{Extent, OwnedTree};
+
+    use super::*;
+
+    fn file_ref(root: &Path, name: &str) -> FileRef {
+        let meta = std::fs::metadata(root.join(name)).unwrap();
+        FileRef {
+            path: name.into(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    fn copy_all(tree: &DirTree, extents: &[Extent], root: &Path, out: &File) -> Result<(), Stop> {
+        let root = File::open(root).unwrap();
+        copy_runs(
+            tree,
+            extents,
+            &AtomicUsize::new(0),
+            root.as_fd(),
+            out,
+            &mut Copier::new(),
+            || false,
+        )
+    }
+
+    /// What the walk saw: `names` with their sizes then, one extent per block.
+    fn walked(root: &Path, names: &[(&str, u64)]) -> (DirTree, Vec<Extent>) {
+        let files = names.iter().map(|(name, _)| file_ref(root, name)).collect();
+        let extents = names
+            .iter()
+            .enumerate()
+            .map(|(entry, (_, size))| Extent {
+                offset: entry as u64 * 4096,
+                size: *size,
+                entry,
+            })
+            .collect();
+        let tree = DirTree {
+            inodes: OwnedTree::default(),
+            files,
+        };
+        (tree, extents)
+    }
+
+    #[test]
+    fn a_batch_puts_each_file_at_its_extent_and_zeros_past_a_shrunk_files_end() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("a"), b"aaaaaaaaaa").unwrap();
+        std::fs::write(root.path().join("b"), b"bbbbb").unwrap();
+        let (tree, extents) = walked(root.path(), &[("a", 10), ("b", 5)]);
+        assert!(
+            Batch::of(&extents).is_some(),
+            "two small files make one batch"
+        );
+        // Shrunk after the walk: its extent keeps the walked size, the rest reads as zeros.
+        std::fs::write(root.path().join("a"), b"AAA").unwrap();
+        let image = tempfile::tempfile().unwrap();
+        // Stale bytes where the batch writes: all of them are overwritten.
+        image.write_all_at(&[0xee; 8192], 0).unwrap();
+        assert!(copy_all(&tree, &extents, root.path(), &image).is_ok());
+        let mut got = vec![0u8; 4096 + 5];
+        image.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got[..3], b"AAA");
+        assert!(
+            got[3..4096].iter().all(|b| *b == 0),
+            "past a's end and the padding"
+        );
+        assert_eq!(&got[4096..], b"bbbbb");
+    }
+
+    #[test]
+    fn a_file_replaced_after_the_walk_is_refused_by_name() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("a"), b"a").unwrap();
+        std::fs::write(root.path().join("b"), b"b").unwrap();
+        let (tree, extents) = walked(root.path(), &[("a", 1), ("b", 1)]);
+        // Another inode under b's name (made while b's exists, so never b's number).
+        std::fs::write(root.path().join("b2"), b"x").unwrap();
+        std::fs::rename(root.path().join("b2"), root.path().join("b")).unwrap();
+        let image = tempfile::tempfile().unwrap();
+        match copy_all(&tree, &extents, root.path(), &image) {
+            Err(Stop::Io { path, .. }) => assert_eq!(path, Path::new("b")),
+            Err(_) => panic!("another error than the changed file"),
+            Ok(()) => panic!("a replaced file was copied"),
+        }
+    }
+}
