@@ -6,8 +6,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The xattrs (full name, value) of the entry `name` of the directory `dir`, the entry
-/// itself even when it is a symlink (through `/proc/self/fd`, so the path is resolved
-/// from `dir` and never leaves it).
+/// itself even when it is a symlink. An entry listxattrat(2) finds none on costs that
+/// one call; others are read through `/proc/self/fd/<dir>/<name>`, so the path is
+/// resolved from `dir` and never leaves it.
 pub fn list_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     // Most entries have none: one listxattrat(2) says so without resolving a /proc path
     // (a tenth of packing python's image was that lookup).
@@ -30,7 +31,9 @@ pub fn list_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<(Vec<u8>, Vec
 
 /// listxattrat(2)'s number (Linux 6.13; the same on every architecture).
 const SYS_LISTXATTRAT: libc::c_long = 465;
-/// Set once the kernel answers ENOSYS: older kernels only have the /proc path.
+/// Set once the call is refused: ENOSYS from a kernel before 6.13, EPERM from a seccomp
+/// profile that does not know it. Either way only the /proc path is left, and a refused
+/// call per entry would be wasted.
 static NO_LISTXATTRAT: AtomicBool = AtomicBool::new(false);
 
 /// Whether `name` in `dir` surely has no xattrs; false when unsure (the caller looks).
@@ -50,7 +53,12 @@ fn has_none_at(dir: BorrowedFd<'_>, name: &CStr) -> bool {
             0usize,
         )
     };
-    if size < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+    if size < 0
+        && matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM)
+        )
+    {
         NO_LISTXATTRAT.store(true, Ordering::Relaxed);
     }
     size == 0
