@@ -314,7 +314,8 @@ impl Drop for TinyFs {
 }
 
 /// Two pods with two containers each, a container restarted within its pod (kubelet's
-/// attempt+1 in the same sandbox), and a containerd restart while the pods run.
+/// attempt+1 in the same sandbox), and a containerd restart while the pods run; the
+/// image's packed layers outlive both pods and serve a third without packing again.
 #[test]
 fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
     require_root()?;
@@ -441,10 +442,38 @@ fn two_pods_restart_in_pod_and_containerd_restart() -> Result<()> {
         crictl.rmp(pod)?;
     }
     leaks.assert_clean().context("after removing both pods")?;
+    // The layer image outlives its last container, unheld, for the next one of its image.
+    let layer_images = state.path().join("run/layer-images");
+    let kept: Vec<_> = std::fs::read_dir(&layer_images)
+        .context("the kept layer image's dir")?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    ensure!(kept.len() == 1, "kept layer images: {kept:?}");
     ensure!(
-        !state.path().join("run/layer-images").exists(),
-        "the shared layer image outlived its last container"
+        std::fs::File::open(&kept[0])?.try_lock().is_ok(),
+        "no container runs, yet {} is held",
+        kept[0].display()
     );
+    let pod_cfg = PodConfig::new("pod2").write_to(&containerd.dir())?;
+    let pod = crictl.runp(&pod_cfg, Some("spry"))?;
+    let cfg = ContainerConfig::new("c0", &image)
+        .command(&["sh", "-c", "echo from-kept; exec sleep 3600"])
+        .write_to(&containerd.dir().join("pod2"))?;
+    let id = crictl.create(&pod, &cfg, &pod_cfg)?;
+    crictl.start(&id)?;
+    crictl.wait_container_state(&id, "CONTAINER_RUNNING", Duration::from_secs(60))?;
+    let built = containerd.log().matches("layer image built").count();
+    ensure!(
+        built == 1,
+        "a new pod of the same image packed it again ({built} builds)"
+    );
+    crictl.stopp(&pod)?;
+    crictl.rmp(&pod)?;
+    leaks
+        .assert_clean()
+        .context("after the pod on the kept image")?;
     Ok(())
 }
 
@@ -568,7 +597,8 @@ fn exec_it_and_attach_through_crictl() -> Result<()> {
 
 /// A shim killed with its pod running (a handler with its own state dir and log level,
 /// through `ConfigPath`): QEMU dies with it, containerd's `shim delete` cleans the pod's
-/// state and the shared layer image it was the last user of, and the pod can be removed.
+/// state and the shared layer image it was the last user of (this handler keeps no unused
+/// layer images), and the pod can be removed.
 #[test]
 fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
     require_root()?;
@@ -589,7 +619,7 @@ fn a_killed_shim_is_cleaned_up_in_its_own_state_dir() -> Result<()> {
                 &format!("\"{}\"", state.path().join("run").display()),
                 &format!("\"{}\"", own_run.display()),
             )
-        ),
+        ) + "[rootfs]\nkeep_unused_mib = 0\n",
     )?;
     // No SPRY_LOG: the shim's log level comes from the handler's config.
     let opts = ContainerdOptions::new("spry-kill").registry(&registry);

@@ -285,6 +285,15 @@ fn upgrade_in_pod(node: &SpryNode, runtime: Option<&str>) -> Result<()> {
     );
     wait_log(&logs.join("app/3.log"), "serving B")?;
     ensure!(vms(node)? == vm, "the rollback changed the pod's VM");
+    if runtime.is_some() {
+        // B's layer image outlived B's container (kept unused): the rollback plugs it.
+        let log = node.containerd.log();
+        ensure!(
+            !log.lines()
+                .any(|l| l.contains("layer image built") && l.contains(&again)),
+            "the rollback packed B's layers again"
+        );
+    }
 
     crictl.stopp(&pod)?;
     crictl.rmp(&pod)?;

@@ -33,7 +33,7 @@ impl Host {
         Self {
             hypervisor: Arc::new(QemuHypervisor::new(state.root().to_path_buf())),
             templates: TemplateStore::new(state.templates()),
-            layer_cache: LayerCache::new(state.layer_images()),
+            layer_cache: LayerCache::new(state.layer_images(), config.rootfs.keep_unused_bytes()),
             config,
             state,
         }
@@ -113,7 +113,8 @@ impl Host {
     }
 
     /// Removes what VM `name`'s dead shim left (QEMU itself dies with its shim), what a
-    /// template build it was running left, and shared layer images nobody holds any more.
+    /// template build it was running left, and shared layer images nobody holds any more
+    /// beyond the config's bound.
     pub fn remove_leftovers(&self, name: &str) {
         // First, and never recursively: the share holds binds of users' host directories.
         crate::volumes::remove_staging(&self.state.share(name));
@@ -126,7 +127,7 @@ impl Host {
         }
         // The dead shim may have been building a template.
         crate::template::remove_abandoned_builds(&self.templates, &self.state.vms());
-        self.layer_cache.remove_unused();
+        self.layer_cache.trim();
     }
 }
 

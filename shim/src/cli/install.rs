@@ -7,8 +7,8 @@ use clap::Args;
 use crate::assets::{build_guest_assets, AssetsError, GuestAssetsConfig, KernelSource};
 use crate::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use crate::install::{
-    install, runtime_class, snapshotter, stop_pool, uninstall_into, InstallError, InstallOptions,
-    Report,
+    drop_unused_layer_images, install, runtime_class, snapshotter, stop_pool, uninstall_into,
+    InstallError, InstallOptions, Report,
 };
 
 #[derive(Debug, Args)]
@@ -120,11 +120,13 @@ pub fn run_install(args: &InstallArgs) -> Result<(), InstallCommandError> {
     Ok(())
 }
 
-/// Ends the warm pool (its spare shims run the binaries about to go), then uninstalls.
+/// Ends the warm pool (its spare shims run the binaries about to go) and deletes the
+/// layer images kept for containers to come, then uninstalls.
 pub async fn run_uninstall(args: &InstallArgs) -> Result<(), InstallCommandError> {
     let opts = options(args)?;
     let mut report = Report::default();
     stop_pool(&opts.spry_config, opts.dry_run, &mut report).await?;
+    drop_unused_layer_images(&opts.spry_config, opts.dry_run, &mut report)?;
     let report = uninstall_into(&opts, report)?;
     print_report(&report, args.dry_run);
     Ok(())

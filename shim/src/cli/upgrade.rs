@@ -114,7 +114,10 @@ pub async fn run_upgrade(config: &Path, args: &UpgradeArgs) -> Result<(), Upgrad
         dry_run: args.dry_run,
         warm: Some(warm_with(args)),
         layers: Some(LayerPrebuild {
-            cache: LayerCache::new(StateDir::new(&config.state_dir).layer_images()),
+            cache: LayerCache::new(
+                StateDir::new(&config.state_dir).layer_images(),
+                config.rootfs.keep_unused_bytes(),
+            ),
         }),
     };
     upgrade(&cri, &request, &mut |line| println!("{line}")).await?;

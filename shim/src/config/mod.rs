@@ -19,6 +19,10 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/spry/config.toml";
 pub const DEFAULT_TCG_CACHE_MIB: u32 = 256;
 /// What QEMU uses for the cache when `tcg_cache_mib` is 0.
 pub const QEMU_DEFAULT_TCG_CACHE_MIB: u32 = 1024;
+/// Unused layer images kept in the state dir (usually tmpfs, so memory): room for a
+/// Debian-based language runtime's image (python's test image packs to 256 MB) and a few
+/// small ones, so a restart or a rollback does not pack again.
+pub const DEFAULT_KEEP_UNUSED_LAYER_IMAGES_MIB: u32 = 512;
 /// Where `spry install` puts the guest kernel and initramfs.
 pub const DEFAULT_GUEST_DIR: &str = "/usr/local/share/spry/guest";
 
@@ -81,6 +85,33 @@ pub struct Config {
     pub template: TemplatePolicy,
     pub vm: VmSettings,
     pub pool: PoolSettings,
+    pub rootfs: RootfsSettings,
+}
+
+/// Containers' root filesystems on the host (`crate::rootfs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RootfsSettings {
+    /// The erofs images of image layers no container uses any more, MiB of the state dir
+    /// kept so a container of the same image (a restart, a recreated pod, a rollback)
+    /// finds its image packed; the least recently used go first, and images whose
+    /// layers containerd removed go at once. 0: deleted with their last container.
+    pub keep_unused_mib: u32,
+}
+
+impl Default for RootfsSettings {
+    fn default() -> Self {
+        Self {
+            keep_unused_mib: DEFAULT_KEEP_UNUSED_LAYER_IMAGES_MIB,
+        }
+    }
+}
+
+impl RootfsSettings {
+    /// The bound in bytes.
+    pub fn keep_unused_bytes(&self) -> u64 {
+        u64::from(self.keep_unused_mib) << 20
+    }
 }
 
 /// The warm pool: VMs restored from the template ahead of pods (`crate::pool`).
@@ -130,6 +161,7 @@ impl Default for Config {
             template: TemplatePolicy::Auto,
             vm: VmSettings::default(),
             pool: PoolSettings::default(),
+            rootfs: RootfsSettings::default(),
         }
     }
 }
@@ -262,6 +294,13 @@ impl Config {
             "1..=3600",
         )?;
         range("pool.size", self.pool.size, 0, 16, "0..=16")?;
+        range(
+            "rootfs.keep_unused_mib",
+            self.rootfs.keep_unused_mib,
+            0,
+            1 << 20,
+            "0..=1048576",
+        )?;
         if self.pool.size > 0 && self.template == TemplatePolicy::Off {
             return Err(ConfigError::PoolWithoutTemplate {
                 path: path.to_path_buf(),
@@ -362,11 +401,22 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("template = \"auto\""), "{err}");
+        assert!(matches!(
+            parse("[rootfs]\nkeep_unused_mib = 1048577\n").unwrap_err(),
+            ConfigError::OutOfRange {
+                key: "rootfs.keep_unused_mib",
+                ..
+            }
+        ));
+        let none = parse("[rootfs]\nkeep_unused_mib = 0\n").unwrap();
+        assert_eq!(none.rootfs.keep_unused_bytes(), 0);
+        assert_eq!(parse("").unwrap().rootfs.keep_unused_bytes(), 512 << 20);
+        assert!(parse("[rootfs]\nkeep_mib = 1\n").is_err(), "unknown key");
     }
 
     #[test]
     fn a_config_survives_its_trip_to_a_spare_shim() {
-        let config = parse("state_dir = \"/run/x\"\n[vm]\ncpus = 2\n[pool]\nsize = 1\n").unwrap();
+        let config = parse("state_dir = \"/run/x\"\n[vm]\ncpus = 2\n[pool]\nsize = 1\n[rootfs]\nkeep_unused_mib = 64\n").unwrap();
         let text = toml::to_string(&config).unwrap();
         assert_eq!(parse(&text).unwrap(), config);
     }

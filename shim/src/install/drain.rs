@@ -1,11 +1,13 @@
-//! Uninstall's first step: ending the warm pool. Spare shims (and their VMs) run the
-//! binaries uninstall removes and would otherwise outlive it, each holding a VM's memory,
-//! until the node reboots.
+//! Uninstall's first steps: ending the warm pool, whose spare shims (and their VMs) run
+//! the binaries uninstall removes and would otherwise outlive it, each holding a VM's
+//! memory, until the node reboots; and deleting the layer images kept for containers to
+//! come (memory too, in a tmpfs state dir).
 
 use std::path::Path;
 
 use super::{InstallError, Report};
 use crate::config::Config;
+use crate::rootfs::LayerCache;
 use crate::state_dir::StateDir;
 
 /// Stops every spare shim under the state dir of Spry's config at `spry_config` (the
@@ -15,16 +17,9 @@ pub async fn stop_pool(
     dry_run: bool,
     report: &mut Report,
 ) -> Result<(), InstallError> {
-    let config = match Config::load(spry_config) {
-        Ok(config) => config,
-        // No config of ours left to read: the default state dir is where a pool would be.
-        Err(crate::config::ConfigError::Read { .. }) => Config::default(),
-        Err(source) => return Err(InstallError::SpryConfig(Box::new(source))),
-    };
+    let config = installed_config(spry_config)?;
     let pool = StateDir::new(config.state_dir.clone()).pool();
-    let spares = std::fs::read_dir(&pool)
-        .map(|entries| entries.flatten().filter(|e| e.path().is_dir()).count())
-        .unwrap_or(0);
+    let spares = count_entries(&pool, |path| path.is_dir());
     if spares == 0 {
         return Ok(());
     }
@@ -40,12 +35,54 @@ pub async fn stop_pool(
     Ok(())
 }
 
+/// Deletes the layer images no container holds from the state dir of Spry's config at
+/// `spry_config`; with `dry_run`, only says how many there are.
+pub fn drop_unused_layer_images(
+    spry_config: &Path,
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<(), InstallError> {
+    let dir = StateDir::new(installed_config(spry_config)?.state_dir).layer_images();
+    let images = count_entries(&dir, |path| path.extension().is_some_and(|x| x == "erofs"));
+    if images == 0 {
+        return Ok(());
+    }
+    report.actions.push(format!(
+        "delete the layer images no container uses in {} ({images} there)",
+        dir.display()
+    ));
+    if !dry_run {
+        LayerCache::new(dir, 0).trim();
+    }
+    Ok(())
+}
+
+/// How many entries of `dir` (none when it cannot be read) are `wanted`.
+fn count_entries(dir: &Path, wanted: impl Fn(&Path) -> bool) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter(|e| wanted(&e.path())).count())
+        .unwrap_or(0)
+}
+
+/// The config uninstall works from: Spry's, else the defaults when there is none left.
+fn installed_config(spry_config: &Path) -> Result<Config, InstallError> {
+    match Config::load(spry_config) {
+        Ok(config) => Ok(config),
+        // No config of ours left to read: the default state dir is where Spry ran.
+        Err(crate::config::ConfigError::Read { .. }) => Ok(Config::default()),
+        Err(source) => Err(InstallError::SpryConfig(Box::new(source))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
-    #[tokio::test]
-    async fn uninstall_ends_the_pool_of_the_configs_state_dir() {
+    /// A Spry config naming a state dir of its own: (their temporary dir, the config's
+    /// path, the state dir).
+    fn config_with_state_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let config = dir.path().join("config.toml");
@@ -54,6 +91,12 @@ mod tests {
             format!("state_dir = {:?}\n", state.display().to_string()),
         )
         .unwrap();
+        (dir, config, state)
+    }
+
+    #[tokio::test]
+    async fn uninstall_ends_the_pool_of_the_configs_state_dir() {
+        let (_dir, config, state) = config_with_state_dir();
         // A spare's dir whose spare has already exited (no lock held): drained at once.
         let spare = StateDir::new(state.clone()).pool().join("0123abcd-1");
         std::fs::create_dir_all(&spare).unwrap();
@@ -79,5 +122,31 @@ mod tests {
             "nothing to stop: {:?}",
             report.actions
         );
+    }
+
+    #[test]
+    fn uninstall_deletes_the_kept_layer_images() {
+        let (_dir, config, state) = config_with_state_dir();
+        let images = StateDir::new(state).layer_images();
+        std::fs::create_dir_all(&images).unwrap();
+        // Kept, nobody holds it (its list of layers names none: stale anyway).
+        let kept = images.join("abc.erofs");
+        std::fs::write(&kept, b"image").unwrap();
+
+        let mut report = Report::default();
+        drop_unused_layer_images(&config, true, &mut report).unwrap();
+        assert!(kept.exists(), "a dry run deleted an image");
+        assert!(
+            report.actions[0].contains("1 there"),
+            "{:?}",
+            report.actions
+        );
+
+        let mut report = Report::default();
+        drop_unused_layer_images(&config, false, &mut report).unwrap();
+        assert!(!images.exists(), "the images and their dir are gone");
+        let mut report = Report::default();
+        drop_unused_layer_images(&config, false, &mut report).unwrap();
+        assert!(report.actions.is_empty(), "{:?}", report.actions);
     }
 }

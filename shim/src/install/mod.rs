@@ -233,7 +233,7 @@ fn check_containerd(opts: &InstallOptions, report: &mut Report) -> Result<(), In
     Ok(())
 }
 
-pub use drain::stop_pool;
+pub use drain::{drop_unused_layer_images, stop_pool};
 
 /// Removes what install put in place. Run [`stop_pool`] first: spare shims run the
 /// binaries removed here.

@@ -8,20 +8,20 @@
 //!
 //! An image is `<cache>/<key>.erofs`, the key a digest of the layer directories' paths
 //! and identities (device, inode, mtime), so a snapshot directory that is deleted and
-//! recreated under the same path gets a new key. Every user holds a shared `flock` on the
-//! file; whoever releases it last (an exclusive non-blocking lock succeeds) deletes it.
-//! Builds are serialized per key by a lock file and go to a temporary name renamed into
-//! place, so a reader never sees a half-written image and pods of one image starting
-//! together build it once.
+//! recreated under the same path gets a new key; `<key>.lowers` lists those directories.
+//! Every user holds a shared `flock` on the file; an image nobody holds (an exclusive
+//! non-blocking lock succeeds) is kept within the config's bound or deleted
+//! (`retained.rs`). Builds are serialized per key by a lock file and go to a temporary
+//! name renamed into place, so a reader never sees a half-written image and pods of one
+//! image starting together build it once.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
-use sha2::{Digest, Sha256};
 
 use super::erofs::{self, ErofsError};
+use super::{layer_key, retained};
 
 /// Failure to find or build a cached layer image.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,8 @@ pub enum CacheError {
 #[derive(Debug, Clone)]
 pub struct LayerCache {
     dir: PathBuf,
+    /// Bytes of images nobody uses that may stay (`[rootfs] keep_unused_mib`).
+    keep_unused: u64,
 }
 
 /// A cached image in use: the shared lock lives as long as this value. Give it back
@@ -60,48 +62,38 @@ pub struct LayerCache {
 pub struct CachedImage {
     pub path: PathBuf,
     lock: Flock<File>,
+    keep_unused: u64,
 }
 
 impl LayerCache {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+    /// The cache in `dir`, keeping up to `keep_unused` bytes of images no container uses.
+    pub fn new(dir: impl Into<PathBuf>, keep_unused: u64) -> Self {
+        Self {
+            dir: dir.into(),
+            keep_unused,
+        }
     }
 
     /// The cache key of a layer chain (overlay lowerdirs, top first).
-    pub fn key(lowers: &[PathBuf]) -> Result<String, CacheError> {
-        let mut digest = Sha256::new();
-        for lower in lowers {
-            let meta = std::fs::metadata(lower).map_err(|source| CacheError::Layer {
-                path: lower.clone(),
-                source,
-            })?;
-            digest.update(lower.as_os_str().as_encoded_bytes());
-            digest.update([0]);
-            for n in [
-                meta.dev(),
-                meta.ino(),
-                meta.mtime() as u64,
-                meta.mtime_nsec() as u64,
-            ] {
-                digest.update(n.to_le_bytes());
-            }
-        }
-        Ok(hex::encode(digest.finalize()))
+    fn key(lowers: &[PathBuf]) -> Result<String, CacheError> {
+        layer_key::chain_key(lowers).map_err(|(path, source)| CacheError::Layer { path, source })
     }
 
     fn image_path(&self, key: &str) -> PathBuf {
         self.dir.join(format!("{key}.erofs"))
     }
 
-    /// The image for `key`, built from `source_dir` (the layers' merged view) if there is
-    /// none. Returns whether it was built now.
+    /// The image of the layer chain `lowers` (overlay lowerdirs, top first), built from
+    /// `source_dir` (the layers' merged view) if there is none. Returns whether it was
+    /// built now.
     pub async fn get_or_build(
         &self,
-        key: &str,
+        lowers: &[PathBuf],
         source_dir: &Path,
     ) -> Result<(CachedImage, bool), CacheError> {
+        let key = &Self::key(lowers)?;
         let path = self.image_path(key);
-        if let Some(image) = lock_shared(&path)? {
+        if let Some(image) = self.lock_shared(&path)? {
             return Ok((image, false));
         }
         std::fs::create_dir_all(&self.dir).map_err(|source| CacheError::Io {
@@ -110,25 +102,25 @@ impl LayerCache {
         })?;
         // Pods of one image often start together: one builds, the others wait for it.
         let build_lock = self.build_lock(key).await?;
-        if let Some(image) = lock_shared(&path)? {
+        if let Some(image) = self.lock_shared(&path)? {
             return Ok((image, false));
         }
-        let built = self.build(key, &path, source_dir).await;
+        let built = self.build(key, lowers, &path, source_dir).await;
         // Waiters hold the unlinked file and find the image; a newcomer in between
         // builds once more, which wastes time but is still correct (rename is atomic).
         let _ = std::fs::remove_file(self.build_lock_path(key));
         drop(build_lock);
         built?;
-        match lock_shared(&path)? {
+        match self.lock_shared(&path)? {
             Some(image) => Ok((image, true)),
             // Released and deleted by its last user between our rename and our lock:
             // only possible if someone else used it in that instant. Build again.
-            None => Box::pin(self.get_or_build(key, source_dir)).await,
+            None => Box::pin(self.get_or_build(lowers, source_dir)).await,
         }
     }
 
     fn build_lock_path(&self, key: &str) -> PathBuf {
-        self.dir.join(format!(".{key}.lock"))
+        retained::build_lock_path(&self.dir, key)
     }
 
     async fn build_lock(&self, key: &str) -> Result<Flock<File>, CacheError> {
@@ -150,8 +142,15 @@ impl LayerCache {
         .expect("the lock task does not panic")
     }
 
-    /// Builds the image for `key` at `path` (through a temporary name).
-    async fn build(&self, key: &str, path: &Path, source_dir: &Path) -> Result<(), CacheError> {
+    /// Builds the image for `key` at `path` (through a temporary name), its list of
+    /// layers first: an image is never in place without it.
+    async fn build(
+        &self,
+        key: &str,
+        lowers: &[PathBuf],
+        path: &Path,
+        source_dir: &Path,
+    ) -> Result<(), CacheError> {
         // Unique per process and call: two containers of one pod may build the same image.
         static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -159,6 +158,13 @@ impl LayerCache {
             .dir
             .join(format!(".{key}.{}-{n}.tmp", std::process::id()));
         erofs::build_image(source_dir, &tmp).await?;
+        if let Err(source) = layer_key::write_lowers(&self.dir, key, lowers) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(CacheError::Io {
+                path: layer_key::lowers_path(&self.dir, key),
+                source,
+            });
+        }
         std::fs::rename(&tmp, path).map_err(|source| {
             let _ = std::fs::remove_file(&tmp);
             CacheError::Io {
@@ -170,119 +176,60 @@ impl LayerCache {
 }
 
 impl CachedImage {
-    /// Drops our use of the image; the last user deletes the file (and the cache dir,
-    /// once empty).
+    /// Drops our use of the image. The last user leaves it to the cache's bound of
+    /// unused images (`retained.rs`): kept for the next container of the same layers,
+    /// or deleted (with the cache dir, once empty).
     pub fn release(self) {
-        let CachedImage { path, lock } = self;
+        let CachedImage {
+            path,
+            lock,
+            keep_unused,
+        } = self;
         drop(lock);
-        delete_if_unused(&path);
+        retained::released(&path, keep_unused);
     }
 }
 
 impl LayerCache {
-    /// Deletes every image nobody holds. For a shim that died holding the last use of an
-    /// image: the kernel dropped its lock, but nobody deleted the file.
-    pub fn remove_unused(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
+    /// Deletes the images nobody holds beyond the bound, and those whose layers are gone.
+    /// For a shim that died holding the last use of an image (the kernel dropped its
+    /// lock, nobody else looked at it) and for `spry uninstall` (with a bound of 0).
+    pub fn trim(&self) {
+        retained::trim(&self.dir, self.keep_unused);
+    }
+
+    /// Opens `path` with a shared lock; `None` when there is no such image (or it was
+    /// deleted while we waited for the lock).
+    fn lock_shared(&self, path: &Path) -> Result<Option<CachedImage>, CacheError> {
+        let file = match File::open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CacheError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
         };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "erofs") {
-                delete_if_unused(&path);
-            } else if is_orphan_build(&path) {
-                // A build whose shim died mid-way.
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-    }
-}
-
-/// A build's temporary file (`.<key>.<pid>-<n>.tmp`) whose process is gone.
-fn is_orphan_build(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    let Some(stem) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
-        return false;
-    };
-    let Some(pid) = stem
-        .rsplit('.')
-        .next()
-        .and_then(|tail| tail.split('-').next())
-        .and_then(|pid| pid.parse::<u32>().ok())
-    else {
-        return false;
-    };
-    !Path::new("/proc").join(pid.to_string()).exists()
-}
-
-/// Deletes the image at `path` if no user holds it, then the cache dir if it is empty.
-fn delete_if_unused(path: &Path) {
-    let Ok(file) = File::open(path) else {
-        return;
-    };
-    // Only a file that is still the one at `path` may be deleted by us.
-    if let Ok(exclusive) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        if same_file(&exclusive, path) {
-            if let Err(e) = std::fs::remove_file(path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused layer image");
-            }
-        }
-    }
-    // A concurrent builder recreates the dir.
-    if let Some(dir) = path.parent() {
-        let _ = std::fs::remove_dir(dir);
-    }
-}
-
-/// Opens `path` with a shared lock; `None` when there is no such image (or it was deleted
-/// while we waited for the lock).
-fn lock_shared(path: &Path) -> Result<Option<CachedImage>, CacheError> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(CacheError::Io {
+        let lock =
+            Flock::lock(file, FlockArg::LockShared).map_err(|(_, source)| CacheError::Lock {
                 path: path.to_path_buf(),
                 source,
-            })
+            })?;
+        if !retained::same_file(&lock, path) {
+            return Ok(None);
         }
-    };
-    let lock = Flock::lock(file, FlockArg::LockShared).map_err(|(_, source)| CacheError::Lock {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !same_file(&lock, path) {
-        return Ok(None);
-    }
-    Ok(Some(CachedImage {
-        path: path.to_path_buf(),
-        lock,
-    }))
-}
-
-/// Whether the open `file` is still what `path` names (not unlinked or replaced).
-fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
+        Ok(Some(CachedImage {
+            path: path.to_path_buf(),
+            lock,
+            keep_unused: self.keep_unused,
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn only_builds_of_dead_processes_are_orphans() {
-        let mine = format!(".abc123.{}-0.tmp", std::process::id());
-        assert!(!is_orphan_build(Path::new(&mine)));
-        // PIDs are below 2^22 on Linux: this one cannot be alive.
-        assert!(is_orphan_build(Path::new(".abc123.4999999-3.tmp")));
-        assert!(!is_orphan_build(Path::new("abc123.erofs")));
-        assert!(!is_orphan_build(Path::new(".abc123.lock")));
-    }
 
     fn layer(root: &Path, name: &str, file: &str) -> PathBuf {
         let dir = root.join(name);
@@ -291,42 +238,48 @@ mod tests {
         dir
     }
 
-    #[test]
-    fn the_key_follows_paths_order_and_identity() {
+    /// Builds (or finds) the image of the one-layer chain `lower` in `cache`.
+    async fn image_of(cache: &LayerCache, lower: &Path) -> (CachedImage, bool) {
+        let lowers = [lower.to_path_buf()];
+        cache.get_or_build(&lowers, lower).await.unwrap()
+    }
+
+    fn bytes_of(image: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(image).unwrap().blocks() * 512
+    }
+
+    #[tokio::test]
+    async fn a_layer_that_cannot_be_read_is_named() {
         let root = tempfile::tempdir().unwrap();
-        let a = layer(root.path(), "a", "x");
-        let b = layer(root.path(), "b", "y");
-        let ab = LayerCache::key(&[a.clone(), b.clone()]).unwrap();
-        assert_eq!(ab, LayerCache::key(&[a.clone(), b.clone()]).unwrap());
-        assert_ne!(ab, LayerCache::key(&[b.clone(), a.clone()]).unwrap());
-        // A snapshot dir recreated under the same path is a different layer.
-        std::fs::remove_dir_all(&b).unwrap();
-        let _keep_inode_busy = layer(root.path(), "c", "z");
-        layer(root.path(), "b", "y");
-        assert_ne!(ab, LayerCache::key(&[a, b]).unwrap());
-        let missing = LayerCache::key(&[root.path().join("nope")]).unwrap_err();
+        let cache = LayerCache::new(root.path().join("cache"), 0);
+        let nope = root.path().join("nope");
+        let missing = cache
+            .get_or_build(std::slice::from_ref(&nope), &nope)
+            .await
+            .unwrap_err();
         assert!(matches!(missing, CacheError::Layer { .. }), "{missing}");
+        assert!(missing.to_string().contains("nope"), "{missing}");
     }
 
     #[tokio::test]
     async fn built_once_shared_and_deleted_by_the_last_user() {
         let root = tempfile::tempdir().unwrap();
         let lower = layer(root.path(), "lower", "hello");
-        let cache = LayerCache::new(root.path().join("cache"));
-        let key = LayerCache::key(std::slice::from_ref(&lower)).unwrap();
-        let (first, built) = cache.get_or_build(&key, &lower).await.unwrap();
+        let cache = LayerCache::new(root.path().join("cache"), 0);
+        let (first, built) = image_of(&cache, &lower).await;
         assert!(built);
-        let (second, built) = cache.get_or_build(&key, &lower).await.unwrap();
+        let (second, built) = image_of(&cache, &lower).await;
         assert!(!built, "the second user reuses the image");
         assert_eq!(first.path, second.path);
         let path = first.path.clone();
         first.release();
         assert!(path.exists(), "still in use by the second user");
         second.release();
-        assert!(!path.exists(), "the last user deletes it");
+        assert!(!path.exists(), "the last user deletes it (nothing kept)");
         assert!(
             !root.path().join("cache").exists(),
-            "and the empty cache dir"
+            "and its list of layers and the empty cache dir"
         );
     }
 
@@ -334,12 +287,11 @@ mod tests {
     async fn containers_starting_together_build_the_image_once() {
         let root = tempfile::tempdir().unwrap();
         let lower = layer(root.path(), "lower", "hello");
-        let cache = LayerCache::new(root.path().join("cache"));
-        let key = LayerCache::key(std::slice::from_ref(&lower)).unwrap();
+        let cache = LayerCache::new(root.path().join("cache"), 0);
         let users: Vec<_> = (0..4)
             .map(|_| {
-                let (cache, key, lower) = (cache.clone(), key.clone(), lower.clone());
-                tokio::spawn(async move { cache.get_or_build(&key, &lower).await.unwrap() })
+                let (cache, lower) = (cache.clone(), lower.clone());
+                tokio::spawn(async move { image_of(&cache, &lower).await })
             })
             .collect();
         let mut built = 0;
@@ -359,27 +311,91 @@ mod tests {
     #[tokio::test]
     async fn images_left_by_a_dead_user_are_swept_and_images_in_use_kept() {
         let root = tempfile::tempdir().unwrap();
-        let cache = LayerCache::new(root.path().join("cache"));
-        let in_use_layer = layer(root.path(), "a", "a");
-        let orphan_layer = layer(root.path(), "b", "b");
-        let in_use_key = LayerCache::key(std::slice::from_ref(&in_use_layer)).unwrap();
-        let orphan_key = LayerCache::key(std::slice::from_ref(&orphan_layer)).unwrap();
-        let (in_use, _) = cache
-            .get_or_build(&in_use_key, &in_use_layer)
-            .await
-            .unwrap();
-        let (orphan, _) = cache
-            .get_or_build(&orphan_key, &orphan_layer)
-            .await
-            .unwrap();
+        let cache = LayerCache::new(root.path().join("cache"), 0);
+        let (in_use, _) = image_of(&cache, &layer(root.path(), "a", "a")).await;
+        let (orphan, _) = image_of(&cache, &layer(root.path(), "b", "b")).await;
         let orphan_path = orphan.path.clone();
         // A shim killed while using it: its lock goes with it, the file stays.
         drop(orphan);
         assert!(orphan_path.exists());
-        cache.remove_unused();
+        cache.trim();
         assert!(!orphan_path.exists(), "nobody holds it: swept");
         assert!(in_use.path.exists(), "held: kept");
         in_use.release();
         assert!(!root.path().join("cache").exists());
+    }
+
+    #[tokio::test]
+    async fn an_unused_image_is_kept_for_the_next_container_of_its_layers() {
+        let root = tempfile::tempdir().unwrap();
+        let lower = layer(root.path(), "lower", "hello");
+        let cache = LayerCache::new(root.path().join("cache"), 1 << 30);
+        let (first, built) = image_of(&cache, &lower).await;
+        assert!(built);
+        let path = first.path.clone();
+        first.release();
+        assert!(path.exists(), "kept within the bound");
+        let (again, built) = image_of(&cache, &lower).await;
+        assert!(!built, "the next container finds it packed");
+        assert_eq!(again.path, path);
+        again.release();
+        // Uninstall: a bound of 0 deletes every unused image.
+        LayerCache::new(root.path().join("cache"), 0).trim();
+        assert!(!root.path().join("cache").exists());
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_released_go_first_and_held_ones_stay() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        let roomy = LayerCache::new(&dir, 1 << 30);
+        let mut images = Vec::new();
+        for name in ["a", "b", "c", "held"] {
+            images.push(image_of(&roomy, &layer(root.path(), name, name)).await.0);
+        }
+        let held = images.pop().unwrap();
+        let paths: Vec<PathBuf> = images.iter().map(|i| i.path.clone()).collect();
+        for image in images {
+            image.release();
+            // Release times an mtime apart.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(paths.iter().all(|p| p.exists()));
+        // Room for the last two released; the held one counts for nothing.
+        let room = bytes_of(&paths[1]) + bytes_of(&paths[2]);
+        LayerCache::new(&dir, room).trim();
+        assert!(!paths[0].exists(), "released first: deleted first");
+        assert!(paths[1].exists() && paths[2].exists());
+        assert!(held.path.exists());
+        LayerCache::new(&dir, 0).trim();
+        assert!(paths.iter().all(|p| !p.exists()));
+        assert!(held.path.exists(), "a held image is never deleted");
+        held.release();
+    }
+
+    #[tokio::test]
+    async fn an_image_whose_layers_are_gone_goes_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        let cache = LayerCache::new(&dir, 1 << 30);
+        let gone = layer(root.path(), "gone", "x");
+        let stays = layer(root.path(), "stays", "y");
+        let (a, _) = image_of(&cache, &gone).await;
+        let (b, _) = image_of(&cache, &stays).await;
+        let (gone_image, stays_image) = (a.path.clone(), b.path.clone());
+        a.release();
+        b.release();
+        // containerd removed the image: its snapshot directories go.
+        std::fs::remove_dir_all(&gone).unwrap();
+        cache.trim();
+        assert!(!gone_image.exists(), "it can never serve again");
+        assert!(!gone_image.with_extension("lowers").exists());
+        assert!(stays_image.exists() && stays_image.with_extension("lowers").exists());
+        // A list of layers without its image (its build died after writing it).
+        let stray = dir.join("0123.lowers");
+        std::fs::write(&stray, b"/nowhere\0").unwrap();
+        cache.trim();
+        assert!(!stray.exists());
+        assert!(stays_image.exists());
     }
 }

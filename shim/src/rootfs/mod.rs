@@ -12,10 +12,12 @@
 
 mod cache;
 mod erofs;
+mod layer_key;
 mod next_writable;
 mod pack;
 mod plugged;
 mod pristine;
+mod retained;
 mod source;
 mod writable;
 
@@ -228,9 +230,8 @@ impl ErofsBlockShare {
                         path: merged.clone(),
                     });
                 }
-                let key = LayerCache::key(lowers)?;
                 let started = std::time::Instant::now();
-                let (cached, built) = cache.get_or_build(&key, merged).await?;
+                let (cached, built) = cache.get_or_build(lowers, merged).await?;
                 let elapsed_ms = started.elapsed().as_millis() as u64;
                 if built {
                     tracing::info!(container_id, image = %cached.path.display(), elapsed_ms, "layer image built");

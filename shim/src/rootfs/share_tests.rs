@@ -22,7 +22,7 @@ fn setup() -> Setup {
     std::fs::create_dir_all(lower.join("bin")).unwrap();
     std::fs::write(lower.join("bin/app"), "app").unwrap();
     let share = ErofsBlockShare::new(root.path().join("work"))
-        .with_layer_cache(LayerCache::new(root.path().join("cache")));
+        .with_layer_cache(LayerCache::new(root.path().join("cache"), 0));
     Setup {
         share,
         lower,
@@ -79,7 +79,10 @@ async fn containers_of_one_image_share_the_layer_disk_until_the_last_goes() {
     let unplugged = vm.unplugged.lock().unwrap().clone();
     assert_eq!(unplugged.len(), 3);
     assert!(unplugged.contains(&plugged[0].0), "the layer disk stayed");
-    assert!(!layer_image.exists(), "the layer image outlived its users");
+    assert!(
+        !layer_image.exists(),
+        "the layer image outlived its users (the cache keeps none)"
+    );
 }
 
 #[tokio::test]

@@ -24,8 +24,9 @@ use crate::vm::{NetNamespace, VmConfig};
 /// A started pod VM and what the pod must keep of its start.
 pub struct Launched {
     pub vm: Arc<dyn PodVm>,
-    /// Where the VM's state lives (the handler's config may name its own state dir).
-    pub state_dir: PathBuf,
+    /// The config the pod runs under (a handler's own, through its options, or the
+    /// shim's): its state dir and what cleaning up after the shim needs.
+    pub config: Config,
     /// A template rebuild this start set off; aborted if the pod ends first.
     pub rebuild: Option<JoinHandle<()>>,
 }
@@ -80,7 +81,6 @@ impl SandboxLauncher for HostLauncher {
             None => self.config.clone(),
         };
         crate::log_filter::apply_config_level(&config.log_level);
-        let state_dir = config.state_dir.clone();
         let spare = self.spare.lock().unwrap_or_else(|p| p.into_inner()).take();
         let network = match spec::pod_netns(spec) {
             PodNetns::Path(path) => {
@@ -142,7 +142,7 @@ impl SandboxLauncher for HostLauncher {
             let vm = adopt_spare(id, spare, identity).await?;
             return Ok(Launched {
                 vm: Arc::new(vm),
-                state_dir,
+                config,
                 rebuild: None,
             });
         }
@@ -151,7 +151,7 @@ impl SandboxLauncher for HostLauncher {
         let launch = template::start_sandbox(request, &make_share).await?;
         Ok(Launched {
             vm: Arc::new(launch.sandbox),
-            state_dir,
+            config,
             rebuild: launch.rebuild,
         })
     }

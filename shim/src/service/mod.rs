@@ -150,11 +150,15 @@ impl Shim for SpryShim {
             info!(id = %self.id, "the pod's shim still serves other tasks; it cleans up itself");
             return Ok(killed_response());
         }
-        let mut config = Config::load(&config_path()).unwrap_or_default();
-        // A handler with its own config (ConfigPath) may keep its state elsewhere.
-        if let Some(state_dir) = recorded_state_dir(&self.bundle) {
-            config.state_dir = state_dir;
-        }
+        // A handler with its own config (ConfigPath or inline) may keep its state
+        // elsewhere and keep fewer unused layer images: the pod noted it.
+        let config = recorded_config(&self.bundle).unwrap_or_else(|| {
+            let mut config = Config::load(&config_path()).unwrap_or_default();
+            if let Some(state_dir) = recorded_state_dir(&self.bundle) {
+                config.state_dir = state_dir;
+            }
+            config
+        });
         cleanup_leftovers(&config, &self.id, &self.bundle).await;
         Ok(killed_response())
     }
@@ -262,15 +266,32 @@ pub fn state_name(id: &str) -> String {
     format!("{prefix}-{}", &hash[..12])
 }
 
-/// The file in a task's bundle that names the state dir its pod uses, for `delete` after
+/// The file in a task's bundle holding the config its pod runs under, for `delete` after
 /// the serving shim died: that runs without the handler's options.
+const CONFIG_MARKER: &str = "spry-config.toml";
+/// What shims before `CONFIG_MARKER` noted: only the state dir.
 const STATE_DIR_MARKER: &str = "spry-state-dir";
 
-/// Notes in `bundle` which state dir the task's pod uses.
-fn record_state_dir(bundle: &Path, state_dir: &Path) {
-    let marker = bundle.join(STATE_DIR_MARKER);
-    if let Err(e) = std::fs::write(&marker, state_dir.as_os_str().as_encoded_bytes()) {
-        warn!(path = %marker.display(), error = %e, "cannot note the state dir; a crash of this shim may leave state behind");
+/// Notes in `bundle` the config the task's pod runs under.
+fn record_config(bundle: &Path, config: &Config) {
+    let marker = bundle.join(CONFIG_MARKER);
+    let written = toml::to_string(config)
+        .map_err(std::io::Error::other)
+        .and_then(|text| std::fs::write(&marker, text));
+    if let Err(e) = written {
+        warn!(path = %marker.display(), error = %e, "cannot note the pod's config; a crash of this shim may leave state behind");
+    }
+}
+
+fn recorded_config(bundle: &Path) -> Option<Config> {
+    let marker = bundle.join(CONFIG_MARKER);
+    let text = std::fs::read_to_string(&marker).ok()?;
+    match Config::parse(&text, &marker) {
+        Ok(config) => Some(config),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "the pod's noted config is not valid; cleaning up under the shim's");
+            None
+        }
     }
 }
 
@@ -311,13 +332,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_recorded_state_dir_is_read_back() {
+    fn the_recorded_config_is_read_back_and_an_older_shims_state_dir_too() {
         let bundle = tempfile::tempdir().unwrap();
+        assert!(recorded_config(bundle.path()).is_none());
+        let config = Config::parse(
+            "state_dir = \"/run/spry-other\"\n[rootfs]\nkeep_unused_mib = 0\n",
+            Path::new("handler options"),
+        )
+        .unwrap();
+        record_config(bundle.path(), &config);
+        assert_eq!(recorded_config(bundle.path()), Some(config));
+        std::fs::write(bundle.path().join(CONFIG_MARKER), "[vm]\ncpus = 0\n").unwrap();
+        assert!(
+            recorded_config(bundle.path()).is_none(),
+            "not valid: not used"
+        );
+
+        // What shims before the config marker wrote.
         assert_eq!(recorded_state_dir(bundle.path()), None);
-        record_state_dir(bundle.path(), Path::new("/run/spry-other"));
+        std::fs::write(bundle.path().join(STATE_DIR_MARKER), "/run/spry-old").unwrap();
         assert_eq!(
             recorded_state_dir(bundle.path()),
-            Some(PathBuf::from("/run/spry-other"))
+            Some(PathBuf::from("/run/spry-old"))
         );
         std::fs::write(bundle.path().join(STATE_DIR_MARKER), "relative").unwrap();
         assert_eq!(recorded_state_dir(bundle.path()), None);

@@ -52,8 +52,8 @@ pub struct Pod {
     tasks: Mutex<TaskTable>,
     /// A template rebuild this pod started after its template proved bad.
     template_rebuild: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The state dir of the pod's VM (its handler's config may name its own).
-    state_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The config the pod's VM runs under (its handler's may name its own state dir).
+    config: std::sync::OnceLock<crate::config::Config>,
     /// The bundle of the task whose VM this is: the one a dead shim's cleanup gets.
     owner_bundle: std::sync::OnceLock<std::path::PathBuf>,
     /// Which of the guest's OOM reports become events.
@@ -70,7 +70,7 @@ impl Pod {
             vm: RwLock::new(None),
             tasks: Mutex::new(TaskTable::default()),
             template_rebuild: std::sync::Mutex::new(None),
-            state_dir: std::sync::OnceLock::new(),
+            config: std::sync::OnceLock::new(),
             owner_bundle: std::sync::OnceLock::new(),
             oom_filter: std::sync::Mutex::default(),
             exec_deleted: tokio::sync::Notify::new(),
@@ -131,8 +131,8 @@ impl Pod {
             }
             return Err(e);
         }
-        if let Some(state_dir) = self.state_dir.get() {
-            super::record_state_dir(bundle, state_dir);
+        if let Some(config) = self.config.get() {
+            super::record_config(bundle, config);
         }
         let pid = self.vm_pid().await;
         self.events.create(id, &bundle.to_string_lossy(), pid).await;
@@ -150,7 +150,7 @@ impl Pod {
             return Err(ShimError::ContainerExists { id: id.to_string() });
         }
         let launched = self.launcher.launch(id, spec, options).await?;
-        let _ = self.state_dir.set(launched.state_dir);
+        let _ = self.config.set(launched.config);
         if let Some(rebuild) = launched.rebuild {
             *self
                 .template_rebuild

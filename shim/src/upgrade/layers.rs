@@ -86,9 +86,8 @@ impl LayerPrebuild {
             RootfsSource::Served { .. } => return Ok(None),
             RootfsSource::Directory(_) => return Err(PrebuildError::NotLayers),
         };
-        let cache_key = LayerCache::key(&lowers)?;
         let view = LayersView::mount(&lowers)?;
-        let built = self.cache.get_or_build(&cache_key, view.path()).await;
+        let built = self.cache.get_or_build(&lowers, view.path()).await;
         drop(view);
         Ok(Some(built?))
     }

@@ -423,7 +423,10 @@ impl SandboxLauncher for FakeLauncher {
         self.vms.lock().unwrap().push(Arc::clone(&vm));
         Ok(Launched {
             vm,
-            state_dir: self.state_dir.clone(),
+            config: crate::config::Config {
+                state_dir: self.state_dir.clone(),
+                ..Default::default()
+            },
             rebuild: None,
         })
     }
