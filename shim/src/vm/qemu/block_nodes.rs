@@ -22,9 +22,7 @@ impl QemuVm {
         node: &str,
         read_only: bool,
     ) -> Result<(), VmError> {
-        // Writable disks pass the guest's discards down as holes, so a sparse image
-        // shrinks when the guest deletes files.
-        let discard = if read_only { "ignore" } else { "unmap" };
+        let discard = discard_mode(read_only);
         self.add_node_on_file(image, read_only, |filename| {
             json!({
                 "driver": "raw",
@@ -114,6 +112,16 @@ impl QemuVm {
             return Err(self.qmp_error(source));
         }
         Ok(())
+    }
+}
+
+/// Writable disks pass the guest's discards down as holes, so a sparse image shrinks when
+/// the guest deletes files.
+pub(super) fn discard_mode(read_only: bool) -> &'static str {
+    if read_only {
+        "ignore"
+    } else {
+        "unmap"
     }
 }
 
