@@ -125,9 +125,9 @@ async fn restore(dir: &Path) -> Result<Spare, PoolError> {
         booted.stop().await;
         return Err(e);
     }
-    // Best effort: without them, the pod's first container plugs its disks itself.
+    // Best effort: without it, the pod's first container plugs its writable disk itself.
     if let Err(e) = share.prepare_next(booted.vm()).await {
-        debug!(vm = %name, error = %crate::error_chain(&e), "cannot plug the spare's next disks");
+        debug!(vm = %name, error = %crate::error_chain(&e), "cannot plug the spare's next writable disk");
     }
     info!(vm = %name, warm_up_ms = started.elapsed().as_millis() as u64, "spare VM restored and warmed; waiting for a pod");
     Ok(Spare {

@@ -13,15 +13,13 @@
 //! non-blocking lock succeeds) is kept within the config's bound or deleted
 //! (`retained.rs`). Builds are serialized per key by a lock file and go to a temporary
 //! name renamed into place, so a reader never sees a half-written image and pods of one
-//! image starting together build it once. Each is padded with a hole to the size of the
-//! empty layer disk a VM plugs ahead (`disk_ahead.rs`), so it can go on that disk.
+//! image starting together build it once.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-use super::disk_ahead::LAYER_DISK_BYTES;
 use super::erofs::{self, ErofsError};
 use super::{layer_key, retained};
 
@@ -160,10 +158,6 @@ impl LayerCache {
             .dir
             .join(format!(".{key}.{}-{n}.tmp", std::process::id()));
         erofs::build_image(source_dir, &tmp).await?;
-        if let Err(source) = pad_to_layer_disk(&tmp) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(CacheError::Io { path: tmp, source });
-        }
         if let Err(source) = layer_key::write_lowers(&self.dir, key, lowers) {
             let _ = std::fs::remove_file(&tmp);
             return Err(CacheError::Io {
@@ -179,17 +173,6 @@ impl LayerCache {
             }
         })
     }
-}
-
-/// Extends a built image with a hole to [`LAYER_DISK_BYTES`] (when it is not larger), so
-/// that it fits the empty disk a VM plugged ahead for the next image (`disk_ahead.rs`).
-/// erofs reads only the blocks its superblock counts; the hole costs nothing.
-fn pad_to_layer_disk(image: &Path) -> std::io::Result<()> {
-    let file = std::fs::OpenOptions::new().write(true).open(image)?;
-    if file.metadata()?.len() <= LAYER_DISK_BYTES {
-        file.set_len(LAYER_DISK_BYTES)?;
-    }
-    Ok(())
 }
 
 impl CachedImage {

@@ -11,9 +11,9 @@
 //! appear in a running VM (in-place image replacement, templates) without a reboot.
 
 mod cache;
-mod disk_ahead;
 mod erofs;
 mod layer_key;
+mod next_writable;
 mod pack;
 mod plugged;
 mod pristine;
@@ -30,9 +30,8 @@ use tracing::debug;
 use crate::vm::{HostRelease, ScsiAddr, Vm, VmError};
 
 pub use cache::{CacheError, CachedImage, LayerCache};
-use disk_ahead::DiskAhead;
-pub use disk_ahead::LAYER_DISK_BYTES;
 pub use erofs::ErofsError;
+use next_writable::NextWritableDisk;
 use plugged::PluggedLayers;
 pub use pristine::PristineLayer;
 use source::lazy_read_ahead_kib;
@@ -132,9 +131,8 @@ pub trait RootfsShare: Send + Sync {
         source: &RootfsSource,
     ) -> Result<AttachedRootfs, RootfsError>;
 
-    /// Gets what the next container's attach needs ready in the VM ahead of it (empty
-    /// disks for its writable layer and a new image's layers, `disk_ahead.rs`). For when
-    /// the VM is idle.
+    /// Gets what the next container's attach needs ready in the VM ahead of it (an empty
+    /// disk for its writable layer, `next_writable.rs`). For when the VM is idle.
     async fn prepare_next(&self, vm: &dyn Vm) -> Result<(), RootfsError>;
 
     /// Undoes `attach` once the agent has unmounted the rootfs. Must also succeed when
@@ -154,9 +152,7 @@ pub struct ErofsBlockShare {
     /// Where writable layers are copied from; without it, mkfs makes each.
     pristine: Option<PristineLayer>,
     /// The disk the next writable layer goes on, when one was plugged ahead.
-    next_writable: DiskAhead,
-    /// The disk the next new layer image goes on, when one was plugged ahead.
-    next_layers: DiskAhead,
+    next_writable: NextWritableDisk,
 }
 
 impl ErofsBlockShare {
@@ -166,8 +162,7 @@ impl ErofsBlockShare {
             cache: None,
             plugged: PluggedLayers::default(),
             pristine: None,
-            next_writable: DiskAhead::writable_layer(),
-            next_layers: DiskAhead::image_layers(),
+            next_writable: NextWritableDisk::default(),
         }
     }
 
@@ -283,7 +278,7 @@ impl ErofsBlockShare {
     }
 
     /// The read-only disk for `image`: the VM's disk of the same shared image when one is
-    /// plugged (the flag says so), else the empty one plugged ahead or a new one.
+    /// plugged (the flag says so), else a newly hot-plugged one.
     async fn plug_layer(
         &self,
         vm: &dyn Vm,
@@ -301,10 +296,13 @@ impl ErofsBlockShare {
                 return Ok((addr, true));
             }
         }
-        let addr = self
-            .next_layers
-            .plug(vm, container_id, image.path())
-            .await?;
+        let addr = vm
+            .hotplug_disk(image.path(), true)
+            .await
+            .map_err(|source| RootfsError::Hotplug {
+                container_id: container_id.to_string(),
+                source,
+            })?;
         Ok((addr, shared && self.plugged.add(image.path(), addr)))
     }
 
@@ -471,9 +469,7 @@ impl RootfsShare for ErofsBlockShare {
     }
 
     async fn prepare_next(&self, vm: &dyn Vm) -> Result<(), RootfsError> {
-        // Every next container needs a writable layer; a new image's disk only some.
-        self.next_writable.prepare(vm).await?;
-        self.next_layers.prepare(vm).await
+        self.next_writable.prepare(vm).await
     }
 
     async fn detach(&self, vm: &dyn Vm, attached: AttachedRootfs) -> Result<(), RootfsError> {

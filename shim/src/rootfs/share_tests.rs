@@ -192,28 +192,6 @@ fn writable_image(source: &RootfsSource) -> PathBuf {
     merged.join(writable::IMAGE_NAME)
 }
 
-/// The empty disks `vm` holds: (read-write, read-only).
-fn empty_disks(vm: &DiskVm) -> (Vec<ScsiAddr>, Vec<ScsiAddr>) {
-    let read_only = vm.empty_read_only.lock().unwrap().clone();
-    vm.plugged
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|p| p.1.as_os_str().is_empty())
-        .map(|p| p.0)
-        .partition(|addr| !read_only.contains(addr))
-}
-
-fn scsi_addr(storage: &pb::Storage) -> ScsiAddr {
-    let Some(pb::storage::Source::Scsi(disk)) = &storage.source else {
-        panic!("{storage:?}")
-    };
-    ScsiAddr {
-        target: disk.target,
-        lun: disk.lun,
-    }
-}
-
 #[tokio::test]
 async fn the_next_writable_layer_goes_on_the_disk_plugged_ahead() {
     let s = setup();
@@ -226,15 +204,13 @@ async fn the_next_writable_layer_goes_on_the_disk_plugged_ahead() {
     s.share.prepare_next(&vm).await.unwrap();
     s.share.prepare_next(&vm).await.unwrap();
     let plugged = vm.plugged.lock().unwrap().clone();
-    let (writable, read_only) = empty_disks(&vm);
-    assert_eq!(
-        (writable.len(), read_only.len()),
-        (1, 1),
-        "one empty disk of each kind at a time: {plugged:?}"
-    );
-    let empty_addr = writable[0];
+    let empty: Vec<_> = plugged
+        .iter()
+        .filter(|p| p.1.as_os_str().is_empty())
+        .collect();
+    assert_eq!(empty.len(), 1, "one empty disk at a time: {plugged:?}");
+    let empty_addr = empty[0].0;
 
-    // Of the same image: its layers are on the first container's disk already.
     let source = s.container("b");
     let second = s.share.attach(&vm, "second", &source).await.unwrap();
     let after = vm.plugged.lock().unwrap().clone();
@@ -249,12 +225,11 @@ async fn the_next_writable_layer_goes_on_the_disk_plugged_ahead() {
         writable_image(&source),
         "the empty disk holds the layer"
     );
-    assert_eq!(scsi_addr(second.rootfs.upper.as_ref().unwrap()), empty_addr);
-    assert_eq!(
-        empty_disks(&vm).1,
-        read_only,
-        "the layers' empty disk stays"
-    );
+    let upper = second.rootfs.upper.as_ref().unwrap();
+    let Some(pb::storage::Source::Scsi(disk)) = &upper.source else {
+        panic!("{upper:?}")
+    };
+    assert_eq!((disk.target, disk.lun), (empty_addr.target, empty_addr.lun));
 
     // Taken: the next attach plugs a new disk again.
     let third = s
@@ -270,71 +245,15 @@ async fn the_next_writable_layer_goes_on_the_disk_plugged_ahead() {
 }
 
 #[tokio::test]
-async fn a_new_images_layers_go_on_the_read_only_disk_plugged_ahead() {
-    let s = setup();
-    let vm = DiskVm::default();
-    s.share.prepare_next(&vm).await.unwrap();
-    let (writable, read_only) = empty_disks(&vm);
-    let source = s.container("a");
-    let attached = s.share.attach(&vm, "a", &source).await.unwrap();
-    let plugged = vm.plugged.lock().unwrap().clone();
-    assert_eq!(plugged.len(), 2, "a new disk was plugged: {plugged:?}");
-    let layer = scsi_addr(&attached.rootfs.layers[0]);
-    assert_eq!(layer, read_only[0]);
-    assert_eq!(
-        scsi_addr(attached.rootfs.upper.as_ref().unwrap()),
-        writable[0]
-    );
-    let image = &plugged.iter().find(|p| p.0 == layer).unwrap().1;
-    assert_eq!(
-        std::fs::metadata(image).unwrap().len(),
-        LAYER_DISK_BYTES,
-        "the shared layer image is padded to the disk's size"
-    );
-    // A shared disk like any: it goes with the image's last container.
-    s.share.detach(&vm, attached).await.unwrap();
-    let unplugged = vm.unplugged.lock().unwrap().clone();
-    assert!(unplugged.contains(&layer), "{unplugged:?}");
-}
-
-#[tokio::test]
-async fn an_image_of_another_size_is_plugged_and_the_empty_disk_kept() {
-    let root = tempfile::tempdir().unwrap();
-    // No layer cache: the container's rootfs is packed for it alone, not padded.
-    let share = ErofsBlockShare::new(root.path().join("work"));
-    let vm = DiskVm::default();
-    share.prepare_next(&vm).await.unwrap();
-    let (_, read_only) = empty_disks(&vm);
-    let dir = root.path().join("rootfs");
-    std::fs::create_dir_all(dir.join("bin")).unwrap();
-    std::fs::write(dir.join("bin/app"), "app").unwrap();
-    let attached = share
-        .attach(&vm, "own", &RootfsSource::Directory(dir))
-        .await
-        .unwrap();
-    let layer = scsi_addr(&attached.rootfs.layers[0]);
-    assert!(
-        !read_only.contains(&layer),
-        "packed image on the padded disk"
-    );
-    assert_eq!(empty_disks(&vm).1, read_only, "the empty disk stays");
-    share.detach(&vm, attached).await.unwrap();
-}
-
-#[tokio::test]
 async fn a_disk_plugged_ahead_that_cannot_be_filled_is_unplugged_for_a_new_one() {
     let s = setup();
     let vm = DiskVm::default();
     s.share.prepare_next(&vm).await.unwrap();
-    let (writable, read_only) = empty_disks(&vm);
+    let empty_addr = vm.plugged.lock().unwrap()[0].0;
     vm.refuse_fill.store(true, Ordering::SeqCst);
     let source = s.container("a");
     let attached = s.share.attach(&vm, "a", &source).await.unwrap();
-    let mut unplugged = vm.unplugged.lock().unwrap().clone();
-    unplugged.sort();
-    let mut empty = [writable, read_only].concat();
-    empty.sort();
-    assert_eq!(unplugged, empty);
+    assert_eq!(*vm.unplugged.lock().unwrap(), [empty_addr]);
     let plugged = vm.plugged.lock().unwrap().clone();
     assert!(
         plugged.iter().any(|p| p.1 == writable_image(&source)),

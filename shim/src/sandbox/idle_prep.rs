@@ -1,5 +1,5 @@
 //! What the sandbox gets ready for its next container while the VM idles (today: the
-//! empty disks for its writable layer and a new image's layers, `rootfs/disk_ahead.rs`).
+//! empty disk for its writable layer, `rootfs/next_writable.rs`).
 //!
 //! Not right away: a container just started is at its most latency-bound (its first exec
 //! pages in and, under TCG, translates its program), and the guest's probe of a new disk

@@ -287,15 +287,14 @@ pub trait Vm: Send + Sync {
     fn share_socket(&self) -> &Path;
     /// Hot-plugs a disk image (or a host block device) on the virtio-scsi controller.
     async fn hotplug_disk(&self, image: &Path, read_only: bool) -> Result<ScsiAddr, VmError>;
-    /// Hot-plugs a disk of `bytes` that holds nothing yet (it reads zeros and drops
-    /// writes), read-only or not, for [`Vm::fill_disk`] to back with an image later. The
-    /// guest probes a disk when it is plugged (~20 ms under TCG): plugging one ahead takes
-    /// that off the start of the container that gets it. Unplug it as any other.
-    async fn plug_empty_disk(&self, bytes: u64, read_only: bool) -> Result<ScsiAddr, VmError>;
+    /// Hot-plugs a writable disk of `bytes` that holds nothing yet (it reads zeros and drops
+    /// writes), for [`Vm::fill_disk`] to back with an image later. The guest probes a disk
+    /// when it is plugged (~20 ms under TCG): plugging one ahead takes that off the start
+    /// of the container that gets it. Unplug it as any other.
+    async fn plug_empty_disk(&self, bytes: u64) -> Result<ScsiAddr, VmError>;
     /// Backs the empty disk at `addr` ([`Vm::plug_empty_disk`]) with `image`, a regular
-    /// file of the disk's size, opened as the disk was plugged (read-only or read-write).
-    /// The guest sees the image from then on; what it read of the disk before (zeros) it
-    /// only keeps if it held the disk open meanwhile.
+    /// file of the disk's size, read-write. The guest sees the image from then on; what it
+    /// read of the disk before (zeros) it only keeps if it held the disk open meanwhile.
     async fn fill_disk(&self, addr: ScsiAddr, image: &Path) -> Result<(), VmError>;
     /// Removes a hot-plugged disk (the guest must have stopped using it). Returns once the
     /// guest can no longer reach it; `release` says whether QEMU has closed the image by then.

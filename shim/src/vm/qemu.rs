@@ -335,8 +335,8 @@ impl Vm for QemuVm {
         Ok(addr)
     }
 
-    async fn plug_empty_disk(&self, bytes: u64, read_only: bool) -> Result<ScsiAddr, VmError> {
-        self.plug_empty(bytes, read_only).await
+    async fn plug_empty_disk(&self, bytes: u64) -> Result<ScsiAddr, VmError> {
+        self.plug_empty(bytes).await
     }
 
     async fn fill_disk(&self, addr: ScsiAddr, image: &Path) -> Result<(), VmError> {

@@ -1,7 +1,6 @@
 //! A VM double for host-side unit tests: records disk hot-plugs (targets 0, 1, 2, …; an
-//! empty disk with an empty path until it is filled, and which empty disks are read-only)
-//! and unplugs, can refuse read-write plugs and fills, and counts as running for its
-//! whole life.
+//! empty disk with an empty path until it is filled) and unplugs, can refuse read-write
+//! plugs and fills, and counts as running for its whole life.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -17,8 +16,6 @@ pub struct TestVm {
     next: AtomicU32,
     pub plugged: Mutex<Vec<(ScsiAddr, PathBuf)>>,
     pub unplugged: Mutex<Vec<ScsiAddr>>,
-    /// The empty disks plugged read-only.
-    pub empty_read_only: Mutex<Vec<ScsiAddr>>,
     pub refuse_writable: AtomicBool,
     pub refuse_fill: AtomicBool,
     /// Kept so the VM never looks exited.
@@ -31,7 +28,6 @@ impl Default for TestVm {
             next: AtomicU32::new(0),
             plugged: Mutex::default(),
             unplugged: Mutex::default(),
-            empty_read_only: Mutex::default(),
             refuse_writable: AtomicBool::new(false),
             refuse_fill: AtomicBool::new(false),
             exit: watch::channel(None).0,
@@ -82,14 +78,11 @@ impl Vm for TestVm {
             .push((addr, image.to_path_buf()));
         Ok(addr)
     }
-    async fn plug_empty_disk(&self, _bytes: u64, read_only: bool) -> Result<ScsiAddr, VmError> {
+    async fn plug_empty_disk(&self, _bytes: u64) -> Result<ScsiAddr, VmError> {
         let addr = ScsiAddr {
             target: self.next.fetch_add(1, Ordering::SeqCst),
             lun: 0,
         };
-        if read_only {
-            self.empty_read_only.lock().unwrap().push(addr);
-        }
         self.plugged.lock().unwrap().push((addr, PathBuf::new()));
         Ok(addr)
     }

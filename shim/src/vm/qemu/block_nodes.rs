@@ -22,7 +22,9 @@ impl QemuVm {
         node: &str,
         read_only: bool,
     ) -> Result<(), VmError> {
-        let discard = discard_mode(read_only);
+        // Writable disks pass the guest's discards down as holes, so a sparse image
+        // shrinks when the guest deletes files.
+        let discard = if read_only { "ignore" } else { "unmap" };
         self.add_node_on_file(image, read_only, |filename| {
             json!({
                 "driver": "raw",
@@ -112,16 +114,6 @@ impl QemuVm {
             return Err(self.qmp_error(source));
         }
         Ok(())
-    }
-}
-
-/// Writable disks pass the guest's discards down as holes, so a sparse image shrinks when
-/// the guest deletes files.
-pub(super) fn discard_mode(read_only: bool) -> &'static str {
-    if read_only {
-        "ignore"
-    } else {
-        "unmap"
     }
 }
 

@@ -1,11 +1,10 @@
 //! Disks plugged empty and filled later ([`Vm::plug_empty_disk`], [`Vm::fill_disk`]).
 //!
 //! An empty disk is a raw node over a `null-co` node (no file: it reads zeros and drops
-//! writes) of the size its image will have, read-only or not as its image will be, plugged
-//! as any disk, so the guest probes it while nothing waits. Filling it adds a `file` node
-//! for the image (its fd passed in, as every disk's, opened read-only for a read-only
-//! disk) and points the raw node at it with `blockdev-reopen`, which frees the null node;
-//! the guest's device stays as it was (a read-only one is write-protected from its plug). The guest drops a block device's page cache
+//! writes) of the size its image will have, plugged as any disk, so the guest probes it
+//! while nothing waits. Filling it adds a `file` node for the image (its fd passed in, as
+//! every disk's) and points the raw node at it with `blockdev-reopen`, which frees the null
+//! node; the guest's device stays as it was. The guest drops a block device's page cache
 //! when its last opener closes it, so what its probe read (zeros) is gone by the time the
 //! agent mounts the filled disk. The image's node is the monitor's, not the raw node's,
 //! so it is deleted after the raw node when the disk is unplugged.
@@ -19,7 +18,7 @@ use std::sync::Mutex;
 
 use serde_json::json;
 
-use super::block_nodes::{discard_mode, node_name};
+use super::block_nodes::node_name;
 use super::QemuVm;
 use crate::vm::{ScsiAddr, VmError};
 
@@ -31,7 +30,7 @@ pub(super) struct EmptyDisks {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum EmptyDisk {
-    Empty { bytes: u64, read_only: bool },
+    Empty { bytes: u64 },
     Filled,
 }
 
@@ -59,17 +58,12 @@ fn file_node_name(addr: ScsiAddr) -> String {
 }
 
 impl QemuVm {
-    pub(super) async fn plug_empty(
-        &self,
-        bytes: u64,
-        read_only: bool,
-    ) -> Result<ScsiAddr, VmError> {
+    pub(super) async fn plug_empty(&self, bytes: u64) -> Result<ScsiAddr, VmError> {
         if let Some(error) = self.exited() {
             return Err(error);
         }
         let addr = self.reserve_target()?;
         let node = node_name(addr);
-        let discard = discard_mode(read_only);
         let added = self
             .qmp
             .execute(
@@ -77,14 +71,13 @@ impl QemuVm {
                 Some(json!({
                     "driver": "raw",
                     "node-name": node,
-                    "read-only": read_only,
-                    "discard": discard,
+                    "read-only": false,
+                    "discard": "unmap",
                     "file": {
                         "driver": "null-co",
                         "node-name": empty_node_name(addr),
                         "size": bytes,
                         "read-zeroes": true,
-                        "read-only": read_only,
                     },
                 })),
             )
@@ -96,12 +89,11 @@ impl QemuVm {
         self.add_scsi_device(addr, &node).await?;
         self.empty_disks
             .lock()
-            .insert(addr, EmptyDisk::Empty { bytes, read_only });
+            .insert(addr, EmptyDisk::Empty { bytes });
         tracing::debug!(
             target = addr.target,
             lun = addr.lun,
             bytes,
-            read_only,
             "empty disk plugged"
         );
         Ok(addr)
@@ -115,9 +107,7 @@ impl QemuVm {
             id: self.id.clone(),
             addr,
         };
-        let Some(EmptyDisk::Empty { bytes, read_only }) =
-            self.empty_disks.lock().get(&addr).copied()
-        else {
+        let Some(EmptyDisk::Empty { bytes }) = self.empty_disks.lock().get(&addr).copied() else {
             return Err(unknown());
         };
         if !self.scsi_slots.is_plugged(addr) {
@@ -138,14 +128,13 @@ impl QemuVm {
             });
         }
         let file_node = file_node_name(addr);
-        let discard = discard_mode(read_only);
-        self.add_node_on_file(image, read_only, |filename| {
+        self.add_node_on_file(image, false, |filename| {
             json!({
                 "driver": "file",
                 "node-name": file_node,
                 "filename": filename,
-                "read-only": read_only,
-                "discard": discard,
+                "read-only": false,
+                "discard": "unmap",
             })
         })
         .await?;
@@ -156,8 +145,8 @@ impl QemuVm {
                 Some(json!({ "options": [{
                     "driver": "raw",
                     "node-name": node_name(addr),
-                    "read-only": read_only,
-                    "discard": discard,
+                    "read-only": false,
+                    "discard": "unmap",
                     "file": file_node,
                 }]})),
             )
