@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use super::protocol::{read_line, write_line};
 use super::{
-    config_key, config_text, io_error, is_live, remove_dead, spare_dirs, try_lock, AdoptReply,
+    config_key, config_text, io_error, is_live, probe_lock, remove_dead, spare_dirs, AdoptReply,
     AdoptRequest, PoolError, CONFIG_FILE, CONTAINERD_FILE, CONTROL_SOCKET, LOCK_FILE,
 };
 use crate::config::Config;
@@ -205,7 +205,7 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         if !dir.is_dir() || !ends(&dir) {
             continue;
         }
-        if let Ok(Some(_free)) = try_lock(&dir) {
+        if let Ok(Some(_free)) = probe_lock(&dir) {
             // Dead already: nothing to wait for, but its VM's leftovers to remove.
             remove_dead(&dir);
             dead += 1;
@@ -215,7 +215,11 @@ async fn drain_where(state_dir: &Path, ends: impl Fn(&Path) -> bool) -> Result<u
         if let Ok(file) = std::fs::File::open(dir.join(LOCK_FILE)) {
             locks.push(file);
         }
-        std::fs::remove_dir_all(&dir).map_err(io_error("remove", &dir))?;
+        match std::fs::remove_dir_all(&dir) {
+            // Removed meanwhile: by the spare leaving the pool for a pod, or another drain.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            removed => removed.map_err(io_error("remove", &dir))?,
+        }
     }
     let count = locks.len() + dead;
     // Each lock is free once its spare (and with it its VM) is gone. Polled, not a

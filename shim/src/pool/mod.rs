@@ -133,11 +133,26 @@ fn spare_dirs(pool: &Path, key: &str) -> Vec<PathBuf> {
     dirs
 }
 
-/// Takes a spare dir's lock, held for the spare's life; `None` when a live spare holds it.
+/// Takes a spare dir's lock (making its file), held for the spare's life; `None` when a
+/// live spare holds it. Only for the spare itself: see [`probe_lock`] for everyone else.
 fn try_lock(dir: &Path) -> Result<Option<Flock<File>>, PoolError> {
+    lock_file(dir, true)
+}
+
+/// Tries the lock of a spare dir someone else made: `Some` when its spare is dead, `None`
+/// while a live spare holds it. A dir without a lock file is an error here, never a dead
+/// spare's: it is being made (its spawner waits for the spare to lock it) or being removed
+/// (a spare a pod just took leaves the pool, its lock file among the first to go, while
+/// its VM is now the pod's). Making the file there would take a lock nobody holds, and
+/// the sweep would then remove the pod's VM state.
+fn probe_lock(dir: &Path) -> Result<Option<Flock<File>>, PoolError> {
+    lock_file(dir, false)
+}
+
+fn lock_file(dir: &Path, create: bool) -> Result<Option<Flock<File>>, PoolError> {
     let path = dir.join(LOCK_FILE);
     let file = std::fs::OpenOptions::new()
-        .create(true)
+        .create(create)
         .truncate(false)
         .write(true)
         .open(&path)
@@ -155,7 +170,7 @@ fn try_lock(dir: &Path) -> Result<Option<Flock<File>>, PoolError> {
 
 /// Whether a live spare holds `dir`; a dead spare's dir is removed (`remove_dead`).
 fn is_live(dir: &Path) -> bool {
-    match try_lock(dir) {
+    match probe_lock(dir) {
         Ok(None) => true,
         Ok(Some(_lock)) => {
             remove_dead(dir);

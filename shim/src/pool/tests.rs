@@ -12,6 +12,8 @@ fn a_dead_spares_dir_is_swept_with_its_vms_leftovers_and_a_live_one_kept() {
     for dir in [&live, &dead, &other] {
         std::fs::create_dir(dir).unwrap();
     }
+    // A killed spare leaves the lock file it made, unlocked.
+    std::fs::write(dead.join(LOCK_FILE), "").unwrap();
     // What a spare's VM keeps in the state dir; a killed spare leaves it.
     for name in ["abc-1", "abc-2"] {
         for dir in layout.per_vm_dirs(name) {
@@ -35,6 +37,39 @@ fn a_dead_spares_dir_is_swept_with_its_vms_leftovers_and_a_live_one_kept() {
         assert!(dir.exists(), "a live spare's VM lost {}", dir.display());
     }
     assert!(other.exists());
+}
+
+/// A spare a pod took removes its pool dir, lock file and all, while its VM becomes the
+/// pod's; a `start` or a drain that looks at the dir meanwhile (ten pods starting at once)
+/// must neither count it nor take it for dead, or the sweep removes the pod's VM state.
+#[tokio::test]
+async fn a_spare_dir_being_removed_is_neither_live_nor_swept() {
+    let state = tempfile::tempdir().unwrap();
+    let layout = crate::state_dir::StateDir::new(state.path().to_path_buf());
+    let leaving = layout.pool().join("abc-1");
+    std::fs::create_dir_all(&leaving).unwrap();
+    std::fs::write(leaving.join(CONTAINERD_FILE), "/run/a/containerd.sock").unwrap();
+    for dir in layout.per_vm_dirs("abc-1") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("share.sock"), "").unwrap();
+    }
+    // Its lock file already gone, the rest of the dir not yet.
+    assert!(!is_live(&leaving));
+    assert!(
+        !leaving.join(LOCK_FILE).exists(),
+        "a lock file was made in a dir being removed"
+    );
+    let drained = drain_for_containerd(state.path(), "/run/a/containerd.sock")
+        .await
+        .unwrap();
+    assert_eq!(drained, 0, "a spare that left the pool was counted");
+    for dir in layout.per_vm_dirs("abc-1") {
+        assert!(
+            dir.join("share.sock").exists(),
+            "the pod's VM lost {}",
+            dir.display()
+        );
+    }
 }
 
 #[test]
