@@ -54,13 +54,16 @@ pub enum ConfigError {
         #[source]
         source: protobuf::Error,
     },
-    #[error("config file {path}: log_level = {value:?} is not a tracing filter (e.g. \"info\" or \"spry_shim=debug,info\")")]
+    #[error("config file {path}: {key} = {value:?} is not a tracing filter (e.g. \"info\" or \"spry_shim=debug,info\")")]
     LogFilter {
         path: PathBuf,
+        key: &'static str,
         value: String,
         #[source]
         source: tracing_subscriber::filter::ParseError,
     },
+    #[error("config file {path}: vm.guest_log_level = {value:?} cannot be one kernel command-line word (no spaces or quotes)")]
+    GuestLogWord { path: PathBuf, value: String },
     #[error("config file {path}: [pool] size = {size} needs template = \"auto\" (pooled VMs are restored from the template); set size = 0 or turn templates on")]
     PoolWithoutTemplate { path: PathBuf, size: u32 },
     #[error("config file {path}: {key} must be an absolute path, got {value}")]
@@ -151,6 +154,12 @@ pub struct VmSettings {
     /// How long a booting VM's agent may take to answer before the pod's start (or a
     /// template's build) fails, seconds. Under TCG a cold boot takes a few seconds.
     pub boot_timeout_s: u32,
+    /// The guest agent's `tracing` filter, e.g. "info,libcontainer=debug" to see each
+    /// step of a container's create and start in the VM's console log (the agent's
+    /// default is "info"). It goes on the kernel command line, so VM templates and
+    /// pooled VMs made with another filter are not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_log_level: Option<String>,
 }
 
 impl Default for Config {
@@ -180,6 +189,7 @@ impl Default for VmSettings {
             jail_uid_base: crate::vm::DEFAULT_UID_BASE,
             jail_uids: crate::vm::DEFAULT_UID_COUNT,
             boot_timeout_s: crate::sandbox::DEFAULT_BOOT_TIMEOUT.as_secs() as u32,
+            guest_log_level: None,
         }
     }
 }
@@ -219,6 +229,12 @@ impl Config {
             qemu: self.vm.qemu.clone(),
             agent_channel: AgentChannelKind::VirtioSerial,
             tcg_cache_mib: self.vm.tcg_cache_mib,
+            extra_cmdline: self
+                .vm
+                .guest_log_level
+                .iter()
+                .map(|filter| format!("{}={filter}", crate::vm::GUEST_LOG_PARAM))
+                .collect(),
             jail: crate::vm::JailIds {
                 uid_base: self.vm.jail_uid_base,
                 count: self.vm.jail_uids,
@@ -258,11 +274,28 @@ impl Config {
             }
             Ok(())
         };
-        if let Err(source) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return Err(ConfigError::LogFilter {
+        let guest_log = self.vm.guest_log_level.as_ref();
+        for (key, value) in [
+            ("log_level", Some(&self.log_level)),
+            ("vm.guest_log_level", guest_log),
+        ] {
+            let Some(value) = value else { continue };
+            if let Err(source) = tracing_subscriber::EnvFilter::try_new(value) {
+                return Err(ConfigError::LogFilter {
+                    path: path.to_path_buf(),
+                    key,
+                    value: value.clone(),
+                    source,
+                });
+            }
+        }
+        // The kernel splits its command line at spaces and honours quotes.
+        if let Some(value) = guest_log
+            .filter(|v| v.is_empty() || v.contains(|c: char| c.is_whitespace() || c == '"'))
+        {
+            return Err(ConfigError::GuestLogWord {
                 path: path.to_path_buf(),
-                value: self.log_level.clone(),
-                source,
+                value: value.clone(),
             });
         }
         range("vm.cpus", self.vm.cpus, 1, 64, "1..=64")?;
@@ -431,6 +464,51 @@ mod tests {
                 .log_level,
             "spry_shim=debug,info"
         );
+    }
+
+    #[test]
+    fn the_guest_log_level_goes_on_the_kernel_command_line_as_one_word() {
+        let config = parse("[vm]\nguest_log_level = \"info,libcontainer=debug\"\n").unwrap();
+        let vm = config.vm_config("pod", PathBuf::from("/run/spry/vms/pod"));
+        assert_eq!(vm.extra_cmdline, ["spry.log=info,libcontainer=debug"]);
+        let line = crate::vm::cmdline::kernel_cmdline(&vm, 1);
+        assert!(
+            line.ends_with(" spry.log=info,libcontainer=debug"),
+            "{line}"
+        );
+        assert!(parse("")
+            .unwrap()
+            .vm_config("pod", PathBuf::new())
+            .extra_cmdline
+            .is_empty());
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(
+            parse(&text).unwrap(),
+            config,
+            "survives the trip to a spare shim"
+        );
+        for word in ["info debug", "info,x=\\\"y\\\"", ""] {
+            let err = parse(&format!("[vm]\nguest_log_level = \"{word}\"\n")).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::GuestLogWord { .. } | ConfigError::LogFilter { .. }
+                ),
+                "{word:?}: {err:?}"
+            );
+        }
+        let err = parse("[vm]\nguest_log_level = \"libcontainer=loud\"\n").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::LogFilter {
+                    key: "vm.guest_log_level",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("vm.guest_log_level"), "{err}");
     }
 
     #[test]

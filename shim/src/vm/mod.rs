@@ -57,6 +57,9 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// serve: `virtio-serial` (port [`AGENT_PORT_NAME`]) or `vsock` (port
 /// [`AGENT_VSOCK_PORT`]).
 pub const AGENT_CHANNEL_PARAM: &str = "spry.agent_channel";
+/// The kernel command-line parameter holding the agent's `tracing` filter (its
+/// container helper's too); the agent logs at "info" without it.
+pub const GUEST_LOG_PARAM: &str = "spry.log";
 
 /// Which accelerator to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
