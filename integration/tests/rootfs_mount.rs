@@ -2,7 +2,8 @@
 //! `volatile` (its unmount at every stop would otherwise sync the node's whole `/var/lib`),
 //! and it can be mounted again once the container stopped, as a plain overlay can; a
 //! container started in an idle pod gets its writable layer on the disk the shim plugged
-//! ahead, and what it writes is its own. Needs root, the guest and the test images.
+//! ahead, what it writes is its own, and its overlay in the guest is volatile too. Needs
+//! root, the guest and the test images.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -69,6 +70,26 @@ fn a_container_started_in_an_idle_pod_writes_to_its_own_layer_on_the_disk_plugge
     ensure!(
         ahead(&second),
         "the second container's writable layer was not put on the disk plugged ahead"
+    );
+
+    // In the guest too the container's overlay is volatile: its layer dies with it, so
+    // the fsync after each copy-up (a flush of the layer's image on the host) buys nothing.
+    let mountinfo = crictl.exec_sync(
+        &second,
+        &["cat", "/proc/self/mountinfo"],
+        Duration::from_secs(60),
+    )?;
+    let root = mountinfo
+        .stdout
+        .lines()
+        .find(|l| l.split(' ').nth(4) == Some("/") && l.contains(" - overlay "))
+        .with_context(|| format!("no overlay at / in the container:\n{}", mountinfo.stdout))?;
+    let guest_options = root.rsplit(' ').next().unwrap_or_default();
+    ensure!(
+        guest_options
+            .split(',')
+            .any(|o| o == "volatile" || o == "fsync=volatile"),
+        "the container's overlay in the guest is not volatile: {root}"
     );
 
     let write =
