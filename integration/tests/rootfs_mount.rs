@@ -79,17 +79,11 @@ fn a_container_started_in_an_idle_pod_writes_to_its_own_layer_on_the_disk_plugge
         &["cat", "/proc/self/mountinfo"],
         Duration::from_secs(60),
     )?;
-    let root = mountinfo
-        .stdout
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some("/") && l.contains(" - overlay "))
+    let guest_options = overlay_options_in(&mountinfo.stdout, Path::new("/"))
         .with_context(|| format!("no overlay at / in the container:\n{}", mountinfo.stdout))?;
-    let guest_options = root.rsplit(' ').next().unwrap_or_default();
     ensure!(
-        guest_options
-            .split(',')
-            .any(|o| o == "volatile" || o == "fsync=volatile"),
-        "the container's overlay in the guest is not volatile: {root}"
+        is_volatile(&guest_options),
+        "the container's overlay in the guest is not volatile: {guest_options}"
     );
 
     let write =
@@ -206,10 +200,7 @@ impl Writer {
         let options = overlay_options(&rootfs)?
             .with_context(|| format!("no overlay mounted at {}", rootfs.display()))?;
         ensure!(
-            // Newer kernels show the option as `fsync=volatile`.
-            options
-                .split(',')
-                .any(|o| o == "volatile" || o == "fsync=volatile"),
+            is_volatile(&options),
             "the rootfs overlay is not volatile: {options}"
         );
         let marker = Path::new(&option(&options, "workdir")?).join("work/incompat/volatile");
@@ -274,13 +265,26 @@ fn overlay_options(target: &Path) -> Result<Option<String>> {
         .canonicalize()
         .unwrap_or_else(|_| PathBuf::from(target));
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(mountinfo.lines().find_map(|line| {
+    Ok(overlay_options_in(&mountinfo, &target))
+}
+
+/// The super options of the overlay at `target` in a mountinfo text (this process's, or
+/// a container's read in the guest).
+fn overlay_options_in(mountinfo: &str, target: &Path) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_point = left.split(' ').nth(4)?;
         let mut right = right.split(' ');
         let (fstype, _source, options) = (right.next()?, right.next()?, right.next()?);
         (fstype == "overlay" && Path::new(mount_point) == target).then(|| options.to_string())
-    }))
+    })
+}
+
+/// Whether overlay super options say `volatile` (newer kernels show `fsync=volatile`).
+fn is_volatile(options: &str) -> bool {
+    options
+        .split(',')
+        .any(|o| o == "volatile" || o == "fsync=volatile")
 }
 
 fn option(options: &str, key: &str) -> Result<String> {
