@@ -70,22 +70,27 @@ pub struct BenchNode {
 
 impl BenchNode {
     /// Starts containerd with handlers `spry` (the harness's), `spry-cold` (templates off),
-    /// `spry-template` and `spry-pool` (templates and a warm pool of [`POOL_SIZE`]).
-    pub fn start(name: &str) -> Result<Self> {
-        Self::start_with_snapshotter(name, None)
+    /// `spry-template` and `spry-pool` (templates and a warm pool of [`POOL_SIZE`]); its
+    /// registry must hold `images` (what the bench runs; its script builds only those).
+    pub fn start(name: &str, images: &[&str]) -> Result<Self> {
+        Self::start_with_snapshotter(name, images, None)
     }
 
     /// As [`BenchNode::start`]; with `snapshotter_config`, containerd's snapshotter for every
     /// handler is a `spry-snapshotter` with that config (what `spry install --snapshotter`
     /// sets up for the `spry` handler).
-    pub fn start_with_snapshotter(name: &str, snapshotter_config: Option<&str>) -> Result<Self> {
+    pub fn start_with_snapshotter(
+        name: &str,
+        images: &[&str],
+        snapshotter_config: Option<&str>,
+    ) -> Result<Self> {
         let state = tempfile::Builder::new()
             .prefix(&format!("spry-{name}-"))
             .tempdir_in("/run")?;
         let spry = SpryHandler::new(state.path(), "release", None)?;
         let cold = spry.variant("cold", "template = \"off\"")?;
         let template = spry.variant("template", "template = \"auto\"")?;
-        let registry = Registry::start()?;
+        let registry = Registry::start_with_images(images)?;
         let opts = ContainerdOptions::new(name).registry(&registry);
         let opts = spry.register_variant(opts, "spry-cold", &cold);
         let opts = spry.register_variant(opts, "spry-template", &template);

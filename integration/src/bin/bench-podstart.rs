@@ -79,7 +79,7 @@ fn main() -> Result<()> {
         "--pods must be at least 5 for a p95 to mean anything"
     );
     let root = spry_integration::paths::repo_root();
-    let node = BenchNode::start("bench")?;
+    let node = BenchNode::start("bench", &["pause:1", image_name.as_str()])?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image(&image_name);

@@ -71,6 +71,7 @@ fn main() -> Result<()> {
     };
     let node = BenchNode::start_with_snapshotter(
         "bench-up",
+        &["pause:1", "busybox:1", "python:1", "webapp:1"],
         spry_snapshotter.then_some(SPRY_SNAPSHOTTER_CONFIG),
     )?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);

@@ -53,7 +53,7 @@ fn main() -> Result<()> {
     let sources = tempfile::Builder::new()
         .prefix("spry-bench-vol-src-")
         .tempdir_in("/var/tmp")?;
-    let node = BenchNode::start("bench-vol")?;
+    let node = BenchNode::start("bench-vol", &["pause:1", "busybox:1"])?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     // The census also watches Spry's state dir: a pod's VM dir, file share, rootfs images.
     let leaks = spry_integration::spry::watch_pod_state(containerd.leak_check()?, state.path())?;

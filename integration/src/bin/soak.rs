@@ -37,7 +37,7 @@ fn main() -> Result<()> {
         cycles > 0 && parallel > 0,
         "--cycles and --parallel must be positive"
     );
-    let node = BenchNode::start("soak")?;
+    let node = BenchNode::start("soak", &["pause:1", "busybox:1"])?;
     let (containerd, registry, state) = (&node.containerd, &node.registry, &node.state);
     let crictl = containerd.crictl().with_timeout(Duration::from_secs(300));
     let image = registry.image("busybox:1");
