@@ -4,11 +4,12 @@
 //! erofs image, disk hot-plug, writable layer, the agent's container helper, namespaces,
 //! cgroup, the file bind mounts CRI gives every container (/etc/hostname, /etc/hosts,
 //! /etc/resolv.conf: a mountpoint made in the image's /etc, so its overlay copy-up and the
-//! writable layer's first file), exec; then the guest runs the pod network's paths on its NICs with a throwaway
-//! config and puts them back (the agent's WarmNetwork). Under TCG a restored VM translates every guest code path the first time it
-//! runs it (the translations live in the QEMU process, not in the template), so a pod's
-//! first container in a fresh clone starts about twice as slowly as its second; the pod
-//! now finds those paths translated. The VM has then run only Spry's code.
+//! writable layer's first file), exec; then the guest runs the pod network's paths on its
+//! NICs with a throwaway config and puts them back (the agent's WarmNetwork). Under TCG a
+//! restored VM translates every guest code path the first time it runs it (the
+//! translations live in the QEMU process, not in the template), so a pod's first container
+//! in a fresh clone starts about twice as slowly as its second; the pod now finds those
+//! paths translated. The VM has then run only Spry's code.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
